@@ -1,0 +1,89 @@
+"""The ``tokprune`` command: ``list``, ``describe NAME``, ``plugins`` and ``run`` (ablation studies)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from . import _plugins, strategies
+from .errors import TokpruneError
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    names = strategies.available(args.pattern)
+    if not names:
+        print(f"no strategies match {args.pattern!r}", file=sys.stderr)
+        return 1
+    rows = [(n, strategies.describe(n)) for n in names]
+    width = max(len(n) for n, _ in rows)
+    print(f"{'name':<{width}}  {'stage':<6}  {'source':<30}  summary")
+    for name, info in rows:
+        source = f"{info.source.name} ({info.source.distribution or '-'} {info.source.version or ''})".strip()
+        print(f"{name:<{width}}  {info.stage.value:<6}  {source:<30}  {info.summary}")
+    return 0
+
+
+def _cmd_describe(args: argparse.Namespace) -> int:
+    print(strategies.describe(args.name))
+    return 0
+
+
+def _cmd_plugins(args: argparse.Namespace) -> int:
+    from .registry import registry
+
+    table = registry()
+    for source in _plugins.loaded_plugins():
+        names = sorted(n for n, info in table.items() if info.source.name == source.name)
+        version = f"{source.distribution} {source.version}" if source.distribution else "in-process"
+        print(f"{source.name}  ({version})")
+        print(f"  strategies: {', '.join(names) if names else '-'}")
+        try:
+            from .adapters import registered_adapters
+
+            adapters = sorted(a.name for a in registered_adapters() if a.plugin == source.name)
+            print(f"  adapters: {', '.join(adapters) if adapters else '-'}")
+        except ImportError:
+            pass
+    return 0
+
+
+def _cmd_run(argv: Sequence[str]) -> int:
+    from .ablation.cli import main as run_main
+
+    return run_main(list(argv))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tokprune", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_list = sub.add_parser("list", help="registered strategies with stage and source")
+    p_list.add_argument("pattern", nargs="?", default="*", help="fnmatch filter, e.g. 'cls_*'")
+    p_list.set_defaults(func=_cmd_list)
+    p_desc = sub.add_parser("describe", help="one strategy's parameters, stage and source")
+    p_desc.add_argument("name")
+    p_desc.set_defaults(func=_cmd_describe)
+    p_plug = sub.add_parser("plugins", help="loaded plugins, their versions and what each registered")
+    p_plug.set_defaults(func=_cmd_plugins)
+    sub.add_parser("run", help="run an ablation study (tokprune run --help)", add_help=False)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "run":
+        try:
+            return _cmd_run(argv[1:])
+        except TokpruneError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except TokpruneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

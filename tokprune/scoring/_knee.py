@@ -1,0 +1,154 @@
+"""Batched Kneedle knee finder for sorted score curves.
+
+Follows ``kneed.KneeLocator(x=arange(N), y=sort_desc(scores), curve="convex", direction="decreasing",
+interp_method="interp1d")`` (kneed 0.9.0, the test oracle) and Satopää et al. 2011 (Kneedle):
+
+1. sort each row descending; ranks ``r = 0..N-1`` are the x axis;
+2. normalise ``x_n = r / (N-1)`` and ``y_n = (v - min) / (max - min)``;
+3. convex + decreasing -> knee shape: ``y_t = max(y_n) - y_n = 1 - y_n``; difference ``d = y_t - x_n``;
+4. local maxima / minima of ``d`` with ``>=`` / ``<=`` (plateaus count, endpoints compared with themselves
+   as ``scipy.signal.argrelextrema(mode="clip")``);
+5. threshold of a maximum ``m``: ``T_m = d[m] - S * mean(diff(x_n))``;
+6. walk ``i`` from the first maximum to ``N-2``: a maximum sets the threshold and the candidate and
+   (re)activates detection, a minimum sets the threshold to 0 and pauses detection until the next maximum
+   (a plateau point that is both is processed max-then-min, so it pauses); a knee is declared at the
+   candidate when ``d[i+1] < threshold``. Offline returns the first knee, online the last one.
+
+The walk is a scan, vectorised here with a ``cummax`` over "event" positions: the state at ``i`` only
+depends on the most recent extremum at or before ``i`` (its kind and its ``d``), so no loop over N.
+Arithmetic is done in float64 (by default) with kneed's operation order, so the result matches kneed bit
+for bit on float inputs; see ``tests/test_knee.py`` for the measured agreement.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ._validate import check_float, check_tensor
+
+NO_KNEE: int = -1
+"""Returned for rows with no knee: constant/flat, linear (no threshold crossing), N < 3 or non-finite."""
+
+
+@lru_cache(maxsize=64)
+def _mean_dx(n: int) -> float:
+    # kneed's step term is |mean(diff(x_n))| computed by numpy; reproduce its exact rounding (depends on N only)
+    x = np.arange(n, dtype=float)
+    x_n = (x - x.min()) / (x.max() - x.min())
+    return float(np.abs(np.diff(x_n).mean()))
+
+
+def _sorted_desc(scores: Tensor, presorted: bool) -> Tensor:
+    return scores if presorted else torch.sort(scores, dim=-1, descending=True).values
+
+
+def _difference_curve(v: Tensor, compute_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``v [B, N]`` sorted descending -> (``d [B, N]`` kneed's difference curve, ``ok [B]`` finite & non-flat).
+
+    Flat rows give NaN in ``d`` (0/0) exactly like kneed; callers mask them with ``ok``.
+    """
+    n = v.shape[-1]
+    v = v.to(compute_dtype)
+    vmax, vmin = v[:, :1], v[:, -1:]
+    rng = vmax - vmin
+    ok = (rng > 0).squeeze(1) & torch.isfinite(rng).squeeze(1)
+    x_n = torch.arange(n, device=v.device, dtype=compute_dtype) / (n - 1)
+    # same operation order as kneed: y_n = (v-min)/(max-min); y_t = 1 - y_n; d = y_t - x_n
+    d = torch.sub(1.0, (v - vmin) / rng).sub_(x_n)
+    return d, ok
+
+
+def find_knee(
+    scores: Tensor,
+    sensitivity: float = 1.0,
+    online: bool = False,
+    presorted: bool = False,
+    *,
+    compute_dtype: torch.dtype = torch.float64,
+) -> Tensor:
+    """Batched Kneedle knee of each row's descending-sorted score curve.
+
+    Args:
+        scores: ``[B, N]`` float scores (any float dtype, any device); or ``[N]`` for a single row.
+        sensitivity: Kneedle's ``S`` (>= 0); larger values need a bigger drop after a maximum, so the knee
+            comes later or not at all.
+        online: ``False`` returns the first knee found (kneed's default), ``True`` the last one.
+        presorted: rows are already sorted in descending order; skips the sort.
+        compute_dtype: dtype of the normalisation and difference curve. float64 (default) reproduces
+            kneed exactly; float32 is faster on some GPUs and may differ on near-ties.
+
+    Returns:
+        long ``[B]`` (or a 0-d tensor for ``[N]`` input): the knee's rank in the descending-sorted row
+        (0-based; keep ``knee + 1`` tokens), or ``NO_KNEE`` (-1) for flat, linear, too short (N < 3) or
+        non-finite rows.
+    """
+    check_tensor("scores", scores, (1, 2), "[B, N] or [N]")
+    check_float("scores", scores)
+    if sensitivity < 0:
+        raise ValueError(f"sensitivity must be >= 0, got {sensitivity}")
+    if compute_dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"compute_dtype must be one of [torch.float32, torch.float64], got {compute_dtype}")
+    if scores.dim() == 1:
+        return find_knee(scores[None], sensitivity, online, presorted, compute_dtype=compute_dtype)[0]
+    b, n = scores.shape
+    if n < 3:
+        return torch.full((b,), NO_KNEE, dtype=torch.long, device=scores.device)
+
+    d, ok = _difference_curve(_sorted_desc(scores, presorted), compute_dtype)
+
+    # s[i] = sign(d[i+1] - d[i]) for i in 0..N-2; the comparison on d[i] vs d[i+1] is exact via the sign
+    # of the difference (IEEE subtraction of finite values is 0 only for equal operands).
+    s = torch.sign(d[:, 1:] - d[:, :-1])  # [B, N-1], NaN rows give NaN -> no events
+    # Events at positions i = 0..N-2 (position N-1 is never processed by kneed's walk). sp = slope on the
+    # left (0 at i = 0: 'clip' compares d[0] with itself), sn = slope on the right.
+    sp = torch.nn.functional.pad(s[:, :-1], (1, 0))
+    sn = s
+    # max-only point (activates detection):  sp >= 0 >= sn and not both 0  <=>  sp > sn
+    # min point (incl. max+min plateau; pauses detection): sp <= 0 <= sn
+    activate = sp > sn
+    pause = (sp <= 0) & (sn >= 0)
+    pos = torch.arange(n - 1, device=d.device)
+    # key = 2*i + 1 for an activating max, 2*i for a pause, -1 otherwise; its running max gives, for every
+    # i, the most recent extremum at or before i and whether detection is active there.
+    key = torch.where(activate, 2 * pos + 1, torch.where(pause, 2 * pos, -1))
+    last = torch.cummax(key, dim=1).values
+    active = (last & 1).bool() & (last >= 0)
+    cand = (last >> 1).clamp_min(0)  # position of the governing maximum
+    threshold = d.gather(1, cand) - sensitivity * _mean_dx(n)
+    hit = active & (d[:, 1:] < threshold)  # knee declared while at i (compares d[i+1])
+
+    if online:
+        i = torch.where(hit, pos, -1).amax(dim=1)
+    else:
+        i = torch.where(hit, pos, n).amin(dim=1)
+    found = ok & (i >= 0) & (i < n - 1)
+    knee = cand.gather(1, i.clamp(0, n - 2)[:, None]).squeeze(1)
+    return torch.where(found, knee, torch.full_like(knee, NO_KNEE))
+
+
+def knee_chord(scores: Tensor, presorted: bool = False) -> Tensor:
+    """Cheap knee: the point of the descending-sorted curve farthest from its chord.
+
+    ``argmax`` of Kneedle's difference curve (= the knee when that curve has a single peak and S -> 0).
+
+    Args:
+        scores: ``[B, N]`` float scores (or ``[N]``).
+        presorted: rows are already sorted in descending order.
+
+    Returns:
+        long ``[B]`` rank index (first maximum on ties), ``NO_KNEE`` for flat, non-finite or N < 3 rows.
+    """
+    check_tensor("scores", scores, (1, 2), "[B, N] or [N]")
+    check_float("scores", scores)
+    if scores.dim() == 1:
+        return knee_chord(scores[None], presorted)[0]
+    b, n = scores.shape
+    if n < 3:
+        return torch.full((b,), NO_KNEE, dtype=torch.long, device=scores.device)
+    d, ok = _difference_curve(_sorted_desc(scores, presorted), torch.float32)
+    idx = torch.nan_to_num(d, nan=0.0).argmax(dim=1)
+    return torch.where(ok, idx, torch.full_like(idx, NO_KNEE))

@@ -1,0 +1,416 @@
+"""The :class:`PruningStrategy` interface and the contexts and plans that cross it.
+
+A strategy *decides*; an adapter *applies*. Strategies never touch a model: they receive a context
+(tensors plus lazily computed signals) and return a plan (boolean keep masks, optional merged
+features, diagnostics). Two stages exist:
+
+* ``Stage.VISION``: after the vision encoder, before the projector. Context: patch features
+  ``[B, N, C]`` and :class:`VisionSignals` (CLS attention, CLS similarity, patch keys, computed from
+  the encoder's q/k or hidden states on first use). Plan: :class:`VisionPlan`.
+* ``Stage.LLM``: between decoder layers, with FastV's convention for ``layer=K``: layers ``0..K-1``
+  see every token, layers ``K`` and after see only the kept ones. Context: token roles, hidden states
+  entering layer K and :class:`LLMAttention` rows computed from the q/k of layer ``K-1``. Plan:
+  :class:`LLMPlan`, a keep mask over sequence positions.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import Tensor
+
+from .errors import StrategyContractError, StrategyParamError
+from .params import NoParams, build_params, format_value, param_infos
+
+__all__ = [
+    "LLMAttention",
+    "LLMContext",
+    "LLMPlan",
+    "PruningStrategy",
+    "Signal",
+    "Stage",
+    "TokenRole",
+    "VisionContext",
+    "VisionPlan",
+    "VisionSignals",
+]
+
+NAME_PATTERN = re.compile(r"[a-z][a-z0-9_]*\Z")
+RESERVED_NAMES = frozenset({"none"})
+
+
+class Stage(str, enum.Enum):
+    """Where a strategy runs."""
+
+    VISION = "vision"
+    LLM = "llm"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class TokenRole(enum.IntEnum):
+    """Role of each sequence position at the LLM stage (``LLMContext.roles``)."""
+
+    PADDING = 0  #: left padding, or ragged padding after an earlier pruning step; never dropped
+    IMAGE = 1  #: a visual token (projected patch, merged token or extra global token)
+    QUESTION = 2  #: the user's question text; dropped only by strategies with ``drops_text``
+    TEMPLATE = 3  #: system prompt, BOS, role markers; dropped only by strategies with ``drops_template``
+    PROTECTED = 4  #: never dropped (the last prompt token, whose logits start generation)
+
+
+@dataclass(frozen=True)
+class Signal:
+    """An encoder signal a vision-stage strategy needs the adapter to capture.
+
+    ``kind="qk"``: the q and k projections (``[B, 1+N, C]``, before any internal scaling) of encoder
+    layer ``layer`` (0-based, negative counts from the end: -1 is the last layer).
+    ``kind="hidden"``: ``hidden_states[layer]`` in HF's convention (0 = embeddings, -1 = last layer's
+    output, -2 = the penultimate output LLaVA-1.5 feeds the projector), ``[B, 1+N, C]``.
+    """
+
+    kind: Literal["qk", "hidden"]
+    layer: int
+
+    def resolve(self, num_layers: int) -> Signal:
+        """The same signal with a non-negative layer index for an encoder of ``num_layers`` layers."""
+        size = num_layers if self.kind == "qk" else num_layers + 1
+        index = self.layer + size if self.layer < 0 else self.layer
+        if not 0 <= index < size:
+            valid = f"{-size}..{size - 1}"
+            raise StrategyParamError(
+                f"encoder {self.kind} layer {self.layer} is out of range for {num_layers} layers (valid: {valid})"
+            )
+        return Signal(self.kind, index)
+
+
+class VisionSignals:
+    """Lazily computed, cached encoder signals for one batch.
+
+    ``fetch(signal)`` returns the raw tensor(s) for a *resolved* :class:`Signal` (``(q, k)`` for
+    ``"qk"``, the hidden states for ``"hidden"``). Derived scores are computed once and cached; they
+    are fp32 whatever the encoder dtype. ``declared`` (resolved signals) guards against strategies
+    reading signals they did not list in ``requires()``, which the adapter would not have captured.
+    """
+
+    def __init__(
+        self,
+        fetch: Callable[[Signal], Any],
+        num_layers: int,
+        num_heads: int,
+        declared: frozenset[Signal] | None = None,
+        cls_index: int = 0,
+    ) -> None:
+        self._fetch = fetch
+        self.num_layers = num_layers
+        self.num_heads = num_heads
+        self.cls_index = cls_index
+        self._declared = declared
+        self._cache: dict[tuple, Tensor] = {}
+
+    def _raw(self, signal: Signal) -> Any:
+        resolved = signal.resolve(self.num_layers)
+        if self._declared is not None and resolved not in self._declared:
+            raise StrategyContractError(
+                f"a strategy read {resolved} without declaring it in requires(); declared: "
+                f"{sorted(self._declared, key=lambda s: (s.kind, s.layer))}"
+            )
+        key = ("raw", resolved)
+        if key not in self._cache:
+            self._cache[key] = self._fetch(resolved)
+        return self._cache[key]
+
+    def qk(self, layer: int = -1) -> tuple[Tensor, Tensor]:
+        """q and k projections of encoder ``layer``, each ``[B, 1+N, C]`` (CLS included)."""
+        return self._raw(Signal("qk", layer))
+
+    def hidden(self, layer: int = -2) -> Tensor:
+        """``hidden_states[layer]`` of the encoder, ``[B, 1+N, C]`` (CLS included)."""
+        return self._raw(Signal("hidden", layer))
+
+    def cls_attention(self, layer: int = -1, heads: Literal["single", "mean"] = "single") -> Tensor:
+        """CLS-row attention over the patches of encoder ``layer`` from its q/k, fp32 ``[B, N]``.
+
+        ``heads="single"`` is PruMerge's single-head surrogate over the full width;
+        ``heads="mean"`` splits into the encoder's heads and averages their softmax rows.
+        """
+        from . import scoring
+
+        if heads not in ("single", "mean"):
+            raise StrategyParamError(f"heads must be one of: single, mean; got {heads!r}")
+        key = ("cls_attention", Signal("qk", layer).resolve(self.num_layers), heads)
+        if key not in self._cache:
+            q, k = self.qk(layer)
+            n_heads = 1 if heads == "single" else self.num_heads
+            self._cache[key] = scoring.cls_attention(q, k, num_heads=n_heads, cls_index=self.cls_index)
+        return self._cache[key]
+
+    def cls_similarity(self, layer: int = -2) -> Tensor:
+        """Cosine similarity of the CLS hidden state to each patch at ``hidden_states[layer]``, ``[B, N]``."""
+        from . import scoring
+
+        key = ("cls_similarity", Signal("hidden", layer).resolve(self.num_layers))
+        if key not in self._cache:
+            self._cache[key] = scoring.cls_cosine_similarity(self.hidden(layer), cls_index=self.cls_index)
+        return self._cache[key]
+
+    def patch_keys(self, layer: int = -1) -> Tensor:
+        """Keys of the patch tokens (CLS removed) of encoder ``layer``, ``[B, N, C]``."""
+        _, k = self.qk(layer)
+        return torch.cat([k[:, : self.cls_index], k[:, self.cls_index + 1 :]], dim=1)
+
+
+@dataclass(frozen=True)
+class VisionContext:
+    """Input of a vision-stage strategy for one batch."""
+
+    #: Patch features the projector would receive (CLS excluded), ``[B, N, C]``.
+    features: Tensor
+    #: Encoder signals, computed on first use.
+    signals: VisionSignals
+    #: Patch grid ``(rows, cols)`` of the raster order, when the tower has one (``rows * cols == N``).
+    grid: tuple[int, int] | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.features.shape[0]
+
+    @property
+    def num_patches(self) -> int:
+        return self.features.shape[1]
+
+
+@dataclass(frozen=True)
+class VisionPlan:
+    """Output of a vision-stage strategy. Kept tokens stay in raster order."""
+
+    #: ``bool [B, N]``, True = keep. Counts may differ per sample; at least one per sample.
+    keep: Tensor
+    #: Replacement features ``[B, N, C]`` (merging strategies), read at kept positions; None = unchanged.
+    features: Tensor | None = None
+    #: Extra tokens ``[B, E, C]`` appended after the kept ones (e.g. PruMerge's global token).
+    extra: Tensor | None = None
+    #: Scores, knee index, fallbacks taken... Tensors are per sample (first dim B).
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+
+
+class LLMAttention:
+    """Attention rows of decoder layer ``K-1`` computed from its q/k on demand (works under sdpa).
+
+    ``q [B, H, L, D]`` and ``k [B, Hkv, L, D]`` have RoPE applied; ``key_padding_mask [B, L]`` is True
+    for real tokens. Causal masking is applied; grouped-query heads are expanded.
+    """
+
+    def __init__(self, q: Tensor, k: Tensor, key_padding_mask: Tensor, scale: float | None = None) -> None:
+        self.q, self.k, self.key_padding_mask, self.scale = q, k, key_padding_mask, scale
+
+    def rows(self, query_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Attention probabilities of the positions selected by ``query_mask`` (bool ``[B, L]``).
+
+        Returns ``(probs [B, H, Q, L] fp32, query_index long [B, Q], query_valid bool [B, Q])`` where
+        ``Q`` is the largest number of queries in any sample; invalid rows have index -1 and zero probs.
+        """
+        from . import scoring
+
+        query_index, query_valid = _mask_to_index(query_mask & self.key_padding_mask)
+        probs = scoring.query_attention(
+            self.q, self.k, query_index, key_padding_mask=self.key_padding_mask, causal=True, scale=self.scale
+        )
+        return probs, query_index, query_valid
+
+    def received(self, query_mask: Tensor) -> Tensor:
+        """Head-mean attention each position receives from the selected queries, fp32 ``[B, L]``.
+
+        Averaged over the queries that can see the position (causal normalisation), so early tokens
+        are not favoured merely for being visible to more queries.
+        """
+        from . import scoring
+
+        probs, query_index, query_valid = self.rows(query_mask)
+        return scoring.attention_received(probs, query_valid, query_index, causal=True)
+
+
+def _mask_to_index(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Positions of True entries per row, left-aligned: ``(index [B, Q] with -1 padding, valid [B, Q])``."""
+    counts = mask.sum(dim=1)
+    width = max(int(counts.max().item()) if mask.numel() else 0, 1)
+    # A stable sort of "not selected" brings selected positions to the front in their original order.
+    order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices[:, :width]
+    valid = torch.arange(width, device=mask.device)[None, :] < counts[:, None]
+    return torch.where(valid, order, torch.full_like(order, -1)), valid
+
+
+@dataclass(frozen=True)
+class LLMContext:
+    """Input of an LLM-stage strategy at decoder layer ``layer`` for one batch (sequence length L)."""
+
+    #: K: the pruning happens before decoder layer K.
+    layer: int
+    #: :class:`TokenRole` of every position, long ``[B, L]``.
+    roles: Tensor
+    #: Hidden states entering layer K (output of layer K-1), ``[B, L, D]``.
+    hidden: Tensor
+    #: Attention rows of layer K-1 from its q/k.
+    attention: LLMAttention
+    #: Position ids of the current positions, long ``[B, L]``.
+    position_ids: Tensor | None = None
+
+    def role_mask(self, *roles: TokenRole) -> Tensor:
+        """bool ``[B, L]``: positions whose role is one of ``roles``."""
+        wanted = torch.tensor([int(r) for r in roles], device=self.roles.device)
+        return torch.isin(self.roles, wanted)
+
+    @property
+    def valid(self) -> Tensor:
+        """bool ``[B, L]``: not padding."""
+        return self.roles != TokenRole.PADDING
+
+
+@dataclass(frozen=True)
+class LLMPlan:
+    """Output of an LLM-stage strategy."""
+
+    #: ``bool [B, L]``, True = keep for layers >= K. Protected positions are forced on by the base class.
+    keep: Tensor
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+
+
+class PruningStrategy(abc.ABC):
+    """One pruning step. Subclass, set the class attributes and implement :meth:`plan`.
+
+    Class attributes:
+        name: registry name, ``[a-z][a-z0-9_]*``.
+        stage: :class:`Stage` where it runs.
+        Params: a frozen dataclass of :func:`tokprune.params.param` fields (LLM stage: needs ``layer``).
+        drops_text: LLM stage only; may drop ``QUESTION`` positions.
+        drops_template: LLM stage only; may drop ``TEMPLATE`` positions.
+    """
+
+    name: ClassVar[str]
+    stage: ClassVar[Stage]
+    Params: ClassVar[type] = NoParams
+    drops_text: ClassVar[bool] = False
+    drops_template: ClassVar[bool] = False
+
+    def __init__(self, params: Any = None, /, **overrides: Any) -> None:
+        self.params = build_params(self.name, type(self).Params, params, overrides)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" not in cls.__dict__:  # intermediate base classes are allowed
+            return
+        problems = _class_problems(cls)
+        if problems:
+            raise TypeError(f"{cls.__module__}.{cls.__qualname__}: " + "; ".join(problems))
+
+    # -- what subclasses implement -------------------------------------------------------------
+
+    def requires(self) -> frozenset[Signal]:
+        """Encoder signals this configuration reads (vision stage). Default: none."""
+        return frozenset()
+
+    @abc.abstractmethod
+    def plan(self, ctx: Any) -> Any:
+        """Decide: a :class:`VisionPlan` for a :class:`VisionContext`, an :class:`LLMPlan` for an LLM one."""
+
+    # -- what callers use ------------------------------------------------------------------------
+
+    @property
+    def layer(self) -> int | None:
+        """Decoder layer K for LLM-stage strategies, None for vision-stage ones."""
+        return getattr(self.params, "layer", None) if self.stage is Stage.LLM else None
+
+    def __call__(self, ctx: Any) -> Any:
+        """Run :meth:`plan` without autograd, then check (and for LLM plans, enforce) the contract."""
+        with torch.no_grad():
+            plan = self.plan(ctx)
+        if self.stage is Stage.VISION:
+            return _checked_vision_plan(self.name, plan, ctx)
+        return _checked_llm_plan(self, plan, ctx)
+
+    def spec(self) -> str:
+        """Canonical spec with every parameter spelled out: ``name(p1=v1, p2=v2)``."""
+        args = ", ".join(f"{f.name}={format_value(getattr(self.params, f.name))}" for f in param_infos(self.Params))
+        return f"{self.name}({args})" if args else self.name
+
+    def __str__(self) -> str:
+        return self.spec()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.spec()}>"
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other.params == self.params  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash((type(self), self.params))
+
+
+def _class_problems(cls: type[PruningStrategy]) -> list[str]:
+    import dataclasses
+
+    problems = []
+    name = cls.__dict__.get("name")
+    if not isinstance(name, str) or not NAME_PATTERN.match(name) or name in RESERVED_NAMES:
+        problems.append(f"name must match [a-z][a-z0-9_]* and not be reserved ({sorted(RESERVED_NAMES)}), got {name!r}")
+    if not isinstance(getattr(cls, "stage", None), Stage):
+        problems.append(f"stage must be Stage.VISION or Stage.LLM, got {getattr(cls, 'stage', None)!r}")
+    params_cls = getattr(cls, "Params", None)
+    if not (isinstance(params_cls, type) and dataclasses.is_dataclass(params_cls)):
+        problems.append("Params must be a dataclass")
+    else:
+        missing = [
+            f.name
+            for f in dataclasses.fields(params_cls)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        ]
+        if missing:
+            problems.append(f"every parameter needs a default; missing for {missing}")
+        if getattr(cls, "stage", None) is Stage.LLM and "layer" not in {f.name for f in dataclasses.fields(params_cls)}:
+            problems.append("LLM-stage strategies need an int 'layer' parameter (prune before that decoder layer)")
+    return problems
+
+
+def _checked_vision_plan(name: str, plan: Any, ctx: VisionContext) -> VisionPlan:
+    if not isinstance(plan, VisionPlan):
+        raise StrategyContractError(f"{name!r} returned {type(plan).__name__}, expected VisionPlan")
+    b, n, c = ctx.features.shape
+    keep = plan.keep
+    if not isinstance(keep, Tensor) or keep.dtype != torch.bool or tuple(keep.shape) != (b, n):
+        shape = tuple(keep.shape) if isinstance(keep, Tensor) else type(keep).__name__
+        dtype = keep.dtype if isinstance(keep, Tensor) else None
+        raise StrategyContractError(f"{name!r} returned keep of shape {shape} dtype {dtype}; expected bool {(b, n)}")
+    empty = (keep.sum(dim=1) == 0).nonzero().flatten().tolist()
+    if empty:
+        raise StrategyContractError(f"{name!r} kept no visual token for samples {empty}; keep at least one")
+    if plan.features is not None and tuple(plan.features.shape) != (b, n, c):
+        raise StrategyContractError(f"{name!r} returned features {tuple(plan.features.shape)}; expected {(b, n, c)}")
+    if plan.extra is not None and (plan.extra.dim() != 3 or plan.extra.shape[0] != b or plan.extra.shape[2] != c):
+        raise StrategyContractError(f"{name!r} returned extra {tuple(plan.extra.shape)}; expected (B={b}, E, C={c})")
+    return plan
+
+
+def _checked_llm_plan(strategy: PruningStrategy, plan: Any, ctx: LLMContext) -> LLMPlan:
+    name = strategy.name
+    if not isinstance(plan, LLMPlan):
+        raise StrategyContractError(f"{name!r} returned {type(plan).__name__}, expected LLMPlan")
+    keep = plan.keep
+    if not isinstance(keep, Tensor) or keep.dtype != torch.bool or keep.shape != ctx.roles.shape:
+        shape = tuple(keep.shape) if isinstance(keep, Tensor) else type(keep).__name__
+        raise StrategyContractError(f"{name!r} returned keep {shape}; expected bool {tuple(ctx.roles.shape)}")
+    always = [TokenRole.PADDING, TokenRole.PROTECTED]
+    if not strategy.drops_text:
+        always.append(TokenRole.QUESTION)
+    if not strategy.drops_template:
+        always.append(TokenRole.TEMPLATE)
+    forced = ctx.role_mask(*always)
+    overridden = (forced & ~keep).sum(dim=1)
+    diagnostics = dict(plan.diagnostics)
+    diagnostics["forced_kept"] = overridden
+    return LLMPlan(keep=keep | forced, diagnostics=diagnostics)

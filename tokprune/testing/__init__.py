@@ -1,0 +1,6 @@
+"""Test suites shipped for plugin authors: run them on your own strategies.
+
+* :mod:`tokprune.testing.contract` — every strategy, on random inputs (no model needed).
+* :mod:`tokprune.testing.equivalence` — a strategy inside a patched tiny LLaVA (cache == no cache,
+  batch == solo).
+"""
