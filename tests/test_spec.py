@@ -1,0 +1,76 @@
+"""The spec grammar: table-driven parses, canonical round trips and error texts."""
+
+from __future__ import annotations
+
+import pytest
+
+from tokprune.errors import SpecSyntaxError
+from tokprune.spec import expand_sweeps, format_terms, parse_spec
+
+PARSES = [
+    ("a", [("a", {})]),
+    ("a+b", [("a", {}), ("b", {})]),
+    ("  a ( )  +  b ", [("a", {}), ("b", {})]),
+    ("fastv(layer=2, keep_ratio=0.5)", [("fastv", {"layer": 2, "keep_ratio": 0.5})]),
+    ("t(x=-3, y=1e-3, z=.5, w=+2)", [("t", {"x": -3, "y": 1e-3, "z": 0.5, "w": 2})]),
+    ("t(a=true, b=False, c=none, d=null)", [("t", {"a": True, "b": False, "c": None, "d": None})]),
+    ("t(s=cls_attn, p=a.b-c)", [("t", {"s": "cls_attn", "p": "a.b-c"})]),
+    ('t(s="a, b)", q=\'x+y\')', [("t", {"s": "a, b)", "q": "x+y"})]),
+    ('t(s="say \\"hi\\"")', [("t", {"s": 'say "hi"'})]),
+    ("t(l=[1, 2,3])", [("t", {"l": [1, 2, 3]})]),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), PARSES)
+def test_parses(text, expected):
+    assert [(t.name, t.params) for t in parse_spec(text)] == expected
+
+
+@pytest.mark.parametrize(("text", "expected"), PARSES)
+def test_format_round_trips(text, expected):
+    terms = parse_spec(text)
+    again = parse_spec(format_terms(terms))
+    assert [(t.name, t.params) for t in again] == expected
+
+
+ERRORS = [
+    ("a++b", 2, "expected a strategy name"),
+    ("a+", 2, "expected a strategy name"),
+    ("fastv(layer=2 keep_ratio=0.5)", 14, "expected ',' or ')'"),
+    ("fastv(layer 2)", 12, "expected '=' after parameter 'layer'"),
+    ("fastv(layer=2", 13, "expected ',' or ')'"),
+    ("Fastv", 0, "expected a strategy name"),
+    ("fastv(layer=2, layer=3)", 14, "parameter 'layer' given twice"),
+    ('t(s="abc)', 4, "unterminated string"),
+    ("t(x=)", 4, "expected a value"),
+    ("a b", 2, "unexpected 'b'"),
+]
+
+
+@pytest.mark.parametrize(("text", "position", "message"), ERRORS)
+def test_syntax_errors_point_at_the_character(text, position, message):
+    with pytest.raises(SpecSyntaxError) as info:
+        parse_spec(text)
+    text_out = str(info.value)
+    assert message in text_out
+    assert f"at position {position}" in text_out
+    # The caret sits under the offending character.
+    lines = text_out.splitlines()
+    assert lines[-1].index("^") - 2 == position
+    assert isinstance(info.value, ValueError)
+
+
+def test_empty_spec_is_an_error_that_suggests_none():
+    with pytest.raises(SpecSyntaxError, match="'none' for no pruning"):
+        parse_spec("   ")
+
+
+def test_expand_sweeps_is_a_row_major_grid():
+    specs = expand_sweeps("topk(keep=[8, 16])+fastv(layer=[2, 3], keep_ratio=0.5)")
+    assert specs == [
+        "topk(keep=8)+fastv(layer=2, keep_ratio=0.5)",
+        "topk(keep=8)+fastv(layer=3, keep_ratio=0.5)",
+        "topk(keep=16)+fastv(layer=2, keep_ratio=0.5)",
+        "topk(keep=16)+fastv(layer=3, keep_ratio=0.5)",
+    ]
+    assert expand_sweeps("fastv(layer=2)") == ["fastv(layer=2)"]
