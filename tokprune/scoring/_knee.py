@@ -58,7 +58,7 @@ def _difference_curve(v: Tensor, compute_dtype: torch.dtype) -> tuple[Tensor, Te
     ok = (rng > 0).squeeze(1) & torch.isfinite(rng).squeeze(1)
     x_n = torch.arange(n, device=v.device, dtype=compute_dtype) / (n - 1)
     # same operation order as kneed: y_n = (v-min)/(max-min); y_t = 1 - y_n; d = y_t - x_n
-    d = torch.sub(1.0, (v - vmin) / rng).sub_(x_n)
+    d = (v - vmin).div_(rng).neg_().add_(1.0).sub_(x_n)  # -(y) + 1 == 1 - y exactly in IEEE
     return d, ok
 
 
@@ -99,35 +99,45 @@ def find_knee(
         return torch.full((b,), NO_KNEE, dtype=torch.long, device=scores.device)
 
     d, ok = _difference_curve(_sorted_desc(scores, presorted), compute_dtype)
-
-    # s[i] = sign(d[i+1] - d[i]) for i in 0..N-2; the comparison on d[i] vs d[i+1] is exact via the sign
-    # of the difference (IEEE subtraction of finite values is 0 only for equal operands).
-    s = torch.sign(d[:, 1:] - d[:, :-1])  # [B, N-1], NaN rows give NaN -> no events
-    # Events at positions i = 0..N-2 (position N-1 is never processed by kneed's walk). sp = slope on the
-    # left (0 at i = 0: 'clip' compares d[0] with itself), sn = slope on the right.
+    idx = _index_dtype(n)
+    # Everything below is bool / small-int arithmetic in one dtype: mixed-dtype ops (bool * int, where)
+    # are several times slower on CPU than the sort this is meant to keep up with.
+    # s[i] = sign(d[i+1] - d[i]) for i = 0..N-2 (NaN rows give 0 everywhere -> never a knee).
+    right, left = d[:, 1:], d[:, :-1]
+    s = (right > left).to(idx) - (right < left).to(idx)  # [B, N-1]
+    # Position i = 0..N-2 (N-1 is never processed by kneed's walk); sp = slope on the left (0 at i = 0,
+    # 'clip' compares d[0] with itself), sn = slope on the right.
     sp = torch.nn.functional.pad(s[:, :-1], (1, 0))
     sn = s
-    # max-only point (activates detection):  sp >= 0 >= sn and not both 0  <=>  sp > sn
-    # min point (incl. max+min plateau; pauses detection): sp <= 0 <= sn
-    activate = sp > sn
-    pause = (sp <= 0) & (sn >= 0)
-    pos = torch.arange(n - 1, device=d.device)
-    # key = 2*i + 1 for an activating max, 2*i for a pause, -1 otherwise; its running max gives, for every
-    # i, the most recent extremum at or before i and whether detection is active there.
-    key = torch.where(activate, 2 * pos + 1, torch.where(pause, 2 * pos, -1))
+    # max-only point (sets threshold, activates detection):  sp >= 0 >= sn and not both 0  <=>  sp > sn
+    # min point, plateau max+min included (threshold 0, pauses detection):  sp <= 0 <= sn
+    activate = (sp > sn).to(idx)
+    pause = ((sp <= 0) & (sn >= 0)).to(idx)
+    pos = torch.arange(n - 1, device=d.device, dtype=idx)
+    # key = 2i+1 at an activating max, 2i at a pause; position 0 is always one of the two, so the running
+    # max gives, for every i, the most recent extremum at or before i and whether detection is on there.
+    key = activate * (2 * pos + 1) + pause * (2 * pos)
     last = torch.cummax(key, dim=1).values
-    active = (last & 1).bool() & (last >= 0)
-    cand = (last >> 1).clamp_min(0)  # position of the governing maximum
-    threshold = d.gather(1, cand) - sensitivity * _mean_dx(n)
-    hit = active & (d[:, 1:] < threshold)  # knee declared while at i (compares d[i+1])
+    active = last & 1
+    cand = (last >> 1).long()  # position of the governing extremum
+    threshold = d.gather(1, cand).sub_(sensitivity * _mean_dx(n))
+    hit = (right < threshold).to(idx) * active  # knee declared while at i (kneed compares d[i+1])
 
+    # first / last hit without argmax (slow on CPU): the max of hit * rank-weight identifies it
     if online:
-        i = torch.where(hit, pos, -1).amax(dim=1)
+        m = (hit * (pos + 1)).amax(dim=1)
+        i = m.long() - 1
     else:
-        i = torch.where(hit, pos, n).amin(dim=1)
-    found = ok & (i >= 0) & (i < n - 1)
+        m = (hit * (n - 1 - pos)).amax(dim=1)
+        i = (n - 1) - m.long()
+    found = ok & (m > 0)
     knee = cand.gather(1, i.clamp(0, n - 2)[:, None]).squeeze(1)
     return torch.where(found, knee, torch.full_like(knee, NO_KNEE))
+
+
+def _index_dtype(n: int) -> torch.dtype:
+    # keys reach 2N-1; int16 halves memory traffic for LLaVA-sized rows
+    return torch.int16 if 2 * n < torch.iinfo(torch.int16).max else torch.int64
 
 
 def knee_chord(scores: Tensor, presorted: bool = False) -> Tensor:

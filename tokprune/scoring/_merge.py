@@ -1,0 +1,91 @@
+"""PruMerge's key-similarity merge of pruned tokens into kept ones, batched."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._validate import check_bool, check_float, check_tensor
+
+
+def _check_merge_inputs(features: Tensor, weights: Tensor, keep: Tensor) -> tuple[int, int]:
+    check_tensor("features", features, 3, "[B, N, C]")
+    check_float("features", features)
+    check_tensor("weights", weights, 2, "[B, N]")
+    check_tensor("keep", keep, 2, "[B, N]")
+    check_bool("keep", keep)
+    b, n, _ = features.shape
+    for name, t in (("weights", weights), ("keep", keep)):
+        if tuple(t.shape) != (b, n):
+            raise ValueError(f"{name} must have shape [B={b}, N={n}], got {tuple(t.shape)}")
+    return b, n
+
+
+def _acc_dtype(features: Tensor) -> torch.dtype:
+    return torch.float64 if features.dtype == torch.float64 else torch.float32
+
+
+def prumerge_merge(
+    features: Tensor,
+    keys: Tensor,
+    weights: Tensor,
+    keep: Tensor,
+    k_neighbors: int = 32,
+) -> Tensor:
+    """Update every kept token with its most key-similar tokens, PruMerge style.
+
+    LLaVA-PruMerge ``token_prune_merge_advanced`` (algorithms.md §3.2 step 5): for a kept token i, cosine
+    similarity of its key to the keys of **all other** tokens (kept and pruned, itself excluded); the
+    ``k_neighbors`` most similar ``j`` give ``x̃_i = x_i + Σ_j w_j · x_j`` with the raw CLS-attention
+    weights (unnormalised, self weight 1, a token may feed several centres). When ``N - 1 < k_neighbors``
+    all other tokens are used. Ties in similarity follow ``torch.topk``.
+
+    Args:
+        features: ``[B, N, C]`` patch features to merge (LLaVA: ``hidden_states[-2][:, 1:]``).
+        keys: ``[B, N, Ck]`` patch keys of the scoring layer (L2-normalised here).
+        weights: ``[B, N]`` merge weights (PruMerge: CLS attention).
+        keep: bool ``[B, N]`` kept tokens.
+        k_neighbors: neighbours per kept token (32 in PruMerge).
+
+    Returns:
+        ``[B, N, C]`` in ``features.dtype`` (accumulated in fp32): merged values at kept positions, the
+        original values elsewhere (gather the kept rows with :func:`ragged_gather`).
+    """
+    b, n = _check_merge_inputs(features, weights, keep)
+    check_tensor("keys", keys, 3, "[B, N, Ck]")
+    check_float("keys", keys)
+    if tuple(keys.shape[:2]) != (b, n):
+        raise ValueError(f"keys must have shape [B={b}, N={n}, Ck], got {tuple(keys.shape)}")
+    if not isinstance(k_neighbors, int) or k_neighbors < 0:
+        raise ValueError(f"k_neighbors must be an int >= 0, got {k_neighbors!r}")
+    k = min(k_neighbors, n - 1)
+    if k <= 0:
+        return features.clone()
+    acc = _acc_dtype(features)
+    kn = torch.nn.functional.normalize(keys.to(acc), dim=-1)
+    sim = kn @ kn.transpose(1, 2)  # [B, N, N]
+    sim.diagonal(dim1=1, dim2=2).fill_(float("-inf"))  # never your own neighbour
+    nbr = sim.topk(k, dim=-1).indices  # [B, N, k]
+    w = weights.to(acc)[:, None, :].expand(b, n, n).gather(2, nbr)  # [B, N, k]
+    # sparse [B, N, N] weight matrix so the sum is one batched matmul instead of a [B, N, k, C] gather
+    mix = torch.zeros(b, n, n, dtype=acc, device=features.device).scatter_(2, nbr, w)
+    x = features.to(acc)
+    merged = x + mix @ x
+    return torch.where(keep[:, :, None], merged, x).to(features.dtype)
+
+
+def prumerge_extra_token(features: Tensor, weights: Tensor, keep: Tensor) -> Tensor:
+    """PruMerge's extra global token: ``Σ_{j pruned} w_j · x_j``.
+
+    Args:
+        features: ``[B, N, C]``.
+        weights: ``[B, N]`` (PruMerge: CLS attention, unnormalised).
+        keep: bool ``[B, N]``.
+
+    Returns:
+        ``[B, C]`` in ``features.dtype`` (accumulated in fp32); zeros when nothing is pruned.
+    """
+    _check_merge_inputs(features, weights, keep)
+    acc = _acc_dtype(features)
+    w = weights.to(acc).masked_fill(keep, 0.0)
+    return torch.einsum("bn,bnc->bc", w, features.to(acc)).to(features.dtype)
