@@ -1,0 +1,73 @@
+"""``prumerge``: LLaVA-PruMerge (Shang et al., arXiv 2403.15388), IQR-adaptive selection plus key-similarity
+merging and one extra global token."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from tokprune import PruningStrategy, Signal, Stage, VisionContext, VisionPlan, param, scoring
+
+
+@dataclass(frozen=True)
+class PruMergeParams:
+    layer: int = param(-1, "encoder layer of the q/k for CLS attention and merge keys (reference: -1, the last)")
+    iqr_factor: float = param(1.5, "IQR fence Q3 + factor * IQR; kept = high outliers of the CLS attention", gt=0)
+    k_neighbors: int = param(32, "each kept token absorbs its k most key-similar other tokens", ge=1)
+    min_keep: int = param(1, "keep at least this many outliers per sample (the reference may keep 0)", ge=1)
+
+
+class PruMerge(PruningStrategy):
+    """Keep the IQR outliers of the CLS attention, merge every token into its key-nearest kept tokens, and
+    append one global token built from the pruned ones.
+
+    Follows ``42Shawn/LLaVA-PruMerge`` ``clip_encoder.py::token_prune_merge_advanced`` (L85-171,
+    algorithms.md 3.1-3.2):
+
+    1. ``a = softmax(q_cls . k^T / sqrt(C))[1:]``: single-head surrogate from the full-width q/k of encoder
+       ``layer`` (default the last), ``[B, N]``;
+    2. kept count = number of ``a > Q3 + 1.5 IQR`` (NumPy-style linear quartiles); keep the top ones;
+    3. each kept token ``i``: ``x_i + sum_{j in top-k by key cosine, j != i} a_j x_j`` over *all* other
+       tokens (kept or not), weights unnormalised, clusters may overlap;
+    4. extra token ``sum_{j pruned} a_j x_j`` (``VisionPlan.extra``, ``[B, 1, C]``).
+
+    Budget: kept visual tokens per sample = outliers (at least ``min_keep``) + 1 extra token.
+
+    Deviations, each deliberate:
+    * per sample: the reference pools the IQR statistics over the flattened batch (B=1 assumed);
+    * ``min_keep`` (default 1) where there is no outlier: the reference then keeps 0 tokens (only the extra
+      token survives);
+    * the count is the exact outlier count; the reference's ``int(N * (count / N))`` can round one down;
+    * output in raster order: the reference emits tokens in descending-attention order. Kept tokens keep
+      their original raster positions here, so an adapter can keep position ids and 2-D layout;
+    * ``k_neighbors`` is capped at ``N - 1`` (the reference's ``topk`` fails on fewer than 33 tokens).
+
+    Diagnostics: ``scores`` ``[B, N]``, ``outliers`` ``[B]`` (before ``min_keep``), ``keep_count`` ``[B]``.
+    """
+
+    name = "prumerge"
+    stage = Stage.VISION
+    Params = PruMergeParams
+
+    def requires(self) -> frozenset[Signal]:
+        return frozenset({Signal("qk", self.params.layer)})
+
+    def select(self, scores: Tensor, outliers: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Kept tokens, bool ``[B, N]``, given ``outliers`` ``[B]`` (already at least ``min_keep``), and
+        extra diagnostics."""
+        return scoring.topk_mask(scores, outliers), {}
+
+    def plan(self, ctx: VisionContext) -> VisionPlan:
+        p = self.params
+        n = ctx.num_patches
+        scores = ctx.signals.cls_attention(p.layer, heads="single")
+        outliers = scoring.iqr_outlier_count(scores, factor=p.iqr_factor).long()
+        counts = torch.clamp(outliers, min=min(p.min_keep, n), max=n)
+        keep, extra_diagnostics = self.select(scores, counts)
+        keys = ctx.signals.patch_keys(p.layer)
+        features = scoring.prumerge_merge(ctx.features, keys, scores, keep, k_neighbors=p.k_neighbors)
+        extra = scoring.prumerge_extra_token(ctx.features, scores, keep)[:, None, :]
+        diagnostics = {"scores": scores, "outliers": outliers, "keep_count": keep.sum(dim=1), **extra_diagnostics}
+        return VisionPlan(keep=keep, features=features, extra=extra, diagnostics=diagnostics)
