@@ -4,3 +4,7 @@
 * :mod:`tokprune.testing.equivalence` — a strategy inside a patched tiny LLaVA (cache == no cache,
   batch == solo).
 """
+
+from .contract import CHECKS, ContractFailure, check_strategy
+
+__all__ = ["CHECKS", "ContractFailure", "check_strategy"]

@@ -1,0 +1,541 @@
+"""The strategy contract: checks every registered strategy (built-in or plugin) must pass, on random inputs.
+
+Run all of them on your own strategy::
+
+    from tokprune.testing.contract import check_strategy
+    check_strategy("my_strategy(keep=8)")      # a spec, an instance or a class; raises ContractFailure
+
+or parametrise pytest over the individual checks (each raises :class:`ContractFailure`, an
+``AssertionError``, naming what broke)::
+
+    @pytest.mark.parametrize("check", CHECKS.values(), ids=CHECKS.keys())
+    def test_contract(check):
+        check(MyStrategy())
+
+What is checked (:data:`CHECKS`):
+
+* ``valid_plan``: the plan has the right type, mask shape and dtype, ``[B, ...]`` diagnostics, finite
+  merged/extra features, and at least one kept token per sample;
+* ``roles``: LLM stage: padding and protected positions are kept, question text unless ``drops_text``,
+  template unless ``drops_template``; image tokens are the only other ones that may go;
+* ``bounds``: strategies with ``min_keep``/``max_keep``/``keep`` parameters keep a count within them
+  (capped at the candidate count; the candidates are ``diagnostics["candidates"]`` when the strategy
+  reports them, else every patch / every droppable position);
+* ``deterministic``: two calls on identical inputs give identical plans;
+* ``batch_invariant``: every sample alone selects what it selects inside a batch of 4 (LLM stage: with a
+  different left padding per sample; compared on the real positions);
+* ``dtypes``: fp32, bf16 and fp16 inputs all give valid plans without NaN;
+* ``degenerate``: constant features and signals, and tiny inputs (1 to 3 patches / image tokens), give
+  valid plans without NaN;
+* ``requires``: ``requires()`` returns :class:`Signal` s and covers every encoder signal ``plan`` reads
+  (the fabricated :class:`VisionSignals` only hold the declared ones, so any undeclared read fails).
+
+The building blocks (:class:`VisionBatch`, :class:`LLMBatch`, :func:`run`) are public so plugin authors
+can write their own checks on the same fabricated inputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from tokprune.errors import StrategyContractError
+from tokprune.strategy import (
+    LLMAttention,
+    LLMContext,
+    LLMPlan,
+    PruningStrategy,
+    Signal,
+    Stage,
+    TokenRole,
+    VisionContext,
+    VisionPlan,
+    VisionSignals,
+)
+
+__all__ = [
+    "CHECKS",
+    "DTYPES",
+    "ContractFailure",
+    "LLMBatch",
+    "VisionBatch",
+    "check_strategy",
+    "contract_cases",
+    "resolve",
+    "run",
+]
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class ContractFailure(AssertionError):
+    """A strategy broke the contract; the message names the strategy, the check and what broke."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Fabricated inputs
+# --------------------------------------------------------------------------------------------------
+
+
+def _generator(*key: int) -> torch.Generator:
+    seed = 0
+    for part in key:  # stable across runs and platforms, unlike hash()
+        seed = (seed * 1_000_003 + int(part)) % (2**62)
+    return torch.Generator().manual_seed(seed)
+
+
+def _long_tail(base: Tensor, anchor: Tensor, gen: torch.Generator, share: float = 0.15) -> Tensor:
+    """Pull a random ``share`` of the tokens of ``base [B, 1+N, C]`` towards ``anchor [B, C]`` so CLS scores
+    are long-tailed (a few high outliers), like real CLIP CLS attention."""
+    b, n1, _ = base.shape
+    pick = torch.rand(b, n1, generator=gen) < share
+    pick[:, 0] = False
+    strength = torch.rand(b, n1, 1, generator=gen) * 0.8 + 0.2
+    return base + pick[:, :, None] * strength * anchor[:, None, :]
+
+
+@dataclass(frozen=True)
+class VisionBatch:
+    """Fabricated vision-stage inputs: features and the raw encoder signals for the declared ones only.
+
+    ``signals`` maps each resolved :class:`Signal` to ``(q, k)`` (``[B, 1+N, C]`` each) or hidden states
+    ``[B, 1+N, C]``. :meth:`context` builds a fresh :class:`VisionContext` (fresh signal cache) whose
+    :class:`VisionSignals` refuses undeclared reads; :meth:`sample` is one sample as a batch of 1.
+    """
+
+    features: Tensor
+    signals: dict[Signal, Any]
+    num_layers: int
+    num_heads: int
+    grid: tuple[int, int] | None
+
+    @classmethod
+    def make(
+        cls,
+        strategy: PruningStrategy,
+        *,
+        batch: int = 4,
+        grid: tuple[int, int] = (8, 8),
+        channels: int = 32,
+        num_layers: int = 24,
+        num_heads: int = 4,
+        dtype: torch.dtype = torch.float32,
+        seed: int = 0,
+        constant: bool = False,
+    ) -> VisionBatch:
+        """Random (or constant) inputs for ``strategy``'s declared signals, ``N = rows * cols`` patches."""
+        n = grid[0] * grid[1]
+        declared = {s.resolve(num_layers) for s in strategy.requires()}
+        gen = _generator(seed, 1)
+        if constant:
+            features = torch.full((batch, n, channels), 0.5)
+        else:
+            features = torch.randn(batch, n, channels, generator=gen)
+        signals: dict[Signal, Any] = {}
+        for sig in sorted(declared, key=lambda s: (s.kind, s.layer)):
+            g = _generator(seed, 2 if sig.kind == "qk" else 3, sig.layer)
+            if constant:
+                signals[sig] = (
+                    (torch.full((batch, n + 1, channels), 0.25).to(dtype),) * 2
+                    if sig.kind == "qk"
+                    else torch.full((batch, n + 1, channels), 0.25).to(dtype)
+                )
+                continue
+            if sig.kind == "qk":
+                q = torch.randn(batch, n + 1, channels, generator=g)
+                k = _long_tail(torch.randn(batch, n + 1, channels, generator=g), q[:, 0], g)
+                signals[sig] = (q.to(dtype), k.to(dtype))
+            else:
+                h = torch.randn(batch, n + 1, channels, generator=g)
+                signals[sig] = _long_tail(h, h[:, 0], g).to(dtype)
+        return cls(features.to(dtype), signals, num_layers, num_heads, grid)
+
+    def context(self) -> VisionContext:
+        declared = frozenset(self.signals)
+
+        def fetch(signal: Signal) -> Any:
+            return self.signals[signal]
+
+        vs = VisionSignals(fetch, self.num_layers, self.num_heads, declared=declared)
+        return VisionContext(features=self.features, signals=vs, grid=self.grid)
+
+    def sample(self, i: int) -> VisionBatch:
+        """Sample ``i`` alone (a batch of 1)."""
+
+        def cut(value: Any) -> Any:
+            return tuple(v[i : i + 1] for v in value) if isinstance(value, tuple) else value[i : i + 1]
+
+        return dataclasses.replace(
+            self, features=self.features[i : i + 1], signals={s: cut(v) for s, v in self.signals.items()}
+        )
+
+    @property
+    def batch_size(self) -> int:
+        return self.features.shape[0]
+
+
+@dataclass(frozen=True)
+class LLMBatch:
+    """Fabricated LLM-stage inputs: left-padded sequences of
+    ``[PADDING] [TEMPLATE] [IMAGE] [QUESTION] [TEMPLATE] [PROTECTED]`` with a different length of every
+    block per sample, random hidden states and random post-RoPE q/k (GQA: ``heads`` query heads sharing
+    ``kv_heads`` key heads). ``padding[i]`` is sample i's left padding; :meth:`sample` is sample i alone
+    without padding, so ``plan.keep[i, padding[i]:]`` must equal the solo plan's ``keep[0]``.
+    """
+
+    roles: Tensor
+    hidden: Tensor
+    q: Tensor
+    k: Tensor
+    padding: tuple[int, ...]
+    layer: int
+
+    @classmethod
+    def make(
+        cls,
+        strategy: PruningStrategy,
+        *,
+        image: tuple[int, ...] = (12, 9, 16, 6),
+        question: tuple[int, ...] = (5, 7, 3, 6),
+        template: tuple[int, int] = (3, 2),
+        heads: int = 4,
+        kv_heads: int = 2,
+        head_dim: int = 16,
+        hidden_size: int = 24,
+        dtype: torch.dtype = torch.float32,
+        seed: int = 0,
+        constant: bool = False,
+        extra_padding: int = 1,
+    ) -> LLMBatch:
+        """One sample per entry of ``image``/``question`` (their counts of IMAGE/QUESTION tokens)."""
+        if len(image) != len(question):
+            raise ValueError(f"image {image} and question {question} must have one entry per sample")
+        lengths = [template[0] + n_img + n_q + template[1] + 1 for n_img, n_q in zip(image, question)]
+        # every sample gets some padding, a different amount each (sample 0 the least)
+        width = max(lengths) + extra_padding
+        padding = tuple(width - n for n in lengths)
+        rows = []
+        for pad, n_img, n_q in zip(padding, image, question):
+            blocks = [
+                (TokenRole.PADDING, pad),
+                (TokenRole.TEMPLATE, template[0]),
+                (TokenRole.IMAGE, n_img),
+                (TokenRole.QUESTION, n_q),
+                (TokenRole.TEMPLATE, template[1]),
+                (TokenRole.PROTECTED, 1),
+            ]
+            rows.append(torch.cat([torch.full((count,), int(role)) for role, count in blocks]))
+        roles = torch.stack(rows).long()
+        b = len(image)
+        gen = _generator(seed, 7)
+        if constant:
+            hidden = torch.full((b, width, hidden_size), 0.5)
+            q = torch.full((b, heads, width, head_dim), 0.25)
+            k = torch.full((b, kv_heads, width, head_dim), 0.25)
+        else:
+            hidden = torch.randn(b, width, hidden_size, generator=gen)
+            q = torch.randn(b, heads, width, head_dim, generator=gen)
+            k = torch.randn(b, kv_heads, width, head_dim, generator=gen)
+            # a few image keys aligned with the mean query: long-tailed attention, as in real models
+            boost = (torch.rand(b, 1, width, 1, generator=gen) < 0.2) & (roles == TokenRole.IMAGE)[:, None, :, None]
+            k = k + boost * 2.0 * q.view(b, kv_heads, heads // kv_heads, width, head_dim).mean(dim=(2, 3))[:, :, None]
+        layer = strategy.layer if strategy.layer is not None else 2
+        return cls(roles, hidden.to(dtype), q.to(dtype), k.to(dtype), padding, int(layer))
+
+    def context(self) -> LLMContext:
+        valid = self.roles != TokenRole.PADDING
+        positions = (valid.long().cumsum(dim=1) - 1).clamp_min(0)
+        attention = LLMAttention(self.q, self.k, valid)
+        return LLMContext(
+            layer=self.layer, roles=self.roles, hidden=self.hidden, attention=attention, position_ids=positions
+        )
+
+    def sample(self, i: int) -> LLMBatch:
+        """Sample ``i`` alone, its padding removed."""
+        p = self.padding[i]
+        return dataclasses.replace(
+            self,
+            roles=self.roles[i : i + 1, p:],
+            hidden=self.hidden[i : i + 1, p:],
+            q=self.q[i : i + 1, :, p:],
+            k=self.k[i : i + 1, :, p:],
+            padding=(0,),
+        )
+
+    @property
+    def batch_size(self) -> int:
+        return self.roles.shape[0]
+
+
+Batch = VisionBatch | LLMBatch
+
+
+def make_batch(strategy: PruningStrategy, **kwargs: Any) -> Batch:
+    """Fabricated inputs for ``strategy``'s stage (keyword arguments go to ``VisionBatch.make`` or
+    ``LLMBatch.make``; ``size`` is translated: vision grid ``(1, size)``, LLM ``size`` image tokens)."""
+    size = kwargs.pop("size", None)
+    if strategy.stage is Stage.VISION:
+        if size is not None:
+            kwargs["grid"] = (1, size)
+        return VisionBatch.make(strategy, **kwargs)
+    if size is not None:
+        b = kwargs.pop("batch", 4)
+        kwargs["image"] = tuple(max(1, size - i % size) for i in range(b))
+        kwargs["question"] = tuple(1 + i % 2 for i in range(b))
+        kwargs["template"] = (1, 0)
+    else:
+        kwargs.pop("batch", None)
+    return LLMBatch.make(strategy, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# Running and comparing
+# --------------------------------------------------------------------------------------------------
+
+
+def _fail(strategy: PruningStrategy, check: str, message: str) -> ContractFailure:
+    return ContractFailure(f"{strategy.spec()}: {check}: {message}")
+
+
+def run(strategy: PruningStrategy, batch: Batch, check: str = "run") -> VisionPlan | LLMPlan:
+    """``strategy(batch.context())`` with interface errors turned into :class:`ContractFailure`."""
+    try:
+        return strategy(batch.context())
+    except StrategyContractError as exc:
+        raise _fail(strategy, check, str(exc)) from exc
+
+
+def _vision_outputs(plan: VisionPlan) -> Iterator[tuple[str, Tensor]]:
+    if plan.features is not None:
+        yield "features", plan.features
+    if plan.extra is not None:
+        yield "extra", plan.extra
+
+
+def _check_plan(strategy: PruningStrategy, batch: Batch, plan: VisionPlan | LLMPlan, check: str) -> None:
+    """Type, shapes, dtypes, finiteness, diagnostics and a non-empty keep set."""
+    b = batch.batch_size
+    expected = VisionPlan if strategy.stage is Stage.VISION else LLMPlan
+    if not isinstance(plan, expected):
+        raise _fail(strategy, check, f"returned {type(plan).__name__}, expected {expected.__name__}")
+    shape = tuple(batch.features.shape[:2]) if isinstance(batch, VisionBatch) else tuple(batch.roles.shape)
+    if plan.keep.dtype != torch.bool or tuple(plan.keep.shape) != shape:
+        raise _fail(strategy, check, f"keep is {plan.keep.dtype} {tuple(plan.keep.shape)}, expected bool {shape}")
+    if isinstance(plan, VisionPlan):
+        for name, t in _vision_outputs(plan):
+            if not torch.isfinite(t).all():
+                raise _fail(strategy, check, f"{name} has NaN/inf entries")
+            if t.dtype != batch.features.dtype:
+                raise _fail(strategy, check, f"{name} is {t.dtype}, features are {batch.features.dtype}")
+    else:
+        kept_real = (plan.keep & (batch.roles != TokenRole.PADDING)).sum(dim=1)
+        if (kept_real == 0).any():
+            raise _fail(strategy, check, f"kept no real position in samples {(kept_real == 0).nonzero().flatten().tolist()}")
+    empty = (plan.keep.sum(dim=1) == 0).nonzero().flatten().tolist()
+    if empty:
+        raise _fail(strategy, check, f"kept nothing in samples {empty}")
+    for key, value in plan.diagnostics.items():
+        if isinstance(value, Tensor) and value.dim() >= 1 and value.shape[0] != b:
+            raise _fail(strategy, check, f"diagnostics[{key!r}] has leading size {value.shape[0]}, expected B={b}")
+
+
+def _same_plan(strategy: PruningStrategy, a: Any, b: Any, check: str, what: str, exact: bool) -> None:
+    if not torch.equal(a.keep, b.keep):
+        rows = (a.keep != b.keep).any(dim=-1).nonzero().flatten().tolist()
+        raise _fail(strategy, check, f"{what}: keep masks differ (rows {rows})")
+    if isinstance(a, VisionPlan):
+        for (name, x), (_, y) in zip(_vision_outputs(a), _vision_outputs(b)):
+            same = torch.equal(x, y) if exact else torch.allclose(x.float(), y.float(), rtol=1e-4, atol=1e-5)
+            if not same:
+                raise _fail(strategy, check, f"{what}: {name} differ")
+        if (a.features is None) != (b.features is None) or (a.extra is None) != (b.extra is None):
+            raise _fail(strategy, check, f"{what}: one plan has merged/extra features, the other not")
+
+
+def _slice_plan(plan: Any, i: int, start: int = 0) -> Any:
+    if isinstance(plan, VisionPlan):
+        return VisionPlan(
+            keep=plan.keep[i : i + 1],
+            features=None if plan.features is None else plan.features[i : i + 1],
+            extra=None if plan.extra is None else plan.extra[i : i + 1],
+        )
+    return LLMPlan(keep=plan.keep[i : i + 1, start:])
+
+
+# --------------------------------------------------------------------------------------------------
+# Checks
+# --------------------------------------------------------------------------------------------------
+
+
+def check_valid_plan(strategy: PruningStrategy) -> None:
+    """Valid types, shapes, dtypes, finite outputs, ``[B, ...]`` diagnostics, at least one kept token."""
+    batch = make_batch(strategy)
+    _check_plan(strategy, batch, run(strategy, batch, "valid_plan"), "valid_plan")
+
+
+def check_roles(strategy: PruningStrategy) -> None:
+    """LLM stage: only image tokens (and declared text/template) may be dropped."""
+    if strategy.stage is not Stage.LLM:
+        return
+    batch = make_batch(strategy)
+    plan = run(strategy, batch, "roles")
+    always = [TokenRole.PADDING, TokenRole.PROTECTED]
+    always += [] if strategy.drops_text else [TokenRole.QUESTION]
+    always += [] if strategy.drops_template else [TokenRole.TEMPLATE]
+    for role in always:
+        dropped = ((batch.roles == role) & ~plan.keep).sum().item()
+        if dropped:
+            raise _fail(strategy, "roles", f"dropped {dropped} {role.name} positions")
+
+
+def _candidates(strategy: PruningStrategy, batch: Batch, plan: Any) -> Tensor:
+    given = plan.diagnostics.get("candidates")
+    if isinstance(given, Tensor):
+        return given.bool()
+    if isinstance(batch, VisionBatch):
+        return torch.ones_like(plan.keep)
+    roles = [TokenRole.IMAGE]
+    roles += [TokenRole.QUESTION] if strategy.drops_text else []
+    roles += [TokenRole.TEMPLATE] if strategy.drops_template else []
+    return torch.isin(batch.roles, torch.tensor([int(r) for r in roles]))
+
+
+def check_bounds(strategy: PruningStrategy) -> None:
+    """Kept counts respect ``min_keep``/``max_keep``/``keep`` (each capped at the candidate count)."""
+    names = {f.name for f in dataclasses.fields(strategy.params)}
+    if not names & {"min_keep", "max_keep", "keep"}:
+        return
+    for size in (None, 2):
+        batch = make_batch(strategy) if size is None else make_batch(strategy, size=size)
+        plan = run(strategy, batch, "bounds")
+        cand = _candidates(strategy, batch, plan)
+        n = cand.sum(dim=1)
+        kept = (plan.keep & cand).sum(dim=1)
+        p = strategy.params
+        if "min_keep" in names and (kept < torch.clamp(n, max=p.min_keep)).any():
+            raise _fail(strategy, "bounds", f"kept {kept.tolist()} of {n.tolist()} candidates < min_keep={p.min_keep}")
+        if "max_keep" in names and p.max_keep is not None and (kept > p.max_keep).any():
+            raise _fail(strategy, "bounds", f"kept {kept.tolist()} candidates > max_keep={p.max_keep}")
+        if "keep" in names and p.keep is not None and not torch.equal(kept, torch.clamp(n, max=p.keep)):
+            raise _fail(strategy, "bounds", f"kept {kept.tolist()} of {n.tolist()} candidates, keep={p.keep}")
+
+
+def check_deterministic(strategy: PruningStrategy) -> None:
+    """Two calls on identical (freshly built) inputs give identical plans."""
+    first = run(strategy, make_batch(strategy), "deterministic")
+    second = run(strategy, make_batch(strategy), "deterministic")
+    _same_plan(strategy, first, second, "deterministic", "two calls", exact=True)
+
+
+def check_batch_invariant(strategy: PruningStrategy) -> None:
+    """Each sample alone selects what it selects in a batch of 4 (LLM: different padding per sample)."""
+    for seed in (0, 1):
+        batch = make_batch(strategy, seed=seed)
+        plan = run(strategy, batch, "batch_invariant")
+        for i in range(batch.batch_size):
+            solo = run(strategy, batch.sample(i), "batch_invariant")
+            start = batch.padding[i] if isinstance(batch, LLMBatch) else 0
+            _same_plan(
+                strategy, _slice_plan(plan, i, start), solo, "batch_invariant", f"sample {i} (seed {seed})", exact=False
+            )
+
+
+def check_dtypes(strategy: PruningStrategy) -> None:
+    """fp32, bf16 and fp16 inputs give valid plans without NaN."""
+    for dtype in DTYPES:
+        batch = make_batch(strategy, dtype=dtype)
+        _check_plan(strategy, batch, run(strategy, batch, f"dtypes[{dtype}]"), f"dtypes[{dtype}]")
+
+
+def check_degenerate(strategy: PruningStrategy) -> None:
+    """Constant inputs and tiny inputs (1-3 patches or image tokens) give valid plans without NaN."""
+    cases: list[tuple[str, dict[str, Any]]] = [("constant", {"constant": True})]
+    cases += [(f"size={n}", {"size": n}) for n in (1, 2, 3)]
+    cases += [(f"constant size={n}", {"size": n, "constant": True}) for n in (1, 2, 3)]
+    for label, kwargs in cases:
+        for dtype in (torch.float32, torch.float16):
+            batch = make_batch(strategy, dtype=dtype, **kwargs)
+            check = f"degenerate[{label}, {dtype}]"
+            _check_plan(strategy, batch, run(strategy, batch, check), check)
+
+
+def check_requires(strategy: PruningStrategy) -> None:
+    """``requires()`` is a set of :class:`Signal` and covers everything ``plan`` reads."""
+    declared = strategy.requires()
+    if not isinstance(declared, (set, frozenset)) or not all(isinstance(s, Signal) for s in declared):
+        raise _fail(strategy, "requires", f"requires() must return a frozenset of Signal, got {declared!r}")
+    if strategy.stage is Stage.LLM:
+        return
+    try:
+        strategy(make_batch(strategy).context())
+    except StrategyContractError as exc:
+        raise _fail(strategy, "requires", f"reads an undeclared signal: {exc}") from exc
+
+
+CHECKS: dict[str, Callable[[PruningStrategy], None]] = {
+    "valid_plan": check_valid_plan,
+    "roles": check_roles,
+    "bounds": check_bounds,
+    "deterministic": check_deterministic,
+    "batch_invariant": check_batch_invariant,
+    "dtypes": check_dtypes,
+    "degenerate": check_degenerate,
+    "requires": check_requires,
+}
+"""Every contract check by name; each takes a strategy instance and raises :class:`ContractFailure`."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Entry points
+# --------------------------------------------------------------------------------------------------
+
+
+def resolve(strategy_or_spec: Any) -> list[PruningStrategy]:
+    """Strategy instances from an instance, a :class:`PruningStrategy` subclass (default params), a
+    pipeline, or a spec accepted by ``tokprune.strategies.get``."""
+    if isinstance(strategy_or_spec, PruningStrategy):
+        return [strategy_or_spec]
+    if isinstance(strategy_or_spec, type) and issubclass(strategy_or_spec, PruningStrategy):
+        return [strategy_or_spec()]
+    from tokprune import strategies
+
+    return list(strategies.get(strategy_or_spec))
+
+
+def check_strategy(strategy_or_spec: Any, checks: list[str] | None = None) -> None:
+    """Run every contract check (or the named ``checks``) on each strategy of ``strategy_or_spec``.
+
+    Raises:
+        ContractFailure: listing every failed check of every strategy.
+    """
+    names = list(CHECKS) if checks is None else checks
+    unknown = [n for n in names if n not in CHECKS]
+    if unknown:
+        raise ValueError(f"unknown contract checks {unknown}; available: {list(CHECKS)}")
+    failures = []
+    for strategy in resolve(strategy_or_spec):
+        for name in names:
+            try:
+                CHECKS[name](strategy)
+            except ContractFailure as exc:
+                failures.append(str(exc))
+            except Exception as exc:  # noqa: BLE001 - a crash is a contract failure too, reported with its type
+                failures.append(f"{strategy.spec()}: {name}: raised {type(exc).__name__}: {exc}")
+    if failures:
+        raise ContractFailure(f"{len(failures)} contract check(s) failed:\n" + "\n".join(failures))
+
+
+def contract_cases(specs: list[Any]) -> list[tuple[str, PruningStrategy, str]]:
+    """``(id, strategy, check name)`` for every strategy of ``specs`` and every check, for
+    ``pytest.mark.parametrize``."""
+    cases = []
+    for spec in specs:
+        for strategy in resolve(spec):
+            for name in CHECKS:
+                cases.append((f"{strategy.spec()}-{name}", strategy, name))
+    return cases
