@@ -1,0 +1,84 @@
+"""``tokprune run [CONFIG.yaml] [key=value ...] [--quiet]``: run or resume an ablation study."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+USAGE_EXAMPLES = """\
+examples:
+  tokprune run                                      the default comparison on the embedded model
+  tokprune run configs/sweep_fastv.yaml             a sweep from a file
+  tokprune run strategies=[topk,fastv] limit=40     dotlist overrides (specs may contain commas)
+  tokprune run strategies="fastv(layer=[2,3], keep_ratio=[0.25,0.5])" output_dir=runs/fastv
+  torchrun --nproc_per_node 2 -m tokprune run limit=100   data-parallel
+
+Rerunning the same command skips the runs already in OUTPUT_DIR/results.jsonl. Config keys: see
+docs/ablation.md or configs/default.yaml.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tokprune run",
+        description="Evaluate pruning pipelines on a benchmark; write results.jsonl, summary.md/.csv and pareto.png.",
+        epilog=USAGE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("args", nargs="*", metavar="CONFIG|KEY=VALUE",
+                        help="an optional YAML config file (first), then omegaconf dotlist overrides")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars or per-run lines (CI)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    return parser
+
+
+def _split_args(args: list[str]) -> tuple[str | None, list[str]]:
+    config = None
+    if args and "=" not in args[0]:
+        config = args[0]
+        args = args[1:]
+    stray = [a for a in args if "=" not in a]
+    if stray:
+        from .config import ConfigError
+
+        raise ConfigError(f"expected key=value overrides after the config file, got {stray}")
+    return config, args
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    # SIGTERM unwinds like Ctrl-C: finished runs are already on disk; the run in progress is dropped.
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # effective only if torch is not loaded yet
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    from .config import load_config, to_yaml
+
+    config_path, overrides = _split_args(args.args)
+    cfg = load_config(config_path, overrides)
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return 0
+    from .report import markdown_table
+    from .runner import run_ablation
+
+    signal.signal(signal.SIGTERM, _terminate)
+    t0 = time.perf_counter()
+    try:
+        outcome = run_ablation(cfg, progress=not args.quiet, echo=None if args.quiet else print)
+    except KeyboardInterrupt:
+        print(f"interrupted; finished runs are in {cfg.output_dir}/results.jsonl, rerun the command to resume",
+              file=sys.stderr)
+        return 130
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    print(markdown_table(outcome.rows), end="")
+    wall = time.perf_counter() - t0
+    files = ", ".join(str(p) for p in outcome.files.values())
+    print(f"{len(outcome.rows)} runs ({outcome.skipped} already recorded) in {wall:.1f} s; wrote {files}")
+    return 0

@@ -1,0 +1,255 @@
+"""The ablation config: omegaconf structured dataclasses, loading, dotlist overrides and validation.
+
+The dataclass defaults *are* the main job (``tokprune run`` with no arguments); ``configs/default.yaml``
+spells them out for reading and editing. Every error names the key, the bad value and the valid choices.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from ..errors import TokpruneError
+
+__all__ = [
+    "DEFAULT_STRATEGIES",
+    "EMBEDDED_MODEL",
+    "AblationConfig",
+    "ConfigError",
+    "DatasetConfig",
+    "MatchBudgetConfig",
+    "PositionsConfig",
+    "load_config",
+    "to_container",
+]
+
+EMBEDDED_MODEL = "tiny-llava-shapes"
+REFERENCE_METHOD = "cls_knee+text_interact"
+DEFAULT_STRATEGIES = (
+    "none",
+    REFERENCE_METHOD,
+    "cls_knee",
+    "prumerge",
+    "prumerge_plus",
+    "fastv",
+    "topk",
+    "random",
+)
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+POSITION_MODES = ("keep", "compact")
+DATASETS = ("shapes", "jsonl")
+SCORERS = ("auto", "shapes", "exact", "vqa", "yesno")
+SHAPES_SPLITS = ("test", "val")
+
+
+class ConfigError(TokpruneError, ValueError):
+    """A config key that does not exist, or a value outside its valid choices."""
+
+
+@dataclass
+class DatasetConfig:
+    """What to evaluate on: the embedded shapes benchmark, or a local JSONL file (LLaVA eval format)."""
+
+    name: str = "shapes"
+    split: str = "test"  # shapes only
+    path: str | None = None  # jsonl: the questions file
+    image_folder: str | None = None  # jsonl: images resolve against this (default: the file's folder)
+    scorer: str = "auto"  # auto picks shapes / yesno / vqa / exact from the data
+    prompt_suffix: str = ""  # appended to every question, e.g. "\nAnswer the question using a single word or phrase."
+    skip_bad_rows: bool = False  # count and skip bad rows instead of failing on the first one
+
+
+@dataclass
+class PositionsConfig:
+    """Position ids of kept tokens per stage: ``keep`` their original ids, or ``compact`` (renumber)."""
+
+    vision: str = "keep"
+    llm: str = "keep"
+
+
+@dataclass
+class MatchBudgetConfig:
+    """Fixed-budget baselines matched to the reference method's measured mean kept visual tokens.
+
+    The ``reference`` run goes first; then, for every other run whose pipeline contains a strategy named in
+    ``params`` and does not set that parameter itself, the parameter is set to round(mean kept visual
+    tokens of the reference). Strategies not listed (adaptive ones such as prumerge) keep their own budget.
+    """
+
+    reference: str | None = REFERENCE_METHOD
+    params: dict[str, str] = field(default_factory=lambda: {"topk": "keep", "random": "keep", "fastv": "keep"})
+
+
+@dataclass
+class AblationConfig:
+    """One ablation study: a model, a dataset and a list (or grid) of pruning pipelines."""
+
+    model: str = EMBEDDED_MODEL  # an embedded model name or a local HF directory (llava-hf layout)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    strategies: list[Any] = field(default_factory=lambda: list(DEFAULT_STRATEGIES))
+    # Explicit grid: {strategy: {param: [values]}} applied to every listed pipeline containing the strategy.
+    sweep: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
+    baseline: bool = True  # always run the unpruned model first (the table's first row, agreement's reference)
+    match_budget: MatchBudgetConfig = field(default_factory=MatchBudgetConfig)
+    positions: PositionsConfig = field(default_factory=PositionsConfig)
+    batch_size: int = 16
+    max_new_tokens: int = 3
+    dtype: str = "float32"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: cuda -> cuda:LOCAL_RANK)
+    attn_implementation: str = "sdpa"
+    seed: int = 0
+    limit: int | None = 240  # first N questions of the dataset; null for all
+    output_dir: str = "runs/default"
+    plot: bool = True
+
+
+def _choices(key: str, value: Any, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ConfigError(f"invalid value {value!r} for config key {key!r}.{_close(value, valid)} Valid: {', '.join(valid)}")
+
+
+def _close(value: Any, valid: Any) -> str:
+    close = difflib.get_close_matches(str(value), [str(v) for v in valid], n=1, cutoff=0.6)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def validate(cfg: AblationConfig) -> None:
+    """Range and choice checks omegaconf's types cannot express."""
+    _choices("dtype", cfg.dtype, DTYPES)
+    _choices("attn_implementation", cfg.attn_implementation, ATTN_IMPLEMENTATIONS)
+    _choices("positions.vision", cfg.positions.vision, POSITION_MODES)
+    _choices("positions.llm", cfg.positions.llm, POSITION_MODES)
+    _choices("dataset.name", cfg.dataset.name, DATASETS)
+    _choices("dataset.scorer", cfg.dataset.scorer, SCORERS)
+    if not (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:")):
+        raise ConfigError(f"invalid value {cfg.device!r} for config key 'device'. Valid: auto, cpu, cuda, cuda:N")
+    for key in ("batch_size", "max_new_tokens"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"config key {key!r} must be >= 1, got {getattr(cfg, key)}")
+    if cfg.limit is not None and cfg.limit < 1:
+        raise ConfigError(f"config key 'limit' must be >= 1 or null (all questions), got {cfg.limit}")
+    if cfg.dataset.name == "shapes":
+        _choices("dataset.split", cfg.dataset.split, SHAPES_SPLITS)
+        if cfg.dataset.scorer not in ("auto", "shapes"):
+            raise ConfigError(f"dataset.scorer={cfg.dataset.scorer!r} does not apply to the shapes benchmark; use auto")
+    if cfg.dataset.name == "jsonl":
+        if not cfg.dataset.path:
+            raise ConfigError("dataset.name=jsonl needs dataset.path=<questions.jsonl>")
+        if cfg.dataset.scorer == "shapes":
+            raise ConfigError("dataset.scorer=shapes applies only to dataset.name=shapes; use auto, exact, vqa or yesno")
+    if not cfg.strategies and not cfg.baseline:
+        raise ConfigError("nothing to run: 'strategies' is empty and baseline=false")
+
+
+def _schema_at(dotted: str) -> Any:
+    """The dataclass type owning ``dotted``'s last component (for listing valid keys)."""
+    obj: Any = AblationConfig
+    for part in dotted.split(".")[:-1]:
+        sub = {f.name: f for f in fields(obj)}.get(part)
+        if sub is None or not isinstance(sub.default_factory, type) or not is_dataclass(sub.default_factory):  # type: ignore[arg-type]
+            return None
+        obj = sub.default_factory
+    return obj
+
+
+def _reraise(exc: OmegaConfBaseException, origin: str) -> ConfigError:
+    key = getattr(exc, "full_key", None) or getattr(exc, "key", None) or "?"
+    if isinstance(exc, ConfigKeyError):
+        owner = _schema_at(str(key))
+        valid = [f.name for f in fields(owner)] if owner is not None else []
+        leaf = str(key).split(".")[-1]
+        prefix = str(key).rsplit(".", 1)[0] + "." if "." in str(key) else ""
+        hint = _close(leaf, valid).replace("'", f"'{prefix}", 1) if prefix else _close(leaf, valid)
+        listing = f" Valid keys{' under ' + prefix[:-1] if prefix else ''}: {', '.join(valid)}" if valid else ""
+        return ConfigError(f"unknown config key {key!r} ({origin}).{hint}{listing}")
+    if isinstance(exc, ValidationError):
+        msg = str(exc).splitlines()[0]
+        return ConfigError(f"bad value for config key {key!r} ({origin}): {msg}")
+    return ConfigError(f"config error at {key!r} ({origin}): {str(exc).splitlines()[0]}")
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Split ``a(x=1, y=2), b`` at commas outside brackets and quotes."""
+    parts, depth, quote, start = [], 0, "", 0
+    for i, ch in enumerate(text):
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "\"'":
+            quote = ch
+        elif ch in "([":
+            depth += 1
+        elif ch in ")]":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return [p.strip().strip("\"'") for p in parts if p.strip()]
+
+
+def _parse_overrides(overrides: list[str]) -> DictConfig:
+    """Dotlist overrides; ``strategies=`` gets its own parser because specs contain commas and brackets."""
+    plain, strategies = [], None
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value (e.g. batch_size=8, strategies=[topk,fastv])")
+        key, value = item.split("=", 1)
+        if key.strip() == "strategies":
+            value = value.strip()
+            if value.startswith("[") and value.endswith("]"):
+                strategies = _split_top_level(value[1:-1])
+            else:
+                strategies = [value.strip("\"'")] if value else []
+        else:
+            plain.append(item)
+    try:
+        node = OmegaConf.from_dotlist(plain)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"malformed override in {plain}: {str(exc).splitlines()[0]}") from None
+    if strategies is not None:
+        node.strategies = strategies
+    return node
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> AblationConfig:
+    """Defaults, then the YAML file at ``path`` (if any), then dotlist ``overrides``; validated."""
+    schema = OmegaConf.structured(AblationConfig)
+    layers: list[tuple[str, Any]] = []
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {str(p)!r}")
+        try:
+            layers.append((str(p), OmegaConf.load(p)))
+        except Exception as exc:  # yaml errors carry the line and column
+            raise ConfigError(f"cannot parse config file {str(p)!r}: {exc}") from None
+        # A single spec string is a one-element list (saves brackets in files).
+        if isinstance(layers[-1][1].get("strategies"), str):
+            layers[-1][1].strategies = [layers[-1][1].strategies]
+    if overrides:
+        layers.append(("command line", _parse_overrides(list(overrides))))
+    merged = schema
+    for origin, layer in layers:
+        try:
+            merged = OmegaConf.merge(merged, layer)
+        except OmegaConfBaseException as exc:
+            raise _reraise(exc, origin) from None
+    cfg: AblationConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    validate(cfg)
+    return cfg
+
+
+def to_container(cfg: AblationConfig) -> dict[str, Any]:
+    """Plain-dict form of a config (what results files store)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def to_yaml(cfg: AblationConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

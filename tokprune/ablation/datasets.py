@@ -1,0 +1,258 @@
+"""Evaluation datasets and their scorers.
+
+* ``shapes``: the embedded synthetic benchmark (:func:`tokprune.data.benchmark`), scored per question type.
+* ``jsonl``: a local file in the LLaVA evaluation format, one JSON object per line::
+
+      {"question_id": 1, "image": "val/0001.jpg", "text": "Is there a dog?", "label": "yes"}
+      {"question_id": "q2", "image": "0002.png", "question": "What colour?", "answers": ["red", "red", "dark red"]}
+
+  ``question`` or ``text``; ``answer`` (a string), ``answers`` (strings, or VQAv2-style ``{"answer": ...}``
+  dicts) or ``label`` (POPE); optional ``qtype``/``question_type``/``category`` for per-type accuracy.
+  ``image`` resolves against ``image_folder`` when given, else against the JSONL file's folder.
+
+Scorers: ``exact`` (normalised exact match against any answer), ``vqa`` (min(#matching answers / 3, 1)),
+``yesno`` (POPE: accuracy plus precision/recall/F1 of "yes" with scikit-learn) and ``shapes``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import TokpruneError
+from .config import DatasetConfig
+
+__all__ = [
+    "Dataset",
+    "DatasetError",
+    "EvalSample",
+    "Scorer",
+    "get_scorer",
+    "load_dataset",
+    "load_jsonl",
+]
+
+
+class DatasetError(TokpruneError, ValueError):
+    """A dataset file that is missing or has a bad row (the message names the file and line)."""
+
+
+@dataclass
+class EvalSample:
+    """One question. ``image`` is a PIL image or a path opened when the sample's batch runs."""
+
+    question_id: str
+    image: Any
+    question: str
+    answers: tuple[str, ...]
+    qtype: str | None = None
+    source: Any = None  # the original object (a shapes Sample), for scorers that need it
+
+    def load_image(self) -> Any:
+        if isinstance(self.image, (str, Path)):
+            from PIL import Image
+
+            with Image.open(self.image) as im:
+                return im.convert("RGB")
+        return self.image
+
+
+@dataclass
+class Dataset:
+    name: str
+    samples: list[EvalSample]
+    scorer: Scorer
+    skipped: list[str] = field(default_factory=list)  # "line N: reason" for each skipped row
+
+
+# ----------------------------------------------------------------------------------------------- scorers
+
+_ARTICLES = {"a", "an", "the"}
+_NUMBER_WORDS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
+_PUNCT = re.compile(r"[^\w\s]")
+
+
+def normalize_vqa(text: str) -> str:
+    """Lower-case, drop punctuation and articles, number words to digits (a simplified VQA normaliser)."""
+    words = _PUNCT.sub(" ", text.lower()).split()
+    return " ".join(_NUMBER_WORDS.get(w, w) for w in words if w not in _ARTICLES)
+
+
+def yes_no(text: str) -> str:
+    """POPE's rule (LLaVA's eval_pope.py): an answer containing 'no' or 'not' is "no", otherwise "yes"."""
+    words = _PUNCT.sub(" ", text.lower()).split()
+    return "no" if ("no" in words or "not" in words) else "yes"
+
+
+@dataclass(frozen=True)
+class Scorer:
+    """``normalize`` maps a prediction to its canonical answer (agreement compares these);
+    ``score`` gives 0..1 per sample; ``extra`` computes dataset-level metrics from all predictions."""
+
+    name: str
+    normalize: Callable[[str, EvalSample], str]
+    score: Callable[[str, EvalSample], float]
+    extra: Callable[[Sequence[str], Sequence[EvalSample]], dict[str, float]] | None = None
+
+
+def _exact_score(prediction: str, sample: EvalSample) -> float:
+    pred = normalize_vqa(prediction)
+    return float(any(pred == normalize_vqa(a) for a in sample.answers))
+
+
+def _vqa_score(prediction: str, sample: EvalSample) -> float:
+    pred = normalize_vqa(prediction)
+    matches = sum(pred == normalize_vqa(a) for a in sample.answers)
+    return min(matches / 3.0, 1.0)
+
+
+def _yesno_score(prediction: str, sample: EvalSample) -> float:
+    return float(yes_no(prediction) == normalize_vqa(sample.answers[0]))
+
+
+def _yesno_extra(predictions: Sequence[str], samples: Sequence[EvalSample]) -> dict[str, float]:
+    from sklearn.metrics import f1_score, precision_score, recall_score
+
+    y_true = [normalize_vqa(s.answers[0]) == "yes" for s in samples]
+    y_pred = [yes_no(p) == "yes" for p in predictions]
+    return {
+        "precision": float(precision_score(y_true, y_pred, zero_division=0)),
+        "recall": float(recall_score(y_true, y_pred, zero_division=0)),
+        "f1": float(f1_score(y_true, y_pred, zero_division=0)),
+        "yes_ratio": sum(y_pred) / max(len(y_pred), 1),
+    }
+
+
+def _shapes_normalize(prediction: str, sample: EvalSample) -> str:
+    from tokprune.data import normalize_answer
+
+    return normalize_answer(prediction, sample.qtype or "")
+
+
+def _shapes_score(prediction: str, sample: EvalSample) -> float:
+    return float(_shapes_normalize(prediction, sample) == sample.answers[0])
+
+
+SCORERS: dict[str, Scorer] = {
+    "exact": Scorer("exact", lambda p, s: normalize_vqa(p), _exact_score),
+    "vqa": Scorer("vqa", lambda p, s: normalize_vqa(p), _vqa_score),
+    "yesno": Scorer("yesno", lambda p, s: yes_no(p), _yesno_score, _yesno_extra),
+    "shapes": Scorer("shapes", _shapes_normalize, _shapes_score),
+}
+
+
+def get_scorer(name: str, samples: Sequence[EvalSample] = ()) -> Scorer:
+    """A scorer by name; ``auto`` picks yesno when every answer is yes/no, vqa when rows carry several
+    answers, else exact."""
+    if name != "auto":
+        return SCORERS[name]
+    if samples and all(len(s.answers) == 1 and normalize_vqa(s.answers[0]) in ("yes", "no") for s in samples):
+        return SCORERS["yesno"]
+    if any(len(s.answers) > 1 for s in samples):
+        return SCORERS["vqa"]
+    return SCORERS["exact"]
+
+
+# ----------------------------------------------------------------------------------------------- loaders
+
+
+def _shapes(cfg: DatasetConfig, limit: int | None) -> Dataset:
+    from tokprune import data
+
+    n = limit if limit is not None else 500
+    samples = [
+        EvalSample(s.question_id, s.image, s.question, (s.answer,), s.qtype, source=s)
+        for s in data.benchmark(split=cfg.split, n=n)
+    ]
+    return Dataset(f"shapes-{cfg.split}", samples, SCORERS["shapes"])
+
+
+def _answers_of(row: dict[str, Any]) -> tuple[str, ...]:
+    for key in ("answers", "answer", "label"):
+        if key not in row:
+            continue
+        value = row[key]
+        if isinstance(value, str):
+            return (value,)
+        if isinstance(value, list) and value:
+            out = [v["answer"] if isinstance(v, dict) and "answer" in v else v for v in value]
+            if all(isinstance(v, str) for v in out):
+                return tuple(out)
+        raise ValueError(f"{key!r} must be a string or a non-empty list of strings / {{answer: ...}} dicts, got {value!r}")
+    raise ValueError("no answer: expected one of 'answers', 'answer', 'label'")
+
+
+def _parse_row(line: str, image_root: Path) -> EvalSample:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+    if not isinstance(row, dict):
+        raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+    missing = [k for k in ("question_id", "image") if k not in row]
+    if missing:
+        raise ValueError(f"missing key(s) {missing}; a row needs question_id, image, question (or text) and an answer")
+    question = row.get("question", row.get("text"))
+    if not isinstance(question, str):
+        raise ValueError("missing key 'question' (or 'text') with the question string")
+    answers = _answers_of(row)
+    image = Path(str(row["image"]))
+    image = image if image.is_absolute() else image_root / image
+    if not image.is_file():
+        raise FileNotFoundError(f"image not found: {str(image)!r}")
+    qtype = row.get("qtype", row.get("question_type", row.get("category")))
+    return EvalSample(str(row["question_id"]), image, question, answers, None if qtype is None else str(qtype))
+
+
+def load_jsonl(
+    path: str | Path, image_folder: str | Path | None = None, skip_bad_rows: bool = False, limit: int | None = None
+) -> tuple[list[EvalSample], list[str]]:
+    """Rows of a LLaVA-format JSONL file as samples, and ``"line N: reason"`` for each skipped row.
+
+    A bad row (invalid JSON, missing keys, missing image, duplicate question id) raises
+    :class:`DatasetError` naming the file and line, unless ``skip_bad_rows``: then it is counted and
+    reported, never silently dropped. Blank lines are allowed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"dataset file not found: {str(path)!r} (dataset.path)")
+    root = Path(image_folder) if image_folder is not None else path.parent
+    if image_folder is not None and not root.is_dir():
+        raise DatasetError(f"image folder not found: {str(root)!r} (dataset.image_folder)")
+    samples: list[EvalSample] = []
+    skipped: list[str] = []
+    seen: set[str] = set()
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if limit is not None and len(samples) >= limit:
+                break
+            if not line.strip():
+                continue
+            try:
+                sample = _parse_row(line, root)
+                if sample.question_id in seen:
+                    raise ValueError(f"duplicate question_id {sample.question_id!r}")
+            except (ValueError, FileNotFoundError) as exc:
+                if not skip_bad_rows:
+                    raise DatasetError(
+                        f"{path}:{lineno}: {exc} (set dataset.skip_bad_rows=true to skip and count such rows)"
+                    ) from None
+                skipped.append(f"line {lineno}: {exc}")
+                continue
+            seen.add(sample.question_id)
+            samples.append(sample)
+    if not samples:
+        raise DatasetError(f"{path}: no usable rows ({len(skipped)} skipped)")
+    return samples, skipped
+
+
+def load_dataset(cfg: DatasetConfig, limit: int | None = None) -> Dataset:
+    """The dataset a config names, cut to its first ``limit`` questions."""
+    if cfg.name == "shapes":
+        return _shapes(cfg, limit)
+    samples, skipped = load_jsonl(cfg.path, cfg.image_folder, cfg.skip_bad_rows, limit)  # type: ignore[arg-type]
+    return Dataset(Path(cfg.path).stem, samples, get_scorer(cfg.scorer, samples), skipped)  # type: ignore[arg-type]

@@ -1,0 +1,156 @@
+"""From a config to the ordered list of runs: sweeps expanded, specs validated, budgets to match marked.
+
+Order: the unpruned baseline, then the budget reference (when some run is matched to it), then the
+configured pipelines in the order written, each grid in row-major order. Duplicates (same canonical
+pipeline) run once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from .. import strategies
+from ..spec import Term, expand_sweeps, format_terms, parse_spec
+from .config import AblationConfig, ConfigError
+
+__all__ = ["PlannedRun", "matched_value", "plan_runs"]
+
+
+@dataclass
+class PlannedRun:
+    """One pipeline to evaluate. ``match`` lists ``(term index, param)`` set from the reference's budget."""
+
+    label: str  # the spec as the user wrote it (explicit parameters only): the table's row name
+    spec: str  # canonical spec (every parameter); stable, used in the run key
+    role: str  # baseline | reference | matched | unmatched
+    match: list[tuple[int, str]] = field(default_factory=list)
+    terms: list[Term] = field(default_factory=list)
+
+    @property
+    def budget(self) -> str:
+        """How this run's token budget was set (the table's budget column)."""
+        if self.role == "baseline":
+            return "all tokens"
+        if self.role == "reference":
+            return "reference (adaptive)"
+        if self.role == "matched":
+            if any(p not in self.terms[i].params for i, p in self.match):
+                return "matched (pending reference)"
+            return "matched " + ", ".join(f"{self.terms[i].name}.{p}={self.terms[i].params[p]}" for i, p in self.match)
+        if any({"keep", "keep_ratio"} & set(t.params) for t in self.terms):
+            return "fixed (as written)"
+        return "own (not matched)"
+
+
+def _entry_to_spec(entry: Any, where: str) -> str:
+    """A ``strategies`` entry (spec string, ``{name: ...}`` mapping, or a list of those) as spec text."""
+    if OmegaConf.is_config(entry):
+        entry = OmegaConf.to_container(entry, resolve=True)
+    if isinstance(entry, str):
+        return entry
+    items = [entry] if isinstance(entry, Mapping) else entry
+    if not isinstance(items, list) or not items:
+        raise ConfigError(f"{where}: expected a spec string, a {{name: ..., <param>: ...}} mapping or a list of them")
+    terms = []
+    for item in items:
+        if isinstance(item, str):
+            terms.extend(parse_spec(item))
+        elif isinstance(item, Mapping) and "name" in item:
+            terms.append(Term(str(item["name"]), {k: v for k, v in item.items() if k != "name"}))
+        else:
+            raise ConfigError(f"{where}: pipeline entry {item!r} needs a 'name' key, e.g. {{name: fastv, layer: 2}}")
+    return format_terms(terms)
+
+
+def _apply_sweep(text: str, sweep: Mapping[str, Mapping[str, list[Any]]]) -> str:
+    if text.strip() == "none" or not sweep:
+        return text
+    terms = parse_spec(text)
+    for term in terms:
+        for param, values in sweep.get(term.name, {}).items():
+            term.params[param] = list(values)
+    return format_terms(terms)
+
+
+def _canonical(text: str, where: str) -> str:
+    try:
+        return str(strategies.get(text))
+    except KeyError as exc:  # UnknownStrategyError: keep its did-you-mean, say where it came from
+        raise type(exc)(f"{where}: {exc}") from None
+    except ValueError as exc:
+        raise type(exc)(f"{where}: {exc}") from None
+
+
+def _needs_match(terms: list[Term], params: Mapping[str, str]) -> list[tuple[int, str]]:
+    # A budget the user set explicitly (keep=64, or keep_ratio=...) is never overridden.
+    out = []
+    for i, term in enumerate(terms):
+        param = params.get(term.name)
+        if param is not None and not ({param, "keep", "keep_ratio"} & set(term.params)):
+            out.append((i, param))
+    return out
+
+
+def plan_runs(cfg: AblationConfig) -> list[PlannedRun]:
+    """Every run of ``cfg`` in execution order (see the module docstring)."""
+    for name in cfg.sweep:
+        if name not in strategies.available():
+            _canonical(name, f"sweep.{name}")  # raises with did-you-mean
+    texts: list[tuple[str, str]] = []
+    for i, entry in enumerate(cfg.strategies):
+        where = f"strategies[{i}]"
+        text = _apply_sweep(_entry_to_spec(entry, where), cfg.sweep)
+        try:
+            expanded = ["none"] if text.strip() == "none" else expand_sweeps(text)
+        except ValueError as exc:
+            raise type(exc)(f"{where}: {exc}") from None
+        texts.extend((t, where) for t in expanded)
+
+    ref_canon = _canonical(cfg.match_budget.reference, "match_budget.reference") if cfg.match_budget.reference else None
+    runs: list[PlannedRun] = []
+    seen: set[str] = set()
+
+    def add(run: PlannedRun) -> None:
+        if run.spec not in seen:
+            seen.add(run.spec)
+            runs.append(run)
+
+    if cfg.baseline:
+        add(PlannedRun("none", "none", "baseline"))
+    rest: list[PlannedRun] = []
+    for text, where in texts:
+        canon = _canonical(text, where)
+        terms = [] if canon == "none" else parse_spec(text)
+        match = _needs_match(terms, cfg.match_budget.params) if ref_canon else []
+        if canon == "none":
+            role = "baseline"
+        elif canon == ref_canon:
+            role = "reference"
+        else:
+            role = "matched" if match else "unmatched"
+        rest.append(PlannedRun(format_terms(terms) if terms else "none", canon, role, match, terms))
+    if ref_canon and any(r.role == "matched" for r in rest) and ref_canon not in {r.spec for r in rest}:
+        rest.insert(0, PlannedRun(cfg.match_budget.reference, ref_canon, "reference", [], parse_spec(cfg.match_budget.reference)))
+    for run in sorted(rest, key=lambda r: {"baseline": 0, "reference": 1}.get(r.role, 2)):  # stable sort
+        add(run)
+    return runs
+
+
+def matched_value(param: str, mean_kept: float, visual_total: float) -> int | float:
+    """A count parameter gets round(mean kept); a ratio parameter (name ending in 'ratio') mean/total."""
+    if param.endswith("ratio"):
+        return round(mean_kept / visual_total, 4)
+    return max(1, round(mean_kept))
+
+
+def resolve_matched(run: PlannedRun, mean_kept: float, visual_total: float) -> PlannedRun:
+    """``run`` with its matched parameters filled in from the reference's measured budget."""
+    terms = [Term(t.name, dict(t.params), t.position) for t in run.terms]
+    for i, param in run.match:
+        terms[i].params[param] = matched_value(param, mean_kept, visual_total)
+    text = format_terms(terms)
+    return PlannedRun(text, str(strategies.get(text)), "matched", run.match, terms)

@@ -1,0 +1,375 @@
+"""The ablation runner: load once, then evaluate each planned pipeline, flushing each finished run.
+
+``run_ablation(cfg)`` is what ``tokprune run`` calls. Resumable: runs whose key (a hash of the run's
+resolved config) is already in ``results.jsonl`` are skipped; a matched run's key includes its matched
+value, so it is computed from the reference's recorded budget first.
+"""
+
+from __future__ import annotations
+
+import platform
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import strategies
+from ..errors import TokpruneError
+from . import plan as planning
+from .config import EMBEDDED_MODEL, AblationConfig, ConfigError, to_container, to_yaml
+from .datasets import Dataset, EvalSample, load_dataset
+from .distributed import Dist
+from .distributed import init as init_dist
+from .measure import GenerateTimer, PeakMemory, Timing
+from .metrics import run_metrics
+from .results import append_result, load_results, run_key
+
+__all__ = ["RunOutcome", "Session", "run_ablation"]
+
+RESULTS_FILE = "results.jsonl"
+
+
+@dataclass
+class RunOutcome:
+    """What ``run_ablation`` returns: the rows of this study (in plan order) and where files went."""
+
+    rows: list[dict[str, Any]]
+    output_dir: Path
+    skipped: int = 0  # runs found already recorded
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------- model loading
+
+
+def resolve_device(device: str, dist: Dist) -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={device!r} but CUDA is not available; use device=cpu (or auto)")
+        if device == "cuda":
+            return torch.device("cuda", dist.local_rank if dist.active else torch.cuda.current_device())
+    return torch.device(device)
+
+
+def resolve_model_path(name: str) -> str:
+    """An embedded model's directory, or a local directory as given; never a download."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return str(path)
+    try:
+        from tokprune import models
+
+        embedded = models.path(name)
+    except (ImportError, AttributeError, KeyError) as exc:
+        raise ConfigError(
+            f"model {name!r} is neither a local directory nor an embedded model ({exc}); "
+            f"use model=<path to an HF LLaVA checkpoint> or model={EMBEDDED_MODEL}"
+        ) from None
+    if not (embedded / "config.json").is_file():
+        raise ConfigError(f"embedded model {name!r} is not installed at {str(embedded)!r}; reinstall tokprune")
+    return str(embedded)
+
+
+def load_model(cfg: AblationConfig, device: torch.device) -> tuple[Any, Any]:
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    path = resolve_model_path(cfg.model)
+    dtype = "auto" if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
+    processor = AutoProcessor.from_pretrained(path)
+    # Decoder-only batched generation needs left padding (llava-hf's default is right for training).
+    processor.tokenizer.padding_side = "left"
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=cfg.attn_implementation)
+    return model.to(device).eval(), processor
+
+
+def build_prompts(processor: Any, questions: Sequence[str]) -> list[str]:
+    """LLaVA-1.5 prompts (image before question) through the processor's chat template when it has one."""
+    if getattr(processor, "chat_template", None):
+        return [
+            processor.apply_chat_template(
+                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
+                add_generation_prompt=True,
+            )
+            for q in questions
+        ]
+    return [f"USER: <image>\n{q} ASSISTANT:" for q in questions]
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+
+
+def _per_sample(stats: Any, b: int) -> list[dict[str, Any]]:
+    """Per-sample numbers from the adapter's PruneStats (``None`` where a field is absent)."""
+
+    def col(name: str) -> list[Any]:
+        value = getattr(stats, name, None) if stats is not None else None
+        if value is None:
+            return [None] * b
+        if isinstance(value, (int, float)):
+            return [value] * b
+        return [float(v) for v in value.reshape(-1).tolist()] if hasattr(value, "reshape") else list(value)
+
+    keys = ("visual_total", "visual_kept", "visual_layer_avg", "tokens_layer_avg", "seq_len", "flops_pruned", "flops_unpruned")
+    cols = {k: col(k) for k in keys}
+    return [{k: cols[k][i] for k in keys} for i in range(b)]
+
+
+@dataclass
+class Session:
+    """A loaded model and dataset shared by every run of a study."""
+
+    cfg: AblationConfig
+    model: Any
+    processor: Any
+    dataset: Dataset
+    device: torch.device
+    dist: Dist
+    progress: bool = True
+
+    def evaluate(self, pipeline: Any, desc: str) -> tuple[list[dict[str, Any]], list[Timing], float, str]:
+        """This rank's share of the dataset under ``pipeline``: records, batch timings, peak MB, memory kind."""
+        from tqdm.auto import tqdm
+
+        import tokprune
+
+        cfg = self.cfg
+        indices = self.dist.shard(len(self.dataset.samples))
+        records: list[dict[str, Any]] = []
+        timings: list[Timing] = []
+        timer = GenerateTimer(self.model, cuda=self.device.type == "cuda")
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        bar = tqdm(total=len(indices), desc=desc, unit="q", leave=False, disable=not self.progress, dynamic_ncols=True)
+        handle = tokprune.patch(self.model, pipeline, vision_positions=cfg.positions.vision, llm_positions=cfg.positions.llm)
+        try:
+            with PeakMemory(self.device) as peak:
+                for start in range(0, len(indices), cfg.batch_size):
+                    batch = indices[start : start + cfg.batch_size]
+                    samples = [self.dataset.samples[i] for i in batch]
+                    preds, new_tokens, timing = self._generate(samples, timer)
+                    timings.append(timing)
+                    stats = _per_sample(handle.stats, len(batch))
+                    for i, sample, pred, n_new, st in zip(batch, samples, preds, new_tokens, stats):
+                        records.append(self._record(i, sample, pred, n_new, st))
+                    bar.update(len(batch))
+        finally:
+            handle.remove()
+            bar.close()
+        return records, timings, peak.mb, peak.kind
+
+    def _generate(self, samples: Sequence[EvalSample], timer: GenerateTimer) -> tuple[list[str], list[int], Timing]:
+        cfg = self.cfg
+        questions = [s.question + cfg.dataset.prompt_suffix for s in samples]
+        inputs = self.processor(
+            text=build_prompts(self.processor, questions),
+            images=[s.load_image() for s in samples],
+            return_tensors="pt",
+            padding=True,
+        ).to(self.device)
+        if "pixel_values" in inputs and self.model.dtype != inputs["pixel_values"].dtype:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        with torch.inference_mode(), timer.measure() as timing:
+            out = self.model.generate(**inputs, max_new_tokens=cfg.max_new_tokens, do_sample=False)
+        new = out[:, inputs["input_ids"].shape[1] :]
+        pad = self.processor.tokenizer.pad_token_id
+        counts = [int((row != pad).sum()) if pad is not None else int(row.numel()) for row in new]
+        texts = self.processor.batch_decode(new, skip_special_tokens=True)
+        return [t.strip() for t in texts], counts, timing
+
+    def _record(self, index: int, sample: EvalSample, pred: str, n_new: int, stats: dict[str, Any]) -> dict[str, Any]:
+        scorer = self.dataset.scorer
+        return {
+            "index": index,
+            "question_id": sample.question_id,
+            "qtype": sample.qtype,
+            "prediction": pred,
+            "normalized": scorer.normalize(pred, sample),
+            "score": scorer.score(pred, sample),
+            "new_tokens": n_new,
+            **stats,
+        }
+
+
+# ---------------------------------------------------------------------------------------- provenance
+
+
+def versions(pipeline: Any) -> dict[str, Any]:
+    """Versions of the stack and of every plugin that provided a strategy of ``pipeline``."""
+    from importlib.metadata import version
+
+    import transformers
+
+    from ..registry import registry
+
+    table = registry()
+    plugins = {}
+    for step in pipeline:
+        src = table[step.name].source
+        plugins[src.name] = {"distribution": src.distribution, "version": src.version, "strategies": []}
+    for step in pipeline:
+        plugins[table[step.name].source.name]["strategies"].append(step.name)
+    return {
+        "tokprune": version("tokprune"),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "plugins": plugins,
+    }
+
+
+def resolved_run_config(cfg: AblationConfig, spec: str, device: torch.device, dataset: Dataset) -> dict[str, Any]:
+    """Everything that can change a run's numbers; its hash is the run's key for resume."""
+    full = to_container(cfg)
+    return {
+        "model": cfg.model,
+        "dataset": {**full["dataset"], "n": len(dataset.samples)},
+        "spec": spec,
+        "positions": full["positions"],
+        "batch_size": cfg.batch_size,
+        "max_new_tokens": cfg.max_new_tokens,
+        "dtype": cfg.dtype,
+        "device": device.type,
+        "attn_implementation": cfg.attn_implementation,
+        "seed": cfg.seed,
+        "limit": cfg.limit,
+    }
+
+
+# ------------------------------------------------------------------------------------------- the loop
+
+
+def _summary_line(row: dict[str, Any]) -> str:
+    m = row["metrics"]
+
+    def f(key: str, fmt: str) -> str:
+        return format(m[key], fmt) if m.get(key) is not None else "-"
+
+    return (
+        f"[{row['label']}] acc {f('accuracy', '.3f')}  agree {f('agreement', '.3f')}  "
+        f"visual {f('visual_kept_mean', '.1f')}/{f('visual_total', '.0f')}  FLOPs {f('flops_rel', '.1%')}  "
+        f"prefill {f('prefill_ms', '.1f')} ms  decode {f('decode_ms_per_token', '.1f')} ms/tok  {row['wall_s']:.1f} s"
+    )
+
+
+def _execute(
+    session: Session, run: planning.PlannedRun, resolved: dict[str, Any], baseline: list[dict[str, Any]] | None
+) -> dict[str, Any]:
+    pipeline = strategies.get(run.spec)
+    t0 = time.perf_counter()
+    records, timings, peak_mb, peak_kind = session.evaluate(pipeline, run.label)
+    wall = time.perf_counter() - t0
+    # Gather every rank's share; all ranks then compute identical metrics.
+    gathered = session.dist.all_gather((records, timings, peak_mb, wall))
+    records = sorted((r for part in gathered for r in part[0]), key=lambda r: r["index"])
+    timings = [t for part in gathered for t in part[1]]
+    metrics = run_metrics(records, [session.dataset.samples[r["index"]] for r in records], session.dataset.scorer, timings, baseline)
+    metrics["peak_mem_mb"] = max(part[2] for part in gathered)
+    return {
+        "key": run_key(resolved),
+        "label": run.label,
+        "spec": run.spec,
+        "role": run.role,
+        "budget": run.budget,
+        "resolved": resolved,
+        "config": to_container(session.cfg),
+        "metrics": metrics,
+        "wall_s": max(part[3] for part in gathered),
+        "env": {
+            "device": str(session.device),
+            "world_size": session.dist.world_size,
+            "torch_threads": torch.get_num_threads(),
+            "peak_memory": peak_kind,
+            "scorer": session.dataset.scorer.name,
+            "dataset_skipped_rows": session.dataset.skipped,
+        },
+        "versions": versions(pipeline),
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "predictions": records,
+    }
+
+
+def run_ablation(
+    cfg: AblationConfig,
+    progress: bool = True,
+    echo: Callable[[str], None] | None = print,
+    session: Session | None = None,
+) -> RunOutcome:
+    """Run (or resume) the study ``cfg``; returns its rows in plan order and writes results, table, plot."""
+    from tqdm.auto import tqdm
+
+    runs = planning.plan_runs(cfg)  # validates every spec before anything is loaded
+    dist = session.dist if session is not None else init_dist(cfg.device)
+    try:
+        if session is None:
+            device = resolve_device(cfg.device, dist)
+            dataset = load_dataset(cfg.dataset, cfg.limit)
+            model, processor = load_model(cfg, device)
+            session = Session(cfg, model, processor, dataset, device, dist, progress and dist.is_main)
+        out_dir = Path(cfg.output_dir)
+        results_path = out_dir / RESULTS_FILE
+        main = dist.is_main
+        say = (lambda msg: tqdm.write(msg)) if (main and echo is not None) else (lambda msg: None)
+        if session.dataset.skipped:
+            say(f"dataset: skipped {len(session.dataset.skipped)} bad rows: " + "; ".join(session.dataset.skipped[:5]))
+        done = dist.broadcast({r["key"]: r for r in load_results(results_path)} if main else None)
+        if main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "config.yaml").write_text(to_yaml(cfg))
+        rows: list[dict[str, Any]] = []
+        skipped = 0
+        baseline: list[dict[str, Any]] | None = None
+        reference: dict[str, Any] | None = None
+        bar = tqdm(total=len(runs), desc="runs", unit="run", disable=not session.progress, dynamic_ncols=True)
+        for run in runs:
+            if run.role == "matched":
+                if reference is None:
+                    raise TokpruneError(f"run {run.label!r} is matched to a reference that did not run")
+                m = reference["metrics"]
+                if m.get("visual_kept_mean") is None or not m.get("visual_total"):
+                    raise TokpruneError(f"the reference run {reference['label']!r} reports no kept visual tokens")
+                run = planning.resolve_matched(run, m["visual_kept_mean"], m["visual_total"])
+            resolved = resolved_run_config(cfg, run.spec, session.device, session.dataset)
+            key = run_key(resolved)
+            if key in done:
+                row = done[key]
+                skipped += 1
+                say(f"[{run.label}] already recorded ({results_path}); skipped")
+            else:
+                row = _execute(session, run, resolved, baseline)
+                if main:
+                    append_result(results_path, row)
+                dist.barrier()  # nobody starts the next run before rank 0 has flushed this one
+                say(_summary_line(row))
+            row = {**row, "label": run.label, "role": run.role, "budget": run.budget}
+            if run.role == "baseline":
+                baseline = row["predictions"]
+            if run.role == "reference":
+                reference = row
+            rows.append(row)
+            bar.update(1)
+        bar.close()
+        _fill_agreement(rows, baseline)
+        files: dict[str, Path] = {"results": results_path, "config": out_dir / "config.yaml"}
+        if main:
+            from .report import write_reports
+
+            files.update(write_reports(rows, out_dir, plot=cfg.plot))
+        return RunOutcome(rows, out_dir, skipped, files)
+    finally:
+        dist.close()
+
+
+def _fill_agreement(rows: list[dict[str, Any]], baseline: list[dict[str, Any]] | None) -> None:
+    # Rows recorded before their baseline existed (baseline=false earlier) get agreement from this study's.
+    from .metrics import agreement
+
+    for row in rows:
+        if row["metrics"].get("agreement") is None and baseline is not None:
+            row["metrics"] = {**row["metrics"], "agreement": agreement(row["predictions"], baseline)}
