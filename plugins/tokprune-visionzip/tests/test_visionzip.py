@@ -1,0 +1,175 @@
+"""tokprune-visionzip: behaviour against a slow transcription of the reference, plus tokprune's shipped suites."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tokprune_visionzip import VisionZip, uniform_targets
+from transformers import CLIPVisionConfig, CLIPVisionModel
+
+from tokprune import VisionContext, VisionSignals, strategies
+from tokprune.errors import StrategyParamError
+from tokprune.testing.contract import CHECKS, contract_cases
+
+LAYERS, HEADS, WIDTH, GRID = 6, 4, 32, 4  # a tiny CLIP: 16 patches + CLS
+
+
+def tiny_clip(seed: int = 0) -> CLIPVisionModel:
+    torch.manual_seed(seed)
+    config = CLIPVisionConfig(
+        hidden_size=WIDTH,
+        intermediate_size=2 * WIDTH,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        image_size=4 * GRID,
+        patch_size=4,
+        attn_implementation="eager",  # the reference reads eager attention weights
+    )
+    model = CLIPVisionModel(config).eval()
+    with torch.no_grad():  # peaky attention: at init softmax is near-linear and every head-mixing ranks alike
+        for layer in model.encoder.layers:
+            layer.self_attn.q_proj.weight.mul_(8.0)
+            layer.self_attn.k_proj.weight.mul_(8.0)
+    return model
+
+
+def run_clip(model: CLIPVisionModel, pixels: torch.Tensor):
+    """Eager outputs (attentions, hidden states) and the q/k projections of every layer."""
+    captured: dict[tuple[str, int], torch.Tensor] = {}
+    hooks = []
+    for i, layer in enumerate(model.encoder.layers):
+        for kind in ("q", "k"):
+            proj = getattr(layer.self_attn, f"{kind}_proj")
+            hooks.append(proj.register_forward_hook(lambda _m, _i, out, key=(kind, i): captured.__setitem__(key, out)))
+    try:
+        with torch.no_grad():
+            out = model(pixel_values=pixels, output_hidden_states=True, output_attentions=True)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return out, captured
+
+
+def context_for(strategy: VisionZip, out, captured) -> VisionContext:
+    def fetch(signal):
+        if signal.kind == "qk":
+            return captured[("q", signal.layer)], captured[("k", signal.layer)]
+        return out.hidden_states[signal.layer]
+
+    declared = frozenset(s.resolve(LAYERS) for s in strategy.requires())
+    signals = VisionSignals(fetch, LAYERS, HEADS, declared=declared)
+    return VisionContext(features=out.hidden_states[-2][:, 1:], signals=signals, grid=(GRID, GRID))
+
+
+def reference_visionzip(out, keys: torch.Tensor, dominant: int, contextual: int) -> list[list[torch.Tensor]]:
+    """The reference's tokens, one sample at a time: ``[CLS, dominant patches (ascending), contextual]``.
+
+    Transcribed from ``visionzip/clip_encoder.py``: sum over heads of ``attentions[-2]``'s CLS row, top
+    ``dominant - 1`` patches plus CLS, the rest merged into uniformly spaced targets by the cosine
+    similarity of head-mean keys, contextual token = target + mean(assigned).
+    """
+    hidden, attn = out.hidden_states[-2], out.attentions[-2]
+    tokens = []
+    for b in range(hidden.shape[0]):
+        score = attn[b].sum(dim=0)[0, 1:].tolist()
+        top = sorted(range(len(score)), key=lambda i: (-score[i], i))[: dominant - 1]
+        chosen = sorted([0] + [i + 1 for i in top])
+        rest = [t for t in range(hidden.shape[1]) if t not in chosen]
+        metric = keys[b].view(hidden.shape[1], HEADS, -1).mean(dim=1)
+        normed = [metric[t] / metric[t].norm() for t in rest]
+        m = len(rest)
+        step = max(1, m // contextual)
+        targets = list(range(0, m, step))[:contextual]
+        groups: dict[int, list[torch.Tensor]] = {j: [] for j in range(len(targets))}
+        for i in range(m):
+            if i in targets:
+                continue
+            sims = [float(normed[i] @ normed[t]) for t in targets]
+            groups[sims.index(max(sims))].append(hidden[b, rest[i]])
+        merged = [
+            hidden[b, rest[t]] + (torch.stack(groups[j]).mean(dim=0) if groups[j] else 0) for j, t in enumerate(targets)
+        ]
+        tokens.append([hidden[b, t] for t in chosen] + merged)
+    return tokens
+
+
+def our_tokens(ctx: VisionContext, plan) -> list[list[torch.Tensor]]:
+    """What the LLM receives from a VisionPlan: kept patches in raster order, then the extra tokens."""
+    return [list(ctx.features[b][plan.keep[b]]) + list(plan.extra[b]) for b in range(ctx.batch_size)]
+
+
+@pytest.mark.parametrize(("dominant", "contextual"), [(6, 3), (2, 1), (10, 4), (5, 11)])
+def test_dominant_set_and_contextual_merge_equal_the_reference_loop(dominant, contextual):
+    model = tiny_clip()
+    out, captured = run_clip(model, torch.randn(3, 3, 4 * GRID, 4 * GRID))
+    strategy = strategies.get(f"visionzip(dominant={dominant}, contextual={contextual})").vision
+    ctx = context_for(strategy, out, captured)
+    plan = strategy(ctx)
+    assert plan.features is None  # dominant patches pass through unchanged
+    reference = reference_visionzip(out, captured[("k", LAYERS - 2)], dominant, contextual)
+    for ours, ref in zip(our_tokens(ctx, plan), reference):
+        # Ours: [dominant patches | CLS | contextual]; the reference: [CLS | dominant patches | contextual].
+        n_patches = dominant - 1
+        assert len(ours) == len(ref) == dominant + contextual
+        reordered = ref[1 : 1 + n_patches] + ref[:1] + ref[1 + n_patches :]
+        torch.testing.assert_close(torch.stack(ours), torch.stack(reordered), rtol=1e-5, atol=1e-5)
+
+
+def test_without_cls_dominant_counts_patches_only():
+    model = tiny_clip()
+    out, captured = run_clip(model, torch.randn(2, 3, 4 * GRID, 4 * GRID))
+    strategy = VisionZip(dominant=4, contextual=2, include_cls=False)
+    plan = strategy(context_for(strategy, out, captured))
+    assert plan.keep.sum(dim=1).tolist() == [4, 4]
+    assert plan.extra.shape == (2, 2, WIDTH)
+    assert all(s.kind == "qk" for s in strategy.requires())
+
+
+def test_budgets_above_the_patch_count_keep_what_there_is():
+    model = tiny_clip()
+    out, captured = run_clip(model, torch.randn(2, 3, 4 * GRID, 4 * GRID))
+    strategy = VisionZip(dominant=54, contextual=10)  # the README's setting on a 16-patch tower
+    plan = strategy(context_for(strategy, out, captured))
+    assert plan.keep.all()
+    assert plan.extra.shape == (2, 1, WIDTH)  # CLS only: nothing left to merge
+    assert plan.diagnostics["dominant_clamped"].all()
+
+
+@pytest.mark.parametrize(
+    ("remaining", "contextual", "expected"), [(10, 3, [0, 3, 6]), (4, 10, [0, 1, 2, 3]), (7, 1, [0])]
+)
+def test_uniform_targets_follow_the_reference_arange(remaining, contextual, expected):
+    assert uniform_targets(remaining, contextual).tolist() == expected
+
+
+@pytest.mark.parametrize(
+    "bad", ["visionzip(dominant=1)", "visionzip(contextual=-1)", "visionzip(dominant=0, include_cls=false)"]
+)
+def test_bad_params_are_rejected(bad):
+    with pytest.raises(StrategyParamError):
+        strategies.get(bad)
+
+
+def test_registered_through_the_entry_point():
+    info = strategies.describe("visionzip")
+    assert info.cls is VisionZip
+    assert info.source.distribution == "tokprune-visionzip"
+
+
+# -- tokprune's shipped contract suite, on the defaults and on edge settings -----------------------
+
+CONTRACT_SPECS = [
+    "visionzip",
+    "visionzip(dominant=54, contextual=10)",
+    "visionzip(dominant=2, contextual=0)",
+    "visionzip(dominant=1, contextual=5, include_cls=false)",
+]
+
+
+@pytest.mark.parametrize(
+    ("strategy", "check"),
+    [c[1:] for c in contract_cases(CONTRACT_SPECS)],
+    ids=[c[0] for c in contract_cases(CONTRACT_SPECS)],
+)
+def test_contract(strategy, check):
+    CHECKS[check](strategy)

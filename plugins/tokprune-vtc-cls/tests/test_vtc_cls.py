@@ -1,0 +1,125 @@
+"""tokprune-vtc-cls: behaviour against the reference's own computation, plus tokprune's shipped suites."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tokprune_vtc_cls import VtcCls
+from transformers import CLIPVisionConfig, CLIPVisionModel
+
+from tokprune import VisionContext, VisionSignals, strategies
+from tokprune.errors import StrategyParamError
+from tokprune.testing.contract import CHECKS, contract_cases
+
+LAYERS, HEADS, WIDTH, GRID = 6, 4, 32, 4  # a tiny CLIP: 16 patches + CLS
+
+
+def tiny_clip(seed: int = 0) -> CLIPVisionModel:
+    torch.manual_seed(seed)
+    config = CLIPVisionConfig(
+        hidden_size=WIDTH,
+        intermediate_size=2 * WIDTH,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        image_size=4 * GRID,
+        patch_size=4,
+        attn_implementation="eager",  # the reference reads eager attention weights
+    )
+    model = CLIPVisionModel(config).eval()
+    with torch.no_grad():  # peaky attention: at init softmax is near-linear and every head-mixing ranks alike
+        for layer in model.encoder.layers:
+            layer.self_attn.q_proj.weight.mul_(8.0)
+            layer.self_attn.k_proj.weight.mul_(8.0)
+    return model
+
+
+def run_clip(model: CLIPVisionModel, pixels: torch.Tensor):
+    """Eager outputs (attentions, hidden states) and the q/k projections of every layer."""
+    captured: dict[tuple[str, int], torch.Tensor] = {}
+    hooks = []
+    for i, layer in enumerate(model.encoder.layers):
+        for kind in ("q", "k"):
+            proj = getattr(layer.self_attn, f"{kind}_proj")
+            hooks.append(proj.register_forward_hook(lambda _m, _i, out, key=(kind, i): captured.__setitem__(key, out)))
+    try:
+        with torch.no_grad():
+            out = model(pixel_values=pixels, output_hidden_states=True, output_attentions=True)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return out, captured
+
+
+def context_for(strategy: VtcCls, out, captured) -> VisionContext:
+    def fetch(signal):
+        if signal.kind == "qk":
+            return captured[("q", signal.layer)], captured[("k", signal.layer)]
+        return out.hidden_states[signal.layer]
+
+    declared = frozenset(s.resolve(LAYERS) for s in strategy.requires())
+    signals = VisionSignals(fetch, LAYERS, HEADS, declared=declared)
+    return VisionContext(features=out.hidden_states[-2][:, 1:], signals=signals, grid=(GRID, GRID))
+
+
+def reference_keep(attentions: tuple[torch.Tensor, ...], start_layer: int, keep: int) -> list[list[int]]:
+    """The reference, one sample at a time: sum over ``attentions[start:-1]`` of the head-mean CLS row."""
+    kept = []
+    for b in range(attentions[0].shape[0]):
+        rows = [attn[b].mean(dim=0)[0, 1:] for attn in attentions[start_layer:-1]]
+        score = torch.stack(rows).sum(dim=0).tolist()
+        ranked = sorted(range(len(score)), key=lambda i: (-score[i], i))
+        kept.append(sorted(ranked[:keep]))  # raster order
+    return kept
+
+
+@pytest.mark.parametrize(("start_layer", "keep"), [(-2, 1), (-4, 5), (-6, 7), (-3, 16)])
+def test_selection_equals_reference_sum_of_head_mean_cls_rows(start_layer, keep):
+    model = tiny_clip()
+    out, captured = run_clip(model, torch.randn(3, 3, 4 * GRID, 4 * GRID))
+    strategy = strategies.get(f"vtc_cls(keep={keep}, start_layer={start_layer})").vision
+    plan = strategy(context_for(strategy, out, captured))
+    got = [row.nonzero().flatten().tolist() for row in plan.keep]
+    assert got == reference_keep(out.attentions, start_layer, keep)
+    expected_scores = sum(a.mean(dim=1)[:, 0, 1:] for a in out.attentions[start_layer:-1])
+    torch.testing.assert_close(plan.diagnostics["scores"], expected_scores, rtol=1e-5, atol=1e-6)
+
+
+def test_requires_exactly_the_summed_layers():
+    strategy = VtcCls(start_layer=-5)
+    assert {s.layer for s in strategy.requires()} == {-5, -4, -3, -2}
+    assert {s.kind for s in strategy.requires()} == {"qk"}
+
+
+def test_keep_above_patch_count_keeps_all_and_says_so():
+    model = tiny_clip()
+    out, captured = run_clip(model, torch.randn(2, 3, 4 * GRID, 4 * GRID))
+    strategy = VtcCls(keep=500, start_layer=-3)
+    plan = strategy(context_for(strategy, out, captured))
+    assert plan.keep.all()
+    assert plan.diagnostics["keep_clamped"].all()
+
+
+@pytest.mark.parametrize("bad", ["vtc_cls(start_layer=3)", "vtc_cls(start_layer=-1)", "vtc_cls(keep=0)"])
+def test_bad_params_are_rejected(bad):
+    with pytest.raises(StrategyParamError):
+        strategies.get(bad)
+
+
+def test_registered_through_the_entry_point():
+    info = strategies.describe("vtc_cls")
+    assert info.cls is VtcCls
+    assert info.source.distribution == "tokprune-vtc-cls"
+
+
+# -- tokprune's shipped contract suite, on the defaults and on edge settings -----------------------
+
+CONTRACT_SPECS = ["vtc_cls", "vtc_cls(keep=1, start_layer=-2)", "vtc_cls(keep=500, start_layer=-12)"]
+
+
+@pytest.mark.parametrize(
+    ("strategy", "check"),
+    [c[1:] for c in contract_cases(CONTRACT_SPECS)],
+    ids=[c[0] for c in contract_cases(CONTRACT_SPECS)],
+)
+def test_contract(strategy, check):
+    CHECKS[check](strategy)
