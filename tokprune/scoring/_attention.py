@@ -57,10 +57,16 @@ def cls_attention(
     dt = score_dtype(q)
     d = c // num_heads
     scale = d**-0.5 if scale is None else scale
-    q_cls = q[:, cls].to(dt).view(b, num_heads, d)  # [B, H, D]
-    kh = k.to(dt).view(b, t, num_heads, d)  # [B, T, H, D]
-    logits = torch.einsum("bhd,bthd->bht", q_cls, kh) * scale  # [B, H, T]
-    probs = torch.softmax(logits, dim=-1).mean(dim=1)  # [B, T]
+    q_cls = q[:, cls].to(dt)  # [B, C]
+    if num_heads == 1:
+        logits = torch.bmm(k.to(dt), q_cls[:, :, None])  # [B, T, 1]
+    else:
+        # block-diagonal [B, C, H] query: one k @ Qbd matmul gives every head's logits without
+        # permuting k into [B, H, T, D] (a full copy of k)
+        eye = torch.eye(num_heads, dtype=dt, device=q.device)
+        q_bd = (q_cls.view(b, num_heads, d, 1) * eye[:, None, :]).view(b, c, num_heads)
+        logits = torch.bmm(k.to(dt), q_bd)  # [B, T, H]
+    probs = torch.softmax(logits * scale, dim=1).mean(dim=2)  # [B, T]
     return _drop_column(probs, cls)
 
 
@@ -158,7 +164,8 @@ def attention_received(
             raise ValueError(f"{name} must have shape [B={b}, Q={n_q}], got {tuple(t.shape)}")
     dt = score_dtype(probs)
     w = query_valid.to(dt)  # [B, Q]
-    total = torch.einsum("bq,bhql->bl", w, probs.to(dt)) / probs.shape[1]  # head-mean, summed over queries
+    head_mean = probs.to(dt).mean(dim=1)  # [B, Q, L]
+    total = torch.bmm(w[:, None, :], head_mean).squeeze(1)  # summed over valid queries
     if causal:
         key_pos = torch.arange(length, device=probs.device)
         sees = query_valid[:, :, None] & (query_index.long()[:, :, None] >= key_pos[None, None, :])
