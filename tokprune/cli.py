@@ -29,22 +29,46 @@ def _cmd_describe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _registrations(hook: str) -> dict[str, list[str]]:
+    """Plugin name -> names of what its ``hook`` registered, read without validation, so a clash or a
+    broken registration still shows who registered what."""
+    found: dict[str, list[str]] = {}
+
+    def register_for(plugin: str):  # noqa: ANN202 - internal closure factory
+        def register(obj: object, *_: object, **__: object) -> None:
+            label = getattr(obj, "name", None) or getattr(obj, "__qualname__", None) or repr(obj)
+            found.setdefault(plugin, []).append(str(label))
+
+        return register
+
+    _plugins.call_per_plugin(hook, register_for)
+    return found
+
+
 def _cmd_plugins(args: argparse.Namespace) -> int:
     from .registry import registry
 
-    table = registry()
-    for source in _plugins.loaded_plugins():
-        names = sorted(n for n, info in table.items() if info.source.name == source.name)
+    loaded = _plugins.loaded_plugins()
+    if not loaded:
+        print(f"no plugins loaded (check {_plugins.LOAD_ENV}/{_plugins.BLOCK_ENV}, or reinstall: pip install -e .)")
+        return 1
+    registered = {hook: _registrations(hook) for hook in ("register_strategies", "register_adapters")}
+    owners: dict[str, list[str]] = {}
+    for plugin, names in registered["register_strategies"].items():
+        for name in names:
+            owners.setdefault(name, []).append(plugin)
+    for source in loaded:
         version = f"{source.distribution} {source.version}" if source.distribution else "in-process"
         print(f"{source.name}  ({version})")
-        print(f"  strategies: {', '.join(names) if names else '-'}")
-        try:
-            from .adapters import registered_adapters
-
-            adapters = sorted(a.name for a in registered_adapters() if a.plugin == source.name)
-            print(f"  adapters: {', '.join(adapters) if adapters else '-'}")
-        except ImportError:
-            pass
+        names = sorted(registered["register_strategies"].get(source.name, []))
+        marked = [
+            f"{n} (clash: also {', '.join(p for p in owners[n] if p != source.name)})" if len(owners[n]) > 1 else n
+            for n in names
+        ]
+        print(f"  strategies: {', '.join(marked) if marked else '-'}")
+        adapters = sorted(registered["register_adapters"].get(source.name, []))
+        print(f"  adapters: {', '.join(adapters) if adapters else '-'}")
+    registry()  # a clash raises StrategyNameClash here: reported by main() with the fix, exit status 2
     return 0
 
 
