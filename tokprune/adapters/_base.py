@@ -1,0 +1,238 @@
+"""The :class:`ModelAdapter` base class, the per-instance patch state and the patch/unpatch API."""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+from torch import nn
+
+from .. import _plugins
+from ..errors import StrategyParamError, UnsupportedModelError
+from ..pipeline import Pipeline
+from ..stats import PruneStats
+
+__all__ = ["ModelAdapter", "PatchState", "patch", "pruned", "registered_adapters", "unpatch"]
+
+Positions = Literal["keep", "compact"]
+POSITION_MODES: tuple[str, ...] = ("keep", "compact")
+
+_MISSING = object()
+
+
+@dataclass
+class PatchState:
+    """Everything one patch changed on one model instance, undone in reverse order by :meth:`undo`.
+
+    Only instance attributes and hooks are touched: the classes (and every other instance) stay as
+    they were, so two models in one process can be patched differently or not at all.
+    """
+
+    #: ``(object, attribute, previous instance value or _MISSING)``.
+    attributes: list[tuple[Any, str, Any]] = field(default_factory=list)
+    #: Removable hook handles (``register_forward_hook`` results).
+    hooks: list[Any] = field(default_factory=list)
+
+    def set_attribute(self, obj: Any, name: str, value: Any) -> None:
+        """Set an instance attribute (shadowing the class's method), remembering what was there."""
+        previous = obj.__dict__.get(name, _MISSING)
+        self.attributes.append((obj, name, previous))
+        # Straight into __dict__: an instance attribute shadows the class's method for this object only.
+        obj.__dict__[name] = value
+
+    def add_hook(self, handle: Any) -> None:
+        self.hooks.append(handle)
+
+    def undo(self) -> None:
+        for handle in reversed(self.hooks):
+            handle.remove()
+        for obj, name, previous in reversed(self.attributes):
+            if previous is _MISSING:
+                obj.__dict__.pop(name, None)
+            else:
+                obj.__dict__[name] = previous
+        self.hooks.clear()
+        self.attributes.clear()
+
+
+class ModelAdapter(abc.ABC):
+    """Applies a :class:`~tokprune.Pipeline` to one model instance. The object :func:`patch` returns.
+
+    Subclasses set ``name``, implement :meth:`matches` (is this a model I understand?), optionally
+    :meth:`mismatch` (why not, for the error message), validate in ``__init__`` (everything that can
+    fail must fail there, before the model is touched) and implement :meth:`_install`, recording every
+    change in ``self._state``. Register them from a plugin's ``register_adapters(register)`` hook.
+
+    Public attributes: ``model``, ``pipeline``, ``stats`` (the :class:`~tokprune.stats.PruneStats` of
+    the last prefill, or None), ``history`` (every prefill's stats when ``keep_history`` is true).
+    """
+
+    name: ClassVar[str]
+
+    def __init__(
+        self,
+        model: nn.Module,
+        pipeline: Pipeline,
+        *,
+        vision_positions: Positions = "keep",
+        llm_positions: Positions = "keep",
+        question_end: Sequence[int] | Any | None = None,
+    ) -> None:
+        for option, value in (("vision_positions", vision_positions), ("llm_positions", llm_positions)):
+            if value not in POSITION_MODES:
+                raise StrategyParamError(f"{option} must be one of: {', '.join(POSITION_MODES)}; got {value!r}")
+        self.model = model
+        self.pipeline = pipeline
+        self.vision_positions = vision_positions
+        self.llm_positions = llm_positions
+        self.stats: PruneStats | None = None
+        self.keep_history = False
+        self.history: list[PruneStats] = []
+        self._state = PatchState()
+
+    @classmethod
+    @abc.abstractmethod
+    def matches(cls, model: nn.Module) -> bool:
+        """True when this adapter understands ``model``."""
+
+    @classmethod
+    def mismatch(cls, model: nn.Module) -> str:
+        """Why :meth:`matches` is false, in one line (for the error message)."""
+        return f"not a model {cls.name!r} understands"
+
+    @abc.abstractmethod
+    def _install(self) -> None:
+        """Patch the instance; record every change in ``self._state``."""
+
+    def _record(self, stats: PruneStats) -> None:
+        self.stats = stats
+        if self.keep_history:
+            self.history.append(stats)
+
+    @property
+    def active(self) -> bool:
+        """True while this handle's patch is on the model."""
+        return _PATCHED.get(self.model) is self
+
+    def remove(self) -> None:
+        """Undo the patch: the model behaves exactly as before. Calling it again does nothing."""
+        if not self.active:
+            return
+        try:
+            self._state.undo()
+        finally:
+            del _PATCHED[self.model]
+
+    def __enter__(self) -> ModelAdapter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        state = "active" if self.active else "removed"
+        return f"<{type(self).__name__} {str(self.pipeline)!r} on {type(self.model).__name__} ({state})>"
+
+
+# model -> its active handle. Weak keys: patching never keeps a model alive.
+_PATCHED: weakref.WeakKeyDictionary[nn.Module, ModelAdapter] = weakref.WeakKeyDictionary()
+
+
+def registered_adapters() -> list[tuple[type[ModelAdapter], _plugins.PluginSource]]:
+    """Adapter classes registered by every loaded plugin, in plugin order, with their source."""
+    found: list[tuple[type[ModelAdapter], _plugins.PluginSource]] = []
+
+    def register_for(plugin: str) -> Callable[[type[ModelAdapter]], None]:
+        def register(cls: type[ModelAdapter]) -> None:
+            if not (isinstance(cls, type) and issubclass(cls, ModelAdapter)):
+                raise TypeError(f"plugin {plugin!r} registered {cls!r}, which is not a ModelAdapter subclass")
+            found.append((cls, _plugins.source_of(plugin)))
+
+        return register
+
+    _plugins.call_per_plugin("register_adapters", register_for)
+    return found
+
+
+def _pick_adapter(model: nn.Module) -> type[ModelAdapter]:
+    adapters = registered_adapters()
+    for cls, _ in adapters:
+        if cls.matches(model):
+            return cls
+    if not adapters:
+        raise UnsupportedModelError(
+            f"no model adapter is registered, so {type(model).__name__} cannot be patched; "
+            f"reinstall tokprune (pip install -e .) or check {_plugins.LOAD_ENV}/{_plugins.BLOCK_ENV}"
+        )
+    reasons = "; ".join(f"{cls.name} ({source.name}): {cls.mismatch(model)}" for cls, source in adapters)
+    raise UnsupportedModelError(f"no registered adapter understands {type(model).__name__}: {reasons}")
+
+
+def patch(
+    model: nn.Module,
+    spec: Any,
+    *,
+    vision_positions: Positions = "keep",
+    llm_positions: Positions = "keep",
+    question_end: Sequence[int] | Any | None = None,
+) -> ModelAdapter:
+    """Prune ``model`` (this instance only) with the pipeline ``spec``; returns the handle.
+
+    ``spec`` is anything :func:`tokprune.strategies.get` accepts (a string, a list of
+    ``{name: ..., <param>: ...}`` dicts, a strategy, a :class:`~tokprune.Pipeline`). ``vision_positions``
+    and ``llm_positions`` choose, per stage, whether kept tokens keep their original position ids
+    (``"keep"``, the default) or are renumbered contiguously (``"compact"``, what pre-LLM reference
+    methods do). ``question_end`` bounds the question for the token roles: a token-id sequence (the
+    assistant marker, e.g. the ids of ``" ASSISTANT:"``) or a tokenizer/processor to encode
+    ``"ASSISTANT:"`` with; None: the question runs to the last prompt token. Everything is validated
+    before the model is touched; ``handle.remove()`` (or :func:`unpatch`) restores it exactly.
+    """
+    from ..registry import get
+
+    if model in _PATCHED:
+        raise RuntimeError(
+            f"{type(model).__name__} is already patched with {str(_PATCHED[model].pipeline)!r}; "
+            "call handle.remove() (or tokprune.unpatch(model)) before patching it again"
+        )
+    pipeline = spec if isinstance(spec, Pipeline) else get(spec)
+    adapter_cls = _pick_adapter(model)
+    handle = adapter_cls(
+        model,
+        pipeline,
+        vision_positions=vision_positions,
+        llm_positions=llm_positions,
+        question_end=question_end,
+    )
+    try:
+        handle._install()
+    except BaseException:
+        handle._state.undo()
+        raise
+    _PATCHED[model] = handle
+    return handle
+
+
+def unpatch(model: nn.Module) -> None:
+    """Remove the patch from ``model`` (no-op when it is not patched)."""
+    handle = _PATCHED.get(model)
+    if handle is not None:
+        handle.remove()
+
+
+def handle_of(model: nn.Module) -> ModelAdapter | None:
+    """The active handle of ``model``, or None."""
+    return _PATCHED.get(model)
+
+
+@contextlib.contextmanager
+def pruned(model: nn.Module, spec: Any, **options: Any) -> Iterator[ModelAdapter]:
+    """``with tokprune.pruned(model, spec) as run:`` patch for the block; ``run`` is the handle."""
+    handle = patch(model, spec, **options)
+    try:
+        yield handle
+    finally:
+        handle.remove()

@@ -1,0 +1,139 @@
+"""Pure batched helpers the adapters apply plans with: packing kept positions, roles, positions.
+
+Sequences are left-padded (the last column is every sample's last token), and stay so after every
+gather: the kept positions of each sample keep their order and move to the right end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+
+from ..strategy import TokenRole
+
+__all__ = ["Seq", "compact_positions", "find_last_marker", "left_pack_index", "token_roles"]
+
+
+def left_pack_index(keep: Tensor, key: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Where to gather the kept positions from, left-padded.
+
+    Args:
+        keep: bool ``[B, L]``.
+        key: float ``[B, L]`` order of the kept positions (default: their index).
+
+    Returns:
+        ``(index long [B, W], valid bool [B, W])`` with ``W`` the largest kept count (at least 1):
+        row ``b`` ends with the kept positions of sample ``b`` in ``key`` order; its first
+        ``W - count_b`` entries point at dropped positions and are invalid.
+    """
+    b, n = keep.shape
+    counts = keep.sum(dim=1)
+    width = max(int(counts.max().item()) if keep.numel() else 0, 1)
+    if key is None:
+        key = torch.arange(n, device=keep.device, dtype=torch.float64).expand(b, n)
+    # Dropped positions sort first (stably), so the kept ones end up right-aligned in key order.
+    sort_key = torch.where(keep, key.to(torch.float64), torch.full_like(key, float("-inf"), dtype=torch.float64))
+    index = torch.sort(sort_key, dim=1, stable=True).indices[:, n - width :]
+    valid = torch.arange(width, device=keep.device)[None, :] >= (width - counts)[:, None]
+    return index, valid
+
+
+def _take(x: Tensor, index: Tensor) -> Tensor:
+    """``x[b, index[b, j], ...]`` for ``x [B, L, ...]`` and ``index [B, W]``."""
+    shape = index.shape + (1,) * (x.dim() - 2)
+    return torch.take_along_dim(x, index.view(shape), dim=1)
+
+
+@dataclass
+class Seq:
+    """The sequence the decoder layers see, with per-position bookkeeping (all ``[B, L, ...]``)."""
+
+    hidden: Tensor  #: ``[B, L, D]``
+    valid: Tensor  #: bool ``[B, L]``: not padding
+    pos: Tensor  #: long ``[B, L]``: position ids fed to RoPE
+    roles: Tensor  #: long ``[B, L]``: :class:`TokenRole`
+    src: Tensor  #: long ``[B, L]``: index in the caller's sequence, -1 for inserted tokens
+    prompt: Tensor  #: bool ``[B, L]``: part of the prompt (False: a generated token, no-cache decoding)
+
+    def gather(self, keep: Tensor, key: Tensor | None = None) -> Seq:
+        """The kept positions (bool ``[B, L]``; padding is always dropped), repacked left-padded."""
+        index, valid = left_pack_index(keep & self.valid, key)
+        return Seq(
+            hidden=_take(self.hidden, index),
+            valid=valid,
+            pos=_take(self.pos, index),
+            roles=torch.where(valid, _take(self.roles, index), torch.full_like(index, int(TokenRole.PADDING))),
+            src=_take(self.src, index),
+            prompt=_take(self.prompt, index) & valid,
+        )
+
+    def with_positions(self, pos: Tensor) -> Seq:
+        return replace(self, pos=pos)
+
+
+def compact_positions(pos: Tensor, valid: Tensor) -> Tensor:
+    """Renumber valid positions contiguously from each sample's first valid position id, long ``[B, L]``."""
+    first = torch.where(valid, pos, torch.full_like(pos, torch.iinfo(pos.dtype).max)).min(dim=1).values
+    rank = valid.long().cumsum(dim=1) - 1
+    return torch.where(valid, first[:, None] + rank, torch.zeros_like(pos))
+
+
+def find_last_marker(input_ids: Tensor, marker: Tensor, valid: Tensor, after: Tensor) -> Tensor:
+    """Start of the last occurrence of ``marker`` (long ``[M]``) starting after ``after`` (long ``[B]``).
+
+    Returns long ``[B]``, -1 where the marker does not occur (in valid positions) after ``after``.
+    """
+    b, n = input_ids.shape
+    m = marker.numel()
+    if m == 0 or m > n:
+        return torch.full((b,), -1, dtype=torch.long, device=input_ids.device)
+    windows = input_ids.unfold(1, m, 1)  # [B, n-m+1, m]
+    hit = (windows == marker.to(input_ids.device)).all(dim=-1) & valid.unfold(1, m, 1).all(dim=-1)
+    starts = torch.arange(n - m + 1, device=input_ids.device)
+    hit &= starts[None, :] > after[:, None]
+    return torch.where(hit, starts[None, :], torch.full_like(starts, -1)[None, :]).max(dim=1).values
+
+
+def token_roles(
+    input_ids: Tensor, valid: Tensor, image_token_id: int, marker: Sequence[int] | None = None
+) -> tuple[Tensor, Tensor]:
+    """:class:`TokenRole` of every prompt position, and whether the assistant marker was found.
+
+    The heuristic (LLaVA's ``<template> USER: <image>\\n<question> ASSISTANT:`` layout):
+
+    * PADDING: ``valid`` is False (left padding).
+    * IMAGE: the image placeholder token.
+    * TEMPLATE: text before the first image (BOS, system prompt, ``USER:``), and from the last
+      occurrence of ``marker`` (the assistant marker's token ids) after the last image onwards.
+    * QUESTION: other text after the first image. Without ``marker`` (or where it is not found) the
+      question runs up to the last prompt token. A sample without an image is all TEMPLATE.
+    * PROTECTED: the last position (the last prompt token, whose logits start the answer).
+
+    Args:
+        input_ids: long ``[B, L]``, left-padded (the last column is every sample's last token).
+        valid: bool ``[B, L]``.
+
+    Returns:
+        ``(roles long [B, L], marker_found bool [B])``.
+    """
+    b, n = input_ids.shape
+    device = input_ids.device
+    idx = torch.arange(n, device=device)[None, :].expand(b, n)
+    image = (input_ids == image_token_id) & valid
+    first_image = torch.where(image, idx, torch.full_like(idx, n)).min(dim=1).values
+    last_image = torch.where(image, idx, torch.full_like(idx, -1)).max(dim=1).values
+    roles = torch.full_like(input_ids, int(TokenRole.QUESTION))
+    roles = torch.where(idx < first_image[:, None], torch.full_like(roles, int(TokenRole.TEMPLATE)), roles)
+    found = torch.zeros(b, dtype=torch.bool, device=device)
+    if marker is not None and len(marker) > 0:
+        start = find_last_marker(input_ids, torch.as_tensor(list(marker), dtype=torch.long), valid, last_image)
+        found = start >= 0
+        tail = found[:, None] & (idx >= start[:, None])
+        roles = torch.where(tail, torch.full_like(roles, int(TokenRole.TEMPLATE)), roles)
+    roles = torch.where(image, torch.full_like(roles, int(TokenRole.IMAGE)), roles)
+    roles[:, -1] = int(TokenRole.PROTECTED)
+    roles = torch.where(valid, roles, torch.full_like(roles, int(TokenRole.PADDING)))
+    return roles, found

@@ -1,0 +1,224 @@
+"""Equivalence checks for a pruning pipeline inside a patched tiny LLaVA. Run them on your strategies.
+
+* :func:`check_cache_equivalence`: greedy ``generate`` with the KV cache == without it, token for token.
+* :func:`check_batch_equivalence`: each sample of a left-padded ragged batch == that sample alone
+  (last-token logits within ``atol``, greedy tokens identical).
+* :func:`check_keep_all_identity`: a pipeline that keeps everything == the unpatched model.
+
+Each takes a spec (string, dicts, strategy or pipeline) and builds its own tiny model with
+:func:`tokprune.testing.models.tiny_llava`; they raise ``AssertionError`` with the details. A plugin's
+test can parametrise them over its strategies::
+
+    @pytest.mark.parametrize("name", ["my_strategy"])
+    def test_my_strategy_cache(name):
+        check_cache_equivalence(name)
+
+The probe strategies below (``probe_*``) are tiny reference strategies that need no scoring
+primitives; the adapter tests use them and they show what a strategy sees.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..params import param
+from ..strategy import LLMContext, LLMPlan, PruningStrategy, Signal, Stage, TokenRole, VisionContext, VisionPlan
+from .models import VOCAB, tiny_llava
+
+__all__ = [
+    "DEFAULT_LENGTHS",
+    "ProbeLastRow",
+    "ProbeVisionTopK",
+    "check_batch_equivalence",
+    "check_cache_equivalence",
+    "check_keep_all_identity",
+    "generate_pair",
+    "last_row_attention",
+]
+
+#: Question lengths of the default ragged batch (different lengths: left padding differs per row).
+DEFAULT_LENGTHS: tuple[int, ...] = (5, 2, 8)
+
+
+def last_row_attention(ctx: LLMContext) -> Tensor:
+    """Head-mean attention of each sample's last position over all positions, fp32 ``[B, L]`` (FastV).
+
+    Computed directly from ``ctx.attention.q``/``k`` (RoPE applied, GQA expanded, padding masked).
+    """
+    att = ctx.attention
+    q, k = att.q.float(), att.k.float()
+    groups = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1)
+    scale = att.scale if att.scale is not None else q.shape[-1] ** -0.5
+    logits = torch.einsum("bhd,bhld->bhl", q[:, :, -1], k) * scale
+    logits = logits.masked_fill(~att.key_padding_mask[:, None, :], float("-inf"))
+    return logits.softmax(dim=-1).mean(dim=1)
+
+
+@dataclass(frozen=True)
+class _LastRowParams:
+    layer: int = param(2, "prune before this decoder layer", ge=1)
+    keep_ratio: float = param(0.5, "fraction of each sample's image tokens kept", gt=0, le=1)
+    ragged: bool = param(False, "keep the image tokens scoring above their mean instead (a count per sample)")
+
+
+class ProbeLastRow(PruningStrategy):
+    """FastV's rule from q/k: keep the image tokens the last prompt token attends to most."""
+
+    name = "probe_last_row"
+    stage = Stage.LLM
+    Params = _LastRowParams
+
+    def plan(self, ctx: LLMContext) -> LLMPlan:
+        scores = last_row_attention(ctx)
+        image = ctx.role_mask(TokenRole.IMAGE)
+        counts = image.sum(dim=1)
+        budget = (counts.float() * self.params.keep_ratio).round().long().clamp(min=1)
+        if self.params.ragged:
+            mean = (scores * image).sum(dim=1) / counts.clamp(min=1)
+            budget = ((scores > mean[:, None]) & image).sum(dim=1).clamp(min=1)
+        ranked = scores.masked_fill(~image, float("-inf")).argsort(dim=1, descending=True, stable=True)
+        rank = torch.empty_like(ranked)
+        rank.scatter_(1, ranked, torch.arange(ranked.shape[1], device=ranked.device).expand_as(ranked))
+        keep = ~image | (rank < budget[:, None])
+        return LLMPlan(keep=keep, diagnostics={"budget": budget})
+
+
+@dataclass(frozen=True)
+class _VisionTopKParams:
+    keep_ratio: float = param(0.5, "fraction of patches kept", gt=0, le=1)
+    ragged: bool = param(False, "keep the patches scoring above their mean instead (a count per sample)")
+    extra: int = param(0, "extra tokens appended per image (mean of the dropped patches)", ge=0)
+    merge: bool = param(False, "replace kept features by themselves + 0.5 * mean of all patches")
+
+
+class ProbeVisionTopK(PruningStrategy):
+    """Keep the patches the CLS token attends to most (one head over the full width, last encoder layer)."""
+
+    name = "probe_vision_topk"
+    stage = Stage.VISION
+    Params = _VisionTopKParams
+
+    def requires(self) -> frozenset[Signal]:
+        return frozenset({Signal("qk", -1)})
+
+    def plan(self, ctx: VisionContext) -> VisionPlan:
+        q, k = ctx.signals.qk(-1)
+        q, k = q.float(), k.float()
+        scores = torch.einsum("bc,bnc->bn", q[:, 0], k[:, 1:]) / q.shape[-1] ** 0.5
+        b, n = scores.shape
+        budget = torch.full((b,), max(round(n * self.params.keep_ratio), 1), device=scores.device)
+        if self.params.ragged:
+            budget = (scores > scores.mean(dim=1, keepdim=True)).sum(dim=1).clamp(min=1)
+        ranked = scores.argsort(dim=1, descending=True, stable=True)
+        rank = torch.empty_like(ranked)
+        rank.scatter_(1, ranked, torch.arange(n, device=ranked.device).expand(b, n))
+        keep = rank < budget[:, None]
+        features = ctx.features + 0.5 * ctx.features.mean(dim=1, keepdim=True) if self.params.merge else None
+        extra = None
+        if self.params.extra:
+            dropped = (~keep).float()[..., None]
+            mean = (ctx.features * dropped).sum(1) / dropped.sum(1).clamp(min=1)
+            extra = mean[:, None, :].repeat(1, self.params.extra, 1).to(ctx.features.dtype)
+        return VisionPlan(keep=keep, features=features, extra=extra, diagnostics={"budget": budget})
+
+
+def generate_pair(model: Any, inputs: dict[str, Tensor], max_new_tokens: int = 6) -> tuple[Tensor, Tensor]:
+    """Greedy sequences with the cache and without it (``use_cache=False``)."""
+    common = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": VOCAB.pad}
+    with torch.no_grad():
+        cached = model.generate(**inputs, use_cache=True, **common)
+        uncached = model.generate(**inputs, use_cache=False, **common)
+    return cached, uncached
+
+
+def check_cache_equivalence(
+    spec: Any,
+    *,
+    lengths: Sequence[int] = DEFAULT_LENGTHS,
+    max_new_tokens: int = 6,
+    seed: int = 0,
+    **patch_options: Any,
+) -> Tensor:
+    """Greedy generation with the KV cache equals generation without it, token for token; returns the tokens."""
+    import tokprune
+
+    model, make_inputs = tiny_llava(seed=seed)
+    inputs = make_inputs(lengths)
+    with tokprune.pruned(model, spec, question_end=VOCAB.assistant_marker, **patch_options):
+        cached, uncached = generate_pair(model, inputs, max_new_tokens)
+    prompt_len = inputs["input_ids"].shape[1]
+    assert torch.equal(cached[:, :prompt_len], inputs["input_ids"]), "the returned sequences must begin with the prompt"
+    if not torch.equal(cached, uncached):
+        raise AssertionError(
+            f"{spec!r}: cached and uncached greedy generation differ:\n"
+            f"cache:    {cached[:, prompt_len:].tolist()}\nno cache: {uncached[:, prompt_len:].tolist()}"
+        )
+    return cached
+
+
+def _last_logits(model: Any, inputs: dict[str, Tensor]) -> Tensor:
+    # Position ids from the mask (as generate builds them), so padding does not shift positions.
+    position_ids = (inputs["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        return model(**inputs, position_ids=position_ids).logits[:, -1].float()
+
+
+def check_batch_equivalence(
+    spec: Any,
+    *,
+    lengths: Sequence[int] = DEFAULT_LENGTHS,
+    atol: float = 1e-4,
+    max_new_tokens: int = 4,
+    seed: int = 0,
+    **patch_options: Any,
+) -> None:
+    """Every sample of a left-padded ragged batch gives the logits and greedy tokens it gives alone."""
+    import tokprune
+
+    model, make_inputs = tiny_llava(seed=seed)
+    batch = make_inputs(lengths)
+    common = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": VOCAB.pad}
+    with tokprune.pruned(model, spec, question_end=VOCAB.assistant_marker, **patch_options):
+        logits = _last_logits(model, batch)
+        with torch.no_grad():
+            tokens = model.generate(**batch, **common)[:, batch["input_ids"].shape[1] :]
+        for i, q in enumerate(lengths):
+            solo = make_inputs([q], seeds=[i])
+            solo_logits = _last_logits(model, solo)
+            with torch.no_grad():
+                solo_tokens = model.generate(**solo, **common)[:, solo["input_ids"].shape[1] :]
+            err = (solo_logits[0] - logits[i]).abs().max().item()
+            if err > atol:
+                raise AssertionError(f"{spec!r}: sample {i} logits differ from its solo run by {err:.3g} > {atol}")
+            if not torch.equal(solo_tokens[0], tokens[i]):
+                raise AssertionError(
+                    f"{spec!r}: sample {i} greedy tokens {tokens[i].tolist()} != solo {solo_tokens[0].tolist()}"
+                )
+
+
+def check_keep_all_identity(spec: Any, *, atol: float = 1e-5, seed: int = 0, **patch_options: Any) -> None:
+    """A pipeline that keeps every token gives the unpatched logits, and so does the model after remove()."""
+    import tokprune
+
+    model, make_inputs = tiny_llava(seed=seed)
+    inputs = make_inputs(DEFAULT_LENGTHS)
+    with torch.no_grad():
+        reference = model(**inputs).logits
+        handle = tokprune.patch(model, spec, **patch_options)
+        try:
+            patched = model(**inputs).logits
+        finally:
+            handle.remove()
+        restored = model(**inputs).logits
+    valid = inputs["attention_mask"].bool()
+    err = (patched - reference)[valid].abs().max().item()
+    if err > atol:
+        raise AssertionError(f"{spec!r} keeps everything but its logits differ from the unpatched model by {err:.3g}")
+    if not torch.equal(restored, reference):
+        raise AssertionError("after remove() the model's logits differ from before patching")

@@ -1,0 +1,148 @@
+"""Tiny LLaVA models built from configs with random weights, and inputs for them (no hub, no files).
+
+``model, make_inputs = tiny_llava()`` gives a ``LlavaForConditionalGeneration`` in the llava-hf
+LLaVA-1.5 layout (CLIP tower, ``vision_feature_layer=-2``, ``default`` selection, Llama LM with
+grouped-query heads) and a function building left-padded batches in the LLaVA prompt layout::
+
+    <s> USER : <image>*N <question words> ASSISTANT :
+
+Token ids: see :class:`TinyVocab`. Weights are drawn with a larger init scale than HF's default so
+that attention and logits are far from uniform (greedy decisions have real margins).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from transformers import CLIPVisionConfig, GenerationConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+__all__ = ["TinyVocab", "VOCAB", "tiny_llava", "tiny_llava_config"]
+
+
+@dataclass(frozen=True)
+class TinyVocab:
+    """Token ids of the tiny models."""
+
+    pad: int = 0
+    bos: int = 1
+    eos: int = 2
+    image: int = 3
+    user: int = 4
+    colon: int = 5
+    assistant: int = 6
+    first_word: int = 7  #: question words are drawn from first_word..size-1
+    size: int = 96
+
+    @property
+    def assistant_marker(self) -> list[int]:
+        """``ASSISTANT :``: pass as ``question_end`` to ``tokprune.patch``."""
+        return [self.assistant, self.colon]
+
+
+VOCAB = TinyVocab()
+
+
+def tiny_llava_config(
+    *,
+    attn_implementation: str = "sdpa",
+    image_size: int = 32,
+    patch_size: int = 8,
+    vision_hidden: int = 32,
+    vision_layers: int = 3,
+    vision_heads: int = 2,
+    hidden: int = 64,
+    layers: int = 4,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int = 128,
+    init_scale: float = 0.08,
+) -> LlavaConfig:
+    """The config of :func:`tiny_llava` (LLaVA-1.5 layout, tiny widths)."""
+    vision = CLIPVisionConfig(
+        hidden_size=vision_hidden,
+        intermediate_size=4 * vision_hidden,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=vision_heads,
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=vision_hidden,
+        hidden_act="quick_gelu",
+        initializer_range=init_scale,
+    )
+    text = LlamaConfig(
+        vocab_size=VOCAB.size,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=512,
+        pad_token_id=VOCAB.pad,
+        bos_token_id=VOCAB.bos,
+        eos_token_id=VOCAB.eos,
+        tie_word_embeddings=False,
+        initializer_range=init_scale,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=VOCAB.image,
+        image_seq_length=(image_size // patch_size) ** 2,
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+    )
+    config._attn_implementation = attn_implementation
+    config.text_config._attn_implementation = attn_implementation
+    config.vision_config._attn_implementation = attn_implementation
+    return config
+
+
+def tiny_llava(
+    seed: int = 0,
+    attn_implementation: str = "sdpa",
+    dtype: torch.dtype = torch.float32,
+    **sizes: int | float,
+) -> tuple[LlavaForConditionalGeneration, Callable[..., dict[str, Tensor]]]:
+    """A random-weight tiny LLaVA in eval mode, and ``make_inputs`` for it.
+
+    ``make_inputs(question_lengths=(5, 3), seeds=None, images=True)`` returns ``input_ids``,
+    ``attention_mask`` (left padding) and ``pixel_values`` for one sample per question length; sample
+    ``i`` is drawn from ``seeds[i]`` (default ``i``), so ``make_inputs([q], seeds=[s])`` built alone
+    equals the row of a batch that has ``q`` and ``s`` at that index.
+    """
+    config = tiny_llava_config(attn_implementation=attn_implementation, **sizes)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).to(dtype).eval()
+    model.generation_config = GenerationConfig(
+        do_sample=False, max_new_tokens=6, pad_token_id=VOCAB.pad, bos_token_id=VOCAB.bos, eos_token_id=None
+    )
+    num_patches = config.image_seq_length
+    image_size = config.vision_config.image_size
+
+    def make_inputs(
+        question_lengths: Sequence[int] = (5, 3), seeds: Sequence[int] | None = None, images: bool = True
+    ) -> dict[str, Tensor]:
+        seeds = list(range(len(question_lengths))) if seeds is None else list(seeds)
+        rows, pixels = [], []
+        for q, s in zip(question_lengths, seeds):
+            gen = torch.Generator().manual_seed(s * 1009 + q)
+            words = torch.randint(VOCAB.first_word, VOCAB.size, (q,), generator=gen).tolist()
+            image_block = [VOCAB.image] * num_patches if images else []
+            rows.append([VOCAB.bos, VOCAB.user, VOCAB.colon, *image_block, *words, *VOCAB.assistant_marker])
+            pixels.append(torch.randn(3, image_size, image_size, generator=gen))
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), VOCAB.pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            input_ids[i, width - len(r) :] = torch.tensor(r)
+            attention_mask[i, width - len(r) :] = 1
+        out = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if images:
+            out["pixel_values"] = torch.stack(pixels).to(dtype)
+        return out
+
+    return model, make_inputs
