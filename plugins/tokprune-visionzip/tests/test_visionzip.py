@@ -7,9 +7,12 @@ import torch
 from tokprune_visionzip import VisionZip, uniform_targets
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
+import tokprune
 from tokprune import VisionContext, VisionSignals, strategies
 from tokprune.errors import StrategyParamError
 from tokprune.testing.contract import CHECKS, contract_cases
+from tokprune.testing.equivalence import check_batch_equivalence, check_cache_equivalence
+from tokprune.testing.models import tiny_llava
 
 LAYERS, HEADS, WIDTH, GRID = 6, 4, 32, 4  # a tiny CLIP: 16 patches + CLS
 
@@ -173,3 +176,29 @@ CONTRACT_SPECS = [
 )
 def test_contract(strategy, check):
     CHECKS[check](strategy)
+
+
+# -- the adapter's equivalence checks, inside a patched tiny LLaVA --------------------------------
+
+EQUIVALENCE_SPECS = [
+    "visionzip(dominant=6, contextual=3)",
+    "visionzip(dominant=4, contextual=2, include_cls=false)",
+    "visionzip(dominant=5, contextual=4)+fastv(layer=2, keep_ratio=0.5)",
+]
+
+
+@pytest.mark.parametrize("spec", EQUIVALENCE_SPECS)
+def test_cache_equivalence(spec):
+    check_cache_equivalence(spec)
+
+
+@pytest.mark.parametrize("spec", EQUIVALENCE_SPECS)
+def test_batch_equivalence(spec):
+    check_batch_equivalence(spec)
+
+
+def test_patched_model_feeds_dominant_plus_contextual_tokens_to_the_llm():
+    model, make_inputs = tiny_llava()
+    with tokprune.pruned(model, "visionzip(dominant=6, contextual=3)") as run, torch.no_grad():
+        model(**make_inputs([4, 2]))
+    assert run.stats.visual_kept.tolist() == [9, 9]  # budget = dominant + contextual

@@ -7,9 +7,12 @@ import torch
 from tokprune_vtc_cls import VtcCls
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
+import tokprune
 from tokprune import VisionContext, VisionSignals, strategies
 from tokprune.errors import StrategyParamError
 from tokprune.testing.contract import CHECKS, contract_cases
+from tokprune.testing.equivalence import check_batch_equivalence, check_cache_equivalence
+from tokprune.testing.models import tiny_llava
 
 LAYERS, HEADS, WIDTH, GRID = 6, 4, 32, 4  # a tiny CLIP: 16 patches + CLS
 
@@ -123,3 +126,34 @@ CONTRACT_SPECS = ["vtc_cls", "vtc_cls(keep=1, start_layer=-2)", "vtc_cls(keep=50
 )
 def test_contract(strategy, check):
     CHECKS[check](strategy)
+
+
+# -- the adapter's equivalence checks, inside a patched tiny LLaVA (3 encoder layers) -------------
+
+EQUIVALENCE_SPECS = [
+    "vtc_cls(keep=6, start_layer=-3)",
+    "vtc_cls(keep=3, start_layer=-2)+fastv(layer=2, keep_ratio=0.5)",
+]
+
+
+@pytest.mark.parametrize("spec", EQUIVALENCE_SPECS)
+def test_cache_equivalence(spec):
+    check_cache_equivalence(spec)
+
+
+@pytest.mark.parametrize("spec", EQUIVALENCE_SPECS)
+def test_batch_equivalence(spec):
+    check_batch_equivalence(spec)
+
+
+def test_patched_model_feeds_keep_visual_tokens_to_the_llm():
+    model, make_inputs = tiny_llava()
+    with tokprune.pruned(model, "vtc_cls(keep=5, start_layer=-3)") as run, torch.no_grad():
+        model(**make_inputs([4, 2]))
+    assert run.stats.visual_kept.tolist() == [5, 5]
+
+
+def test_a_start_layer_deeper_than_the_tower_fails_at_patch_time():
+    model, _ = tiny_llava()  # 3 encoder layers: the default start_layer=-8 does not exist
+    with pytest.raises(StrategyParamError, match="out of range for 3 layers"):
+        tokprune.patch(model, "vtc_cls")
