@@ -7,38 +7,29 @@ gather: the kept positions of each sample keep their order and move to the right
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import Tensor
 
+from ..scoring import ragged_gather
 from ..strategy import TokenRole
 
 __all__ = ["Seq", "compact_positions", "find_last_marker", "left_pack_index", "token_roles"]
 
 
-def left_pack_index(keep: Tensor, key: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Where to gather the kept positions from, left-padded.
+def left_pack_index(keep: Tensor) -> tuple[Tensor, Tensor]:
+    """Where to gather the kept positions from, left-padded, in their order.
 
     Args:
         keep: bool ``[B, L]``.
-        key: float ``[B, L]`` order of the kept positions (default: their index).
 
     Returns:
-        ``(index long [B, W], valid bool [B, W])`` with ``W`` the largest kept count (at least 1):
-        row ``b`` ends with the kept positions of sample ``b`` in ``key`` order; its first
-        ``W - count_b`` entries point at dropped positions and are invalid.
+        ``(index long [B, W], valid bool [B, W])`` with ``W`` the largest kept count: row ``b`` ends with the kept positions of sample ``b``; its first ``W - count_b`` entries are padding
+        (index 0, invalid).
     """
-    b, n = keep.shape
-    counts = keep.sum(dim=1)
-    width = max(int(counts.max().item()) if keep.numel() else 0, 1)
-    if key is None:
-        key = torch.arange(n, device=keep.device, dtype=torch.float64).expand(b, n)
-    # Dropped positions sort first (stably), so the kept ones end up right-aligned in key order.
-    sort_key = torch.where(keep, key.to(torch.float64), torch.full_like(key, float("-inf"), dtype=torch.float64))
-    index = torch.sort(sort_key, dim=1, stable=True).indices[:, n - width :]
-    valid = torch.arange(width, device=keep.device)[None, :] >= (width - counts)[:, None]
-    return index, valid
+    _, valid, index = ragged_gather(keep[:, :, None], keep, pad_side="left")
+    return index.clamp_min(0), valid
 
 
 def _take(x: Tensor, index: Tensor) -> Tensor:
@@ -58,17 +49,23 @@ class Seq:
     src: Tensor  #: long ``[B, L]``: index in the caller's sequence, -1 for inserted tokens
     prompt: Tensor  #: bool ``[B, L]``: part of the prompt (False: a generated token, no-cache decoding)
 
-    def gather(self, keep: Tensor, key: Tensor | None = None) -> Seq:
+    def gather(self, keep: Tensor) -> Seq:
         """The kept positions (bool ``[B, L]``; padding is always dropped), repacked left-padded."""
-        index, valid = left_pack_index(keep & self.valid, key)
-        return Seq(
-            hidden=_take(self.hidden, index),
-            valid=valid,
-            pos=_take(self.pos, index),
-            roles=torch.where(valid, _take(self.roles, index), torch.full_like(index, int(TokenRole.PADDING))),
-            src=_take(self.src, index),
-            prompt=_take(self.prompt, index) & valid,
-        )
+        index, valid = left_pack_index(keep & self.valid)
+        taken = self.take(index)
+        taken.valid = valid
+        taken.roles = torch.where(valid, taken.roles, torch.full_like(index, int(TokenRole.PADDING)))
+        taken.prompt &= valid
+        return taken
+
+    def take(self, index: Tensor) -> Seq:
+        """Every field at ``index`` (long ``[B, W]``) along the sequence."""
+        return Seq(*(_take(getattr(self, f.name), index) for f in fields(self)))
+
+    @staticmethod
+    def cat(parts: Sequence[Seq]) -> Seq:
+        """Concatenate along the sequence."""
+        return Seq(*(torch.cat([getattr(p, f.name) for p in parts], dim=1) for f in fields(Seq)))
 
     def with_positions(self, pos: Tensor) -> Seq:
         return replace(self, pos=pos)

@@ -40,6 +40,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from ..errors import MissingCapabilityError, StrategyParamError, UnsupportedModelError
 from ..pipeline import Pipeline
+from ..scoring import ragged_scatter
 from ..stats import FlopModel, PruneStats
 from ..strategy import LLMAttention, LLMContext, PruningStrategy, Signal, TokenRole, VisionContext, VisionSignals
 from ._base import ModelAdapter, Positions
@@ -583,16 +584,12 @@ class LlavaAdapter(ModelAdapter):
         if features.extra is None:
             return seq.gather(keep), images
         extra_seq, extra_key = _extra_tokens(image, pos, features.extra.to(embeds.dtype), num_patches)
+        # Put each image's extra tokens right after its block, then pack as usual.
         key = torch.cat([idx[None, :].expand(b, n).double(), extra_key], dim=1)
-        joined = Seq(
-            hidden=torch.cat([seq.hidden, extra_seq.hidden], dim=1),
-            valid=torch.cat([seq.valid, extra_seq.valid], dim=1),
-            pos=torch.cat([seq.pos, extra_seq.pos], dim=1),
-            roles=torch.cat([seq.roles, extra_seq.roles], dim=1),
-            src=torch.cat([seq.src, extra_seq.src], dim=1),
-            prompt=torch.cat([seq.prompt, extra_seq.prompt], dim=1),
-        )
-        return joined.gather(torch.cat([keep, extra_seq.valid], dim=1), key), images
+        order = torch.sort(key, dim=1, stable=True).indices
+        joined = Seq.cat([seq, extra_seq]).take(order)
+        joined_keep = torch.take_along_dim(torch.cat([keep, extra_seq.valid], dim=1), order, dim=1)
+        return joined.gather(joined_keep), images
 
     def _stage_positions(self, seq: Seq, mode: str, shift: Tensor, full_count: Tensor) -> tuple[Seq, Tensor]:
         """Apply a stage's position mode; returns the sequence and its decoding offset (long ``[B]``).
@@ -769,11 +766,7 @@ def _extra_tokens(image: Tensor, pos: Tensor, extra: Tensor, num_patches: int) -
 
 def _scatter_back(hidden: Tensor, seq: Seq, n: int) -> Tensor:
     """The packed final hidden states at their original positions ``[B, n, D]``; dropped ones are zero."""
-    b, _, d = hidden.shape
-    out = hidden.new_zeros(b, n + 1, d)  # column n collects padding and inserted tokens, then is cut
-    target = torch.where(seq.valid & (seq.src >= 0), seq.src, torch.full_like(seq.src, n))
-    out.scatter_(1, target[..., None].expand(-1, -1, d), hidden)
-    return out[:, :n]
+    return ragged_scatter(hidden, seq.src, seq.valid & (seq.src >= 0), n)
 
 
 def _marker_ids(question_end: Any) -> list[int] | None:
