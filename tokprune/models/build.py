@@ -102,13 +102,13 @@ def build_processor(tokenizer: PreTrainedTokenizerFast | None = None) -> LlavaPr
 class Sizes:
     """Architecture sizes of both towers and the language model."""
 
-    vision_hidden: int = 192
+    vision_hidden: int = 128
     vision_layers: int = 4
     vision_heads: int = 4
     text_hidden: int = 128
     text_layers: int = 2
     text_heads: int = 4
-    lm_hidden: int = 192
+    lm_hidden: int = 128
     lm_layers: int = 4
     lm_heads: int = 4
     projection_dim: int = 128

@@ -32,10 +32,9 @@ def cls_attention(vision_tower: torch.nn.Module, pixel_values: torch.Tensor, lay
     Recomputed from the layer's q/k projections so it works under any attention implementation.
     Returns ``[B, N_patches]``, renormalised to sum to 1 over patches (the CLS self-weight dropped).
     """
-    vm = vision_tower.vision_model
-    layers = vm.encoder.layers
+    layers = vision_tower.encoder.layers
     idx = layer % len(layers)
-    out = vm(pixel_values=pixel_values, output_hidden_states=True)
+    out = vision_tower(pixel_values=pixel_values, output_hidden_states=True)
     x = layers[idx].layer_norm1(out.hidden_states[idx])
     attn = layers[idx].self_attn
     b, t, d = x.shape

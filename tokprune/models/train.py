@@ -1,0 +1,313 @@
+"""Train the tiny LLaVA on the shapes world: ``python -m tokprune.models.train --out DIR``.
+
+The LLaVA recipe scaled down, with fixed step counts so a seed reproduces a run:
+
+(a) CLIP-style contrastive pre-training of a small ``CLIPVisionModel`` against a small text tower on
+    full scene captions, with hard negative captions (colours swapped between objects, a shape or a
+    colour changed) so the tower must bind colour to shape and the CLS token summarises the objects;
+(b) projector + Llama LM from scratch on visual QA with answer-only loss, the tower tuned lightly.
+
+Diagnostics (linear probe, CLS attention on objects, top/random/bottom-22% pruning, eval time) are
+printed after each stage. The output directory is a complete llava-hf checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Spinning OpenMP workers collapse throughput (5x measured) when other processes share the cores;
+# this only takes effect when set before torch is first imported, i.e. under ``python -m``.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import random  # noqa: E402
+import time  # noqa: E402
+from dataclasses import asdict, replace  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from transformers import CLIPConfig, CLIPModel, LlavaForConditionalGeneration, PreTrainedTokenizerFast  # noqa: E402
+
+from tokprune.data import world  # noqa: E402
+from tokprune.data.world import Sample, SceneObject, build_prompt, caption  # noqa: E402
+from tokprune.models import build, diagnostics  # noqa: E402
+
+# Disjoint training streams; benchmark seeds (world.BENCHMARK_SEEDS) are above 1e9.
+CLIP_STREAM, VQA_STREAM, PROBE_STREAM = 1, 2, 3
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def stream_seed(seed: int, stream: int) -> int:
+    return seed * 10 + stream
+
+
+def lr_at(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up then cosine decay to 10%, as a multiplier of the base learning rate."""
+    if step < warmup:
+        return (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def set_lr(opt: torch.optim.Optimizer, mult: float) -> None:
+    for g in opt.param_groups:
+        g["lr"] = g["base_lr"] * mult
+
+
+# ---------------------------------------------------------------- (a) contrastive pre-training
+
+def negative_objects(objects: list[SceneObject], rng: random.Random) -> list[SceneObject]:
+    """A minimally wrong version of a scene: one binding, attribute or position error."""
+    objs = list(objects)
+    colors_in = {o.color for o in objs}
+    kinds = ["shape", "color", "size", "pos"] + (["swap"] * 3 if len(colors_in) > 1 else [])
+    kind = rng.choice(kinds)
+    if kind == "swap":
+        i, j = rng.sample([k for k in range(len(objs))], 2)
+        while objs[i].color == objs[j].color:
+            i, j = rng.sample(range(len(objs)), 2)
+        objs[i], objs[j] = replace(objs[i], color=objs[j].color), replace(objs[j], color=objs[i].color)
+        return objs
+    i = rng.randrange(len(objs))
+    o = objs[i]
+    if kind == "shape":
+        objs[i] = replace(o, shape=rng.choice([s for s in world.SHAPES if s != o.shape]))
+    elif kind == "color":
+        objs[i] = replace(o, color=rng.choice([c for c in world.COLORS if c != o.color]))
+    elif kind == "size":
+        objs[i] = replace(o, size="large" if o.size == "small" else "small")
+    else:
+        # Mirror the object horizontally so its caption position flips.
+        objs[i] = replace(o, x0=world.IMAGE_SIZE - o.x0 - o.side)
+    return objs
+
+
+def caption_batch(tokenizer: PreTrainedTokenizerFast, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ``<s> caption </s>`` ids ``[B, T]`` and the index of each ``</s>`` ``[B]``."""
+    seqs = [tokenizer(c)["input_ids"] + [tokenizer.eos_token_id] for c in captions]
+    t = max(map(len, seqs))
+    ids = torch.full((len(seqs), t), tokenizer.pad_token_id)
+    for b, s in enumerate(seqs):
+        ids[b, :len(s)] = torch.tensor(s)
+    return ids, torch.tensor([len(s) - 1 for s in seqs])
+
+
+def clip_loss(clip: CLIPModel, tokenizer: PreTrainedTokenizerFast, samples: list[Sample],
+              rng: random.Random) -> torch.Tensor:
+    """Symmetric InfoNCE; images also contrast against one hard negative caption per scene."""
+    pv = diagnostics.pixel_values_of(samples)
+    img = clip.visual_projection(clip.vision_model(pixel_values=pv).pooler_output)
+    captions = [s.caption for s in samples] + [caption(negative_objects(s.objects, rng)) for s in samples]
+    ids, eos = caption_batch(tokenizer, captions)
+    hidden = clip.text_model(input_ids=ids, attention_mask=(ids != tokenizer.pad_token_id).long()).last_hidden_state
+    txt = clip.text_projection(hidden[torch.arange(len(ids)), eos])
+    img, txt = F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
+    scale = clip.logit_scale.exp().clamp(max=100)
+    b = len(samples)
+    target = torch.arange(b)
+    i2t = scale * img @ txt.T
+    t2i = scale * txt[:b] @ img.T
+    return 0.5 * (F.cross_entropy(i2t, target) + F.cross_entropy(t2i, target))
+
+
+def pretrain_clip(args: argparse.Namespace, sizes: build.Sizes, tokenizer: PreTrainedTokenizerFast) -> CLIPModel:
+    cfg = CLIPConfig(text_config=build.caption_text_config(sizes, tokenizer).to_dict(),
+                     vision_config=build.vision_config(sizes).to_dict(), projection_dim=sizes.projection_dim)
+    clip = CLIPModel(cfg)
+    opt = torch.optim.AdamW(clip.parameters(), lr=args.clip_lr, weight_decay=0.05)
+    for g in opt.param_groups:
+        g["base_lr"] = g["lr"]
+    rng = random.Random(args.seed)
+    seed = stream_seed(args.seed, CLIP_STREAM)
+    t0 = time.perf_counter()
+    for step in range(args.clip_steps):
+        set_lr(opt, lr_at(step, args.clip_steps, args.warmup))
+        samples = world.generate_samples(args.clip_batch, seed, start=step * args.clip_batch)
+        loss = clip_loss(clip, tokenizer, samples, rng)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(clip.parameters(), 1.0)
+        opt.step()
+        if step % args.log_every == 0 or step == args.clip_steps - 1:
+            log(f"clip step {step}/{args.clip_steps} loss {loss.item():.3f} ({time.perf_counter() - t0:.0f}s)")
+    return clip
+
+
+# ---------------------------------------------------------------- (b) visual instruction tuning
+
+def vqa_batch(tokenizer: PreTrainedTokenizerFast, samples: list[Sample]) -> dict[str, torch.Tensor]:
+    """Left-padded prompt + answer + ``</s>`` with labels only on the answer and ``</s>``."""
+    expanded = "<image>" * world.NUM_PATCHES
+    seqs, labels = [], []
+    for s in samples:
+        prompt = tokenizer(build_prompt(s.question).replace("<image>", expanded))["input_ids"]
+        answer = tokenizer(s.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        seqs.append(prompt + answer)
+        labels.append([-100] * len(prompt) + answer)
+    t = max(map(len, seqs))
+    ids = torch.full((len(seqs), t), tokenizer.pad_token_id)
+    lab = torch.full((len(seqs), t), -100)
+    mask = torch.zeros((len(seqs), t), dtype=torch.long)
+    for b, (s, y) in enumerate(zip(seqs, labels)):
+        ids[b, t - len(s):] = torch.tensor(s)
+        lab[b, t - len(s):] = torch.tensor(y)
+        mask[b, t - len(s):] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": lab,
+            "position_ids": (mask.cumsum(-1) - 1).clamp_min(0),
+            "pixel_values": diagnostics.pixel_values_of(samples)}
+
+
+def train_vqa(args: argparse.Namespace, model: LlavaForConditionalGeneration,
+              tokenizer: PreTrainedTokenizerFast) -> None:
+    tower = list(model.model.vision_tower.parameters())
+    tower_ids = {id(p) for p in tower}
+    rest = [p for p in model.parameters() if id(p) not in tower_ids]
+    groups = [{"params": rest, "lr": args.lr}]
+    if args.tower_lr > 0:
+        groups.append({"params": tower, "lr": args.tower_lr})
+    else:
+        for p in tower:
+            p.requires_grad_(False)
+    opt = torch.optim.AdamW(groups, weight_decay=0.01)
+    for g in opt.param_groups:
+        g["base_lr"] = g["lr"]
+    seed = stream_seed(args.seed, VQA_STREAM)
+    model.train()
+    t0 = time.perf_counter()
+    running = None
+    for step in range(args.vqa_steps):
+        set_lr(opt, lr_at(step, args.vqa_steps, args.warmup))
+        samples = world.generate_samples(args.vqa_batch, seed, start=step * args.vqa_batch)
+        loss = model(**vqa_batch(tokenizer, samples)).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
+        if step % args.log_every == 0 or step == args.vqa_steps - 1:
+            log(f"vqa step {step}/{args.vqa_steps} loss {running:.3f} ({time.perf_counter() - t0:.0f}s)")
+    model.eval()
+
+
+# ---------------------------------------------------------------- diagnostics and saving
+
+def report_tower(tower: torch.nn.Module, samples: list[Sample], stage: str) -> dict[str, float]:
+    tower.eval()
+    out = diagnostics.linear_probe(tower, samples[:200])
+    for layer in (-2, -1):
+        stats = diagnostics.cls_stats(tower, samples, layer=layer)
+        out.update({f"L{layer}_{k}": v for k, v in stats.items()})
+    log(f"[{stage}] tower: " + json.dumps({k: round(v, 3) for k, v in out.items()}))
+    return out
+
+
+def report_model(model: LlavaForConditionalGeneration, processor: build.LlavaProcessor,
+                 samples: list[Sample]) -> dict:
+    model.eval()
+    out: dict = {"majority": diagnostics.majority_rates(samples)}
+    for layer in (-2, -1):
+        rep = diagnostics.pruning_report(model, processor, samples, keep=0.22, layer=layer)
+        out[f"prune22_L{layer}"] = rep
+        full = rep["full"]["overall"]
+        log(f"[vqa] keep 22% by CLS layer {layer}: " + ", ".join(
+            f"{k} {v['overall']:.3f} ({v['overall'] / max(full, 1e-9):.0%})" for k, v in rep.items()))
+    acc, secs = diagnostics.generate_eval(model, processor, samples)
+    out["generate"] = acc
+    out["generate_seconds"] = secs
+    log(f"[vqa] generate accuracy {json.dumps({k: round(v, 3) for k, v in acc.items()})} in {secs:.1f}s "
+        f"for {len(samples)} questions; majority {out['majority']}")
+    return out
+
+
+def save(model: LlavaForConditionalGeneration, processor: build.LlavaProcessor, out: Path, dtype: str) -> None:
+    """Write the checkpoint with weights stored in ``dtype`` but loading as float32 by default.
+
+    Half-precision storage halves the repo footprint; CPU users (the audience of this model) want fp32
+    compute, so ``config.json`` declares float32 and ``from_pretrained`` upcasts on load.
+    """
+    model.generation_config = build.generation_config(processor.tokenizer)
+    model.to(getattr(torch, dtype)).save_pretrained(out, safe_serialization=True)
+    model.to(torch.float32)
+    processor.save_pretrained(out)
+    set_load_dtype(out, "float32")
+
+
+def set_load_dtype(out: Path, dtype: str) -> None:
+    """Declare the dtype ``from_pretrained(dtype="auto")`` loads the checkpoint in."""
+    cfg_path = Path(out) / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["dtype"] = dtype
+    for sub in ("text_config", "vision_config"):
+        if sub in cfg and "dtype" in cfg[sub]:
+            cfg[sub]["dtype"] = dtype
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--smoke", action="store_true", help="tiny sizes and a few steps (tests)")
+    p.add_argument("--clip-steps", type=int, default=400)
+    p.add_argument("--clip-batch", type=int, default=32)
+    p.add_argument("--clip-lr", type=float, default=1e-3)
+    p.add_argument("--vqa-steps", type=int, default=2400)
+    p.add_argument("--vqa-batch", type=int, default=24)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--tower-lr", type=float, default=1e-4)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--dtype", default="float16", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--eval-n", type=int, default=500, help="held-out (val split) questions for diagnostics")
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.clip_steps, args.clip_batch, args.vqa_steps, args.vqa_batch = 3, 8, 3, 4
+        args.warmup, args.eval_n, args.log_every = 1, 8, 1
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    sizes = build.SMOKE_SIZES if args.smoke else build.Sizes()
+    t_start = time.perf_counter()
+    log(f"args {vars(args)} sizes {asdict(sizes)}")
+
+    tokenizer = build.build_tokenizer()
+    processor = build.build_processor(tokenizer)
+    # Diagnostics use the val split: held out from training, distinct from the shipped test split.
+    held_out = world.benchmark("val", args.eval_n)
+
+    clip = pretrain_clip(args, sizes, tokenizer)
+    metrics: dict = {"sizes": asdict(sizes), "args": {k: str(v) for k, v in vars(args).items()}}
+    metrics["after_clip"] = report_tower(clip.vision_model, held_out, "clip")
+
+    model = LlavaForConditionalGeneration(build.llava_config(sizes, tokenizer))
+    model.model.vision_tower.load_state_dict(clip.vision_model.state_dict())
+    del clip
+    train_vqa(args, model, tokenizer)
+    metrics["after_vqa_tower"] = report_tower(model.model.vision_tower, held_out, "vqa")
+    metrics["train_seconds"] = time.perf_counter() - t_start
+    log(f"training wall time {metrics['train_seconds']:.0f}s")
+    metrics["fp32"] = report_model(model, processor, held_out)
+
+    save(model, processor, args.out, args.dtype)
+    shipped = LlavaForConditionalGeneration.from_pretrained(args.out)
+    metrics["shipped"] = report_model(shipped, processor, held_out)
+    metrics["total_seconds"] = time.perf_counter() - t_start
+    log(f"total wall time {metrics['total_seconds']:.0f}s; saved to {args.out}")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
