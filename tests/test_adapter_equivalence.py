@@ -1,0 +1,78 @@
+"""Contract tests over the registry: every strategy inside a patched tiny LLaVA.
+
+* cache == no cache (greedy, token for token), for every registered strategy and the reference composite;
+* batch == solo for ragged keep counts at both stages, in both position modes.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import tokprune
+from tokprune import Pipeline
+from tokprune.testing.equivalence import (
+    ProbeLastRow,
+    ProbeVisionTopK,
+    check_batch_equivalence,
+    check_cache_equivalence,
+)
+
+COMPOSITES = ["cls_knee+text_interact"]
+SPECS = tokprune.strategies.available() + COMPOSITES
+
+RAGGED = {
+    "vision": Pipeline([ProbeVisionTopK(ragged=True)]),
+    "vision_merge_extra": Pipeline([ProbeVisionTopK(ragged=True, merge=True, extra=2)]),
+    "llm": Pipeline([ProbeLastRow(layer=2, ragged=True)]),
+    "both_two_llm_steps": Pipeline(
+        [ProbeVisionTopK(ragged=True, extra=1), ProbeLastRow(layer=1, ragged=True), ProbeLastRow(layer=3, ragged=True)]
+    ),
+}
+POSITIONS = {
+    "keep": {},
+    "compact": {"vision_positions": "compact", "llm_positions": "compact"},
+    "mixed": {"vision_positions": "compact", "llm_positions": "keep"},
+}
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_cache_equals_no_cache(spec):
+    check_cache_equivalence(spec)
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_batch_equals_solo(spec):
+    check_batch_equivalence(spec)
+
+
+@pytest.mark.parametrize("positions", list(POSITIONS), ids=list(POSITIONS))
+@pytest.mark.parametrize("name", list(RAGGED), ids=list(RAGGED))
+def test_ragged_counts(name, positions):
+    spec, options = RAGGED[name], POSITIONS[positions]
+    tokens = check_cache_equivalence(spec, **options)
+    check_batch_equivalence(spec, **options)
+    assert tokens.shape[0] == 3
+
+
+def test_ragged_probes_really_are_ragged():
+    from tokprune.testing.models import VOCAB, tiny_llava
+
+    model, make_inputs = tiny_llava(seed=0)
+    with tokprune.pruned(model, RAGGED["both_two_llm_steps"], question_end=VOCAB.assistant_marker) as run:
+        model(**make_inputs((5, 2, 8)))
+    stats = run.stats
+    assert len(set(stats.visual_kept.tolist())) > 1
+    for layer in (1, 3):
+        assert len(set((stats.seq_len - stats.llm_kept[layer]).tolist())) > 1
+
+
+def test_compact_positions_change_the_answer():
+    from tokprune.testing.models import tiny_llava
+
+    model, make_inputs = tiny_llava(seed=0)
+    inputs = make_inputs()
+    logits = {}
+    for mode in ("keep", "compact"):
+        with tokprune.pruned(model, "topk(keep_ratio=0.25)", vision_positions=mode):
+            logits[mode] = model(**inputs).logits[:, -1]
+    assert not logits["keep"].allclose(logits["compact"])

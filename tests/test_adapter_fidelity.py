@@ -1,0 +1,177 @@
+"""What the patched model computes: FastV against eager attention weights, sdpa == eager selections,
+token roles, the projector on kept tokens only, and the stats."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import tokprune
+from tokprune import TokenRole
+from tokprune.adapters._seq import token_roles
+from tokprune.testing.models import VOCAB, tiny_llava
+
+LENGTHS = (5, 2, 8)
+
+
+def _spy(pipeline: tokprune.Pipeline) -> dict[str, list]:
+    """Record every (context, plan) each step decides, by wrapping the steps' ``plan`` on the instances."""
+    seen: dict[str, list] = {}
+    for step in pipeline:
+        original = step.plan
+
+        def plan(ctx, _original=original, _name=step.name):
+            out = _original(ctx)
+            seen.setdefault(_name, []).append((ctx, out))
+            return out
+
+        step.__dict__["plan"] = plan
+    return seen
+
+
+def _image_ranks_kept(ctx, keep: torch.Tensor) -> list[list[int]]:
+    """Per sample, indices (among its image tokens, in order) of the kept image tokens."""
+    image = ctx.role_mask(TokenRole.IMAGE)
+    out = []
+    for b in range(image.shape[0]):
+        rank = image[b].long().cumsum(0) - 1
+        out.append(sorted(rank[image[b] & keep[b]].tolist()))
+    return out
+
+
+@pytest.mark.parametrize("layer", [1, 2, 3])
+def test_fastv_keeps_what_eager_attention_weights_say(layer):
+    model, make_inputs = tiny_llava(seed=1, attn_implementation="eager")
+    inputs = make_inputs(LENGTHS)
+    keep = 20
+    with torch.no_grad():
+        attn = model(**inputs, output_attentions=True).attentions[layer - 1]  # [B, H, L, L], unpatched
+    image = inputs["input_ids"] == VOCAB.image
+    reference = []
+    for b in range(image.shape[0]):
+        row = attn[b, :, -1].float().mean(0)[image[b]]  # last token's row, head mean, image columns
+        reference.append(sorted(row.topk(keep).indices.tolist()))
+    pipeline = tokprune.strategies.get(f"fastv(layer={layer}, keep={keep})")
+    seen = _spy(pipeline)
+    with tokprune.pruned(model, pipeline), torch.no_grad():
+        model(**inputs)
+    ctx, plan = seen["fastv"][0]
+    assert _image_ranks_kept(ctx, plan.keep) == reference
+
+
+@pytest.mark.parametrize(
+    "spec", ["fastv", "text_interact", "cls_knee+text_interact", "prumerge_plus", "topk(keep_ratio=0.3)"]
+)
+def test_sdpa_and_eager_select_the_same_tokens(spec):
+    selections = {}
+    for impl in ("sdpa", "eager"):
+        model, make_inputs = tiny_llava(seed=0, attn_implementation=impl)
+        pipeline = tokprune.strategies.get(spec)
+        seen = _spy(pipeline)
+        with tokprune.pruned(model, pipeline, question_end=VOCAB.assistant_marker), torch.no_grad():
+            model(**make_inputs(LENGTHS))
+        selections[impl] = {name: [plan.keep for _, plan in calls] for name, calls in seen.items()}
+    for name, keeps in selections["sdpa"].items():
+        for a, b in zip(keeps, selections["eager"][name]):
+            assert torch.equal(a, b), name
+
+
+def test_roles_follow_the_llava_layout():
+    ids = torch.tensor(
+        [
+            [0, 0, 1, 4, 5, 3, 3, 3, 40, 41, 6, 5],  # padded; marker found
+            [1, 4, 5, 3, 3, 3, 40, 41, 42, 43, 44, 6],  # marker cut off: question runs to the end
+        ]
+    )
+    valid = ids != 0
+    valid[1] = True
+    roles, found = token_roles(ids, valid, VOCAB.image, VOCAB.assistant_marker)
+    P, T, I, Q, X = (
+        int(r)
+        for r in (TokenRole.PADDING, TokenRole.TEMPLATE, TokenRole.IMAGE, TokenRole.QUESTION, TokenRole.PROTECTED)
+    )
+    assert roles[0].tolist() == [P, P, T, T, T, I, I, I, Q, Q, T, X]
+    assert roles[1].tolist() == [T, T, T, I, I, I, Q, Q, Q, Q, Q, X]
+    assert found.tolist() == [True, False]
+    no_marker, _ = token_roles(ids, valid, VOCAB.image, None)
+    assert no_marker[0, 10].item() == Q
+
+
+def test_projector_runs_on_kept_tokens_only():
+    model, make_inputs = tiny_llava(seed=0)
+    rows = []
+    handle = model.model.multi_modal_projector.register_forward_hook(lambda m, a, o: rows.append(a[0].shape))
+    try:
+        with tokprune.pruned(model, "topk(keep_ratio=0.25)") as run, torch.no_grad():
+            model(**make_inputs(LENGTHS))
+    finally:
+        handle.remove()
+    kept = int(run.stats.visual_kept.sum())
+    assert kept == 3 * 16
+    assert [tuple(s) for s in rows] == [(kept, model.config.vision_config.hidden_size)]
+
+
+def test_stats_after_each_call():
+    model, make_inputs = tiny_llava(seed=0)
+    inputs = make_inputs(LENGTHS)
+    n_layers = model.config.text_config.num_hidden_layers
+    with tokprune.pruned(model, "topk(keep_ratio=0.25)+fastv(layer=2, keep=4)") as run, torch.no_grad():
+        assert run.stats is None
+        model.generate(**inputs, max_new_tokens=3, pad_token_id=VOCAB.pad)
+        stats = run.stats
+    seq_len = inputs["attention_mask"].sum(1)
+    assert stats.visual_total == 64
+    assert stats.seq_len.tolist() == seq_len.tolist()
+    assert stats.visual_kept.tolist() == [16, 16, 16]
+    after_vision = seq_len - 64 + 16
+    assert stats.llm_kept[2].tolist() == (after_vision - 12).tolist()
+    assert stats.layer_tokens.shape == (3, n_layers)
+    assert stats.layer_tokens[:, 0].tolist() == after_vision.tolist()
+    assert stats.layer_tokens[:, 3].tolist() == stats.llm_kept[2].tolist()
+    assert stats.layer_visual[:, :2].eq(16).all() and stats.layer_visual[:, 2:].eq(4).all()
+    assert torch.allclose(stats.visual_layer_avg, torch.tensor([10.0] * 3))
+    assert torch.allclose(stats.tokens_layer_avg, stats.layer_tokens.float().mean(1))
+    assert (stats.flops_pruned < stats.flops_unpruned).all()
+    records = stats.to_records()
+    assert len(records) == 3 and records[1]["llm_kept_2"] == int(stats.llm_kept[2][1])
+    assert "fastv.keep_count" in records[0] and "topk.keep_count" in records[0]
+    json.dumps(records)
+
+
+def test_flops_match_the_formula_and_keep_all_costs_the_same():
+    model, make_inputs = tiny_llava(seed=0)
+    inputs = make_inputs((4,))
+    cfg, vcfg = model.config.text_config, model.config.vision_config
+    with tokprune.pruned(model, "none") as run, torch.no_grad():
+        model(**inputs)
+    n = int(inputs["attention_mask"].sum())
+    d, m, c, mv = cfg.hidden_size, cfg.intermediate_size, vcfg.hidden_size, vcfg.intermediate_size
+
+    def layer(n, d, m):
+        return 4 * n * d * d + 2 * n * n * d + 2 * n * d * m
+
+    expected = cfg.num_hidden_layers * layer(n, d, m) + vcfg.num_hidden_layers * layer(65, c, mv) + 64 * (c * d + d * d)
+    assert run.stats.flops_unpruned.tolist() == [expected]
+    assert run.stats.flops_pruned.tolist() == [expected]
+
+
+def test_decoding_continues_at_the_unpruned_length():
+    """Keep mode: the first generated token sits at position L (the unpruned prompt length) in every layer."""
+    model, make_inputs = tiny_llava(seed=0)
+    inputs = make_inputs((5,))
+    positions = []
+    layer = model.model.language_model.layers[3]
+    hook = layer.register_forward_pre_hook(
+        lambda m, a, kw: positions.append(kw["position_ids"].clone()), with_kwargs=True
+    )
+    try:
+        with tokprune.pruned(model, "topk(keep_ratio=0.25)+fastv(layer=2, keep=4)"), torch.no_grad():
+            model.generate(**inputs, max_new_tokens=2, pad_token_id=VOCAB.pad)
+    finally:
+        hook.remove()
+    n = inputs["input_ids"].shape[1]
+    prefill, decode = positions[0], positions[1]
+    assert prefill.shape[1] == n - 64 + 16 - 12 and prefill[0, -1].item() == n - 1
+    assert decode.tolist() == [[n]]
