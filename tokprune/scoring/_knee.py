@@ -104,19 +104,22 @@ def find_knee(
     # are several times slower on CPU than the sort this is meant to keep up with.
     # s[i] = sign(d[i+1] - d[i]) for i = 0..N-2 (NaN rows give 0 everywhere -> never a knee).
     right, left = d[:, 1:], d[:, :-1]
-    s = (right > left).to(idx) - (right < left).to(idx)  # [B, N-1]
-    # Position i = 0..N-2 (N-1 is never processed by kneed's walk); sp = slope on the left (0 at i = 0,
-    # 'clip' compares d[0] with itself), sn = slope on the right.
-    sp = torch.nn.functional.pad(s[:, :-1], (1, 0))
-    sn = s
-    # max-only point (sets threshold, activates detection):  sp >= 0 >= sn and not both 0  <=>  sp > sn
-    # min point, plateau max+min included (threshold 0, pauses detection):  sp <= 0 <= sn
-    activate = (sp > sn).to(idx)
-    pause = ((sp <= 0) & (sn >= 0)).to(idx)
+    up, down = right > left, right < left  # [B, N-1]: sign of d[i+1] - d[i]; NaN rows: neither
+    # Position i = 0..N-2 (N-1 is never processed by kneed's walk) has the slope s[i-1] on its left
+    # (0 at i = 0: 'clip' compares d[0] with itself) and s[i] on its right. It is
+    #   a max only (sets the threshold, activates detection):  left >= 0 >= right, not both 0
+    #   a min, plateau max+min included (pauses detection):    left <= 0 <= right
+    # i.e. an event unless both slopes have the same strict sign, and an activating one iff left > right.
+    # key = 2i+1 at an activating max, 2i at a pause, 0 elsewhere; position 0 is always an event, so the
+    # running max gives, for every i, the most recent extremum at or before i and whether detection is on.
+    # (bool ops, then one dtype: mixed-dtype ops are several times slower on CPU.)
+    up_l, up_r, dn_l, dn_r = up[:, :-1], up[:, 1:], down[:, :-1], down[:, 1:]
+    event = ~((up_l & up_r) | (dn_l & dn_r))
+    activate = (up_l & ~up_r) | (~dn_l & dn_r)
     pos = torch.arange(n - 1, device=d.device, dtype=idx)
-    # key = 2i+1 at an activating max, 2i at a pause; position 0 is always one of the two, so the running
-    # max gives, for every i, the most recent extremum at or before i and whether detection is on there.
-    key = activate * (2 * pos + 1) + pause * (2 * pos)
+    key = torch.empty(up.shape, dtype=idx, device=d.device)
+    torch.mul(event.to(idx), 2 * pos[1:], out=key[:, 1:]).add_(activate.to(idx))
+    key[:, 0] = down[:, 0].to(idx)
     last = torch.cummax(key, dim=1).values
     active = last & 1
     cand = (last >> 1).long()  # position of the governing extremum
