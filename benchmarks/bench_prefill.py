@@ -1,0 +1,294 @@
+"""Prefill benchmark of the LLaVA adapter (issue 3, item 9). A script, not a test.
+
+A LLaVA-1.5-7B-shaped model built from config with random weights, real widths (CLIP-L/14-336 tower,
+Llama-7B language model) but only 2 vision and 2 LLM layers; batch 1, 576 image + 64 text tokens;
+fp32 and bf16. Prints, per dtype:
+
+* prefill time unpruned vs ``topk(keep_ratio=0.22)`` vs ``cls_knee+text_interact(layer=1)``, with the
+  FLOP model's predicted speedup next to the measured one;
+* the decision (scoring) time of each strategy as a fraction of one full-length LLM layer;
+* FastV scored from layer K-1's q/k (what the adapter does) vs the reference way (a second pass of
+  layer K-1's attention in eager mode with its weights, last-token row);
+* one decode step against the pruned vs the unpruned KV cache.
+
+Usage::
+
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_prefill.py [--repeats 5] [--dtypes fp32,bf16]
+
+Prefill runs with ``logits_to_keep=1`` (what ``generate`` does), pruned and unpruned alike.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: 2 OpenMP threads stall on small matmuls otherwise
+
+import argparse
+import gc
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers.masking_utils import create_causal_mask
+
+import tokprune
+from tokprune import LLMContext, TokenRole, VisionContext, VisionSignals
+
+IMAGE_TOKEN = 32000
+N_TEXT = 64
+TOPK = "topk(keep_ratio=0.22)"
+COMPOSITE = "cls_knee+text_interact(layer=1)"
+FASTV = "fastv(layer=1, keep_ratio=0.22)"
+
+
+def build(dtype: torch.dtype) -> LlavaForConditionalGeneration:
+    vision = CLIPVisionConfig(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=2,
+        num_attention_heads=16,
+        image_size=336,
+        patch_size=14,
+        projection_dim=768,
+        hidden_act="quick_gelu",
+    )
+    text = LlamaConfig(
+        vocab_size=32064,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=2,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        max_position_embeddings=4096,
+        pad_token_id=0,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=IMAGE_TOKEN,
+        image_seq_length=576,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    for c in (config, config.text_config, config.vision_config):
+        c._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device("cpu"):
+        model = LlavaForConditionalGeneration(config)
+    return model.to(dtype).eval()
+
+
+def make_inputs(dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    text = torch.randint(100, 30000, (N_TEXT,), generator=gen)
+    # <s> USER : <image>*576 question ASSISTANT : -> 64 text tokens in all
+    ids = torch.cat([text[:3], torch.full((576,), IMAGE_TOKEN), text[3:]])[None]
+    pixels = torch.randn(1, 3, 336, 336, generator=gen).to(dtype)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels}
+
+
+def timed(fn: Callable[[], object], repeats: int) -> float:
+    """Median wall time of ``fn`` in seconds (one warm-up call first)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def prefill(model, inputs) -> Callable[[], object]:
+    def run() -> object:
+        with torch.no_grad():
+            return model(**inputs, logits_to_keep=1, use_cache=False)
+
+    return run
+
+
+def spy(pipeline: tokprune.Pipeline) -> dict[str, object]:
+    """Wrap each step's ``plan`` on the instance to keep the last context it saw."""
+    seen: dict[str, object] = {}
+    for step in pipeline:
+        original = step.plan
+
+        def plan(ctx, _original=original, _name=step.name):
+            seen[_name] = ctx
+            return _original(ctx)
+
+        step.__dict__["plan"] = plan
+    return seen
+
+
+def fresh(ctx):
+    """The same context with an empty signal cache (vision signals memoise derived scores)."""
+    if isinstance(ctx, VisionContext):
+        s = ctx.signals
+        signals = VisionSignals(s._fetch, s.num_layers, s.num_heads, declared=s._declared, cls_index=s.cls_index)
+        return VisionContext(features=ctx.features, signals=signals, grid=ctx.grid)
+    return ctx
+
+
+def decision_time(pipeline: tokprune.Pipeline, contexts: dict[str, object], repeats: int) -> dict[str, float]:
+    out = {}
+    for step in pipeline:
+        ctx = contexts[step.name]
+        out[step.name] = timed(lambda step=step, ctx=ctx: step(fresh(ctx)), repeats)
+    return out
+
+
+def layer_time(model, inputs, repeats: int) -> float:
+    """One full-length decoder layer (the unit of the scoring overhead)."""
+    lm = model.model.language_model
+    h = torch.randn(1, inputs["input_ids"].shape[1], lm.config.hidden_size, dtype=model.dtype)
+    pos = torch.arange(h.shape[1])[None]
+    pe = lm.rotary_emb(h, position_ids=pos)
+
+    def run() -> object:
+        with torch.no_grad():
+            return lm.layers[1](h, attention_mask=None, position_ids=pos, position_embeddings=pe)
+
+    return timed(run, repeats)
+
+
+def fastv_reference(model, inputs, repeats: int) -> tuple[float, float, bool]:
+    """FastV scored from q/k (adapter) vs from eager weights of a second pass of layer K-1 (reference)."""
+    lm = model.model.language_model
+    captured: dict[str, object] = {}
+    hook = lm.layers[0].register_forward_pre_hook(
+        lambda m, args, kwargs: captured.update(h=args[0], kw=kwargs), with_kwargs=True
+    )
+    pipeline = tokprune.strategies.get(FASTV)
+    contexts = spy(pipeline)
+    try:
+        with tokprune.pruned(model, pipeline):
+            prefill(model, inputs)()
+    finally:
+        hook.remove()
+    ctx: LLMContext = contexts["fastv"]  # type: ignore[assignment]
+    qk_time = decision_time(pipeline, contexts, repeats)["fastv"]
+    step = pipeline[0]
+    h, kw = captured["h"], captured["kw"]
+    attn = lm.layers[0].self_attn
+    eager_config = type(lm.config).from_dict(lm.config.to_dict())
+    eager_config._attn_implementation = "eager"
+    mask = create_causal_mask(eager_config, h, kw["position_ids"].new_ones(h.shape[:2]), None, kw["position_ids"])
+
+    def second_pass() -> torch.Tensor:
+        # Layer K-1's attention again, eager, for its weights (FastV's lmms-eval port, LLMC's pre-hook).
+        saved = attn.config._attn_implementation
+        attn.config._attn_implementation = "eager"
+        try:
+            with torch.no_grad():
+                _, weights = attn(lm.layers[0].input_layernorm(h), kw["position_embeddings"], mask)
+        finally:
+            attn.config._attn_implementation = saved
+        row = weights[:, :, -1].float().mean(1)  # last token's row, head mean
+        image = ctx.role_mask(TokenRole.IMAGE)
+        k = int(round(int(image.sum()) * 0.22))
+        return row.masked_fill(~image, float("-inf")).topk(k).indices
+
+    ref_time = timed(second_pass, repeats)
+    with torch.no_grad():
+        ours = step(ctx).keep & ctx.role_mask(TokenRole.IMAGE)
+    same = sorted(ours[0].nonzero().flatten().tolist()) == sorted(second_pass()[0].tolist())
+    return qk_time, ref_time, same
+
+
+def decode_step(model, inputs, spec: str | None, repeats: int) -> float:
+    """One greedy decode step against the cache a prefill left (pruned with ``spec``, or unpruned)."""
+    handle = tokprune.patch(model, spec) if spec else None
+    try:
+        with torch.no_grad():
+            out = model(**inputs, logits_to_keep=1, use_cache=True)
+            cache = out.past_key_values
+            n = inputs["input_ids"].shape[1]
+            token = out.logits[:, -1:].argmax(-1)
+            mask = torch.ones(1, n + 1, dtype=torch.long)
+            state = {"mask": mask, "pos": n}
+
+            def step() -> object:
+                # Each call appends one position; the cache grows by one token per repeat (negligible).
+                r = model(
+                    input_ids=token,
+                    attention_mask=state["mask"],
+                    position_ids=torch.tensor([[state["pos"]]]),
+                    past_key_values=cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+                state["mask"] = torch.cat([state["mask"], torch.ones(1, 1, dtype=torch.long)], dim=1)
+                state["pos"] += 1
+                return r
+
+            return timed(step, repeats)
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def run_dtype(dtype: torch.dtype, repeats: int) -> None:
+    name = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
+    print(f"\n=== {name} ===", flush=True)
+    model = build(dtype)
+    inputs = make_inputs(dtype)
+    t_full = timed(prefill(model, inputs), repeats)
+    one_layer = layer_time(model, inputs, repeats)
+    print(
+        f"prefill unpruned                      {t_full * 1e3:8.1f} ms   (one LLM layer at 640 tokens: "
+        f"{one_layer * 1e3:.1f} ms)"
+    )
+    for spec in (TOPK, COMPOSITE):
+        pipeline = tokprune.strategies.get(spec)
+        contexts = spy(pipeline)
+        with tokprune.pruned(model, pipeline) as run:
+            t = timed(prefill(model, inputs), repeats)
+            stats = run.stats
+        predicted = float(stats.flops_unpruned[0] / stats.flops_pruned[0])
+        kept = {k: int(v[0]) for k, v in stats.llm_kept.items()}
+        print(
+            f"prefill {spec:<30} {t * 1e3:8.1f} ms   speedup {t_full / t:4.2f}x measured, {predicted:4.2f}x "
+            f"FLOP model; visual kept {int(stats.visual_kept[0])}/576, llm kept {kept}, "
+            f"tokens/layer {float(stats.tokens_layer_avg[0]):.0f}"
+        )
+        for step_name, seconds in decision_time(pipeline, contexts, repeats).items():
+            print(
+                f"    scoring {step_name:<14} {seconds * 1e3:7.2f} ms = {100 * seconds / one_layer:5.2f}% of one layer"
+            )
+    qk, ref, same = fastv_reference(model, inputs, repeats)
+    print(
+        f"FastV scoring: from q/k {qk * 1e3:.2f} ms vs eager second pass of layer K-1 {ref * 1e3:.2f} ms "
+        f"({ref / qk:.1f}x slower); same kept set: {same}"
+    )
+    d_full = decode_step(model, inputs, None, repeats * 4)
+    d_pruned = decode_step(model, inputs, TOPK, repeats * 4)
+    print(
+        f"decode step: unpruned cache {d_full * 1e3:.1f} ms, pruned cache ({TOPK}) {d_pruned * 1e3:.1f} ms "
+        f"({d_full / d_pruned:.2f}x)"
+    )
+    del model
+    gc.collect()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--dtypes", default="fp32,bf16")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, OMP_WAIT_POLICY="
+        f"{os.environ.get('OMP_WAIT_POLICY')}, {platform.processor() or platform.machine()}"
+    )
+    print("model: CLIP-L/14-336 widths x 2 layers, Llama-7B widths x 2 layers, batch 1, 576 image + 64 text tokens")
+    for d in args.dtypes.split(","):
+        run_dtype({"fp32": torch.float32, "bf16": torch.bfloat16}[d.strip()], args.repeats)
+
+
+if __name__ == "__main__":
+    main()
