@@ -1,0 +1,242 @@
+"""The lmms-eval model ``tokprune_llava``, offline: its request handler on a llava-hf checkpoint.
+
+lmms-eval itself is optional and heavy; these tests drive the wrapper with duck-typed requests. The tests
+marked ``lmms_eval`` run only where lmms-eval is importable (they resolve the model through lmms-eval's
+own registry and answer its ``Instance`` objects).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+import tokprune
+from tokprune.errors import UnknownStrategyError
+from tokprune.integrations import lmms_eval as wrapper
+from tokprune.integrations.lmms_eval import Request, TokpruneLlavaCore
+
+SPEC = "cls_knee+text_interact"
+UNTIL = {"until": ["</s>", "\n"], "max_new_tokens": 5}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> str:
+    """The embedded trained model when it is there, else a random-weight checkpoint of the same layout."""
+    from tokprune import models
+
+    shipped = models.path()
+    if (shipped / "config.json").exists():
+        return str(shipped)
+    from transformers import LlavaForConditionalGeneration
+
+    from tokprune.models import build
+
+    folder = tmp_path_factory.mktemp("tiny-llava-random")
+    tokenizer = build.build_tokenizer()
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(build.llava_config(build.Sizes(), tokenizer)).eval()
+    model.generation_config = build.generation_config(tokenizer)
+    model.save_pretrained(folder)
+    build.build_processor(tokenizer).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def samples():
+    from tokprune.data import world
+
+    return world.generate_samples(5, seed=4321)  # questions of different lengths: ragged padding
+
+
+def requests_for(model: TokpruneLlavaCore, samples, gen_kwargs=UNTIL, task="shapes") -> list[Request]:
+    model.task_dict = {task: {"test": dict(enumerate(samples))}}
+    return [
+        Request((s.question, dict(gen_kwargs), lambda doc: [doc.image], i, task, "test")) for i, s in enumerate(samples)
+    ]
+
+
+def direct_answers(checkpoint: str, spec: str, samples, max_new_tokens: int) -> list[str]:
+    """Each sample alone through ``model.generate`` of an independently loaded and patched model."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from tokprune.data import world
+
+    model = LlavaForConditionalGeneration.from_pretrained(checkpoint).eval()
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    tok = processor.tokenizer
+    answers = []
+    with tokprune.pruned(model, spec, question_end=processor), torch.no_grad():
+        for s in samples:
+            inputs = processor(text=[world.build_prompt(s.question)], images=[s.image], return_tensors="pt")
+            out = model.generate(
+                **inputs,
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id,
+            )
+            text = tok.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+            answers.append(text.split("\n")[0].strip())
+    return answers
+
+
+def test_the_module_imports_without_lmms_eval():
+    code = (
+        "import sys; sys.modules['lmms_eval'] = None\n"  # makes `import lmms_eval` raise ImportError
+        "import tokprune.integrations.lmms_eval as m\n"
+        "assert m.TokpruneLlava is m.TokpruneLlavaCore\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_chat_prompt_is_llava_15s(checkpoint):
+    model = TokpruneLlavaCore(pretrained=checkpoint, device="cpu")
+    assert model.build_prompt("what color is the circle ?", 1) == "USER: <image>\nwhat color is the circle ? ASSISTANT:"
+    assert model.build_prompt("<image>\nhow many ?", 1) == "USER: <image>\nhow many ? ASSISTANT:"
+
+
+@pytest.mark.parametrize("spec", [SPEC, "none"])
+def test_generate_until_with_batch_size_2_equals_direct_generate(checkpoint, samples, spec):
+    model = TokpruneLlavaCore(pretrained=checkpoint, strategy=spec, batch_size=2, device="cpu")
+    answers = model.generate_until(requests_for(model, samples))
+    assert answers == direct_answers(checkpoint, spec, samples, UNTIL["max_new_tokens"])
+    solo = TokpruneLlavaCore(pretrained=checkpoint, strategy=spec, batch_size=1, device="cpu")
+    assert solo.generate_until(requests_for(solo, samples)) == answers
+
+
+def test_the_pruning_log_reports_each_requests_budget(checkpoint, samples):
+    model = TokpruneLlavaCore(pretrained=checkpoint, strategy="topk(keep=20)", batch_size=2, device="cpu")
+    model.generate_until(requests_for(model, samples))
+    assert sorted(entry["doc_id"] for entry in model.pruning_log) == list(range(len(samples)))
+    assert {entry["visual_kept"] for entry in model.pruning_log} == {20}
+    assert all(entry["visual_total"] > 20 for entry in model.pruning_log)
+
+
+def test_generation_settings_split_batches_and_results_keep_request_order(checkpoint, samples):
+    model = TokpruneLlavaCore(pretrained=checkpoint, strategy=SPEC, batch_size=4, device="cpu")
+    mixed = requests_for(model, samples)
+    mixed[1] = Request((samples[1].question, {"max_new_tokens": 1}, *mixed[1].args[2:]))
+    answers = model.generate_until(mixed)
+    reference = model.generate_until(requests_for(model, samples))
+    assert [a for i, a in enumerate(answers) if i != 1] == [a for i, a in enumerate(reference) if i != 1]
+    assert len(answers[1].split()) <= 1
+
+
+def test_model_args_are_checked_before_loading(checkpoint):
+    with pytest.raises(UnknownStrategyError, match="cls_kne"):
+        TokpruneLlavaCore(pretrained="/nonexistent", strategy="cls_kne")
+    with pytest.raises(TypeError, match="unknown model_args \\['strategie'\\]"):
+        TokpruneLlavaCore(pretrained=checkpoint, strategie="fastv")
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        TokpruneLlavaCore(pretrained=checkpoint, batch_size="auto")
+    quoted = TokpruneLlavaCore(pretrained=checkpoint, strategy='"fastv(layer=2, keep_ratio=0.5)"', device="cpu")
+    assert str(quoted.pipeline) == "fastv(layer=2, keep_ratio=0.5, keep=none, query=last)"
+
+
+def test_loglikelihood_and_non_image_inputs_fail_clearly(checkpoint, samples):
+    model = TokpruneLlavaCore(pretrained=checkpoint, device="cpu")
+    with pytest.raises(NotImplementedError, match="generate_until tasks only"):
+        model.loglikelihood([])
+    model.task_dict = {"video": {"test": {0: "clip.mp4"}}}
+    with pytest.raises(NotImplementedError, match="image tasks"):
+        model.generate_until([Request(("q", {}, lambda doc: [doc], 0, "video", "test"))])
+
+
+# -- the lmms-eval glue, against a stand-in lmms_eval package --------------------------------------------
+
+
+@pytest.fixture
+def fake_lmms_eval(monkeypatch):
+    """Just enough of lmms-eval 0.7's modules: the ``lmms`` base class and the v2 model registry."""
+    import abc
+    from dataclasses import dataclass
+
+    @dataclass(frozen=True)
+    class ModelManifest:
+        model_id: str
+        simple_class_path: str | None = None
+        chat_class_path: str | None = None
+
+    class Registry:
+        def __init__(self):
+            self.manifests = {}
+
+        def register_manifest(self, manifest, overwrite=False):
+            self.manifests[manifest.model_id] = manifest
+
+    class lmms(abc.ABC):  # noqa: N801 - lmms-eval's name
+        def __init__(self):
+            self._rank, self._world_size, self.task_dict = 0, 1, {}
+            self.cache_hook = types.SimpleNamespace(calls=[], add_partial=lambda *a: self.cache_hook.calls.append(a))
+
+        @abc.abstractmethod
+        def generate_until(self, requests): ...
+
+    modules = {
+        "lmms_eval": types.ModuleType("lmms_eval"),
+        "lmms_eval.api": types.ModuleType("lmms_eval.api"),
+        "lmms_eval.api.model": types.SimpleNamespace(lmms=lmms),
+        "lmms_eval.models": types.SimpleNamespace(MODEL_REGISTRY_V2=Registry(), AVAILABLE_MODELS={}),
+        "lmms_eval.models.registry_v2": types.SimpleNamespace(ModelManifest=ModelManifest),
+    }
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.delitem(vars(wrapper), "TokpruneLlava", raising=False)
+    yield modules
+    vars(wrapper).pop("TokpruneLlava", None)  # built on the stand-in; monkeypatch then restores any real one
+
+
+def test_with_lmms_eval_the_class_is_an_lmms_and_registers(fake_lmms_eval, checkpoint, samples):
+    cls = wrapper.TokpruneLlava
+    assert issubclass(cls, fake_lmms_eval["lmms_eval.api.model"].lmms) and issubclass(cls, TokpruneLlavaCore)
+    assert f"{cls.__module__}.{cls.__qualname__}" == wrapper.CLASS_PATH
+    assert wrapper.lmms_eval_manifest().simple_class_path == wrapper.CLASS_PATH
+    wrapper.register_with_lmms_eval()
+    registry = fake_lmms_eval["lmms_eval.models"].MODEL_REGISTRY_V2
+    assert registry.manifests["tokprune_llava"].simple_class_path == wrapper.CLASS_PATH
+    model = cls(pretrained=checkpoint, strategy=SPEC, batch_size=2, device="cpu")
+    answers = model.generate_until(requests_for(model, samples[:2]))
+    assert sorted(call[2] for call in model.cache_hook.calls) == sorted(answers)  # lmms-eval's cache is fed
+
+
+def test_the_lmms_eval_entry_point_is_declared_and_installed():
+    tomllib = pytest.importorskip("tomllib" if sys.version_info >= (3, 11) else "tomli")
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    declared = pyproject["project"]["entry-points"]["lmms_eval.models"]
+    assert declared == {"tokprune_llava": "tokprune.integrations.lmms_eval:lmms_eval_manifest"}
+    assert "tokprune.integrations" in pyproject["tool"]["setuptools"]["packages"]
+    installed = {ep.name: ep.value for ep in md.entry_points(group="lmms_eval.models")}
+    if "tokprune_llava" not in installed:
+        pytest.skip("tokprune's installed metadata predates the entry point: reinstall (pip install -e .)")
+    assert installed["tokprune_llava"] == declared["tokprune_llava"]
+
+
+# -- with the real lmms-eval, where it is installed ---------------------------------------------------------
+
+
+def test_real_lmms_eval_resolves_and_runs_tokprune_llava(checkpoint, samples):
+    pytest.importorskip("lmms_eval.models")
+    from lmms_eval.api.instance import Instance
+    from lmms_eval.models import get_model
+
+    cls = get_model("tokprune_llava")
+    model = cls.create_from_arg_string(
+        f"pretrained={checkpoint},strategy={SPEC}", {"batch_size": 2, "device": "cpu", "max_batch_size": None}
+    )
+    model.task_dict = {"shapes": {"test": dict(enumerate(samples))}}
+    instances = [
+        Instance(
+            "generate_until",
+            (s.question, dict(UNTIL), lambda doc: [doc.image], i, "shapes", "test"),
+            idx=0,
+            metadata={"task": "shapes", "doc_id": i, "repeats": 1},
+        )
+        for i, s in enumerate(samples)
+    ]
+    assert model.generate_until(instances) == direct_answers(checkpoint, SPEC, samples, UNTIL["max_new_tokens"])

@@ -1,0 +1,405 @@
+"""lmms-eval model ``tokprune_llava``: evaluate any tokprune pipeline on a llava-hf checkpoint, batched.
+
+::
+
+    pip install "tokprune[lmms]"
+    lmms-eval --model tokprune_llava \\
+        --model_args pretrained=llava-hf/llava-1.5-7b-hf,strategy=cls_knee+text_interact \\
+        --tasks pope --batch_size 8
+
+How lmms-eval finds it: lmms-eval 0.7 loads model manifests from the ``lmms_eval.models`` entry-point
+group; tokprune declares ``tokprune_llava = "tokprune.integrations.lmms_eval:lmms_eval_manifest"`` there,
+and the manifest points at :data:`CLASS_PATH`. Where entry points are not read (older lmms-eval), run it
+through this module instead, which registers the model and then hands over to lmms-eval's own CLI::
+
+    python -m tokprune.integrations.lmms_eval --model tokprune_llava --model_args ... --tasks ...
+
+lmms-eval is optional: this module imports without it. :class:`TokpruneLlava` is built on first access
+as a subclass of lmms-eval's ``lmms`` base class when lmms-eval is installed, and is the plain
+:class:`TokpruneLlavaCore` otherwise; both answer lmms-eval's request objects, or any object with an
+``args`` tuple (see :class:`Request`).
+
+Model arguments (``--model_args k=v,...``): see :class:`TokpruneLlavaCore`. A spec with commas inside
+parentheses must be quoted, because lmms-eval splits ``--model_args`` on commas outside quotes:
+``--model_args 'pretrained=PATH,strategy="fastv(layer=2, keep_ratio=0.5)"'``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "CLASS_PATH",
+    "MODEL_NAME",
+    "Request",
+    "TokpruneLlava",  # noqa: F822 - built on first access by the module __getattr__
+    "TokpruneLlavaCore",
+    "lmms_eval_manifest",
+    "main",
+    "register_with_lmms_eval",
+]
+
+MODEL_NAME = "tokprune_llava"
+CLASS_PATH = "tokprune.integrations.lmms_eval.TokpruneLlava"
+IMAGE_TOKEN = "<image>"
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+# The llava-hf LLaVA-1.5 prompt, for processors that ship no chat template.
+VICUNA_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}USER: {{ message['content'] }} "
+    "{% else %}ASSISTANT: {{ message['content'] }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class Request:
+    """A minimal stand-in for lmms-eval's ``Instance``: only ``args`` is read.
+
+    ``args = (context, gen_kwargs, doc_to_visual, doc_id, task, split)``, as lmms-eval builds it for
+    ``generate_until``; ``doc_to_visual(model.task_dict[task][split][doc_id])`` gives the images.
+    """
+
+    args: tuple
+
+
+@dataclass
+class _Item:
+    index: int
+    context: str
+    gen_kwargs: dict[str, Any]
+    visuals: list[Any]
+    doc_id: Any
+    task: Any
+    prompt: str = ""
+    key: str = field(default="", repr=False)
+
+
+def _unquote(text: str) -> str:
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
+        return text[1:-1]
+    return text
+
+
+def _as_list(value: Any) -> list[Any]:
+    """Flatten lmms-eval's visuals (a visual, a list, or a list of lists) into one list, dropping None."""
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return [v for item in value for v in _as_list(item)]
+    return [value]
+
+
+class TokpruneLlavaCore:
+    """A llava-hf ``LlavaForConditionalGeneration`` patched with a tokprune pipeline, answering lmms-eval requests.
+
+    Args:
+        pretrained: a local checkpoint directory, a hub id, or the name of a model shipped with tokprune
+            (``tiny-llava-shapes``, the default).
+        strategy: the pipeline spec (``"cls_knee+text_interact"``; ``"none"`` evaluates the unpruned model).
+        batch_size: prompts per ``generate`` call (lmms-eval passes ``--batch_size``). Samples are
+            batched with left padding; tokprune's batch == solo guarantee makes results independent of it.
+        device: ``cpu``, ``cuda``, ``cuda:1``...; default: cuda when available.
+        dtype: one of ``auto``, ``float32``, ``bfloat16``, ``float16``.
+        max_new_tokens: used when a task's generation kwargs give none.
+        vision_positions, llm_positions: ``keep`` (default) or ``compact``; see ``tokprune.patch``.
+        chat_template: a Jinja template overriding the processor's (default: the processor's, else
+            LLaVA-1.5's ``USER: ... ASSISTANT:``).
+        attn_implementation: ``sdpa`` (default) or ``eager``.
+        use_cache: generate with the KV cache (pruning happens once, at prefill).
+        revision: hub revision of ``pretrained``.
+        model, processor: already loaded objects, instead of ``pretrained`` (programmatic use).
+
+    After each batch, :attr:`pruning_log` gets one entry per request with the visual tokens kept and
+    the tokens per LLM layer, so a run's budget can be reported next to lmms-eval's scores.
+    """
+
+    is_simple = True
+
+    def __init__(
+        self,
+        pretrained: str | None = None,
+        strategy: str = "none",
+        batch_size: int | str = 1,
+        device: str | None = None,
+        dtype: str = "auto",
+        max_new_tokens: int = 128,
+        vision_positions: str = "keep",
+        llm_positions: str = "keep",
+        chat_template: str | None = None,
+        attn_implementation: str | None = None,
+        use_cache: bool = True,
+        revision: str | None = None,
+        model: Any = None,
+        processor: Any = None,
+        max_batch_size: int | None = None,  # lmms-eval passes it; batches are fixed-size here
+        **unknown: Any,
+    ) -> None:
+        super().__init__()
+        if unknown:
+            raise TypeError(
+                f"{MODEL_NAME}: unknown model_args {sorted(unknown)}; valid: pretrained, strategy, batch_size, "
+                "device, dtype, max_new_tokens, vision_positions, llm_positions, chat_template, "
+                "attn_implementation, use_cache, revision"
+            )
+        import torch
+
+        from tokprune import patch, strategies
+
+        self.task_dict: dict = getattr(self, "task_dict", {})
+        self._rank, self._world_size = 0, 1
+        self.batch_size_per_gpu = _positive_int("batch_size", batch_size)
+        self.max_new_tokens = _positive_int("max_new_tokens", max_new_tokens)
+        self.use_cache = bool(use_cache)
+        self.pipeline = strategies.get(_unquote(str(strategy)))  # fails here, before loading, on a bad spec
+        self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if model is None:
+            model, processor = _load(pretrained, dtype, attn_implementation, revision)
+        elif processor is None:
+            raise TypeError(f"{MODEL_NAME}: pass processor= together with model=")
+        self._model = model.to(self._device).eval()
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.tokenizer.padding_side = "left"  # batched generation continues from the right edge
+        self.chat_template = chat_template
+        self.handle = patch(
+            self._model,
+            self.pipeline,
+            vision_positions=vision_positions,
+            llm_positions=llm_positions,
+            question_end=processor,
+        )
+        self.pruning_log: list[dict[str, Any]] = []
+
+    # -- what lmms-eval reads -----------------------------------------------------------------------
+
+    @property
+    def model(self) -> Any:
+        return self._model
+
+    @property
+    def batch_size(self) -> int:
+        return self.batch_size_per_gpu
+
+    @property
+    def device(self) -> Any:
+        return self._device
+
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    @property
+    def world_size(self) -> int:
+        return self._world_size
+
+    def generate_until(self, requests: Sequence[Any]) -> list[str]:
+        """Answer ``generate_until`` requests, ``batch_size`` at a time; results in request order."""
+        items = [self._parse(i, request) for i, request in enumerate(requests)]
+        results: list[str] = [""] * len(items)
+        for batch in _batches(items, self.batch_size):
+            for item, text in zip(batch, self._generate(batch)):
+                results[item.index] = text
+                hook = getattr(self, "cache_hook", None)
+                if hook is not None:
+                    hook.add_partial("generate_until", (item.context, item.gen_kwargs), text)
+        return results
+
+    def loglikelihood(self, requests: Sequence[Any]) -> list[tuple[float, bool]]:
+        raise NotImplementedError(
+            f"{MODEL_NAME} answers generate_until tasks only: LLM-stage strategies drop prompt positions, "
+            "so the continuation's log-likelihood is not defined on a pruned prompt"
+        )
+
+    def generate_until_multi_round(self, requests: Sequence[Any]) -> list[str]:
+        raise NotImplementedError(f"{MODEL_NAME} does not implement multi-round generation")
+
+    # -- helpers --------------------------------------------------------------------------------------
+
+    def build_prompt(self, context: str, num_images: int) -> str:
+        """The chat-formatted prompt, with ``<image>`` placeholders prepended when the context has none."""
+        if num_images and IMAGE_TOKEN not in context:
+            context = " ".join([IMAGE_TOKEN] * num_images) + "\n" + context
+        messages = [{"role": "user", "content": context}]
+        template = self.chat_template or getattr(self.processor, "chat_template", None)
+        owner = self.processor if template and not self.chat_template else self.tokenizer
+        return owner.apply_chat_template(
+            messages, chat_template=template or VICUNA_TEMPLATE, tokenize=False, add_generation_prompt=True
+        )
+
+    def _parse(self, index: int, request: Any) -> _Item:
+        context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args[:6]
+        visuals = _as_list(doc_to_visual(self.task_dict[task][split][doc_id])) if doc_to_visual else []
+        unsupported = [type(v).__name__ for v in visuals if not hasattr(v, "convert")]
+        if unsupported:
+            raise NotImplementedError(f"{MODEL_NAME} evaluates image tasks; doc {doc_id!r} gave {unsupported}")
+        item = _Item(index, context, dict(gen_kwargs or {}), visuals, doc_id, task)
+        item.prompt = self.build_prompt(context, len(visuals))
+        # Only requests with identical generation settings share a generate() call.
+        item.key = json.dumps(item.gen_kwargs, sort_keys=True, default=str)
+        return item
+
+    def _generate(self, batch: list[_Item]) -> list[str]:
+        import torch
+
+        kwargs = dict(batch[0].gen_kwargs)
+        until = _as_list(kwargs.pop("until", None))
+        temperature = float(kwargs.pop("temperature", 0) or 0)
+        do_sample = bool(kwargs.pop("do_sample", False)) or temperature > 0
+        images = [v.convert("RGB") for item in batch for v in item.visuals]
+        inputs = self.processor(
+            text=[item.prompt for item in batch], images=images or None, return_tensors="pt", padding=True
+        ).to(self._device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self._model.dtype)
+        pad = self.tokenizer.pad_token_id
+        with torch.no_grad():
+            out = self._model.generate(
+                **inputs,
+                do_sample=do_sample,
+                temperature=temperature if do_sample else None,
+                top_p=kwargs.pop("top_p", None) if do_sample else None,
+                num_beams=int(kwargs.pop("num_beams", 1) or 1),
+                max_new_tokens=int(kwargs.pop("max_new_tokens", self.max_new_tokens)),
+                use_cache=self.use_cache,
+                pad_token_id=pad if pad is not None else self.tokenizer.eos_token_id,
+                eos_token_id=self.tokenizer.eos_token_id,
+            )
+        texts = self.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        self._log(batch)
+        return [_cut(text, until).strip() for text in texts]
+
+    def _log(self, batch: list[_Item]) -> None:
+        stats = self.handle.stats
+        if stats is None:
+            return
+        for i, item in enumerate(batch):
+            self.pruning_log.append(
+                {
+                    "task": item.task,
+                    "doc_id": item.doc_id,
+                    "visual_total": int(stats.visual_total),
+                    "visual_kept": int(stats.visual_kept[i]),
+                    "tokens_layer_avg": float(stats.tokens_layer_avg[i]),
+                }
+            )
+
+
+def _positive_int(name: str, value: Any) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = 0
+    if number < 1 or (isinstance(value, float) and value != number):
+        raise ValueError(f"{MODEL_NAME}: {name} must be a positive integer, got {value!r}")
+    return number
+
+
+def _cut(text: str, until: list[str]) -> str:
+    """``text`` up to the first stop sequence."""
+    for stop in until:
+        if stop:
+            text = text.split(stop)[0]
+    return text
+
+
+def _batches(items: list[_Item], size: int) -> Iterator[list[_Item]]:
+    """Requests grouped by generation settings, longest prompt first (padding waste and OOMs show early)."""
+    groups: dict[str, list[_Item]] = {}
+    for item in items:
+        groups.setdefault(item.key, []).append(item)
+    for group in groups.values():
+        group.sort(key=lambda item: -len(item.prompt))
+        for start in range(0, len(group), size):
+            yield group[start : start + size]
+
+
+def _load(pretrained: str | None, dtype: str, attn_implementation: str | None, revision: str | None) -> tuple:
+    from pathlib import Path
+
+    import torch
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from tokprune import models
+
+    if dtype not in DTYPES:
+        raise ValueError(f"{MODEL_NAME}: dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+    source = pretrained or models.DEFAULT_MODEL
+    if source in models.names() and not Path(source).exists():
+        source = str(models.path(source))
+    options: dict[str, Any] = {"revision": revision} if revision else {}
+    model = LlavaForConditionalGeneration.from_pretrained(
+        source,
+        dtype="auto" if dtype == "auto" else getattr(torch, dtype),
+        attn_implementation=attn_implementation or "sdpa",
+        **options,
+    )
+    return model, AutoProcessor.from_pretrained(source, **options)
+
+
+# -- the lmms-eval side, imported only when lmms-eval asks for it ---------------------------------------
+
+
+def _lmms_class() -> type:
+    try:
+        from lmms_eval.api.model import lmms
+    except ImportError:
+        return TokpruneLlavaCore
+
+    class TokpruneLlava(TokpruneLlavaCore, lmms):
+        __doc__ = TokpruneLlavaCore.__doc__
+
+    TokpruneLlava.__module__, TokpruneLlava.__qualname__ = "tokprune.integrations.lmms_eval", "TokpruneLlava"
+    return TokpruneLlava
+
+
+def __getattr__(name: str) -> Any:
+    if name == "TokpruneLlava":
+        cls = _lmms_class()
+        globals()[name] = cls  # built once
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def lmms_eval_manifest() -> Any:
+    """The ``lmms_eval.models`` entry point: a ``ModelManifest`` naming :data:`CLASS_PATH`."""
+    from lmms_eval.models.registry_v2 import ModelManifest
+
+    return ModelManifest(model_id=MODEL_NAME, simple_class_path=CLASS_PATH)
+
+
+def register_with_lmms_eval() -> None:
+    """Register ``tokprune_llava`` in every registry the installed lmms-eval has (new and legacy)."""
+    import lmms_eval.models as lmms_models
+
+    registry = getattr(lmms_models, "MODEL_REGISTRY_V2", None)
+    if registry is not None:
+        registry.register_manifest(lmms_eval_manifest(), overwrite=True)
+    else:  # before the v2 registry: a name -> class-name table plus the decorator registry
+        from lmms_eval.api.registry import register_model
+
+        register_model(MODEL_NAME)(__getattr__("TokpruneLlava"))
+    available = getattr(lmms_models, "AVAILABLE_MODELS", None)
+    if isinstance(available, dict):
+        available.setdefault(MODEL_NAME, "TokpruneLlava")
+
+
+def main(argv: Sequence[str] | None = None, cli: Callable[[], Any] | None = None) -> Any:
+    """``python -m tokprune.integrations.lmms_eval <lmms-eval arguments>``: register, then run lmms-eval."""
+    import sys
+
+    register_with_lmms_eval()
+    if argv is not None:
+        sys.argv = [sys.argv[0], *argv]
+    if cli is None:
+        from lmms_eval.__main__ import cli_evaluate as cli
+    return cli()
+
+
+if __name__ == "__main__":
+    # Run through the importable module, so the class lmms-eval imports is this module's, not __main__'s.
+    from tokprune.integrations.lmms_eval import main as _main
+
+    _main()
