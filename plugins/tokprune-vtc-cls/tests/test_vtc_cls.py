@@ -128,7 +128,7 @@ def test_contract(strategy, check):
     CHECKS[check](strategy)
 
 
-# -- the adapter's equivalence checks, inside a patched tiny LLaVA (3 encoder layers) -------------
+# -- the adapter's equivalence checks, inside a patched tiny LLaVA --------------------------------
 
 EQUIVALENCE_SPECS = [
     "vtc_cls(keep=6, start_layer=-3)",
@@ -154,6 +154,6 @@ def test_patched_model_feeds_keep_visual_tokens_to_the_llm():
 
 
 def test_a_start_layer_deeper_than_the_tower_fails_at_patch_time():
-    model, _ = tiny_llava()  # 3 encoder layers: the default start_layer=-8 does not exist
+    model, _ = tiny_llava(vision_layers=3)  # the default start_layer=-8 does not exist in 3 layers
     with pytest.raises(StrategyParamError, match="out of range for 3 layers"):
         tokprune.patch(model, "vtc_cls")
