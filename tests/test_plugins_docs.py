@@ -211,3 +211,57 @@ def test_each_repo_plugin_documents_its_strategies_and_params(folder, dist, plug
         for p in strategies.describe(name).params:
             assert f"`{p.name}`" in readme, f"{folder.name}/README.md does not document `{name}`'s `{p.name}`"
     assert f"plugins/{folder.name}" in PLUGINS_MD.read_text(), f"docs/plugins.md does not point to {folder.name}"
+
+
+# -- the newcomer's docs: index, troubleshooting, links ---------------------------------------------------
+
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+MY_DOCS = ["index.md", "plugins.md", "troubleshooting.md"]
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def anchors(path: Path) -> set[str]:
+    text = re.sub(r"^```.*?^```", "", path.read_text(), flags=re.S | re.M)  # headings in code are not headings
+    return {slug(h) for h in re.findall(r"^#+ (.+)$", text, re.M)}
+
+
+def test_the_readme_leads_to_the_index_and_the_index_to_every_topic():
+    assert "(docs/index.md)" in (ROOT / "README.md").read_text()
+    index = (DOCS / "index.md").read_text()
+    for page in [
+        "concepts.md",
+        "strategies.md",
+        "reference-method.md",
+        "adapters.md",
+        "model.md",
+        "ablation.md",
+        "plugins.md",
+        "benchmarks.md",
+        "troubleshooting.md",
+    ]:
+        assert f"]({page}" in index, f"docs/index.md does not link {page}"
+
+
+def test_troubleshooting_covers_the_known_failure_modes():
+    headings = " | ".join(re.findall(r"^## (.+)$", (DOCS / "troubleshooting.md").read_text(), re.M)).lower()
+    for topic in ["no knee", "strategy and model mismatch", "cache", "memory", "plugin clashes", "offline"]:
+        assert topic in headings, f"docs/troubleshooting.md has no section on {topic!r}"
+
+
+@pytest.mark.parametrize("page", MY_DOCS)
+def test_relative_links_resolve(page):
+    source = DOCS / page
+    prose = re.sub(r"`[^`\n]*`", "", re.sub(r"^```.*?^```", "", source.read_text(), flags=re.S | re.M))
+    for target in LINK.findall(prose):
+        if re.match(r"[a-z]+:", target):  # http(s), mailto
+            continue
+        file, _, anchor = target.partition("#")
+        resolved = (source.parent / file).resolve() if file else source
+        assert resolved.exists(), f"docs/{page} links {target!r}, which does not exist"
+        if anchor and resolved.suffix == ".md":
+            assert anchor in anchors(resolved), f"docs/{page} links {target!r}: no such heading"
