@@ -202,3 +202,31 @@ def test_patched_model_feeds_dominant_plus_contextual_tokens_to_the_llm():
     with tokprune.pruned(model, "visionzip(dominant=6, contextual=3)") as run, torch.no_grad():
         model(**make_inputs([4, 2]))
     assert run.stats.visual_kept.tolist() == [9, 9]  # budget = dominant + contextual
+
+
+# -- the README's setting on tokprune's embedded trained model ------------------------------------
+
+
+def test_readme_pipeline_runs_on_the_embedded_model():
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from tokprune import data, models
+
+    path = models.path("tiny-llava-shapes")
+    if not (path / "config.json").exists():
+        pytest.skip("the embedded model is not in this checkout")
+    processor = AutoProcessor.from_pretrained(path)
+    model = LlavaForConditionalGeneration.from_pretrained(path).eval()
+    samples = data.benchmark("test", n=4)
+    inputs = processor(
+        images=[s.image for s in samples],
+        text=[data.build_prompt(s.question) for s in samples],
+        return_tensors="pt",
+        padding=True,
+    )
+    pipeline = strategies.get("visionzip(dominant=54, contextual=10)+fastv")
+    with tokprune.pruned(model, pipeline, question_end=processor) as run, torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert run.stats.visual_kept.tolist() == [54 + 10] * len(samples)  # 53 patches + CLS + 10 contextual
+    answers = processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert all(a.strip() for a in answers)
