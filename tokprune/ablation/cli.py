@@ -56,7 +56,7 @@ def _terminate(signum: int, frame: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # effective only if torch is not loaded yet
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_intermixed_args(sys.argv[1:] if argv is None else argv)
     from .config import load_config, to_yaml
 
     config_path, overrides = _split_args(args.args)
@@ -67,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     from .report import markdown_table
     from .runner import run_ablation
 
+    if args.quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     signal.signal(signal.SIGTERM, _terminate)
     t0 = time.perf_counter()
     try:

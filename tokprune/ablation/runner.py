@@ -77,6 +77,18 @@ def resolve_model_path(name: str) -> str:
     return str(embedded)
 
 
+def model_fingerprint(name: str) -> str:
+    """Hash of the checkpoint's config and weight-file sizes: a different model at the same path is a
+    different run (resume must not reuse its results)."""
+    import hashlib
+
+    root = Path(resolve_model_path(name))
+    h = hashlib.sha256((root / "config.json").read_bytes() if (root / "config.json").is_file() else b"")
+    for f in sorted(root.glob("*.safetensors")) + sorted(root.glob("*.bin")):
+        h.update(f"{f.name}:{f.stat().st_size}".encode())
+    return h.hexdigest()[:16]
+
+
 def load_model(cfg: AblationConfig, device: torch.device) -> tuple[Any, Any]:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -106,19 +118,22 @@ def build_prompts(processor: Any, questions: Sequence[str]) -> list[str]:
 
 
 def _per_sample(stats: Any, b: int) -> list[dict[str, Any]]:
-    """Per-sample numbers from the adapter's PruneStats (``None`` where a field is absent)."""
+    """Per-sample numbers from the adapter's PruneStats, scalar diagnostics included.
 
-    def col(name: str) -> list[Any]:
-        value = getattr(stats, name, None) if stats is not None else None
-        if value is None:
-            return [None] * b
-        if isinstance(value, (int, float)):
-            return [value] * b
-        return [float(v) for v in value.reshape(-1).tolist()] if hasattr(value, "reshape") else list(value)
-
-    keys = ("visual_total", "visual_kept", "visual_layer_avg", "tokens_layer_avg", "seq_len", "flops_pruned", "flops_unpruned")
-    cols = {k: col(k) for k in keys}
-    return [{k: cols[k][i] for k in keys} for i in range(b)]
+    ``visual_kept`` here is the visual tokens the *last* decoder layer processed (after every stage, so
+    LLM-stage strategies count too); the adapter's own count after the vision stage is ``visual_after_vision``.
+    """
+    if stats is None:
+        return [{} for _ in range(b)]
+    records = stats.to_records()
+    final = stats.layer_visual[:, -1].tolist()
+    out = []
+    for rec, last in zip(records, final):
+        rec = {k: v for k, v in rec.items() if v is None or isinstance(v, (bool, int, float, str))}
+        rec["visual_after_vision"] = rec.pop("visual_kept")
+        rec["visual_kept"] = int(last)
+        out.append(rec)
+    return out
 
 
 @dataclass
@@ -147,7 +162,13 @@ class Session:
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         bar = tqdm(total=len(indices), desc=desc, unit="q", leave=False, disable=not self.progress, dynamic_ncols=True)
-        handle = tokprune.patch(self.model, pipeline, vision_positions=cfg.positions.vision, llm_positions=cfg.positions.llm)
+        handle = tokprune.patch(
+            self.model,
+            pipeline,
+            vision_positions=cfg.positions.vision,
+            llm_positions=cfg.positions.llm,
+            question_end=self.processor.tokenizer,  # the question ends at the "ASSISTANT:" marker
+        )
         try:
             with PeakMemory(self.device) as peak:
                 for start in range(0, len(indices), cfg.batch_size):
@@ -200,6 +221,16 @@ class Session:
 # ---------------------------------------------------------------------------------------- provenance
 
 
+def adapter_source(model: Any) -> dict[str, Any] | None:
+    """The adapter that patches ``model`` and the plugin it came from."""
+    from ..adapters import registered_adapters
+
+    for cls, src in registered_adapters():
+        if cls.matches(model):
+            return {"name": cls.name, "plugin": src.name, "distribution": src.distribution, "version": src.version}
+    return None
+
+
 def versions(pipeline: Any) -> dict[str, Any]:
     """Versions of the stack and of every plugin that provided a strategy of ``pipeline``."""
     from importlib.metadata import version
@@ -224,11 +255,14 @@ def versions(pipeline: Any) -> dict[str, Any]:
     }
 
 
-def resolved_run_config(cfg: AblationConfig, spec: str, device: torch.device, dataset: Dataset) -> dict[str, Any]:
+def resolved_run_config(
+    cfg: AblationConfig, spec: str, device: torch.device, dataset: Dataset, fingerprint: str
+) -> dict[str, Any]:
     """Everything that can change a run's numbers; its hash is the run's key for resume."""
     full = to_container(cfg)
     return {
         "model": cfg.model,
+        "model_fingerprint": fingerprint,
         "dataset": {**full["dataset"], "n": len(dataset.samples)},
         "spec": spec,
         "positions": full["positions"],
@@ -289,7 +323,7 @@ def _execute(
             "scorer": session.dataset.scorer.name,
             "dataset_skipped_rows": session.dataset.skipped,
         },
-        "versions": versions(pipeline),
+        "versions": {**versions(pipeline), "adapter": adapter_source(session.model)},
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "predictions": records,
     }
@@ -322,6 +356,8 @@ def run_ablation(
         if main:
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / "config.yaml").write_text(to_yaml(cfg))
+        _check_patchable(session, runs)
+        fingerprint = model_fingerprint(cfg.model)
         rows: list[dict[str, Any]] = []
         skipped = 0
         baseline: list[dict[str, Any]] | None = None
@@ -335,7 +371,7 @@ def run_ablation(
                 if m.get("visual_kept_mean") is None or not m.get("visual_total"):
                     raise TokpruneError(f"the reference run {reference['label']!r} reports no kept visual tokens")
                 run = planning.resolve_matched(run, m["visual_kept_mean"], m["visual_total"])
-            resolved = resolved_run_config(cfg, run.spec, session.device, session.dataset)
+            resolved = resolved_run_config(cfg, run.spec, session.device, session.dataset, fingerprint)
             key = run_key(resolved)
             if key in done:
                 row = done[key]
@@ -364,6 +400,15 @@ def run_ablation(
         return RunOutcome(rows, out_dir, skipped, files)
     finally:
         dist.close()
+
+
+def _check_patchable(session: Session, runs: Sequence[planning.PlannedRun]) -> None:
+    """Patch and unpatch once per pipeline before the first run, so a pipeline the model cannot run
+    (an LLM layer past the last one, a signal the tower lacks) fails now, not an hour into a sweep."""
+    import tokprune
+
+    for run in runs:
+        tokprune.patch(session.model, run.spec, question_end=session.processor.tokenizer).remove()
 
 
 def _fill_agreement(rows: list[dict[str, Any]], baseline: list[dict[str, Any]] | None) -> None:
