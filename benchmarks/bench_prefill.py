@@ -15,7 +15,8 @@ Usage::
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_prefill.py [--repeats 5] [--dtypes fp32,bf16]
 
-Prefill runs with ``logits_to_keep=1`` (what ``generate`` does), pruned and unpruned alike.
+Times are the best of interleaved rounds (the machine is shared). Prefill runs with
+``logits_to_keep=1`` (what ``generate`` does), pruned and unpruned alike.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: 2 OpenMP th
 import argparse
 import gc
 import platform
-import statistics
 import time
 from collections.abc import Callable
 
@@ -91,15 +91,19 @@ def make_inputs(dtype: torch.dtype) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels}
 
 
-def timed(fn: Callable[[], object], repeats: int) -> float:
-    """Median wall time of ``fn`` in seconds (one warm-up call first)."""
+def once(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
     fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return time.perf_counter() - t0
+
+
+def timed(fn: Callable[[], object], repeats: int) -> float:
+    """Best wall time of ``fn`` in seconds over ``repeats`` calls after a warm-up call.
+
+    The minimum, not the median: on a shared 2-core machine the slow calls measure the neighbours.
+    """
+    fn()
+    return min(once(fn) for _ in range(repeats))
 
 
 def prefill(model, inputs) -> Callable[[], object]:
@@ -155,7 +159,7 @@ def layer_time(model, inputs, repeats: int) -> float:
     return timed(run, repeats)
 
 
-def fastv_reference(model, inputs, repeats: int) -> tuple[float, float, bool]:
+def fastv_reference(model, inputs, repeats: int) -> tuple[float, float, float]:
     """FastV scored from q/k (adapter) vs from eager weights of a second pass of layer K-1 (reference)."""
     lm = model.model.language_model
     captured: dict[str, object] = {}
@@ -195,8 +199,9 @@ def fastv_reference(model, inputs, repeats: int) -> tuple[float, float, bool]:
     ref_time = timed(second_pass, repeats)
     with torch.no_grad():
         ours = step(ctx).keep & ctx.role_mask(TokenRole.IMAGE)
-    same = sorted(ours[0].nonzero().flatten().tolist()) == sorted(second_pass()[0].tolist())
-    return qk_time, ref_time, same
+    # In bf16 the eager weights are rounded to bf16 (ties reorder), our scores are fp32: report the overlap.
+    ours_set, ref_set = set(ours[0].nonzero().flatten().tolist()), set(second_pass()[0].tolist())
+    return qk_time, ref_time, len(ours_set & ref_set) / len(ref_set)
 
 
 def decode_step(model, inputs, spec: str | None, repeats: int) -> float:
@@ -231,38 +236,51 @@ def decode_step(model, inputs, spec: str | None, repeats: int) -> float:
             handle.remove()
 
 
+def prefill_times(model, inputs, repeats: int) -> tuple[dict[str, float], dict[str, object], dict[str, object]]:
+    """Best prefill time of each variant, measured in interleaved rounds (same background load for all)."""
+    pipelines = {spec: tokprune.strategies.get(spec) for spec in (TOPK, COMPOSITE)}
+    contexts = {spec: spy(p) for spec, p in pipelines.items()}
+    times: dict[str, list[float]] = {"unpruned": [], **{spec: [] for spec in pipelines}}
+    stats = {}
+    for _ in range(repeats + 1):  # round 0 warms up
+        times["unpruned"].append(once(prefill(model, inputs)))
+        for spec, pipeline in pipelines.items():
+            with tokprune.pruned(model, pipeline) as run:
+                times[spec].append(once(prefill(model, inputs)))
+                stats[spec] = run.stats
+    best = {k: min(v[1:]) for k, v in times.items()}
+    return best, stats, {"pipelines": pipelines, "contexts": contexts}
+
+
 def run_dtype(dtype: torch.dtype, repeats: int) -> None:
     name = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
     print(f"\n=== {name} ===", flush=True)
     model = build(dtype)
     inputs = make_inputs(dtype)
-    t_full = timed(prefill(model, inputs), repeats)
+    best, stats, spied = prefill_times(model, inputs, repeats)
     one_layer = layer_time(model, inputs, repeats)
+    t_full = best["unpruned"]
     print(
         f"prefill unpruned                      {t_full * 1e3:8.1f} ms   (one LLM layer at 640 tokens: "
         f"{one_layer * 1e3:.1f} ms)"
     )
     for spec in (TOPK, COMPOSITE):
-        pipeline = tokprune.strategies.get(spec)
-        contexts = spy(pipeline)
-        with tokprune.pruned(model, pipeline) as run:
-            t = timed(prefill(model, inputs), repeats)
-            stats = run.stats
-        predicted = float(stats.flops_unpruned[0] / stats.flops_pruned[0])
-        kept = {k: int(v[0]) for k, v in stats.llm_kept.items()}
+        t, st = best[spec], stats[spec]
+        predicted = float(st.flops_unpruned[0] / st.flops_pruned[0])
+        kept = {k: int(v[0]) for k, v in st.llm_kept.items()}
         print(
             f"prefill {spec:<30} {t * 1e3:8.1f} ms   speedup {t_full / t:4.2f}x measured, {predicted:4.2f}x "
-            f"FLOP model; visual kept {int(stats.visual_kept[0])}/576, llm kept {kept}, "
-            f"tokens/layer {float(stats.tokens_layer_avg[0]):.0f}"
+            f"FLOP model; visual kept {int(st.visual_kept[0])}/576, llm kept {kept}, "
+            f"tokens/layer {float(st.tokens_layer_avg[0]):.0f}"
         )
+        pipeline, contexts = spied["pipelines"][spec], spied["contexts"][spec]
         for step_name, seconds in decision_time(pipeline, contexts, repeats).items():
-            print(
-                f"    scoring {step_name:<14} {seconds * 1e3:7.2f} ms = {100 * seconds / one_layer:5.2f}% of one layer"
-            )
+            share = 100 * seconds / one_layer
+            print(f"    scoring {step_name:<14} {seconds * 1e3:7.2f} ms = {share:5.2f}% of one layer")
     qk, ref, same = fastv_reference(model, inputs, repeats)
     print(
         f"FastV scoring: from q/k {qk * 1e3:.2f} ms vs eager second pass of layer K-1 {ref * 1e3:.2f} ms "
-        f"({ref / qk:.1f}x slower); same kept set: {same}"
+        f"({ref / qk:.0f}x slower); kept sets agree on {100 * same:.1f}%"
     )
     d_full = decode_step(model, inputs, None, repeats * 4)
     d_pruned = decode_step(model, inputs, TOPK, repeats * 4)

@@ -15,7 +15,7 @@ from torch import Tensor
 from ..scoring import ragged_gather
 from ..strategy import TokenRole
 
-__all__ = ["Seq", "compact_positions", "find_last_marker", "left_pack_index", "token_roles"]
+__all__ = ["Seq", "compact_positions", "find_last_marker", "left_pack_index", "scatter_rows", "token_roles"]
 
 
 def left_pack_index(keep: Tensor) -> tuple[Tensor, Tensor]:
@@ -34,8 +34,9 @@ def left_pack_index(keep: Tensor) -> tuple[Tensor, Tensor]:
 
 def _take(x: Tensor, index: Tensor) -> Tensor:
     """``x[b, index[b, j], ...]`` for ``x [B, L, ...]`` and ``index [B, W]``."""
-    shape = index.shape + (1,) * (x.dim() - 2)
-    return torch.take_along_dim(x, index.view(shape), dim=1)
+    # Row-wise advanced indexing: ~10x faster on CPU than gather with an index expanded over D.
+    rows = torch.arange(x.shape[0], device=x.device)[:, None]
+    return x[rows, index]
 
 
 @dataclass
@@ -69,6 +70,15 @@ class Seq:
 
     def with_positions(self, pos: Tensor) -> Seq:
         return replace(self, pos=pos)
+
+
+def scatter_rows(values: Tensor, index: Tensor, valid: Tensor, size: int) -> Tensor:
+    """Rows of ``values [B, W, D]`` put back at ``index [B, W]`` where ``valid``; zeros elsewhere, ``[B, size, D]``."""
+    b, _, d = values.shape
+    out = values.new_zeros(b, size + 1, d)  # column `size` absorbs the invalid rows, then is cut off
+    rows = torch.arange(b, device=values.device)[:, None]
+    out[rows, torch.where(valid, index, torch.full_like(index, size))] = values
+    return out[:, :size]
 
 
 def compact_positions(pos: Tensor, valid: Tensor) -> Tensor:

@@ -40,11 +40,10 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from ..errors import MissingCapabilityError, StrategyParamError, UnsupportedModelError
 from ..pipeline import Pipeline
-from ..scoring import ragged_scatter
 from ..stats import FlopModel, PruneStats
 from ..strategy import LLMAttention, LLMContext, PruningStrategy, Signal, TokenRole, VisionContext, VisionSignals
 from ._base import ModelAdapter, Positions
-from ._seq import Seq, compact_positions, token_roles
+from ._seq import Seq, compact_positions, scatter_rows, token_roles
 
 __all__ = ["LlavaAdapter", "PrunedImageFeatures"]
 
@@ -766,7 +765,7 @@ def _extra_tokens(image: Tensor, pos: Tensor, extra: Tensor, num_patches: int) -
 
 def _scatter_back(hidden: Tensor, seq: Seq, n: int) -> Tensor:
     """The packed final hidden states at their original positions ``[B, n, D]``; dropped ones are zero."""
-    return ragged_scatter(hidden, seq.src, seq.valid & (seq.src >= 0), n)
+    return scatter_rows(hidden, seq.src, seq.valid & (seq.src >= 0), n)
 
 
 def _marker_ids(question_end: Any) -> list[int] | None:
