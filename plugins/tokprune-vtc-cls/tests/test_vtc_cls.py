@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tokprune_vtc_cls import VtcCls
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 import tokprune
@@ -13,6 +12,10 @@ from tokprune.errors import StrategyParamError
 from tokprune.testing.contract import CHECKS, contract_cases
 from tokprune.testing.equivalence import check_batch_equivalence, check_cache_equivalence
 from tokprune.testing.models import tiny_llava
+
+# Installed, not imported from the source tree: the tests check what `pip install` delivers.
+plugin = pytest.importorskip("tokprune_vtc_cls", reason="pip install ./plugins/tokprune-vtc-cls")
+VtcCls = plugin.VtcCls
 
 LAYERS, HEADS, WIDTH, GRID = 6, 4, 32, 4  # a tiny CLIP: 16 patches + CLS
 
