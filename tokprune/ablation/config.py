@@ -105,7 +105,7 @@ class AblationConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: cuda -> cuda:LOCAL_RANK)
     attn_implementation: str = "sdpa"
     seed: int = 0
-    limit: int | None = 240  # first N questions of the dataset; null for all
+    limit: int | None = 500  # first N questions of the dataset; null for all (shapes: 500)
     output_dir: str = "runs/default"
     plot: bool = True
 

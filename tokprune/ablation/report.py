@@ -90,11 +90,29 @@ def _family(label: str) -> str:
     return re.sub(r"\([^()]*(\([^()]*\))*[^()]*\)", "", label)
 
 
+def _style(row: dict[str, Any], families: list[str]) -> dict[str, Any]:
+    import matplotlib.pyplot as plt
+
+    fam = _family(row["label"])
+    if row["role"] == "baseline":
+        return dict(marker="s", color="black", s=90, zorder=4, label="unpruned (baseline)")
+    if row["role"] == "reference" or fam == REFERENCE_LABEL:
+        # Big but drawn *under* the other markers, so a baseline matched to the same budget stays visible.
+        return dict(marker="*", color="crimson", s=420, zorder=2, edgecolors="black", linewidths=0.6,
+                    label=f"{fam} (reference)")
+    i = families.index(fam)
+    palette = plt.get_cmap("tab10").colors
+    colors = [c for j, c in enumerate(palette) if j != 3]  # tab10's red is the reference's
+    return dict(marker="o^vDPXhp<>"[i % 10], color=colors[i % len(colors)], s=60, zorder=3, edgecolors="white",
+                linewidths=0.5, label=fam)
+
+
 def pareto_plot(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> Path | None:
     """Accuracy vs mean kept visual tokens and vs relative prefill FLOPs; one marker per run.
 
     The reference method is a large red star, the unpruned baseline a black square plus a dashed line at
-    its accuracy; each other strategy family has its own colour and marker, and the legend lists them.
+    its accuracy; each other strategy family has its own colour and marker (one legend entry), and the
+    points of a family with several runs (a sweep) are joined in order of x.
     """
     try:
         import matplotlib
@@ -107,48 +125,38 @@ def pareto_plot(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "
     families = list(dict.fromkeys(
         _family(r["label"]) for r in rows if r["role"] not in ("baseline", "reference") and _family(r["label"]) != REFERENCE_LABEL
     ))
-    palette = plt.get_cmap("tab10").colors
-    markers = "o^vDPXhp<>"
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
-    panels = [("visual_kept_mean", "kept visual tokens (mean per sample)", 1.0), ("flops_rel", "prefill FLOPs (% of unpruned)", 100.0)]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5), sharey=True)
+    panels = [("visual_kept_mean", "kept visual tokens (mean per sample, after all stages)", 1.0),
+              ("flops_rel", "prefill FLOPs (% of unpruned)", 100.0)]
     base = next((r for r in rows if r["role"] == "baseline"), None)
     for ax, (key, xlabel, scale) in zip(axes, panels):
-        seen: set[str] = set()
+        groups: dict[str, list[tuple[float, float, dict[str, Any]]]] = {}
         for r in rows:
-            x = r["metrics"].get(key)
-            if x is None:
-                continue
-            y = 100 * r["metrics"]["accuracy"]
-            fam = _family(r["label"])
-            if r["role"] == "baseline":
-                style = dict(marker="s", color="black", s=90, zorder=4, label="unpruned (baseline)")
-            elif r["role"] == "reference" or fam == REFERENCE_LABEL:
-                style = dict(marker="*", color="crimson", s=320, zorder=5, edgecolors="black", linewidths=0.6,
-                             label=f"{r['label']} (reference)")
-                fam = "__ref__"
-            else:
-                i = families.index(fam)
-                style = dict(marker=markers[i % len(markers)], color=palette[i % len(palette)], s=70, zorder=3, label=fam)
-            if fam in seen:
-                style.pop("label")
-            seen.add(fam)
-            ax.scatter([x * scale], [y], **style)
-            if len(rows) <= 12 and r["role"] != "baseline":
-                ax.annotate(r["label"] if len(r["label"]) <= 28 else fam, (x * scale, y), textcoords="offset points",
-                            xytext=(6, 4), fontsize=7, color="0.25")
+            if r["metrics"].get(key) is not None:
+                style = _style(r, families)
+                groups.setdefault(style["label"], []).append((r["metrics"][key] * scale, 100 * r["metrics"]["accuracy"], style))
+        for points in groups.values():
+            points.sort(key=lambda p: p[0])
+            style = points[0][2]
+            if len(points) > 1:
+                ax.plot([p[0] for p in points], [p[1] for p in points], color=style["color"], linewidth=0.8,
+                        alpha=0.6, zorder=style["zorder"] - 0.5)
+            ax.scatter([p[0] for p in points], [p[1] for p in points], **style)
         if base is not None:
             ax.axhline(100 * base["metrics"]["accuracy"], color="black", linestyle="--", linewidth=0.8, zorder=1)
         ax.set_xlabel(xlabel)
         ax.grid(True, alpha=0.3)
-        ax.set_xlim(left=0)
+        ax.set_xlim(left=0, right=max((p[0] for g in groups.values() for p in g), default=1) * 1.06)
     axes[0].set_ylabel("accuracy (%)")
     axes[0].set_title("accuracy vs kept visual tokens")
     axes[1].set_title("accuracy vs prefill compute")
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), frameon=False, fontsize=9)
+    ncol = min(len(labels), 5)
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, frameon=False, fontsize=9, markerscale=0.8)
     if title:
         fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.1 if len(labels) <= 5 else 0.16, 1, 1))
+    rows_of_legend = -(-len(labels) // ncol) if labels else 0
+    fig.tight_layout(rect=(0, 0.04 + 0.05 * rows_of_legend, 1, 1))
     path = Path(path)
     fig.savefig(path, dpi=130)
     plt.close(fig)
