@@ -228,3 +228,19 @@ def test_cli_errors_are_clear(tiny_model, tmp_path, capsys, args, message):
 def test_cli_help():
     out = subprocess.run([sys.executable, "-m", "tokprune", "run", "--help"], env=ENV, capture_output=True, text=True)
     assert out.returncode == 0 and "dotlist" in out.stdout and "torchrun" in out.stdout
+
+
+def test_quiet_prints_table_only_and_output_dir_is_locked(tiny_model, tmp_path, capsys):
+    import fcntl
+
+    from tokprune.cli import main
+
+    args = ["run", f"model={tiny_model}", f"output_dir={tmp_path}", "limit=2", "strategies=[none]", "plot=false"]
+    assert main([*args, "--quiet"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("| run |") and "`none`" in out and "1 runs (0 already recorded)" in out
+    assert "runs:" not in err and "[none] acc" not in out + err
+    with (tmp_path / ".lock").open("w") as held:  # another invocation is running on this folder
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert main([*args, "--quiet"]) == 2
+    assert "another 'tokprune run' is writing to" in capsys.readouterr().err

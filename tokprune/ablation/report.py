@@ -103,7 +103,7 @@ def _style(row: dict[str, Any], families: list[str]) -> dict[str, Any]:
     i = families.index(fam)
     palette = plt.get_cmap("tab10").colors
     colors = [c for j, c in enumerate(palette) if j != 3]  # tab10's red is the reference's
-    return dict(marker="o^vDPXhp<>"[i % 10], color=colors[i % len(colors)], s=60, zorder=3, edgecolors="white",
+    return dict(marker="o^vDPXhp<>"[i % 10], color=colors[i % len(colors)], s=75, zorder=3, edgecolors="white",
                 linewidths=0.5, label=fam)
 
 
@@ -152,7 +152,7 @@ def pareto_plot(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "
     axes[1].set_title("accuracy vs prefill compute")
     handles, labels = axes[0].get_legend_handles_labels()
     ncol = min(len(labels), 5)
-    fig.legend(handles, labels, loc="lower center", ncol=ncol, frameon=False, fontsize=9, markerscale=0.8)
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, frameon=False, fontsize=9, markerscale=1.0)
     if title:
         fig.suptitle(title)
     rows_of_legend = -(-len(labels) // ncol) if labels else 0

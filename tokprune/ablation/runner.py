@@ -339,6 +339,7 @@ def run_ablation(
     from tqdm.auto import tqdm
 
     runs = planning.plan_runs(cfg)  # validates every spec before anything is loaded
+    lock = None
     dist = session.dist if session is not None else init_dist(cfg.device)
     try:
         if session is None:
@@ -352,10 +353,11 @@ def run_ablation(
         say = (lambda msg: tqdm.write(msg)) if (main and echo is not None) else (lambda msg: None)
         if session.dataset.skipped:
             say(f"dataset: skipped {len(session.dataset.skipped)} bad rows: " + "; ".join(session.dataset.skipped[:5]))
-        done = dist.broadcast({r["key"]: r for r in load_results(results_path)} if main else None)
         if main:
             out_dir.mkdir(parents=True, exist_ok=True)
+            lock = _lock_output_dir(out_dir)
             (out_dir / "config.yaml").write_text(to_yaml(cfg))
+        done = dist.broadcast({r["key"]: r for r in load_results(results_path)} if main else None)
         _check_patchable(session, runs)
         fingerprint = model_fingerprint(cfg.model)
         rows: list[dict[str, Any]] = []
@@ -399,7 +401,25 @@ def run_ablation(
             files.update(write_reports(rows, out_dir, plot=cfg.plot))
         return RunOutcome(rows, out_dir, skipped, files)
     finally:
+        if lock is not None:
+            lock.close()  # closing the descriptor releases the flock
         dist.close()
+
+
+def _lock_output_dir(out_dir: Path) -> Any:
+    """An exclusive lock on ``out_dir`` for this study: two invocations sharing a results file would
+    both run the missing runs and record them twice."""
+    import fcntl
+
+    fh = (out_dir / ".lock").open("w")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.close()
+        raise TokpruneError(
+            f"another 'tokprune run' is writing to {str(out_dir)!r}; wait for it, or use another output_dir"
+        ) from None
+    return fh
 
 
 def _check_patchable(session: Session, runs: Sequence[planning.PlannedRun]) -> None:
