@@ -329,6 +329,26 @@ def _execute(
     }
 
 
+def open_session(cfg: AblationConfig, dist: Dist, progress: bool = True) -> Session:
+    """Load the dataset (first: its errors are cheap to find) and the model once for every run."""
+    device = resolve_device(cfg.device, dist)
+    dataset = load_dataset(cfg.dataset, cfg.limit)
+    model, processor = load_model(cfg, device)
+    return Session(cfg, model, processor, dataset, device, dist, progress and dist.is_main)
+
+
+def _with_budget(run: planning.PlannedRun, reference: dict[str, Any] | None) -> planning.PlannedRun:
+    """A matched run with its budget filled in from the reference's recorded metrics."""
+    if run.role != "matched":
+        return run
+    if reference is None:
+        raise TokpruneError(f"run {run.label!r} is matched to a reference that did not run")
+    m = reference["metrics"]
+    if m.get("visual_kept_mean") is None or not m.get("visual_total"):
+        raise TokpruneError(f"the reference run {reference['label']!r} reports no kept visual tokens")
+    return planning.resolve_matched(run, m["visual_kept_mean"], m["visual_total"])
+
+
 def run_ablation(
     cfg: AblationConfig,
     progress: bool = True,
@@ -336,66 +356,19 @@ def run_ablation(
     session: Session | None = None,
 ) -> RunOutcome:
     """Run (or resume) the study ``cfg``; returns its rows in plan order and writes results, table, plot."""
-    from tqdm.auto import tqdm
-
     runs = planning.plan_runs(cfg)  # validates every spec before anything is loaded
     lock = None
     dist = session.dist if session is not None else init_dist(cfg.device)
     try:
-        if session is None:
-            device = resolve_device(cfg.device, dist)
-            dataset = load_dataset(cfg.dataset, cfg.limit)
-            model, processor = load_model(cfg, device)
-            session = Session(cfg, model, processor, dataset, device, dist, progress and dist.is_main)
+        session = session or open_session(cfg, dist, progress)
         out_dir = Path(cfg.output_dir)
-        results_path = out_dir / RESULTS_FILE
-        main = dist.is_main
-        say = (lambda msg: tqdm.write(msg)) if (main and echo is not None) else (lambda msg: None)
-        if session.dataset.skipped:
-            say(f"dataset: skipped {len(session.dataset.skipped)} bad rows: " + "; ".join(session.dataset.skipped[:5]))
-        if main:
+        if dist.is_main:
             out_dir.mkdir(parents=True, exist_ok=True)
             lock = _lock_output_dir(out_dir)
             (out_dir / "config.yaml").write_text(to_yaml(cfg))
-        done = dist.broadcast({r["key"]: r for r in load_results(results_path)} if main else None)
-        _check_patchable(session, runs)
-        fingerprint = model_fingerprint(cfg.model)
-        rows: list[dict[str, Any]] = []
-        skipped = 0
-        baseline: list[dict[str, Any]] | None = None
-        reference: dict[str, Any] | None = None
-        bar = tqdm(total=len(runs), desc="runs", unit="run", disable=not session.progress, dynamic_ncols=True)
-        for run in runs:
-            if run.role == "matched":
-                if reference is None:
-                    raise TokpruneError(f"run {run.label!r} is matched to a reference that did not run")
-                m = reference["metrics"]
-                if m.get("visual_kept_mean") is None or not m.get("visual_total"):
-                    raise TokpruneError(f"the reference run {reference['label']!r} reports no kept visual tokens")
-                run = planning.resolve_matched(run, m["visual_kept_mean"], m["visual_total"])
-            resolved = resolved_run_config(cfg, run.spec, session.device, session.dataset, fingerprint)
-            key = run_key(resolved)
-            if key in done:
-                row = done[key]
-                skipped += 1
-                say(f"[{run.label}] already recorded ({results_path}); skipped")
-            else:
-                row = _execute(session, run, resolved, baseline)
-                if main:
-                    append_result(results_path, row)
-                dist.barrier()  # nobody starts the next run before rank 0 has flushed this one
-                say(_summary_line(row))
-            row = {**row, "label": run.label, "role": run.role, "budget": run.budget}
-            if run.role == "baseline":
-                baseline = row["predictions"]
-            if run.role == "reference":
-                reference = row
-            rows.append(row)
-            bar.update(1)
-        bar.close()
-        _fill_agreement(rows, baseline)
-        files: dict[str, Path] = {"results": results_path, "config": out_dir / "config.yaml"}
-        if main:
+        rows, skipped = _run_all(session, runs, out_dir / RESULTS_FILE, echo)
+        files: dict[str, Path] = {"results": out_dir / RESULTS_FILE, "config": out_dir / "config.yaml"}
+        if dist.is_main:
             from .report import write_reports
 
             files.update(write_reports(rows, out_dir, plot=cfg.plot))
@@ -404,6 +377,49 @@ def run_ablation(
         if lock is not None:
             lock.close()  # closing the descriptor releases the flock
         dist.close()
+
+
+def _run_all(
+    session: Session, runs: Sequence[planning.PlannedRun], results_path: Path, echo: Callable[[str], None] | None
+) -> tuple[list[dict[str, Any]], int]:
+    """The loop over runs: skip recorded ones, execute and flush the rest, one at a time."""
+    from tqdm.auto import tqdm
+
+    dist = session.dist
+    say = (lambda msg: tqdm.write(msg)) if (dist.is_main and echo is not None) else (lambda msg: None)
+    if session.dataset.skipped:
+        say(f"dataset: skipped {len(session.dataset.skipped)} bad rows: " + "; ".join(session.dataset.skipped[:5]))
+    done = dist.broadcast({r["key"]: r for r in load_results(results_path)} if dist.is_main else None)
+    _check_patchable(session, runs)
+    fingerprint = model_fingerprint(session.cfg.model)
+    rows: list[dict[str, Any]] = []
+    skipped = 0
+    baseline: list[dict[str, Any]] | None = None
+    reference: dict[str, Any] | None = None
+    bar = tqdm(total=len(runs), desc="runs", unit="run", disable=not session.progress, dynamic_ncols=True)
+    for run in runs:
+        run = _with_budget(run, reference)
+        resolved = resolved_run_config(session.cfg, run.spec, session.device, session.dataset, fingerprint)
+        row = done.get(run_key(resolved))
+        if row is not None:
+            skipped += 1
+            say(f"[{run.label}] already recorded in {results_path}; skipped")
+        else:
+            row = _execute(session, run, resolved, baseline)
+            if dist.is_main:
+                append_result(results_path, row)
+            dist.barrier()  # nobody starts the next run before rank 0 has flushed this one
+            say(_summary_line(row))
+        row = {**row, "label": run.label, "role": run.role, "budget": run.budget}
+        if run.role == "baseline":
+            baseline = row["predictions"]
+        if run.role == "reference":
+            reference = row
+        rows.append(row)
+        bar.update(1)
+    bar.close()
+    _fill_agreement(rows, baseline)
+    return rows, skipped
 
 
 def _lock_output_dir(out_dir: Path) -> Any:
