@@ -102,6 +102,7 @@ def _sample(answers, qtype=None):
 def test_normalizers():
     assert normalize_vqa("The Two dogs!") == "2 dogs"
     assert yes_no("Yes, there is.") == "yes" and yes_no("There is not.") == "no" and yes_no("No") == "no"
+    assert yes_no("Yes. There is no cat.") == "yes"  # only the first sentence counts, as in eval_pope.py
 
 
 def test_vqa_accuracy_hand_computed():

@@ -244,3 +244,21 @@ def test_quiet_prints_table_only_and_output_dir_is_locked(tiny_model, tmp_path, 
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         assert main([*args, "--quiet"]) == 2
     assert "another 'tokprune run' is writing to" in capsys.readouterr().err
+
+
+def _embedded_installed() -> bool:
+    from tokprune import models
+
+    return (models.path("tiny-llava-shapes") / "config.json").is_file()
+
+
+@pytest.mark.skipif(not _embedded_installed(), reason="the embedded checkpoint is not in this checkout yet")
+def test_embedded_model_smoke(tmp_path):
+    """The main job's defaults on the shipped model, cut to a few questions: the trained model answers
+    far above chance, and pruning keeps some of it."""
+    cfg = load_config(None, [f"output_dir={tmp_path}", "limit=24", "strategies=[cls_knee+text_interact, topk]"])
+    rows = runner.run_ablation(cfg, progress=False, echo=None).rows
+    assert [r["role"] for r in rows] == ["baseline", "reference", "matched"]
+    assert rows[0]["metrics"]["accuracy"] >= 0.6
+    assert rows[1]["metrics"]["visual_kept_mean"] < rows[0]["metrics"]["visual_kept_mean"]
+    assert (tmp_path / "pareto.png").is_file()

@@ -83,8 +83,9 @@ def normalize_vqa(text: str) -> str:
 
 
 def yes_no(text: str) -> str:
-    """POPE's rule (LLaVA's eval_pope.py): an answer containing 'no' or 'not' is "no", otherwise "yes"."""
-    words = _PUNCT.sub(" ", text.lower()).split()
+    """POPE's rule (LLaVA's eval_pope.py): an answer whose first sentence contains the word 'no' or 'not'
+    is "no", otherwise "yes" (here case-insensitive; the reference misses "NO" and "Not")."""
+    words = _PUNCT.sub(" ", text.split(".")[0].lower()).split()
     return "no" if ("no" in words or "not" in words) else "yes"
 
 
