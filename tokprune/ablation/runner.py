@@ -147,6 +147,7 @@ class Session:
     device: torch.device
     dist: Dist
     progress: bool = True
+    warm: bool = False
 
     def evaluate(self, pipeline: Any, desc: str) -> tuple[list[dict[str, Any]], list[Timing], float, str]:
         """This rank's share of the dataset under ``pipeline``: records, batch timings, peak MB, memory kind."""
@@ -184,6 +185,14 @@ class Session:
             handle.remove()
             bar.close()
         return records, timings, peak.mb, peak.kind
+
+    def warm_up(self) -> None:
+        """One untimed batch, so one-off costs (lazy init, allocator growth) do not land on the first run."""
+        if self.warm:
+            return
+        first = self.dataset.samples[: min(self.cfg.batch_size, len(self.dataset.samples))]
+        self._generate(first, GenerateTimer(self.model, cuda=self.device.type == "cuda"))
+        self.warm = True
 
     def _generate(self, samples: Sequence[EvalSample], timer: GenerateTimer) -> tuple[list[str], list[int], Timing]:
         cfg = self.cfg
@@ -405,6 +414,7 @@ def _run_all(
             skipped += 1
             say(f"[{run.label}] already recorded in {results_path}; skipped")
         else:
+            session.warm_up()
             row = _execute(session, run, resolved, baseline)
             if dist.is_main:
                 append_result(results_path, row)
