@@ -140,3 +140,10 @@ def test_matching_fills_count_or_ratio():
     assert done.label == "fastv(layer=3, keep=20)"
     assert done.budget == "matched fastv.keep=20"
     assert "keep=20" in done.spec and "layer=3" in done.spec
+
+
+def test_match_budget_params_are_checked_up_front():
+    with pytest.raises(ConfigError, match="'topk' has no parameter 'kep'; valid: .*keep"):
+        plan_runs(load_config(None, ["match_budget.params.topk=kep"]))
+    with pytest.raises(UnknownStrategyError, match="match_budget.params.topkk"):
+        plan_runs(load_config(None, ["match_budget.params.topkk=keep"]))

@@ -95,8 +95,23 @@ def _needs_match(terms: list[Term], params: Mapping[str, str]) -> list[tuple[int
     return out
 
 
+def _check_match_params(params: Mapping[str, str]) -> None:
+    # Caught now, not after the reference run has spent its minutes.
+    for name, param in params.items():
+        info = strategies.describe(name) if name in strategies.available() else None
+        if info is None:
+            _canonical(name, f"match_budget.params.{name}")  # raises with did-you-mean
+            continue
+        valid = [p.name for p in info.params]
+        if param not in valid:
+            raise ConfigError(
+                f"match_budget.params.{name}={param!r}: {name!r} has no parameter {param!r}; valid: {', '.join(valid)}"
+            )
+
+
 def plan_runs(cfg: AblationConfig) -> list[PlannedRun]:
     """Every run of ``cfg`` in execution order (see the module docstring)."""
+    _check_match_params(cfg.match_budget.params)
     for name in cfg.sweep:
         if name not in strategies.available():
             _canonical(name, f"sweep.{name}")  # raises with did-you-mean
