@@ -15,12 +15,16 @@ def _cmd_list(args: argparse.Namespace) -> int:
     if not names:
         print(f"no strategies match {args.pattern!r}", file=sys.stderr)
         return 1
-    rows = [(n, strategies.describe(n)) for n in names]
-    width = max(len(n) for n, _ in rows)
-    print(f"{'name':<{width}}  {'stage':<6}  {'source':<30}  summary")
-    for name, info in rows:
-        source = f"{info.source.name} ({info.source.distribution or '-'} {info.source.version or ''})".strip()
-        print(f"{name:<{width}}  {info.stage.value:<6}  {source:<30}  {info.summary}")
+    rows = []
+    for name in names:
+        info = strategies.describe(name)
+        source = info.source
+        origin = f"{source.name} ({source.distribution} {source.version})" if source.distribution else source.name
+        rows.append((name, info.stage.value, origin, info.summary))
+    header = ("name", "stage", "source", "summary")
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(3)]
+    for row in [header, *rows]:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row[:3], widths)) + "  " + row[3])
     return 0
 
 
