@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -13,7 +14,14 @@ from .errors import TokpruneError
 def _cmd_list(args: argparse.Namespace) -> int:
     names = strategies.available(args.pattern)
     if not names:
-        print(f"no strategies match {args.pattern!r}", file=sys.stderr)
+        if not strategies.available():
+            print(
+                f"no strategies are registered: check {_plugins.LOAD_ENV}={os.environ.get(_plugins.LOAD_ENV)!r} "
+                f"and {_plugins.BLOCK_ENV}={os.environ.get(_plugins.BLOCK_ENV)!r}, or reinstall tokprune",
+                file=sys.stderr,
+            )
+        else:
+            print(f"no strategies match {args.pattern!r}; registered: {', '.join(strategies.available())}", file=sys.stderr)
         return 1
     rows = []
     for name in names:
