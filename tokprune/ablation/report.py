@@ -171,7 +171,9 @@ def write_reports(rows: Sequence[dict[str, Any]], out_dir: str | Path, plot: boo
     files["table_csv"].write_text(csv_text(rows))
     if plot:
         first = rows[0]["resolved"] if rows else {}
-        title = f"{first.get('model', '')} on {first.get('dataset', {}).get('name', '')} (n={first.get('dataset', {}).get('n', '')})"
+        ds = first.get("dataset", {})
+        name = ds.get("name", "") if ds.get("name") != "jsonl" else Path(str(ds.get("path", ""))).stem
+        title = f"{Path(str(first.get('model', ''))).name} on {name} (n={ds.get('n', '')}): accuracy vs budget"
         png = pareto_plot(rows, out_dir / "pareto.png", title=title)
         if png is not None:
             files["plot"] = png
