@@ -259,6 +259,6 @@ def test_embedded_model_smoke(tmp_path):
     cfg = load_config(None, [f"output_dir={tmp_path}", "limit=24", "strategies=[cls_knee+text_interact, topk]"])
     rows = runner.run_ablation(cfg, progress=False, echo=None).rows
     assert [r["role"] for r in rows] == ["baseline", "reference", "matched"]
-    assert rows[0]["metrics"]["accuracy"] >= 0.6
+    assert rows[0]["metrics"]["accuracy"] >= 0.4  # a random-weight model scores about 0.02
     assert rows[1]["metrics"]["visual_kept_mean"] < rows[0]["metrics"]["visual_kept_mean"]
     assert (tmp_path / "pareto.png").is_file()
