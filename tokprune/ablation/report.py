@@ -90,6 +90,15 @@ def _family(label: str) -> str:
     return re.sub(r"\([^()]*(\([^()]*\))*[^()]*\)", "", label)
 
 
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point beats (lower or equal cost, strictly higher accuracy), by cost."""
+    front: list[tuple[float, float]] = []
+    for x, y in sorted(points, key=lambda p: (p[0], -p[1])):
+        if not front or y > front[-1][1]:
+            front.append((x, y))
+    return front
+
+
 def _style(row: dict[str, Any], families: list[str]) -> dict[str, Any]:
     import matplotlib.pyplot as plt
 
@@ -111,8 +120,8 @@ def pareto_plot(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "
     """Accuracy vs mean kept visual tokens and vs relative prefill FLOPs; one marker per run.
 
     The reference method is a large red star, the unpruned baseline a black square plus a dashed line at
-    its accuracy; each other strategy family has its own colour and marker (one legend entry), and the
-    points of a family with several runs (a sweep) are joined in order of x.
+    its accuracy; each other strategy family has its own colour and marker (one legend entry); a dotted
+    step line is the Pareto front over all runs (best accuracy at or below each cost).
     """
     try:
         import matplotlib
@@ -136,12 +145,11 @@ def pareto_plot(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "
                 style = _style(r, families)
                 groups.setdefault(style["label"], []).append((r["metrics"][key] * scale, 100 * r["metrics"]["accuracy"], style))
         for points in groups.values():
-            points.sort(key=lambda p: p[0])
-            style = points[0][2]
-            if len(points) > 1:
-                ax.plot([p[0] for p in points], [p[1] for p in points], color=style["color"], linewidth=0.8,
-                        alpha=0.6, zorder=style["zorder"] - 0.5)
-            ax.scatter([p[0] for p in points], [p[1] for p in points], **style)
+            ax.scatter([p[0] for p in points], [p[1] for p in points], **points[0][2])
+        front = pareto_front([(x, y) for points in groups.values() for x, y, _ in points])
+        if len(front) > 1:
+            ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="0.55", linewidth=1,
+                    linestyle=":", zorder=1, label="Pareto front (all runs)")
         if base is not None:
             ax.axhline(100 * base["metrics"]["accuracy"], color="black", linestyle="--", linewidth=0.8, zorder=1)
         ax.set_xlabel(xlabel)
@@ -150,7 +158,11 @@ def pareto_plot(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "
     axes[0].set_ylabel("accuracy (%)")
     axes[0].set_title("accuracy vs kept visual tokens")
     axes[1].set_title("accuracy vs prefill compute")
-    handles, labels = axes[0].get_legend_handles_labels()
+    legend: dict[str, Any] = {}
+    for ax in axes:  # the front may be drawn in one panel only
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    handles, labels = list(legend.values()), list(legend)
     ncol = min(len(labels), 5)
     fig.legend(handles, labels, loc="lower center", ncol=ncol, frameon=False, fontsize=9, markerscale=1.0)
     if title:
