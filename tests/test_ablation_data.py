@@ -207,3 +207,10 @@ def test_corruption_before_the_last_line_is_an_error(tmp_path):
 def test_run_key_is_order_independent_and_sensitive():
     assert run_key({"a": 1, "b": [1, 2]}) == run_key({"b": [1, 2], "a": 1})
     assert run_key({"a": 1}) != run_key({"a": 2})
+
+
+def test_pareto_front():
+    from tokprune.ablation.report import pareto_front
+
+    points = [(1, 0.5), (2, 0.4), (3, 0.6), (3, 0.7), (0.5, 0.1), (4, 0.7)]
+    assert pareto_front(points) == [(0.5, 0.1), (1, 0.5), (3, 0.7)]
