@@ -13,9 +13,9 @@ USAGE_EXAMPLES = """\
 examples:
   tokprune run                                      the default comparison on the embedded model
   tokprune run configs/sweep_fastv.yaml             a sweep from a file
-  tokprune run strategies=[topk,fastv] limit=40     dotlist overrides (specs may contain commas)
+  tokprune run "strategies=[topk, fastv]" limit=40  dotlist overrides (specs may contain commas)
   tokprune run strategies="fastv(layer=[2,3], keep_ratio=[0.25,0.5])" output_dir=runs/fastv
-  torchrun --nproc_per_node 2 -m tokprune run limit=100   data-parallel
+  torchrun --standalone --nproc_per_node 2 -m tokprune run limit=100   data-parallel
 
 Rerunning the same command skips the runs already in OUTPUT_DIR/results.jsonl. Config keys: see
 docs/ablation.md or configs/default.yaml.
