@@ -34,7 +34,7 @@ def register_strategies(register: Callable[..., None]) -> None:
 def register_adapters(register: Callable[..., None]) -> None:
     """Register model adapters.
 
-    Called once per plugin when :func:`tokprune.patch` first looks for an adapter. Call
+    Called once per plugin each time :func:`tokprune.patch` looks for an adapter. Call
     ``register(AdapterClass)`` for each :class:`tokprune.adapters.ModelAdapter` subclass; ``patch``
     picks the first adapter whose ``matches(model)`` is true.
     """
