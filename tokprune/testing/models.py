@@ -14,12 +14,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 from transformers import CLIPVisionConfig, GenerationConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-__all__ = ["TinyVocab", "VOCAB", "tiny_llava", "tiny_llava_config"]
+__all__ = ["ClipCapture", "TinyVocab", "VOCAB", "clip_context", "run_clip", "tiny_clip", "tiny_llava", "tiny_llava_config"]
 
 
 @dataclass(frozen=True)
@@ -146,3 +147,77 @@ def tiny_llava(
         return out
 
     return model, make_inputs
+
+
+# -- a bare CLIP tower, for testing vision-stage strategies against reference computations ---------------
+
+
+def tiny_clip(seed: int = 0, *, layers: int = 6, heads: int = 4, width: int = 32, grid: int = 4) -> Any:
+    """A random ``CLIPVisionModel`` with eager attention (``grid x grid`` patches of 4 px, plus CLS).
+
+    q/k weights are scaled up so attention is peaked: at HF's init the softmax is near-linear and every
+    way of mixing heads ranks tokens alike, which would let a wrong head reduction pass a test.
+    """
+    from transformers import CLIPVisionModel
+
+    torch.manual_seed(seed)
+    config = CLIPVisionConfig(
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        image_size=4 * grid,
+        patch_size=4,
+        attn_implementation="eager",  # references read eager attention weights
+    )
+    model = CLIPVisionModel(config).eval()
+    with torch.no_grad():
+        for layer in model.encoder.layers:
+            layer.self_attn.q_proj.weight.mul_(8.0)
+            layer.self_attn.k_proj.weight.mul_(8.0)
+    return model
+
+
+class ClipCapture(dict):
+    """q/k projections keyed ``("q" | "k", layer)``, each ``[B, 1+N, C]``, plus the tower's shape."""
+
+    def __init__(self, num_layers: int, num_heads: int, grid: tuple[int, int]) -> None:
+        super().__init__()
+        self.num_layers, self.num_heads, self.grid = num_layers, num_heads, grid
+
+
+def run_clip(model: Any, pixels: Tensor) -> tuple[Any, ClipCapture]:
+    """One eager forward: the outputs (``attentions``, ``hidden_states``) and every layer's q/k."""
+    config = model.config
+    side = config.image_size // config.patch_size
+    captured = ClipCapture(config.num_hidden_layers, config.num_attention_heads, (side, side))
+    hooks = []
+    for i, layer in enumerate(model.encoder.layers):
+        for kind in ("q", "k"):
+            proj = getattr(layer.self_attn, f"{kind}_proj")
+            hooks.append(proj.register_forward_hook(lambda _m, _i, out, key=(kind, i): captured.__setitem__(key, out)))
+    try:
+        with torch.no_grad():
+            outputs = model(pixel_values=pixels, output_hidden_states=True, output_attentions=True)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return outputs, captured
+
+
+def clip_context(strategy: Any, outputs: Any, captured: ClipCapture) -> Any:
+    """The :class:`~tokprune.VisionContext` an adapter would build from this forward for ``strategy``.
+
+    Features are LLaVA-1.5's (``hidden_states[-2]`` without CLS); only the signals the strategy declares
+    are readable, as in a patched model.
+    """
+    from tokprune import VisionContext, VisionSignals
+
+    def fetch(signal: Any) -> Any:
+        if signal.kind == "qk":
+            return captured[("q", signal.layer)], captured[("k", signal.layer)]
+        return outputs.hidden_states[signal.layer]
+
+    declared = frozenset(s.resolve(captured.num_layers) for s in strategy.requires())
+    signals = VisionSignals(fetch, captured.num_layers, captured.num_heads, declared=declared)
+    return VisionContext(features=outputs.hidden_states[-2][:, 1:], signals=signals, grid=captured.grid)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import CLIPVisionConfig, CLIPVisionModel
 
 import tokprune
-from tokprune import VisionContext, VisionSignals, strategies
+from tokprune import VisionContext, strategies
 from tokprune.errors import StrategyParamError
+from tokprune.testing import models
 from tokprune.testing.contract import CHECKS, contract_cases
 from tokprune.testing.equivalence import check_batch_equivalence, check_cache_equivalence
 from tokprune.testing.models import tiny_llava
@@ -21,51 +21,12 @@ uniform_targets = plugin.uniform_targets
 LAYERS, HEADS, WIDTH, GRID = 6, 4, 32, 4  # a tiny CLIP: 16 patches + CLS
 
 
-def tiny_clip(seed: int = 0) -> CLIPVisionModel:
-    torch.manual_seed(seed)
-    config = CLIPVisionConfig(
-        hidden_size=WIDTH,
-        intermediate_size=2 * WIDTH,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        image_size=4 * GRID,
-        patch_size=4,
-        attn_implementation="eager",  # the reference reads eager attention weights
-    )
-    model = CLIPVisionModel(config).eval()
-    with torch.no_grad():  # peaky attention: at init softmax is near-linear and every head-mixing ranks alike
-        for layer in model.encoder.layers:
-            layer.self_attn.q_proj.weight.mul_(8.0)
-            layer.self_attn.k_proj.weight.mul_(8.0)
-    return model
+def tiny_clip(seed: int = 0):
+    return models.tiny_clip(seed, layers=LAYERS, heads=HEADS, width=WIDTH, grid=GRID)
 
 
-def run_clip(model: CLIPVisionModel, pixels: torch.Tensor):
-    """Eager outputs (attentions, hidden states) and the q/k projections of every layer."""
-    captured: dict[tuple[str, int], torch.Tensor] = {}
-    hooks = []
-    for i, layer in enumerate(model.encoder.layers):
-        for kind in ("q", "k"):
-            proj = getattr(layer.self_attn, f"{kind}_proj")
-            hooks.append(proj.register_forward_hook(lambda _m, _i, out, key=(kind, i): captured.__setitem__(key, out)))
-    try:
-        with torch.no_grad():
-            out = model(pixel_values=pixels, output_hidden_states=True, output_attentions=True)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return out, captured
-
-
-def context_for(strategy: VisionZip, out, captured) -> VisionContext:
-    def fetch(signal):
-        if signal.kind == "qk":
-            return captured[("q", signal.layer)], captured[("k", signal.layer)]
-        return out.hidden_states[signal.layer]
-
-    declared = frozenset(s.resolve(LAYERS) for s in strategy.requires())
-    signals = VisionSignals(fetch, LAYERS, HEADS, declared=declared)
-    return VisionContext(features=out.hidden_states[-2][:, 1:], signals=signals, grid=(GRID, GRID))
+run_clip = models.run_clip
+context_for = models.clip_context
 
 
 def reference_visionzip(out, keys: torch.Tensor, dominant: int, contextual: int) -> list[list[torch.Tensor]]:
