@@ -15,9 +15,9 @@ Then :func:`keep_top` keeps the top-``count`` candidates by score (a mask, so ra
 
 Candidate sets may be ragged (LLM stage: a different number of image/question tokens per sample). The
 knee and the outlier rules depend on the curve's length, so a row padded to the batch width would not
-give the result it gives alone. Rows are therefore bucketed by candidate count and each bucket is one
-batched primitive call: one call at the vision stage (every row has N candidates), one per distinct
-count at the LLM stage.
+give the result it gives alone. The knee, chord and IQR primitives therefore take per-row ``lengths``
+and serve the whole batch in one call; LOF has no ragged form, so its rows are bucketed by candidate
+count, one batched call per distinct count.
 """
 
 from __future__ import annotations
@@ -113,28 +113,32 @@ class Cut:
         }
 
 
-def raw_counts(scores: Tensor, rule: CutRule) -> Tensor:
-    """Count proposed by ``rule`` for each dense row.
+def raw_counts(scores: Tensor, rule: CutRule, lengths: Tensor | None = None) -> Tensor:
+    """Count proposed by ``rule`` for each row.
 
     Args:
-        scores: fp32 ``[B, M]``, every entry a candidate.
+        scores: fp32 ``[B, M]``.
         rule: the cut settings.
+        lengths: long ``[B]``: row ``b``'s curve is ``scores[b, :lengths[b]]``; None = every entry.
 
     Returns:
-        long ``[B]``: keep count, 0 where the rule finds no cut (no knee, no outlier, ``M < 3``).
+        long ``[B]``: keep count, 0 where the rule finds no cut (no knee, no outlier, fewer than 3 entries).
     """
     b, m = scores.shape
     if m < MIN_CURVE:
         return torch.zeros(b, dtype=torch.long, device=scores.device)
     if rule.rule == "knee":
-        knee = scoring.find_knee(scores, sensitivity=rule.sensitivity, online=rule.online)
+        knee = scoring.find_knee(scores, sensitivity=rule.sensitivity, online=rule.online, lengths=lengths)
         return torch.where(knee >= 0, knee + 1, torch.zeros_like(knee))
     if rule.rule == "chord":
-        knee = scoring.knee_chord(scores)
+        knee = scoring.knee_chord(scores, lengths=lengths)
         return torch.where(knee >= 0, knee + 1, torch.zeros_like(knee))
     if rule.rule == "iqr":
-        return scoring.iqr_outlier_count(scores, factor=rule.iqr_factor).long()
+        counts = scoring.iqr_outlier_count(scores, factor=rule.iqr_factor, lengths=lengths).long()
+        return counts if lengths is None else counts.masked_fill(lengths < MIN_CURVE, 0)
     if rule.rule == "lof":
+        if lengths is not None:
+            raise ValueError("the lof rule takes dense rows; use ragged_raw_counts for ragged ones")
         return scoring.lof_outlier_count(scores, n_neighbors=rule.lof_neighbors).long()
     raise ValueError(f"cut rule {rule.rule!r} is not one of {list(CUT_RULES)}")
 
@@ -154,9 +158,10 @@ def ragged_raw_counts(scores: Tensor, candidates: Tensor, rule: CutRule) -> Tens
     if bool(candidates.all()):
         return raw_counts(scores, rule)
     dense, _, _ = scoring.ragged_gather(scores, candidates)  # left-aligned candidates, [B, max n]
+    if rule.rule != "lof":
+        return raw_counts(dense, rule, lengths=n)
+    # LOF has no ragged form: one batched call per distinct candidate count, each row at its own length.
     out = torch.zeros_like(n)
-    # One batched call per distinct candidate count (see module docstring): a row's curve must have
-    # exactly its own length for the knee and the quartiles to be what the row gives alone.
     for width in torch.unique(n).tolist():
         if width == 0:
             continue

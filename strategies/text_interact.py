@@ -61,7 +61,7 @@ class TextInteract(PruningStrategy):
     Deviations / choices (the paper is silent): K=2 (FastV's default), the query set, causal mean
     normalisation, the candidates and the bounds are parameters; fallback ``all`` = no pruning at
     this layer when the curve has no knee. Rows with different candidate counts are cut in one batched
-    call per distinct count (a curve's knee depends on its length).
+    call, each at its own length (a curve's knee depends on its length).
 
     Diagnostics: ``scores`` ``[B, L]``, ``candidates`` ``[B, L]``, ``knee``, ``raw_keep``, ``keep_count``,
     ``fallback``, ``clamped`` (``[B]``).

@@ -154,6 +154,38 @@ def test_batch_equals_per_row(n, b, seed, S, online):
     assert batched.dtype == torch.long and batched.shape == (b,)
 
 
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(3, 150), b=st.integers(1, 10), seed=st.integers(0, 999), S=sens, online=st.booleans(),
+       presorted=st.booleans())
+def test_ragged_lengths_equal_each_row_alone(n, b, seed, S, online, presorted):
+    # One call over rows of different lengths (the LLM stage's ragged candidate sets) must give every
+    # row the knee it has alone: its own N in x_n, the step term and the end of the walk.
+    rng = np.random.default_rng(seed)
+    x = torch.from_numpy(rng.pareto(rng.uniform(0.5, 3.0), size=(b, n)))
+    lengths = torch.from_numpy(rng.integers(0, n + 1, size=b))
+    if presorted:
+        x = torch.sort(x, dim=1, descending=True).values
+    padded = x.clone()
+    padded[torch.arange(n)[None] >= lengths[:, None]] = float(rng.choice([0.0, 1e9, -5.0]))
+    got = find_knee(padded, S, online, presorted, lengths=lengths)
+    assert got.tolist() == [int(find_knee(x[i, :m], S, online)) if m else NO_KNEE
+                            for i, m in enumerate(lengths.tolist())]
+    chord = knee_chord(padded, presorted, lengths=lengths)
+    assert chord.tolist() == [int(knee_chord(x[i, :m])) if m else NO_KNEE for i, m in enumerate(lengths.tolist())]
+
+
+def test_ragged_lengths_are_validated():
+    x = torch.rand(3, 10)
+    with pytest.raises(ValueError, match=r"lengths must lie in \[0, 10\].*max 11"):
+        find_knee(x, lengths=torch.tensor([3, 11, 4]))
+    with pytest.raises(ValueError, match=r"integer tensor of shape \[3\]"):
+        find_knee(x, lengths=torch.tensor([3.0, 4.0, 5.0]))
+    with pytest.raises(ValueError, match=r"shape \[3\]"):
+        knee_chord(x, lengths=torch.tensor([3, 4]))
+    with pytest.raises(ValueError, match=r"\[B, N\]"):
+        find_knee(x[0], lengths=torch.tensor([3]))
+
+
 def test_nonfinite_rows_have_no_knee():
     x = torch.rand(3, 40, dtype=torch.float64)
     x[0, 3] = float("nan")

@@ -342,6 +342,22 @@ def test_iqr_low_precision_inputs(dtype):
     assert torch.equal(iqr_outlier_count(s), ref_iqr(s.float()))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_iqr_ragged_rows_equal_each_row_alone(dtype):
+    rng = np.random.default_rng(5)
+    s = torch.from_numpy(rng.lognormal(0, 1.5, size=(30, 90))).to(dtype)
+    s[::4, 10:20] = 1.0  # ties around the quartiles
+    lengths = torch.from_numpy(rng.integers(0, 91, size=30))
+    lengths[:3] = torch.tensor([0, 1, 90])
+    s_padded = s.clone()
+    s_padded[torch.arange(90)[None] >= lengths[:, None]] = 1e4  # padding must not count or move quartiles
+    got = iqr_outlier_count(s_padded, lengths=lengths)
+    alone = [int(iqr_outlier_count(s[b:b + 1, :n])[0]) if n else 0 for b, n in enumerate(lengths.tolist())]
+    assert got.tolist() == alone
+    with pytest.raises(ValueError, match=r"lengths must lie in \[0, 90\]"):
+        iqr_outlier_count(s, lengths=torch.full((30,), 91))
+
+
 @pytest.mark.parametrize("n, k", [(576, 20), (576, 10), (50, 20), (15, 20), (3, 1)])
 def test_lof_matches_sklearn(n, k):
     rng = np.random.default_rng(n + k)

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._validate import check_float, check_tensor
+from ._validate import check_float, check_lengths, check_tensor
 
 NO_KNEE: int = -1
 """Returned for rows with no knee: constant/flat, linear (no threshold crossing), N < 3 or non-finite."""
@@ -42,21 +42,40 @@ def _mean_dx(n: int) -> float:
     return float(np.abs(np.diff(x_n).mean()))
 
 
-def _sorted_desc(scores: Tensor, presorted: bool) -> Tensor:
+@lru_cache(maxsize=16)
+def _mean_dx_table(n_max: int) -> np.ndarray:
+    """``_mean_dx(n)`` for ``n = 0 .. n_max`` (0 below 2): the step term of rows of any length up to ``n_max``."""
+    return np.array([_mean_dx(n) if n >= 2 else 0.0 for n in range(n_max + 1)])
+
+
+def _sorted_desc(scores: Tensor, presorted: bool, valid: Tensor | None = None) -> Tensor:
+    """Rows sorted descending; with ``valid`` (bool ``[B, N]``, a prefix per row), padding sorts last as -inf."""
+    if valid is not None:
+        scores = scores.masked_fill(~valid, float("-inf"))
     return scores if presorted else torch.sort(scores, dim=-1, descending=True).values
 
 
-def _difference_curve(v: Tensor, compute_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def _difference_curve(v: Tensor, compute_dtype: torch.dtype, lengths: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``v [B, N]`` sorted descending -> (``d [B, N]`` kneed's difference curve, ``ok [B]`` finite & non-flat).
 
-    Flat rows give NaN in ``d`` (0/0) exactly like kneed; callers mask them with ``ok``.
+    With ``lengths`` (long ``[B]``) row ``b`` is the curve ``v[b, :lengths[b]]``; ``d`` beyond it is
+    meaningless and ``ok`` is False for rows shorter than 3. Flat rows give NaN in ``d`` (0/0) exactly like
+    kneed; callers mask them with ``ok``.
     """
     n = v.shape[-1]
     v = v.to(compute_dtype)
-    vmax, vmin = v[:, :1], v[:, -1:]
-    rng = vmax - vmin
+    ranks = torch.arange(n, device=v.device, dtype=compute_dtype)
+    if lengths is None:
+        vmin = v[:, -1:]
+        x_n = ranks / (n - 1)
+    else:
+        last = (lengths - 1).clamp_min(0)[:, None]
+        vmin = v.gather(1, last)
+        x_n = ranks / last.clamp_min(1).to(compute_dtype)
+    rng = v[:, :1] - vmin
     ok = (rng > 0).squeeze(1) & torch.isfinite(rng).squeeze(1)
-    x_n = torch.arange(n, device=v.device, dtype=compute_dtype) / (n - 1)
+    if lengths is not None:
+        ok &= lengths >= 3
     # same operation order as kneed: y_n = (v-min)/(max-min); y_t = 1 - y_n; d = y_t - x_n
     d = (v - vmin).div_(rng).neg_().add_(1.0).sub_(x_n)  # -(y) + 1 == 1 - y exactly in IEEE
     return d, ok
@@ -68,6 +87,7 @@ def find_knee(
     online: bool = False,
     presorted: bool = False,
     *,
+    lengths: Tensor | None = None,
     compute_dtype: torch.dtype = torch.float64,
 ) -> Tensor:
     """Batched Kneedle knee of each row's descending-sorted score curve.
@@ -78,6 +98,10 @@ def find_knee(
             comes later or not at all.
         online: ``False`` returns the first knee found (kneed's default), ``True`` the last one.
         presorted: rows are already sorted in descending order; skips the sort.
+        lengths: long ``[B]``, ragged rows: row ``b`` is the curve ``scores[b, :lengths[b]]`` and the rest of
+            the row is padding (ignored, any value). Each row's knee is the one it has alone, with its own
+            ``N`` in the normalisation and the threshold, so one call serves a batch of different
+            candidate counts. ``[B, N]`` input only.
         compute_dtype: dtype of the normalisation and difference curve. float64 (default) reproduces
             kneed exactly; float32 is faster on some GPUs and may differ on near-ties.
 
@@ -93,12 +117,18 @@ def find_knee(
     if compute_dtype not in (torch.float32, torch.float64):
         raise ValueError(f"compute_dtype must be one of [torch.float32, torch.float64], got {compute_dtype}")
     if scores.dim() == 1:
+        if lengths is not None:
+            raise ValueError("lengths needs [B, N] scores, got a single [N] row")
         return find_knee(scores[None], sensitivity, online, presorted, compute_dtype=compute_dtype)[0]
     b, n = scores.shape
+    valid = None
+    if lengths is not None:
+        check_lengths(lengths, b, n)
+        valid = torch.arange(n, device=scores.device) < lengths[:, None]
     if n < 3:
         return torch.full((b,), NO_KNEE, dtype=torch.long, device=scores.device)
 
-    d, ok = _difference_curve(_sorted_desc(scores, presorted), compute_dtype)
+    d, ok = _difference_curve(_sorted_desc(scores, presorted, valid), compute_dtype, lengths)
     idx = _index_dtype(n)
     # Everything below is bool / small-int arithmetic in one dtype: mixed-dtype ops (bool * int, where)
     # are several times slower on CPU than the sort this is meant to keep up with.
@@ -123,8 +153,15 @@ def find_knee(
     last = torch.cummax(key, dim=1).values
     active = last & 1
     cand = (last >> 1).long()  # position of the governing extremum
-    threshold = d.gather(1, cand).sub_(sensitivity * _mean_dx(n))
-    hit = (right < threshold).to(idx) * active  # knee declared while at i (kneed compares d[i+1])
+    if lengths is None:
+        threshold = d.gather(1, cand).sub_(sensitivity * _mean_dx(n))
+        hit = (right < threshold).to(idx) * active  # knee declared while at i (kneed compares d[i+1])
+    else:
+        step = torch.from_numpy(sensitivity * _mean_dx_table(n)).to(d.device, d.dtype)[lengths]
+        threshold = d.gather(1, cand).sub_(step[:, None])
+        # kneed's walk stops at a row's own N-2; what lies beyond (padding) never declares a knee.
+        in_row = pos[None] < (lengths - 1)[:, None]
+        hit = ((right < threshold) & in_row).to(idx) * active
 
     # first / last hit without argmax (slow on CPU): the max of hit * rank-weight identifies it
     if online:
@@ -143,7 +180,7 @@ def _index_dtype(n: int) -> torch.dtype:
     return torch.int16 if 2 * n < torch.iinfo(torch.int16).max else torch.int64
 
 
-def knee_chord(scores: Tensor, presorted: bool = False) -> Tensor:
+def knee_chord(scores: Tensor, presorted: bool = False, *, lengths: Tensor | None = None) -> Tensor:
     """Cheap knee: the point of the descending-sorted curve farthest from its chord.
 
     ``argmax`` of Kneedle's difference curve (= the knee when that curve has a single peak and S -> 0).
@@ -151,6 +188,7 @@ def knee_chord(scores: Tensor, presorted: bool = False) -> Tensor:
     Args:
         scores: ``[B, N]`` float scores (or ``[N]``).
         presorted: rows are already sorted in descending order.
+        lengths: long ``[B]``, ragged rows as in :func:`find_knee` (``[B, N]`` input only).
 
     Returns:
         long ``[B]`` rank index (first maximum on ties), ``NO_KNEE`` for flat, non-finite or N < 3 rows.
@@ -158,10 +196,19 @@ def knee_chord(scores: Tensor, presorted: bool = False) -> Tensor:
     check_tensor("scores", scores, (1, 2), "[B, N] or [N]")
     check_float("scores", scores)
     if scores.dim() == 1:
+        if lengths is not None:
+            raise ValueError("lengths needs [B, N] scores, got a single [N] row")
         return knee_chord(scores[None], presorted)[0]
     b, n = scores.shape
+    valid = None
+    if lengths is not None:
+        check_lengths(lengths, b, n)
+        valid = torch.arange(n, device=scores.device) < lengths[:, None]
     if n < 3:
         return torch.full((b,), NO_KNEE, dtype=torch.long, device=scores.device)
-    d, ok = _difference_curve(_sorted_desc(scores, presorted), torch.float32)
-    idx = torch.nan_to_num(d, nan=0.0).argmax(dim=1)
+    d, ok = _difference_curve(_sorted_desc(scores, presorted, valid), torch.float32, lengths)
+    d = torch.nan_to_num(d, nan=0.0)
+    if valid is not None:
+        d = d.masked_fill(~valid, float("-inf"))
+    idx = d.argmax(dim=1)
     return torch.where(ok, idx, torch.full_like(idx, NO_KNEE))

@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._validate import check_choice, check_float, check_tensor, score_dtype
+from ._validate import check_choice, check_float, check_lengths, check_tensor, score_dtype
 
 LOF_TAILS = ("both", "high")
 
 
-def iqr_outlier_count(scores: Tensor, factor: float = 1.5) -> Tensor:
+def iqr_outlier_count(scores: Tensor, factor: float = 1.5, *, lengths: Tensor | None = None) -> Tensor:
     """Number of high outliers per row: values ``> Q3 + factor * (Q3 - Q1)``.
 
     PruMerge's ``outlier_dectection`` (LLaVA-PruMerge ``clip_encoder.py`` L34-47), but per sample instead of
@@ -20,17 +20,32 @@ def iqr_outlier_count(scores: Tensor, factor: float = 1.5) -> Tensor:
     Args:
         scores: ``[B, N]`` float scores.
         factor: fence multiplier (1.5 in PruMerge).
+        lengths: long ``[B]``, ragged rows: row ``b`` is ``scores[b, :lengths[b]]``, the rest is padding
+            (ignored). Quartiles and counts are those of each row alone.
 
     Returns:
-        long ``[B]`` in ``[0, N]``. PruMerge's ratio is ``count / N``.
+        long ``[B]`` in ``[0, N]`` (0 for empty rows). PruMerge's ratio is ``count / N``.
     """
     check_tensor("scores", scores, 2, "[B, N]")
     check_float("scores", scores)
     x = scores.to(score_dtype(scores))
-    quart = torch.quantile(x, torch.tensor([0.25, 0.75], dtype=x.dtype, device=x.device), dim=1)  # [2, B]
-    q1, q3 = quart[0], quart[1]
-    fence = q3 + factor * (q3 - q1)
-    return (x > fence[:, None]).sum(dim=1)
+    if lengths is None:
+        quart = torch.quantile(x, torch.tensor([0.25, 0.75], dtype=x.dtype, device=x.device), dim=1)  # [2, B]
+        q1, q3 = quart[0], quart[1]
+        fence = q3 + factor * (q3 - q1)
+        return (x > fence[:, None]).sum(dim=1)
+    b, n = x.shape
+    check_lengths(lengths, b, n)
+    valid = torch.arange(n, device=x.device) < lengths[:, None]
+    # Padding sorts last as +inf; each row's quartiles interpolate within its own prefix, with the rank
+    # arithmetic of torch.quantile (q * (n - 1), then lerp) so a row gives what it gives alone.
+    v = x.masked_fill(~valid, float("inf")).sort(dim=1).values
+    last = (lengths - 1).clamp_min(0).to(x.dtype)[:, None]
+    rank = torch.tensor([0.25, 0.75], dtype=x.dtype, device=x.device) * last  # [B, 2]
+    lo, hi = rank.floor().long(), rank.ceil().long()
+    q = torch.lerp(v.gather(1, lo), v.gather(1, hi), rank - lo.to(x.dtype))
+    fence = q[:, 1] + factor * (q[:, 1] - q[:, 0])
+    return ((x > fence[:, None]) & valid).sum(dim=1)
 
 
 def _lof_scores(x: Tensor, n_neighbors: int) -> Tensor:

@@ -43,6 +43,16 @@ def check_same_leading(name: str, t: Tensor, ref_name: str, ref: Tensor, dims: i
         )
 
 
+def check_lengths(lengths: object, b: int, n: int) -> None:
+    """``lengths`` of ragged rows: an integer ``[B]`` tensor with every entry in ``[0, n]``."""
+    check_tensor("lengths", lengths, 1, "[B]")
+    if lengths.shape[0] != b or lengths.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"lengths must be an integer tensor of shape [{b}], got {lengths.dtype} {tuple(lengths.shape)}")
+    if bool(((lengths < 0) | (lengths > n)).any()):
+        raise ValueError(f"lengths must lie in [0, {n}] (the row width), got min {int(lengths.min())} "
+                         f"max {int(lengths.max())}")
+
+
 def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name}={value!r} is not valid; choose one of {list(choices)}")
