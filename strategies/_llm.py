@@ -7,9 +7,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from tokprune import LLMContext, TokenRole
+from tokprune import LLMContext, TokenRole, scoring
 
-__all__ = ["QUERY_SETS", "QuerySet", "last_token_mask", "query_mask", "received"]
+__all__ = ["QUERY_SETS", "QuerySet", "last_token_mask", "query_mask", "query_similarity", "received"]
 
 QuerySet = Literal["question", "last", "all_text"]
 QUERY_SETS: tuple[str, ...] = ("question", "last", "all_text")
@@ -42,3 +42,9 @@ def received(ctx: LLMContext, which: QuerySet) -> Tensor:
     """
     scores = ctx.attention.received(query_mask(ctx, which)).float()
     return torch.nan_to_num(scores, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def query_similarity(ctx: LLMContext, which: QuerySet) -> Tensor:
+    """fp32 ``[B, L]`` cosine similarity of each position's hidden state entering layer K to the mean
+    hidden state of the ``which`` rows (no attention weights needed, so no causal bias to correct)."""
+    return scoring.query_cosine_similarity(ctx.hidden, query_mask(ctx, which)).float()

@@ -11,9 +11,10 @@ import torch
 from tokprune import LLMContext, LLMPlan, PruningStrategy, Stage, TokenRole, param
 
 from ._cut import CutParams, FallbackName, cut, keep_top, ratio_bounds
-from ._llm import QuerySet, received
+from ._llm import QuerySet, query_similarity, received
 
 Candidates = Literal["image+text", "image"]
+ScoreName = Literal["attention", "cosine"]
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,11 @@ class _QueryParams:
         "question", "query rows: question (QUESTION+PROTECTED), last (last prompt token), all_text (every text token)"
     )
     candidates: Candidates = param("image+text", "tokens that may be cut: image+text (image and question) or image")
+    score: ScoreName = param(
+        "attention",
+        "text correlation: attention (received from the query rows at layer K-1) or cosine (hidden state "
+        "entering layer K vs the mean query hidden state)",
+    )
 
 
 @dataclass(frozen=True)
@@ -46,7 +52,9 @@ class TextInteract(PruningStrategy):
 
     1. query rows ``query`` (default: the question tokens and the last prompt token) attend at layer K-1;
        each position's score is their head-mean attention to it, averaged over the queries that can
-       *see* it (causal normalisation: a plain sum would favour early tokens, visible to more queries);
+       *see* it (causal normalisation: a plain sum would favour early tokens, visible to more queries).
+       ``score=cosine`` (the ablation of algorithms.md 2.4) scores instead the cosine similarity of each
+       hidden state entering layer K to the mean hidden state of the query rows;
     2. the candidates (``image+text``: IMAGE and QUESTION positions; ``image``: IMAGE only) are cut at the
        knee of their descending-sorted scores (``cut``, same rules and fallback as ``cls_knee``);
     3. the count is clamped to ``[max(min_keep, ceil(min_keep_ratio * n)), min(max_keep, floor(max_keep_ratio
@@ -74,7 +82,7 @@ class TextInteract(PruningStrategy):
 
     def plan(self, ctx: LLMContext) -> LLMPlan:
         p = self.params
-        scores = received(ctx, p.query)
+        scores = received(ctx, p.query) if p.score == "attention" else query_similarity(ctx, p.query)
         roles = (TokenRole.IMAGE, TokenRole.QUESTION) if p.candidates == "image+text" else (TokenRole.IMAGE,)
         candidates = ctx.role_mask(*roles)
         n = candidates.sum(dim=1)

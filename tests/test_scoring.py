@@ -19,6 +19,7 @@ from tokprune.scoring import (
     prumerge_extra_token,
     prumerge_merge,
     query_attention,
+    query_cosine_similarity,
     ragged_gather,
     ragged_scatter,
     topk_mask,
@@ -321,6 +322,28 @@ def test_cls_cosine_matches_loop(dtype, cls_index):
     got = cls_cosine_similarity(h, cls_index)
     assert got.dtype == torch.float32 and got.shape == (3, 9)
     close(got, ref_cls_cos(h, cls_index), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_query_cosine_matches_loop(dtype):
+    h = torch.randn(3, 9, 16, generator=gen(6)).to(dtype)
+    h[1, 2] = 0  # zero vector -> 0, not NaN
+    query = torch.zeros(3, 9, dtype=torch.bool)
+    query[0, 6:] = True
+    query[1, [1, 4, 8]] = True  # query set scattered, not a suffix; row 2 has no queries
+    got = query_cosine_similarity(h, query)
+    assert got.dtype == torch.float32 and got.shape == (3, 9)
+    ref = torch.zeros(3, 9, dtype=torch.float64)
+    hd = h.double()
+    for b in range(2):
+        pooled = hd[b][query[b]].mean(dim=0)
+        for j in range(9):
+            ref[b, j] = (pooled @ hd[b, j]) / (pooled.norm().clamp_min(1e-8) * hd[b, j].norm().clamp_min(1e-8))
+    close(got, ref, dtype)
+    with pytest.raises(ValueError, match=r"query must have shape \(3, 9\)"):
+        query_cosine_similarity(h, query[:, :5])
+    with pytest.raises(ValueError, match="bool"):
+        query_cosine_similarity(h, query.float())
 
 
 # ---------------------------------------------------------------- outlier counts

@@ -330,6 +330,20 @@ def test_text_interact_scores_are_the_causally_normalised_mean():
             assert plan.diagnostics["scores"][b, j].item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+def test_text_interact_cosine_scores_the_hidden_states_against_the_mean_query():
+    ctx, _, _, _ = llm_batch(seed=3)
+    plan = strategy("text_interact(score=cosine, min_keep=1)")(ctx)
+    scores = plan.diagnostics["scores"]
+    for b in range(2):
+        queries = (ctx.roles[b] == TokenRole.QUESTION) | (ctx.roles[b] == TokenRole.PROTECTED)
+        pooled = ctx.hidden[b][queries].mean(dim=0)
+        expected = torch.nn.functional.cosine_similarity(ctx.hidden[b], pooled[None], dim=-1)
+        valid = ctx.roles[b] != TokenRole.PADDING
+        assert torch.allclose(scores[b][valid], expected[valid], atol=1e-6)
+    # the attention score would rank the tokens differently: the parameter is not ignored
+    assert not torch.equal(strategy("text_interact(min_keep=1)")(ctx).diagnostics["scores"], scores)
+
+
 class FixedAttention(LLMAttention):
     """Attention rows taken from a given probability matrix ``[B, 1, L, L]`` instead of q/k."""
 

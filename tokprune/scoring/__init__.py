@@ -4,7 +4,13 @@ Every function takes and returns tensors with the shapes in its docstring; score
 (fp64 for fp64 inputs) whatever the input dtype; there is no Python loop over the batch or the tokens.
 """
 
-from ._attention import attention_received, cls_attention, cls_cosine_similarity, query_attention
+from ._attention import (
+    attention_received,
+    cls_attention,
+    cls_cosine_similarity,
+    query_attention,
+    query_cosine_similarity,
+)
 from ._knee import NO_KNEE, find_knee, knee_chord
 from ._merge import prumerge_extra_token, prumerge_merge
 from ._outliers import iqr_outlier_count, lof_outlier_count
@@ -24,6 +30,7 @@ __all__ = [
     "prumerge_extra_token",
     "prumerge_merge",
     "query_attention",
+    "query_cosine_similarity",
     "ragged_gather",
     "ragged_scatter",
     "topk_mask",

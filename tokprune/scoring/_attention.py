@@ -193,3 +193,28 @@ def cls_cosine_similarity(hidden: Tensor, cls_index: int = 0, eps: float = 1e-8)
     x = x / x.norm(dim=-1, keepdim=True).clamp_min(eps)
     sim = torch.einsum("bc,btc->bt", x[:, cls], x)
     return _drop_column(sim, cls)
+
+
+def query_cosine_similarity(hidden: Tensor, query: Tensor, eps: float = 1e-8) -> Tensor:
+    """Cosine similarity between each position's hidden state and the mean hidden state of the query rows.
+
+    Args:
+        hidden: ``[B, L, D]`` hidden states of one decoder layer.
+        query: bool ``[B, L]``: the positions mean-pooled into each sample's query vector.
+        eps: lower bound on each vector norm (zero vectors, and rows without queries, give 0).
+
+    Returns:
+        fp32 (fp64 for fp64 inputs) ``[B, L]`` in [-1, 1].
+    """
+    check_tensor("hidden", hidden, 3, "[B, L, D]")
+    check_float("hidden", hidden)
+    check_tensor("query", query, 2, "[B, L]")
+    check_bool("query", query)
+    if query.shape != hidden.shape[:2]:
+        raise ValueError(f"query must have shape {tuple(hidden.shape[:2])} ([B, L] of hidden), got {tuple(query.shape)}")
+    x = hidden.to(score_dtype(hidden))
+    w = query.to(x.dtype)
+    pooled = torch.einsum("bl,bld->bd", w, x) / w.sum(dim=1, keepdim=True).clamp_min(1.0)
+    pooled = pooled / pooled.norm(dim=-1, keepdim=True).clamp_min(eps)
+    x = x / x.norm(dim=-1, keepdim=True).clamp_min(eps)
+    return torch.einsum("bd,bld->bl", pooled, x)
