@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache
+from transformers import DynamicCache, GenerationConfig, LlamaConfig, LlamaForCausalLM, StaticCache
 
 import tokprune
 from tokprune import Pipeline
@@ -142,7 +142,6 @@ def test_unsupported_attention_implementation():
     [
         ({"num_beams": 2}, "generation mode 'beam_search'"),
         ({"num_beams": 2, "do_sample": True}, "generation mode 'beam_sample'"),
-        ({"do_sample": True, "num_return_sequences": 2}, "num_return_sequences=2"),
         ({"cache_implementation": "static"}, "cache_implementation='static'"),
         ({"prompt_lookup_num_tokens": 2}, "generation mode 'assisted_generation'"),
         ({"output_attentions": True, "return_dict_in_generate": True}, "output_attentions"),
@@ -152,6 +151,38 @@ def test_unsupported_generation_modes_fail_clearly(tiny, kwargs, message):
     model, make_inputs = tiny
     with tokprune.pruned(model, "fastv"), pytest.raises(UnsupportedModelError, match=message):
         model.generate(**make_inputs(), max_new_tokens=2, **kwargs)
+
+
+@pytest.mark.parametrize("spec", ["cls_knee+text_interact", "random(keep=5)+fastv", "prumerge_plus"])
+def test_num_return_sequences_equals_the_prompts_repeated(tiny, spec):
+    # Pruned image features do not fit generate()'s own expansion of pre-encoded images, so the adapter
+    # repeats the inputs itself: same sequences, same order, same sampling draws as a repeated batch.
+    model, make_inputs = tiny
+    inputs = make_inputs()
+    repeated = {k: v.repeat_interleave(3, dim=0) for k, v in inputs.items()}
+    with tokprune.pruned(model, spec) as run:
+        torch.manual_seed(3)
+        got = model.generate(**inputs, do_sample=True, top_k=0, num_return_sequences=3, max_new_tokens=6)
+        assert run.stats.visual_kept.shape == (6,)  # one row per returned sequence
+        torch.manual_seed(3)
+        expected = model.generate(**repeated, do_sample=True, top_k=0, max_new_tokens=6)
+    assert torch.equal(got, expected)
+    torch.manual_seed(3)
+    with tokprune.pruned(model, spec):
+        config = GenerationConfig(do_sample=True, top_k=0, num_return_sequences=3, max_new_tokens=6)
+        assert torch.equal(model.generate(**inputs, generation_config=config), expected)
+        assert config.num_return_sequences == 3  # the caller's object is not modified
+
+
+def test_num_return_sequences_keep_all_equals_unpatched(tiny):
+    model, make_inputs = tiny
+    inputs = make_inputs()
+    torch.manual_seed(0)
+    expected = model.generate(**inputs, do_sample=True, num_return_sequences=2, max_new_tokens=5)
+    with tokprune.pruned(model, "topk(keep_ratio=1.0)+fastv(keep_ratio=1.0)"):
+        torch.manual_seed(0)
+        got = model.generate(**inputs, do_sample=True, num_return_sequences=2, max_new_tokens=5)
+    assert torch.equal(got, expected)
 
 
 def test_static_cache_passed_in_is_refused(tiny):

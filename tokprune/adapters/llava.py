@@ -24,6 +24,7 @@ those of the prefill, so both modes take the same decision and generate the same
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import weakref
@@ -88,6 +89,32 @@ class _GenerateCall:
     prompt_len: int
     use_cache: bool
     prefilled: bool = False
+
+
+def _expand_return_sequences(arguments: dict, extra: dict, copies: int) -> tuple[tuple, dict]:
+    """``generate`` arguments for ``num_return_sequences = copies``, expanded here instead of by ``generate``.
+
+    ``generate`` encodes the images once and then splits the encoder output per prompt by matching its
+    token counts to the prompts' ``<image>`` placeholders, which pruned features no longer match. So
+    every batch tensor is repeated here exactly as ``generate`` would (``repeat_interleave`` on dim 0:
+    ``[A, B] -> [A, A, B, B]``) and the call asks for one sequence per (repeated) prompt. The sequences,
+    their order and the sampling RNG draws are those of the unpruned call's layout; the cost is that the
+    vision tower runs once per returned sequence instead of once per prompt.
+    """
+
+    def expand(value: Any) -> Any:
+        return value.repeat_interleave(copies, dim=0) if isinstance(value, Tensor) else value
+
+    named = {k: expand(v) for k, v in arguments.items()}
+    named.update((k, expand(v)) for k, v in extra.items())
+    if named.get("generation_config") is not None:
+        # generate() warns on a config object plus generation keywords: change a copy of the object.
+        named["generation_config"] = copy.deepcopy(named["generation_config"])
+        named["generation_config"].num_return_sequences = 1
+        named.pop("num_return_sequences", None)
+    else:
+        named["num_return_sequences"] = 1  # a keyword wins over the model's default config
+    return (), named
 
 
 @dataclass
@@ -260,6 +287,9 @@ class LlavaAdapter(ModelAdapter):
                 "a patched model's generate() needs input_ids (tokprune finds the image in them)"
             )
         use_cache = config.use_cache if config.use_cache is not None else True
+        copies = config.num_return_sequences or 1
+        if copies > 1:
+            args, kwargs = _expand_return_sequences(arguments, extra, copies)
         self._generate = _GenerateCall(prompt_len=int(input_ids.shape[1]), use_cache=bool(use_cache))
         try:
             return original(*args, **kwargs)
@@ -270,7 +300,7 @@ class LlavaAdapter(ModelAdapter):
         def unsupported(what: str) -> UnsupportedModelError:
             return UnsupportedModelError(
                 f"{what} is not supported on a pruned model (tokprune prunes once at prefill and supports greedy "
-                "decoding or sampling, one sequence per prompt, with a DynamicCache or no cache); "
+                "decoding or sampling, with a DynamicCache or no cache); "
                 "call handle.remove() to run it unpruned"
             )
 
@@ -279,8 +309,6 @@ class LlavaAdapter(ModelAdapter):
             raise unsupported(f"generation mode {mode.value!r} (num_beams={config.num_beams})")
         if arguments.get("custom_generate") is not None:
             raise unsupported("custom_generate")
-        if (config.num_return_sequences or 1) > 1:
-            raise unsupported(f"num_return_sequences={config.num_return_sequences}")
         if config.cache_implementation not in (None, "dynamic"):
             raise unsupported(f"cache_implementation={config.cache_implementation!r}")
         if getattr(config, "prefill_chunk_size", None) is not None:
