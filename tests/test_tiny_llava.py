@@ -180,3 +180,23 @@ def test_training_smoke_run_writes_a_loadable_checkpoint(tmp_path):
     samples = data.benchmark("test", n=2)
     preds = _generate(model, processor, samples)
     assert len(preds) == 2
+
+
+def test_training_conversations_supervise_only_the_answers():
+    tokenizer = train.build.build_tokenizer()
+    samples = train.vqa_samples(seed=5, step=0, batch=3, turns=4, describe=True)
+    batch = train.vqa_batch(tokenizer, samples)
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    for b, s in enumerate(samples):
+        ids, labels = batch["input_ids"][b], batch["labels"][b]
+        real = batch["attention_mask"][b].bool()
+        assert int((ids == image_id).sum()) == world.NUM_PATCHES
+        # The first turn is token for token the inference prompt (left padding aside).
+        prompt = tokenizer(data.build_prompt(s.question).replace("<image>", "<image>" * world.NUM_PATCHES))["input_ids"]
+        assert ids[real][:len(prompt)].tolist() == prompt
+        supervised = tokenizer.decode(labels[labels != -100])
+        answers = [a for _, a, _ in s.dialogue]
+        assert supervised.split() == " </s> ".join(answers + [""]).split()
+        assert s.dialogue[-1] == (world.CAPTION_REQUEST, s.caption, "caption")  # the caption turn comes last
+        assert all(q != world.CAPTION_REQUEST for q, _, _ in s.dialogue[:-1])
+    assert tokenizer.unk_token_id not in batch["input_ids"].flatten().tolist()

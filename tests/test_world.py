@@ -141,3 +141,37 @@ def test_score_answer_normalises_per_type():
 
 def test_prompt_puts_the_image_before_the_question():
     assert data.build_prompt("what color is the circle ?") == "USER: <image>\nwhat color is the circle ? ASSISTANT:"
+
+
+def test_objects_sit_on_the_patch_grid_with_a_gap():
+    # Each object patch then belongs to exactly one object, and the mask lies inside the boxes' cells.
+    p = world.PATCH_SIZE
+    for s in data.generate_samples(100, seed=13):
+        cells = np.zeros((world.GRID, world.GRID), dtype=int)
+        for obj in s.objects:
+            assert obj.x0 % p == 0 and obj.y0 % p == 0 and obj.side % p == 0
+            x, y, n = obj.x0 // p, obj.y0 // p, obj.side // p
+            assert x + n <= world.GRID and y + n <= world.GRID
+            grown = np.zeros_like(cells)
+            grown[max(y - 1, 0):y + n + 1, max(x - 1, 0):x + n + 1] = 1
+            assert not (cells & grown).any(), "objects touch or overlap"
+            cells[y:y + n, x:x + n] = 1
+        mask = s.object_mask.numpy().reshape(world.GRID, world.GRID)
+        assert not (mask & ~cells.astype(bool)).any()
+        # Only a triangle's top corners can be empty cells of its box.
+        assert (cells.sum() - mask.sum()) <= 2 * sum(o.shape == "triangle" for o in s.objects)
+
+
+def test_dialogue_asks_distinct_questions_about_one_scene():
+    a, b = world.make_dialogue(4, 17, turns=5), world.make_dialogue(4, 17, turns=5)
+    assert [t for t in a.dialogue] == [t for t in b.dialogue]
+    assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
+    for s in [world.make_dialogue(4, i, turns=5) for i in range(40)]:
+        questions = [q for q, _, _ in s.dialogue]
+        assert 1 <= len(questions) <= 5 and len(set(questions)) == len(questions)
+        assert (s.question, s.answer, s.qtype) == s.dialogue[0]
+        for q, a_, qtype in s.dialogue:
+            turn = data.Sample(s.question_id, s.image, q, a_, qtype, s.object_mask, s.objects)
+            assert a_ == _true_answer(turn), q
+    assert data.generate_samples(1, seed=0)[0].dialogue == [(lambda s: (s.question, s.answer, s.qtype))(
+        data.generate_samples(1, seed=0)[0])]

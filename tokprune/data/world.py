@@ -1,8 +1,8 @@
 """The shapes world: a deterministic synthetic visual-QA generator.
 
-Scenes hold a few coloured shapes of two sizes on a plain, lightly noisy background whose shade is
-random per scene and independent of every answer, so only object patches carry information. Each
-scene comes with its object patch mask (one bool per vision patch, raster order), which lets callers
+Scenes hold a few coloured shapes of two sizes, aligned to the vision patch grid, on a plain, lightly
+noisy background whose shade is random per scene and independent of every answer, so only object
+patches carry information. Each scene comes with its object patch mask (one bool per vision patch, raster order), which lets callers
 measure how well an attention map finds the objects.
 
 Everything derives from integer seeds: sample ``i`` of ``generate_samples(n, seed)`` is a pure
@@ -30,8 +30,8 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "purple": (150, 60, 200),
 }
 SHAPES = ("circle", "square", "triangle")
-# Sizes are side lengths in pixels: 2 and 3 patches wide, so every shape spans several patches and
-# its outline (not just its colour) is visible to an 8 px patch embedding.
+# Sizes are side lengths in pixels: exactly 2 and 3 patches wide (objects sit on the patch grid), so
+# every shape spans several patches and its outline (not just its colour) is visible to a patch embedding.
 SIZES: dict[str, int] = {"small": 16, "large": 24}
 NUMBERS = ("zero", "one", "two", "three", "four", "five")
 POSITIONS = ("left", "right", "top", "bottom")
@@ -42,6 +42,8 @@ MIN_OBJECTS, MAX_OBJECTS = 1, 5
 # answer is never ambiguous.
 POSITION_MARGIN = 10
 NOISE_STD = 6.0
+CAPTION_REQUEST = "describe the scene"
+"""The training-only request whose answer is the scene's ``caption`` (LLaVA's captioning data, scaled down)."""
 BENCHMARK_SEEDS = {"test": 2_000_000_011, "val": 2_000_000_003}
 """Seeds of the held-out splits. Training draws its seeds from [0, 1_000_000_000)."""
 
@@ -85,6 +87,9 @@ class Sample:
     object_mask: torch.Tensor
     objects: list[SceneObject] = field(default_factory=list)
     caption: str = ""
+    dialogue: list[tuple[str, str, str]] = field(default_factory=list)
+    """``(question, answer, qtype)`` turns about this scene; one turn, the sample's own, unless built by
+    ``make_dialogue``."""
 
 
 def _shape_mask(shape: str, side: int) -> np.ndarray:
@@ -102,27 +107,30 @@ def _shape_mask(shape: str, side: int) -> np.ndarray:
 
 
 def _place_objects(rng: np.random.Generator) -> list[SceneObject]:
-    """Sample non-overlapping objects with unique (colour, shape) pairs."""
+    """Sample non-overlapping objects with unique (colour, shape) pairs, aligned to the patch grid.
+
+    Grid alignment makes an object's patches exactly the tokens that carry it: no patch mixes two
+    objects or holds a sliver of one, so each object patch shows a fixed part of its shape (a
+    circle's quarter, a triangle's flank) that a patch embedding can read. At least one empty patch
+    separates objects so shapes of the same colour never merge.
+    """
     n = int(rng.integers(MIN_OBJECTS, MAX_OBJECTS + 1))
     combos = [(c, s) for c in COLORS for s in SHAPES]
     picks = rng.choice(len(combos), size=n, replace=False)
+    occupied = np.zeros((GRID + 2, GRID + 2), dtype=bool)  # one cell of margin for the 1-cell gap
     objects: list[SceneObject] = []
-    boxes: list[tuple[int, int, int]] = []
     for k in picks:
         color, shape = combos[int(k)]
         size = "small" if rng.random() < 0.5 else "large"
-        side = SIZES[size]
+        cells = SIZES[size] // PATCH_SIZE
         for _ in range(100):
-            x0 = int(rng.integers(2, IMAGE_SIZE - side - 1))
-            y0 = int(rng.integers(2, IMAGE_SIZE - side - 1))
-            # A 3 px gap keeps shapes separable at the pixel level.
-            if all(x0 + side + 3 <= bx or bx + bs + 3 <= x0 or y0 + side + 3 <= by or by + bs + 3 <= y0
-                   for bx, by, bs in boxes):
+            cx, cy = (int(v) for v in rng.integers(0, GRID - cells + 1, size=2))
+            if not occupied[cy:cy + cells + 2, cx:cx + cells + 2].any():
                 break
         else:
             continue
-        boxes.append((x0, y0, side))
-        objects.append(SceneObject(color, shape, size, x0, y0))
+        occupied[cy + 1:cy + cells + 1, cx + 1:cx + cells + 1] = True
+        objects.append(SceneObject(color, shape, size, cx * PATCH_SIZE, cy * PATCH_SIZE))
     return objects
 
 
@@ -242,6 +250,43 @@ def make_sample(seed: int, index: int, qtype: str) -> Sample:
         object_mask=patch_mask(pixel_mask),
         objects=objects,
         caption=caption(objects),
+        dialogue=[(question, answer, qtype)],
+    )
+
+
+def make_dialogue(seed: int, index: int, turns: int, describe: bool = False) -> Sample:
+    """A scene with up to ``turns`` distinct questions about it, as in LLaVA's multi-turn training data.
+
+    Question types rotate from ``index``; a type the scene cannot host is skipped. The sample's own
+    ``question``/``answer``/``qtype`` are the first turn; ``dialogue`` holds them all. Training uses
+    these to get several supervised answers out of one pass over the image tokens. ``describe`` appends
+    a last turn, ``CAPTION_REQUEST`` answered by the full caption (qtype ``"caption"``): the only answer
+    that names shapes, and last so that no question turn can read its answer from it.
+    """
+    rng = np.random.default_rng([seed, index, turns])
+    objects = _place_objects(rng)
+    dialogue: list[tuple[str, str, str]] = []
+    for t in range(4 * turns):
+        qtype = QUESTION_TYPES[(index + t) % len(QUESTION_TYPES)]
+        qa = _ASKERS[qtype](objects, rng)
+        if qa is not None and all(qa[0] != q for q, _, _ in dialogue):
+            dialogue.append((*qa, qtype))
+        if len(dialogue) == turns:
+            break
+    if describe:
+        dialogue.append((CAPTION_REQUEST, caption(objects), "caption"))
+    image, pixel_mask = render_scene(objects, rng)
+    question, answer, qtype = dialogue[0]
+    return Sample(
+        question_id=f"d{seed}-{index}",
+        image=Image.fromarray(image, mode="RGB"),
+        question=question,
+        answer=answer,
+        qtype=qtype,
+        object_mask=patch_mask(pixel_mask),
+        objects=objects,
+        caption=caption(objects),
+        dialogue=dialogue,
     )
 
 

@@ -42,6 +42,7 @@ def vocabulary() -> list[str]:
         "what", "color", "is", "the", "how", "many", "are", "there", "objects", "a",
         "on", "left", "or", "right", "at", "top", "bottom", "yes", "no",
         *world.SIZES, *world.COLORS, *world.SHAPES, *(s + "s" for s in world.SHAPES), *world.NUMBERS,
+        *world.CAPTION_REQUEST.split(),
     ]
     seen: list[str] = []
     for w in [*SPECIAL_TOKENS, *words]:
@@ -154,7 +155,7 @@ def llava_config(sizes: Sizes, tokenizer: PreTrainedTokenizerFast) -> LlavaConfi
         num_hidden_layers=sizes.lm_layers,
         num_attention_heads=sizes.lm_heads,
         num_key_value_heads=sizes.lm_heads,
-        max_position_embeddings=256,
+        max_position_embeddings=512,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

@@ -4,11 +4,17 @@ The LLaVA recipe scaled down, with fixed step counts so a seed reproduces a run:
 
 (a) CLIP-style contrastive pre-training of a small ``CLIPVisionModel`` against a small text tower on
     full scene captions, with hard negative captions (colours swapped between objects, a shape or a
-    colour changed) so the tower must bind colour to shape and the CLS token summarises the objects;
-(b) projector + Llama LM from scratch on visual QA with answer-only loss, the tower tuned lightly.
+    colour changed) so the tower must bind colour to shape and the CLS token summarises the objects,
+    plus a discarded linear read-out of each patch's row, column, object colour and shape
+    (``--aux-patch``) so those are readable per patch;
+(b) projector + Llama LM from scratch on visual instruction data with answer-only loss, the tower tuned
+    lightly (read-out kept on): multi-turn conversations about each image (``--turns`` questions, then a
+    caption turn, ``--describe``), LLaVA's data format, so one pass over the image tokens supervises
+    several answers, and the caption is the one answer that names shapes.
 
-Diagnostics (linear probe, CLS attention on objects, top/random/bottom-22% pruning, eval time) are
-printed after each stage. The output directory is a complete llava-hf checkpoint.
+Diagnostics (linear probe, CLS attention on objects, top/random/bottom-22% pruning, eval time, and a
+held-out learning curve by question type every ``--eval-every`` steps) are printed. The output
+directory is a complete llava-hf checkpoint.
 """
 
 from __future__ import annotations
@@ -119,51 +125,51 @@ def clip_loss(clip: CLIPModel, tokenizer: PreTrainedTokenizerFast, samples: list
 class PatchHeads(torch.nn.Module):
     """Linear read-outs from feature-layer patch tokens (training only, discarded).
 
-    Predicts each patch's column, row, and the colour and shape of the object covering it (or
-    background). Position is free self-supervision; without it the tiny tower's features kept almost
-    no position (a linear probe read left/right of object patches at 58%) and the LM could not answer
-    position questions. The attribute targets make shape readable per patch, which the contrastive
-    loss alone did not (shape probe ~40%, chance 33%).
+    Predicts each patch's column and row, the colour and shape of the object covering it (or
+    background), and whether it is an object's first patch in raster order. Position is free self-supervision;
+    without it the tiny tower's features kept almost no position (a linear probe read left/right of
+    object patches at 58%) and the LM could not answer position questions. The attribute targets make
+    shape readable per patch, which the contrastive loss alone did not (shape probe ~40%, chance 33%).
+    The first-patch flag gives every object exactly one marked token, whatever its size, for counting.
     """
 
     def __init__(self, hidden: int) -> None:
         super().__init__()
-        self.sizes = (world.GRID, world.GRID, len(world.COLORS) + 1, len(world.SHAPES) + 1)
+        self.sizes = (world.GRID, world.GRID, len(world.COLORS) + 1, len(world.SHAPES) + 1, 2)
         self.proj = torch.nn.Linear(hidden, sum(self.sizes))
 
     def loss(self, feats: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """``feats`` ``[B, N, D]``, ``targets`` ``[B, N, 4]`` -> mean cross-entropy of the four read-outs."""
+        """``feats`` ``[B, N, D]``, ``targets`` ``[B, N, 5]`` -> mean cross-entropy of the read-outs."""
         logits = self.proj(feats).split(self.sizes, dim=-1)
-        # Colour and shape are scored on object patches only: background patches (~80%) would
+        # Colour and shape are scored on object patches only: background patches (~85%) would
         # otherwise dominate and shape, the hard read-out, would barely be learned.
         on_object = targets[..., 2] > 0
         losses = []
         for i, lg in enumerate(logits):
-            y = targets[..., i] if i < 2 else targets[..., i].masked_fill(~on_object, -100)
+            y = targets[..., i].masked_fill(~on_object, -100) if i in (2, 3) else targets[..., i]
             losses.append(F.cross_entropy(lg.flatten(0, 1), y.flatten(), ignore_index=-100))
         return sum(losses) / len(losses)
 
 
 def patch_targets(samples: list[Sample]) -> torch.Tensor:
-    """``[B, N, 4]`` long: column, row, colour id and shape id (0 = background) per patch.
+    """``[B, N, 5]`` long: column, row, colour id, shape id (0 = background), first-patch flag per patch.
 
-    A patch belongs to the object covering most of its pixels if that covers at least a quarter of it.
+    An object's patches are those holding any of its pixels (objects sit on the patch grid with empty
+    patches between them, so no patch is shared); its first patch in raster order is flagged.
     """
     p, g = world.PATCH_SIZE, world.GRID
     colors, shapes = list(world.COLORS), list(world.SHAPES)
-    out = torch.zeros(len(samples), g * g, 4, dtype=torch.long)
+    out = torch.zeros(len(samples), g * g, 5, dtype=torch.long)
     out[..., 0] = torch.arange(g * g) % g
     out[..., 1] = torch.arange(g * g) // g
     for b, s in enumerate(samples):
-        best = np.zeros(g * g)
         for obj in s.objects:
             m = np.zeros((world.IMAGE_SIZE, world.IMAGE_SIZE), dtype=bool)
             m[obj.y0:obj.y0 + obj.side, obj.x0:obj.x0 + obj.side] = world._shape_mask(obj.shape, obj.side)
-            cover = m.reshape(g, p, g, p).mean(axis=(1, 3)).reshape(-1)
-            win = (cover >= 0.25) & (cover > best)
-            best = np.where(win, cover, best)
-            out[b, torch.from_numpy(win), 2] = colors.index(obj.color) + 1
-            out[b, torch.from_numpy(win), 3] = shapes.index(obj.shape) + 1
+            cells = torch.from_numpy(np.flatnonzero(m.reshape(g, p, g, p).any(axis=(1, 3))))
+            out[b, cells, 2] = colors.index(obj.color) + 1
+            out[b, cells, 3] = shapes.index(obj.shape) + 1
+            out[b, cells[0], 4] = 1
     return out
 
 
@@ -222,14 +228,26 @@ def pretrain_clip(args: argparse.Namespace, sizes: build.Sizes, tokenizer: PreTr
 # ---------------------------------------------------------------- (b) visual instruction tuning
 
 def vqa_batch(tokenizer: PreTrainedTokenizerFast, samples: list[Sample]) -> dict[str, torch.Tensor]:
-    """Left-padded prompt + answer + ``</s>`` with labels only on the answer and ``</s>``."""
+    """Left-padded LLaVA-1.5 conversations with labels only on each answer and its ``</s>``.
+
+    Every turn of ``sample.dialogue`` follows the image: ``USER: <image>\nq1 ASSISTANT: a1</s>USER: q2
+    ASSISTANT: a2</s>...``, LLaVA's multi-turn format; the first turn is exactly the inference prompt.
+    """
     expanded = "<image>" * world.NUM_PATCHES
     seqs, labels = [], []
     for s in samples:
-        prompt = tokenizer(build_prompt(s.question).replace("<image>", expanded))["input_ids"]
-        answer = tokenizer(s.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        seqs.append(prompt + answer)
-        labels.append([-100] * len(prompt) + answer)
+        ids: list[int] = []
+        lab: list[int] = []
+        for t, (question, answer, _) in enumerate(s.dialogue):
+            if t == 0:
+                prompt = tokenizer(build_prompt(question).replace("<image>", expanded))["input_ids"]
+            else:
+                prompt = tokenizer(f"USER: {question} ASSISTANT:", add_special_tokens=False)["input_ids"]
+            reply = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            ids += prompt + reply
+            lab += [-100] * len(prompt) + reply
+        seqs.append(ids)
+        labels.append(lab)
     t = max(map(len, seqs))
     ids = torch.full((len(seqs), t), tokenizer.pad_token_id)
     lab = torch.full((len(seqs), t), -100)
@@ -241,6 +259,14 @@ def vqa_batch(tokenizer: PreTrainedTokenizerFast, samples: list[Sample]) -> dict
     return {"input_ids": ids, "attention_mask": mask, "labels": lab,
             "position_ids": (mask.cumsum(-1) - 1).clamp_min(0),
             "pixel_values": diagnostics.pixel_values_of(samples)}
+
+
+def vqa_samples(seed: int, step: int, batch: int, turns: int, describe: bool = False) -> list[Sample]:
+    """Step ``step``'s training batch: single questions, or ``turns``-turn dialogues about each scene
+    (with a closing caption turn if ``describe``)."""
+    if turns == 1 and not describe:
+        return world.generate_samples(batch, seed, start=step * batch)
+    return [world.make_dialogue(seed, i, turns, describe) for i in range(step * batch, (step + 1) * batch)]
 
 
 def vqa_loss(model: LlavaForConditionalGeneration, batch: dict[str, torch.Tensor]
@@ -262,7 +288,8 @@ def vqa_loss(model: LlavaForConditionalGeneration, batch: dict[str, torch.Tensor
 
 
 def train_vqa(args: argparse.Namespace, model: LlavaForConditionalGeneration, clip: CLIPModel,
-              heads: PatchHeads | None, tokenizer: PreTrainedTokenizerFast) -> None:
+              heads: PatchHeads | None, tokenizer: PreTrainedTokenizerFast,
+              processor: build.LlavaProcessor | None = None, held_out: list[Sample] | None = None) -> None:
     """Projector + LM (lr ``args.lr``) and tower (``args.tower_lr``) on VQA, plus
     ``args.joint_clip`` x the contrastive loss so the CLS token stays meaningful while the tower moves."""
     clip.vision_model = model.model.vision_tower  # share the tower: one set of weights
@@ -289,7 +316,7 @@ def train_vqa(args: argparse.Namespace, model: LlavaForConditionalGeneration, cl
     running = None
     for step in range(args.vqa_steps):
         set_lr(opt, lr_at(step, args.vqa_steps, args.warmup))
-        samples = world.generate_samples(args.vqa_batch, seed, start=step * args.vqa_batch)
+        samples = vqa_samples(seed, step, args.vqa_batch, args.turns, args.describe)
         batch = vqa_batch(tokenizer, samples)
         joint = args.tower_lr > 0 and (args.joint_clip > 0 or heads is not None)
         loss, vis = vqa_loss(model, batch) if joint else (model(**batch).loss, None)
@@ -307,6 +334,15 @@ def train_vqa(args: argparse.Namespace, model: LlavaForConditionalGeneration, cl
         if step % args.log_every == 0 or step == args.vqa_steps - 1:
             log(f"vqa step {step}/{args.vqa_steps} vqa loss {running:.3f} total {total.item():.3f} "
                 f"({time.perf_counter() - t0:.0f}s)")
+        if args.eval_every and held_out and (step + 1) % args.eval_every == 0:
+            # A learning curve per question type shows which skill is missing (e.g. binding colour to
+            # shape) long before the run ends.
+            model.eval()
+            acc = diagnostics.accuracy_by_type(
+                held_out, diagnostics.first_token_answers(model, processor, held_out))
+            log(f"vqa step {step + 1} held-out first-token accuracy "
+                + json.dumps({k: round(v, 3) for k, v in acc.items()}))
+            model.train()
     model.eval()
 
 
@@ -372,20 +408,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--clip-steps", type=int, default=300)
     p.add_argument("--clip-batch", type=int, default=32)
     p.add_argument("--clip-lr", type=float, default=1e-3)
-    p.add_argument("--vqa-steps", type=int, default=1600)
+    p.add_argument("--vqa-steps", type=int, default=3200)
     p.add_argument("--vqa-batch", type=int, default=24)
+    p.add_argument("--turns", type=int, default=6,
+                   help="questions per training image, as a multi-turn conversation (1: single turn)")
+    p.add_argument("--describe", action=argparse.BooleanOptionalAction, default=True,
+                   help="end each training conversation with a caption turn (world.CAPTION_REQUEST)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--tower-lr", type=float, default=1e-4)
     p.add_argument("--joint-clip", type=float, default=0.0,
                    help="weight of the contrastive loss kept during VQA training (0: off)")
-    p.add_argument("--aux-patch", type=float, default=0.0,
+    p.add_argument("--aux-patch", type=float, default=1.0,
                    help="weight of the patch read-out loss (position, colour, shape per patch; 0: off)")
     p.add_argument("--sincos-init", action=argparse.BooleanOptionalAction, default=False,
                    help="start position embeddings at 2D sin-cos")
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--dtype", default="float16", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--eval-n", type=int, default=500, help="held-out (val split) questions for diagnostics")
-    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--log-every", type=int, default=100)
+    p.add_argument("--eval-every", type=int, default=400,
+                   help="every N VQA steps, print held-out accuracy by type (0: off)")
+    p.add_argument("--eval-every-n", type=int, default=200, help="held-out questions for --eval-every")
     # One thread: on a shared 2-core CPU, two torch threads per process spent ~3x the CPU per step
     # (measured 2.5 vs 0.75 core-seconds) while colleagues' jobs competed for the cores.
     p.add_argument("--threads", type=int, default=1)
@@ -416,7 +459,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     model = LlavaForConditionalGeneration(build.llava_config(sizes, tokenizer))
     model.model.vision_tower.load_state_dict(clip.vision_model.state_dict())
-    train_vqa(args, model, clip, heads, tokenizer)
+    train_vqa(args, model, clip, heads, tokenizer, processor, held_out[:args.eval_every_n])
     del clip, heads
     metrics["after_vqa_tower"] = report_tower(model.model.vision_tower, held_out, "vqa")
     metrics["train_seconds"] = time.perf_counter() - t_start
