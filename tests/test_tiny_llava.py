@@ -200,3 +200,21 @@ def test_training_conversations_supervise_only_the_answers():
         assert s.dialogue[-1] == (world.CAPTION_REQUEST, s.caption, "caption")  # the caption turn comes last
         assert all(q != world.CAPTION_REQUEST for q, _, _ in s.dialogue[:-1])
     assert tokenizer.unk_token_id not in batch["input_ids"].flatten().tolist()
+
+
+def test_background_masking_hides_only_background_image_tokens():
+    tokenizer = train.build.build_tokenizer()
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    samples = train.vqa_samples(seed=6, step=0, batch=64, turns=2)
+    batch = train.vqa_batch(tokenizer, samples)
+    is_image = batch["input_ids"] == image_id
+    mask = train.mask_background(batch, samples, image_id, prob=0.5, gen=torch.Generator().manual_seed(0))
+    assert torch.equal(mask[~is_image], batch["attention_mask"][~is_image])  # text and padding untouched
+    kept = mask[is_image].view(len(samples), world.NUM_PATCHES).bool()
+    objects = torch.stack([s.object_mask for s in samples])
+    assert kept[objects].all()  # an object patch is never hidden
+    hidden_rows = (~kept).any(dim=1)
+    assert 0.3 < hidden_rows.float().mean() < 0.7  # about half the conversations lose some background
+    assert (~kept).sum() > 0.1 * (~objects).sum()
+    off = train.mask_background(batch, samples, image_id, prob=0.0, gen=torch.Generator().manual_seed(0))
+    assert torch.equal(off, batch["attention_mask"])
