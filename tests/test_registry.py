@@ -321,3 +321,18 @@ def test_llm_plan_must_match_roles_shape(toys):
     with pytest.raises(StrategyContractError, match="expected bool"):
         Wrong()(ctx)
     _ = param  # imported for plugin authors; keep the public import exercised
+
+
+def test_re_registering_a_plugin_name_never_serves_the_old_table():
+    # Same plugin name, new module each time: the registry must see the new classes even when the old
+    # module's memory (and so its id()) is reused, which once made this flaky.
+    import gc
+
+    for i in range(20):
+        class Numbered(ToyTop):
+            name = f"toy_numbered_{i}"
+
+        with registered("toys_cycle", Numbered):
+            assert f"toy_numbered_{i}" in strategies.available()
+            assert f"toy_numbered_{i - 1}" not in strategies.available()
+        gc.collect()

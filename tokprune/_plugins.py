@@ -114,7 +114,12 @@ def call_per_plugin(hook_name: str, register_for: object) -> None:
         impl.function(**{k: v for k, v in kwargs.items() if k in impl.argnames})
 
 
-def plugins_key() -> tuple[str, ...]:
-    """Changes whenever a plugin is registered or unregistered (registry caches key on it)."""
+def plugins_key() -> tuple[tuple[str, object], ...]:
+    """Changes whenever a plugin is registered or unregistered (registry caches key on it).
+
+    The plugin objects themselves are in the key, compared by identity: a cache holding the key keeps
+    them alive, so a plugin registered later under the same name can never pass for an unregistered
+    one (an ``id()`` alone can be reused once the old module is garbage collected).
+    """
     load_plugins()
-    return tuple(sorted(f"{name}:{id(plugin)}" for name, plugin in pm.list_name_plugin()))
+    return tuple(sorted(((name, plugin) for name, plugin in pm.list_name_plugin()), key=lambda item: item[0]))

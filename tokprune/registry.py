@@ -50,7 +50,7 @@ class StrategyInfo:
         return "\n".join(lines)
 
 
-_cache: tuple[tuple[str, ...], dict[str, StrategyInfo]] | None = None
+_cache: tuple[tuple[tuple[str, object], ...], dict[str, StrategyInfo]] | None = None
 
 
 def _validate(cls: Any, plugin: str) -> None:
@@ -63,11 +63,15 @@ def _validate(cls: Any, plugin: str) -> None:
         raise TypeError(f"plugin {plugin!r} registered {cls.__qualname__} without a 'name'")
 
 
+def _same_plugins(a: tuple[tuple[str, object], ...], b: tuple[tuple[str, object], ...]) -> bool:
+    return len(a) == len(b) and all(na == nb and pa is pb for (na, pa), (nb, pb) in zip(a, b))
+
+
 def registry() -> dict[str, StrategyInfo]:
     """Name -> :class:`StrategyInfo` for every strategy of every loaded plugin (rebuilt when plugins change)."""
     global _cache
     key = _plugins.plugins_key()
-    if _cache is not None and _cache[0] == key:
+    if _cache is not None and _same_plugins(_cache[0], key):
         return _cache[1]
     table: dict[str, StrategyInfo] = {}
 
