@@ -128,12 +128,12 @@ def test_loads_and_answers_offline_from_a_fresh_process(ckpt):
 
 
 def test_trained_model_beats_a_floor_random_weights_cannot(model, processor, held_out):
-    # The shipped model scores ~65% here; random weights emit arbitrary words (~0%) and the
-    # language prior alone (no image tokens) reaches ~37% on the full benchmark.
+    # The shipped model scores ~97% (issue 4's target is 85%); random weights emit arbitrary words
+    # (~0%) and the language prior alone (no image tokens) reaches ~31% on the full benchmark.
     acc = _accuracy(held_out, _generate(model, processor, held_out))
     random_model = LlavaForConditionalGeneration(model.config).eval()
     random_acc = _accuracy(held_out, _generate(random_model, processor, held_out))
-    assert acc > 0.55, acc
+    assert acc > 0.85, acc
     assert random_acc < 0.3, random_acc
 
 
@@ -165,9 +165,9 @@ def test_image_matters_and_top_cls_patches_keep_accuracy(pruning):
     assert pruning["bottom"]["overall"] < pruning["top"]["overall"]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 4 target not met by the shipped model: a random 22% of "
-                   "patches keeps ~96% of accuracy (top-22% by CLS: ~100%); see MODEL_CARD.md")
 def test_pruning_is_discriminative(pruning):
+    # Which patches are kept matters (issue 4): on the full test split top-22% keeps 92% of the accuracy,
+    # a random 22% 72%.
     assert pruning["top"]["overall"] > pruning["random"]["overall"] + 0.1
 
 
