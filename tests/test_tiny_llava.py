@@ -2,6 +2,7 @@
 attention implementations, left-padded batches, and a smoke run of the training entry point."""
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -218,3 +219,13 @@ def test_background_masking_hides_only_background_image_tokens():
     assert (~kept).sum() > 0.1 * (~objects).sum()
     off = train.mask_background(batch, samples, image_id, prob=0.0, gen=torch.Generator().manual_seed(0))
     assert torch.equal(off, batch["attention_mask"])
+
+
+@pytest.mark.parametrize("argv, message", [(["--turns", "0"], "--turns must be >= 1, got 0"),
+                                           (["--drop-background", "1.5"], r"in \[0, 1\], got 1.5")])
+def test_training_rejects_bad_recipe_values(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--out", "x", *argv])
+    assert re.search(message, capsys.readouterr().err)
+    with pytest.raises(ValueError, match="turns must be >= 1"):
+        world.make_dialogue(0, 0, turns=0)

@@ -263,6 +263,8 @@ def make_dialogue(seed: int, index: int, turns: int, describe: bool = False) -> 
     a last turn, ``CAPTION_REQUEST`` answered by the full caption (qtype ``"caption"``): the only answer
     that names shapes, and last so that no question turn can read its answer from it.
     """
+    if turns < 1:
+        raise ValueError(f"turns must be >= 1 (questions per conversation), got {turns}")
     rng = np.random.default_rng([seed, index, turns])
     objects = _place_objects(rng)
     dialogue: list[tuple[str, str, str]] = []

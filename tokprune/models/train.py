@@ -461,6 +461,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # (measured 2.5 vs 0.75 core-seconds) while colleagues' jobs competed for the cores.
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
+    if args.turns < 1:
+        p.error(f"--turns must be >= 1, got {args.turns}")
+    if not 0.0 <= args.drop_background <= 1.0:
+        p.error(f"--drop-background is a probability in [0, 1], got {args.drop_background}")
     if args.smoke:
         args.clip_steps, args.clip_batch, args.vqa_steps, args.vqa_batch = 3, 8, 3, 4
         args.warmup, args.eval_n, args.log_every = 1, 8, 1
