@@ -13,6 +13,9 @@ Part 1 compares the batched knee finder with a per-row ``kneed.KneeLocator`` loo
 Targets on the 2-core CPU: >= 8x faster than kneed and within 2x of the sort.
 Part 2 times each primitive at LLaVA-1.5 shapes (N=576 patches, C=1024, 16 heads; LLM side L=640,
 32 heads x 128 dims, Q=64 queries) against its loop reference from the tests.
+Part 3 times the LLM-stage cut of ragged candidate sets (every sample its own count, as after a
+vision-stage cut plus questions of different lengths): one ``find_knee(..., lengths=)`` call against one
+call per distinct count (how ``_cut`` bucketed rows before ``lengths`` existed).
 """
 
 from __future__ import annotations
@@ -91,6 +94,28 @@ def bench_knee(device: str, quick: bool) -> None:
               f"{t_knee / t_sort:>9.2f}x {t_kneed / t_knee:>10.1f}x")
 
 
+def bench_ragged(device: str) -> None:
+    print("\n== ragged knee (LLM stage), rows of 40-640 candidates (us per call; min over repeats) ==")
+    print(f"{'B':>5} {'distinct':>9} {'lengths=':>10} {'per count':>10} {'speed-up':>9}")
+    for b in (16, 256):
+        g = torch.Generator().manual_seed(1)
+        lengths = torch.randint(40, 641, (b,), generator=g).to(device)
+        s = long_tailed_scores(b, 640, device)
+
+        def bucketed(s: torch.Tensor = s, lengths: torch.Tensor = lengths) -> torch.Tensor:
+            out = torch.empty_like(lengths)
+            for width in torch.unique(lengths).tolist():
+                rows = (lengths == width).nonzero().flatten()
+                out[rows] = scoring.find_knee(s[rows, :width])
+            return out
+
+        assert torch.equal(bucketed(), scoring.find_knee(s, lengths=lengths))
+        t_one = timeit(lambda s=s, n=lengths: scoring.find_knee(s, lengths=n), device)
+        t_per = timeit(bucketed, device)
+        distinct = len(torch.unique(lengths))
+        print(f"{b:>5} {distinct:>9} {t_one * 1e6:>10.0f} {t_per * 1e6:>10.0f} {t_per / t_one:>8.1f}x")
+
+
 def bench_primitives(device: str, quick: bool) -> None:
     print("\n== primitives at LLaVA-1.5 shapes (ms per call; loop = reference from tests/test_scoring.py) ==")
     b, n, c, heads = 4, 576, 1024, 16
@@ -155,6 +180,7 @@ def main() -> None:
     print(f"torch {torch.__version__} on {name}")
     bench_knee(args.device, args.quick)
     bench_primitives(args.device, args.quick)
+    bench_ragged(args.device)
 
 
 if __name__ == "__main__":
