@@ -2,8 +2,8 @@
 
 Scenes hold a few coloured shapes of two sizes, aligned to the vision patch grid, on a plain, lightly
 noisy background whose shade is random per scene and independent of every answer, so only object
-patches carry information. Each scene comes with its object patch mask (one bool per vision patch, raster order), which lets callers
-measure how well an attention map finds the objects.
+patches carry information. Each scene comes with its object patch mask (one bool per vision patch,
+raster order), which lets callers measure how well an attention map finds the objects.
 
 Everything derives from integer seeds: sample ``i`` of ``generate_samples(n, seed)`` is a pure
 function of ``(seed, i)``, so any split is reproducible without files.
