@@ -173,5 +173,5 @@ def test_dialogue_asks_distinct_questions_about_one_scene():
         for q, a_, qtype in s.dialogue:
             turn = data.Sample(s.question_id, s.image, q, a_, qtype, s.object_mask, s.objects)
             assert a_ == _true_answer(turn), q
-    assert data.generate_samples(1, seed=0)[0].dialogue == [(lambda s: (s.question, s.answer, s.qtype))(
-        data.generate_samples(1, seed=0)[0])]
+    single = data.generate_samples(1, seed=0)[0]
+    assert single.dialogue == [(single.question, single.answer, single.qtype)]

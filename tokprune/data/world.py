@@ -227,6 +227,25 @@ def _ask_position(objects: list[SceneObject], rng: np.random.Generator) -> tuple
 _ASKERS = {"color": _ask_color, "count": _ask_count, "exist": _ask_exist, "position": _ask_position}
 
 
+def _render_sample(question_id: str, objects: list[SceneObject], dialogue: list[tuple[str, str, str]],
+                   rng: np.random.Generator) -> Sample:
+    """Render the scene (the last draws from ``rng``) and wrap it with its turns; the first turn is the
+    sample's own question."""
+    image, pixel_mask = render_scene(objects, rng)
+    question, answer, qtype = dialogue[0]
+    return Sample(
+        question_id=question_id,
+        image=Image.fromarray(image, mode="RGB"),
+        question=question,
+        answer=answer,
+        qtype=qtype,
+        object_mask=patch_mask(pixel_mask),
+        objects=objects,
+        caption=caption(objects),
+        dialogue=dialogue,
+    )
+
+
 def make_sample(seed: int, index: int, qtype: str) -> Sample:
     """Sample ``index`` of stream ``seed``: a scene and one question of type ``qtype``.
 
@@ -239,19 +258,7 @@ def make_sample(seed: int, index: int, qtype: str) -> Sample:
         qa = _ASKERS[qtype](objects, rng)
         if qa is not None:
             break
-    image, pixel_mask = render_scene(objects, rng)
-    question, answer = qa
-    return Sample(
-        question_id=f"s{seed}-{index}",
-        image=Image.fromarray(image, mode="RGB"),
-        question=question,
-        answer=answer,
-        qtype=qtype,
-        object_mask=patch_mask(pixel_mask),
-        objects=objects,
-        caption=caption(objects),
-        dialogue=[(question, answer, qtype)],
-    )
+    return _render_sample(f"s{seed}-{index}", objects, [(*qa, qtype)], rng)
 
 
 def make_dialogue(seed: int, index: int, turns: int, describe: bool = False) -> Sample:
@@ -277,19 +284,7 @@ def make_dialogue(seed: int, index: int, turns: int, describe: bool = False) -> 
             break
     if describe:
         dialogue.append((CAPTION_REQUEST, caption(objects), "caption"))
-    image, pixel_mask = render_scene(objects, rng)
-    question, answer, qtype = dialogue[0]
-    return Sample(
-        question_id=f"d{seed}-{index}",
-        image=Image.fromarray(image, mode="RGB"),
-        question=question,
-        answer=answer,
-        qtype=qtype,
-        object_mask=patch_mask(pixel_mask),
-        objects=objects,
-        caption=caption(objects),
-        dialogue=dialogue,
-    )
+    return _render_sample(f"d{seed}-{index}", objects, dialogue, rng)
 
 
 def generate_samples(n: int, seed: int, qtypes: tuple[str, ...] = QUESTION_TYPES, start: int = 0) -> list[Sample]:
