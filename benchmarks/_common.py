@@ -65,7 +65,9 @@ def decode_bytes(weight_bytes: float, kv_per_sample: float, batch: int, passes: 
     return weight_bytes + passes * batch * kv_per_sample
 
 
-def predicted_decode_speedup(weight_bytes: float, kv_full: float, kv_pruned: float, batch: int, passes: int = 1) -> float:
+def predicted_decode_speedup(
+    weight_bytes: float, kv_full: float, kv_pruned: float, batch: int, passes: int = 1
+) -> float:
     """Step time unpruned / pruned if a step costs its bytes (memory-bound): ``bytes(full) / bytes(pruned)``."""
     return decode_bytes(weight_bytes, kv_full, batch, passes) / decode_bytes(weight_bytes, kv_pruned, batch, passes)
 
@@ -256,7 +258,9 @@ def peak_memory(device: str) -> Iterator[dict[str, int]]:
 def parser(doc: str, dtypes: str = "bf16,fp32") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("--device", default="cpu", choices=DEVICES, help="cuda: full-depth 7B, bf16 (default dtypes)")
-    p.add_argument("--dtypes", default=None, help=f"comma-separated, of {sorted(DTYPES)} (default {dtypes}; cuda: bf16)")
+    p.add_argument(
+        "--dtypes", default=None, help=f"comma-separated, of {sorted(DTYPES)} (default {dtypes}; cuda: bf16)"
+    )
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2, help="CPU threads")
     p.set_defaults(default_dtypes=dtypes)

@@ -106,8 +106,12 @@ def run_dtype(args, dtype: torch.dtype) -> None:
             f"KV cache per sample, {k:<22} {kv[k] / 2**20:8.2f} MiB = {sum(p)} layer-positions x "
             f"{per_token} B ({p[0]} positions per layer)"
         )
-    print(f"KV ratio pruned/unpruned {kv[TOPK] / kv['unpruned']:.4f} = kept ratio {sum(kept) / sum(positions['unpruned']):.4f}")
-    print(f"adapter decode vs plain decode on the same pruned cache: max |dlogit| {adapter_decode_matches(model, inputs):.2e}")
+    print(
+        f"KV ratio pruned/unpruned {kv[TOPK] / kv['unpruned']:.4f} = kept ratio {sum(kept) / sum(positions['unpruned']):.4f}"
+    )
+    print(
+        f"adapter decode vs plain decode on the same pruned cache: max |dlogit| {adapter_decode_matches(model, inputs):.2e}"
+    )
     weights = C.decode_weight_bytes(model)
     print(f"weights a decode step reads: {weights / 2**30:.2f} GiB (decoder layers, norm, lm_head)")
     held = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -139,8 +143,6 @@ def run_dtype(args, dtype: torch.dtype) -> None:
             f"{measured / x1:>8.2f} {measured / x3:>8.2f}",
             flush=True,
         )
-    del model, caches
-    gc.collect()
 
 
 def main() -> None:
@@ -152,9 +154,12 @@ def main() -> None:
     dtypes = C.setup(args)
     args.batches = [int(b) for b in args.batches.split(",")]
     if args.memory_gb is None:
-        args.memory_gb = torch.cuda.get_device_properties(0).total_memory / 2**30 * 0.9 if args.device == "cuda" else 8.0
+        args.memory_gb = (
+            torch.cuda.get_device_properties(0).total_memory / 2**30 * 0.9 if args.device == "cuda" else 8.0
+        )
     for dtype in dtypes:
         run_dtype(args, dtype)
+        gc.collect()  # the model and its caches went out of scope with run_dtype
 
 
 if __name__ == "__main__":
