@@ -31,7 +31,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: 2 OpenMP th
 
 import collections
 import gc
-import time
 import warnings
 
 import _common as C
@@ -56,7 +55,7 @@ class Spans:
             event.record()
             self._open.append(event)
         else:
-            self._open.append(time.perf_counter())
+            self._open.append(C.now())
 
     def stop(self) -> None:
         begin = self._open.pop()
@@ -64,7 +63,7 @@ class Spans:
             end = torch.cuda.Event(enable_timing=True)
             end.record()
         else:
-            end = time.perf_counter()
+            end = C.now()
         if not self._open:  # nested spans (a wrapped plan inside a hooked module) count once
             self.pairs.append((begin, end))
 

@@ -100,8 +100,8 @@ def make_inputs(dtype: torch.dtype) -> dict[str, torch.Tensor]:
 
 
 def once(fn: Callable[[], object]) -> float:
-    if DEVICE != "cpu":
-        return _common.once(fn, DEVICE)  # CUDA events, synchronised
+    if DEVICE != "cpu" or _common.CLOCK == "cpu":
+        return _common.once(fn, DEVICE)  # CUDA events (synchronised), or process CPU time
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
@@ -308,7 +308,9 @@ def main() -> None:
     parser.add_argument("--dtypes", default="fp32,bf16")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", choices=_common.DEVICES)
+    parser.add_argument("--clock", default="wall", choices=("wall", "cpu"), help="CPU timing: wall or process CPU time")
     args = parser.parse_args()
+    _common.CLOCK = args.clock
     global DEVICE
     DEVICE = args.device
     if DEVICE == "cuda" and not torch.cuda.is_available():
@@ -316,7 +318,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(
         f"torch {torch.__version__}, threads {torch.get_num_threads()}, OMP_WAIT_POLICY="
-        f"{os.environ.get('OMP_WAIT_POLICY')}, {platform.processor() or platform.machine()}"
+        f"{os.environ.get('OMP_WAIT_POLICY')}, {platform.processor() or platform.machine()}, clock {args.clock}"
     )
     depth = "24 + 32 layers (full)" if DEVICE != "cpu" else "2 + 2 layers"
     print(f"model: CLIP-L/14-336 and Llama-7B widths, {depth}, batch 1, 576 image + 64 text tokens, {DEVICE}")
