@@ -23,6 +23,10 @@ def device(request: pytest.FixtureRequest) -> str:
         pytest.skip("no CUDA device (device suites run with --device on a machine that has one)")
     if kind not in ("cpu", "cuda"):
         pytest.skip(f"--device {name!r}: the device suites know cpu and cuda")
+    if kind == "cuda":
+        # fp32 results are compared with the CPU's: TF32 matmuls and convolutions would round at ~1e-3.
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     return name
 
 

@@ -97,7 +97,7 @@ SPECS = ["topk(keep_ratio=0.25)+fastv(layer=2, keep=4)", "cls_knee+text_interact
 
 @pytest.mark.parametrize("spec", SPECS)
 def test_adapter_on_device(spec, device, device_dtype):
-    """Pruned greedy generation on the device: cache == no cache, and in fp32 the CPU's tokens."""
+    """Pruned greedy generation on the device; in fp32: cache == no cache, and the CPU's tokens and kept counts."""
     model, make_inputs = tiny_llava(seed=0)
     inputs = make_inputs((5, 3, 7))
     common = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": VOCAB.pad}
@@ -110,9 +110,13 @@ def test_adapter_on_device(spec, device, device_dtype):
         cached = model.generate(**moved, use_cache=True, **common)
         uncached = model.generate(**moved, use_cache=False, **common)
         kept = run.stats.visual_kept
-    assert cached.device.type == torch.device(device).type
-    assert torch.equal(cached, uncached)
+    prompt = inputs["input_ids"].shape[1]
+    assert cached.device.type == torch.device(device).type and cached.shape == cpu_tokens.shape
+    assert torch.equal(cached[:, :prompt].cpu(), inputs["input_ids"])
+    assert bool((kept > 0).all())
     if device_dtype == torch.float32:
+        # Half precision rounds the cached and the recomputed paths differently, so tokens may part there.
+        assert torch.equal(cached, uncached)
         assert torch.equal(cached.cpu(), cpu_tokens) and torch.equal(kept, cpu_kept)
 
 
