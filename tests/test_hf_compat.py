@@ -145,20 +145,20 @@ def test_pruned_output_carries_the_kept_image_features(tiny):
     inputs = make_inputs((5, 3))
     with tokprune.pruned(model, "topk(keep=5)") as run, torch.no_grad():
         out = model.model(**inputs)
+        keep = model.model.get_image_features(pixel_values=inputs["pixel_values"]).keep  # deterministic
     kept = run.stats.visual_kept.tolist()
+    assert keep.sum(dim=1).tolist() == kept == [5, 5]
     with torch.no_grad():  # unpatched again: every patch's projected feature
         full = model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
     assert [f.shape[0] for f in full] == [model.config.image_seq_length] * 2
+    expected = [f[k] for f, k in zip(full, keep)]  # the kept patches' own features, in raster order
     fields = {f.name for f in dataclasses.fields(out)}
-    if "image_outputs" in fields:
-        per_image, keep = out.image_outputs.pooler_output, out.image_outputs.keep
-        assert [p.shape[0] for p in per_image] == kept == keep.sum(dim=1).tolist() == [5, 5]
-        for p, f, k in zip(per_image, full, keep):
-            torch.testing.assert_close(p, f[k])  # the kept patches' own features, in raster order
-    else:
-        assert out.image_hidden_states.shape == (sum(kept), model.config.text_config.hidden_size)
-        rows = [f[torch.isin(f, out.image_hidden_states).all(dim=1)] for f in full]
-        assert [r.shape[0] for r in rows] == kept
+    if "image_outputs" in fields:  # transformers >= 5.24: the encoder output, one entry per image
+        assert torch.equal(out.image_outputs.keep, keep)
+        for got, want in zip(out.image_outputs.pooler_output, expected, strict=True):
+            torch.testing.assert_close(got, want)
+    else:  # older: the packed features the LLM saw
+        torch.testing.assert_close(out.image_hidden_states, torch.cat(expected))
 
 
 @pytest.mark.parametrize("keyword", hf.CACHE_KEYWORDS)
