@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import inspect
 import warnings
 
 import pytest
@@ -64,8 +65,13 @@ def test_attention_mask_equals_transformers_own(tiny, implementation):
     try:
         valid = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], dtype=torch.bool)
         embeds = torch.zeros(2, 5, config.hidden_size)
-        keyword = hf.cache_keyword(create_causal_mask)
-        theirs = create_causal_mask(config=config, inputs_embeds=embeds, attention_mask=valid, **{keyword: None})
+        # Spelled as the installed release wants it: the signature changed four times in 5.x.
+        params = inspect.signature(create_causal_mask).parameters
+        kwargs = {"inputs_embeds" if "inputs_embeds" in params else "input_embeds": embeds}
+        kwargs[hf.cache_keyword(create_causal_mask)] = None
+        if "cache_position" in params:
+            kwargs["cache_position"] = torch.arange(5)
+        theirs = create_causal_mask(config=config, attention_mask=valid, **kwargs)
     finally:
         config._attn_implementation = previous
     ours = hf.attention_mask(valid, 5, torch.float32, implementation)

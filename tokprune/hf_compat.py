@@ -371,5 +371,5 @@ def check_model(language_model: nn.Module, tower: nn.Module, output_cls: type) -
             f"({TESTED_RANGE}); every feature tokprune needs was found, but check results against the unpruned "
             "model (docs/troubleshooting.md)",
             UntestedTransformersWarning,
-            stacklevel=3,
+            stacklevel=4,  # the caller of patch()
         )

@@ -229,7 +229,7 @@ class LlavaAdapter(ModelAdapter):
                 f"vision_feature_select_strategy={select!r} (CLS fed to the projector); only 'default' "
                 "(CLS dropped, LLaVA-1.5) is supported"
             )
-        if getattr(hf.vision_transformer(self._tower).embeddings, "class_embedding", None) is None:
+        if getattr(self._vision.embeddings, "class_embedding", None) is None:
             raise MissingCapabilityError(f"{step.name!r} needs a CLS token, and this vision tower has none")
         num_layers = self._tower.config.num_hidden_layers
         return frozenset(s.resolve(num_layers) for s in self.pipeline.requires())
