@@ -1,8 +1,9 @@
 """tokprune's built-in strategies, registered through the ``tokprune`` entry-point group like any plugin.
 
 One module per strategy, named after its registry name; shared logic lives in the private modules
-(``_cut``: how to cut a score curve; ``_vision``: CLS scores; ``_llm``: query sets). The catalogue with
-algorithms, parameters, references and deviations is ``docs/strategies.md``.
+(``_vision``: CLS scores; ``_llm``: query sets) and in the public ``tokprune.scoring`` (how to cut a
+score curve, diversity and DPP selection, pivots). The catalogue with algorithms, parameters,
+references and deviations is ``docs/strategies.md``.
 """
 
 from __future__ import annotations
