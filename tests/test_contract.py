@@ -114,6 +114,21 @@ class FirstSampleScores(PruningStrategy):
         return LLMPlan(keep=keep | ~image)
 
 
+class DropsQuestion(PruningStrategy):
+    """Drops question text without declaring ``drops_text``: the interface would silently force it back on,
+    so only a check of the raw plan catches it."""
+
+    name = "broken_drops_question"
+    stage = Stage.LLM
+
+    @dataclass(frozen=True)
+    class Params:
+        layer: int = param(2, "decoder layer", ge=1)
+
+    def plan(self, ctx: LLMContext) -> LLMPlan:
+        return LLMPlan(keep=~ctx.role_mask(TokenRole.QUESTION))
+
+
 class EmptyMask(PruningStrategy):
     name = "broken_empty"
     stage = Stage.VISION
@@ -189,6 +204,7 @@ class WrongDtype(PruningStrategy):
         (NaNOnConstant(), "degenerate"),
         (IgnoresMinKeep(), "bounds"),
         (WrongDtype(), "dtypes"),
+        (DropsQuestion(), "roles"),
     ],
     ids=lambda v: v if isinstance(v, str) else v.name,
 )
@@ -210,3 +226,25 @@ def test_check_strategy_accepts_specs_and_reports_every_failure():
 def test_check_strategy_rejects_unknown_check_names():
     with pytest.raises(ValueError, match="available"):
         check_strategy("topk", checks=["nope"])
+
+
+def test_roles_check_sees_what_the_interface_would_hide():
+    from tokprune.testing.contract import make_batch
+
+    strategy = DropsQuestion()
+    batch = make_batch(strategy)
+    enforced = strategy(batch.context())  # __call__ forces QUESTION back on and counts it
+    assert not ((batch.roles == TokenRole.QUESTION) & ~enforced.keep).any()
+    assert int(enforced.diagnostics["forced_kept"].sum()) == int((batch.roles == TokenRole.QUESTION).sum()) > 0
+    with pytest.raises(ContractFailure, match="dropped .* QUESTION positions; broken_drops_question may drop only"):
+        CHECKS["roles"](strategy)
+
+
+def test_one_rule_set_for_droppable_roles():
+    from tokprune import droppable_roles, kept_roles
+
+    text = strategies.describe("text_interact")
+    assert droppable_roles(text.cls) == {TokenRole.IMAGE, TokenRole.QUESTION}
+    assert kept_roles(text.cls) == {TokenRole.PADDING, TokenRole.TEMPLATE, TokenRole.PROTECTED}
+    assert "may drop: image, question text" in str(text)
+    assert droppable_roles(strategies.describe("fastv").cls) == {TokenRole.IMAGE}

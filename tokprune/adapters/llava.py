@@ -203,13 +203,13 @@ class LlavaAdapter(ModelAdapter):
         num_layers = len(self._lm.layers)
         steps = {}
         for step in self.pipeline.llm:
-            k = int(step.layer)  # type: ignore[arg-type]
-            if not 1 <= k <= num_layers - 1:
-                raise StrategyParamError(
-                    f"{step.spec()} prunes before decoder layer {k}, but this language model has {num_layers} "
-                    f"layers: layer must be in 1..{num_layers - 1} (layer K-1 provides the scores)"
-                )
-            steps[k] = step
+            for k in step.llm_layers:  # a schedule (e.g. PyramidDrop) is one step at each of its layers
+                if not 1 <= k <= num_layers - 1:
+                    raise StrategyParamError(
+                        f"{step.spec()} prunes before decoder layer {k}, but this language model has {num_layers} "
+                        f"layers: layer must be in 1..{num_layers - 1} (layer K-1 provides the scores)"
+                    )
+                steps[k] = step
         return steps
 
     def _check_vision(self) -> frozenset[Signal]:
@@ -667,7 +667,9 @@ class LlavaAdapter(ModelAdapter):
         plan = step(ctx)
         keep = seq.valid.clone()
         keep[:, :p] &= plan.keep
-        diagnostics = {f"{step.name}.{name}": value for name, value in plan.diagnostics.items()}
+        # a schedule reports each of its layers under its own prefix (``pyramiddrop@8.keep_count``)
+        prefix = step.name if len(step.llm_layers) == 1 else f"{step.name}@{k}"
+        diagnostics = {f"{prefix}.{name}": value for name, value in plan.diagnostics.items()}
         return seq.gather(keep), diagnostics
 
     # -- decoding with the pruned cache -------------------------------------------------------------

@@ -16,8 +16,9 @@ What is checked (:data:`CHECKS`):
 
 * ``valid_plan``: the plan has the right type, mask shape and dtype, ``[B, ...]`` diagnostics, finite
   merged/extra features, and at least one kept token per sample;
-* ``roles``: LLM stage: padding and protected positions are kept, question text unless ``drops_text``,
-  template unless ``drops_template``; image tokens are the only other ones that may go;
+* ``roles``: LLM stage: the raw ``plan()`` (before the interface forces protected roles back on) drops
+  nothing outside :func:`~tokprune.strategy.droppable_roles` (image; question text with ``drops_text``;
+  template with ``drops_template``), at every layer of its schedule;
 * ``bounds``: strategies with ``min_keep``/``max_keep``/``keep`` parameters keep a count within them
   (capped at the candidate count; the candidates are ``diagnostics["candidates"]`` when the strategy
   reports them, else every patch / every droppable position);
@@ -56,6 +57,8 @@ from tokprune.strategy import (
     VisionContext,
     VisionPlan,
     VisionSignals,
+    droppable_roles,
+    kept_roles,
 )
 
 __all__ = [
@@ -373,24 +376,33 @@ def _slice_plan(plan: Any, i: int, start: int = 0) -> Any:
 
 
 def check_valid_plan(strategy: PruningStrategy) -> None:
-    """Valid types, shapes, dtypes, finite outputs, ``[B, ...]`` diagnostics, at least one kept token."""
+    """Valid types, shapes, dtypes, finite outputs, ``[B, ...]`` diagnostics, at least one kept token
+    (LLM stage: at every layer of the strategy's schedule)."""
     batch = make_batch(strategy)
     _check_plan(strategy, batch, run(strategy, batch, "valid_plan"), "valid_plan")
+    for layer in strategy.llm_layers[1:]:
+        later = dataclasses.replace(batch, layer=layer)
+        _check_plan(strategy, later, run(strategy, later, f"valid_plan[layer={layer}]"), f"valid_plan[layer={layer}]")
 
 
 def check_roles(strategy: PruningStrategy) -> None:
-    """LLM stage: only image tokens (and declared text/template) may be dropped."""
+    """LLM stage: the *raw* plan (``plan()``, before ``__call__`` forces protected roles back on) drops
+    only roles in :func:`~tokprune.strategy.droppable_roles`, at every layer of the strategy."""
     if strategy.stage is not Stage.LLM:
         return
-    batch = make_batch(strategy)
-    plan = run(strategy, batch, "roles")
-    always = [TokenRole.PADDING, TokenRole.PROTECTED]
-    always += [] if strategy.drops_text else [TokenRole.QUESTION]
-    always += [] if strategy.drops_template else [TokenRole.TEMPLATE]
-    for role in always:
-        dropped = ((batch.roles == role) & ~plan.keep).sum().item()
-        if dropped:
-            raise _fail(strategy, "roles", f"dropped {dropped} {role.name} positions")
+    for layer in strategy.llm_layers:
+        batch = dataclasses.replace(make_batch(strategy), layer=layer)
+        with torch.no_grad():
+            raw = strategy.plan(batch.context())
+        if not isinstance(raw, LLMPlan) or tuple(raw.keep.shape) != tuple(batch.roles.shape):
+            raise _fail(strategy, "roles", f"plan() returned {type(raw).__name__}, not an LLMPlan of the roles' shape")
+        for role in sorted(kept_roles(strategy)):
+            dropped = ((batch.roles == role) & ~raw.keep).sum().item()
+            if dropped:
+                raise _fail(
+                    strategy, "roles", f"plan() at layer {layer} dropped {dropped} {role.name} positions; "
+                    f"{strategy.name} may drop only {sorted(r.name for r in droppable_roles(strategy))}"
+                )
 
 
 def _candidates(strategy: PruningStrategy, batch: Batch, plan: Any) -> Tensor:
@@ -399,10 +411,7 @@ def _candidates(strategy: PruningStrategy, batch: Batch, plan: Any) -> Tensor:
         return given.bool()
     if isinstance(batch, VisionBatch):
         return torch.ones_like(plan.keep)
-    roles = [TokenRole.IMAGE]
-    roles += [TokenRole.QUESTION] if strategy.drops_text else []
-    roles += [TokenRole.TEMPLATE] if strategy.drops_template else []
-    return torch.isin(batch.roles, torch.tensor([int(r) for r in roles]))
+    return torch.isin(batch.roles, torch.tensor([int(r) for r in sorted(droppable_roles(strategy))]))
 
 
 def check_bounds(strategy: PruningStrategy) -> None:
