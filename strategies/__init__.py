@@ -12,17 +12,49 @@ from collections.abc import Callable
 
 from tokprune import hookimpl
 
+from .cdpruner import CDPruner
 from .cls_knee import ClsKnee
+from .dart import Dart
+from .divprune import DivPrune
 from .fastv import FastV
 from .prumerge import PruMerge
 from .prumerge_plus import PruMergePlus
+from .pyramiddrop import PyramidDrop
 from .random import Random
 from .text_interact import TextInteract
 from .topk import TopK
+from .vispruner import VisPruner
 
-__all__ = ["BUILTINS", "ClsKnee", "FastV", "PruMerge", "PruMergePlus", "Random", "TextInteract", "TopK"]
+__all__ = [
+    "BUILTINS",
+    "CDPruner",
+    "ClsKnee",
+    "Dart",
+    "DivPrune",
+    "FastV",
+    "PruMerge",
+    "PruMergePlus",
+    "PyramidDrop",
+    "Random",
+    "TextInteract",
+    "TopK",
+    "VisPruner",
+]
 
-BUILTINS = (ClsKnee, TextInteract, PruMerge, PruMergePlus, FastV, TopK, Random)
+BUILTINS = (
+    ClsKnee,
+    TextInteract,
+    PruMerge,
+    PruMergePlus,
+    FastV,
+    TopK,
+    Random,
+    Dart,
+    DivPrune,
+    PyramidDrop,
+    VisPruner,
+    CDPruner,
+)
 
 
 @hookimpl

@@ -46,6 +46,24 @@ VARIANTS: dict[str, list[str]] = {
     "fastv": ["fastv(keep=3)", "fastv(query=question, keep_ratio=0.25)", "fastv(query=all_text, layer=4)"],
     "topk": ["topk(keep=10, score=cls_sim)", "topk(keep_ratio=1.0)", "topk(keep_ratio=0.1, score=cls_attn_mean)"],
     "random": ["random(keep=5, seed=3)", "random(keep_ratio=0.5, seed=12345)"],
+    "divprune": ["divprune(keep=7)", "divprune(keep_ratio=0.5)", "divprune(keep_ratio=1.0)"],
+    "vispruner": [
+        "vispruner(keep=9)",
+        "vispruner(keep_ratio=0.5, important_ratio=0.0, step=3)",
+        "vispruner(keep=5, important_ratio=1.0, layer=-1)",
+    ],
+    "cdpruner": ["cdpruner(keep=6)", "cdpruner(relevance=uniform, keep_ratio=0.5)", "cdpruner(theta=0.5, layer=3)"],
+    "dart": [
+        "dart(keep=5)",
+        "dart(keep_ratio=0.5, pivot_image=1, pivot_text=0)",
+        "dart(pivot_order=norm, layer=4, merge=true)",
+        "dart(keep=3, merge=true, pivot_text=2)",
+    ],
+    "pyramiddrop": [
+        "pyramiddrop(layer=(2, 3, 5), keep_ratio=(0.5, 0.25, 0.125))",
+        "pyramiddrop(layer=(2), keep_ratio=(0.3), query=question)",
+        "pyramiddrop(layer=(1, 4), keep_ratio=(0.6, 0.6), query=all_text)",
+    ],
 }
 
 
@@ -129,6 +147,21 @@ class DropsQuestion(PruningStrategy):
         return LLMPlan(keep=~ctx.role_mask(TokenRole.QUESTION))
 
 
+class InfiniteMerge(PruningStrategy):
+    """Returns merged hidden states divided by a count that can be zero."""
+
+    name = "broken_infinite_merge"
+    stage = Stage.LLM
+
+    @dataclass(frozen=True)
+    class Params:
+        layer: int = param(2, "decoder layer", ge=1)
+
+    def plan(self, ctx: LLMContext) -> LLMPlan:
+        zero = torch.zeros((), dtype=ctx.hidden.dtype)
+        return LLMPlan(keep=torch.ones_like(ctx.valid), hidden=ctx.hidden / zero)
+
+
 class EmptyMask(PruningStrategy):
     name = "broken_empty"
     stage = Stage.VISION
@@ -205,6 +238,7 @@ class WrongDtype(PruningStrategy):
         (IgnoresMinKeep(), "bounds"),
         (WrongDtype(), "dtypes"),
         (DropsQuestion(), "roles"),
+        (InfiniteMerge(), "valid_plan"),
     ],
     ids=lambda v: v if isinstance(v, str) else v.name,
 )

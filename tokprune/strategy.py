@@ -11,7 +11,8 @@ features, diagnostics). Two stages exist:
   see every token, layers ``K`` and after see only the kept ones. A strategy whose ``layer`` is a
   schedule (``tuple[int, ...]``, e.g. PyramidDrop) is called once before each of its layers. Context: token roles, hidden states
   entering layer K and :class:`LLMAttention` rows computed from the q/k of layer ``K-1``. Plan:
-  :class:`LLMPlan`, a keep mask over sequence positions.
+  :class:`LLMPlan`, a keep mask over sequence positions (and, for merging strategies, the merged
+  hidden states of the kept positions).
 """
 
 from __future__ import annotations
@@ -302,6 +303,10 @@ class LLMPlan:
     #: ``bool [B, L]``, True = keep for layers >= K. Protected positions are forced on by the base class.
     keep: Tensor
     diagnostics: dict[str, Any] = field(default_factory=dict)
+    #: Replacement hidden states ``[B, L, D]`` entering layer K (merging strategies, e.g. dropped tokens
+    #: folded into their nearest kept one), read at kept positions by the adapter before it gathers them;
+    #: None = unchanged. Layers ``< K`` (and their cache) saw the unmerged states.
+    hidden: Tensor | None = None
 
 
 class PruningStrategy(abc.ABC):
@@ -439,8 +444,17 @@ def _checked_llm_plan(strategy: PruningStrategy, plan: Any, ctx: LLMContext) -> 
     if not isinstance(keep, Tensor) or keep.dtype != torch.bool or keep.shape != ctx.roles.shape:
         shape = tuple(keep.shape) if isinstance(keep, Tensor) else type(keep).__name__
         raise StrategyContractError(f"{name!r} returned keep {shape}; expected bool {tuple(ctx.roles.shape)}")
+    hidden = plan.hidden
+    if hidden is not None and (
+        not isinstance(hidden, Tensor) or hidden.shape != ctx.hidden.shape or hidden.dtype != ctx.hidden.dtype
+    ):
+        shape = tuple(hidden.shape) if isinstance(hidden, Tensor) else type(hidden).__name__
+        raise StrategyContractError(
+            f"{name!r} returned hidden {shape} {getattr(hidden, 'dtype', '')}; expected {tuple(ctx.hidden.shape)} "
+            f"{ctx.hidden.dtype} (the context's hidden states)"
+        )
     forced = ctx.role_mask(*sorted(kept_roles(strategy)))
     overridden = (forced & ~keep).sum(dim=1)
     diagnostics = dict(plan.diagnostics)
     diagnostics["forced_kept"] = overridden
-    return LLMPlan(keep=keep | forced, diagnostics=diagnostics)
+    return LLMPlan(keep=keep | forced, diagnostics=diagnostics, hidden=hidden)

@@ -29,7 +29,7 @@ import functools
 import inspect
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -667,6 +667,9 @@ class LlavaAdapter(ModelAdapter):
         plan = step(ctx)
         keep = seq.valid.clone()
         keep[:, :p] &= plan.keep
+        if plan.hidden is not None:  # merged states for the kept prompt positions, applied before the gather
+            merged = torch.where(plan.keep[..., None], plan.hidden, seq.hidden[:, :p])
+            seq = replace(seq, hidden=torch.cat([merged, seq.hidden[:, p:]], dim=1))
         # a schedule reports each of its layers under its own prefix (``pyramiddrop@8.keep_count``)
         prefix = step.name if len(step.llm_layers) == 1 else f"{step.name}@{k}"
         diagnostics = {f"{prefix}.{name}": value for name, value in plan.diagnostics.items()}

@@ -15,7 +15,8 @@ or parametrise pytest over the individual checks (each raises :class:`ContractFa
 What is checked (:data:`CHECKS`):
 
 * ``valid_plan``: the plan has the right type, mask shape and dtype, ``[B, ...]`` diagnostics, finite
-  merged/extra features, and at least one kept token per sample;
+  merged/extra features (LLM stage: finite merged hidden states in the context's dtype), and at least
+  one kept token per sample;
 * ``roles``: LLM stage: the raw ``plan()`` (before the interface forces protected roles back on) drops
   nothing outside :func:`~tokprune.strategy.droppable_roles` (image; question text with ``drops_text``;
   template with ``drops_template``), at every layer of its schedule;
@@ -336,6 +337,11 @@ def _check_plan(strategy: PruningStrategy, batch: Batch, plan: VisionPlan | LLMP
             if t.dtype != batch.features.dtype:
                 raise _fail(strategy, check, f"{name} is {t.dtype}, features are {batch.features.dtype}")
     else:
+        if plan.hidden is not None:
+            if not torch.isfinite(plan.hidden).all():
+                raise _fail(strategy, check, "merged hidden states have NaN/inf entries")
+            if plan.hidden.dtype != batch.hidden.dtype:
+                raise _fail(strategy, check, f"hidden is {plan.hidden.dtype}, the context's is {batch.hidden.dtype}")
         kept_real = (plan.keep & (batch.roles != TokenRole.PADDING)).sum(dim=1)
         if (kept_real == 0).any():
             raise _fail(strategy, check, f"kept no real position in samples {(kept_real == 0).nonzero().flatten().tolist()}")
@@ -358,6 +364,14 @@ def _same_plan(strategy: PruningStrategy, a: Any, b: Any, check: str, what: str,
                 raise _fail(strategy, check, f"{what}: {name} differ")
         if (a.features is None) != (b.features is None) or (a.extra is None) != (b.extra is None):
             raise _fail(strategy, check, f"{what}: one plan has merged/extra features, the other not")
+    elif (a.hidden is None) != (b.hidden is None):
+        raise _fail(strategy, check, f"{what}: one plan has merged hidden states, the other not")
+    elif a.hidden is not None:
+        # compared where it is read: at kept positions
+        x, y = a.hidden[a.keep], b.hidden[b.keep]
+        same = torch.equal(x, y) if exact else torch.allclose(x.float(), y.float(), rtol=1e-4, atol=1e-5)
+        if not same:
+            raise _fail(strategy, check, f"{what}: merged hidden states differ")
 
 
 def _slice_plan(plan: Any, i: int, start: int = 0) -> Any:
@@ -367,7 +381,8 @@ def _slice_plan(plan: Any, i: int, start: int = 0) -> Any:
             features=None if plan.features is None else plan.features[i : i + 1],
             extra=None if plan.extra is None else plan.extra[i : i + 1],
         )
-    return LLMPlan(keep=plan.keep[i : i + 1, start:])
+    hidden = None if plan.hidden is None else plan.hidden[i : i + 1, start:]
+    return LLMPlan(keep=plan.keep[i : i + 1, start:], hidden=hidden)
 
 
 # --------------------------------------------------------------------------------------------------
