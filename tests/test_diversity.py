@@ -53,7 +53,7 @@ def dpp_loop(kernel: torch.Tensor, k: int) -> list[int]:
                 continue
             idx = picks + [j]
             det = torch.linalg.det(kernel[idx][:, idx].double()).item()
-            if det > best_det + 1e-12:
+            if det > best_det:
                 best, best_det = j, det
         picks.append(best)
     return picks
