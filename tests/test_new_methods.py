@@ -295,3 +295,12 @@ def test_pyramiddrop_rejects_malformed_schedules():
     spec = "pyramiddrop(layer=(2, 4), keep_ratio=(0.5, 0.25), query=last)"
     assert str(strategies.get(spec)) == spec  # the canonical spec round-trips with its schedules
     assert strategies.get(str(strategies.get(spec))) == strategies.get(spec)
+
+
+def test_list_shows_the_five_with_their_stage(capsys):
+    from tokprune.cli import main
+
+    expected = {"dart": "llm", "divprune": "vision", "pyramiddrop": "llm", "vispruner": "vision", "cdpruner": "vision"}
+    assert main(["list"]) in (0, None)
+    lines = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines()[1:] if line.strip()}
+    assert {name: lines.get(name) for name in expected} == expected
