@@ -79,6 +79,8 @@ def max_min_diversity(
 ) -> tuple[Tensor, Tensor]:
     """Greedy max-min diverse subset (DivPrune, CVPR 2025), batched.
 
+    ``vbdi/divprune`` at ``799e2d9``, ``LLaVA/llava/model/llava_arch.py`` L152-171, one sample at a time there.
+
     Distance ``d(i, j) = 1 - cos(x_i, x_j)``. The first pick is the candidate farthest from its nearest
     other candidate; every next pick is the candidate whose distance to the nearest *selected* token is
     largest (the max-min / farthest-point rule). Ties go to the lower index.
@@ -126,7 +128,7 @@ def dpp_greedy_map(kernel: Tensor, k: Tensor | int, candidates: Tensor | None = 
     Each step picks ``j = argmax d_i^2`` (the gain in log-determinant of adding ``i``), then updates
     ``e_i = (L[j, i] - <c_j, c_i>) / d_j``, ``c_i <- [c_i, e_i]``, ``d_i^2 <- d_i^2 - e_i^2``: O(N K)
     per step instead of a determinant per candidate. This is CDPruner's loop
-    (``Theia-4869/CDPruner`` ``llava/model/llava_arch.py`` L169-182) with per-row counts and candidates.
+    (``Theia-4869/CDPruner`` at ``9541616``, ``llava/model/llava_arch.py`` L169-182) with per-row counts and candidates.
 
     Once the kernel's rank is exhausted (``d_j^2 <= eps``: every remaining candidate lies in the span of
     the selected ones) the reference divides by ``sqrt(<= 0)`` and produces NaN; here the update is
@@ -224,7 +226,7 @@ def similarity_to_pivots(x: Tensor, pivot_index: Tensor, pivot_valid: Tensor | N
 def remove_duplicates(features: Tensor, index: Tensor, target: int, step: int = 8) -> Tensor:
     """Iterative bipartite near-duplicate removal (VisPruner, ICCV 2025), batched.
 
-    ``Theia-4869/VisPruner`` ``llava/model/llava_arch.py`` L159-175: split the current tokens
+    ``Theia-4869/VisPruner`` at ``aefa01a``, ``llava/model/llava_arch.py`` L159-175: split the current tokens
     alternately into ``A`` (even slots) and ``B`` (odd slots); each ``a`` scores its largest cosine
     similarity to any ``b``; drop the ``r = min(step, R - target)`` most similar ``a``; the survivors
     are the remaining ``a`` (most similar first, as the reference's descending argsort leaves them)
