@@ -202,3 +202,33 @@ def test_bad_arguments_name_the_value():
         scoring.dpp_greedy_map(torch.ones(1, 3, 4), 1)
     with pytest.raises(ValueError, match="target"):
         scoring.remove_duplicates(x, torch.zeros(1, 2, dtype=torch.long), -2)
+
+
+def merge_loop(x: torch.Tensor, keep: list[bool], cand: list[bool]) -> torch.Tensor:
+    """Fold each dropped candidate into its most similar kept candidate (first on ties); mean per group."""
+    n = x.shape[0]
+    kept = [i for i in range(n) if keep[i] and cand[i]]
+    groups = {i: [i] for i in kept}
+    for j in range(n):
+        if cand[j] and not keep[j] and kept:
+            best = max(kept, key=lambda i: (_cos(x[i], x[j]), -i))
+            groups[best].append(j)
+    out = x.clone()
+    for i, members in groups.items():
+        out[i] = x[members].mean(dim=0)
+    return out
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(1, 10))
+def test_nearest_kept_and_merge_mean_match_the_loop(seed, n):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, n, 4, generator=gen, dtype=torch.float64)
+    keep = torch.rand(2, n, generator=gen) < 0.4
+    cand = torch.rand(2, n, generator=gen) < 0.8
+    target = scoring.nearest_kept(x, keep, cand)
+    merged = scoring.merge_mean(x, target)
+    for b in range(2):
+        expected = merge_loop(x[b], keep[b].tolist(), cand[b].tolist())
+        assert torch.allclose(merged[b], expected, atol=1e-12)
+        assert ((target[b] >= 0) == (~keep[b] & cand[b] & bool((keep[b] & cand[b]).any()))).all()
