@@ -39,6 +39,12 @@ DEFAULT_STRATEGIES = (
     "fastv",
     "topk",
     "random",
+    "dart",
+    "divprune",
+    # PyramidDrop's default schedule is for 32-layer LLMs; the embedded model has 4 decoder layers
+    "pyramiddrop(layer=(1, 2, 3), keep_ratio=(0.5, 0.25, 0.125))",
+    "vispruner",
+    "cdpruner",
 )
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -84,7 +90,17 @@ class MatchBudgetConfig:
     """
 
     reference: str | None = REFERENCE_METHOD
-    params: dict[str, str] = field(default_factory=lambda: {"topk": "keep", "random": "keep", "fastv": "keep"})
+    params: dict[str, str] = field(
+        default_factory=lambda: {
+            "topk": "keep",
+            "random": "keep",
+            "fastv": "keep",
+            "dart": "keep",
+            "divprune": "keep",
+            "vispruner": "keep",
+            "cdpruner": "keep",
+        }
+    )
 
 
 @dataclass

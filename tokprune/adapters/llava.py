@@ -29,7 +29,7 @@ import functools
 import inspect
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -203,13 +203,13 @@ class LlavaAdapter(ModelAdapter):
         num_layers = len(self._lm.layers)
         steps = {}
         for step in self.pipeline.llm:
-            k = int(step.layer)  # type: ignore[arg-type]
-            if not 1 <= k <= num_layers - 1:
-                raise StrategyParamError(
-                    f"{step.spec()} prunes before decoder layer {k}, but this language model has {num_layers} "
-                    f"layers: layer must be in 1..{num_layers - 1} (layer K-1 provides the scores)"
-                )
-            steps[k] = step
+            for k in step.llm_layers:  # a schedule (e.g. PyramidDrop) is one step at each of its layers
+                if not 1 <= k <= num_layers - 1:
+                    raise StrategyParamError(
+                        f"{step.spec()} prunes before decoder layer {k}, but this language model has {num_layers} "
+                        f"layers: layer must be in 1..{num_layers - 1} (layer K-1 provides the scores)"
+                    )
+                steps[k] = step
         return steps
 
     def _check_vision(self) -> frozenset[Signal]:
@@ -659,7 +659,12 @@ class LlavaAdapter(ModelAdapter):
         plan = step(ctx)
         keep = seq.valid.clone()
         keep[:, :p] &= plan.keep
-        diagnostics = {f"{step.name}.{name}": value for name, value in plan.diagnostics.items()}
+        if plan.hidden is not None:  # merged states for the kept prompt positions, applied before the gather
+            merged = torch.where(plan.keep[..., None], plan.hidden, seq.hidden[:, :p])
+            seq = replace(seq, hidden=torch.cat([merged, seq.hidden[:, p:]], dim=1))
+        # a schedule reports each of its layers under its own prefix (``pyramiddrop@8.keep_count``)
+        prefix = step.name if len(step.llm_layers) == 1 else f"{step.name}@{k}"
+        diagnostics = {f"{prefix}.{name}": value for name, value in plan.diagnostics.items()}
         return seq.gather(keep), diagnostics
 
     # -- decoding with the pruned cache -------------------------------------------------------------
