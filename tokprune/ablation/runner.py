@@ -11,7 +11,7 @@ import platform
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ import torch
 from .. import strategies
 from ..errors import TokpruneError
 from . import plan as planning
+from .calibrate import Calibration, Calibrator, axis_value, search
 from .config import EMBEDDED_MODEL, AblationConfig, ConfigError, to_container, to_yaml
 from .datasets import Dataset, EvalSample, load_dataset
 from .distributed import Dist
@@ -32,6 +33,7 @@ from .results import append_result, load_results, run_key
 __all__ = ["RunOutcome", "Session", "run_ablation"]
 
 RESULTS_FILE = "results.jsonl"
+CALIBRATION_FILE = "calibration.json"
 
 
 @dataclass
@@ -148,6 +150,7 @@ class Session:
     dist: Dist
     progress: bool = True
     warm: bool = False
+    calibration: Dataset | None = None  # the split budget knobs are calibrated on
 
     def evaluate(self, pipeline: Any, desc: str) -> tuple[list[dict[str, Any]], list[Timing], float, str]:
         """This rank's share of the dataset under ``pipeline``: records, batch timings, peak MB, memory kind."""
@@ -194,9 +197,9 @@ class Session:
         self._generate(first, GenerateTimer(self.model, cuda=self.device.type == "cuda"))
         self.warm = True
 
-    def _generate(self, samples: Sequence[EvalSample], timer: GenerateTimer) -> tuple[list[str], list[int], Timing]:
-        cfg = self.cfg
-        questions = [s.question + cfg.dataset.prompt_suffix for s in samples]
+    def inputs(self, samples: Sequence[EvalSample]) -> Any:
+        """The processor's batch (prompts, pixel values) for ``samples``, on the model's device and dtype."""
+        questions = [s.question + self.cfg.dataset.prompt_suffix for s in samples]
         inputs = self.processor(
             text=build_prompts(self.processor, questions),
             images=[s.load_image() for s in samples],
@@ -205,6 +208,11 @@ class Session:
         ).to(self.device)
         if "pixel_values" in inputs and self.model.dtype != inputs["pixel_values"].dtype:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        return inputs
+
+    def _generate(self, samples: Sequence[EvalSample], timer: GenerateTimer) -> tuple[list[str], list[int], Timing]:
+        cfg = self.cfg
+        inputs = self.inputs(samples)
         with torch.inference_mode(), timer.measure() as timing:
             out = self.model.generate(**inputs, max_new_tokens=cfg.max_new_tokens, do_sample=False)
         new = out[:, inputs["input_ids"].shape[1] :]
@@ -320,6 +328,7 @@ def _execute(
         "spec": run.spec,
         "role": run.role,
         "budget": run.budget,
+        "target": run.target,
         "resolved": resolved,
         "config": to_container(session.cfg),
         "metrics": metrics,
@@ -342,8 +351,12 @@ def open_session(cfg: AblationConfig, dist: Dist, progress: bool = True) -> Sess
     """Load the dataset (first: its errors are cheap to find) and the model once for every run."""
     device = resolve_device(cfg.device, dist)
     dataset = load_dataset(cfg.dataset, cfg.limit)
+    calibration = None
+    if cfg.budget.targets:
+        calib_cfg = replace(cfg.dataset, split=cfg.calibration.split, path=cfg.calibration.path or cfg.dataset.path)
+        calibration = load_dataset(calib_cfg, cfg.calibration.limit)
     model, processor = load_model(cfg, device)
-    return Session(cfg, model, processor, dataset, device, dist, progress and dist.is_main)
+    return Session(cfg, model, processor, dataset, device, dist, progress and dist.is_main, calibration=calibration)
 
 
 def _with_budget(run: planning.PlannedRun, reference: dict[str, Any] | None) -> planning.PlannedRun:
@@ -406,8 +419,14 @@ def _run_all(
     baseline: list[dict[str, Any]] | None = None
     reference: dict[str, Any] | None = None
     bar = tqdm(total=len(runs), desc="runs", unit="run", disable=not session.progress, dynamic_ncols=True)
+    calibrator: Calibrator | None = None
     for run in runs:
         run = _with_budget(run, reference)
+        calibration = None
+        if run.role == "swept":
+            if calibrator is None:
+                calibrator = _calibrator(session, results_path.parent, fingerprint)
+            run, calibration = _calibrate(session, calibrator, run)
         resolved = resolved_run_config(session.cfg, run.spec, session.device, session.dataset, fingerprint)
         row = done.get(run_key(resolved))
         if row is not None:
@@ -416,11 +435,16 @@ def _run_all(
         else:
             session.warm_up()
             row = _execute(session, run, resolved, baseline)
+            if calibration is not None:
+                row["calibration"] = {"axis": session.cfg.budget.axis, **asdict(calibration)}
             if dist.is_main:
                 append_result(results_path, row)
+            done[row["key"]] = row  # another target that lands on the same setting reuses this run
             dist.barrier()  # nobody starts the next run before rank 0 has flushed this one
             say(_summary_line(row))
-        row = {**row, "label": run.label, "role": run.role, "budget": run.budget}
+        row = {**row, "label": run.label, "role": run.role, "budget": run.budget, "target": run.target}
+        if calibration is not None:
+            row["calibration"] = {"axis": session.cfg.budget.axis, **asdict(calibration)}
         if run.role == "baseline":
             baseline = row["predictions"]
         if run.role == "reference":
@@ -430,6 +454,47 @@ def _run_all(
     bar.close()
     _fill_agreement(rows, baseline)
     return rows, skipped
+
+
+def _calibrator(session: Session, out_dir: Path, fingerprint: str) -> Calibrator:
+    cfg = session.cfg
+    if session.calibration is None:
+        raise TokpruneError("swept runs need a calibration split; set budget.targets or calibration.*")
+    identity = {
+        "model_fingerprint": fingerprint, "calibration": to_container(cfg)["calibration"],
+        "dataset": session.calibration.name, "n": len(session.calibration.samples),
+        "positions": to_container(cfg)["positions"], "dtype": cfg.dtype, "prompt_suffix": cfg.dataset.prompt_suffix,
+    }
+    # Only rank 0 writes the cache; every rank measures the same numbers.
+    path = out_dir / CALIBRATION_FILE if session.dist.is_main else None
+    return Calibrator(session, session.calibration.samples, path, identity)
+
+
+def _calibrate(session: Session, calibrator: Calibrator, run: planning.PlannedRun) -> tuple[planning.PlannedRun, Calibration]:
+    """``run`` with its knob set so its mean budget on ``budget.axis`` lands on its target (calibration split)."""
+    cfg = session.cfg.budget
+    knob = run.knob
+    assert knob is not None and run.target is not None
+    if knob.integer:
+        base = calibrator.measure("none")
+        low, high = 1.0, round(base["visual_total_sum"] / len(calibrator.samples))
+    elif knob.param in cfg.ranges:
+        low, high = cfg.ranges[knob.param]
+    else:
+        raise ConfigError(
+            f"budget knob {knob.path} is a float: give its search range, e.g. budget.ranges.{knob.param}=[0.1,10]"
+        )
+
+    def measure(value: int | float) -> float:
+        return axis_value(cfg.axis, calibrator.measure(planning.resolve_swept(run, value).spec))
+
+    found = search(measure, low, high, run.target, cfg.tolerance, knob.integer, cfg.max_steps)
+    if not knob.integer:
+        found = replace(found, value=float(f"{found.value:.4g}"))  # a readable label; re-measured below
+        budget = measure(found.value)
+        found = replace(found, budget=budget, reachable=abs(budget - run.target) <= cfg.tolerance)
+    calibrator.save()
+    return planning.resolve_swept(run, found.value), found
 
 
 def _lock_output_dir(out_dir: Path) -> Any:
