@@ -82,9 +82,9 @@ def test_main_job_shape_outputs_and_matching(tiny_model, tmp_path):
     on_disk = _lines(tmp_path / "results.jsonl")
     assert [r["key"] for r in on_disk] == [r["key"] for r in rows]
     md = (tmp_path / "summary.md").read_text().splitlines()
-    assert md[2].startswith("| `none` | all tokens") and "matched topk.keep=" in md[4]
-    assert (tmp_path / "summary.csv").read_text().splitlines()[1].startswith("none,")
-    assert (tmp_path / "pareto.png").stat().st_size > 10_000
+    assert md[2].startswith("| `none` | - | 144.0 (100.0%)") and md[4].startswith(f"| `{rows[2]['label']}` |")
+    assert (tmp_path / "summary.csv").read_text().splitlines()[1].startswith("none,none,")
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
     assert "model:" in (tmp_path / "config.yaml").read_text()
 
     # Same command again: every run is found, nothing is appended.
@@ -293,4 +293,4 @@ def test_embedded_model_smoke(tmp_path):
     assert rows[0]["metrics"]["accuracy"] >= 0.4  # a random-weight model scores about 0.02
     assert rows[1]["metrics"]["visual_kept_mean"] < rows[0]["metrics"]["visual_kept_mean"]
     assert rows[2]["label"] == "topk(keep=20)" and rows[2]["calibration"]["reachable"]
-    assert (tmp_path / "pareto.png").is_file()
+    assert (tmp_path / "curves.png").is_file()

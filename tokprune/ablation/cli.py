@@ -25,7 +25,7 @@ docs/ablation.md or configs/default.yaml.
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tokprune run",
-        description="Evaluate pruning pipelines on a benchmark; write results.jsonl, summary.md/.csv and pareto.png.",
+        description="Evaluate pruning pipelines on a benchmark; write results.jsonl, summary.md/.csv, tests.csv and curves.png.",
         epilog=USAGE_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -329,6 +329,7 @@ def _execute(
         "role": run.role,
         "budget": run.budget,
         "target": run.target,
+        "knob": run.knob.path if run.knob is not None else None,
         "resolved": resolved,
         "config": to_container(session.cfg),
         "metrics": metrics,
@@ -379,6 +380,10 @@ def run_ablation(
 ) -> RunOutcome:
     """Run (or resume) the study ``cfg``; returns its rows in plan order and writes results, table, plot."""
     runs = planning.plan_runs(cfg)  # validates every spec before anything is loaded
+    if cfg.plot:
+        from .report import check_plotting
+
+        check_plotting()  # the plot is part of the output: say now, not after the runs, that it cannot be drawn
     lock = None
     dist = session.dist if session is not None else init_dist(cfg.device)
     try:
@@ -393,7 +398,7 @@ def run_ablation(
         if dist.is_main:
             from .report import write_reports
 
-            files.update(write_reports(rows, out_dir, plot=cfg.plot))
+            files.update(write_reports(rows, out_dir, plot=cfg.plot, tolerance=cfg.budget.tolerance))
         return RunOutcome(rows, out_dir, skipped, files)
     finally:
         if lock is not None:
@@ -442,7 +447,8 @@ def _run_all(
             done[row["key"]] = row  # another target that lands on the same setting reuses this run
             dist.barrier()  # nobody starts the next run before rank 0 has flushed this one
             say(_summary_line(row))
-        row = {**row, "label": run.label, "role": run.role, "budget": run.budget, "target": run.target}
+        row = {**row, "label": run.label, "role": run.role, "budget": run.budget, "target": run.target,
+               "knob": run.knob.path if run.knob is not None else None}
         if calibration is not None:
             row["calibration"] = {"axis": session.cfg.budget.axis, **asdict(calibration)}
         if run.role == "baseline":
