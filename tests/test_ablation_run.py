@@ -294,3 +294,34 @@ def test_embedded_model_smoke(tmp_path):
     assert rows[1]["metrics"]["visual_kept_mean"] < rows[0]["metrics"]["visual_kept_mean"]
     assert rows[2]["label"] == "topk(keep=20)" and rows[2]["calibration"]["reachable"]
     assert (tmp_path / "curves.png").is_file()
+
+
+def test_unwritable_output_dir_and_full_disk_are_clear_and_resumable(tiny_model, tmp_path, monkeypatch, capsys):
+    from tokprune.ablation import results as results_module
+    from tokprune.cli import main
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    base = [f"model={tiny_model}", "limit=2", "device=cpu", "plot=false", "budget.targets=[]", "sweep={}", "--quiet"]
+    assert main(["run", *base, f"output_dir={blocker / 'out'}", "strategies=[none]"]) == 2
+    assert "cannot write to output_dir=" in capsys.readouterr().err
+
+    out = tmp_path / "out"
+    args = ["run", *base, f"output_dir={out}", "strategies=[topk(keep=[4, 8])]"]
+    real = results_module.append_result
+    calls = []
+
+    def full_after_two(path, row):
+        calls.append(row["label"])
+        if len(calls) > 2:
+            raise OSError(28, "No space left on device")
+        real(path, row)
+
+    monkeypatch.setattr(runner, "append_result", full_after_two)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "cannot record run 'topk(keep=8)'" in err and "No space left on device" in err and "rerun" in err
+    monkeypatch.setattr(runner, "append_result", real)
+    assert len(load_results(out / "results.jsonl")) == 2
+    assert main(args) == 0
+    assert "(2 already recorded)" in capsys.readouterr().out

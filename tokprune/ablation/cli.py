@@ -83,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     config_path, overrides = _split_args(args.args)
     cfg = load_config(config_path, overrides)
     if args.print_config:
+        from .plan import plan_runs
+
+        plan_runs(cfg)  # every spec is checked: what is printed must be a config that runs
         print(to_yaml(cfg), end="")
         return 0
     from .report import markdown_table

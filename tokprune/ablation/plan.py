@@ -105,6 +105,31 @@ def _canonical(text: str, where: str) -> str:
         raise type(exc)(f"{where}: {exc}") from None
 
 
+INT64_MAX = 2**63 - 1
+
+
+def _check_terms(text: str, where: str) -> None:
+    """What the registry's checks let through but cannot run: ``none`` inside a pipeline, integers past
+    what a tensor holds (they would overflow only when the run starts, after the baseline)."""
+    if text.strip() == "none":
+        return
+    terms = parse_spec(text)
+    if len(terms) > 1 and any(t.name == "none" for t in terms):
+        rest = format_terms([t for t in terms if t.name != "none"])
+        raise ConfigError(
+            f"{where}: {text!r} combines 'none' (the unpruned model, an empty pipeline) with other steps; "
+            f"write {rest!r} for the pipeline, and 'none' alone for the unpruned run"
+        )
+    for t in terms:
+        for key, value in t.params.items():
+            if isinstance(value, int) and not isinstance(value, bool) and abs(value) > INT64_MAX:
+                raise ConfigError(
+                    f"{where}: {t.name}.{key}={value} does not fit a 64-bit integer; a token count is at most the "
+                    f"image's tokens (e.g. 576 for LLaVA-1.5): use a smaller {key}"
+                    + (" or keep_ratio" if key == "keep" else "")
+                )
+
+
 def _needs_match(terms: list[Term], params: Mapping[str, str]) -> list[tuple[int, str]]:
     # A budget the user set explicitly (keep=64, or keep_ratio=...) is never overridden.
     out = []
@@ -178,6 +203,8 @@ def plan_runs(cfg: AblationConfig) -> list[PlannedRun]:
         except ValueError as exc:
             raise type(exc)(f"{where}: {exc}") from None
         texts.extend((t, where) for t in expanded)
+    for text, where in texts:
+        _check_terms(text, where)
 
     ref_canon = _canonical(cfg.match_budget.reference, "match_budget.reference") if cfg.match_budget.reference else None
     runs: list[PlannedRun] = []

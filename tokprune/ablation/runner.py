@@ -30,10 +30,14 @@ from .measure import GenerateTimer, PeakMemory, Timing
 from .metrics import run_metrics
 from .results import append_result, load_results, run_key
 
-__all__ = ["RunOutcome", "Session", "run_ablation"]
+__all__ = ["OutputError", "RunOutcome", "Session", "run_ablation"]
 
 RESULTS_FILE = "results.jsonl"
 CALIBRATION_FILE = "calibration.json"
+
+
+class OutputError(TokpruneError, OSError):
+    """The output folder cannot be written (permissions, a full disk)."""
 
 
 @dataclass
@@ -387,18 +391,31 @@ def run_ablation(
     lock = None
     dist = session.dist if session is not None else init_dist(cfg.device)
     try:
-        session = session or open_session(cfg, dist, progress)
         out_dir = Path(cfg.output_dir)
-        if dist.is_main:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            lock = _lock_output_dir(out_dir)
-            (out_dir / "config.yaml").write_text(to_yaml(cfg))
+        if dist.is_main:  # before the model loads: an unwritable folder is found in a second
+            try:
+                out_dir.mkdir(parents=True, exist_ok=True)
+                lock = _lock_output_dir(out_dir)
+                (out_dir / "config.yaml").write_text(to_yaml(cfg))
+            except OSError as exc:
+                raise OutputError(
+                    f"cannot write to output_dir={str(out_dir)!r} ({exc.strerror or exc}); "
+                    "choose a writable folder, e.g. output_dir=runs/mine"
+                ) from None
+        session = session or open_session(cfg, dist, progress)
         rows, skipped = _run_all(session, runs, out_dir / RESULTS_FILE, echo)
         files: dict[str, Path] = {"results": out_dir / RESULTS_FILE, "config": out_dir / "config.yaml"}
         if dist.is_main:
             from .report import write_reports
 
-            files.update(write_reports(rows, out_dir, plot=cfg.plot, tolerance=cfg.budget.tolerance))
+            try:
+                files.update(write_reports(rows, out_dir, plot=cfg.plot, tolerance=cfg.budget.tolerance))
+            except OSError as exc:
+                raise OutputError(
+                    f"every run is recorded in {str(out_dir / RESULTS_FILE)!r}, but writing the report failed "
+                    f"({exc.strerror or exc}); free space (or fix permissions) and rerun the command: it only "
+                    "writes the report"
+                ) from None
         return RunOutcome(rows, out_dir, skipped, files)
     finally:
         if lock is not None:
@@ -443,7 +460,13 @@ def _run_all(
             if calibration is not None:
                 row["calibration"] = {"axis": session.cfg.budget.axis, **asdict(calibration)}
             if dist.is_main:
-                append_result(results_path, row)
+                try:
+                    append_result(results_path, row)
+                except OSError as exc:
+                    raise OutputError(
+                        f"cannot record run {run.label!r} in {str(results_path)!r} ({exc.strerror or exc}); the runs "
+                        "recorded before it are intact: free space (or fix permissions) and rerun the command to resume"
+                    ) from None
             done[row["key"]] = row  # another target that lands on the same setting reuses this run
             dist.barrier()  # nobody starts the next run before rank 0 has flushed this one
             say(_summary_line(row))
