@@ -79,6 +79,15 @@ def test_markdown_merges_seeds_and_marks_missed_targets():
     assert "10% (not reached)" in next(line for line in lines if line.startswith("| `fastv"))
 
 
+def test_labels_show_non_default_positions():
+    rows = _study()
+    rows[1]["resolved"] = {"positions": {"vision": "compact", "llm": "keep"}}
+    md = report.markdown_table(rows)
+    assert "| `topk(keep=14)` (positions vision=compact) |" in md
+    assert "| `topk(keep=72)` |" in md  # defaults add nothing
+    assert report.table_rows(rows)[1]["run"] == "topk(keep=14) (positions vision=compact)"
+
+
 def test_summary_areas_and_groups():
     rows = _study()
     areas = {s["method"]: s["auc"] for s in report.curve_summary(rows)}

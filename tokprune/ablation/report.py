@@ -163,8 +163,8 @@ def table_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for r in _ordered(rows):
         m = r["metrics"]
-        flat = {"run": r["label"], "method": method_of(r), "target": r.get("target"), "budget": r["budget"],
-                "role": r["role"], "spec": r["spec"], "key": r["key"]}
+        flat = {"run": r["label"] + _positions(r), "method": method_of(r), "target": r.get("target"),
+                "budget": r["budget"], "role": r["role"], "spec": r["spec"], "key": r["key"]}
         flat.update({k: v for k, v in m.items() if not isinstance(v, (dict, list))})
         if m.get("accuracy_ci"):
             flat["accuracy_lo"], flat["accuracy_hi"] = m["accuracy_ci"]
@@ -212,6 +212,7 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
             acc_cell = _ci(acc, m.get("accuracy_ci"))
             p = "-" if r["role"] == "baseline" else _fmt(p_base.get((r["label"], "none")), ".2g")
             types_cells = [_ci(m.get("accuracy_by_type", {}).get(t), m.get("accuracy_by_type_ci", {}).get(t)) for t in types]
+        label += _positions(r)
         delta = acc - base_acc if base_acc is not None and acc is not None else None
         equiv = (f"{m['visual_layer_avg']:.1f} ({m['equiv_frac']:.1%})" if m.get("equiv_frac") is not None else "-")
         kept = (f"{m['visual_kept_mean']:.1f} [{m['visual_kept_min']:.0f}-{m['visual_kept_max']:.0f}]"
@@ -225,6 +226,13 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _positions(row: dict[str, Any]) -> str:
+    """Non-default position-id modes of the run (``keep`` is the default), for its label."""
+    pos = (row.get("resolved") or {}).get("positions") or {}
+    odd = [f"{stage}={mode}" for stage, mode in sorted(pos.items()) if mode != "keep"]
+    return f" (positions {', '.join(odd)})" if odd else ""
 
 
 def _knob_value(row: dict[str, Any]) -> str:
