@@ -2,7 +2,8 @@
 
 ``run_ablation(cfg)`` is what ``tokprune run`` calls. Resumable: runs whose key (a hash of the run's
 resolved config) is already in ``results.jsonl`` are skipped; a matched run's key includes its matched
-value, so it is computed from the reference's recorded budget first.
+value, so it is computed from the reference's recorded budget first; a swept run's key includes its
+calibrated knob value, found again from ``calibration.json`` (see :mod:`.calibrate`).
 """
 
 from __future__ import annotations
@@ -352,14 +353,18 @@ def _execute(
     }
 
 
+def load_calibration(cfg: AblationConfig) -> Dataset:
+    """The calibration split: ``calibration.split`` of the shapes benchmark, or ``calibration.path`` (by
+    default ``dataset.path``: only token counts are read from it, never answers)."""
+    calib_cfg = replace(cfg.dataset, split=cfg.calibration.split, path=cfg.calibration.path or cfg.dataset.path)
+    return load_dataset(calib_cfg, cfg.calibration.limit)
+
+
 def open_session(cfg: AblationConfig, dist: Dist, progress: bool = True) -> Session:
     """Load the dataset (first: its errors are cheap to find) and the model once for every run."""
     device = resolve_device(cfg.device, dist)
     dataset = load_dataset(cfg.dataset, cfg.limit)
-    calibration = None
-    if cfg.budget.targets:
-        calib_cfg = replace(cfg.dataset, split=cfg.calibration.split, path=cfg.calibration.path or cfg.dataset.path)
-        calibration = load_dataset(calib_cfg, cfg.calibration.limit)
+    calibration = load_calibration(cfg) if cfg.budget.targets else None
     model, processor = load_model(cfg, device)
     return Session(cfg, model, processor, dataset, device, dist, progress and dist.is_main, calibration=calibration)
 
@@ -487,8 +492,8 @@ def _run_all(
 
 def _calibrator(session: Session, out_dir: Path, fingerprint: str) -> Calibrator:
     cfg = session.cfg
-    if session.calibration is None:
-        raise TokpruneError("swept runs need a calibration split; set budget.targets or calibration.*")
+    if session.calibration is None:  # a session opened elsewhere (tests, notebooks): load the split now
+        session.calibration = load_calibration(cfg)
     identity = {
         "model_fingerprint": fingerprint, "calibration": to_container(cfg)["calibration"],
         "dataset": session.calibration.name, "n": len(session.calibration.samples),
