@@ -11,7 +11,7 @@ from tokprune.ablation.config import ConfigError, load_config
 from tokprune.ablation.datasets import DatasetError, load_jsonl
 from tokprune.ablation.plan import plan_runs
 from tokprune.ablation.report import PlotUnavailableError, check_plotting
-from tokprune.ablation.results import ResultsError, append_result, load_results
+from tokprune.ablation.results import ROW_KEYS, ResultsError, append_result, load_results
 
 
 def test_jsonl_path_without_dataset_name_is_not_silently_ignored():
@@ -71,7 +71,7 @@ def test_results_row_with_the_wrong_schema(tmp_path):
     path.write_text('{"key": "a", "label": "x", "spec": "x", "role": "baseline", "metrics": {}, "predictions": []}\n'
                     '{"run": "something else"}\n')
     with pytest.raises(ResultsError, match=r"results.jsonl:2: not a results row .*missing 'key'.*another output_dir"):
-        load_results(path)
+        load_results(path, required=ROW_KEYS)
 
 
 def test_a_full_disk_leaves_whole_rows(tmp_path, monkeypatch):

@@ -119,6 +119,21 @@ def test_budget_sweep_calibrates_each_knob_then_resumes(tiny_model, tmp_path):
     assert (tmp_path / "calibration.json").read_text() == cache  # nothing measured again
 
 
+def test_targets_out_of_reach_share_one_run_and_say_so(tiny_model, tmp_path):
+    # FastV at K=2 keeps every image token in 2 of the 4 LLM layers: never below 50% equivalent tokens.
+    cfg = _cfg(tiny_model, tmp_path, "strategies=[fastv]", "budget.targets=[0.1, 0.2]", "calibration.limit=2",
+               "plot=false")
+    outcome = runner.run_ablation(cfg, progress=False, echo=None)
+    rows = outcome.rows
+    assert [(r["label"], r["target"]) for r in rows] == [("none", None), ("fastv(keep=1)", 0.1), ("fastv(keep=1)", 0.2)]
+    assert [r["calibration"]["reachable"] for r in rows[1:]] == [False, False]
+    assert rows[1]["metrics"]["equiv_frac"] > 0.5
+    assert outcome.reused == 1 and len(load_results(tmp_path / "results.jsonl")) == 2
+    md = (tmp_path / "summary.md").read_text()
+    assert "| 10% (not reached) |" in md and "| 20% (not reached) |" in md
+    assert "### At each budget" not in md  # nothing reached a target: nothing to compare
+
+
 def test_crash_mid_sweep_then_resume(tiny_model, tmp_path, monkeypatch):
     cfg = _cfg(tiny_model, tmp_path, "strategies=[topk(keep=[4,8,16,32])]", "match_budget.reference=null")
     real, calls = runner._execute, []

@@ -108,5 +108,6 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown_table(outcome.rows), end="")
     wall = time.perf_counter() - t0
     files = ", ".join(str(p) for p in outcome.files.values())
-    print(f"{len(outcome.rows)} runs ({outcome.skipped} already recorded) in {wall:.1f} s; wrote {files}")
+    reused = f", {outcome.reused} reusing an earlier target's run" if outcome.reused else ""
+    print(f"{len(outcome.rows)} runs ({outcome.skipped} already recorded{reused}) in {wall:.1f} s; wrote {files}")
     return 0

@@ -60,9 +60,10 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def load_results(path: str | Path, repair: bool = True) -> list[dict[str, Any]]:
+def load_results(path: str | Path, repair: bool = True, required: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     """Every complete row; a truncated last line (a kill mid-write) is dropped, and cut from the file
-    when ``repair``, so the next append starts on a fresh line."""
+    when ``repair``, so the next append starts on a fresh line. A row lacking a ``required`` key (the
+    runner passes :data:`ROW_KEYS`) is an error naming the line."""
     path = Path(path)
     if not path.exists():
         return []
@@ -92,7 +93,7 @@ def load_results(path: str | Path, repair: bool = True) -> list[dict[str, Any]]:
                 break
             raise ResultsError(f"{path}:{i + 1}: not a valid JSON row; fix or delete that line")
         if row is not None:
-            missing = [k for k in ROW_KEYS if not isinstance(row, dict) or k not in row]
+            missing = [k for k in required if not isinstance(row, dict) or k not in row]
             if missing:
                 raise ResultsError(
                     f"{path}:{i + 1}: not a results row of tokprune run (missing {', '.join(map(repr, missing))}); "

@@ -29,7 +29,7 @@ from .distributed import Dist
 from .distributed import init as init_dist
 from .measure import GenerateTimer, PeakMemory, Timing
 from .metrics import run_metrics
-from .results import append_result, load_results, run_key
+from .results import ROW_KEYS, append_result, load_results, run_key
 
 __all__ = ["OutputError", "RunOutcome", "Session", "run_ablation"]
 
@@ -49,6 +49,7 @@ class RunOutcome:
     output_dir: Path
     skipped: int = 0  # runs found already recorded
     files: dict[str, Path] = field(default_factory=dict)
+    reused: int = 0  # targets whose calibration landed on the run of an earlier target
 
 
 # ----------------------------------------------------------------------------------------- model loading
@@ -408,7 +409,7 @@ def run_ablation(
                     "choose a writable folder, e.g. output_dir=runs/mine"
                 ) from None
         session = session or open_session(cfg, dist, progress)
-        rows, skipped = _run_all(session, runs, out_dir / RESULTS_FILE, echo)
+        rows, skipped, reused = _run_all(session, runs, out_dir / RESULTS_FILE, echo)
         files: dict[str, Path] = {"results": out_dir / RESULTS_FILE, "config": out_dir / "config.yaml"}
         if dist.is_main:
             from .report import write_reports
@@ -421,7 +422,7 @@ def run_ablation(
                     f"({exc.strerror or exc}); free space (or fix permissions) and rerun the command: it only "
                     "writes the report"
                 ) from None
-        return RunOutcome(rows, out_dir, skipped, files)
+        return RunOutcome(rows, out_dir, skipped, files, reused)
     finally:
         if lock is not None:
             lock.close()  # closing the descriptor releases the flock
@@ -430,7 +431,7 @@ def run_ablation(
 
 def _run_all(
     session: Session, runs: Sequence[planning.PlannedRun], results_path: Path, echo: Callable[[str], None] | None
-) -> tuple[list[dict[str, Any]], int]:
+) -> tuple[list[dict[str, Any]], int, int]:
     """The loop over runs: skip recorded ones, execute and flush the rest, one at a time."""
     from tqdm.auto import tqdm
 
@@ -438,11 +439,13 @@ def _run_all(
     say = (lambda msg: tqdm.write(msg)) if (dist.is_main and echo is not None) else (lambda msg: None)
     if session.dataset.skipped:
         say(f"dataset: skipped {len(session.dataset.skipped)} bad rows: " + "; ".join(session.dataset.skipped[:5]))
-    done = dist.broadcast({r["key"]: r for r in load_results(results_path)} if dist.is_main else None)
+    recorded = load_results(results_path, required=ROW_KEYS) if dist.is_main else None
+    done = dist.broadcast({r["key"]: r for r in recorded} if recorded is not None else None)
     _check_patchable(session, runs)
     fingerprint = model_fingerprint(session.cfg.model)
     rows: list[dict[str, Any]] = []
-    skipped = 0
+    skipped = reused = 0
+    executed: set[str] = set()
     baseline: list[dict[str, Any]] | None = None
     reference: dict[str, Any] | None = None
     bar = tqdm(total=len(runs), desc="runs", unit="run", disable=not session.progress, dynamic_ncols=True)
@@ -456,7 +459,10 @@ def _run_all(
             run, calibration = _calibrate(session, calibrator, run)
         resolved = resolved_run_config(session.cfg, run.spec, session.device, session.dataset, fingerprint)
         row = done.get(run_key(resolved))
-        if row is not None:
+        if row is not None and row["key"] in executed:
+            reused += 1  # another target calibrated to the same setting (e.g. a budget out of reach)
+            say(f"[{run.label}] target {run.target:g} lands on the run of an earlier target; reused")
+        elif row is not None:
             skipped += 1
             say(f"[{run.label}] already recorded in {results_path}; skipped")
         else:
@@ -473,6 +479,7 @@ def _run_all(
                         "recorded before it are intact: free space (or fix permissions) and rerun the command to resume"
                     ) from None
             done[row["key"]] = row  # another target that lands on the same setting reuses this run
+            executed.add(row["key"])
             dist.barrier()  # nobody starts the next run before rank 0 has flushed this one
             say(_summary_line(row))
         row = {**row, "label": run.label, "role": run.role, "budget": run.budget, "target": run.target,
@@ -487,7 +494,7 @@ def _run_all(
         bar.update(1)
     bar.close()
     _fill_agreement(rows, baseline)
-    return rows, skipped
+    return rows, skipped, reused
 
 
 def _calibrator(session: Session, out_dir: Path, fingerprint: str) -> Calibrator:
