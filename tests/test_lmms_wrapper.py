@@ -240,3 +240,31 @@ def test_real_lmms_eval_resolves_and_runs_tokprune_llava(checkpoint, samples):
         for i, s in enumerate(samples)
     ]
     assert model.generate_until(instances) == direct_answers(checkpoint, SPEC, samples, UNTIL["max_new_tokens"])
+
+
+# -- lmms-eval swallowing errors ---------------------------------------------------------------------------
+
+
+def test_main_fails_loudly_when_lmms_eval_logs_an_error_and_returns(fake_lmms_eval):
+    import logging
+
+    def cli():  # what lmms-eval 0.7 does with filelock 4.x: log the error, return normally (exit 0)
+        logging.getLogger("lmms-eval").error("Error during evaluation: module 'filelock' has no attribute '_api'")
+        return {"results": {}}
+
+    with pytest.raises(wrapper.LmmsEvalFailedError, match=r"logged 1 error.*filelock"):
+        wrapper.main([], cli=cli)
+
+
+def test_main_fails_loudly_when_the_model_was_never_asked(fake_lmms_eval):
+    with pytest.raises(wrapper.LmmsEvalFailedError, match="without asking tokprune_llava for a single answer"):
+        wrapper.main([], cli=lambda: {"results": {}})
+
+
+def test_main_returns_lmms_evals_result_when_it_answered(fake_lmms_eval, checkpoint, samples):
+    def cli():
+        model = wrapper.TokpruneLlava(pretrained=checkpoint, strategy="none", batch_size=2, device="cpu")
+        return model.generate_until(requests_for(model, samples[:2]))
+
+    answers = wrapper.main([], cli=cli)
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)

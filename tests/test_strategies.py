@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tokprune_strategies._cut import CutRule, cut, raw_counts
 from tokprune_strategies.prumerge_plus import spatial_mask, spatial_stride
 
 from tokprune import (
@@ -22,6 +21,7 @@ from tokprune import (
     scoring,
     strategies,
 )
+from tokprune.scoring import CutRule, cut, raw_counts
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 

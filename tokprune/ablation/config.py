@@ -45,6 +45,12 @@ DEFAULT_STRATEGIES = (
     "fastv(layer=1)",  # K=2 cannot go below 50% equivalent tokens on a 4-layer LLM; K=1 reaches 25%
     "topk(score=cls_attn_mean)",
     "random",
+    "dart",
+    "divprune",
+    # PyramidDrop's default schedule is for 32-layer LLMs; the embedded model has 4 decoder layers
+    "pyramiddrop(layer=(1, 2, 3), keep_ratio=(0.5, 0.25, 0.125))",
+    "vispruner",
+    "cdpruner",
 )
 AXES = ("equiv_tokens", "flops", "kept_tokens")
 # How each built-in pipeline reaches a budget: "param" (of its only strategy) or "strategy.param".
@@ -56,6 +62,11 @@ DEFAULT_KNOBS = {
     "prumerge": "iqr_factor",
     "prumerge_plus": "iqr_factor",
     REFERENCE_METHOD: "cls_knee.min_keep",
+    "dart": "keep",
+    "divprune": "keep",
+    "vispruner": "keep",
+    "cdpruner": "keep",
+    # pyramiddrop's budget is a schedule (a tuple): it runs as written, at its own budget
 }
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -101,7 +112,17 @@ class MatchBudgetConfig:
     """
 
     reference: str | None = None  # e.g. cls_knee+text_interact; the main job sweeps budgets instead
-    params: dict[str, str] = field(default_factory=lambda: {"topk": "keep", "random": "keep", "fastv": "keep"})
+    params: dict[str, str] = field(
+        default_factory=lambda: {
+            "topk": "keep",
+            "random": "keep",
+            "fastv": "keep",
+            "dart": "keep",
+            "divprune": "keep",
+            "vispruner": "keep",
+            "cdpruner": "keep",
+        }
+    )
 
 
 @dataclass

@@ -33,6 +33,7 @@ from typing import Any
 
 __all__ = [
     "CLASS_PATH",
+    "LmmsEvalFailedError",
     "MODEL_NAME",
     "Request",
     "TokpruneLlava",  # noqa: F822 - built on first access by the module __getattr__
@@ -202,6 +203,7 @@ class TokpruneLlavaCore:
         for batch in _batches(items, self.batch_size):
             for item, text in zip(batch, self._generate(batch)):
                 results[item.index] = text
+                _ANSWERED[0] += 1
                 hook = getattr(self, "cache_hook", None)
                 if hook is not None:
                     hook.add_partial("generate_until", (item.context, item.gen_kwargs), text)
@@ -386,8 +388,59 @@ def register_with_lmms_eval() -> None:
         available.setdefault(MODEL_NAME, "TokpruneLlava")
 
 
+class LmmsEvalFailedError(RuntimeError):
+    """lmms-eval logged an error (or never asked the model anything) and still returned normally."""
+
+
+#: Requests answered by any ``tokprune_llava`` instance in this process (see :func:`main`).
+_ANSWERED = [0]
+
+
+class _ErrorLog:
+    """Collects the ERROR records lmms-eval logs while it runs (stdlib ``logging`` and loguru)."""
+
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+        self._handler: Any = None
+        self._loguru_id: int | None = None
+
+    def __enter__(self) -> _ErrorLog:
+        import logging
+
+        log = self
+
+        class Handler(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                log.messages.append(record.getMessage())
+
+        self._handler = Handler(level=logging.ERROR)
+        logging.getLogger().addHandler(self._handler)
+        try:
+            from loguru import logger
+        except ImportError:
+            pass
+        else:
+            self._loguru_id = logger.add(lambda message: self.messages.append(str(message).strip()), level="ERROR")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import logging
+
+        logging.getLogger().removeHandler(self._handler)
+        if self._loguru_id is not None:
+            from loguru import logger
+
+            logger.remove(self._loguru_id)
+
+
 def main(argv: Sequence[str] | None = None, cli: Callable[[], Any] | None = None) -> Any:
-    """``python -m tokprune.integrations.lmms_eval <lmms-eval arguments>``: register, then run lmms-eval."""
+    """``python -m tokprune.integrations.lmms_eval <lmms-eval arguments>``: register, then run lmms-eval.
+
+    lmms-eval catches many errors (a task that fails to load, a broken dependency such as filelock 4.x)
+    logs them and still exits 0. So this entry point fails loudly instead: it raises
+    :class:`LmmsEvalFailedError` (exit status 1) when lmms-eval logged an error, or finished without
+    asking ``tokprune_llava`` for a single answer.
+    """
     import sys
 
     register_with_lmms_eval()
@@ -395,7 +448,21 @@ def main(argv: Sequence[str] | None = None, cli: Callable[[], Any] | None = None
         sys.argv = [sys.argv[0], *argv]
     if cli is None:
         from lmms_eval.__main__ import cli_evaluate as cli
-    return cli()
+    answered = _ANSWERED[0]
+    with _ErrorLog() as errors:
+        result = cli()
+    if errors.messages:
+        shown = "; ".join(m.splitlines()[0] for m in errors.messages[:3])
+        raise LmmsEvalFailedError(
+            f"lmms-eval logged {len(errors.messages)} error(s) and returned as if it had succeeded: {shown}. "
+            "Its results are incomplete; see the log above (docs/index.md, 'Evaluating with lmms-eval')"
+        )
+    if _ANSWERED[0] == answered:
+        raise LmmsEvalFailedError(
+            f"lmms-eval finished without asking {MODEL_NAME} for a single answer: check --model, --tasks and the "
+            "log above (a task that failed to load is skipped silently by some lmms-eval versions)"
+        )
+    return result
 
 
 if __name__ == "__main__":
