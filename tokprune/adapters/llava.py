@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from .. import hf_compat as hf
 from ..errors import MissingCapabilityError, StrategyParamError, UnsupportedModelError
 from ..pipeline import Pipeline
-from ..stats import FlopModel, PruneStats
+from ..stats import FlopModel, PruneStats, kv_width, mlp_matrices
 from ..strategy import LLMAttention, LLMContext, PruningStrategy, Signal, TokenRole, VisionContext, VisionSignals
 from ._base import ModelAdapter, Positions
 from ._seq import Seq, compact_positions, scatter_rows, token_roles
@@ -186,6 +186,8 @@ class LlavaAdapter(ModelAdapter):
             mv=tower_cfg.intermediate_size,
             vision_layers=tower_cfg.num_hidden_layers,
             vision_tokens=1 + self._num_patches,
+            mlp_matrices=mlp_matrices(self._lm.layers[0].mlp),
+            kv_dim=kv_width(self._lm.config),
         )
         self._capture: dict[tuple[str, int, str], Tensor] | None = None
         self._sessions: weakref.WeakKeyDictionary[Any, _Session] = weakref.WeakKeyDictionary()
@@ -738,6 +740,7 @@ class LlavaAdapter(ModelAdapter):
             flops_unpruned=unpruned.cpu(),
             images=images.cpu(),
             diagnostics=diag,
+            flop_model=fm,
         )
 
 
