@@ -298,7 +298,7 @@ def test_real_lmms_eval_cli_offline_equals_tokprune_run_and_logs_the_budget(tmp_
     assert len(logged) == n
 
     run_out = tmp_path / "run"
-    args = [sys.executable, "-m", "tokprune", "run", f"strategies=[{spec}]", "baseline=false"]
+    args = [sys.executable, "-m", "tokprune", "run", f"strategies=[{spec}]", "baseline=false", "budget.targets=[]"]
     args += [f"limit={n}", "dataset.split=test", "max_new_tokens=3", "plot=false", f"output_dir={run_out}"]
     done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
