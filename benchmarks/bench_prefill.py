@@ -37,10 +37,10 @@ from collections.abc import Callable
 import _common
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-from transformers.masking_utils import create_causal_mask
 
 import tokprune
 from tokprune import LLMContext, TokenRole, VisionContext, VisionSignals
+from tokprune import hf_compat as hf
 
 IMAGE_TOKEN = 32000
 N_TEXT = 64
@@ -188,9 +188,7 @@ def fastv_reference(model, inputs, repeats: int) -> tuple[float, float, float]:
     step = pipeline[0]
     h, kw = captured["h"], captured["kw"]
     attn = lm.layers[0].self_attn
-    eager_config = type(lm.config).from_dict(lm.config.to_dict())
-    eager_config._attn_implementation = "eager"
-    mask = create_causal_mask(eager_config, h, kw["position_ids"].new_ones(h.shape[:2]), None, kw["position_ids"])
+    mask = hf.attention_mask(kw["position_ids"].new_ones(h.shape[:2], dtype=torch.bool), h.shape[1], h.dtype, "eager")
 
     def second_pass() -> torch.Tensor:
         # Layer K-1's attention again, eager, for its weights (FastV's lmms-eval port, LLMC's pre-hook).
@@ -220,7 +218,7 @@ def decode_step(model, inputs, spec: str | None, repeats: int) -> float:
     try:
         with torch.no_grad():
             out = model(**inputs, logits_to_keep=1, use_cache=True)
-            cache = out.past_key_values
+            cache = hf.output_cache(out)
             n = inputs["input_ids"].shape[1]
             token = out.logits[:, -1:].argmax(-1)
             mask = torch.ones(1, n + 1, dtype=torch.long, device=DEVICE)
@@ -232,7 +230,7 @@ def decode_step(model, inputs, spec: str | None, repeats: int) -> float:
                     input_ids=token,
                     attention_mask=state["mask"],
                     position_ids=torch.tensor([[state["pos"]]], device=DEVICE),
-                    past_key_values=cache,
+                    **{hf.cache_keyword(type(model).forward): cache},
                     use_cache=True,
                     logits_to_keep=1,
                 )

@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tokprune import PruningStrategy, Signal, Stage, VisionContext, VisionPlan, param
+from tokprune.scoring import CutParams, cut, keep_top
 
-from ._cut import CutParams, cut, keep_top
 from ._vision import ScoreSource, score_signal, vision_scores
 
 

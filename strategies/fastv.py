@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tokprune import LLMContext, LLMPlan, PruningStrategy, Stage, TokenRole, param
+from tokprune.scoring import fixed_counts, keep_top
 
-from ._cut import fixed_counts, keep_top
 from ._llm import QuerySet, received
 
 

@@ -10,9 +10,16 @@ from torch import Tensor
 
 from tokprune import PruningStrategy, Signal, Stage, VisionContext, VisionPlan, param, scoring
 
+from ._vision import ScoreSource, score_signal, vision_scores
+
 
 @dataclass(frozen=True)
 class PruMergeParams:
+    score: ScoreSource = param(
+        "cls_attn",
+        "CLS score ranking, fencing and weighting the merge: cls_attn (the reference's single-head surrogate), "
+        "cls_attn_mean (head mean), cls_sim (cosine)",
+    )
     layer: int = param(-1, "encoder layer of the q/k for CLS attention and merge keys (reference: -1, the last)")
     iqr_factor: float = param(1.5, "IQR fence Q3 + factor * IQR; kept = high outliers of the CLS attention", gt=0)
     k_neighbors: int = param(32, "each kept token absorbs its k most key-similar other tokens", ge=1)
@@ -27,7 +34,8 @@ class PruMerge(PruningStrategy):
     algorithms.md 3.1-3.2):
 
     1. ``a = softmax(q_cls . k^T / sqrt(C))[1:]``: single-head surrogate from the full-width q/k of encoder
-       ``layer`` (default the last), ``[B, N]``;
+       ``layer`` (default the last), ``[B, N]``; ``score`` swaps in another CLS score (the head mean, or the
+       cosine), which then also weights the merge;
     2. kept count = number of ``a > Q3 + 1.5 IQR`` (NumPy-style linear quartiles); keep the top ones;
     3. each kept token ``i``: ``x_i + sum_{j in top-k by key cosine, j != i} a_j x_j`` over *all* other
        tokens (kept or not), weights unnormalised, clusters may overlap;
@@ -44,7 +52,8 @@ class PruMerge(PruningStrategy):
       their original raster positions here, so an adapter can keep position ids and 2-D layout;
     * ``k_neighbors`` is capped at ``N - 1`` (the reference's ``topk`` fails on fewer than 33 tokens).
 
-    Diagnostics: ``scores`` ``[B, N]``, ``outliers`` ``[B]`` (before ``min_keep``), ``keep_count`` ``[B]``.
+    Diagnostics: ``scores`` ``[B, N]`` (the chosen ``score``), ``outliers`` ``[B]`` (before ``min_keep``),
+    ``keep_count`` ``[B]``.
     """
 
     name = "prumerge"
@@ -52,7 +61,8 @@ class PruMerge(PruningStrategy):
     Params = PruMergeParams
 
     def requires(self) -> frozenset[Signal]:
-        return frozenset({Signal("qk", self.params.layer)})
+        # The merge always needs the layer's keys; the score may read another signal.
+        return frozenset({Signal("qk", self.params.layer), score_signal(self.params.score, self.params.layer)})
 
     def select(self, scores: Tensor, outliers: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """Kept tokens, bool ``[B, N]``, given ``outliers`` ``[B]`` (already at least ``min_keep``), and
@@ -62,7 +72,7 @@ class PruMerge(PruningStrategy):
     def plan(self, ctx: VisionContext) -> VisionPlan:
         p = self.params
         n = ctx.num_patches
-        scores = ctx.signals.cls_attention(p.layer, heads="single")
+        scores = vision_scores(ctx.signals, p.score, p.layer)
         outliers = scoring.iqr_outlier_count(scores, factor=p.iqr_factor).long()
         counts = torch.clamp(outliers, min=min(p.min_keep, n), max=n)
         keep, extra_diagnostics = self.select(scores, counts)

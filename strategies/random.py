@@ -8,8 +8,7 @@ import torch
 from torch import Tensor
 
 from tokprune import PruningStrategy, Stage, VisionContext, VisionPlan, param
-
-from ._cut import fixed_counts, keep_top
+from tokprune.scoring import fixed_counts, keep_top
 
 _U64 = 1 << 64
 

@@ -9,8 +9,8 @@ from typing import Literal
 import torch
 
 from tokprune import LLMContext, LLMPlan, PruningStrategy, Stage, TokenRole, param
+from tokprune.scoring import CutParams, FallbackName, cut, keep_top, ratio_bounds
 
-from ._cut import CutParams, FallbackName, cut, keep_top, ratio_bounds
 from ._llm import QuerySet, query_similarity, received
 
 Candidates = Literal["image+text", "image"]

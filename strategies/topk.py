@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 
 from tokprune import PruningStrategy, Signal, Stage, VisionContext, VisionPlan, param
+from tokprune.scoring import fixed_counts, keep_top
 
-from ._cut import fixed_counts, keep_top
 from ._vision import ScoreSource, score_signal, vision_scores
 
 

@@ -12,6 +12,8 @@ from tokprune.ablation.plan import matched_value, plan_runs, resolve_matched
 from tokprune.errors import SpecSyntaxError, StrategyParamError, UnknownStrategyError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+# The older matched-budget mechanism, without the budget sweep.
+MATCH = ["match_budget.reference=cls_knee+text_interact", "budget.targets=[]", "sweep={}"]
 
 
 def test_default_yaml_equals_schema_defaults():
@@ -101,6 +103,7 @@ def test_sweep_block_and_dict_entries():
     cfg.strategies = [[{"name": "cls_knee"}, {"name": "text_interact", "layer": 2}], {"name": "topk", "keep": [8, 16]}]
     cfg.sweep = {"cls_knee": {"sensitivity": [1.0, 2.0]}}
     cfg.match_budget.reference = None
+    cfg.budget.targets = []
     labels = [r.label for r in plan_runs(OmegaConf.to_object(cfg))]
     assert labels == [
         "none",
@@ -112,7 +115,7 @@ def test_sweep_block_and_dict_entries():
 
 
 def test_plan_baseline_first_reference_second_and_dedupe():
-    cfg = load_config(None, ["strategies=[topk, fastv, none, cls_knee+text_interact, topk]"])
+    cfg = load_config(None, ["strategies=[topk, fastv, none, cls_knee+text_interact, topk]", *MATCH])
     runs = plan_runs(cfg)
     assert [(r.label, r.role) for r in runs] == [
         ("none", "baseline"),
@@ -123,7 +126,7 @@ def test_plan_baseline_first_reference_second_and_dedupe():
 
 
 def test_reference_added_when_a_run_needs_it_and_explicit_budgets_are_kept():
-    runs = plan_runs(load_config(None, ["strategies=[topk, random(keep=5)]"]))
+    runs = plan_runs(load_config(None, ["strategies=[topk, random(keep=5)]", *MATCH]))
     assert [(r.label, r.role) for r in runs] == [
         ("none", "baseline"),
         ("cls_knee+text_interact", "reference"),
@@ -135,7 +138,7 @@ def test_reference_added_when_a_run_needs_it_and_explicit_budgets_are_kept():
 def test_matching_fills_count_or_ratio():
     assert matched_value("keep", 31.6, 144) == 32
     assert matched_value("keep_ratio", 36, 144) == 0.25
-    run = next(r for r in plan_runs(load_config(None, ["strategies=[fastv(layer=3)]"])) if r.role == "matched")
+    run = next(r for r in plan_runs(load_config(None, ["strategies=[fastv(layer=3)]", *MATCH])) if r.role == "matched")
     done = resolve_matched(run, 20.4, 144)
     assert done.label == "fastv(layer=3, keep=20)"
     assert done.budget == "matched fastv.keep=20"

@@ -43,7 +43,9 @@ def tiny_model(tmp_path_factory) -> str:
 
 
 def _cfg(model: str, out: Path, *extra: str):
-    return load_config(None, [f"model={model}", f"output_dir={out}", "limit=6", "batch_size=4", "device=cpu", *extra])
+    """A small study without the budget sweep and random seeds (tests that want them override these)."""
+    base = [f"model={model}", f"output_dir={out}", "limit=6", "batch_size=4", "device=cpu", "budget.targets=[]", "sweep={}"]
+    return load_config(None, [*base, *extra])
 
 
 def _lines(path: Path) -> list[dict]:
@@ -51,7 +53,8 @@ def _lines(path: Path) -> list[dict]:
 
 
 def test_main_job_shape_outputs_and_matching(tiny_model, tmp_path):
-    cfg = _cfg(tiny_model, tmp_path, "strategies=[topk, cls_knee+text_interact, fastv, prumerge]")
+    cfg = _cfg(tiny_model, tmp_path, "strategies=[topk, cls_knee+text_interact, fastv, prumerge]",
+               "match_budget.reference=cls_knee+text_interact")
     outcome = runner.run_ablation(cfg, progress=False, echo=None)
     rows = outcome.rows
     assert [(r["label"].split("(")[0], r["role"]) for r in rows] == [
@@ -79,15 +82,56 @@ def test_main_job_shape_outputs_and_matching(tiny_model, tmp_path):
     on_disk = _lines(tmp_path / "results.jsonl")
     assert [r["key"] for r in on_disk] == [r["key"] for r in rows]
     md = (tmp_path / "summary.md").read_text().splitlines()
-    assert md[2].startswith("| `none` | all tokens") and "matched topk.keep=" in md[4]
-    assert (tmp_path / "summary.csv").read_text().splitlines()[1].startswith("none,")
-    assert (tmp_path / "pareto.png").stat().st_size > 10_000
+    assert md[2].startswith("| `none` | - | 144.0 (100.0%)") and md[4].startswith(f"| `{rows[2]['label']}` |")
+    assert (tmp_path / "summary.csv").read_text().splitlines()[1].startswith("none,none,")
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
     assert "model:" in (tmp_path / "config.yaml").read_text()
 
     # Same command again: every run is found, nothing is appended.
     again = runner.run_ablation(cfg, progress=False, echo=None)
     assert again.skipped == 5 and len(_lines(tmp_path / "results.jsonl")) == 5
     assert [r["predictions"] for r in again.rows] == [r["predictions"] for r in rows]
+
+
+def test_budget_sweep_calibrates_each_knob_then_resumes(tiny_model, tmp_path):
+    cfg = _cfg(tiny_model, tmp_path, "strategies=[topk, random, prumerge]", "budget.targets=[0.1, 0.3]",
+               "calibration.limit=4", "sweep.random.seed=[0, 1]")
+    rows = runner.run_ablation(cfg, progress=False, echo=None).rows
+    assert [(r["label"], r["target"]) for r in rows[:5]] == [
+        ("none", None), ("topk(keep=14)", 0.1), ("topk(keep=43)", 0.3),
+        ("random(seed=0, keep=14)", 0.1), ("random(seed=0, keep=43)", 0.3),
+    ]
+    assert [r["label"].split("(")[0] for r in rows[5:]] == ["random", "random", "prumerge", "prumerge"]
+    for row in rows[1:]:
+        cal, m = row["calibration"], row["metrics"]
+        assert cal["axis"] == "equiv_tokens" and cal["target"] == row["target"]
+        assert cal["reachable"] == (abs(cal["budget"] - row["target"]) <= 0.01)
+        if row["label"].startswith(("topk", "random")):  # vision-stage keep: the same budget on any split
+            assert cal["reachable"]
+            assert m["visual_layer_avg"] / m["visual_total"] == pytest.approx(cal["budget"])
+    prumerge = [r for r in rows if r["label"].startswith("prumerge")]
+    factors = [float(r["label"].split("iqr_factor=")[1].rstrip(")")) for r in prumerge]
+    assert factors[0] > factors[1]  # a smaller fence keeps more outliers: more tokens for the larger target
+    cache = (tmp_path / "calibration.json").read_text()
+
+    again = runner.run_ablation(cfg, progress=False, echo=None)
+    assert again.skipped == len(rows) and [r["label"] for r in again.rows] == [r["label"] for r in rows]
+    assert (tmp_path / "calibration.json").read_text() == cache  # nothing measured again
+
+
+def test_targets_out_of_reach_share_one_run_and_say_so(tiny_model, tmp_path):
+    # FastV at K=2 keeps every image token in 2 of the 4 LLM layers: never below 50% equivalent tokens.
+    cfg = _cfg(tiny_model, tmp_path, "strategies=[fastv]", "budget.targets=[0.1, 0.2]", "calibration.limit=2",
+               "plot=false")
+    outcome = runner.run_ablation(cfg, progress=False, echo=None)
+    rows = outcome.rows
+    assert [(r["label"], r["target"]) for r in rows] == [("none", None), ("fastv(keep=1)", 0.1), ("fastv(keep=1)", 0.2)]
+    assert [r["calibration"]["reachable"] for r in rows[1:]] == [False, False]
+    assert rows[1]["metrics"]["equiv_frac"] > 0.5
+    assert outcome.reused == 1 and len(load_results(tmp_path / "results.jsonl")) == 2
+    md = (tmp_path / "summary.md").read_text()
+    assert "| 10% (not reached) |" in md and "| 20% (not reached) |" in md
+    assert "### At each budget" not in md  # nothing reached a target: nothing to compare
 
 
 def test_crash_mid_sweep_then_resume(tiny_model, tmp_path, monkeypatch):
@@ -144,7 +188,8 @@ def _cli(*args: str, **kw) -> subprocess.Popen:
 
 def test_sigterm_mid_sweep_then_rerun(tiny_model, tmp_path):
     args = [f"model={tiny_model}", f"output_dir={tmp_path}", "limit=8", "batch_size=2", "device=cpu",
-            "strategies=[topk(keep=[2,4,6,8,10,12,14,16])]", "match_budget.reference=null", "plot=false", "--quiet"]
+            "strategies=[topk(keep=[2,4,6,8,10,12,14,16])]", "match_budget.reference=null", "plot=false", "--quiet",
+            "budget.targets=[]"]
     proc = _cli(*args)
     results = tmp_path / "results.jsonl"
     deadline = time.time() + 120
@@ -168,7 +213,7 @@ def test_sigterm_mid_sweep_then_rerun(tiny_model, tmp_path):
 
 
 def test_torchrun_two_ranks_equals_single_process(tiny_model, tmp_path):
-    common = [f"model={tiny_model}", "limit=7", "batch_size=2", "device=cpu", "plot=false", "--quiet",
+    common = [f"model={tiny_model}", "limit=7", "batch_size=2", "device=cpu", "plot=false", "--quiet", "budget.targets=[]", "sweep={}",
               "strategies=[cls_knee+text_interact, fastv(keep=20), random(keep=10)]", "match_budget.reference=null"]
     single = _cli(*common, f"output_dir={tmp_path / 'single'}")
     out, err = single.communicate(timeout=300)
@@ -256,9 +301,42 @@ def _embedded_installed() -> bool:
 def test_embedded_model_smoke(tmp_path):
     """The main job's defaults on the shipped model, cut to a few questions: the trained model answers
     far above chance, and pruning keeps some of it."""
-    cfg = load_config(None, [f"output_dir={tmp_path}", "limit=24", "strategies=[cls_knee+text_interact, topk]"])
+    cfg = load_config(None, [f"output_dir={tmp_path}", "limit=24", "strategies=[cls_knee+text_interact, topk]",
+                             "budget.targets=[0.14]", "calibration.limit=8"])
     rows = runner.run_ablation(cfg, progress=False, echo=None).rows
-    assert [r["role"] for r in rows] == ["baseline", "reference", "matched"]
+    assert [r["role"] for r in rows] == ["baseline", "swept", "swept"]
     assert rows[0]["metrics"]["accuracy"] >= 0.4  # a random-weight model scores about 0.02
     assert rows[1]["metrics"]["visual_kept_mean"] < rows[0]["metrics"]["visual_kept_mean"]
-    assert (tmp_path / "pareto.png").is_file()
+    assert rows[2]["label"] == "topk(keep=20)" and rows[2]["calibration"]["reachable"]
+    assert (tmp_path / "curves.png").is_file()
+
+
+def test_unwritable_output_dir_and_full_disk_are_clear_and_resumable(tiny_model, tmp_path, monkeypatch, capsys):
+    from tokprune.ablation import results as results_module
+    from tokprune.cli import main
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    base = [f"model={tiny_model}", "limit=2", "device=cpu", "plot=false", "budget.targets=[]", "sweep={}", "--quiet"]
+    assert main(["run", *base, f"output_dir={blocker / 'out'}", "strategies=[none]"]) == 2
+    assert "cannot write to output_dir=" in capsys.readouterr().err
+
+    out = tmp_path / "out"
+    args = ["run", *base, f"output_dir={out}", "strategies=[topk(keep=[4, 8])]"]
+    real = results_module.append_result
+    calls = []
+
+    def full_after_two(path, row):
+        calls.append(row["label"])
+        if len(calls) > 2:
+            raise OSError(28, "No space left on device")
+        real(path, row)
+
+    monkeypatch.setattr(runner, "append_result", full_after_two)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "cannot record run 'topk(keep=8)'" in err and "No space left on device" in err and "rerun" in err
+    monkeypatch.setattr(runner, "append_result", real)
+    assert len(load_results(out / "results.jsonl")) == 2
+    assert main(args) == 0
+    assert "(2 already recorded)" in capsys.readouterr().out

@@ -8,6 +8,7 @@ from transformers import DynamicCache, GenerationConfig, LlamaConfig, LlamaForCa
 
 import tokprune
 from tokprune import Pipeline
+from tokprune import hf_compat as hf
 from tokprune.adapters import ModelAdapter, handle_of, registered_adapters
 from tokprune.adapters.llava import LlavaAdapter
 from tokprune.errors import MissingCapabilityError, StrategyParamError, UnsupportedModelError
@@ -185,22 +186,24 @@ def test_num_return_sequences_keep_all_equals_unpatched(tiny):
     assert torch.equal(got, expected)
 
 
-def test_static_cache_passed_in_is_refused(tiny):
+@pytest.mark.parametrize("keyword", hf.CACHE_KEYWORDS)
+def test_static_cache_passed_in_is_refused(tiny, keyword):
     model, make_inputs = tiny
     inputs = make_inputs()
     cache = StaticCache(config=model.config.text_config, max_cache_len=128)
     with tokprune.pruned(model, "fastv"), pytest.raises(UnsupportedModelError, match="StaticCache"):
-        model.generate(**inputs, past_key_values=cache, max_new_tokens=2)
+        model.generate(**inputs, max_new_tokens=2, **{keyword: cache})
 
 
 def test_decoding_with_a_foreign_cache_is_refused(tiny):
     model, make_inputs = tiny
     inputs = make_inputs()
+    keyword = hf.cache_keyword(type(model).forward)  # the installed release's spelling
     with torch.no_grad():
-        cache = model(**inputs, use_cache=True).past_key_values  # unpatched prefill
+        cache = hf.output_cache(model(**inputs, use_cache=True))  # unpatched prefill
         assert isinstance(cache, DynamicCache)
         with tokprune.pruned(model, "fastv"), pytest.raises(UnsupportedModelError, match="not filled by this"):
-            model(input_ids=inputs["input_ids"][:, -1:], past_key_values=cache)
+            model(input_ids=inputs["input_ids"][:, -1:], **{keyword: cache})
 
 
 def test_right_padding_is_refused(tiny):

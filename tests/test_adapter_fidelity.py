@@ -148,13 +148,39 @@ def test_flops_match_the_formula_and_keep_all_costs_the_same():
         model(**inputs)
     n = int(inputs["attention_mask"].sum())
     d, m, c, mv = cfg.hidden_size, cfg.intermediate_size, vcfg.hidden_size, vcfg.intermediate_size
+    kv = cfg.num_key_value_heads * (getattr(cfg, "head_dim", None) or d // cfg.num_attention_heads)
 
-    def layer(n, d, m):
-        return 4 * n * d * d + 2 * n * n * d + 2 * n * d * m
+    def llama_layer(n):  # q, o; k, v at the key-value width; attention; gate, up, down
+        return 2 * n * d * d + 2 * n * d * kv + 2 * n * n * d + 3 * n * d * m
 
-    expected = cfg.num_hidden_layers * layer(n, d, m) + vcfg.num_hidden_layers * layer(65, c, mv) + 64 * (c * d + d * d)
+    def clip_layer(n):  # q, k, v, o; attention; fc1, fc2
+        return 4 * n * c * c + 2 * n * n * c + 2 * n * c * mv
+
+    expected = cfg.num_hidden_layers * llama_layer(n) + vcfg.num_hidden_layers * clip_layer(65) + 64 * (c * d + d * d)
     assert run.stats.flops_unpruned.tolist() == [expected]
     assert run.stats.flops_pruned.tolist() == [expected]
+    assert run.stats.flops_fastv_ratio.tolist() == [1.0]
+
+
+def test_flops_fastv_column_is_fastvs_llm_only_formula():
+    model, make_inputs = tiny_llava(seed=0)
+    inputs = make_inputs((4,))
+    cfg = model.config.text_config
+    d, m, n_layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    with tokprune.pruned(model, "fastv(layer=2, keep=16)") as run, torch.no_grad():
+        model(**inputs)
+
+    def fastv(n):
+        return 4 * n * d * d + 2 * n * n * d + 2 * n * d * m
+
+    tokens = run.stats.layer_tokens[0].tolist()
+    n = int(inputs["attention_mask"].sum())
+    assert tokens[0] == n and tokens[-1] == n - 64 + 16
+    expected = sum(fastv(t) for t in tokens) / (n_layers * fastv(n))
+    assert run.stats.flops_fastv_ratio.tolist() == [pytest.approx(expected, rel=1e-12)]
+    assert run.stats.to_records()[0]["flops_fastv_ratio"] == pytest.approx(expected, rel=1e-12)
+    # The real (SwiGLU) count gives another ratio: the MLP weighs more.
+    assert float(run.stats.flops_ratio[0]) != pytest.approx(expected, rel=1e-3)
 
 
 def test_decoding_continues_at_the_unpruned_length():

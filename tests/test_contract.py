@@ -41,11 +41,29 @@ VARIANTS: dict[str, list[str]] = {
         "text_interact(min_keep=1, min_keep_ratio=0.2, max_keep_ratio=0.5, layer=5)",
         "text_interact(min_keep=2, max_keep=6, fallback=fixed, fallback_keep=3)",
     ],
-    "prumerge": ["prumerge(iqr_factor=0.5, k_neighbors=4)", "prumerge(min_keep=8, layer=-2)"],
-    "prumerge_plus": ["prumerge_plus(iqr_factor=0.5)", "prumerge_plus(min_keep=30)"],
+    "prumerge": ["prumerge(iqr_factor=0.5, k_neighbors=4)", "prumerge(min_keep=8, layer=-2, score=cls_attn_mean)"],
+    "prumerge_plus": ["prumerge_plus(iqr_factor=0.5, score=cls_sim)", "prumerge_plus(min_keep=30)"],
     "fastv": ["fastv(keep=3)", "fastv(query=question, keep_ratio=0.25)", "fastv(query=all_text, layer=4)"],
     "topk": ["topk(keep=10, score=cls_sim)", "topk(keep_ratio=1.0)", "topk(keep_ratio=0.1, score=cls_attn_mean)"],
     "random": ["random(keep=5, seed=3)", "random(keep_ratio=0.5, seed=12345)"],
+    "divprune": ["divprune(keep=7)", "divprune(keep_ratio=0.5)", "divprune(keep_ratio=1.0)"],
+    "vispruner": [
+        "vispruner(keep=9)",
+        "vispruner(keep_ratio=0.5, important_ratio=0.0, step=3)",
+        "vispruner(keep=5, important_ratio=1.0, layer=-1)",
+    ],
+    "cdpruner": ["cdpruner(keep=6)", "cdpruner(relevance=uniform, keep_ratio=0.5)", "cdpruner(theta=0.5, layer=3)"],
+    "dart": [
+        "dart(keep=5)",
+        "dart(keep_ratio=0.5, pivot_image=1, pivot_text=0)",
+        "dart(pivot_order=norm, layer=4, merge=true)",
+        "dart(keep=3, merge=true, pivot_text=2)",
+    ],
+    "pyramiddrop": [
+        "pyramiddrop(layer=(2, 3, 5), keep_ratio=(0.5, 0.25, 0.125))",
+        "pyramiddrop(layer=(2), keep_ratio=(0.3), query=question)",
+        "pyramiddrop(layer=(1, 4), keep_ratio=(0.6, 0.6), query=all_text)",
+    ],
 }
 
 
@@ -112,6 +130,36 @@ class FirstSampleScores(PruningStrategy):
         image = ctx.role_mask(TokenRole.IMAGE)
         keep = scoring.topk_mask(scores.masked_fill(~image, float("-inf")), 3) & image
         return LLMPlan(keep=keep | ~image)
+
+
+class DropsQuestion(PruningStrategy):
+    """Drops question text without declaring ``drops_text``: the interface would silently force it back on,
+    so only a check of the raw plan catches it."""
+
+    name = "broken_drops_question"
+    stage = Stage.LLM
+
+    @dataclass(frozen=True)
+    class Params:
+        layer: int = param(2, "decoder layer", ge=1)
+
+    def plan(self, ctx: LLMContext) -> LLMPlan:
+        return LLMPlan(keep=~ctx.role_mask(TokenRole.QUESTION))
+
+
+class InfiniteMerge(PruningStrategy):
+    """Returns merged hidden states divided by a count that can be zero."""
+
+    name = "broken_infinite_merge"
+    stage = Stage.LLM
+
+    @dataclass(frozen=True)
+    class Params:
+        layer: int = param(2, "decoder layer", ge=1)
+
+    def plan(self, ctx: LLMContext) -> LLMPlan:
+        zero = torch.zeros((), dtype=ctx.hidden.dtype)
+        return LLMPlan(keep=torch.ones_like(ctx.valid), hidden=ctx.hidden / zero)
 
 
 class EmptyMask(PruningStrategy):
@@ -189,6 +237,8 @@ class WrongDtype(PruningStrategy):
         (NaNOnConstant(), "degenerate"),
         (IgnoresMinKeep(), "bounds"),
         (WrongDtype(), "dtypes"),
+        (DropsQuestion(), "roles"),
+        (InfiniteMerge(), "valid_plan"),
     ],
     ids=lambda v: v if isinstance(v, str) else v.name,
 )
@@ -210,3 +260,25 @@ def test_check_strategy_accepts_specs_and_reports_every_failure():
 def test_check_strategy_rejects_unknown_check_names():
     with pytest.raises(ValueError, match="available"):
         check_strategy("topk", checks=["nope"])
+
+
+def test_roles_check_sees_what_the_interface_would_hide():
+    from tokprune.testing.contract import make_batch
+
+    strategy = DropsQuestion()
+    batch = make_batch(strategy)
+    enforced = strategy(batch.context())  # __call__ forces QUESTION back on and counts it
+    assert not ((batch.roles == TokenRole.QUESTION) & ~enforced.keep).any()
+    assert int(enforced.diagnostics["forced_kept"].sum()) == int((batch.roles == TokenRole.QUESTION).sum()) > 0
+    with pytest.raises(ContractFailure, match="dropped .* QUESTION positions; broken_drops_question may drop only"):
+        CHECKS["roles"](strategy)
+
+
+def test_one_rule_set_for_droppable_roles():
+    from tokprune import droppable_roles, kept_roles
+
+    text = strategies.describe("text_interact")
+    assert droppable_roles(text.cls) == {TokenRole.IMAGE, TokenRole.QUESTION}
+    assert kept_roles(text.cls) == {TokenRole.PADDING, TokenRole.TEMPLATE, TokenRole.PROTECTED}
+    assert "may drop: image, question text" in str(text)
+    assert droppable_roles(strategies.describe("fastv").cls) == {TokenRole.IMAGE}

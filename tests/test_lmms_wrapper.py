@@ -239,4 +239,76 @@ def test_real_lmms_eval_resolves_and_runs_tokprune_llava(checkpoint, samples):
         )
         for i, s in enumerate(samples)
     ]
-    assert model.generate_until(instances) == direct_answers(checkpoint, SPEC, samples, UNTIL["max_new_tokens"])
+    results = model.generate_until(instances)  # GenerationResults: text plus the budget in token_counts
+    texts = [getattr(r, "text", r) for r in results]
+    assert texts == direct_answers(checkpoint, SPEC, samples, UNTIL["max_new_tokens"])
+    if hasattr(results[0], "token_counts"):
+        budgets = [r.token_counts.to_dict() for r in results]
+        logged = {e["doc_id"]: e["visual_kept"] for e in model.pruning_log}  # batches run sorted by length
+        assert [b["visual_kept"] for b in budgets] == [logged[i] for i in range(len(samples))]
+        assert all(b["visual_kept"] < b["visual_total"] and b["output_tokens"] >= 1 for b in budgets)
+
+
+# -- lmms-eval swallowing errors ---------------------------------------------------------------------------
+
+
+def test_main_fails_loudly_when_lmms_eval_logs_an_error_and_returns(fake_lmms_eval):
+    import logging
+
+    def cli():  # what lmms-eval 0.7 does with filelock 4.x: log the error, return normally (exit 0)
+        logging.getLogger("lmms-eval").error("Error during evaluation: module 'filelock' has no attribute '_api'")
+        return {"results": {}}
+
+    with pytest.raises(wrapper.LmmsEvalFailedError, match=r"logged 1 error.*filelock"):
+        wrapper.main([], cli=cli)
+
+
+def test_main_fails_loudly_when_the_model_was_never_asked(fake_lmms_eval):
+    with pytest.raises(wrapper.LmmsEvalFailedError, match="without asking tokprune_llava for a single answer"):
+        wrapper.main([], cli=lambda: {"results": {}})
+
+
+def test_main_returns_lmms_evals_result_when_it_answered(fake_lmms_eval, checkpoint, samples):
+    def cli():
+        model = wrapper.TokpruneLlava(pretrained=checkpoint, strategy="none", batch_size=2, device="cpu")
+        return model.generate_until(requests_for(model, samples[:2]))
+
+    answers = [getattr(a, "text", a) for a in wrapper.main([], cli=cli)]
+    assert len(answers) == 2 and all(isinstance(a, str) and a for a in answers)
+
+
+def test_real_lmms_eval_cli_offline_equals_tokprune_run_and_logs_the_budget(tmp_path):
+    """lmms-eval's own CLI on the embedded benchmark as a local task: same answers as `tokprune run`."""
+    pytest.importorskip("lmms_eval.models")
+    import json
+    import os
+
+    n, spec = 6, "cls_knee+text_interact"
+    task = wrapper.write_shapes_task(tmp_path / "task", split="test", n=n, max_new_tokens=3)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env["HF_HOME"] = str(tmp_path / "hf")  # datasets' cache of the local JSONL stays in the test's folder
+    lmms_out = tmp_path / "lmms"
+    args = [sys.executable, "-m", "tokprune.integrations.lmms_eval", "--model", "tokprune_llava"]
+    args += ["--model_args", f"strategy={spec}", "--include_path", str(tmp_path / "task"), "--tasks", task]
+    args += ["--batch_size", "4", "--device", "cpu", "--log_samples", "--output_path", str(lmms_out)]
+    done = subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (samples_file,) = lmms_out.rglob(f"*samples_{task}.jsonl")
+    logged = sorted((json.loads(line) for line in samples_file.read_text().splitlines()), key=lambda r: r["doc_id"])
+    assert len(logged) == n
+
+    run_out = tmp_path / "run"
+    args = [sys.executable, "-m", "tokprune", "run", f"strategies=[{spec}]", "baseline=false", "budget.targets=[]"]
+    args += [f"limit={n}", "dataset.split=test", "max_new_tokens=3", "plot=false", f"output_dir={run_out}"]
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (row,) = [json.loads(line) for line in (run_out / "results.jsonl").read_text().splitlines()]
+    expected = sorted(row["predictions"], key=lambda p: p["index"])
+
+    assert [r["filtered_resps"].strip() for r in logged] == [p["prediction"].strip() for p in expected]
+    for r, p in zip(logged, expected):
+        (counts,) = r["token_counts"]
+        for key in ("visual_total", "visual_kept", "visual_after_vision", "tokens_layer_avg", "visual_layer_avg"):
+            assert counts[key] == p[key], (key, counts, p)
+        assert counts["flops_ratio"] == pytest.approx(p["flops_ratio"], rel=1e-6)
+        assert counts["input_tokens"] == p["seq_len"]

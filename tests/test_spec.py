@@ -18,6 +18,10 @@ PARSES = [
     ('t(s="a, b)", q=\'x+y\')', [("t", {"s": "a, b)", "q": "x+y"})]),
     ('t(s="say \\"hi\\"")', [("t", {"s": 'say "hi"'})]),
     ("t(l=[1, 2,3])", [("t", {"l": [1, 2, 3]})]),
+    # parentheses are a schedule (a tuple), brackets a sweep (a list); a sweep of schedules is both
+    ("p(layer=(8, 16,24), r=( 0.5 ,0.25))", [("p", {"layer": (8, 16, 24), "r": (0.5, 0.25)})]),
+    ("p(layer=(2))", [("p", {"layer": (2,)})]),
+    ("p(layer=[(2, 4), (3, 6)], x=[1])", [("p", {"layer": [(2, 4), (3, 6)], "x": [1]})]),
 ]
 
 
@@ -44,6 +48,11 @@ ERRORS = [
     ('t(s="abc)', 4, "unterminated string"),
     ("t(x=)", 4, "expected a value"),
     ("a b", 2, "unexpected 'b'"),
+    ("p(layer=(2, 4)", 14, "expected ',' or ')' but found end of spec"),
+    ("p(layer=(2 4))", 11, "closing the schedule"),
+    ("p(layer=())", 8, "empty schedule"),
+    ("p(layer=((2)))", 9, "do not nest"),
+    ("p(layer=([2]))", 9, "do not nest"),
 ]
 
 
@@ -74,3 +83,34 @@ def test_expand_sweeps_is_a_row_major_grid():
         "topk(keep=16)+fastv(layer=3, keep_ratio=0.5)",
     ]
     assert expand_sweeps("fastv(layer=2)") == ["fastv(layer=2)"]
+
+
+def test_a_sweep_of_schedules_expands_into_schedules():
+    assert expand_sweeps("p(layer=[(2, 4), (3, 6)], r=(0.5, 0.25))") == [
+        "p(layer=(2, 4), r=(0.5, 0.25))",
+        "p(layer=(3, 6), r=(0.5, 0.25))",
+    ]
+
+
+def test_schedule_parameters_are_typed_and_tell_schedules_from_sweeps():
+    from dataclasses import dataclass
+
+    from tokprune.errors import StrategyParamError
+    from tokprune.params import build_params, format_value, param, param_infos
+
+    @dataclass(frozen=True)
+    class P:
+        layer: tuple[int, ...] = param((2, 4), "layers", ge=1)
+        k: int = param(1, "plain")
+
+    assert build_params("p", P, {"layer": (3, 5)}).layer == (3, 5)
+    assert build_params("p", P, {"layer": 3}).layer == (3,)  # one value is a schedule of one step
+    assert param_infos(P)[0].type == "(int, ...)" and format_value((3, 5)) == "(3, 5)"
+    with pytest.raises(StrategyParamError, match=r"lists are sweeps.*a schedule is a tuple: \(3, 5\)"):
+        build_params("p", P, {"layer": [3, 5]})
+    with pytest.raises(StrategyParamError, match=r"p.layer must be >= 1, got 0"):
+        build_params("p", P, {"layer": (2, 0)})
+    with pytest.raises(StrategyParamError, match=r"p.layer must be \(int, ...\)"):
+        build_params("p", P, {"layer": (2, 0.5)})
+    with pytest.raises(StrategyParamError, match=r"p.k got a schedule \(1, 2\), but k takes one int"):
+        build_params("p", P, {"k": (1, 2)})

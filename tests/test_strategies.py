@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tokprune_strategies._cut import CutRule, cut, raw_counts
 from tokprune_strategies.prumerge_plus import spatial_mask, spatial_stride
 
 from tokprune import (
@@ -22,6 +21,7 @@ from tokprune import (
     scoring,
     strategies,
 )
+from tokprune.scoring import CutRule, cut, raw_counts
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
@@ -443,3 +443,25 @@ def test_every_builtin_strategy_and_param_is_in_the_catalogue():
         assert section, f"docs/strategies.md has no '## `{name}`' section"
         for p in info.params:
             assert f"`{p.name}`" in section.group(1), f"docs/strategies.md: {name} does not document `{p.name}`"
+
+
+@pytest.mark.parametrize("name", ["prumerge", "prumerge_plus"])
+@pytest.mark.parametrize("score", ["cls_attn", "cls_attn_mean", "cls_sim"])
+def test_prumerge_ranks_and_fences_by_its_score_parameter(name, score):
+    # Hidden states with a CLS that points at a few patches: the cosine score then has its own outliers,
+    # different from the q/k attention's, so keeping the attention's outliers would fail for cls_sim.
+    feats, q, k = prumerge_inputs(3, c=64)
+    g = torch.Generator().manual_seed(9)
+    hidden = torch.randn(1, 145, 64, generator=g)
+    hidden[0, 1 + torch.arange(100, 108)] += 3 * hidden[0, 0]
+    ctx = vision_ctx(feats, qk=(q, k), hidden=hidden, num_heads=4)
+    plan = strategy(f"{name}(score={score})")(ctx)
+    expected = plan.diagnostics["scores"]
+    from tokprune_strategies._vision import vision_scores
+
+    torch.testing.assert_close(expected, vision_scores(ctx.signals, score, -1))
+    outliers = scoring.iqr_outlier_count(expected).long()
+    top = scoring.topk_mask(expected, torch.clamp(outliers, min=1))
+    assert (plan.keep & top).sum() == top.sum()  # every outlier of *this* score is kept
+    if name == "prumerge":
+        assert torch.equal(plan.keep, top)

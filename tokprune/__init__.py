@@ -23,6 +23,8 @@ from .strategy import (
     VisionContext,
     VisionPlan,
     VisionSignals,
+    droppable_roles,
+    kept_roles,
 )
 
 __all__ = [
@@ -39,8 +41,10 @@ __all__ = [
     "VisionPlan",
     "VisionSignals",
     "__version__",
+    "droppable_roles",
     "errors",
     "hookimpl",
+    "kept_roles",
     "param",
     "patch",
     "pruned",

@@ -1,5 +1,8 @@
 """Typed strategy parameters: declare them as a frozen dataclass with :func:`param` fields.
 
+A parameter annotated ``tuple[X, ...]`` is a *schedule* (one value per step, e.g. PyramidDrop's layers);
+the spec grammar writes it in parentheses, ``layer=(8, 16, 24)``, so it never reads as a sweep (brackets).
+
 The dataclass is the single source of truth for the spec grammar, ``describe()``, the CLI and the
 ablation configs. Values are validated on construction: unknown names, wrong types and out-of-range
 values raise :class:`~tokprune.errors.StrategyParamError` naming the strategy, the parameter, the bad
@@ -65,8 +68,21 @@ def _hints(params_cls: type) -> dict[str, Any]:
     return typing.get_type_hints(params_cls)
 
 
+def _schedule_item(tp: Any) -> Any:
+    """``X`` for a schedule annotation ``tuple[X, ...]``, else None."""
+    if get_origin(tp) is tuple:
+        args = get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return args[0]
+        raise TypeError(f"unsupported tuple annotation {tp!r}: schedules are tuple[X, ...]")
+    return None
+
+
 def _type_name(tp: Any) -> str:
     origin = get_origin(tp)
+    item = _schedule_item(tp)
+    if item is not None:
+        return f"({_type_name(item)}, ...)"
     if origin is Literal:
         return "{" + ", ".join(format_value(a) for a in get_args(tp)) + "}"
     if origin in (Union, types.UnionType):
@@ -104,6 +120,13 @@ class _Reject(Exception):
 def _coerce(value: Any, tp: Any) -> Any:
     """Convert ``value`` to annotation ``tp`` or raise :class:`_Reject`. Lossy conversions are rejected."""
     origin = get_origin(tp)
+    item = _schedule_item(tp)
+    if item is not None:
+        # a schedule: a tuple (spec ``(a, b)``) of items; one plain value is a schedule of one step
+        values = value if isinstance(value, tuple) else (value,)
+        if not values:
+            raise _Reject
+        return tuple(_coerce(v, item) for v in values)
     if origin in (Union, types.UnionType):
         args = get_args(tp)
         if value is None and type(None) in args:
@@ -149,6 +172,10 @@ def _coerce(value: Any, tp: Any) -> Any:
 
 
 def _check_bounds(owner: str, f: dataclasses.Field, value: Any) -> None:
+    if isinstance(value, tuple):  # a schedule: every step obeys the bounds
+        for item in value:
+            _check_bounds(owner, f, item)
+        return
     if value is None or isinstance(value, (bool, str)):
         return
     ops = {"ge": (">=", value.__ge__), "gt": (">", value.__gt__), "le": ("<=", value.__le__), "lt": ("<", value.__lt__)}
@@ -161,6 +188,11 @@ def _check_bounds(owner: str, f: dataclasses.Field, value: Any) -> None:
                 f"{owner}.{f.name} must be {symbol} {format_value(bound)}, got {format_value(value)}"
                 f" (allowed: {allowed})"
             )
+
+
+def param_type(params_cls: type, key: str) -> str:
+    """The type name ``describe()`` shows for parameter ``key``."""
+    return next(i.type for i in param_infos(params_cls) if i.name == key)
 
 
 def _valid_list(params_cls: type) -> str:
@@ -192,14 +224,19 @@ def build_params(owner: str, params_cls: type, base: Any = None, overrides: dict
             raise StrategyParamError(
                 f"{owner}: unknown parameter {key!r}.{did_you_mean(key, fields)} Valid: {valid}"
             )
-        if isinstance(value, (list, tuple)):
+        if isinstance(value, list):
             raise StrategyParamError(
-                f"{owner}.{key} got a list {format_value(list(value))}; lists are sweeps: expand them "
-                "with tokprune.spec.expand_sweeps() or in an ablation config"
+                f"{owner}.{key} got a list {format_value(value)}; lists are sweeps: expand them "
+                "with tokprune.spec.expand_sweeps() or in an ablation config (a schedule is a tuple: "
+                f"{format_value(tuple(value))})"
             )
         try:
             values[key] = _coerce(value, hints[key])
         except _Reject:
+            if isinstance(value, tuple) and _schedule_item(hints[key]) is None:
+                raise StrategyParamError(
+                    f"{owner}.{key} got a schedule {format_value(value)}, but {key} takes one {param_type(params_cls, key)}"
+                ) from None
             info = next(i for i in param_infos(params_cls) if i.name == key)
             allowed = info.constraint() or info.type
             raise StrategyParamError(
@@ -232,6 +269,8 @@ def format_value(value: Any) -> str:
         if _BARE.match(value) and value not in _RESERVED_WORDS:
             return value
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, (list, tuple)):
+    if isinstance(value, tuple):  # a schedule: parentheses, never brackets (brackets are sweeps)
+        return "(" + ", ".join(format_value(v) for v in value) + ")"
+    if isinstance(value, list):
         return "[" + ", ".join(format_value(v) for v in value) + "]"
     return repr(value)

@@ -13,7 +13,7 @@ __all__ = ["Pipeline"]
 
 class Pipeline(Sequence[PruningStrategy]):
     """Strategies in the order they run: at most one vision-stage step, then LLM-stage steps at
-    strictly increasing layers. ``str(pipeline)`` is a canonical spec that parses back to an equal
+    strictly increasing layers (a step with a schedule of layers occupies all of them). ``str(pipeline)`` is a canonical spec that parses back to an equal
     pipeline; the empty pipeline (no pruning) is spelled ``none``.
     """
 
@@ -33,7 +33,8 @@ class Pipeline(Sequence[PruningStrategy]):
 
     @property
     def llm_layers(self) -> tuple[int, ...]:
-        return tuple(int(s.layer) for s in self.llm)  # type: ignore[arg-type]
+        """Every decoder layer an LLM step prunes before (a schedule contributes each of its layers)."""
+        return tuple(k for s in self.llm for k in s.llm_layers)
 
     def requires(self) -> frozenset[Signal]:
         """Union of the encoder signals every step reads."""
@@ -87,10 +88,15 @@ def _check_order(steps: tuple[PruningStrategy, ...]) -> None:
                 f"'{step.name}+{seen_llm.name}'"
             )
         if step.stage is Stage.LLM:
-            if seen_llm is not None and int(step.layer) <= int(seen_llm.layer):  # type: ignore[arg-type]
+            layers = step.llm_layers
+            if any(b <= a for a, b in zip(layers, layers[1:])):
                 raise StageOrderError(
-                    f"LLM layers out of order in {spec!r}: {step.name!r} at layer {step.layer} follows "
-                    f"{seen_llm.name!r} at layer {seen_llm.layer}; LLM-stage steps need strictly "
+                    f"{step.name!r} has the schedule layer={layers}: its layers must strictly increase"
+                )
+            if seen_llm is not None and layers[0] <= seen_llm.llm_layers[-1]:
+                raise StageOrderError(
+                    f"LLM layers out of order in {spec!r}: {step.name!r} at layer {layers[0]} follows "
+                    f"{seen_llm.name!r} at layer {seen_llm.llm_layers[-1]}; LLM-stage steps need strictly "
                     "increasing layers, in the order written"
                 )
             seen_llm = step

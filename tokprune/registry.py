@@ -13,7 +13,7 @@ from .errors import StrategyNameClash, StrategyParamError, UnknownStrategyError,
 from .params import ParamInfo, format_value, param_infos
 from .pipeline import Pipeline
 from .spec import parse_spec
-from .strategy import PruningStrategy, Stage
+from .strategy import PruningStrategy, Stage, TokenRole, droppable_roles
 
 __all__ = ["StrategyInfo", "available", "describe", "get", "registry"]
 
@@ -39,8 +39,8 @@ class StrategyInfo:
             f"  {self.summary}",
         ]
         if self.cls.stage is Stage.LLM:
-            dropped = ["image"] + (["question text"] if self.cls.drops_text else [])
-            dropped += ["template"] if self.cls.drops_template else []
+            names = {TokenRole.IMAGE: "image", TokenRole.QUESTION: "question text", TokenRole.TEMPLATE: "template"}
+            dropped = [names[r] for r in sorted(droppable_roles(self.cls))]
             lines.append(f"  may drop: {', '.join(dropped)}")
         lines.append("  parameters:" if self.params else "  parameters: none")
         for p in self.params:

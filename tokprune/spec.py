@@ -6,10 +6,14 @@
     term   := name ["(" [arg ("," arg)*] ")"]
     name   := [a-z][a-z0-9_]*
     arg    := name "=" value
-    value  := number | true | false | none | bare-word | "quoted string" | "[" value ("," value)* "]"
+    value  := scalar | "(" scalar ("," scalar)* ")" | "[" value ("," value)* "]"
+    scalar := number | true | false | none | bare-word | "quoted string"
 
-Lists are sweeps (``fastv(layer=[2, 3])``): :func:`expand_sweeps` turns one spec into the grid of
-plain specs; :func:`tokprune.strategies.get` rejects them. Errors point at the offending character.
+Brackets are sweeps (``fastv(layer=[2, 3])``): :func:`expand_sweeps` turns one spec into the grid of
+plain specs; :func:`tokprune.strategies.get` rejects them. Parentheses are schedules, one typed value
+with a step per entry (``pyramiddrop(layer=(8, 16, 24), keep_ratio=(0.5, 0.25, 0.125))``), parsed as a
+tuple for parameters annotated ``tuple[X, ...]``; a sweep of schedules is ``layer=[(2, 4), (3, 6)]``.
+Errors point at the offending character.
 """
 
 from __future__ import annotations
@@ -113,6 +117,17 @@ class _Parser:
 
     def value(self) -> Any:
         char = self.peek()
+        if char == "(":
+            start = self.pos
+            self.pos += 1
+            if self.peek() == ")":
+                raise self.fail("empty schedule: write at least one value, e.g. (2, 4)", start)
+            items = [self.scalar("a schedule value")]
+            while self.peek() == ",":
+                self.pos += 1
+                items.append(self.scalar("a schedule value"))
+            self.expect(")", "',' or ')' closing the schedule")
+            return tuple(items)
         if char == "[":
             self.pos += 1
             items = [self.value()]
@@ -121,6 +136,12 @@ class _Parser:
                 items.append(self.value())
             self.expect("]", "',' or ']'")
             return items
+        return self.scalar("a value (number, true/false, none, a word, a quoted string, a (schedule) or a [sweep])")
+
+    def scalar(self, what: str) -> Any:
+        char = self.peek()
+        if char and char in "([":
+            raise self.fail(f"expected {what}; schedules and sweeps do not nest this way (a sweep of schedules is [(a, b), (c, d)])")
         if char in "\"'":
             return self.quoted(char)
         number = self.match(_NUMBER)
@@ -131,7 +152,7 @@ class _Parser:
         word = self.match(_BARE)
         if word is not None:
             return _WORDS.get(word, word)
-        raise self.fail("expected a value (number, true/false, none, a word, a quoted string or a [list])")
+        raise self.fail(f"expected {what}")
 
     def quoted(self, quote: str) -> str:
         start = self.pos

@@ -3,17 +3,20 @@
 A patched model's handle exposes the :class:`PruneStats` of its last ``forward``/``generate`` call
 (the prefill; decoding steps do not overwrite it) as ``handle.stats``.
 
-FLOP model (FastV's, restated by FEATHER, arXiv 2412.13180) for one transformer layer over ``n`` tokens
-of width ``d`` with MLP width ``m``::
+FLOP model, per transformer layer over ``n`` tokens of width ``d`` (multiply-accumulates)::
 
-    C(n) = 4 n d^2 + 2 n^2 d + 2 n d m
+    C(n) = 2 n d^2 + 2 n d d_kv + 2 n^2 d + k n d m
 
-(q/k/v/o projections, attention scores and mixing, MLP; multiply-accumulates, FastV's convention; we keep
-its two-matrix MLP term for comparability although Llama's gated MLP has three matrices). The prefill cost
-of one sample is the sum of ``C(n_l)`` over the LLM layers (``n_l`` = non-padding tokens layer ``l``
-processed), plus the vision tower (``C`` over its ``1+N`` tokens, width and MLP width, for each encoder
-layer, per image) and the projector (``n_p (c d + d^2)`` for the ``n_p`` projected tokens, ``c`` = vision
-width). Unpruned: every LLM layer sees the whole prompt and the projector all ``N`` patches per image.
+q/o projections (``2nd^2``), k/v projections to the key-value width ``d_kv`` (``d`` without grouped-query
+attention), attention scores and mixing (``2n^2d``), and the MLP's ``k`` matrices of width ``m``, read from
+the model: ``k = 3`` for a gated (SwiGLU) MLP such as Llama's or Qwen's (gate, up, down), ``k = 2`` for
+CLIP's. FastV's formula (restated by FEATHER, arXiv 2412.13180), ``4nd^2 + 2n^2d + 2ndm``, is the special
+case ``d_kv = d, k = 2``; it is kept as a second, labelled figure (``flops_fastv_*``, LLM layers only, as
+the papers count) so numbers compare with theirs. The prefill cost of one sample is the sum of ``C(n_l)``
+over the LLM layers (``n_l`` = non-padding tokens layer ``l`` processed), plus the vision tower (``C`` over
+its ``1+N`` tokens, at its widths and MLP shape, for each encoder layer, per image) and the projector
+(``n_p (c d + d^2)`` for the ``n_p`` projected tokens, ``c`` = vision width). Unpruned: every LLM layer sees
+the whole prompt and the projector all ``N`` patches per image.
 """
 
 from __future__ import annotations
@@ -24,18 +27,42 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["FlopModel", "PruneStats", "layer_flops"]
+__all__ = ["FlopModel", "PruneStats", "kv_width", "layer_flops", "mlp_matrices"]
 
 
-def layer_flops(n: Tensor, d: int, m: int) -> Tensor:
-    """FastV's per-layer cost ``4nd^2 + 2n^2d + 2ndm`` for token counts ``n`` (any shape), fp64."""
+def layer_flops(n: Tensor, d: int, m: int, mlp_matrices: int = 2, kv_dim: int | None = None) -> Tensor:
+    """Per-layer cost ``2nd^2 + 2nd d_kv + 2n^2d + k n d m`` for token counts ``n`` (any shape), fp64.
+
+    The defaults (``k = 2``, ``d_kv = d``) give FastV's ``4nd^2 + 2n^2d + 2ndm``.
+    """
     n = n.to(torch.float64)
-    return 4 * n * d * d + 2 * n * n * d + 2 * n * d * m
+    kv = d if kv_dim is None else kv_dim
+    return 2 * n * d * d + 2 * n * d * kv + 2 * n * n * d + mlp_matrices * n * d * m
+
+
+def mlp_matrices(mlp: torch.nn.Module) -> int:
+    """Number of weight matrices of a transformer MLP block (its direct ``nn.Linear`` children): 3 for a
+    gated MLP (gate, up, down), 2 for a plain one (fc1, fc2)."""
+    count = sum(isinstance(child, torch.nn.Linear) for child in mlp.children())
+    if count not in (2, 3):
+        raise ValueError(f"cannot read the MLP shape of {type(mlp).__name__}: {count} linear layers, expected 2 or 3")
+    return count
+
+
+def kv_width(config: Any) -> int | None:
+    """Key/value projection width ``num_key_value_heads * head_dim`` of an HF text config (grouped-query
+    attention), or None when the config does not say (then ``d``)."""
+    kv_heads = getattr(config, "num_key_value_heads", None)
+    if kv_heads is None:
+        return None
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return int(kv_heads) * int(head_dim)
 
 
 @dataclass(frozen=True)
 class FlopModel:
-    """Widths the FLOP count needs: LLM (``d``, ``m``), vision tower (``c``, ``mv``, layers, tokens)."""
+    """Widths the FLOP count needs: LLM (``d``, ``m``, MLP matrices, key-value width), vision tower (``c``,
+    ``mv``, layers, tokens). The defaults of ``mlp_matrices`` and ``kv_dim`` are FastV's formula."""
 
     d: int
     m: int
@@ -43,10 +70,14 @@ class FlopModel:
     mv: int
     vision_layers: int
     vision_tokens: int  # 1 + N (CLS and patches) for a CLIP tower
+    mlp_matrices: int = 2  # LLM MLP: 3 for SwiGLU (Llama, Qwen), 2 for a plain MLP
+    kv_dim: int | None = None  # LLM key/value projection width (num_kv_heads * head_dim); None = d
+    vision_mlp_matrices: int = 2  # CLIP: fc1, fc2
 
     def vision(self, images: Tensor) -> Tensor:
         """Tower cost for ``images`` (long ``[B]``, images per sample), fp64 ``[B]``."""
-        per_image = self.vision_layers * layer_flops(torch.tensor(self.vision_tokens), self.c, self.mv)
+        tokens = torch.tensor(self.vision_tokens)
+        per_image = self.vision_layers * layer_flops(tokens, self.c, self.mv, self.vision_mlp_matrices)
         return images.to(torch.float64) * per_image
 
     def projector(self, projected: Tensor) -> Tensor:
@@ -55,6 +86,11 @@ class FlopModel:
 
     def llm(self, layer_tokens: Tensor) -> Tensor:
         """LLM cost from tokens per layer (long ``[B, T]``), fp64 ``[B]``."""
+        return layer_flops(layer_tokens, self.d, self.m, self.mlp_matrices, self.kv_dim).sum(dim=-1)
+
+    def llm_fastv(self, layer_tokens: Tensor) -> Tensor:
+        """FastV's formula over the LLM layers only (``4nd^2 + 2n^2d + 2ndm``), fp64 ``[B]``: the figure
+        papers report, for comparison."""
         return layer_flops(layer_tokens, self.d, self.m).sum(dim=-1)
 
 
@@ -88,6 +124,16 @@ class PruneStats:
     images: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     #: ``"<strategy>.<key>"`` -> value, from the strategies' plans (knee index, fallback flags...).
     diagnostics: dict[str, Any] = field(default_factory=dict)
+    #: The FLOP model behind ``flops_*`` (gives FastV's formula as a second figure); None: not reported.
+    flop_model: FlopModel | None = None
+
+    @property
+    def flops_fastv_ratio(self) -> Tensor | None:
+        """fp64 ``[B]``: pruned / unpruned LLM FLOPs by FastV's formula (LLM layers only), or None."""
+        if self.flop_model is None:
+            return None
+        full = self.seq_len[:, None].expand_as(self.layer_tokens)
+        return self.flop_model.llm_fastv(self.layer_tokens) / self.flop_model.llm_fastv(full)
 
     @property
     def batch_size(self) -> int:
@@ -122,6 +168,9 @@ class PruneStats:
                 "flops_unpruned": float(self.flops_unpruned[i]),
                 "flops_ratio": float(self.flops_ratio[i]),
             }
+            fastv = self.flops_fastv_ratio
+            if fastv is not None:
+                rec["flops_fastv_ratio"] = float(fastv[i])
             for layer, kept in sorted(self.llm_kept.items()):
                 rec[f"llm_kept_{layer}"] = int(kept[i])
             for key, value in self.diagnostics.items():

@@ -8,9 +8,11 @@ features, diagnostics). Two stages exist:
   ``[B, N, C]`` and :class:`VisionSignals` (CLS attention, CLS similarity, patch keys, computed from
   the encoder's q/k or hidden states on first use). Plan: :class:`VisionPlan`.
 * ``Stage.LLM``: between decoder layers, with FastV's convention for ``layer=K``: layers ``0..K-1``
-  see every token, layers ``K`` and after see only the kept ones. Context: token roles, hidden states
+  see every token, layers ``K`` and after see only the kept ones. A strategy whose ``layer`` is a
+  schedule (``tuple[int, ...]``, e.g. PyramidDrop) is called once before each of its layers. Context: token roles, hidden states
   entering layer K and :class:`LLMAttention` rows computed from the q/k of layer ``K-1``. Plan:
-  :class:`LLMPlan`, a keep mask over sequence positions.
+  :class:`LLMPlan`, a keep mask over sequence positions (and, for merging strategies, the merged
+  hidden states of the kept positions).
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ __all__ = [
     "VisionContext",
     "VisionPlan",
     "VisionSignals",
+    "droppable_roles",
+    "kept_roles",
 ]
 
 NAME_PATTERN = re.compile(r"[a-z][a-z0-9_]*\Z")
@@ -63,6 +67,26 @@ class TokenRole(enum.IntEnum):
     QUESTION = 2  #: the user's question text; dropped only by strategies with ``drops_text``
     TEMPLATE = 3  #: system prompt, BOS, role markers; dropped only by strategies with ``drops_template``
     PROTECTED = 4  #: never dropped (the last prompt token, whose logits start generation)
+
+
+def droppable_roles(strategy: PruningStrategy | type[PruningStrategy]) -> frozenset[TokenRole]:
+    """The :class:`TokenRole` s an LLM-stage strategy (class or instance) may drop: the one rule set.
+
+    ``IMAGE`` always; ``QUESTION`` with ``drops_text``; ``TEMPLATE`` with ``drops_template``. ``PADDING``
+    and ``PROTECTED`` never. The interface enforces it on every plan, the registry lists it and the
+    contract suite checks raw plans against it.
+    """
+    roles = {TokenRole.IMAGE}
+    if strategy.drops_text:
+        roles.add(TokenRole.QUESTION)
+    if strategy.drops_template:
+        roles.add(TokenRole.TEMPLATE)
+    return frozenset(roles)
+
+
+def kept_roles(strategy: PruningStrategy | type[PruningStrategy]) -> frozenset[TokenRole]:
+    """The roles an LLM-stage strategy must keep: every role :func:`droppable_roles` does not list."""
+    return frozenset(TokenRole) - droppable_roles(strategy)
 
 
 @dataclass(frozen=True)
@@ -279,6 +303,10 @@ class LLMPlan:
     #: ``bool [B, L]``, True = keep for layers >= K. Protected positions are forced on by the base class.
     keep: Tensor
     diagnostics: dict[str, Any] = field(default_factory=dict)
+    #: Replacement hidden states ``[B, L, D]`` entering layer K (merging strategies, e.g. dropped tokens
+    #: folded into their nearest kept one), read at kept positions by the adapter before it gathers them;
+    #: None = unchanged. Layers ``< K`` (and their cache) saw the unmerged states.
+    hidden: Tensor | None = None
 
 
 class PruningStrategy(abc.ABC):
@@ -322,9 +350,18 @@ class PruningStrategy(abc.ABC):
     # -- what callers use ------------------------------------------------------------------------
 
     @property
+    def llm_layers(self) -> tuple[int, ...]:
+        """Every decoder layer K an LLM-stage strategy prunes before, increasing (one, or its schedule's);
+        ``()`` for vision-stage ones. The adapter calls :meth:`plan` once per layer, ``ctx.layer`` says which."""
+        if self.stage is not Stage.LLM:
+            return ()
+        value = self.params.layer
+        return tuple(int(v) for v in value) if isinstance(value, tuple) else (int(value),)
+
+    @property
     def layer(self) -> int | None:
-        """Decoder layer K for LLM-stage strategies, None for vision-stage ones."""
-        return getattr(self.params, "layer", None) if self.stage is Stage.LLM else None
+        """The first decoder layer K for LLM-stage strategies, None for vision-stage ones."""
+        return self.llm_layers[0] if self.stage is Stage.LLM else None
 
     def __call__(self, ctx: Any) -> Any:
         """Run :meth:`plan` without autograd, then check (and for LLM plans, enforce) the contract."""
@@ -373,7 +410,10 @@ def _class_problems(cls: type[PruningStrategy]) -> list[str]:
         if missing:
             problems.append(f"every parameter needs a default; missing for {missing}")
         if getattr(cls, "stage", None) is Stage.LLM and "layer" not in {f.name for f in dataclasses.fields(params_cls)}:
-            problems.append("LLM-stage strategies need an int 'layer' parameter (prune before that decoder layer)")
+            problems.append(
+                "LLM-stage strategies need an int 'layer' parameter (prune before that decoder layer), or a "
+                "tuple[int, ...] one (a schedule of layers)"
+            )
     return problems
 
 
@@ -404,13 +444,17 @@ def _checked_llm_plan(strategy: PruningStrategy, plan: Any, ctx: LLMContext) -> 
     if not isinstance(keep, Tensor) or keep.dtype != torch.bool or keep.shape != ctx.roles.shape:
         shape = tuple(keep.shape) if isinstance(keep, Tensor) else type(keep).__name__
         raise StrategyContractError(f"{name!r} returned keep {shape}; expected bool {tuple(ctx.roles.shape)}")
-    always = [TokenRole.PADDING, TokenRole.PROTECTED]
-    if not strategy.drops_text:
-        always.append(TokenRole.QUESTION)
-    if not strategy.drops_template:
-        always.append(TokenRole.TEMPLATE)
-    forced = ctx.role_mask(*always)
+    hidden = plan.hidden
+    if hidden is not None and (
+        not isinstance(hidden, Tensor) or hidden.shape != ctx.hidden.shape or hidden.dtype != ctx.hidden.dtype
+    ):
+        shape = tuple(hidden.shape) if isinstance(hidden, Tensor) else type(hidden).__name__
+        raise StrategyContractError(
+            f"{name!r} returned hidden {shape} {getattr(hidden, 'dtype', '')}; expected {tuple(ctx.hidden.shape)} "
+            f"{ctx.hidden.dtype} (the context's hidden states)"
+        )
+    forced = ctx.role_mask(*sorted(kept_roles(strategy)))
     overridden = (forced & ~keep).sum(dim=1)
     diagnostics = dict(plan.diagnostics)
     diagnostics["forced_kept"] = overridden
-    return LLMPlan(keep=keep | forced, diagnostics=diagnostics)
+    return LLMPlan(keep=keep | forced, diagnostics=diagnostics, hidden=hidden)

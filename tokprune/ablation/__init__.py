@@ -2,7 +2,7 @@
 
 ``load_config(path, overrides)`` builds an :class:`AblationConfig`; ``run_ablation(cfg)`` runs or resumes
 it, appending one JSON line per finished run to ``<output_dir>/results.jsonl`` and writing
-``summary.md``, ``summary.csv`` and ``pareto.png``. See ``docs/ablation.md``.
+``summary.md``, ``summary.csv``, ``tests.csv`` and ``curves.png``. See ``docs/ablation.md``.
 """
 
 from .config import AblationConfig, ConfigError, DatasetConfig, MatchBudgetConfig, PositionsConfig, load_config

@@ -25,7 +25,7 @@ docs/ablation.md or configs/default.yaml.
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tokprune run",
-        description="Evaluate pruning pipelines on a benchmark; write results.jsonl, summary.md/.csv and pareto.png.",
+        description="Evaluate pruning pipelines on a benchmark; write results.jsonl, summary.md/.csv, tests.csv and curves.png.",
         epilog=USAGE_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -83,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     config_path, overrides = _split_args(args.args)
     cfg = load_config(config_path, overrides)
     if args.print_config:
+        from .plan import plan_runs
+
+        plan_runs(cfg)  # every spec is checked: what is printed must be a config that runs
         print(to_yaml(cfg), end="")
         return 0
     from .report import markdown_table
@@ -105,5 +108,6 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown_table(outcome.rows), end="")
     wall = time.perf_counter() - t0
     files = ", ".join(str(p) for p in outcome.files.values())
-    print(f"{len(outcome.rows)} runs ({outcome.skipped} already recorded) in {wall:.1f} s; wrote {files}")
+    reused = f", {outcome.reused} reusing an earlier target's run" if outcome.reused else ""
+    print(f"{len(outcome.rows)} runs ({outcome.skipped} already recorded{reused}) in {wall:.1f} s; wrote {files}")
     return 0

@@ -17,7 +17,10 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 from ..errors import TokpruneError
 
 __all__ = [
+    "AXES",
     "DEFAULT_STRATEGIES",
+    "BudgetConfig",
+    "CalibrationConfig",
     "EMBEDDED_MODEL",
     "AblationConfig",
     "ConfigError",
@@ -30,6 +33,8 @@ __all__ = [
 
 EMBEDDED_MODEL = "tiny-llava-shapes"
 REFERENCE_METHOD = "cls_knee+text_interact"
+# Each method with its reference's defaults: topk ranks like VTC-CLS (head-mean CLS attention), PruMerge
+# and the reference method use PruMerge's single-head surrogate (their code's default).
 DEFAULT_STRATEGIES = (
     "none",
     REFERENCE_METHOD,
@@ -37,9 +42,32 @@ DEFAULT_STRATEGIES = (
     "prumerge",
     "prumerge_plus",
     "fastv",
-    "topk",
+    "fastv(layer=1)",  # K=2 cannot go below 50% equivalent tokens on a 4-layer LLM; K=1 reaches 25%
+    "topk(score=cls_attn_mean)",
     "random",
+    "dart",
+    "divprune",
+    # PyramidDrop's default schedule is for 32-layer LLMs; the embedded model has 4 decoder layers
+    "pyramiddrop(layer=(1, 2, 3), keep_ratio=(0.5, 0.25, 0.125))",
+    "vispruner",
+    "cdpruner",
 )
+AXES = ("equiv_tokens", "flops", "kept_tokens")
+# How each built-in pipeline reaches a budget: "param" (of its only strategy) or "strategy.param".
+DEFAULT_KNOBS = {
+    "topk": "keep",
+    "random": "keep",
+    "fastv": "keep",
+    "cls_knee": "min_keep",
+    "prumerge": "iqr_factor",
+    "prumerge_plus": "iqr_factor",
+    REFERENCE_METHOD: "cls_knee.min_keep",
+    "dart": "keep",
+    "divprune": "keep",
+    "vispruner": "keep",
+    "cdpruner": "keep",
+    # pyramiddrop's budget is a schedule (a tuple): it runs as written, at its own budget
+}
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
@@ -83,8 +111,48 @@ class MatchBudgetConfig:
     tokens of the reference). Strategies not listed (adaptive ones such as prumerge) keep their own budget.
     """
 
-    reference: str | None = REFERENCE_METHOD
-    params: dict[str, str] = field(default_factory=lambda: {"topk": "keep", "random": "keep", "fastv": "keep"})
+    reference: str | None = None  # e.g. cls_knee+text_interact; the main job sweeps budgets instead
+    params: dict[str, str] = field(
+        default_factory=lambda: {
+            "topk": "keep",
+            "random": "keep",
+            "fastv": "keep",
+            "dart": "keep",
+            "divprune": "keep",
+            "vispruner": "keep",
+            "cdpruner": "keep",
+        }
+    )
+
+
+@dataclass
+class BudgetConfig:
+    """The budget sweep: every pipeline with a knob runs once per target budget.
+
+    ``targets`` are fractions of the visual tokens on the ``equiv_tokens`` (visual tokens averaged over
+    the LLM layers) and ``kept_tokens`` (visual tokens of the last layer) axes, or of the unpruned
+    prefill FLOPs on ``flops``. A pipeline reaches a target through its knob (``knobs``: pipeline ->
+    ``param`` or ``strategy.param``), set by a search on the calibration split: the value whose mean
+    budget is closest to the target, within ``tolerance`` when reachable. Pipelines that set their knob
+    (or ``keep``/``keep_ratio``) themselves, and pipelines without a knob, run as written.
+    """
+
+    axis: str = "equiv_tokens"
+    targets: list[float] = field(default_factory=lambda: [0.07, 0.14, 0.28, 0.5])
+    tolerance: float = 0.01  # |obtained - target| on the calibration split, in the targets' unit
+    knobs: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_KNOBS))
+    # Search range of float knobs (searched on a log scale); integer knobs search [1, visual tokens].
+    ranges: dict[str, list[float]] = field(default_factory=lambda: {"iqr_factor": [0.02, 50.0]})
+    max_steps: int = 6  # measurements per target after the range's two ends
+
+
+@dataclass
+class CalibrationConfig:
+    """The split knobs are calibrated on (only kept-token counts and FLOPs are read: no answers)."""
+
+    split: str = "val"  # shapes: val | test (the report split is dataset.split)
+    path: str | None = None  # jsonl: a questions file of the calibration split
+    limit: int = 32  # first N questions
 
 
 @dataclass
@@ -95,9 +163,12 @@ class AblationConfig:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     strategies: list[Any] = field(default_factory=lambda: list(DEFAULT_STRATEGIES))
     # Explicit grid: {strategy: {param: [values]}} applied to every listed pipeline containing the strategy.
-    sweep: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
+    # The default runs the random control with three seeds (the table shows their mean and range).
+    sweep: dict[str, dict[str, list[Any]]] = field(default_factory=lambda: {"random": {"seed": [0, 1, 2]}})
     baseline: bool = True  # always run the unpruned model first (the table's first row, agreement's reference)
     match_budget: MatchBudgetConfig = field(default_factory=MatchBudgetConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     positions: PositionsConfig = field(default_factory=PositionsConfig)
     batch_size: int = 16
     max_new_tokens: int = 3
@@ -105,7 +176,7 @@ class AblationConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: cuda -> cuda:LOCAL_RANK)
     attn_implementation: str = "sdpa"
     seed: int = 0
-    limit: int | None = 500  # first N questions of the dataset; null for all (shapes: 500)
+    limit: int | None = 500  # first N questions of the dataset; null for all (shapes: unlimited, set N)
     output_dir: str = "runs/default"
     plot: bool = True
 
@@ -144,6 +215,26 @@ def validate(cfg: AblationConfig) -> None:
             raise ConfigError("dataset.name=jsonl needs dataset.path=<questions.jsonl>")
         if cfg.dataset.scorer == "shapes":
             raise ConfigError("dataset.scorer=shapes applies only to dataset.name=shapes; use auto, exact, vqa or yesno")
+    _choices("budget.axis", cfg.budget.axis, AXES)
+    for t in cfg.budget.targets:
+        if not 0 < t <= 1:
+            raise ConfigError(f"budget.targets must be fractions in (0, 1], got {t} (e.g. budget.targets=[0.07,0.14,0.28,0.5])")
+    if cfg.budget.tolerance <= 0:
+        raise ConfigError(f"budget.tolerance must be > 0, got {cfg.budget.tolerance}")
+    for name, bounds in cfg.budget.ranges.items():
+        if len(bounds) != 2 or not 0 < bounds[0] < bounds[1]:
+            raise ConfigError(f"budget.ranges.{name} must be [low, high] with 0 < low < high, got {cfg.budget.ranges[name]}")
+    if cfg.calibration.limit < 1:
+        raise ConfigError(f"config key 'calibration.limit' must be >= 1, got {cfg.calibration.limit}")
+    if cfg.dataset.name == "shapes":
+        _choices("calibration.split", cfg.calibration.split, SHAPES_SPLITS)
+        if cfg.limit is None:
+            raise ConfigError("limit=null: the shapes benchmark has no end (its generator is unlimited); set limit=N")
+        if cfg.dataset.path is not None:
+            raise ConfigError(
+                f"dataset.path={cfg.dataset.path!r} is set but dataset.name='shapes' (the embedded benchmark) would "
+                "ignore it; add dataset.name=jsonl to evaluate that file"
+            )
     if not cfg.strategies and not cfg.baseline:
         raise ConfigError("nothing to run: 'strategies' is empty and baseline=false")
 
@@ -231,14 +322,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         except Exception as exc:  # yaml errors carry the line and column
             raise ConfigError(f"cannot parse config file {str(p)!r}: {exc}") from None
         # A single spec string is a one-element list (saves brackets in files).
-        if isinstance(layers[-1][1].get("strategies"), str):
+        if isinstance(layers[-1][1], DictConfig) and isinstance(layers[-1][1].get("strategies"), str):
             layers[-1][1].strategies = [layers[-1][1].strategies]
     if overrides:
         layers.append(("command line", _parse_overrides(list(overrides))))
     merged = schema
     for origin, layer in layers:
+        if not isinstance(layer, DictConfig):
+            raise ConfigError(
+                f"{origin}: a config must be a mapping of keys (model: ..., strategies: [...]), "
+                f"got a {type(layer).__name__.replace('Config', '').lower()}; see configs/default.yaml"
+            )
         try:
             merged = OmegaConf.merge(merged, layer)
+            if "sweep" in layer:  # a grid given replaces the default one (merging could not remove entries)
+                merged.sweep = layer.sweep
         except OmegaConfBaseException as exc:
             raise _reraise(exc, origin) from None
     cfg: AblationConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]

@@ -164,7 +164,9 @@ def get_scorer(name: str, samples: Sequence[EvalSample] = ()) -> Scorer:
 def _shapes(cfg: DatasetConfig, limit: int | None) -> Dataset:
     from tokprune import data
 
-    n = limit if limit is not None else 500
+    if limit is None:
+        raise DatasetError("the shapes benchmark has no end (its generator is unlimited): set limit=N")
+    n = limit
     samples = [
         EvalSample(s.question_id, s.image, s.question, (s.answer,), s.qtype, source=s)
         for s in data.benchmark(split=cfg.split, n=n)
@@ -187,6 +189,18 @@ def _answers_of(row: dict[str, Any]) -> tuple[str, ...]:
     raise ValueError("no answer: expected one of 'answers', 'answer', 'label'")
 
 
+def _check_image(path: Path) -> None:
+    """Open the file's header (cheap: no pixel decoding), so a file that is not an image is a bad row at
+    load time instead of a crash in the middle of a run."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise ValueError(f"{str(path)!r} is not a readable image ({type(exc).__name__}: {exc})") from None
+
+
 def _parse_row(line: str, image_root: Path) -> EvalSample:
     try:
         row = json.loads(line)
@@ -205,6 +219,7 @@ def _parse_row(line: str, image_root: Path) -> EvalSample:
     image = image if image.is_absolute() else image_root / image
     if not image.is_file():
         raise FileNotFoundError(f"image not found: {str(image)!r}")
+    _check_image(image)
     qtype = row.get("qtype", row.get("question_type", row.get("category")))
     return EvalSample(str(row["question_id"]), image, question, answers, None if qtype is None else str(qtype))
 

@@ -36,11 +36,20 @@ def append_result(path: str | Path, row: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     line = (json.dumps(row, separators=(",", ":"), default=_jsonable) + "\n").encode()
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    start = os.fstat(fd).st_size
     try:
         view = memoryview(line)
         while view:  # os.write may write less than asked on some filesystems
             view = view[os.write(fd, view) :]
         os.fsync(fd)
+    except OSError:
+        # A full disk (or quota) mid-line: cut the partial line so the file stays a list of whole rows.
+        # Should the cut fail too, load_results drops a truncated last line anyway.
+        try:
+            os.ftruncate(fd, start)
+        except OSError:
+            pass
+        raise
     finally:
         os.close(fd)
 
@@ -51,9 +60,10 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def load_results(path: str | Path, repair: bool = True) -> list[dict[str, Any]]:
+def load_results(path: str | Path, repair: bool = True, required: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     """Every complete row; a truncated last line (a kill mid-write) is dropped, and cut from the file
-    when ``repair``, so the next append starts on a fresh line."""
+    when ``repair``, so the next append starts on a fresh line. A row lacking a ``required`` key (the
+    runner passes :data:`ROW_KEYS`) is an error naming the line."""
     path = Path(path)
     if not path.exists():
         return []
@@ -83,9 +93,18 @@ def load_results(path: str | Path, repair: bool = True) -> list[dict[str, Any]]:
                 break
             raise ResultsError(f"{path}:{i + 1}: not a valid JSON row; fix or delete that line")
         if row is not None:
+            missing = [k for k in required if not isinstance(row, dict) or k not in row]
+            if missing:
+                raise ResultsError(
+                    f"{path}:{i + 1}: not a results row of tokprune run (missing {', '.join(map(repr, missing))}); "
+                    "the file was written by something else or an incompatible version: move it away, or use another "
+                    "output_dir"
+                )
             rows.append(row)
         good_end += len(raw) + 1
     return rows
 
 
 _BAD = object()
+#: Keys every row needs for resume and the report.
+ROW_KEYS = ("key", "label", "spec", "role", "metrics", "predictions")

@@ -2,7 +2,8 @@
 
 ``run_ablation(cfg)`` is what ``tokprune run`` calls. Resumable: runs whose key (a hash of the run's
 resolved config) is already in ``results.jsonl`` are skipped; a matched run's key includes its matched
-value, so it is computed from the reference's recorded budget first.
+value, so it is computed from the reference's recorded budget first; a swept run's key includes its
+calibrated knob value, found again from ``calibration.json`` (see :mod:`.calibrate`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import platform
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -21,17 +22,23 @@ import torch
 from .. import strategies
 from ..errors import TokpruneError
 from . import plan as planning
+from .calibrate import Calibration, Calibrator, axis_value, search
 from .config import EMBEDDED_MODEL, AblationConfig, ConfigError, to_container, to_yaml
 from .datasets import Dataset, EvalSample, load_dataset
 from .distributed import Dist
 from .distributed import init as init_dist
 from .measure import GenerateTimer, PeakMemory, Timing
 from .metrics import run_metrics
-from .results import append_result, load_results, run_key
+from .results import ROW_KEYS, append_result, load_results, run_key
 
-__all__ = ["RunOutcome", "Session", "run_ablation"]
+__all__ = ["OutputError", "RunOutcome", "Session", "run_ablation"]
 
 RESULTS_FILE = "results.jsonl"
+CALIBRATION_FILE = "calibration.json"
+
+
+class OutputError(TokpruneError, OSError):
+    """The output folder cannot be written (permissions, a full disk)."""
 
 
 @dataclass
@@ -42,6 +49,7 @@ class RunOutcome:
     output_dir: Path
     skipped: int = 0  # runs found already recorded
     files: dict[str, Path] = field(default_factory=dict)
+    reused: int = 0  # targets whose calibration landed on the run of an earlier target
 
 
 # ----------------------------------------------------------------------------------------- model loading
@@ -148,6 +156,7 @@ class Session:
     dist: Dist
     progress: bool = True
     warm: bool = False
+    calibration: Dataset | None = None  # the split budget knobs are calibrated on
 
     def evaluate(self, pipeline: Any, desc: str) -> tuple[list[dict[str, Any]], list[Timing], float, str]:
         """This rank's share of the dataset under ``pipeline``: records, batch timings, peak MB, memory kind."""
@@ -194,9 +203,9 @@ class Session:
         self._generate(first, GenerateTimer(self.model, cuda=self.device.type == "cuda"))
         self.warm = True
 
-    def _generate(self, samples: Sequence[EvalSample], timer: GenerateTimer) -> tuple[list[str], list[int], Timing]:
-        cfg = self.cfg
-        questions = [s.question + cfg.dataset.prompt_suffix for s in samples]
+    def inputs(self, samples: Sequence[EvalSample]) -> Any:
+        """The processor's batch (prompts, pixel values) for ``samples``, on the model's device and dtype."""
+        questions = [s.question + self.cfg.dataset.prompt_suffix for s in samples]
         inputs = self.processor(
             text=build_prompts(self.processor, questions),
             images=[s.load_image() for s in samples],
@@ -205,6 +214,11 @@ class Session:
         ).to(self.device)
         if "pixel_values" in inputs and self.model.dtype != inputs["pixel_values"].dtype:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        return inputs
+
+    def _generate(self, samples: Sequence[EvalSample], timer: GenerateTimer) -> tuple[list[str], list[int], Timing]:
+        cfg = self.cfg
+        inputs = self.inputs(samples)
         with torch.inference_mode(), timer.measure() as timing:
             out = self.model.generate(**inputs, max_new_tokens=cfg.max_new_tokens, do_sample=False)
         new = out[:, inputs["input_ids"].shape[1] :]
@@ -320,6 +334,8 @@ def _execute(
         "spec": run.spec,
         "role": run.role,
         "budget": run.budget,
+        "target": run.target,
+        "knob": run.knob.path if run.knob is not None else None,
         "resolved": resolved,
         "config": to_container(session.cfg),
         "metrics": metrics,
@@ -338,12 +354,20 @@ def _execute(
     }
 
 
+def load_calibration(cfg: AblationConfig) -> Dataset:
+    """The calibration split: ``calibration.split`` of the shapes benchmark, or ``calibration.path`` (by
+    default ``dataset.path``: only token counts are read from it, never answers)."""
+    calib_cfg = replace(cfg.dataset, split=cfg.calibration.split, path=cfg.calibration.path or cfg.dataset.path)
+    return load_dataset(calib_cfg, cfg.calibration.limit)
+
+
 def open_session(cfg: AblationConfig, dist: Dist, progress: bool = True) -> Session:
     """Load the dataset (first: its errors are cheap to find) and the model once for every run."""
     device = resolve_device(cfg.device, dist)
     dataset = load_dataset(cfg.dataset, cfg.limit)
+    calibration = load_calibration(cfg) if cfg.budget.targets else None
     model, processor = load_model(cfg, device)
-    return Session(cfg, model, processor, dataset, device, dist, progress and dist.is_main)
+    return Session(cfg, model, processor, dataset, device, dist, progress and dist.is_main, calibration=calibration)
 
 
 def _with_budget(run: planning.PlannedRun, reference: dict[str, Any] | None) -> planning.PlannedRun:
@@ -366,22 +390,39 @@ def run_ablation(
 ) -> RunOutcome:
     """Run (or resume) the study ``cfg``; returns its rows in plan order and writes results, table, plot."""
     runs = planning.plan_runs(cfg)  # validates every spec before anything is loaded
+    if cfg.plot:
+        from .report import check_plotting
+
+        check_plotting()  # the plot is part of the output: say now, not after the runs, that it cannot be drawn
     lock = None
     dist = session.dist if session is not None else init_dist(cfg.device)
     try:
-        session = session or open_session(cfg, dist, progress)
         out_dir = Path(cfg.output_dir)
-        if dist.is_main:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            lock = _lock_output_dir(out_dir)
-            (out_dir / "config.yaml").write_text(to_yaml(cfg))
-        rows, skipped = _run_all(session, runs, out_dir / RESULTS_FILE, echo)
+        if dist.is_main:  # before the model loads: an unwritable folder is found in a second
+            try:
+                out_dir.mkdir(parents=True, exist_ok=True)
+                lock = _lock_output_dir(out_dir)
+                (out_dir / "config.yaml").write_text(to_yaml(cfg))
+            except OSError as exc:
+                raise OutputError(
+                    f"cannot write to output_dir={str(out_dir)!r} ({exc.strerror or exc}); "
+                    "choose a writable folder, e.g. output_dir=runs/mine"
+                ) from None
+        session = session or open_session(cfg, dist, progress)
+        rows, skipped, reused = _run_all(session, runs, out_dir / RESULTS_FILE, echo)
         files: dict[str, Path] = {"results": out_dir / RESULTS_FILE, "config": out_dir / "config.yaml"}
         if dist.is_main:
             from .report import write_reports
 
-            files.update(write_reports(rows, out_dir, plot=cfg.plot))
-        return RunOutcome(rows, out_dir, skipped, files)
+            try:
+                files.update(write_reports(rows, out_dir, plot=cfg.plot, tolerance=cfg.budget.tolerance))
+            except OSError as exc:
+                raise OutputError(
+                    f"every run is recorded in {str(out_dir / RESULTS_FILE)!r}, but writing the report failed "
+                    f"({exc.strerror or exc}); free space (or fix permissions) and rerun the command: it only "
+                    "writes the report"
+                ) from None
+        return RunOutcome(rows, out_dir, skipped, files, reused)
     finally:
         if lock is not None:
             lock.close()  # closing the descriptor releases the flock
@@ -390,7 +431,7 @@ def run_ablation(
 
 def _run_all(
     session: Session, runs: Sequence[planning.PlannedRun], results_path: Path, echo: Callable[[str], None] | None
-) -> tuple[list[dict[str, Any]], int]:
+) -> tuple[list[dict[str, Any]], int, int]:
     """The loop over runs: skip recorded ones, execute and flush the rest, one at a time."""
     from tqdm.auto import tqdm
 
@@ -398,29 +439,53 @@ def _run_all(
     say = (lambda msg: tqdm.write(msg)) if (dist.is_main and echo is not None) else (lambda msg: None)
     if session.dataset.skipped:
         say(f"dataset: skipped {len(session.dataset.skipped)} bad rows: " + "; ".join(session.dataset.skipped[:5]))
-    done = dist.broadcast({r["key"]: r for r in load_results(results_path)} if dist.is_main else None)
+    recorded = load_results(results_path, required=ROW_KEYS) if dist.is_main else None
+    done = dist.broadcast({r["key"]: r for r in recorded} if recorded is not None else None)
     _check_patchable(session, runs)
     fingerprint = model_fingerprint(session.cfg.model)
     rows: list[dict[str, Any]] = []
-    skipped = 0
+    skipped = reused = 0
+    executed: set[str] = set()
     baseline: list[dict[str, Any]] | None = None
     reference: dict[str, Any] | None = None
     bar = tqdm(total=len(runs), desc="runs", unit="run", disable=not session.progress, dynamic_ncols=True)
+    calibrator: Calibrator | None = None
     for run in runs:
         run = _with_budget(run, reference)
+        calibration = None
+        if run.role == "swept":
+            if calibrator is None:
+                calibrator = _calibrator(session, results_path.parent, fingerprint)
+            run, calibration = _calibrate(session, calibrator, run)
         resolved = resolved_run_config(session.cfg, run.spec, session.device, session.dataset, fingerprint)
         row = done.get(run_key(resolved))
-        if row is not None:
+        if row is not None and row["key"] in executed:
+            reused += 1  # another target calibrated to the same setting (e.g. a budget out of reach)
+            say(f"[{run.label}] target {run.target:g} lands on the run of an earlier target; reused")
+        elif row is not None:
             skipped += 1
             say(f"[{run.label}] already recorded in {results_path}; skipped")
         else:
             session.warm_up()
             row = _execute(session, run, resolved, baseline)
+            if calibration is not None:
+                row["calibration"] = {"axis": session.cfg.budget.axis, **asdict(calibration)}
             if dist.is_main:
-                append_result(results_path, row)
+                try:
+                    append_result(results_path, row)
+                except OSError as exc:
+                    raise OutputError(
+                        f"cannot record run {run.label!r} in {str(results_path)!r} ({exc.strerror or exc}); the runs "
+                        "recorded before it are intact: free space (or fix permissions) and rerun the command to resume"
+                    ) from None
+            done[row["key"]] = row  # another target that lands on the same setting reuses this run
+            executed.add(row["key"])
             dist.barrier()  # nobody starts the next run before rank 0 has flushed this one
             say(_summary_line(row))
-        row = {**row, "label": run.label, "role": run.role, "budget": run.budget}
+        row = {**row, "label": run.label, "role": run.role, "budget": run.budget, "target": run.target,
+               "knob": run.knob.path if run.knob is not None else None}
+        if calibration is not None:
+            row["calibration"] = {"axis": session.cfg.budget.axis, **asdict(calibration)}
         if run.role == "baseline":
             baseline = row["predictions"]
         if run.role == "reference":
@@ -429,7 +494,48 @@ def _run_all(
         bar.update(1)
     bar.close()
     _fill_agreement(rows, baseline)
-    return rows, skipped
+    return rows, skipped, reused
+
+
+def _calibrator(session: Session, out_dir: Path, fingerprint: str) -> Calibrator:
+    cfg = session.cfg
+    if session.calibration is None:  # a session opened elsewhere (tests, notebooks): load the split now
+        session.calibration = load_calibration(cfg)
+    identity = {
+        "model_fingerprint": fingerprint, "calibration": to_container(cfg)["calibration"],
+        "dataset": session.calibration.name, "n": len(session.calibration.samples),
+        "positions": to_container(cfg)["positions"], "dtype": cfg.dtype, "prompt_suffix": cfg.dataset.prompt_suffix,
+    }
+    # Only rank 0 writes the cache; every rank measures the same numbers.
+    path = out_dir / CALIBRATION_FILE if session.dist.is_main else None
+    return Calibrator(session, session.calibration.samples, path, identity)
+
+
+def _calibrate(session: Session, calibrator: Calibrator, run: planning.PlannedRun) -> tuple[planning.PlannedRun, Calibration]:
+    """``run`` with its knob set so its mean budget on ``budget.axis`` lands on its target (calibration split)."""
+    cfg = session.cfg.budget
+    knob = run.knob
+    assert knob is not None and run.target is not None
+    if knob.integer:
+        base = calibrator.measure("none")
+        low, high = 1.0, round(base["visual_total_sum"] / len(calibrator.samples))
+    elif knob.param in cfg.ranges:
+        low, high = cfg.ranges[knob.param]
+    else:
+        raise ConfigError(
+            f"budget knob {knob.path} is a float: give its search range, e.g. budget.ranges.{knob.param}=[0.1,10]"
+        )
+
+    def measure(value: int | float) -> float:
+        return axis_value(cfg.axis, calibrator.measure(planning.resolve_swept(run, value).spec))
+
+    found = search(measure, low, high, run.target, cfg.tolerance, knob.integer, cfg.max_steps)
+    if not knob.integer:
+        found = replace(found, value=float(f"{found.value:.4g}"))  # a readable label; re-measured below
+        budget = measure(found.value)
+        found = replace(found, budget=budget, reachable=abs(budget - run.target) <= cfg.tolerance)
+    calibrator.save()
+    return planning.resolve_swept(run, found.value), found
 
 
 def _lock_output_dir(out_dir: Path) -> Any:

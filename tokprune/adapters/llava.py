@@ -29,19 +29,16 @@ import functools
 import inspect
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers.cache_utils import Cache, DynamicCache
-from transformers.masking_utils import create_causal_mask
-from transformers.modeling_outputs import BaseModelOutputWithPooling
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from .. import hf_compat as hf
 from ..errors import MissingCapabilityError, StrategyParamError, UnsupportedModelError
 from ..pipeline import Pipeline
-from ..stats import FlopModel, PruneStats
+from ..stats import FlopModel, PruneStats, kv_width, mlp_matrices
 from ..strategy import LLMAttention, LLMContext, PruningStrategy, Signal, TokenRole, VisionContext, VisionSignals
 from ._base import ModelAdapter, Positions
 from ._seq import Seq, compact_positions, scatter_rows, token_roles
@@ -54,7 +51,7 @@ ASSISTANT_MARKER = "ASSISTANT:"
 
 
 @dataclass
-class PrunedImageFeatures(BaseModelOutputWithPooling):
+class PrunedImageFeatures(hf.BaseModelOutputWithPooling):
     """``get_image_features`` output of a patched model.
 
     ``pooler_output`` is a list with one ``[n_i + E, D]`` tensor per image: its kept patches in raster
@@ -173,6 +170,9 @@ class LlavaAdapter(ModelAdapter):
         self._tower = self._inner.vision_tower
         self._lm = self._inner.language_model
         self._config = model.config
+        hf.check_model(self._lm, self._tower, hf.llava_output_class())
+        self._vision = hf.vision_transformer(self._tower)
+        self._attn_impl = hf.attention_implementation(self._lm.config)
         self._check_attention()
         self._llm_steps = self._check_llm_layers()
         self._signals = self._check_vision()
@@ -186,13 +186,15 @@ class LlavaAdapter(ModelAdapter):
             mv=tower_cfg.intermediate_size,
             vision_layers=tower_cfg.num_hidden_layers,
             vision_tokens=1 + self._num_patches,
+            mlp_matrices=mlp_matrices(self._lm.layers[0].mlp),
+            kv_dim=kv_width(self._lm.config),
         )
         self._capture: dict[tuple[str, int, str], Tensor] | None = None
-        self._sessions: weakref.WeakKeyDictionary[Cache, _Session] = weakref.WeakKeyDictionary()
+        self._sessions: weakref.WeakKeyDictionary[Any, _Session] = weakref.WeakKeyDictionary()
         self._generate: _GenerateCall | None = None
 
     def _check_attention(self) -> None:
-        impl = self._lm.config._attn_implementation
+        impl = hf.attention_implementation(self._lm.config)
         if impl not in SUPPORTED_ATTENTION:
             raise UnsupportedModelError(
                 f"the language model uses attn_implementation={impl!r}; tokprune's LLaVA adapter supports "
@@ -203,13 +205,13 @@ class LlavaAdapter(ModelAdapter):
         num_layers = len(self._lm.layers)
         steps = {}
         for step in self.pipeline.llm:
-            k = int(step.layer)  # type: ignore[arg-type]
-            if not 1 <= k <= num_layers - 1:
-                raise StrategyParamError(
-                    f"{step.spec()} prunes before decoder layer {k}, but this language model has {num_layers} "
-                    f"layers: layer must be in 1..{num_layers - 1} (layer K-1 provides the scores)"
-                )
-            steps[k] = step
+            for k in step.llm_layers:  # a schedule (e.g. PyramidDrop) is one step at each of its layers
+                if not 1 <= k <= num_layers - 1:
+                    raise StrategyParamError(
+                        f"{step.spec()} prunes before decoder layer {k}, but this language model has {num_layers} "
+                        f"layers: layer must be in 1..{num_layers - 1} (layer K-1 provides the scores)"
+                    )
+                steps[k] = step
         return steps
 
     def _check_vision(self) -> frozenset[Signal]:
@@ -229,7 +231,7 @@ class LlavaAdapter(ModelAdapter):
                 f"vision_feature_select_strategy={select!r} (CLS fed to the projector); only 'default' "
                 "(CLS dropped, LLaVA-1.5) is supported"
             )
-        if getattr(self._tower.embeddings, "class_embedding", None) is None:
+        if getattr(self._vision.embeddings, "class_embedding", None) is None:
             raise MissingCapabilityError(f"{step.name!r} needs a CLS token, and this vision tower has none")
         num_layers = self._tower.config.num_hidden_layers
         return frozenset(s.resolve(num_layers) for s in self.pipeline.requires())
@@ -256,7 +258,7 @@ class LlavaAdapter(ModelAdapter):
         state.set_attribute(self.model, "generate", generate)
         for signal in self._signals:
             if signal.kind == "qk":
-                attn = self._tower.encoder.layers[signal.layer].self_attn
+                attn = self._vision.encoder.layers[signal.layer].self_attn
                 self._hook(attn.q_proj, ("vision", signal.layer, "q"))
                 self._hook(attn.k_proj, ("vision", signal.layer, "k"))
         for k in self._llm_steps:
@@ -278,7 +280,7 @@ class LlavaAdapter(ModelAdapter):
         bound = inspect.signature(original).bind(*args, **kwargs)
         arguments = dict(bound.arguments)
         extra = arguments.pop("kwargs", {})
-        config, model_kwargs = self.model._prepare_generation_config(arguments.get("generation_config"), **extra)
+        config, model_kwargs = hf.generation_config(self.model, arguments.get("generation_config"), extra)
         self._check_generation(config, arguments, model_kwargs)
         inputs = arguments.get("inputs")
         input_ids = inputs if inputs is not None else model_kwargs.get("input_ids")
@@ -315,15 +317,15 @@ class LlavaAdapter(ModelAdapter):
             raise unsupported("chunked prefill (prefill_chunk_size)")
         if config.output_attentions or config.output_hidden_states:
             raise unsupported("output_attentions/output_hidden_states")
-        cache = model_kwargs.get("past_key_values")
+        cache = hf.cache_from_kwargs(model_kwargs)
         if cache is not None:
             self._check_cache(cache)
             if cache.get_seq_length() > 0:
-                raise unsupported("continuing from a non-empty past_key_values")
+                raise unsupported("continuing from a non-empty cache (past_key_values)")
 
     @staticmethod
     def _check_cache(cache: Any) -> None:
-        if not isinstance(cache, DynamicCache) or getattr(cache, "is_compileable", False):
+        if not hf.is_dynamic_cache(cache):
             raise UnsupportedModelError(
                 f"{type(cache).__name__} is not supported on a pruned model: pruned layers hold fewer positions, "
                 "which needs a DynamicCache (static, quantized and offloaded caches are not supported)"
@@ -365,14 +367,14 @@ class LlavaAdapter(ModelAdapter):
     def _run_vision(self, pixel_values: Tensor, feature_layer: int) -> _VisionOut:
         step = self.pipeline.vision
         assert step is not None
-        tower = self._tower
+        tower = self._vision
         dtype = tower.embeddings.patch_embedding.weight.dtype
         x = tower.pre_layrnorm(tower.embeddings(pixel_values.to(dtype)))
         hidden = [x]
         self._capture = {}
         try:
             for layer in tower.encoder.layers:
-                x = layer(x, None)
+                x = hf.call_vision_layer(layer, x)
                 hidden.append(x)
             captured = self._capture
         finally:
@@ -383,7 +385,7 @@ class LlavaAdapter(ModelAdapter):
                 return captured[("vision", signal.layer, "q")], captured[("vision", signal.layer, "k")]
             return hidden[signal.layer]
 
-        cfg = tower.config
+        cfg = self._tower.config
         signals = VisionSignals(fetch, cfg.num_hidden_layers, cfg.num_attention_heads, declared=self._signals)
         features = hidden[feature_layer][:, 1:]
         side = cfg.image_size // cfg.patch_size
@@ -404,7 +406,6 @@ class LlavaAdapter(ModelAdapter):
         pixel_values: Tensor | None = None,
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
-        past_key_values: Cache | None = None,
         inputs_embeds: Tensor | None = None,
         vision_feature_layer: int | list[int] | None = None,
         vision_feature_select_strategy: str | None = None,
@@ -412,8 +413,9 @@ class LlavaAdapter(ModelAdapter):
         mm_encoder_outputs: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> Any:
-        from transformers.models.llava.modeling_llava import LlavaModelOutputWithPast
-
+        # The cache arrives as cache= (transformers >= 5.24) or past_key_values= (older): take either, and
+        # never let it fall through **kwargs unread (each decoding step would then run as a fresh prefill).
+        past = hf.pop_cache(kwargs)
         if kwargs.get("output_attentions") or kwargs.get("output_hidden_states"):
             raise UnsupportedModelError(
                 "output_attentions/output_hidden_states are not supported on a pruned model (the layers see "
@@ -429,37 +431,37 @@ class LlavaAdapter(ModelAdapter):
         return_dict = kwargs.get("return_dict", True)
         use_cache = kwargs.get("use_cache")
         use_cache = self._lm.config.use_cache if use_cache is None else use_cache
-        cache = past_key_values
+        cache = past
         if cache is not None:
             self._check_cache(cache)
-        image_features = None
+        encoded = None
         if cache is not None and cache.get_seq_length() > 0:
             hidden = self._decode(input_ids, attention_mask, position_ids, cache)
         else:
             if use_cache and cache is None:
-                cache = DynamicCache(config=self._lm.config)
-            features = self._features(
+                cache = hf.new_dynamic_cache(self._lm.config)
+            encoded = self._encoded_images(
                 pixel_values, mm_encoder_outputs, vision_feature_layer, vision_feature_select_strategy, image_sizes
             )
+            features = self._features(encoded)
             hidden = self._prefill(input_ids, attention_mask, position_ids, cache if use_cache else None, features)
-            if features is not None:
-                image_features = features.kept
-        out = LlavaModelOutputWithPast(
+        out = hf.model_output(
+            hf.llava_output_class(),
             last_hidden_state=hidden,
-            past_key_values=cache if use_cache else past_key_values,
-            image_hidden_states=image_features,
+            cache=cache if use_cache else past,
+            image_features=encoded,
         )
         return out if return_dict else out.to_tuple()
 
-    def _features(
+    def _encoded_images(
         self,
         pixel_values: Tensor | None,
         mm_encoder_outputs: dict[str, Any] | None,
         vision_feature_layer: Any,
         vision_feature_select_strategy: Any,
         image_sizes: Any,
-    ) -> _VisionOut | None:
-        """The image features of this call: pre-encoded by ``generate`` or computed now."""
+    ) -> Any:
+        """The image encoder's output for this call: pre-encoded by ``generate`` or computed now (or None)."""
         encoded = (mm_encoder_outputs or {}).get("image")
         if encoded is None and pixel_values is not None:
             encoded = self._inner.get_image_features(
@@ -469,6 +471,10 @@ class LlavaAdapter(ModelAdapter):
                 image_sizes=image_sizes,
                 return_dict=True,
             )
+        return encoded
+
+    def _features(self, encoded: Any) -> _VisionOut | None:
+        """The encoder output in the packed form the assembly consumes."""
         if encoded is None:
             return None
         per_image = list(encoded.pooler_output)
@@ -493,7 +499,7 @@ class LlavaAdapter(ModelAdapter):
         input_ids: Tensor,
         attention_mask: Tensor | None,
         position_ids: Tensor | None,
-        cache: Cache | None,
+        cache: Any,
         features: _VisionOut | None,
     ) -> Tensor:
         """Run the prompt (and, without a cache, the tokens generated so far); returns ``[B, L, D]``."""
@@ -531,7 +537,7 @@ class LlavaAdapter(ModelAdapter):
 
         self._capture = {}
         try:
-            embeddings, mask = self._segment_inputs(seq, cache, 0)
+            embeddings, mask = self._segment_inputs(seq)
             for i, layer in enumerate(self._lm.layers):
                 if i in self._llm_steps:
                     seq, step_diag = self._llm_step(self._llm_steps[i], i, seq, embeddings, generated)
@@ -539,16 +545,11 @@ class LlavaAdapter(ModelAdapter):
                     seq, shift = self._stage_positions(seq, self.llm_positions, segments[-1].shift, seq_valid_count)
                     segments.append(_Segment(i, seq.valid, shift))
                     llm_kept[i] = (seq.valid & seq.prompt).sum(dim=1)
-                    embeddings, mask = self._segment_inputs(seq, cache, i)
+                    embeddings, mask = self._segment_inputs(seq)
                 layer_tokens[:, i] = (seq.valid & seq.prompt).sum(dim=1)
                 layer_visual[:, i] = ((seq.roles == TokenRole.IMAGE) & seq.valid).sum(dim=1)
-                seq.hidden = layer(
-                    seq.hidden,
-                    attention_mask=mask,
-                    position_ids=seq.pos,
-                    past_key_values=cache,
-                    use_cache=cache is not None,
-                    position_embeddings=embeddings,
+                seq.hidden = hf.call_decoder_layer(
+                    layer, seq.hidden, mask=mask, position_ids=seq.pos, position_embeddings=embeddings, cache=cache
                 )
         finally:
             self._capture = None
@@ -630,17 +631,10 @@ class LlavaAdapter(ModelAdapter):
         pos = compact_positions(seq.pos, seq.valid)
         return seq.with_positions(pos), full_count - seq.valid.sum(dim=1)
 
-    def _segment_inputs(self, seq: Seq, cache: Cache | None, layer_idx: int) -> tuple[tuple[Tensor, Tensor], Any]:
-        """RoPE cos/sin for the segment's positions and its causal + padding mask."""
-        embeddings = self._lm.rotary_emb(seq.hidden, position_ids=seq.pos)
-        mask = create_causal_mask(
-            config=self._lm.config,
-            inputs_embeds=seq.hidden,
-            attention_mask=seq.valid,
-            past_key_values=cache,
-            position_ids=seq.pos,
-            layer_idx=layer_idx,
-        )
+    def _segment_inputs(self, seq: Seq) -> tuple[tuple[Tensor, Tensor], Any]:
+        """RoPE cos/sin for the segment's positions and its causal + padding mask (prefill: no cached keys)."""
+        embeddings = hf.rotary_embeddings(self._lm, seq.hidden, seq.pos)
+        mask = hf.attention_mask(seq.valid, seq.valid.shape[1], seq.hidden.dtype, self._attn_impl)
         return embeddings, mask
 
     # -- LLM stage ----------------------------------------------------------------------------------
@@ -655,7 +649,7 @@ class LlavaAdapter(ModelAdapter):
         q = self._capture.pop(("llm", k - 1, "q")).view(b, n, -1, attn.head_dim).transpose(1, 2)
         key = self._capture.pop(("llm", k - 1, "k")).view(b, n, -1, attn.head_dim).transpose(1, 2)
         cos, sin = embeddings
-        q, key = apply_rotary_pos_emb(q, key, cos, sin)
+        q, key = hf.apply_rope(q, key, cos, sin)
         p = n - generated  # generated tokens are the last columns of every row
         ctx = LLMContext(
             layer=k,
@@ -667,13 +661,18 @@ class LlavaAdapter(ModelAdapter):
         plan = step(ctx)
         keep = seq.valid.clone()
         keep[:, :p] &= plan.keep
-        diagnostics = {f"{step.name}.{name}": value for name, value in plan.diagnostics.items()}
+        if plan.hidden is not None:  # merged states for the kept prompt positions, applied before the gather
+            merged = torch.where(plan.keep[..., None], plan.hidden, seq.hidden[:, :p])
+            seq = replace(seq, hidden=torch.cat([merged, seq.hidden[:, p:]], dim=1))
+        # a schedule reports each of its layers under its own prefix (``pyramiddrop@8.keep_count``)
+        prefix = step.name if len(step.llm_layers) == 1 else f"{step.name}@{k}"
+        diagnostics = {f"{prefix}.{name}": value for name, value in plan.diagnostics.items()}
         return seq.gather(keep), diagnostics
 
     # -- decoding with the pruned cache -------------------------------------------------------------
 
     def _decode(
-        self, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None, cache: Cache
+        self, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None, cache: Any
     ) -> Tensor:
         """New tokens against the pruned cache: each segment gets a mask sized to its own cache."""
         session = self._sessions.get(cache)
@@ -699,22 +698,10 @@ class LlavaAdapter(ModelAdapter):
                 seg = starts[i]
                 seg.mask = torch.cat([seg.mask, new_valid], dim=1)
                 pos = position_ids - seg.shift[:, None]
-                embeddings = self._lm.rotary_emb(hidden, position_ids=pos)
-                mask = create_causal_mask(
-                    config=self._lm.config,
-                    inputs_embeds=hidden,
-                    attention_mask=seg.mask,
-                    past_key_values=cache,
-                    position_ids=pos,
-                    layer_idx=i,
-                )
-            hidden = layer(
-                hidden,
-                attention_mask=mask,
-                position_ids=pos,
-                past_key_values=cache,
-                use_cache=True,
-                position_embeddings=embeddings,
+                embeddings = hf.rotary_embeddings(self._lm, hidden, pos)
+                mask = hf.attention_mask(seg.mask, q, hidden.dtype, self._attn_impl)
+            hidden = hf.call_decoder_layer(
+                layer, hidden, mask=mask, position_ids=pos, position_embeddings=embeddings, cache=cache
             )
         session.seen += q
         return self._lm.norm(hidden)
@@ -753,6 +740,7 @@ class LlavaAdapter(ModelAdapter):
             flops_unpruned=unpruned.cpu(),
             images=images.cpu(),
             diagnostics=diag,
+            flop_model=fm,
         )
 
 

@@ -33,6 +33,7 @@ from typing import Any
 
 __all__ = [
     "CLASS_PATH",
+    "LmmsEvalFailedError",
     "MODEL_NAME",
     "Request",
     "TokpruneLlava",  # noqa: F822 - built on first access by the module __getattr__
@@ -40,6 +41,7 @@ __all__ = [
     "lmms_eval_manifest",
     "main",
     "register_with_lmms_eval",
+    "write_shapes_task",
 ]
 
 MODEL_NAME = "tokprune_llava"
@@ -112,8 +114,10 @@ class TokpruneLlavaCore:
         revision: hub revision of ``pretrained``.
         model, processor: already loaded objects, instead of ``pretrained`` (programmatic use).
 
-    After each batch, :attr:`pruning_log` gets one entry per request with the visual tokens kept and
-    the tokens per LLM layer, so a run's budget can be reported next to lmms-eval's scores.
+    After each batch, :attr:`pruning_log` gets one entry per request with its budget (visual tokens
+    kept, tokens and visual tokens averaged over LLM layers, prefill FLOPs ratio, prompt and answer
+    lengths). Under lmms-eval >= 0.7.3 the same fields also land in lmms-eval's samples files, in each
+    sample's ``token_counts`` (run with ``--log_samples``).
     """
 
     is_simple = True
@@ -197,11 +201,17 @@ class TokpruneLlavaCore:
 
     def generate_until(self, requests: Sequence[Any]) -> list[str]:
         """Answer ``generate_until`` requests, ``batch_size`` at a time; results in request order."""
+        return [text for text, _ in self._answer(requests)]
+
+    def _answer(self, requests: Sequence[Any]) -> list[tuple[str, dict[str, Any]]]:
+        """Each request's answer and its budget record (see :attr:`pruning_log`), in request order."""
         items = [self._parse(i, request) for i, request in enumerate(requests)]
-        results: list[str] = [""] * len(items)
+        results: list[tuple[str, dict[str, Any]]] = [("", {})] * len(items)
         for batch in _batches(items, self.batch_size):
-            for item, text in zip(batch, self._generate(batch)):
-                results[item.index] = text
+            texts, budgets = self._generate(batch)
+            for item, text, budget in zip(batch, texts, budgets):
+                results[item.index] = (text, budget)
+                _ANSWERED[0] += 1
                 hook = getattr(self, "cache_hook", None)
                 if hook is not None:
                     hook.add_partial("generate_until", (item.context, item.gen_kwargs), text)
@@ -241,7 +251,7 @@ class TokpruneLlavaCore:
         item.key = json.dumps(item.gen_kwargs, sort_keys=True, default=str)
         return item
 
-    def _generate(self, batch: list[_Item]) -> list[str]:
+    def _generate(self, batch: list[_Item]) -> tuple[list[str], list[dict[str, Any]]]:
         import torch
 
         kwargs = dict(batch[0].gen_kwargs)
@@ -267,24 +277,33 @@ class TokpruneLlavaCore:
                 pad_token_id=pad if pad is not None else self.tokenizer.eos_token_id,
                 eos_token_id=self.tokenizer.eos_token_id,
             )
-        texts = self.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-        self._log(batch)
-        return [_cut(text, until).strip() for text in texts]
+        new = out[:, inputs["input_ids"].shape[1] :]
+        texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
+        pad_id = pad if pad is not None else self.tokenizer.eos_token_id
+        budgets = self._log(batch, (new != pad_id).sum(dim=1).tolist())
+        return [_cut(text, until).strip() for text in texts], budgets
 
-    def _log(self, batch: list[_Item]) -> None:
+    def _log(self, batch: list[_Item], new_tokens: list[int]) -> list[dict[str, Any]]:
+        """One budget record per request of the batch, appended to :attr:`pruning_log` and returned."""
         stats = self.handle.stats
-        if stats is None:
-            return
+        records = []
         for i, item in enumerate(batch):
-            self.pruning_log.append(
-                {
-                    "task": item.task,
-                    "doc_id": item.doc_id,
-                    "visual_total": int(stats.visual_total),
-                    "visual_kept": int(stats.visual_kept[i]),
-                    "tokens_layer_avg": float(stats.tokens_layer_avg[i]),
-                }
-            )
+            record: dict[str, Any] = {"task": item.task, "doc_id": item.doc_id, "output_tokens": int(new_tokens[i])}
+            if stats is not None:
+                # The columns of `tokprune run`: visual_kept is what the last decoder layer processed
+                # (after every stage), visual_after_vision what entered the LLM.
+                record.update(
+                    input_tokens=int(stats.seq_len[i]),
+                    visual_total=int(stats.visual_total),
+                    visual_kept=int(stats.layer_visual[i, -1]),
+                    visual_after_vision=int(stats.visual_kept[i]),
+                    tokens_layer_avg=float(stats.tokens_layer_avg[i]),
+                    visual_layer_avg=float(stats.visual_layer_avg[i]),
+                    flops_ratio=float(stats.flops_ratio[i]),
+                )
+            records.append(record)
+        self.pruning_log.extend(records)
+        return records
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -348,11 +367,63 @@ def _lmms_class() -> type:
     except ImportError:
         return TokpruneLlavaCore
 
+    try:  # lmms-eval >= 0.7.3: per-request token counts land in its samples files
+        from lmms_eval.api.instance import GenerationResult, TokenCounts
+    except ImportError:
+        GenerationResult = None  # noqa: N806
+    else:
+        BudgetCounts = _budget_counts_class(TokenCounts)  # noqa: N806
+
     class TokpruneLlava(TokpruneLlavaCore, lmms):
         __doc__ = TokpruneLlavaCore.__doc__
 
+        def generate_until(self, requests: Sequence[Any]) -> list[Any]:
+            answers = self._answer(requests)
+            if GenerationResult is None:
+                return [text for text, _ in answers]
+            return [
+                GenerationResult(
+                    text=text,
+                    token_counts=BudgetCounts(
+                        input_tokens=record.get("input_tokens"),
+                        output_tokens=record.get("output_tokens"),
+                        budget={k: record[k] for k in BUDGET_FIELDS if k in record},
+                    ),
+                )
+                for text, record in answers
+            ]
+
     TokpruneLlava.__module__, TokpruneLlava.__qualname__ = "tokprune.integrations.lmms_eval", "TokpruneLlava"
     return TokpruneLlava
+
+
+#: Budget fields written into lmms-eval's per-sample ``token_counts`` (beside its input/output token counts).
+BUDGET_FIELDS = (
+    "visual_total",
+    "visual_kept",
+    "visual_after_vision",
+    "tokens_layer_avg",
+    "visual_layer_avg",
+    "flops_ratio",
+)
+
+
+def _budget_counts_class(token_counts_cls: type) -> type:
+    """lmms-eval's ``TokenCounts`` extended with a request's pruning budget.
+
+    lmms-eval logs ``token_counts.to_dict()`` for every sample; a subclass whose ``to_dict`` adds the
+    budget puts kept tokens, equivalent tokens (tokens averaged over LLM layers) and the prefill FLOPs
+    ratio into lmms-eval's own samples files, next to each answer.
+    """
+
+    @dataclass
+    class BudgetCounts(token_counts_cls):  # type: ignore[misc, valid-type]
+        budget: dict[str, Any] = field(default_factory=dict)
+
+        def to_dict(self) -> dict[str, Any]:
+            return {**super().to_dict(), **self.budget}
+
+    return BudgetCounts
 
 
 def __getattr__(name: str) -> Any:
@@ -386,8 +457,158 @@ def register_with_lmms_eval() -> None:
         available.setdefault(MODEL_NAME, "TokpruneLlava")
 
 
+# -- an offline lmms-eval task from the embedded benchmark ----------------------------------------------
+
+_TASK_UTILS = """\
+# Written by tokprune.integrations.lmms_eval.write_shapes_task: the embedded benchmark as an lmms-eval task.
+from pathlib import Path
+
+from PIL import Image
+
+HERE = Path(__file__).resolve().parent
+
+
+def doc_to_visual(doc):
+    return [Image.open(HERE / doc["image"]).convert("RGB")]
+
+
+def doc_to_text(doc, lmms_eval_specific_kwargs=None):
+    return doc["question"]
+
+
+def process_results(doc, results):
+    prediction = results[0].strip().lower().rstrip(".")
+    return {"exact_match": float(prediction == doc["answer"])}
+"""
+
+
+def write_shapes_task(folder: str | Any, split: str = "test", n: int = 50, max_new_tokens: int = 3) -> str:
+    """Write the embedded benchmark as an lmms-eval task that runs offline; returns the task name.
+
+    ``folder`` gets ``tokprune_shapes.yaml``, ``utils.py``, ``data.jsonl`` and one PNG per question:
+    ``lmms-eval --include_path FOLDER --tasks tokprune_shapes ...`` then evaluates exactly the questions
+    ``tokprune run`` sees (``dataset.split=SPLIT``, ``limit=N``), with the same prompt and greedy
+    settings, so a setup can be checked end to end without a hub.
+    """
+    from pathlib import Path
+
+    from .. import data
+
+    if n < 1:
+        raise ValueError(f"n must be >= 1 (questions to write), got {n}")
+    out = Path(folder)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, sample in enumerate(data.benchmark(split=split, n=n)):
+        image = f"images/{i:05d}.png"
+        sample.image.save(out / image)
+        rows.append(
+            {
+                "question_id": sample.question_id,
+                "question": sample.question,
+                "answer": sample.answer,
+                "qtype": sample.qtype,
+                "image": image,
+            }
+        )
+    (out / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (out / "utils.py").write_text(_TASK_UTILS)
+    name = "tokprune_shapes"
+    (out / f"{name}.yaml").write_text(
+        f"task: {name}\n"
+        "dataset_path: json\n"
+        "dataset_kwargs:\n"
+        "  data_files:\n"
+        f"    test: {json.dumps(str((out / 'data.jsonl').resolve()))}\n"
+        "test_split: test\n"
+        "output_type: generate_until\n"
+        "doc_to_visual: !function utils.doc_to_visual\n"
+        "doc_to_text: !function utils.doc_to_text\n"
+        "doc_to_target: answer\n"
+        "process_results: !function utils.process_results\n"
+        "generation_kwargs:\n"
+        f"  max_new_tokens: {max_new_tokens}\n"
+        "  temperature: 0\n"
+        "  do_sample: false\n"
+        "metric_list:\n"
+        "  - metric: exact_match\n"
+        "    aggregation: mean\n"
+        "    higher_is_better: true\n"
+    )
+    return name
+
+
+class LmmsEvalFailedError(RuntimeError):
+    """lmms-eval logged an error (or never asked the model anything) and still returned normally."""
+
+
+#: Requests answered by any ``tokprune_llava`` instance in this process (see :func:`main`).
+_ANSWERED = [0]
+
+
+class _ErrorLog:
+    """Collects the ERROR records lmms-eval logs while it runs (stdlib ``logging`` and loguru).
+
+    lmms-eval resets loguru (``logger.remove()``) when it sets its verbosity, which would drop a sink
+    added beforehand: while collecting, a removal of all handlers (or of ours) re-adds ours.
+    """
+
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+        self._handler: Any = None
+        self._loguru: Any = None
+        self._loguru_id: int | None = None
+
+    def _sink(self, message: Any) -> None:
+        self.messages.append(str(message).strip())
+
+    def __enter__(self) -> _ErrorLog:
+        import logging
+
+        log = self
+
+        class Handler(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                log.messages.append(record.getMessage())
+
+        self._handler = Handler(level=logging.ERROR)
+        logging.getLogger().addHandler(self._handler)
+        try:
+            from loguru import logger
+        except ImportError:
+            return self
+        self._loguru = logger
+        original_remove = logger.remove
+        self._loguru_id = logger.add(self._sink, level="ERROR")
+
+        def remove(handler_id: int | None = None) -> None:
+            original_remove(handler_id)
+            if handler_id is None or handler_id == self._loguru_id:
+                self._loguru_id = logger.add(self._sink, level="ERROR")
+
+        logger.remove = remove  # an instance attribute: undone in __exit__
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import logging
+
+        logging.getLogger().removeHandler(self._handler)
+        if self._loguru is not None:
+            vars(self._loguru).pop("remove", None)
+            try:
+                self._loguru.remove(self._loguru_id)
+            except ValueError:  # already removed by someone else
+                pass
+
+
 def main(argv: Sequence[str] | None = None, cli: Callable[[], Any] | None = None) -> Any:
-    """``python -m tokprune.integrations.lmms_eval <lmms-eval arguments>``: register, then run lmms-eval."""
+    """``python -m tokprune.integrations.lmms_eval <lmms-eval arguments>``: register, then run lmms-eval.
+
+    lmms-eval catches many errors (a task that fails to load, a broken dependency such as filelock 4.x)
+    logs them and still exits 0. So this entry point fails loudly instead: it raises
+    :class:`LmmsEvalFailedError` (exit status 1) when lmms-eval logged an error, or finished without
+    asking ``tokprune_llava`` for a single answer.
+    """
     import sys
 
     register_with_lmms_eval()
@@ -395,7 +616,21 @@ def main(argv: Sequence[str] | None = None, cli: Callable[[], Any] | None = None
         sys.argv = [sys.argv[0], *argv]
     if cli is None:
         from lmms_eval.__main__ import cli_evaluate as cli
-    return cli()
+    answered = _ANSWERED[0]
+    with _ErrorLog() as errors:
+        result = cli()
+    if errors.messages:
+        shown = "; ".join(m.splitlines()[0] for m in errors.messages[:3])
+        raise LmmsEvalFailedError(
+            f"lmms-eval logged {len(errors.messages)} error(s) and returned as if it had succeeded: {shown}. "
+            "Its results are incomplete; see the log above (docs/index.md, 'Evaluating with lmms-eval')"
+        )
+    if _ANSWERED[0] == answered:
+        raise LmmsEvalFailedError(
+            f"lmms-eval finished without asking {MODEL_NAME} for a single answer: check --model, --tasks and the "
+            "log above (a task that failed to load is skipped silently by some lmms-eval versions)"
+        )
+    return result
 
 
 if __name__ == "__main__":

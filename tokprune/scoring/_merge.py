@@ -1,4 +1,5 @@
-"""PruMerge's key-similarity merge of pruned tokens into kept ones, batched."""
+"""Merging, batched: PruMerge's key-similarity merge, and a decide/apply merge of dropped tokens into their
+nearest kept token (used inside the LLM, ``LLMPlan.hidden``)."""
 
 from __future__ import annotations
 
@@ -89,3 +90,63 @@ def prumerge_extra_token(features: Tensor, weights: Tensor, keep: Tensor) -> Ten
     acc = _acc_dtype(features)
     w = weights.to(acc).masked_fill(keep, 0.0)
     return torch.einsum("bn,bnc->bc", w, features.to(acc)).to(features.dtype)
+
+
+def nearest_kept(x: Tensor, keep: Tensor, candidates: Tensor | None = None, eps: float = 1e-8) -> Tensor:
+    """Decide a merge: each dropped candidate's most cosine-similar kept candidate.
+
+    The *decide* half of a ToMe-style split (``facebookresearch/ToMe`` ``tome/merge.py``: matching returns
+    what to merge, a separate step applies it); :func:`merge_mean` applies.
+
+    Args:
+        x: ``[B, L, D]`` states the similarity is measured on.
+        keep: bool ``[B, L]`` kept positions.
+        candidates: optional bool ``[B, L]``: only candidates merge, and only into kept candidates;
+            None = every position.
+        eps: lower bound on each norm.
+
+    Returns:
+        long ``[B, L]``: the target position of each dropped candidate, -1 elsewhere (kept positions,
+        non-candidates, and dropped candidates of a row with no kept candidate). Ties go to the lower index.
+    """
+    check_tensor("x", x, 3, "[B, L, D]")
+    check_float("x", x)
+    check_tensor("keep", keep, 2, "[B, L]")
+    check_bool("keep", keep)
+    b, n = keep.shape
+    cand = torch.ones_like(keep) if candidates is None else check_bool("candidates", candidates)
+    v = x.to(_acc_dtype(x))
+    v = v / v.norm(dim=-1, keepdim=True).clamp_min(eps)
+    sim = v @ v.transpose(1, 2)  # [B, L, L]
+    targets_ok = (keep & cand)[:, None, :]
+    sim = sim.masked_fill(~targets_ok, float("-inf"))
+    target = sim.argmax(dim=-1)  # first maximum: ties to the lower index
+    source = ~keep & cand & targets_ok.any(dim=-1)
+    return torch.where(source, target, torch.full_like(target, -1))
+
+
+def merge_mean(x: Tensor, target: Tensor) -> Tensor:
+    """Apply a merge: each target becomes the mean of itself and every position merged into it.
+
+    Args:
+        x: ``[B, L, D]``.
+        target: long ``[B, L]`` from :func:`nearest_kept` (-1 = not merged).
+
+    Returns:
+        ``[B, L, D]`` in ``x.dtype`` (accumulated in fp32): ``(x_i + sum_{j -> i} x_j) / (1 + #{j -> i})``
+        at targets, ``x`` unchanged elsewhere (merged-away positions keep their value; they are dropped).
+    """
+    check_tensor("x", x, 3, "[B, L, D]")
+    check_float("x", x)
+    check_tensor("target", target, 2, "[B, L]")
+    b, n, d = x.shape
+    if tuple(target.shape) != (b, n):
+        raise ValueError(f"target must have shape [B={b}, L={n}], got {tuple(target.shape)}")
+    acc = _acc_dtype(x)
+    moving = target >= 0
+    slot = torch.where(moving, target, torch.full_like(target, n))  # column n absorbs the non-moving rows
+    total = torch.zeros(b, n + 1, d, dtype=acc, device=x.device)
+    total.scatter_add_(1, slot[:, :, None].expand(b, n, d), x.to(acc))
+    count = torch.zeros(b, n + 1, dtype=acc, device=x.device).scatter_add_(1, slot, moving.to(acc))
+    merged = (x.to(acc) + total[:, :n]) / (1.0 + count[:, :n, None])
+    return torch.where(count[:, :n, None] > 0, merged, x.to(acc)).to(x.dtype)

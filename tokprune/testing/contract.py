@@ -15,9 +15,11 @@ or parametrise pytest over the individual checks (each raises :class:`ContractFa
 What is checked (:data:`CHECKS`):
 
 * ``valid_plan``: the plan has the right type, mask shape and dtype, ``[B, ...]`` diagnostics, finite
-  merged/extra features, and at least one kept token per sample;
-* ``roles``: LLM stage: padding and protected positions are kept, question text unless ``drops_text``,
-  template unless ``drops_template``; image tokens are the only other ones that may go;
+  merged/extra features (LLM stage: finite merged hidden states in the context's dtype), and at least
+  one kept token per sample;
+* ``roles``: LLM stage: the raw ``plan()`` (before the interface forces protected roles back on) drops
+  nothing outside :func:`~tokprune.strategy.droppable_roles` (image; question text with ``drops_text``;
+  template with ``drops_template``), at every layer of its schedule;
 * ``bounds``: strategies with ``min_keep``/``max_keep``/``keep`` parameters keep a count within them
   (capped at the candidate count; the candidates are ``diagnostics["candidates"]`` when the strategy
   reports them, else every patch / every droppable position);
@@ -56,6 +58,8 @@ from tokprune.strategy import (
     VisionContext,
     VisionPlan,
     VisionSignals,
+    droppable_roles,
+    kept_roles,
 )
 
 __all__ = [
@@ -333,6 +337,11 @@ def _check_plan(strategy: PruningStrategy, batch: Batch, plan: VisionPlan | LLMP
             if t.dtype != batch.features.dtype:
                 raise _fail(strategy, check, f"{name} is {t.dtype}, features are {batch.features.dtype}")
     else:
+        if plan.hidden is not None:
+            if not torch.isfinite(plan.hidden).all():
+                raise _fail(strategy, check, "merged hidden states have NaN/inf entries")
+            if plan.hidden.dtype != batch.hidden.dtype:
+                raise _fail(strategy, check, f"hidden is {plan.hidden.dtype}, the context's is {batch.hidden.dtype}")
         kept_real = (plan.keep & (batch.roles != TokenRole.PADDING)).sum(dim=1)
         if (kept_real == 0).any():
             raise _fail(strategy, check, f"kept no real position in samples {(kept_real == 0).nonzero().flatten().tolist()}")
@@ -355,6 +364,14 @@ def _same_plan(strategy: PruningStrategy, a: Any, b: Any, check: str, what: str,
                 raise _fail(strategy, check, f"{what}: {name} differ")
         if (a.features is None) != (b.features is None) or (a.extra is None) != (b.extra is None):
             raise _fail(strategy, check, f"{what}: one plan has merged/extra features, the other not")
+    elif (a.hidden is None) != (b.hidden is None):
+        raise _fail(strategy, check, f"{what}: one plan has merged hidden states, the other not")
+    elif a.hidden is not None:
+        # compared where it is read: at kept positions
+        x, y = a.hidden[a.keep], b.hidden[b.keep]
+        same = torch.equal(x, y) if exact else torch.allclose(x.float(), y.float(), rtol=1e-4, atol=1e-5)
+        if not same:
+            raise _fail(strategy, check, f"{what}: merged hidden states differ")
 
 
 def _slice_plan(plan: Any, i: int, start: int = 0) -> Any:
@@ -364,7 +381,8 @@ def _slice_plan(plan: Any, i: int, start: int = 0) -> Any:
             features=None if plan.features is None else plan.features[i : i + 1],
             extra=None if plan.extra is None else plan.extra[i : i + 1],
         )
-    return LLMPlan(keep=plan.keep[i : i + 1, start:])
+    hidden = None if plan.hidden is None else plan.hidden[i : i + 1, start:]
+    return LLMPlan(keep=plan.keep[i : i + 1, start:], hidden=hidden)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -373,24 +391,33 @@ def _slice_plan(plan: Any, i: int, start: int = 0) -> Any:
 
 
 def check_valid_plan(strategy: PruningStrategy) -> None:
-    """Valid types, shapes, dtypes, finite outputs, ``[B, ...]`` diagnostics, at least one kept token."""
+    """Valid types, shapes, dtypes, finite outputs, ``[B, ...]`` diagnostics, at least one kept token
+    (LLM stage: at every layer of the strategy's schedule)."""
     batch = make_batch(strategy)
     _check_plan(strategy, batch, run(strategy, batch, "valid_plan"), "valid_plan")
+    for layer in strategy.llm_layers[1:]:
+        later = dataclasses.replace(batch, layer=layer)
+        _check_plan(strategy, later, run(strategy, later, f"valid_plan[layer={layer}]"), f"valid_plan[layer={layer}]")
 
 
 def check_roles(strategy: PruningStrategy) -> None:
-    """LLM stage: only image tokens (and declared text/template) may be dropped."""
+    """LLM stage: the *raw* plan (``plan()``, before ``__call__`` forces protected roles back on) drops
+    only roles in :func:`~tokprune.strategy.droppable_roles`, at every layer of the strategy."""
     if strategy.stage is not Stage.LLM:
         return
-    batch = make_batch(strategy)
-    plan = run(strategy, batch, "roles")
-    always = [TokenRole.PADDING, TokenRole.PROTECTED]
-    always += [] if strategy.drops_text else [TokenRole.QUESTION]
-    always += [] if strategy.drops_template else [TokenRole.TEMPLATE]
-    for role in always:
-        dropped = ((batch.roles == role) & ~plan.keep).sum().item()
-        if dropped:
-            raise _fail(strategy, "roles", f"dropped {dropped} {role.name} positions")
+    for layer in strategy.llm_layers:
+        batch = dataclasses.replace(make_batch(strategy), layer=layer)
+        with torch.no_grad():
+            raw = strategy.plan(batch.context())
+        if not isinstance(raw, LLMPlan) or tuple(raw.keep.shape) != tuple(batch.roles.shape):
+            raise _fail(strategy, "roles", f"plan() returned {type(raw).__name__}, not an LLMPlan of the roles' shape")
+        for role in sorted(kept_roles(strategy)):
+            dropped = ((batch.roles == role) & ~raw.keep).sum().item()
+            if dropped:
+                raise _fail(
+                    strategy, "roles", f"plan() at layer {layer} dropped {dropped} {role.name} positions; "
+                    f"{strategy.name} may drop only {sorted(r.name for r in droppable_roles(strategy))}"
+                )
 
 
 def _candidates(strategy: PruningStrategy, batch: Batch, plan: Any) -> Tensor:
@@ -399,10 +426,7 @@ def _candidates(strategy: PruningStrategy, batch: Batch, plan: Any) -> Tensor:
         return given.bool()
     if isinstance(batch, VisionBatch):
         return torch.ones_like(plan.keep)
-    roles = [TokenRole.IMAGE]
-    roles += [TokenRole.QUESTION] if strategy.drops_text else []
-    roles += [TokenRole.TEMPLATE] if strategy.drops_template else []
-    return torch.isin(batch.roles, torch.tensor([int(r) for r in roles]))
+    return torch.isin(batch.roles, torch.tensor([int(r) for r in sorted(droppable_roles(strategy))]))
 
 
 def check_bounds(strategy: PruningStrategy) -> None:

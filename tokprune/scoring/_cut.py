@@ -1,6 +1,7 @@
 """How to cut a score curve: the one place where a per-sample keep count is chosen.
 
-Every adaptive strategy (``cls_knee``, ``text_interact``) goes through the same three steps:
+Public (``tokprune.scoring``) so plugins cut exactly as the built-ins do. Every adaptive strategy
+(``cls_knee``, ``text_interact``) goes through the same three steps:
 
 1. **rule** -> a raw count per sample from the scores of its candidates (:func:`raw_counts`):
    ``knee`` (Kneedle on the descending-sorted curve, keep ``knee + 1``), ``chord`` (the point farthest
@@ -28,8 +29,10 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from tokprune import scoring
-from tokprune.params import param
+from ..params import param
+from ._knee import find_knee, knee_chord
+from ._outliers import iqr_outlier_count, lof_outlier_count
+from ._select import ragged_gather, topk_mask
 
 __all__ = [
     "CUT_RULES",
@@ -37,9 +40,14 @@ __all__ = [
     "Cut",
     "CutParams",
     "CutRule",
+    "CutRuleName",
+    "FallbackName",
     "cut",
+    "cut_bounds",
     "fixed_counts",
     "keep_top",
+    "ragged_raw_counts",
+    "ratio_bounds",
     "raw_counts",
 ]
 
@@ -128,18 +136,18 @@ def raw_counts(scores: Tensor, rule: CutRule, lengths: Tensor | None = None) -> 
     if m < MIN_CURVE:
         return torch.zeros(b, dtype=torch.long, device=scores.device)
     if rule.rule == "knee":
-        knee = scoring.find_knee(scores, sensitivity=rule.sensitivity, online=rule.online, lengths=lengths)
+        knee = find_knee(scores, sensitivity=rule.sensitivity, online=rule.online, lengths=lengths)
         return torch.where(knee >= 0, knee + 1, torch.zeros_like(knee))
     if rule.rule == "chord":
-        knee = scoring.knee_chord(scores, lengths=lengths)
+        knee = knee_chord(scores, lengths=lengths)
         return torch.where(knee >= 0, knee + 1, torch.zeros_like(knee))
     if rule.rule == "iqr":
-        counts = scoring.iqr_outlier_count(scores, factor=rule.iqr_factor, lengths=lengths).long()
+        counts = iqr_outlier_count(scores, factor=rule.iqr_factor, lengths=lengths).long()
         return counts if lengths is None else counts.masked_fill(lengths < MIN_CURVE, 0)
     if rule.rule == "lof":
         if lengths is not None:
             raise ValueError("the lof rule takes dense rows; use ragged_raw_counts for ragged ones")
-        return scoring.lof_outlier_count(scores, n_neighbors=rule.lof_neighbors).long()
+        return lof_outlier_count(scores, n_neighbors=rule.lof_neighbors).long()
     raise ValueError(f"cut rule {rule.rule!r} is not one of {list(CUT_RULES)}")
 
 
@@ -157,7 +165,7 @@ def ragged_raw_counts(scores: Tensor, candidates: Tensor, rule: CutRule) -> Tens
     n = candidates.sum(dim=1)
     if bool(candidates.all()):
         return raw_counts(scores, rule)
-    dense, _, _ = scoring.ragged_gather(scores, candidates)  # left-aligned candidates, [B, max n]
+    dense, _, _ = ragged_gather(scores, candidates)  # left-aligned candidates, [B, max n]
     if rule.rule != "lof":
         return raw_counts(dense, rule, lengths=n)
     # LOF has no ragged form: one batched call per distinct candidate count, each row at its own length.
@@ -170,7 +178,7 @@ def ragged_raw_counts(scores: Tensor, candidates: Tensor, rule: CutRule) -> Tens
     return out
 
 
-def bounds(
+def cut_bounds(
     n: Tensor,
     min_keep: int | Tensor = 1,
     max_keep: int | Tensor | None = None,
@@ -214,7 +222,7 @@ def cut(
     else:
         n = candidates.sum(dim=1)
         raw = ragged_raw_counts(scores, candidates, rule)
-    lo, hi = bounds(n, min_keep, max_keep)
+    lo, hi = cut_bounds(n, min_keep, max_keep)
     found = raw > 0
     if fallback == "fixed":
         alternative = torch.full_like(n, fallback_keep)
@@ -236,7 +244,7 @@ def keep_top(scores: Tensor, counts: Tensor, candidates: Tensor | None = None) -
     """
     if candidates is not None:
         scores = scores.masked_fill(~candidates, float("-inf"))
-    mask = scoring.topk_mask(scores, counts)
+    mask = topk_mask(scores, counts)
     return mask if candidates is None else mask & candidates
 
 

@@ -1,0 +1,76 @@
+"""``vispruner``: VisPruner (Zhang et al., ICCV 2025), important patches by CLS attention plus diverse ones
+after near-duplicate removal."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tokprune import PruningStrategy, Signal, Stage, VisionContext, VisionPlan, param
+from tokprune.scoring import fixed_counts, remove_duplicates
+
+
+@dataclass(frozen=True)
+class VisPrunerParams:
+    keep: int | None = param(None, "patches kept per sample (the reference's visual_token_num); overrides keep_ratio", ge=1)
+    keep_ratio: float = param(0.25, "fraction of patches kept, round(N * keep_ratio), at least 1", gt=0, le=1)
+    important_ratio: float = param(
+        0.5, "share of the budget filled by CLS attention, int(T * r); the rest is diverse (reference: 0.5)", ge=0, le=1
+    )
+    layer: int = param(-2, "encoder layer of the CLS attention (reference: attentions[-2], LLaVA's feature layer)")
+    step: int = param(8, "duplicates removed per round of bipartite matching (reference: 8)", ge=1)
+
+
+class VisPruner(PruningStrategy):
+    """Keep patches by CLS attention, then fill the budget with diverse ones left after near-duplicate removal.
+
+    ``int(T * important_ratio)`` patches by CLS attention; the rest of the budget ``T`` with the diverse
+    patches left after removing near-duplicates among the others.
+
+    Follows ``Theia-4869/VisPruner`` at ``aefa01adc7c7ce6334e880c88225e90cede760d1``,
+    ``llava/model/llava_arch.py`` L141-187 (``encode_images``) and
+    ``llava/model/multimodal_encoder/clip_encoder.py`` L36-52 (the CLS row of ``attentions[select_layer]``):
+
+    1. head-mean CLS attention over the patches at encoder ``layer`` (``attentions[-2]``, from its q/k);
+    2. important: the top ``T_imp = int(T * r)`` by attention; the others, in descending attention
+       order, are the residual;
+    3. residual thinning: alternately split into ``A``/``B``, drop the ``min(step, R - T_div)`` tokens of
+       ``A`` most cosine-similar to some token of ``B``, repeat until ``T_div = T - T_imp`` remain
+       (``tokprune.scoring.remove_duplicates``);
+    4. keep important + residual survivors, in raster order.
+
+    Budget: ``T`` = ``keep`` or ``round(N * keep_ratio)`` visual tokens per sample.
+
+    Deviations: the attention comes from the layer's q/k (same values as eager ``output_attentions``,
+    which the reference needs and sdpa cannot give); ``argsort`` is stable here (ties to the lower
+    index; the reference's is not). The reference crashes when the residual count is odd (its index
+    ``expand(-1, R // 2 - r)`` does not match ``ceil(R / 2) - r`` tokens); here an odd split works.
+
+    Diagnostics: ``scores`` ``[B, N]``, ``important`` ``[B, N]`` (the CLS-attention part),
+    ``keep_count`` ``[B]``.
+    """
+
+    name = "vispruner"
+    stage = Stage.VISION
+    Params = VisPrunerParams
+
+    def requires(self) -> frozenset[Signal]:
+        return frozenset({Signal("qk", self.params.layer)})
+
+    def plan(self, ctx: VisionContext) -> VisionPlan:
+        p = self.params
+        b, n = ctx.features.shape[:2]
+        device = ctx.features.device
+        scores = ctx.signals.cls_attention(p.layer, heads="mean")
+        # one budget for the whole batch: every sample has N patches (an int, as the reference's T)
+        total = int(fixed_counts(torch.tensor([n], device=device), p.keep, p.keep_ratio)[0])
+        n_imp = int(total * p.important_ratio)
+        order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+        important, residual = order[:, :n_imp], order[:, n_imp:]
+        diverse = remove_duplicates(ctx.features, residual, total - n_imp, step=p.step)
+        keep = torch.zeros(b, n, dtype=torch.bool, device=device)
+        keep.scatter_(1, torch.cat([important, diverse], dim=1), True)
+        important_mask = torch.zeros_like(keep).scatter_(1, important, True)
+        counts = keep.sum(dim=1)
+        return VisionPlan(keep=keep, diagnostics={"scores": scores, "important": important_mask, "keep_count": counts})

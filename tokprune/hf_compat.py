@@ -1,0 +1,375 @@
+"""Every contact point between tokprune and the internals of ``transformers``, in one module.
+
+transformers renames and reshapes its internals between minor releases (5.24 renamed the cache keyword
+from ``past_key_values`` to ``cache`` and replaced ``image_hidden_states`` by ``image_outputs``;
+``create_causal_mask`` changed its signature four times in 5.x). So the adapters never touch those
+internals directly: they go through the functions here, which detect each feature by its presence
+(signatures, dataclass fields, attributes), never by comparing version numbers. What cannot be detected
+is refused at ``patch()`` time by :func:`check_model`, naming the missing feature, the installed version
+and the tested range, instead of misbehaving on the first forward.
+
+Where transformers offers a public surface we use it (``GenerationConfig.update``); where the private
+one is the most-changed API we avoid it (the 4-D attention mask is built here, see :func:`attention_mask`;
+RoPE is applied here, see :func:`apply_rope`).
+
+The tested range (:data:`TESTED_RANGE`) is the one ``pyproject.toml`` declares; the policy for raising
+it is in docs/troubleshooting.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from .errors import UnsupportedModelError
+
+__all__ = [
+    "BaseModelOutputWithPooling",
+    "TESTED_MAX",
+    "TESTED_MIN",
+    "TESTED_RANGE",
+    "UntestedTransformersWarning",
+    "apply_rope",
+    "attention_implementation",
+    "attention_mask",
+    "cache_from_kwargs",
+    "cache_keyword",
+    "call_decoder_layer",
+    "call_vision_layer",
+    "check_model",
+    "decoder_features",
+    "generation_config",
+    "llava_output_class",
+    "model_output",
+    "new_dynamic_cache",
+    "rotary_embeddings",
+    "transformers_version",
+    "vision_transformer",
+]
+
+#: Oldest transformers release the whole suite passes on (checked by CI's "minimum" leg).
+TESTED_MIN = "5.6.0"
+#: First minor release *not* tested yet: raised only after CI's canary passes on it.
+TESTED_MAX = "5.25"
+TESTED_RANGE = f">={TESTED_MIN},<{TESTED_MAX}"
+
+#: The cache keyword, newest spelling first (5.24 renamed ``past_key_values`` to ``cache``).
+CACHE_KEYWORDS = ("cache", "past_key_values")
+#: The image-features field of the LLaVA model outputs, newest first (5.24: ``image_outputs``).
+IMAGE_FIELDS = ("image_outputs", "image_hidden_states")
+
+
+class UntestedTransformersWarning(UserWarning):
+    """The installed transformers is outside :data:`TESTED_RANGE` (every feature tokprune needs was found)."""
+
+
+def transformers_version() -> str:
+    import transformers
+
+    return str(transformers.__version__)
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """``"5.24.0.dev0"`` -> ``(5, 24, 0)``: the release numbers, enough to compare with our bounds."""
+    from packaging.version import Version
+
+    return Version(version).release
+
+
+def in_tested_range(version: str | None = None) -> bool:
+    """Whether ``version`` (default: the installed one) lies in :data:`TESTED_RANGE`."""
+    v = _release(version or transformers_version())
+    return _release(TESTED_MIN) <= v < _release(TESTED_MAX)
+
+
+def _refuse(feature: str, detail: str = "") -> UnsupportedModelError:
+    suffix = f" ({detail})" if detail else ""
+    return UnsupportedModelError(
+        f"transformers {transformers_version()} lacks a feature tokprune needs: {feature}{suffix}. "
+        f"tokprune is tested with transformers{TESTED_RANGE}; install a version in that range "
+        f"(pip install 'transformers{TESTED_RANGE}') or see docs/troubleshooting.md"
+    )
+
+
+# -- signatures and keywords -------------------------------------------------------------------------
+
+
+def _parameters(fn: Callable) -> dict[str, inspect.Parameter]:
+    # inspect.signature follows __wrapped__, so transformers' renaming decorators show the real parameters.
+    try:
+        return dict(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return {}
+
+
+def cache_keyword(fn: Callable) -> str | None:
+    """The name under which ``fn`` takes the KV cache (``"cache"`` or ``"past_key_values"``), or None."""
+    params = _parameters(fn)
+    return next((name for name in CACHE_KEYWORDS if name in params), None)
+
+
+def cache_from_kwargs(kwargs: dict[str, Any]) -> Any:
+    """The cache a caller passed under either spelling (None if neither); both at once is an error."""
+    given = [name for name in CACHE_KEYWORDS if kwargs.get(name) is not None]
+    if len(given) > 1:
+        raise ValueError(f"pass the cache once: got both {given[0]}= and {given[1]}=")
+    return kwargs.get(given[0]) if given else None
+
+
+def pop_cache(kwargs: dict[str, Any]) -> Any:
+    """Like :func:`cache_from_kwargs`, removing both spellings from ``kwargs``."""
+    cache = cache_from_kwargs(kwargs)
+    for name in CACHE_KEYWORDS:
+        kwargs.pop(name, None)
+    return cache
+
+
+# -- model outputs -----------------------------------------------------------------------------------
+
+
+def _field_names(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+
+
+def model_output(cls: type, *, last_hidden_state: Tensor, cache: Any, image_features: Any) -> Any:
+    """Instantiate a LLaVA-style model output with whatever the installed layout calls its fields.
+
+    ``image_features`` is the image encoder's output (a ``BaseModelOutputWithPooling`` whose
+    ``pooler_output`` holds one ``[n_i, D]`` tensor per image, or None). Layouts with ``image_outputs``
+    get it as is; older ones (``image_hidden_states``) get the features the LLM saw, packed ``[S, D]``.
+    """
+    fields = _field_names(cls)
+    cache_field = next((name for name in CACHE_KEYWORDS if name in fields), None)
+    image_field = next((name for name in IMAGE_FIELDS if name in fields), None)
+    if cache_field is None or image_field is None:
+        raise _refuse(f"{cls.__name__} with a cache field and an image field", f"fields: {sorted(fields)}")
+    value = image_features
+    if image_field == "image_hidden_states" and image_features is not None:
+        value = torch.cat(list(image_features.pooler_output))
+    return cls(**{"last_hidden_state": last_hidden_state, cache_field: cache, image_field: value})
+
+
+def llava_output_class() -> type:
+    """The output dataclass of ``LlavaModel.forward``."""
+    from transformers.models.llava.modeling_llava import LlavaModelOutputWithPast
+
+    return LlavaModelOutputWithPast
+
+
+def output_cache(output: Any) -> Any:
+    """The cache held by a model output, under either spelling."""
+    for name in CACHE_KEYWORDS:
+        if name in _field_names(type(output)):
+            return getattr(output, name)
+    raise _refuse(f"a cache field on {type(output).__name__}")
+
+
+# -- generation ----------------------------------------------------------------------------------------
+
+
+def generation_config(model: nn.Module, config: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """The effective generation config of a ``generate`` call and the remaining model kwargs.
+
+    The public ``GenerationConfig.update`` (which returns the keywords it did not consume) instead of
+    ``GenerationMixin._prepare_generation_config``, whose signature moves between releases.
+    """
+    import copy
+
+    base = config if config is not None else model.generation_config
+    effective = copy.deepcopy(base)
+    model_kwargs = effective.update(**kwargs)
+    return effective, model_kwargs
+
+
+def new_dynamic_cache(config: Any) -> Any:
+    from transformers.cache_utils import DynamicCache
+
+    return DynamicCache(config=config)
+
+
+def is_dynamic_cache(cache: Any) -> bool:
+    from transformers.cache_utils import DynamicCache
+
+    return isinstance(cache, DynamicCache) and not getattr(cache, "is_compileable", False)
+
+
+# -- attention masks and RoPE -------------------------------------------------------------------------
+
+
+def attention_implementation(config: Any) -> str | None:
+    """The attention implementation a (text) config selects (``"sdpa"``, ``"eager"``, ...)."""
+    return getattr(config, "_attn_implementation", None)
+
+
+def attention_mask(key_valid: Tensor, query_length: int, dtype: torch.dtype, implementation: str) -> Tensor | None:
+    """The 4-D causal + padding mask the decoder layers' attention takes, built here.
+
+    Query ``i`` sits at key position ``K - Q + i`` (the queries are the last ``Q`` of ``K`` keys, as
+    with a cache) and attends to key ``j`` when ``j`` is at or before it and ``key_valid[b, j]``. This
+    is what ``create_causal_mask`` builds for a full-attention model; building it here takes the most
+    changed API of transformers 5.x out of our path. Like transformers, returns None when nothing is
+    masked beyond causality (sdpa then uses its own causal kernel).
+
+    Args:
+        key_valid: bool ``[B, K]``: which keys (cached and new) are not padding.
+        query_length: ``Q <= K``.
+        dtype: the attention's compute dtype (eager masks are additive in it).
+        implementation: ``"sdpa"`` (boolean mask, True = attend) or ``"eager"`` (additive float mask).
+
+    Returns:
+        ``[B, 1, Q, K]`` or None.
+    """
+    b, k = key_valid.shape
+    if implementation == "sdpa" and (query_length == 1 or query_length == k) and bool(key_valid.all()):
+        return None
+    offset = k - query_length
+    q_pos = torch.arange(query_length, device=key_valid.device)[:, None] + offset
+    k_pos = torch.arange(k, device=key_valid.device)[None, :]
+    allowed = (k_pos <= q_pos)[None, None] & key_valid[:, None, None, :]
+    if implementation == "sdpa":
+        return allowed
+    return torch.where(allowed, torch.zeros((), dtype=dtype, device=key_valid.device), torch.finfo(dtype).min)
+
+
+def rotary_embeddings(language_model: nn.Module, hidden: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """RoPE ``(cos, sin)`` ``[B, L, head_dim]`` for ``position_ids`` ``[B, L]`` from the model's own module."""
+    return language_model.rotary_emb(hidden, position_ids=position_ids)
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """Rotate ``q``/``k`` ``[B, H, L, head_dim]`` by ``cos``/``sin`` ``[B, L, head_dim]`` (Llama's RoPE)."""
+    cos, sin = cos[:, None], sin[:, None]
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+# -- calling layers ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DecoderFeatures:
+    """How the installed transformers calls one decoder layer of a language model."""
+
+    cache_keyword: str  #: ``"cache"`` or ``"past_key_values"``
+
+
+@functools.cache
+def _decoder_features(layer_cls: type) -> DecoderFeatures | None:
+    params = _parameters(layer_cls.forward)
+    keyword = next((name for name in CACHE_KEYWORDS if name in params), None)
+    needed = {"hidden_states", "attention_mask", "position_ids", "position_embeddings"}
+    if keyword is None or not needed <= set(params) | {"kwargs"}:
+        return None
+    return DecoderFeatures(cache_keyword=keyword)
+
+
+def decoder_features(layer: nn.Module) -> DecoderFeatures:
+    features = _decoder_features(type(layer))
+    if features is None:
+        raise _refuse(
+            f"{type(layer).__name__}.forward taking hidden_states, attention_mask, position_ids, "
+            f"position_embeddings and a cache keyword ({' or '.join(CACHE_KEYWORDS)})",
+            f"signature: {list(_parameters(type(layer).forward))}",
+        )
+    return features
+
+
+def call_decoder_layer(
+    layer: nn.Module,
+    hidden: Tensor,
+    *,
+    mask: Tensor | None,
+    position_ids: Tensor,
+    position_embeddings: tuple[Tensor, Tensor],
+    cache: Any,
+) -> Tensor:
+    """One decoder layer on ``hidden`` ``[B, L, D]``; returns ``[B, L, D]``, updating ``cache`` if given."""
+    keyword = decoder_features(layer).cache_keyword
+    out = layer(
+        hidden,
+        attention_mask=mask,
+        position_ids=position_ids,
+        use_cache=cache is not None,
+        position_embeddings=position_embeddings,
+        **{keyword: cache},
+    )
+    return out[0] if isinstance(out, tuple) else out
+
+
+def vision_transformer(tower: nn.Module) -> nn.Module:
+    """The module of a CLIP-style tower that holds ``embeddings``, ``pre_layrnorm`` and ``encoder.layers``.
+
+    ``CLIPVisionModel`` nests it as ``vision_model`` in some releases and is it in others.
+    """
+    for candidate in (tower, getattr(tower, "vision_model", None)):
+        if candidate is not None and all(
+            hasattr(candidate, name) for name in ("embeddings", "pre_layrnorm", "encoder")
+        ):
+            return candidate
+    raise _refuse(
+        f"a CLIP vision tower ({type(tower).__name__}) with embeddings, pre_layrnorm and encoder.layers"
+    )
+
+
+def call_vision_layer(layer: nn.Module, hidden: Tensor) -> Tensor:
+    """One encoder layer of a CLIP tower without a mask: ``[I, T, C] -> [I, T, C]``."""
+    params = _parameters(type(layer).forward)
+    extra = {"causal_attention_mask": None} if "causal_attention_mask" in params else {}
+    out = layer(hidden, None, **extra)
+    return out[0] if isinstance(out, tuple) else out
+
+
+# -- patch-time check -----------------------------------------------------------------------------------
+
+
+def check_model(language_model: nn.Module, tower: nn.Module, output_cls: type) -> None:
+    """Refuse at ``patch()`` time when the installed transformers lacks something the adapter needs.
+
+    Raises :class:`~tokprune.errors.UnsupportedModelError` naming the missing feature, the installed
+    version and the tested range; warns with :class:`UntestedTransformersWarning` when every feature is
+    there but the version is outside the tested range.
+    """
+    from transformers import GenerationConfig
+
+    if not language_model.layers:
+        raise _refuse("a language model with decoder layers")
+    decoder_features(language_model.layers[0])
+    if not isinstance(getattr(language_model, "rotary_emb", None), nn.Module):
+        raise _refuse(f"a model-level rotary embedding ({type(language_model).__name__}.rotary_emb)")
+    fields = _field_names(output_cls)
+    if not any(name in fields for name in CACHE_KEYWORDS) or not any(name in fields for name in IMAGE_FIELDS):
+        raise _refuse(
+            f"{output_cls.__name__} with a cache field ({' or '.join(CACHE_KEYWORDS)}) and an image field "
+            f"({' or '.join(IMAGE_FIELDS)})",
+            f"fields: {sorted(fields)}",
+        )
+    if not callable(getattr(GenerationConfig, "update", None)) or not callable(
+        getattr(GenerationConfig, "get_generation_mode", None)
+    ):
+        raise _refuse("GenerationConfig.update and GenerationConfig.get_generation_mode")
+    attn = language_model.layers[0].self_attn
+    for name in ("q_proj", "k_proj", "head_dim", "scaling"):
+        if not hasattr(attn, name):
+            raise _refuse(f"{type(attn).__name__}.{name}")
+    vision_transformer(tower)
+    if not in_tested_range():
+        warnings.warn(
+            f"transformers {transformers_version()} is outside the range tokprune was tested with "
+            f"({TESTED_RANGE}); every feature tokprune needs was found, but check results against the unpruned "
+            "model (docs/troubleshooting.md)",
+            UntestedTransformersWarning,
+            stacklevel=4,  # the caller of patch()
+        )
