@@ -34,6 +34,7 @@ import _common as C
 import torch
 
 import tokprune
+from tokprune import hf_compat as hf
 
 TOPK = "topk(keep_ratio=0.22)"
 
@@ -43,10 +44,10 @@ def prefill(model, inputs, spec: str | None):
     with torch.no_grad():
         if spec is None:
             out = model(**inputs, use_cache=True, logits_to_keep=1)
-            return out.past_key_values, out.logits[:, -1:].argmax(-1), None
+            return hf.output_cache(out), out.logits[:, -1:].argmax(-1), None
         with tokprune.pruned(model, spec) as run:
             out = model(**inputs, use_cache=True, logits_to_keep=1)
-        return out.past_key_values, out.logits[:, -1:].argmax(-1), run.stats
+        return hf.output_cache(out), out.logits[:, -1:].argmax(-1), run.stats
 
 
 def decode(model, cache, token, start: int, steps: int):
@@ -59,7 +60,7 @@ def decode(model, cache, token, start: int, steps: int):
                 input_ids=token,
                 attention_mask=torch.ones(b, cached + i + 1, dtype=torch.long, device=device),
                 position_ids=torch.full((b, 1), start + i, device=device),
-                past_key_values=cache,
+                **{hf.cache_keyword(type(model).forward): cache},
                 use_cache=True,
                 logits_to_keep=1,
             )
@@ -73,12 +74,12 @@ def adapter_decode_matches(model, inputs) -> float:
     with torch.no_grad(), tokprune.pruned(model, TOPK):
         out = model(**inputs, use_cache=True, logits_to_keep=1)
         token = out.logits[:, -1:].argmax(-1)
-        copy = C.expand_cache(out.past_key_values, 1)
+        copy = C.expand_cache(hf.output_cache(out), 1)
         ours = model(
             input_ids=token,
             attention_mask=torch.ones(1, n + 1, dtype=torch.long, device=token.device),
             position_ids=torch.full((1, 1), n, device=token.device),
-            past_key_values=out.past_key_values,
+            **{hf.cache_keyword(type(model).forward): hf.output_cache(out)},
             use_cache=True,
             logits_to_keep=1,
         ).logits

@@ -27,6 +27,7 @@ import _common as C
 import torch
 
 import tokprune
+from tokprune import hf_compat as hf
 
 TOPK = "topk(keep_ratio=0.22)"
 
@@ -63,9 +64,9 @@ def main() -> None:
                 out, stats = generate(model, inputs, spec, 2)
                 if spec:
                     flop_x = float(stats.flops_unpruned[0] / stats.flops_pruned[0])
-                    kv_pruned = C.cache_bytes(out.past_key_values) // batch
+                    kv_pruned = C.cache_bytes(hf.output_cache(out)) // batch
                 else:
-                    kv_full = C.cache_bytes(out.past_key_values) // batch
+                    kv_full = C.cache_bytes(hf.output_cache(out)) // batch
                 del out
             traffic_x = C.predicted_decode_speedup(weights, kv_full, kv_pruned, batch, C.DYNAMIC_CACHE_PASSES)
             for tokens in lengths:

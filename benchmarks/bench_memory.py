@@ -39,6 +39,7 @@ import _common as C
 import torch
 
 import tokprune
+from tokprune import hf_compat as hf
 
 TOPK = "topk(keep_ratio=0.22)"
 
@@ -50,7 +51,7 @@ def generate(model, inputs, spec: str | None, steps: int):
         out = model.generate(
             **inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, return_dict_in_generate=True
         )
-    return out.past_key_values, (run.stats if spec else None)
+    return hf.output_cache(out), (run.stats if spec else None)
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import tokprune
+from tokprune import hf_compat as hf
 from tokprune.testing.models import tiny_llava
 
 _PATH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "_common.py"
@@ -24,7 +25,7 @@ def tiny():
 
 def _prefill_cache(model, inputs):
     with torch.no_grad():
-        return model(**inputs, use_cache=True).past_key_values
+        return hf.output_cache(model(**inputs, use_cache=True))
 
 
 @pytest.mark.parametrize("spec", [None, "topk(keep_ratio=0.25)", "topk(keep_ratio=0.25)+fastv(layer=2, keep=4)"])
