@@ -13,7 +13,10 @@ fp32 and bf16. Prints, per dtype:
 
 Usage::
 
-    OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_prefill.py [--repeats 5] [--dtypes fp32,bf16]
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_prefill.py [--repeats 5] [--dtypes fp32,bf16] [--device cuda]
+
+``--device cuda`` runs the full-depth model of ``_common.py`` instead (24 vision + 32 LLM layers, bf16 by
+default), timed with CUDA events after synchronising.
 
 Times are the best of interleaved rounds (the machine is shared). Prefill runs with
 ``logits_to_keep=1`` (what ``generate`` does), pruned and unpruned alike.
@@ -31,6 +34,7 @@ import platform
 import time
 from collections.abc import Callable
 
+import _common
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
@@ -43,9 +47,12 @@ N_TEXT = 64
 TOPK = "topk(keep_ratio=0.22)"
 COMPOSITE = "cls_knee+text_interact(layer=1)"
 FASTV = "fastv(layer=1, keep_ratio=0.22)"
+DEVICE = "cpu"  # set by --device
 
 
 def build(dtype: torch.dtype) -> LlavaForConditionalGeneration:
+    if DEVICE != "cpu":
+        return _common.build(dtype, DEVICE)  # full depth
     vision = CLIPVisionConfig(
         hidden_size=1024,
         intermediate_size=4096,
@@ -88,10 +95,13 @@ def make_inputs(dtype: torch.dtype) -> dict[str, torch.Tensor]:
     # <s> USER : <image>*576 question ASSISTANT : -> 64 text tokens in all
     ids = torch.cat([text[:3], torch.full((576,), IMAGE_TOKEN), text[3:]])[None]
     pixels = torch.randn(1, 3, 336, 336, generator=gen).to(dtype)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels}
+    out = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels}
+    return {k: v.to(DEVICE) for k, v in out.items()}
 
 
 def once(fn: Callable[[], object]) -> float:
+    if DEVICE != "cpu" or _common.CLOCK == "cpu":
+        return _common.once(fn, DEVICE)  # CUDA events (synchronised), or process CPU time
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
@@ -148,8 +158,8 @@ def decision_time(pipeline: tokprune.Pipeline, contexts: dict[str, object], repe
 def layer_time(model, inputs, repeats: int) -> float:
     """One full-length decoder layer (the unit of the scoring overhead)."""
     lm = model.model.language_model
-    h = torch.randn(1, inputs["input_ids"].shape[1], lm.config.hidden_size, dtype=model.dtype)
-    pos = torch.arange(h.shape[1])[None]
+    h = torch.randn(1, inputs["input_ids"].shape[1], lm.config.hidden_size, dtype=model.dtype, device=DEVICE)
+    pos = torch.arange(h.shape[1], device=DEVICE)[None]
     pe = lm.rotary_emb(h, position_ids=pos)
 
     def run() -> object:
@@ -211,7 +221,7 @@ def decode_step(model, inputs, spec: str | None, repeats: int) -> float:
             cache = hf.output_cache(out)
             n = inputs["input_ids"].shape[1]
             token = out.logits[:, -1:].argmax(-1)
-            mask = torch.ones(1, n + 1, dtype=torch.long)
+            mask = torch.ones(1, n + 1, dtype=torch.long, device=DEVICE)
             state = {"mask": mask, "pos": n}
 
             def step() -> object:
@@ -219,12 +229,12 @@ def decode_step(model, inputs, spec: str | None, repeats: int) -> float:
                 r = model(
                     input_ids=token,
                     attention_mask=state["mask"],
-                    position_ids=torch.tensor([[state["pos"]]]),
+                    position_ids=torch.tensor([[state["pos"]]], device=DEVICE),
                     **{hf.cache_keyword(type(model).forward): cache},
                     use_cache=True,
                     logits_to_keep=1,
                 )
-                state["mask"] = torch.cat([state["mask"], torch.ones(1, 1, dtype=torch.long)], dim=1)
+                state["mask"] = torch.cat([state["mask"], torch.ones(1, 1, dtype=torch.long, device=DEVICE)], dim=1)
                 state["pos"] += 1
                 return r
 
@@ -295,14 +305,23 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dtypes", default="fp32,bf16")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", choices=_common.DEVICES)
+    parser.add_argument("--clock", default="wall", choices=("wall", "cpu"), help="CPU timing: wall or process CPU time")
     args = parser.parse_args()
+    _common.CLOCK = args.clock
+    global DEVICE
+    DEVICE = args.device
+    if DEVICE == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch.cuda.is_available() is False on this machine")
     torch.set_num_threads(args.threads)
     print(
         f"torch {torch.__version__}, threads {torch.get_num_threads()}, OMP_WAIT_POLICY="
-        f"{os.environ.get('OMP_WAIT_POLICY')}, {platform.processor() or platform.machine()}"
+        f"{os.environ.get('OMP_WAIT_POLICY')}, {platform.processor() or platform.machine()}, clock {args.clock}"
     )
-    print("model: CLIP-L/14-336 widths x 2 layers, Llama-7B widths x 2 layers, batch 1, 576 image + 64 text tokens")
-    for d in args.dtypes.split(","):
+    depth = "24 + 32 layers (full)" if DEVICE != "cpu" else "2 + 2 layers"
+    print(f"model: CLIP-L/14-336 and Llama-7B widths, {depth}, batch 1, 576 image + 64 text tokens, {DEVICE}")
+    dtypes = args.dtypes if DEVICE == "cpu" or args.dtypes != "fp32,bf16" else "bf16"
+    for d in dtypes.split(","):
         run_dtype({"fp32": torch.float32, "bf16": torch.bfloat16}[d.strip()], args.repeats)
 
 

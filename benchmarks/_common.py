@@ -1,0 +1,311 @@
+"""Shared pieces of the serving benchmarks (issue 14): the LLaVA-1.5-7B-shaped model, clocks, memory, and the
+memory-traffic model of a decode step.
+
+The model is ``LlavaForConditionalGeneration`` built from config with random weights at real widths
+(CLIP-L/14-336 tower: 1024 wide, 16 heads; Llama-7B: 4096 wide, 11008 MLP, 32 heads, vocabulary 32064).
+On the CPU it is the 2 vision + 2 LLM layer slice of ``bench_prefill.py``; with ``--device cuda`` it is
+full depth (24 + 32 layers, bf16, sdpa), the real LLaVA-1.5-7B cost.
+
+Memory-traffic model of one greedy decode step (weight-bound at batch 1, cache-bound at large batch)::
+
+    bytes(step) = W + passes * B * KV
+
+``W``: bytes of the weights a step reads (decoder layers, final norm, ``lm_head``; the embedding table
+is only indexed); ``KV``: bytes of one sample's cache, ``sum_l 2 * kv_heads * head_dim * n_l * itemsize``
+over the layers ``l`` holding ``n_l`` positions; ``passes``: how often a step touches the cache. A
+preallocated (static/paged) cache is read once by attention (``passes=1``, the issue's model); HF's
+``DynamicCache`` appends with ``torch.cat``, which reads and rewrites the whole cache every step before
+attention reads it (``passes=3``). The predicted speedup of a pruned cache is the ratio of the bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor
+
+IMAGE_TOKEN = 32000
+N_TEXT = 64
+PATCH = 14
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEVICES = ("cpu", "cuda")
+
+#: "wall" (perf_counter) or "cpu" (process CPU time of all threads), set by --clock; CUDA always uses events
+CLOCK = "wall"
+
+#: passes over the cache per decode step: attention's read, plus torch.cat's read and write in DynamicCache
+DYNAMIC_CACHE_PASSES = 3
+
+
+# -- the traffic model (pure; tests/test_bench_common.py) ------------------------------------------------
+
+
+def kv_bytes(tokens_per_layer: Sequence[int] | Tensor, kv_heads: int, head_dim: int, itemsize: int) -> int:
+    """Bytes of one sample's KV cache whose layer ``l`` holds ``tokens_per_layer[l]`` positions (keys + values)."""
+    tokens = torch.as_tensor(tokens_per_layer, dtype=torch.long)
+    if tokens.dim() != 1 or bool((tokens < 0).any()):
+        raise ValueError(f"tokens_per_layer must be a 1-d sequence of counts >= 0, got {tokens_per_layer!r}")
+    for name, value in (("kv_heads", kv_heads), ("head_dim", head_dim), ("itemsize", itemsize)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    return int(2 * kv_heads * head_dim * itemsize * tokens.sum())
+
+
+def decode_bytes(weight_bytes: float, kv_per_sample: float, batch: int, passes: int = 1) -> float:
+    """Bytes one decode step moves: the weights once, the batch's cache ``passes`` times (see module doc)."""
+    if batch < 1 or passes < 1 or weight_bytes < 0 or kv_per_sample < 0:
+        raise ValueError(
+            f"need batch >= 1, passes >= 1 and sizes >= 0; got batch={batch}, passes={passes}, "
+            f"weight_bytes={weight_bytes}, kv_per_sample={kv_per_sample}"
+        )
+    return weight_bytes + passes * batch * kv_per_sample
+
+
+def predicted_decode_speedup(
+    weight_bytes: float, kv_full: float, kv_pruned: float, batch: int, passes: int = 1
+) -> float:
+    """Step time unpruned / pruned if a step costs its bytes (memory-bound): ``bytes(full) / bytes(pruned)``."""
+    return decode_bytes(weight_bytes, kv_full, batch, passes) / decode_bytes(weight_bytes, kv_pruned, batch, passes)
+
+
+def cache_bytes(cache: object) -> int:
+    """Exact bytes the keys and values of a ``DynamicCache`` hold (every layer, every sample), from its tensors.
+
+    A left-padded batch stores its padding too; it is counted (it is memory the cache holds).
+    """
+    layers = getattr(cache, "layers", None)
+    if not layers:
+        raise ValueError(f"expected a transformers Cache with .layers, got {type(cache).__name__}")
+    return sum(t.numel() * t.element_size() for layer in layers for t in (layer.keys, layer.values))
+
+
+def cache_positions(cache: object) -> list[int]:
+    """Positions each layer of a ``DynamicCache`` holds (layers past a pruning point hold fewer)."""
+    return [int(layer.keys.shape[-2]) for layer in cache.layers]
+
+
+def decode_weight_bytes(model: torch.nn.Module) -> int:
+    """``W``: bytes of the language model's weights a decode step reads (all but the embedding table)."""
+    lm = model.model.language_model
+    parts = [lm.layers, lm.norm, model.lm_head]
+    return sum(p.numel() * p.element_size() for part in parts for p in part.parameters())
+
+
+# -- the model ----------------------------------------------------------------------------------------
+
+
+def build(
+    dtype: torch.dtype,
+    device: str = "cpu",
+    *,
+    vision_layers: int | None = None,
+    llm_layers: int | None = None,
+    image_size: int = 336,
+) -> torch.nn.Module:
+    """LLaVA-1.5-7B-shaped model with random weights; depth defaults to 2+2 on CPU and 24+32 on CUDA."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    full = device != "cpu"
+    vision = CLIPVisionConfig(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=vision_layers or (24 if full else 2),
+        num_attention_heads=16,
+        image_size=image_size,
+        patch_size=PATCH,
+        projection_dim=768,
+        hidden_act="quick_gelu",
+    )
+    text = LlamaConfig(
+        vocab_size=32064,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=llm_layers or (32 if full else 2),
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        max_position_embeddings=8192,
+        pad_token_id=0,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=IMAGE_TOKEN,
+        image_seq_length=(image_size // PATCH) ** 2,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    for c in (config, config.text_config, config.vision_config):
+        c._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    # Initialise in the target dtype on the target device: a full-depth fp32 copy would double GPU memory.
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlavaForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(previous)
+    model.generation_config.pad_token_id = 0
+    return model.eval()
+
+
+def num_patches(model: torch.nn.Module) -> int:
+    cfg = model.config.vision_config
+    return (cfg.image_size // cfg.patch_size) ** 2
+
+
+def make_inputs(model: torch.nn.Module, batch: int = 1, n_text: int = N_TEXT) -> dict[str, Tensor]:
+    """``batch`` copies of ``<s> USER : <image>*N question ASSISTANT :`` (``n_text`` text tokens in all)."""
+    device, dtype = model.device, model.dtype
+    side = model.config.vision_config.image_size
+    gen = torch.Generator().manual_seed(0)
+    text = torch.randint(100, 30000, (n_text,), generator=gen)
+    ids = torch.cat([text[:3], torch.full((num_patches(model),), IMAGE_TOKEN), text[3:]])[None].repeat(batch, 1)
+    pixels = torch.randn(1, 3, side, side, generator=gen).repeat(batch, 1, 1, 1)
+    return {
+        "input_ids": ids.to(device),
+        "attention_mask": torch.ones_like(ids).to(device),
+        "pixel_values": pixels.to(device, dtype),
+    }
+
+
+def expand_cache(cache: object, batch: int) -> object:
+    """A ``DynamicCache`` holding ``batch`` copies of a batch-1 cache (same positions in every layer)."""
+    from transformers.cache_utils import DynamicCache
+
+    out = DynamicCache()
+    for i, layer in enumerate(cache.layers):
+        out.update(layer.keys.expand(batch, -1, -1, -1).clone(), layer.values.expand(batch, -1, -1, -1).clone(), i)
+    return out
+
+
+# -- clocks and memory ----------------------------------------------------------------------------------
+
+
+def now() -> float:
+    """Seconds on the CPU clock chosen by ``--clock``.
+
+    ``cpu`` counts the cycles this process's threads ran (``process_time``), not the time they waited
+    for a core: on a machine shared with other jobs it measures the work, where wall time measures the
+    neighbours too. With ``OMP_WAIT_POLICY=PASSIVE`` idle threads sleep, so waiting adds no CPU time.
+    """
+    return time.process_time() if CLOCK == "cpu" else time.perf_counter()
+
+
+def once(fn: Callable[[], object], device: str = "cpu") -> float:
+    """Wall seconds of one call: CUDA events around it on a GPU (synchronised), ``perf_counter`` on the CPU."""
+    if device.startswith("cuda"):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = now()
+    fn()
+    return now() - t0
+
+
+def best_of(fns: dict[str, Callable[[], object]], repeats: int, device: str = "cpu") -> dict[str, float]:
+    """Best time of each function over ``repeats`` interleaved rounds after one warm-up round (not timed).
+
+    Interleaving gives every variant the same background load; the minimum drops the rounds where the
+    neighbours on a shared machine took the cores.
+    """
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for r in range(repeats + 1):
+        for k, fn in fns.items():
+            t = once(fn, device)
+            if r:
+                times[k].append(t)
+    return {k: min(v) for k, v in times.items()}
+
+
+def _rss_peak_kib() -> int:
+    return int(re.search(r"VmHWM:\s+(\d+)", open("/proc/self/status").read()).group(1))
+
+
+@contextmanager
+def peak_memory(device: str) -> Iterator[dict[str, int]]:
+    """Peak bytes allocated inside the block above what was held before it, in ``result["peak"]``.
+
+    CUDA: ``max_memory_allocated`` (the caching allocator's exact count). CPU: the process's resident
+    high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``), which also counts allocator
+    slack, so it is an upper bound of what the tensors needed.
+    """
+    result: dict[str, int] = {}
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        yield result
+        torch.cuda.synchronize()
+        result["peak"] = torch.cuda.max_memory_allocated() - base
+        return
+    import gc
+
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current resident size
+    base = _rss_peak_kib()
+    yield result
+    result["peak"] = (_rss_peak_kib() - base) * 1024
+
+
+# -- command line ---------------------------------------------------------------------------------------
+
+
+def parser(doc: str, dtypes: str = "bf16,fp32") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--device", default="cpu", choices=DEVICES, help="cuda: full-depth 7B, bf16 (default dtypes)")
+    p.add_argument(
+        "--dtypes", default=None, help=f"comma-separated, of {sorted(DTYPES)} (default {dtypes}; cuda: bf16)"
+    )
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2, help="CPU threads")
+    p.add_argument("--clock", default="wall", choices=("wall", "cpu"), help="CPU timing: wall time or process CPU time")
+    p.set_defaults(default_dtypes=dtypes)
+    return p
+
+
+def setup(args: argparse.Namespace) -> list[torch.dtype]:
+    """Threads, device check and the dtypes to run; prints the machine line every table needs."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch.cuda.is_available() is False on this machine")
+    torch.set_num_threads(args.threads)
+    global CLOCK
+    CLOCK = args.clock
+    names = args.dtypes or ("bf16" if args.device == "cuda" else args.default_dtypes)
+    unknown = [n for n in names.split(",") if n.strip() not in DTYPES]
+    if unknown:
+        raise SystemExit(f"unknown dtype {unknown[0]!r}; choose from {', '.join(DTYPES)}")
+    import transformers
+
+    machine = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(
+        f"torch {torch.__version__}, transformers {transformers.__version__}, {args.device} ({machine}), "
+        f"threads {torch.get_num_threads()}, clock {CLOCK if args.device == 'cpu' else 'cuda events'}, "
+        f"load average {load:.1f}"
+    )
+    return [DTYPES[n.strip()] for n in names.split(",")]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in DTYPES.items()}[dtype]
+
+
+def describe(model: torch.nn.Module) -> str:
+    v, t = model.config.vision_config, model.config.text_config
+    return (
+        f"LLaVA-1.5-7B widths, {v.num_hidden_layers} vision + {t.num_hidden_layers} LLM layers, "
+        f"{num_patches(model)} image tokens, {model.dtype}, sdpa"
+    )
