@@ -1,0 +1,684 @@
+"""The family-agnostic pruned decoder: what every model family shares once its images are encoded.
+
+A family adapter (``llava.py``) subclasses :class:`PrunedDecoderAdapter` and supplies only what its family
+knows: how to run the tower and capture its signals (:meth:`~PrunedDecoderAdapter._vision`), which
+token id marks an image and how many tokens each image brings, the FLOP model of its tower, and the
+output class of its model. Everything else lives here and is tested once:
+
+* ``generate()`` checks (greedy or sampling, a dynamic cache, one sequence per prompt);
+* sequence assembly: kept image features scattered into their placeholders, extra tokens inserted
+  after their image, token roles, position modes;
+* the decoder loop: layers ``0..K-1`` see every token, ``K..`` only the kept ones; each run of layers
+  between two pruning points (a *segment*) keeps its own padding mask and position offset in a
+  session attached (weakly) to the cache, so decoding builds a mask sized to each segment's cache;
+* stats and FLOPs.
+
+Per-call state. One :class:`CallState` per ``forward`` (and one per ``generate``, which its forwards
+inherit) is passed down explicitly. The only ambient piece is a :class:`contextvars.ContextVar` that
+names the active call, because two things happen outside our call chain: the q/k forward hooks fire
+inside the layers, and ``generate`` calls our forward through transformers. A context variable is per
+thread (and per asyncio task), so two concurrent calls on one patched model never share state.
+
+KV cache. Pruning happens once, at prefill. Without a cache (``use_cache=False``) ``generate`` re-runs
+the whole sequence each step; the decision is then made on the prompt positions only (the prompt
+length comes from the ``generate`` call) and the generated positions are always kept. By causality the
+prompt positions' hidden states, q and k are those of the prefill, so both modes take the same decision
+and generate the same tokens.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import copy
+import functools
+import inspect
+import weakref
+from collections.abc import Iterator, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .. import hf_compat as hf
+from ..errors import StrategyParamError, UnsupportedModelError
+from ..pipeline import Pipeline
+from ..stats import FlopModel, PruneStats
+from ..strategy import LLMAttention, LLMContext, PruningStrategy, TokenRole
+from ._base import ModelAdapter, Positions
+from ._seq import Seq, compact_positions, scatter_rows, token_roles
+
+__all__ = ["ASSISTANT_MARKER", "CallState", "GenerateCall", "PrunedDecoderAdapter", "VisionOut"]
+
+SUPPORTED_ATTENTION = ("sdpa", "eager")
+SUPPORTED_MODES = ("greedy_search", "sample")
+ASSISTANT_MARKER = "ASSISTANT:"
+
+#: Capture key: ``(stage "vision" | "llm", layer, "q" | "k")``.
+CaptureKey = tuple[str, int, str]
+
+
+@dataclass
+class GenerateCall:
+    """What one ``generate`` call tells the forwards it makes."""
+
+    prompt_len: int
+    use_cache: bool
+    prefilled: bool = False  #: stats are recorded once, at the first forward (the prefill)
+
+
+@dataclass
+class CallState:
+    """The state of one call on a patched model; created by the call and passed down explicitly."""
+
+    adapter: PrunedDecoderAdapter
+    generate: GenerateCall | None = None
+    #: q/k projections the hooks store, only while a tower or a prefill loop runs (None otherwise).
+    capture: dict[CaptureKey, Tensor] | None = None
+
+
+#: The call whose hooks may record (see the module docstring for why this one piece is ambient).
+_ACTIVE: ContextVar[CallState | None] = ContextVar("tokprune_active_call", default=None)
+
+
+@dataclass
+class VisionOut:
+    """A family's encoded images, in the one form the assembly consumes."""
+
+    kept: Tensor  #: ``[S, D]`` projected kept tokens of every image, image-major raster order
+    keep: Tensor  #: bool ``[I, N]``: which of each image's ``N`` tokens are kept
+    extra: Tensor | None  #: ``[I, E, D]`` projected extra tokens (inserted after each image), or None
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Segment:
+    """Decoder layers ``start..`` up to the next segment: one cache length, one position offset."""
+
+    start: int
+    mask: Tensor  #: bool ``[B, C]``: validity of each cached position (grows while decoding)
+    shift: Tensor  #: long ``[B]``: subtracted from the caller's position ids (compact positions)
+
+
+@dataclass
+class _Session:
+    """Bookkeeping one prefill leaves for decoding with its cache."""
+
+    segments: list[_Segment]
+    seen: int  #: unpruned sequence length so far (for ``position_ids=None``, HF's arange convention)
+    batch: int
+
+
+def _expand_return_sequences(arguments: dict, extra: dict, copies: int) -> tuple[tuple, dict]:
+    """``generate`` arguments for ``num_return_sequences = copies``, expanded here instead of by ``generate``.
+
+    ``generate`` encodes the images once and then splits the encoder output per prompt by matching its
+    token counts to the prompts' ``<image>`` placeholders, which pruned features no longer match. So
+    every batch tensor is repeated here exactly as ``generate`` would (``repeat_interleave`` on dim 0:
+    ``[A, B] -> [A, A, B, B]``) and the call asks for one sequence per (repeated) prompt. The sequences,
+    their order and the sampling RNG draws are those of the unpruned call's layout; the cost is that the
+    vision tower runs once per returned sequence instead of once per prompt.
+    """
+
+    def expand(value: Any) -> Any:
+        return value.repeat_interleave(copies, dim=0) if isinstance(value, Tensor) else value
+
+    named = {k: expand(v) for k, v in arguments.items()}
+    named.update((k, expand(v)) for k, v in extra.items())
+    if named.get("generation_config") is not None:
+        # generate() warns on a config object plus generation keywords: change a copy of the object.
+        named["generation_config"] = copy.deepcopy(named["generation_config"])
+        named["generation_config"].num_return_sequences = 1
+        named.pop("num_return_sequences", None)
+    else:
+        named["num_return_sequences"] = 1  # a keyword wins over the model's default config
+    return (), named
+
+
+class PrunedDecoderAdapter(ModelAdapter):
+    """The shared part of every family adapter (see the module docstring).
+
+    A family's ``__init__`` sets the attributes below, then calls :meth:`_init_decoder`; it implements
+    :meth:`_vision` and :meth:`_install_family`. Attributes a family sets:
+
+    * ``_inner``: the module whose ``forward`` is replaced (``LlavaModel``: embeds, tower, LM);
+    * ``_lm``: the language model (``embed_tokens``, ``layers``, ``norm``, ``rotary_emb``);
+    * ``_image_token_id``: the placeholder id of image tokens in ``input_ids``;
+    * ``_tokens_per_image``: tokens one unpruned image brings (``N``);
+    * ``_flops``: the :class:`~tokprune.stats.FlopModel` of the model;
+    * ``_output_class``: the dataclass the replaced forward returns.
+    """
+
+    _inner: nn.Module
+    _lm: nn.Module
+    _image_token_id: int
+    _tokens_per_image: int
+    _flops: FlopModel
+    _output_class: type
+
+    def __init__(
+        self,
+        model: nn.Module,
+        pipeline: Pipeline,
+        *,
+        vision_positions: Positions = "keep",
+        llm_positions: Positions = "keep",
+        question_end: Sequence[int] | Any | None = None,
+    ) -> None:
+        super().__init__(
+            model, pipeline, vision_positions=vision_positions, llm_positions=llm_positions, question_end=question_end
+        )
+        self._marker = _marker_ids(question_end)
+        self._sessions: weakref.WeakKeyDictionary[Any, _Session] = weakref.WeakKeyDictionary()
+
+    def _init_decoder(self) -> None:
+        """Validate the language-model side (after the family set ``_lm``); nothing is touched yet."""
+        self._attn_impl = hf.attention_implementation(self._lm.config)
+        if self._attn_impl not in SUPPORTED_ATTENTION:
+            raise UnsupportedModelError(
+                f"the language model uses attn_implementation={self._attn_impl!r}; tokprune's {self.name} adapter "
+                f"supports {', '.join(SUPPORTED_ATTENTION)} (load the model with attn_implementation='sdpa')"
+            )
+        self._llm_steps = self._check_llm_layers()
+
+    def _check_llm_layers(self) -> dict[int, PruningStrategy]:
+        num_layers = len(self._lm.layers)
+        steps = {}
+        for step in self.pipeline.llm:
+            for k in step.llm_layers:  # a schedule (e.g. PyramidDrop) is one step at each of its layers
+                if not 1 <= k <= num_layers - 1:
+                    raise StrategyParamError(
+                        f"{step.spec()} prunes before decoder layer {k}, but this language model has {num_layers} "
+                        f"layers: layer must be in 1..{num_layers - 1} (layer K-1 provides the scores)"
+                    )
+                steps[k] = step
+        return steps
+
+    # -- the family's part ----------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def _vision(self, call: CallState, pixel_values: Tensor | None, encoded: Any, options: dict) -> tuple[Any, VisionOut | None]:
+        """Encode this call's images: ``(encoder output for the model output, VisionOut or None)``.
+
+        ``encoded`` is what ``generate`` pre-encoded (``mm_encoder_outputs["image"]``) or None;
+        ``options`` the forward's remaining keywords (the family pops its own, e.g. ``image_sizes``).
+        """
+
+    @abc.abstractmethod
+    def _install_family(self) -> None:
+        """Patch the family's own entry points (image features, tower hooks) into ``self._state``."""
+
+    # -- install ------------------------------------------------------------------------------------
+
+    def _install(self) -> None:
+        self._state.set_attribute(self._inner, "forward", self._forward)
+        original_generate = self.model.generate
+
+        @functools.wraps(original_generate)
+        def generate(*args: Any, **kwargs: Any) -> Any:
+            return self._generate_call(original_generate, args, kwargs)
+
+        self._state.set_attribute(self.model, "generate", generate)
+        self._install_family()
+        for k in self._llm_steps:
+            attn = self._lm.layers[k - 1].self_attn
+            self._hook(attn.q_proj, ("llm", k - 1, "q"))
+            self._hook(attn.k_proj, ("llm", k - 1, "k"))
+
+    def _hook(self, module: nn.Module, key: CaptureKey) -> None:
+        def store(_module: nn.Module, _args: Any, output: Tensor) -> None:
+            # Hooks stay registered while patched but only record inside this adapter's capture window.
+            call = _ACTIVE.get()
+            if call is not None and call.adapter is self and call.capture is not None:
+                call.capture[key] = output
+
+        self._state.add_hook(module.register_forward_hook(store))
+
+    @contextlib.contextmanager
+    def _active(self, call: CallState) -> Iterator[CallState]:
+        """Make ``call`` the one this thread's hooks record into, for the block (nests, restores)."""
+        token = _ACTIVE.set(call)
+        try:
+            yield call
+        finally:
+            _ACTIVE.reset(token)
+
+    def _outer_generate(self) -> GenerateCall | None:
+        """The ``generate`` call this forward runs inside, if any (set by :meth:`_generate_call`)."""
+        outer = _ACTIVE.get()
+        return outer.generate if outer is not None and outer.adapter is self else None
+
+    # -- generate -----------------------------------------------------------------------------------
+
+    def _generate_call(self, original: Any, args: tuple, kwargs: dict) -> Any:
+        bound = inspect.signature(original).bind(*args, **kwargs)
+        arguments = dict(bound.arguments)
+        extra = arguments.pop("kwargs", {})
+        config, model_kwargs = hf.generation_config(self.model, arguments.get("generation_config"), extra)
+        self._check_generation(config, arguments, model_kwargs)
+        inputs = arguments.get("inputs")
+        input_ids = inputs if inputs is not None else model_kwargs.get("input_ids")
+        if input_ids is None:
+            raise UnsupportedModelError(
+                "a patched model's generate() needs input_ids (tokprune finds the image in them)"
+            )
+        use_cache = config.use_cache if config.use_cache is not None else True
+        copies = config.num_return_sequences or 1
+        if copies > 1:
+            args, kwargs = _expand_return_sequences(arguments, extra, copies)
+        call = CallState(self, GenerateCall(prompt_len=int(input_ids.shape[1]), use_cache=bool(use_cache)))
+        with self._active(call):
+            return original(*args, **kwargs)
+
+    def _check_generation(self, config: Any, arguments: dict, model_kwargs: dict) -> None:
+        def unsupported(what: str) -> UnsupportedModelError:
+            return UnsupportedModelError(
+                f"{what} is not supported on a pruned model (tokprune prunes once at prefill and supports greedy "
+                "decoding or sampling, with a DynamicCache or no cache); "
+                "call handle.remove() to run it unpruned"
+            )
+
+        mode = config.get_generation_mode(arguments.get("assistant_model"))
+        if str(mode.value) not in SUPPORTED_MODES:
+            raise unsupported(f"generation mode {mode.value!r} (num_beams={config.num_beams})")
+        if arguments.get("custom_generate") is not None:
+            raise unsupported("custom_generate")
+        if config.cache_implementation not in (None, "dynamic"):
+            raise unsupported(f"cache_implementation={config.cache_implementation!r}")
+        if getattr(config, "prefill_chunk_size", None) is not None:
+            raise unsupported("chunked prefill (prefill_chunk_size)")
+        if config.output_attentions or config.output_hidden_states:
+            raise unsupported("output_attentions/output_hidden_states")
+        cache = hf.cache_from_kwargs(model_kwargs)
+        if cache is not None:
+            self._check_cache(cache)
+            if cache.get_seq_length() > 0:
+                raise unsupported("continuing from a non-empty cache (past_key_values)")
+
+    @staticmethod
+    def _check_cache(cache: Any) -> None:
+        if not hf.is_dynamic_cache(cache):
+            raise UnsupportedModelError(
+                f"{type(cache).__name__} is not supported on a pruned model: pruned layers hold fewer positions, "
+                "which needs a DynamicCache (static, quantized and offloaded caches are not supported)"
+            )
+
+    # -- the replaced forward -------------------------------------------------------------------------
+
+    def _forward(
+        self,
+        input_ids: Tensor | None = None,
+        pixel_values: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+        mm_encoder_outputs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        with self._active(CallState(self, self._outer_generate())) as call:
+            return self._forward_call(
+                call, input_ids, pixel_values, attention_mask, position_ids, inputs_embeds, mm_encoder_outputs, kwargs
+            )
+
+    def _forward_call(
+        self,
+        call: CallState,
+        input_ids: Tensor | None,
+        pixel_values: Tensor | None,
+        attention_mask: Tensor | None,
+        position_ids: Tensor | None,
+        inputs_embeds: Tensor | None,
+        mm_encoder_outputs: dict[str, Any] | None,
+        kwargs: dict[str, Any],
+    ) -> Any:
+        # The cache arrives as cache= (transformers >= 5.24) or past_key_values= (older): take either, and
+        # never let it fall through **kwargs unread (each decoding step would then run as a fresh prefill).
+        past = hf.pop_cache(kwargs)
+        if kwargs.get("output_attentions") or kwargs.get("output_hidden_states"):
+            raise UnsupportedModelError(
+                "output_attentions/output_hidden_states are not supported on a pruned model (the layers see "
+                "different sequences); call handle.remove() to inspect the unpruned model"
+            )
+        if input_ids is None or inputs_embeds is not None:
+            raise UnsupportedModelError(
+                "a patched model needs input_ids and no inputs_embeds (tokprune finds the image and the question "
+                "in the token ids)"
+            )
+        pre_encoded = (mm_encoder_outputs or {}).get("image")
+        if pixel_values is not None and pre_encoded is not None:
+            raise ValueError("You cannot specify both pixel_values and mm_encoder_outputs at the same time")
+        return_dict = kwargs.get("return_dict", True)
+        use_cache = kwargs.get("use_cache")
+        use_cache = self._lm.config.use_cache if use_cache is None else use_cache
+        cache = past
+        if cache is not None:
+            self._check_cache(cache)
+        encoded = None
+        if cache is not None and cache.get_seq_length() > 0:
+            hidden = self._decode(input_ids, attention_mask, position_ids, cache)
+        else:
+            if use_cache and cache is None:
+                cache = hf.new_dynamic_cache(self._lm.config)
+            encoded, features = self._vision(call, pixel_values, pre_encoded, kwargs)
+            hidden = self._prefill(call, input_ids, attention_mask, position_ids, cache if use_cache else None, features)
+        out = hf.model_output(
+            self._output_class, last_hidden_state=hidden, cache=cache if use_cache else past, image_features=encoded
+        )
+        return out if return_dict else out.to_tuple()
+
+    # -- prefill ------------------------------------------------------------------------------------
+
+    def _prefill(
+        self,
+        call: CallState,
+        input_ids: Tensor,
+        attention_mask: Tensor | None,
+        position_ids: Tensor | None,
+        cache: Any,
+        features: VisionOut | None,
+    ) -> Tensor:
+        """Run the prompt (and, without a cache, the tokens generated so far); returns ``[B, L, D]``."""
+        b, n = input_ids.shape
+        device = input_ids.device
+        valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        if not bool(valid[:, -1].all()):
+            raise UnsupportedModelError(
+                "right-padded batch: tokprune needs left padding (tokenizer.padding_side='left'), so that every "
+                "sample's last prompt token is in the last column"
+            )
+        pos = torch.arange(n, device=device)[None, :] if position_ids is None else position_ids
+        pos = pos.expand(b, n).long()
+        generated = _generated_count(call.generate, n)
+        prompt_n = n - generated
+        roles, marker_found = token_roles(
+            input_ids[:, :prompt_n], valid[:, :prompt_n], self._image_token_id, self._marker
+        )
+        roles = torch.cat([roles, torch.full((b, generated), int(TokenRole.PROTECTED), device=device)], dim=1)
+        embeds = self._lm.embed_tokens(input_ids)
+        seq, images = self._vision_assembly(input_ids, embeds, valid, pos, roles, prompt_n, features)
+        seq, shift = self._stage_positions(
+            seq, self.vision_positions, torch.zeros(b, dtype=torch.long, device=device), valid.sum(dim=1)
+        )
+        segments = [_Segment(0, seq.valid, shift)]
+        visual_kept = ((seq.roles == TokenRole.IMAGE) & seq.valid).sum(dim=1)
+        num_layers = len(self._lm.layers)
+        layer_tokens = torch.zeros(b, num_layers, dtype=torch.long, device=device)
+        layer_visual = torch.zeros_like(layer_tokens)
+        llm_kept: dict[int, Tensor] = {}
+        diagnostics: dict[str, Any] = dict(features.diagnostics) if features is not None else {}
+        if self._marker is not None:
+            diagnostics["roles.marker_found"] = marker_found
+        seq_valid_count = valid.sum(dim=1)
+
+        call.capture = {}
+        try:
+            embeddings, mask = self._segment_inputs(seq)
+            for i, layer in enumerate(self._lm.layers):
+                if i in self._llm_steps:
+                    seq, step_diag = self._llm_step(call, self._llm_steps[i], i, seq, embeddings, generated)
+                    diagnostics.update(step_diag)
+                    seq, shift = self._stage_positions(seq, self.llm_positions, segments[-1].shift, seq_valid_count)
+                    segments.append(_Segment(i, seq.valid, shift))
+                    llm_kept[i] = (seq.valid & seq.prompt).sum(dim=1)
+                    embeddings, mask = self._segment_inputs(seq)
+                layer_tokens[:, i] = (seq.valid & seq.prompt).sum(dim=1)
+                layer_visual[:, i] = ((seq.roles == TokenRole.IMAGE) & seq.valid).sum(dim=1)
+                seq.hidden = hf.call_decoder_layer(
+                    layer, seq.hidden, mask=mask, position_ids=seq.pos, position_embeddings=embeddings, cache=cache
+                )
+        finally:
+            call.capture = None
+        hidden = self._lm.norm(seq.hidden)
+        if cache is not None:
+            self._sessions[cache] = _Session(segments=segments, seen=n, batch=b)
+        if call.generate is None or not call.generate.prefilled:
+            seq_len = valid[:, :prompt_n].sum(dim=1)
+            self._record(self._stats(seq_len, visual_kept, llm_kept, layer_tokens, layer_visual, images, diagnostics))
+            if call.generate is not None:
+                call.generate.prefilled = True
+        return _scatter_back(hidden, seq, n)
+
+    def _vision_assembly(
+        self,
+        input_ids: Tensor,
+        embeds: Tensor,
+        valid: Tensor,
+        pos: Tensor,
+        roles: Tensor,
+        prompt_n: int,
+        features: VisionOut | None,
+    ) -> tuple[Seq, Tensor]:
+        """Scatter kept image features into their placeholders, insert extra tokens, drop the rest.
+
+        Returns the packed sequence and the number of images per sample (long ``[B]``).
+        """
+        b, n = input_ids.shape
+        device = input_ids.device
+        idx = torch.arange(n, device=device)
+        src = idx[None, :].expand(b, n)
+        prompt = idx[None, :].expand(b, n) < prompt_n
+        # A generated token equal to the image id (no-cache decoding) is text, not a placeholder.
+        image = (input_ids == self._image_token_id) & prompt
+        images = image.sum(dim=1) // self._tokens_per_image
+        keep = valid.clone()
+        if features is None:
+            if bool(image.any()):
+                raise ValueError("the prompt has image tokens but no pixel_values or image features were given")
+            seq = Seq(embeds, valid, pos, roles, src, prompt)
+            return seq.gather(keep), images
+        num_images, num_patches = features.keep.shape
+        if int(image.sum()) != num_images * num_patches:
+            raise ValueError(
+                f"Image features and image tokens do not match: tokens: {int(image.sum())}, "
+                f"features: {num_images * num_patches} ({num_images} images of {num_patches} patches)"
+            )
+        slot_keep = torch.zeros_like(image)
+        slot_keep[image] = features.keep.flatten()
+        embeds = embeds.masked_scatter(slot_keep[..., None], features.kept.to(embeds.dtype))
+        keep &= ~image | slot_keep
+        seq = Seq(embeds, valid, pos, roles, src, prompt)
+        if features.extra is None:
+            return seq.gather(keep), images
+        extra_seq, extra_key = _extra_tokens(image, pos, features.extra.to(embeds.dtype), num_patches)
+        # Put each image's extra tokens right after its block, then pack as usual.
+        key = torch.cat([idx[None, :].expand(b, n).double(), extra_key], dim=1)
+        order = torch.sort(key, dim=1, stable=True).indices
+        joined = Seq.cat([seq, extra_seq]).take(order)
+        joined_keep = torch.take_along_dim(torch.cat([keep, extra_seq.valid], dim=1), order, dim=1)
+        return joined.gather(joined_keep), images
+
+    def _stage_positions(self, seq: Seq, mode: str, shift: Tensor, full_count: Tensor) -> tuple[Seq, Tensor]:
+        """Apply a stage's position mode; returns the sequence and its decoding offset (long ``[B]``).
+
+        ``keep``: positions unchanged, offset inherited. ``compact``: renumbered contiguously; decoding
+        continues right after the last kept position, i.e. at the caller's position minus the number
+        of tokens dropped so far (``full_count`` = unpruned non-padding length).
+        """
+        if mode == "keep":
+            return seq, shift
+        pos = compact_positions(seq.pos, seq.valid)
+        return seq.with_positions(pos), full_count - seq.valid.sum(dim=1)
+
+    def _segment_inputs(self, seq: Seq) -> tuple[tuple[Tensor, Tensor], Any]:
+        """RoPE cos/sin for the segment's positions and its causal + padding mask (prefill: no cached keys)."""
+        embeddings = hf.rotary_embeddings(self._lm, seq.hidden, seq.pos)
+        mask = hf.attention_mask(seq.valid, seq.valid.shape[1], seq.hidden.dtype, self._attn_impl)
+        return embeddings, mask
+
+    # -- LLM stage ----------------------------------------------------------------------------------
+
+    def _llm_step(
+        self,
+        call: CallState,
+        step: PruningStrategy,
+        k: int,
+        seq: Seq,
+        embeddings: tuple[Tensor, Tensor],
+        generated: int,
+    ) -> tuple[Seq, dict[str, Any]]:
+        """Decide with layer K-1's q/k on the prompt positions; keep generated ones; gather."""
+        assert call.capture is not None
+        attn = self._lm.layers[k - 1].self_attn
+        b, n, _ = seq.hidden.shape
+        q = call.capture.pop(("llm", k - 1, "q")).view(b, n, -1, attn.head_dim).transpose(1, 2)
+        key = call.capture.pop(("llm", k - 1, "k")).view(b, n, -1, attn.head_dim).transpose(1, 2)
+        cos, sin = embeddings
+        q, key = hf.apply_rope(q, key, cos, sin)
+        p = n - generated  # generated tokens are the last columns of every row
+        ctx = LLMContext(
+            layer=k,
+            roles=seq.roles[:, :p],
+            hidden=seq.hidden[:, :p],
+            attention=LLMAttention(q[:, :, :p], key[:, :, :p], seq.valid[:, :p], scale=attn.scaling),
+            position_ids=seq.pos[:, :p],
+        )
+        plan = step(ctx)
+        keep = seq.valid.clone()
+        keep[:, :p] &= plan.keep
+        if plan.hidden is not None:  # merged states for the kept prompt positions, applied before the gather
+            merged = torch.where(plan.keep[..., None], plan.hidden, seq.hidden[:, :p])
+            seq = replace(seq, hidden=torch.cat([merged, seq.hidden[:, p:]], dim=1))
+        # a schedule reports each of its layers under its own prefix (``pyramiddrop@8.keep_count``)
+        prefix = step.name if len(step.llm_layers) == 1 else f"{step.name}@{k}"
+        diagnostics = {f"{prefix}.{name}": value for name, value in plan.diagnostics.items()}
+        return seq.gather(keep), diagnostics
+
+    # -- decoding with the pruned cache -------------------------------------------------------------
+
+    def _decode(
+        self, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None, cache: Any
+    ) -> Tensor:
+        """New tokens against the pruned cache: each segment gets a mask sized to its own cache."""
+        session = self._sessions.get(cache)
+        if session is None:
+            raise UnsupportedModelError(
+                "past_key_values was not filled by this patched model's prefill; run the prompt through the "
+                "patched model first (or pass an empty cache)"
+            )
+        b, q = input_ids.shape
+        if b != session.batch:
+            raise UnsupportedModelError(f"batch size changed from {session.batch} to {b} while decoding")
+        device = input_ids.device
+        new_valid = torch.ones(b, q, dtype=torch.bool, device=device)
+        if attention_mask is not None:
+            new_valid = attention_mask[:, -q:].bool()
+        if position_ids is None:
+            position_ids = torch.arange(session.seen, session.seen + q, device=device)[None, :]
+        position_ids = position_ids.expand(b, q).long()
+        hidden = self._lm.embed_tokens(input_ids)
+        starts = {seg.start: seg for seg in session.segments}
+        for i, layer in enumerate(self._lm.layers):
+            if i in starts:
+                seg = starts[i]
+                seg.mask = torch.cat([seg.mask, new_valid], dim=1)
+                pos = position_ids - seg.shift[:, None]
+                embeddings = hf.rotary_embeddings(self._lm, hidden, pos)
+                mask = hf.attention_mask(seg.mask, q, hidden.dtype, self._attn_impl)
+            hidden = hf.call_decoder_layer(
+                layer, hidden, mask=mask, position_ids=pos, position_embeddings=embeddings, cache=cache
+            )
+        session.seen += q
+        return self._lm.norm(hidden)
+
+    # -- stats --------------------------------------------------------------------------------------
+
+    def _stats(
+        self,
+        seq_len: Tensor,
+        visual_kept: Tensor,
+        llm_kept: dict[int, Tensor],
+        layer_tokens: Tensor,
+        layer_visual: Tensor,
+        images: Tensor,
+        diagnostics: dict[str, Any],
+    ) -> PruneStats:
+        fm = self._flops
+        num_layers = layer_tokens.shape[1]
+        n = self._tokens_per_image
+        projected = visual_kept if self.pipeline.vision is not None else images * n
+        unpruned = fm.llm(seq_len[:, None].expand(-1, num_layers)) + fm.vision(images) + fm.projector(images * n)
+        pruned = fm.llm(layer_tokens) + fm.vision(images) + fm.projector(projected)
+        cpu = {k: v.detach().cpu() for k, v in llm_kept.items()}
+        diag = {k: v.detach().cpu() if isinstance(v, Tensor) else v for k, v in diagnostics.items()}
+        return PruneStats(
+            visual_total=n,
+            visual_kept=visual_kept.cpu(),
+            llm_kept=cpu,
+            seq_len=seq_len.cpu(),
+            layer_tokens=layer_tokens.cpu(),
+            layer_visual=layer_visual.cpu(),
+            flops_pruned=pruned.cpu(),
+            flops_unpruned=unpruned.cpu(),
+            images=images.cpu(),
+            diagnostics=diag,
+        )
+
+
+def _generated_count(generate: GenerateCall | None, n: int) -> int:
+    """Tokens at the end of the sequence that ``generate`` (without a cache) produced, not the prompt."""
+    if generate is None or generate.use_cache or n <= generate.prompt_len:
+        return 0
+    return n - generate.prompt_len
+
+
+def _extra_tokens(image: Tensor, pos: Tensor, extra: Tensor, num_patches: int) -> tuple[Seq, Tensor]:
+    """Extra tokens of each image placed right after its block: ``(Seq [B, M, D], order key [B, M])``.
+
+    In ``keep`` mode they share the position id of their image's last placeholder.
+    """
+    b, n = image.shape
+    num_images, e, d = extra.shape
+    flat = image.flatten().nonzero().squeeze(1).view(num_images, num_patches)
+    end = flat[:, -1]
+    img_b, img_l = end // n, end % n
+    first_of_sample = torch.searchsorted(img_b, img_b)
+    rank = torch.arange(num_images, device=image.device) - first_of_sample
+    per_sample = torch.bincount(img_b, minlength=b)
+    m = e * int(per_sample.max())
+    slots = rank[:, None] * e + torch.arange(e, device=image.device)[None, :]
+    rows = img_b[:, None].expand(-1, e)
+    hidden = extra.new_zeros(b, m, d)
+    hidden[rows, slots] = extra
+    valid = torch.zeros(b, m, dtype=torch.bool, device=image.device)
+    valid[rows, slots] = True
+    key = torch.full((b, m), -1.0, dtype=torch.float64, device=image.device)
+    key[rows, slots] = img_l[:, None].double() + (torch.arange(e, device=image.device)[None, :] + 1.0) / (e + 1)
+    extra_pos = torch.zeros(b, m, dtype=torch.long, device=image.device)
+    extra_pos[rows, slots] = pos[img_b, img_l][:, None].expand(-1, e)
+    seq = Seq(
+        hidden=hidden,
+        valid=valid,
+        pos=extra_pos,
+        roles=torch.full((b, m), int(TokenRole.IMAGE), dtype=torch.long, device=image.device),
+        src=torch.full((b, m), -1, dtype=torch.long, device=image.device),
+        prompt=valid.clone(),
+    )
+    return seq, key
+
+
+def _scatter_back(hidden: Tensor, seq: Seq, n: int) -> Tensor:
+    """The packed final hidden states at their original positions ``[B, n, D]``; dropped ones are zero."""
+    return scatter_rows(hidden, seq.src, seq.valid & (seq.src >= 0), n)
+
+
+def _marker_ids(question_end: Any) -> list[int] | None:
+    """The assistant-marker token ids from a sequence of ids or a tokenizer/processor (or None)."""
+    if question_end is None:
+        return None
+    tokenizer = getattr(question_end, "tokenizer", question_end)
+    if hasattr(tokenizer, "encode"):
+        ids = tokenizer.encode(ASSISTANT_MARKER, add_special_tokens=False)
+        if not ids:
+            raise StrategyParamError(f"the tokenizer encodes {ASSISTANT_MARKER!r} to no tokens")
+        return [int(i) for i in ids]
+    if isinstance(question_end, (str, bytes)) or not isinstance(question_end, Sequence):
+        raise StrategyParamError(
+            "question_end must be a sequence of token ids (the assistant marker) or a tokenizer/processor; "
+            f"got {type(question_end).__name__}"
+        )
+    ids = [int(i) for i in question_end]
+    if not ids:
+        raise StrategyParamError("question_end is empty; pass the assistant marker's token ids or None")
+    return ids
