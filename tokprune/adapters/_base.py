@@ -104,6 +104,16 @@ class ModelAdapter(abc.ABC):
         """Why :meth:`matches` is false, in one line (for the error message)."""
         return f"not a model {cls.name!r} understands"
 
+    @classmethod
+    def tiny(cls, seed: int = 0, attn_implementation: str = "sdpa") -> Any:
+        """A tiny random model this adapter matches, for the adapter contract (:mod:`tokprune.testing.adapters`).
+
+        Returns a :class:`tokprune.testing.adapters.TinyCase` (model built from a config, no download,
+        and ``make_inputs`` for ragged batches), or None when the adapter offers none (the contract
+        suite then reports it as failing).
+        """
+        return None
+
     @abc.abstractmethod
     def _install(self) -> None:
         """Patch the instance; record every change in ``self._state``."""
