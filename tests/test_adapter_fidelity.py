@@ -175,3 +175,46 @@ def test_decoding_continues_at_the_unpruned_length():
     prefill, decode = positions[0], positions[1]
     assert prefill.shape[1] == n - 64 + 16 - 12 and prefill[0, -1].item() == n - 1
     assert decode.tolist() == [[n]]
+
+
+def _readme_run(model, processor, spec: str) -> tuple[torch.Tensor, list]:
+    """The README's prompts (8 benchmark samples, ``build_prompt``) through ``spec``; (input_ids, text_interact calls)."""
+    import tokprune.data
+
+    samples = tokprune.data.benchmark("test", n=8)
+    inputs = processor(
+        images=[s.image for s in samples],
+        text=[tokprune.data.build_prompt(s.question) for s in samples],
+        return_tensors="pt",
+        padding=True,
+    )
+    pipeline = tokprune.strategies.get(spec)
+    seen = _spy(pipeline)
+    with tokprune.pruned(model, pipeline), torch.no_grad():  # no question_end: roles from the model's template
+        model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    return inputs["input_ids"], seen["text_interact"]
+
+
+def test_assistant_marker_from_the_embedded_models_template_is_never_dropped():
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    import tokprune.models
+    from tokprune.adapters.roles import template_marker
+
+    path = tokprune.models.path("tiny-llava-shapes")
+    processor = AutoProcessor.from_pretrained(path)
+    model = LlavaForConditionalGeneration.from_pretrained(path).eval()
+    marker = template_marker(processor)
+    assert marker == processor.tokenizer.encode("ASSISTANT:", add_special_tokens=False)  # read from the template
+    ids, calls = _readme_run(model, processor, "text_interact")
+    m = len(marker)
+    assert (ids[:, -m:] == torch.tensor(marker)).all()  # every README prompt ends with the marker
+    ctx, plan = calls[0]
+    assert (ctx.roles[:, -m:-1] == TokenRole.TEMPLATE).all() and (ctx.roles[:, -1] == TokenRole.PROTECTED).all()
+    assert plan.keep[:, -m:].all()
+    # Without the template (a model with no saved tokenizer), the marker is question text and gets dropped:
+    # that is what the template reading prevents.
+    model.name_or_path = model.config._name_or_path = ""
+    _, calls = _readme_run(model, processor, "text_interact")
+    ctx, plan = calls[0]
+    assert (ctx.roles[:, -m:-1] == TokenRole.QUESTION).all() and not plan.keep[:, -m:].all()

@@ -45,11 +45,13 @@ __all__ = [
     "cache_keyword",
     "call_decoder_layer",
     "call_vision_layer",
+    "chat_template_text",
     "check_model",
     "decoder_features",
     "generation_config",
     "llava_output_class",
     "model_output",
+    "model_tokenizer",
     "new_dynamic_cache",
     "rotary_embeddings",
     "transformers_version",
@@ -171,6 +173,42 @@ def output_cache(output: Any) -> Any:
         if name in _field_names(type(output)):
             return getattr(output, name)
     raise _refuse(f"a cache field on {type(output).__name__}")
+
+
+# -- tokenizers and chat templates ----------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer_at(name: str) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name, local_files_only=True)
+    except (OSError, ValueError, KeyError):  # no tokenizer files there (a model built from a config)
+        return None
+
+
+def model_tokenizer(model: nn.Module) -> Any:
+    """The tokenizer saved with ``model`` (where ``from_pretrained`` loaded it from), or None.
+
+    Only local files are read (the directory or the hub cache): patching never downloads. A model built
+    from a config has no ``name_or_path`` and gets None.
+    """
+    name = getattr(model, "name_or_path", "") or getattr(getattr(model, "config", None), "_name_or_path", "")
+    return _tokenizer_at(str(name)) if name else None
+
+
+def chat_template_text(owner: Any, text: str) -> str | None:
+    """One user turn (an image, then ``text``) rendered by ``owner``'s chat template with the generation prompt.
+
+    ``owner`` is a processor or a tokenizer; None when it has no chat template (or no
+    ``apply_chat_template``). The content list uses transformers' documented message format.
+    """
+    if not getattr(owner, "chat_template", None) or not callable(getattr(owner, "apply_chat_template", None)):
+        return None
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+    rendered = owner.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return rendered if isinstance(rendered, str) else None
 
 
 # -- generation ----------------------------------------------------------------------------------------

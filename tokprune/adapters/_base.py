@@ -196,9 +196,11 @@ def patch(
     ``{name: ..., <param>: ...}`` dicts, a strategy, a :class:`~tokprune.Pipeline`). ``vision_positions``
     and ``llm_positions`` choose, per stage, whether kept tokens keep their original position ids
     (``"keep"``, the default) or are renumbered contiguously (``"compact"``, what pre-LLM reference
-    methods do). ``question_end`` bounds the question for the token roles: a token-id sequence (the
-    assistant marker, e.g. the ids of ``" ASSISTANT:"``) or a tokenizer/processor to encode
-    ``"ASSISTANT:"`` with; None: the question runs to the last prompt token. Everything is validated
+    methods do). Token roles come from the model's own chat template: the template text after the
+    question (LLaVA-1.5's ``ASSISTANT:``) is protected by default, read from the tokenizer saved with the
+    model (:mod:`tokprune.adapters.roles`). ``question_end`` overrides it: a token-id sequence (the
+    assistant marker) or a tokenizer/processor whose chat template to read (without one: the ids of
+    ``"ASSISTANT:"``); with neither, the question runs to the last prompt token. Everything is validated
     before the model is touched; ``handle.remove()`` (or :func:`unpatch`) restores it exactly.
     """
     from ..registry import get

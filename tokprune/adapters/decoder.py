@@ -49,12 +49,12 @@ from ..stats import FlopModel, PruneStats
 from ..strategy import LLMAttention, LLMContext, PruningStrategy, TokenRole
 from ._base import ModelAdapter, Positions
 from ._seq import Seq, compact_positions, scatter_rows, token_roles
+from .roles import resolve_marker
 
-__all__ = ["ASSISTANT_MARKER", "CallState", "GenerateCall", "PrunedDecoderAdapter", "VisionOut"]
+__all__ = ["CallState", "GenerateCall", "PrunedDecoderAdapter", "VisionOut"]
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 SUPPORTED_MODES = ("greedy_search", "sample")
-ASSISTANT_MARKER = "ASSISTANT:"
 
 #: Capture key: ``(stage "vision" | "llm", layer, "q" | "k")``.
 CaptureKey = tuple[str, int, str]
@@ -170,7 +170,7 @@ class PrunedDecoderAdapter(ModelAdapter):
         super().__init__(
             model, pipeline, vision_positions=vision_positions, llm_positions=llm_positions, question_end=question_end
         )
-        self._marker = _marker_ids(question_end)
+        self._marker = resolve_marker(question_end, model)
         self._sessions: weakref.WeakKeyDictionary[Any, _Session] = weakref.WeakKeyDictionary()
 
     def _init_decoder(self) -> None:
@@ -661,24 +661,3 @@ def _extra_tokens(image: Tensor, pos: Tensor, extra: Tensor, num_patches: int) -
 def _scatter_back(hidden: Tensor, seq: Seq, n: int) -> Tensor:
     """The packed final hidden states at their original positions ``[B, n, D]``; dropped ones are zero."""
     return scatter_rows(hidden, seq.src, seq.valid & (seq.src >= 0), n)
-
-
-def _marker_ids(question_end: Any) -> list[int] | None:
-    """The assistant-marker token ids from a sequence of ids or a tokenizer/processor (or None)."""
-    if question_end is None:
-        return None
-    tokenizer = getattr(question_end, "tokenizer", question_end)
-    if hasattr(tokenizer, "encode"):
-        ids = tokenizer.encode(ASSISTANT_MARKER, add_special_tokens=False)
-        if not ids:
-            raise StrategyParamError(f"the tokenizer encodes {ASSISTANT_MARKER!r} to no tokens")
-        return [int(i) for i in ids]
-    if isinstance(question_end, (str, bytes)) or not isinstance(question_end, Sequence):
-        raise StrategyParamError(
-            "question_end must be a sequence of token ids (the assistant marker) or a tokenizer/processor; "
-            f"got {type(question_end).__name__}"
-        )
-    ids = [int(i) for i in question_end]
-    if not ids:
-        raise StrategyParamError("question_end is empty; pass the assistant marker's token ids or None")
-    return ids
