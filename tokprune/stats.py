@@ -68,7 +68,7 @@ class PruneStats:
     ``layer_visual`` the visual ones among them.
     """
 
-    #: Patches per image before pruning (N).
+    #: Tokens per image before pruning (``N``; the largest image's when images differ, see ``image_tokens``).
     visual_total: int
     #: long ``[B]``: visual tokens entering the LLM after the vision stage (extra tokens included).
     visual_kept: Tensor
@@ -88,6 +88,14 @@ class PruneStats:
     images: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     #: ``"<strategy>.<key>"`` -> value, from the strategies' plans (knee index, fallback flags...).
     diagnostics: dict[str, Any] = field(default_factory=dict)
+    #: long ``[B]``: visual tokens the sample's images bring unpruned (``images * visual_total`` when
+    #: every image has ``visual_total`` tokens; the sum of its images' own counts when they differ).
+    visual_unpruned: Tensor | None = None
+    #: Per image (all ``[I]``, images in prompt order): its sample, its unpruned token count, and the
+    #: tokens it brings into the LLM after the vision stage (extra tokens included).
+    image_sample: Tensor | None = None
+    image_tokens: Tensor | None = None
+    image_kept: Tensor | None = None
 
     @property
     def batch_size(self) -> int:

@@ -37,13 +37,13 @@ import weakref
 from collections.abc import Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from .. import hf_compat as hf
-from ..errors import StrategyParamError, UnsupportedModelError
+from ..errors import MissingCapabilityError, StrategyParamError, UnsupportedModelError
 from ..pipeline import Pipeline
 from ..stats import FlopModel, PruneStats
 from ..strategy import LLMAttention, LLMContext, PruningStrategy, TokenRole
@@ -88,9 +88,24 @@ class VisionOut:
     """A family's encoded images, in the one form the assembly consumes."""
 
     kept: Tensor  #: ``[S, D]`` projected kept tokens of every image, image-major raster order
-    keep: Tensor  #: bool ``[I, N]``: which of each image's ``N`` tokens are kept
+    keep: Tensor  #: bool ``[I, N]``: which of each image's tokens are kept (padded rows: False past its length)
     extra: Tensor | None  #: ``[I, E, D]`` projected extra tokens (inserted after each image), or None
     diagnostics: dict[str, Any] = field(default_factory=dict)
+    #: long ``[I]``: each image's own token count when images differ in size; None: ``N`` each.
+    lengths: Tensor | None = None
+
+    @property
+    def token_counts(self) -> Tensor:
+        """long ``[I]``: unpruned tokens of each image."""
+        if self.lengths is not None:
+            return self.lengths
+        return torch.full((self.keep.shape[0],), self.keep.shape[1], dtype=torch.long, device=self.keep.device)
+
+    @property
+    def kept_counts(self) -> Tensor:
+        """long ``[I]``: tokens of each image entering the LLM (kept + extra)."""
+        extra = 0 if self.extra is None else self.extra.shape[1]
+        return self.keep.sum(dim=1) + extra
 
 
 @dataclass
@@ -151,6 +166,10 @@ class PrunedDecoderAdapter(ModelAdapter):
     * ``_output_class``: the dataclass the replaced forward returns.
     """
 
+    #: True for families whose images differ in token count (AnyRes tiles, dynamic resolution): their
+    #: vision contexts carry ``lengths``, so only vision strategies declaring ``ragged_vision`` can run.
+    variable_image_tokens: ClassVar[bool] = False
+
     _inner: nn.Module
     _lm: nn.Module
     _image_token_id: int
@@ -182,6 +201,15 @@ class PrunedDecoderAdapter(ModelAdapter):
                 f"supports {', '.join(SUPPORTED_ATTENTION)} (load the model with attn_implementation='sdpa')"
             )
         self._llm_steps = self._check_llm_layers()
+        step = self.pipeline.vision
+        if self.variable_image_tokens and step is not None and not step.ragged_vision:
+            from ..registry import available, describe
+
+            ragged = [name for name in available(stage="vision") if describe(name).cls.ragged_vision]
+            raise MissingCapabilityError(
+                f"{step.name!r} cuts images of one fixed size, but {self.name} images differ in token count "
+                f"(ragged vision contexts); vision strategies that cut per image: {', '.join(ragged)}"
+            )
 
     def _check_llm_layers(self) -> dict[int, PruningStrategy]:
         num_layers = len(self._lm.layers)
@@ -397,7 +425,7 @@ class PrunedDecoderAdapter(ModelAdapter):
         )
         roles = torch.cat([roles, torch.full((b, generated), int(TokenRole.PROTECTED), device=device)], dim=1)
         embeds = self._lm.embed_tokens(input_ids)
-        seq, images = self._vision_assembly(input_ids, embeds, valid, pos, roles, prompt_n, features)
+        seq, image_sample = self._vision_assembly(input_ids, embeds, valid, pos, roles, prompt_n, features)
         seq, shift = self._stage_positions(
             seq, self.vision_positions, torch.zeros(b, dtype=torch.long, device=device), valid.sum(dim=1)
         )
@@ -435,7 +463,9 @@ class PrunedDecoderAdapter(ModelAdapter):
             self._sessions[cache] = _Session(segments=segments, seen=n, batch=b)
         if call.generate is None or not call.generate.prefilled:
             seq_len = valid[:, :prompt_n].sum(dim=1)
-            self._record(self._stats(seq_len, visual_kept, llm_kept, layer_tokens, layer_visual, images, diagnostics))
+            self._record(
+                self._stats(seq_len, visual_kept, llm_kept, layer_tokens, layer_visual, image_sample, features, diagnostics)
+            )
             if call.generate is not None:
                 call.generate.prefilled = True
         return _scatter_back(hidden, seq, n)
@@ -452,7 +482,9 @@ class PrunedDecoderAdapter(ModelAdapter):
     ) -> tuple[Seq, Tensor]:
         """Scatter kept image features into their placeholders, insert extra tokens, drop the rest.
 
-        Returns the packed sequence and the number of images per sample (long ``[B]``).
+        Images fill the placeholder runs in order, image ``i`` taking the next ``token_counts[i]``
+        placeholders (their counts may differ). Returns the packed sequence and, per image, the sample
+        it belongs to (long ``[I]``; empty without images).
         """
         b, n = input_ids.shape
         device = input_ids.device
@@ -461,33 +493,34 @@ class PrunedDecoderAdapter(ModelAdapter):
         prompt = idx[None, :].expand(b, n) < prompt_n
         # A generated token equal to the image id (no-cache decoding) is text, not a placeholder.
         image = (input_ids == self._image_token_id) & prompt
-        images = image.sum(dim=1) // self._tokens_per_image
         keep = valid.clone()
         if features is None:
             if bool(image.any()):
                 raise ValueError("the prompt has image tokens but no pixel_values or image features were given")
             seq = Seq(embeds, valid, pos, roles, src, prompt)
-            return seq.gather(keep), images
-        num_images, num_patches = features.keep.shape
-        if int(image.sum()) != num_images * num_patches:
+            return seq.gather(keep), torch.zeros(0, dtype=torch.long, device=device)
+        counts = features.token_counts
+        if int(image.sum()) != int(counts.sum()):
             raise ValueError(
                 f"Image features and image tokens do not match: tokens: {int(image.sum())}, "
-                f"features: {num_images * num_patches} ({num_images} images of {num_patches} patches)"
+                f"features: {int(counts.sum())} ({counts.numel()} images of {counts.tolist()} tokens)"
             )
+        last = image.flatten().nonzero().squeeze(1)[counts.cumsum(0) - 1]  # flat index of each image's last token
+        real = torch.arange(features.keep.shape[1], device=device)[None, :] < counts[:, None]
         slot_keep = torch.zeros_like(image)
-        slot_keep[image] = features.keep.flatten()
+        slot_keep[image] = features.keep[real]
         embeds = embeds.masked_scatter(slot_keep[..., None], features.kept.to(embeds.dtype))
         keep &= ~image | slot_keep
         seq = Seq(embeds, valid, pos, roles, src, prompt)
         if features.extra is None:
-            return seq.gather(keep), images
-        extra_seq, extra_key = _extra_tokens(image, pos, features.extra.to(embeds.dtype), num_patches)
+            return seq.gather(keep), last // n
+        extra_seq, extra_key = _extra_tokens(last, (b, n), pos, features.extra.to(embeds.dtype))
         # Put each image's extra tokens right after its block, then pack as usual.
         key = torch.cat([idx[None, :].expand(b, n).double(), extra_key], dim=1)
         order = torch.sort(key, dim=1, stable=True).indices
         joined = Seq.cat([seq, extra_seq]).take(order)
         joined_keep = torch.take_along_dim(torch.cat([keep, extra_seq.valid], dim=1), order, dim=1)
-        return joined.gather(joined_keep), images
+        return joined.gather(joined_keep), last // n
 
     def _stage_positions(self, seq: Seq, mode: str, shift: Tensor, full_count: Tensor) -> tuple[Seq, Tensor]:
         """Apply a stage's position mode; returns the sequence and its decoding offset (long ``[B]``).
@@ -591,19 +624,24 @@ class PrunedDecoderAdapter(ModelAdapter):
         llm_kept: dict[int, Tensor],
         layer_tokens: Tensor,
         layer_visual: Tensor,
-        images: Tensor,
+        image_sample: Tensor,
+        features: VisionOut | None,
         diagnostics: dict[str, Any],
     ) -> PruneStats:
+        """Counts and FLOPs per sample, and per image (``image_sample`` long ``[I]``: each image's sample)."""
         fm = self._flops
-        num_layers = layer_tokens.shape[1]
-        n = self._tokens_per_image
-        projected = visual_kept if self.pipeline.vision is not None else images * n
-        unpruned = fm.llm(seq_len[:, None].expand(-1, num_layers)) + fm.vision(images) + fm.projector(images * n)
+        b, num_layers = layer_tokens.shape
+        images = torch.bincount(image_sample, minlength=b)
+        image_tokens = features.token_counts if features is not None else image_sample.new_zeros(0)
+        image_kept = features.kept_counts if features is not None else image_sample.new_zeros(0)
+        visual_unpruned = torch.zeros_like(seq_len).index_add_(0, image_sample, image_tokens.to(seq_len.dtype))
+        projected = visual_kept if self.pipeline.vision is not None else visual_unpruned
+        unpruned = fm.llm(seq_len[:, None].expand(-1, num_layers)) + fm.vision(images) + fm.projector(visual_unpruned)
         pruned = fm.llm(layer_tokens) + fm.vision(images) + fm.projector(projected)
         cpu = {k: v.detach().cpu() for k, v in llm_kept.items()}
         diag = {k: v.detach().cpu() if isinstance(v, Tensor) else v for k, v in diagnostics.items()}
         return PruneStats(
-            visual_total=n,
+            visual_total=self._tokens_per_image,
             visual_kept=visual_kept.cpu(),
             llm_kept=cpu,
             seq_len=seq_len.cpu(),
@@ -613,6 +651,10 @@ class PrunedDecoderAdapter(ModelAdapter):
             flops_unpruned=unpruned.cpu(),
             images=images.cpu(),
             diagnostics=diag,
+            visual_unpruned=visual_unpruned.cpu(),
+            image_sample=image_sample.cpu(),
+            image_tokens=image_tokens.cpu(),
+            image_kept=image_kept.cpu(),
         )
 
 
@@ -623,36 +665,36 @@ def _generated_count(generate: GenerateCall | None, n: int) -> int:
     return n - generate.prompt_len
 
 
-def _extra_tokens(image: Tensor, pos: Tensor, extra: Tensor, num_patches: int) -> tuple[Seq, Tensor]:
+def _extra_tokens(end: Tensor, shape: tuple[int, int], pos: Tensor, extra: Tensor) -> tuple[Seq, Tensor]:
     """Extra tokens of each image placed right after its block: ``(Seq [B, M, D], order key [B, M])``.
 
-    In ``keep`` mode they share the position id of their image's last placeholder.
+    ``end`` (long ``[I]``) is the flat index in the ``[B, n]`` sequence of each image's last placeholder.
+    In ``keep`` mode the extra tokens share that placeholder's position id.
     """
-    b, n = image.shape
+    b, n = shape
     num_images, e, d = extra.shape
-    flat = image.flatten().nonzero().squeeze(1).view(num_images, num_patches)
-    end = flat[:, -1]
+    device = end.device
     img_b, img_l = end // n, end % n
     first_of_sample = torch.searchsorted(img_b, img_b)
-    rank = torch.arange(num_images, device=image.device) - first_of_sample
+    rank = torch.arange(num_images, device=device) - first_of_sample
     per_sample = torch.bincount(img_b, minlength=b)
     m = e * int(per_sample.max())
-    slots = rank[:, None] * e + torch.arange(e, device=image.device)[None, :]
+    slots = rank[:, None] * e + torch.arange(e, device=device)[None, :]
     rows = img_b[:, None].expand(-1, e)
     hidden = extra.new_zeros(b, m, d)
     hidden[rows, slots] = extra
-    valid = torch.zeros(b, m, dtype=torch.bool, device=image.device)
+    valid = torch.zeros(b, m, dtype=torch.bool, device=device)
     valid[rows, slots] = True
-    key = torch.full((b, m), -1.0, dtype=torch.float64, device=image.device)
-    key[rows, slots] = img_l[:, None].double() + (torch.arange(e, device=image.device)[None, :] + 1.0) / (e + 1)
-    extra_pos = torch.zeros(b, m, dtype=torch.long, device=image.device)
+    key = torch.full((b, m), -1.0, dtype=torch.float64, device=device)
+    key[rows, slots] = img_l[:, None].double() + (torch.arange(e, device=device)[None, :] + 1.0) / (e + 1)
+    extra_pos = torch.zeros(b, m, dtype=torch.long, device=device)
     extra_pos[rows, slots] = pos[img_b, img_l][:, None].expand(-1, e)
     seq = Seq(
         hidden=hidden,
         valid=valid,
         pos=extra_pos,
-        roles=torch.full((b, m), int(TokenRole.IMAGE), dtype=torch.long, device=image.device),
-        src=torch.full((b, m), -1, dtype=torch.long, device=image.device),
+        roles=torch.full((b, m), int(TokenRole.IMAGE), dtype=torch.long, device=device),
+        src=torch.full((b, m), -1, dtype=torch.long, device=device),
         prompt=valid.clone(),
     )
     return seq, key

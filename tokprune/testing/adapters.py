@@ -236,7 +236,11 @@ def check_stats(adapter: type) -> None:
         _logits(case.model, inputs)
     s = run.stats
     assert s is not None
-    unpruned_visual = s.images * s.visual_total
+    assert s.visual_unpruned is not None and s.image_sample is not None and s.image_kept is not None
+    unpruned_visual = s.visual_unpruned
+    per_sample = torch.zeros_like(s.visual_kept).index_add_(0, s.image_sample, s.image_kept)
+    assert torch.equal(per_sample, s.visual_kept), "per-image kept counts do not add up to the sample's"
+    assert torch.equal(torch.bincount(s.image_sample, minlength=len(LENGTHS)), s.images), "images per sample"
     assert torch.equal(s.seq_len, inputs["attention_mask"].sum(dim=1)), "seq_len is not the prompt length"
     assert torch.equal(s.layer_tokens[:, 0], s.seq_len - unpruned_visual + s.visual_kept), "layer 0 count"
     assert torch.equal(s.layer_visual[:, 0], s.visual_kept), "visual tokens entering the LLM"
