@@ -38,6 +38,8 @@ __all__ = [
     "TESTED_MIN",
     "TESTED_RANGE",
     "UntestedTransformersWarning",
+    "anyres_layout",
+    "anyres_tiles",
     "apply_rope",
     "attention_implementation",
     "attention_mask",
@@ -46,9 +48,11 @@ __all__ = [
     "call_decoder_layer",
     "call_vision_layer",
     "chat_template_text",
+    "check_anyres",
     "check_model",
     "decoder_features",
     "generation_config",
+    "llava_next_output_class",
     "llava_output_class",
     "model_output",
     "model_tokenizer",
@@ -165,6 +169,13 @@ def llava_output_class() -> type:
     from transformers.models.llava.modeling_llava import LlavaModelOutputWithPast
 
     return LlavaModelOutputWithPast
+
+
+def llava_next_output_class() -> type:
+    """The output dataclass of ``LlavaNextModel.forward``."""
+    from transformers.models.llava_next.modeling_llava_next import LlavaNextModelOutputWithPast
+
+    return LlavaNextModelOutputWithPast
 
 
 def output_cache(output: Any) -> Any:
@@ -368,6 +379,56 @@ def call_vision_layer(layer: nn.Module, hidden: Tensor) -> Tensor:
     extra = {"causal_attention_mask": None} if "causal_attention_mask" in params else {}
     out = layer(hidden, None, **extra)
     return out[0] if isinstance(out, tuple) else out
+
+
+# -- LLaVA-NeXT (AnyRes) --------------------------------------------------------------------------------
+
+
+def anyres_tiles(config: Any, image_sizes: Tensor) -> list[int]:
+    """Tower passes of each image (base image + AnyRes tiles) for ``image_sizes`` long ``[I, 2]`` (h, w).
+
+    LLaVA-NeXT's own count (``image_size_to_num_patches``), so it always agrees with its processor.
+    """
+    try:
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+    except ImportError as exc:
+        raise _refuse("transformers.models.llava_next.image_size_to_num_patches") from exc
+    return [
+        int(
+            image_size_to_num_patches(
+                image_size=size, grid_pinpoints=config.image_grid_pinpoints, patch_size=config.vision_config.image_size
+            )
+        )
+        for size in image_sizes
+    ]
+
+
+def check_anyres(inner: nn.Module) -> None:
+    """Refuse at ``patch()`` time when ``LlavaNextModel`` lacks the packing :func:`anyres_layout` runs."""
+    params = _parameters(getattr(inner, "pack_image_features", None) or (lambda: None))
+    if not {"image_features", "image_sizes", "image_newline"} <= set(params):
+        raise _refuse(
+            f"{type(inner).__name__}.pack_image_features(image_features, image_sizes, ..., image_newline)",
+            f"signature: {list(params)}",
+        )
+
+
+def anyres_layout(inner: nn.Module, tiles: list[int], tokens_per_tile: int, image_sizes: Tensor, select: str) -> list[Tensor]:
+    """Where each token LLaVA-NeXT feeds the LLM comes from, per image: long ``[P_i]``.
+
+    Entry ``j`` of image ``i`` is the index of its ``j``-th LLM token among the image's
+    ``tiles[i] * tokens_per_tile`` tile tokens (tile-major, raster order), or -1 for a newline token.
+    The model's own ``pack_image_features`` (base image, then the tiles' grid unpadded to the image's
+    aspect ratio with a newline after each row) is run on the indices themselves, so the layout is
+    exactly the one the unpatched model builds, whatever its release does inside.
+    """
+    index = [
+        torch.arange(t * tokens_per_tile, dtype=torch.float64, device=image_sizes.device).view(t, tokens_per_tile, 1)
+        for t in tiles
+    ]
+    newline = torch.full((1,), -1.0, dtype=torch.float64, device=image_sizes.device)
+    packed, _ = inner.pack_image_features(index, image_sizes, vision_feature_select_strategy=select, image_newline=newline)
+    return [p[:, 0].round().long() for p in packed]
 
 
 # -- patch-time check -----------------------------------------------------------------------------------

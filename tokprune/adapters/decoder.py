@@ -51,7 +51,7 @@ from ._base import ModelAdapter, Positions
 from ._seq import Seq, compact_positions, scatter_rows, token_roles
 from .roles import resolve_marker
 
-__all__ = ["CallState", "GenerateCall", "PrunedDecoderAdapter", "VisionOut"]
+__all__ = ["CallState", "GenerateCall", "PrunedDecoderAdapter", "PrunedImageFeatures", "VisionOut"]
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 SUPPORTED_MODES = ("greedy_search", "sample")
@@ -93,6 +93,16 @@ class VisionOut:
     diagnostics: dict[str, Any] = field(default_factory=dict)
     #: long ``[I]``: each image's own token count when images differ in size; None: ``N`` each.
     lengths: Tensor | None = None
+    #: long ``[I]``: tower passes each image cost (AnyRes: its tiles); None: one each.
+    tower_runs: Tensor | None = None
+
+    @classmethod
+    def unpruned(cls, per_image: Sequence[Tensor]) -> VisionOut:
+        """Unpruned features (one ``[N_i, D]`` per image) keeping everything, rows padded to the longest."""
+        kept = torch.cat(list(per_image))
+        lengths = torch.tensor([p.shape[0] for p in per_image], dtype=torch.long, device=kept.device)
+        keep = torch.arange(int(lengths.max()), device=kept.device)[None, :] < lengths[:, None]
+        return cls(kept=kept, keep=keep, extra=None, lengths=lengths)
 
     @property
     def token_counts(self) -> Tensor:
@@ -106,6 +116,46 @@ class VisionOut:
         """long ``[I]``: tokens of each image entering the LLM (kept + extra)."""
         extra = 0 if self.extra is None else self.extra.shape[1]
         return self.keep.sum(dim=1) + extra
+
+
+@dataclass
+class PrunedImageFeatures(hf.BaseModelOutputWithPooling):
+    """``get_image_features`` output of a patched model (what ``generate`` pre-encodes and passes back).
+
+    ``pooler_output`` is a list with one ``[n_i + E, D]`` tensor per image: its kept tokens in order,
+    then its ``E`` extra tokens. ``keep`` (bool ``[I, N]``) says which tokens they are, ``lengths``
+    (long ``[I]`` or None) how many each image has, ``tower_runs`` its tower passes.
+    """
+
+    keep: Tensor | None = None
+    num_extra: int | None = None
+    diagnostics: dict[str, Any] | None = None
+    lengths: Tensor | None = None
+    tower_runs: Tensor | None = None
+
+    @classmethod
+    def of(cls, out: VisionOut) -> PrunedImageFeatures:
+        per_image = list(out.kept.split(out.keep.sum(dim=1).tolist()))
+        if out.extra is not None:
+            per_image = [torch.cat([p, e]) for p, e in zip(per_image, out.extra)]
+        num_extra = 0 if out.extra is None else int(out.extra.shape[1])
+        return cls(
+            pooler_output=per_image,
+            keep=out.keep,
+            num_extra=num_extra,
+            diagnostics=out.diagnostics,
+            lengths=out.lengths,
+            tower_runs=out.tower_runs,
+        )
+
+    def vision_out(self) -> VisionOut:
+        assert self.keep is not None
+        per_image, keep, e = list(self.pooler_output), self.keep, self.num_extra or 0
+        counts = keep.sum(dim=1).tolist()
+        kept = torch.cat([p[:c] for p, c in zip(per_image, counts)])
+        extra = torch.stack([p[c:] for p, c in zip(per_image, counts)]) if e else None
+        diagnostics = dict(self.diagnostics or {})
+        return VisionOut(kept, keep, extra, diagnostics, lengths=self.lengths, tower_runs=self.tower_runs)
 
 
 @dataclass
@@ -632,12 +682,15 @@ class PrunedDecoderAdapter(ModelAdapter):
         fm = self._flops
         b, num_layers = layer_tokens.shape
         images = torch.bincount(image_sample, minlength=b)
+        runs = images
+        if features is not None and features.tower_runs is not None:
+            runs = torch.zeros_like(images).index_add_(0, image_sample, features.tower_runs.to(images.dtype))
         image_tokens = features.token_counts if features is not None else image_sample.new_zeros(0)
         image_kept = features.kept_counts if features is not None else image_sample.new_zeros(0)
         visual_unpruned = torch.zeros_like(seq_len).index_add_(0, image_sample, image_tokens.to(seq_len.dtype))
         projected = visual_kept if self.pipeline.vision is not None else visual_unpruned
-        unpruned = fm.llm(seq_len[:, None].expand(-1, num_layers)) + fm.vision(images) + fm.projector(visual_unpruned)
-        pruned = fm.llm(layer_tokens) + fm.vision(images) + fm.projector(projected)
+        unpruned = fm.llm(seq_len[:, None].expand(-1, num_layers)) + fm.vision(runs) + fm.projector(visual_unpruned)
+        pruned = fm.llm(layer_tokens) + fm.vision(runs) + fm.projector(projected)
         cpu = {k: v.detach().cpu() for k, v in llm_kept.items()}
         diag = {k: v.detach().cpu() if isinstance(v, Tensor) else v for k, v in diagnostics.items()}
         return PruneStats(

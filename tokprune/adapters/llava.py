@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from .. import hf_compat as hf
@@ -31,40 +29,12 @@ from ..pipeline import Pipeline
 from ..stats import FlopModel
 from ..strategy import Signal, VisionContext, VisionSignals
 from ._base import Positions
-from .decoder import CallState, PrunedDecoderAdapter, VisionOut
+from .decoder import CallState, PrunedDecoderAdapter, PrunedImageFeatures, VisionOut
 
 __all__ = ["LlavaAdapter", "PrunedImageFeatures"]
 
 #: Keywords of ``LlavaModel.forward`` that concern the tower (popped from the forward's options).
 _VISION_OPTIONS = ("vision_feature_layer", "vision_feature_select_strategy", "image_sizes")
-
-
-@dataclass
-class PrunedImageFeatures(hf.BaseModelOutputWithPooling):
-    """``get_image_features`` output of a patched model.
-
-    ``pooler_output`` is a list with one ``[n_i + E, D]`` tensor per image: its kept patches in raster
-    order, then its ``E`` extra tokens. ``keep`` (bool ``[I, N]``) says which patches they are.
-    """
-
-    keep: Tensor | None = None
-    num_extra: int | None = None
-    diagnostics: dict[str, Any] | None = None
-
-    @classmethod
-    def of(cls, out: VisionOut) -> PrunedImageFeatures:
-        per_image = list(out.kept.split(out.keep.sum(dim=1).tolist()))
-        if out.extra is not None:
-            per_image = [torch.cat([p, e]) for p, e in zip(per_image, out.extra)]
-        num_extra = 0 if out.extra is None else int(out.extra.shape[1])
-        return cls(pooler_output=per_image, keep=out.keep, num_extra=num_extra, diagnostics=out.diagnostics)
-
-    def vision_out(self) -> VisionOut:
-        per_image, keep, e = list(self.pooler_output), self.keep, self.num_extra or 0
-        counts = keep.sum(dim=1).tolist()
-        kept = torch.cat([p[:c] for p, c in zip(per_image, counts)])
-        extra = torch.stack([p[c:] for p, c in zip(per_image, counts)]) if e else None
-        return VisionOut(kept=kept, keep=keep, extra=extra, diagnostics=dict(self.diagnostics or {}))
 
 
 def _class_names(obj: Any) -> set[str]:
@@ -185,7 +155,7 @@ class LlavaAdapter(PrunedDecoderAdapter):
                 raise UnsupportedModelError(
                     "these image features were not computed by the patched model; pass pixel_values instead"
                 )
-            return encoded, _unpruned(list(encoded.pooler_output))
+            return encoded, VisionOut.unpruned(encoded.pooler_output)
         if pixel_values is None:
             return None, None
         if self.pipeline.vision is None:  # the unpatched tower and projector, as transformers runs them
@@ -196,7 +166,7 @@ class LlavaAdapter(PrunedDecoderAdapter):
                 image_sizes=image_sizes,
                 return_dict=True,
             )
-            return encoded, _unpruned(list(encoded.pooler_output))
+            return encoded, VisionOut.unpruned(encoded.pooler_output)
         out = self._run_vision(call, pixel_values, layer, select, image_sizes)
         return PrunedImageFeatures.of(out), out
 
@@ -256,10 +226,3 @@ class LlavaAdapter(PrunedDecoderAdapter):
         extra = projector(plan.extra) if plan.extra is not None and plan.extra.shape[1] > 0 else None
         diagnostics = {f"{step.name}.{k}": v for k, v in plan.diagnostics.items()}
         return VisionOut(kept=kept, keep=plan.keep, extra=extra, diagnostics=diagnostics)
-
-
-def _unpruned(per_image: list[Tensor]) -> VisionOut:
-    """Unpruned features (one ``[N, D]`` per image) as a :class:`VisionOut` keeping everything."""
-    kept = torch.cat(per_image)
-    keep = torch.ones(len(per_image), per_image[0].shape[0], dtype=torch.bool, device=kept.device)
-    return VisionOut(kept=kept, keep=keep, extra=None)

@@ -9,7 +9,9 @@ from ..hookspecs import hookimpl
 
 @hookimpl
 def register_adapters(register: Callable[..., None]) -> None:
-    """Register the HF LLaVA adapter (imported lazily: it pulls in transformers)."""
+    """Register the HF LLaVA-1.5 and LLaVA-NeXT adapters (imported lazily: they pull in transformers)."""
     from .llava import LlavaAdapter
+    from .llava_next import LlavaNextAdapter
 
     register(LlavaAdapter)
+    register(LlavaNextAdapter)

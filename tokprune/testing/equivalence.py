@@ -98,10 +98,14 @@ class _VisionTopKParams:
 
 
 class ProbeVisionTopK(PruningStrategy):
-    """Keep the patches the CLS token attends to most (one head over the full width, last encoder layer)."""
+    """Keep the patches the CLS token attends to most (one head over the full width, last encoder layer).
+
+    Cuts each image within its own tokens (``ctx.lengths``) when images differ in size.
+    """
 
     name = "probe_vision_topk"
     stage = Stage.VISION
+    ragged_vision = True
     Params = _VisionTopKParams
 
     def requires(self) -> frozenset[Signal]:
@@ -110,19 +114,24 @@ class ProbeVisionTopK(PruningStrategy):
     def plan(self, ctx: VisionContext) -> VisionPlan:
         q, k = ctx.signals.qk(-1)
         q, k = q.float(), k.float()
+        valid, n = ctx.token_valid, ctx.token_counts
         scores = torch.einsum("bc,bnc->bn", q[:, 0], k[:, 1:]) / q.shape[-1] ** 0.5
-        b, n = scores.shape
-        budget = torch.full((b,), max(round(n * self.params.keep_ratio), 1), device=scores.device)
+        scores = scores.masked_fill(~valid, float("-inf"))
+        budget = (n.double() * self.params.keep_ratio + 0.5).floor().long().clamp(min=1)
         if self.params.ragged:
-            budget = (scores > scores.mean(dim=1, keepdim=True)).sum(dim=1).clamp(min=1)
+            mean = scores.masked_fill(~valid, 0).sum(dim=1, keepdim=True) / n[:, None]
+            budget = ((scores > mean) & valid).sum(dim=1).clamp(min=1)
         ranked = scores.argsort(dim=1, descending=True, stable=True)
         rank = torch.empty_like(ranked)
-        rank.scatter_(1, ranked, torch.arange(n, device=ranked.device).expand(b, n))
-        keep = rank < budget[:, None]
-        features = ctx.features + 0.5 * ctx.features.mean(dim=1, keepdim=True) if self.params.merge else None
+        rank.scatter_(1, ranked, torch.arange(scores.shape[1], device=ranked.device).expand_as(ranked))
+        keep = (rank < budget[:, None]) & valid
+        features = None
+        if self.params.merge:
+            mean_all = (ctx.features * valid[..., None]).sum(1, keepdim=True) / n[:, None, None]
+            features = ctx.features + 0.5 * mean_all
         extra = None
         if self.params.extra:
-            dropped = (~keep).float()[..., None]
+            dropped = (~keep & valid).float()[..., None]
             mean = (ctx.features * dropped).sum(1) / dropped.sum(1).clamp(min=1)
             extra = mean[:, None, :].repeat(1, self.params.extra, 1).to(ctx.features.dtype)
         return VisionPlan(keep=keep, features=features, extra=extra, diagnostics={"budget": budget})

@@ -20,7 +20,17 @@ import torch
 from torch import Tensor
 from transformers import CLIPVisionConfig, GenerationConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-__all__ = ["ClipCapture", "TinyVocab", "VOCAB", "clip_context", "run_clip", "tiny_clip", "tiny_llava", "tiny_llava_config"]
+__all__ = [
+    "ClipCapture",
+    "TinyVocab",
+    "VOCAB",
+    "clip_context",
+    "run_clip",
+    "tiny_clip",
+    "tiny_llava",
+    "tiny_llava_config",
+    "tiny_llava_next",
+]
 
 
 @dataclass(frozen=True)
@@ -145,6 +155,72 @@ def tiny_llava(
         if images:
             out["pixel_values"] = torch.stack(pixels).to(dtype)
         return out
+
+    return model, make_inputs
+
+
+#: Image sizes (h, w) the tiny LLaVA-NeXT inputs draw from: 1x2, 2x1 and 2x2 tiles, unpadded differently.
+NEXT_IMAGE_SIZES: tuple[tuple[int, int], ...] = ((14, 30), (30, 12), (32, 32), (20, 26))
+
+
+def tiny_llava_next(
+    seed: int = 0, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32
+) -> tuple[Any, Callable[..., dict[str, Tensor]]]:
+    """A random-weight tiny ``LlavaNextForConditionalGeneration`` (AnyRes, 16-px tiles of 16 patches) and
+    ``make_inputs`` like :func:`tiny_llava`'s; sample ``i`` also draws its image size from its seed, so
+    images of one batch bring different numbers of tokens (base + tiles + newlines).
+    """
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    from .. import hf_compat as hf
+
+    base = tiny_llava_config(attn_implementation=attn_implementation, image_size=16)
+    config = LlavaNextConfig(
+        vision_config=base.vision_config,
+        text_config=base.text_config,
+        image_token_index=VOCAB.image,
+        image_grid_pinpoints=[[16, 32], [32, 16], [32, 32]],
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+    )
+    for cfg in (config, config.text_config, config.vision_config):
+        cfg._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config).to(dtype).eval()
+    model.generation_config = GenerationConfig(
+        do_sample=False, max_new_tokens=6, pad_token_id=VOCAB.pad, bos_token_id=VOCAB.bos, eos_token_id=None
+    )
+    side, n = 16, 16
+
+    def make_inputs(question_lengths: Sequence[int] = (5, 3), seeds: Sequence[int] | None = None) -> dict[str, Tensor]:
+        seeds = list(range(len(question_lengths))) if seeds is None else list(seeds)
+        rows, pixels, sizes = [], [], []
+        for q, s in zip(question_lengths, seeds):
+            gen = torch.Generator().manual_seed(s * 1009 + q)
+            size = torch.tensor([NEXT_IMAGE_SIZES[s % len(NEXT_IMAGE_SIZES)]])
+            tiles = hf.anyres_tiles(config, size)
+            tokens = int(hf.anyres_layout(model.model, tiles, n, size, "default")[0].numel())
+            words = torch.randint(VOCAB.first_word, VOCAB.size, (q,), generator=gen).tolist()
+            rows.append([VOCAB.bos, VOCAB.user, VOCAB.colon, *[VOCAB.image] * tokens, *words, *VOCAB.assistant_marker])
+            pixels.append(torch.randn(tiles[0], 3, side, side, generator=gen))
+            sizes.append(size[0])
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), VOCAB.pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            input_ids[i, width - len(r) :] = torch.tensor(r)
+            attention_mask[i, width - len(r) :] = 1
+        most = max(p.shape[0] for p in pixels)  # the processor pads every image to the most tiles
+        pixel_values = torch.zeros(len(rows), most, 3, side, side)
+        for i, p in enumerate(pixels):
+            pixel_values[i, : p.shape[0]] = p
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "pixel_values": pixel_values.to(dtype),
+            "image_sizes": torch.stack(sizes),
+        }
 
     return model, make_inputs
 
