@@ -265,3 +265,25 @@ def test_concurrent_calls_on_one_handle_do_not_share_state(tiny):
             t.join()
     for got, expected in zip(results, alone):
         assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize(
+    ("family", "working"), [("llava", "divprune, random"), ("llava_next", "random")], ids=["llava", "llava_next"]
+)
+def test_cls_strategies_on_a_tower_without_cls_are_refused_naming_what_works(family, working):
+    from tokprune.testing.models import tiny_llava_next
+
+    model, _ = tiny_llava(seed=0) if family == "llava" else tiny_llava_next(seed=0)
+    hf.vision_transformer(model.model.vision_tower).embeddings.class_embedding = None  # a tower without CLS
+    with pytest.raises(MissingCapabilityError, match=rf"reads the CLS token's signals \(qk@-1\).*no CLS token; .*: {working} \("):
+        tokprune.patch(model, "topk")
+    assert handle_of(model) is None
+    tokprune.patch(model, "random+fastv").remove()  # no CLS signal read: accepted
+    tokprune.patch(model, "cdpruner(relevance=uniform)" if family == "llava" else "random").remove()
+
+
+def test_the_cls_free_probe_passes_the_strategy_contract():
+    from tokprune.testing.contract import check_strategy
+    from tokprune.testing.equivalence import ProbeVisionNorm
+
+    check_strategy(ProbeVisionNorm(ragged=True, extra=1))

@@ -261,6 +261,29 @@ class PrunedDecoderAdapter(ModelAdapter):
                 f"(ragged vision contexts); vision strategies that cut per image: {', '.join(ragged)}"
             )
 
+    def _check_cls(self, tower_has_cls: bool) -> None:
+        """Refuse a vision step reading CLS signals on a tower without a CLS token, naming what works.
+
+        Every encoder signal (:class:`~tokprune.strategy.Signal` ``qk`` / ``hidden``) is read relative to
+        the CLS token (its attention row, its similarity), so a tower without one provides none of them.
+        """
+        step = self.pipeline.vision
+        if tower_has_cls or step is None or not step.requires():
+            return
+        from ..registry import available, describe
+
+        working = []
+        for name in available(stage="vision"):
+            cls = describe(name).cls
+            if not cls().requires() and (cls.ragged_vision or not self.variable_image_tokens):
+                working.append(name)
+        signals = ", ".join(f"{s.kind}@{s.layer}" for s in sorted(step.requires(), key=lambda s: (s.kind, s.layer)))
+        raise MissingCapabilityError(
+            f"{step.spec()} reads the CLS token's signals ({signals}), and the {self.name} vision tower has no CLS "
+            f"token; vision strategies that read no CLS signal: {', '.join(working) or 'none registered'} (some "
+            "strategies have a CLS-free parameter value, e.g. cdpruner(relevance=uniform): see tokprune describe NAME)"
+        )
+
     def _check_llm_layers(self) -> dict[int, PruningStrategy]:
         num_layers = len(self._lm.layers)
         steps = {}

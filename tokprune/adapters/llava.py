@@ -121,8 +121,7 @@ class LlavaAdapter(PrunedDecoderAdapter):
                 f"vision_feature_select_strategy={select!r} (CLS fed to the projector); only 'default' "
                 "(CLS dropped, LLaVA-1.5) is supported"
             )
-        if getattr(self._vit.embeddings, "class_embedding", None) is None:
-            raise MissingCapabilityError(f"{step.name!r} needs a CLS token, and this vision tower has none")
+        self._check_cls(getattr(self._vit.embeddings, "class_embedding", None) is not None)
         num_layers = self._tower.config.num_hidden_layers
         return frozenset(s.resolve(num_layers) for s in self.pipeline.requires())
 

@@ -118,8 +118,7 @@ class LlavaNextAdapter(PrunedDecoderAdapter):
                 f"vision_feature_layer={layer!r}, vision_feature_select_strategy={select!r} (supported: one int "
                 "layer and 'default')"
             )
-        if getattr(self._vit.embeddings, "class_embedding", None) is None:
-            raise MissingCapabilityError(f"{step.name!r} needs a CLS token, and this vision tower has none")
+        self._check_cls(getattr(self._vit.embeddings, "class_embedding", None) is not None)
         return frozenset(s.resolve(self._tower.config.num_hidden_layers) for s in self.pipeline.requires())
 
     def _install_family(self) -> None:

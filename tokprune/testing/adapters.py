@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from ..errors import MissingCapabilityError, StrategyParamError
 from ..pipeline import Pipeline
 from ..strategy import LLMContext, LLMPlan, VisionContext, VisionPlan
-from .equivalence import ProbeLastRow, ProbeVisionTopK
+from .equivalence import ProbeLastRow, ProbeVisionNorm, ProbeVisionTopK
 
 __all__ = ["CHECKS", "TinyCase", "cache_equivalence", "contract_specs", "tiny_case"]
 
@@ -91,9 +91,29 @@ class _RecordVisionTopK(ProbeVisionTopK):
         return replace(plan, diagnostics={**plan.diagnostics, "keep": plan.keep})
 
 
+class _RecordVisionNorm(ProbeVisionNorm):
+    """:class:`ProbeVisionNorm` that reports its keep mask (``diagnostics["keep"]``)."""
+
+    def plan(self, ctx: VisionContext) -> VisionPlan:
+        plan = super().plan(ctx)
+        return replace(plan, diagnostics={**plan.diagnostics, "keep": plan.keep})
+
+
+def _vision_probe(case: TinyCase, **params: Any) -> Any:
+    """The CLS probe where the tower has a CLS token, else the CLS-free one (refused at patch() otherwise)."""
+    for probe in (_RecordVisionTopK(**params), _RecordVisionNorm(**params)):
+        try:
+            _patch(case.model, Pipeline([probe]), case).remove()
+        except MissingCapabilityError:
+            continue
+        return probe
+    raise AssertionError(f"{type(case.model).__name__}: the adapter refuses every probe vision strategy")
+
+
 def _ragged(case: TinyCase) -> Pipeline:
     """Both stages, a different keep count per sample at each."""
-    return Pipeline([_RecordVisionTopK(ragged=True, extra=1), _RecordLastRow(layer=case.llm_layer, ragged=True)])
+    vision = _vision_probe(case, ragged=True, extra=1)
+    return Pipeline([vision, _RecordLastRow(layer=case.llm_layer, ragged=True)])
 
 
 def _patch(model: nn.Module, spec: Any, case: TinyCase, **options: Any) -> Any:
@@ -134,7 +154,7 @@ def check_keep_all(adapter: type) -> None:
     case = tiny_case(adapter)
     inputs = case.make_inputs(LENGTHS)
     reference = _logits(case.model, inputs)
-    spec = Pipeline([ProbeVisionTopK(keep_ratio=1.0), ProbeLastRow(layer=case.llm_layer, keep_ratio=1.0)])
+    spec = Pipeline([_vision_probe(case, keep_ratio=1.0), ProbeLastRow(layer=case.llm_layer, keep_ratio=1.0)])
     for keep_all in (spec, "none"):
         with _patch(case.model, keep_all, case):
             patched = _logits(case.model, inputs)
