@@ -259,3 +259,18 @@ def test_model_tokenizer_and_chat_template_are_read_locally():
     rendered = hf.chat_template_text(tokenizer, "what?")
     assert rendered is not None and rendered.index("<image>") < rendered.index("what?") < rendered.index("ASSISTANT:")
     assert hf.chat_template_text(object(), "what?") is None
+
+
+def test_family_features_are_detected_and_refused_by_name():
+    class Inner(torch.nn.Module):
+        def pack_image_features(self, image_features, image_sizes):  # no image_newline
+            return image_features
+
+        def get_rope_index(self, input_ids):  # no mm_token_type_ids / image_grid_thw
+            return input_ids
+
+    with pytest.raises(UnsupportedModelError, match=r"Inner\.pack_image_features\(.*image_newline\).*tested with"):
+        hf.check_anyres(Inner())
+    with pytest.raises(UnsupportedModelError, match=r"Inner\.get_rope_index\(.*mm_token_type_ids.*tested with"):
+        hf.check_mrope(Inner())
+    assert hf.qwen2_5_vl_output_class().__name__.endswith("OutputWithPast")

@@ -56,6 +56,8 @@ __all__ = [
     "llava_output_class",
     "model_output",
     "model_tokenizer",
+    "mrope_index",
+    "qwen2_5_vl_output_class",
     "new_dynamic_cache",
     "rotary_embeddings",
     "transformers_version",
@@ -431,10 +433,46 @@ def anyres_layout(inner: nn.Module, tiles: list[int], tokens_per_tile: int, imag
     return [p[:, 0].round().long() for p in packed]
 
 
+# -- Qwen2.5-VL (M-RoPE) ---------------------------------------------------------------------------------
+
+
+def qwen2_5_vl_output_class() -> type:
+    """The output dataclass of ``Qwen2_5_VLModel.forward`` (the multimodal one, with ``image_outputs``)."""
+    import typing
+
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as module
+
+    hints = typing.get_type_hints(module.Qwen2_5_VLModel.forward, globalns=vars(module))
+    returned = [t for t in typing.get_args(hints.get("return")) if dataclasses.is_dataclass(t)]
+    if not returned:
+        raise _refuse("Qwen2_5_VLModel.forward returning a model-output dataclass")
+    return returned[0]
+
+
+def check_mrope(inner: nn.Module) -> None:
+    """Refuse at ``patch()`` time when ``Qwen2_5_VLModel`` lacks ``get_rope_index`` as :func:`mrope_index` calls it."""
+    params = _parameters(getattr(inner, "get_rope_index", None) or (lambda: None))
+    if not {"input_ids", "mm_token_type_ids", "image_grid_thw", "attention_mask"} <= set(params):
+        raise _refuse(f"{type(inner).__name__}.get_rope_index(input_ids, mm_token_type_ids, image_grid_thw, attention_mask)",
+                      f"signature: {list(params)}")
+
+
+def mrope_index(inner: nn.Module, input_ids: Tensor, mm_token_type_ids: Tensor, image_grid_thw: Tensor, attention_mask: Tensor | None) -> Tensor:
+    """The model's own 3-D (temporal, height, width) M-RoPE position ids, long ``[B, L, 3]``.
+
+    ``get_rope_index`` returns ``[3, B, L]`` and per-sample deltas; tokprune keeps positions
+    batch-first (the axis last) so that gathering kept tokens moves their three ids together.
+    """
+    position_ids, _ = inner.get_rope_index(
+        input_ids, mm_token_type_ids=mm_token_type_ids, image_grid_thw=image_grid_thw, attention_mask=attention_mask
+    )
+    return position_ids.permute(1, 2, 0).long()
+
+
 # -- patch-time check -----------------------------------------------------------------------------------
 
 
-def check_model(language_model: nn.Module, tower: nn.Module, output_cls: type) -> None:
+def check_model(language_model: nn.Module, tower: nn.Module | None, output_cls: type) -> None:
     """Refuse at ``patch()`` time when the installed transformers lacks something the adapter needs.
 
     Raises :class:`~tokprune.errors.UnsupportedModelError` naming the missing feature, the installed
@@ -463,7 +501,8 @@ def check_model(language_model: nn.Module, tower: nn.Module, output_cls: type) -
     for name in ("q_proj", "k_proj", "head_dim", "scaling"):
         if not hasattr(attn, name):
             raise _refuse(f"{type(attn).__name__}.{name}")
-    vision_transformer(tower)
+    if tower is not None:  # a CLIP-style tower (the families whose vision stage runs its layers)
+        vision_transformer(tower)
     if not in_tested_range():
         warnings.warn(
             f"transformers {transformers_version()} is outside the range tokprune was tested with "

@@ -251,6 +251,11 @@ class PrunedDecoderAdapter(ModelAdapter):
                 f"supports {', '.join(SUPPORTED_ATTENTION)} (load the model with attn_implementation='sdpa')"
             )
         self._llm_steps = self._check_llm_layers()
+        if not self.one_d_positions and "compact" in (self.vision_positions, self.llm_positions):
+            raise StrategyParamError(
+                f"compact positions renumber 1-D position ids, but {self.name} uses multi-axis (M-RoPE) positions; "
+                "use vision_positions='keep' and llm_positions='keep' (survivors keep their 3-D positions)"
+            )
         step = self.pipeline.vision
         if self.variable_image_tokens and step is not None and not step.ragged_vision:
             from ..registry import available, describe
@@ -310,6 +315,31 @@ class PrunedDecoderAdapter(ModelAdapter):
     @abc.abstractmethod
     def _install_family(self) -> None:
         """Patch the family's own entry points (image features, tower hooks) into ``self._state``."""
+
+    # -- positions (1-D by default; a family with multi-axis RoPE overrides these four) ----------------
+
+    #: False for families whose positions are not 1-D (M-RoPE): ``compact`` renumbering is refused.
+    one_d_positions: ClassVar[bool] = True
+
+    def _positions(self, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None, options: dict) -> Tensor:
+        """Prefill position ids, long ``[B, n]`` (or ``[B, n, R]``): the caller's, else ``arange`` (HF's default)."""
+        b, n = input_ids.shape
+        pos = torch.arange(n, device=input_ids.device)[None, :] if position_ids is None else position_ids
+        return pos.expand(b, n).long()
+
+    def _decode_positions(self, position_ids: Tensor | None, seen: int, b: int, q: int, device: torch.device) -> Tensor:
+        """Position ids of ``q`` new tokens after ``seen`` (unpruned) ones, long ``[B, q]`` (or ``[B, q, R]``)."""
+        if position_ids is None:
+            position_ids = torch.arange(seen, seen + q, device=device)[None, :]
+        return position_ids.expand(b, q).long()
+
+    def _rotary(self, hidden: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
+        """RoPE ``(cos, sin)`` ``[B, L, head_dim]`` for positions ``pos``."""
+        return hf.rotary_embeddings(self._lm, hidden, pos)
+
+    def _text_positions(self, pos: Tensor) -> Tensor:
+        """The 1-D position ids ``[B, L]`` a decoder layer and ``LLMContext.position_ids`` get."""
+        return pos
 
     # -- install ------------------------------------------------------------------------------------
 
@@ -463,7 +493,8 @@ class PrunedDecoderAdapter(ModelAdapter):
             if use_cache and cache is None:
                 cache = hf.new_dynamic_cache(self._lm.config)
             encoded, features = self._vision(call, pixel_values, pre_encoded, kwargs)
-            hidden = self._prefill(call, input_ids, attention_mask, position_ids, cache if use_cache else None, features)
+            pos = self._positions(input_ids, attention_mask, position_ids, kwargs)
+            hidden = self._prefill(call, input_ids, attention_mask, pos, cache if use_cache else None, features)
         out = hf.model_output(
             self._output_class, last_hidden_state=hidden, cache=cache if use_cache else past, image_features=encoded
         )
@@ -489,8 +520,7 @@ class PrunedDecoderAdapter(ModelAdapter):
                 "right-padded batch: tokprune needs left padding (tokenizer.padding_side='left'), so that every "
                 "sample's last prompt token is in the last column"
             )
-        pos = torch.arange(n, device=device)[None, :] if position_ids is None else position_ids
-        pos = pos.expand(b, n).long()
+        pos = position_ids  # [B, n] or [B, n, R] (the family's positions, see _positions)
         generated = _generated_count(call.generate, n)
         prompt_n = n - generated
         roles, marker_found = token_roles(
@@ -527,7 +557,7 @@ class PrunedDecoderAdapter(ModelAdapter):
                 layer_tokens[:, i] = (seq.valid & seq.prompt).sum(dim=1)
                 layer_visual[:, i] = ((seq.roles == TokenRole.IMAGE) & seq.valid).sum(dim=1)
                 seq.hidden = hf.call_decoder_layer(
-                    layer, seq.hidden, mask=mask, position_ids=seq.pos, position_embeddings=embeddings, cache=cache
+                    layer, seq.hidden, mask=mask, position_ids=self._text_positions(seq.pos), position_embeddings=embeddings, cache=cache
                 )
         finally:
             call.capture = None
@@ -609,7 +639,7 @@ class PrunedDecoderAdapter(ModelAdapter):
 
     def _segment_inputs(self, seq: Seq) -> tuple[tuple[Tensor, Tensor], Any]:
         """RoPE cos/sin for the segment's positions and its causal + padding mask (prefill: no cached keys)."""
-        embeddings = hf.rotary_embeddings(self._lm, seq.hidden, seq.pos)
+        embeddings = self._rotary(seq.hidden, seq.pos)
         mask = hf.attention_mask(seq.valid, seq.valid.shape[1], seq.hidden.dtype, self._attn_impl)
         return embeddings, mask
 
@@ -638,7 +668,7 @@ class PrunedDecoderAdapter(ModelAdapter):
             roles=seq.roles[:, :p],
             hidden=seq.hidden[:, :p],
             attention=LLMAttention(q[:, :, :p], key[:, :, :p], seq.valid[:, :p], scale=attn.scaling),
-            position_ids=seq.pos[:, :p],
+            position_ids=self._text_positions(seq.pos)[:, :p],
         )
         plan = step(ctx)
         keep = seq.valid.clone()
@@ -670,20 +700,18 @@ class PrunedDecoderAdapter(ModelAdapter):
         new_valid = torch.ones(b, q, dtype=torch.bool, device=device)
         if attention_mask is not None:
             new_valid = attention_mask[:, -q:].bool()
-        if position_ids is None:
-            position_ids = torch.arange(session.seen, session.seen + q, device=device)[None, :]
-        position_ids = position_ids.expand(b, q).long()
+        position_ids = self._decode_positions(position_ids, session.seen, b, q, device)
         hidden = self._lm.embed_tokens(input_ids)
         starts = {seg.start: seg for seg in session.segments}
         for i, layer in enumerate(self._lm.layers):
             if i in starts:
                 seg = starts[i]
                 seg.mask = torch.cat([seg.mask, new_valid], dim=1)
-                pos = position_ids - seg.shift[:, None]
-                embeddings = hf.rotary_embeddings(self._lm, hidden, pos)
+                pos = position_ids - seg.shift.view(-1, *[1] * (position_ids.dim() - 1))
+                embeddings = self._rotary(hidden, pos)
                 mask = hf.attention_mask(seg.mask, q, hidden.dtype, self._attn_impl)
             hidden = hf.call_decoder_layer(
-                layer, hidden, mask=mask, position_ids=pos, position_embeddings=embeddings, cache=cache
+                layer, hidden, mask=mask, position_ids=self._text_positions(pos), position_embeddings=embeddings, cache=cache
             )
         session.seen += q
         return self._lm.norm(hidden)
@@ -717,7 +745,8 @@ class PrunedDecoderAdapter(ModelAdapter):
         cpu = {k: v.detach().cpu() for k, v in llm_kept.items()}
         diag = {k: v.detach().cpu() if isinstance(v, Tensor) else v for k, v in diagnostics.items()}
         return PruneStats(
-            visual_total=self._tokens_per_image,
+            # the largest image's count when images differ (LLaVA-1.5: every image's N)
+            visual_total=int(image_tokens.max()) if image_tokens.numel() else self._tokens_per_image,
             visual_kept=visual_kept.cpu(),
             llm_kept=cpu,
             seq_len=seq_len.cpu(),
@@ -763,8 +792,9 @@ def _extra_tokens(end: Tensor, shape: tuple[int, int], pos: Tensor, extra: Tenso
     valid[rows, slots] = True
     key = torch.full((b, m), -1.0, dtype=torch.float64, device=device)
     key[rows, slots] = img_l[:, None].double() + (torch.arange(e, device=device)[None, :] + 1.0) / (e + 1)
-    extra_pos = torch.zeros(b, m, dtype=torch.long, device=device)
-    extra_pos[rows, slots] = pos[img_b, img_l][:, None].expand(-1, e)
+    rest = pos.shape[2:]  # () for 1-D positions, (R,) for multi-axis ones (M-RoPE)
+    extra_pos = torch.zeros(b, m, *rest, dtype=torch.long, device=device)
+    extra_pos[rows, slots] = pos[img_b, img_l][:, None].expand(-1, e, *rest)
     seq = Seq(
         hidden=hidden,
         valid=valid,

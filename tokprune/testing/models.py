@@ -30,6 +30,7 @@ __all__ = [
     "tiny_llava",
     "tiny_llava_config",
     "tiny_llava_next",
+    "tiny_qwen2_5_vl",
 ]
 
 
@@ -220,6 +221,77 @@ def tiny_llava_next(
             "attention_mask": attention_mask,
             "pixel_values": pixel_values.to(dtype),
             "image_sizes": torch.stack(sizes),
+        }
+
+    return model, make_inputs
+
+
+#: Image grids (t, h, w) in patches the tiny Qwen2.5-VL inputs draw from: 6, 8, 4 and 12 LLM tokens.
+QWEN_GRIDS: tuple[tuple[int, int, int], ...] = ((1, 4, 6), (1, 8, 4), (1, 4, 4), (1, 6, 8))
+
+
+def tiny_qwen2_5_vl(
+    seed: int = 0, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32
+) -> tuple[Any, Callable[..., dict[str, Tensor]]]:
+    """A random-weight tiny ``Qwen2_5_VLForConditionalGeneration`` (window attention, 2x2 patch merger,
+    M-RoPE) and ``make_inputs`` like :func:`tiny_llava`'s; sample ``i`` draws its image grid from its
+    seed, so images of one batch bring different numbers of tokens.
+    """
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    config = Qwen2_5_VLConfig(
+        vision_config={
+            "depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64,
+            "patch_size": 4, "temporal_patch_size": 2, "spatial_merge_size": 2, "window_size": 16,
+            "fullatt_block_indexes": [1], "in_channels": 3, "initializer_range": 0.08,
+        },
+        text_config={
+            "vocab_size": VOCAB.size, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+            "initializer_range": 0.08, "bos_token_id": VOCAB.bos, "eos_token_id": VOCAB.eos, "pad_token_id": VOCAB.pad,
+        },
+        image_token_id=VOCAB.image,
+        video_token_id=VOCAB.size - 1,
+        vision_start_token_id=VOCAB.size - 3,
+        vision_end_token_id=VOCAB.size - 2,
+        bos_token_id=VOCAB.bos,
+        eos_token_id=VOCAB.eos,
+        pad_token_id=VOCAB.pad,
+    )
+    for cfg in (config, config.text_config, config.vision_config):
+        cfg._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config).to(dtype).eval()
+    model.generation_config = GenerationConfig(
+        do_sample=False, max_new_tokens=6, pad_token_id=VOCAB.pad, bos_token_id=VOCAB.bos, eos_token_id=None
+    )
+    vcfg = config.vision_config
+    patch_dim = vcfg.in_channels * vcfg.temporal_patch_size * vcfg.patch_size**2
+
+    def make_inputs(question_lengths: Sequence[int] = (5, 3), seeds: Sequence[int] | None = None) -> dict[str, Tensor]:
+        seeds = list(range(len(question_lengths))) if seeds is None else list(seeds)
+        rows, pixels, grids = [], [], []
+        for q, s in zip(question_lengths, seeds):
+            gen = torch.Generator().manual_seed(s * 1009 + q)
+            grid = torch.tensor(QWEN_GRIDS[s % len(QWEN_GRIDS)])
+            tokens = int(grid.prod()) // vcfg.spatial_merge_size**2
+            words = torch.randint(VOCAB.first_word, VOCAB.size - 3, (q,), generator=gen).tolist()
+            rows.append([VOCAB.bos, VOCAB.user, VOCAB.colon, *[VOCAB.image] * tokens, *words, *VOCAB.assistant_marker])
+            pixels.append(torch.randn(int(grid.prod()), patch_dim, generator=gen))
+            grids.append(grid)
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), VOCAB.pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            input_ids[i, width - len(r) :] = torch.tensor(r)
+            attention_mask[i, width - len(r) :] = 1
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "pixel_values": torch.cat(pixels).to(dtype),
+            "image_grid_thw": torch.stack(grids),
+            "mm_token_type_ids": (input_ids == VOCAB.image).int(),
         }
 
     return model, make_inputs
