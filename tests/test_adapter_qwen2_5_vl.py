@@ -47,7 +47,7 @@ def test_survivors_keep_their_3d_positions(tiny):
 
 def test_cls_strategies_and_compact_positions_are_refused(tiny):
     model, _ = tiny
-    with pytest.raises(MissingCapabilityError, match=r"no CLS token; vision strategies that read no CLS signal: random"):
+    with pytest.raises(MissingCapabilityError, match=r"no CLS token; vision strategies that read no CLS signal: divprune, random \("):
         tokprune.patch(model, "topk")
     with pytest.raises(StrategyParamError, match="multi-axis .*M-RoPE"):
         tokprune.patch(model, "random", vision_positions="compact")
