@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from tokprune import PruningStrategy, Stage, VisionContext, VisionPlan, param
 from tokprune.scoring import fixed_counts, max_min_diversity
 
@@ -32,8 +30,8 @@ class DivPrune(PruningStrategy):
 
     No attention weights and no encoder signal: it works under any attention implementation.
 
-    Budget: counts are visual tokens per sample (``keep_ratio=0.098`` keeps 56 of 576, the reference's
-    LLaVA-1.5 setting).
+    Budget: counts are visual tokens per image (``keep_ratio=0.098`` keeps 56 of 576, the reference's
+    LLaVA-1.5 setting); of each image's own tokens when images differ in size (docs/adapters.md).
 
     Deviations: the reference runs on the *projected* tokens (LLM embeddings, inside the LLM's input
     assembly); a vision-stage strategy sees the tower's features before the projector, so the distances
@@ -48,11 +46,11 @@ class DivPrune(PruningStrategy):
 
     name = "divprune"
     stage = Stage.VISION
+    ragged_vision = True
     Params = DivPruneParams
 
     def plan(self, ctx: VisionContext) -> VisionPlan:
         p = self.params
-        b, n = ctx.features.shape[:2]
-        counts = fixed_counts(torch.full((b,), n, dtype=torch.long, device=ctx.features.device), p.keep, p.keep_ratio)
-        keep, order = max_min_diversity(ctx.features, counts)
+        counts = fixed_counts(ctx.token_counts, p.keep, p.keep_ratio)  # of each image's own tokens
+        keep, order = max_min_diversity(ctx.features, counts, ctx.token_valid)  # padding is never a candidate
         return VisionPlan(keep=keep, diagnostics={"keep_count": counts, "order": order})

@@ -40,22 +40,26 @@ def mix64(x: Tensor) -> Tensor:
 _BITS = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 
 
-def fingerprint(features: Tensor) -> Tensor:
-    """int64 ``[B]``: a hash of each sample's features ``[B, N, C]``.
+def fingerprint(features: Tensor, valid: Tensor | None = None) -> Tensor:
+    """int64 ``[B]``: a hash of each sample's features ``[B, N, C]`` (only its ``valid`` tokens, bool ``[B, N]``).
 
     Hashes the exact bit patterns and sums them with wrapping int64 addition, which is associative:
-    the result does not depend on reduction order, hence not on the batch the sample sits in.
+    the result does not depend on reduction order, hence not on the batch the sample sits in (nor on
+    the padding of a ragged batch, which ``valid`` leaves out).
     """
     b, n, c = features.shape
     bits = features.contiguous().view(_BITS[features.dtype]).long()
     where = torch.arange(n * c, device=features.device, dtype=torch.long).view(1, n, c)
-    return mix64(bits + where * _GOLDEN).sum(dim=(1, 2))
+    mixed = mix64(bits + where * _GOLDEN)
+    if valid is not None:
+        mixed = mixed * valid[..., None].long()
+    return mixed.sum(dim=(1, 2))
 
 
-def random_scores(features: Tensor, seed: int) -> Tensor:
+def random_scores(features: Tensor, seed: int, valid: Tensor | None = None) -> Tensor:
     """fp64 ``[B, N]`` uniform-looking scores from ``hash(seed, fingerprint(sample), token index)``."""
     n = features.shape[1]
-    base = mix64(fingerprint(features) ^ mix64(torch.tensor(seed, dtype=torch.long, device=features.device)))
+    base = mix64(fingerprint(features, valid) ^ mix64(torch.tensor(seed, dtype=torch.long, device=features.device)))
     index = torch.arange(1, n + 1, device=features.device, dtype=torch.long)
     h = mix64(base[:, None] + index[None, :] * _GOLDEN)
     return _shr(h, 11).double()  # 53 bits: exact in fp64, ties practically impossible
@@ -75,17 +79,18 @@ class Random(PruningStrategy):
     batch-invariant (a sample selects the same alone or in any batch), different across images, and
     drawn without a global RNG (so it does not perturb other code's random streams).
 
-    Budget: counts are visual tokens per sample. Diagnostics: ``keep_count`` ``[B]``.
+    Budget: counts are visual tokens per image, of its own tokens when images differ in size
+    (``keep_ratio`` of ``ctx.lengths[b]``; ``keep`` capped at it), see docs/adapters.md. Diagnostics: ``keep_count`` ``[B]``.
     """
 
     name = "random"
     stage = Stage.VISION
+    ragged_vision = True
     Params = RandomParams
 
     def plan(self, ctx: VisionContext) -> VisionPlan:
         p = self.params
-        b, n = ctx.features.shape[:2]
-        scores = random_scores(ctx.features, p.seed)
-        counts = fixed_counts(torch.full((b,), n, dtype=torch.long, device=scores.device), p.keep, p.keep_ratio)
-        return VisionPlan(keep=keep_top(scores, counts), diagnostics={"keep_count": counts})
+        scores = random_scores(ctx.features, p.seed, ctx.token_valid)
+        counts = fixed_counts(ctx.token_counts, p.keep, p.keep_ratio)  # of each image's own tokens
+        return VisionPlan(keep=keep_top(scores, counts, ctx.token_valid), diagnostics={"keep_count": counts})
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from tokprune import PruningStrategy, Signal, Stage, VisionContext, VisionPlan, param
 from tokprune.scoring import fixed_counts, keep_top
 
@@ -29,11 +27,13 @@ class TopK(PruningStrategy):
     VTC-CLS (arXiv 2412.05819) restricted to one layer (VTC-CLS sums several layers). ``keep_ratio=1.0``
     (and no ``keep``) keeps every patch and reads no signal: the identity step.
 
-    Budget: counts are visual tokens per sample. Diagnostics: ``scores`` ``[B, N]``, ``keep_count`` ``[B]``.
+    Budget: counts are visual tokens per image, of its own tokens when images differ in size
+    (``keep_ratio`` of ``ctx.lengths[b]``; ``keep`` capped at it), see docs/adapters.md. Diagnostics: ``scores`` ``[B, N]``, ``keep_count`` ``[B]``.
     """
 
     name = "topk"
     stage = Stage.VISION
+    ragged_vision = True
     Params = TopKParams
 
     def _keeps_all(self) -> bool:
@@ -45,12 +45,10 @@ class TopK(PruningStrategy):
         return frozenset({score_signal(self.params.score, self.params.layer)})
 
     def plan(self, ctx: VisionContext) -> VisionPlan:
-        b, n = ctx.features.shape[:2]
-        device = ctx.features.device
+        n, valid = ctx.token_counts, ctx.token_valid  # each image's own tokens (ragged: padded rows)
         if self._keeps_all():
-            counts = torch.full((b,), n, dtype=torch.long, device=device)
-            return VisionPlan(keep=torch.ones(b, n, dtype=torch.bool, device=device), diagnostics={"keep_count": counts})
+            return VisionPlan(keep=valid, diagnostics={"keep_count": n})
         p = self.params
         scores = vision_scores(ctx.signals, p.score, p.layer)
-        counts = fixed_counts(torch.full((b,), n, dtype=torch.long, device=device), p.keep, p.keep_ratio)
-        return VisionPlan(keep=keep_top(scores, counts), diagnostics={"scores": scores, "keep_count": counts})
+        counts = fixed_counts(n, p.keep, p.keep_ratio)
+        return VisionPlan(keep=keep_top(scores, counts, valid), diagnostics={"scores": scores, "keep_count": counts})

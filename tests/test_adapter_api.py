@@ -238,3 +238,52 @@ def test_question_end_accepts_a_tokenizer(tiny):
         tokprune.patch(model, "fastv", question_end=3.5)
     with pytest.raises(StrategyParamError, match="llm_positions must be one of: keep, compact"):
         tokprune.patch(model, "fastv", llm_positions="renumber")
+
+
+def test_concurrent_calls_on_one_handle_do_not_share_state(tiny):
+    # Per-call state is passed down (hooks find their call through a context variable, per thread):
+    # two threads generating on one patched model each get what they get alone.
+    import threading
+
+    model, make_inputs = tiny
+    inputs = [make_inputs((5, 2), seeds=(0, 1)), make_inputs((8,), seeds=(2,))]
+    spec = Pipeline([ProbeVisionTopK(ragged=True), ProbeLastRow(layer=2, ragged=True)])
+    with tokprune.pruned(model, spec, question_end=VOCAB.assistant_marker):
+        alone = [model.generate(**x, max_new_tokens=4, use_cache=c) for x, c in zip(inputs, (True, False))]
+        results: list = [None, None]
+        barrier = threading.Barrier(2)
+
+        def work(i: int) -> None:
+            barrier.wait()
+            for _ in range(3):
+                results[i] = model.generate(**inputs[i], max_new_tokens=4, use_cache=(i == 0))
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    for got, expected in zip(results, alone):
+        assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize(
+    ("family", "working"), [("llava", "divprune, random"), ("llava_next", "divprune, random")], ids=["llava", "llava_next"]
+)
+def test_cls_strategies_on_a_tower_without_cls_are_refused_naming_what_works(family, working):
+    from tokprune.testing.models import tiny_llava_next
+
+    model, _ = tiny_llava(seed=0) if family == "llava" else tiny_llava_next(seed=0)
+    hf.vision_transformer(model.model.vision_tower).embeddings.class_embedding = None  # a tower without CLS
+    with pytest.raises(MissingCapabilityError, match=rf"reads the CLS token's signals \(qk@-1\).*no CLS token; .*: {working} \("):
+        tokprune.patch(model, "topk")
+    assert handle_of(model) is None
+    tokprune.patch(model, "random+fastv").remove()  # no CLS signal read: accepted
+    tokprune.patch(model, "cdpruner(relevance=uniform)" if family == "llava" else "random").remove()
+
+
+def test_the_cls_free_probe_passes_the_strategy_contract():
+    from tokprune.testing.contract import check_strategy
+    from tokprune.testing.equivalence import ProbeVisionNorm
+
+    check_strategy(ProbeVisionNorm(ragged=True, extra=1))

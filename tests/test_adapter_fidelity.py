@@ -201,3 +201,86 @@ def test_decoding_continues_at_the_unpruned_length():
     prefill, decode = positions[0], positions[1]
     assert prefill.shape[1] == n - 64 + 16 - 12 and prefill[0, -1].item() == n - 1
     assert decode.tolist() == [[n]]
+
+
+def _readme_run(model, processor, spec: str) -> tuple[torch.Tensor, list]:
+    """The README's prompts (8 benchmark samples, ``build_prompt``) through ``spec``; (input_ids, text_interact calls)."""
+    import tokprune.data
+
+    samples = tokprune.data.benchmark("test", n=8)
+    inputs = processor(
+        images=[s.image for s in samples],
+        text=[tokprune.data.build_prompt(s.question) for s in samples],
+        return_tensors="pt",
+        padding=True,
+    )
+    pipeline = tokprune.strategies.get(spec)
+    seen = _spy(pipeline)
+    with tokprune.pruned(model, pipeline), torch.no_grad():  # no question_end: roles from the model's template
+        model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    return inputs["input_ids"], seen["text_interact"]
+
+
+def test_assistant_marker_from_the_embedded_models_template_is_never_dropped():
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    import tokprune.models
+    from tokprune.adapters.roles import template_marker
+
+    path = tokprune.models.path("tiny-llava-shapes")
+    processor = AutoProcessor.from_pretrained(path)
+    model = LlavaForConditionalGeneration.from_pretrained(path).eval()
+    marker = template_marker(processor)
+    assert marker == processor.tokenizer.encode("ASSISTANT:", add_special_tokens=False)  # read from the template
+    ids, calls = _readme_run(model, processor, "text_interact")
+    m = len(marker)
+    assert (ids[:, -m:] == torch.tensor(marker)).all()  # every README prompt ends with the marker
+    ctx, plan = calls[0]
+    assert (ctx.roles[:, -m:-1] == TokenRole.TEMPLATE).all() and (ctx.roles[:, -1] == TokenRole.PROTECTED).all()
+    assert plan.keep[:, -m:].all()
+    # Without the template (a model with no saved tokenizer), the marker is question text and gets dropped:
+    # that is what the template reading prevents.
+    model.name_or_path = model.config._name_or_path = ""
+    _, calls = _readme_run(model, processor, "text_interact")
+    ctx, plan = calls[0]
+    assert (ctx.roles[:, -m:-1] == TokenRole.QUESTION).all() and not plan.keep[:, -m:].all()
+
+
+def test_assembly_places_images_of_different_sizes_and_their_extra_tokens():
+    # The core's assembly with a ragged VisionOut (what AnyRes / dynamic-resolution families produce):
+    # sample 0 has one image of 5 tokens, sample 1 two images of 3 and 4; rows are padded to 5.
+    from tokprune.adapters.decoder import VisionOut
+
+    model, _ = tiny_llava(seed=0)
+    I = VOCAB.image
+    ids = torch.tensor([[0, 0, 1, I, I, I, I, I, 9, 10], [1, I, I, I, 9, I, I, I, I, 10]])
+    valid = ids != 0
+    lengths = torch.tensor([5, 3, 4])
+    keep = torch.tensor([[1, 0, 1, 1, 0], [0, 1, 1, 0, 0], [1, 0, 0, 1, 0]], dtype=torch.bool)
+    d = model.config.text_config.hidden_size
+    kept = torch.arange(int(keep.sum()), dtype=torch.float32)[:, None].expand(-1, d) + 100.0
+    extra = -torch.arange(1, 4, dtype=torch.float32)[:, None, None].expand(-1, 1, d)  # one per image: -1, -2, -3
+    features = VisionOut(kept=kept, keep=keep, extra=extra, lengths=lengths)
+    with tokprune.pruned(model, "none") as run:
+        embeds = torch.zeros(2, 10, d)
+        pos = torch.arange(10)[None].expand(2, 10)
+        roles = torch.zeros(2, 10, dtype=torch.long)
+        seq, image_sample = run._vision_assembly(ids, embeds, valid, pos, roles, 10, features)
+    assert image_sample.tolist() == [0, 1, 1]
+    got = [seq.hidden[b, seq.valid[b], 0].tolist() for b in range(2)]
+    # kept features in order, each image's extra token right after its block, text (zeros) elsewhere
+    assert got[0] == [0, 100, 101, 102, -1, 0, 0]
+    assert got[1] == [0, 103, 104, -2, 0, 105, 106, -3, 0]
+    extra_pos = seq.pos[1, seq.valid[1]].tolist()
+    assert extra_pos == [0, 2, 3, 3, 4, 5, 8, 8, 9]  # keep mode: an extra token takes its image's last position
+
+
+def test_families_with_variable_image_sizes_refuse_fixed_size_vision_strategies(monkeypatch):
+    from tokprune.adapters.llava import LlavaAdapter
+    from tokprune.errors import MissingCapabilityError
+
+    model, _ = tiny_llava(seed=0)
+    monkeypatch.setattr(LlavaAdapter, "variable_image_tokens", True)
+    with pytest.raises(MissingCapabilityError, match=r"'cls_knee' cuts images of one fixed size.*per image: .*random.*topk"):
+        tokprune.patch(model, "cls_knee")
+    tokprune.patch(model, "topk+fastv").remove()  # ragged-capable vision strategy, and any LLM strategy

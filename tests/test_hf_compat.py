@@ -243,3 +243,34 @@ def test_patch_warns_outside_the_tested_range(tiny, monkeypatch):
     with pytest.warns(hf.UntestedTransformersWarning, match="99.1.0 is outside"):
         handle = tokprune.patch(model, "fastv")
     handle.remove()
+
+
+def test_model_tokenizer_and_chat_template_are_read_locally():
+    from transformers import LlavaForConditionalGeneration
+
+    import tokprune.models
+    from tokprune.testing.models import tiny_llava
+
+    built, _ = tiny_llava(seed=0)
+    assert hf.model_tokenizer(built) is None  # built from a config: nothing saved, nothing downloaded
+    model = LlavaForConditionalGeneration.from_pretrained(tokprune.models.path("tiny-llava-shapes"))
+    tokenizer = hf.model_tokenizer(model)
+    assert tokenizer is not None and tokenizer.encode("ASSISTANT:", add_special_tokens=False)
+    rendered = hf.chat_template_text(tokenizer, "what?")
+    assert rendered is not None and rendered.index("<image>") < rendered.index("what?") < rendered.index("ASSISTANT:")
+    assert hf.chat_template_text(object(), "what?") is None
+
+
+def test_family_features_are_detected_and_refused_by_name():
+    class Inner(torch.nn.Module):
+        def pack_image_features(self, image_features, image_sizes):  # no image_newline
+            return image_features
+
+        def get_rope_index(self, input_ids):  # no mm_token_type_ids / image_grid_thw
+            return input_ids
+
+    with pytest.raises(UnsupportedModelError, match=r"Inner\.pack_image_features\(.*image_newline\).*tested with"):
+        hf.check_anyres(Inner())
+    with pytest.raises(UnsupportedModelError, match=r"Inner\.get_rope_index\(.*mm_token_type_ids.*tested with"):
+        hf.check_mrope(Inner())
+    assert hf.qwen2_5_vl_output_class().__name__.endswith("OutputWithPast")

@@ -38,6 +38,8 @@ __all__ = [
     "TESTED_MIN",
     "TESTED_RANGE",
     "UntestedTransformersWarning",
+    "anyres_layout",
+    "anyres_tiles",
     "apply_rope",
     "attention_implementation",
     "attention_mask",
@@ -45,11 +47,17 @@ __all__ = [
     "cache_keyword",
     "call_decoder_layer",
     "call_vision_layer",
+    "chat_template_text",
+    "check_anyres",
     "check_model",
     "decoder_features",
     "generation_config",
+    "llava_next_output_class",
     "llava_output_class",
     "model_output",
+    "model_tokenizer",
+    "mrope_index",
+    "qwen2_5_vl_output_class",
     "new_dynamic_cache",
     "rotary_embeddings",
     "transformers_version",
@@ -165,12 +173,55 @@ def llava_output_class() -> type:
     return LlavaModelOutputWithPast
 
 
+def llava_next_output_class() -> type:
+    """The output dataclass of ``LlavaNextModel.forward``."""
+    from transformers.models.llava_next.modeling_llava_next import LlavaNextModelOutputWithPast
+
+    return LlavaNextModelOutputWithPast
+
+
 def output_cache(output: Any) -> Any:
     """The cache held by a model output, under either spelling."""
     for name in CACHE_KEYWORDS:
         if name in _field_names(type(output)):
             return getattr(output, name)
     raise _refuse(f"a cache field on {type(output).__name__}")
+
+
+# -- tokenizers and chat templates ----------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer_at(name: str) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name, local_files_only=True)
+    except (OSError, ValueError, KeyError):  # no tokenizer files there (a model built from a config)
+        return None
+
+
+def model_tokenizer(model: nn.Module) -> Any:
+    """The tokenizer saved with ``model`` (where ``from_pretrained`` loaded it from), or None.
+
+    Only local files are read (the directory or the hub cache): patching never downloads. A model built
+    from a config has no ``name_or_path`` and gets None.
+    """
+    name = getattr(model, "name_or_path", "") or getattr(getattr(model, "config", None), "_name_or_path", "")
+    return _tokenizer_at(str(name)) if name else None
+
+
+def chat_template_text(owner: Any, text: str) -> str | None:
+    """One user turn (an image, then ``text``) rendered by ``owner``'s chat template with the generation prompt.
+
+    ``owner`` is a processor or a tokenizer; None when it has no chat template (or no
+    ``apply_chat_template``). The content list uses transformers' documented message format.
+    """
+    if not getattr(owner, "chat_template", None) or not callable(getattr(owner, "apply_chat_template", None)):
+        return None
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+    rendered = owner.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return rendered if isinstance(rendered, str) else None
 
 
 # -- generation ----------------------------------------------------------------------------------------
@@ -332,10 +383,96 @@ def call_vision_layer(layer: nn.Module, hidden: Tensor) -> Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
+# -- LLaVA-NeXT (AnyRes) --------------------------------------------------------------------------------
+
+
+def anyres_tiles(config: Any, image_sizes: Tensor) -> list[int]:
+    """Tower passes of each image (base image + AnyRes tiles) for ``image_sizes`` long ``[I, 2]`` (h, w).
+
+    LLaVA-NeXT's own count (``image_size_to_num_patches``), so it always agrees with its processor.
+    """
+    try:
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+    except ImportError as exc:
+        raise _refuse("transformers.models.llava_next.image_size_to_num_patches") from exc
+    return [
+        int(
+            image_size_to_num_patches(
+                image_size=size, grid_pinpoints=config.image_grid_pinpoints, patch_size=config.vision_config.image_size
+            )
+        )
+        for size in image_sizes
+    ]
+
+
+def check_anyres(inner: nn.Module) -> None:
+    """Refuse at ``patch()`` time when ``LlavaNextModel`` lacks the packing :func:`anyres_layout` runs."""
+    params = _parameters(getattr(inner, "pack_image_features", None) or (lambda: None))
+    if not {"image_features", "image_sizes", "image_newline"} <= set(params):
+        raise _refuse(
+            f"{type(inner).__name__}.pack_image_features(image_features, image_sizes, ..., image_newline)",
+            f"signature: {list(params)}",
+        )
+
+
+def anyres_layout(inner: nn.Module, tiles: list[int], tokens_per_tile: int, image_sizes: Tensor, select: str) -> list[Tensor]:
+    """Where each token LLaVA-NeXT feeds the LLM comes from, per image: long ``[P_i]``.
+
+    Entry ``j`` of image ``i`` is the index of its ``j``-th LLM token among the image's
+    ``tiles[i] * tokens_per_tile`` tile tokens (tile-major, raster order), or -1 for a newline token.
+    The model's own ``pack_image_features`` (base image, then the tiles' grid unpadded to the image's
+    aspect ratio with a newline after each row) is run on the indices themselves, so the layout is
+    exactly the one the unpatched model builds, whatever its release does inside.
+    """
+    index = [
+        torch.arange(t * tokens_per_tile, dtype=torch.float64, device=image_sizes.device).view(t, tokens_per_tile, 1)
+        for t in tiles
+    ]
+    newline = torch.full((1,), -1.0, dtype=torch.float64, device=image_sizes.device)
+    packed, _ = inner.pack_image_features(index, image_sizes, vision_feature_select_strategy=select, image_newline=newline)
+    return [p[:, 0].round().long() for p in packed]
+
+
+# -- Qwen2.5-VL (M-RoPE) ---------------------------------------------------------------------------------
+
+
+def qwen2_5_vl_output_class() -> type:
+    """The output dataclass of ``Qwen2_5_VLModel.forward`` (the multimodal one, with ``image_outputs``)."""
+    import typing
+
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as module
+
+    hints = typing.get_type_hints(module.Qwen2_5_VLModel.forward, globalns=vars(module))
+    returned = [t for t in typing.get_args(hints.get("return")) if dataclasses.is_dataclass(t)]
+    if not returned:
+        raise _refuse("Qwen2_5_VLModel.forward returning a model-output dataclass")
+    return returned[0]
+
+
+def check_mrope(inner: nn.Module) -> None:
+    """Refuse at ``patch()`` time when ``Qwen2_5_VLModel`` lacks ``get_rope_index`` as :func:`mrope_index` calls it."""
+    params = _parameters(getattr(inner, "get_rope_index", None) or (lambda: None))
+    if not {"input_ids", "mm_token_type_ids", "image_grid_thw", "attention_mask"} <= set(params):
+        raise _refuse(f"{type(inner).__name__}.get_rope_index(input_ids, mm_token_type_ids, image_grid_thw, attention_mask)",
+                      f"signature: {list(params)}")
+
+
+def mrope_index(inner: nn.Module, input_ids: Tensor, mm_token_type_ids: Tensor, image_grid_thw: Tensor, attention_mask: Tensor | None) -> Tensor:
+    """The model's own 3-D (temporal, height, width) M-RoPE position ids, long ``[B, L, 3]``.
+
+    ``get_rope_index`` returns ``[3, B, L]`` and per-sample deltas; tokprune keeps positions
+    batch-first (the axis last) so that gathering kept tokens moves their three ids together.
+    """
+    position_ids, _ = inner.get_rope_index(
+        input_ids, mm_token_type_ids=mm_token_type_ids, image_grid_thw=image_grid_thw, attention_mask=attention_mask
+    )
+    return position_ids.permute(1, 2, 0).long()
+
+
 # -- patch-time check -----------------------------------------------------------------------------------
 
 
-def check_model(language_model: nn.Module, tower: nn.Module, output_cls: type) -> None:
+def check_model(language_model: nn.Module, tower: nn.Module | None, output_cls: type) -> None:
     """Refuse at ``patch()`` time when the installed transformers lacks something the adapter needs.
 
     Raises :class:`~tokprune.errors.UnsupportedModelError` naming the missing feature, the installed
@@ -364,7 +501,8 @@ def check_model(language_model: nn.Module, tower: nn.Module, output_cls: type) -
     for name in ("q_proj", "k_proj", "head_dim", "scaling"):
         if not hasattr(attn, name):
             raise _refuse(f"{type(attn).__name__}.{name}")
-    vision_transformer(tower)
+    if tower is not None:  # a CLIP-style tower (the families whose vision stage runs its layers)
+        vision_transformer(tower)
     if not in_tested_range():
         warnings.warn(
             f"transformers {transformers_version()} is outside the range tokprune was tested with "

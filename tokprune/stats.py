@@ -104,7 +104,7 @@ class PruneStats:
     ``layer_visual`` the visual ones among them.
     """
 
-    #: Patches per image before pruning (N).
+    #: Tokens per image before pruning (``N``; the largest image's when images differ, see ``image_tokens``).
     visual_total: int
     #: long ``[B]``: visual tokens entering the LLM after the vision stage (extra tokens included).
     visual_kept: Tensor
@@ -126,6 +126,14 @@ class PruneStats:
     diagnostics: dict[str, Any] = field(default_factory=dict)
     #: The FLOP model behind ``flops_*`` (gives FastV's formula as a second figure); None: not reported.
     flop_model: FlopModel | None = None
+    #: long ``[B]``: visual tokens the sample's images bring unpruned (``images * visual_total`` when
+    #: every image has ``visual_total`` tokens; the sum of its images' own counts when they differ).
+    visual_unpruned: Tensor | None = None
+    #: Per image (all ``[I]``, images in prompt order): its sample, its unpruned token count, and the
+    #: tokens it brings into the LLM after the vision stage (extra tokens included).
+    image_sample: Tensor | None = None
+    image_tokens: Tensor | None = None
+    image_kept: Tensor | None = None
 
     @property
     def flops_fastv_ratio(self) -> Tensor | None:

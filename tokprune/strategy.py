@@ -130,11 +130,15 @@ class VisionSignals:
         num_heads: int,
         declared: frozenset[Signal] | None = None,
         cls_index: int = 0,
+        lengths: Tensor | None = None,
     ) -> None:
         self._fetch = fetch
         self.num_layers = num_layers
         self.num_heads = num_heads
         self.cls_index = cls_index
+        #: long ``[B]``: patches of each image in a ragged batch (raw signals are ``[B, 1+N_max, C]``,
+        #: padded after them); derived scores give padding no attention mass. None: every row full.
+        self.lengths = lengths
         self._declared = declared
         self._cache: dict[tuple, Tensor] = {}
 
@@ -172,7 +176,10 @@ class VisionSignals:
         if key not in self._cache:
             q, k = self.qk(layer)
             n_heads = 1 if heads == "single" else self.num_heads
-            self._cache[key] = scoring.cls_attention(q, k, num_heads=n_heads, cls_index=self.cls_index)
+            valid = None
+            if self.lengths is not None:  # CLS and each image's patches; the tail of the row is padding
+                valid = torch.arange(q.shape[1], device=q.device)[None, :] <= self.lengths[:, None]
+            self._cache[key] = scoring.cls_attention(q, k, num_heads=n_heads, cls_index=self.cls_index, key_valid=valid)
         return self._cache[key]
 
     def cls_similarity(self, layer: int = -2) -> Tensor:
@@ -200,6 +207,10 @@ class VisionContext:
     signals: VisionSignals
     #: Patch grid ``(rows, cols)`` of the raster order, when the tower has one (``rows * cols == N``).
     grid: tuple[int, int] | None = None
+    #: long ``[B]``: real tokens of each image when images differ in size (AnyRes tiles, dynamic
+    #: resolution): row ``b`` holds them in ``[:lengths[b]]``, the rest is padding that must not be kept.
+    #: None: every row is full (``N`` tokens each). Only strategies with ``ragged_vision`` receive it.
+    lengths: Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -208,6 +219,19 @@ class VisionContext:
     @property
     def num_patches(self) -> int:
         return self.features.shape[1]
+
+    @property
+    def token_counts(self) -> Tensor:
+        """long ``[B]``: each image's own token count (``N`` for every row when ``lengths`` is None)."""
+        if self.lengths is not None:
+            return self.lengths
+        return torch.full((self.batch_size,), self.num_patches, dtype=torch.long, device=self.features.device)
+
+    @property
+    def token_valid(self) -> Tensor:
+        """bool ``[B, N]``: True at each image's real tokens (all True when ``lengths`` is None)."""
+        index = torch.arange(self.num_patches, device=self.features.device)
+        return index[None, :] < self.token_counts[:, None]
 
 
 @dataclass(frozen=True)
@@ -318,6 +342,9 @@ class PruningStrategy(abc.ABC):
         Params: a frozen dataclass of :func:`tokprune.params.param` fields (LLM stage: needs ``layer``).
         drops_text: LLM stage only; may drop ``QUESTION`` positions.
         drops_template: LLM stage only; may drop ``TEMPLATE`` positions.
+        ragged_vision: vision stage only; plans honour ``ctx.lengths`` (images of different sizes,
+            padded rows), cutting each image within its own tokens. Adapters whose towers give
+            variable-size images refuse vision strategies without it at ``patch()``.
     """
 
     name: ClassVar[str]
@@ -325,6 +352,7 @@ class PruningStrategy(abc.ABC):
     Params: ClassVar[type] = NoParams
     drops_text: ClassVar[bool] = False
     drops_template: ClassVar[bool] = False
+    ragged_vision: ClassVar[bool] = False
 
     def __init__(self, params: Any = None, /, **overrides: Any) -> None:
         self.params = build_params(self.name, type(self).Params, params, overrides)
@@ -429,6 +457,12 @@ def _checked_vision_plan(name: str, plan: Any, ctx: VisionContext) -> VisionPlan
     empty = (keep.sum(dim=1) == 0).nonzero().flatten().tolist()
     if empty:
         raise StrategyContractError(f"{name!r} kept no visual token for samples {empty}; keep at least one")
+    if ctx.lengths is not None:
+        padded = (keep & ~ctx.token_valid).any(dim=1).nonzero().flatten().tolist()
+        if padded:
+            raise StrategyContractError(
+                f"{name!r} kept padding positions of images {padded} (beyond ctx.lengths); cut within each image"
+            )
     if plan.features is not None and tuple(plan.features.shape) != (b, n, c):
         raise StrategyContractError(f"{name!r} returned features {tuple(plan.features.shape)}; expected {(b, n, c)}")
     if plan.extra is not None and (plan.extra.dim() != 3 or plan.extra.shape[0] != b or plan.extra.shape[2] != c):

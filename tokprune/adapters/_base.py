@@ -104,6 +104,16 @@ class ModelAdapter(abc.ABC):
         """Why :meth:`matches` is false, in one line (for the error message)."""
         return f"not a model {cls.name!r} understands"
 
+    @classmethod
+    def tiny(cls, seed: int = 0, attn_implementation: str = "sdpa") -> Any:
+        """A tiny random model this adapter matches, for the adapter contract (:mod:`tokprune.testing.adapters`).
+
+        Returns a :class:`tokprune.testing.adapters.TinyCase` (model built from a config, no download,
+        and ``make_inputs`` for ragged batches), or None when the adapter offers none (the contract
+        suite then reports it as failing).
+        """
+        return None
+
     @abc.abstractmethod
     def _install(self) -> None:
         """Patch the instance; record every change in ``self._state``."""
@@ -186,9 +196,11 @@ def patch(
     ``{name: ..., <param>: ...}`` dicts, a strategy, a :class:`~tokprune.Pipeline`). ``vision_positions``
     and ``llm_positions`` choose, per stage, whether kept tokens keep their original position ids
     (``"keep"``, the default) or are renumbered contiguously (``"compact"``, what pre-LLM reference
-    methods do). ``question_end`` bounds the question for the token roles: a token-id sequence (the
-    assistant marker, e.g. the ids of ``" ASSISTANT:"``) or a tokenizer/processor to encode
-    ``"ASSISTANT:"`` with; None: the question runs to the last prompt token. Everything is validated
+    methods do). Token roles come from the model's own chat template: the template text after the
+    question (LLaVA-1.5's ``ASSISTANT:``) is protected by default, read from the tokenizer saved with the
+    model (:mod:`tokprune.adapters.roles`). ``question_end`` overrides it: a token-id sequence (the
+    assistant marker) or a tokenizer/processor whose chat template to read (without one: the ids of
+    ``"ASSISTANT:"``); with neither, the question runs to the last prompt token. Everything is validated
     before the model is touched; ``handle.remove()`` (or :func:`unpatch`) restores it exactly.
     """
     from ..registry import get

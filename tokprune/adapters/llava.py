@@ -1,137 +1,50 @@
-"""The adapter for HF ``LlavaForConditionalGeneration`` (llava-hf LLaVA-1.5 layout: CLIP tower, Llama LM).
+"""The LLaVA-1.5 family: HF ``LlavaForConditionalGeneration`` (CLIP tower, Llama language model).
 
-What the patch changes, on this instance only (recorded in one :class:`~._base.PatchState`):
+Everything shared by the families (generate() checks, assembly, the pruned decoder loop with its KV-cache
+sessions, stats) is in :mod:`.decoder`. This file knows only LLaVA-1.5:
 
-* ``model.model.forward`` (the ``LlavaModel``): a replacement that embeds the prompt, scatters the
-  (pruned) image features, packs the kept positions and runs its own loop over
-  ``language_model.layers`` so that layers ``0..K-1`` see every token and ``K..`` only the kept ones.
-* ``model.model.get_image_features`` (only with a vision-stage step): runs the CLIP tower, lets the
-  strategy decide in vision feature space and projects only what is kept (+ extra tokens). It keeps
-  the original signature: ``generate()`` inspects it to route ``pixel_values``.
-* ``model.generate``: validates the generation mode (greedy or sampling, dynamic cache, one sequence
-  per prompt) and tells the forward how long the prompt is.
-* forward hooks on ``q_proj``/``k_proj`` of the encoder layers whose q/k a strategy reads, and of
-  decoder layer ``K-1`` for each LLM step (scores come from these, so sdpa keeps working).
+* the tower: CLIP with CLS at index 0; features from one ``vision_feature_layer`` without CLS
+  (``vision_feature_select_strategy="default"``), q/k captured by hooks on the encoder layers a
+  strategy reads; every image brings the same ``N = (image_size / patch_size)^2`` tokens;
+* the projector runs on what the vision stage keeps (and its extra tokens) only;
+* positions are 1-D and the decoder layers are Llama's (through :mod:`tokprune.hf_compat`).
 
-KV cache. Pruning happens once, at prefill. Layers ``>= K`` then hold fewer positions; each run of
-layers between two pruning points (a *segment*) keeps its own padding mask and position offset in a
-session attached (weakly) to the cache, so decoding builds a mask sized to each segment's cache.
-Without a cache (``use_cache=False``) ``generate`` re-runs the whole sequence each step; the decision is
-then made on the prompt positions only (the prompt length comes from the ``generate`` call) and the
-generated positions are always kept. By causality the prompt positions' hidden states, q and k are
-those of the prefill, so both modes take the same decision and generate the same tokens.
+What the patch changes, on this instance only: ``model.model.forward`` (the core's), ``model.generate``
+(the core's checks), ``model.model.get_image_features`` (only with a vision-stage step, so that
+``generate``'s pre-encoding prunes too; it keeps the original signature, which ``generate`` inspects),
+and forward hooks on the q/k projections the strategies read.
 """
 
 from __future__ import annotations
 
-import copy
 import functools
-import inspect
-import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from .. import hf_compat as hf
-from ..errors import MissingCapabilityError, StrategyParamError, UnsupportedModelError
+from ..errors import MissingCapabilityError, UnsupportedModelError
 from ..pipeline import Pipeline
-from ..stats import FlopModel, PruneStats, kv_width, mlp_matrices
-from ..strategy import LLMAttention, LLMContext, PruningStrategy, Signal, TokenRole, VisionContext, VisionSignals
-from ._base import ModelAdapter, Positions
-from ._seq import Seq, compact_positions, scatter_rows, token_roles
+from ..stats import FlopModel, kv_width, mlp_matrices
+from ..strategy import Signal, VisionContext, VisionSignals
+from ._base import Positions
+from .decoder import CallState, PrunedDecoderAdapter, PrunedImageFeatures, VisionOut
 
 __all__ = ["LlavaAdapter", "PrunedImageFeatures"]
 
-SUPPORTED_ATTENTION = ("sdpa", "eager")
-SUPPORTED_MODES = ("greedy_search", "sample")
-ASSISTANT_MARKER = "ASSISTANT:"
-
-
-@dataclass
-class PrunedImageFeatures(hf.BaseModelOutputWithPooling):
-    """``get_image_features`` output of a patched model.
-
-    ``pooler_output`` is a list with one ``[n_i + E, D]`` tensor per image: its kept patches in raster
-    order, then its ``E`` extra tokens. ``keep`` (bool ``[I, N]``) says which patches they are.
-    """
-
-    keep: Tensor | None = None
-    num_extra: int | None = None
-    diagnostics: dict[str, Any] | None = None
-
-
-@dataclass
-class _Segment:
-    """Decoder layers ``start..`` up to the next segment: one cache length, one position offset."""
-
-    start: int
-    mask: Tensor  #: bool ``[B, C]``: validity of each cached position (grows while decoding)
-    shift: Tensor  #: long ``[B]``: subtracted from the caller's position ids (compact positions)
-
-
-@dataclass
-class _Session:
-    """Bookkeeping one prefill leaves for decoding with its cache."""
-
-    segments: list[_Segment]
-    seen: int  #: unpruned sequence length so far (for ``position_ids=None``, HF's arange convention)
-    batch: int
-
-
-@dataclass
-class _GenerateCall:
-    prompt_len: int
-    use_cache: bool
-    prefilled: bool = False
-
-
-def _expand_return_sequences(arguments: dict, extra: dict, copies: int) -> tuple[tuple, dict]:
-    """``generate`` arguments for ``num_return_sequences = copies``, expanded here instead of by ``generate``.
-
-    ``generate`` encodes the images once and then splits the encoder output per prompt by matching its
-    token counts to the prompts' ``<image>`` placeholders, which pruned features no longer match. So
-    every batch tensor is repeated here exactly as ``generate`` would (``repeat_interleave`` on dim 0:
-    ``[A, B] -> [A, A, B, B]``) and the call asks for one sequence per (repeated) prompt. The sequences,
-    their order and the sampling RNG draws are those of the unpruned call's layout; the cost is that the
-    vision tower runs once per returned sequence instead of once per prompt.
-    """
-
-    def expand(value: Any) -> Any:
-        return value.repeat_interleave(copies, dim=0) if isinstance(value, Tensor) else value
-
-    named = {k: expand(v) for k, v in arguments.items()}
-    named.update((k, expand(v)) for k, v in extra.items())
-    if named.get("generation_config") is not None:
-        # generate() warns on a config object plus generation keywords: change a copy of the object.
-        named["generation_config"] = copy.deepcopy(named["generation_config"])
-        named["generation_config"].num_return_sequences = 1
-        named.pop("num_return_sequences", None)
-    else:
-        named["num_return_sequences"] = 1  # a keyword wins over the model's default config
-    return (), named
-
-
-@dataclass
-class _VisionOut:
-    kept: Tensor  #: ``[S, D]`` projected kept patches of every image, image-major raster order
-    keep: Tensor  #: bool ``[I, N]``
-    extra: Tensor | None  #: ``[I, E, D]`` projected extra tokens
-    diagnostics: dict[str, Any] = field(default_factory=dict)
+#: Keywords of ``LlavaModel.forward`` that concern the tower (popped from the forward's options).
+_VISION_OPTIONS = ("vision_feature_layer", "vision_feature_select_strategy", "image_sizes")
 
 
 def _class_names(obj: Any) -> set[str]:
     return {c.__name__ for c in type(obj).__mro__}
 
 
-class LlavaAdapter(ModelAdapter):
+class LlavaAdapter(PrunedDecoderAdapter):
     """HF ``LlavaForConditionalGeneration`` with a CLIP vision tower and a Llama language model."""
 
     name = "llava"
-
-    # -- matching and validation (nothing is touched before everything passed) -------------------
 
     @classmethod
     def mismatch(cls, model: nn.Module) -> str:
@@ -160,59 +73,38 @@ class LlavaAdapter(ModelAdapter):
         question_end: Sequence[int] | Any | None = None,
     ) -> None:
         super().__init__(
-            model,
-            pipeline,
-            vision_positions=vision_positions,
-            llm_positions=llm_positions,
-            question_end=question_end,
+            model, pipeline, vision_positions=vision_positions, llm_positions=llm_positions, question_end=question_end
         )
         self._inner = model.model
         self._tower = self._inner.vision_tower
         self._lm = self._inner.language_model
         self._config = model.config
-        hf.check_model(self._lm, self._tower, hf.llava_output_class())
-        self._vision = hf.vision_transformer(self._tower)
-        self._attn_impl = hf.attention_implementation(self._lm.config)
-        self._check_attention()
-        self._llm_steps = self._check_llm_layers()
+        self._output_class = hf.llava_output_class()
+        hf.check_model(self._lm, self._tower, self._output_class)
+        self._vit = hf.vision_transformer(self._tower)
+        self._image_token_id = self._config.image_token_id
+        self._init_decoder()
         self._signals = self._check_vision()
-        self._marker = _marker_ids(question_end)
         tower_cfg = self._tower.config
-        self._num_patches = (tower_cfg.image_size // tower_cfg.patch_size) ** 2
+        self._tokens_per_image = (tower_cfg.image_size // tower_cfg.patch_size) ** 2
         self._flops = FlopModel(
             d=self._lm.config.hidden_size,
             m=self._lm.config.intermediate_size,
             c=tower_cfg.hidden_size,
             mv=tower_cfg.intermediate_size,
             vision_layers=tower_cfg.num_hidden_layers,
-            vision_tokens=1 + self._num_patches,
+            vision_tokens=1 + self._tokens_per_image,
             mlp_matrices=mlp_matrices(self._lm.layers[0].mlp),
             kv_dim=kv_width(self._lm.config),
         )
-        self._capture: dict[tuple[str, int, str], Tensor] | None = None
-        self._sessions: weakref.WeakKeyDictionary[Any, _Session] = weakref.WeakKeyDictionary()
-        self._generate: _GenerateCall | None = None
 
-    def _check_attention(self) -> None:
-        impl = hf.attention_implementation(self._lm.config)
-        if impl not in SUPPORTED_ATTENTION:
-            raise UnsupportedModelError(
-                f"the language model uses attn_implementation={impl!r}; tokprune's LLaVA adapter supports "
-                f"{', '.join(SUPPORTED_ATTENTION)} (load the model with attn_implementation='sdpa')"
-            )
+    @classmethod
+    def tiny(cls, seed: int = 0, attn_implementation: str = "sdpa") -> Any:
+        from ..testing.adapters import TinyCase
+        from ..testing.models import VOCAB, tiny_llava
 
-    def _check_llm_layers(self) -> dict[int, PruningStrategy]:
-        num_layers = len(self._lm.layers)
-        steps = {}
-        for step in self.pipeline.llm:
-            for k in step.llm_layers:  # a schedule (e.g. PyramidDrop) is one step at each of its layers
-                if not 1 <= k <= num_layers - 1:
-                    raise StrategyParamError(
-                        f"{step.spec()} prunes before decoder layer {k}, but this language model has {num_layers} "
-                        f"layers: layer must be in 1..{num_layers - 1} (layer K-1 provides the scores)"
-                    )
-                steps[k] = step
-        return steps
+        model, make_inputs = tiny_llava(seed=seed, attn_implementation=attn_implementation)
+        return TinyCase(model, make_inputs, pad_token_id=VOCAB.pad, question_end=VOCAB.assistant_marker)
 
     def _check_vision(self) -> frozenset[Signal]:
         step = self.pipeline.vision
@@ -231,107 +123,53 @@ class LlavaAdapter(ModelAdapter):
                 f"vision_feature_select_strategy={select!r} (CLS fed to the projector); only 'default' "
                 "(CLS dropped, LLaVA-1.5) is supported"
             )
-        if getattr(self._vision.embeddings, "class_embedding", None) is None:
-            raise MissingCapabilityError(f"{step.name!r} needs a CLS token, and this vision tower has none")
+        self._check_cls(getattr(self._vit.embeddings, "class_embedding", None) is not None)
         num_layers = self._tower.config.num_hidden_layers
         return frozenset(s.resolve(num_layers) for s in self.pipeline.requires())
 
-    # -- install ------------------------------------------------------------------------------------
+    def _install_family(self) -> None:
+        if self.pipeline.vision is None:
+            return
+        original = self._inner.get_image_features
 
-    def _install(self) -> None:
-        state = self._state
-        state.set_attribute(self._inner, "forward", self._forward)
-        if self.pipeline.vision is not None:
-            original = self._inner.get_image_features
+        @functools.wraps(original)  # generate() reads the signature through __wrapped__
+        def get_image_features(*args: Any, **kwargs: Any) -> PrunedImageFeatures:
+            return self._image_features(*args, **kwargs)
 
-            @functools.wraps(original)  # generate() reads the signature through __wrapped__
-            def get_image_features(*args: Any, **kwargs: Any) -> PrunedImageFeatures:
-                return self._image_features(*args, **kwargs)
-
-            state.set_attribute(self._inner, "get_image_features", get_image_features)
-        original_generate = self.model.generate
-
-        @functools.wraps(original_generate)
-        def generate(*args: Any, **kwargs: Any) -> Any:
-            return self._generate_call(original_generate, args, kwargs)
-
-        state.set_attribute(self.model, "generate", generate)
+        self._state.set_attribute(self._inner, "get_image_features", get_image_features)
         for signal in self._signals:
             if signal.kind == "qk":
-                attn = self._vision.encoder.layers[signal.layer].self_attn
+                attn = self._vit.encoder.layers[signal.layer].self_attn
                 self._hook(attn.q_proj, ("vision", signal.layer, "q"))
                 self._hook(attn.k_proj, ("vision", signal.layer, "k"))
-        for k in self._llm_steps:
-            attn = self._lm.layers[k - 1].self_attn
-            self._hook(attn.q_proj, ("llm", k - 1, "q"))
-            self._hook(attn.k_proj, ("llm", k - 1, "k"))
 
-    def _hook(self, module: nn.Module, key: tuple[str, int, str]) -> None:
-        def store(_module: nn.Module, _args: Any, output: Tensor) -> None:
-            # Hooks stay registered while patched but only record inside a prefill.
-            if self._capture is not None:
-                self._capture[key] = output
+    # -- the vision stage -----------------------------------------------------------------------------
 
-        self._state.add_hook(module.register_forward_hook(store))
-
-    # -- generate -----------------------------------------------------------------------------------
-
-    def _generate_call(self, original: Any, args: tuple, kwargs: dict) -> Any:
-        bound = inspect.signature(original).bind(*args, **kwargs)
-        arguments = dict(bound.arguments)
-        extra = arguments.pop("kwargs", {})
-        config, model_kwargs = hf.generation_config(self.model, arguments.get("generation_config"), extra)
-        self._check_generation(config, arguments, model_kwargs)
-        inputs = arguments.get("inputs")
-        input_ids = inputs if inputs is not None else model_kwargs.get("input_ids")
-        if input_ids is None:
-            raise UnsupportedModelError(
-                "a patched model's generate() needs input_ids (tokprune finds the image in them)"
+    def _vision(
+        self, call: CallState, pixel_values: Tensor | None, encoded: Any, options: dict
+    ) -> tuple[Any, VisionOut | None]:
+        layer, select, image_sizes = (options.pop(name, None) for name in _VISION_OPTIONS)
+        if encoded is not None:  # pre-encoded by generate() through get_image_features
+            if isinstance(encoded, PrunedImageFeatures):
+                return encoded, encoded.vision_out()
+            if self.pipeline.vision is not None:
+                raise UnsupportedModelError(
+                    "these image features were not computed by the patched model; pass pixel_values instead"
+                )
+            return encoded, VisionOut.unpruned(encoded.pooler_output)
+        if pixel_values is None:
+            return None, None
+        if self.pipeline.vision is None:  # the unpatched tower and projector, as transformers runs them
+            encoded = self._inner.get_image_features(
+                pixel_values=pixel_values,
+                vision_feature_layer=layer,
+                vision_feature_select_strategy=select,
+                image_sizes=image_sizes,
+                return_dict=True,
             )
-        use_cache = config.use_cache if config.use_cache is not None else True
-        copies = config.num_return_sequences or 1
-        if copies > 1:
-            args, kwargs = _expand_return_sequences(arguments, extra, copies)
-        self._generate = _GenerateCall(prompt_len=int(input_ids.shape[1]), use_cache=bool(use_cache))
-        try:
-            return original(*args, **kwargs)
-        finally:
-            self._generate = None
-
-    def _check_generation(self, config: Any, arguments: dict, model_kwargs: dict) -> None:
-        def unsupported(what: str) -> UnsupportedModelError:
-            return UnsupportedModelError(
-                f"{what} is not supported on a pruned model (tokprune prunes once at prefill and supports greedy "
-                "decoding or sampling, with a DynamicCache or no cache); "
-                "call handle.remove() to run it unpruned"
-            )
-
-        mode = config.get_generation_mode(arguments.get("assistant_model"))
-        if str(mode.value) not in SUPPORTED_MODES:
-            raise unsupported(f"generation mode {mode.value!r} (num_beams={config.num_beams})")
-        if arguments.get("custom_generate") is not None:
-            raise unsupported("custom_generate")
-        if config.cache_implementation not in (None, "dynamic"):
-            raise unsupported(f"cache_implementation={config.cache_implementation!r}")
-        if getattr(config, "prefill_chunk_size", None) is not None:
-            raise unsupported("chunked prefill (prefill_chunk_size)")
-        if config.output_attentions or config.output_hidden_states:
-            raise unsupported("output_attentions/output_hidden_states")
-        cache = hf.cache_from_kwargs(model_kwargs)
-        if cache is not None:
-            self._check_cache(cache)
-            if cache.get_seq_length() > 0:
-                raise unsupported("continuing from a non-empty cache (past_key_values)")
-
-    @staticmethod
-    def _check_cache(cache: Any) -> None:
-        if not hf.is_dynamic_cache(cache):
-            raise UnsupportedModelError(
-                f"{type(cache).__name__} is not supported on a pruned model: pruned layers hold fewer positions, "
-                "which needs a DynamicCache (static, quantized and offloaded caches are not supported)"
-            )
-
-    # -- vision stage -------------------------------------------------------------------------------
+            return encoded, VisionOut.unpruned(encoded.pooler_output)
+        out = self._run_vision(call, pixel_values, layer, select, image_sizes)
+        return PrunedImageFeatures.of(out), out
 
     def _image_features(
         self,
@@ -341,10 +179,16 @@ class LlavaAdapter(ModelAdapter):
         image_sizes: Tensor | None = None,
         **kwargs: Any,
     ) -> PrunedImageFeatures:
-        """Tower, strategy, projector on what is kept. One entry per image in ``pooler_output``."""
-        layer = self._config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
-        select = self._config.vision_feature_select_strategy
-        select = select if vision_feature_select_strategy is None else vision_feature_select_strategy
+        """The patched ``get_image_features``: tower, strategy, projector on what is kept."""
+        with self._active(CallState(self)) as call:
+            out = self._run_vision(call, pixel_values, vision_feature_layer, vision_feature_select_strategy, image_sizes)
+        return PrunedImageFeatures.of(out)
+
+    def _run_vision(
+        self, call: CallState, pixel_values: Tensor, layer: Any, select: Any, image_sizes: Any
+    ) -> VisionOut:
+        layer = self._config.vision_feature_layer if layer is None else layer
+        select = self._config.vision_feature_select_strategy if select is None else select
         if not isinstance(layer, int) or select != "default":
             raise MissingCapabilityError(
                 f"vision-stage pruning needs one int vision_feature_layer and the 'default' select strategy; "
@@ -352,33 +196,19 @@ class LlavaAdapter(ModelAdapter):
             )
         if image_sizes is not None:
             raise UnsupportedModelError("image_sizes (per-image resolutions) is not supported on a pruned model")
-        out = self._run_vision(pixel_values, layer)
-        counts = out.keep.sum(dim=1).tolist()
-        per_image = list(out.kept.split(counts))
-        if out.extra is not None:
-            per_image = [torch.cat([p, e]) for p, e in zip(per_image, out.extra)]
-        return PrunedImageFeatures(
-            pooler_output=per_image,
-            keep=out.keep,
-            num_extra=0 if out.extra is None else int(out.extra.shape[1]),
-            diagnostics=out.diagnostics,
-        )
-
-    def _run_vision(self, pixel_values: Tensor, feature_layer: int) -> _VisionOut:
         step = self.pipeline.vision
         assert step is not None
-        tower = self._vision
-        dtype = tower.embeddings.patch_embedding.weight.dtype
-        x = tower.pre_layrnorm(tower.embeddings(pixel_values.to(dtype)))
+        vit = self._vit
+        x = vit.pre_layrnorm(vit.embeddings(pixel_values.to(vit.embeddings.patch_embedding.weight.dtype)))
         hidden = [x]
-        self._capture = {}
+        call.capture = {}
         try:
-            for layer in tower.encoder.layers:
-                x = hf.call_vision_layer(layer, x)
+            for encoder_layer in vit.encoder.layers:
+                x = hf.call_vision_layer(encoder_layer, x)
                 hidden.append(x)
-            captured = self._capture
+            captured = call.capture
         finally:
-            self._capture = None
+            call.capture = None
 
         def fetch(signal: Signal) -> Any:
             if signal.kind == "qk":
@@ -387,7 +217,7 @@ class LlavaAdapter(ModelAdapter):
 
         cfg = self._tower.config
         signals = VisionSignals(fetch, cfg.num_hidden_layers, cfg.num_attention_heads, declared=self._signals)
-        features = hidden[feature_layer][:, 1:]
+        features = hidden[layer][:, 1:]  # CLS at index 0 is not fed to the projector
         side = cfg.image_size // cfg.patch_size
         grid = (side, side) if side * side == features.shape[1] else None
         plan = step(VisionContext(features=features, signals=signals, grid=grid))
@@ -396,410 +226,4 @@ class LlavaAdapter(ModelAdapter):
         kept = projector(chosen[plan.keep])
         extra = projector(plan.extra) if plan.extra is not None and plan.extra.shape[1] > 0 else None
         diagnostics = {f"{step.name}.{k}": v for k, v in plan.diagnostics.items()}
-        return _VisionOut(kept=kept, keep=plan.keep, extra=extra, diagnostics=diagnostics)
-
-    # -- the LlavaModel forward ---------------------------------------------------------------------
-
-    def _forward(
-        self,
-        input_ids: Tensor | None = None,
-        pixel_values: Tensor | None = None,
-        attention_mask: Tensor | None = None,
-        position_ids: Tensor | None = None,
-        inputs_embeds: Tensor | None = None,
-        vision_feature_layer: int | list[int] | None = None,
-        vision_feature_select_strategy: str | None = None,
-        image_sizes: Tensor | None = None,
-        mm_encoder_outputs: dict[str, Any] | None = None,
-        **kwargs: Any,
-    ) -> Any:
-        # The cache arrives as cache= (transformers >= 5.24) or past_key_values= (older): take either, and
-        # never let it fall through **kwargs unread (each decoding step would then run as a fresh prefill).
-        past = hf.pop_cache(kwargs)
-        if kwargs.get("output_attentions") or kwargs.get("output_hidden_states"):
-            raise UnsupportedModelError(
-                "output_attentions/output_hidden_states are not supported on a pruned model (the layers see "
-                "different sequences); call handle.remove() to inspect the unpruned model"
-            )
-        if input_ids is None or inputs_embeds is not None:
-            raise UnsupportedModelError(
-                "a patched LLaVA needs input_ids and no inputs_embeds (tokprune finds the image and the question "
-                "in the token ids)"
-            )
-        if pixel_values is not None and mm_encoder_outputs is not None and mm_encoder_outputs.get("image") is not None:
-            raise ValueError("You cannot specify both pixel_values and mm_encoder_outputs at the same time")
-        return_dict = kwargs.get("return_dict", True)
-        use_cache = kwargs.get("use_cache")
-        use_cache = self._lm.config.use_cache if use_cache is None else use_cache
-        cache = past
-        if cache is not None:
-            self._check_cache(cache)
-        encoded = None
-        if cache is not None and cache.get_seq_length() > 0:
-            hidden = self._decode(input_ids, attention_mask, position_ids, cache)
-        else:
-            if use_cache and cache is None:
-                cache = hf.new_dynamic_cache(self._lm.config)
-            encoded = self._encoded_images(
-                pixel_values, mm_encoder_outputs, vision_feature_layer, vision_feature_select_strategy, image_sizes
-            )
-            features = self._features(encoded)
-            hidden = self._prefill(input_ids, attention_mask, position_ids, cache if use_cache else None, features)
-        out = hf.model_output(
-            hf.llava_output_class(),
-            last_hidden_state=hidden,
-            cache=cache if use_cache else past,
-            image_features=encoded,
-        )
-        return out if return_dict else out.to_tuple()
-
-    def _encoded_images(
-        self,
-        pixel_values: Tensor | None,
-        mm_encoder_outputs: dict[str, Any] | None,
-        vision_feature_layer: Any,
-        vision_feature_select_strategy: Any,
-        image_sizes: Any,
-    ) -> Any:
-        """The image encoder's output for this call: pre-encoded by ``generate`` or computed now (or None)."""
-        encoded = (mm_encoder_outputs or {}).get("image")
-        if encoded is None and pixel_values is not None:
-            encoded = self._inner.get_image_features(
-                pixel_values=pixel_values,
-                vision_feature_layer=vision_feature_layer,
-                vision_feature_select_strategy=vision_feature_select_strategy,
-                image_sizes=image_sizes,
-                return_dict=True,
-            )
-        return encoded
-
-    def _features(self, encoded: Any) -> _VisionOut | None:
-        """The encoder output in the packed form the assembly consumes."""
-        if encoded is None:
-            return None
-        per_image = list(encoded.pooler_output)
-        if isinstance(encoded, PrunedImageFeatures):
-            keep, e = encoded.keep, encoded.num_extra or 0
-            counts = keep.sum(dim=1).tolist()
-            kept = torch.cat([p[:c] for p, c in zip(per_image, counts)])
-            extra = torch.stack([p[c:] for p, c in zip(per_image, counts)]) if e else None
-            return _VisionOut(kept=kept, keep=keep, extra=extra, diagnostics=dict(encoded.diagnostics or {}))
-        if self.pipeline.vision is not None:
-            raise UnsupportedModelError(
-                "these image features were not computed by the patched model; pass pixel_values instead"
-            )
-        kept = torch.cat(per_image)
-        keep = torch.ones(len(per_image), per_image[0].shape[0], dtype=torch.bool, device=kept.device)
-        return _VisionOut(kept=kept, keep=keep, extra=None)
-
-    # -- prefill ------------------------------------------------------------------------------------
-
-    def _prefill(
-        self,
-        input_ids: Tensor,
-        attention_mask: Tensor | None,
-        position_ids: Tensor | None,
-        cache: Any,
-        features: _VisionOut | None,
-    ) -> Tensor:
-        """Run the prompt (and, without a cache, the tokens generated so far); returns ``[B, L, D]``."""
-        b, n = input_ids.shape
-        device = input_ids.device
-        valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        if not bool(valid[:, -1].all()):
-            raise UnsupportedModelError(
-                "right-padded batch: tokprune needs left padding (tokenizer.padding_side='left'), so that every "
-                "sample's last prompt token is in the last column"
-            )
-        pos = torch.arange(n, device=device)[None, :] if position_ids is None else position_ids
-        pos = pos.expand(b, n).long()
-        generated = self._generated_count(n)
-        prompt_n = n - generated
-        roles, marker_found = token_roles(
-            input_ids[:, :prompt_n], valid[:, :prompt_n], self._config.image_token_id, self._marker
-        )
-        roles = torch.cat([roles, torch.full((b, generated), int(TokenRole.PROTECTED), device=device)], dim=1)
-        embeds = self._lm.embed_tokens(input_ids)
-        seq, images = self._vision_assembly(input_ids, embeds, valid, pos, roles, prompt_n, features)
-        seq, shift = self._stage_positions(
-            seq, self.vision_positions, torch.zeros(b, dtype=torch.long, device=device), valid.sum(dim=1)
-        )
-        segments = [_Segment(0, seq.valid, shift)]
-        visual_kept = ((seq.roles == TokenRole.IMAGE) & seq.valid).sum(dim=1)
-        num_layers = len(self._lm.layers)
-        layer_tokens = torch.zeros(b, num_layers, dtype=torch.long, device=device)
-        layer_visual = torch.zeros_like(layer_tokens)
-        llm_kept: dict[int, Tensor] = {}
-        diagnostics: dict[str, Any] = dict(features.diagnostics) if features is not None else {}
-        if self._marker is not None:
-            diagnostics["roles.marker_found"] = marker_found
-        seq_valid_count = valid.sum(dim=1)
-
-        self._capture = {}
-        try:
-            embeddings, mask = self._segment_inputs(seq)
-            for i, layer in enumerate(self._lm.layers):
-                if i in self._llm_steps:
-                    seq, step_diag = self._llm_step(self._llm_steps[i], i, seq, embeddings, generated)
-                    diagnostics.update(step_diag)
-                    seq, shift = self._stage_positions(seq, self.llm_positions, segments[-1].shift, seq_valid_count)
-                    segments.append(_Segment(i, seq.valid, shift))
-                    llm_kept[i] = (seq.valid & seq.prompt).sum(dim=1)
-                    embeddings, mask = self._segment_inputs(seq)
-                layer_tokens[:, i] = (seq.valid & seq.prompt).sum(dim=1)
-                layer_visual[:, i] = ((seq.roles == TokenRole.IMAGE) & seq.valid).sum(dim=1)
-                seq.hidden = hf.call_decoder_layer(
-                    layer, seq.hidden, mask=mask, position_ids=seq.pos, position_embeddings=embeddings, cache=cache
-                )
-        finally:
-            self._capture = None
-        hidden = self._lm.norm(seq.hidden)
-        if cache is not None:
-            self._sessions[cache] = _Session(segments=segments, seen=n, batch=b)
-        if self._generate is None or not self._generate.prefilled:
-            seq_len = valid[:, :prompt_n].sum(dim=1)
-            self._record(self._stats(seq_len, visual_kept, llm_kept, layer_tokens, layer_visual, images, diagnostics))
-            if self._generate is not None:
-                self._generate.prefilled = True
-        return _scatter_back(hidden, seq, n)
-
-    def _generated_count(self, n: int) -> int:
-        """Tokens at the end of the sequence that ``generate`` (without a cache) produced, not the prompt."""
-        call = self._generate
-        if call is None or call.use_cache or n <= call.prompt_len:
-            return 0
-        return n - call.prompt_len
-
-    def _vision_assembly(
-        self,
-        input_ids: Tensor,
-        embeds: Tensor,
-        valid: Tensor,
-        pos: Tensor,
-        roles: Tensor,
-        prompt_n: int,
-        features: _VisionOut | None,
-    ) -> tuple[Seq, Tensor]:
-        """Scatter kept image features into their placeholders, insert extra tokens, drop the rest.
-
-        Returns the packed sequence and the number of images per sample (long ``[B]``).
-        """
-        b, n = input_ids.shape
-        device = input_ids.device
-        idx = torch.arange(n, device=device)
-        src = idx[None, :].expand(b, n)
-        prompt = idx[None, :].expand(b, n) < prompt_n
-        # A generated token equal to the image id (no-cache decoding) is text, not a placeholder.
-        image = (input_ids == self._config.image_token_id) & prompt
-        images = image.sum(dim=1) // self._num_patches
-        keep = valid.clone()
-        if features is None:
-            if bool(image.any()):
-                raise ValueError("the prompt has image tokens but no pixel_values or image features were given")
-            seq = Seq(embeds, valid, pos, roles, src, prompt)
-            return seq.gather(keep), images
-        num_images, num_patches = features.keep.shape
-        if int(image.sum()) != num_images * num_patches:
-            raise ValueError(
-                f"Image features and image tokens do not match: tokens: {int(image.sum())}, "
-                f"features: {num_images * num_patches} ({num_images} images of {num_patches} patches)"
-            )
-        slot_keep = torch.zeros_like(image)
-        slot_keep[image] = features.keep.flatten()
-        embeds = embeds.masked_scatter(slot_keep[..., None], features.kept.to(embeds.dtype))
-        keep &= ~image | slot_keep
-        seq = Seq(embeds, valid, pos, roles, src, prompt)
-        if features.extra is None:
-            return seq.gather(keep), images
-        extra_seq, extra_key = _extra_tokens(image, pos, features.extra.to(embeds.dtype), num_patches)
-        # Put each image's extra tokens right after its block, then pack as usual.
-        key = torch.cat([idx[None, :].expand(b, n).double(), extra_key], dim=1)
-        order = torch.sort(key, dim=1, stable=True).indices
-        joined = Seq.cat([seq, extra_seq]).take(order)
-        joined_keep = torch.take_along_dim(torch.cat([keep, extra_seq.valid], dim=1), order, dim=1)
-        return joined.gather(joined_keep), images
-
-    def _stage_positions(self, seq: Seq, mode: str, shift: Tensor, full_count: Tensor) -> tuple[Seq, Tensor]:
-        """Apply a stage's position mode; returns the sequence and its decoding offset (long ``[B]``).
-
-        ``keep``: positions unchanged, offset inherited. ``compact``: renumbered contiguously; decoding
-        continues right after the last kept position, i.e. at the caller's position minus the number
-        of tokens dropped so far (``full_count`` = unpruned non-padding length).
-        """
-        if mode == "keep":
-            return seq, shift
-        pos = compact_positions(seq.pos, seq.valid)
-        return seq.with_positions(pos), full_count - seq.valid.sum(dim=1)
-
-    def _segment_inputs(self, seq: Seq) -> tuple[tuple[Tensor, Tensor], Any]:
-        """RoPE cos/sin for the segment's positions and its causal + padding mask (prefill: no cached keys)."""
-        embeddings = hf.rotary_embeddings(self._lm, seq.hidden, seq.pos)
-        mask = hf.attention_mask(seq.valid, seq.valid.shape[1], seq.hidden.dtype, self._attn_impl)
-        return embeddings, mask
-
-    # -- LLM stage ----------------------------------------------------------------------------------
-
-    def _llm_step(
-        self, step: PruningStrategy, k: int, seq: Seq, embeddings: tuple[Tensor, Tensor], generated: int
-    ) -> tuple[Seq, dict[str, Any]]:
-        """Decide with layer K-1's q/k on the prompt positions; keep generated ones; gather."""
-        assert self._capture is not None
-        attn = self._lm.layers[k - 1].self_attn
-        b, n, _ = seq.hidden.shape
-        q = self._capture.pop(("llm", k - 1, "q")).view(b, n, -1, attn.head_dim).transpose(1, 2)
-        key = self._capture.pop(("llm", k - 1, "k")).view(b, n, -1, attn.head_dim).transpose(1, 2)
-        cos, sin = embeddings
-        q, key = hf.apply_rope(q, key, cos, sin)
-        p = n - generated  # generated tokens are the last columns of every row
-        ctx = LLMContext(
-            layer=k,
-            roles=seq.roles[:, :p],
-            hidden=seq.hidden[:, :p],
-            attention=LLMAttention(q[:, :, :p], key[:, :, :p], seq.valid[:, :p], scale=attn.scaling),
-            position_ids=seq.pos[:, :p],
-        )
-        plan = step(ctx)
-        keep = seq.valid.clone()
-        keep[:, :p] &= plan.keep
-        if plan.hidden is not None:  # merged states for the kept prompt positions, applied before the gather
-            merged = torch.where(plan.keep[..., None], plan.hidden, seq.hidden[:, :p])
-            seq = replace(seq, hidden=torch.cat([merged, seq.hidden[:, p:]], dim=1))
-        # a schedule reports each of its layers under its own prefix (``pyramiddrop@8.keep_count``)
-        prefix = step.name if len(step.llm_layers) == 1 else f"{step.name}@{k}"
-        diagnostics = {f"{prefix}.{name}": value for name, value in plan.diagnostics.items()}
-        return seq.gather(keep), diagnostics
-
-    # -- decoding with the pruned cache -------------------------------------------------------------
-
-    def _decode(
-        self, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None, cache: Any
-    ) -> Tensor:
-        """New tokens against the pruned cache: each segment gets a mask sized to its own cache."""
-        session = self._sessions.get(cache)
-        if session is None:
-            raise UnsupportedModelError(
-                "past_key_values was not filled by this patched model's prefill; run the prompt through the "
-                "patched model first (or pass an empty cache)"
-            )
-        b, q = input_ids.shape
-        if b != session.batch:
-            raise UnsupportedModelError(f"batch size changed from {session.batch} to {b} while decoding")
-        device = input_ids.device
-        new_valid = torch.ones(b, q, dtype=torch.bool, device=device)
-        if attention_mask is not None:
-            new_valid = attention_mask[:, -q:].bool()
-        if position_ids is None:
-            position_ids = torch.arange(session.seen, session.seen + q, device=device)[None, :]
-        position_ids = position_ids.expand(b, q).long()
-        hidden = self._lm.embed_tokens(input_ids)
-        starts = {seg.start: seg for seg in session.segments}
-        for i, layer in enumerate(self._lm.layers):
-            if i in starts:
-                seg = starts[i]
-                seg.mask = torch.cat([seg.mask, new_valid], dim=1)
-                pos = position_ids - seg.shift[:, None]
-                embeddings = hf.rotary_embeddings(self._lm, hidden, pos)
-                mask = hf.attention_mask(seg.mask, q, hidden.dtype, self._attn_impl)
-            hidden = hf.call_decoder_layer(
-                layer, hidden, mask=mask, position_ids=pos, position_embeddings=embeddings, cache=cache
-            )
-        session.seen += q
-        return self._lm.norm(hidden)
-
-    # -- stats --------------------------------------------------------------------------------------
-
-    def _stats(
-        self,
-        seq_len: Tensor,
-        visual_kept: Tensor,
-        llm_kept: dict[int, Tensor],
-        layer_tokens: Tensor,
-        layer_visual: Tensor,
-        images: Tensor,
-        diagnostics: dict[str, Any],
-    ) -> PruneStats:
-        fm = self._flops
-        num_layers = layer_tokens.shape[1]
-        projected = visual_kept if self.pipeline.vision is not None else images * self._num_patches
-        unpruned = (
-            fm.llm(seq_len[:, None].expand(-1, num_layers))
-            + fm.vision(images)
-            + fm.projector(images * self._num_patches)
-        )
-        pruned = fm.llm(layer_tokens) + fm.vision(images) + fm.projector(projected)
-        cpu = {k: v.detach().cpu() for k, v in llm_kept.items()}
-        diag = {k: v.detach().cpu() if isinstance(v, Tensor) else v for k, v in diagnostics.items()}
-        return PruneStats(
-            visual_total=self._num_patches,
-            visual_kept=visual_kept.cpu(),
-            llm_kept=cpu,
-            seq_len=seq_len.cpu(),
-            layer_tokens=layer_tokens.cpu(),
-            layer_visual=layer_visual.cpu(),
-            flops_pruned=pruned.cpu(),
-            flops_unpruned=unpruned.cpu(),
-            images=images.cpu(),
-            diagnostics=diag,
-            flop_model=fm,
-        )
-
-
-def _extra_tokens(image: Tensor, pos: Tensor, extra: Tensor, num_patches: int) -> tuple[Seq, Tensor]:
-    """Extra tokens of each image placed right after its block: ``(Seq [B, M, D], order key [B, M])``.
-
-    In ``keep`` mode they share the position id of their image's last placeholder.
-    """
-    b, n = image.shape
-    num_images, e, d = extra.shape
-    flat = image.flatten().nonzero().squeeze(1).view(num_images, num_patches)
-    end = flat[:, -1]
-    img_b, img_l = end // n, end % n
-    first_of_sample = torch.searchsorted(img_b, img_b)
-    rank = torch.arange(num_images, device=image.device) - first_of_sample
-    per_sample = torch.bincount(img_b, minlength=b)
-    m = e * int(per_sample.max())
-    slots = rank[:, None] * e + torch.arange(e, device=image.device)[None, :]
-    rows = img_b[:, None].expand(-1, e)
-    hidden = extra.new_zeros(b, m, d)
-    hidden[rows, slots] = extra
-    valid = torch.zeros(b, m, dtype=torch.bool, device=image.device)
-    valid[rows, slots] = True
-    key = torch.full((b, m), -1.0, dtype=torch.float64, device=image.device)
-    key[rows, slots] = img_l[:, None].double() + (torch.arange(e, device=image.device)[None, :] + 1.0) / (e + 1)
-    extra_pos = torch.zeros(b, m, dtype=torch.long, device=image.device)
-    extra_pos[rows, slots] = pos[img_b, img_l][:, None].expand(-1, e)
-    seq = Seq(
-        hidden=hidden,
-        valid=valid,
-        pos=extra_pos,
-        roles=torch.full((b, m), int(TokenRole.IMAGE), dtype=torch.long, device=image.device),
-        src=torch.full((b, m), -1, dtype=torch.long, device=image.device),
-        prompt=valid.clone(),
-    )
-    return seq, key
-
-
-def _scatter_back(hidden: Tensor, seq: Seq, n: int) -> Tensor:
-    """The packed final hidden states at their original positions ``[B, n, D]``; dropped ones are zero."""
-    return scatter_rows(hidden, seq.src, seq.valid & (seq.src >= 0), n)
-
-
-def _marker_ids(question_end: Any) -> list[int] | None:
-    """The assistant-marker token ids from a sequence of ids or a tokenizer/processor (or None)."""
-    if question_end is None:
-        return None
-    tokenizer = getattr(question_end, "tokenizer", question_end)
-    if hasattr(tokenizer, "encode"):
-        ids = tokenizer.encode(ASSISTANT_MARKER, add_special_tokens=False)
-        if not ids:
-            raise StrategyParamError(f"the tokenizer encodes {ASSISTANT_MARKER!r} to no tokens")
-        return [int(i) for i in ids]
-    if isinstance(question_end, (str, bytes)) or not isinstance(question_end, Sequence):
-        raise StrategyParamError(
-            "question_end must be a sequence of token ids (the assistant marker) or a tokenizer/processor; "
-            f"got {type(question_end).__name__}"
-        )
-    ids = [int(i) for i in question_end]
-    if not ids:
-        raise StrategyParamError("question_end is empty; pass the assistant marker's token ids or None")
-    return ids
+        return VisionOut(kept=kept, keep=plan.keep, extra=extra, diagnostics=diagnostics)

@@ -1,4 +1,4 @@
-"""The built-in adapter plugin (entry point ``llava`` in group ``tokprune``)."""
+"""The built-in adapter plugin (entry point ``llava`` in group ``tokprune``): LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL."""
 
 from __future__ import annotations
 
@@ -9,7 +9,11 @@ from ..hookspecs import hookimpl
 
 @hookimpl
 def register_adapters(register: Callable[..., None]) -> None:
-    """Register the HF LLaVA adapter (imported lazily: it pulls in transformers)."""
+    """Register the built-in HF family adapters (imported lazily: they pull in transformers)."""
     from .llava import LlavaAdapter
+    from .llava_next import LlavaNextAdapter
+    from .qwen2_5_vl import Qwen2_5_VLAdapter
 
     register(LlavaAdapter)
+    register(LlavaNextAdapter)
+    register(Qwen2_5_VLAdapter)

@@ -25,6 +25,7 @@ def cls_attention(
     num_heads: int = 1,
     cls_index: int = 0,
     scale: float | None = None,
+    key_valid: Tensor | None = None,
 ) -> Tensor:
     """CLS-row attention over the patch tokens of one encoder layer, from its q/k projections.
 
@@ -39,6 +40,8 @@ def cls_attention(
         num_heads: number of heads H; must divide C.
         cls_index: position of the CLS token (negative indices allowed).
         scale: logit scale; default ``(C/H)^-0.5``.
+        key_valid: bool ``[B, 1+N]``: tokens that exist (padded rows of a ragged batch: False past each
+            image's length); the others get no attention mass (zero in the output). None: all exist.
 
     Returns:
         fp32 (fp64 for fp64 inputs) ``[B, N]``: attention of CLS to each patch. The CLS column is part of
@@ -66,7 +69,10 @@ def cls_attention(
         eye = torch.eye(num_heads, dtype=dt, device=q.device)
         q_bd = (q_cls.view(b, num_heads, d, 1) * eye[:, None, :]).view(b, c, num_heads)
         logits = torch.bmm(k.to(dt), q_bd)  # [B, T, H]
-    probs = torch.softmax(logits * scale, dim=1).mean(dim=2)  # [B, T]
+    logits = logits * scale
+    if key_valid is not None:  # padding is not a key: softmax over each image's own tokens
+        logits = logits.masked_fill(~key_valid[:, :, None], float("-inf"))
+    probs = torch.softmax(logits, dim=1).mean(dim=2)  # [B, T]
     return _drop_column(probs, cls)
 
 

@@ -26,6 +26,8 @@ What is checked (:data:`CHECKS`):
 * ``deterministic``: two calls on identical inputs give identical plans;
 * ``batch_invariant``: every sample alone selects what it selects inside a batch of 4 (LLM stage: with a
   different left padding per sample; compared on the real positions);
+* ``ragged``: vision strategies declaring ``ragged_vision``: with images of different sizes (padded
+  rows, ``ctx.lengths``) padding is never kept and each image selects what it selects alone;
 * ``dtypes``: fp32, bf16 and fp16 inputs all give valid plans without NaN;
 * ``degenerate``: constant features and signals, and tiny inputs (1 to 3 patches / image tokens), give
   valid plans without NaN;
@@ -39,7 +41,7 @@ can write their own checks on the same fabricated inputs.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -117,6 +119,8 @@ class VisionBatch:
     num_layers: int
     num_heads: int
     grid: tuple[int, int] | None
+    #: Images of different sizes: each row's real patch count (padding after it); None: all full.
+    lengths: tuple[int, ...] | None = None
 
     @classmethod
     def make(
@@ -165,17 +169,46 @@ class VisionBatch:
         def fetch(signal: Signal) -> Any:
             return self.signals[signal]
 
-        vs = VisionSignals(fetch, self.num_layers, self.num_heads, declared=declared)
-        return VisionContext(features=self.features, signals=vs, grid=self.grid)
+        lengths = None if self.lengths is None else torch.tensor(self.lengths, device=self.features.device)
+        vs = VisionSignals(fetch, self.num_layers, self.num_heads, declared=declared, lengths=lengths)
+        grid = self.grid if self.lengths is None else None  # padded rows have no raster grid
+        return VisionContext(features=self.features, signals=vs, grid=grid, lengths=lengths)
 
     def sample(self, i: int) -> VisionBatch:
-        """Sample ``i`` alone (a batch of 1)."""
+        """Sample ``i`` alone (a batch of 1; a ragged row cut to its own length, without padding)."""
+        n = self.features.shape[1] if self.lengths is None else self.lengths[i]
 
         def cut(value: Any) -> Any:
-            return tuple(v[i : i + 1] for v in value) if isinstance(value, tuple) else value[i : i + 1]
+            if isinstance(value, tuple):
+                return tuple(v[i : i + 1, : 1 + n] for v in value)
+            return value[i : i + 1, : 1 + n]  # CLS + the image's patches
 
         return dataclasses.replace(
-            self, features=self.features[i : i + 1], signals={s: cut(v) for s, v in self.signals.items()}
+            self,
+            features=self.features[i : i + 1, :n],
+            signals={s: cut(v) for s, v in self.signals.items()},
+            lengths=None,
+            grid=self.grid if self.lengths is None else None,
+        )
+
+    def ragged(self, lengths: Sequence[int]) -> VisionBatch:
+        """The batch as images of ``lengths`` patches each, the rest of every row padding filled with noise
+        (a strategy must neither keep nor be swayed by it)."""
+        n = self.features.shape[1]
+        pad = torch.arange(n + 1)[None, :] > torch.tensor(list(lengths))[:, None]  # [B, 1+N], CLS at 0
+
+        def noisy(x: Tensor) -> Tensor:
+            noise = 50.0 * torch.randn(x.shape, generator=_generator(7, x.shape[1])).to(x.dtype)
+            return torch.where(pad[:, -x.shape[1] :, None], noise, x)
+
+        def fill(value: Any) -> Any:
+            return tuple(noisy(v) for v in value) if isinstance(value, tuple) else noisy(value)
+
+        return dataclasses.replace(
+            self,
+            features=noisy(self.features),
+            signals={s: fill(v) for s, v in self.signals.items()},
+            lengths=tuple(int(x) for x in lengths),
         )
 
     @property
@@ -469,6 +502,28 @@ def check_batch_invariant(strategy: PruningStrategy) -> None:
             )
 
 
+def check_ragged(strategy: PruningStrategy) -> None:
+    """Vision strategies with ``ragged_vision``: in a batch of images of different sizes (padded rows
+    with ``ctx.lengths``), padding is never kept and each image selects what it selects alone."""
+    if strategy.stage is not Stage.VISION or not strategy.ragged_vision:
+        return
+    for seed in (0, 1):
+        full = make_batch(strategy, seed=seed)
+        n = full.features.shape[1]
+        batch = full.ragged((n, n - 5, n // 2, 3))
+        plan = run(strategy, batch, "ragged")  # the interface refuses plans keeping padding
+        assert batch.lengths is not None
+        for i, length in enumerate(batch.lengths):
+            solo = run(strategy, batch.sample(i), "ragged")
+            row = _slice_plan(plan, i)
+            cropped = VisionPlan(
+                keep=row.keep[:, :length],
+                features=None if row.features is None else row.features[:, :length],
+                extra=row.extra,
+            )
+            _same_plan(strategy, cropped, solo, "ragged", f"image {i} of {length} patches (seed {seed})", exact=False)
+
+
 def check_dtypes(strategy: PruningStrategy) -> None:
     """fp32, bf16 and fp16 inputs give valid plans without NaN."""
     for dtype in DTYPES:
@@ -507,6 +562,7 @@ CHECKS: dict[str, Callable[[PruningStrategy], None]] = {
     "bounds": check_bounds,
     "deterministic": check_deterministic,
     "batch_invariant": check_batch_invariant,
+    "ragged": check_ragged,
     "dtypes": check_dtypes,
     "degenerate": check_degenerate,
     "requires": check_requires,

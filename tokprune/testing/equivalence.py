@@ -33,6 +33,7 @@ from .models import VOCAB, tiny_llava
 __all__ = [
     "DEFAULT_LENGTHS",
     "ProbeLastRow",
+    "ProbeVisionNorm",
     "ProbeVisionTopK",
     "check_batch_equivalence",
     "check_cache_equivalence",
@@ -98,10 +99,14 @@ class _VisionTopKParams:
 
 
 class ProbeVisionTopK(PruningStrategy):
-    """Keep the patches the CLS token attends to most (one head over the full width, last encoder layer)."""
+    """Keep the patches the CLS token attends to most (one head over the full width, last encoder layer).
+
+    Cuts each image within its own tokens (``ctx.lengths``) when images differ in size.
+    """
 
     name = "probe_vision_topk"
     stage = Stage.VISION
+    ragged_vision = True
     Params = _VisionTopKParams
 
     def requires(self) -> frozenset[Signal]:
@@ -110,22 +115,64 @@ class ProbeVisionTopK(PruningStrategy):
     def plan(self, ctx: VisionContext) -> VisionPlan:
         q, k = ctx.signals.qk(-1)
         q, k = q.float(), k.float()
+        valid, n = ctx.token_valid, ctx.token_counts
         scores = torch.einsum("bc,bnc->bn", q[:, 0], k[:, 1:]) / q.shape[-1] ** 0.5
-        b, n = scores.shape
-        budget = torch.full((b,), max(round(n * self.params.keep_ratio), 1), device=scores.device)
+        scores = scores.masked_fill(~valid, float("-inf"))
+        budget = (n.double() * self.params.keep_ratio + 0.5).floor().long().clamp(min=1)
         if self.params.ragged:
-            budget = (scores > scores.mean(dim=1, keepdim=True)).sum(dim=1).clamp(min=1)
+            mean = scores.masked_fill(~valid, 0).sum(dim=1, keepdim=True) / n[:, None]
+            budget = ((scores > mean) & valid).sum(dim=1).clamp(min=1)
         ranked = scores.argsort(dim=1, descending=True, stable=True)
         rank = torch.empty_like(ranked)
-        rank.scatter_(1, ranked, torch.arange(n, device=ranked.device).expand(b, n))
-        keep = rank < budget[:, None]
-        features = ctx.features + 0.5 * ctx.features.mean(dim=1, keepdim=True) if self.params.merge else None
+        rank.scatter_(1, ranked, torch.arange(scores.shape[1], device=ranked.device).expand_as(ranked))
+        keep = (rank < budget[:, None]) & valid
+        features = None
+        if self.params.merge:
+            mean_all = (ctx.features * valid[..., None]).sum(1, keepdim=True) / n[:, None, None]
+            features = ctx.features + 0.5 * mean_all
         extra = None
         if self.params.extra:
-            dropped = (~keep).float()[..., None]
+            dropped = (~keep & valid).float()[..., None]
             mean = (ctx.features * dropped).sum(1) / dropped.sum(1).clamp(min=1)
             extra = mean[:, None, :].repeat(1, self.params.extra, 1).to(ctx.features.dtype)
         return VisionPlan(keep=keep, features=features, extra=extra, diagnostics={"budget": budget})
+
+
+@dataclass(frozen=True)
+class _VisionNormParams:
+    keep_ratio: float = param(0.5, "fraction of each image's tokens kept", gt=0, le=1)
+    ragged: bool = param(False, "keep the tokens whose norm is above their image's mean instead")
+    extra: int = param(0, "extra tokens appended per image (mean of the dropped tokens)", ge=0)
+
+
+class ProbeVisionNorm(PruningStrategy):
+    """Keep each image's tokens of largest feature norm: a vision probe reading no CLS signal.
+
+    For towers without a CLS token (the adapter contract falls back to it there); cuts per image.
+    """
+
+    name = "probe_vision_norm"
+    stage = Stage.VISION
+    ragged_vision = True
+    Params = _VisionNormParams
+
+    def plan(self, ctx: VisionContext) -> VisionPlan:
+        valid, n = ctx.token_valid, ctx.token_counts
+        scores = ctx.features.float().norm(dim=-1).masked_fill(~valid, float("-inf"))
+        budget = (n.double() * self.params.keep_ratio + 0.5).floor().long().clamp(min=1)
+        if self.params.ragged:
+            mean = scores.masked_fill(~valid, 0).sum(dim=1, keepdim=True) / n[:, None]
+            budget = ((scores > mean) & valid).sum(dim=1).clamp(min=1)
+        ranked = scores.argsort(dim=1, descending=True, stable=True)
+        rank = torch.empty_like(ranked)
+        rank.scatter_(1, ranked, torch.arange(scores.shape[1], device=ranked.device).expand_as(ranked))
+        keep = (rank < budget[:, None]) & valid
+        extra = None
+        if self.params.extra:
+            dropped = (~keep & valid).float()[..., None]
+            mean_dropped = (ctx.features * dropped).sum(1) / dropped.sum(1).clamp(min=1)
+            extra = mean_dropped[:, None, :].repeat(1, self.params.extra, 1).to(ctx.features.dtype)
+        return VisionPlan(keep=keep, extra=extra, diagnostics={"budget": budget})
 
 
 def generate_pair(model: Any, inputs: dict[str, Tensor], max_new_tokens: int = 6) -> tuple[Tensor, Tensor]:

@@ -20,7 +20,18 @@ import torch
 from torch import Tensor
 from transformers import CLIPVisionConfig, GenerationConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-__all__ = ["ClipCapture", "TinyVocab", "VOCAB", "clip_context", "run_clip", "tiny_clip", "tiny_llava", "tiny_llava_config"]
+__all__ = [
+    "ClipCapture",
+    "TinyVocab",
+    "VOCAB",
+    "clip_context",
+    "run_clip",
+    "tiny_clip",
+    "tiny_llava",
+    "tiny_llava_config",
+    "tiny_llava_next",
+    "tiny_qwen2_5_vl",
+]
 
 
 @dataclass(frozen=True)
@@ -145,6 +156,143 @@ def tiny_llava(
         if images:
             out["pixel_values"] = torch.stack(pixels).to(dtype)
         return out
+
+    return model, make_inputs
+
+
+#: Image sizes (h, w) the tiny LLaVA-NeXT inputs draw from: 1x2, 2x1 and 2x2 tiles, unpadded differently.
+NEXT_IMAGE_SIZES: tuple[tuple[int, int], ...] = ((14, 30), (30, 12), (32, 32), (20, 26))
+
+
+def tiny_llava_next(
+    seed: int = 0, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32
+) -> tuple[Any, Callable[..., dict[str, Tensor]]]:
+    """A random-weight tiny ``LlavaNextForConditionalGeneration`` (AnyRes, 16-px tiles of 16 patches) and
+    ``make_inputs`` like :func:`tiny_llava`'s; sample ``i`` also draws its image size from its seed, so
+    images of one batch bring different numbers of tokens (base + tiles + newlines).
+    """
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    from .. import hf_compat as hf
+
+    base = tiny_llava_config(attn_implementation=attn_implementation, image_size=16)
+    config = LlavaNextConfig(
+        vision_config=base.vision_config,
+        text_config=base.text_config,
+        image_token_index=VOCAB.image,
+        image_grid_pinpoints=[[16, 32], [32, 16], [32, 32]],
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+    )
+    for cfg in (config, config.text_config, config.vision_config):
+        cfg._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config).to(dtype).eval()
+    model.generation_config = GenerationConfig(
+        do_sample=False, max_new_tokens=6, pad_token_id=VOCAB.pad, bos_token_id=VOCAB.bos, eos_token_id=None
+    )
+    side, n = 16, 16
+
+    def make_inputs(question_lengths: Sequence[int] = (5, 3), seeds: Sequence[int] | None = None) -> dict[str, Tensor]:
+        seeds = list(range(len(question_lengths))) if seeds is None else list(seeds)
+        rows, pixels, sizes = [], [], []
+        for q, s in zip(question_lengths, seeds):
+            gen = torch.Generator().manual_seed(s * 1009 + q)
+            size = torch.tensor([NEXT_IMAGE_SIZES[s % len(NEXT_IMAGE_SIZES)]])
+            tiles = hf.anyres_tiles(config, size)
+            tokens = int(hf.anyres_layout(model.model, tiles, n, size, "default")[0].numel())
+            words = torch.randint(VOCAB.first_word, VOCAB.size, (q,), generator=gen).tolist()
+            rows.append([VOCAB.bos, VOCAB.user, VOCAB.colon, *[VOCAB.image] * tokens, *words, *VOCAB.assistant_marker])
+            pixels.append(torch.randn(tiles[0], 3, side, side, generator=gen))
+            sizes.append(size[0])
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), VOCAB.pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            input_ids[i, width - len(r) :] = torch.tensor(r)
+            attention_mask[i, width - len(r) :] = 1
+        most = max(p.shape[0] for p in pixels)  # the processor pads every image to the most tiles
+        pixel_values = torch.zeros(len(rows), most, 3, side, side)
+        for i, p in enumerate(pixels):
+            pixel_values[i, : p.shape[0]] = p
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "pixel_values": pixel_values.to(dtype),
+            "image_sizes": torch.stack(sizes),
+        }
+
+    return model, make_inputs
+
+
+#: Image grids (t, h, w) in patches the tiny Qwen2.5-VL inputs draw from: 6, 8, 4 and 12 LLM tokens.
+QWEN_GRIDS: tuple[tuple[int, int, int], ...] = ((1, 4, 6), (1, 8, 4), (1, 4, 4), (1, 6, 8))
+
+
+def tiny_qwen2_5_vl(
+    seed: int = 0, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32
+) -> tuple[Any, Callable[..., dict[str, Tensor]]]:
+    """A random-weight tiny ``Qwen2_5_VLForConditionalGeneration`` (window attention, 2x2 patch merger,
+    M-RoPE) and ``make_inputs`` like :func:`tiny_llava`'s; sample ``i`` draws its image grid from its
+    seed, so images of one batch bring different numbers of tokens.
+    """
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    config = Qwen2_5_VLConfig(
+        vision_config={
+            "depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64,
+            "patch_size": 4, "temporal_patch_size": 2, "spatial_merge_size": 2, "window_size": 16,
+            "fullatt_block_indexes": [1], "in_channels": 3, "initializer_range": 0.08,
+        },
+        text_config={
+            "vocab_size": VOCAB.size, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+            "initializer_range": 0.08, "bos_token_id": VOCAB.bos, "eos_token_id": VOCAB.eos, "pad_token_id": VOCAB.pad,
+        },
+        image_token_id=VOCAB.image,
+        video_token_id=VOCAB.size - 1,
+        vision_start_token_id=VOCAB.size - 3,
+        vision_end_token_id=VOCAB.size - 2,
+        bos_token_id=VOCAB.bos,
+        eos_token_id=VOCAB.eos,
+        pad_token_id=VOCAB.pad,
+    )
+    for cfg in (config, config.text_config, config.vision_config):
+        cfg._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config).to(dtype).eval()
+    model.generation_config = GenerationConfig(
+        do_sample=False, max_new_tokens=6, pad_token_id=VOCAB.pad, bos_token_id=VOCAB.bos, eos_token_id=None
+    )
+    vcfg = config.vision_config
+    patch_dim = vcfg.in_channels * vcfg.temporal_patch_size * vcfg.patch_size**2
+
+    def make_inputs(question_lengths: Sequence[int] = (5, 3), seeds: Sequence[int] | None = None) -> dict[str, Tensor]:
+        seeds = list(range(len(question_lengths))) if seeds is None else list(seeds)
+        rows, pixels, grids = [], [], []
+        for q, s in zip(question_lengths, seeds):
+            gen = torch.Generator().manual_seed(s * 1009 + q)
+            grid = torch.tensor(QWEN_GRIDS[s % len(QWEN_GRIDS)])
+            tokens = int(grid.prod()) // vcfg.spatial_merge_size**2
+            words = torch.randint(VOCAB.first_word, VOCAB.size - 3, (q,), generator=gen).tolist()
+            rows.append([VOCAB.bos, VOCAB.user, VOCAB.colon, *[VOCAB.image] * tokens, *words, *VOCAB.assistant_marker])
+            pixels.append(torch.randn(int(grid.prod()), patch_dim, generator=gen))
+            grids.append(grid)
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), VOCAB.pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            input_ids[i, width - len(r) :] = torch.tensor(r)
+            attention_mask[i, width - len(r) :] = 1
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "pixel_values": torch.cat(pixels).to(dtype),
+            "image_grid_thw": torch.stack(grids),
+            "mm_token_type_ids": (input_ids == VOCAB.image).int(),
+        }
 
     return model, make_inputs
 

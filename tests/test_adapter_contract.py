@@ -1,0 +1,50 @@
+"""The adapter contract over every registered adapter (timm's one test over ``list_models()``).
+
+A new family passes by registering its adapter (with ``tiny()``): nothing here names a family.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tokprune.adapters import registered_adapters
+from tokprune.testing.adapters import CHECKS, cache_equivalence, contract_specs
+
+ADAPTERS = [cls for cls, _ in registered_adapters()]
+IDS = [cls.name for cls in ADAPTERS]
+# "cache" runs every registered strategy: parametrised per strategy below, so a failure names it.
+CHECKS_ONE_RUN = {name: check for name, check in CHECKS.items() if name != "cache"}
+
+
+@pytest.mark.parametrize("check", list(CHECKS_ONE_RUN.values()), ids=list(CHECKS_ONE_RUN))
+@pytest.mark.parametrize("adapter", ADAPTERS, ids=IDS)
+def test_adapter_contract(adapter, check):
+    check(adapter)
+
+
+@pytest.mark.parametrize("spec", contract_specs())
+@pytest.mark.parametrize("adapter", ADAPTERS, ids=IDS)
+def test_cache_equals_recompute(adapter, spec):
+    if cache_equivalence(adapter, spec) is None:  # refused at patch(): shown as a skip, never a silent pass
+        pytest.skip(f"{adapter.name} refuses {spec} on its tower")
+
+
+def test_every_builtin_family_is_in_the_contract():
+    assert {"llava", "llava_next", "qwen2_5_vl"} <= set(IDS)
+
+
+def test_an_adapter_without_a_tiny_model_fails_the_contract():
+    from tokprune.adapters import ModelAdapter
+
+    class Bare(ModelAdapter):
+        name = "bare"
+
+        @classmethod
+        def matches(cls, model):
+            return False
+
+        def _install(self):
+            pass
+
+    with pytest.raises(AssertionError, match="'bare' provides no tiny model"):
+        CHECKS["keep_all"](Bare)

@@ -1,0 +1,57 @@
+"""LLaVA-NeXT specifics (the shared behaviour is proven by tests/test_adapter_contract.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tokprune
+from tokprune import hf_compat as hf
+from tokprune.errors import MissingCapabilityError
+from tokprune.testing.models import VOCAB, tiny_llava_next
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_llava_next(seed=0)
+
+
+def test_pruned_features_are_the_stock_packed_features_at_the_kept_slots(tiny):
+    # Per image across base and tiles: what reaches the LLM is exactly the unpatched model's packed
+    # features (base, unpadded tiles, newlines) at the kept slots, in order; every newline is kept.
+    model, make_inputs = tiny
+    x = make_inputs((5, 2, 8))
+    with torch.no_grad():
+        stock = model.model.get_image_features(x["pixel_values"], x["image_sizes"], return_dict=True).pooler_output
+        with tokprune.pruned(model, "topk(keep_ratio=0.3)") as run:
+            pruned = model.model.get_image_features(x["pixel_values"], x["image_sizes"], return_dict=True)
+    newline = model.model.image_newline
+    for i, full in enumerate(stock):
+        keep = pruned.keep[i, : full.shape[0]]
+        assert not pruned.keep[i, full.shape[0] :].any()  # padding of the ragged rows is never kept
+        torch.testing.assert_close(pruned.pooler_output[i], full[keep], rtol=0, atol=1e-6)
+        is_newline = (full == newline).all(dim=1)
+        assert is_newline.any() and keep[is_newline].all()
+        real = (~is_newline).sum()
+        assert keep[~is_newline].sum() == torch.floor(real * 0.3 + 0.5)  # the budget is the image's own tokens
+    assert run.stats is None  # encoding alone is not a prefill
+
+
+def test_images_of_one_batch_bring_different_counts_and_the_tower_cost_counts_tiles(tiny):
+    model, make_inputs = tiny
+    x = make_inputs((5, 2, 8))
+    with tokprune.pruned(model, "random(keep_ratio=0.5)", question_end=VOCAB.assistant_marker) as run, torch.no_grad():
+        model(**x)
+    s = run.stats
+    assert len(set(s.image_tokens.tolist())) == 3 and torch.equal(s.image_tokens, (x["input_ids"] == VOCAB.image).sum(1))
+    tiles = torch.tensor(hf.anyres_tiles(model.config, x["image_sizes"]), dtype=torch.float64)
+    fm = run._flops
+    llm = fm.llm(s.seq_len[:, None].expand(-1, s.layer_tokens.shape[1]))
+    assert torch.allclose(s.flops_unpruned, llm + fm.vision(tiles) + fm.projector(s.image_tokens))
+
+
+def test_fixed_size_vision_strategies_are_refused_naming_those_that_work(tiny):
+    model, _ = tiny
+    with pytest.raises(MissingCapabilityError, match=r"'cls_knee'.*llava_next images differ.*: .*topk"):
+        tokprune.patch(model, "cls_knee")
+    assert tokprune.adapters.handle_of(model) is None

@@ -1,0 +1,69 @@
+"""Qwen2.5-VL specifics (the shared behaviour is proven by tests/test_adapter_contract.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tokprune
+from tokprune import Pipeline
+from tokprune import hf_compat as hf
+from tokprune.errors import MissingCapabilityError, StrategyParamError, UnsupportedModelError
+from tokprune.testing.adapters import _RecordVisionNorm
+from tokprune.testing.models import VOCAB, tiny_qwen2_5_vl
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_qwen2_5_vl(seed=0)
+
+
+def test_survivors_keep_their_3d_positions(tiny):
+    # The rotary embedding of the first decoder layers sees, for each sample, exactly the stock M-RoPE
+    # positions (get_rope_index on the unpruned prompt) of the tokens that survived the vision stage.
+    model, make_inputs = tiny
+    x = make_inputs((5, 2, 8))
+    full = hf.mrope_index(model.model, x["input_ids"], x["mm_token_type_ids"], x["image_grid_thw"], x["attention_mask"])
+    seen = []
+    hook = model.model.language_model.rotary_emb.register_forward_hook(
+        lambda m, a, kw, o: seen.append(kw["position_ids"].clone()), with_kwargs=True
+    )
+    try:
+        with tokprune.pruned(model, Pipeline([_RecordVisionNorm(keep_ratio=0.5)])) as run, torch.no_grad():
+            model(**x)
+    finally:
+        hook.remove()
+    keep = run.stats.diagnostics["probe_vision_norm.keep"]  # [I, L_max], images in prompt order
+    image = x["input_ids"] == VOCAB.image
+    slot_keep = torch.zeros_like(image)
+    slot_keep[image] = keep[keep.new_ones(keep.shape).cumsum(1) <= run.stats.image_tokens[:, None]]
+    kept = x["attention_mask"].bool() & (~image | slot_keep)
+    got = seen[0].permute(1, 2, 0)  # [B, W, 3], left-packed
+    assert got.shape[-1] == 3 and not torch.equal(full[..., 0], full[..., 1])  # really 3-D (image rows differ)
+    for b in range(x["input_ids"].shape[0]):
+        n = int(kept[b].sum())
+        assert torch.equal(got[b, -n:], full[b][kept[b]])
+
+
+def test_cls_strategies_and_compact_positions_are_refused(tiny):
+    model, _ = tiny
+    with pytest.raises(MissingCapabilityError, match=r"no CLS token; vision strategies that read no CLS signal: divprune, random \("):
+        tokprune.patch(model, "topk")
+    with pytest.raises(StrategyParamError, match="multi-axis .*M-RoPE"):
+        tokprune.patch(model, "random", vision_positions="compact")
+    assert tokprune.adapters.handle_of(model) is None
+
+
+def test_pruning_lowers_the_prompt_the_llm_sees_and_generate_keeps_its_contract(tiny):
+    model, make_inputs = tiny
+    x = make_inputs((5, 2, 8))
+    with tokprune.pruned(model, "random(keep_ratio=0.25)+fastv(layer=2, keep_ratio=0.5)") as run, torch.no_grad():
+        out = model.generate(**x, max_new_tokens=3, do_sample=False, pad_token_id=VOCAB.pad)
+    n = x["input_ids"].shape[1]
+    assert torch.equal(out[:, :n], x["input_ids"]) and out.shape[1] == n + 3
+    s = run.stats
+    assert torch.equal(s.image_tokens, (x["input_ids"] == VOCAB.image).sum(1))  # 6, 8, 4: from image_grid_thw
+    assert torch.equal(s.image_kept, (s.image_tokens.double() * 0.25 + 0.5).floor().long().clamp(min=1))
+    assert (s.flops_pruned < s.flops_unpruned).all()
+    with tokprune.pruned(model, "fastv"), pytest.raises(UnsupportedModelError, match="videos are not supported"):
+        model(**x, pixel_values_videos=x["pixel_values"], video_grid_thw=x["image_grid_thw"])

@@ -1,0 +1,812 @@
+"""The family-agnostic pruned decoder: what every model family shares once its images are encoded.
+
+A family adapter (``llava.py``) subclasses :class:`PrunedDecoderAdapter` and supplies only what its family
+knows: how to run the tower and capture its signals (:meth:`~PrunedDecoderAdapter._vision`), which
+token id marks an image and how many tokens each image brings, the FLOP model of its tower, and the
+output class of its model. Everything else lives here and is tested once:
+
+* ``generate()`` checks (greedy or sampling, a dynamic cache, one sequence per prompt);
+* sequence assembly: kept image features scattered into their placeholders, extra tokens inserted
+  after their image, token roles, position modes;
+* the decoder loop: layers ``0..K-1`` see every token, ``K..`` only the kept ones; each run of layers
+  between two pruning points (a *segment*) keeps its own padding mask and position offset in a
+  session attached (weakly) to the cache, so decoding builds a mask sized to each segment's cache;
+* stats and FLOPs.
+
+Per-call state. One :class:`CallState` per ``forward`` (and one per ``generate``, which its forwards
+inherit) is passed down explicitly. The only ambient piece is a :class:`contextvars.ContextVar` that
+names the active call, because two things happen outside our call chain: the q/k forward hooks fire
+inside the layers, and ``generate`` calls our forward through transformers. A context variable is per
+thread (and per asyncio task), so two concurrent calls on one patched model never share state.
+
+KV cache. Pruning happens once, at prefill. Without a cache (``use_cache=False``) ``generate`` re-runs
+the whole sequence each step; the decision is then made on the prompt positions only (the prompt
+length comes from the ``generate`` call) and the generated positions are always kept. By causality the
+prompt positions' hidden states, q and k are those of the prefill, so both modes take the same decision
+and generate the same tokens.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import copy
+import functools
+import inspect
+import weakref
+from collections.abc import Iterator, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from .. import hf_compat as hf
+from ..errors import MissingCapabilityError, StrategyParamError, UnsupportedModelError
+from ..pipeline import Pipeline
+from ..stats import FlopModel, PruneStats
+from ..strategy import LLMAttention, LLMContext, PruningStrategy, TokenRole
+from ._base import ModelAdapter, Positions
+from ._seq import Seq, compact_positions, scatter_rows, token_roles
+from .roles import resolve_marker
+
+__all__ = ["CallState", "GenerateCall", "PrunedDecoderAdapter", "PrunedImageFeatures", "VisionOut"]
+
+SUPPORTED_ATTENTION = ("sdpa", "eager")
+SUPPORTED_MODES = ("greedy_search", "sample")
+
+#: Capture key: ``(stage "vision" | "llm", layer, "q" | "k")``.
+CaptureKey = tuple[str, int, str]
+
+
+@dataclass
+class GenerateCall:
+    """What one ``generate`` call tells the forwards it makes."""
+
+    prompt_len: int
+    use_cache: bool
+    prefilled: bool = False  #: stats are recorded once, at the first forward (the prefill)
+
+
+@dataclass
+class CallState:
+    """The state of one call on a patched model; created by the call and passed down explicitly."""
+
+    adapter: PrunedDecoderAdapter
+    generate: GenerateCall | None = None
+    #: q/k projections the hooks store, only while a tower or a prefill loop runs (None otherwise).
+    capture: dict[CaptureKey, Tensor] | None = None
+
+
+#: The call whose hooks may record (see the module docstring for why this one piece is ambient).
+_ACTIVE: ContextVar[CallState | None] = ContextVar("tokprune_active_call", default=None)
+
+
+@dataclass
+class VisionOut:
+    """A family's encoded images, in the one form the assembly consumes."""
+
+    kept: Tensor  #: ``[S, D]`` projected kept tokens of every image, image-major raster order
+    keep: Tensor  #: bool ``[I, N]``: which of each image's tokens are kept (padded rows: False past its length)
+    extra: Tensor | None  #: ``[I, E, D]`` projected extra tokens (inserted after each image), or None
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+    #: long ``[I]``: each image's own token count when images differ in size; None: ``N`` each.
+    lengths: Tensor | None = None
+    #: long ``[I]``: tower passes each image cost (AnyRes: its tiles); None: one each.
+    tower_runs: Tensor | None = None
+
+    @classmethod
+    def unpruned(cls, per_image: Sequence[Tensor]) -> VisionOut:
+        """Unpruned features (one ``[N_i, D]`` per image) keeping everything, rows padded to the longest."""
+        kept = torch.cat(list(per_image))
+        lengths = torch.tensor([p.shape[0] for p in per_image], dtype=torch.long, device=kept.device)
+        keep = torch.arange(int(lengths.max()), device=kept.device)[None, :] < lengths[:, None]
+        return cls(kept=kept, keep=keep, extra=None, lengths=lengths)
+
+    @property
+    def token_counts(self) -> Tensor:
+        """long ``[I]``: unpruned tokens of each image."""
+        if self.lengths is not None:
+            return self.lengths
+        return torch.full((self.keep.shape[0],), self.keep.shape[1], dtype=torch.long, device=self.keep.device)
+
+    @property
+    def kept_counts(self) -> Tensor:
+        """long ``[I]``: tokens of each image entering the LLM (kept + extra)."""
+        extra = 0 if self.extra is None else self.extra.shape[1]
+        return self.keep.sum(dim=1) + extra
+
+
+@dataclass
+class PrunedImageFeatures(hf.BaseModelOutputWithPooling):
+    """``get_image_features`` output of a patched model (what ``generate`` pre-encodes and passes back).
+
+    ``pooler_output`` is a list with one ``[n_i + E, D]`` tensor per image: its kept tokens in order,
+    then its ``E`` extra tokens. ``keep`` (bool ``[I, N]``) says which tokens they are, ``lengths``
+    (long ``[I]`` or None) how many each image has, ``tower_runs`` its tower passes.
+    """
+
+    keep: Tensor | None = None
+    num_extra: int | None = None
+    diagnostics: dict[str, Any] | None = None
+    lengths: Tensor | None = None
+    tower_runs: Tensor | None = None
+
+    @classmethod
+    def of(cls, out: VisionOut) -> PrunedImageFeatures:
+        per_image = list(out.kept.split(out.keep.sum(dim=1).tolist()))
+        if out.extra is not None:
+            per_image = [torch.cat([p, e]) for p, e in zip(per_image, out.extra)]
+        num_extra = 0 if out.extra is None else int(out.extra.shape[1])
+        return cls(
+            pooler_output=per_image,
+            keep=out.keep,
+            num_extra=num_extra,
+            diagnostics=out.diagnostics,
+            lengths=out.lengths,
+            tower_runs=out.tower_runs,
+        )
+
+    def vision_out(self) -> VisionOut:
+        assert self.keep is not None
+        per_image, keep, e = list(self.pooler_output), self.keep, self.num_extra or 0
+        counts = keep.sum(dim=1).tolist()
+        kept = torch.cat([p[:c] for p, c in zip(per_image, counts)])
+        extra = torch.stack([p[c:] for p, c in zip(per_image, counts)]) if e else None
+        diagnostics = dict(self.diagnostics or {})
+        return VisionOut(kept, keep, extra, diagnostics, lengths=self.lengths, tower_runs=self.tower_runs)
+
+
+@dataclass
+class _Segment:
+    """Decoder layers ``start..`` up to the next segment: one cache length, one position offset."""
+
+    start: int
+    mask: Tensor  #: bool ``[B, C]``: validity of each cached position (grows while decoding)
+    shift: Tensor  #: long ``[B]``: subtracted from the caller's position ids (compact positions)
+
+
+@dataclass
+class _Session:
+    """Bookkeeping one prefill leaves for decoding with its cache."""
+
+    segments: list[_Segment]
+    seen: int  #: unpruned sequence length so far (for ``position_ids=None``, HF's arange convention)
+    batch: int
+
+
+def _expand_return_sequences(arguments: dict, extra: dict, copies: int) -> tuple[tuple, dict]:
+    """``generate`` arguments for ``num_return_sequences = copies``, expanded here instead of by ``generate``.
+
+    ``generate`` encodes the images once and then splits the encoder output per prompt by matching its
+    token counts to the prompts' ``<image>`` placeholders, which pruned features no longer match. So
+    every batch tensor is repeated here exactly as ``generate`` would (``repeat_interleave`` on dim 0:
+    ``[A, B] -> [A, A, B, B]``) and the call asks for one sequence per (repeated) prompt. The sequences,
+    their order and the sampling RNG draws are those of the unpruned call's layout; the cost is that the
+    vision tower runs once per returned sequence instead of once per prompt.
+    """
+
+    def expand(value: Any) -> Any:
+        return value.repeat_interleave(copies, dim=0) if isinstance(value, Tensor) else value
+
+    named = {k: expand(v) for k, v in arguments.items()}
+    named.update((k, expand(v)) for k, v in extra.items())
+    if named.get("generation_config") is not None:
+        # generate() warns on a config object plus generation keywords: change a copy of the object.
+        named["generation_config"] = copy.deepcopy(named["generation_config"])
+        named["generation_config"].num_return_sequences = 1
+        named.pop("num_return_sequences", None)
+    else:
+        named["num_return_sequences"] = 1  # a keyword wins over the model's default config
+    return (), named
+
+
+class PrunedDecoderAdapter(ModelAdapter):
+    """The shared part of every family adapter (see the module docstring).
+
+    A family's ``__init__`` sets the attributes below, then calls :meth:`_init_decoder`; it implements
+    :meth:`_vision` and :meth:`_install_family`. Attributes a family sets:
+
+    * ``_inner``: the module whose ``forward`` is replaced (``LlavaModel``: embeds, tower, LM);
+    * ``_lm``: the language model (``embed_tokens``, ``layers``, ``norm``, ``rotary_emb``);
+    * ``_image_token_id``: the placeholder id of image tokens in ``input_ids``;
+    * ``_tokens_per_image``: tokens one unpruned image brings (``N``);
+    * ``_flops``: the :class:`~tokprune.stats.FlopModel` of the model;
+    * ``_output_class``: the dataclass the replaced forward returns.
+    """
+
+    #: True for families whose images differ in token count (AnyRes tiles, dynamic resolution): their
+    #: vision contexts carry ``lengths``, so only vision strategies declaring ``ragged_vision`` can run.
+    variable_image_tokens: ClassVar[bool] = False
+
+    _inner: nn.Module
+    _lm: nn.Module
+    _image_token_id: int
+    _tokens_per_image: int
+    _flops: FlopModel
+    _output_class: type
+
+    def __init__(
+        self,
+        model: nn.Module,
+        pipeline: Pipeline,
+        *,
+        vision_positions: Positions = "keep",
+        llm_positions: Positions = "keep",
+        question_end: Sequence[int] | Any | None = None,
+    ) -> None:
+        super().__init__(
+            model, pipeline, vision_positions=vision_positions, llm_positions=llm_positions, question_end=question_end
+        )
+        self._marker = resolve_marker(question_end, model)
+        self._sessions: weakref.WeakKeyDictionary[Any, _Session] = weakref.WeakKeyDictionary()
+
+    def _init_decoder(self) -> None:
+        """Validate the language-model side (after the family set ``_lm``); nothing is touched yet."""
+        self._attn_impl = hf.attention_implementation(self._lm.config)
+        if self._attn_impl not in SUPPORTED_ATTENTION:
+            raise UnsupportedModelError(
+                f"the language model uses attn_implementation={self._attn_impl!r}; tokprune's {self.name} adapter "
+                f"supports {', '.join(SUPPORTED_ATTENTION)} (load the model with attn_implementation='sdpa')"
+            )
+        self._llm_steps = self._check_llm_layers()
+        if not self.one_d_positions and "compact" in (self.vision_positions, self.llm_positions):
+            raise StrategyParamError(
+                f"compact positions renumber 1-D position ids, but {self.name} uses multi-axis (M-RoPE) positions; "
+                "use vision_positions='keep' and llm_positions='keep' (survivors keep their 3-D positions)"
+            )
+        step = self.pipeline.vision
+        if self.variable_image_tokens and step is not None and not step.ragged_vision:
+            from ..registry import available, describe
+
+            ragged = [name for name in available(stage="vision") if describe(name).cls.ragged_vision]
+            raise MissingCapabilityError(
+                f"{step.name!r} cuts images of one fixed size, but {self.name} images differ in token count "
+                f"(ragged vision contexts); vision strategies that cut per image: {', '.join(ragged)}"
+            )
+
+    def _check_cls(self, tower_has_cls: bool) -> None:
+        """Refuse a vision step reading CLS signals on a tower without a CLS token, naming what works.
+
+        Every encoder signal (:class:`~tokprune.strategy.Signal` ``qk`` / ``hidden``) is read relative to
+        the CLS token (its attention row, its similarity), so a tower without one provides none of them.
+        """
+        step = self.pipeline.vision
+        if tower_has_cls or step is None or not step.requires():
+            return
+        from ..registry import available, describe
+
+        working = []
+        for name in available(stage="vision"):
+            cls = describe(name).cls
+            if not cls().requires() and (cls.ragged_vision or not self.variable_image_tokens):
+                working.append(name)
+        signals = ", ".join(f"{s.kind}@{s.layer}" for s in sorted(step.requires(), key=lambda s: (s.kind, s.layer)))
+        raise MissingCapabilityError(
+            f"{step.spec()} reads the CLS token's signals ({signals}), and the {self.name} vision tower has no CLS "
+            f"token; vision strategies that read no CLS signal: {', '.join(working) or 'none registered'} (some "
+            "strategies have a CLS-free parameter value, e.g. cdpruner(relevance=uniform): see tokprune describe NAME)"
+        )
+
+    def _check_llm_layers(self) -> dict[int, PruningStrategy]:
+        num_layers = len(self._lm.layers)
+        steps = {}
+        for step in self.pipeline.llm:
+            for k in step.llm_layers:  # a schedule (e.g. PyramidDrop) is one step at each of its layers
+                if not 1 <= k <= num_layers - 1:
+                    raise StrategyParamError(
+                        f"{step.spec()} prunes before decoder layer {k}, but this language model has {num_layers} "
+                        f"layers: layer must be in 1..{num_layers - 1} (layer K-1 provides the scores)"
+                    )
+                steps[k] = step
+        return steps
+
+    # -- the family's part ----------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def _vision(self, call: CallState, pixel_values: Tensor | None, encoded: Any, options: dict) -> tuple[Any, VisionOut | None]:
+        """Encode this call's images: ``(encoder output for the model output, VisionOut or None)``.
+
+        ``encoded`` is what ``generate`` pre-encoded (``mm_encoder_outputs["image"]``) or None;
+        ``options`` the forward's remaining keywords (the family pops its own, e.g. ``image_sizes``).
+        """
+
+    @abc.abstractmethod
+    def _install_family(self) -> None:
+        """Patch the family's own entry points (image features, tower hooks) into ``self._state``."""
+
+    # -- positions (1-D by default; a family with multi-axis RoPE overrides these four) ----------------
+
+    #: False for families whose positions are not 1-D (M-RoPE): ``compact`` renumbering is refused.
+    one_d_positions: ClassVar[bool] = True
+
+    def _positions(self, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None, options: dict) -> Tensor:
+        """Prefill position ids, long ``[B, n]`` (or ``[B, n, R]``): the caller's, else ``arange`` (HF's default)."""
+        b, n = input_ids.shape
+        pos = torch.arange(n, device=input_ids.device)[None, :] if position_ids is None else position_ids
+        return pos.expand(b, n).long()
+
+    def _decode_positions(self, position_ids: Tensor | None, seen: int, b: int, q: int, device: torch.device) -> Tensor:
+        """Position ids of ``q`` new tokens after ``seen`` (unpruned) ones, long ``[B, q]`` (or ``[B, q, R]``)."""
+        if position_ids is None:
+            position_ids = torch.arange(seen, seen + q, device=device)[None, :]
+        return position_ids.expand(b, q).long()
+
+    def _rotary(self, hidden: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
+        """RoPE ``(cos, sin)`` ``[B, L, head_dim]`` for positions ``pos``."""
+        return hf.rotary_embeddings(self._lm, hidden, pos)
+
+    def _text_positions(self, pos: Tensor) -> Tensor:
+        """The 1-D position ids ``[B, L]`` a decoder layer and ``LLMContext.position_ids`` get."""
+        return pos
+
+    # -- install ------------------------------------------------------------------------------------
+
+    def _install(self) -> None:
+        self._state.set_attribute(self._inner, "forward", self._forward)
+        original_generate = self.model.generate
+
+        @functools.wraps(original_generate)
+        def generate(*args: Any, **kwargs: Any) -> Any:
+            return self._generate_call(original_generate, args, kwargs)
+
+        self._state.set_attribute(self.model, "generate", generate)
+        self._install_family()
+        for k in self._llm_steps:
+            attn = self._lm.layers[k - 1].self_attn
+            self._hook(attn.q_proj, ("llm", k - 1, "q"))
+            self._hook(attn.k_proj, ("llm", k - 1, "k"))
+
+    def _hook(self, module: nn.Module, key: CaptureKey) -> None:
+        def store(_module: nn.Module, _args: Any, output: Tensor) -> None:
+            # Hooks stay registered while patched but only record inside this adapter's capture window.
+            call = _ACTIVE.get()
+            if call is not None and call.adapter is self and call.capture is not None:
+                call.capture[key] = output
+
+        self._state.add_hook(module.register_forward_hook(store))
+
+    @contextlib.contextmanager
+    def _active(self, call: CallState) -> Iterator[CallState]:
+        """Make ``call`` the one this thread's hooks record into, for the block (nests, restores)."""
+        token = _ACTIVE.set(call)
+        try:
+            yield call
+        finally:
+            _ACTIVE.reset(token)
+
+    def _outer_generate(self) -> GenerateCall | None:
+        """The ``generate`` call this forward runs inside, if any (set by :meth:`_generate_call`)."""
+        outer = _ACTIVE.get()
+        return outer.generate if outer is not None and outer.adapter is self else None
+
+    # -- generate -----------------------------------------------------------------------------------
+
+    def _generate_call(self, original: Any, args: tuple, kwargs: dict) -> Any:
+        bound = inspect.signature(original).bind(*args, **kwargs)
+        arguments = dict(bound.arguments)
+        extra = arguments.pop("kwargs", {})
+        config, model_kwargs = hf.generation_config(self.model, arguments.get("generation_config"), extra)
+        self._check_generation(config, arguments, model_kwargs)
+        inputs = arguments.get("inputs")
+        input_ids = inputs if inputs is not None else model_kwargs.get("input_ids")
+        if input_ids is None:
+            raise UnsupportedModelError(
+                "a patched model's generate() needs input_ids (tokprune finds the image in them)"
+            )
+        use_cache = config.use_cache if config.use_cache is not None else True
+        copies = config.num_return_sequences or 1
+        if copies > 1:
+            args, kwargs = _expand_return_sequences(arguments, extra, copies)
+        call = CallState(self, GenerateCall(prompt_len=int(input_ids.shape[1]), use_cache=bool(use_cache)))
+        with self._active(call):
+            return original(*args, **kwargs)
+
+    def _check_generation(self, config: Any, arguments: dict, model_kwargs: dict) -> None:
+        def unsupported(what: str) -> UnsupportedModelError:
+            return UnsupportedModelError(
+                f"{what} is not supported on a pruned model (tokprune prunes once at prefill and supports greedy "
+                "decoding or sampling, with a DynamicCache or no cache); "
+                "call handle.remove() to run it unpruned"
+            )
+
+        mode = config.get_generation_mode(arguments.get("assistant_model"))
+        if str(mode.value) not in SUPPORTED_MODES:
+            raise unsupported(f"generation mode {mode.value!r} (num_beams={config.num_beams})")
+        if arguments.get("custom_generate") is not None:
+            raise unsupported("custom_generate")
+        if config.cache_implementation not in (None, "dynamic"):
+            raise unsupported(f"cache_implementation={config.cache_implementation!r}")
+        if getattr(config, "prefill_chunk_size", None) is not None:
+            raise unsupported("chunked prefill (prefill_chunk_size)")
+        if config.output_attentions or config.output_hidden_states:
+            raise unsupported("output_attentions/output_hidden_states")
+        cache = hf.cache_from_kwargs(model_kwargs)
+        if cache is not None:
+            self._check_cache(cache)
+            if cache.get_seq_length() > 0:
+                raise unsupported("continuing from a non-empty cache (past_key_values)")
+
+    @staticmethod
+    def _check_cache(cache: Any) -> None:
+        if not hf.is_dynamic_cache(cache):
+            raise UnsupportedModelError(
+                f"{type(cache).__name__} is not supported on a pruned model: pruned layers hold fewer positions, "
+                "which needs a DynamicCache (static, quantized and offloaded caches are not supported)"
+            )
+
+    # -- the replaced forward -------------------------------------------------------------------------
+
+    def _forward(
+        self,
+        input_ids: Tensor | None = None,
+        pixel_values: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+        mm_encoder_outputs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        with self._active(CallState(self, self._outer_generate())) as call:
+            return self._forward_call(
+                call, input_ids, pixel_values, attention_mask, position_ids, inputs_embeds, mm_encoder_outputs, kwargs
+            )
+
+    def _forward_call(
+        self,
+        call: CallState,
+        input_ids: Tensor | None,
+        pixel_values: Tensor | None,
+        attention_mask: Tensor | None,
+        position_ids: Tensor | None,
+        inputs_embeds: Tensor | None,
+        mm_encoder_outputs: dict[str, Any] | None,
+        kwargs: dict[str, Any],
+    ) -> Any:
+        # The cache arrives as cache= (transformers >= 5.24) or past_key_values= (older): take either, and
+        # never let it fall through **kwargs unread (each decoding step would then run as a fresh prefill).
+        past = hf.pop_cache(kwargs)
+        if kwargs.get("output_attentions") or kwargs.get("output_hidden_states"):
+            raise UnsupportedModelError(
+                "output_attentions/output_hidden_states are not supported on a pruned model (the layers see "
+                "different sequences); call handle.remove() to inspect the unpruned model"
+            )
+        if input_ids is None or inputs_embeds is not None:
+            raise UnsupportedModelError(
+                "a patched model needs input_ids and no inputs_embeds (tokprune finds the image and the question "
+                "in the token ids)"
+            )
+        pre_encoded = (mm_encoder_outputs or {}).get("image")
+        if pixel_values is not None and pre_encoded is not None:
+            raise ValueError("You cannot specify both pixel_values and mm_encoder_outputs at the same time")
+        return_dict = kwargs.get("return_dict", True)
+        use_cache = kwargs.get("use_cache")
+        use_cache = self._lm.config.use_cache if use_cache is None else use_cache
+        cache = past
+        if cache is not None:
+            self._check_cache(cache)
+        encoded = None
+        if cache is not None and cache.get_seq_length() > 0:
+            hidden = self._decode(input_ids, attention_mask, position_ids, cache)
+        else:
+            if use_cache and cache is None:
+                cache = hf.new_dynamic_cache(self._lm.config)
+            encoded, features = self._vision(call, pixel_values, pre_encoded, kwargs)
+            pos = self._positions(input_ids, attention_mask, position_ids, kwargs)
+            hidden = self._prefill(call, input_ids, attention_mask, pos, cache if use_cache else None, features)
+        out = hf.model_output(
+            self._output_class, last_hidden_state=hidden, cache=cache if use_cache else past, image_features=encoded
+        )
+        return out if return_dict else out.to_tuple()
+
+    # -- prefill ------------------------------------------------------------------------------------
+
+    def _prefill(
+        self,
+        call: CallState,
+        input_ids: Tensor,
+        attention_mask: Tensor | None,
+        position_ids: Tensor | None,
+        cache: Any,
+        features: VisionOut | None,
+    ) -> Tensor:
+        """Run the prompt (and, without a cache, the tokens generated so far); returns ``[B, L, D]``."""
+        b, n = input_ids.shape
+        device = input_ids.device
+        valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        if not bool(valid[:, -1].all()):
+            raise UnsupportedModelError(
+                "right-padded batch: tokprune needs left padding (tokenizer.padding_side='left'), so that every "
+                "sample's last prompt token is in the last column"
+            )
+        pos = position_ids  # [B, n] or [B, n, R] (the family's positions, see _positions)
+        generated = _generated_count(call.generate, n)
+        prompt_n = n - generated
+        roles, marker_found = token_roles(
+            input_ids[:, :prompt_n], valid[:, :prompt_n], self._image_token_id, self._marker
+        )
+        roles = torch.cat([roles, torch.full((b, generated), int(TokenRole.PROTECTED), device=device)], dim=1)
+        embeds = self._lm.embed_tokens(input_ids)
+        seq, image_sample = self._vision_assembly(input_ids, embeds, valid, pos, roles, prompt_n, features)
+        seq, shift = self._stage_positions(
+            seq, self.vision_positions, torch.zeros(b, dtype=torch.long, device=device), valid.sum(dim=1)
+        )
+        segments = [_Segment(0, seq.valid, shift)]
+        visual_kept = ((seq.roles == TokenRole.IMAGE) & seq.valid).sum(dim=1)
+        num_layers = len(self._lm.layers)
+        layer_tokens = torch.zeros(b, num_layers, dtype=torch.long, device=device)
+        layer_visual = torch.zeros_like(layer_tokens)
+        llm_kept: dict[int, Tensor] = {}
+        diagnostics: dict[str, Any] = dict(features.diagnostics) if features is not None else {}
+        if self._marker is not None:
+            diagnostics["roles.marker_found"] = marker_found
+        seq_valid_count = valid.sum(dim=1)
+
+        call.capture = {}
+        try:
+            embeddings, mask = self._segment_inputs(seq)
+            for i, layer in enumerate(self._lm.layers):
+                if i in self._llm_steps:
+                    seq, step_diag = self._llm_step(call, self._llm_steps[i], i, seq, embeddings, generated)
+                    diagnostics.update(step_diag)
+                    seq, shift = self._stage_positions(seq, self.llm_positions, segments[-1].shift, seq_valid_count)
+                    segments.append(_Segment(i, seq.valid, shift))
+                    llm_kept[i] = (seq.valid & seq.prompt).sum(dim=1)
+                    embeddings, mask = self._segment_inputs(seq)
+                layer_tokens[:, i] = (seq.valid & seq.prompt).sum(dim=1)
+                layer_visual[:, i] = ((seq.roles == TokenRole.IMAGE) & seq.valid).sum(dim=1)
+                seq.hidden = hf.call_decoder_layer(
+                    layer, seq.hidden, mask=mask, position_ids=self._text_positions(seq.pos), position_embeddings=embeddings, cache=cache
+                )
+        finally:
+            call.capture = None
+        hidden = self._lm.norm(seq.hidden)
+        if cache is not None:
+            self._sessions[cache] = _Session(segments=segments, seen=n, batch=b)
+        if call.generate is None or not call.generate.prefilled:
+            seq_len = valid[:, :prompt_n].sum(dim=1)
+            self._record(
+                self._stats(seq_len, visual_kept, llm_kept, layer_tokens, layer_visual, image_sample, features, diagnostics)
+            )
+            if call.generate is not None:
+                call.generate.prefilled = True
+        return _scatter_back(hidden, seq, n)
+
+    def _vision_assembly(
+        self,
+        input_ids: Tensor,
+        embeds: Tensor,
+        valid: Tensor,
+        pos: Tensor,
+        roles: Tensor,
+        prompt_n: int,
+        features: VisionOut | None,
+    ) -> tuple[Seq, Tensor]:
+        """Scatter kept image features into their placeholders, insert extra tokens, drop the rest.
+
+        Images fill the placeholder runs in order, image ``i`` taking the next ``token_counts[i]``
+        placeholders (their counts may differ). Returns the packed sequence and, per image, the sample
+        it belongs to (long ``[I]``; empty without images).
+        """
+        b, n = input_ids.shape
+        device = input_ids.device
+        idx = torch.arange(n, device=device)
+        src = idx[None, :].expand(b, n)
+        prompt = idx[None, :].expand(b, n) < prompt_n
+        # A generated token equal to the image id (no-cache decoding) is text, not a placeholder.
+        image = (input_ids == self._image_token_id) & prompt
+        keep = valid.clone()
+        if features is None:
+            if bool(image.any()):
+                raise ValueError("the prompt has image tokens but no pixel_values or image features were given")
+            seq = Seq(embeds, valid, pos, roles, src, prompt)
+            return seq.gather(keep), torch.zeros(0, dtype=torch.long, device=device)
+        counts = features.token_counts
+        if int(image.sum()) != int(counts.sum()):
+            raise ValueError(
+                f"Image features and image tokens do not match: tokens: {int(image.sum())}, "
+                f"features: {int(counts.sum())} ({counts.numel()} images of {counts.tolist()} tokens)"
+            )
+        last = image.flatten().nonzero().squeeze(1)[counts.cumsum(0) - 1]  # flat index of each image's last token
+        real = torch.arange(features.keep.shape[1], device=device)[None, :] < counts[:, None]
+        slot_keep = torch.zeros_like(image)
+        slot_keep[image] = features.keep[real]
+        embeds = embeds.masked_scatter(slot_keep[..., None], features.kept.to(embeds.dtype))
+        keep &= ~image | slot_keep
+        seq = Seq(embeds, valid, pos, roles, src, prompt)
+        if features.extra is None:
+            return seq.gather(keep), last // n
+        extra_seq, extra_key = _extra_tokens(last, (b, n), pos, features.extra.to(embeds.dtype))
+        # Put each image's extra tokens right after its block, then pack as usual.
+        key = torch.cat([idx[None, :].expand(b, n).double(), extra_key], dim=1)
+        order = torch.sort(key, dim=1, stable=True).indices
+        joined = Seq.cat([seq, extra_seq]).take(order)
+        joined_keep = torch.take_along_dim(torch.cat([keep, extra_seq.valid], dim=1), order, dim=1)
+        return joined.gather(joined_keep), last // n
+
+    def _stage_positions(self, seq: Seq, mode: str, shift: Tensor, full_count: Tensor) -> tuple[Seq, Tensor]:
+        """Apply a stage's position mode; returns the sequence and its decoding offset (long ``[B]``).
+
+        ``keep``: positions unchanged, offset inherited. ``compact``: renumbered contiguously; decoding
+        continues right after the last kept position, i.e. at the caller's position minus the number
+        of tokens dropped so far (``full_count`` = unpruned non-padding length).
+        """
+        if mode == "keep":
+            return seq, shift
+        pos = compact_positions(seq.pos, seq.valid)
+        return seq.with_positions(pos), full_count - seq.valid.sum(dim=1)
+
+    def _segment_inputs(self, seq: Seq) -> tuple[tuple[Tensor, Tensor], Any]:
+        """RoPE cos/sin for the segment's positions and its causal + padding mask (prefill: no cached keys)."""
+        embeddings = self._rotary(seq.hidden, seq.pos)
+        mask = hf.attention_mask(seq.valid, seq.valid.shape[1], seq.hidden.dtype, self._attn_impl)
+        return embeddings, mask
+
+    # -- LLM stage ----------------------------------------------------------------------------------
+
+    def _llm_step(
+        self,
+        call: CallState,
+        step: PruningStrategy,
+        k: int,
+        seq: Seq,
+        embeddings: tuple[Tensor, Tensor],
+        generated: int,
+    ) -> tuple[Seq, dict[str, Any]]:
+        """Decide with layer K-1's q/k on the prompt positions; keep generated ones; gather."""
+        assert call.capture is not None
+        attn = self._lm.layers[k - 1].self_attn
+        b, n, _ = seq.hidden.shape
+        q = call.capture.pop(("llm", k - 1, "q")).view(b, n, -1, attn.head_dim).transpose(1, 2)
+        key = call.capture.pop(("llm", k - 1, "k")).view(b, n, -1, attn.head_dim).transpose(1, 2)
+        cos, sin = embeddings
+        q, key = hf.apply_rope(q, key, cos, sin)
+        p = n - generated  # generated tokens are the last columns of every row
+        ctx = LLMContext(
+            layer=k,
+            roles=seq.roles[:, :p],
+            hidden=seq.hidden[:, :p],
+            attention=LLMAttention(q[:, :, :p], key[:, :, :p], seq.valid[:, :p], scale=attn.scaling),
+            position_ids=self._text_positions(seq.pos)[:, :p],
+        )
+        plan = step(ctx)
+        keep = seq.valid.clone()
+        keep[:, :p] &= plan.keep
+        if plan.hidden is not None:  # merged states for the kept prompt positions, applied before the gather
+            merged = torch.where(plan.keep[..., None], plan.hidden, seq.hidden[:, :p])
+            seq = replace(seq, hidden=torch.cat([merged, seq.hidden[:, p:]], dim=1))
+        # a schedule reports each of its layers under its own prefix (``pyramiddrop@8.keep_count``)
+        prefix = step.name if len(step.llm_layers) == 1 else f"{step.name}@{k}"
+        diagnostics = {f"{prefix}.{name}": value for name, value in plan.diagnostics.items()}
+        return seq.gather(keep), diagnostics
+
+    # -- decoding with the pruned cache -------------------------------------------------------------
+
+    def _decode(
+        self, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None, cache: Any
+    ) -> Tensor:
+        """New tokens against the pruned cache: each segment gets a mask sized to its own cache."""
+        session = self._sessions.get(cache)
+        if session is None:
+            raise UnsupportedModelError(
+                "past_key_values was not filled by this patched model's prefill; run the prompt through the "
+                "patched model first (or pass an empty cache)"
+            )
+        b, q = input_ids.shape
+        if b != session.batch:
+            raise UnsupportedModelError(f"batch size changed from {session.batch} to {b} while decoding")
+        device = input_ids.device
+        new_valid = torch.ones(b, q, dtype=torch.bool, device=device)
+        if attention_mask is not None:
+            new_valid = attention_mask[:, -q:].bool()
+        position_ids = self._decode_positions(position_ids, session.seen, b, q, device)
+        hidden = self._lm.embed_tokens(input_ids)
+        starts = {seg.start: seg for seg in session.segments}
+        for i, layer in enumerate(self._lm.layers):
+            if i in starts:
+                seg = starts[i]
+                seg.mask = torch.cat([seg.mask, new_valid], dim=1)
+                pos = position_ids - seg.shift.view(-1, *[1] * (position_ids.dim() - 1))
+                embeddings = self._rotary(hidden, pos)
+                mask = hf.attention_mask(seg.mask, q, hidden.dtype, self._attn_impl)
+            hidden = hf.call_decoder_layer(
+                layer, hidden, mask=mask, position_ids=self._text_positions(pos), position_embeddings=embeddings, cache=cache
+            )
+        session.seen += q
+        return self._lm.norm(hidden)
+
+    # -- stats --------------------------------------------------------------------------------------
+
+    def _stats(
+        self,
+        seq_len: Tensor,
+        visual_kept: Tensor,
+        llm_kept: dict[int, Tensor],
+        layer_tokens: Tensor,
+        layer_visual: Tensor,
+        image_sample: Tensor,
+        features: VisionOut | None,
+        diagnostics: dict[str, Any],
+    ) -> PruneStats:
+        """Counts and FLOPs per sample, and per image (``image_sample`` long ``[I]``: each image's sample)."""
+        fm = self._flops
+        b, num_layers = layer_tokens.shape
+        images = torch.bincount(image_sample, minlength=b)
+        runs = images
+        if features is not None and features.tower_runs is not None:
+            runs = torch.zeros_like(images).index_add_(0, image_sample, features.tower_runs.to(images.dtype))
+        image_tokens = features.token_counts if features is not None else image_sample.new_zeros(0)
+        image_kept = features.kept_counts if features is not None else image_sample.new_zeros(0)
+        visual_unpruned = torch.zeros_like(seq_len).index_add_(0, image_sample, image_tokens.to(seq_len.dtype))
+        projected = visual_kept if self.pipeline.vision is not None else visual_unpruned
+        unpruned = fm.llm(seq_len[:, None].expand(-1, num_layers)) + fm.vision(runs) + fm.projector(visual_unpruned)
+        pruned = fm.llm(layer_tokens) + fm.vision(runs) + fm.projector(projected)
+        cpu = {k: v.detach().cpu() for k, v in llm_kept.items()}
+        diag = {k: v.detach().cpu() if isinstance(v, Tensor) else v for k, v in diagnostics.items()}
+        return PruneStats(
+            # the largest image's count when images differ (LLaVA-1.5: every image's N)
+            visual_total=int(image_tokens.max()) if image_tokens.numel() else self._tokens_per_image,
+            visual_kept=visual_kept.cpu(),
+            llm_kept=cpu,
+            seq_len=seq_len.cpu(),
+            layer_tokens=layer_tokens.cpu(),
+            layer_visual=layer_visual.cpu(),
+            flops_pruned=pruned.cpu(),
+            flops_unpruned=unpruned.cpu(),
+            images=images.cpu(),
+            diagnostics=diag,
+            visual_unpruned=visual_unpruned.cpu(),
+            image_sample=image_sample.cpu(),
+            image_tokens=image_tokens.cpu(),
+            image_kept=image_kept.cpu(),
+            flop_model=fm,
+        )
+
+
+def _generated_count(generate: GenerateCall | None, n: int) -> int:
+    """Tokens at the end of the sequence that ``generate`` (without a cache) produced, not the prompt."""
+    if generate is None or generate.use_cache or n <= generate.prompt_len:
+        return 0
+    return n - generate.prompt_len
+
+
+def _extra_tokens(end: Tensor, shape: tuple[int, int], pos: Tensor, extra: Tensor) -> tuple[Seq, Tensor]:
+    """Extra tokens of each image placed right after its block: ``(Seq [B, M, D], order key [B, M])``.
+
+    ``end`` (long ``[I]``) is the flat index in the ``[B, n]`` sequence of each image's last placeholder.
+    In ``keep`` mode the extra tokens share that placeholder's position id.
+    """
+    b, n = shape
+    num_images, e, d = extra.shape
+    device = end.device
+    img_b, img_l = end // n, end % n
+    first_of_sample = torch.searchsorted(img_b, img_b)
+    rank = torch.arange(num_images, device=device) - first_of_sample
+    per_sample = torch.bincount(img_b, minlength=b)
+    m = e * int(per_sample.max())
+    slots = rank[:, None] * e + torch.arange(e, device=device)[None, :]
+    rows = img_b[:, None].expand(-1, e)
+    hidden = extra.new_zeros(b, m, d)
+    hidden[rows, slots] = extra
+    valid = torch.zeros(b, m, dtype=torch.bool, device=device)
+    valid[rows, slots] = True
+    key = torch.full((b, m), -1.0, dtype=torch.float64, device=device)
+    key[rows, slots] = img_l[:, None].double() + (torch.arange(e, device=device)[None, :] + 1.0) / (e + 1)
+    rest = pos.shape[2:]  # () for 1-D positions, (R,) for multi-axis ones (M-RoPE)
+    extra_pos = torch.zeros(b, m, *rest, dtype=torch.long, device=device)
+    extra_pos[rows, slots] = pos[img_b, img_l][:, None].expand(-1, e, *rest)
+    seq = Seq(
+        hidden=hidden,
+        valid=valid,
+        pos=extra_pos,
+        roles=torch.full((b, m), int(TokenRole.IMAGE), dtype=torch.long, device=device),
+        src=torch.full((b, m), -1, dtype=torch.long, device=device),
+        prompt=valid.clone(),
+    )
+    return seq, key
+
+
+def _scatter_back(hidden: Tensor, seq: Seq, n: int) -> Tensor:
+    """The packed final hidden states at their original positions ``[B, n, D]``; dropped ones are zero."""
+    return scatter_rows(hidden, seq.src, seq.valid & (seq.src >= 0), n)

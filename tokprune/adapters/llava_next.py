@@ -1,0 +1,237 @@
+"""The LLaVA-NeXT family: HF ``LlavaNextForConditionalGeneration`` (AnyRes tiles, CLIP tower, 1-D RoPE LM).
+
+Shared with every family (:mod:`.decoder`): generate() checks, assembly, the pruned decoder loop, stats.
+This file knows only LLaVA-NeXT:
+
+* each image is a base view plus AnyRes tiles (their number follows ``image_sizes``); the tower runs
+  once per tile; the LLM sees the base view's ``N`` tokens, then the tiles' grid unpadded to the image's
+  aspect ratio with an ``image_newline`` token after each row. :func:`~tokprune.hf_compat.anyres_layout`
+  gives that order from the model's own packing;
+* the vision stage prunes **per image across base and tiles**: the strategy sees one row per image
+  (``lengths`` = its base + tile tokens, newlines excluded), with the base view's CLS as the image's CLS
+  (the q/k and hidden signals of each token come from its own tile). Budgets are per image
+  (docs/adapters.md). Only ``ragged_vision`` strategies run;
+* **newline tokens** are not visual content and are never pruned: they stay as row separators after
+  the kept tokens of their row (an all-dropped row leaves its newline). They count as visual tokens
+  in the stats (the LLM processes them);
+* positions are 1-D; the decoder layers are called through :mod:`tokprune.hf_compat`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .. import hf_compat as hf
+from ..errors import MissingCapabilityError, UnsupportedModelError
+from ..pipeline import Pipeline
+from ..stats import FlopModel, kv_width, mlp_matrices
+from ..strategy import Signal, VisionContext, VisionSignals
+from ._base import Positions
+from .decoder import CallState, PrunedDecoderAdapter, PrunedImageFeatures, VisionOut
+
+__all__ = ["LlavaNextAdapter"]
+
+_LANGUAGE_MODELS = ("LlamaModel", "MistralModel", "Qwen2Model")
+
+
+def _class_names(obj: Any) -> set[str]:
+    return {c.__name__ for c in type(obj).__mro__}
+
+
+class LlavaNextAdapter(PrunedDecoderAdapter):
+    """HF ``LlavaNextForConditionalGeneration`` with a CLIP tower (AnyRes tiles and newline tokens)."""
+
+    name = "llava_next"
+    variable_image_tokens = True
+
+    @classmethod
+    def mismatch(cls, model: nn.Module) -> str:
+        if "LlavaNextForConditionalGeneration" not in _class_names(model):
+            return f"expected a LlavaNextForConditionalGeneration, got {type(model).__name__}"
+        inner = getattr(model, "model", None)
+        if "CLIPVisionModel" not in _class_names(getattr(inner, "vision_tower", None)):
+            return f"expected a CLIPVisionModel vision tower, got {type(getattr(inner, 'vision_tower', None)).__name__}"
+        lm = getattr(inner, "language_model", None)
+        if not _class_names(lm) & set(_LANGUAGE_MODELS):
+            return f"expected a language model among {', '.join(_LANGUAGE_MODELS)}, got {type(lm).__name__}"
+        return ""
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return cls.mismatch(model) == ""
+
+    @classmethod
+    def tiny(cls, seed: int = 0, attn_implementation: str = "sdpa") -> Any:
+        from ..testing.adapters import TinyCase
+        from ..testing.models import VOCAB, tiny_llava_next
+
+        model, make_inputs = tiny_llava_next(seed=seed, attn_implementation=attn_implementation)
+        return TinyCase(model, make_inputs, pad_token_id=VOCAB.pad, question_end=VOCAB.assistant_marker)
+
+    def __init__(
+        self,
+        model: nn.Module,
+        pipeline: Pipeline,
+        *,
+        vision_positions: Positions = "keep",
+        llm_positions: Positions = "keep",
+        question_end: Sequence[int] | Any | None = None,
+    ) -> None:
+        super().__init__(
+            model, pipeline, vision_positions=vision_positions, llm_positions=llm_positions, question_end=question_end
+        )
+        self._inner = model.model
+        self._tower = self._inner.vision_tower
+        self._lm = self._inner.language_model
+        self._config = model.config
+        self._output_class = hf.llava_next_output_class()
+        hf.check_model(self._lm, self._tower, self._output_class)
+        hf.check_anyres(self._inner)
+        self._vit = hf.vision_transformer(self._tower)
+        self._image_token_id = self._config.image_token_id
+        self._init_decoder()
+        self._signals = self._check_vision()
+        tower_cfg = self._tower.config
+        self._tokens_per_image = (tower_cfg.image_size // tower_cfg.patch_size) ** 2  # per tile (the base view)
+        self._flops = FlopModel(
+            d=self._lm.config.hidden_size,
+            m=self._lm.config.intermediate_size,
+            c=tower_cfg.hidden_size,
+            mv=tower_cfg.intermediate_size,
+            vision_layers=tower_cfg.num_hidden_layers,
+            vision_tokens=1 + self._tokens_per_image,  # per tower pass (one per tile)
+            mlp_matrices=mlp_matrices(self._lm.layers[0].mlp),
+            kv_dim=kv_width(self._lm.config),
+        )
+
+    def _check_vision(self) -> frozenset[Signal]:
+        step = self.pipeline.vision
+        if step is None:
+            return frozenset()
+        layer, select = self._config.vision_feature_layer, self._config.vision_feature_select_strategy
+        if not isinstance(layer, int) or select != "default":
+            raise MissingCapabilityError(
+                f"{step.name!r} runs in vision feature space with the CLS token at index 0; this model has "
+                f"vision_feature_layer={layer!r}, vision_feature_select_strategy={select!r} (supported: one int "
+                "layer and 'default')"
+            )
+        self._check_cls(getattr(self._vit.embeddings, "class_embedding", None) is not None)
+        return frozenset(s.resolve(self._tower.config.num_hidden_layers) for s in self.pipeline.requires())
+
+    def _install_family(self) -> None:
+        if self.pipeline.vision is None:
+            return
+        original = self._inner.get_image_features
+
+        @functools.wraps(original)  # generate() routes pixel_values and image_sizes by this signature
+        def get_image_features(pixel_values: Tensor, image_sizes: Tensor, *args: Any, **kwargs: Any) -> Any:
+            with self._active(CallState(self)) as call:
+                return PrunedImageFeatures.of(self._run_vision(call, pixel_values, image_sizes))
+
+        self._state.set_attribute(self._inner, "get_image_features", get_image_features)
+        for signal in self._signals:
+            if signal.kind == "qk":
+                attn = self._vit.encoder.layers[signal.layer].self_attn
+                self._hook(attn.q_proj, ("vision", signal.layer, "q"))
+                self._hook(attn.k_proj, ("vision", signal.layer, "k"))
+
+    # -- the vision stage -----------------------------------------------------------------------------
+
+    def _vision(
+        self, call: CallState, pixel_values: Tensor | None, encoded: Any, options: dict
+    ) -> tuple[Any, VisionOut | None]:
+        image_sizes = options.pop("image_sizes", None)
+        layer = options.pop("vision_feature_layer", None)
+        select = options.pop("vision_feature_select_strategy", None)
+        if encoded is not None:  # pre-encoded by generate() through get_image_features
+            if isinstance(encoded, PrunedImageFeatures):
+                return encoded, encoded.vision_out()
+            if self.pipeline.vision is not None:
+                raise UnsupportedModelError(
+                    "these image features were not computed by the patched model; pass pixel_values instead"
+                )
+            return encoded, VisionOut.unpruned(encoded.pooler_output)
+        if pixel_values is None or pixel_values.shape[0] == 0:
+            return None, None
+        if image_sizes is None:
+            raise ValueError("LLaVA-NeXT needs image_sizes with pixel_values (the processor returns both)")
+        if self.pipeline.vision is None:  # the unpatched tower, projector and packing
+            encoded = self._inner.get_image_features(
+                pixel_values, image_sizes, vision_feature_layer=layer, vision_feature_select_strategy=select, return_dict=True
+            )
+            out = VisionOut.unpruned(encoded.pooler_output)
+            out.tower_runs = torch.tensor(hf.anyres_tiles(self._config, image_sizes), device=out.keep.device)
+            return encoded, out
+        out = self._run_vision(call, pixel_values, image_sizes)
+        return PrunedImageFeatures.of(out), out
+
+    def _run_vision(self, call: CallState, pixel_values: Tensor, image_sizes: Tensor) -> VisionOut:
+        """Tower per tile, one strategy row per image (base + tiles), projector on the kept, newlines back."""
+        step = self.pipeline.vision
+        assert step is not None
+        cfg, n = self._tower.config, self._tokens_per_image
+        tiles = hf.anyres_tiles(self._config, image_sizes)
+        if pixel_values.dim() == 5:  # [I, max_tiles, 3, H, W], padded with empty tiles
+            pixel_values = torch.cat([p[:t] for p, t in zip(pixel_values, tiles)])
+        vit = self._vit
+        x = vit.pre_layrnorm(vit.embeddings(pixel_values.to(vit.embeddings.patch_embedding.weight.dtype)))
+        hidden = [x]
+        call.capture = {}
+        try:
+            for encoder_layer in vit.encoder.layers:
+                x = hf.call_vision_layer(encoder_layer, x)
+                hidden.append(x)
+            captured = call.capture
+        finally:
+            call.capture = None
+        layout = hf.anyres_layout(self._inner, tiles, n, image_sizes, "default")  # per image, -1 = newline
+        packed, packed_valid = _pad(layout, fill=-2)  # [I, P]
+        newline = packed == -1
+        first_tile = torch.tensor([0, *tiles[:-1]], device=packed.device).cumsum(0)  # each image's base tile
+        # The strategy's row of image i: its non-newline tokens in LLM order, as (tile, patch) sources.
+        source, source_valid = _pad([lay[lay >= 0] for lay in layout], fill=0)
+        tile = first_tile[:, None] + source // n
+        patch = source % n + 1  # +1: index 0 of every tile is its CLS
+        lengths = source_valid.sum(dim=1)
+
+        def per_image(t: Tensor) -> Tensor:
+            """``[T, 1+N, C]`` (per tile) -> ``[I, 1+L, C]``: the base CLS, then the image's tokens."""
+            return torch.cat([t[first_tile, :1], t[tile, patch]], dim=1)
+
+        def fetch(signal: Signal) -> Any:
+            if signal.kind == "qk":
+                q, k = captured[("vision", signal.layer, "q")], captured[("vision", signal.layer, "k")]
+                return per_image(q), per_image(k)
+            return per_image(hidden[signal.layer])
+
+        signals = VisionSignals(
+            fetch, cfg.num_hidden_layers, cfg.num_attention_heads, declared=self._signals, lengths=lengths
+        )
+        features = hidden[self._config.vision_feature_layer][tile, patch]  # [I, L, C]
+        plan = step(VisionContext(features=features, signals=signals, lengths=lengths))
+        chosen = plan.features if plan.features is not None else features
+        projector = self._inner.multi_modal_projector
+        projected = projector(chosen[plan.keep])
+        extra = projector(plan.extra) if plan.extra is not None and plan.extra.shape[1] > 0 else None
+        # Back to the LLM's order: each non-newline slot takes its token's decision, newlines are kept.
+        rank = ((~newline & packed_valid).long().cumsum(dim=1) - 1).clamp(min=0)
+        keep = packed_valid & (newline | plan.keep.gather(1, rank.clamp(max=plan.keep.shape[1] - 1)))
+        kept_newline = newline[keep]
+        kept = self._inner.image_newline.to(projected.dtype).expand(kept_newline.shape[0], -1).clone()
+        kept[~kept_newline] = projected
+        diagnostics = {f"{step.name}.{k}": v for k, v in plan.diagnostics.items()}
+        runs = torch.tensor(tiles, device=keep.device)
+        return VisionOut(kept, keep, extra, diagnostics, lengths=packed_valid.sum(dim=1), tower_runs=runs)
+
+
+def _pad(rows: list[Tensor], fill: int) -> tuple[Tensor, Tensor]:
+    """Ragged long rows -> ``([I, W] padded with fill, bool [I, W] valid)``."""
+    width = max(int(r.numel()) for r in rows)
+    out = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=fill)
+    lengths = torch.tensor([r.numel() for r in rows], device=out.device)
+    return out[:, :width], torch.arange(width, device=out.device)[None, :] < lengths[:, None]

@@ -1,0 +1,186 @@
+"""The Qwen2.5-VL family: HF ``Qwen2_5_VLForConditionalGeneration`` (dynamic resolution, M-RoPE).
+
+Shared with every family (:mod:`.decoder`): generate() checks, assembly, the pruned decoder loop, stats.
+This file knows only Qwen2.5-VL:
+
+* the tower (window attention, then the patch merger) runs **unchanged**: the vision stage prunes the
+  tokens the LLM sees, after the merger, per image (``image_grid_thw`` decides how many: ``t*h*w/4``).
+  The tower has no CLS token, so only strategies reading no CLS signal and cutting per image run
+  (refused at ``patch()`` otherwise, with the list of those that work). Budgets are per image;
+* positions are M-RoPE's three axes (temporal, height, width), long ``[B, L, 3]``, built by the model's
+  own ``get_rope_index`` on the **unpruned** prompt: survivors keep their 3-D positions. ``compact``
+  renumbering is refused (it is defined for 1-D positions);
+* the decoder layers get the model's own rotary embedding of the 3-D positions (through hf_compat).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .. import hf_compat as hf
+from ..errors import UnsupportedModelError
+from ..pipeline import Pipeline
+from ..stats import FlopModel, kv_width, mlp_matrices
+from ..strategy import Signal, VisionContext, VisionSignals
+from ._base import Positions
+from .decoder import CallState, PrunedDecoderAdapter, PrunedImageFeatures, VisionOut
+
+__all__ = ["Qwen2_5_VLAdapter"]
+
+
+class Qwen2_5_VLAdapter(PrunedDecoderAdapter):
+    """HF ``Qwen2_5_VLForConditionalGeneration``: images of any size, no CLS, 3-D positions."""
+
+    name = "qwen2_5_vl"
+    variable_image_tokens = True
+    one_d_positions = False
+
+    @classmethod
+    def mismatch(cls, model: nn.Module) -> str:
+        names = {c.__name__ for c in type(model).__mro__}
+        if "Qwen2_5_VLForConditionalGeneration" not in names:
+            return f"expected a Qwen2_5_VLForConditionalGeneration, got {type(model).__name__}"
+        return ""
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return cls.mismatch(model) == ""
+
+    @classmethod
+    def tiny(cls, seed: int = 0, attn_implementation: str = "sdpa") -> Any:
+        from ..testing.adapters import TinyCase
+        from ..testing.models import VOCAB, tiny_qwen2_5_vl
+
+        model, make_inputs = tiny_qwen2_5_vl(seed=seed, attn_implementation=attn_implementation)
+        return TinyCase(model, make_inputs, pad_token_id=VOCAB.pad, question_end=VOCAB.assistant_marker)
+
+    def __init__(
+        self,
+        model: nn.Module,
+        pipeline: Pipeline,
+        *,
+        vision_positions: Positions = "keep",
+        llm_positions: Positions = "keep",
+        question_end: Sequence[int] | Any | None = None,
+    ) -> None:
+        super().__init__(
+            model, pipeline, vision_positions=vision_positions, llm_positions=llm_positions, question_end=question_end
+        )
+        self._inner = model.model
+        self._lm = self._inner.language_model
+        self._config = model.config
+        self._output_class = hf.qwen2_5_vl_output_class()
+        hf.check_model(self._lm, None, self._output_class)
+        hf.check_mrope(self._inner)
+        self._image_token_id = self._config.image_token_id
+        self._init_decoder()
+        self._check_cls(tower_has_cls=False)
+        vcfg = self._config.vision_config
+        self._merge = vcfg.spatial_merge_size**2  # patches per LLM token
+        self._tokens_per_image = 0  # no fixed count: image_grid_thw decides
+        # Tower cost per patch, linear (window attention keeps each patch's attention span fixed); the
+        # merger is counted as the projector. An approximation, stated in docs/adapters.md.
+        self._flops = FlopModel(
+            d=self._lm.config.hidden_size,
+            m=self._lm.config.intermediate_size,
+            c=vcfg.hidden_size,
+            mv=vcfg.intermediate_size,
+            vision_layers=vcfg.depth,
+            vision_tokens=1,
+            mlp_matrices=mlp_matrices(self._lm.layers[0].mlp),
+            kv_dim=kv_width(self._lm.config),
+        )
+
+    def _install_family(self) -> None:
+        if self.pipeline.vision is None:
+            return
+        original = self._inner.get_image_features
+
+        @functools.wraps(original)  # generate() routes pixel_values and image_grid_thw by this signature
+        def get_image_features(pixel_values: Tensor, image_grid_thw: Tensor, *args: Any, **kwargs: Any) -> Any:
+            with self._active(CallState(self)) as call:
+                encoded = original(pixel_values, image_grid_thw, return_dict=True)
+                return PrunedImageFeatures.of(self._prune(call, encoded.pooler_output, image_grid_thw))
+
+        self._state.set_attribute(self._inner, "get_image_features", get_image_features)
+
+    # -- positions: M-RoPE, [B, L, 3] ------------------------------------------------------------------
+
+    @staticmethod
+    def _axes(position_ids: Tensor) -> Tensor:
+        """The caller's ``[4, B, L]`` (text + 3 axes, generate's) or ``[3, B, L]`` -> ``[B, L, 3]``."""
+        return position_ids[-3:].permute(1, 2, 0).long()
+
+    def _positions(self, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None, options: dict) -> Tensor:
+        if position_ids is not None and position_ids.dim() == 3:
+            return self._axes(position_ids)
+        grid, types = options.get("image_grid_thw"), options.get("mm_token_type_ids")
+        if position_ids is None and grid is not None and types is not None:
+            return hf.mrope_index(self._inner, input_ids, types, grid, attention_mask)
+        # 1-D positions (the caller's, or no image): the rotary embedding repeats them on the three axes
+        return super()._positions(input_ids, attention_mask, position_ids, options)
+
+    def _decode_positions(self, position_ids: Tensor | None, seen: int, b: int, q: int, device: torch.device) -> Tensor:
+        if position_ids is not None and position_ids.dim() == 3:
+            return self._axes(position_ids)
+        if position_ids is None and getattr(self._inner, "rope_deltas", None) is not None:
+            # what the stock model does: text positions shifted by each sample's M-RoPE delta
+            return torch.arange(seen, seen + q, device=device)[None, :] + self._inner.rope_deltas.to(device)
+        return super()._decode_positions(position_ids, seen, b, q, device)
+
+    def _rotary(self, hidden: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
+        return hf.rotary_embeddings(self._lm, hidden, pos.permute(2, 0, 1) if pos.dim() == 3 else pos)
+
+    def _text_positions(self, pos: Tensor) -> Tensor:
+        return pos[..., 0] if pos.dim() == 3 else pos
+
+    # -- the vision stage -----------------------------------------------------------------------------
+
+    def _vision(self, call: CallState, pixel_values: Tensor | None, encoded: Any, options: dict) -> tuple[Any, VisionOut | None]:
+        grid = options.get("image_grid_thw")  # kept in options: positions need it too
+        if options.get("pixel_values_videos") is not None or options.get("video_grid_thw") is not None:
+            raise UnsupportedModelError(
+                "videos are not supported on a pruned Qwen2.5-VL (images only); call handle.remove() to run them"
+            )
+        if encoded is not None:  # pre-encoded by generate() through get_image_features
+            if isinstance(encoded, PrunedImageFeatures):
+                return encoded, encoded.vision_out()
+            if self.pipeline.vision is not None:
+                raise UnsupportedModelError("these image features were not computed by the patched model; pass pixel_values instead")
+            return encoded, VisionOut.unpruned(encoded.pooler_output)
+        if pixel_values is None:
+            return None, None
+        if grid is None:
+            raise ValueError("Qwen2.5-VL needs image_grid_thw with pixel_values (the processor returns both)")
+        if self.pipeline.vision is None:
+            encoded = self._inner.get_image_features(pixel_values, grid, return_dict=True)
+            out = VisionOut.unpruned(encoded.pooler_output)
+            out.tower_runs = grid.prod(dim=-1)
+            return encoded, out
+        # The original tower and merger (our own patched attribute is not called back).
+        original = type(self._inner).get_image_features.__get__(self._inner)
+        encoded = original(pixel_values, grid, return_dict=True)
+        out = self._prune(call, encoded.pooler_output, grid)
+        return PrunedImageFeatures.of(out), out
+
+    def _prune(self, call: CallState, per_image: Sequence[Tensor], grid: Tensor) -> VisionOut:
+        """The strategy on each image's merged tokens (one padded row per image, ``lengths``)."""
+        step = self.pipeline.vision
+        assert step is not None
+        features = torch.nn.utils.rnn.pad_sequence(list(per_image), batch_first=True)  # [I, L, D]
+        lengths = torch.tensor([p.shape[0] for p in per_image], device=features.device)
+
+        def fetch(signal: Signal) -> Any:  # unreachable: CLS-reading strategies are refused at patch()
+            raise UnsupportedModelError(f"Qwen2.5-VL's tower provides no {signal}")
+
+        vcfg = self._config.vision_config
+        signals = VisionSignals(fetch, vcfg.depth, vcfg.num_heads, declared=frozenset(), lengths=lengths)
+        plan = step(VisionContext(features=features, signals=signals, lengths=lengths))
+        chosen = plan.features if plan.features is not None else features
+        diagnostics = {f"{step.name}.{k}": v for k, v in plan.diagnostics.items()}
+        return VisionOut(chosen[plan.keep], plan.keep, plan.extra, diagnostics, lengths=lengths, tower_runs=grid.prod(dim=-1))
