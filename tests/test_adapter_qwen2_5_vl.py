@@ -8,9 +8,15 @@ import torch
 import tokprune
 from tokprune import Pipeline
 from tokprune import hf_compat as hf
+from tokprune.adapters.qwen2_5_vl import Qwen2_5_VLAdapter
 from tokprune.errors import MissingCapabilityError, StrategyParamError, UnsupportedModelError
 from tokprune.testing.adapters import _RecordVisionNorm
 from tokprune.testing.models import VOCAB, tiny_qwen2_5_vl
+
+pytestmark = pytest.mark.skipif(
+    hf.older_than(Qwen2_5_VLAdapter.min_transformers),
+    reason=f"Qwen2.5-VL is tested from transformers {Qwen2_5_VLAdapter.min_transformers}",
+)
 
 
 @pytest.fixture(scope="module")
@@ -67,3 +73,19 @@ def test_pruning_lowers_the_prompt_the_llm_sees_and_generate_keeps_its_contract(
     assert (s.flops_pruned < s.flops_unpruned).all()
     with tokprune.pruned(model, "fastv"), pytest.raises(UnsupportedModelError, match="videos are not supported"):
         model(**x, pixel_values_videos=x["pixel_values"], video_grid_thw=x["image_grid_thw"])
+
+
+def test_a_rotary_embedding_with_one_cos_per_axis_is_refused_at_patch(tiny, monkeypatch):
+    """Older releases return cos/sin per M-RoPE axis; scoring q/k with them would be silently wrong."""
+    model, _ = tiny
+    rotary = model.model.language_model.rotary_emb
+    merged = type(rotary).forward
+
+    def per_axis(self, x, position_ids):
+        cos, sin = merged(self, x, position_ids)
+        return cos.expand(3, *cos.shape), sin.expand(3, *sin.shape)
+
+    monkeypatch.setattr(type(rotary), "forward", per_axis)
+    with pytest.raises(UnsupportedModelError, match=r"merges the three M-RoPE axes .* one per axis"):
+        tokprune.patch(model, "fastv")
+    assert tokprune.adapters.handle_of(model) is None

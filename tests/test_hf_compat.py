@@ -272,5 +272,5 @@ def test_family_features_are_detected_and_refused_by_name():
     with pytest.raises(UnsupportedModelError, match=r"Inner\.pack_image_features\(.*image_newline\).*tested with"):
         hf.check_anyres(Inner())
     with pytest.raises(UnsupportedModelError, match=r"Inner\.get_rope_index\(.*mm_token_type_ids.*tested with"):
-        hf.check_mrope(Inner())
+        hf.check_mrope(Inner(), torch.nn.Module())  # the signature is checked before the rotary probe
     assert hf.qwen2_5_vl_output_class().__name__.endswith("OutputWithPast")

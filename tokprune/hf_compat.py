@@ -154,16 +154,19 @@ def model_output(cls: type, *, last_hidden_state: Tensor, cache: Any, image_feat
     ``image_features`` is the image encoder's output (a ``BaseModelOutputWithPooling`` whose
     ``pooler_output`` holds one ``[n_i, D]`` tensor per image, or None). Layouts with ``image_outputs``
     get it as is; older ones (``image_hidden_states``) get the features the LLM saw, packed ``[S, D]``.
+    Layouts without an image field (Qwen2.5-VL's before 5.24) get none.
     """
     fields = _field_names(cls)
     cache_field = next((name for name in CACHE_KEYWORDS if name in fields), None)
     image_field = next((name for name in IMAGE_FIELDS if name in fields), None)
-    if cache_field is None or image_field is None:
-        raise _refuse(f"{cls.__name__} with a cache field and an image field", f"fields: {sorted(fields)}")
-    value = image_features
+    if cache_field is None:
+        raise _refuse(f"{cls.__name__} with a cache field", f"fields: {sorted(fields)}")
+    values = {"last_hidden_state": last_hidden_state, cache_field: cache}
     if image_field == "image_hidden_states" and image_features is not None:
-        value = torch.cat(list(image_features.pooler_output))
-    return cls(**{"last_hidden_state": last_hidden_state, cache_field: cache, image_field: value})
+        values[image_field] = torch.cat(list(image_features.pooler_output))
+    elif image_field is not None:
+        values[image_field] = image_features
+    return cls(**values)
 
 
 def llava_output_class() -> type:
@@ -449,12 +452,34 @@ def qwen2_5_vl_output_class() -> type:
     return returned[0]
 
 
-def check_mrope(inner: nn.Module) -> None:
-    """Refuse at ``patch()`` time when ``Qwen2_5_VLModel`` lacks ``get_rope_index`` as :func:`mrope_index` calls it."""
+def check_mrope(inner: nn.Module, language_model: nn.Module) -> None:
+    """Refuse at ``patch()`` time when ``Qwen2_5_VLModel`` lacks ``get_rope_index`` as :func:`mrope_index`
+    calls it, or when its rotary embedding does not merge the three M-RoPE axes itself.
+
+    The adapter scores q/k with :func:`apply_rope`, which takes the merged ``[B, L, head_dim]`` form;
+    older releases return one cos/sin per axis (``[3, B, L, head_dim]``) and merge them in the layer.
+    A one-token probe tells which (the module is tiny; no version number is read).
+    """
     params = _parameters(getattr(inner, "get_rope_index", None) or (lambda: None))
     if not {"input_ids", "mm_token_type_ids", "image_grid_thw", "attention_mask"} <= set(params):
         raise _refuse(f"{type(inner).__name__}.get_rope_index(input_ids, mm_token_type_ids, image_grid_thw, attention_mask)",
                       f"signature: {list(params)}")
+    weight = next(language_model.parameters())
+    probe = torch.zeros(1, 1, 1, dtype=weight.dtype, device=weight.device)
+    rotary = language_model.rotary_emb
+    with torch.no_grad():  # the module's own forward, past its hooks: a probe is not a model call
+        positions = torch.zeros(3, 1, 1, dtype=torch.long, device=weight.device)
+        cos, _ = type(rotary).forward(rotary, probe, position_ids=positions)
+    if cos.dim() != 3:
+        raise _refuse(
+            f"a Qwen2.5-VL rotary embedding that merges the three M-RoPE axes (it returns cos of shape "
+            f"{tuple(cos.shape)}, one per axis)"
+        )
+
+
+def older_than(minimum: str | None) -> bool:
+    """Whether the installed transformers is older than ``minimum`` (None: never)."""
+    return minimum is not None and _release(transformers_version()) < _release(minimum)
 
 
 def mrope_index(inner: nn.Module, input_ids: Tensor, mm_token_type_ids: Tensor, image_grid_thw: Tensor, attention_mask: Tensor | None) -> Tensor:
@@ -472,11 +497,14 @@ def mrope_index(inner: nn.Module, input_ids: Tensor, mm_token_type_ids: Tensor, 
 # -- patch-time check -----------------------------------------------------------------------------------
 
 
-def check_model(language_model: nn.Module, tower: nn.Module | None, output_cls: type) -> None:
+def check_model(
+    language_model: nn.Module, tower: nn.Module | None, output_cls: type, *, image_field: bool = True
+) -> None:
     """Refuse at ``patch()`` time when the installed transformers lacks something the adapter needs.
 
     Raises :class:`~tokprune.errors.UnsupportedModelError` naming the missing feature, the installed
-    version and the tested range; warns with :class:`UntestedTransformersWarning` when every feature is
+    version and the tested range (``image_field=False``: the family's output may lack an image field,
+    as Qwen2.5-VL's did before 5.24); warns with :class:`UntestedTransformersWarning` when every feature is
     there but the version is outside the tested range.
     """
     from transformers import GenerationConfig
@@ -487,7 +515,8 @@ def check_model(language_model: nn.Module, tower: nn.Module | None, output_cls: 
     if not isinstance(getattr(language_model, "rotary_emb", None), nn.Module):
         raise _refuse(f"a model-level rotary embedding ({type(language_model).__name__}.rotary_emb)")
     fields = _field_names(output_cls)
-    if not any(name in fields for name in CACHE_KEYWORDS) or not any(name in fields for name in IMAGE_FIELDS):
+    has_image = any(name in fields for name in IMAGE_FIELDS)
+    if not any(name in fields for name in CACHE_KEYWORDS) or (image_field and not has_image):
         raise _refuse(
             f"{output_cls.__name__} with a cache field ({' or '.join(CACHE_KEYWORDS)}) and an image field "
             f"({' or '.join(IMAGE_FIELDS)})",

@@ -72,6 +72,10 @@ class ModelAdapter(abc.ABC):
     """
 
     name: ClassVar[str]
+    #: The oldest transformers release this family passes the adapter contract on (None: the project's
+    #: own minimum, ``tokprune.hf_compat.TESTED_MIN``). Below it the contract suite skips the family;
+    #: ``patch()`` still refuses on a missing feature, by detection.
+    min_transformers: ClassVar[str | None] = None
 
     def __init__(
         self,

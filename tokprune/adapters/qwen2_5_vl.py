@@ -37,6 +37,8 @@ class Qwen2_5_VLAdapter(PrunedDecoderAdapter):
     """HF ``Qwen2_5_VLForConditionalGeneration``: images of any size, no CLS, 3-D positions."""
 
     name = "qwen2_5_vl"
+    # 5.6 lacks the image field and merges no M-RoPE axes in the rotary embedding (refused at patch()).
+    min_transformers = "5.24.0"
     variable_image_tokens = True
     one_d_positions = False
 
@@ -75,8 +77,8 @@ class Qwen2_5_VLAdapter(PrunedDecoderAdapter):
         self._lm = self._inner.language_model
         self._config = model.config
         self._output_class = hf.qwen2_5_vl_output_class()
-        hf.check_model(self._lm, None, self._output_class)
-        hf.check_mrope(self._inner)
+        hf.check_model(self._lm, None, self._output_class, image_field=False)  # no image field before 5.24
+        hf.check_mrope(self._inner, self._lm)
         self._image_token_id = self._config.image_token_id
         self._init_decoder()
         self._check_cls(tower_has_cls=False)
