@@ -52,6 +52,33 @@ def test_images_of_one_batch_bring_different_counts_and_the_tower_cost_counts_ti
 
 def test_fixed_size_vision_strategies_are_refused_naming_those_that_work(tiny):
     model, _ = tiny
-    with pytest.raises(MissingCapabilityError, match=r"'cls_knee'.*llava_next images differ.*: .*topk"):
-        tokprune.patch(model, "cls_knee")
+    with pytest.raises(MissingCapabilityError, match=r"'prumerge'.*llava_next images differ.*: .*cls_knee.*topk"):
+        tokprune.patch(model, "prumerge")
     assert tokprune.adapters.handle_of(model) is None
+
+
+#: Strategies cutting per image (ragged_vision), in settings whose cut the tiny images do not clamp.
+PER_IMAGE = ["cls_knee(min_keep=1)", "cls_knee(min_keep=1, cut=iqr, score=cls_attn_mean, fallback_keep=10)"]
+
+
+def _last_logits(model, inputs):
+    position_ids = (inputs["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        return model(**inputs, position_ids=position_ids).logits[:, -1].float()
+
+
+@pytest.mark.parametrize("spec", PER_IMAGE)
+def test_per_image_strategies_give_each_image_of_a_batch_its_solo_cut_and_logits(tiny, spec):
+    # images of different sizes in one batch: each keeps what it keeps alone (never padding) and each
+    # sample's logits are its solo logits
+    model, make_inputs = tiny
+    lengths = (5, 2, 8)
+    batch = make_inputs(lengths)
+    with tokprune.pruned(model, spec, question_end=VOCAB.assistant_marker) as run:
+        logits = _last_logits(model, batch)
+        kept, tokens = run.stats.visual_kept, run.stats.image_tokens
+        for i, q in enumerate(lengths):
+            solo = make_inputs([q], seeds=[i])
+            torch.testing.assert_close(_last_logits(model, solo)[0], logits[i], rtol=0, atol=1e-4)
+            assert run.stats.visual_kept[0] == kept[i]
+    assert len(set(kept.tolist())) > 1 and bool((kept < tokens).all())
