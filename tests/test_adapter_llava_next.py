@@ -52,13 +52,18 @@ def test_images_of_one_batch_bring_different_counts_and_the_tower_cost_counts_ti
 
 def test_fixed_size_vision_strategies_are_refused_naming_those_that_work(tiny):
     model, _ = tiny
-    with pytest.raises(MissingCapabilityError, match=r"'prumerge'.*llava_next images differ.*: .*cls_knee.*topk"):
-        tokprune.patch(model, "prumerge")
+    with pytest.raises(MissingCapabilityError, match=r"'vispruner'.*llava_next images differ.*: .*cls_knee.*prumerge.*topk"):
+        tokprune.patch(model, "vispruner")
     assert tokprune.adapters.handle_of(model) is None
 
 
 #: Strategies cutting per image (ragged_vision), in settings whose cut the tiny images do not clamp.
-PER_IMAGE = ["cls_knee(min_keep=1)", "cls_knee(min_keep=1, cut=iqr, score=cls_attn_mean, fallback_keep=10)"]
+PER_IMAGE = [
+    "cls_knee(min_keep=1)",
+    "cls_knee(min_keep=1, cut=iqr, score=cls_attn_mean, fallback_keep=10)",
+    "prumerge(iqr_factor=0.5, k_neighbors=4)",
+    "prumerge_plus(k_neighbors=40)",
+]
 
 
 def _last_logits(model, inputs):

@@ -285,7 +285,15 @@ def test_one_rule_set_for_droppable_roles():
 
 
 # Vision strategies cutting per image (ragged_vision), with variants whose cut the small inputs do not clamp.
-PER_IMAGE = ["cls_knee(min_keep=1)", "cls_knee(min_keep=1, cut=iqr)", "cls_knee(min_keep=1, cut=lof, max_keep=20)"]
+PER_IMAGE = [
+    "cls_knee(min_keep=1)",
+    "cls_knee(min_keep=1, cut=iqr)",
+    "cls_knee(min_keep=1, cut=lof, max_keep=20)",
+    "prumerge(iqr_factor=0.5, k_neighbors=4)",
+    "prumerge(score=cls_sim, min_keep=5)",
+    "prumerge_plus(iqr_factor=0.5, k_neighbors=4)",
+    "prumerge_plus(score=cls_attn_mean)",
+]
 
 
 def _blind_to_lengths(strategy: PruningStrategy) -> PruningStrategy:
