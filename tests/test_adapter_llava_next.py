@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import tokprune
+from tokprune import Pipeline, PruningStrategy, Stage, VisionContext, VisionPlan
 from tokprune import hf_compat as hf
 from tokprune.errors import MissingCapabilityError
 from tokprune.testing.models import VOCAB, tiny_llava_next
@@ -50,10 +51,21 @@ def test_images_of_one_batch_bring_different_counts_and_the_tower_cost_counts_ti
     assert torch.allclose(s.flops_unpruned, llm + fm.vision(tiles) + fm.projector(s.image_tokens))
 
 
+class _FixedSize(PruningStrategy):
+    """A vision strategy that assumes N tokens per image (no ``ragged_vision``)."""
+
+    name = "fixed_size_probe"
+    stage = Stage.VISION
+
+    def plan(self, ctx: VisionContext) -> VisionPlan:
+        return VisionPlan(keep=torch.ones(ctx.features.shape[:2], dtype=torch.bool))
+
+
 def test_fixed_size_vision_strategies_are_refused_naming_those_that_work(tiny):
     model, _ = tiny
-    with pytest.raises(MissingCapabilityError, match=r"'vispruner'.*llava_next images differ.*: .*cls_knee.*prumerge.*topk"):
-        tokprune.patch(model, "vispruner")
+    working = r"cdpruner, cls_knee, divprune, prumerge, prumerge_plus, random, topk, vispruner"
+    with pytest.raises(MissingCapabilityError, match=rf"'fixed_size_probe'.*llava_next images differ.*: {working}\b"):
+        tokprune.patch(model, Pipeline([_FixedSize()]))
     assert tokprune.adapters.handle_of(model) is None
 
 
@@ -63,6 +75,8 @@ PER_IMAGE = [
     "cls_knee(min_keep=1, cut=iqr, score=cls_attn_mean, fallback_keep=10)",
     "prumerge(iqr_factor=0.5, k_neighbors=4)",
     "prumerge_plus(k_neighbors=40)",
+    "vispruner(keep_ratio=0.3, step=3)",
+    "cdpruner(keep_ratio=0.2)",
 ]
 
 

@@ -293,6 +293,10 @@ PER_IMAGE = [
     "prumerge(score=cls_sim, min_keep=5)",
     "prumerge_plus(iqr_factor=0.5, k_neighbors=4)",
     "prumerge_plus(score=cls_attn_mean)",
+    "vispruner(keep=9)",
+    "vispruner(keep_ratio=0.5, important_ratio=0.25, step=3)",
+    "cdpruner(keep=6)",
+    "cdpruner(relevance=uniform, keep_ratio=0.5, theta=0.5)",
 ]
 
 
