@@ -67,3 +67,21 @@ def test_pruning_lowers_the_prompt_the_llm_sees_and_generate_keeps_its_contract(
     assert (s.flops_pruned < s.flops_unpruned).all()
     with tokprune.pruned(model, "fastv"), pytest.raises(UnsupportedModelError, match="videos are not supported"):
         model(**x, pixel_values_videos=x["pixel_values"], video_grid_thw=x["image_grid_thw"])
+
+
+def test_the_cls_free_dpp_cuts_each_image_as_alone(tiny):
+    # cdpruner(relevance=uniform) reads no CLS and cuts per image: images of different sizes in one
+    # batch keep what they keep alone and give their solo logits
+    from tokprune.testing.adapters import _logits
+
+    model, make_inputs = tiny
+    lengths = (5, 2, 8)
+    batch = make_inputs(lengths)
+    with tokprune.pruned(model, "cdpruner(relevance=uniform, keep_ratio=0.5)", question_end=VOCAB.assistant_marker) as run:
+        logits = _logits(model, batch)[:, -1]
+        kept = run.stats.visual_kept
+        for i, q in enumerate(lengths):
+            solo = make_inputs([q], seeds=[i])
+            torch.testing.assert_close(_logits(model, solo)[0, -1], logits[i], rtol=0, atol=1e-4)
+            assert run.stats.visual_kept[0] == kept[i]
+    assert len(set(kept.tolist())) > 1
