@@ -32,11 +32,18 @@ class CDPrunerParams:
     )
 
 
-def normalised_relevance(raw: Tensor, theta: float | None) -> Tensor:
+def normalised_relevance(raw: Tensor, theta: float | None, valid: Tensor | None = None) -> Tensor:
     """Per-sample min-max scaling ``(r - min + 1e-6) / (max - min)`` (fp32 ``[B, N]``), then the optional
-    ``exp(alpha * r)`` with ``alpha = theta / (2 (1 - theta))``. A constant row becomes all ones."""
-    lo = raw.amin(dim=1, keepdim=True)
-    span = raw.amax(dim=1, keepdim=True) - lo
+    ``exp(alpha * r)`` with ``alpha = theta / (2 (1 - theta))``. A constant row becomes all ones.
+    ``valid`` (bool ``[B, N]``, images of different sizes): min and max over each row's valid entries
+    only (padding's values are then meaningless); None = every entry."""
+    if valid is None:
+        lo = raw.amin(dim=1, keepdim=True)
+        hi = raw.amax(dim=1, keepdim=True)
+    else:
+        lo = raw.masked_fill(~valid, float("inf")).amin(dim=1, keepdim=True)
+        hi = raw.masked_fill(~valid, float("-inf")).amax(dim=1, keepdim=True)
+    span = hi - lo
     r = torch.where(span > 0, (raw - lo + 1e-6) / span.clamp_min(1e-12), torch.ones_like(raw))
     if theta is not None:
         r = torch.exp(theta / (2 * (1 - theta)) * r)
@@ -66,7 +73,9 @@ class CDPruner(PruningStrategy):
     (instruction-agnostic importance, min-max scaled per sample like the reference's relevance);
     ``uniform`` is the unconditional DPP (the paper's "w/o relevance" ablation).
 
-    Budget: counts are visual tokens per sample.
+    Budget: counts are visual tokens per image; images of different sizes (``ctx.lengths``): ``keep_ratio``
+    of each image's own tokens, ``keep`` capped at them, the relevance scaled over them and the DPP's
+    candidates are them (padding is never picked), see docs/adapters.md.
 
     Other deviations: ``S`` is taken on the tower's features before the projector (the reference: after
     it); min-max scaling is per sample (the reference pools min and max over the batch); a constant
@@ -78,6 +87,7 @@ class CDPruner(PruningStrategy):
 
     name = "cdpruner"
     stage = Stage.VISION
+    ragged_vision = True
     Params = CDPrunerParams
 
     def requires(self) -> frozenset[Signal]:
@@ -92,8 +102,9 @@ class CDPruner(PruningStrategy):
             raw = ctx.signals.cls_attention(p.layer, heads="mean").to(similarity.dtype)
         else:
             raw = torch.ones(b, n, dtype=similarity.dtype, device=device)
-        r = normalised_relevance(raw, p.theta)
+        valid = None if ctx.lengths is None else ctx.token_valid  # images of different sizes
+        r = normalised_relevance(raw, p.theta, valid)
         kernel = r[:, :, None] * similarity * r[:, None, :]
-        counts = fixed_counts(torch.full((b,), n, dtype=torch.long, device=device), p.keep, p.keep_ratio)
-        keep, order = dpp_greedy_map(kernel, counts)
+        counts = fixed_counts(ctx.token_counts, p.keep, p.keep_ratio)
+        keep, order = dpp_greedy_map(kernel, counts, valid)
         return VisionPlan(keep=keep, diagnostics={"relevance": r, "order": order, "keep_count": counts})

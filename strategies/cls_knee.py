@@ -36,7 +36,9 @@ class ClsKnee(PruningStrategy):
     3. no knee (flat, linear or too short curve) -> ``fallback``; then clamp to ``[min_keep, max_keep]``;
     4. keep the top-``count`` patches by score, in raster order; drop the rest (no merging).
 
-    Budget: ``min_keep``/``max_keep``/``fallback_keep`` count visual tokens per sample.
+    Budget: ``min_keep``/``max_keep``/``fallback_keep`` count visual tokens per image, each capped at the
+    image's own tokens; with images of different sizes (``ctx.lengths``) the knee is found on each image's
+    curve over its own tokens alone, so an image cuts as it would alone (docs/adapters.md).
 
     Choices the paper leaves open (each a parameter): the knee rule (``cut``, ``sensitivity``,
     ``online``), the similarity (``score``) and its layer (``layer``), the bounds and the fallback.
@@ -49,6 +51,7 @@ class ClsKnee(PruningStrategy):
 
     name = "cls_knee"
     stage = Stage.VISION
+    ragged_vision = True
     Params = ClsKneeParams
 
     def requires(self) -> frozenset[Signal]:
@@ -57,8 +60,16 @@ class ClsKnee(PruningStrategy):
     def plan(self, ctx: VisionContext) -> VisionPlan:
         p = self.params
         scores = vision_scores(ctx.signals, p.score, p.layer)
+        # images of different sizes: each curve is its own valid tokens only (padding is never a candidate)
+        valid = None if ctx.lengths is None else ctx.token_valid
         decision = cut(
-            scores, p.rule, min_keep=p.min_keep, max_keep=p.max_keep, fallback=p.fallback, fallback_keep=p.fallback_keep
+            scores,
+            p.rule,
+            candidates=valid,
+            min_keep=p.min_keep,
+            max_keep=p.max_keep,
+            fallback=p.fallback,
+            fallback_keep=p.fallback_keep,
         )
-        keep = keep_top(scores, decision.counts)
+        keep = keep_top(scores, decision.counts, valid)
         return VisionPlan(keep=keep, diagnostics={"scores": scores, **decision.diagnostics()})

@@ -41,7 +41,9 @@ class PruMerge(PruningStrategy):
        tokens (kept or not), weights unnormalised, clusters may overlap;
     4. extra token ``sum_{j pruned} a_j x_j`` (``VisionPlan.extra``, ``[B, 1, C]``).
 
-    Budget: kept visual tokens per sample = outliers (at least ``min_keep``) + 1 extra token.
+    Budget: kept visual tokens per image = outliers (at least ``min_keep``) + 1 extra token. Images of
+    different sizes (``ctx.lengths``): the IQR fence is each image's own, ``min_keep`` is capped at its
+    tokens, and the merge's neighbours and the extra token's pruned tokens are its own (docs/adapters.md).
 
     Deviations, each deliberate:
     * per sample: the reference pools the IQR statistics over the flattened batch (B=1 assumed);
@@ -58,26 +60,31 @@ class PruMerge(PruningStrategy):
 
     name = "prumerge"
     stage = Stage.VISION
+    ragged_vision = True
     Params = PruMergeParams
 
     def requires(self) -> frozenset[Signal]:
         # The merge always needs the layer's keys; the score may read another signal.
         return frozenset({Signal("qk", self.params.layer), score_signal(self.params.score, self.params.layer)})
 
-    def select(self, scores: Tensor, outliers: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """Kept tokens, bool ``[B, N]``, given ``outliers`` ``[B]`` (already at least ``min_keep``), and
-        extra diagnostics."""
-        return scoring.topk_mask(scores, outliers), {}
+    def select(
+        self, scores: Tensor, outliers: Tensor, valid: Tensor | None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Kept tokens, bool ``[B, N]``, given ``outliers`` ``[B]`` (already at least ``min_keep``), each
+        image's valid tokens (bool ``[B, N]``; None = every token), and extra diagnostics."""
+        return scoring.keep_top(scores, outliers, valid), {}
 
     def plan(self, ctx: VisionContext) -> VisionPlan:
         p = self.params
-        n = ctx.num_patches
+        # images of different sizes: fence, count, keep and merge within each image's own tokens
+        lengths, valid = ctx.lengths, None if ctx.lengths is None else ctx.token_valid
+        n = ctx.token_counts
         scores = vision_scores(ctx.signals, p.score, p.layer)
-        outliers = scoring.iqr_outlier_count(scores, factor=p.iqr_factor).long()
-        counts = torch.clamp(outliers, min=min(p.min_keep, n), max=n)
-        keep, extra_diagnostics = self.select(scores, counts)
+        outliers = scoring.iqr_outlier_count(scores, factor=p.iqr_factor, lengths=lengths).long()
+        counts = torch.minimum(torch.maximum(outliers, torch.clamp(n, max=p.min_keep)), n)
+        keep, extra_diagnostics = self.select(scores, counts, valid)
         keys = ctx.signals.patch_keys(p.layer)
-        features = scoring.prumerge_merge(ctx.features, keys, scores, keep, k_neighbors=p.k_neighbors)
-        extra = scoring.prumerge_extra_token(ctx.features, scores, keep)[:, None, :]
+        features = scoring.prumerge_merge(ctx.features, keys, scores, keep, k_neighbors=p.k_neighbors, valid=valid)
+        extra = scoring.prumerge_extra_token(ctx.features, scores, keep, valid=valid)[:, None, :]
         diagnostics = {"scores": scores, "outliers": outliers, "keep_count": keep.sum(dim=1), **extra_diagnostics}
         return VisionPlan(keep=keep, features=features, extra=extra, diagnostics=diagnostics)

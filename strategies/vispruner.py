@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
 from tokprune import PruningStrategy, Signal, Stage, VisionContext, VisionPlan, param
 from tokprune.scoring import fixed_counts, remove_duplicates
@@ -40,7 +41,10 @@ class VisPruner(PruningStrategy):
        (``tokprune.scoring.remove_duplicates``);
     4. keep important + residual survivors, in raster order.
 
-    Budget: ``T`` = ``keep`` or ``round(N * keep_ratio)`` visual tokens per sample.
+    Budget: ``T`` = ``keep`` or ``round(N * keep_ratio)`` visual tokens per sample. Images of different
+    sizes (``ctx.lengths``): per image, of its own tokens (``T`` of ``lengths[b]``, ``keep`` capped at it),
+    ``int(T * important_ratio)`` of them by attention, the residual and its thinning within the image
+    (docs/adapters.md).
 
     Deviations: the attention comes from the layer's q/k (same values as eager ``output_attentions``,
     which the reference needs and sdpa cannot give); ``argsort`` is stable here (ties to the lower
@@ -53,6 +57,7 @@ class VisPruner(PruningStrategy):
 
     name = "vispruner"
     stage = Stage.VISION
+    ragged_vision = True
     Params = VisPrunerParams
 
     def requires(self) -> frozenset[Signal]:
@@ -63,6 +68,8 @@ class VisPruner(PruningStrategy):
         b, n = ctx.features.shape[:2]
         device = ctx.features.device
         scores = ctx.signals.cls_attention(p.layer, heads="mean")
+        if ctx.lengths is not None:
+            return self._plan_ragged(ctx, scores)
         # one budget for the whole batch: every sample has N patches (an int, as the reference's T)
         total = int(fixed_counts(torch.tensor([n], device=device), p.keep, p.keep_ratio)[0])
         n_imp = int(total * p.important_ratio)
@@ -72,5 +79,28 @@ class VisPruner(PruningStrategy):
         keep = torch.zeros(b, n, dtype=torch.bool, device=device)
         keep.scatter_(1, torch.cat([important, diverse], dim=1), True)
         important_mask = torch.zeros_like(keep).scatter_(1, important, True)
-        counts = keep.sum(dim=1)
-        return VisionPlan(keep=keep, diagnostics={"scores": scores, "important": important_mask, "keep_count": counts})
+        return self._plan(scores, keep, important_mask)
+
+    @staticmethod
+    def _plan(scores: Tensor, keep: Tensor, important: Tensor) -> VisionPlan:
+        diagnostics = {"scores": scores, "important": important, "keep_count": keep.sum(dim=1)}
+        return VisionPlan(keep=keep, diagnostics=diagnostics)
+
+    def _plan_ragged(self, ctx: VisionContext, scores: Tensor) -> VisionPlan:
+        """Images of different sizes: each image's budget, ranking, residual and thinning of its own tokens,
+        every step batched (row ``b``'s residual is its ranking past ``n_imp[b]``, gathered left-aligned)."""
+        p = self.params
+        b, n = ctx.features.shape[:2]
+        device = ctx.features.device
+        lengths, valid = ctx.token_counts, ctx.token_valid
+        total = fixed_counts(lengths, p.keep, p.keep_ratio)  # [B]
+        n_imp = torch.floor(total.double() * p.important_ratio).long()  # int(T * r) per image
+        order = torch.sort(scores.masked_fill(~valid, float("-inf")), dim=1, descending=True, stable=True).indices
+        slot = torch.arange(n, device=device)[None, :]
+        important = torch.zeros(b, n + 1, dtype=torch.bool, device=device)
+        important.scatter_(1, torch.where(slot < n_imp[:, None], order, n), True)
+        residual = order.gather(1, (slot + n_imp[:, None]).clamp(max=n - 1))  # [B, N]: valid past lengths - n_imp
+        diverse = remove_duplicates(ctx.features, residual, total - n_imp, step=p.step, lengths=lengths - n_imp)
+        keep = important.clone()
+        keep.scatter_(1, torch.where(diverse >= 0, diverse, n), True)
+        return self._plan(scores, keep[:, :n], important[:, :n])

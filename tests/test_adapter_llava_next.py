@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import tokprune
+from tokprune import Pipeline, PruningStrategy, Stage, VisionContext, VisionPlan
 from tokprune import hf_compat as hf
 from tokprune.errors import MissingCapabilityError
 from tokprune.testing.models import VOCAB, tiny_llava_next
@@ -50,8 +51,53 @@ def test_images_of_one_batch_bring_different_counts_and_the_tower_cost_counts_ti
     assert torch.allclose(s.flops_unpruned, llm + fm.vision(tiles) + fm.projector(s.image_tokens))
 
 
+class _FixedSize(PruningStrategy):
+    """A vision strategy that assumes N tokens per image (no ``ragged_vision``)."""
+
+    name = "fixed_size_probe"
+    stage = Stage.VISION
+
+    def plan(self, ctx: VisionContext) -> VisionPlan:
+        return VisionPlan(keep=torch.ones(ctx.features.shape[:2], dtype=torch.bool))
+
+
 def test_fixed_size_vision_strategies_are_refused_naming_those_that_work(tiny):
     model, _ = tiny
-    with pytest.raises(MissingCapabilityError, match=r"'cls_knee'.*llava_next images differ.*: .*topk"):
-        tokprune.patch(model, "cls_knee")
+    working = r"cdpruner, cls_knee, divprune, prumerge, prumerge_plus, random, topk, vispruner"
+    with pytest.raises(MissingCapabilityError, match=rf"'fixed_size_probe'.*llava_next images differ.*: {working}\b"):
+        tokprune.patch(model, Pipeline([_FixedSize()]))
     assert tokprune.adapters.handle_of(model) is None
+
+
+#: Strategies cutting per image (ragged_vision), in settings whose cut the tiny images do not clamp.
+PER_IMAGE = [
+    "cls_knee(min_keep=1)",
+    "cls_knee(min_keep=1, cut=iqr, score=cls_attn_mean, fallback_keep=10)",
+    "prumerge(iqr_factor=0.5, k_neighbors=4)",
+    "prumerge_plus(k_neighbors=40)",
+    "vispruner(keep_ratio=0.3, step=3)",
+    "cdpruner(keep_ratio=0.2)",
+]
+
+
+def _last_logits(model, inputs):
+    position_ids = (inputs["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        return model(**inputs, position_ids=position_ids).logits[:, -1].float()
+
+
+@pytest.mark.parametrize("spec", PER_IMAGE)
+def test_per_image_strategies_give_each_image_of_a_batch_its_solo_cut_and_logits(tiny, spec):
+    # images of different sizes in one batch: each keeps what it keeps alone (never padding) and each
+    # sample's logits are its solo logits
+    model, make_inputs = tiny
+    lengths = (5, 2, 8)
+    batch = make_inputs(lengths)
+    with tokprune.pruned(model, spec, question_end=VOCAB.assistant_marker) as run:
+        logits = _last_logits(model, batch)
+        kept, tokens = run.stats.visual_kept, run.stats.image_tokens
+        for i, q in enumerate(lengths):
+            solo = make_inputs([q], seeds=[i])
+            torch.testing.assert_close(_last_logits(model, solo)[0], logits[i], rtol=0, atol=1e-4)
+            assert run.stats.visual_kept[0] == kept[i]
+    assert len(set(kept.tolist())) > 1 and bool((kept < tokens).all())

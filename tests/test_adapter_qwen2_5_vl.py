@@ -89,3 +89,21 @@ def test_a_rotary_embedding_with_one_cos_per_axis_is_refused_at_patch(tiny, monk
     with pytest.raises(UnsupportedModelError, match=r"merges the three M-RoPE axes .* one per axis"):
         tokprune.patch(model, "fastv")
     assert tokprune.adapters.handle_of(model) is None
+
+
+def test_the_cls_free_dpp_cuts_each_image_as_alone(tiny):
+    # cdpruner(relevance=uniform) reads no CLS and cuts per image: images of different sizes in one
+    # batch keep what they keep alone and give their solo logits
+    from tokprune.testing.adapters import _logits
+
+    model, make_inputs = tiny
+    lengths = (5, 2, 8)
+    batch = make_inputs(lengths)
+    with tokprune.pruned(model, "cdpruner(relevance=uniform, keep_ratio=0.5)", question_end=VOCAB.assistant_marker) as run:
+        logits = _logits(model, batch)[:, -1]
+        kept = run.stats.visual_kept
+        for i, q in enumerate(lengths):
+            solo = make_inputs([q], seeds=[i])
+            torch.testing.assert_close(_logits(model, solo)[0, -1], logits[i], rtol=0, atol=1e-4)
+            assert run.stats.visual_kept[0] == kept[i]
+    assert len(set(kept.tolist())) > 1

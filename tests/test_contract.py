@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
@@ -282,3 +282,41 @@ def test_one_rule_set_for_droppable_roles():
     assert kept_roles(text.cls) == {TokenRole.PADDING, TokenRole.TEMPLATE, TokenRole.PROTECTED}
     assert "may drop: image, question text" in str(text)
     assert droppable_roles(strategies.describe("fastv").cls) == {TokenRole.IMAGE}
+
+
+# Vision strategies cutting per image (ragged_vision), with variants whose cut the small inputs do not clamp.
+PER_IMAGE = [
+    "cls_knee(min_keep=1)",
+    "cls_knee(min_keep=1, cut=iqr)",
+    "cls_knee(min_keep=1, cut=lof, max_keep=20)",
+    "prumerge(iqr_factor=0.5, k_neighbors=4)",
+    "prumerge(score=cls_sim, min_keep=5)",
+    "prumerge_plus(iqr_factor=0.5, k_neighbors=4)",
+    "prumerge_plus(score=cls_attn_mean)",
+    "vispruner(keep=9)",
+    "vispruner(keep_ratio=0.5, important_ratio=0.25, step=3)",
+    "cdpruner(keep=6)",
+    "cdpruner(relevance=uniform, keep_ratio=0.5, theta=0.5)",
+]
+
+
+def _blind_to_lengths(strategy: PruningStrategy) -> PruningStrategy:
+    """``strategy`` planning as if every row were full: it reads padding as tokens of the image."""
+    base = type(strategy)
+
+    class Blind(base):  # type: ignore[valid-type, misc]
+        name = f"blind_{base.name}"
+
+        def plan(self, ctx: VisionContext) -> VisionPlan:
+            return super().plan(replace(ctx, lengths=None))
+
+    return Blind(strategy.params)
+
+
+@pytest.mark.parametrize("spec", PER_IMAGE)
+def test_per_image_strategies_pass_the_ragged_check_and_a_length_blind_copy_fails_it(spec):
+    (strategy,) = strategies.get(spec)
+    assert strategy.ragged_vision
+    CHECKS["ragged"](strategy)
+    with pytest.raises(ContractFailure, match="ragged"):
+        CHECKS["ragged"](_blind_to_lengths(strategy))

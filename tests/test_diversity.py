@@ -175,6 +175,27 @@ def test_remove_duplicates_matches_the_loop(seed, r, target, step):
         assert out[i].tolist() == vispruner_loop(x[i], index[i].tolist(), target, step)
 
 
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), step=st.integers(1, 9), full=st.booleans())
+def test_remove_duplicates_of_ragged_rows_is_each_row_alone(seed, step, full):
+    # rows of different lengths and targets, noise past each row's length: one batched run gives every
+    # row what the reference loop gives it alone, then -1; full rows give the dense result
+    gen = torch.Generator().manual_seed(seed)
+    b, width = 4, 30
+    x = torch.randn(b, 40, 6, generator=gen, dtype=torch.float64)
+    index = torch.stack([torch.randperm(40, generator=gen)[:width] for _ in range(b)])
+    lengths = torch.full((b,), width) if full else torch.randint(0, width + 1, (b,), generator=gen)
+    target = torch.randint(0, width + 1, (b,), generator=gen)
+    out = scoring.remove_duplicates(x, index, target, step=step, lengths=lengths)
+    for i in range(b):
+        want = vispruner_loop(x[i], index[i, : lengths[i]].tolist(), int(target[i]), step)
+        assert out[i, : len(want)].tolist() == want and bool((out[i, len(want) :] == -1).all())
+    if full:
+        same = torch.full((b,), int(target[0]))
+        dense = scoring.remove_duplicates(x, index, int(target[0]), step=step)
+        assert torch.equal(scoring.remove_duplicates(x, index, same, step=step, lengths=lengths), dense)
+
+
 def test_remove_duplicates_drops_the_duplicate_first():
     x = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 0.01], [-1.0, 0.3]]])
     # slots A = (0, 3), B = (1, 2): token 0 nearly duplicates token 2 across the split and goes first;
@@ -202,6 +223,8 @@ def test_bad_arguments_name_the_value():
         scoring.dpp_greedy_map(torch.ones(1, 3, 4), 1)
     with pytest.raises(ValueError, match="target"):
         scoring.remove_duplicates(x, torch.zeros(1, 2, dtype=torch.long), -2)
+    with pytest.raises(ValueError, match=r"lengths must lie in \[0, 2\]"):
+        scoring.remove_duplicates(x, torch.zeros(1, 2, dtype=torch.long), 1, lengths=torch.tensor([3]))
 
 
 def merge_loop(x: torch.Tensor, keep: list[bool], cand: list[bool]) -> torch.Tensor:

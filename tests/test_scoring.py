@@ -139,30 +139,34 @@ def ref_topk_mask(scores, k, force=None):
     return out
 
 
-def ref_prumerge_merge(features, keys, weights, keep, k_neighbors=32):
-    """Per-token loop as in LLaVA-PruMerge token_prune_merge_advanced (cosine on normalised keys)."""
+def ref_prumerge_merge(features, keys, weights, keep, k_neighbors=32, valid=None):
+    """Per-token loop as in LLaVA-PruMerge token_prune_merge_advanced (cosine on normalised keys); with
+    ``valid``, row ``b`` is its valid tokens alone."""
     x = features.double()
     kn = torch.nn.functional.normalize(keys.double(), dim=-1)
     out = x.clone()
     b, n, _ = x.shape
     for bi in range(b):
+        real = [j for j in range(n) if valid is None or valid[bi, j]]
         for i in range(n):
             if not keep[bi, i]:
                 continue
-            others = [j for j in range(n) if j != i]
+            others = [j for j in real if j != i]
+            if not others:
+                continue
             sim = kn[bi, others] @ kn[bi, i]
-            top = torch.topk(sim, min(k_neighbors, n - 1)).indices
+            top = torch.topk(sim, min(k_neighbors, len(real) - 1)).indices
             idx = torch.tensor(others)[top]
             out[bi, i] = x[bi, i] + (weights[bi, idx].double()[:, None] * x[bi, idx]).sum(0)
     return out
 
 
-def ref_extra_token(features, weights, keep):
+def ref_extra_token(features, weights, keep, valid=None):
     b, n, c = features.shape
     out = torch.zeros(b, c, dtype=torch.float64)
     for bi in range(b):
         for j in range(n):
-            if not keep[bi, j]:
+            if not keep[bi, j] and (valid is None or valid[bi, j]):
                 out[bi] += weights[bi, j].double() * features[bi, j].double()
     return out
 
@@ -448,6 +452,36 @@ def test_prumerge_merge_matches_loop(dtype, k_neighbors):
     for i in range(b):
         torch.testing.assert_close(got[i : i + 1], prumerge_merge(x[i : i + 1], keys[i : i + 1], w[i : i + 1],
                                                                   keep[i : i + 1], k_neighbors))
+
+
+@pytest.mark.parametrize("k_neighbors", [32, 5])
+def test_prumerge_merge_and_extra_token_of_ragged_rows_are_each_row_alone(k_neighbors):
+    # rows of 40, 25, 6 and 1 valid tokens, noise in the padding: neighbours and pruned tokens are valid
+    # ones only, each row uses min(k, its tokens - 1) neighbours, as it would alone; padding noise is inert
+    b, n, c = 4, 40, 16
+    lengths = torch.tensor([40, 25, 6, 1])
+    valid = torch.arange(n)[None, :] < lengths[:, None]
+    x = torch.randn(b, n, c, generator=gen(20))
+    keys = torch.randn(b, n, 12, generator=gen(21))
+    w = torch.softmax(torch.randn(b, n, generator=gen(22)), -1)
+    keep = (torch.rand(b, n, generator=gen(23)) < 0.3) & valid
+    keep[:, 0] = True
+    got = prumerge_merge(x, keys, w, keep, k_neighbors=k_neighbors, valid=valid)
+    extra = prumerge_extra_token(x, w, keep, valid=valid)
+    torch.testing.assert_close(got.double(), ref_prumerge_merge(x, keys, w, keep, k_neighbors, valid), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(extra.double(), ref_extra_token(x, w, keep, valid), rtol=1e-5, atol=1e-5)
+    noisy = torch.where(valid[:, :, None], x, 1e3 * torch.randn(b, n, c, generator=gen(24)))
+    noisy_keys = torch.where(valid[:, :, None], keys, torch.randn(b, n, 12, generator=gen(25)))
+    noisy_w = torch.where(valid, w, 5.0)
+    torch.testing.assert_close(
+        prumerge_merge(noisy, noisy_keys, noisy_w, keep, k_neighbors=k_neighbors, valid=valid)[valid], got[valid]
+    )
+    torch.testing.assert_close(prumerge_extra_token(noisy, noisy_w, keep, valid=valid), extra)
+    for i, m in enumerate(lengths.tolist()):
+        solo = prumerge_merge(x[i : i + 1, :m], keys[i : i + 1, :m], w[i : i + 1, :m], keep[i : i + 1, :m], k_neighbors)
+        torch.testing.assert_close(got[i : i + 1, :m], solo)
+    with pytest.raises(ValueError, match=r"valid must have shape \[B=4, N=40\]"):
+        prumerge_merge(x, keys, w, keep, valid=valid[:, :5])
 
 
 def test_prumerge_merge_single_token_and_extra_token():

@@ -258,6 +258,18 @@ def test_prumerge_plus_spatial_indices_match_the_reference_formula(n):
         assert mask.any(dim=0).nonzero().flatten().tolist() == [0, 6, 12, 18] and mask.all(dim=1)[:-1].sum() == 0
 
 
+def test_prumerge_plus_spatial_samples_of_images_of_different_sizes_are_each_image_alone():
+    # rows of 576, 300 and 50 tokens padded to 576: each row's stride and stripes are of its own tokens
+    lengths, outliers = torch.tensor([576, 300, 50]), torch.tensor([32, 32, 4])
+    stride = spatial_stride(outliers, lengths)
+    got = spatial_mask(stride, 576, lengths)
+    for i, m in enumerate(lengths.tolist()):
+        solo_stride = spatial_stride(outliers[i : i + 1], m)
+        assert stride[i] == solo_stride[0]
+        assert torch.equal(got[i, :m], spatial_mask(solo_stride, m)[0]) and not got[i, m:].any()
+    assert stride.tolist() == [6, 3, 4]  # 576/32 = 18 -> 6; 300/32 -> 9 -> 3; 50/4 -> 12 -> 4
+
+
 # ---------------------------------------------------------------------------------------------
 # LLM stage: fastv and text_interact
 # ---------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._validate import check_bool, check_float, check_tensor, score_dtype
+from ._validate import check_bool, check_float, check_lengths, check_tensor, score_dtype
 
 __all__ = [
     "dpp_greedy_map",
@@ -223,7 +223,9 @@ def similarity_to_pivots(x: Tensor, pivot_index: Tensor, pivot_valid: Tensor | N
     return sim
 
 
-def remove_duplicates(features: Tensor, index: Tensor, target: int, step: int = 8) -> Tensor:
+def remove_duplicates(
+    features: Tensor, index: Tensor, target: int | Tensor, step: int = 8, lengths: Tensor | None = None
+) -> Tensor:
     """Iterative bipartite near-duplicate removal (VisPruner, ICCV 2025), batched.
 
     ``Theia-4869/VisPruner`` at ``aefa01a``, ``llava/model/llava_arch.py`` L159-175: split the current tokens
@@ -237,16 +239,23 @@ def remove_duplicates(features: Tensor, index: Tensor, target: int, step: int = 
         features: ``[B, N, C]``.
         index: long ``[B, R]``: the tokens to thin out, in their current order (VisPruner: the
             non-important tokens by descending CLS attention).
-        target: how many to keep, ``0 <= target``; ``target >= R`` returns ``index`` unchanged.
+        target: how many to keep, ``0 <= target``; ``target >= R`` returns ``index`` unchanged. With
+            ``lengths``: an int or long ``[B]`` (each row's own target).
         step: the most tokens one round drops (VisPruner: 8).
+        lengths: long ``[B]``, ragged rows (images of different sizes): row ``b`` thins out
+            ``index[b, :lengths[b]]`` only, the rest is padding (ignored), and gives what it gives alone;
+            None = every entry of every row.
 
     Returns:
-        long ``[B, min(target, R)]``: the surviving token indices, in the reference's final order.
+        long ``[B, min(target, R)]``: the surviving token indices, in the reference's final order. With
+        ``lengths``: ``[B, max_b min(target[b], lengths[b])]``, row ``b``'s survivors first, then -1.
     """
+    if lengths is not None:
+        return _remove_duplicates_ragged(features, index, target, step, lengths)
     check_tensor("features", features, 3, "[B, N, C]")
     check_float("features", features)
     check_tensor("index", index, 2, "[B, R]")
-    if not isinstance(target, int) or target < 0:
+    if isinstance(target, bool) or not isinstance(target, int) or target < 0:
         raise ValueError(f"target must be an int >= 0, got {target!r}")
     if not isinstance(step, int) or step < 1:
         raise ValueError(f"step must be an int >= 1, got {step!r}")
@@ -266,3 +275,51 @@ def remove_duplicates(features: Tensor, index: Tensor, target: int, step: int = 
         survivors = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, r:]
         current = torch.cat([current[:, ::2].gather(1, survivors), current[:, 1::2]], dim=1)
     return current[:, :target]
+
+
+def _remove_duplicates_ragged(features: Tensor, index: Tensor, target: int | Tensor, step: int, lengths: Tensor) -> Tensor:
+    """:func:`remove_duplicates` over rows of different lengths, every round one batched op over all rows.
+
+    Each row keeps its own size; a round drops ``min(step, size - target)`` of its ``A`` slots and writes
+    the survivors (remaining ``a`` in descending-score order, then every ``b``) to the front of its row.
+    Rows already at their target (or down to one token) are left as they are.
+    """
+    check_tensor("features", features, 3, "[B, N, C]")
+    check_float("features", features)
+    check_tensor("index", index, 2, "[B, R]")
+    if not isinstance(step, int) or step < 1:
+        raise ValueError(f"step must be an int >= 1, got {step!r}")
+    b, width = index.shape
+    check_lengths(lengths, b, width)
+    device = features.device
+    tgt = torch.minimum(_counts("target", target, b, lengths.long(), device), lengths.long())
+    v = features.to(score_dtype(features))
+    v = v / v.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+    rows = torch.arange(b, device=device)[:, None]
+    slot = torch.arange(width, device=device)[None, :]
+    current = torch.where(slot < lengths[:, None], index.long(), torch.full_like(index, -1, dtype=torch.long))
+    size = lengths.long().clone()
+    while True:
+        active = (size > tgt) & (size >= 2)  # a single token has nothing to match it with
+        if not bool(active.any()):
+            break
+        n_a, n_b = (size + 1) // 2, size // 2
+        # at most every a goes (the reference's ranked[r:] is then empty)
+        r = torch.where(active, torch.minimum(torch.clamp(size - tgt, max=step), n_a), torch.zeros_like(size))
+        tokens = v[rows, current.clamp_min(0)]  # [B, R, C]
+        a, bb = tokens[:, ::2], tokens[:, 1::2]
+        sim = (a @ bb.transpose(1, 2)).masked_fill(~(slot[:, : bb.shape[1]] < n_b[:, None])[:, None, :], float("-inf"))
+        scores = sim.amax(dim=-1).masked_fill(~(slot[:, : a.shape[1]] < n_a[:, None]), float("-inf"))  # [B, |A|]
+        order = torch.sort(scores, dim=1, descending=True, stable=True).indices  # padding of A sorts last
+        a_sorted = current[:, ::2].gather(1, order)
+        t_a, t_b = slot[:, : a.shape[1]], slot[:, : bb.shape[1]]
+        # destinations: surviving a at sorted rank t -> t - r; b at odd slot u -> (n_a - r) + u; the rest to
+        # the spare column `width`, cut off below
+        dest_a = torch.where((t_a >= r[:, None]) & (t_a < n_a[:, None]), t_a - r[:, None], width)
+        dest_b = torch.where(t_b < n_b[:, None], (n_a - r)[:, None] + t_b, width)
+        nxt = torch.full((b, width + 1), -1, dtype=torch.long, device=device)
+        nxt.scatter_(1, torch.cat([dest_a, dest_b], dim=1), torch.cat([a_sorted, current[:, 1::2]], dim=1))
+        current = torch.where(active[:, None], nxt[:, :width], current)
+        size = size - r
+    out = current[:, : int(tgt.max()) if b else 0]
+    return torch.where(slot[:, : out.shape[1]] < tgt[:, None], out, torch.full_like(out, -1))

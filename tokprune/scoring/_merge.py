@@ -22,6 +22,13 @@ def _check_merge_inputs(features: Tensor, weights: Tensor, keep: Tensor) -> tupl
     return b, n
 
 
+def _check_valid(valid: Tensor, b: int, n: int) -> None:
+    check_tensor("valid", valid, 2, "[B, N]")
+    check_bool("valid", valid)
+    if tuple(valid.shape) != (b, n):
+        raise ValueError(f"valid must have shape [B={b}, N={n}], got {tuple(valid.shape)}")
+
+
 def _acc_dtype(features: Tensor) -> torch.dtype:
     return torch.float64 if features.dtype == torch.float64 else torch.float32
 
@@ -32,6 +39,7 @@ def prumerge_merge(
     weights: Tensor,
     keep: Tensor,
     k_neighbors: int = 32,
+    valid: Tensor | None = None,
 ) -> Tensor:
     """Update every kept token with its most key-similar tokens, PruMerge style.
 
@@ -47,12 +55,17 @@ def prumerge_merge(
         weights: ``[B, N]`` merge weights (PruMerge: CLS attention).
         keep: bool ``[B, N]`` kept tokens.
         k_neighbors: neighbours per kept token (32 in PruMerge).
+        valid: bool ``[B, N]``, ragged rows (images of different sizes): only valid tokens are neighbours,
+            and row ``b`` uses ``min(k_neighbors, valid[b].sum() - 1)`` of them, as it would alone;
+            None = every token.
 
     Returns:
         ``[B, N, C]`` in ``features.dtype`` (accumulated in fp32): merged values at kept positions, the
         original values elsewhere (gather the kept rows with :func:`ragged_gather`).
     """
     b, n = _check_merge_inputs(features, weights, keep)
+    if valid is not None:
+        _check_valid(valid, b, n)
     check_tensor("keys", keys, 3, "[B, N, Ck]")
     check_float("keys", keys)
     if tuple(keys.shape[:2]) != (b, n):
@@ -66,8 +79,13 @@ def prumerge_merge(
     kn = torch.nn.functional.normalize(keys.to(acc), dim=-1)
     sim = kn @ kn.transpose(1, 2)  # [B, N, N]
     sim.diagonal(dim1=1, dim2=2).fill_(float("-inf"))  # never your own neighbour
+    if valid is not None:
+        sim = sim.masked_fill(~valid[:, None, :], float("-inf"))  # padding is nobody's neighbour
     nbr = sim.topk(k, dim=-1).indices  # [B, N, k]
     w = weights.to(acc)[:, None, :].expand(b, n, n).gather(2, nbr)  # [B, N, k]
+    if valid is not None:  # row b's own neighbour count: ranks past it (padding) weigh nothing
+        own = torch.clamp(valid.sum(dim=1) - 1, max=k)  # [B]
+        w = w.masked_fill(torch.arange(k, device=w.device)[None, None, :] >= own[:, None, None], 0.0)
     # sparse [B, N, N] weight matrix so the sum is one batched matmul instead of a [B, N, k, C] gather
     mix = torch.zeros(b, n, n, dtype=acc, device=features.device).scatter_(2, nbr, w)
     x = features.to(acc)
@@ -75,20 +93,25 @@ def prumerge_merge(
     return torch.where(keep[:, :, None], merged, x).to(features.dtype)
 
 
-def prumerge_extra_token(features: Tensor, weights: Tensor, keep: Tensor) -> Tensor:
+def prumerge_extra_token(features: Tensor, weights: Tensor, keep: Tensor, valid: Tensor | None = None) -> Tensor:
     """PruMerge's extra global token: ``Σ_{j pruned} w_j · x_j``.
 
     Args:
         features: ``[B, N, C]``.
         weights: ``[B, N]`` (PruMerge: CLS attention, unnormalised).
         keep: bool ``[B, N]``.
+        valid: bool ``[B, N]``, ragged rows: padding (False) is not a pruned token; None = every token.
 
     Returns:
         ``[B, C]`` in ``features.dtype`` (accumulated in fp32); zeros when nothing is pruned.
     """
-    _check_merge_inputs(features, weights, keep)
+    b, n = _check_merge_inputs(features, weights, keep)
     acc = _acc_dtype(features)
-    w = weights.to(acc).masked_fill(keep, 0.0)
+    pruned = ~keep
+    if valid is not None:
+        _check_valid(valid, b, n)
+        pruned = pruned & valid
+    w = weights.to(acc).masked_fill(~pruned, 0.0)
     return torch.einsum("bn,bnc->bc", w, features.to(acc)).to(features.dtype)
 
 

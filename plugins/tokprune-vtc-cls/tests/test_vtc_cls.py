@@ -121,3 +121,44 @@ def test_a_start_layer_deeper_than_the_tower_fails_at_patch_time():
     model, _ = tiny_llava(vision_layers=3)  # the default start_layer=-8 does not exist in 3 layers
     with pytest.raises(StrategyParamError, match="out of range for 3 layers"):
         tokprune.patch(model, "vtc_cls")
+
+
+# -- images of different sizes (ragged_vision) -----------------------------------------------------
+
+
+def test_each_image_of_a_ragged_batch_keeps_what_it_keeps_alone_and_a_length_blind_copy_fails():
+    from dataclasses import replace
+
+    from tokprune.testing.contract import ContractFailure
+
+    class Blind(VtcCls):  # reads padding as tokens of the image
+        name = "blind_vtc_cls"
+
+        def plan(self, ctx):
+            return super().plan(replace(ctx, lengths=None))
+
+    strategy = VtcCls(keep=5, start_layer=-3)
+    assert strategy.ragged_vision
+    CHECKS["ragged"](strategy)
+    with pytest.raises(ContractFailure, match="ragged"):
+        CHECKS["ragged"](Blind(strategy.params))
+
+
+def test_on_llava_next_each_image_keeps_its_own_top_keep_and_solo_logits():
+    model, make_inputs = models.tiny_llava_next(seed=0)
+    lengths = (5, 2, 8)
+    batch = make_inputs(lengths)
+
+    def last_logits(inputs):
+        position_ids = (inputs["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
+        with torch.no_grad():
+            return model(**inputs, position_ids=position_ids).logits[:, -1].float()
+
+    with tokprune.pruned(model, "vtc_cls(keep=6, start_layer=-3)", question_end=models.VOCAB.assistant_marker) as run:
+        logits = last_logits(batch)
+        kept = run.stats.visual_kept  # 6 patches + the image's row newlines (always kept)
+        for i, q in enumerate(lengths):
+            solo = make_inputs([q], seeds=[i])
+            torch.testing.assert_close(last_logits(solo)[0], logits[i], rtol=0, atol=1e-4)
+            assert run.stats.visual_kept[0] == kept[i]
+    assert bool((kept < batch["input_ids"].eq(models.VOCAB.image).sum(1)).all())  # pruned

@@ -60,10 +60,13 @@ class VtcCls(PruningStrategy):
     * Ties in the summed score go to the lower patch index (the reference's ``topk`` leaves them
       unspecified). ``keep`` larger than the number of patches keeps them all, recorded in the
       diagnostics as ``keep_clamped``.
+    * Images of different sizes (``ctx.lengths``, e.g. LLaVA-NeXT): ``keep`` counts each image's own
+      tokens (capped at them); padding is never kept and each image keeps what it keeps alone.
     """
 
     name = "vtc_cls"
     stage = Stage.VISION
+    ragged_vision = True
 
     @dataclass(frozen=True)
     class Params:
@@ -84,17 +87,15 @@ class VtcCls(PruningStrategy):
 
     def plan(self, ctx: VisionContext) -> VisionPlan:
         scores = summed_cls_attention(ctx.signals, self.layers())  # [B, N]
-        b, n = scores.shape
-        keep = scoring.topk_mask(scores, self.params.keep)  # raster order is implicit in a mask
-        clamped = self.params.keep > n
-        return VisionPlan(
-            keep=keep,
-            diagnostics={
-                "scores": scores,
-                "kept": keep.sum(dim=1),
-                "keep_clamped": keep.new_full((b,), clamped),
-            },
-        )
+        b = scores.shape[0]
+        if ctx.lengths is None:
+            keep = scoring.topk_mask(scores, self.params.keep)  # raster order is implicit in a mask
+            clamped = keep.new_full((b,), self.params.keep > ctx.num_patches)
+        else:  # images of different sizes: the top ``keep`` of each image's own tokens
+            n = ctx.token_counts
+            keep = scoring.keep_top(scores, scoring.fixed_counts(n, self.params.keep, 1.0), ctx.token_valid)
+            clamped = self.params.keep > n
+        return VisionPlan(keep=keep, diagnostics={"scores": scores, "kept": keep.sum(dim=1), "keep_clamped": clamped})
 
 
 @hookimpl
