@@ -612,16 +612,19 @@ class PrunedDecoderAdapter(ModelAdapter):
         # A generated token equal to the image id (no-cache decoding) is text, not a placeholder.
         image = (input_ids == self._image_token_id) & prompt
         keep = valid.clone()
-        # Every input check, and the one size the layout needs, read in a single sync. The checks stay:
-        # a right-padded batch or a feature/placeholder mismatch would otherwise give silently wrong output.
+        # Every input check, and the sizes the layout needs (the packed width, the extra-token slots),
+        # read in a single sync. The checks stay: a right-padded batch or a feature/placeholder mismatch
+        # would otherwise give silently wrong output.
         right_padded = ~valid[:, -1].all()
         if features is None:
-            bad_padding, has_image = torch.stack([right_padded, image.any()]).tolist()
+            bad_padding, has_image, width = torch.stack(
+                [right_padded.long(), image.any().long(), valid.sum(dim=1).max() if b else right_padded.long()]
+            ).tolist()
             _check_left_padded(bad_padding)
             if has_image:
                 raise ValueError("the prompt has image tokens but no pixel_values or image features were given")
             seq = Seq(embeds, valid, pos, roles, src, prompt)
-            return seq.gather(keep), torch.zeros(0, dtype=torch.long, device=device)
+            return seq.gather(keep, width), torch.zeros(0, dtype=torch.long, device=device)
         counts = features.token_counts
         flat = image.flatten()
         rank = flat.long().cumsum(0)  # placeholders up to and including each position
@@ -633,8 +636,15 @@ class PrunedDecoderAdapter(ModelAdapter):
         per_sample = torch.zeros(b, dtype=torch.long, device=device).index_add_(
             0, image_sample, torch.ones_like(image_sample)
         )
-        bad_padding, tokens, total, most = torch.stack(
-            [right_padded.long(), flat.sum(), counts.sum(), per_sample.max() if b else flat.sum()]
+        # each placeholder's image and index within it, from its rank: keep[image, index] (no boolean indexing)
+        img = torch.searchsorted(ends, rank - 1, right=True).clamp_max(counts.numel() - 1)
+        within = (rank - 1 - (ends - counts)[img]).clamp(0, features.keep.shape[1] - 1)
+        slot_keep = (flat & features.keep[img, within]).view(b, n)
+        keep &= ~image | slot_keep
+        e = 0 if features.extra is None else features.extra.shape[1]
+        packed = keep.sum(dim=1) + e * per_sample  # tokens of each sample after the assembly
+        bad_padding, tokens, total, most, width = torch.stack(
+            [right_padded.long(), flat.sum(), counts.sum(), *(torch.stack([per_sample, packed]).amax(dim=1) if b else [flat.sum()] * 2)]
         ).tolist()
         _check_left_padded(bad_padding)
         if tokens != total:
@@ -642,22 +652,17 @@ class PrunedDecoderAdapter(ModelAdapter):
                 f"Image features and image tokens do not match: tokens: {tokens}, "
                 f"features: {total} ({counts.numel()} images of {counts.tolist()} tokens)"
             )
-        # each placeholder's image and index within it, from its rank: keep[image, index] (no boolean indexing)
-        img = torch.searchsorted(ends, rank - 1, right=True).clamp_max(counts.numel() - 1)
-        within = (rank - 1 - (ends - counts)[img]).clamp(0, features.keep.shape[1] - 1)
-        slot_keep = (flat & features.keep[img, within]).view(b, n)
         embeds = embeds.masked_scatter(slot_keep[..., None], features.kept.to(embeds.dtype))
-        keep &= ~image | slot_keep
         seq = Seq(embeds, valid, pos, roles, src, prompt)
         if features.extra is None:
-            return seq.gather(keep), image_sample
+            return seq.gather(keep, width), image_sample
         extra_seq, extra_key = _extra_tokens(last, (b, n), pos, features.extra.to(embeds.dtype), most)
         # Put each image's extra tokens right after its block, then pack as usual.
         key = torch.cat([idx[None, :].expand(b, n).double(), extra_key], dim=1)
         order = torch.sort(key, dim=1, stable=True).indices
         joined = Seq.cat([seq, extra_seq]).take(order)
         joined_keep = torch.take_along_dim(torch.cat([keep, extra_seq.valid], dim=1), order, dim=1)
-        return joined.gather(joined_keep), image_sample
+        return joined.gather(joined_keep, width), image_sample
 
     def _stage_positions(self, seq: Seq, mode: str, shift: Tensor, full_count: Tensor) -> tuple[Seq, Tensor]:
         """Apply a stage's position mode; returns the sequence and its decoding offset (long ``[B]``).
