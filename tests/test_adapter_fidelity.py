@@ -341,3 +341,11 @@ def test_pre_encoded_features_rebuild_the_same_vision_out():
     listed = PrunedImageFeatures(pooler_output=carried.pooler_output, keep=keep, num_extra=1)  # no flat tensors
     for rebuilt in (carried.vision_out(), listed.vision_out()):
         assert torch.equal(rebuilt.kept, out.kept) and torch.equal(rebuilt.extra, out.extra)
+
+
+def test_packed_width_reads_the_width_and_whether_rows_are_full():
+    from tokprune.adapters._seq import packed_width
+
+    assert packed_width(torch.tensor([[1, 0, 1], [0, 1, 1]], dtype=torch.bool)) == (2, True)
+    assert packed_width(torch.tensor([[1, 0, 1], [0, 0, 1]], dtype=torch.bool)) == (2, False)
+    assert packed_width(torch.zeros(0, 3, dtype=torch.bool)) == (0, True)

@@ -14,7 +14,28 @@ from torch import Tensor
 
 from ..strategy import TokenRole
 
-__all__ = ["Seq", "compact_positions", "find_last_marker", "left_pack_index", "scatter_rows", "token_roles"]
+__all__ = [
+    "Seq",
+    "compact_positions",
+    "find_last_marker",
+    "left_pack_index",
+    "packed_width",
+    "scatter_rows",
+    "token_roles",
+]
+
+
+def packed_width(keep: Tensor) -> tuple[int, bool]:
+    """The packed width of ``keep`` (bool ``[B, L]``: its largest row count) and whether every row fills it.
+
+    One sync for both: the width sizes the gather, and "no padding after it" lets the segment's
+    attention mask be skipped without reading the gathered validity back again.
+    """
+    if keep.shape[0] == 0:
+        return 0, True
+    counts = keep.sum(dim=1)
+    most, least = torch.stack([counts.max(), counts.min()]).tolist()
+    return most, most == least
 
 
 def left_pack_index(keep: Tensor, width: int | None = None) -> tuple[Tensor, Tensor]:

@@ -48,7 +48,7 @@ from ..pipeline import Pipeline
 from ..stats import FlopModel, PruneStats
 from ..strategy import LLMAttention, LLMContext, PruningStrategy, TokenRole
 from ._base import ModelAdapter, Positions
-from ._seq import Seq, compact_positions, scatter_rows, token_roles
+from ._seq import Seq, compact_positions, packed_width, scatter_rows, token_roles
 from .roles import resolve_marker
 
 __all__ = ["CallState", "GenerateCall", "PrunedDecoderAdapter", "PrunedImageFeatures", "VisionOut"]
@@ -563,10 +563,10 @@ class PrunedDecoderAdapter(ModelAdapter):
             embeddings, mask = self._segment_inputs(seq, segments[0].all_valid)
             for i, layer in enumerate(self._lm.layers):
                 if i in self._llm_steps:
-                    seq, step_diag = self._llm_step(call, self._llm_steps[i], i, seq, embeddings, generated)
+                    seq, step_diag, full = self._llm_step(call, self._llm_steps[i], i, seq, embeddings, generated)
                     diagnostics.update(step_diag)
                     seq, shift = self._stage_positions(seq, self.llm_positions, segments[-1].shift, seq_valid_count)
-                    segments.append(_Segment(i, seq.valid, shift, bool(seq.valid.all())))
+                    segments.append(_Segment(i, seq.valid, shift, full))
                     llm_kept[i] = (seq.valid & seq.prompt).sum(dim=1)
                     embeddings, mask = self._segment_inputs(seq, segments[-1].all_valid)
                 layer_tokens[:, i] = (seq.valid & seq.prompt).sum(dim=1)
@@ -692,8 +692,11 @@ class PrunedDecoderAdapter(ModelAdapter):
         seq: Seq,
         embeddings: tuple[Tensor, Tensor],
         generated: int,
-    ) -> tuple[Seq, dict[str, Any]]:
-        """Decide with layer K-1's q/k on the prompt positions; keep generated ones; gather."""
+    ) -> tuple[Seq, dict[str, Any], bool]:
+        """Decide with layer K-1's q/k on the prompt positions; keep generated ones; gather.
+
+        Also returns whether the gathered rows are all full (no padding), read with the gather's width.
+        """
         assert call.capture is not None
         attn = self._lm.layers[k - 1].self_attn
         b, n, _ = seq.hidden.shape
@@ -718,7 +721,9 @@ class PrunedDecoderAdapter(ModelAdapter):
         # a schedule reports each of its layers under its own prefix (``pyramiddrop@8.keep_count``)
         prefix = step.name if len(step.llm_layers) == 1 else f"{step.name}@{k}"
         diagnostics = {f"{prefix}.{name}": value for name, value in plan.diagnostics.items()}
-        return seq.gather(keep), diagnostics
+        keep &= seq.valid
+        width, full = packed_width(keep)
+        return seq.gather(keep, width), diagnostics, full
 
     # -- decoding with the pruned cache -------------------------------------------------------------
 
