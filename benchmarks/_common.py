@@ -110,7 +110,17 @@ def build(
     image_size: int = 336,
 ) -> torch.nn.Module:
     """LLaVA-1.5-7B-shaped model with random weights; depth defaults to 2+2 on CPU and 24+32 on CUDA."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import LlavaForConditionalGeneration
+
+    config = build_config(device, vision_layers=vision_layers, llm_layers=llm_layers, image_size=image_size)
+    return _instantiate(LlavaForConditionalGeneration, config, dtype, device)
+
+
+def build_config(
+    device: str = "cpu", *, vision_layers: int | None = None, llm_layers: int | None = None, image_size: int = 336
+) -> object:
+    """The ``LlavaConfig`` of :func:`build` (LLaVA-1.5-7B widths)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
     full = device != "cpu"
     vision = CLIPVisionConfig(
@@ -133,7 +143,7 @@ def build(
         max_position_embeddings=8192,
         pad_token_id=0,
     )
-    config = LlavaConfig(
+    return LlavaConfig(
         vision_config=vision,
         text_config=text,
         image_token_index=IMAGE_TOKEN,
@@ -141,6 +151,9 @@ def build(
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
     )
+
+
+def _instantiate(cls: type, config: object, dtype: torch.dtype, device: str) -> torch.nn.Module:
     for c in (config, config.text_config, config.vision_config):
         c._attn_implementation = "sdpa"
     torch.manual_seed(0)
@@ -149,11 +162,56 @@ def build(
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = LlavaForConditionalGeneration(config)
+            model = cls(config)
     finally:
         torch.set_default_dtype(previous)
     model.generation_config.pad_token_id = 0
     return model.eval()
+
+
+#: LLaVA-NeXT-7B's AnyRes grids (llava-v1.6-vicuna-7b), in pixels of 336-px tiles.
+NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+
+
+def build_next(dtype: torch.dtype, device: str = "cpu", *, vision_layers: int | None = None, llm_layers: int | None = None) -> torch.nn.Module:
+    """LLaVA-NeXT-7B-shaped ``LlavaNextForConditionalGeneration`` with random weights: :func:`build`'s tower
+    and LLM widths, AnyRes over 336-px tiles; depth defaults as in :func:`build`."""
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    base = build_config(device, vision_layers=vision_layers, llm_layers=llm_layers)
+    config = LlavaNextConfig(
+        vision_config=base.vision_config,
+        text_config=base.text_config,
+        image_token_index=IMAGE_TOKEN,
+        image_grid_pinpoints=NEXT_PINPOINTS,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    return _instantiate(LlavaNextForConditionalGeneration, config, dtype, device)
+
+
+def next_inputs(model: torch.nn.Module, image_size: tuple[int, int] = (672, 672), n_text: int = N_TEXT) -> dict[str, Tensor]:
+    """One ``<s> USER : <image>*P question ASSISTANT :`` prompt for an image of ``image_size`` (h, w) px.
+
+    ``P`` (base image + the tiles unpadded to the image's aspect ratio + a newline per row) and the tile
+    count are the model's own (:func:`tokprune.hf_compat.anyres_layout`), as its processor would expand them.
+    """
+    from tokprune import hf_compat as hf
+
+    device, dtype = model.device, model.dtype
+    side = model.config.vision_config.image_size
+    sizes = torch.tensor([list(image_size)])
+    tiles = hf.anyres_tiles(model.config, sizes)
+    tokens = int(hf.anyres_layout(model.model, tiles, num_patches(model), sizes, "default")[0].numel())
+    gen = torch.Generator().manual_seed(0)
+    text = torch.randint(100, 30000, (n_text,), generator=gen)
+    ids = torch.cat([text[:3], torch.full((tokens,), IMAGE_TOKEN), text[3:]])[None]
+    return {
+        "input_ids": ids.to(device),
+        "attention_mask": torch.ones_like(ids).to(device),
+        "pixel_values": torch.randn(1, tiles[0], 3, side, side, generator=gen).to(device, dtype),
+        "image_sizes": sizes.to(device),
+    }
 
 
 def num_patches(model: torch.nn.Module) -> int:

@@ -7,7 +7,12 @@ depth with ``--device cuda``), batch 1, 64 text tokens, with more image tokens i
   34^2 = 1,156 and 54^2 = 2,916 patches (the squares nearest 576, 1,152, 2,880); the tower's own
   attention grows quadratically too, unpruned in both variants;
 * ``--layout tiles``: 1 / 2 / 5 images of 576 patches in the prompt (576, 1,152, 2,880 exactly), the
-  LLaVA-NeXT token count with a LLaVA-1.5 tower (a LLaVA-NeXT model waits on the model-families issue).
+  LLaVA-NeXT token count with a LLaVA-1.5 tower;
+* ``--layout next``: the 2,880-token point on a real LLaVA-NeXT-7B-shaped
+  ``LlavaNextForConditionalGeneration`` (same widths and depth, AnyRes over 336-px tiles) through the
+  LLaVA-NeXT adapter: one 672 x 672 image, i.e. 5 tower passes (base + 2 x 2 tiles) and 576 + 48^2 + 48
+  newlines = 2,928 tokens. Its ratio columns are relative to ``--layout tiles``' first point (576
+  tokens, LLaVA-1.5), run first.
 
 For each count it prints the unpruned and ``topk(keep_ratio=0.22)`` prefill times, the measured speedup
 beside the FLOP model's (``handle.stats``), and each variant's time and FLOPs relative to the smallest
@@ -32,7 +37,12 @@ import torch
 import tokprune
 
 TOPK = "topk(keep_ratio=0.22)"
-LAYOUTS = {"size": ((336, 1), (476, 1), (756, 1)), "tiles": ((336, 1), (336, 2), (336, 5))}
+#: (tower image size, images in the prompt); "next": the LLaVA-1.5 576-token reference, then the LLaVA-NeXT point.
+LAYOUTS = {
+    "size": ((336, 1), (476, 1), (756, 1)),
+    "tiles": ((336, 1), (336, 2), (336, 5)),
+    "next": ((336, 1), (672, "next")),
+}
 
 
 def tiled_inputs(model, images: int) -> dict[str, torch.Tensor]:
@@ -56,15 +66,19 @@ def main() -> None:
     args = p.parse_args()
     dtypes = C.setup(args)
     for dtype in dtypes:
-        print(f"\n=== {C.dtype_name(dtype)}, layout {args.layout} ===")
+        print(f"\n=== {C.dtype_name(dtype)}, layout {args.layout} ===", flush=True)
         print(
             f"{'image tok':>9} {'unpruned ms':>12} {'pruned ms':>10} {'speedup':>8} {'FLOP model':>10} {'meas/model':>10} "
             f"{'kept':>5} {'t_u/t_u0':>9} {'F_u/F_u0':>9} {'t_p/t_p0':>9} {'F_p/F_p0':>9}"
         )
         base = None
         for image_size, images in LAYOUTS[args.layout]:
-            model = C.build(dtype, args.device, image_size=image_size)
-            inputs = tiled_inputs(model, images)
+            if images == "next":
+                model = C.build_next(dtype, args.device)
+                inputs = C.next_inputs(model, (image_size, image_size))
+            else:
+                model = C.build(dtype, args.device, image_size=image_size)
+                inputs = tiled_inputs(model, images)
             pipeline = tokprune.strategies.get(TOPK)
 
             def unpruned(model=model, inputs=inputs):
@@ -82,7 +96,7 @@ def main() -> None:
             fu, fp = float(st.flops_unpruned[0]), float(st.flops_pruned[0])
             tu, tp = best["unpruned"], best["pruned"]
             base = base or (tu, fu, tp, fp)
-            n_img = images * C.num_patches(model)
+            n_img = int(st.visual_unpruned[0])
             measured, model_x = tu / tp, fu / fp
             print(
                 f"{n_img:>9} {tu * 1e3:>12.0f} {tp * 1e3:>10.0f} {measured:>7.2f}x {model_x:>9.2f}x "

@@ -284,3 +284,68 @@ def test_families_with_variable_image_sizes_refuse_fixed_size_vision_strategies(
     with pytest.raises(MissingCapabilityError, match=r"'cls_knee' cuts images of one fixed size.*per image: .*random.*topk"):
         tokprune.patch(model, "cls_knee")
     tokprune.patch(model, "topk+fastv").remove()  # ragged-capable vision strategy, and any LLM strategy
+
+
+def test_assembly_still_refuses_bad_input_after_its_single_check_read():
+    # The input checks are read from the device in one go; each must still raise its own error.
+    from tokprune.adapters.decoder import VisionOut
+    from tokprune.errors import UnsupportedModelError
+
+    model, _ = tiny_llava(seed=0)
+    I = VOCAB.image
+    ids = torch.tensor([[1, I, I, I, 9, 10]])
+    d = model.config.text_config.hidden_size
+    embeds, pos, roles = torch.zeros(1, 6, d), torch.arange(6)[None], torch.zeros(1, 6, dtype=torch.long)
+    valid = torch.ones(1, 6, dtype=torch.bool)
+    four = VisionOut.unpruned([torch.zeros(4, d)])
+    with tokprune.pruned(model, "none") as run:
+        with pytest.raises(ValueError, match="tokens: 3, features: 4"):
+            run._vision_assembly(ids, embeds, valid, pos, roles, 6, four)
+        with pytest.raises(ValueError, match="no pixel_values"):
+            run._vision_assembly(ids, embeds, valid, pos, roles, 6, None)
+        right_padded = torch.tensor([[1, 1, 1, 1, 1, 0]], dtype=torch.bool)
+        for features in (four, None):  # the padding error comes first, with or without images
+            with pytest.raises(UnsupportedModelError, match="right-padded"):
+                run._vision_assembly(ids, embeds, right_padded, pos, roles, 6, features)
+
+
+def test_left_pack_index_with_a_known_width_equals_the_read_one():
+    from tokprune.adapters._seq import left_pack_index
+
+    keep = torch.tensor([[1, 0, 1, 1], [0, 0, 1, 0], [0, 0, 0, 0]], dtype=torch.bool)
+    index, valid = left_pack_index(keep)
+    assert index.tolist() == [[0, 2, 3], [0, 0, 2], [0, 0, 0]]
+    assert valid.tolist() == [[True] * 3, [False, False, True], [False] * 3]
+    given = left_pack_index(keep, width=3)
+    assert torch.equal(given[0], index) and torch.equal(given[1], valid)
+
+
+def test_stats_come_to_the_host_in_their_shapes_and_dtypes():
+    from tokprune.adapters.decoder import _to_host
+
+    tensors = {"a": torch.arange(6).view(2, 3), ("b", 1): torch.tensor([1.5, 2.5]), "c": torch.zeros(0, dtype=torch.long)}
+    out = _to_host(tensors)
+    assert out.keys() == tensors.keys()
+    for key, value in tensors.items():
+        assert out[key].dtype == value.dtype and torch.equal(out[key], value)
+
+
+def test_pre_encoded_features_rebuild_the_same_vision_out():
+    # generate() passes the features back: the carried flat tensors must give what the per-image list gives.
+    from tokprune.adapters.decoder import PrunedImageFeatures, VisionOut
+
+    keep = torch.tensor([[1, 0, 1], [0, 1, 0]], dtype=torch.bool)
+    out = VisionOut(kept=torch.arange(3.0)[:, None], keep=keep, extra=torch.tensor([[[7.0]], [[8.0]]]))
+    carried = PrunedImageFeatures.of(out)
+    assert [p.flatten().tolist() for p in carried.pooler_output] == [[0, 1, 7], [2, 8]]
+    listed = PrunedImageFeatures(pooler_output=carried.pooler_output, keep=keep, num_extra=1)  # no flat tensors
+    for rebuilt in (carried.vision_out(), listed.vision_out()):
+        assert torch.equal(rebuilt.kept, out.kept) and torch.equal(rebuilt.extra, out.extra)
+
+
+def test_packed_width_reads_the_width_and_whether_rows_are_full():
+    from tokprune.adapters._seq import packed_width
+
+    assert packed_width(torch.tensor([[1, 0, 1], [0, 1, 1]], dtype=torch.bool)) == (2, True)
+    assert packed_width(torch.tensor([[1, 0, 1], [0, 0, 1]], dtype=torch.bool)) == (2, False)
+    assert packed_width(torch.zeros(0, 3, dtype=torch.bool)) == (0, True)

@@ -274,3 +274,10 @@ def test_family_features_are_detected_and_refused_by_name():
     with pytest.raises(UnsupportedModelError, match=r"Inner\.get_rope_index\(.*mm_token_type_ids.*tested with"):
         hf.check_mrope(Inner(), torch.nn.Module())  # the signature is checked before the rotary probe
     assert hf.qwen2_5_vl_output_class().__name__.endswith("OutputWithPast")
+
+
+def test_attention_mask_trusts_the_callers_all_valid():
+    # The adapter decides "no padding" once per segment; the mask builder then reads nothing back.
+    full = torch.ones(2, 5, dtype=torch.bool)
+    assert hf.attention_mask(full, 1, torch.float32, "sdpa", all_valid=True) is None
+    assert torch.equal(hf.attention_mask(full, 1, torch.float32, "sdpa", all_valid=False), _loop_mask(full, 1))

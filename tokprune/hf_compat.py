@@ -264,7 +264,9 @@ def attention_implementation(config: Any) -> str | None:
     return getattr(config, "_attn_implementation", None)
 
 
-def attention_mask(key_valid: Tensor, query_length: int, dtype: torch.dtype, implementation: str) -> Tensor | None:
+def attention_mask(
+    key_valid: Tensor, query_length: int, dtype: torch.dtype, implementation: str, all_valid: bool | None = None
+) -> Tensor | None:
     """The 4-D causal + padding mask the decoder layers' attention takes, built here.
 
     Query ``i`` sits at key position ``K - Q + i`` (the queries are the last ``Q`` of ``K`` keys, as
@@ -278,13 +280,18 @@ def attention_mask(key_valid: Tensor, query_length: int, dtype: torch.dtype, imp
         query_length: ``Q <= K``.
         dtype: the attention's compute dtype (eager masks are additive in it).
         implementation: ``"sdpa"`` (boolean mask, True = attend) or ``"eager"`` (additive float mask).
+        all_valid: whether every key is valid, when the caller already knows (None: read it from
+            ``key_valid``, which synchronises with the device).
 
     Returns:
         ``[B, 1, Q, K]`` or None.
     """
     b, k = key_valid.shape
-    if implementation == "sdpa" and (query_length == 1 or query_length == k) and bool(key_valid.all()):
-        return None
+    if implementation == "sdpa" and (query_length == 1 or query_length == k):
+        if all_valid is None:
+            all_valid = bool(key_valid.all())
+        if all_valid:
+            return None
     offset = k - query_length
     q_pos = torch.arange(query_length, device=key_valid.device)[:, None] + offset
     k_pos = torch.arange(k, device=key_valid.device)[None, :]

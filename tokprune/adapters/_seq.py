@@ -12,24 +12,56 @@ from dataclasses import dataclass, fields, replace
 import torch
 from torch import Tensor
 
-from ..scoring import ragged_gather
 from ..strategy import TokenRole
 
-__all__ = ["Seq", "compact_positions", "find_last_marker", "left_pack_index", "scatter_rows", "token_roles"]
+__all__ = [
+    "Seq",
+    "compact_positions",
+    "find_last_marker",
+    "left_pack_index",
+    "packed_width",
+    "scatter_rows",
+    "token_roles",
+]
 
 
-def left_pack_index(keep: Tensor) -> tuple[Tensor, Tensor]:
+def packed_width(keep: Tensor) -> tuple[int, bool]:
+    """The packed width of ``keep`` (bool ``[B, L]``: its largest row count) and whether every row fills it.
+
+    One sync for both: the width sizes the gather, and "no padding after it" lets the segment's
+    attention mask be skipped without reading the gathered validity back again.
+    """
+    if keep.shape[0] == 0:
+        return 0, True
+    counts = keep.sum(dim=1)
+    most, least = torch.stack([counts.max(), counts.min()]).tolist()
+    return most, most == least
+
+
+def left_pack_index(keep: Tensor, width: int | None = None) -> tuple[Tensor, Tensor]:
     """Where to gather the kept positions from, left-padded, in their order.
 
     Args:
         keep: bool ``[B, L]``.
+        width: the largest kept count when the caller knows it; None reads it from ``keep``, which
+            synchronises with the device once (the output's shape depends on it).
 
     Returns:
         ``(index long [B, W], valid bool [B, W])`` with ``W`` the largest kept count: row ``b`` ends with the kept positions of sample ``b``; its first ``W - count_b`` entries are padding
         (index 0, invalid).
     """
-    _, valid, index = ragged_gather(keep[:, :, None], keep, pad_side="left")
-    return index.clamp_min(0), valid
+    b, n = keep.shape
+    counts = keep.sum(dim=1)
+    if width is None:
+        width = int(counts.max()) if b else 0
+    # slot of each kept position = its rank among the kept ones + the row's left padding; dropped
+    # positions write to a spare column `width` that is cut off, which keeps the scatter branch-free
+    slot = keep.long().cumsum(dim=1) - 1 + (width - counts)[:, None]
+    slot = torch.where(keep, slot, torch.full_like(slot, width))
+    index = torch.full((b, width + 1), -1, dtype=torch.long, device=keep.device)
+    index.scatter_(1, slot, torch.arange(n, device=keep.device).expand(b, n))
+    index = index[:, :width]
+    return index.clamp_min(0), index >= 0
 
 
 def _take(x: Tensor, index: Tensor) -> Tensor:
@@ -50,9 +82,12 @@ class Seq:
     src: Tensor  #: long ``[B, L]``: index in the caller's sequence, -1 for inserted tokens
     prompt: Tensor  #: bool ``[B, L]``: part of the prompt (False: a generated token, no-cache decoding)
 
-    def gather(self, keep: Tensor) -> Seq:
-        """The kept positions (bool ``[B, L]``; padding is always dropped), repacked left-padded."""
-        index, valid = left_pack_index(keep & self.valid)
+    def gather(self, keep: Tensor, width: int | None = None) -> Seq:
+        """The kept positions (bool ``[B, L]``; padding is always dropped), repacked left-padded.
+
+        ``width``: the largest kept count, when known (saves the sync that reads it).
+        """
+        index, valid = left_pack_index(keep & self.valid, width)
         taken = self.take(index)
         taken.valid = valid
         taken.roles = torch.where(valid, taken.roles, torch.full_like(index, int(TokenRole.PADDING)))
@@ -105,7 +140,7 @@ def find_last_marker(input_ids: Tensor, marker: Tensor, valid: Tensor, after: Te
 
 
 def token_roles(
-    input_ids: Tensor, valid: Tensor, image_token_id: int, marker: Sequence[int] | None = None
+    input_ids: Tensor, valid: Tensor, image_token_id: int, marker: Sequence[int] | Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """:class:`TokenRole` of every prompt position, and whether the assistant marker was found.
 
@@ -136,7 +171,9 @@ def token_roles(
     roles = torch.where(idx < first_image[:, None], torch.full_like(roles, int(TokenRole.TEMPLATE)), roles)
     found = torch.zeros(b, dtype=torch.bool, device=device)
     if marker is not None and len(marker) > 0:
-        start = find_last_marker(input_ids, torch.as_tensor(list(marker), dtype=torch.long), valid, last_image)
+        if not isinstance(marker, Tensor):
+            marker = torch.as_tensor(list(marker), dtype=torch.long)
+        start = find_last_marker(input_ids, marker, valid, last_image)
         found = start >= 0
         tail = found[:, None] & (idx >= start[:, None])
         roles = torch.where(tail, torch.full_like(roles, int(TokenRole.TEMPLATE)), roles)

@@ -48,7 +48,7 @@ from ..pipeline import Pipeline
 from ..stats import FlopModel, PruneStats
 from ..strategy import LLMAttention, LLMContext, PruningStrategy, TokenRole
 from ._base import ModelAdapter, Positions
-from ._seq import Seq, compact_positions, scatter_rows, token_roles
+from ._seq import Seq, compact_positions, packed_width, scatter_rows, token_roles
 from .roles import resolve_marker
 
 __all__ = ["CallState", "GenerateCall", "PrunedDecoderAdapter", "PrunedImageFeatures", "VisionOut"]
@@ -132,9 +132,14 @@ class PrunedImageFeatures(hf.BaseModelOutputWithPooling):
     diagnostics: dict[str, Any] | None = None
     lengths: Tensor | None = None
     tower_runs: Tensor | None = None
+    #: the flat kept tokens and the extra ones as the adapter made them, so that passing these
+    #: features back (``generate``) rebuilds the :class:`VisionOut` without reading counts again
+    kept: Tensor | None = None
+    extra: Tensor | None = None
 
     @classmethod
     def of(cls, out: VisionOut) -> PrunedImageFeatures:
+        # The one sync left here: HF's contract is a list of per-image tensors, whose sizes live on the device.
         per_image = list(out.kept.split(out.keep.sum(dim=1).tolist()))
         if out.extra is not None:
             per_image = [torch.cat([p, e]) for p, e in zip(per_image, out.extra)]
@@ -146,10 +151,15 @@ class PrunedImageFeatures(hf.BaseModelOutputWithPooling):
             diagnostics=out.diagnostics,
             lengths=out.lengths,
             tower_runs=out.tower_runs,
+            kept=out.kept,
+            extra=out.extra,
         )
 
     def vision_out(self) -> VisionOut:
         assert self.keep is not None
+        if self.kept is not None:
+            diagnostics = dict(self.diagnostics or {})
+            return VisionOut(self.kept, self.keep, self.extra, diagnostics, lengths=self.lengths, tower_runs=self.tower_runs)
         per_image, keep, e = list(self.pooler_output), self.keep, self.num_extra or 0
         counts = keep.sum(dim=1).tolist()
         kept = torch.cat([p[:c] for p, c in zip(per_image, counts)])
@@ -165,6 +175,9 @@ class _Segment:
     start: int
     mask: Tensor  #: bool ``[B, C]``: validity of each cached position (grows while decoding)
     shift: Tensor  #: long ``[B]``: subtracted from the caller's position ids (compact positions)
+    #: ``mask.all()``, decided once at prefill and kept up to date while decoding, so that the decode
+    #: steps do not read it back from the device per segment
+    all_valid: bool = False
 
 
 @dataclass
@@ -240,6 +253,7 @@ class PrunedDecoderAdapter(ModelAdapter):
             model, pipeline, vision_positions=vision_positions, llm_positions=llm_positions, question_end=question_end
         )
         self._marker = resolve_marker(question_end, model)
+        self._marker_ids: dict[torch.device, Tensor] = {}  # the marker as a tensor per device, built once
         self._sessions: weakref.WeakKeyDictionary[Any, _Session] = weakref.WeakKeyDictionary()
 
     def _init_decoder(self) -> None:
@@ -515,16 +529,17 @@ class PrunedDecoderAdapter(ModelAdapter):
         b, n = input_ids.shape
         device = input_ids.device
         valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        if not bool(valid[:, -1].all()):
-            raise UnsupportedModelError(
-                "right-padded batch: tokprune needs left padding (tokenizer.padding_side='left'), so that every "
-                "sample's last prompt token is in the last column"
-            )
+        # (the right-padding check is read with the other input checks, in one sync: _vision_assembly)
+        marker = self._marker
+        if marker is not None and len(marker) > 0:
+            if device not in self._marker_ids:
+                self._marker_ids[device] = torch.as_tensor(list(marker), dtype=torch.long, device=device)
+            marker = self._marker_ids[device]
         pos = position_ids  # [B, n] or [B, n, R] (the family's positions, see _positions)
         generated = _generated_count(call.generate, n)
         prompt_n = n - generated
         roles, marker_found = token_roles(
-            input_ids[:, :prompt_n], valid[:, :prompt_n], self._image_token_id, self._marker
+            input_ids[:, :prompt_n], valid[:, :prompt_n], self._image_token_id, marker
         )
         roles = torch.cat([roles, torch.full((b, generated), int(TokenRole.PROTECTED), device=device)], dim=1)
         embeds = self._lm.embed_tokens(input_ids)
@@ -532,7 +547,7 @@ class PrunedDecoderAdapter(ModelAdapter):
         seq, shift = self._stage_positions(
             seq, self.vision_positions, torch.zeros(b, dtype=torch.long, device=device), valid.sum(dim=1)
         )
-        segments = [_Segment(0, seq.valid, shift)]
+        segments = [_Segment(0, seq.valid, shift, bool(seq.valid.all()))]
         visual_kept = ((seq.roles == TokenRole.IMAGE) & seq.valid).sum(dim=1)
         num_layers = len(self._lm.layers)
         layer_tokens = torch.zeros(b, num_layers, dtype=torch.long, device=device)
@@ -545,15 +560,15 @@ class PrunedDecoderAdapter(ModelAdapter):
 
         call.capture = {}
         try:
-            embeddings, mask = self._segment_inputs(seq)
+            embeddings, mask = self._segment_inputs(seq, segments[0].all_valid)
             for i, layer in enumerate(self._lm.layers):
                 if i in self._llm_steps:
-                    seq, step_diag = self._llm_step(call, self._llm_steps[i], i, seq, embeddings, generated)
+                    seq, step_diag, full = self._llm_step(call, self._llm_steps[i], i, seq, embeddings, generated)
                     diagnostics.update(step_diag)
                     seq, shift = self._stage_positions(seq, self.llm_positions, segments[-1].shift, seq_valid_count)
-                    segments.append(_Segment(i, seq.valid, shift))
+                    segments.append(_Segment(i, seq.valid, shift, full))
                     llm_kept[i] = (seq.valid & seq.prompt).sum(dim=1)
-                    embeddings, mask = self._segment_inputs(seq)
+                    embeddings, mask = self._segment_inputs(seq, segments[-1].all_valid)
                 layer_tokens[:, i] = (seq.valid & seq.prompt).sum(dim=1)
                 layer_visual[:, i] = ((seq.roles == TokenRole.IMAGE) & seq.valid).sum(dim=1)
                 seq.hidden = hf.call_decoder_layer(
@@ -597,33 +612,57 @@ class PrunedDecoderAdapter(ModelAdapter):
         # A generated token equal to the image id (no-cache decoding) is text, not a placeholder.
         image = (input_ids == self._image_token_id) & prompt
         keep = valid.clone()
+        # Every input check, and the sizes the layout needs (the packed width, the extra-token slots),
+        # read in a single sync. The checks stay: a right-padded batch or a feature/placeholder mismatch
+        # would otherwise give silently wrong output.
+        right_padded = ~valid[:, -1].all()
         if features is None:
-            if bool(image.any()):
+            bad_padding, has_image, width = torch.stack(
+                [right_padded.long(), image.any().long(), valid.sum(dim=1).max() if b else right_padded.long()]
+            ).tolist()
+            _check_left_padded(bad_padding)
+            if has_image:
                 raise ValueError("the prompt has image tokens but no pixel_values or image features were given")
             seq = Seq(embeds, valid, pos, roles, src, prompt)
-            return seq.gather(keep), torch.zeros(0, dtype=torch.long, device=device)
+            return seq.gather(keep, width), torch.zeros(0, dtype=torch.long, device=device)
         counts = features.token_counts
-        if int(image.sum()) != int(counts.sum()):
-            raise ValueError(
-                f"Image features and image tokens do not match: tokens: {int(image.sum())}, "
-                f"features: {int(counts.sum())} ({counts.numel()} images of {counts.tolist()} tokens)"
-            )
-        last = image.flatten().nonzero().squeeze(1)[counts.cumsum(0) - 1]  # flat index of each image's last token
-        real = torch.arange(features.keep.shape[1], device=device)[None, :] < counts[:, None]
-        slot_keep = torch.zeros_like(image)
-        slot_keep[image] = features.keep[real]
-        embeds = embeds.masked_scatter(slot_keep[..., None], features.kept.to(embeds.dtype))
+        flat = image.flatten()
+        rank = flat.long().cumsum(0)  # placeholders up to and including each position
+        ends = counts.cumsum(0)
+        # flat index of each image's last placeholder: the first position whose rank reaches its end
+        # (clamped so that a mismatch, raised below, cannot index out of range first)
+        last = torch.searchsorted(rank, ends).clamp_max(flat.numel() - 1)
+        image_sample = last // n
+        per_sample = torch.zeros(b, dtype=torch.long, device=device).index_add_(
+            0, image_sample, torch.ones_like(image_sample)
+        )
+        # each placeholder's image and index within it, from its rank: keep[image, index] (no boolean indexing)
+        img = torch.searchsorted(ends, rank - 1, right=True).clamp_max(counts.numel() - 1)
+        within = (rank - 1 - (ends - counts)[img]).clamp(0, features.keep.shape[1] - 1)
+        slot_keep = (flat & features.keep[img, within]).view(b, n)
         keep &= ~image | slot_keep
+        e = 0 if features.extra is None else features.extra.shape[1]
+        packed = keep.sum(dim=1) + e * per_sample  # tokens of each sample after the assembly
+        bad_padding, tokens, total, most, width = torch.stack(
+            [right_padded.long(), flat.sum(), counts.sum(), *(torch.stack([per_sample, packed]).amax(dim=1) if b else [flat.sum()] * 2)]
+        ).tolist()
+        _check_left_padded(bad_padding)
+        if tokens != total:
+            raise ValueError(
+                f"Image features and image tokens do not match: tokens: {tokens}, "
+                f"features: {total} ({counts.numel()} images of {counts.tolist()} tokens)"
+            )
+        embeds = embeds.masked_scatter(slot_keep[..., None], features.kept.to(embeds.dtype))
         seq = Seq(embeds, valid, pos, roles, src, prompt)
         if features.extra is None:
-            return seq.gather(keep), last // n
-        extra_seq, extra_key = _extra_tokens(last, (b, n), pos, features.extra.to(embeds.dtype))
+            return seq.gather(keep, width), image_sample
+        extra_seq, extra_key = _extra_tokens(last, (b, n), pos, features.extra.to(embeds.dtype), most)
         # Put each image's extra tokens right after its block, then pack as usual.
         key = torch.cat([idx[None, :].expand(b, n).double(), extra_key], dim=1)
         order = torch.sort(key, dim=1, stable=True).indices
         joined = Seq.cat([seq, extra_seq]).take(order)
         joined_keep = torch.take_along_dim(torch.cat([keep, extra_seq.valid], dim=1), order, dim=1)
-        return joined.gather(joined_keep), last // n
+        return joined.gather(joined_keep, width), image_sample
 
     def _stage_positions(self, seq: Seq, mode: str, shift: Tensor, full_count: Tensor) -> tuple[Seq, Tensor]:
         """Apply a stage's position mode; returns the sequence and its decoding offset (long ``[B]``).
@@ -637,10 +676,10 @@ class PrunedDecoderAdapter(ModelAdapter):
         pos = compact_positions(seq.pos, seq.valid)
         return seq.with_positions(pos), full_count - seq.valid.sum(dim=1)
 
-    def _segment_inputs(self, seq: Seq) -> tuple[tuple[Tensor, Tensor], Any]:
+    def _segment_inputs(self, seq: Seq, all_valid: bool) -> tuple[tuple[Tensor, Tensor], Any]:
         """RoPE cos/sin for the segment's positions and its causal + padding mask (prefill: no cached keys)."""
         embeddings = self._rotary(seq.hidden, seq.pos)
-        mask = hf.attention_mask(seq.valid, seq.valid.shape[1], seq.hidden.dtype, self._attn_impl)
+        mask = hf.attention_mask(seq.valid, seq.valid.shape[1], seq.hidden.dtype, self._attn_impl, all_valid)
         return embeddings, mask
 
     # -- LLM stage ----------------------------------------------------------------------------------
@@ -653,8 +692,11 @@ class PrunedDecoderAdapter(ModelAdapter):
         seq: Seq,
         embeddings: tuple[Tensor, Tensor],
         generated: int,
-    ) -> tuple[Seq, dict[str, Any]]:
-        """Decide with layer K-1's q/k on the prompt positions; keep generated ones; gather."""
+    ) -> tuple[Seq, dict[str, Any], bool]:
+        """Decide with layer K-1's q/k on the prompt positions; keep generated ones; gather.
+
+        Also returns whether the gathered rows are all full (no padding), read with the gather's width.
+        """
         assert call.capture is not None
         attn = self._lm.layers[k - 1].self_attn
         b, n, _ = seq.hidden.shape
@@ -679,7 +721,9 @@ class PrunedDecoderAdapter(ModelAdapter):
         # a schedule reports each of its layers under its own prefix (``pyramiddrop@8.keep_count``)
         prefix = step.name if len(step.llm_layers) == 1 else f"{step.name}@{k}"
         diagnostics = {f"{prefix}.{name}": value for name, value in plan.diagnostics.items()}
-        return seq.gather(keep), diagnostics
+        keep &= seq.valid
+        width, full = packed_width(keep)
+        return seq.gather(keep, width), diagnostics, full
 
     # -- decoding with the pruned cache -------------------------------------------------------------
 
@@ -703,13 +747,19 @@ class PrunedDecoderAdapter(ModelAdapter):
         position_ids = self._decode_positions(position_ids, session.seen, b, q, device)
         hidden = self._lm.embed_tokens(input_ids)
         starts = {seg.start: seg for seg in session.segments}
+        # Whether the new tokens are all valid: one read per step, and only while some segment's mask
+        # could still be dropped (a segment with padding needs its mask anyway).
+        new_all = attention_mask is None or (
+            any(seg.all_valid for seg in session.segments) and bool(new_valid.all())
+        )
         for i, layer in enumerate(self._lm.layers):
             if i in starts:
                 seg = starts[i]
                 seg.mask = torch.cat([seg.mask, new_valid], dim=1)
+                seg.all_valid = seg.all_valid and new_all
                 pos = position_ids - seg.shift.view(-1, *[1] * (position_ids.dim() - 1))
                 embeddings = self._rotary(hidden, pos)
-                mask = hf.attention_mask(seg.mask, q, hidden.dtype, self._attn_impl)
+                mask = hf.attention_mask(seg.mask, q, hidden.dtype, self._attn_impl, seg.all_valid)
             hidden = hf.call_decoder_layer(
                 layer, hidden, mask=mask, position_ids=self._text_positions(pos), position_embeddings=embeddings, cache=cache
             )
@@ -732,7 +782,10 @@ class PrunedDecoderAdapter(ModelAdapter):
         """Counts and FLOPs per sample, and per image (``image_sample`` long ``[I]``: each image's sample)."""
         fm = self._flops
         b, num_layers = layer_tokens.shape
-        images = torch.bincount(image_sample, minlength=b)
+        # index_add_, not bincount: CUDA's bincount reads the largest value on the host
+        images = torch.zeros(b, dtype=torch.long, device=image_sample.device).index_add_(
+            0, image_sample, torch.ones_like(image_sample)
+        )
         runs = images
         if features is not None and features.tower_runs is not None:
             runs = torch.zeros_like(images).index_add_(0, image_sample, features.tower_runs.to(images.dtype))
@@ -742,26 +795,63 @@ class PrunedDecoderAdapter(ModelAdapter):
         projected = visual_kept if self.pipeline.vision is not None else visual_unpruned
         unpruned = fm.llm(seq_len[:, None].expand(-1, num_layers)) + fm.vision(runs) + fm.projector(visual_unpruned)
         pruned = fm.llm(layer_tokens) + fm.vision(runs) + fm.projector(projected)
-        cpu = {k: v.detach().cpu() for k, v in llm_kept.items()}
-        diag = {k: v.detach().cpu() if isinstance(v, Tensor) else v for k, v in diagnostics.items()}
+        named = {
+            "visual_kept": visual_kept,
+            "seq_len": seq_len,
+            "layer_tokens": layer_tokens,
+            "layer_visual": layer_visual,
+            "flops_pruned": pruned,
+            "flops_unpruned": unpruned,
+            "images": images,
+            "visual_unpruned": visual_unpruned,
+            "image_sample": image_sample,
+            "image_tokens": image_tokens,
+            "image_kept": image_kept,
+        }
+        named.update((("llm", k), v) for k, v in llm_kept.items())
+        named.update((("diag", k), v) for k, v in diagnostics.items() if isinstance(v, Tensor))
+        cpu = _to_host(named)
+        image_tokens = cpu["image_tokens"]
         return PruneStats(
             # the largest image's count when images differ (LLaVA-1.5: every image's N)
             visual_total=int(image_tokens.max()) if image_tokens.numel() else self._tokens_per_image,
-            visual_kept=visual_kept.cpu(),
-            llm_kept=cpu,
-            seq_len=seq_len.cpu(),
-            layer_tokens=layer_tokens.cpu(),
-            layer_visual=layer_visual.cpu(),
-            flops_pruned=pruned.cpu(),
-            flops_unpruned=unpruned.cpu(),
-            images=images.cpu(),
-            diagnostics=diag,
-            visual_unpruned=visual_unpruned.cpu(),
-            image_sample=image_sample.cpu(),
-            image_tokens=image_tokens.cpu(),
-            image_kept=image_kept.cpu(),
+            visual_kept=cpu["visual_kept"],
+            llm_kept={k: cpu[("llm", k)] for k in llm_kept},
+            seq_len=cpu["seq_len"],
+            layer_tokens=cpu["layer_tokens"],
+            layer_visual=cpu["layer_visual"],
+            flops_pruned=cpu["flops_pruned"],
+            flops_unpruned=cpu["flops_unpruned"],
+            images=cpu["images"],
+            diagnostics={k: cpu[("diag", k)] if isinstance(v, Tensor) else v for k, v in diagnostics.items()},
+            visual_unpruned=cpu["visual_unpruned"],
+            image_sample=cpu["image_sample"],
+            image_tokens=image_tokens,
+            image_kept=cpu["image_kept"],
             flop_model=fm,
         )
+
+
+def _to_host(tensors: dict[Any, Tensor]) -> dict[Any, Tensor]:
+    """Every tensor copied to the CPU with one transfer per dtype (each copy waits for the device).
+
+    Tensors already on the CPU are only detached; the others are flattened, joined per dtype, copied
+    once and cut back into their shapes.
+    """
+    out: dict[Any, Tensor] = {}
+    groups: dict[tuple[torch.device, torch.dtype], list[Any]] = {}
+    for key, value in tensors.items():
+        value = value.detach()
+        if value.device.type == "cpu":
+            out[key] = value
+        else:
+            groups.setdefault((value.device, value.dtype), []).append(key)
+    for keys in groups.values():
+        parts = [tensors[k].detach() for k in keys]
+        flat = torch.cat([p.reshape(-1) for p in parts]).cpu()
+        for key, part, piece in zip(keys, parts, flat.split([p.numel() for p in parts])):
+            out[key] = piece.view(part.shape)
+    return out
 
 
 def _generated_count(generate: GenerateCall | None, n: int) -> int:
@@ -771,11 +861,22 @@ def _generated_count(generate: GenerateCall | None, n: int) -> int:
     return n - generate.prompt_len
 
 
-def _extra_tokens(end: Tensor, shape: tuple[int, int], pos: Tensor, extra: Tensor) -> tuple[Seq, Tensor]:
+def _check_left_padded(right_padded: bool) -> None:
+    if right_padded:
+        raise UnsupportedModelError(
+            "right-padded batch: tokprune needs left padding (tokenizer.padding_side='left'), so that every "
+            "sample's last prompt token is in the last column"
+        )
+
+
+def _extra_tokens(
+    end: Tensor, shape: tuple[int, int], pos: Tensor, extra: Tensor, most_images: int
+) -> tuple[Seq, Tensor]:
     """Extra tokens of each image placed right after its block: ``(Seq [B, M, D], order key [B, M])``.
 
     ``end`` (long ``[I]``) is the flat index in the ``[B, n]`` sequence of each image's last placeholder.
-    In ``keep`` mode the extra tokens share that placeholder's position id.
+    In ``keep`` mode the extra tokens share that placeholder's position id. ``most_images``: the most
+    images of one sample (read by the caller with its checks, so no sync here).
     """
     b, n = shape
     num_images, e, d = extra.shape
@@ -783,8 +884,7 @@ def _extra_tokens(end: Tensor, shape: tuple[int, int], pos: Tensor, extra: Tenso
     img_b, img_l = end // n, end % n
     first_of_sample = torch.searchsorted(img_b, img_b)
     rank = torch.arange(num_images, device=device) - first_of_sample
-    per_sample = torch.bincount(img_b, minlength=b)
-    m = e * int(per_sample.max())
+    m = e * most_images
     slots = rank[:, None] * e + torch.arange(e, device=device)[None, :]
     rows = img_b[:, None].expand(-1, e)
     hidden = extra.new_zeros(b, m, d)
