@@ -276,13 +276,22 @@ def test_assembly_places_images_of_different_sizes_and_their_extra_tokens():
 
 
 def test_families_with_variable_image_sizes_refuse_fixed_size_vision_strategies(monkeypatch):
+    from tokprune import Pipeline, PruningStrategy, Stage, VisionPlan
     from tokprune.adapters.llava import LlavaAdapter
     from tokprune.errors import MissingCapabilityError
 
+    class FixedSize(PruningStrategy):  # assumes N tokens per image: no ragged_vision (every built-in has it)
+        name = "fixed_size_probe"
+        stage = Stage.VISION
+
+        def plan(self, ctx):
+            return VisionPlan(keep=torch.ones(ctx.features.shape[:2], dtype=torch.bool))
+
     model, _ = tiny_llava(seed=0)
     monkeypatch.setattr(LlavaAdapter, "variable_image_tokens", True)
-    with pytest.raises(MissingCapabilityError, match=r"'cls_knee' cuts images of one fixed size.*per image: .*random.*topk"):
-        tokprune.patch(model, "cls_knee")
+    with pytest.raises(MissingCapabilityError, match=r"'fixed_size_probe' cuts images of one fixed size.*per image: .*random.*topk"):
+        tokprune.patch(model, Pipeline([FixedSize()]))
+    tokprune.patch(model, "cls_knee").remove()  # the reference method cuts per image too
     tokprune.patch(model, "topk+fastv").remove()  # ragged-capable vision strategy, and any LLM strategy
 
 
