@@ -170,7 +170,7 @@ class AblationConfig:
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     positions: PositionsConfig = field(default_factory=PositionsConfig)
-    batch_size: int = 16
+    batch_size: int = 64  # identical answers to smaller batches (batch == solo); ~30% less CPU time here
     max_new_tokens: int = 3
     dtype: str = "float32"
     device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: cuda -> cuda:LOCAL_RANK)

@@ -99,13 +99,16 @@ class ModelAdapter(abc.ABC):
         self._state = PatchState()
 
     @classmethod
-    @abc.abstractmethod
     def matches(cls, model: nn.Module) -> bool:
-        """True when this adapter understands ``model``."""
+        """True when this adapter understands ``model``: by default, when :meth:`mismatch` finds nothing."""
+        return cls.mismatch(model) == ""
 
     @classmethod
     def mismatch(cls, model: nn.Module) -> str:
-        """Why :meth:`matches` is false, in one line (for the error message)."""
+        """Why :meth:`matches` is false, in one line (for the error message); "" when it matches.
+
+        Override this (or :meth:`matches` itself) in every adapter: the default matches nothing.
+        """
         return f"not a model {cls.name!r} understands"
 
     @classmethod

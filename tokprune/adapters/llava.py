@@ -18,7 +18,6 @@ and forward hooks on the q/k projections the strategies read.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
 from typing import Any
 
 from torch import Tensor, nn
@@ -28,7 +27,6 @@ from ..errors import MissingCapabilityError, UnsupportedModelError
 from ..pipeline import Pipeline
 from ..stats import FlopModel, kv_width, mlp_matrices
 from ..strategy import Signal, VisionContext, VisionSignals
-from ._base import Positions
 from .decoder import CallState, PrunedDecoderAdapter, PrunedImageFeatures, VisionOut
 
 __all__ = ["LlavaAdapter", "PrunedImageFeatures"]
@@ -59,22 +57,8 @@ class LlavaAdapter(PrunedDecoderAdapter):
             return f"expected a LlamaModel language model, got {type(lm).__name__}"
         return ""
 
-    @classmethod
-    def matches(cls, model: nn.Module) -> bool:
-        return cls.mismatch(model) == ""
-
-    def __init__(
-        self,
-        model: nn.Module,
-        pipeline: Pipeline,
-        *,
-        vision_positions: Positions = "keep",
-        llm_positions: Positions = "keep",
-        question_end: Sequence[int] | Any | None = None,
-    ) -> None:
-        super().__init__(
-            model, pipeline, vision_positions=vision_positions, llm_positions=llm_positions, question_end=question_end
-        )
+    def __init__(self, model: nn.Module, pipeline: Pipeline, **options: Any) -> None:
+        super().__init__(model, pipeline, **options)  # options: see tokprune.patch
         self._inner = model.model
         self._tower = self._inner.vision_tower
         self._lm = self._inner.language_model

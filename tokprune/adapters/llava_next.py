@@ -20,7 +20,6 @@ This file knows only LLaVA-NeXT:
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -31,7 +30,6 @@ from ..errors import MissingCapabilityError, UnsupportedModelError
 from ..pipeline import Pipeline
 from ..stats import FlopModel, kv_width, mlp_matrices
 from ..strategy import Signal, VisionContext, VisionSignals
-from ._base import Positions
 from .decoder import CallState, PrunedDecoderAdapter, PrunedImageFeatures, VisionOut
 
 __all__ = ["LlavaNextAdapter"]
@@ -62,10 +60,6 @@ class LlavaNextAdapter(PrunedDecoderAdapter):
         return ""
 
     @classmethod
-    def matches(cls, model: nn.Module) -> bool:
-        return cls.mismatch(model) == ""
-
-    @classmethod
     def tiny(cls, seed: int = 0, attn_implementation: str = "sdpa") -> Any:
         from ..testing.adapters import TinyCase
         from ..testing.models import VOCAB, tiny_llava_next
@@ -73,18 +67,8 @@ class LlavaNextAdapter(PrunedDecoderAdapter):
         model, make_inputs = tiny_llava_next(seed=seed, attn_implementation=attn_implementation)
         return TinyCase(model, make_inputs, pad_token_id=VOCAB.pad, question_end=VOCAB.assistant_marker)
 
-    def __init__(
-        self,
-        model: nn.Module,
-        pipeline: Pipeline,
-        *,
-        vision_positions: Positions = "keep",
-        llm_positions: Positions = "keep",
-        question_end: Sequence[int] | Any | None = None,
-    ) -> None:
-        super().__init__(
-            model, pipeline, vision_positions=vision_positions, llm_positions=llm_positions, question_end=question_end
-        )
+    def __init__(self, model: nn.Module, pipeline: Pipeline, **options: Any) -> None:
+        super().__init__(model, pipeline, **options)  # options: see tokprune.patch
         self._inner = model.model
         self._tower = self._inner.vision_tower
         self._lm = self._inner.language_model
