@@ -97,3 +97,32 @@ def test_plot_without_matplotlib_says_how_to_fix(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(PlotUnavailableError, match=r"pip install 'tokprune\[plot\]', or set plot=false"):
         check_plotting()
+
+
+def test_a_signal_turned_into_a_library_error_still_exits_as_interrupted(tmp_path, monkeypatch, capsys):
+    """SIGTERM raises KeyboardInterrupt wherever the run is; omegaconf, for one, re-raises it as its own
+    error. The command must still exit 130 with the resume hint, not crash with exit 1."""
+    import signal as signal_module
+
+    from tokprune.ablation import cli, runner
+
+    def interrupted_inside_a_library(cfg, **kwargs):
+        try:
+            cli._terminate(signal_module.SIGTERM, None)
+        except KeyboardInterrupt as exc:
+            raise ValueError("ConfigKeyError-like wrapper") from exc
+
+    monkeypatch.setattr(runner, "run_ablation", interrupted_inside_a_library)
+    monkeypatch.setattr(cli, "_TERMINATED", [])
+    monkeypatch.setattr(signal_module, "signal", lambda *a: None)  # leave the test process's handlers alone
+    code = cli.main(["baseline=true", "strategies=[]", f"output_dir={tmp_path}", "plot=false"])
+    assert code == 130
+    assert "rerun the command to resume" in capsys.readouterr().err
+
+    def plain_bug(cfg, **kwargs):
+        raise ValueError("a real bug")
+
+    monkeypatch.setattr(runner, "run_ablation", plain_bug)
+    monkeypatch.setattr(cli, "_TERMINATED", [])
+    with pytest.raises(ValueError, match="a real bug"):  # without a signal, errors are never swallowed
+        cli.main(["baseline=true", "strategies=[]", f"output_dir={tmp_path}", "plot=false"])

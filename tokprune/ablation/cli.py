@@ -49,8 +49,14 @@ def _split_args(args: list[str]) -> tuple[str | None, list[str]]:
     return config, args
 
 
+#: Set by :func:`_terminate`: a library may turn the KeyboardInterrupt raised inside it into its own error
+#: (omegaconf does), and an interrupted run must still exit 130 with the resume hint, not as a crash.
+_TERMINATED: list[int] = []
+
+
 def _terminate(signum: int, frame: Any) -> None:
     # SIGTERM unwinds like Ctrl-C: finished runs are already on disk; the run in progress is dropped.
+    _TERMINATED.append(signum)
     raise KeyboardInterrupt(f"signal {signum}")
 
 
@@ -99,7 +105,13 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         outcome = run_ablation(cfg, progress=not args.quiet, echo=None if args.quiet else print)
+    except Exception:
+        if not _TERMINATED:
+            raise
+        outcome = None
     except KeyboardInterrupt:
+        outcome = None
+    if outcome is None:
         print(f"interrupted; finished runs are in {cfg.output_dir}/results.jsonl, rerun the command to resume",
               file=sys.stderr)
         return 130
