@@ -372,6 +372,25 @@ class PrunedDecoderAdapter(ModelAdapter):
             self._hook(attn.q_proj, ("llm", k - 1, "q"))
             self._hook(attn.k_proj, ("llm", k - 1, "k"))
 
+    def _hook_encoder_signals(self, encoder_layers: Sequence[nn.Module]) -> None:
+        """Record q/k of the encoder layers whose signals the vision step declared (``self._signals``)."""
+        for signal in self._signals:
+            if signal.kind == "qk":
+                attn = encoder_layers[signal.layer].self_attn
+                self._hook(attn.q_proj, ("vision", signal.layer, "q"))
+                self._hook(attn.k_proj, ("vision", signal.layer, "k"))
+
+    def _pre_encoded(self, encoded: Any) -> tuple[Any, VisionOut]:
+        """Image features ``generate()`` encoded before the forward: ours (pruned) or, without a vision
+        step, the stock ones; stock features under a vision step would skip the pruning, so they are refused."""
+        if isinstance(encoded, PrunedImageFeatures):
+            return encoded, encoded.vision_out()
+        if self.pipeline.vision is not None:
+            raise UnsupportedModelError(
+                "these image features were not computed by the patched model; pass pixel_values instead"
+            )
+        return encoded, VisionOut.unpruned(encoded.pooler_output)
+
     def _hook(self, module: nn.Module, key: CaptureKey) -> None:
         def store(_module: nn.Module, _args: Any, output: Tensor) -> None:
             # Hooks stay registered while patched but only record inside this adapter's capture window.

@@ -121,11 +121,7 @@ class LlavaAdapter(PrunedDecoderAdapter):
             return self._image_features(*args, **kwargs)
 
         self._state.set_attribute(self._inner, "get_image_features", get_image_features)
-        for signal in self._signals:
-            if signal.kind == "qk":
-                attn = self._vit.encoder.layers[signal.layer].self_attn
-                self._hook(attn.q_proj, ("vision", signal.layer, "q"))
-                self._hook(attn.k_proj, ("vision", signal.layer, "k"))
+        self._hook_encoder_signals(self._vit.encoder.layers)
 
     # -- the vision stage -----------------------------------------------------------------------------
 
@@ -134,13 +130,7 @@ class LlavaAdapter(PrunedDecoderAdapter):
     ) -> tuple[Any, VisionOut | None]:
         layer, select, image_sizes = (options.pop(name, None) for name in _VISION_OPTIONS)
         if encoded is not None:  # pre-encoded by generate() through get_image_features
-            if isinstance(encoded, PrunedImageFeatures):
-                return encoded, encoded.vision_out()
-            if self.pipeline.vision is not None:
-                raise UnsupportedModelError(
-                    "these image features were not computed by the patched model; pass pixel_values instead"
-                )
-            return encoded, VisionOut.unpruned(encoded.pooler_output)
+            return self._pre_encoded(encoded)
         if pixel_values is None:
             return None, None
         if self.pipeline.vision is None:  # the unpatched tower and projector, as transformers runs them

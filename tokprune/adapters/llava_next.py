@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import hf_compat as hf
-from ..errors import MissingCapabilityError, UnsupportedModelError
+from ..errors import MissingCapabilityError
 from ..pipeline import Pipeline
 from ..stats import FlopModel, kv_width, mlp_matrices
 from ..strategy import Signal, VisionContext, VisionSignals
@@ -118,11 +118,7 @@ class LlavaNextAdapter(PrunedDecoderAdapter):
                 return PrunedImageFeatures.of(self._run_vision(call, pixel_values, image_sizes))
 
         self._state.set_attribute(self._inner, "get_image_features", get_image_features)
-        for signal in self._signals:
-            if signal.kind == "qk":
-                attn = self._vit.encoder.layers[signal.layer].self_attn
-                self._hook(attn.q_proj, ("vision", signal.layer, "q"))
-                self._hook(attn.k_proj, ("vision", signal.layer, "k"))
+        self._hook_encoder_signals(self._vit.encoder.layers)
 
     # -- the vision stage -----------------------------------------------------------------------------
 
@@ -133,13 +129,7 @@ class LlavaNextAdapter(PrunedDecoderAdapter):
         layer = options.pop("vision_feature_layer", None)
         select = options.pop("vision_feature_select_strategy", None)
         if encoded is not None:  # pre-encoded by generate() through get_image_features
-            if isinstance(encoded, PrunedImageFeatures):
-                return encoded, encoded.vision_out()
-            if self.pipeline.vision is not None:
-                raise UnsupportedModelError(
-                    "these image features were not computed by the patched model; pass pixel_values instead"
-                )
-            return encoded, VisionOut.unpruned(encoded.pooler_output)
+            return self._pre_encoded(encoded)
         if pixel_values is None or pixel_values.shape[0] == 0:
             return None, None
         if image_sizes is None:

@@ -135,11 +135,7 @@ class Qwen2_5_VLAdapter(PrunedDecoderAdapter):
                 "videos are not supported on a pruned Qwen2.5-VL (images only); call handle.remove() to run them"
             )
         if encoded is not None:  # pre-encoded by generate() through get_image_features
-            if isinstance(encoded, PrunedImageFeatures):
-                return encoded, encoded.vision_out()
-            if self.pipeline.vision is not None:
-                raise UnsupportedModelError("these image features were not computed by the patched model; pass pixel_values instead")
-            return encoded, VisionOut.unpruned(encoded.pooler_output)
+            return self._pre_encoded(encoded)
         if pixel_values is None:
             return None, None
         if grid is None:
