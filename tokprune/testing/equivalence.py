@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from ..params import param
+from ..scoring import fixed_counts, keep_top
 from ..strategy import LLMContext, LLMPlan, PruningStrategy, Signal, Stage, TokenRole, VisionContext, VisionPlan
 from .models import VOCAB, tiny_llava
 
@@ -61,6 +62,28 @@ def last_row_attention(ctx: LLMContext) -> Tensor:
     return logits.softmax(dim=-1).mean(dim=1)
 
 
+def _probe_budget(scores: Tensor, candidates: Tensor, keep_ratio: float, ragged: bool) -> Tensor:
+    """long ``[B]``: ``keep_ratio`` of each row's candidates, or with ``ragged`` the candidates scoring above
+    their row's mean (a count that differs per row even for equal lengths, to exercise ragged plans).
+
+    ``scores`` float ``[B, L]``, ``candidates`` bool ``[B, L]``.
+    """
+    n = candidates.sum(dim=1)
+    if not ragged:
+        return fixed_counts(n, None, keep_ratio)
+    mean = scores.masked_fill(~candidates, 0).sum(dim=1, keepdim=True) / n.clamp(min=1)[:, None]
+    return ((scores > mean) & candidates).sum(dim=1).clamp(min=1)
+
+
+def _mean_of_dropped(features: Tensor, keep: Tensor, valid: Tensor, extra: int) -> Tensor | None:
+    """``[B, extra, C]`` copies of the mean of each image's dropped tokens (None when ``extra`` is 0)."""
+    if not extra:
+        return None
+    dropped = (~keep & valid).float()[..., None]
+    mean = (features * dropped).sum(1) / dropped.sum(1).clamp(min=1)
+    return mean[:, None, :].repeat(1, extra, 1).to(features.dtype)
+
+
 @dataclass(frozen=True)
 class _LastRowParams:
     layer: int = param(2, "prune before this decoder layer", ge=1)
@@ -78,15 +101,8 @@ class ProbeLastRow(PruningStrategy):
     def plan(self, ctx: LLMContext) -> LLMPlan:
         scores = last_row_attention(ctx)
         image = ctx.role_mask(TokenRole.IMAGE)
-        counts = image.sum(dim=1)
-        budget = (counts.float() * self.params.keep_ratio).round().long().clamp(min=1)
-        if self.params.ragged:
-            mean = (scores * image).sum(dim=1) / counts.clamp(min=1)
-            budget = ((scores > mean[:, None]) & image).sum(dim=1).clamp(min=1)
-        ranked = scores.masked_fill(~image, float("-inf")).argsort(dim=1, descending=True, stable=True)
-        rank = torch.empty_like(ranked)
-        rank.scatter_(1, ranked, torch.arange(ranked.shape[1], device=ranked.device).expand_as(ranked))
-        keep = ~image | (rank < budget[:, None])
+        budget = _probe_budget(scores, image, self.params.keep_ratio, self.params.ragged)
+        keep = ~image | keep_top(scores, budget, image)
         return LLMPlan(keep=keep, diagnostics={"budget": budget})
 
 
@@ -117,24 +133,13 @@ class ProbeVisionTopK(PruningStrategy):
         q, k = q.float(), k.float()
         valid, n = ctx.token_valid, ctx.token_counts
         scores = torch.einsum("bc,bnc->bn", q[:, 0], k[:, 1:]) / q.shape[-1] ** 0.5
-        scores = scores.masked_fill(~valid, float("-inf"))
-        budget = (n.double() * self.params.keep_ratio + 0.5).floor().long().clamp(min=1)
-        if self.params.ragged:
-            mean = scores.masked_fill(~valid, 0).sum(dim=1, keepdim=True) / n[:, None]
-            budget = ((scores > mean) & valid).sum(dim=1).clamp(min=1)
-        ranked = scores.argsort(dim=1, descending=True, stable=True)
-        rank = torch.empty_like(ranked)
-        rank.scatter_(1, ranked, torch.arange(scores.shape[1], device=ranked.device).expand_as(ranked))
-        keep = (rank < budget[:, None]) & valid
+        budget = _probe_budget(scores, valid, self.params.keep_ratio, self.params.ragged)
+        keep = keep_top(scores, budget, valid)
         features = None
         if self.params.merge:
             mean_all = (ctx.features * valid[..., None]).sum(1, keepdim=True) / n[:, None, None]
             features = ctx.features + 0.5 * mean_all
-        extra = None
-        if self.params.extra:
-            dropped = (~keep & valid).float()[..., None]
-            mean = (ctx.features * dropped).sum(1) / dropped.sum(1).clamp(min=1)
-            extra = mean[:, None, :].repeat(1, self.params.extra, 1).to(ctx.features.dtype)
+        extra = _mean_of_dropped(ctx.features, keep, valid, self.params.extra)
         return VisionPlan(keep=keep, features=features, extra=extra, diagnostics={"budget": budget})
 
 
@@ -157,21 +162,11 @@ class ProbeVisionNorm(PruningStrategy):
     Params = _VisionNormParams
 
     def plan(self, ctx: VisionContext) -> VisionPlan:
-        valid, n = ctx.token_valid, ctx.token_counts
-        scores = ctx.features.float().norm(dim=-1).masked_fill(~valid, float("-inf"))
-        budget = (n.double() * self.params.keep_ratio + 0.5).floor().long().clamp(min=1)
-        if self.params.ragged:
-            mean = scores.masked_fill(~valid, 0).sum(dim=1, keepdim=True) / n[:, None]
-            budget = ((scores > mean) & valid).sum(dim=1).clamp(min=1)
-        ranked = scores.argsort(dim=1, descending=True, stable=True)
-        rank = torch.empty_like(ranked)
-        rank.scatter_(1, ranked, torch.arange(scores.shape[1], device=ranked.device).expand_as(ranked))
-        keep = (rank < budget[:, None]) & valid
-        extra = None
-        if self.params.extra:
-            dropped = (~keep & valid).float()[..., None]
-            mean_dropped = (ctx.features * dropped).sum(1) / dropped.sum(1).clamp(min=1)
-            extra = mean_dropped[:, None, :].repeat(1, self.params.extra, 1).to(ctx.features.dtype)
+        valid = ctx.token_valid
+        scores = ctx.features.float().norm(dim=-1)
+        budget = _probe_budget(scores, valid, self.params.keep_ratio, self.params.ragged)
+        keep = keep_top(scores, budget, valid)
+        extra = _mean_of_dropped(ctx.features, keep, valid, self.params.extra)
         return VisionPlan(keep=keep, extra=extra, diagnostics={"budget": budget})
 
 
