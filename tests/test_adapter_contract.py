@@ -39,7 +39,7 @@ def test_cache_equals_recompute(adapter, spec):
 
 
 def test_every_builtin_family_is_in_the_contract():
-    assert {"llava", "llava_next", "qwen2_5_vl"} <= set(IDS)
+    assert {"llava", "llava_next", "qwen2_5_vl", "qwen3_vl"} <= set(IDS)
 
 
 def test_an_adapter_without_a_tiny_model_fails_the_contract():

@@ -11,7 +11,7 @@ from tokprune import hf_compat as hf
 from tokprune.adapters.qwen2_5_vl import Qwen2_5_VLAdapter
 from tokprune.errors import MissingCapabilityError, StrategyParamError, UnsupportedModelError
 from tokprune.testing.adapters import _RecordVisionNorm
-from tokprune.testing.models import VOCAB, tiny_qwen2_5_vl
+from tokprune.testing.models import VOCAB, tiny_qwen2_5_vl, tiny_qwen3_vl
 
 pytestmark = pytest.mark.skipif(
     hf.older_than(Qwen2_5_VLAdapter.min_transformers),
@@ -51,11 +51,13 @@ def test_survivors_keep_their_3d_positions(tiny):
         assert torch.equal(got[b, -n:], full[b][kept[b]])
 
 
-def test_cls_strategies_and_compact_positions_are_refused(tiny):
-    model, _ = tiny
-    with pytest.raises(MissingCapabilityError, match=r"no CLS token; vision strategies that read no CLS signal: divprune, random \("):
+@pytest.mark.parametrize("family", [tiny_qwen2_5_vl, tiny_qwen3_vl])  # Qwen3-VL reuses this adapter's refusals
+def test_cls_strategies_and_compact_positions_are_refused(family):
+    model, _ = family()
+    name = "qwen3_vl" if family is tiny_qwen3_vl else "qwen2_5_vl"
+    with pytest.raises(MissingCapabilityError, match=rf"the {name} vision tower has no CLS token; vision strategies that read no CLS signal: divprune, random \("):
         tokprune.patch(model, "topk")
-    with pytest.raises(StrategyParamError, match="multi-axis .*M-RoPE"):
+    with pytest.raises(StrategyParamError, match=f"{name} uses multi-axis .*M-RoPE"):
         tokprune.patch(model, "random", vision_positions="compact")
     assert tokprune.adapters.handle_of(model) is None
 

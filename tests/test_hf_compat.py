@@ -10,6 +10,7 @@ import warnings
 import pytest
 import torch
 from transformers import DynamicCache
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import tokprune
 from tokprune import hf_compat as hf
@@ -269,11 +270,20 @@ def test_family_features_are_detected_and_refused_by_name():
         def get_rope_index(self, input_ids):  # no mm_token_type_ids / image_grid_thw
             return input_ids
 
+        def get_image_features(self, pixel_values) -> BaseModelOutputWithPooling:  # no deepstack_features
+            return BaseModelOutputWithPooling()
+
     with pytest.raises(UnsupportedModelError, match=r"Inner\.pack_image_features\(.*image_newline\).*tested with"):
         hf.check_anyres(Inner())
     with pytest.raises(UnsupportedModelError, match=r"Inner\.get_rope_index\(.*mm_token_type_ids.*tested with"):
         hf.check_mrope(Inner(), torch.nn.Module())  # the signature is checked before the rotary probe
     assert hf.qwen2_5_vl_output_class().__name__.endswith("OutputWithPast")
+    assert hf.qwen3_vl_output_class().__name__.endswith("OutputWithPast")
+    with pytest.raises(UnsupportedModelError, match=r"Inner\.get_image_features returning .*deepstack_features"):
+        hf.check_deepstack(Inner())
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLModel
+
+    hf.check_deepstack(Qwen3VLModel.__new__(Qwen3VLModel))  # the stock one declares them (no weights built)
 
 
 def test_attention_mask_trusts_the_callers_all_valid():

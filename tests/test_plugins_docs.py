@@ -159,7 +159,7 @@ def test_tokprune_plugins_lists_versions_and_registrations(strided, capsys, monk
     out = capsys.readouterr().out
     version = md.version("tokprune")
     assert re.search(rf"^builtin  \(tokprune {re.escape(version)}\)\n  strategies: .*\bfastv\b", out, re.M)
-    assert re.search(r"^llava  \(tokprune .*\)\n  strategies: -\n  adapters: llava, llava_next, qwen2_5_vl$", out, re.M)
+    assert re.search(r"^llava  \(tokprune .*\)\n  strategies: -\n  adapters: llava, llava_next, qwen2_5_vl, qwen3_vl$", out, re.M)
     assert re.search(r"^strided  \(in-process\)\n  strategies: strided\n  adapters: -$", out, re.M)
     for dist, plugin in [("tokprune-visionzip", "visionzip"), ("tokprune-vtc-cls", "vtc_cls")]:
         with contextlib.suppress(md.PackageNotFoundError):

@@ -49,6 +49,7 @@ __all__ = [
     "call_vision_layer",
     "chat_template_text",
     "check_anyres",
+    "check_deepstack",
     "check_model",
     "decoder_features",
     "generation_config",
@@ -57,7 +58,9 @@ __all__ = [
     "model_output",
     "model_tokenizer",
     "mrope_index",
+    "qk_modules",
     "qwen2_5_vl_output_class",
+    "qwen3_vl_output_class",
     "new_dynamic_cache",
     "rotary_embeddings",
     "transformers_version",
@@ -348,6 +351,19 @@ def decoder_features(layer: nn.Module) -> DecoderFeatures:
     return features
 
 
+def qk_modules(attn: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """The modules whose outputs are the query and key a decoder attention rotates with RoPE.
+
+    The projections (``q_proj``, ``k_proj``), or the q/k norms applied after them where the attention
+    has them (Qwen3's ``q_norm(q_proj(x))``): scoring with the projections there would read keys the
+    layer never uses. Detected by the attributes, so a family gains norms without a code change.
+    """
+    pair = tuple(getattr(attn, name, None) for name in ("q_norm", "k_norm"))
+    if all(isinstance(m, nn.Module) for m in pair):
+        return pair  # type: ignore[return-value]
+    return attn.q_proj, attn.k_proj
+
+
 def call_decoder_layer(
     layer: nn.Module,
     hidden: Tensor,
@@ -446,17 +462,44 @@ def anyres_layout(inner: nn.Module, tiles: list[int], tokens_per_tile: int, imag
 # -- Qwen2.5-VL (M-RoPE) ---------------------------------------------------------------------------------
 
 
-def qwen2_5_vl_output_class() -> type:
-    """The output dataclass of ``Qwen2_5_VLModel.forward`` (the multimodal one, with ``image_outputs``)."""
+def _returned_dataclasses(fn: Callable, module: Any) -> list[type]:
     import typing
 
-    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as module
+    hints = typing.get_type_hints(fn, globalns=vars(module))
+    return [t for t in typing.get_args(hints.get("return")) if dataclasses.is_dataclass(t)]
 
-    hints = typing.get_type_hints(module.Qwen2_5_VLModel.forward, globalns=vars(module))
-    returned = [t for t in typing.get_args(hints.get("return")) if dataclasses.is_dataclass(t)]
+
+def _declared_output(module_name: str, model_class: str) -> type:
+    """The output dataclass ``model_class.forward`` declares (the multimodal one, with ``image_outputs``)."""
+    import importlib
+
+    module = importlib.import_module(module_name)
+    returned = _returned_dataclasses(getattr(module, model_class).forward, module)
     if not returned:
-        raise _refuse("Qwen2_5_VLModel.forward returning a model-output dataclass")
+        raise _refuse(f"{model_class}.forward returning a model-output dataclass")
     return returned[0]
+
+
+def qwen2_5_vl_output_class() -> type:
+    """The output dataclass of ``Qwen2_5_VLModel.forward``."""
+    return _declared_output("transformers.models.qwen2_5_vl.modeling_qwen2_5_vl", "Qwen2_5_VLModel")
+
+
+def qwen3_vl_output_class() -> type:
+    """The output dataclass of ``Qwen3VLModel.forward``."""
+    return _declared_output("transformers.models.qwen3_vl.modeling_qwen3_vl", "Qwen3VLModel")
+
+
+def check_deepstack(inner: nn.Module) -> None:
+    """Refuse at ``patch()`` time when ``get_image_features`` does not declare an output with
+    ``deepstack_features`` (Qwen3-VL's per-layer DeepStack features, which the adapter gathers)."""
+    import sys
+
+    fn = getattr(type(inner), "get_image_features", None)
+    # annotations resolve in the module that defines the method (a subclass may live elsewhere)
+    returned = _returned_dataclasses(fn, sys.modules[fn.__module__]) if fn is not None else []
+    if not any("deepstack_features" in _field_names(t) for t in returned):
+        raise _refuse(f"{type(inner).__name__}.get_image_features returning an output with deepstack_features")
 
 
 def check_mrope(inner: nn.Module, language_model: nn.Module) -> None:
@@ -479,7 +522,7 @@ def check_mrope(inner: nn.Module, language_model: nn.Module) -> None:
         cos, _ = type(rotary).forward(rotary, probe, position_ids=positions)
     if cos.dim() != 3:
         raise _refuse(
-            f"a Qwen2.5-VL rotary embedding that merges the three M-RoPE axes (it returns cos of shape "
+            f"a rotary embedding that merges the three M-RoPE axes (it returns cos of shape "
             f"{tuple(cos.shape)}, one per axis)"
         )
 

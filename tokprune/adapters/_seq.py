@@ -16,6 +16,7 @@ from ..strategy import TokenRole
 
 __all__ = [
     "Seq",
+    "add_feature_rows",
     "compact_positions",
     "find_last_marker",
     "left_pack_index",
@@ -81,6 +82,8 @@ class Seq:
     roles: Tensor  #: long ``[B, L]``: :class:`TokenRole`
     src: Tensor  #: long ``[B, L]``: index in the caller's sequence, -1 for inserted tokens
     prompt: Tensor  #: bool ``[B, L]``: part of the prompt (False: a generated token, no-cache decoding)
+    #: long ``[B, L]``: the row of the image features (``VisionOut.kept``) this position holds, -1: none
+    feature: Tensor
 
     def gather(self, keep: Tensor, width: int | None = None) -> Seq:
         """The kept positions (bool ``[B, L]``; padding is always dropped), repacked left-padded.
@@ -105,6 +108,19 @@ class Seq:
 
     def with_positions(self, pos: Tensor) -> Seq:
         return replace(self, pos=pos)
+
+
+def add_feature_rows(hidden: Tensor, feature: Tensor, valid: Tensor, rows: Tensor) -> Tensor:
+    """``hidden [B, L, D]`` plus ``rows[feature[b, l]]`` (``rows [S, D]``) where ``feature >= 0`` and ``valid``.
+
+    DeepStack's addition (``hidden[visual] += rows``), indexed by each position's feature row so that it
+    follows the positions a vision or LLM stage kept, in any packing. Branch-free: no nonzero() sync.
+    """
+    if rows.shape[0] == 0:  # no image token kept anywhere
+        return hidden
+    take = (feature >= 0) & valid
+    added = rows.to(hidden.dtype)[feature.clamp_min(0)]
+    return hidden + torch.where(take[..., None], added, torch.zeros((), dtype=hidden.dtype, device=hidden.device))
 
 
 def scatter_rows(values: Tensor, index: Tensor, valid: Tensor, size: int) -> Tensor:

@@ -48,7 +48,7 @@ from ..pipeline import Pipeline
 from ..stats import FlopModel, PruneStats
 from ..strategy import LLMAttention, LLMContext, PruningStrategy, TokenRole
 from ._base import ModelAdapter, Positions
-from ._seq import Seq, compact_positions, packed_width, scatter_rows, token_roles
+from ._seq import Seq, add_feature_rows, compact_positions, packed_width, scatter_rows, token_roles
 from .roles import resolve_marker
 
 __all__ = ["CallState", "GenerateCall", "PrunedDecoderAdapter", "PrunedImageFeatures", "VisionOut"]
@@ -95,6 +95,9 @@ class VisionOut:
     lengths: Tensor | None = None
     #: long ``[I]``: tower passes each image cost (AnyRes: its tiles); None: one each.
     tower_runs: Tensor | None = None
+    #: DeepStack (Qwen3-VL): one ``[S, D]`` per decoder layer ``i`` (rows aligned with ``kept``), added to
+    #: the kept image tokens' hidden states after layer ``i``, wherever they are by then; None: no additions.
+    deepstack: list[Tensor] | None = None
 
     @classmethod
     def unpruned(cls, per_image: Sequence[Tensor]) -> VisionOut:
@@ -136,6 +139,7 @@ class PrunedImageFeatures(hf.BaseModelOutputWithPooling):
     #: features back (``generate``) rebuilds the :class:`VisionOut` without reading counts again
     kept: Tensor | None = None
     extra: Tensor | None = None
+    deepstack: list[Tensor] | None = None
 
     @classmethod
     def of(cls, out: VisionOut) -> PrunedImageFeatures:
@@ -153,19 +157,22 @@ class PrunedImageFeatures(hf.BaseModelOutputWithPooling):
             tower_runs=out.tower_runs,
             kept=out.kept,
             extra=out.extra,
+            deepstack=out.deepstack,
         )
 
     def vision_out(self) -> VisionOut:
         assert self.keep is not None
         if self.kept is not None:
             diagnostics = dict(self.diagnostics or {})
-            return VisionOut(self.kept, self.keep, self.extra, diagnostics, lengths=self.lengths, tower_runs=self.tower_runs)
+            return VisionOut(
+                self.kept, self.keep, self.extra, diagnostics, self.lengths, self.tower_runs, self.deepstack
+            )
         per_image, keep, e = list(self.pooler_output), self.keep, self.num_extra or 0
         counts = keep.sum(dim=1).tolist()
         kept = torch.cat([p[:c] for p, c in zip(per_image, counts)])
         extra = torch.stack([p[c:] for p, c in zip(per_image, counts)]) if e else None
         diagnostics = dict(self.diagnostics or {})
-        return VisionOut(kept, keep, extra, diagnostics, lengths=self.lengths, tower_runs=self.tower_runs)
+        return VisionOut(kept, keep, extra, diagnostics, self.lengths, self.tower_runs, self.deepstack)
 
 
 @dataclass
@@ -368,9 +375,9 @@ class PrunedDecoderAdapter(ModelAdapter):
         self._state.set_attribute(self.model, "generate", generate)
         self._install_family()
         for k in self._llm_steps:
-            attn = self._lm.layers[k - 1].self_attn
-            self._hook(attn.q_proj, ("llm", k - 1, "q"))
-            self._hook(attn.k_proj, ("llm", k - 1, "k"))
+            q, key = hf.qk_modules(self._lm.layers[k - 1].self_attn)
+            self._hook(q, ("llm", k - 1, "q"))
+            self._hook(key, ("llm", k - 1, "k"))
 
     def _hook_encoder_signals(self, encoder_layers: Sequence[nn.Module]) -> None:
         """Record q/k of the encoder layers whose signals the vision step declared (``self._signals``)."""
@@ -389,7 +396,11 @@ class PrunedDecoderAdapter(ModelAdapter):
             raise UnsupportedModelError(
                 "these image features were not computed by the patched model; pass pixel_values instead"
             )
-        return encoded, VisionOut.unpruned(encoded.pooler_output)
+        return encoded, self._unpruned(encoded)
+
+    def _unpruned(self, encoded: Any) -> VisionOut:
+        """The stock encoder output (``pooler_output``: one ``[N_i, D]`` per image) as a keep-all :class:`VisionOut`."""
+        return VisionOut.unpruned(encoded.pooler_output)
 
     def _hook(self, module: nn.Module, key: CaptureKey) -> None:
         def store(_module: nn.Module, _args: Any, output: Tensor) -> None:
@@ -576,6 +587,7 @@ class PrunedDecoderAdapter(ModelAdapter):
         if self._marker is not None:
             diagnostics["roles.marker_found"] = marker_found
         seq_valid_count = valid.sum(dim=1)
+        deepstack = features.deepstack if features is not None else None
 
         call.capture = {}
         try:
@@ -593,6 +605,8 @@ class PrunedDecoderAdapter(ModelAdapter):
                 seq.hidden = hf.call_decoder_layer(
                     layer, seq.hidden, mask=mask, position_ids=self._text_positions(seq.pos), position_embeddings=embeddings, cache=cache
                 )
+                if deepstack is not None and i < len(deepstack):
+                    seq.hidden = add_feature_rows(seq.hidden, seq.feature, seq.valid, deepstack[i])
         finally:
             call.capture = None
         hidden = self._lm.norm(seq.hidden)
@@ -642,7 +656,7 @@ class PrunedDecoderAdapter(ModelAdapter):
             _check_left_padded(bad_padding)
             if has_image:
                 raise ValueError("the prompt has image tokens but no pixel_values or image features were given")
-            seq = Seq(embeds, valid, pos, roles, src, prompt)
+            seq = Seq(embeds, valid, pos, roles, src, prompt, torch.full_like(src, -1))
             return seq.gather(keep, width), torch.zeros(0, dtype=torch.long, device=device)
         counts = features.token_counts
         flat = image.flatten()
@@ -672,7 +686,9 @@ class PrunedDecoderAdapter(ModelAdapter):
                 f"features: {total} ({counts.numel()} images of {counts.tolist()} tokens)"
             )
         embeds = embeds.masked_scatter(slot_keep[..., None], features.kept.to(embeds.dtype))
-        seq = Seq(embeds, valid, pos, roles, src, prompt)
+        # each kept placeholder's row in features.kept: both are in row-major placeholder order
+        feature = torch.where(slot_keep, slot_keep.flatten().cumsum(0).view(b, n) - 1, -1)
+        seq = Seq(embeds, valid, pos, roles, src, prompt, feature)
         if features.extra is None:
             return seq.gather(keep, width), image_sample
         extra_seq, extra_key = _extra_tokens(last, (b, n), pos, features.extra.to(embeds.dtype), most)
@@ -922,6 +938,7 @@ def _extra_tokens(
         roles=torch.full((b, m), int(TokenRole.IMAGE), dtype=torch.long, device=device),
         src=torch.full((b, m), -1, dtype=torch.long, device=device),
         prompt=valid.clone(),
+        feature=torch.full((b, m), -1, dtype=torch.long, device=device),  # made by the strategy: no patch row
     )
     return seq, key
 

@@ -1,4 +1,4 @@
-"""The built-in adapter plugin (entry point ``llava`` in group ``tokprune``): LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL."""
+"""The built-in adapter plugin (entry point ``llava`` in group ``tokprune``): LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL, Qwen3-VL."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ def register_adapters(register: Callable[..., None]) -> None:
     from .llava import LlavaAdapter
     from .llava_next import LlavaNextAdapter
     from .qwen2_5_vl import Qwen2_5_VLAdapter
+    from .qwen3_vl import Qwen3VLAdapter
 
     register(LlavaAdapter)
     register(LlavaNextAdapter)
     register(Qwen2_5_VLAdapter)
+    register(Qwen3VLAdapter)

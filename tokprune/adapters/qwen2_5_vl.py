@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -36,6 +36,9 @@ class Qwen2_5_VLAdapter(PrunedDecoderAdapter):
     """HF ``Qwen2_5_VLForConditionalGeneration``: images of any size, no CLS, 3-D positions."""
 
     name = "qwen2_5_vl"
+    #: the family as messages name it, and the HF class it patches (Qwen3-VL subclasses this adapter)
+    label: ClassVar[str] = "Qwen2.5-VL"
+    model_class: ClassVar[str] = "Qwen2_5_VLForConditionalGeneration"
     # 5.6 lacks the image field and merges no M-RoPE axes in the rotary embedding (refused at patch()).
     min_transformers = "5.24.0"
     variable_image_tokens = True
@@ -44,8 +47,8 @@ class Qwen2_5_VLAdapter(PrunedDecoderAdapter):
     @classmethod
     def mismatch(cls, model: nn.Module) -> str:
         names = {c.__name__ for c in type(model).__mro__}
-        if "Qwen2_5_VLForConditionalGeneration" not in names:
-            return f"expected a Qwen2_5_VLForConditionalGeneration, got {type(model).__name__}"
+        if cls.model_class not in names:
+            return f"expected a {cls.model_class}, got {type(model).__name__}"
         return ""
 
     @classmethod
@@ -61,9 +64,8 @@ class Qwen2_5_VLAdapter(PrunedDecoderAdapter):
         self._inner = model.model
         self._lm = self._inner.language_model
         self._config = model.config
-        self._output_class = hf.qwen2_5_vl_output_class()
-        hf.check_model(self._lm, None, self._output_class, image_field=False)  # no image field before 5.24
-        hf.check_mrope(self._inner, self._lm)
+        self._output_class = self._family_output_class()
+        self._check_features()
         self._image_token_id = self._config.image_token_id
         self._init_decoder()
         self._check_cls(tower_has_cls=False)
@@ -83,6 +85,15 @@ class Qwen2_5_VLAdapter(PrunedDecoderAdapter):
             kv_dim=kv_width(self._lm.config),
         )
 
+    @staticmethod
+    def _family_output_class() -> type:
+        return hf.qwen2_5_vl_output_class()
+
+    def _check_features(self) -> None:
+        """Refuse (before anything is touched) what the installed transformers lacks for this family."""
+        hf.check_model(self._lm, None, self._output_class, image_field=False)  # no image field before 5.24
+        hf.check_mrope(self._inner, self._lm)
+
     def _install_family(self) -> None:
         if self.pipeline.vision is None:
             return
@@ -92,7 +103,7 @@ class Qwen2_5_VLAdapter(PrunedDecoderAdapter):
         def get_image_features(pixel_values: Tensor, image_grid_thw: Tensor, *args: Any, **kwargs: Any) -> Any:
             with self._active(CallState(self)) as call:
                 encoded = original(pixel_values, image_grid_thw, return_dict=True)
-                return PrunedImageFeatures.of(self._prune(call, encoded.pooler_output, image_grid_thw))
+                return PrunedImageFeatures.of(self._prune(call, encoded, image_grid_thw))
 
         self._state.set_attribute(self._inner, "get_image_features", get_image_features)
 
@@ -132,34 +143,36 @@ class Qwen2_5_VLAdapter(PrunedDecoderAdapter):
         grid = options.get("image_grid_thw")  # kept in options: positions need it too
         if options.get("pixel_values_videos") is not None or options.get("video_grid_thw") is not None:
             raise UnsupportedModelError(
-                "videos are not supported on a pruned Qwen2.5-VL (images only); call handle.remove() to run them"
+                f"videos are not supported on a pruned {self.label} (images only); call handle.remove() to run them"
             )
         if encoded is not None:  # pre-encoded by generate() through get_image_features
             return self._pre_encoded(encoded)
         if pixel_values is None:
             return None, None
         if grid is None:
-            raise ValueError("Qwen2.5-VL needs image_grid_thw with pixel_values (the processor returns both)")
+            raise ValueError(f"{self.label} needs image_grid_thw with pixel_values (the processor returns both)")
         if self.pipeline.vision is None:
             encoded = self._inner.get_image_features(pixel_values, grid, return_dict=True)
-            out = VisionOut.unpruned(encoded.pooler_output)
+            out = self._unpruned(encoded)
             out.tower_runs = grid.prod(dim=-1)
             return encoded, out
         # The original tower and merger (our own patched attribute is not called back).
         original = type(self._inner).get_image_features.__get__(self._inner)
         encoded = original(pixel_values, grid, return_dict=True)
-        out = self._prune(call, encoded.pooler_output, grid)
+        out = self._prune(call, encoded, grid)
         return PrunedImageFeatures.of(out), out
 
-    def _prune(self, call: CallState, per_image: Sequence[Tensor], grid: Tensor) -> VisionOut:
-        """The strategy on each image's merged tokens (one padded row per image, ``lengths``)."""
+    def _prune(self, call: CallState, encoded: Any, grid: Tensor) -> VisionOut:
+        """The strategy on each image's merged tokens (``encoded.pooler_output``: one ``[N_i, D]`` per image),
+        seen as one padded row per image with ``lengths``."""
         step = self.pipeline.vision
         assert step is not None
+        per_image: Sequence[Tensor] = encoded.pooler_output
         features = torch.nn.utils.rnn.pad_sequence(list(per_image), batch_first=True)  # [I, L, D]
         lengths = torch.tensor([p.shape[0] for p in per_image], device=features.device)
 
         def fetch(signal: Signal) -> Any:  # unreachable: CLS-reading strategies are refused at patch()
-            raise UnsupportedModelError(f"Qwen2.5-VL's tower provides no {signal}")
+            raise UnsupportedModelError(f"{self.label}'s tower provides no {signal}")
 
         vcfg = self._config.vision_config
         signals = VisionSignals(fetch, vcfg.depth, vcfg.num_heads, declared=frozenset(), lengths=lengths)

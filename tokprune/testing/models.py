@@ -31,6 +31,7 @@ __all__ = [
     "tiny_llava_config",
     "tiny_llava_next",
     "tiny_qwen2_5_vl",
+    "tiny_qwen3_vl",
 ]
 
 
@@ -230,39 +231,31 @@ def tiny_llava_next(
 QWEN_GRIDS: tuple[tuple[int, int, int], ...] = ((1, 4, 6), (1, 8, 4), (1, 4, 4), (1, 6, 8))
 
 
-def tiny_qwen2_5_vl(
-    seed: int = 0, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32
-) -> tuple[Any, Callable[..., dict[str, Tensor]]]:
-    """A random-weight tiny ``Qwen2_5_VLForConditionalGeneration`` (window attention, 2x2 patch merger,
-    M-RoPE) and ``make_inputs`` like :func:`tiny_llava`'s; sample ``i`` draws its image grid from its
-    seed, so images of one batch bring different numbers of tokens.
-    """
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+def _qwen_token_ids() -> dict[str, int]:
+    return {
+        "image_token_id": VOCAB.image,
+        "video_token_id": VOCAB.size - 1,
+        "vision_start_token_id": VOCAB.size - 3,
+        "vision_end_token_id": VOCAB.size - 2,
+    }
 
-    config = Qwen2_5_VLConfig(
-        vision_config={
-            "depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64,
-            "patch_size": 4, "temporal_patch_size": 2, "spatial_merge_size": 2, "window_size": 16,
-            "fullatt_block_indexes": [1], "in_channels": 3, "initializer_range": 0.08,
-        },
-        text_config={
-            "vocab_size": VOCAB.size, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
-            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-            "initializer_range": 0.08, "bos_token_id": VOCAB.bos, "eos_token_id": VOCAB.eos, "pad_token_id": VOCAB.pad,
-        },
-        image_token_id=VOCAB.image,
-        video_token_id=VOCAB.size - 1,
-        vision_start_token_id=VOCAB.size - 3,
-        vision_end_token_id=VOCAB.size - 2,
-        bos_token_id=VOCAB.bos,
-        eos_token_id=VOCAB.eos,
-        pad_token_id=VOCAB.pad,
-    )
+
+def _qwen_text_config(**extra: Any) -> dict[str, Any]:
+    return {
+        "vocab_size": VOCAB.size, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+        "initializer_range": 0.08, "bos_token_id": VOCAB.bos, "eos_token_id": VOCAB.eos, "pad_token_id": VOCAB.pad,
+        **extra,
+    }
+
+
+def _qwen_model(model_cls: Any, config: Any, seed: int, attn_implementation: str, dtype: torch.dtype) -> tuple[Any, Callable[..., dict[str, Tensor]]]:
+    """Build a Qwen-VL model from ``config`` and the ``make_inputs`` of :func:`tiny_qwen2_5_vl`."""
     for cfg in (config, config.text_config, config.vision_config):
         cfg._attn_implementation = attn_implementation
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config).to(dtype).eval()
+    model = model_cls(config).to(dtype).eval()
     model.generation_config = GenerationConfig(
         do_sample=False, max_new_tokens=6, pad_token_id=VOCAB.pad, bos_token_id=VOCAB.bos, eos_token_id=None
     )
@@ -295,6 +288,56 @@ def tiny_qwen2_5_vl(
         }
 
     return model, make_inputs
+
+
+def tiny_qwen2_5_vl(
+    seed: int = 0, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32
+) -> tuple[Any, Callable[..., dict[str, Tensor]]]:
+    """A random-weight tiny ``Qwen2_5_VLForConditionalGeneration`` (window attention, 2x2 patch merger,
+    M-RoPE) and ``make_inputs`` like :func:`tiny_llava`'s; sample ``i`` draws its image grid from its
+    seed, so images of one batch bring different numbers of tokens.
+    """
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    config = Qwen2_5_VLConfig(
+        vision_config={
+            "depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64,
+            "patch_size": 4, "temporal_patch_size": 2, "spatial_merge_size": 2, "window_size": 16,
+            "fullatt_block_indexes": [1], "in_channels": 3, "initializer_range": 0.08,
+        },
+        text_config=_qwen_text_config(),
+        **_qwen_token_ids(),
+        bos_token_id=VOCAB.bos,
+        eos_token_id=VOCAB.eos,
+        pad_token_id=VOCAB.pad,
+    )
+    return _qwen_model(Qwen2_5_VLForConditionalGeneration, config, seed, attn_implementation, dtype)
+
+
+#: Vision layers whose outputs the tiny Qwen3-VL adds after decoder layers 0, 1, 2 (DeepStack): the
+#: LLM-stage probes prune before layer 2, so one addition lands after a pruning point.
+QWEN3_DEEPSTACK: tuple[int, ...] = (0, 1, 2)
+
+
+def tiny_qwen3_vl(
+    seed: int = 0, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32
+) -> tuple[Any, Callable[..., dict[str, Tensor]]]:
+    """A random-weight tiny ``Qwen3VLForConditionalGeneration`` (full-attention ViT with learned position
+    embeddings, 2x2 patch merger, DeepStack mergers after vision layers :data:`QWEN3_DEEPSTACK`, Qwen3
+    text layers with q/k norms, interleaved M-RoPE) and the inputs of :func:`tiny_qwen2_5_vl`.
+    """
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    config = Qwen3VLConfig(
+        vision_config={
+            "depth": 3, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64,
+            "patch_size": 4, "temporal_patch_size": 2, "spatial_merge_size": 2, "num_position_embeddings": 16,
+            "deepstack_visual_indexes": list(QWEN3_DEEPSTACK), "in_channels": 3, "initializer_range": 0.08,
+        },
+        text_config=_qwen_text_config(head_dim=16),
+        **_qwen_token_ids(),
+    )
+    return _qwen_model(Qwen3VLForConditionalGeneration, config, seed, attn_implementation, dtype)
 
 
 # -- a bare CLIP tower, for testing vision-stage strategies against reference computations ---------------
