@@ -36,6 +36,7 @@ def test_shipped_configs_load_and_plan(name):
         ("batch_size=abc", ["bad value for config key 'batch_size'", "abc"]),
         ("dtype=float33", ["'dtype'", "Did you mean 'float32'?", "Valid: auto, float32, bfloat16, float16"]),
         ("positions.llm=compat", ["'positions.llm'", "Did you mean 'compact'?", "keep, compact"]),
+        ("budget_scope=tiles", ["'budget_scope'", "Did you mean 'tile'?", "Valid: image, tile"]),
         ("dataset.name=json", ["'dataset.name'", "shapes, jsonl"]),
         ("device=tpu", ["'device'", "auto, cpu, cuda, cuda:N"]),
         ("batch_size=0", ["'batch_size' must be >= 1"]),
@@ -49,6 +50,14 @@ def test_bad_config_errors_name_key_and_choices(override, expected):
         load_config(None, [override])
     for part in expected:
         assert part in str(info.value)
+
+
+def test_budget_scopes_are_the_adapters_own():
+    from tokprune.ablation.config import BUDGET_SCOPES
+    from tokprune.adapters import BUDGET_SCOPES as ADAPTER_SCOPES
+
+    assert BUDGET_SCOPES == ADAPTER_SCOPES
+    assert load_config(None, ["budget_scope=tile"]).budget_scope == "tile"
 
 
 def test_bad_key_in_file_names_the_file(tmp_path):

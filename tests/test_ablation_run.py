@@ -258,6 +258,8 @@ def test_jsonl_dataset_yesno_end_to_end(tiny_model, tmp_path):
         (["batch_sise=3"], "Did you mean 'batch_size'?"),
         (["nope.yaml"], "config file not found: 'nope.yaml'"),
         (["strategies=[fastv(layer=9)]"], "layer"),
+        # the runner passes the budget scope to patch(): LLaVA-1.5 has no tiles, refused before any run
+        (["budget_scope=tile", "strategies=[topk(keep=8)]"], "budget_scope='tile' is not available on llava"),
     ],
 )
 def test_cli_errors_are_clear(tiny_model, tmp_path, capsys, args, message):

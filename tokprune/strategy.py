@@ -244,6 +244,10 @@ class VisionPlan:
     features: Tensor | None = None
     #: Extra tokens ``[B, E, C]`` appended after the kept ones (e.g. PruMerge's global token).
     extra: Tensor | None = None
+    #: bool ``[B, E]``: which extra tokens of each row are real, when the rows of one batch bring
+    #: different counts (images of different sizes: VisionZip's contextual tokens of an image smaller
+    #: than the budget). Only the real ones reach the LLM, in order. None: all ``E`` of every row.
+    extra_valid: Tensor | None = None
     #: Scores, knee index, fallbacks taken... Tensors are per sample (first dim B).
     diagnostics: dict[str, Any] = field(default_factory=dict)
 
@@ -467,6 +471,14 @@ def _checked_vision_plan(name: str, plan: Any, ctx: VisionContext) -> VisionPlan
         raise StrategyContractError(f"{name!r} returned features {tuple(plan.features.shape)}; expected {(b, n, c)}")
     if plan.extra is not None and (plan.extra.dim() != 3 or plan.extra.shape[0] != b or plan.extra.shape[2] != c):
         raise StrategyContractError(f"{name!r} returned extra {tuple(plan.extra.shape)}; expected (B={b}, E, C={c})")
+    if plan.extra_valid is not None:
+        e = None if plan.extra is None else plan.extra.shape[1]
+        valid = plan.extra_valid
+        if e is None or valid.dtype != torch.bool or tuple(valid.shape) != (b, e):
+            raise StrategyContractError(
+                f"{name!r} returned extra_valid {valid.dtype} {tuple(valid.shape)}; expected bool (B={b}, E={e}) "
+                "alongside extra"
+            )
     return plan
 
 

@@ -138,6 +138,7 @@ class Calibrator:
         handle = tokprune.patch(
             s.model, spec, vision_positions=s.cfg.positions.vision, llm_positions=s.cfg.positions.llm,
             question_end=s.processor.tokenizer,
+            budget_scope=s.cfg.budget_scope,
         )
         try:
             for start in range(0, len(self.samples), s.cfg.batch_size):

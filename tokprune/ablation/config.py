@@ -72,6 +72,7 @@ DEFAULT_KNOBS = {
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 POSITION_MODES = ("keep", "compact")
+BUDGET_SCOPES = ("image", "tile")  # tokprune.adapters.BUDGET_SCOPES, without importing the adapters
 DATASETS = ("shapes", "jsonl")
 SCORERS = ("auto", "shapes", "exact", "vqa", "yesno")
 SHAPES_SPLITS = ("test", "val")
@@ -170,6 +171,9 @@ class AblationConfig:
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     positions: PositionsConfig = field(default_factory=PositionsConfig)
+    # What a vision budget counts on tiled images (LLaVA-NeXT): image (base + tiles pooled) | tile (each
+    # tower pass its own budget, as VisionZip's and VisionPruner's code); families without tiles take image.
+    budget_scope: str = "image"
     batch_size: int = 64  # identical answers to smaller batches (batch == solo); ~30% less CPU time here
     max_new_tokens: int = 3
     dtype: str = "float32"
@@ -197,6 +201,7 @@ def validate(cfg: AblationConfig) -> None:
     _choices("attn_implementation", cfg.attn_implementation, ATTN_IMPLEMENTATIONS)
     _choices("positions.vision", cfg.positions.vision, POSITION_MODES)
     _choices("positions.llm", cfg.positions.llm, POSITION_MODES)
+    _choices("budget_scope", cfg.budget_scope, BUDGET_SCOPES)
     _choices("dataset.name", cfg.dataset.name, DATASETS)
     _choices("dataset.scorer", cfg.dataset.scorer, SCORERS)
     if not (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:")):

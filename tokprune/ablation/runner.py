@@ -178,6 +178,7 @@ class Session:
             vision_positions=cfg.positions.vision,
             llm_positions=cfg.positions.llm,
             question_end=self.processor.tokenizer,  # the question ends at the "ASSISTANT:" marker
+            budget_scope=cfg.budget_scope,
         )
         try:
             with PeakMemory(self.device) as peak:
@@ -289,6 +290,7 @@ def resolved_run_config(
         "dataset": {**full["dataset"], "n": len(dataset.samples)},
         "spec": spec,
         "positions": full["positions"],
+        **_budget_scope(cfg),
         "batch_size": cfg.batch_size,
         "max_new_tokens": cfg.max_new_tokens,
         "dtype": cfg.dtype,
@@ -505,6 +507,7 @@ def _calibrator(session: Session, out_dir: Path, fingerprint: str) -> Calibrator
         "model_fingerprint": fingerprint, "calibration": to_container(cfg)["calibration"],
         "dataset": session.calibration.name, "n": len(session.calibration.samples),
         "positions": to_container(cfg)["positions"], "dtype": cfg.dtype, "prompt_suffix": cfg.dataset.prompt_suffix,
+        **_budget_scope(cfg),
     }
     # Only rank 0 writes the cache; every rank measures the same numbers.
     path = out_dir / CALIBRATION_FILE if session.dist.is_main else None
@@ -560,7 +563,14 @@ def _check_patchable(session: Session, runs: Sequence[planning.PlannedRun]) -> N
     import tokprune
 
     for run in runs:
-        tokprune.patch(session.model, run.spec, question_end=session.processor.tokenizer).remove()
+        tokprune.patch(
+            session.model, run.spec, question_end=session.processor.tokenizer, budget_scope=session.cfg.budget_scope
+        ).remove()
+
+
+def _budget_scope(cfg: AblationConfig) -> dict[str, str]:
+    """The budget scope as a run-identity key, only when not the default: the keys of earlier runs stay valid."""
+    return {} if cfg.budget_scope == "image" else {"budget_scope": cfg.budget_scope}
 
 
 def _fill_agreement(rows: list[dict[str, Any]], baseline: list[dict[str, Any]] | None) -> None:

@@ -7,6 +7,15 @@ built in), validates everything, then patches this instance only. ``handle.remov
 After each call ``handle.stats`` holds the :class:`~tokprune.stats.PruneStats` of the prefill.
 """
 
-from ._base import ModelAdapter, PatchState, handle_of, patch, pruned, registered_adapters, unpatch
+from ._base import BUDGET_SCOPES, ModelAdapter, PatchState, handle_of, patch, pruned, registered_adapters, unpatch
 
-__all__ = ["ModelAdapter", "PatchState", "handle_of", "patch", "pruned", "registered_adapters", "unpatch"]
+__all__ = [
+    "BUDGET_SCOPES",
+    "ModelAdapter",
+    "PatchState",
+    "handle_of",
+    "patch",
+    "pruned",
+    "registered_adapters",
+    "unpatch",
+]

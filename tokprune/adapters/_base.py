@@ -16,10 +16,14 @@ from ..errors import StrategyParamError, UnsupportedModelError
 from ..pipeline import Pipeline
 from ..stats import PruneStats
 
-__all__ = ["ModelAdapter", "PatchState", "patch", "pruned", "registered_adapters", "unpatch"]
+__all__ = ["BUDGET_SCOPES", "ModelAdapter", "PatchState", "patch", "pruned", "registered_adapters", "unpatch"]
 
 Positions = Literal["keep", "compact"]
 POSITION_MODES: tuple[str, ...] = ("keep", "compact")
+BudgetScope = Literal["image", "tile"]
+#: What a vision-stage budget counts on tiled images (docs/adapters.md, "Budgets on tiled images"):
+#: ``image`` one strategy row per image (base view and tiles pooled), ``tile`` one row per tower pass.
+BUDGET_SCOPES: tuple[str, ...] = ("image", "tile")
 
 _MISSING = object()
 
@@ -76,6 +80,8 @@ class ModelAdapter(abc.ABC):
     #: own minimum, ``tokprune.hf_compat.TESTED_MIN``). Below it the contract suite skips the family;
     #: ``patch()`` still refuses on a missing feature, by detection.
     min_transformers: ClassVar[str | None] = None
+    #: The ``budget_scope`` values this family honours (tiled families add ``"tile"``).
+    budget_scopes: ClassVar[tuple[str, ...]] = ("image",)
 
     def __init__(
         self,
@@ -85,10 +91,19 @@ class ModelAdapter(abc.ABC):
         vision_positions: Positions = "keep",
         llm_positions: Positions = "keep",
         question_end: Sequence[int] | Any | None = None,
+        budget_scope: BudgetScope = "image",
     ) -> None:
         for option, value in (("vision_positions", vision_positions), ("llm_positions", llm_positions)):
             if value not in POSITION_MODES:
                 raise StrategyParamError(f"{option} must be one of: {', '.join(POSITION_MODES)}; got {value!r}")
+        if budget_scope not in BUDGET_SCOPES:
+            raise StrategyParamError(f"budget_scope must be one of: {', '.join(BUDGET_SCOPES)}; got {budget_scope!r}")
+        if budget_scope not in self.budget_scopes:
+            raise StrategyParamError(
+                f"budget_scope={budget_scope!r} is not available on {self.name}: its images are not tiled; "
+                f"valid here: {', '.join(self.budget_scopes)}"
+            )
+        self.budget_scope = budget_scope
         self.model = model
         self.pipeline = pipeline
         self.vision_positions = vision_positions
@@ -196,6 +211,7 @@ def patch(
     vision_positions: Positions = "keep",
     llm_positions: Positions = "keep",
     question_end: Sequence[int] | Any | None = None,
+    budget_scope: BudgetScope = "image",
 ) -> ModelAdapter:
     """Prune ``model`` (this instance only) with the pipeline ``spec``; returns the handle.
 
@@ -207,7 +223,11 @@ def patch(
     question (LLaVA-1.5's ``ASSISTANT:``) is protected by default, read from the tokenizer saved with the
     model (:mod:`tokprune.adapters.roles`). ``question_end`` overrides it: a token-id sequence (the
     assistant marker) or a tokenizer/processor whose chat template to read (without one: the ids of
-    ``"ASSISTANT:"``); with neither, the question runs to the last prompt token. Everything is validated
+    ``"ASSISTANT:"``); with neither, the question runs to the last prompt token. ``budget_scope`` says
+    what a vision-stage budget counts on tiled images (LLaVA-NeXT's AnyRes): ``"image"`` (the default)
+    one strategy row per image, base view and tiles pooled; ``"tile"`` one row per tile and base view,
+    as VisionZip's and VisionPruner's LLaVA-NeXT code do; families without tiles accept only
+    ``"image"``. Everything is validated
     before the model is touched; ``handle.remove()`` (or :func:`unpatch`) restores it exactly.
     """
     from ..registry import get
@@ -225,6 +245,7 @@ def patch(
         vision_positions=vision_positions,
         llm_positions=llm_positions,
         question_end=question_end,
+        budget_scope=budget_scope,
     )
     try:
         handle._install()

@@ -36,7 +36,7 @@ import inspect
 import weakref
 from collections.abc import Iterator, Sequence
 from contextvars import ContextVar
-from dataclasses import dataclass, field, replace
+from dataclasses import KW_ONLY, dataclass, field, replace
 from typing import Any, ClassVar
 
 import torch
@@ -47,7 +47,7 @@ from ..errors import MissingCapabilityError, StrategyParamError, UnsupportedMode
 from ..pipeline import Pipeline
 from ..stats import FlopModel, PruneStats
 from ..strategy import LLMAttention, LLMContext, PruningStrategy, TokenRole
-from ._base import ModelAdapter, Positions
+from ._base import BudgetScope, ModelAdapter, Positions
 from ._seq import Seq, add_feature_rows, compact_positions, packed_width, scatter_rows, token_roles
 from .roles import resolve_marker
 
@@ -95,9 +95,14 @@ class VisionOut:
     lengths: Tensor | None = None
     #: long ``[I]``: tower passes each image cost (AnyRes: its tiles); None: one each.
     tower_runs: Tensor | None = None
+    # Optional family features are keyword-only: two branches once each appended one positionally.
+    _: KW_ONLY
     #: DeepStack (Qwen3-VL): one ``[S, D]`` per decoder layer ``i`` (rows aligned with ``kept``), added to
     #: the kept image tokens' hidden states after layer ``i``, wherever they are by then; None: no additions.
     deepstack: list[Tensor] | None = None
+    #: bool ``[I, E]``: which extra tokens of each image are real (images bringing different counts,
+    #: e.g. one set per AnyRes tile); None: all ``E`` of every image.
+    extra_valid: Tensor | None = None
 
     @classmethod
     def unpruned(cls, per_image: Sequence[Tensor]) -> VisionOut:
@@ -117,8 +122,16 @@ class VisionOut:
     @property
     def kept_counts(self) -> Tensor:
         """long ``[I]``: tokens of each image entering the LLM (kept + extra)."""
-        extra = 0 if self.extra is None else self.extra.shape[1]
-        return self.keep.sum(dim=1) + extra
+        return self.keep.sum(dim=1) + self.extra_counts
+
+    @property
+    def extra_counts(self) -> Tensor | int:
+        """Extra tokens of each image: long ``[I]`` when they differ (``extra_valid``), else one int."""
+        if self.extra is None:
+            return 0
+        if self.extra_valid is not None:
+            return self.extra_valid.sum(dim=1)
+        return self.extra.shape[1]
 
 
 @dataclass
@@ -140,12 +153,15 @@ class PrunedImageFeatures(hf.BaseModelOutputWithPooling):
     kept: Tensor | None = None
     extra: Tensor | None = None
     deepstack: list[Tensor] | None = None
+    extra_valid: Tensor | None = None
 
     @classmethod
     def of(cls, out: VisionOut) -> PrunedImageFeatures:
         # The one sync left here: HF's contract is a list of per-image tensors, whose sizes live on the device.
         per_image = list(out.kept.split(out.keep.sum(dim=1).tolist()))
-        if out.extra is not None:
+        if out.extra is not None and out.extra_valid is not None:
+            per_image = [torch.cat([p, e[v]]) for p, e, v in zip(per_image, out.extra, out.extra_valid)]
+        elif out.extra is not None:
             per_image = [torch.cat([p, e]) for p, e in zip(per_image, out.extra)]
         num_extra = 0 if out.extra is None else int(out.extra.shape[1])
         return cls(
@@ -158,6 +174,7 @@ class PrunedImageFeatures(hf.BaseModelOutputWithPooling):
             kept=out.kept,
             extra=out.extra,
             deepstack=out.deepstack,
+            extra_valid=out.extra_valid,
         )
 
     def vision_out(self) -> VisionOut:
@@ -165,14 +182,26 @@ class PrunedImageFeatures(hf.BaseModelOutputWithPooling):
         if self.kept is not None:
             diagnostics = dict(self.diagnostics or {})
             return VisionOut(
-                self.kept, self.keep, self.extra, diagnostics, self.lengths, self.tower_runs, self.deepstack
+                self.kept,
+                self.keep,
+                self.extra,
+                diagnostics,
+                self.lengths,
+                self.tower_runs,
+                deepstack=self.deepstack,
+                extra_valid=self.extra_valid,
+            )
+        if self.extra_valid is not None:
+            raise ValueError(
+                "image features with a different number of extra tokens per image must carry their kept and extra "
+                "tensors (pass the PrunedImageFeatures get_image_features returned, unchanged)"
             )
         per_image, keep, e = list(self.pooler_output), self.keep, self.num_extra or 0
         counts = keep.sum(dim=1).tolist()
         kept = torch.cat([p[:c] for p, c in zip(per_image, counts)])
         extra = torch.stack([p[c:] for p, c in zip(per_image, counts)]) if e else None
         diagnostics = dict(self.diagnostics or {})
-        return VisionOut(kept, keep, extra, diagnostics, self.lengths, self.tower_runs, self.deepstack)
+        return VisionOut(kept, keep, extra, diagnostics, self.lengths, self.tower_runs, deepstack=self.deepstack)
 
 
 @dataclass
@@ -255,9 +284,15 @@ class PrunedDecoderAdapter(ModelAdapter):
         vision_positions: Positions = "keep",
         llm_positions: Positions = "keep",
         question_end: Sequence[int] | Any | None = None,
+        budget_scope: BudgetScope = "image",
     ) -> None:
         super().__init__(
-            model, pipeline, vision_positions=vision_positions, llm_positions=llm_positions, question_end=question_end
+            model,
+            pipeline,
+            vision_positions=vision_positions,
+            llm_positions=llm_positions,
+            question_end=question_end,
+            budget_scope=budget_scope,
         )
         self._marker = resolve_marker(question_end, model)
         self._marker_ids: dict[torch.device, Tensor] = {}  # the marker as a tensor per device, built once
@@ -674,8 +709,11 @@ class PrunedDecoderAdapter(ModelAdapter):
         within = (rank - 1 - (ends - counts)[img]).clamp(0, features.keep.shape[1] - 1)
         slot_keep = (flat & features.keep[img, within]).view(b, n)
         keep &= ~image | slot_keep
-        e = 0 if features.extra is None else features.extra.shape[1]
-        packed = keep.sum(dim=1) + e * per_sample  # tokens of each sample after the assembly
+        e = features.extra_counts
+        if isinstance(e, Tensor):  # a different number of extra tokens per image: summed per sample
+            packed = keep.sum(dim=1) + torch.zeros_like(per_sample).index_add_(0, image_sample, e)
+        else:
+            packed = keep.sum(dim=1) + e * per_sample  # tokens of each sample after the assembly
         bad_padding, tokens, total, most, width = torch.stack(
             [right_padded.long(), flat.sum(), counts.sum(), *(torch.stack([per_sample, packed]).amax(dim=1) if b else [flat.sum()] * 2)]
         ).tolist()
@@ -691,7 +729,9 @@ class PrunedDecoderAdapter(ModelAdapter):
         seq = Seq(embeds, valid, pos, roles, src, prompt, feature)
         if features.extra is None:
             return seq.gather(keep, width), image_sample
-        extra_seq, extra_key = _extra_tokens(last, (b, n), pos, features.extra.to(embeds.dtype), most)
+        extra_seq, extra_key = _extra_tokens(
+            last, (b, n), pos, features.extra.to(embeds.dtype), most, features.extra_valid
+        )
         # Put each image's extra tokens right after its block, then pack as usual.
         key = torch.cat([idx[None, :].expand(b, n).double(), extra_key], dim=1)
         order = torch.sort(key, dim=1, stable=True).indices
@@ -905,13 +945,14 @@ def _check_left_padded(right_padded: bool) -> None:
 
 
 def _extra_tokens(
-    end: Tensor, shape: tuple[int, int], pos: Tensor, extra: Tensor, most_images: int
+    end: Tensor, shape: tuple[int, int], pos: Tensor, extra: Tensor, most_images: int, extra_valid: Tensor | None = None
 ) -> tuple[Seq, Tensor]:
     """Extra tokens of each image placed right after its block: ``(Seq [B, M, D], order key [B, M])``.
 
     ``end`` (long ``[I]``) is the flat index in the ``[B, n]`` sequence of each image's last placeholder.
     In ``keep`` mode the extra tokens share that placeholder's position id. ``most_images``: the most
-    images of one sample (read by the caller with its checks, so no sync here).
+    images of one sample (read by the caller with its checks, so no sync here). ``extra_valid`` (bool
+    ``[I, E]``): the real extra tokens of each image; the others get invalid slots, dropped by the packing.
     """
     b, n = shape
     num_images, e, d = extra.shape
@@ -925,7 +966,7 @@ def _extra_tokens(
     hidden = extra.new_zeros(b, m, d)
     hidden[rows, slots] = extra
     valid = torch.zeros(b, m, dtype=torch.bool, device=device)
-    valid[rows, slots] = True
+    valid[rows, slots] = True if extra_valid is None else extra_valid
     key = torch.full((b, m), -1.0, dtype=torch.float64, device=device)
     key[rows, slots] = img_l[:, None].double() + (torch.arange(e, device=device)[None, :] + 1.0) / (e + 1)
     rest = pos.shape[2:]  # () for 1-D positions, (R,) for multi-axis ones (M-RoPE)

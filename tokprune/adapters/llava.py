@@ -200,4 +200,5 @@ class LlavaAdapter(PrunedDecoderAdapter):
         kept = projector(chosen[plan.keep])
         extra = projector(plan.extra) if plan.extra is not None and plan.extra.shape[1] > 0 else None
         diagnostics = {f"{step.name}.{k}": v for k, v in plan.diagnostics.items()}
-        return VisionOut(kept=kept, keep=plan.keep, extra=extra, diagnostics=diagnostics)
+        extra_valid = plan.extra_valid if extra is not None else None
+        return VisionOut(kept=kept, keep=plan.keep, extra=extra, diagnostics=diagnostics, extra_valid=extra_valid)

@@ -7,10 +7,14 @@ This file knows only LLaVA-NeXT:
   once per tile; the LLM sees the base view's ``N`` tokens, then the tiles' grid unpadded to the image's
   aspect ratio with an ``image_newline`` token after each row. :func:`~tokprune.hf_compat.anyres_layout`
   gives that order from the model's own packing;
-* the vision stage prunes **per image across base and tiles**: the strategy sees one row per image
-  (``lengths`` = its base + tile tokens, newlines excluded), with the base view's CLS as the image's CLS
-  (the q/k and hidden signals of each token come from its own tile). Budgets are per image
-  (docs/adapters.md). Only ``ragged_vision`` strategies run;
+* the vision stage prunes **per image across base and tiles** by default (``budget_scope="image"``):
+  the strategy sees one row per image (``lengths`` = its base + tile tokens, newlines excluded), with
+  the base view's CLS as the image's CLS (the q/k and hidden signals of each token come from its own
+  tile), so budgets count the image's own tokens. With ``budget_scope="tile"`` every tower pass (the
+  base view and each tile) is its own row, with its own CLS and the tile's tokens the LLM sees (after
+  unpadding), so budgets count per tile as VisionZip's and VisionPruner's LLaVA-NeXT code do; the
+  plans are mapped back to the image, each row's extra tokens following the image's kept tokens
+  (docs/adapters.md, "Budgets on tiled images"). Only ``ragged_vision`` strategies run;
 * **newline tokens** are not visual content and are never pruned: they stay as row separators after
   the kept tokens of their row (an all-dropped row leaves its newline). They count as visual tokens
   in the stats (the LLM processes them);
@@ -20,6 +24,7 @@ This file knows only LLaVA-NeXT:
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,7 +34,7 @@ from .. import hf_compat as hf
 from ..errors import MissingCapabilityError
 from ..pipeline import Pipeline
 from ..stats import FlopModel, kv_width, mlp_matrices
-from ..strategy import Signal, VisionContext, VisionSignals
+from ..strategy import Signal, VisionContext, VisionPlan, VisionSignals
 from .decoder import CallState, PrunedDecoderAdapter, PrunedImageFeatures, VisionOut
 
 __all__ = ["LlavaNextAdapter"]
@@ -46,6 +51,7 @@ class LlavaNextAdapter(PrunedDecoderAdapter):
 
     name = "llava_next"
     variable_image_tokens = True
+    budget_scopes = ("image", "tile")
 
     @classmethod
     def mismatch(cls, model: nn.Module) -> str:
@@ -183,15 +189,19 @@ class LlavaNextAdapter(PrunedDecoderAdapter):
                 return per_image(q), per_image(k)
             return per_image(hidden[signal.layer])
 
-        signals = VisionSignals(
-            fetch, cfg.num_hidden_layers, cfg.num_attention_heads, declared=self._signals, lengths=lengths
-        )
         features = hidden[self._config.vision_feature_layer][tile, patch]  # [I, L, C]
-        plan = step(VisionContext(features=features, signals=signals, lengths=lengths))
+        if self.budget_scope == "tile":
+            plan = self._plan_per_tile(hidden, captured, tile, patch, source_valid)
+        else:
+            signals = VisionSignals(
+                fetch, cfg.num_hidden_layers, cfg.num_attention_heads, declared=self._signals, lengths=lengths
+            )
+            plan = step(VisionContext(features=features, signals=signals, lengths=lengths))
         chosen = plan.features if plan.features is not None else features
         projector = self._inner.multi_modal_projector
         projected = projector(chosen[plan.keep])
-        extra = projector(plan.extra) if plan.extra is not None and plan.extra.shape[1] > 0 else None
+        has_extra = plan.extra is not None and plan.extra.shape[1] > 0
+        extra = projector(plan.extra) if has_extra else None
         # Back to the LLM's order: each non-newline slot takes its token's decision, newlines are kept.
         rank = ((~newline & packed_valid).long().cumsum(dim=1) - 1).clamp(min=0)
         keep = packed_valid & (newline | plan.keep.gather(1, rank.clamp(max=plan.keep.shape[1] - 1)))
@@ -200,7 +210,114 @@ class LlavaNextAdapter(PrunedDecoderAdapter):
         kept[~kept_newline] = projected
         diagnostics = {f"{step.name}.{k}": v for k, v in plan.diagnostics.items()}
         runs = torch.tensor(tiles, device=keep.device)
-        return VisionOut(kept, keep, extra, diagnostics, lengths=packed_valid.sum(dim=1), tower_runs=runs)
+        return VisionOut(
+            kept,
+            keep,
+            extra,
+            diagnostics,
+            packed_valid.sum(dim=1),
+            runs,
+            extra_valid=plan.extra_valid if has_extra else None,
+        )
+
+    def _plan_per_tile(
+        self, hidden: list[Tensor], captured: dict, tile: Tensor, patch: Tensor, valid: Tensor
+    ) -> VisionPlan:
+        """``budget_scope="tile"``: the strategy's rows are the tower passes, its plan mapped back per image.
+
+        ``tile``/``patch``/``valid`` (``[I, L]``) name each image token's tower pass and index in it (CLS
+        at 0). Each row is one pass: its CLS, then those of its tokens the LLM sees, in raster order
+        (unpadding drops some), so ``lengths`` is per pass. Returns the plan in image rows: ``keep`` and
+        ``features`` ``[I, L]``; ``extra`` ``[I, K*E, C]`` with ``extra_valid``, each image's rows' extra
+        tokens in row order (K: the most rows of one image); diagnostics stay per row, with
+        ``row_image`` (long ``[R]``) naming each row's image.
+        """
+        step = self.pipeline.vision
+        assert step is not None
+        cfg = self._tower.config
+        rows = _tile_rows(tile, patch, valid, hidden[0].shape[0], self._tokens_per_image)
+
+        def per_row(t: Tensor) -> Tensor:
+            """``[T, 1+N, C]`` (per pass) -> ``[R, 1+W, C]``: each row's CLS, then its tokens."""
+            return torch.cat([t[rows.tile, :1], t[rows.tile[:, None], rows.patch]], dim=1)
+
+        def fetch(signal: Signal) -> Any:
+            if signal.kind == "qk":
+                q, k = captured[("vision", signal.layer, "q")], captured[("vision", signal.layer, "k")]
+                return per_row(q), per_row(k)
+            return per_row(hidden[signal.layer])
+
+        signals = VisionSignals(
+            fetch, cfg.num_hidden_layers, cfg.num_attention_heads, declared=self._signals, lengths=rows.lengths
+        )
+        features = hidden[self._config.vision_feature_layer][rows.tile[:, None], rows.patch]  # [R, W, C]
+        plan = step(VisionContext(features=features, signals=signals, lengths=rows.lengths))
+        row, slot = rows.row_of_tile[tile], rows.slot
+        keep = plan.keep[row, slot] & valid
+        mapped = None if plan.features is None else plan.features[row, slot]
+        extra, extra_valid = None, None
+        if plan.extra is not None and plan.extra.shape[1] > 0:
+            extra, extra_valid = _extra_per_image(plan.extra, plan.extra_valid, rows.row_image, tile.shape[0])
+        diagnostics = {**plan.diagnostics, "row_image": rows.row_image}
+        return VisionPlan(keep=keep, features=mapped, extra=extra, extra_valid=extra_valid, diagnostics=diagnostics)
+
+
+@dataclass(frozen=True)
+class _TileRows:
+    """The per-pass rows of ``budget_scope="tile"`` and how image tokens map onto them (R rows)."""
+
+    tile: Tensor  #: long ``[R]``: the tower pass of each row (passes left with no token get none)
+    patch: Tensor  #: long ``[R, W]``: each row's tokens as indices into its pass (CLS at 0), raster order
+    lengths: Tensor  #: long ``[R]``: real tokens of each row (the rest of ``patch`` is padding)
+    row_image: Tensor  #: long ``[R]``: the image each row belongs to
+    row_of_tile: Tensor  #: long ``[T]``: the row of each pass (0 for a pass with no token)
+    slot: Tensor  #: long ``[I, L]``: each image token's index within its row (0 where invalid)
+
+
+def _tile_rows(tile: Tensor, patch: Tensor, valid: Tensor, num_passes: int, n: int) -> _TileRows:
+    """Rows of ``budget_scope="tile"`` from the image rows' sources (pure index arithmetic).
+
+    ``tile``, ``patch`` (long ``[I, L]``): each image token's pass and index in it (1..n); ``valid``
+    (bool ``[I, L]``). Within a pass, the LLM's order (rows of the unpadded grid) is the pass's raster
+    order, so a row lists its pass's present tokens by ascending index.
+    """
+    device = tile.device
+    present = torch.zeros(num_passes, n + 1, dtype=torch.bool, device=device)
+    present[tile[valid], patch[valid]] = True
+    present = present[:, 1:]  # [T, n]: the pass's tokens the LLM sees
+    counts = present.sum(dim=1)
+    used = (counts > 0).nonzero().flatten()  # [R]
+    width = int(counts.max())
+    order = torch.sort((~present[used]).to(torch.int8), dim=1, stable=True).indices[:, :width] + 1  # [R, W]
+    lengths = counts[used]
+    row_of_tile = torch.zeros(num_passes, dtype=torch.long, device=device)
+    row_of_tile[used] = torch.arange(used.numel(), device=device)
+    image_of_tile = torch.zeros(num_passes, dtype=torch.long, device=device)
+    image_of_tile[tile[valid]] = torch.arange(tile.shape[0], device=device)[:, None].expand_as(tile)[valid]
+    rank = present.long().cumsum(dim=1) - 1  # [T, n]: index of each present token within its row
+    slot = torch.where(valid, rank[tile, patch - 1], 0)
+    return _TileRows(used, order, lengths, image_of_tile[used], row_of_tile, slot)
+
+
+def _extra_per_image(
+    extra: Tensor, extra_valid: Tensor | None, row_image: Tensor, num_images: int
+) -> tuple[Tensor, Tensor]:
+    """Per-row extra tokens ``[R, E, C]`` gathered per image: ``([I, K*E, C], valid bool [I, K*E])``.
+
+    Rows of one image are contiguous (passes are image-major); image ``i``'s slots hold its rows' extra
+    tokens in row order, K being the most rows of one image; a row's invalid extras stay invalid.
+    """
+    r, e, _ = extra.shape
+    per_image = torch.bincount(row_image, minlength=num_images)  # [I]
+    first = per_image.cumsum(0) - per_image
+    most = int(per_image.max())
+    k = torch.arange(most * e, device=extra.device)
+    local, which = k // e, k % e  # [K*E]
+    rows = (first[:, None] + local[None, :]).clamp(max=r - 1)  # [I, K*E]
+    valid = local[None, :] < per_image[:, None]
+    if extra_valid is not None:
+        valid = valid & extra_valid[rows, which[None, :]]
+    return extra[rows, which[None, :]], valid
 
 
 def _pad(rows: list[Tensor], fill: int) -> tuple[Tensor, Tensor]:

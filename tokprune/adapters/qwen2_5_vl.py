@@ -179,4 +179,12 @@ class Qwen2_5_VLAdapter(PrunedDecoderAdapter):
         plan = step(VisionContext(features=features, signals=signals, lengths=lengths))
         chosen = plan.features if plan.features is not None else features
         diagnostics = {f"{step.name}.{k}": v for k, v in plan.diagnostics.items()}
-        return VisionOut(chosen[plan.keep], plan.keep, plan.extra, diagnostics, lengths=lengths, tower_runs=grid.prod(dim=-1))
+        return VisionOut(
+            chosen[plan.keep],
+            plan.keep,
+            plan.extra,
+            diagnostics,
+            lengths,
+            grid.prod(dim=-1),
+            extra_valid=plan.extra_valid,
+        )

@@ -178,11 +178,12 @@ def check_remove_restores(adapter: type) -> None:
     assert not torch.allclose(pruned[:, -1], before[:, -1]), f"{adapter.name}: the ragged pipeline changed nothing"
 
 
-def check_batch_solo(adapter: type, atol: float = 1e-4) -> None:
+def check_batch_solo(adapter: type, atol: float = 1e-4, **options: Any) -> None:
+    """``options`` go to ``patch`` (e.g. ``budget_scope="tile"``)."""
     case = tiny_case(adapter)
     batch = case.make_inputs(LENGTHS)
     pipeline = _ragged(case)
-    with _patch(case.model, pipeline, case) as run:
+    with _patch(case.model, pipeline, case, **options) as run:
         logits, tokens = _logits(case.model, batch)[:, -1], _greedy(case.model, batch, case)
         stats = run.stats
         assert stats is not None
@@ -209,16 +210,16 @@ def contract_specs() -> list[str]:
     return [shallow.get(name, name) for name in tokprune.strategies.available()]
 
 
-def cache_equivalence(adapter: type, spec: Any) -> Tensor | None:
+def cache_equivalence(adapter: type, spec: Any, **options: Any) -> Tensor | None:
     """Greedy generation with the cache == without it for ``spec``; None when the adapter refuses ``spec``.
 
     A refusal must come at ``patch()`` (:class:`~tokprune.errors.MissingCapabilityError`, or a layer
-    out of this model's range), never during a forward.
+    out of this model's range), never during a forward. ``options`` go to ``patch``.
     """
     case = tiny_case(adapter)
     inputs = case.make_inputs(LENGTHS)
     try:
-        handle = _patch(case.model, spec, case)
+        handle = _patch(case.model, spec, case, **options)
     except (MissingCapabilityError, StrategyParamError):
         return None
     with handle:

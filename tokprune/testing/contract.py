@@ -351,7 +351,20 @@ def _vision_outputs(plan: VisionPlan) -> Iterator[tuple[str, Tensor]]:
     if plan.features is not None:
         yield "features", plan.features
     if plan.extra is not None:
-        yield "extra", plan.extra
+        # only the real extra tokens reach the LLM (``extra_valid``); a single row's are compared as ``[1, E', C]``
+        if plan.extra_valid is None:
+            yield "extra", plan.extra
+        elif plan.extra.shape[0] == 1:
+            yield "extra", plan.extra[:, plan.extra_valid[0]]
+        else:
+            yield "extra", plan.extra[plan.extra_valid]
+
+
+def _has_extra(plan: VisionPlan) -> bool:
+    """Whether any extra token of ``plan`` reaches the LLM (none: ``extra`` None, empty or all invalid)."""
+    if plan.extra is None:
+        return False
+    return bool(plan.extra_valid.any()) if plan.extra_valid is not None else plan.extra.shape[1] > 0
 
 
 def _check_plan(strategy: PruningStrategy, batch: Batch, plan: VisionPlan | LLMPlan, check: str) -> None:
@@ -395,7 +408,7 @@ def _same_plan(strategy: PruningStrategy, a: Any, b: Any, check: str, what: str,
             same = torch.equal(x, y) if exact else torch.allclose(x.float(), y.float(), rtol=1e-4, atol=1e-5)
             if not same:
                 raise _fail(strategy, check, f"{what}: {name} differ")
-        if (a.features is None) != (b.features is None) or (a.extra is None) != (b.extra is None):
+        if (a.features is None) != (b.features is None) or _has_extra(a) != _has_extra(b):
             raise _fail(strategy, check, f"{what}: one plan has merged/extra features, the other not")
     elif (a.hidden is None) != (b.hidden is None):
         raise _fail(strategy, check, f"{what}: one plan has merged hidden states, the other not")
@@ -413,6 +426,7 @@ def _slice_plan(plan: Any, i: int, start: int = 0) -> Any:
             keep=plan.keep[i : i + 1],
             features=None if plan.features is None else plan.features[i : i + 1],
             extra=None if plan.extra is None else plan.extra[i : i + 1],
+            extra_valid=None if plan.extra_valid is None else plan.extra_valid[i : i + 1],
         )
     hidden = None if plan.hidden is None else plan.hidden[i : i + 1, start:]
     return LLMPlan(keep=plan.keep[i : i + 1, start:], hidden=hidden)
@@ -520,6 +534,7 @@ def check_ragged(strategy: PruningStrategy) -> None:
                 keep=row.keep[:, :length],
                 features=None if row.features is None else row.features[:, :length],
                 extra=row.extra,
+                extra_valid=row.extra_valid,
             )
             _same_plan(strategy, cropped, solo, "ragged", f"image {i} of {length} patches (seed {seed})", exact=False)
 

@@ -124,6 +124,99 @@ def test_registered_through_the_entry_point():
     assert info.source.distribution == "tokprune-visionzip"
 
 
+# -- images of different sizes (ragged_vision: LLaVA-NeXT's AnyRes images) -------------------------
+
+
+class _Blind(VisionZip):
+    """VisionZip reading padding as tokens of the image (what the plugin did before cutting per image)."""
+
+    name = "blind_visionzip"
+
+    def plan(self, ctx):
+        from dataclasses import replace
+
+        return super().plan(replace(ctx, lengths=None))
+
+
+@pytest.mark.parametrize(
+    "spec", ["visionzip(dominant=6, contextual=4)", "visionzip(dominant=1, contextual=5, include_cls=false)"]
+)
+def test_each_image_of_a_ragged_batch_plans_what_it_plans_alone_and_a_length_blind_copy_fails(spec):
+    from tokprune.testing.contract import ContractFailure
+
+    (strategy,) = strategies.get(spec)
+    assert strategy.ragged_vision
+    CHECKS["ragged"](strategy)
+    with pytest.raises(ContractFailure, match="ragged"):
+        CHECKS["ragged"](_Blind(strategy.params))
+
+
+def test_counts_derive_from_each_images_own_length():
+    from tokprune.testing.contract import VisionBatch
+
+    strategy = VisionZip(dominant=6, contextual=4)
+    lengths = (64, 59, 9, 3)
+    plan = strategy(VisionBatch.make(strategy).ragged(lengths).context())
+    n = torch.tensor(lengths)
+    dominant = torch.clamp(n, max=5)
+    contextual = torch.clamp(n - dominant, max=4)  # 9 patches: 5 dominant, 4 left; 3 patches: none left
+    assert torch.equal(plan.keep.sum(dim=1), dominant)
+    assert torch.equal(plan.extra_valid.sum(dim=1), 1 + contextual)  # CLS + the image's own contextual tokens
+    assert plan.extra_valid[:, 0].all()  # the CLS slot comes first in every row
+    assert plan.diagnostics["dominant_clamped"].tolist() == [False, False, False, True]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_ragged_contextual_merge_is_the_reference_merge_row_by_row(seed):
+    gen = torch.Generator().manual_seed(seed)
+    hidden, metric = torch.randn(4, 13, 6, generator=gen), torch.randn(4, 13, 5, generator=gen)
+    remaining = torch.tensor([13, 7, 2, 0])
+    tokens, valid, assignment = plugin.contextual_merge_ragged(hidden, metric, remaining, 4)
+    for b, m in enumerate(remaining.tolist()):
+        solo, solo_assignment = plugin.contextual_merge(hidden[b : b + 1, :m], metric[b : b + 1, :m], 4)
+        assert int(valid[b].sum()) == solo.shape[1] == min(4, m)
+        torch.testing.assert_close(tokens[b, valid[b]], solo[0], rtol=1e-6, atol=1e-6)
+        merged = assignment[b, :m][assignment[b, :m] >= 0]
+        assert torch.equal(merged, solo_assignment[0])
+        assert (assignment[b, m:] == -1).all()  # padding joins no group
+
+
+@pytest.mark.parametrize("scope", ["image", "tile"])
+def test_on_llava_next_each_image_gets_its_solo_logits_in_both_budget_scopes(scope):
+    model, make_inputs = models.tiny_llava_next(seed=0)
+    lengths = (5, 2, 8)
+    batch = make_inputs(lengths)
+
+    def last_logits(inputs):
+        position_ids = (inputs["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
+        with torch.no_grad():
+            return model(**inputs, position_ids=position_ids).logits[:, -1].float()
+
+    spec = "visionzip(dominant=4, contextual=2)"
+    marker = models.VOCAB.assistant_marker
+    with tokprune.pruned(model, spec, question_end=marker, budget_scope=scope) as run:
+        logits = last_logits(batch)
+        kept = run.stats.visual_kept
+        for i, q in enumerate(lengths):
+            solo = make_inputs([q], seeds=[i])
+            torch.testing.assert_close(last_logits(solo)[0], logits[i], rtol=0, atol=1e-4)
+            assert run.stats.visual_kept[0] == kept[i]
+    from tokprune import hf_compat as hf
+
+    passes = torch.tensor(hf.anyres_tiles(model.config, batch["image_sizes"]))
+    newlines = torch.tensor([int(x.sum()) for x in _newline_counts(model, batch)])
+    rows = passes if scope == "tile" else torch.ones_like(passes)  # every row: 3 dominant + CLS + 2 contextual
+    assert torch.equal(kept, newlines + rows * 6)
+
+
+def _newline_counts(model, x):
+    from tokprune import hf_compat as hf
+
+    n = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
+    tiles = hf.anyres_tiles(model.config, x["image_sizes"])
+    return [lay == -1 for lay in hf.anyres_layout(model.model, tiles, n, x["image_sizes"], "default")]
+
+
 # -- tokprune's shipped contract suite, on the defaults and on edge settings -----------------------
 
 CONTRACT_SPECS = [
