@@ -200,7 +200,10 @@ class LlavaNextAdapter(PrunedDecoderAdapter):
         kept[~kept_newline] = projected
         diagnostics = {f"{step.name}.{k}": v for k, v in plan.diagnostics.items()}
         runs = torch.tensor(tiles, device=keep.device)
-        return VisionOut(kept, keep, extra, diagnostics, lengths=packed_valid.sum(dim=1), tower_runs=runs)
+        mapped = (keep & ~newline).sum(dim=1) + (0 if extra is None else extra.shape[1])  # newlines are not projected
+        return VisionOut(
+            kept, keep, extra, diagnostics, lengths=packed_valid.sum(dim=1), tower_runs=runs, projected=mapped
+        )
 
 
 def _pad(rows: list[Tensor], fill: int) -> tuple[Tensor, Tensor]:
