@@ -245,6 +245,9 @@ def build_qwen(
         image_token_id=QWEN_IMAGE,
         vision_start_token_id=QWEN_VISION_START,
         vision_end_token_id=QWEN_VISION_END,
+        # The CPU slice shares lm_head with the embedding (2.2 GB less fp32 memory on a shared 23 GiB
+        # machine); the prefill computes one row of logits (logits_to_keep=1) either way.
+        tie_word_embeddings=device == "cpu",
     )
     return _instantiate(Qwen2_5_VLForConditionalGeneration, config, dtype, device)
 

@@ -16,7 +16,7 @@ the papers count) so numbers compare with theirs. The prefill cost of one sample
 over the LLM layers (``n_l`` = non-padding tokens layer ``l`` processed), plus the vision tower (``C`` over
 its ``1+N`` tokens, at its widths and MLP shape, for each encoder layer, per image) and the projector
 (``n_p (c d + d^2)`` for the ``n_p`` projected tokens, ``c`` = vision width). Unpruned: every LLM layer sees
-the whole prompt and the projector all ``N`` patches per image.
+the whole prompt and the projector all ``N`` patches of every tower pass.
 
 Qwen2.5-VL's tower (:class:`WindowedTower`) is counted per image from its patch grid, because its
 attention is not one span over the image: most blocks attend within windows of ``w x w`` merged tokens
