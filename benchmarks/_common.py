@@ -214,6 +214,84 @@ def next_inputs(model: torch.nn.Module, image_size: tuple[int, int] = (672, 672)
     }
 
 
+#: Qwen2.5-VL-7B-Instruct's widths (its config.json): tower 32 blocks of 1280 (16 heads, gated MLP 3420),
+#: full attention in blocks 7/15/23/31, windows of 112 px; merger to 3584; Qwen2.5-7B LLM (28 layers,
+#: 28 heads, 4 key-value heads, MLP 18944, vocabulary 152064).
+QWEN_IMAGE, QWEN_VISION_START, QWEN_VISION_END = 151655, 151652, 151653
+
+
+def build_qwen(
+    dtype: torch.dtype, device: str = "cpu", *, vision_layers: int | None = None, llm_layers: int | None = None
+) -> torch.nn.Module:
+    """Qwen2.5-VL-7B-shaped ``Qwen2_5_VLForConditionalGeneration`` with random weights; depth 2 + 2 on the
+    CPU (block 1 full attention, block 0 windowed: one block of each kind), 32 + 28 on CUDA."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    depth = vision_layers or (32 if device != "cpu" else 2)
+    full = [i for i in (7, 15, 23, 31) if i < depth] if depth > 2 else [1]
+    config = Qwen2_5_VLConfig(
+        vision_config={
+            "depth": depth,
+            "hidden_size": 1280,
+            "intermediate_size": 3420,
+            "num_heads": 16,
+            "out_hidden_size": 3584,
+            "patch_size": 14,
+            "temporal_patch_size": 2,
+            "spatial_merge_size": 2,
+            "window_size": 112,
+            "fullatt_block_indexes": full,
+            "hidden_act": "silu",
+        },
+        text_config={
+            "vocab_size": 152064,
+            "hidden_size": 3584,
+            "intermediate_size": 18944,
+            "num_hidden_layers": llm_layers or (28 if device != "cpu" else 2),
+            "num_attention_heads": 28,
+            "num_key_value_heads": 4,
+            "max_position_embeddings": 32768,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+            "pad_token_id": 151643,
+        },
+        image_token_id=QWEN_IMAGE,
+        vision_start_token_id=QWEN_VISION_START,
+        vision_end_token_id=QWEN_VISION_END,
+        # The CPU slice shares lm_head with the embedding (2.2 GB less fp32 memory on a shared 23 GiB
+        # machine); the prefill computes one row of logits (logits_to_keep=1) either way.
+        tie_word_embeddings=device == "cpu",
+    )
+    return _instantiate(Qwen2_5_VLForConditionalGeneration, config, dtype, device)
+
+
+def qwen_inputs(
+    model: torch.nn.Module, image_size: tuple[int, int] = (1092, 1932), n_text: int = N_TEXT
+) -> dict[str, Tensor]:
+    """One ``<s> USER : <vision_start><image>*P<vision_end> question`` prompt for an image already resized
+    to ``image_size`` (h, w) px, multiples of ``patch * merge`` (28) as Qwen's processor makes them:
+    ``P = (h / 28) (w / 28)`` LLM tokens from ``(h / 14) (w / 14)`` patches."""
+    vcfg = model.config.vision_config
+    unit = vcfg.patch_size * vcfg.spatial_merge_size
+    h, w = image_size
+    if h % unit or w % unit or h < unit or w < unit:
+        raise ValueError(f"image_size must be positive multiples of {unit} px (Qwen's resize), got {image_size}")
+    grid = torch.tensor([[1, h // vcfg.patch_size, w // vcfg.patch_size]])
+    tokens = int(grid.prod()) // vcfg.spatial_merge_size**2
+    gen = torch.Generator().manual_seed(0)
+    text = torch.randint(100, 30000, (n_text - 2,), generator=gen)
+    image = torch.tensor([QWEN_VISION_START, *[model.config.image_token_id] * tokens, QWEN_VISION_END])
+    ids = torch.cat([text[:3], image, text[3:]])[None]
+    patch_dim = vcfg.in_channels * vcfg.temporal_patch_size * vcfg.patch_size**2
+    device, dtype = model.device, model.dtype
+    return {
+        "input_ids": ids.to(device),
+        "attention_mask": torch.ones_like(ids).to(device),
+        "pixel_values": torch.randn(int(grid.prod()), patch_dim, generator=gen).to(device, dtype),
+        "image_grid_thw": grid.to(device),
+        "mm_token_type_ids": (ids == model.config.image_token_id).int().to(device),
+    }
+
+
 def num_patches(model: torch.nn.Module) -> int:
     cfg = model.config.vision_config
     return (cfg.image_size // cfg.patch_size) ** 2

@@ -1,4 +1,5 @@
-"""Prefill benchmark of the LLaVA adapter (issue 3, item 9). A script, not a test.
+"""Prefill benchmark of the LLaVA adapter (issue 3, item 9), and of the LLaVA-NeXT and Qwen2.5-VL
+adapters at their high-resolution shapes (issue 12). A script, not a test.
 
 A LLaVA-1.5-7B-shaped model built from config with random weights, real widths (CLIP-L/14-336 tower,
 Llama-7B language model) but only 2 vision and 2 LLM layers; batch 1, 576 image + 64 text tokens;
@@ -11,12 +12,33 @@ fp32 and bf16. Prints, per dtype:
   layer K-1's attention in eager mode with its weights, last-token row);
 * one decode step against the pruned vs the unpruned KV cache.
 
+``--family next`` and ``--family qwen`` (or a list, ``--family llava,next,qwen``) print the prefill part
+for the other two families, each measured speedup beside the FLOP model's (``handle.stats``) and their ratio:
+
+* ``next``: a LLaVA-NeXT-7B-shaped ``LlavaNextForConditionalGeneration`` (``_common.build_next``: the same
+  tower and LLM widths and depth, llava-v1.6's AnyRes grids), one 672 x 672 image: the base view + 2 x 2
+  tiles (5 tower passes), 576 + 48^2 + 48 row newlines = 2,928 LLM tokens; ``topk(keep_ratio=0.22)`` and
+  ``cls_knee+text_interact(layer=1)`` through the ``llava_next`` adapter;
+* ``qwen``: a Qwen2.5-VL-7B-shaped ``Qwen2_5_VLForConditionalGeneration`` (``_common.build_qwen``: tower
+  1280 wide, 16 heads, gated MLP 3420, windows of 112 px, merger to 3584; LLM 3584 wide, MLP 18944, 28
+  heads, 4 key-value heads, vocabulary 152064), 2 vision blocks (one windowed, one full attention) + 2
+  LLM layers, one 1920 x 1080 (Full HD) image, which Qwen's processor keeps at native resolution and
+  rounds to 1932 x 1092 px: 69 x 39 = 2,691 LLM tokens (10,764 patches), near LLaVA-NeXT's 2,928 so the
+  families compare at like token counts. Its tower has no CLS token, so ``topk`` is refused; the 22% row
+  is ``random(keep_ratio=0.22)`` (the same kept count with no scoring cost, what the FLOP model counts),
+  the composite ``divprune(keep_ratio=0.22)+text_interact(layer=1)``.
+
+``--smoke`` runs every family on the tiny models of ``tokprune.testing.models`` with one round: a check
+that the script runs (seconds), not a measurement.
+
 Usage::
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_prefill.py [--repeats 5] [--dtypes fp32,bf16] [--device cuda]
+        [--family llava|next|qwen|llava,next,qwen] [--clock cpu] [--smoke]
 
-``--device cuda`` runs the full-depth model of ``_common.py`` instead (24 vision + 32 LLM layers, bf16 by
-default), timed with CUDA events after synchronising.
+``--device cuda`` runs the full-depth models of ``_common.py`` instead (LLaVA and LLaVA-NeXT: 24 vision +
+32 LLM layers; Qwen2.5-VL: 32 vision blocks, 4 of them full attention, + 28 LLM layers; bf16 by default),
+timed with CUDA events after synchronising.
 
 Times are the best of interleaved rounds (the machine is shared). Prefill runs with
 ``logits_to_keep=1`` (what ``generate`` does), pruned and unpruned alike.
@@ -48,6 +70,15 @@ TOPK = "topk(keep_ratio=0.22)"
 COMPOSITE = "cls_knee+text_interact(layer=1)"
 FASTV = "fastv(layer=1, keep_ratio=0.22)"
 DEVICE = "cpu"  # set by --device
+SMOKE = False  # set by --smoke: the tiny test models
+FAMILIES = ("llava", "next", "qwen")
+#: what each family compares with its unpruned prefill: 22% kept at the vision stage, then a composite
+#: with an LLM-stage step. Qwen2.5-VL's tower has no CLS token (``topk``/``cls_knee`` read it).
+SPECS = {
+    "llava": (TOPK, COMPOSITE),
+    "next": (TOPK, COMPOSITE),
+    "qwen": ("random(keep_ratio=0.22)", "divprune(keep_ratio=0.22)+text_interact(layer=1)"),
+}
 
 
 def build(dtype: torch.dtype) -> LlavaForConditionalGeneration:
@@ -87,6 +118,16 @@ def build(dtype: torch.dtype) -> LlavaForConditionalGeneration:
     with torch.device("cpu"):
         model = LlavaForConditionalGeneration(config)
     return model.to(dtype).eval()
+
+
+def llava_case(dtype: torch.dtype) -> tuple[LlavaForConditionalGeneration, dict[str, torch.Tensor]]:
+    """The LLaVA-1.5 model and prompt: the 7B-shaped slice, or the tiny test model with ``--smoke``."""
+    if SMOKE:
+        from tokprune.testing.models import tiny_llava
+
+        model, make = tiny_llava(seed=0, dtype=dtype)
+        return model, make((N_TEXT,))
+    return build(dtype), make_inputs(dtype)
 
 
 def make_inputs(dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -244,9 +285,11 @@ def decode_step(model, inputs, spec: str | None, repeats: int) -> float:
             handle.remove()
 
 
-def prefill_times(model, inputs, repeats: int) -> tuple[dict[str, float], dict[str, object], dict[str, object]]:
+def prefill_times(
+    model, inputs, repeats: int, specs: tuple[str, ...] = (TOPK, COMPOSITE)
+) -> tuple[dict[str, float], dict[str, object], dict[str, object]]:
     """Best prefill time of each variant, measured in interleaved rounds (same background load for all)."""
-    pipelines = {spec: tokprune.strategies.get(spec) for spec in (TOPK, COMPOSITE)}
+    pipelines = {spec: tokprune.strategies.get(spec) for spec in specs}
     contexts = {spec: spy(p) for spec, p in pipelines.items()}
     times: dict[str, list[float]] = {"unpruned": [], **{spec: [] for spec in pipelines}}
     stats = {}
@@ -263,14 +306,13 @@ def prefill_times(model, inputs, repeats: int) -> tuple[dict[str, float], dict[s
 def run_dtype(dtype: torch.dtype, repeats: int) -> None:
     name = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
     print(f"\n=== {name} ===", flush=True)
-    model = build(dtype)
-    inputs = make_inputs(dtype)
+    model, inputs = llava_case(dtype)
     best, stats, spied = prefill_times(model, inputs, repeats)
     one_layer = layer_time(model, inputs, repeats)
     t_full = best["unpruned"]
     print(
-        f"prefill unpruned                      {t_full * 1e3:8.1f} ms   (one LLM layer at 640 tokens: "
-        f"{one_layer * 1e3:.1f} ms)"
+        f"prefill unpruned                      {t_full * 1e3:8.1f} ms   (one LLM layer at "
+        f"{inputs['input_ids'].shape[1]} tokens: {one_layer * 1e3:.1f} ms)"
     )
     for spec in (TOPK, COMPOSITE):
         t, st = best[spec], stats[spec]
@@ -278,7 +320,7 @@ def run_dtype(dtype: torch.dtype, repeats: int) -> None:
         kept = {k: int(v[0]) for k, v in st.llm_kept.items()}
         print(
             f"prefill {spec:<30} {t * 1e3:8.1f} ms   speedup {t_full / t:4.2f}x measured, {predicted:4.2f}x "
-            f"FLOP model; visual kept {int(st.visual_kept[0])}/576, llm kept {kept}, "
+            f"FLOP model; visual kept {int(st.visual_kept[0])}/{st.visual_total}, llm kept {kept}, "
             f"tokens/layer {float(st.tokens_layer_avg[0]):.0f}"
         )
         pipeline, contexts = spied["pipelines"][spec], spied["contexts"][spec]
@@ -300,6 +342,80 @@ def run_dtype(dtype: torch.dtype, repeats: int) -> None:
     gc.collect()
 
 
+def family_case(family: str, dtype: torch.dtype, sizes: dict[str, tuple[int, int]]) -> tuple[object, dict, str]:
+    """Model, prompt and a one-line description of the LLaVA-NeXT or Qwen2.5-VL section."""
+    if SMOKE:
+        from tokprune.testing.models import tiny_llava_next, tiny_qwen2_5_vl
+
+        model, make = {"next": tiny_llava_next, "qwen": tiny_qwen2_5_vl}[family](seed=0, dtype=dtype)
+        return model, make((N_TEXT,)), "tiny test model (--smoke)"
+    if family == "next":
+        model = _common.build_next(dtype, DEVICE)
+        inputs = _common.next_inputs(model, sizes["next"])
+        passes = inputs["pixel_values"].shape[1]
+        widths = "CLIP-L/14-336 and Llama-7B widths, AnyRes over 336-px tiles"
+        image = f"{passes} tower passes (base + tiles)"
+    else:
+        model = _common.build_qwen(dtype, DEVICE)
+        inputs = _common.qwen_inputs(model, sizes["qwen"])
+        widths = "Qwen2.5-VL-7B widths (window + full attention tower, 2x2 merger, GQA LLM)"
+        image = f"{inputs['pixel_values'].shape[0]:,} patches"
+    v, t = model.config.vision_config, model.config.text_config
+    h, w = sizes[family]
+    n_image = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    n_text = inputs["input_ids"].shape[1] - n_image
+    depth = f"{getattr(v, 'depth', None) or v.num_hidden_layers} + {t.num_hidden_layers} layers"
+    return model, inputs, f"{widths}, {depth}, image {h} x {w} px: {image}, {n_image:,} image + {n_text} text tokens"
+
+
+def run_family(family: str, dtype: torch.dtype, repeats: int, sizes: dict[str, tuple[int, int]]) -> None:
+    """The prefill part for one family: unpruned vs each of its specs, measured beside the FLOP model."""
+    name = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
+    title = {"next": "LLaVA-NeXT-7B shape", "qwen": "Qwen2.5-VL-7B shape"}[family]
+    print(f"\n=== {title}, {name} ===", flush=True)
+    model, inputs, description = family_case(family, dtype, sizes)
+    print(f"model: {description}, {DEVICE}")
+    best, stats, _ = prefill_times(model, inputs, repeats, SPECS[family])
+    t_full = best["unpruned"]
+    any_stats = stats[SPECS[family][0]]
+    layers = any_stats.layer_tokens.shape[1]
+    llm_full = float(any_stats.flop_model.llm(any_stats.seq_len[:, None].expand(-1, layers))[0])
+    share = 100 * llm_full / float(any_stats.flops_unpruned[0])
+    print(
+        f"prefill unpruned                      {t_full * 1e3:8.1f} ms   (FLOP model: "
+        f"{float(any_stats.flops_unpruned[0]) / 1e9:,.1f} GMAC, LLM layers {share:.0f}%, tower and projector the rest)"
+    )
+    for spec in SPECS[family]:
+        t, st = best[spec], stats[spec]
+        predicted = float(st.flops_unpruned[0] / st.flops_pruned[0])
+        measured = t_full / t
+        kept = {k: int(v[0]) for k, v in st.llm_kept.items()}
+        visual = int(st.visual_unpruned[0])
+        print(
+            f"prefill {spec:<30} {t * 1e3:8.1f} ms   speedup {measured:4.2f}x measured, {predicted:4.2f}x "
+            f"FLOP model, measured/model {measured / predicted:.2f}; visual kept {int(st.visual_kept[0])}/{visual}, "
+            f"llm kept {kept}, tokens/layer {float(st.tokens_layer_avg[0]):.0f}"
+        )
+    del model
+    gc.collect()
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HxW in pixels, e.g. 672x672; got {text!r}") from None
+    return h, w
+
+
+def _families(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",")]
+    unknown = [n for n in names if n not in FAMILIES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown family {unknown[0]!r}; choose from {', '.join(FAMILIES)}")
+    return names
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -307,10 +423,20 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", choices=_common.DEVICES)
     parser.add_argument("--clock", default="wall", choices=("wall", "cpu"), help="CPU timing: wall or process CPU time")
+    parser.add_argument(
+        "--family", type=_families, default=["llava"], help=f"comma-separated, of {', '.join(FAMILIES)} (default llava)"
+    )
+    parser.add_argument("--next-image", type=_size, default=(672, 672), help="LLaVA-NeXT image, HxW px")
+    parser.add_argument("--qwen-image", type=_size, default=(1092, 1932), help="Qwen2.5-VL image, HxW px (x 28)")
+    parser.add_argument("--smoke", action="store_true", help="every family on tiny models, one round (seconds)")
     args = parser.parse_args()
     _common.CLOCK = args.clock
-    global DEVICE
-    DEVICE = args.device
+    global DEVICE, SMOKE
+    DEVICE, SMOKE = args.device, args.smoke
+    if SMOKE:
+        if DEVICE != "cpu":
+            raise SystemExit(f"--smoke runs the tiny models on the CPU; got --device {DEVICE}")
+        args.repeats, args.family = 1, list(FAMILIES)
     if DEVICE == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch.cuda.is_available() is False on this machine")
     torch.set_num_threads(args.threads)
@@ -318,11 +444,23 @@ def main() -> None:
         f"torch {torch.__version__}, threads {torch.get_num_threads()}, OMP_WAIT_POLICY="
         f"{os.environ.get('OMP_WAIT_POLICY')}, {platform.processor() or platform.machine()}, clock {args.clock}"
     )
-    depth = "24 + 32 layers (full)" if DEVICE != "cpu" else "2 + 2 layers"
-    print(f"model: CLIP-L/14-336 and Llama-7B widths, {depth}, batch 1, 576 image + 64 text tokens, {DEVICE}")
     dtypes = args.dtypes if DEVICE == "cpu" or args.dtypes != "fp32,bf16" else "bf16"
-    for d in dtypes.split(","):
-        run_dtype({"fp32": torch.float32, "bf16": torch.bfloat16}[d.strip()], args.repeats)
+    sizes = {"next": args.next_image, "qwen": args.qwen_image}
+    for family in args.family:
+        if family == "llava":
+            depth = "24 + 32 layers (full)" if DEVICE != "cpu" else "2 + 2 layers"
+            if SMOKE:
+                print(f"model: tiny test model (--smoke), batch 1, {DEVICE}")
+            else:
+                print(
+                    f"model: CLIP-L/14-336 and Llama-7B widths, {depth}, batch 1, 576 image + 64 text tokens, {DEVICE}"
+                )
+        for d in dtypes.split(","):
+            dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[d.strip()]
+            if family == "llava":
+                run_dtype(dtype, args.repeats)
+            else:
+                run_family(family, dtype, args.repeats, sizes)
 
 
 if __name__ == "__main__":

@@ -48,7 +48,9 @@ def test_images_of_one_batch_bring_different_counts_and_the_tower_cost_counts_ti
     tiles = torch.tensor(hf.anyres_tiles(model.config, x["image_sizes"]), dtype=torch.float64)
     fm = run._flops
     llm = fm.llm(s.seq_len[:, None].expand(-1, s.layer_tokens.shape[1]))
-    assert torch.allclose(s.flops_unpruned, llm + fm.vision(tiles) + fm.projector(s.image_tokens))
+    # unpruned, the stock model projects every pass's N patches (then unpads): tests/test_flop_model.py
+    n = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
+    assert torch.allclose(s.flops_unpruned, llm + fm.vision(tiles) + fm.projector(tiles * n))
 
 
 class _FixedSize(PruningStrategy):

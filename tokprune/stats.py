@@ -16,7 +16,22 @@ the papers count) so numbers compare with theirs. The prefill cost of one sample
 over the LLM layers (``n_l`` = non-padding tokens layer ``l`` processed), plus the vision tower (``C`` over
 its ``1+N`` tokens, at its widths and MLP shape, for each encoder layer, per image) and the projector
 (``n_p (c d + d^2)`` for the ``n_p`` projected tokens, ``c`` = vision width). Unpruned: every LLM layer sees
-the whole prompt and the projector all ``N`` patches per image.
+the whole prompt and the projector all ``N`` patches of every tower pass.
+
+Qwen2.5-VL's tower (:class:`WindowedTower`) is counted per image from its patch grid, because its
+attention is not one span over the image: most blocks attend within windows of ``w x w`` merged tokens
+(``w = window_size / (merge * patch)``, 4 for Qwen2.5-VL: 8 x 8 patches, the last row and column of
+windows cut short by the image's edge), a few (``fullatt_block_indexes``) over the whole frame. Per image
+of ``t x h x w`` patches (``P = t h w``), ``k_v`` MLP matrices (3: Qwen's tower MLP is gated)::
+
+    L_v P (4 c^2 + k_v c m_v)                         qkv and output projections, MLP, every block
+    + 2 c t (F (h w)^2 + (L_v - F) s^4 S(h / s) S(w / s))   attention: F full blocks, the rest windowed
+    + (P / s^2) ((s^2 c)^2 + s^2 c d)                  the patch merger (an MLP over s x s patches)
+
+with ``s`` the merge size and ``S(x) = floor(x / w) w^2 + (x mod w)^2`` (sum of squared window sides
+along one axis; a window of ``r x q`` merged tokens holds ``r q s^2`` patches). The merger runs before
+the vision stage prunes, so it is part of the tower (the same pruned or not) and the projector term is 0.
+Patch-embedding convolutions are not counted in either tower (under 0.3% of a block stack).
 """
 
 from __future__ import annotations
@@ -27,7 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["FlopModel", "PruneStats", "kv_width", "layer_flops", "mlp_matrices"]
+__all__ = ["FlopModel", "PruneStats", "WindowedTower", "kv_width", "layer_flops", "mlp_matrices"]
 
 
 def layer_flops(n: Tensor, d: int, m: int, mlp_matrices: int = 2, kv_dim: int | None = None) -> Tensor:
@@ -73,6 +88,9 @@ class FlopModel:
     mlp_matrices: int = 2  # LLM MLP: 3 for SwiGLU (Llama, Qwen), 2 for a plain MLP
     kv_dim: int | None = None  # LLM key/value projection width (num_kv_heads * head_dim); None = d
     vision_mlp_matrices: int = 2  # CLIP: fc1, fc2
+    #: MACs per token the projector maps after the vision stage; None: ``c d + d^2`` (LLaVA's two-layer
+    #: MLP); 0 where the projection runs before pruning and is counted with the tower (Qwen's merger)
+    projector_macs: int | None = None
 
     def vision(self, images: Tensor) -> Tensor:
         """Tower cost for ``images`` (long ``[B]``, images per sample), fp64 ``[B]``."""
@@ -82,7 +100,8 @@ class FlopModel:
 
     def projector(self, projected: Tensor) -> Tensor:
         """Projector cost for ``projected`` tokens per sample (long ``[B]``), fp64 ``[B]``."""
-        return projected.to(torch.float64) * (self.c * self.d + self.d * self.d)
+        per_token = self.c * self.d + self.d * self.d if self.projector_macs is None else self.projector_macs
+        return projected.to(torch.float64) * per_token
 
     def llm(self, layer_tokens: Tensor) -> Tensor:
         """LLM cost from tokens per layer (long ``[B, T]``), fp64 ``[B]``."""
@@ -92,6 +111,77 @@ class FlopModel:
         """FastV's formula over the LLM layers only (``4nd^2 + 2n^2d + 2ndm``), fp64 ``[B]``: the figure
         papers report, for comparison."""
         return layer_flops(layer_tokens, self.d, self.m).sum(dim=-1)
+
+
+def _window_squares(x: Tensor, window: int) -> Tensor:
+    """Sum of squared window sides along one axis of ``x`` merged tokens (long, any shape), fp64."""
+    x = x.to(torch.float64)
+    return torch.div(x, window, rounding_mode="floor") * window**2 + torch.remainder(x, window) ** 2
+
+
+@dataclass(frozen=True)
+class WindowedTower:
+    """A Qwen2.5-VL-style tower: ``depth`` blocks of width ``c`` (MLP width ``mv``, ``mlp_matrices``
+    matrices), ``full_blocks`` of them with full attention and the others within windows of ``window x
+    window`` merged tokens, then a patch merger of ``merge x merge`` patches to width ``out``. The module
+    docstring has the formula."""
+
+    c: int
+    mv: int
+    depth: int
+    full_blocks: int
+    window: int  # merged tokens per window side
+    merge: int
+    out: int
+    mlp_matrices: int = 3  # Qwen2.5-VL's tower MLP: gate, up, down
+    mergers: int = 1  # Qwen3-VL: the final merger plus one per DeepStack layer, all over every patch
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.full_blocks <= self.depth or self.window < 1 or self.merge < 1 or self.mergers < 1:
+            raise ValueError(
+                f"need 0 <= full_blocks <= depth, window >= 1, merge >= 1, mergers >= 1; got "
+                f"full_blocks={self.full_blocks}, depth={self.depth}, window={self.window}, merge={self.merge}, "
+                f"mergers={self.mergers}"
+            )
+
+    @classmethod
+    def of(cls, vision_config: Any, mlp: torch.nn.Module) -> WindowedTower:
+        """From an HF Qwen2.5-VL or Qwen3-VL vision config.
+
+        Qwen2.5-VL: windows except in ``fullatt_block_indexes`` (indexes past ``depth`` do not exist).
+        Qwen3-VL: no windows (no ``fullatt_block_indexes``: every block is full) and a merger per
+        ``deepstack_visual_indexes`` entry besides the final one.
+        """
+        v = vision_config
+        windowed = getattr(v, "fullatt_block_indexes", None) is not None
+        return cls(
+            c=v.hidden_size,
+            mv=v.intermediate_size,
+            depth=v.depth,
+            full_blocks=sum(0 <= i < v.depth for i in v.fullatt_block_indexes) if windowed else v.depth,
+            window=v.window_size // v.spatial_merge_size // v.patch_size if windowed else 1,
+            merge=v.spatial_merge_size,
+            out=v.out_hidden_size,
+            mlp_matrices=mlp_matrices(mlp),
+            mergers=1 + len(getattr(v, "deepstack_visual_indexes", None) or ()),
+        )
+
+    def flops(self, grid_thw: Tensor) -> Tensor:
+        """Tower and merger cost of each image, from its patch grid (long ``[I, 3]``: t, h, w), fp64 ``[I]``."""
+        t, h, w = grid_thw.to(torch.float64).unbind(-1)
+        c, s = self.c, self.merge
+        patches = t * h * w
+        linear = self.depth * patches * (4 * c * c + self.mlp_matrices * c * self.mv)
+        full = t * (h * w) ** 2
+        windowed = (
+            t
+            * s**4
+            * _window_squares(grid_thw[..., 1] // s, self.window)
+            * _window_squares(grid_thw[..., 2] // s, self.window)
+        )
+        attention = 2 * c * (self.full_blocks * full + (self.depth - self.full_blocks) * windowed)
+        merger = self.mergers * patches / s**2 * ((s * s * c) ** 2 + s * s * c * self.out)
+        return linear + attention + merger
 
 
 @dataclass

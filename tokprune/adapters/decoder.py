@@ -103,6 +103,12 @@ class VisionOut:
     #: bool ``[I, E]``: which extra tokens of each image are real (images bringing different counts,
     #: e.g. one set per AnyRes tile); None: all ``E`` of every image.
     extra_valid: Tensor | None = None
+    #: fp64 ``[I]``: each image's tower FLOPs where the family counts them itself (Qwen2.5-VL's windowed
+    #: tower, :class:`~tokprune.stats.WindowedTower`); None: ``FlopModel.vision`` over ``tower_runs``.
+    tower_flops: Tensor | None = None
+    #: long ``[I]``: tokens of each image the projector mapped, where not every token entering the LLM
+    #: was (LLaVA-NeXT's row newlines are a learned vector); None: ``kept_counts``.
+    projected: Tensor | None = None
 
     @classmethod
     def unpruned(cls, per_image: Sequence[Tensor]) -> VisionOut:
@@ -140,7 +146,8 @@ class PrunedImageFeatures(hf.BaseModelOutputWithPooling):
 
     ``pooler_output`` is a list with one ``[n_i + E, D]`` tensor per image: its kept tokens in order,
     then its ``E`` extra tokens. ``keep`` (bool ``[I, N]``) says which tokens they are, ``lengths``
-    (long ``[I]`` or None) how many each image has, ``tower_runs`` its tower passes.
+    (long ``[I]`` or None) how many each image has, ``tower_runs`` its tower passes, ``tower_flops`` their
+    cost where the family counts it, ``projected`` the tokens its projector mapped.
     """
 
     keep: Tensor | None = None
@@ -148,6 +155,8 @@ class PrunedImageFeatures(hf.BaseModelOutputWithPooling):
     diagnostics: dict[str, Any] | None = None
     lengths: Tensor | None = None
     tower_runs: Tensor | None = None
+    tower_flops: Tensor | None = None
+    projected: Tensor | None = None
     #: the flat kept tokens and the extra ones as the adapter made them, so that passing these
     #: features back (``generate``) rebuilds the :class:`VisionOut` without reading counts again
     kept: Tensor | None = None
@@ -171,6 +180,8 @@ class PrunedImageFeatures(hf.BaseModelOutputWithPooling):
             diagnostics=out.diagnostics,
             lengths=out.lengths,
             tower_runs=out.tower_runs,
+            tower_flops=out.tower_flops,
+            projected=out.projected,
             kept=out.kept,
             extra=out.extra,
             deepstack=out.deepstack,
@@ -181,16 +192,7 @@ class PrunedImageFeatures(hf.BaseModelOutputWithPooling):
         assert self.keep is not None
         if self.kept is not None:
             diagnostics = dict(self.diagnostics or {})
-            return VisionOut(
-                self.kept,
-                self.keep,
-                self.extra,
-                diagnostics,
-                self.lengths,
-                self.tower_runs,
-                deepstack=self.deepstack,
-                extra_valid=self.extra_valid,
-            )
+            return VisionOut(self.kept, self.keep, self.extra, diagnostics, **self._optional())
         if self.extra_valid is not None:
             raise ValueError(
                 "image features with a different number of extra tokens per image must carry their kept and extra "
@@ -201,7 +203,11 @@ class PrunedImageFeatures(hf.BaseModelOutputWithPooling):
         kept = torch.cat([p[:c] for p, c in zip(per_image, counts)])
         extra = torch.stack([p[c:] for p, c in zip(per_image, counts)]) if e else None
         diagnostics = dict(self.diagnostics or {})
-        return VisionOut(kept, keep, extra, diagnostics, self.lengths, self.tower_runs, deepstack=self.deepstack)
+        return VisionOut(kept, keep, extra, diagnostics, **self._optional())
+
+    def _optional(self) -> dict[str, Any]:
+        names = ("lengths", "tower_runs", "tower_flops", "projected", "deepstack", "extra_valid")
+        return {name: getattr(self, name) for name in names}
 
 
 @dataclass
@@ -867,9 +873,20 @@ class PrunedDecoderAdapter(ModelAdapter):
         image_tokens = features.token_counts if features is not None else image_sample.new_zeros(0)
         image_kept = features.kept_counts if features is not None else image_sample.new_zeros(0)
         visual_unpruned = torch.zeros_like(seq_len).index_add_(0, image_sample, image_tokens.to(seq_len.dtype))
-        projected = visual_kept if self.pipeline.vision is not None else visual_unpruned
-        unpruned = fm.llm(seq_len[:, None].expand(-1, num_layers)) + fm.vision(runs) + fm.projector(visual_unpruned)
-        pruned = fm.llm(layer_tokens) + fm.vision(runs) + fm.projector(projected)
+        # Unpruned, the projector maps every tower pass's N patches (LLaVA-NeXT's stock packing projects
+        # each tile whole, then unpads); Qwen2.5-VL (N = 0 here) counts its merger with the tower.
+        full_projected = runs * self._tokens_per_image if self._tokens_per_image else visual_unpruned
+        projected = full_projected
+        if self.pipeline.vision is not None:
+            projected = visual_kept
+            if features is not None and features.projected is not None:
+                mapped = features.projected.to(visual_kept)
+                projected = torch.zeros_like(visual_kept).index_add_(0, image_sample, mapped)
+        tower = fm.vision(runs)
+        if features is not None and features.tower_flops is not None:
+            tower = torch.zeros_like(tower).index_add_(0, image_sample, features.tower_flops.to(tower))
+        unpruned = fm.llm(seq_len[:, None].expand(-1, num_layers)) + tower + fm.projector(full_projected)
+        pruned = fm.llm(layer_tokens) + tower + fm.projector(projected)
         named = {
             "visual_kept": visual_kept,
             "seq_len": seq_len,

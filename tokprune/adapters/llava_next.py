@@ -210,6 +210,9 @@ class LlavaNextAdapter(PrunedDecoderAdapter):
         kept[~kept_newline] = projected
         diagnostics = {f"{step.name}.{k}": v for k, v in plan.diagnostics.items()}
         runs = torch.tensor(tiles, device=keep.device)
+        extra_valid = plan.extra_valid if has_extra else None
+        num_extra = 0 if extra is None else (extra.shape[1] if extra_valid is None else extra_valid.sum(dim=1))
+        mapped = (keep & ~newline).sum(dim=1) + num_extra  # newlines are not projected
         return VisionOut(
             kept,
             keep,
@@ -217,7 +220,8 @@ class LlavaNextAdapter(PrunedDecoderAdapter):
             diagnostics,
             packed_valid.sum(dim=1),
             runs,
-            extra_valid=plan.extra_valid if has_extra else None,
+            projected=mapped,
+            extra_valid=extra_valid,
         )
 
     def _plan_per_tile(

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from .. import hf_compat as hf
 from ..errors import UnsupportedModelError
 from ..pipeline import Pipeline
-from ..stats import FlopModel, kv_width, mlp_matrices
+from ..stats import FlopModel, WindowedTower, kv_width, mlp_matrices
 from ..strategy import Signal, VisionContext, VisionSignals
 from .decoder import CallState, PrunedDecoderAdapter, PrunedImageFeatures, VisionOut
 
@@ -72,17 +72,19 @@ class Qwen2_5_VLAdapter(PrunedDecoderAdapter):
         vcfg = self._config.vision_config
         self._merge = vcfg.spatial_merge_size**2  # patches per LLM token
         self._tokens_per_image = 0  # no fixed count: image_grid_thw decides
-        # Tower cost per patch, linear (window attention keeps each patch's attention span fixed); the
-        # merger is counted as the projector. An approximation, stated in docs/adapters.md.
+        # The tower (window and full attention blocks, then the merger) is counted per image from its
+        # grid (VisionOut.tower_flops); the merger runs before pruning, so no projector term follows it.
+        self._tower_flops = WindowedTower.of(vcfg, self._inner.visual.blocks[0].mlp)
         self._flops = FlopModel(
             d=self._lm.config.hidden_size,
             m=self._lm.config.intermediate_size,
             c=vcfg.hidden_size,
             mv=vcfg.intermediate_size,
-            vision_layers=vcfg.depth,
-            vision_tokens=1,
+            vision_layers=0,  # counted by self._tower_flops instead
+            vision_tokens=0,
             mlp_matrices=mlp_matrices(self._lm.layers[0].mlp),
             kv_dim=kv_width(self._lm.config),
+            projector_macs=0,
         )
 
     @staticmethod
@@ -155,6 +157,7 @@ class Qwen2_5_VLAdapter(PrunedDecoderAdapter):
             encoded = self._inner.get_image_features(pixel_values, grid, return_dict=True)
             out = self._unpruned(encoded)
             out.tower_runs = grid.prod(dim=-1)
+            out.tower_flops = self._tower_flops.flops(grid)
             return encoded, out
         # The original tower and merger (our own patched attribute is not called back).
         original = type(self._inner).get_image_features.__get__(self._inner)
@@ -184,7 +187,8 @@ class Qwen2_5_VLAdapter(PrunedDecoderAdapter):
             plan.keep,
             plan.extra,
             diagnostics,
-            lengths,
-            grid.prod(dim=-1),
+            lengths=lengths,
+            tower_runs=grid.prod(dim=-1),
+            tower_flops=self._tower_flops.flops(grid),
             extra_valid=plan.extra_valid,
         )

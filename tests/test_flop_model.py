@@ -1,0 +1,152 @@
+"""The FLOP model (tokprune/stats.py) against a brute-force count: torch's FlopCounterMode over the real
+modules of tiny models in eager attention (every matmul, attention's included, is an aten op it counts).
+
+FlopCounterMode counts 2 FLOPs per multiply-accumulate; the model counts multiply-accumulates. Norms,
+activations, softmax and rotary products are element-wise and counted by neither; patch-embedding
+convolutions are left out of the model on purpose (stats module docstring), so they are subtracted.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import tokprune
+from tokprune import hf_compat as hf
+from tokprune.adapters.qwen2_5_vl import Qwen2_5_VLAdapter
+from tokprune.stats import WindowedTower, layer_flops
+from tokprune.testing.models import tiny_llava_next, tiny_qwen2_5_vl, tiny_qwen3_vl
+
+qwen_only = pytest.mark.skipif(
+    hf.older_than(Qwen2_5_VLAdapter.min_transformers),
+    reason=f"Qwen2.5-VL is tested from transformers {Qwen2_5_VLAdapter.min_transformers}",
+)
+
+
+def _macs(counter: FlopCounterMode, prefix: str, *, convolutions: bool = False) -> int:
+    """Multiply-accumulates the modules under ``prefix`` ran (each op once, at its outermost module)."""
+    counts = counter.get_flop_counts()
+    total = 0
+    for name, ops in counts.items():
+        if name == prefix or name.startswith(prefix + "."):
+            if any(other != name and name.startswith(other + ".") and other.startswith(prefix) for other in counts):
+                continue  # a child of a module already summed
+            total += sum(v for op, v in ops.items() if convolutions or "convolution" not in str(op))
+    assert total % 2 == 0
+    return total // 2
+
+
+def _tower_macs(visual: torch.nn.Module, grids: list[tuple[int, int, int]]) -> int:
+    cfg = visual.config
+    patch_dim = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size**2
+    grid = torch.tensor(grids)
+    pixels = torch.randn(int(grid.prod(dim=-1).sum()), patch_dim)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        visual(pixels, grid_thw=grid)
+    return _macs(counter, type(visual).__name__)
+
+
+@qwen_only
+@pytest.mark.parametrize("full", [[1], [0, 1], [7]])  # one full block; every block full; none (7 >= depth)
+@pytest.mark.parametrize(
+    "grids",
+    [
+        [(1, 8, 8)],  # 4 x 4 merged tokens: whole 2 x 2 windows only
+        [(1, 6, 10)],  # 3 x 5 merged: windows cut short by the edge in both axes
+        [(2, 4, 6), (1, 10, 2)],  # two frames (full attention per frame) and a second image in the same call
+    ],
+)
+def test_windowed_tower_is_the_brute_force_count_of_qwens_tower(grids, full):
+    from transformers import Qwen2_5_VLConfig
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+
+    model, _ = tiny_qwen2_5_vl(seed=0, attn_implementation="eager")
+    vcfg = Qwen2_5_VLConfig(vision_config={**model.config.vision_config.to_dict(), "fullatt_block_indexes": full})
+    vcfg = vcfg.vision_config
+    vcfg._attn_implementation = "eager"
+    visual = Qwen2_5_VisionTransformerPretrainedModel(vcfg).eval()
+    tower = WindowedTower.of(vcfg, visual.blocks[0].mlp)
+    assert tower.window == 2 and tower.full_blocks == sum(i < vcfg.depth for i in full)
+    per_image = tower.flops(torch.tensor(grids))
+    assert per_image.shape == (len(grids),)
+    assert float(per_image.sum()) == _tower_macs(visual, grids)
+
+
+@qwen_only
+def test_windowed_tower_tells_window_from_full_attention():
+    # The same patches cut into different windows (3 x 3 merged tokens: 2 + 1 by 2 + 1; 1 x 9: 2+2+2+2+1)
+    # must cost differently: a count linear in the patches would give one figure for both.
+    tower = WindowedTower(c=8, mv=16, depth=4, full_blocks=1, window=2, merge=2, out=8)
+    square, strip = tower.flops(torch.tensor([[1, 6, 6], [1, 2, 18]]))  # 36 patches each
+    assert square != strip
+    with pytest.raises(ValueError, match="full_blocks=5, depth=4"):
+        WindowedTower(c=8, mv=16, depth=4, full_blocks=5, window=2, merge=2, out=8)
+
+
+def _layers_and(counter: FlopCounterMode, model: torch.nn.Module, *modules: str) -> int:
+    """MACs of the decoder layers and the named modules of ``model.model``."""
+    root = type(model).__name__
+    lm = model.model.language_model
+    counted = sum(_macs(counter, f"{root}.model.language_model.layers.{i}") for i in range(len(lm.layers)))
+    return counted + sum(_macs(counter, f"{root}.model.{name}") for name in modules)
+
+
+@qwen_only
+@pytest.mark.parametrize("family", [tiny_qwen2_5_vl, tiny_qwen3_vl], ids=["qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("spec", ["random(keep_ratio=0.25)", "random(keep_ratio=0.5)+fastv(layer=2, keep=1)"])
+def test_qwen_prefill_flops_are_the_brute_force_count(spec, family):
+    # Tower + merger(s) (the same pruned or not) and the GQA decoder layers at the counts they really ran;
+    # unpruned: the stock model's count. Qwen3-VL: a tower without windows, and DeepStack mergers.
+    model, make_inputs = family(seed=0, attn_implementation="eager")
+    x = make_inputs((5,))
+    with FlopCounterMode(display=False) as counter, tokprune.pruned(model, spec) as run, torch.no_grad():
+        model(**x, logits_to_keep=1)
+    s = run.stats
+    assert s.visual_kept[0] < s.visual_unpruned[0]
+    assert float(s.flops_pruned[0]) == _layers_and(counter, model, "visual")
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(**x, logits_to_keep=1)
+    assert float(s.flops_unpruned[0]) == _layers_and(counter, model, "visual")
+
+
+@qwen_only
+def test_a_gqa_decoder_layer_is_the_brute_force_count():
+    model, _ = tiny_qwen2_5_vl(seed=0, attn_implementation="eager")
+    lm = model.model.language_model
+    cfg = lm.config
+    kv = cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
+    assert kv < cfg.hidden_size  # really grouped-query
+    n = 11
+    h = torch.randn(1, n, cfg.hidden_size)
+    pos = torch.arange(n)[None]
+    pe = lm.rotary_emb(h, position_ids=pos.expand(3, 1, n))
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        lm.layers[0](h, attention_mask=None, position_ids=pos, position_embeddings=pe)
+    counted = _macs(counter, type(lm.layers[0]).__name__)
+    assert float(layer_flops(torch.tensor(n), cfg.hidden_size, cfg.intermediate_size, 3, kv)) == counted
+
+
+@pytest.mark.parametrize(
+    ("spec", "scope"),
+    [
+        ("random(keep_ratio=0.5)", "image"),
+        ("random(keep_ratio=0.5)+fastv(layer=2, keep=4)", "image"),
+        ("prumerge", "tile"),  # one extra token per tower pass, each mapped by the projector
+    ],
+)
+def test_llava_next_prefill_flops_are_the_brute_force_count(spec, scope):
+    # Base view + tiles: the tower over every pass; the projector on what it maps (every pass's patches
+    # in the stock model, the kept ones without the row newlines when pruned); the decoder layers.
+    model, make_inputs = tiny_llava_next(seed=0, attn_implementation="eager")
+    x = make_inputs((5,))
+    tiles = torch.tensor(hf.anyres_tiles(model.config, x["image_sizes"]))
+    assert int(tiles[0]) == x["pixel_values"].shape[1] > 1
+    pruned = tokprune.pruned(model, spec, budget_scope=scope)
+    with FlopCounterMode(display=False) as counter, pruned as run, torch.no_grad():
+        model(**x, logits_to_keep=1)
+    assert float(run.stats.flops_pruned[0]) == _layers_and(counter, model, "vision_tower", "multi_modal_projector")
+    assert run.stats.visual_kept[0] < run.stats.visual_unpruned[0]
+    with FlopCounterMode(display=False) as counter, torch.no_grad():  # the stock model, unpruned
+        model(**x, logits_to_keep=1)
+    assert float(run.stats.flops_unpruned[0]) == _layers_and(counter, model, "vision_tower", "multi_modal_projector")
