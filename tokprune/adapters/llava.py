@@ -18,6 +18,7 @@ and forward hooks on the q/k projections the strategies read.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 from torch import Tensor, nn
@@ -63,21 +64,21 @@ class LlavaAdapter(PrunedDecoderAdapter):
         self._tower = self._inner.vision_tower
         self._lm = self._inner.language_model
         self._config = model.config
-        self._output_class = hf.llava_output_class()
-        hf.check_model(self._lm, self._tower, self._output_class)
+        self._output_class = self._family_output_class()
+        self._check_features()
         self._vit = hf.vision_transformer(self._tower)
         self._image_token_id = self._config.image_token_id
         self._init_decoder()
         self._signals = self._check_vision()
         tower_cfg = self._tower.config
-        self._tokens_per_image = (tower_cfg.image_size // tower_cfg.patch_size) ** 2
+        self._tokens_per_image = (tower_cfg.image_size // tower_cfg.patch_size) ** 2  # per tower pass
         self._flops = FlopModel(
             d=self._lm.config.hidden_size,
             m=self._lm.config.intermediate_size,
             c=tower_cfg.hidden_size,
             mv=tower_cfg.intermediate_size,
             vision_layers=tower_cfg.num_hidden_layers,
-            vision_tokens=1 + self._tokens_per_image,
+            vision_tokens=1 + self._tokens_per_image,  # per tower pass
             mlp_matrices=mlp_matrices(self._lm.layers[0].mlp),
             kv_dim=kv_width(self._lm.config),
         )
@@ -89,6 +90,14 @@ class LlavaAdapter(PrunedDecoderAdapter):
 
         model, make_inputs = tiny_llava(seed=seed, attn_implementation=attn_implementation)
         return TinyCase(model, make_inputs, pad_token_id=VOCAB.pad, question_end=VOCAB.assistant_marker)
+
+    @staticmethod
+    def _family_output_class() -> type:
+        return hf.llava_output_class()
+
+    def _check_features(self) -> None:
+        """Refuse (before anything is touched) what the installed transformers lacks for this family."""
+        hf.check_model(self._lm, self._tower, self._output_class)
 
     def _check_vision(self) -> frozenset[Signal]:
         step = self.pipeline.vision
@@ -172,25 +181,9 @@ class LlavaAdapter(PrunedDecoderAdapter):
             raise UnsupportedModelError("image_sizes (per-image resolutions) is not supported on a pruned model")
         step = self.pipeline.vision
         assert step is not None
-        vit = self._vit
-        x = vit.pre_layrnorm(vit.embeddings(pixel_values.to(vit.embeddings.patch_embedding.weight.dtype)))
-        hidden = [x]
-        call.capture = {}
-        try:
-            for encoder_layer in vit.encoder.layers:
-                x = hf.call_vision_layer(encoder_layer, x)
-                hidden.append(x)
-            captured = call.capture
-        finally:
-            call.capture = None
-
-        def fetch(signal: Signal) -> Any:
-            if signal.kind == "qk":
-                return captured[("vision", signal.layer, "q")], captured[("vision", signal.layer, "k")]
-            return hidden[signal.layer]
-
+        hidden, captured = self._run_tower(call, pixel_values)
         cfg = self._tower.config
-        signals = VisionSignals(fetch, cfg.num_hidden_layers, cfg.num_attention_heads, declared=self._signals)
+        signals = self._vision_signals(hidden, captured)
         features = hidden[layer][:, 1:]  # CLS at index 0 is not fed to the projector
         side = cfg.image_size // cfg.patch_size
         grid = (side, side) if side * side == features.shape[1] else None
@@ -202,3 +195,38 @@ class LlavaAdapter(PrunedDecoderAdapter):
         diagnostics = {f"{step.name}.{k}": v for k, v in plan.diagnostics.items()}
         extra_valid = plan.extra_valid if extra is not None else None
         return VisionOut(kept=kept, keep=plan.keep, extra=extra, diagnostics=diagnostics, extra_valid=extra_valid)
+
+    def _run_tower(self, call: CallState, pixel_values: Tensor) -> tuple[list[Tensor], dict]:
+        """Each tower pass's hidden states, embeddings first (``depth + 1`` of ``[T, 1+N, C]``, CLS at 0),
+        and the q/k the encoder hooks captured during these passes."""
+        vit = self._vit
+        x = vit.pre_layrnorm(vit.embeddings(pixel_values.to(vit.embeddings.patch_embedding.weight.dtype)))
+        hidden = [x]
+        call.capture = {}
+        try:
+            for encoder_layer in vit.encoder.layers:
+                x = hf.call_vision_layer(encoder_layer, x)
+                hidden.append(x)
+            return hidden, call.capture
+        finally:
+            call.capture = None
+
+    def _vision_signals(
+        self,
+        hidden: list[Tensor],
+        captured: dict,
+        rows: Callable[[Tensor], Tensor] = lambda t: t,
+        lengths: Tensor | None = None,
+    ) -> VisionSignals:
+        """The strategy's signals from :meth:`_run_tower`'s outputs, each laid out in the strategy's rows
+        by ``rows`` (``[T, 1+N, C]`` per pass -> ``[R, 1+L, C]``; LLaVA-1.5: a pass is a row)."""
+
+        def fetch(signal: Signal) -> Any:
+            if signal.kind == "qk":
+                return rows(captured[("vision", signal.layer, "q")]), rows(captured[("vision", signal.layer, "k")])
+            return rows(hidden[signal.layer])
+
+        cfg = self._tower.config
+        return VisionSignals(
+            fetch, cfg.num_hidden_layers, cfg.num_attention_heads, declared=self._signals, lengths=lengths
+        )
