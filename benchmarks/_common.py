@@ -16,6 +16,25 @@ over the layers ``l`` holding ``n_l`` positions; ``passes``: how often a step to
 preallocated (static/paged) cache is read once by attention (``passes=1``, the issue's model); HF's
 ``DynamicCache`` appends with ``torch.cat``, which reads and rewrites the whole cache every step before
 attention reads it (``passes=3``). The predicted speedup of a pruned cache is the ratio of the bytes.
+
+The bytes model assumes every byte costs the same time and nothing else does. Where the machine computes
+the weights' matmuls slower than it reads them (a CPU without native bf16 at batch 32, say), a step is
+compute-bound in that part and the bytes model over-predicts. The roofline model of a step (see
+:func:`roofline_step_seconds`) prices each part by its own bound, with the machine's copy bandwidth ``BW``
+and its matmul rate ``R`` for the dtype and the batch's row count, both measured in the same run
+(:func:`measure_bandwidth`, :func:`measure_matmul_rate`)::
+
+    t(step) = max(W / BW, F / R) + passes * B * KV / BW,    F = 2 * B * (weights of the matmuls)
+
+Summed, not one ``max`` over the whole step: eager PyTorch runs a layer's weight matmuls and its cache
+copies and attention one after the other on the same cores, so their times add; each part is bound by
+its own resource. The cache part is priced by bytes alone: appending copies it (no arithmetic) and
+attention does ~1 multiply-add per cached element (``2 * itemsize`` bytes), far below any CPU or GPU's
+ratio of compute to bandwidth.
+
+``--smoke`` (every script) swaps in tiny widths and depths (:data:`SMOKE_WIDTHS`) and small defaults, so
+the same code paths, printing included, run in seconds on a CPU; ``gpu_check.sh --smoke`` dry-runs the
+prepared GPU script that way.
 """
 
 from __future__ import annotations
@@ -39,6 +58,20 @@ DEVICES = ("cpu", "cuda")
 
 #: "wall" (perf_counter) or "cpu" (process CPU time of all threads), set by --clock; CUDA always uses events
 CLOCK = "wall"
+
+#: set by --smoke: tiny widths and depths instead of LLaVA-1.5-7B's (same image token counts)
+SMOKE = False
+#: the --smoke model: LLaVA-1.5-7B's structure (CLIP tower, Llama LLM, vocabulary, patch grid), tiny widths
+SMOKE_WIDTHS = {
+    "vision_hidden": 32,
+    "vision_mlp": 64,
+    "vision_heads": 2,
+    "vision_layers": 2,
+    "hidden": 64,
+    "mlp": 128,
+    "heads": 4,
+    "llm_layers": 2,
+}
 
 #: passes over the cache per decode step: attention's read, plus torch.cat's read and write in DynamicCache
 DYNAMIC_CACHE_PASSES = 3
@@ -75,6 +108,54 @@ def predicted_decode_speedup(
     return decode_bytes(weight_bytes, kv_full, batch, passes) / decode_bytes(weight_bytes, kv_pruned, batch, passes)
 
 
+def roofline_step_seconds(
+    weight_bytes: float, weight_flops: float, cache_bytes_moved: float, bandwidth: float, matmul_rate: float
+) -> float:
+    """Seconds of one decode step on a machine with ``bandwidth`` bytes/s and ``matmul_rate`` FLOP/s.
+
+    ``max(weight_bytes / bandwidth, weight_flops / matmul_rate) + cache_bytes_moved / bandwidth``: the weight
+    matmuls are bound by whichever of reading and computing takes longer; the cache traffic by bandwidth;
+    the two run one after the other, so they add (see the module doc).
+    """
+    values = {
+        "weight_bytes": weight_bytes,
+        "weight_flops": weight_flops,
+        "cache_bytes_moved": cache_bytes_moved,
+        "bandwidth": bandwidth,
+        "matmul_rate": matmul_rate,
+    }
+    bad = {k: v for k, v in values.items() if not v >= 0 or (k in ("bandwidth", "matmul_rate") and v <= 0)}
+    if bad:
+        raise ValueError(f"need sizes >= 0 and rates > 0, got {bad}")
+    return max(weight_bytes / bandwidth, weight_flops / matmul_rate) + cache_bytes_moved / bandwidth
+
+
+def weight_bound(weight_bytes: float, weight_flops: float, bandwidth: float, matmul_rate: float) -> str:
+    """``"compute"`` if the weight matmuls take longer to compute than to read, else ``"memory"``."""
+    return "compute" if weight_flops / matmul_rate > weight_bytes / bandwidth else "memory"
+
+
+def predicted_roofline_speedup(
+    weight_bytes: float,
+    weight_flops: float,
+    kv_full: float,
+    kv_pruned: float,
+    batch: int,
+    bandwidth: float,
+    matmul_rate: float,
+    passes: int = 1,
+) -> float:
+    """Step time unpruned / pruned under :func:`roofline_step_seconds`; the weights' part is the same in both.
+
+    ``weight_flops``: FLOPs of the step's weight matmuls at this ``batch``; ``kv_*``: one sample's cache.
+    """
+    if batch < 1 or passes < 1:
+        raise ValueError(f"need batch >= 1 and passes >= 1, got batch={batch}, passes={passes}")
+    full = roofline_step_seconds(weight_bytes, weight_flops, passes * batch * kv_full, bandwidth, matmul_rate)
+    pruned = roofline_step_seconds(weight_bytes, weight_flops, passes * batch * kv_pruned, bandwidth, matmul_rate)
+    return full / pruned
+
+
 def cache_bytes(cache: object) -> int:
     """Exact bytes the keys and values of a ``DynamicCache`` hold (every layer, every sample), from its tensors.
 
@@ -96,6 +177,43 @@ def decode_weight_bytes(model: torch.nn.Module) -> int:
     lm = model.model.language_model
     parts = [lm.layers, lm.norm, model.lm_head]
     return sum(p.numel() * p.element_size() for part in parts for p in part.parameters())
+
+
+def decode_weight_flops(model: torch.nn.Module, batch: int) -> int:
+    """``F``: FLOPs of a decode step's weight matmuls at ``batch`` rows (every ``nn.Linear`` of the decoder
+    layers and ``lm_head``: 2 per weight per row; norms and biases are noise)."""
+    lm = model.model.language_model
+    linears = [m for part in (lm.layers, model.lm_head) for m in part.modules() if isinstance(m, torch.nn.Linear)]
+    return 2 * batch * sum(m.weight.numel() for m in linears)
+
+
+def measure_bandwidth(device: str = "cpu", nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
+    """Bytes/s of ``dst.copy_(src)`` over ``nbytes`` (read + written, so ``2 * nbytes`` moved), best of
+    ``repeats`` on the benchmark clock (:func:`once`): the rate a decode step streams weights and cache at."""
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # touch the pages before timing
+    return 2 * nbytes / min(once(lambda: dst.copy_(src), device) for _ in range(repeats))
+
+
+def measure_matmul_rate(
+    dtype: torch.dtype, rows: int, inner: int, device: str = "cpu", cols: int = 256, calls: int = 8, repeats: int = 3
+) -> float:
+    """FLOP/s of ``F.linear`` on ``[rows, inner]`` inputs and a ``[cols, inner]`` weight in ``dtype``.
+
+    The weight (4 MiB in fp32 at ``inner=4096``) stays in the CPU's last-level cache across the ``calls``,
+    so this is the compute roof for this row count and dtype, not the memory one.
+    """
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, inner, generator=gen).to(device, dtype)
+    w = torch.randn(cols, inner, generator=gen).to(device, dtype)
+
+    def run() -> None:
+        for _ in range(calls):
+            torch.nn.functional.linear(x, w)
+
+    run()
+    return 2 * rows * inner * cols * calls / min(once(run, device) for _ in range(repeats))
 
 
 # -- the model ----------------------------------------------------------------------------------------
@@ -123,11 +241,12 @@ def build_config(
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
     full = device != "cpu"
+    w = SMOKE_WIDTHS if SMOKE else {}
     vision = CLIPVisionConfig(
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=vision_layers or (24 if full else 2),
-        num_attention_heads=16,
+        hidden_size=w.get("vision_hidden", 1024),
+        intermediate_size=w.get("vision_mlp", 4096),
+        num_hidden_layers=vision_layers or w.get("vision_layers") or (24 if full else 2),
+        num_attention_heads=w.get("vision_heads", 16),
         image_size=image_size,
         patch_size=PATCH,
         projection_dim=768,
@@ -135,11 +254,11 @@ def build_config(
     )
     text = LlamaConfig(
         vocab_size=32064,
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=llm_layers or (32 if full else 2),
-        num_attention_heads=32,
-        num_key_value_heads=32,
+        hidden_size=w.get("hidden", 4096),
+        intermediate_size=w.get("mlp", 11008),
+        num_hidden_layers=llm_layers or w.get("llm_layers") or (32 if full else 2),
+        num_attention_heads=w.get("heads", 32),
+        num_key_value_heads=w.get("heads", 32),
         max_position_embeddings=8192,
         pad_token_id=0,
     )
@@ -173,7 +292,9 @@ def _instantiate(cls: type, config: object, dtype: torch.dtype, device: str) -> 
 NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 
 
-def build_next(dtype: torch.dtype, device: str = "cpu", *, vision_layers: int | None = None, llm_layers: int | None = None) -> torch.nn.Module:
+def build_next(
+    dtype: torch.dtype, device: str = "cpu", *, vision_layers: int | None = None, llm_layers: int | None = None
+) -> torch.nn.Module:
     """LLaVA-NeXT-7B-shaped ``LlavaNextForConditionalGeneration`` with random weights: :func:`build`'s tower
     and LLM widths, AnyRes over 336-px tiles; depth defaults as in :func:`build`."""
     from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
@@ -190,7 +311,9 @@ def build_next(dtype: torch.dtype, device: str = "cpu", *, vision_layers: int | 
     return _instantiate(LlavaNextForConditionalGeneration, config, dtype, device)
 
 
-def next_inputs(model: torch.nn.Module, image_size: tuple[int, int] = (672, 672), n_text: int = N_TEXT) -> dict[str, Tensor]:
+def next_inputs(
+    model: torch.nn.Module, image_size: tuple[int, int] = (672, 672), n_text: int = N_TEXT
+) -> dict[str, Tensor]:
     """One ``<s> USER : <image>*P question ASSISTANT :`` prompt for an image of ``image_size`` (h, w) px.
 
     ``P`` (base image + the tiles unpadded to the image's aspect ratio + a newline per row) and the tile
@@ -327,11 +450,23 @@ def parser(doc: str, dtypes: str = "bf16,fp32") -> argparse.ArgumentParser:
     p.add_argument(
         "--dtypes", default=None, help=f"comma-separated, of {sorted(DTYPES)} (default {dtypes}; cuda: bf16)"
     )
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds after a warm-up (default 3; --smoke: 1)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads")
     p.add_argument("--clock", default="wall", choices=("wall", "cpu"), help="CPU timing: wall time or process CPU time")
-    p.set_defaults(default_dtypes=dtypes)
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny widths and depths, 1 repeat, small default batches and steps: checks the script runs (seconds on a CPU)",
+    )
+    p.set_defaults(default_dtypes=dtypes, default_repeats=3)
     return p
+
+
+def pick(value: object, args: argparse.Namespace, *, smoke: object, cuda: object, cpu: object) -> object:
+    """``value`` if the flag was given, else the default for ``--smoke``, ``--device cuda`` or the CPU."""
+    if value is not None:
+        return value
+    return smoke if args.smoke else cuda if args.device == "cuda" else cpu
 
 
 def setup(args: argparse.Namespace) -> list[torch.dtype]:
@@ -339,8 +474,13 @@ def setup(args: argparse.Namespace) -> list[torch.dtype]:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch.cuda.is_available() is False on this machine")
     torch.set_num_threads(args.threads)
-    global CLOCK
+    global CLOCK, SMOKE
     CLOCK = args.clock
+    SMOKE = args.smoke
+    if args.repeats is None:  # one round is all a smoke run needs
+        args.repeats = 1 if SMOKE else args.default_repeats
+    if args.repeats < 1:
+        raise SystemExit(f"--repeats must be >= 1, got {args.repeats}")
     names = args.dtypes or ("bf16" if args.device == "cuda" else args.default_dtypes)
     unknown = [n for n in names.split(",") if n.strip() not in DTYPES]
     if unknown:
@@ -352,7 +492,7 @@ def setup(args: argparse.Namespace) -> list[torch.dtype]:
     print(
         f"torch {torch.__version__}, transformers {transformers.__version__}, {args.device} ({machine}), "
         f"threads {torch.get_num_threads()}, clock {CLOCK if args.device == 'cpu' else 'cuda events'}, "
-        f"load average {load:.1f}"
+        f"load average {load:.1f}" + (", SMOKE: tiny widths, the figures mean nothing" if SMOKE else "")
     )
     return [DTYPES[n.strip()] for n in names.split(",")]
 
@@ -364,6 +504,6 @@ def dtype_name(dtype: torch.dtype) -> str:
 def describe(model: torch.nn.Module) -> str:
     v, t = model.config.vision_config, model.config.text_config
     return (
-        f"LLaVA-1.5-7B widths, {v.num_hidden_layers} vision + {t.num_hidden_layers} LLM layers, "
+        f"{'tiny (--smoke)' if SMOKE else 'LLaVA-1.5-7B'} widths, {v.num_hidden_layers} vision + {t.num_hidden_layers} LLM layers, "
         f"{num_patches(model)} image tokens, {model.dtype}, sdpa"
     )

@@ -21,6 +21,7 @@ count: the pruned cost should grow with the kept tokens, the unpruned with the i
 Usage::
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_growth.py [--layout size|tiles] [--repeats 2] [--device cuda]
+    python benchmarks/bench_growth.py --smoke [--layout ...]     # tiny widths, same token counts, 1 round
 """
 
 from __future__ import annotations
