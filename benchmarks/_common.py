@@ -20,11 +20,15 @@ attention reads it (``passes=3``). The predicted speedup of a pruned cache is th
 The bytes model assumes every byte costs the same time and nothing else does. Where the machine computes
 the weights' matmuls slower than it reads them (a CPU without native bf16 at batch 32, say), a step is
 compute-bound in that part and the bytes model over-predicts. The roofline model of a step (see
-:func:`roofline_step_seconds`) prices each part by its own bound, with the machine's copy bandwidth ``BW``
-and its matmul rate ``R`` for the dtype and the batch's row count, both measured in the same run
-(:func:`measure_bandwidth`, :func:`measure_matmul_rate`)::
+:func:`roofline_step_seconds`) prices each part by its own bound, with the machine's copy bandwidth ``BW``,
+its matmul rate ``R`` for the dtype and the batch's row count, and the rate ``BWa`` at which
+``DynamicCache``'s ``torch.cat`` appends (a new tensor every step: on the CPU, fresh pages), all measured
+in the same run (:func:`measure_bandwidth`, :func:`measure_matmul_rate`, :func:`measure_append_bandwidth`)::
 
-    t(step) = max(W / BW, F / R) + passes * B * KV / BW,    F = 2 * B * (weights of the matmuls)
+    t(step) = max(W / BW, F / R) + B * KV / BW + 2 * B * KV / BWa,    F = 2 * B * (weights of the matmuls)
+
+(attention reads the cache once; the append reads and writes it). With ``BWa = BW`` and memory-bound
+weights this is the bytes model with three passes.
 
 Summed, not one ``max`` over the whole step: eager PyTorch runs a layer's weight matmuls and its cache
 copies and attention one after the other on the same cores, so their times add; each part is bound by
@@ -75,6 +79,8 @@ SMOKE_WIDTHS = {
 
 #: passes over the cache per decode step: attention's read, plus torch.cat's read and write in DynamicCache
 DYNAMIC_CACHE_PASSES = 3
+#: of which torch.cat's (the append): read the old cache, write the new one
+APPEND_PASSES = 2
 
 
 # -- the traffic model (pure; tests/test_bench_common.py) ------------------------------------------------
@@ -109,25 +115,38 @@ def predicted_decode_speedup(
 
 
 def roofline_step_seconds(
-    weight_bytes: float, weight_flops: float, cache_bytes_moved: float, bandwidth: float, matmul_rate: float
+    weight_bytes: float,
+    weight_flops: float,
+    cache_read: float,
+    bandwidth: float,
+    matmul_rate: float,
+    cache_appended: float = 0.0,
+    append_bandwidth: float | None = None,
 ) -> float:
     """Seconds of one decode step on a machine with ``bandwidth`` bytes/s and ``matmul_rate`` FLOP/s.
 
-    ``max(weight_bytes / bandwidth, weight_flops / matmul_rate) + cache_bytes_moved / bandwidth``: the weight
-    matmuls are bound by whichever of reading and computing takes longer; the cache traffic by bandwidth;
-    the two run one after the other, so they add (see the module doc).
+    ``max(weight_bytes / bandwidth, weight_flops / matmul_rate) + cache_read / bandwidth
+    + cache_appended / append_bandwidth``: the weight matmuls are bound by whichever of reading and
+    computing takes longer; attention's read of the cache by bandwidth; the bytes ``torch.cat`` reads and
+    writes to append to it by the rate of that append (``append_bandwidth``, default ``bandwidth``); the
+    parts run one after the other, so they add (see the module doc).
     """
+    append_bandwidth = bandwidth if append_bandwidth is None else append_bandwidth
     values = {
         "weight_bytes": weight_bytes,
         "weight_flops": weight_flops,
-        "cache_bytes_moved": cache_bytes_moved,
+        "cache_read": cache_read,
+        "cache_appended": cache_appended,
         "bandwidth": bandwidth,
         "matmul_rate": matmul_rate,
+        "append_bandwidth": append_bandwidth,
     }
-    bad = {k: v for k, v in values.items() if not v >= 0 or (k in ("bandwidth", "matmul_rate") and v <= 0)}
+    rates = ("bandwidth", "matmul_rate", "append_bandwidth")
+    bad = {k: v for k, v in values.items() if not v >= 0 or (k in rates and v <= 0)}
     if bad:
         raise ValueError(f"need sizes >= 0 and rates > 0, got {bad}")
-    return max(weight_bytes / bandwidth, weight_flops / matmul_rate) + cache_bytes_moved / bandwidth
+    weights = max(weight_bytes / bandwidth, weight_flops / matmul_rate)
+    return weights + cache_read / bandwidth + cache_appended / append_bandwidth
 
 
 def weight_bound(weight_bytes: float, weight_flops: float, bandwidth: float, matmul_rate: float) -> str:
@@ -143,17 +162,25 @@ def predicted_roofline_speedup(
     batch: int,
     bandwidth: float,
     matmul_rate: float,
-    passes: int = 1,
+    append_passes: int = 0,
+    append_bandwidth: float | None = None,
 ) -> float:
     """Step time unpruned / pruned under :func:`roofline_step_seconds`; the weights' part is the same in both.
 
-    ``weight_flops``: FLOPs of the step's weight matmuls at this ``batch``; ``kv_*``: one sample's cache.
+    ``weight_flops``: FLOPs of the step's weight matmuls at this ``batch``; ``kv_*``: one sample's cache,
+    read once by attention; ``append_passes``: passes over it to append (0 for a static cache,
+    :data:`APPEND_PASSES` for ``DynamicCache``) at ``append_bandwidth``.
     """
-    if batch < 1 or passes < 1:
-        raise ValueError(f"need batch >= 1 and passes >= 1, got batch={batch}, passes={passes}")
-    full = roofline_step_seconds(weight_bytes, weight_flops, passes * batch * kv_full, bandwidth, matmul_rate)
-    pruned = roofline_step_seconds(weight_bytes, weight_flops, passes * batch * kv_pruned, bandwidth, matmul_rate)
-    return full / pruned
+    if batch < 1 or append_passes < 0:
+        raise ValueError(f"need batch >= 1 and append_passes >= 0, got batch={batch}, append_passes={append_passes}")
+
+    def step(kv: float) -> float:
+        appended = append_passes * batch * kv
+        return roofline_step_seconds(
+            weight_bytes, weight_flops, batch * kv, bandwidth, matmul_rate, appended, append_bandwidth
+        )
+
+    return step(kv_full) / step(kv_pruned)
 
 
 def cache_bytes(cache: object) -> int:
@@ -194,6 +221,24 @@ def measure_bandwidth(device: str = "cpu", nbytes: int = 256 * 2**20, repeats: i
     dst = torch.empty_like(src)
     dst.copy_(src)  # touch the pages before timing
     return 2 * nbytes / min(once(lambda: dst.copy_(src), device) for _ in range(repeats))
+
+
+def measure_append_bandwidth(device: str = "cpu", nbytes: int = 256 * 2**20, repeats: int = 3) -> float:
+    """Bytes/s (read + written) of ``torch.cat([cache, one_position], dim=-2)`` on a ``nbytes`` cache, the way
+    ``DynamicCache`` appends: into a new tensor every step.
+
+    On the CPU a new tensor this large is fresh pages from the kernel (glibc maps large blocks and unmaps
+    them on free), so the append pays a page fault and the kernel's zeroing per 4 KiB on top of the copy:
+    several times slower than :func:`measure_bandwidth`'s copy into memory already mapped. On a GPU the
+    caching allocator reuses memory and the two rates agree.
+    """
+    heads, dim = 32, 128
+    positions = max(1, nbytes // (4 * heads * dim))
+    cache = torch.ones(1, heads, positions, dim, dtype=torch.float32, device=device)
+    one = torch.ones(1, heads, 1, dim, dtype=torch.float32, device=device)
+    torch.cat([cache, one], dim=-2)
+    moved = 2 * cache.numel() * cache.element_size()
+    return moved / min(once(lambda: torch.cat([cache, one], dim=-2), device) for _ in range(repeats))
 
 
 def measure_matmul_rate(

@@ -6,10 +6,10 @@ throughput (tokens/s) with the cache left by an unpruned prefill and by a ``topk
 prefill, the measured speedup, and the memory-traffic model's prediction (``_common.py``): the bytes of a
 step, weights + cache, with the cache counted once (a static/paged cache, the issue's model) and three
 times (HF's ``DynamicCache``, which ``torch.cat``-copies the cache every step), and measured / predicted;
-then the roofline model for this machine (``_common.roofline_step_seconds``, three cache passes): before
-each batch's timing it measures the copy bandwidth and the dtype's matmul rate at that batch's row
-count, prints both, the weight matmuls' bound (memory or compute), the roofline's prediction and
-measured / roofline. The bytes model is the issue's target; the roofline says what this machine allows
+then the roofline model for this machine (``_common.roofline_step_seconds``: attention's read of the
+cache, ``torch.cat``'s read and write to append to it): after each batch's timing it measures the copy
+bandwidth, the append rate and the dtype's matmul rate at that batch's row count, prints them, the
+weight matmuls' bound (memory or compute), the roofline's prediction and measured / roofline. The bytes model is the issue's target; the roofline says what this machine allows
 when its matmuls, not its memory, set the pace (bf16 on a CPU without bf16 instructions).
 
 How: one batch-1 prefill per variant through the public API (``tokprune.pruned``) leaves the cache; the
@@ -140,28 +140,30 @@ def run_dtype(args, dtype: torch.dtype) -> None:
         best = {k: min(v) for k, v in times.items()}
         # the machine's rates, measured right after the timing (same load, same clock)
         bandwidth = C.measure_bandwidth(args.device, args.calibration_mib * 2**20)
+        append = C.measure_append_bandwidth(args.device, args.calibration_mib * 2**20)
         matmul = C.measure_matmul_rate(dtype, batch, cfg.hidden_size, args.device)
         flops = C.decode_weight_flops(model, batch)
         bound = C.weight_bound(weights, flops, bandwidth, matmul)
         print(
-            f"batch {batch}: copy bandwidth {bandwidth / 1e9:.2f} GB/s, {C.dtype_name(dtype)} matmul at {batch} rows "
-            f"{matmul / 1e9:.1f} GFLOP/s; weights {weights / bandwidth * 1e3:.0f} ms to read vs {flops / 1e9:.1f} GFLOP "
-            f"{flops / matmul * 1e3:.0f} ms to compute per step: weight matmuls {bound}-bound",
+            f"batch {batch}: copy bandwidth {bandwidth / 1e9:.2f} GB/s, append (torch.cat) {append / 1e9:.2f} GB/s, "
+            f"{C.dtype_name(dtype)} matmul at {batch} rows {matmul / 1e9:.1f} GFLOP/s; weights "
+            f"{weights / bandwidth * 1e3:.0f} ms to read vs {flops / 1e9:.1f} GFLOP {flops / matmul * 1e3:.0f} ms to "
+            f"compute per step: weight matmuls {bound}-bound",
             flush=True,
         )
-        rows.append((batch, best, bandwidth, matmul, flops, bound))
+        rows.append((batch, best, bandwidth, append, matmul, flops, bound))
     # the table after the calibration lines, so it reads in one piece
     print(
         f"{'batch':>5} {'unpruned tok/s':>15} {'pruned tok/s':>13} {'speedup':>8} {'model x1':>9} {'model x3':>9} "
         f"{'roofline':>9} {'meas/x1':>8} {'meas/x3':>8} {'meas/roof':>9} {'weights':>8}"
     )
-    for batch, best, bandwidth, matmul, flops, bound in rows:
+    for batch, best, bandwidth, append, matmul, flops, bound in rows:
         rate = {k: batch * args.steps / t for k, t in best.items()}
         measured = best["unpruned"] / best[TOPK]
         x1 = C.predicted_decode_speedup(weights, kv["unpruned"], kv[TOPK], batch, passes=1)
         x3 = C.predicted_decode_speedup(weights, kv["unpruned"], kv[TOPK], batch, passes=C.DYNAMIC_CACHE_PASSES)
         roof = C.predicted_roofline_speedup(
-            weights, flops, kv["unpruned"], kv[TOPK], batch, bandwidth, matmul, passes=C.DYNAMIC_CACHE_PASSES
+            weights, flops, kv["unpruned"], kv[TOPK], batch, bandwidth, matmul, C.APPEND_PASSES, append
         )
         print(
             f"{batch:>5} {rate['unpruned']:>15.1f} {rate[TOPK]:>13.1f} {measured:>7.2f}x {x1:>8.2f}x {x3:>8.2f}x "

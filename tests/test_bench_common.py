@@ -111,33 +111,47 @@ def test_decode_weight_bytes_counts_what_a_step_reads(tiny):
 @pytest.mark.parametrize(
     "weight_flops, expected",
     [
-        (10.0, 10.0 + 5.0),  # weights memory-bound: reading 100 B at 10 B/s beats computing 10 FLOP at 10/s
-        (400.0, 40.0 + 5.0),  # compute-bound: 400 FLOP at 10/s; the cache's 50 B still add 5 s
+        (10.0, 10.0 + 5.0 + 20.0),  # weights memory-bound: reading 100 B at 10 B/s beats computing 10 FLOP at 10/s
+        (400.0, 40.0 + 5.0 + 20.0),  # compute-bound: 400 FLOP at 10/s; the cache's read and append still add
     ],
 )
 def test_roofline_step_prices_each_part_by_its_bound_and_adds_them(weight_flops, expected):
-    # one max over the whole step would give max(150 / 10, F / 10); a sum of every term 10 + F / 10 + 5
+    # one max over the whole step, a sum of every term, or the append at the copy bandwidth would all differ
     step = common.roofline_step_seconds(
-        weight_bytes=100.0, weight_flops=weight_flops, cache_bytes_moved=50.0, bandwidth=10.0, matmul_rate=10.0
+        weight_bytes=100.0,
+        weight_flops=weight_flops,
+        cache_read=50.0,
+        bandwidth=10.0,
+        matmul_rate=10.0,
+        cache_appended=40.0,
+        append_bandwidth=2.0,
     )
     assert step == pytest.approx(expected)
+    # without an append rate, appended bytes cost what read ones do
+    same = common.roofline_step_seconds(100.0, weight_flops, 50.0, 10.0, 10.0, cache_appended=40.0)
+    assert same == pytest.approx(expected - 20.0 + 4.0)
 
 
 def test_roofline_speedup_by_hand_and_limits():
     w, full, pruned, batch = 1000.0, 300.0, 66.0, 2
-    # bandwidth 1 B/s, rate 2 FLOP/s, 4000 FLOP: the weights take max(1000, 2000) s; the cache 3 passes
-    by_hand = (2000 + 3 * 2 * 300) / (2000 + 3 * 2 * 66)
-    got = common.predicted_roofline_speedup(w, 4000.0, full, pruned, batch, bandwidth=1.0, matmul_rate=2.0, passes=3)
+    # bandwidth 1 B/s, appends at 0.5 B/s, rate 2 FLOP/s, 4000 FLOP: the weights take max(1000, 2000) s;
+    # the cache is read once at 1 B/s and read + written to append at 0.5 B/s
+    by_hand = (2000 + 2 * 300 + 2 * 2 * 300 / 0.5) / (2000 + 2 * 66 + 2 * 2 * 66 / 0.5)
+    got = common.predicted_roofline_speedup(
+        w, 4000.0, full, pruned, batch, 1.0, 2.0, append_passes=2, append_bandwidth=0.5
+    )
     assert got == pytest.approx(by_hand)
-    # infinitely fast matmuls: the bytes model; infinitely slow: nothing to gain from a smaller cache
+    # appending at the copy rate with infinitely fast matmuls: the bytes model with three passes
     traffic = common.predicted_decode_speedup(w, full, pruned, batch, passes=3)
-    fast = common.predicted_roofline_speedup(w, 4000.0, full, pruned, batch, 1.0, 1e12, passes=3)
-    slow = common.predicted_roofline_speedup(w, 4000.0, full, pruned, batch, 1.0, 1e-9, passes=3)
+    fast = common.predicted_roofline_speedup(w, 4000.0, full, pruned, batch, 1.0, 1e12, append_passes=2)
     assert fast == pytest.approx(traffic)
-    assert slow == pytest.approx(1.0)
-    # never above the bytes model: computing the weights can only add to the part pruning does not touch
+    # infinitely slow matmuls: nothing to gain from a smaller cache
+    assert common.predicted_roofline_speedup(w, 4000.0, full, pruned, batch, 1.0, 1e-9, 2) == pytest.approx(1.0)
+    # computing the weights can only add to the part pruning does not touch; a slow append adds to the part it does
     for rate in (0.5, 2.0, 4.0, 8.0):
-        assert common.predicted_roofline_speedup(w, 4000.0, full, pruned, batch, 1.0, rate, 3) <= traffic + 1e-12
+        assert common.predicted_roofline_speedup(w, 4000.0, full, pruned, batch, 1.0, rate, 2) <= traffic + 1e-12
+    slow_append = common.predicted_roofline_speedup(w, 0.0, full, pruned, batch, 1.0, 1.0, 2, append_bandwidth=0.1)
+    assert traffic < slow_append < full / pruned
 
 
 def test_weight_bound_names_the_slower_side():
@@ -151,11 +165,12 @@ def test_weight_bound_names_the_slower_side():
         ({"bandwidth": 0.0}, "'bandwidth': 0.0"),
         ({"matmul_rate": -1.0}, "'matmul_rate': -1.0"),
         ({"weight_flops": float("nan")}, "'weight_flops': nan"),
-        ({"cache_bytes_moved": -5.0}, "'cache_bytes_moved': -5.0"),
+        ({"cache_read": -5.0}, "'cache_read': -5.0"),
+        ({"append_bandwidth": 0.0}, "'append_bandwidth': 0.0"),
     ],
 )
 def test_roofline_rejects_bad_input(kwargs, match):
-    args = {"weight_bytes": 1.0, "weight_flops": 1.0, "cache_bytes_moved": 1.0, "bandwidth": 1.0, "matmul_rate": 1.0}
+    args = {"weight_bytes": 1.0, "weight_flops": 1.0, "cache_read": 1.0, "bandwidth": 1.0, "matmul_rate": 1.0}
     with pytest.raises(ValueError, match=match):
         common.roofline_step_seconds(**{**args, **kwargs})
 
@@ -169,5 +184,6 @@ def test_decode_weight_flops_counts_every_matmul_weight(tiny):
 
 def test_calibrations_return_rates():
     bandwidth = common.measure_bandwidth("cpu", nbytes=2**20, repeats=2)
+    append = common.measure_append_bandwidth("cpu", nbytes=2**20, repeats=2)
     rate = common.measure_matmul_rate(torch.float32, rows=4, inner=64, cols=32, calls=2, repeats=2)
-    assert 1e6 < bandwidth < 1e14 and 1e5 < rate < 1e15  # bytes/s and FLOP/s, not seconds
+    assert 1e6 < bandwidth < 1e14 and 1e6 < append < 1e14 and 1e5 < rate < 1e15  # per second, not seconds
