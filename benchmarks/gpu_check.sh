@@ -57,7 +57,16 @@ bench() {  # bench NAME SECONDS SCRIPT ARGS...: a benchmark on the device (smoke
         printf '%-10s skipped: %s --help lacks --smoke\n' "$name" "$script" | tee -a "$RESULTS/summary.txt"
         return
     fi
-    step "$name" "$limit" "$PY" "$script" "${DEVICE[@]}" "$@" "${FLAGS[@]}"
+    local fewer=()  # smoke: the GPU's arguments are kept (their parsing is checked) but one round of few steps
+    if [ "$SMOKE" = 1 ]; then
+        for arg in "$@"; do
+            case "$arg" in
+                --repeats) fewer+=(--repeats 1) ;;
+                --steps) fewer+=(--steps 2) ;;
+            esac
+        done
+    fi
+    step "$name" "$limit" "$PY" "$script" "${DEVICE[@]}" "$@" "${FLAGS[@]}" "${fewer[@]}"
 }
 
 # the device suites: CUDA (and bf16/fp16) on the GPU; on the CPU the same suites compare the CPU with itself
