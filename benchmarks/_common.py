@@ -183,6 +183,22 @@ def predicted_roofline_speedup(
     return step(kv_full) / step(kv_pruned)
 
 
+def causal_attention_overcount(layer_tokens: Tensor, d: int) -> Tensor:
+    """Multiply-adds the FLOP model's attention term counts beyond what causal attention computes.
+
+    ``layer_tokens``: long ``[B, L]``, the tokens each LLM layer holds; returns fp64 ``[B]``. The model
+    (``tokprune.stats.layer_flops``, FastV's formula) counts ``2 n^2 d`` per layer for ``QK^T`` and ``AV``
+    over every pair of positions. Under a causal mask query ``i`` sees keys ``0..i``: ``n (n + 1) / 2``
+    pairs, ``d n (n + 1)`` multiply-adds for both products; PyTorch's sdpa kernels (CPU flash attention,
+    CUDA flash / memory-efficient) skip the blocks above the diagonal, so ``d n (n - 1)`` per layer is
+    counted but never computed. A vision tower's attention is not causal and keeps its full term.
+    """
+    if layer_tokens.dim() != 2 or bool((layer_tokens < 0).any()) or d < 1:
+        raise ValueError(f"need layer_tokens long [B, L] >= 0 and d >= 1, got shape {tuple(layer_tokens.shape)}, d={d}")
+    n = layer_tokens.to(torch.float64)
+    return (d * n * (n - 1)).sum(dim=-1)
+
+
 def cache_bytes(cache: object) -> int:
     """Exact bytes the keys and values of a ``DynamicCache`` hold (every layer, every sample), from its tensors.
 

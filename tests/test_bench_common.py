@@ -187,3 +187,28 @@ def test_calibrations_return_rates():
     append = common.measure_append_bandwidth("cpu", nbytes=2**20, repeats=2)
     rate = common.measure_matmul_rate(torch.float32, rows=4, inner=64, cols=32, calls=2, repeats=2)
     assert 1e6 < bandwidth < 1e14 and 1e6 < append < 1e14 and 1e5 < rate < 1e15  # per second, not seconds
+
+
+def test_causal_overcount_is_the_masked_part_of_the_attention_term():
+    n, d = 7, 3
+    computed = 2 * d * int(torch.ones(n, n).tril().sum())  # QK^T and AV over the pairs (i, j <= i)
+    counted = 2 * n * n * d  # the FLOP model's term
+    got = common.causal_attention_overcount(torch.tensor([[n, n], [n, 0]]), d)
+    assert got.tolist() == [2 * (counted - computed), counted - computed]
+
+
+def test_causal_overcount_against_the_stats_flop_model():
+    """Removing the overcount from ``layer_flops`` leaves its projections, MLP and ``d n (n + 1)``."""
+    from tokprune.stats import layer_flops
+
+    n, d, m = torch.tensor([[40, 12]]), 64, 128
+    full = layer_flops(n, d, m).sum(dim=-1)
+    linear = layer_flops(n, d, m).sum(dim=-1) - (2 * n.double() ** 2 * d).sum(dim=-1)
+    causal = linear + (d * n.double() * (n.double() + 1)).sum(dim=-1)
+    assert torch.allclose(full - common.causal_attention_overcount(n, d), causal)
+
+
+@pytest.mark.parametrize("tokens, d", [(torch.tensor([3, 4]), 8), (torch.tensor([[-1]]), 8), (torch.tensor([[3]]), 0)])
+def test_causal_overcount_rejects_bad_input(tokens, d):
+    with pytest.raises(ValueError, match="need layer_tokens long"):
+        common.causal_attention_overcount(tokens, d)

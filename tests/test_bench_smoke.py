@@ -44,7 +44,7 @@ EXPECTED: dict[str, list[tuple[str, int]]] = {
     ],
     "bench_growth.py": [
         (r"FLOP model .*meas/model", 1),
-        (rf"^\s*\d+\s+(\S+\s+)?{_NUM}\s+{_NUM}\s+{_X}\s+{_X}\s+{_NUM}\s+\d+(\s+{_NUM}){{4}}$", 2),
+        (rf"^\s*\d+\s+(\S+\s+)?{_NUM}\s+{_NUM}\s+{_X}\s+{_X}\s+{_NUM}\s+{_X}\s+{_NUM}\s+\d+(\s+{_NUM}){{4}}$", 2),
     ],
     "bench_memory.py": [
         (r"^KV bytes per sample pruned/unpruned: 0\.\d+$", 1),
