@@ -164,23 +164,24 @@ def predicted_roofline_speedup(
     matmul_rate: float,
     append_passes: int = 0,
     append_bandwidth: float | None = None,
+    append_bandwidth_pruned: float | None = None,
 ) -> float:
     """Step time unpruned / pruned under :func:`roofline_step_seconds`; the weights' part is the same in both.
 
     ``weight_flops``: FLOPs of the step's weight matmuls at this ``batch``; ``kv_*``: one sample's cache,
     read once by attention; ``append_passes``: passes over it to append (0 for a static cache,
-    :data:`APPEND_PASSES` for ``DynamicCache``) at ``append_bandwidth``.
+    :data:`APPEND_PASSES` for ``DynamicCache``) at ``append_bandwidth`` (the pruned cache's at
+    ``append_bandwidth_pruned``, default the same: see :func:`measure_append_bandwidth`).
     """
     if batch < 1 or append_passes < 0:
         raise ValueError(f"need batch >= 1 and append_passes >= 0, got batch={batch}, append_passes={append_passes}")
+    pruned_rate = append_bandwidth if append_bandwidth_pruned is None else append_bandwidth_pruned
 
-    def step(kv: float) -> float:
+    def step(kv: float, rate: float | None) -> float:
         appended = append_passes * batch * kv
-        return roofline_step_seconds(
-            weight_bytes, weight_flops, batch * kv, bandwidth, matmul_rate, appended, append_bandwidth
-        )
+        return roofline_step_seconds(weight_bytes, weight_flops, batch * kv, bandwidth, matmul_rate, appended, rate)
 
-    return step(kv_full) / step(kv_pruned)
+    return step(kv_full, append_bandwidth) / step(kv_pruned, pruned_rate)
 
 
 def causal_attention_overcount(layer_tokens: Tensor, d: int) -> Tensor:
@@ -239,20 +240,23 @@ def measure_bandwidth(device: str = "cpu", nbytes: int = 256 * 2**20, repeats: i
     return 2 * nbytes / min(once(lambda: dst.copy_(src), device) for _ in range(repeats))
 
 
-def measure_append_bandwidth(device: str = "cpu", nbytes: int = 256 * 2**20, repeats: int = 3) -> float:
-    """Bytes/s (read + written) of ``torch.cat([cache, one_position], dim=-2)`` on a ``nbytes`` cache, the way
-    ``DynamicCache`` appends: into a new tensor every step.
+def measure_append_bandwidth(
+    shape: Sequence[int], dtype: torch.dtype = torch.float32, device: str = "cpu", repeats: int = 3
+) -> float:
+    """Bytes/s (read + written) of ``torch.cat([cache, one_position], dim=-2)`` on a ``shape`` cache tensor
+    (one layer's keys, ``[B, kv_heads, positions, head_dim]``), the way ``DynamicCache`` appends: into a
+    new tensor every step.
 
-    On the CPU a new tensor this large is fresh pages from the kernel (glibc maps large blocks and unmaps
-    them on free), so the append pays a page fault and the kernel's zeroing per 4 KiB on top of the copy:
-    several times slower than :func:`measure_bandwidth`'s copy into memory already mapped. On a GPU the
-    caching allocator reuses memory and the two rates agree.
+    On the CPU the rate depends on the size. glibc serves blocks above its mmap threshold (at most 32 MiB)
+    with fresh pages from the kernel and unmaps them on free, so such an append pays a page fault and the
+    kernel's zeroing per 4 KiB on top of the copy, several times slower than :func:`measure_bandwidth`;
+    smaller blocks reuse the heap. Hence the real tensor's shape, per variant: a pruned cache can fall
+    below the threshold where the unpruned one does not. On a GPU the caching allocator reuses memory.
     """
-    heads, dim = 32, 128
-    positions = max(1, nbytes // (4 * heads * dim))
-    cache = torch.ones(1, heads, positions, dim, dtype=torch.float32, device=device)
-    one = torch.ones(1, heads, 1, dim, dtype=torch.float32, device=device)
-    torch.cat([cache, one], dim=-2)
+    cache = torch.ones(*shape, dtype=dtype, device=device)
+    one = torch.ones(*shape[:-2], 1, shape[-1], dtype=dtype, device=device)
+    for _ in range(2):  # the first frees set glibc's threshold, as a decode's first steps do
+        torch.cat([cache, one], dim=-2)
     moved = 2 * cache.numel() * cache.element_size()
     return moved / min(once(lambda: torch.cat([cache, one], dim=-2), device) for _ in range(repeats))
 

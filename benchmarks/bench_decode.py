@@ -140,12 +140,18 @@ def run_dtype(args, dtype: torch.dtype) -> None:
         best = {k: min(v) for k, v in times.items()}
         # the machine's rates, measured right after the timing (same load, same clock)
         bandwidth = C.measure_bandwidth(args.device, args.calibration_mib * 2**20)
-        append = C.measure_append_bandwidth(args.device, args.calibration_mib * 2**20)
+        append = {  # one layer's keys at this batch, unpruned and pruned (glibc treats them differently)
+            k: C.measure_append_bandwidth(
+                (batch, cfg.num_key_value_heads, positions[k][-1], head_dim), dtype, args.device
+            )
+            for k in caches
+        }
         matmul = C.measure_matmul_rate(dtype, batch, cfg.hidden_size, args.device)
         flops = C.decode_weight_flops(model, batch)
         bound = C.weight_bound(weights, flops, bandwidth, matmul)
         print(
-            f"batch {batch}: copy bandwidth {bandwidth / 1e9:.2f} GB/s, append (torch.cat) {append / 1e9:.2f} GB/s, "
+            f"batch {batch}: copy bandwidth {bandwidth / 1e9:.2f} GB/s, append (torch.cat) unpruned "
+            f"{append['unpruned'] / 1e9:.2f} GB/s, pruned {append[TOPK] / 1e9:.2f} GB/s, "
             f"{C.dtype_name(dtype)} matmul at {batch} rows {matmul / 1e9:.1f} GFLOP/s; weights "
             f"{weights / bandwidth * 1e3:.0f} ms to read vs {flops / 1e9:.1f} GFLOP {flops / matmul * 1e3:.0f} ms to "
             f"compute per step: weight matmuls {bound}-bound",
@@ -163,7 +169,7 @@ def run_dtype(args, dtype: torch.dtype) -> None:
         x1 = C.predicted_decode_speedup(weights, kv["unpruned"], kv[TOPK], batch, passes=1)
         x3 = C.predicted_decode_speedup(weights, kv["unpruned"], kv[TOPK], batch, passes=C.DYNAMIC_CACHE_PASSES)
         roof = C.predicted_roofline_speedup(
-            weights, flops, kv["unpruned"], kv[TOPK], batch, bandwidth, matmul, C.APPEND_PASSES, append
+            weights, flops, kv["unpruned"], kv[TOPK], batch, bandwidth, matmul, C.APPEND_PASSES, *append.values()
         )
         print(
             f"{batch:>5} {rate['unpruned']:>15.1f} {rate[TOPK]:>13.1f} {measured:>7.2f}x {x1:>8.2f}x {x3:>8.2f}x "
@@ -178,7 +184,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=None, help="decode steps per timed call (default 8; --smoke: 2)")
     p.add_argument("--memory-gb", type=float, default=None, help="skip batches whose caches would not fit (CPU: 8)")
     p.add_argument(
-        "--calibration-mib", type=int, default=None, help="bytes copied to measure bandwidth (default 256; --smoke: 8)"
+        "--calibration-mib", type=int, default=None, help="MiB copied to measure the copy bandwidth (default 256; --smoke: 8)"
     )
     args = p.parse_args()
     dtypes = C.setup(args)

@@ -152,6 +152,11 @@ def test_roofline_speedup_by_hand_and_limits():
         assert common.predicted_roofline_speedup(w, 4000.0, full, pruned, batch, 1.0, rate, 2) <= traffic + 1e-12
     slow_append = common.predicted_roofline_speedup(w, 0.0, full, pruned, batch, 1.0, 1.0, 2, append_bandwidth=0.1)
     assert traffic < slow_append < full / pruned
+    # the pruned cache's own append rate: faster appends (no page faults) save more
+    split = common.predicted_roofline_speedup(
+        w, 0.0, full, pruned, batch, 1.0, 1.0, 2, 0.1, append_bandwidth_pruned=1.0
+    )
+    assert split == pytest.approx((w + 2 * 300 + 4 * 300 / 0.1) / (w + 2 * 66 + 4 * 66 / 1.0))
 
 
 def test_weight_bound_names_the_slower_side():
@@ -184,7 +189,7 @@ def test_decode_weight_flops_counts_every_matmul_weight(tiny):
 
 def test_calibrations_return_rates():
     bandwidth = common.measure_bandwidth("cpu", nbytes=2**20, repeats=2)
-    append = common.measure_append_bandwidth("cpu", nbytes=2**20, repeats=2)
+    append = common.measure_append_bandwidth((2, 4, 64, 16), torch.float32, "cpu", repeats=2)
     rate = common.measure_matmul_rate(torch.float32, rows=4, inner=64, cols=32, calls=2, repeats=2)
     assert 1e6 < bandwidth < 1e14 and 1e6 < append < 1e14 and 1e5 < rate < 1e15  # per second, not seconds
 

@@ -33,7 +33,11 @@ _X = rf"{_NUM}x"
 EXPECTED: dict[str, list[tuple[str, int]]] = {
     "bench_decode.py": [
         (r"^KV ratio pruned/unpruned 0\.\d+ = kept ratio 0\.\d+$", 2),  # bf16 and fp32
-        (rf"^batch \d+: copy bandwidth {_NUM} GB/s, (bf16|fp32) matmul at \d+ rows {_NUM} GFLOP/s; .*-bound$", 4),
+        (
+            rf"^batch \d+: copy bandwidth {_NUM} GB/s, append \(torch.cat\) unpruned {_NUM} GB/s, pruned {_NUM} GB/s, "
+            rf"(bf16|fp32) matmul at \d+ rows {_NUM} GFLOP/s; .*-bound$",
+            4,
+        ),
         (r"^batch.*model x1.*model x3.*roofline.*meas/x3.*meas/roof.*weights$", 2),
         # batch, tok/s x2, measured, traffic x1, x3, roofline, three measured/predicted, the bound
         (rf"^\s*\d+\s+{_NUM}\s+{_NUM}\s+{_X}\s+{_X}\s+{_X}\s+{_X}\s+{_NUM}\s+{_NUM}\s+{_NUM}\s+(compute|memory)$", 4),
