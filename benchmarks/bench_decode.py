@@ -184,7 +184,10 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=None, help="decode steps per timed call (default 8; --smoke: 2)")
     p.add_argument("--memory-gb", type=float, default=None, help="skip batches whose caches would not fit (CPU: 8)")
     p.add_argument(
-        "--calibration-mib", type=int, default=None, help="MiB copied to measure the copy bandwidth (default 256; --smoke: 8)"
+        "--calibration-mib",
+        type=int,
+        default=None,
+        help="MiB copied to measure the copy bandwidth (default 256; --smoke: 8)",
     )
     args = p.parse_args()
     dtypes = C.setup(args)
