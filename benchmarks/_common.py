@@ -16,6 +16,29 @@ over the layers ``l`` holding ``n_l`` positions; ``passes``: how often a step to
 preallocated (static/paged) cache is read once by attention (``passes=1``, the issue's model); HF's
 ``DynamicCache`` appends with ``torch.cat``, which reads and rewrites the whole cache every step before
 attention reads it (``passes=3``). The predicted speedup of a pruned cache is the ratio of the bytes.
+
+The bytes model assumes every byte costs the same time and nothing else does. Where the machine computes
+the weights' matmuls slower than it reads them (a CPU without native bf16 at batch 32, say), a step is
+compute-bound in that part and the bytes model over-predicts. The roofline model of a step (see
+:func:`roofline_step_seconds`) prices each part by its own bound, with the machine's copy bandwidth ``BW``,
+its matmul rate ``R`` for the dtype and the batch's row count, and the rate ``BWa`` at which
+``DynamicCache``'s ``torch.cat`` appends (a new tensor every step: on the CPU, fresh pages), all measured
+in the same run (:func:`measure_bandwidth`, :func:`measure_matmul_rate`, :func:`measure_append_bandwidth`)::
+
+    t(step) = max(W / BW, F / R) + B * KV / BW + 2 * B * KV / BWa,    F = 2 * B * (weights of the matmuls)
+
+(attention reads the cache once; the append reads and writes it). With ``BWa = BW`` and memory-bound
+weights this is the bytes model with three passes.
+
+Summed, not one ``max`` over the whole step: eager PyTorch runs a layer's weight matmuls and its cache
+copies and attention one after the other on the same cores, so their times add; each part is bound by
+its own resource. The cache part is priced by bytes alone: appending copies it (no arithmetic) and
+attention does ~1 multiply-add per cached element (``2 * itemsize`` bytes), far below any CPU or GPU's
+ratio of compute to bandwidth.
+
+``--smoke`` (every script) swaps in tiny widths and depths (:data:`SMOKE_WIDTHS`) and small defaults, so
+the same code paths, printing included, run in seconds on a CPU; ``gpu_check.sh --smoke`` dry-runs the
+prepared GPU script that way.
 """
 
 from __future__ import annotations
@@ -40,8 +63,24 @@ DEVICES = ("cpu", "cuda")
 #: "wall" (perf_counter) or "cpu" (process CPU time of all threads), set by --clock; CUDA always uses events
 CLOCK = "wall"
 
+#: set by --smoke: tiny widths and depths instead of LLaVA-1.5-7B's (same image token counts)
+SMOKE = False
+#: the --smoke model: LLaVA-1.5-7B's structure (CLIP tower, Llama LLM, vocabulary, patch grid), tiny widths
+SMOKE_WIDTHS = {
+    "vision_hidden": 32,
+    "vision_mlp": 64,
+    "vision_heads": 2,
+    "vision_layers": 2,
+    "hidden": 64,
+    "mlp": 128,
+    "heads": 4,
+    "llm_layers": 2,
+}
+
 #: passes over the cache per decode step: attention's read, plus torch.cat's read and write in DynamicCache
 DYNAMIC_CACHE_PASSES = 3
+#: of which torch.cat's (the append): read the old cache, write the new one
+APPEND_PASSES = 2
 
 
 # -- the traffic model (pure; tests/test_bench_common.py) ------------------------------------------------
@@ -75,6 +114,92 @@ def predicted_decode_speedup(
     return decode_bytes(weight_bytes, kv_full, batch, passes) / decode_bytes(weight_bytes, kv_pruned, batch, passes)
 
 
+def roofline_step_seconds(
+    weight_bytes: float,
+    weight_flops: float,
+    cache_read: float,
+    bandwidth: float,
+    matmul_rate: float,
+    cache_appended: float = 0.0,
+    append_bandwidth: float | None = None,
+) -> float:
+    """Seconds of one decode step on a machine with ``bandwidth`` bytes/s and ``matmul_rate`` FLOP/s.
+
+    ``max(weight_bytes / bandwidth, weight_flops / matmul_rate) + cache_read / bandwidth
+    + cache_appended / append_bandwidth``: the weight matmuls are bound by whichever of reading and
+    computing takes longer; attention's read of the cache by bandwidth; the bytes ``torch.cat`` reads and
+    writes to append to it by the rate of that append (``append_bandwidth``, default ``bandwidth``); the
+    parts run one after the other, so they add (see the module doc).
+    """
+    append_bandwidth = bandwidth if append_bandwidth is None else append_bandwidth
+    values = {
+        "weight_bytes": weight_bytes,
+        "weight_flops": weight_flops,
+        "cache_read": cache_read,
+        "cache_appended": cache_appended,
+        "bandwidth": bandwidth,
+        "matmul_rate": matmul_rate,
+        "append_bandwidth": append_bandwidth,
+    }
+    rates = ("bandwidth", "matmul_rate", "append_bandwidth")
+    bad = {k: v for k, v in values.items() if not v >= 0 or (k in rates and v <= 0)}
+    if bad:
+        raise ValueError(f"need sizes >= 0 and rates > 0, got {bad}")
+    weights = max(weight_bytes / bandwidth, weight_flops / matmul_rate)
+    return weights + cache_read / bandwidth + cache_appended / append_bandwidth
+
+
+def weight_bound(weight_bytes: float, weight_flops: float, bandwidth: float, matmul_rate: float) -> str:
+    """``"compute"`` if the weight matmuls take longer to compute than to read, else ``"memory"``."""
+    return "compute" if weight_flops / matmul_rate > weight_bytes / bandwidth else "memory"
+
+
+def predicted_roofline_speedup(
+    weight_bytes: float,
+    weight_flops: float,
+    kv_full: float,
+    kv_pruned: float,
+    batch: int,
+    bandwidth: float,
+    matmul_rate: float,
+    append_passes: int = 0,
+    append_bandwidth: float | None = None,
+    append_bandwidth_pruned: float | None = None,
+) -> float:
+    """Step time unpruned / pruned under :func:`roofline_step_seconds`; the weights' part is the same in both.
+
+    ``weight_flops``: FLOPs of the step's weight matmuls at this ``batch``; ``kv_*``: one sample's cache,
+    read once by attention; ``append_passes``: passes over it to append (0 for a static cache,
+    :data:`APPEND_PASSES` for ``DynamicCache``) at ``append_bandwidth`` (the pruned cache's at
+    ``append_bandwidth_pruned``, default the same: see :func:`measure_append_bandwidth`).
+    """
+    if batch < 1 or append_passes < 0:
+        raise ValueError(f"need batch >= 1 and append_passes >= 0, got batch={batch}, append_passes={append_passes}")
+    pruned_rate = append_bandwidth if append_bandwidth_pruned is None else append_bandwidth_pruned
+
+    def step(kv: float, rate: float | None) -> float:
+        appended = append_passes * batch * kv
+        return roofline_step_seconds(weight_bytes, weight_flops, batch * kv, bandwidth, matmul_rate, appended, rate)
+
+    return step(kv_full, append_bandwidth) / step(kv_pruned, pruned_rate)
+
+
+def causal_attention_overcount(layer_tokens: Tensor, d: int) -> Tensor:
+    """Multiply-adds the FLOP model's attention term counts beyond what causal attention computes.
+
+    ``layer_tokens``: long ``[B, L]``, the tokens each LLM layer holds; returns fp64 ``[B]``. The model
+    (``tokprune.stats.layer_flops``, FastV's formula) counts ``2 n^2 d`` per layer for ``QK^T`` and ``AV``
+    over every pair of positions. Under a causal mask query ``i`` sees keys ``0..i``: ``n (n + 1) / 2``
+    pairs, ``d n (n + 1)`` multiply-adds for both products; PyTorch's sdpa kernels (CPU flash attention,
+    CUDA flash / memory-efficient) skip the blocks above the diagonal, so ``d n (n - 1)`` per layer is
+    counted but never computed. A vision tower's attention is not causal and keeps its full term.
+    """
+    if layer_tokens.dim() != 2 or bool((layer_tokens < 0).any()) or d < 1:
+        raise ValueError(f"need layer_tokens long [B, L] >= 0 and d >= 1, got shape {tuple(layer_tokens.shape)}, d={d}")
+    n = layer_tokens.to(torch.float64)
+    return (d * n * (n - 1)).sum(dim=-1)
+
+
 def cache_bytes(cache: object) -> int:
     """Exact bytes the keys and values of a ``DynamicCache`` hold (every layer, every sample), from its tensors.
 
@@ -96,6 +221,64 @@ def decode_weight_bytes(model: torch.nn.Module) -> int:
     lm = model.model.language_model
     parts = [lm.layers, lm.norm, model.lm_head]
     return sum(p.numel() * p.element_size() for part in parts for p in part.parameters())
+
+
+def decode_weight_flops(model: torch.nn.Module, batch: int) -> int:
+    """``F``: FLOPs of a decode step's weight matmuls at ``batch`` rows (every ``nn.Linear`` of the decoder
+    layers and ``lm_head``: 2 per weight per row; norms and biases are noise)."""
+    lm = model.model.language_model
+    linears = [m for part in (lm.layers, model.lm_head) for m in part.modules() if isinstance(m, torch.nn.Linear)]
+    return 2 * batch * sum(m.weight.numel() for m in linears)
+
+
+def measure_bandwidth(device: str = "cpu", nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
+    """Bytes/s of ``dst.copy_(src)`` over ``nbytes`` (read + written, so ``2 * nbytes`` moved), best of
+    ``repeats`` on the benchmark clock (:func:`once`): the rate a decode step streams weights and cache at."""
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # touch the pages before timing
+    return 2 * nbytes / min(once(lambda: dst.copy_(src), device) for _ in range(repeats))
+
+
+def measure_append_bandwidth(
+    shape: Sequence[int], dtype: torch.dtype = torch.float32, device: str = "cpu", repeats: int = 3
+) -> float:
+    """Bytes/s (read + written) of ``torch.cat([cache, one_position], dim=-2)`` on a ``shape`` cache tensor
+    (one layer's keys, ``[B, kv_heads, positions, head_dim]``), the way ``DynamicCache`` appends: into a
+    new tensor every step.
+
+    On the CPU the rate depends on the size. glibc serves blocks above its mmap threshold (at most 32 MiB)
+    with fresh pages from the kernel and unmaps them on free, so such an append pays a page fault and the
+    kernel's zeroing per 4 KiB on top of the copy, several times slower than :func:`measure_bandwidth`;
+    smaller blocks reuse the heap. Hence the real tensor's shape, per variant: a pruned cache can fall
+    below the threshold where the unpruned one does not. On a GPU the caching allocator reuses memory.
+    """
+    cache = torch.ones(*shape, dtype=dtype, device=device)
+    one = torch.ones(*shape[:-2], 1, shape[-1], dtype=dtype, device=device)
+    for _ in range(2):  # the first frees set glibc's threshold, as a decode's first steps do
+        torch.cat([cache, one], dim=-2)
+    moved = 2 * cache.numel() * cache.element_size()
+    return moved / min(once(lambda: torch.cat([cache, one], dim=-2), device) for _ in range(repeats))
+
+
+def measure_matmul_rate(
+    dtype: torch.dtype, rows: int, inner: int, device: str = "cpu", cols: int = 256, calls: int = 8, repeats: int = 3
+) -> float:
+    """FLOP/s of ``F.linear`` on ``[rows, inner]`` inputs and a ``[cols, inner]`` weight in ``dtype``.
+
+    The weight (4 MiB in fp32 at ``inner=4096``) stays in the CPU's last-level cache across the ``calls``,
+    so this is the compute roof for this row count and dtype, not the memory one.
+    """
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, inner, generator=gen).to(device, dtype)
+    w = torch.randn(cols, inner, generator=gen).to(device, dtype)
+
+    def run() -> None:
+        for _ in range(calls):
+            torch.nn.functional.linear(x, w)
+
+    run()
+    return 2 * rows * inner * cols * calls / min(once(run, device) for _ in range(repeats))
 
 
 # -- the model ----------------------------------------------------------------------------------------
@@ -123,11 +306,12 @@ def build_config(
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
     full = device != "cpu"
+    w = SMOKE_WIDTHS if SMOKE else {}
     vision = CLIPVisionConfig(
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=vision_layers or (24 if full else 2),
-        num_attention_heads=16,
+        hidden_size=w.get("vision_hidden", 1024),
+        intermediate_size=w.get("vision_mlp", 4096),
+        num_hidden_layers=vision_layers or w.get("vision_layers") or (24 if full else 2),
+        num_attention_heads=w.get("vision_heads", 16),
         image_size=image_size,
         patch_size=PATCH,
         projection_dim=768,
@@ -135,11 +319,11 @@ def build_config(
     )
     text = LlamaConfig(
         vocab_size=32064,
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=llm_layers or (32 if full else 2),
-        num_attention_heads=32,
-        num_key_value_heads=32,
+        hidden_size=w.get("hidden", 4096),
+        intermediate_size=w.get("mlp", 11008),
+        num_hidden_layers=llm_layers or w.get("llm_layers") or (32 if full else 2),
+        num_attention_heads=w.get("heads", 32),
+        num_key_value_heads=w.get("heads", 32),
         max_position_embeddings=8192,
         pad_token_id=0,
     )
@@ -173,7 +357,9 @@ def _instantiate(cls: type, config: object, dtype: torch.dtype, device: str) -> 
 NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 
 
-def build_next(dtype: torch.dtype, device: str = "cpu", *, vision_layers: int | None = None, llm_layers: int | None = None) -> torch.nn.Module:
+def build_next(
+    dtype: torch.dtype, device: str = "cpu", *, vision_layers: int | None = None, llm_layers: int | None = None
+) -> torch.nn.Module:
     """LLaVA-NeXT-7B-shaped ``LlavaNextForConditionalGeneration`` with random weights: :func:`build`'s tower
     and LLM widths, AnyRes over 336-px tiles; depth defaults as in :func:`build`."""
     from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
@@ -190,7 +376,9 @@ def build_next(dtype: torch.dtype, device: str = "cpu", *, vision_layers: int | 
     return _instantiate(LlavaNextForConditionalGeneration, config, dtype, device)
 
 
-def next_inputs(model: torch.nn.Module, image_size: tuple[int, int] = (672, 672), n_text: int = N_TEXT) -> dict[str, Tensor]:
+def next_inputs(
+    model: torch.nn.Module, image_size: tuple[int, int] = (672, 672), n_text: int = N_TEXT
+) -> dict[str, Tensor]:
     """One ``<s> USER : <image>*P question ASSISTANT :`` prompt for an image of ``image_size`` (h, w) px.
 
     ``P`` (base image + the tiles unpadded to the image's aspect ratio + a newline per row) and the tile
@@ -405,11 +593,23 @@ def parser(doc: str, dtypes: str = "bf16,fp32") -> argparse.ArgumentParser:
     p.add_argument(
         "--dtypes", default=None, help=f"comma-separated, of {sorted(DTYPES)} (default {dtypes}; cuda: bf16)"
     )
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds after a warm-up (default 3; --smoke: 1)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads")
     p.add_argument("--clock", default="wall", choices=("wall", "cpu"), help="CPU timing: wall time or process CPU time")
-    p.set_defaults(default_dtypes=dtypes)
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny widths and depths, 1 repeat, small default batches and steps: checks the script runs (seconds on a CPU)",
+    )
+    p.set_defaults(default_dtypes=dtypes, default_repeats=3)
     return p
+
+
+def pick(value: object, args: argparse.Namespace, *, smoke: object, cuda: object, cpu: object) -> object:
+    """``value`` if the flag was given, else the default for ``--smoke``, ``--device cuda`` or the CPU."""
+    if value is not None:
+        return value
+    return smoke if args.smoke else cuda if args.device == "cuda" else cpu
 
 
 def setup(args: argparse.Namespace) -> list[torch.dtype]:
@@ -417,8 +617,13 @@ def setup(args: argparse.Namespace) -> list[torch.dtype]:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch.cuda.is_available() is False on this machine")
     torch.set_num_threads(args.threads)
-    global CLOCK
+    global CLOCK, SMOKE
     CLOCK = args.clock
+    SMOKE = args.smoke
+    if args.repeats is None:  # one round is all a smoke run needs
+        args.repeats = 1 if SMOKE else args.default_repeats
+    if args.repeats < 1:
+        raise SystemExit(f"--repeats must be >= 1, got {args.repeats}")
     names = args.dtypes or ("bf16" if args.device == "cuda" else args.default_dtypes)
     unknown = [n for n in names.split(",") if n.strip() not in DTYPES]
     if unknown:
@@ -430,7 +635,7 @@ def setup(args: argparse.Namespace) -> list[torch.dtype]:
     print(
         f"torch {torch.__version__}, transformers {transformers.__version__}, {args.device} ({machine}), "
         f"threads {torch.get_num_threads()}, clock {CLOCK if args.device == 'cpu' else 'cuda events'}, "
-        f"load average {load:.1f}"
+        f"load average {load:.1f}" + (", SMOKE: tiny widths, the figures mean nothing" if SMOKE else "")
     )
     return [DTYPES[n.strip()] for n in names.split(",")]
 
@@ -442,6 +647,6 @@ def dtype_name(dtype: torch.dtype) -> str:
 def describe(model: torch.nn.Module) -> str:
     v, t = model.config.vision_config, model.config.text_config
     return (
-        f"LLaVA-1.5-7B widths, {v.num_hidden_layers} vision + {t.num_hidden_layers} LLM layers, "
+        f"{'tiny (--smoke)' if SMOKE else 'LLaVA-1.5-7B'} widths, {v.num_hidden_layers} vision + {t.num_hidden_layers} LLM layers, "
         f"{num_patches(model)} image tokens, {model.dtype}, sdpa"
     )

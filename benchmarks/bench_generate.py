@@ -12,6 +12,7 @@ batch (``_common.py``, with ``DynamicCache``'s three passes; what a very long an
 Usage::
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_generate.py [--batches 1,4] [--new-tokens 8,128] [--device cuda]
+    python benchmarks/bench_generate.py --smoke     # tiny widths, batches 1,2, 2 and 4 new tokens
 """
 
 from __future__ import annotations
@@ -43,13 +44,13 @@ def generate(model, inputs, spec: str | None, tokens: int):
 
 def main() -> None:
     p = C.parser(__doc__, dtypes="fp32")
-    p.add_argument("--batches", default=None, help="default 1,4 (CPU), 1,32 (cuda)")
-    p.add_argument("--new-tokens", default="8,128")
-    p.set_defaults(repeats=1)
+    p.add_argument("--batches", default=None, help="default 1,4 (CPU), 1,32 (cuda), 1,2 (--smoke)")
+    p.add_argument("--new-tokens", default=None, help="default 8,128 (--smoke: 2,4)")
+    p.set_defaults(default_repeats=1)
     args = p.parse_args()
     dtypes = C.setup(args)
-    batches = [int(b) for b in (args.batches or ("1,32" if args.device == "cuda" else "1,4")).split(",")]
-    lengths = [int(n) for n in args.new_tokens.split(",")]
+    batches = [int(b) for b in C.pick(args.batches, args, smoke="1,2", cuda="1,32", cpu="1,4").split(",")]
+    lengths = [int(n) for n in C.pick(args.new_tokens, args, smoke="2,4", cuda="8,128", cpu="8,128").split(",")]
     for dtype in dtypes:
         model = C.build(dtype, args.device)
         print(f"\n=== {C.dtype_name(dtype)}: {C.describe(model)} ===")

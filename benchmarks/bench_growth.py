@@ -15,12 +15,16 @@ depth with ``--device cuda``), batch 1, 64 text tokens, with more image tokens i
   tokens, LLaVA-1.5), run first.
 
 For each count it prints the unpruned and ``topk(keep_ratio=0.22)`` prefill times, the measured speedup
-beside the FLOP model's (``handle.stats``), and each variant's time and FLOPs relative to the smallest
-count: the pruned cost should grow with the kept tokens, the unpruned with the input ones.
+beside the FLOP model's (``handle.stats``, FastV's formula: full ``2 n^2 d`` attention) and beside the
+same model with the LLM's attention counted as the causal kernels compute it (``d n (n + 1)``, see
+``_common.causal_attention_overcount``: at 2,880 tokens the full term is 10% of an unpruned layer's
+count, half of it never computed), and each variant's time and FLOPs relative to the smallest count:
+the pruned cost should grow with the kept tokens, the unpruned with the input ones.
 
 Usage::
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_growth.py [--layout size|tiles] [--repeats 2] [--device cuda]
+    python benchmarks/bench_growth.py --smoke [--layout ...]     # tiny widths, same token counts, 1 round
 """
 
 from __future__ import annotations
@@ -69,7 +73,7 @@ def main() -> None:
         print(f"\n=== {C.dtype_name(dtype)}, layout {args.layout} ===", flush=True)
         print(
             f"{'image tok':>9} {'unpruned ms':>12} {'pruned ms':>10} {'speedup':>8} {'FLOP model':>10} {'meas/model':>10} "
-            f"{'kept':>5} {'t_u/t_u0':>9} {'F_u/F_u0':>9} {'t_p/t_p0':>9} {'F_p/F_p0':>9}"
+            f"{'causal':>7} {'meas/causal':>11} {'kept':>5} {'t_u/t_u0':>9} {'F_u/F_u0':>9} {'t_p/t_p0':>9} {'F_p/F_p0':>9}"
         )
         base = None
         for image_size, images in LAYOUTS[args.layout]:
@@ -94,13 +98,18 @@ def main() -> None:
                 model(**inputs, logits_to_keep=1, use_cache=False)
             st = run.stats
             fu, fp = float(st.flops_unpruned[0]), float(st.flops_pruned[0])
+            d, layers = model.config.text_config.hidden_size, st.layer_tokens.shape[1]
+            causal_x = (fu - float(C.causal_attention_overcount(st.seq_len[:, None].expand(-1, layers), d)[0])) / (
+                fp - float(C.causal_attention_overcount(st.layer_tokens, d)[0])
+            )
             tu, tp = best["unpruned"], best["pruned"]
             base = base or (tu, fu, tp, fp)
             n_img = int(st.visual_unpruned[0])
             measured, model_x = tu / tp, fu / fp
             print(
                 f"{n_img:>9} {tu * 1e3:>12.0f} {tp * 1e3:>10.0f} {measured:>7.2f}x {model_x:>9.2f}x "
-                f"{measured / model_x:>10.2f} {int(st.visual_kept[0]):>5} {tu / base[0]:>9.2f} {fu / base[1]:>9.2f} "
+                f"{measured / model_x:>10.2f} {causal_x:>6.2f}x {measured / causal_x:>11.2f} "
+                f"{int(st.visual_kept[0]):>5} {tu / base[0]:>9.2f} {fu / base[1]:>9.2f} "
                 f"{tp / base[2]:>9.2f} {fp / base[3]:>9.2f}",
                 flush=True,
             )

@@ -15,6 +15,7 @@ depth with ``--device cuda``), 576 image + 64 text tokens. For the unpruned mode
 Usage::
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_memory.py [--batches 1,2] [--budget-gb 16] [--device cuda]
+    python benchmarks/bench_memory.py --smoke     # tiny widths, 2 new tokens: checks the script runs
 
 On the CPU the script re-executes itself with ``MALLOC_MMAP_THRESHOLD_`` set (see the code) and defaults
 to fp32 (this CPU has no native bf16: bf16 runs several times slower, the proportions are the same).
@@ -56,13 +57,14 @@ def generate(model, inputs, spec: str | None, steps: int):
 
 def main() -> None:
     p = C.parser(__doc__, dtypes="fp32")
-    p.add_argument("--batches", default=None, help="default 1,2 (CPU), 1,16 (cuda)")
-    p.add_argument("--steps", type=int, default=4, help="new tokens per generate call")
+    p.add_argument("--batches", default=None, help="default 1,2 (CPU and --smoke), 1,16 (cuda)")
+    p.add_argument("--steps", type=int, default=None, help="new tokens per generate call (default 4; --smoke: 2)")
     p.add_argument("--budget-gb", type=float, default=None, help="memory budget (default 16 on CPU, 80 on cuda)")
     args = p.parse_args()
     dtypes = C.setup(args)
     cuda = args.device == "cuda"
-    batches = [int(b) for b in (args.batches or ("1,16" if cuda else "1,2")).split(",")]
+    batches = [int(b) for b in C.pick(args.batches, args, smoke="1,2", cuda="1,16", cpu="1,2").split(",")]
+    args.steps = C.pick(args.steps, args, smoke=2, cuda=4, cpu=4)
     if len(batches) < 2:
         raise SystemExit(f"--batches needs two or more batch sizes to fit the peak per sample, got {batches}")
     budget = (args.budget_gb or (80.0 if cuda else 16.0)) * 2**30

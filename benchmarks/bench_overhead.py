@@ -21,6 +21,7 @@ With ``--device cuda`` the script also runs one pruned prefill under
 Usage::
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_overhead.py [--batches 1,32] [--repeats 2] [--device cuda]
+    python benchmarks/bench_overhead.py --smoke     # tiny widths, batches 1,2: checks the script runs
 """
 
 from __future__ import annotations
@@ -159,11 +160,12 @@ def find_syncs(model, inputs) -> collections.Counter:
 
 def main() -> None:
     p = C.parser(__doc__, dtypes="fp32")
-    p.add_argument("--batches", default="1,32")
+    p.add_argument("--batches", default=None, help="default 1,32 (--smoke: 1,2)")
     p.add_argument("--unpruned-batches", default=None, help="default 1 (CPU), the --batches (cuda)")
-    p.set_defaults(repeats=2)
+    p.set_defaults(default_repeats=2)
     args = p.parse_args()
     dtypes = C.setup(args)
+    args.batches = C.pick(args.batches, args, smoke="1,2", cuda="1,32", cpu="1,32")
     batches = [int(b) for b in args.batches.split(",")]
     unpruned_at = [
         int(b) for b in (args.unpruned_batches or ("1" if args.device == "cpu" else args.batches)).split(",")
