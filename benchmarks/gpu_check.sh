@@ -72,6 +72,7 @@ bench() {  # bench NAME SECONDS SCRIPT ARGS...: a benchmark on the device (smoke
 # the device suites: CUDA (and bf16/fp16) on the GPU; on the CPU the same suites compare the CPU with itself
 step tests    120 "$PY" -m pytest -q -p no:randomly tests/test_device.py tests/test_bench_common.py "${DEVICE[@]}"
 bench prefill   60 benchmarks/bench_prefill.py --repeats 5
+bench families 120 benchmarks/bench_prefill.py --family next,qwen --repeats 5
 bench decode    90 benchmarks/bench_decode.py --batches 1,8,32,64 --steps 16 --repeats 3
 bench memory    60 benchmarks/bench_memory.py --batches 1,16,32 --steps 16 --budget-gb 80
 bench growth    80 benchmarks/bench_growth.py --layout size --repeats 5

@@ -6,8 +6,8 @@ same code paths, printing included), so each script's own work takes a second or
 
 One subprocess runs every script in turn through ``runpy`` (``__main__``, the script's own ``sys.argv``),
 so torch and transformers are imported once: the import alone costs ~7 s of CPU here, more than all the
-smoke runs together. A script whose ``--help`` does not offer ``--smoke`` is skipped with that reason
-(``bench_prefill.py`` until its owner adds the flag); the glob picks it up once it does.
+smoke runs together. A script whose ``--help`` does not offer ``--smoke`` fails: a new benchmark is
+picked up by the glob and must bring the flag.
 """
 
 from __future__ import annotations
@@ -57,6 +57,12 @@ EXPECTED: dict[str, list[tuple[str, int]]] = {
     "bench_overhead.py": [
         (r"glue share", 1),
         (rf"^topk\(keep_ratio=0\.22\)\s+\d+(\s+{_NUM}){{4}}\s+{_NUM}%$", 2),
+    ],
+    "bench_prefill.py": [
+        # LLaVA-1.5, LLaVA-NeXT and Qwen2.5-VL shapes, fp32 and bf16, two pipelines each
+        (rf"^prefill \S.*speedup {_X} measured, {_X} FLOP model", 12),
+        (rf"speedup {_X} measured, {_X} FLOP model, measured/model {_NUM};", 8),  # NeXT and Qwen
+        (r"^=== Qwen2\.5-VL-7B shape, (fp32|bf16) ===$", 2),
     ],
     "bench_primitives.py": [
         (rf"^\s*\d+(\s+{_NUM}){{4}}\s+{_X}\s+{_X}$", 2),  # knee: vs sort and vs kneed
@@ -127,8 +133,7 @@ def test_the_scripts_are_found() -> None:
 def test_script_runs_with_smoke_and_prints_its_ratios(smoke_runs: dict[str, dict], key: str) -> None:
     entry = smoke_runs[key]
     name = key.split()[0]
-    if "smoke" not in entry:
-        pytest.skip(f"{name}: its --help lacks --smoke (add the flag and this test runs it)")
+    assert "smoke" in entry, f"{name}: its --help lacks --smoke; every benchmark needs it (see the module docstring)"
     run = entry["smoke"]
     assert run["rc"] == 0, f"{key} --smoke exited {run['rc']}:\n{run['out'][-4000:]}"
     lines = run["out"].splitlines()
