@@ -31,6 +31,10 @@ else
 fi
 mkdir -p "$RESULTS"
 : > "$RESULTS/summary.txt"
+"$PY" -c "import torch, transformers, tokprune" || {
+    echo "$PY cannot import torch, transformers and tokprune: install the repo (pip install -e \".[test]\") or set PYTHON" >&2
+    exit 1
+}
 if [ "$SMOKE" = 0 ]; then
     "$PY" - <<'PY' || exit 1
 import torch, transformers
@@ -50,13 +54,9 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit (x SCALE), log t
     printf '%-10s rc=%-3s %4ss  %s\n' "$name" "$rc" "$((SECONDS - t0))" "$*" | tee -a "$RESULTS/summary.txt"
 }
 
-bench() {  # bench NAME SECONDS SCRIPT ARGS...: a benchmark on the device (smoke: only if it offers --smoke)
+bench() {  # bench NAME SECONDS SCRIPT ARGS...: a benchmark on the device (every script offers --smoke: tested)
     local name=$1 limit=$2 script=$3
     shift 3
-    if [ "$SMOKE" = 1 ] && ! "$PY" "$script" --help 2>/dev/null | grep -q -- --smoke; then
-        printf '%-10s skipped: %s --help lacks --smoke\n' "$name" "$script" | tee -a "$RESULTS/summary.txt"
-        return
-    fi
     local fewer=()  # smoke: the GPU's arguments are kept (their parsing is checked) but one round of few steps
     if [ "$SMOKE" = 1 ]; then
         for arg in "$@"; do
