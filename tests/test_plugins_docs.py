@@ -184,6 +184,37 @@ def test_tokprune_plugins_with_an_empty_allow_list(capsys, monkeypatch):
     assert "no plugins loaded" in capsys.readouterr().out
 
 
+def test_tokprune_adapters_says_which_families_the_installed_transformers_runs(capsys, monkeypatch):
+    from tokprune import hf_compat as hf
+    from tokprune.adapters import registered_adapters
+
+    monkeypatch.delenv(LOAD_ENV, raising=False)
+    assert cli.main(["adapters"]) == 0
+    out = capsys.readouterr().out
+    for cls, _ in registered_adapters():
+        minimum = cls.min_transformers or hf.TESTED_MIN
+        works = "no" if hf.older_than(minimum) else "yes"
+        line = next(line for line in out.splitlines() if line.startswith(f"{cls.name} "))
+        assert f">= {minimum}: {works}" in line, line
+        assert ",".join(cls.budget_scopes) in line
+    assert re.search(r"^llava_next .* image,tile ", out, re.M)
+    # a family whose minimum is above the installed release is reported as not runnable, naming the release
+    from tokprune.adapters.qwen2_5_vl import Qwen2_5_VLAdapter
+
+    monkeypatch.setattr(hf, "transformers_version", lambda: hf.TESTED_MIN)
+    assert cli.main(["adapters"]) == 0
+    out = capsys.readouterr().out
+    qwen_min, floor = re.escape(Qwen2_5_VLAdapter.min_transformers), re.escape(hf.TESTED_MIN)
+    assert re.search(rf"^qwen2_5_vl .*>= {qwen_min}: no \({floor} installed\)", out, re.M)
+    assert re.search(rf"^llava .*>= {floor}: yes", out, re.M)
+
+
+def test_tokprune_adapters_with_an_empty_allow_list(capsys, monkeypatch):
+    monkeypatch.setenv(LOAD_ENV, "")
+    assert cli.main(["adapters"]) == 1
+    assert "no adapters are registered" in capsys.readouterr().out
+
+
 # -- the example plugins in this repository are documented ----------------------------------------
 
 

@@ -1,4 +1,4 @@
-"""The ``tokprune`` command: ``list``, ``describe NAME``, ``plugins`` and ``run`` (ablation studies)."""
+"""The ``tokprune`` command: ``list``, ``describe NAME``, ``adapters``, ``plugins`` and ``run`` (ablation studies)."""
 
 from __future__ import annotations
 
@@ -38,6 +38,30 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 def _cmd_describe(args: argparse.Namespace) -> int:
     print(strategies.describe(args.name))
+    return 0
+
+
+def _cmd_adapters(args: argparse.Namespace) -> int:
+    """The registered model families, and whether each works with the installed transformers."""
+    from . import hf_compat as hf
+    from .adapters import registered_adapters
+
+    found = registered_adapters()
+    if not found:
+        print(f"no adapters are registered: check {_plugins.LOAD_ENV}/{_plugins.BLOCK_ENV}, or reinstall tokprune")
+        return 1
+    installed = hf.transformers_version()
+    rows = []
+    for cls, source in found:
+        minimum = cls.min_transformers or hf.TESTED_MIN
+        status = f">= {minimum}: " + (f"no ({installed} installed)" if hf.older_than(minimum) else "yes")
+        origin = f"{source.name} ({source.distribution} {source.version})" if source.distribution else source.name
+        summary = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        rows.append((cls.name, origin, status, ",".join(cls.budget_scopes), summary))
+    header = ("name", "source", "transformers", "budget_scope", "model")
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(4)]
+    for row in [header, *rows]:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row[:4], widths)) + "  " + row[4])
     return 0
 
 
@@ -99,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_desc = sub.add_parser("describe", help="one strategy's parameters, stage and source")
     p_desc.add_argument("name")
     p_desc.set_defaults(func=_cmd_describe)
+    p_adapt = sub.add_parser("adapters", help="registered model families and whether the installed transformers runs them")
+    p_adapt.set_defaults(func=_cmd_adapters)
     p_plug = sub.add_parser("plugins", help="loaded plugins, their versions and what each registered")
     p_plug.set_defaults(func=_cmd_plugins)
     sub.add_parser("run", help="run an ablation study (tokprune run --help)", add_help=False)
