@@ -114,6 +114,19 @@ def tiny_llava_config(
     return config
 
 
+def _random_model(model_cls: Any, config: Any, seed: int, attn_implementation: str, dtype: torch.dtype) -> Any:
+    """``model_cls(config)`` with weights drawn from ``seed``, in ``dtype`` and eval mode, greedy 6-token
+    generation by default; ``attn_implementation`` set on the config and its text and vision parts."""
+    for cfg in (config, config.text_config, config.vision_config):
+        cfg._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    model = model_cls(config).to(dtype).eval()
+    model.generation_config = GenerationConfig(
+        do_sample=False, max_new_tokens=6, pad_token_id=VOCAB.pad, bos_token_id=VOCAB.bos, eos_token_id=None
+    )
+    return model
+
+
 def tiny_llava(
     seed: int = 0,
     attn_implementation: str = "sdpa",
@@ -128,11 +141,7 @@ def tiny_llava(
     equals the row of a batch that has ``q`` and ``s`` at that index.
     """
     config = tiny_llava_config(attn_implementation=attn_implementation, **sizes)
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).to(dtype).eval()
-    model.generation_config = GenerationConfig(
-        do_sample=False, max_new_tokens=6, pad_token_id=VOCAB.pad, bos_token_id=VOCAB.bos, eos_token_id=None
-    )
+    model = _random_model(LlavaForConditionalGeneration, config, seed, attn_implementation, dtype)
     num_patches = config.image_seq_length
     image_size = config.vision_config.image_size
 
@@ -186,13 +195,7 @@ def tiny_llava_next(
         vision_feature_select_strategy="default",
         vision_feature_layer=-2,
     )
-    for cfg in (config, config.text_config, config.vision_config):
-        cfg._attn_implementation = attn_implementation
-    torch.manual_seed(seed)
-    model = LlavaNextForConditionalGeneration(config).to(dtype).eval()
-    model.generation_config = GenerationConfig(
-        do_sample=False, max_new_tokens=6, pad_token_id=VOCAB.pad, bos_token_id=VOCAB.bos, eos_token_id=None
-    )
+    model = _random_model(LlavaNextForConditionalGeneration, config, seed, attn_implementation, dtype)
     side, n = 16, 16
 
     def make_inputs(question_lengths: Sequence[int] = (5, 3), seeds: Sequence[int] | None = None) -> dict[str, Tensor]:
@@ -252,13 +255,7 @@ def _qwen_text_config(**extra: Any) -> dict[str, Any]:
 
 def _qwen_model(model_cls: Any, config: Any, seed: int, attn_implementation: str, dtype: torch.dtype) -> tuple[Any, Callable[..., dict[str, Tensor]]]:
     """Build a Qwen-VL model from ``config`` and the ``make_inputs`` of :func:`tiny_qwen2_5_vl`."""
-    for cfg in (config, config.text_config, config.vision_config):
-        cfg._attn_implementation = attn_implementation
-    torch.manual_seed(seed)
-    model = model_cls(config).to(dtype).eval()
-    model.generation_config = GenerationConfig(
-        do_sample=False, max_new_tokens=6, pad_token_id=VOCAB.pad, bos_token_id=VOCAB.bos, eos_token_id=None
-    )
+    model = _random_model(model_cls, config, seed, attn_implementation, dtype)
     vcfg = config.vision_config
     patch_dim = vcfg.in_channels * vcfg.temporal_patch_size * vcfg.patch_size**2
 
