@@ -126,9 +126,10 @@ def test_llm_layer_out_of_range(tiny, layer):
 
 
 def test_encoder_signal_out_of_range(tiny):
+    # A built-in reading an encoder layer: the README's install has no example plugins (issue 23).
     model, _ = tiny
     with pytest.raises(StrategyParamError, match="out of range for 8 layers"):
-        tokprune.patch(model, "vtc_cls(start_layer=-20)")
+        tokprune.patch(model, "cls_knee(layer=-20)")
 
 
 def test_unsupported_attention_implementation():
