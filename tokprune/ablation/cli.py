@@ -9,6 +9,10 @@ import sys
 import time
 from typing import Any
 
+import torch
+
+from ..errors import TokpruneError
+
 USAGE_EXAMPLES = """\
 examples:
   tokprune run                                      the default comparison on the embedded model
@@ -47,6 +51,10 @@ def _split_args(args: list[str]) -> tuple[str | None, list[str]]:
 
         raise ConfigError(f"expected key=value overrides after the config file, got {stray}")
     return config, args
+
+
+class OutOfMemory(TokpruneError, MemoryError):
+    """The model or a batch did not fit in memory."""
 
 
 #: Set by :func:`_terminate`: a library may turn the KeyboardInterrupt raised inside it into its own error
@@ -105,6 +113,12 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         outcome = run_ablation(cfg, progress=not args.quiet, echo=None if args.quiet else print)
+    except (MemoryError, torch.OutOfMemoryError) as exc:
+        raise OutOfMemory(
+            f"out of memory ({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else 'no detail'}); "
+            f"lower batch_size (now {cfg.batch_size}) or limit, or use dtype=bfloat16 on a GPU; finished runs are "
+            f"in {cfg.output_dir}/results.jsonl"
+        ) from None
     except Exception:
         if not _TERMINATED:
             raise

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import copy
+import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -12,11 +14,20 @@ from typing import Any, ClassVar, Literal
 from torch import nn
 
 from .. import _plugins
-from ..errors import StrategyParamError, UnsupportedModelError
+from ..errors import StrategyParamError, TokpruneError, UnsupportedModelError
 from ..pipeline import Pipeline
 from ..stats import PruneStats
 
-__all__ = ["BUDGET_SCOPES", "ModelAdapter", "PatchState", "patch", "pruned", "registered_adapters", "unpatch"]
+__all__ = [
+    "BUDGET_SCOPES",
+    "ModelAdapter",
+    "PatchState",
+    "PatchedModelPickleError",
+    "patch",
+    "pruned",
+    "registered_adapters",
+    "unpatch",
+]
 
 Positions = Literal["keep", "compact"]
 POSITION_MODES: tuple[str, ...] = ("keep", "compact")
@@ -26,6 +37,10 @@ BudgetScope = Literal["image", "tile"]
 BUDGET_SCOPES: tuple[str, ...] = ("image", "tile")
 
 _MISSING = object()
+
+
+class PatchedModelPickleError(TokpruneError, TypeError):
+    """A patched model was pickled (``pickle``, ``torch.save``): the patch is code bound to this instance."""
 
 
 @dataclass
@@ -52,8 +67,13 @@ class PatchState:
         self.hooks.append(handle)
 
     def undo(self) -> None:
+        """Undo every change, even when one step fails (the first failure is raised after the rest)."""
+        failure: BaseException | None = None
         for handle in reversed(self.hooks):
-            handle.remove()
+            try:
+                handle.remove()
+            except Exception as exc:  # noqa: BLE001 - re-raised below, after the model is restored
+                failure = failure or exc
         for obj, name, previous in reversed(self.attributes):
             if previous is _MISSING:
                 obj.__dict__.pop(name, None)
@@ -61,6 +81,8 @@ class PatchState:
                 obj.__dict__[name] = previous
         self.hooks.clear()
         self.attributes.clear()
+        if failure is not None:
+            raise failure
 
 
 class ModelAdapter(abc.ABC):
@@ -152,12 +174,13 @@ class ModelAdapter(abc.ABC):
 
     def remove(self) -> None:
         """Undo the patch: the model behaves exactly as before. Calling it again does nothing."""
-        if not self.active:
-            return
-        try:
-            self._state.undo()
-        finally:
-            del _PATCHED[self.model]
+        with _LOCK:
+            if not self.active:
+                return
+            try:
+                self._state.undo()
+            finally:
+                _PATCHED.pop(self.model, None)
 
     def __enter__(self) -> ModelAdapter:
         return self
@@ -172,6 +195,17 @@ class ModelAdapter(abc.ABC):
 
 # model -> its active handle. Weak keys: patching never keeps a model alive.
 _PATCHED: weakref.WeakKeyDictionary[nn.Module, ModelAdapter] = weakref.WeakKeyDictionary()
+# Patching and removing are check-then-act on _PATCHED and the model's attributes: two threads patching
+# one model must not both pass the check (the loser gets the "already patched" error).
+_LOCK = threading.RLock()
+#: Wrappers another library puts around a model, and the attribute holding the model inside.
+_WRAPPERS = {
+    "OptimizedModule": "_orig_mod",
+    "DataParallel": "module",
+    "DistributedDataParallel": "module",
+    "PeftModel": "base_model.model",
+    "PeftModelForCausalLM": "base_model.model",
+}
 
 
 def registered_adapters() -> list[tuple[type[ModelAdapter], _plugins.PluginSource]]:
@@ -201,6 +235,12 @@ def _pick_adapter(model: nn.Module) -> type[ModelAdapter]:
             f"reinstall tokprune (pip install -e .) or check {_plugins.LOAD_ENV}/{_plugins.BLOCK_ENV}"
         )
     reasons = "; ".join(f"{cls.name} ({source.name}): {cls.mismatch(model)}" for cls, source in adapters)
+    inner = _WRAPPERS.get(type(model).__name__)
+    if inner is not None:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is a wrapper around the model; patch the model inside it "
+            f"(tokprune.patch(wrapped.{inner}, ...)), before wrapping it if you can ({reasons})"
+        )
     raise UnsupportedModelError(f"no registered adapter understands {type(model).__name__}: {reasons}")
 
 
@@ -232,35 +272,64 @@ def patch(
     """
     from ..registry import get
 
-    if model in _PATCHED:
-        raise RuntimeError(
-            f"{type(model).__name__} is already patched with {str(_PATCHED[model].pipeline)!r}; "
-            "call handle.remove() (or tokprune.unpatch(model)) before patching it again"
+    options = {
+        "vision_positions": vision_positions,
+        "llm_positions": llm_positions,
+        "question_end": question_end,
+        "budget_scope": budget_scope,
+    }
+    with _LOCK:
+        if model in _PATCHED:
+            raise RuntimeError(
+                f"{type(model).__name__} is already patched with {str(_PATCHED[model].pipeline)!r}; "
+                "call handle.remove() (or tokprune.unpatch(model)) before patching it again"
+            )
+        pipeline = spec if isinstance(spec, Pipeline) else get(spec)
+        adapter_cls = _pick_adapter(model)
+        handle = adapter_cls(model, pipeline, **options)
+        _install(handle, options)
+        _PATCHED[model] = handle
+    return handle
+
+
+def _install(handle: ModelAdapter, options: dict[str, Any]) -> None:
+    """Install ``handle``'s patch, and the two hooks that keep copies honest: a deep copy of the patched
+    model is patched on its own with the same pipeline (its own handle, ``handle_of(copy)``), and
+    pickling it (``pickle``, ``torch.save``) is refused, as the patch is code, not state."""
+    model = handle.model
+
+    def deepcopy(memo: dict[int, Any]) -> nn.Module:
+        with _LOCK:
+            handle._state.undo()  # copy the model as it is unpatched, then put the patch back
+            try:
+                clone = copy.deepcopy(model, memo)
+            finally:
+                _install(handle, options)
+            patch(clone, handle.pipeline, **options)
+        return clone
+
+    def reduce_ex(protocol: int) -> Any:
+        raise PatchedModelPickleError(
+            f"{type(model).__name__} is patched by tokprune ({str(handle.pipeline)!r}) and cannot be pickled: "
+            "save model.state_dict() instead, or call handle.remove() (tokprune.unpatch(model)) first and patch "
+            "again after loading; copy.deepcopy(model) gives a patched copy"
         )
-    pipeline = spec if isinstance(spec, Pipeline) else get(spec)
-    adapter_cls = _pick_adapter(model)
-    handle = adapter_cls(
-        model,
-        pipeline,
-        vision_positions=vision_positions,
-        llm_positions=llm_positions,
-        question_end=question_end,
-        budget_scope=budget_scope,
-    )
+
     try:
         handle._install()
+        handle._state.set_attribute(model, "__deepcopy__", deepcopy)
+        handle._state.set_attribute(model, "__reduce_ex__", reduce_ex)
     except BaseException:
         handle._state.undo()
         raise
-    _PATCHED[model] = handle
-    return handle
 
 
 def unpatch(model: nn.Module) -> None:
     """Remove the patch from ``model`` (no-op when it is not patched)."""
-    handle = _PATCHED.get(model)
-    if handle is not None:
-        handle.remove()
+    with _LOCK:
+        handle = _PATCHED.get(model)
+        if handle is not None:
+            handle.remove()
 
 
 def handle_of(model: nn.Module) -> ModelAdapter | None:
