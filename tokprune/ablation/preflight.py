@@ -202,47 +202,53 @@ def _max_positions(model: Any) -> int | None:
     return int(value) if isinstance(value, int) and value > 0 else None
 
 
+def _prompt_lengths(processor: Any, samples: list[Any], questions: list[str]) -> list[int]:
+    """Tokens of each sample's prompt with its image and template: the processor measures one sample whole
+    (image tokens and template), the tokenizer counts every question (batched); ``[]`` without samples.
+    On families whose image token count depends on the image's size this is an estimate."""
+    if not samples:
+        return []
+    from .runner import build_prompts  # the prompts the runner builds, measured the same way
+
+    tok = getattr(processor, "tokenizer", processor)
+    counts = [len(ids) for ids in tok(questions, add_special_tokens=False)["input_ids"]]
+    whole = processor(
+        text=build_prompts(processor, questions[:1]), images=[samples[0].load_image()], return_tensors="pt"
+    )
+    base = int(whole["input_ids"].shape[1]) - counts[0]
+    return [base + c for c in counts]
+
+
 def screen_questions(dataset: Dataset, processor: Any, model: Any, prompt_suffix: str, skip_bad_rows: bool) -> None:
     """Refuse (or, with ``skip_bad_rows``, skip and count) questions the model's processor cannot take: one
     holding a marker of its template (``<image>``, ``</s>``, ...), which the processor would read as part of
     the prompt, and one whose prompt is longer than the model's positions. Edits ``dataset`` in place."""
-    if not dataset.samples:
-        return
-    from .runner import build_prompts  # the runner builds the prompts; screening must measure the same ones
-
     markers = _markers(processor)
-    tok = getattr(processor, "tokenizer", processor)
-    questions = [s.question + prompt_suffix for s in dataset.samples]
-    limit = _max_positions(model)
-    lengths: list[int] = []
-    if limit is not None:
-        counts = [len(ids) for ids in tok(questions, add_special_tokens=False)["input_ids"]]
-        first = dataset.samples[0]
-        full = processor(text=build_prompts(processor, questions[:1]), images=[first.load_image()], return_tensors="pt")
-        base = int(full["input_ids"].shape[1]) - counts[0]
-        lengths = [base + c for c in counts]
-    kept = []
+    reasons: dict[int, str] = {}
     for i, sample in enumerate(dataset.samples):
         marker = next((m for m in markers if m in sample.question), None)
-        reason = None
         if marker is not None:
-            reason = (
+            reasons[i] = (
                 f"question {sample.question_id!r} contains {marker!r}, a marker of the model's template that the "
                 "processor would read as part of the prompt; remove it from the question"
             )
-        elif lengths and lengths[i] > limit:  # type: ignore[operator]
-            reason = (
-                f"question {sample.question_id!r} makes a prompt of {lengths[i]} tokens with its image and template, "
-                f"past the model's {limit} positions (max_position_embeddings); shorten it"
-            )
-        if reason is None:
-            kept.append(sample)
-        elif skip_bad_rows:
-            dataset.skipped.append(reason)
-        else:
+    limit = _max_positions(model)
+    if limit is not None:
+        clean = [i for i in range(len(dataset.samples)) if i not in reasons]
+        samples = [dataset.samples[i] for i in clean]
+        lengths = _prompt_lengths(processor, samples, [s.question + prompt_suffix for s in samples])
+        for i, n in zip(clean, lengths):
+            if n > limit:
+                reasons[i] = (
+                    f"question {dataset.samples[i].question_id!r} makes a prompt of {n} tokens with its image and "
+                    f"template, past the model's {limit} positions (max_position_embeddings); shorten it"
+                )
+    for i in sorted(reasons):
+        if not skip_bad_rows:
             raise DatasetError(
-                f"{dataset.name}: {reason}, or set dataset.skip_bad_rows=true to skip and count such rows"
+                f"{dataset.name}: {reasons[i]}, or set dataset.skip_bad_rows=true to skip and count such rows"
             )
-    if not kept:
+        dataset.skipped.append(reasons[i])
+    if reasons and len(reasons) == len(dataset.samples):
         raise DatasetError(f"{dataset.name}: no usable rows ({len(dataset.skipped)} skipped)")
-    dataset.samples[:] = kept
+    dataset.samples[:] = [s for i, s in enumerate(dataset.samples) if i not in reasons]
