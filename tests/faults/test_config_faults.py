@@ -116,16 +116,30 @@ def test_output_dir_holding_the_users_own_config_is_not_overwritten(tmp_path, mo
 
 
 def test_a_config_written_by_an_earlier_run_is_rewritten(tmp_path, study):
-    """The resolved config tokprune itself wrote (this version or an older one, without the header) is
-    refreshed on resume: only files tokprune did not write are protected."""
+    """The resolved config tokprune itself wrote (this version, or an older one without the header but
+    holding exactly this study's config) is refreshed on resume: nothing of it is lost."""
+    study(tmp_path)
+    ours = (tmp_path / "config.yaml").read_text()
+    assert ours.startswith("# tokprune run:") and "limit: 2" in ours
+    (tmp_path / "config.yaml").write_text(ours.split("\n", 1)[1])  # an older version's copy: no header
+    study(tmp_path)
+    assert (tmp_path / "config.yaml").read_text() == ours
+    study(tmp_path, "max_new_tokens=2")  # tokprune's own copy follows the study
+    assert "max_new_tokens: 2" in (tmp_path / "config.yaml").read_text()
+
+
+def test_a_printed_config_with_other_values_is_not_overwritten(tmp_path, study, monkeypatch):
+    """``tokprune run --print-config > exp/config.yaml``, then a run there with other overrides: the file
+    is plain omegaconf YAML, but not this study's config, so it is the user's."""
+    from tokprune.ablation import runner
     from tokprune.ablation.config import to_yaml
 
-    (tmp_path / "config.yaml").write_text(to_yaml(load_config(None, ["limit=3"])))  # an older run's copy
-    study(tmp_path)
-    text = (tmp_path / "config.yaml").read_text()
-    assert "limit: 2" in text
-    study(tmp_path)  # and again: tokprune's own header
-    assert "limit: 2" in (tmp_path / "config.yaml").read_text()
+    printed = to_yaml(load_config(None, ["limit=3"]))
+    (tmp_path / "config.yaml").write_text(printed)
+    monkeypatch.setattr(runner, "open_session", lambda *a, **k: pytest.fail("the run started"))
+    with pytest.raises(TokpruneError, match=r"not written by tokprune.*delete that file if an earlier tokprune run"):
+        study(tmp_path)
+    assert (tmp_path / "config.yaml").read_text() == printed
 
 
 def test_output_dir_empty_string_on_the_command_line(tmp_path):

@@ -80,27 +80,22 @@ def check_output(out_dir: Path, results_file: str, runs: int, questions: int | N
         )
 
 
-def _written_by_tokprune(text: str) -> bool:
-    """Our header, or (an older version's copy, written without it) exactly the YAML omegaconf writes for it."""
-    if text.startswith(CONFIG_HEADER):
-        return True
-    from omegaconf import OmegaConf
-
-    try:
-        return OmegaConf.to_yaml(OmegaConf.create(text)) == text
-    except Exception:  # noqa: BLE001 - anything unparseable is not a copy tokprune wrote
-        return False
-
-
 def write_config(path: Path, text: str) -> None:
-    """Write the resolved config to ``path``, refusing to replace a file tokprune did not write (the user's
-    own config, when ``output_dir`` is the folder it lives in)."""
+    """Write the resolved config ``text`` to ``path``, refusing to replace a file tokprune did not write (the
+    user's own config, when ``output_dir`` is the folder it lives in).
+
+    tokprune's copy starts with :data:`CONFIG_HEADER`. A file without it is replaced only when it already
+    holds exactly ``text`` (an older version's copy of this same study): then nothing of it is lost.
+    """
     try:
-        if path.exists() and not _written_by_tokprune(path.read_text(encoding="utf-8", errors="replace")):
-            raise OutputError(
-                f"{str(path)!r} was not written by tokprune (your own config?) and is left as it is; choose "
-                f"another output_dir (e.g. output_dir={str(path.parent / 'run')})"
-            )
+        if path.exists():
+            existing = path.read_text(encoding="utf-8", errors="replace")
+            if not (existing.startswith(CONFIG_HEADER) or existing == text):
+                raise OutputError(
+                    f"{str(path)!r} was not written by tokprune (your own config?) and is left as it is; choose "
+                    f"another output_dir (e.g. output_dir={str(path.parent / 'run')}), or delete that file if an "
+                    "earlier tokprune run wrote it"
+                )
         path.write_text(CONFIG_HEADER + text, encoding="utf-8")
     except OutputError:
         raise
