@@ -81,7 +81,8 @@ def _passive_openmp(argv: list[str]) -> None:
     if "torch" not in sys.modules:
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
         return
-    from_shell = sys.argv[1:2] == ["run"] and sys.argv[2:] == argv
+    shell = [a for a in sys.argv[1:] if a != "--debug"]  # `tokprune --debug run ...` is from the shell too
+    from_shell = shell[:1] == ["run"] and shell[1:] == argv
     if from_shell and getattr(sys, "orig_argv", None):
         sys.stdout.flush()
         sys.stderr.flush()
