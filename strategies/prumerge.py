@@ -30,8 +30,8 @@ class PruMerge(PruningStrategy):
     """Keep the IQR outliers of the CLS attention, merge every token into its key-nearest kept tokens, and
     append one global token built from the pruned ones.
 
-    Follows ``42Shawn/LLaVA-PruMerge`` ``clip_encoder.py::token_prune_merge_advanced`` (L85-171,
-    algorithms.md 3.1-3.2):
+    Follows ``42Shawn/LLaVA-PruMerge`` ``clip_encoder.py::token_prune_merge_advanced`` (L85-171;
+    the IQR rule ``outlier_dectection`` L34-47):
 
     1. ``a = softmax(q_cls . k^T / sqrt(C))[1:]``: single-head surrogate from the full-width q/k of encoder
        ``layer`` (default the last), ``[B, N]``; ``score`` swaps in another CLS score (the head mean, or the
