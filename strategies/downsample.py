@@ -83,7 +83,7 @@ class DownsampleParams:
 
 
 class Downsample(PruningStrategy):
-    """Pool the patch grid, per image, to the budget: ``keep`` tokens on an ``r x c`` grid, area-weighted.
+    """Pool the patch grid, per image, to the budget: ``keep`` cells in the image's proportions, area-weighted.
 
     The downsampling baseline of VTC-Bench (Liao et al., arXiv 2510.07143, "Are We Using the Right
     Benchmark"), which found that plain image downsampling beats many pruning methods at equal token
