@@ -20,6 +20,7 @@ from tokprune.scoring import (
 )
 
 PivotOrder = Literal["position", "norm"]
+Norm = Literal["final", "none"]
 
 
 @dataclass(frozen=True)
@@ -28,9 +29,16 @@ class DartParams:
     keep_ratio: float = param(0.25, "fraction of image tokens kept, round(n * keep_ratio), at least 1", gt=0, le=1)
     keep: int | None = param(None, "image tokens kept per sample (pivots included); overrides keep_ratio", ge=1)
     pivot_image: int = param(4, "image pivots: the image tokens with the largest key L1 norm (kept)", ge=1)
-    pivot_text: int = param(4, "text pivots: the tokens after the image with the largest key L1 norm (not dropped)", ge=0)
+    pivot_text: int = param(
+        4, "text pivots: the tokens after the image with the largest key L1 norm (not dropped)", ge=0
+    )
     pivot_order: PivotOrder = param(
         "position", "order the pivots take their picks in: position (sequence order) or norm (largest key norm first)"
+    )
+    norm: Norm = param(
+        "final",
+        "the states the cosines compare: final (the LM's final norm applied, weights included: the reference's "
+        "norm(h)) or none (the raw hidden states entering layer K)",
     )
     merge: bool = param(
         False,
@@ -55,13 +63,14 @@ class Dart(PruningStrategy):
 
     Follows ``ZichenWen1/DART`` as snapshotted in the fork ``xqy1111111/DART`` at
     ``0247657060a42dd329d6f273455bfad05d5b2c74``, ``llava/model/language_model/modeling_llama_self.py``
-    L20-74 (``get_retained_image_token``) and its call in ``DART_K_norm.forward`` (``K=2``, 4 + 4 pivots,
-    ``max_num_trunction=128``; the original repository has no snapshot here):
+    L18-74 (``get_retained_image_token``) and its call in ``DART_K_norm.forward`` L197-214
+    (``last_layer_state = self.norm(layer_outputs[0])`` at L200-201, ``position_ids = keep_indexs`` at
+    L214; ``K=2``, 4 + 4 pivots, ``max_num_trunction=128``; the original repository has no snapshot here):
 
     1. pivots: the ``pivot_image`` image tokens and the ``pivot_text`` tokens *after* the image with the
        largest L1 norm of their keys at layer K-1 (heads concatenated);
     2. each pivot in turn takes its quota of the not-yet-taken, non-pivot image tokens with the lowest
-       cosine similarity of their hidden states (entering layer K) to its own;
+       cosine similarity of their hidden states (entering layer K, through the LM's final norm) to its own;
     3. keep the image pivots and every token taken; text pivots are not dropped (text never is).
 
     No attention weights: keys and hidden states only, so it works under sdpa/FlashAttention.
@@ -70,14 +79,26 @@ class Dart(PruningStrategy):
     tokens present); ``T - pivots`` picks are shared by the pivots, ``floor`` each, the remainder one
     more each to the first pivots.
 
-    Deviations: the reference keeps ``pivot_image + P * (max_num_trunction // P)`` tokens (132 for 128:
-    its budget excludes the pivots and rounds down per pivot); here exactly ``T`` (``keep=132`` is the
-    reference's 128 setting). The reference compares ``norm(h)`` (the LM's final RMSNorm, weights
-    included); the context carries the hidden states before any norm, and the per-channel RMSNorm
-    weight changes cosines. The reference walks its pivots in Python ``set`` order (a hashing
-    artefact); ``pivot_order`` makes the order explicit. Keys have RoPE applied (as the adapter captures
-    them; DART's hack returns the layer's cached keys). Per sample (the reference reads batch item 0).
-    A pivot whose quota exceeds what is left takes what is left (the reference's ``topk`` raises).
+    The reference's computation, and the switches (default = the reference's choice):
+
+    ==================  ==========================================  ===========================
+    what                reference                                   switch
+    ==================  ==========================================  ===========================
+    compared states     ``norm(h)``: the LM's final RMSNorm         ``norm=final`` (``none``: h)
+    pivot keys          layer K-1's cached keys, RoPE at 0..n-1     (keys from each sample's start)
+    pivot walk order    Python ``set`` order (hashing)              ``pivot_order=position|norm``
+    positions           original ids kept (``keep_indexs``)         adapter ``llm_positions=keep``
+    ==================  ==========================================  ===========================
+
+    The pivot keys are rotated at each sample's positions counted from its first token
+    (``LLMAttention.keys_from_start``), which is what the reference (one unpadded sample, positions from
+    0) computes; keys rotated at left-padding-shifted positions would change their L1 norms (RoPE keeps
+    L2 norms, not L1), and with them a sample's pivots, between a padded batch and the sample alone.
+
+    Other deviations: the reference keeps ``pivot_image + P * (max_num_trunction // P)`` tokens (132 for
+    128: its budget excludes the pivots and rounds down per pivot); here exactly ``T`` (``keep=132`` is
+    the reference's 128 setting). Per sample (the reference reads batch item 0). A pivot whose quota
+    exceeds what is left takes what is left (the reference's ``topk`` raises).
 
     ``merge=true`` is our extension (DART does not merge): every dropped image token is folded into its
     most cosine-similar kept image token, the kept token's state entering layer K becoming the mean
@@ -98,7 +119,7 @@ class Dart(PruningStrategy):
         position = torch.arange(n, device=image.device)[None, :]
         last_image = torch.where(image, position, torch.full_like(position, -1)).amax(dim=1, keepdim=True)
         after_image = ctx.valid & ~image & (position > last_image) & (last_image >= 0)
-        k = ctx.attention.k  # [B, Hkv, L, D]
+        k = ctx.attention.keys_from_start()  # [B, Hkv, L, D], as each sample alone has them
         keys = k.permute(0, 2, 1, 3).reshape(b, n, -1)
         image_pivots = norm_pivots(keys, torch.clamp(counts, max=p.pivot_image), image)
         text_pivots = norm_pivots(keys, p.pivot_text, after_image) if p.pivot_text else torch.zeros_like(image)
@@ -110,7 +131,8 @@ class Dart(PruningStrategy):
         slot = torch.arange(index.shape[1], device=index.device)[None, :]
         share = torch.div(picks, n_pivots.clamp_min(1), rounding_mode="floor")
         quota = (share[:, None] + (slot < (picks - share * n_pivots)[:, None]).long()) * valid.long()
-        similarity = similarity_to_pivots(ctx.hidden, index, valid)  # [B, P, L]
+        states = ctx.normed_hidden() if p.norm == "final" else ctx.hidden
+        similarity = similarity_to_pivots(states, index, valid)  # [B, P, L]
         taken = image_pivots.clone()
         pool = image & ~image_pivots
         for t in range(index.shape[1]):  # a handful of pivots; each step is batched over B and L

@@ -313,6 +313,12 @@ class PrunedDecoderAdapter(ModelAdapter):
                 f"supports {', '.join(SUPPORTED_ATTENTION)} (load the model with attn_implementation='sdpa')"
             )
         self._llm_steps = self._check_llm_layers()
+        own = [step.spec() for step in self.pipeline.llm if step.positions() == "compact"]
+        if not self.one_d_positions and own:
+            raise StrategyParamError(
+                f"{', '.join(own)} renumber their survivors' 1-D positions contiguously (their reference's choice), "
+                f"but {self.name} uses multi-axis (M-RoPE) positions; pass positions=keep to them"
+            )
         if not self.one_d_positions and "compact" in (self.vision_positions, self.llm_positions):
             raise StrategyParamError(
                 f"compact positions renumber 1-D position ids, but {self.name} uses multi-axis (M-RoPE) positions; "
@@ -367,7 +373,9 @@ class PrunedDecoderAdapter(ModelAdapter):
     # -- the family's part ----------------------------------------------------------------------------
 
     @abc.abstractmethod
-    def _vision(self, call: CallState, pixel_values: Tensor | None, encoded: Any, options: dict) -> tuple[Any, VisionOut | None]:
+    def _vision(
+        self, call: CallState, pixel_values: Tensor | None, encoded: Any, options: dict
+    ) -> tuple[Any, VisionOut | None]:
         """Encode this call's images: ``(encoder output for the model output, VisionOut or None)``.
 
         ``encoded`` is what ``generate`` pre-encoded (``mm_encoder_outputs["image"]``) or None;
@@ -383,7 +391,9 @@ class PrunedDecoderAdapter(ModelAdapter):
     #: False for families whose positions are not 1-D (M-RoPE): ``compact`` renumbering is refused.
     one_d_positions: ClassVar[bool] = True
 
-    def _positions(self, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None, options: dict) -> Tensor:
+    def _positions(
+        self, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None, options: dict
+    ) -> Tensor:
         """Prefill position ids, long ``[B, n]`` (or ``[B, n, R]``): the caller's, else ``arange`` (HF's default)."""
         b, n = input_ids.shape
         pos = torch.arange(n, device=input_ids.device)[None, :] if position_ids is None else position_ids
@@ -609,9 +619,7 @@ class PrunedDecoderAdapter(ModelAdapter):
         pos = position_ids  # [B, n] or [B, n, R] (the family's positions, see _positions)
         generated = _generated_count(call.generate, n)
         prompt_n = n - generated
-        roles, marker_found = token_roles(
-            input_ids[:, :prompt_n], valid[:, :prompt_n], self._image_token_id, marker
-        )
+        roles, marker_found = token_roles(input_ids[:, :prompt_n], valid[:, :prompt_n], self._image_token_id, marker)
         roles = torch.cat([roles, torch.full((b, generated), int(TokenRole.PROTECTED), device=device)], dim=1)
         embeds = self._lm.embed_tokens(input_ids)
         seq, image_sample = self._vision_assembly(input_ids, embeds, valid, pos, roles, prompt_n, features)
@@ -637,14 +645,20 @@ class PrunedDecoderAdapter(ModelAdapter):
                 if i in self._llm_steps:
                     seq, step_diag, full = self._llm_step(call, self._llm_steps[i], i, seq, embeddings, generated)
                     diagnostics.update(step_diag)
-                    seq, shift = self._stage_positions(seq, self.llm_positions, segments[-1].shift, seq_valid_count)
+                    mode = self._llm_steps[i].positions() or self.llm_positions  # a method's own choice wins
+                    seq, shift = self._stage_positions(seq, mode, segments[-1].shift, seq_valid_count)
                     segments.append(_Segment(i, seq.valid, shift, full))
                     llm_kept[i] = (seq.valid & seq.prompt).sum(dim=1)
                     embeddings, mask = self._segment_inputs(seq, segments[-1].all_valid)
                 layer_tokens[:, i] = (seq.valid & seq.prompt).sum(dim=1)
                 layer_visual[:, i] = ((seq.roles == TokenRole.IMAGE) & seq.valid).sum(dim=1)
                 seq.hidden = hf.call_decoder_layer(
-                    layer, seq.hidden, mask=mask, position_ids=self._text_positions(seq.pos), position_embeddings=embeddings, cache=cache
+                    layer,
+                    seq.hidden,
+                    mask=mask,
+                    position_ids=self._text_positions(seq.pos),
+                    position_embeddings=embeddings,
+                    cache=cache,
                 )
                 if deepstack is not None and i < len(deepstack):
                     seq.hidden = add_feature_rows(seq.hidden, seq.feature, seq.valid, deepstack[i])
@@ -656,7 +670,9 @@ class PrunedDecoderAdapter(ModelAdapter):
         if call.generate is None or not call.generate.prefilled:
             seq_len = valid[:, :prompt_n].sum(dim=1)
             self._record(
-                self._stats(seq_len, visual_kept, llm_kept, layer_tokens, layer_visual, image_sample, features, diagnostics)
+                self._stats(
+                    seq_len, visual_kept, llm_kept, layer_tokens, layer_visual, image_sample, features, diagnostics
+                )
             )
             if call.generate is not None:
                 call.generate.prefilled = True
@@ -721,7 +737,12 @@ class PrunedDecoderAdapter(ModelAdapter):
         else:
             packed = keep.sum(dim=1) + e * per_sample  # tokens of each sample after the assembly
         bad_padding, tokens, total, most, width = torch.stack(
-            [right_padded.long(), flat.sum(), counts.sum(), *(torch.stack([per_sample, packed]).amax(dim=1) if b else [flat.sum()] * 2)]
+            [
+                right_padded.long(),
+                flat.sum(),
+                counts.sum(),
+                *(torch.stack([per_sample, packed]).amax(dim=1) if b else [flat.sum()] * 2),
+            ]
         ).tolist()
         _check_left_padded(bad_padding)
         if tokens != total:
@@ -782,16 +803,29 @@ class PrunedDecoderAdapter(ModelAdapter):
         attn = self._lm.layers[k - 1].self_attn
         b, n, _ = seq.hidden.shape
         q = call.capture.pop(("llm", k - 1, "q")).view(b, n, -1, attn.head_dim).transpose(1, 2)
-        key = call.capture.pop(("llm", k - 1, "k")).view(b, n, -1, attn.head_dim).transpose(1, 2)
+        raw_key = call.capture.pop(("llm", k - 1, "k")).view(b, n, -1, attn.head_dim).transpose(1, 2)
         cos, sin = embeddings
-        q, key = hf.apply_rope(q, key, cos, sin)
+        q, key = hf.apply_rope(q, raw_key, cos, sin)
         p = n - generated  # generated tokens are the last columns of every row
+        hidden, valid = seq.hidden[:, :p], seq.valid[:, :p]
+
+        def keys_from_start() -> Tensor:  # RoPE at each sample's positions minus its first (as run alone)
+            start_cos, start_sin = self._rotary(hidden, _from_start(seq.pos[:, :p], valid))
+            return hf.apply_rope(raw_key[:, :, :p], raw_key[:, :, :p], start_cos, start_sin)[1]
+
+        def layer_attention() -> LLMAttention:  # layer K's own norm, q/k and RoPE on the states entering it
+            own_q, own_k = hf.layer_qk(self._lm.layers[k], hidden)
+            own_q, own_k = hf.apply_rope(own_q, own_k, cos[:, :p], sin[:, :p])
+            return LLMAttention(own_q, own_k, valid, scale=self._lm.layers[k].self_attn.scaling)
+
         ctx = LLMContext(
             layer=k,
             roles=seq.roles[:, :p],
-            hidden=seq.hidden[:, :p],
-            attention=LLMAttention(q[:, :, :p], key[:, :, :p], seq.valid[:, :p], scale=attn.scaling),
+            hidden=hidden,
+            attention=LLMAttention(q[:, :, :p], key[:, :, :p], valid, attn.scaling, keys_from_start),
             position_ids=self._text_positions(seq.pos)[:, :p],
+            final_norm=self._lm.norm,
+            layer_attention=layer_attention,
         )
         plan = step(ctx)
         keep = seq.valid.clone()
@@ -830,9 +864,7 @@ class PrunedDecoderAdapter(ModelAdapter):
         starts = {seg.start: seg for seg in session.segments}
         # Whether the new tokens are all valid: one read per step, and only while some segment's mask
         # could still be dropped (a segment with padding needs its mask anyway).
-        new_all = attention_mask is None or (
-            any(seg.all_valid for seg in session.segments) and bool(new_valid.all())
-        )
+        new_all = attention_mask is None or (any(seg.all_valid for seg in session.segments) and bool(new_valid.all()))
         for i, layer in enumerate(self._lm.layers):
             if i in starts:
                 seg = starts[i]
@@ -842,7 +874,12 @@ class PrunedDecoderAdapter(ModelAdapter):
                 embeddings = self._rotary(hidden, pos)
                 mask = hf.attention_mask(seg.mask, q, hidden.dtype, self._attn_impl, seg.all_valid)
             hidden = hf.call_decoder_layer(
-                layer, hidden, mask=mask, position_ids=self._text_positions(pos), position_embeddings=embeddings, cache=cache
+                layer,
+                hidden,
+                mask=mask,
+                position_ids=self._text_positions(pos),
+                position_embeddings=embeddings,
+                cache=cache,
             )
         session.seen += q
         return self._lm.norm(hidden)
@@ -944,6 +981,14 @@ def _to_host(tensors: dict[Any, Tensor]) -> dict[Any, Tensor]:
         for key, part, piece in zip(keys, parts, flat.split([p.numel() for p in parts])):
             out[key] = piece.view(part.shape)
     return out
+
+
+def _from_start(pos: Tensor, valid: Tensor) -> Tensor:
+    """Position ids minus each sample's first valid one (``[B, L]`` or ``[B, L, R]``), 0 at padding."""
+    big = torch.iinfo(pos.dtype).max
+    mask = valid.view(*valid.shape, *[1] * (pos.dim() - 2))
+    first = torch.where(mask, pos, torch.full_like(pos, big)).amin(dim=1, keepdim=True)
+    return torch.where(mask, pos - first, torch.zeros_like(pos))
 
 
 def _generated_count(generate: GenerateCall | None, n: int) -> int:
