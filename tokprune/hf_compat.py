@@ -411,7 +411,9 @@ def vision_transformer(tower: nn.Module) -> nn.Module:
             hasattr(candidate, name) for name in ("embeddings", "pre_layrnorm", "encoder")
         ):
             return candidate
-    raise _refuse(f"a CLIP vision tower ({type(tower).__name__}) with embeddings, pre_layrnorm and encoder.layers")
+    raise _refuse(
+        f"a CLIP vision tower ({type(tower).__name__}) with embeddings, pre_layrnorm and encoder.layers"
+    )
 
 
 def call_vision_layer(layer: nn.Module, hidden: Tensor) -> Tensor:
@@ -454,9 +456,7 @@ def check_anyres(inner: nn.Module) -> None:
         )
 
 
-def anyres_layout(
-    inner: nn.Module, tiles: list[int], tokens_per_tile: int, image_sizes: Tensor, select: str
-) -> list[Tensor]:
+def anyres_layout(inner: nn.Module, tiles: list[int], tokens_per_tile: int, image_sizes: Tensor, select: str) -> list[Tensor]:
     """Where each token LLaVA-NeXT feeds the LLM comes from, per image: long ``[P_i]``.
 
     Entry ``j`` of image ``i`` is the index of its ``j``-th LLM token among the image's
@@ -470,9 +470,7 @@ def anyres_layout(
         for t in tiles
     ]
     newline = torch.full((1,), -1.0, dtype=torch.float64, device=image_sizes.device)
-    packed, _ = inner.pack_image_features(
-        index, image_sizes, vision_feature_select_strategy=select, image_newline=newline
-    )
+    packed, _ = inner.pack_image_features(index, image_sizes, vision_feature_select_strategy=select, image_newline=newline)
     return [p[:, 0].round().long() for p in packed]
 
 
@@ -529,10 +527,8 @@ def check_mrope(inner: nn.Module, language_model: nn.Module) -> None:
     """
     params = _parameters(getattr(inner, "get_rope_index", None) or (lambda: None))
     if not {"input_ids", "mm_token_type_ids", "image_grid_thw", "attention_mask"} <= set(params):
-        raise _refuse(
-            f"{type(inner).__name__}.get_rope_index(input_ids, mm_token_type_ids, image_grid_thw, attention_mask)",
-            f"signature: {list(params)}",
-        )
+        raise _refuse(f"{type(inner).__name__}.get_rope_index(input_ids, mm_token_type_ids, image_grid_thw, attention_mask)",
+                      f"signature: {list(params)}")
     weight = next(language_model.parameters())
     probe = torch.zeros(1, 1, 1, dtype=weight.dtype, device=weight.device)
     rotary = language_model.rotary_emb
@@ -551,13 +547,7 @@ def older_than(minimum: str | None) -> bool:
     return minimum is not None and _release(transformers_version()) < _release(minimum)
 
 
-def mrope_index(
-    inner: nn.Module,
-    input_ids: Tensor,
-    mm_token_type_ids: Tensor,
-    image_grid_thw: Tensor,
-    attention_mask: Tensor | None,
-) -> Tensor:
+def mrope_index(inner: nn.Module, input_ids: Tensor, mm_token_type_ids: Tensor, image_grid_thw: Tensor, attention_mask: Tensor | None) -> Tensor:
     """The model's own 3-D (temporal, height, width) M-RoPE position ids, long ``[B, L, 3]``.
 
     ``get_rope_index`` returns ``[3, B, L]`` and per-sample deltas; tokprune keeps positions

@@ -373,9 +373,7 @@ class PrunedDecoderAdapter(ModelAdapter):
     # -- the family's part ----------------------------------------------------------------------------
 
     @abc.abstractmethod
-    def _vision(
-        self, call: CallState, pixel_values: Tensor | None, encoded: Any, options: dict
-    ) -> tuple[Any, VisionOut | None]:
+    def _vision(self, call: CallState, pixel_values: Tensor | None, encoded: Any, options: dict) -> tuple[Any, VisionOut | None]:
         """Encode this call's images: ``(encoder output for the model output, VisionOut or None)``.
 
         ``encoded`` is what ``generate`` pre-encoded (``mm_encoder_outputs["image"]``) or None;
@@ -391,9 +389,7 @@ class PrunedDecoderAdapter(ModelAdapter):
     #: False for families whose positions are not 1-D (M-RoPE): ``compact`` renumbering is refused.
     one_d_positions: ClassVar[bool] = True
 
-    def _positions(
-        self, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None, options: dict
-    ) -> Tensor:
+    def _positions(self, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None, options: dict) -> Tensor:
         """Prefill position ids, long ``[B, n]`` (or ``[B, n, R]``): the caller's, else ``arange`` (HF's default)."""
         b, n = input_ids.shape
         pos = torch.arange(n, device=input_ids.device)[None, :] if position_ids is None else position_ids
@@ -619,7 +615,9 @@ class PrunedDecoderAdapter(ModelAdapter):
         pos = position_ids  # [B, n] or [B, n, R] (the family's positions, see _positions)
         generated = _generated_count(call.generate, n)
         prompt_n = n - generated
-        roles, marker_found = token_roles(input_ids[:, :prompt_n], valid[:, :prompt_n], self._image_token_id, marker)
+        roles, marker_found = token_roles(
+            input_ids[:, :prompt_n], valid[:, :prompt_n], self._image_token_id, marker
+        )
         roles = torch.cat([roles, torch.full((b, generated), int(TokenRole.PROTECTED), device=device)], dim=1)
         embeds = self._lm.embed_tokens(input_ids)
         seq, image_sample = self._vision_assembly(input_ids, embeds, valid, pos, roles, prompt_n, features)
@@ -653,12 +651,7 @@ class PrunedDecoderAdapter(ModelAdapter):
                 layer_tokens[:, i] = (seq.valid & seq.prompt).sum(dim=1)
                 layer_visual[:, i] = ((seq.roles == TokenRole.IMAGE) & seq.valid).sum(dim=1)
                 seq.hidden = hf.call_decoder_layer(
-                    layer,
-                    seq.hidden,
-                    mask=mask,
-                    position_ids=self._text_positions(seq.pos),
-                    position_embeddings=embeddings,
-                    cache=cache,
+                    layer, seq.hidden, mask=mask, position_ids=self._text_positions(seq.pos), position_embeddings=embeddings, cache=cache
                 )
                 if deepstack is not None and i < len(deepstack):
                     seq.hidden = add_feature_rows(seq.hidden, seq.feature, seq.valid, deepstack[i])
@@ -670,9 +663,7 @@ class PrunedDecoderAdapter(ModelAdapter):
         if call.generate is None or not call.generate.prefilled:
             seq_len = valid[:, :prompt_n].sum(dim=1)
             self._record(
-                self._stats(
-                    seq_len, visual_kept, llm_kept, layer_tokens, layer_visual, image_sample, features, diagnostics
-                )
+                self._stats(seq_len, visual_kept, llm_kept, layer_tokens, layer_visual, image_sample, features, diagnostics)
             )
             if call.generate is not None:
                 call.generate.prefilled = True
@@ -737,12 +728,7 @@ class PrunedDecoderAdapter(ModelAdapter):
         else:
             packed = keep.sum(dim=1) + e * per_sample  # tokens of each sample after the assembly
         bad_padding, tokens, total, most, width = torch.stack(
-            [
-                right_padded.long(),
-                flat.sum(),
-                counts.sum(),
-                *(torch.stack([per_sample, packed]).amax(dim=1) if b else [flat.sum()] * 2),
-            ]
+            [right_padded.long(), flat.sum(), counts.sum(), *(torch.stack([per_sample, packed]).amax(dim=1) if b else [flat.sum()] * 2)]
         ).tolist()
         _check_left_padded(bad_padding)
         if tokens != total:
@@ -864,7 +850,9 @@ class PrunedDecoderAdapter(ModelAdapter):
         starts = {seg.start: seg for seg in session.segments}
         # Whether the new tokens are all valid: one read per step, and only while some segment's mask
         # could still be dropped (a segment with padding needs its mask anyway).
-        new_all = attention_mask is None or (any(seg.all_valid for seg in session.segments) and bool(new_valid.all()))
+        new_all = attention_mask is None or (
+            any(seg.all_valid for seg in session.segments) and bool(new_valid.all())
+        )
         for i, layer in enumerate(self._lm.layers):
             if i in starts:
                 seg = starts[i]
@@ -874,12 +862,7 @@ class PrunedDecoderAdapter(ModelAdapter):
                 embeddings = self._rotary(hidden, pos)
                 mask = hf.attention_mask(seg.mask, q, hidden.dtype, self._attn_impl, seg.all_valid)
             hidden = hf.call_decoder_layer(
-                layer,
-                hidden,
-                mask=mask,
-                position_ids=self._text_positions(pos),
-                position_embeddings=embeddings,
-                cache=cache,
+                layer, hidden, mask=mask, position_ids=self._text_positions(pos), position_embeddings=embeddings, cache=cache
             )
         session.seen += q
         return self._lm.norm(hidden)
