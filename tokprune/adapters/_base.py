@@ -92,7 +92,12 @@ class ModelAdapter(abc.ABC):
         llm_positions: Positions = "keep",
         question_end: Sequence[int] | Any | None = None,
         budget_scope: BudgetScope = "image",
+        text_encoder: Any = None,
     ) -> None:
+        from ..text_encoder import resolve_text_encoder
+
+        #: The CLIP text tower instruction-conditioned vision steps read (``relevance=text``), or None.
+        self.text_encoder = resolve_text_encoder(text_encoder)
         for option, value in (("vision_positions", vision_positions), ("llm_positions", llm_positions)):
             if value not in POSITION_MODES:
                 raise StrategyParamError(f"{option} must be one of: {', '.join(POSITION_MODES)}; got {value!r}")
@@ -212,6 +217,7 @@ def patch(
     llm_positions: Positions = "keep",
     question_end: Sequence[int] | Any | None = None,
     budget_scope: BudgetScope = "image",
+    text_encoder: Any = None,
 ) -> ModelAdapter:
     """Prune ``model`` (this instance only) with the pipeline ``spec``; returns the handle.
 
@@ -227,7 +233,9 @@ def patch(
     what a vision-stage budget counts on tiled images (LLaVA-NeXT's AnyRes): ``"image"`` (the default)
     one strategy row per image, base view and tiles pooled; ``"tile"`` one row per tile and base view,
     as VisionZip's and VisionPruner's LLaVA-NeXT code do; families without tiles accept only
-    ``"image"``. Everything is validated
+    ``"image"``. ``text_encoder`` (a :class:`tokprune.text_encoder.ClipTextEncoder` or the path of a saved
+    CLIP model) is the CLIP text tower instruction-conditioned vision steps read (``cdpruner``'s
+    ``relevance=text``); without one they run their documented stand-in. Everything is validated
     before the model is touched; ``handle.remove()`` (or :func:`unpatch`) restores it exactly.
     """
     from ..registry import get
@@ -246,6 +254,7 @@ def patch(
         llm_positions=llm_positions,
         question_end=question_end,
         budget_scope=budget_scope,
+        text_encoder=text_encoder,
     )
     try:
         handle._install()

@@ -67,6 +67,8 @@ class GenerateCall:
     prompt_len: int
     use_cache: bool
     prefilled: bool = False  #: stats are recorded once, at the first forward (the prefill)
+    #: the prompts ``(input_ids, valid)`` ``[B, L]``, for a vision step that reads the instruction
+    prompt: tuple[Tensor, Tensor] | None = None
 
 
 @dataclass
@@ -77,6 +79,12 @@ class CallState:
     generate: GenerateCall | None = None
     #: q/k projections the hooks store, only while a tower or a prefill loop runs (None otherwise).
     capture: dict[CaptureKey, Tensor] | None = None
+    #: this forward's prompts ``(input_ids, valid)`` ``[B, L]`` (None: those of ``generate``, if any)
+    prompt: tuple[Tensor, Tensor] | None = None
+
+    def prompts(self) -> tuple[Tensor, Tensor] | None:
+        """The prompts this call's images belong to (the instruction-conditioned vision steps' input)."""
+        return self.prompt if self.prompt is not None else (self.generate.prompt if self.generate else None)
 
 
 #: The call whose hooks may record (see the module docstring for why this one piece is ambient).
@@ -291,6 +299,7 @@ class PrunedDecoderAdapter(ModelAdapter):
         llm_positions: Positions = "keep",
         question_end: Sequence[int] | Any | None = None,
         budget_scope: BudgetScope = "image",
+        text_encoder: Any = None,
     ) -> None:
         super().__init__(
             model,
@@ -299,6 +308,7 @@ class PrunedDecoderAdapter(ModelAdapter):
             llm_positions=llm_positions,
             question_end=question_end,
             budget_scope=budget_scope,
+            text_encoder=text_encoder,
         )
         self._marker = resolve_marker(question_end, model)
         self._marker_ids: dict[torch.device, Tensor] = {}  # the marker as a tensor per device, built once
@@ -491,6 +501,10 @@ class PrunedDecoderAdapter(ModelAdapter):
         if copies > 1:
             args, kwargs = _expand_return_sequences(arguments, extra, copies)
         call = CallState(self, GenerateCall(prompt_len=int(input_ids.shape[1]), use_cache=bool(use_cache)))
+        if self.text_encoder is not None:  # the patched get_image_features has no input_ids: keep the prompts
+            ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else input_ids))
+            mask = kwargs.get("attention_mask")
+            call.generate.prompt = (ids, torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool())
         with self._active(call):
             return original(*args, **kwargs)
 
@@ -583,6 +597,10 @@ class PrunedDecoderAdapter(ModelAdapter):
         else:
             if use_cache and cache is None:
                 cache = hf.new_dynamic_cache(self._lm.config)
+            if self.text_encoder is not None:
+                prompt_n = input_ids.shape[1] - _generated_count(call.generate, input_ids.shape[1])
+                valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+                call.prompt = (input_ids[:, :prompt_n], valid[:, :prompt_n])
             encoded, features = self._vision(call, pixel_values, pre_encoded, kwargs)
             pos = self._positions(input_ids, attention_mask, position_ids, kwargs)
             hidden = self._prefill(call, input_ids, attention_mask, pos, cache if use_cache else None, features)
