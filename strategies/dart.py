@@ -19,8 +19,8 @@ from tokprune.scoring import (
     topk_mask,
 )
 
-PivotOrder = Literal["position", "norm"]
-Norm = Literal["final", "none"]
+PivotOrder = Literal["set", "position", "norm"]
+Norm = Literal["final", "raw"]
 
 
 @dataclass(frozen=True)
@@ -33,12 +33,14 @@ class DartParams:
         4, "text pivots: the tokens after the image with the largest key L1 norm (not dropped)", ge=0
     )
     pivot_order: PivotOrder = param(
-        "position", "order the pivots take their picks in: position (sequence order) or norm (largest key norm first)"
+        "set",
+        "order the pivots take their picks in: set (the reference's: Python's set iteration order over the "
+        "pivots' sequence indices), position (sequence order) or norm (largest key norm first)",
     )
     norm: Norm = param(
         "final",
         "the states the cosines compare: final (the LM's final norm applied, weights included: the reference's "
-        "norm(h)) or none (the raw hidden states entering layer K)",
+        "norm(h)) or raw (the hidden states entering layer K)",
     )
     merge: bool = param(
         False,
@@ -47,8 +49,32 @@ class DartParams:
     )
 
 
+def _set_order(image_pivots: Tensor, text_pivots: Tensor, norms: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+    """The reference's walk: ``list(set(image_indices + query_indices))``, each list in descending key norm
+    (``topk``), over the pivots' indices in the unpadded sequence. Returns positions ``[B, P]`` (-1 padded)
+    in that order and their validity.
+
+    The order is CPython's set iteration order, a hashing artefact of small ints (deterministic for a
+    CPython version): it is reproduced by running Python's own ``set`` on the same list, a host-side loop
+    over the batch's few pivots per sample.
+    """
+    seq_index = (valid.long().cumsum(dim=1) - 1).tolist()  # index in the sample's own, unpadded sequence
+    walks = []
+    for b, row in enumerate(seq_index):
+        listed = []
+        for mask in (image_pivots[b], text_pivots[b]):
+            where = mask.nonzero().flatten()
+            listed += where[norms[b, where].argsort(descending=True, stable=True)].tolist()
+        back = {row[i]: i for i in listed}
+        # a set built from a list (not a dict: set(dict) presizes its table), then copied, as the reference does
+        walks.append([back[i] for i in set(list(back)).copy()])
+    width = max(1, max(len(w) for w in walks))
+    index = torch.tensor([w + [-1] * (width - len(w)) for w in walks], dtype=torch.long, device=norms.device)
+    return index.clamp_min(0), index >= 0
+
+
 def _ordered_pivots(pivots: Tensor, norms: Tensor, order: PivotOrder) -> tuple[Tensor, Tensor]:
-    """Pivot positions ``[B, P]`` in the order they pick and their validity ``[B, P]``."""
+    """Pivot positions ``[B, P]`` in the order they pick and their validity ``[B, P]`` (``position``/``norm``)."""
     _, valid, index = ragged_gather(pivots[..., None], pivots)  # positions in sequence order, left-aligned
     index = index.clamp_min(0)
     if order == "norm":
@@ -84,9 +110,9 @@ class Dart(PruningStrategy):
     ==================  ==========================================  ===========================
     what                reference                                   switch
     ==================  ==========================================  ===========================
-    compared states     ``norm(h)``: the LM's final RMSNorm         ``norm=final`` (``none``: h)
+    compared states     ``norm(h)``: the LM's final RMSNorm         ``norm=final|raw``
     pivot keys          layer K-1's cached keys, RoPE at 0..n-1     (keys from each sample's start)
-    pivot walk order    Python ``set`` order (hashing)              ``pivot_order=position|norm``
+    pivot walk order    Python ``set`` order (hashing), L52-53      ``pivot_order=set|position|norm``
     positions           original ids kept (``keep_indexs``)         adapter ``llm_positions=keep``
     ==================  ==========================================  ===========================
 
@@ -124,7 +150,10 @@ class Dart(PruningStrategy):
         image_pivots = norm_pivots(keys, torch.clamp(counts, max=p.pivot_image), image)
         text_pivots = norm_pivots(keys, p.pivot_text, after_image) if p.pivot_text else torch.zeros_like(image)
         norms = keys.float().abs().sum(dim=-1)
-        index, valid = _ordered_pivots(image_pivots | text_pivots, norms, p.pivot_order)
+        if p.pivot_order == "set":
+            index, valid = _set_order(image_pivots, text_pivots, norms, ctx.valid)
+        else:
+            index, valid = _ordered_pivots(image_pivots | text_pivots, norms, p.pivot_order)
         # quotas: the picks left after the image pivots, shared evenly, the remainder to the first pivots
         n_pivots = valid.sum(dim=1)
         picks = counts - image_pivots.sum(dim=1)

@@ -123,6 +123,9 @@ def cases(
     """Per seed: the eager tiny LLaVA, its ``make_inputs`` and one :class:`Case` per sample."""
     for seed in seeds:
         model, make_inputs = tiny_llava(seed=seed, attn_implementation="eager")
+        norm = model.model.language_model.norm.weight
+        with torch.no_grad():  # HF initialises ones, under which norm(h) and h have the same cosines (DART)
+            norm.copy_(torch.linspace(0.2, 3.0, norm.numel()))
         out = []
         for i, q in enumerate(lengths):
             solo = make_inputs([q], seeds=[i])
@@ -164,11 +167,11 @@ def cases(
 def kept_by_strategy(
     model: Any, make_inputs: Callable, spec: str, lengths: tuple[int, ...] = LENGTHS, **options: Any
 ) -> list[list[tuple[Tensor, Tensor]]]:
-    """Run ``spec`` on the padded batch; per sample and per call of each step, ``(keep, image)``: the
-    plan's keep mask over the strategy's positions and which of them are image tokens (vision stage:
-    every position)."""
+    """Run ``spec`` on the padded batch; per sample and per call of each step, ``(keep, image, valid)``:
+    the plan's keep mask over the strategy's positions, which of them are image tokens and which are
+    not padding (vision stage: every position, both)."""
     handle = tokprune.patch(model, spec, question_end=VOCAB.assistant_marker, **options)
-    calls: list[tuple[Tensor, Tensor]] = []
+    calls: list[tuple[Tensor, Tensor, Tensor]] = []
     try:
         steps = [s for s in (handle.pipeline.vision, *handle.pipeline.llm) if s is not None]
         for step in steps:
@@ -176,8 +179,10 @@ def kept_by_strategy(
 
             def spy(ctx: Any, original: Callable = original) -> Any:
                 plan = original(ctx)
-                image = ctx.role_mask(TokenRole.IMAGE) if hasattr(ctx, "roles") else ctx.token_valid
-                calls.append((plan.keep.clone(), image.clone()))
+                llm = hasattr(ctx, "roles")
+                image = ctx.role_mask(TokenRole.IMAGE) if llm else ctx.token_valid
+                valid = ctx.valid if llm else ctx.token_valid
+                calls.append((plan.keep.clone(), image.clone(), valid.clone()))
                 return plan
 
             step.plan = spy  # instance attribute: this patch's step only
@@ -189,14 +194,14 @@ def kept_by_strategy(
                 step.__dict__.pop("plan", None)
         handle.remove()
     b = len(lengths)
-    return [[(keep[i], image[i]) for keep, image in calls] for i in range(b)]
+    return [[(keep[i], image[i], valid[i]) for keep, image, valid in calls] for i in range(b)]
 
 
-def kept_image_ranks(per_call: list[tuple[Tensor, Tensor]]) -> list[int]:
+def kept_image_ranks(per_call: list[tuple[Tensor, Tensor, Tensor]]) -> list[int]:
     """The image tokens kept after every call of a step, as indices into the sample's original image
     tokens (each later call sees only the previous call's survivors)."""
     alive: list[int] | None = None
-    for keep, image in per_call:
+    for keep, image, _ in per_call:
         kept = (keep[image]).nonzero().flatten().tolist()
         alive = kept if alive is None else [alive[r] for r in kept]
     assert alive is not None
