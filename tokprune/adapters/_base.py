@@ -254,7 +254,8 @@ def patch(
         llm_positions=llm_positions,
         question_end=question_end,
         budget_scope=budget_scope,
-        text_encoder=text_encoder,
+        # only when given: an adapter written before this option (a plugin's) keeps working without it
+        **({"text_encoder": text_encoder} if text_encoder is not None else {}),
     )
     try:
         handle._install()
