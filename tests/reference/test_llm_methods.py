@@ -212,3 +212,15 @@ def test_text_interact():
         return keep[valid].nonzero().flatten().tolist()
 
     _run("text_interact", "text_interact", text_interact_reference, kept=kept_positions)
+
+
+@pytest.mark.parametrize("switch", ["scores=previous", "positions=keep"])
+def test_pyramiddrop_switches_select_something_else(switch):
+    """The old defaults (layer K_s - 1's q/k; original position ids) keep other sets than the reference."""
+    layers, ratios = SCHEDULE
+    spec = f"pyramiddrop(layer={layers}, keep_ratio={ratios}, {switch})"
+    differ = 0
+    for model, make_inputs, solo in cases(seeds=(0, 1)):
+        ours = kept_by_strategy(model, make_inputs, spec)
+        differ += sum(kept_image_ranks(ours[c.index]) != pyramiddrop_reference(c)[0] for c in solo)
+    assert differ > 0
