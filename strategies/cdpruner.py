@@ -124,6 +124,9 @@ class CDPruner(PruningStrategy):
         # relevance=text declares the CLS attention too: its stand-in where no text encoder was given
         return frozenset() if self.params.relevance == "uniform" else frozenset({Signal("qk", self.params.layer)})
 
+    def positions(self) -> Literal["compact"]:
+        return "compact"  # the reference drops the pruned tokens before inserting the image: contiguous ids
+
     def reads_instruction(self) -> bool:
         return self.params.relevance == "text"
 

@@ -49,7 +49,7 @@ class DivPrune(PruningStrategy):
     features            projected tokens (``new_input_embeds``,     ``features=projected|encoder``
                         after ``mm_projector``, L143 and L374)
     budget              ``round(N * SUBSET_RATIO)``                 ``keep_ratio`` / ``keep``
-    positions           contiguous (``position_ids`` None, L349)    adapter ``vision_positions``
+    positions           contiguous (``position_ids`` None, L349)    ``vision_positions="keep"``
     ==================  ==========================================  ============================
 
     Deviations: the reference prunes batch item 0's slice only (``new_input_embeds[0]``, a hard-coded ``SYS_TOKEN_LEN=35``);
@@ -64,6 +64,9 @@ class DivPrune(PruningStrategy):
     stage = Stage.VISION
     ragged_vision = True
     Params = DivPruneParams
+
+    def positions(self) -> Literal["compact"]:
+        return "compact"  # the reference prunes new_input_embeds with position_ids None: renumbered (L349-350)
 
     def plan(self, ctx: VisionContext) -> VisionPlan:
         p = self.params

@@ -145,6 +145,20 @@ def test_compact_positions_change_the_answer():
     assert not logits["keep"].allclose(logits["compact"])
 
 
+@pytest.mark.parametrize("name", ["divprune", "cdpruner", "vispruner", "prumerge", "prumerge_plus"])
+def test_vision_methods_whose_reference_shortens_the_image_block_renumber_by_default(name):
+    from tokprune.testing.models import tiny_llava
+
+    model, make_inputs = tiny_llava(seed=0)
+    inputs = make_inputs()
+    logits = {}
+    for mode in (None, "compact", "keep"):
+        with torch.no_grad(), tokprune.pruned(model, name, vision_positions=mode):
+            logits[mode] = model(**inputs).logits[:, -1]
+    assert torch.equal(logits[None], logits["compact"])
+    assert not logits[None].allclose(logits["keep"])
+
+
 def test_schedule_prunes_at_each_layer_and_merging_changes_only_the_merged_states():
     from tokprune.testing.models import VOCAB, tiny_llava
 

@@ -445,8 +445,10 @@ class PruningStrategy(abc.ABC):
         return False
 
     def positions(self) -> Literal["keep", "compact"] | None:
-        """The position mode of this LLM step's survivors when the method's reference fixes one
-        (PyramidDrop renumbers contiguously); None: the adapter's ``llm_positions``. Default: None."""
+        """The position mode of this step's survivors when the method's reference fixes one: a vision
+        step whose code shortens the image block before the LLM (``compact``), used where the caller
+        leaves ``vision_positions`` unset; an LLM step's own choice (PyramidDrop renumbers), which wins
+        over ``llm_positions``. None: the adapter's option. Default: None."""
         return None
 
     @abc.abstractmethod

@@ -88,7 +88,7 @@ class ModelAdapter(abc.ABC):
         model: nn.Module,
         pipeline: Pipeline,
         *,
-        vision_positions: Positions = "keep",
+        vision_positions: Positions | None = None,
         llm_positions: Positions = "keep",
         question_end: Sequence[int] | Any | None = None,
         budget_scope: BudgetScope = "image",
@@ -99,7 +99,7 @@ class ModelAdapter(abc.ABC):
         #: The CLIP text tower instruction-conditioned vision steps read (``relevance=text``), or None.
         self.text_encoder = resolve_text_encoder(text_encoder)
         for option, value in (("vision_positions", vision_positions), ("llm_positions", llm_positions)):
-            if value not in POSITION_MODES:
+            if value not in POSITION_MODES and not (option == "vision_positions" and value is None):
                 raise StrategyParamError(f"{option} must be one of: {', '.join(POSITION_MODES)}; got {value!r}")
         if budget_scope not in BUDGET_SCOPES:
             raise StrategyParamError(f"budget_scope must be one of: {', '.join(BUDGET_SCOPES)}; got {budget_scope!r}")
@@ -213,7 +213,7 @@ def patch(
     model: nn.Module,
     spec: Any,
     *,
-    vision_positions: Positions = "keep",
+    vision_positions: Positions | None = None,
     llm_positions: Positions = "keep",
     question_end: Sequence[int] | Any | None = None,
     budget_scope: BudgetScope = "image",
@@ -224,8 +224,12 @@ def patch(
     ``spec`` is anything :func:`tokprune.strategies.get` accepts (a string, a list of
     ``{name: ..., <param>: ...}`` dicts, a strategy, a :class:`~tokprune.Pipeline`). ``vision_positions``
     and ``llm_positions`` choose, per stage, whether kept tokens keep their original position ids
-    (``"keep"``, the default) or are renumbered contiguously (``"compact"``, what pre-LLM reference
-    methods do). Token roles come from the model's own chat template: the template text after the
+    (``"keep"``) or are renumbered contiguously (``"compact"``). ``vision_positions=None`` (the default)
+    takes the vision step's reference choice (:meth:`~tokprune.PruningStrategy.positions`: ``compact`` for
+    the methods whose code shortens the image block before the LLM, DivPrune, CDPruner, VisPruner,
+    PruMerge(+)), ``keep`` for a step without one and on families with multi-axis positions;
+    ``llm_positions`` defaults to ``keep`` (FastV's and DART's), an LLM step's own choice
+    (``pyramiddrop(positions=compact)``) winning. Token roles come from the model's own chat template: the template text after the
     question (LLaVA-1.5's ``ASSISTANT:``) is protected by default, read from the tokenizer saved with the
     model (:mod:`tokprune.adapters.roles`). ``question_end`` overrides it: a token-id sequence (the
     assistant marker) or a tokenizer/processor whose chat template to read (without one: the ids of

@@ -295,7 +295,7 @@ class PrunedDecoderAdapter(ModelAdapter):
         model: nn.Module,
         pipeline: Pipeline,
         *,
-        vision_positions: Positions = "keep",
+        vision_positions: Positions | None = None,
         llm_positions: Positions = "keep",
         question_end: Sequence[int] | Any | None = None,
         budget_scope: BudgetScope = "image",
@@ -414,6 +414,15 @@ class PrunedDecoderAdapter(ModelAdapter):
     def _rotary(self, hidden: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
         """RoPE ``(cos, sin)`` ``[B, L, head_dim]`` for positions ``pos``."""
         return hf.rotary_embeddings(self._lm, hidden, pos)
+
+    def _vision_mode(self) -> str:
+        """The vision stage's position mode: the caller's ``vision_positions``, else the vision step's
+        reference choice where positions are 1-D (M-RoPE survivors keep their 3-D positions), else keep."""
+        if self.vision_positions is not None:
+            return self.vision_positions
+        step = self.pipeline.vision
+        own = step.positions() if step is not None else None
+        return own if own is not None and self.one_d_positions else "keep"
 
     def _text_positions(self, pos: Tensor) -> Tensor:
         """The 1-D position ids ``[B, L]`` a decoder layer and ``LLMContext.position_ids`` get."""
@@ -640,7 +649,7 @@ class PrunedDecoderAdapter(ModelAdapter):
         embeds = self._lm.embed_tokens(input_ids)
         seq, image_sample = self._vision_assembly(input_ids, embeds, valid, pos, roles, prompt_n, features)
         seq, shift = self._stage_positions(
-            seq, self.vision_positions, torch.zeros(b, dtype=torch.long, device=device), valid.sum(dim=1)
+            seq, self._vision_mode(), torch.zeros(b, dtype=torch.long, device=device), valid.sum(dim=1)
         )
         segments = [_Segment(0, seq.valid, shift, bool(seq.valid.all()))]
         visual_kept = ((seq.roles == TokenRole.IMAGE) & seq.valid).sum(dim=1)
