@@ -4,6 +4,7 @@ merging and one extra global token."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -62,6 +63,9 @@ class PruMerge(PruningStrategy):
     stage = Stage.VISION
     ragged_vision = True
     Params = PruMergeParams
+
+    def positions(self) -> Literal["compact"]:
+        return "compact"  # the reference returns a shorter image block to the LLM: contiguous ids
 
     def requires(self) -> frozenset[Signal]:
         # The merge always needs the layer's keys; the score may read another signal.
