@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import inspect
+import re
 import warnings
 
 import pytest
@@ -291,3 +292,14 @@ def test_attention_mask_trusts_the_callers_all_valid():
     full = torch.ones(2, 5, dtype=torch.bool)
     assert hf.attention_mask(full, 1, torch.float32, "sdpa", all_valid=True) is None
     assert torch.equal(hf.attention_mask(full, 1, torch.float32, "sdpa", all_valid=False), _loop_mask(full, 1))
+
+
+def test_tokprune_adapters_reports_whether_the_installed_release_is_tested(capsys, monkeypatch):
+    from tokprune import cli
+
+    monkeypatch.setattr(hf, "transformers_version", lambda: "5.25.0")  # the newest release tested
+    assert cli.main(["adapters"]) == 0
+    assert re.search(r"^llava .*>= 5\.6\.0: yes, tested ", capsys.readouterr().out, re.M)
+    monkeypatch.setattr(hf, "transformers_version", lambda: hf.TESTED_MAX + ".0")  # the first one not tested
+    assert cli.main(["adapters"]) == 0
+    assert re.search(rf"^llava .*: yes, untested \({re.escape(hf.TESTED_MAX)}\.0\)", capsys.readouterr().out, re.M)
