@@ -24,8 +24,10 @@ from tokprune.testing.models import VOCAB, tiny_llava
 SPEC = "topk(keep=4)"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def tiny():
+    """A fresh tiny LLaVA per case: a case that leaves the model patched (the faults this file is about)
+    fails itself, not the cases after it."""
     model, make_inputs = tiny_llava(seed=0)
     inputs = make_inputs((5, 3))
     with torch.no_grad():
