@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from .config import vision_positions_arg
+
 __all__ = ["Calibration", "Calibrator", "axis_value", "search"]
 
 
@@ -150,7 +152,8 @@ class Calibrator:
             ("visual_layer_sum", "visual_last_sum", "visual_total_sum", "flops_pruned_sum", "flops_unpruned_sum"), 0.0
         )
         handle = tokprune.patch(
-            s.model, spec, vision_positions=s.cfg.positions.vision, llm_positions=s.cfg.positions.llm,
+            s.model, spec, vision_positions=vision_positions_arg(s.cfg.positions.vision),
+            llm_positions=s.cfg.positions.llm,
             question_end=s.processor.tokenizer,
             budget_scope=s.cfg.budget_scope,
         )

@@ -85,6 +85,14 @@ DEFAULT_KNOBS = {
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 POSITION_MODES = ("keep", "compact")
+# positions.vision also takes "method": each vision step's reference choice (PruningStrategy.positions(): the
+# authors' code renumbers for divprune, cdpruner, vispruner, prumerge, prumerge_plus), keep for the others.
+VISION_POSITION_MODES = ("method", *POSITION_MODES)
+
+
+def vision_positions_arg(value: str) -> str | None:
+    """The ``vision_positions`` argument of :func:`tokprune.patch` for a ``positions.vision`` config value."""
+    return None if value == "method" else value
 BUDGET_SCOPES = ("image", "tile")  # tokprune.adapters.BUDGET_SCOPES, without importing the adapters
 DATASETS = ("shapes", "jsonl")
 SCORERS = ("auto", "shapes", "exact", "vqa", "yesno")
@@ -115,9 +123,12 @@ class DatasetConfig:
 
 @dataclass
 class PositionsConfig:
-    """Position ids of kept tokens per stage: ``keep`` their original ids, or ``compact`` (renumber)."""
+    """Position ids of kept tokens per stage: ``keep`` their original ids, or ``compact`` (renumber).
 
-    vision: str = "keep"
+    The vision stage defaults to ``method``: what each method's reference code does (faithful by default).
+    """
+
+    vision: str = "method"
     llm: str = "keep"
 
 
@@ -218,7 +229,7 @@ def validate(cfg: AblationConfig) -> None:
     """Range and choice checks omegaconf's types cannot express."""
     _choices("dtype", cfg.dtype, DTYPES)
     _choices("attn_implementation", cfg.attn_implementation, ATTN_IMPLEMENTATIONS)
-    _choices("positions.vision", cfg.positions.vision, POSITION_MODES)
+    _choices("positions.vision", cfg.positions.vision, VISION_POSITION_MODES)
     _choices("positions.llm", cfg.positions.llm, POSITION_MODES)
     _choices("budget_scope", cfg.budget_scope, BUDGET_SCOPES)
     _choices("dataset.name", cfg.dataset.name, DATASETS)

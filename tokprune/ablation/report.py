@@ -230,9 +230,10 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def _positions(row: dict[str, Any]) -> str:
-    """Non-default position-id modes of the run (``keep`` is the default), for its label."""
+    """Non-default position-id modes of the run, for its label (defaults: vision ``method``, llm ``keep``)."""
     pos = (row.get("resolved") or {}).get("positions") or {}
-    odd = [f"{stage}={mode}" for stage, mode in sorted(pos.items()) if mode != "keep"]
+    default = {"vision": "method", "llm": "keep"}
+    odd = [f"{stage}={mode}" for stage, mode in sorted(pos.items()) if mode != default.get(stage, "keep")]
     return f" (positions {', '.join(odd)})" if odd else ""
 
 

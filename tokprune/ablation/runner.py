@@ -24,7 +24,7 @@ from ..errors import TokpruneError
 from . import plan as planning
 from . import preflight
 from .calibrate import Calibration, Calibrator, axis_value, search
-from .config import EMBEDDED_MODEL, AblationConfig, ConfigError, to_container, to_yaml
+from .config import EMBEDDED_MODEL, AblationConfig, ConfigError, to_container, to_yaml, vision_positions_arg
 from .datasets import Dataset, EvalSample, load_dataset
 from .distributed import Dist
 from .distributed import init as init_dist
@@ -174,7 +174,7 @@ class Session:
         handle = tokprune.patch(
             self.model,
             pipeline,
-            vision_positions=cfg.positions.vision,
+            vision_positions=vision_positions_arg(cfg.positions.vision),
             llm_positions=cfg.positions.llm,
             question_end=self.processor.tokenizer,  # the question ends at the "ASSISTANT:" marker
             budget_scope=cfg.budget_scope,
