@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
+import re
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -409,7 +410,7 @@ def _llava_classes(mixin: type, registry: Any) -> dict[str, type]:
 
         tokprune_prunes = False  # 1-D positions: vLLM numbers the shorter prompt itself
         hf_to_vllm_mapper = llava.LlavaForConditionalGeneration.hf_to_vllm_mapper | WeightsMapper(
-            orig_to_new_regex={r"^(model\.)?vision_tower\.(?!vision_model\.)": "vision_tower.vision_model."}
+            orig_to_new_regex={re.compile(r"^(model\.)?vision_tower\.(?!vision_model\.)"): "vision_tower.vision_model."}
         )
 
         def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
