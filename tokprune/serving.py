@@ -156,7 +156,9 @@ def serving_plan(spec: str | None, tower: TowerSignals = "cls", family: str = "t
     try:
         pipeline: Pipeline = get(text)
     except TokpruneError as exc:
-        raise ServingSpecError(f"tokprune spec {text!r}: {exc}. Strategies a server runs on {family}: {working}") from exc
+        raise ServingSpecError(
+            f"tokprune spec {text!r}: {exc}. Strategies a server runs on {family}: {working}"
+        ) from exc
     if pipeline.llm:
         names = ", ".join(s.name for s in pipeline.llm)
         raise ServingSpecError(

@@ -158,7 +158,10 @@ def _let_runners_recompute_positions() -> None:
     """vLLM's runner recomputes M-RoPE positions of pruned media only when its ``is_multimodal_pruning_enabled``
     is set, which ``GPUModelRunner.load_model`` derives from ``video_pruning_rate`` alone and the CPU runner
     never sets. For a model that prunes through tokprune (``tokprune_prunes``), set it after loading."""
-    runners = [("vllm.v1.worker.gpu_model_runner", "GPUModelRunner"), ("vllm.v1.worker.cpu_model_runner", "CPUModelRunner")]
+    runners = [
+        ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner"),
+        ("vllm.v1.worker.cpu_model_runner", "CPUModelRunner"),
+    ]
     for module_name, class_name in runners:
         try:
             cls = getattr(importlib.import_module(module_name), class_name)
@@ -252,7 +255,9 @@ def _classes() -> dict[str, type]:
                 processed[SPEC_FIELD] = _encode_spec(plan.spec, count)
             return processed
 
-        def _get_mm_fields_config(self, hf_inputs: Any, hf_processor_mm_kwargs: Mapping[str, object]) -> Mapping[str, Any]:
+        def _get_mm_fields_config(
+            self, hf_inputs: Any, hf_processor_mm_kwargs: Mapping[str, object]
+        ) -> Mapping[str, Any]:
             fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
             if SPEC_FIELD in hf_inputs:
                 fields[SPEC_FIELD] = MultiModalFieldConfig.batched("image", keep_on_cpu=True)
