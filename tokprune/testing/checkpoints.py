@@ -77,11 +77,21 @@ def _save_weights(model: Any, path: Path, seed: int, scale: float) -> None:
     model.save_pretrained(path)
 
 
-def save_tiny_qwen2_5_vl(path: str | Path, seed: int = 0) -> Path:
+def save_tiny_qwen2_5_vl(
+    path: str | Path,
+    seed: int = 0,
+    *,
+    text: dict[str, Any] | None = None,
+    vision: dict[str, Any] | None = None,
+    patch_size: int = 4,
+    max_pixels: int = 64 * 64,
+) -> Path:
     """Save a tiny random ``Qwen2_5_VLForConditionalGeneration`` with tokenizer and processor to ``path``.
 
     Vision: patch 4, 2x2 merger, depth 2 (window then full attention); a 32x32 image is 8x8 patches,
     16 LLM tokens. Text: 2 layers, width 128, 4 heads of 32 (2 KV heads), M-RoPE sections (4, 6, 6).
+    ``text`` / ``vision`` override config entries (``benchmarks/bench_serve.py`` builds 3B widths this
+    way); ``patch_size`` and ``max_pixels`` set the tower's patch and the processor's largest image.
     """
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -100,12 +110,13 @@ def save_tiny_qwen2_5_vl(path: str | Path, seed: int = 0) -> Path:
             "intermediate_size": 128,
             "num_heads": 2,
             "out_hidden_size": 128,
-            "patch_size": 4,
+            "patch_size": patch_size,
             "temporal_patch_size": 2,
             "spatial_merge_size": 2,
             "window_size": 16,
             "fullatt_block_indexes": [1],
             "in_channels": 3,
+            **(vision or {}),
         },
         text_config={
             "vocab_size": vocab,
@@ -120,6 +131,7 @@ def save_tiny_qwen2_5_vl(path: str | Path, seed: int = 0) -> Path:
             "eos_token_id": ids["<|im_end|>"],
             "pad_token_id": ids["<|endoftext|>"],
             "tie_word_embeddings": False,
+            **(text or {}),
         },
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
@@ -130,11 +142,10 @@ def save_tiny_qwen2_5_vl(path: str | Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(config).eval()
     _save_weights(model, path, seed, scale=0.08)
-    image_processor = Qwen2VLImageProcessorPil(
-        patch_size=4, merge_size=2, temporal_patch_size=2, size={"shortest_edge": 16 * 16, "longest_edge": 64 * 64}
-    )
+    size = {"shortest_edge": (4 * patch_size) ** 2, "longest_edge": max_pixels}
+    image_processor = Qwen2VLImageProcessorPil(patch_size=patch_size, merge_size=2, temporal_patch_size=2, size=size)
     video_processor = Qwen2VLVideoProcessor(
-        patch_size=4, merge_size=2, temporal_patch_size=2, size={"shortest_edge": 16 * 16, "longest_edge": 64 * 64 * 4}
+        patch_size=patch_size, merge_size=2, temporal_patch_size=2, size={**size, "longest_edge": 4 * max_pixels}
     )
     processor = Qwen2_5_VLProcessor(
         image_processor=image_processor,
