@@ -323,3 +323,26 @@ def test_llava_equals_the_transformers_path_on_the_benchmark(llava, llava_hf, sp
         assert torch.equal(keeps[0].cpu(), keeps[1].cpu())
         assert list(out.outputs[0].token_ids) == want_tokens
         _assert_same_logprobs(_vllm_logprobs(out), want_logprobs)
+
+
+def test_tiny_random_llava_reads_the_layer_vllm_would_not_build(tmp_path):
+    """vLLM builds a LLaVA tower only up to ``vision_feature_layer`` (-2); ``topk``'s default score reads the
+    last layer's q/k: the plugin builds the whole tower, and kept rows and outputs equal transformers'."""
+    from tokprune.testing.checkpoints import save_tiny_llava
+
+    path = save_tiny_llava(tmp_path / "llava")
+    llm = _engine(path)
+    hf = (
+        AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval(),
+        AutoProcessor.from_pretrained(path),
+    )
+    prompt = LLAVA_PROMPT.format(question="what color is the square ?")
+    for seed in (61, 62):
+        image = _image(seed)
+        with recorded_keeps("topk") as keeps:
+            (out,) = llm.generate([_request(prompt, [image], "topk(keep=5)")], GREEDY)
+            want_tokens, want_logprobs = _hf_run(*hf, prompt, [image], "topk(keep=5)", vision_positions="compact")
+        assert torch.equal(keeps[0].cpu(), keeps[1].cpu())
+        assert list(out.outputs[0].token_ids) == want_tokens
+        _assert_same_logprobs(_vllm_logprobs(out), want_logprobs)
+    del llm

@@ -161,8 +161,9 @@ def serving_plan(spec: str | None, tower: TowerSignals = "cls", family: str = "t
         ) from exc
     if pipeline.llm:
         names = ", ".join(s.name for s in pipeline.llm)
+        verb = "prunes" if len(pipeline.llm) == 1 else "prune"
         raise ServingSpecError(
-            f"tokprune spec {text!r}: {names} prune inside the language model (stage=llm), which the serving "
+            f"tokprune spec {text!r}: {names} {verb} inside the language model (stage=llm), which the serving "
             f"engine runs itself; a server runs fixed-budget vision-stage strategies only: {working}"
         )
     step = pipeline.vision

@@ -314,6 +314,16 @@ def _qwen2_5_vl_classes(mixin: type, registry: Any) -> dict[str, type]:
         tokprune_prunes = True
         supports_multimodal_pruning = True
 
+        def get_encoder_cudagraph_config(self) -> Any:
+            # vLLM's encoder CUDA graphs bypass embed_multimodal (where the rows are chosen and their
+            # positions appended); vLLM's own EVS turns them off for the same reason, through this flag
+            saved = self.is_multimodal_pruning_enabled
+            self.is_multimodal_pruning_enabled = True
+            try:
+                return super().get_encoder_cudagraph_config()
+            finally:
+                self.is_multimodal_pruning_enabled = saved
+
         def _media_positions(self, grid: Sequence[int], t_factor: float = 1.0) -> Tensor:
             """long ``[N, 4]``: each merged token's unpruned (t, h, w) offset and, in column 3, the offset the
             text after the media starts at (vLLM's recompute reads it there)."""
