@@ -43,7 +43,14 @@ WIDTHS_3B = {
     "num_key_value_heads": 2,
     "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
 }
-TOWER = {"depth": 2, "hidden_size": 256, "intermediate_size": 512, "num_heads": 4, "out_hidden_size": 2048}
+TOWER = {
+    "depth": 2,
+    "hidden_size": 256,
+    "intermediate_size": 512,
+    "num_heads": 4,
+    "out_hidden_size": 2048,
+    "window_size": 112,
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -156,6 +156,20 @@ def test_plugin_is_found_by_vllm():
 # broken by the 1e-7 differences between vLLM's tower and transformers' as a logits tie would be; and
 # random, whose subset hashes the features' bits (by design: never the batch), so those 1e-7 differences
 # draw another subset. Both keep their announced counts (test_qwen_requests_in_one_batch_use_their_own_specs).
+def test_an_untested_vllm_lacking_a_piece_refuses_at_engine_start_naming_it(monkeypatch):
+    monkeypatch.setattr(vllm_plugin, "vllm_version", lambda: "0.99.0")
+    monkeypatch.setattr(
+        vllm_plugin, "missing_pieces", lambda: ["vllm.multimodal.video_prune.evs:compute_mrope_for_media"]
+    )
+    with pytest.raises(vllm_plugin.VllmPluginError) as info:
+        vllm_plugin.register()
+    message = str(info.value)
+    assert "compute_mrope_for_media" in message and "0.99.0" in message and "VLLM_PLUGINS" in message
+    monkeypatch.setattr(vllm_plugin, "missing_pieces", lambda: [])
+    with pytest.warns(vllm_plugin.UntestedVllmWarning, match="0.99.0"):
+        vllm_plugin.register()
+
+
 @pytest.mark.parametrize("spec", ["divprune(keep_ratio=0.5)", "divprune(keep=3)"])
 def test_qwen_equals_the_transformers_path(qwen, qwen_hf, spec):
     image = _image(11)
@@ -346,3 +360,26 @@ def test_tiny_random_llava_reads_the_layer_vllm_would_not_build(tmp_path):
         assert list(out.outputs[0].token_ids) == want_tokens
         _assert_same_logprobs(_vllm_logprobs(out), want_logprobs)
     del llm
+
+
+@pytest.mark.parametrize("keep_ratio", [0.25, 0.5])
+def test_llava_benchmark_accuracy_per_budget_equals_the_transformers_path(llava, llava_hf, keep_ratio):
+    """The embedded benchmark through both engines at one budget: every answer equal, or the two leading
+    first-token log-probs tied (within 1e-4) on the transformers side; accuracy equal when none tie."""
+    samples = data.benchmark("test", 40)
+    spec = f"topk(keep_ratio={keep_ratio})"
+    prompts = [data.build_prompt(s.question) for s in samples]
+    outs = llava.generate([_request(p, [s.image], spec) for p, s in zip(prompts, samples)], GREEDY)
+    model, processor = llava_hf
+    inputs = processor(text=prompts, images=[s.image for s in samples], return_tensors="pt", padding=True)
+    with tokprune.pruned(model, spec, vision_positions="compact"), torch.no_grad():
+        first = torch.log_softmax(model(**inputs).logits[:, -1].double(), -1).topk(2).values
+        hf = model.generate(**inputs, max_new_tokens=GREEDY.max_tokens, do_sample=False)
+    hf_answers = processor.batch_decode(hf[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    vllm_answers = [o.outputs[0].text for o in outs]
+    differing = [i for i, (a, b) in enumerate(zip(hf_answers, vllm_answers)) if a.strip() != b.strip()]
+    ties = [i for i in differing if float(first[i, 0] - first[i, 1]) < 1e-4]
+    assert differing == ties, [(i, hf_answers[i], vllm_answers[i], first[i].tolist()) for i in differing]
+    if not differing:
+        hf_accuracy = sum(data.score_answer(a, s) for a, s in zip(hf_answers, samples))
+        assert hf_accuracy == sum(data.score_answer(a, s) for a, s in zip(vllm_answers, samples))
