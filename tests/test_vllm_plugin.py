@@ -383,3 +383,53 @@ def test_llava_benchmark_accuracy_per_budget_equals_the_transformers_path(llava,
     if not differing:
         hf_accuracy = sum(data.score_answer(a, s) for a, s in zip(hf_answers, samples))
         assert hf_accuracy == sum(data.score_answer(a, s) for a, s in zip(vllm_answers, samples))
+
+
+# -- Qwen3-VL: DeepStack features follow the kept tokens ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def qwen3_path(tmp_path_factory):
+    from tokprune.testing.checkpoints import save_tiny_qwen3_vl
+
+    return save_tiny_qwen3_vl(tmp_path_factory.mktemp("qwen3_vl"))
+
+
+@pytest.fixture(scope="module")
+def qwen3(qwen3_path):
+    llm = _engine(qwen3_path)
+    yield llm
+    del llm
+
+
+@pytest.fixture(scope="module")
+def qwen3_hf(qwen3_path):
+    processor = AutoProcessor.from_pretrained(qwen3_path)
+    model = AutoModelForImageTextToText.from_pretrained(qwen3_path, dtype=torch.float32).eval()
+    return model, processor
+
+
+@pytest.mark.parametrize(
+    ("spec", "size"),
+    [("divprune(keep_ratio=0.5)", (32, 32)), ("divprune(keep=5)", (48, 32)), (None, (48, 32))],
+    ids=["half", "keep5-tall", "unpruned-tall"],
+)
+def test_qwen3_equals_the_transformers_path(qwen3, qwen3_hf, spec, size):
+    image = _image(71, *size)
+    with recorded_keeps("divprune") as keeps:
+        (out,) = qwen3.generate([_request(QWEN_PROMPT, [image], spec)], GREEDY)
+        want_tokens, want_logprobs = _hf_run(*qwen3_hf, QWEN_PROMPT, [image], spec)
+    if spec is not None:
+        assert torch.equal(keeps[0].cpu(), keeps[1].cpu())
+        full = size[0] * size[1] // 64
+        assert len(out.prompt_token_ids) == 43 - 16 + full - (full - int(keeps[0].sum()))
+    assert list(out.outputs[0].token_ids) == want_tokens
+    _assert_same_logprobs(_vllm_logprobs(out), want_logprobs)
+
+
+def test_qwen3_two_images_one_pruned_prompt(qwen3, qwen3_hf):
+    images = [_image(72), _image(73, 48, 32)]
+    (out,) = qwen3.generate([_request(QWEN_TWO_IMAGES, images, "divprune(keep=6)")], GREEDY)
+    want_tokens, want_logprobs = _hf_run(*qwen3_hf, QWEN_TWO_IMAGES, images, "divprune(keep=6)")
+    assert list(out.outputs[0].token_ids) == want_tokens
+    _assert_same_logprobs(_vllm_logprobs(out), want_logprobs)

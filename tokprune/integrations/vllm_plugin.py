@@ -63,6 +63,7 @@ SPEC_FIELD = "tokprune_spec"
 #: vLLM architecture name -> (our class in this module, what the tower offers a strategy, label).
 FAMILIES: dict[str, tuple[str, str, str]] = {
     "Qwen2_5_VLForConditionalGeneration": ("TokpruneQwen2_5_VL", "none", "Qwen2.5-VL"),
+    "Qwen3VLForConditionalGeneration": ("TokpruneQwen3VL", "none", "Qwen3-VL"),
     "LlavaForConditionalGeneration": ("TokpruneLlava", "cls", "LLaVA-1.5"),
 }
 
@@ -73,6 +74,10 @@ PIECES: tuple[str, ...] = (
     "vllm.model_executor.models.qwen2_5_vl:Qwen2_5_VLMultiModalProcessor",
     "vllm.model_executor.models.qwen2_5_vl:Qwen2_5_VLProcessingInfo",
     "vllm.model_executor.models.qwen2_5_vl:Qwen2_5_VLDummyInputsBuilder",
+    "vllm.model_executor.models.qwen3_vl:Qwen3VLForConditionalGeneration",
+    "vllm.model_executor.models.qwen3_vl:Qwen3VLMultiModalProcessor",
+    "vllm.model_executor.models.qwen3_vl:Qwen3VLProcessingInfo",
+    "vllm.model_executor.models.qwen3_vl:Qwen3VLDummyInputsBuilder",
     "vllm.model_executor.models.llava:LlavaForConditionalGeneration",
     "vllm.model_executor.models.llava:LlavaMultiModalProcessor",
     "vllm.model_executor.models.llava:LlavaProcessingInfo",
@@ -287,6 +292,7 @@ def _classes() -> dict[str, type]:
 
     classes: dict[str, type] = {}
     classes.update(_qwen2_5_vl_classes(SpecProcessorMixin, MULTIMODAL_REGISTRY))
+    classes.update(_qwen3_vl_classes(SpecProcessorMixin, MULTIMODAL_REGISTRY))
     classes.update(_llava_classes(SpecProcessorMixin, MULTIMODAL_REGISTRY))
     return classes
 
@@ -395,6 +401,149 @@ def _qwen2_5_vl_classes(mixin: type, registry: Any) -> dict[str, type]:
             return torch.from_numpy(positions), int(positions.max() + 1 - len(input_tokens))
 
     return {"TokpruneQwen2_5_VL": TokpruneQwen2_5_VL, "TokpruneQwen2_5_VLProcessor": TokpruneQwen2_5_VLProcessor}
+
+
+def _unpruned_positions(
+    stock: Callable[[list[int], list[Any]], tuple[Tensor, int]],
+    input_tokens: list[int],
+    mm_features: list[Any],
+    media_tokens: Callable[[Any], int],
+) -> tuple[Tensor, int]:
+    """M-RoPE positions of a prompt whose images were shortened: the stock rule on the unpruned prompt (each
+    shortened run grown back to ``media_tokens(feature)``), then each run cut to its kept length. Text keeps
+    its unpruned positions; the first ``length`` positions of a run are provisional (the runner replaces them
+    with the kept tokens' own, :func:`~vllm.multimodal.video_prune.evs.recompute_mrope_positions`)."""
+    import dataclasses
+
+    tokens, features, cut, shift = list(input_tokens), [], [], 0
+    for feature in sorted(mm_features, key=lambda f: f.mm_position.offset):
+        full, length = media_tokens(feature), feature.mm_position.length
+        offset = feature.mm_position.offset + shift
+        place = dataclasses.replace(feature.mm_position, offset=offset, length=full)
+        features.append(dataclasses.replace(feature, mm_position=place))
+        if full > length:
+            tokens[offset + length : offset + length] = [tokens[offset]] * (full - length)
+            cut.append((offset + length, full - length))
+            shift += full - length
+    positions, _ = stock(tokens, features)
+    keep = torch.ones(positions.shape[1], dtype=torch.bool)
+    for start, count in cut:
+        keep[start : start + count] = False
+    positions = positions[:, keep]
+    return positions, int(positions.max() + 1 - len(input_tokens))
+
+
+def _qwen3_vl_classes(mixin: type, registry: Any) -> dict[str, type]:
+    from vllm.model_executor.models.qwen3_vl import (
+        Qwen3VLDummyInputsBuilder,
+        Qwen3VLForConditionalGeneration,
+        Qwen3VLMultiModalProcessor,
+        Qwen3VLProcessingInfo,
+    )
+    from vllm.multimodal.video_prune.evs import compute_mrope_for_media, recompute_mrope_positions
+
+    #: channel 4 of an image row tokprune appended: tells our recompute it carries 4-channel positions
+    image_marker = -1
+
+    class TokpruneQwen3VLProcessor(mixin, Qwen3VLMultiModalProcessor):
+        tokprune_tower = "none"
+        tokprune_family = "Qwen3-VL"
+
+    @registry.register_processor(
+        TokpruneQwen3VLProcessor, info=Qwen3VLProcessingInfo, dummy_inputs=Qwen3VLDummyInputsBuilder
+    )
+    class TokpruneQwen3VL(Qwen3VLForConditionalGeneration):
+        """vLLM's Qwen3-VL; pruned images keep their merged tokens' DeepStack features (the same rows: vLLM
+        concatenates them on the channel axis) and their unpruned positions, as ``tokprune.patch`` does."""
+
+        tokprune_prunes = True
+        supports_multimodal_pruning = True
+
+        def get_encoder_cudagraph_config(self) -> Any:
+            saved = self.is_multimodal_pruning_enabled
+            self.is_multimodal_pruning_enabled = True  # see TokpruneQwen2_5_VL
+            try:
+                return super().get_encoder_cudagraph_config()
+            finally:
+                self.is_multimodal_pruning_enabled = saved
+
+        def embed_multimodal(self, **kwargs: object) -> Any:
+            field = kwargs.pop(SPEC_FIELD, None)
+            by_modality = self._parse_and_validate_multimodal_inputs(**kwargs)
+            if not by_modality:
+                return None
+            out: list[Tensor] = []
+            for modality, inputs in by_modality.items():
+                if modality == "image":
+                    embeds = list(self._process_image_input(inputs))
+                    grids = inputs["image_grid_thw"].tolist()
+                    out += self._prune_images(embeds, grids, _decode_specs(field, len(grids)))
+                elif modality == "video":  # vLLM's own 5-channel rows (EVS on or off)
+                    out += list(self._postprocess_video_embeds_evs(self._process_video_input(inputs), inputs))
+            return tuple(out)
+
+        def _prune_images(self, embeds: list[Tensor], grids: list[list[int]], specs: list[str]) -> list[Tensor]:
+            keeps: list[Tensor | None] = [None] * len(embeds)
+            width = self.visual_dim  # the merged tokens; the DeepStack levels follow on the channel axis
+            for plan, index in _groups(specs):
+                if plan.prunes:
+                    for i, keep in zip(index, plan.select([embeds[i][:, :width] for i in index])):
+                        keeps[i] = keep
+            out = []
+            for emb, grid, keep in zip(embeds, grids, keeps):
+                pos = compute_mrope_for_media(torch.tensor(grid), self.visual.spatial_merge_size)
+                pos[:, 3] = pos[:, :3].max() + 1  # text after the image: its unpruned position
+                pos = torch.cat([pos, torch.full_like(pos[:, :1], image_marker)], dim=1).to(emb.device)
+                if keep is not None:
+                    emb, pos = emb[keep.to(emb.device)], pos[keep.to(pos.device)]
+                out.append(torch.cat([emb, pos.to(emb.dtype)], dim=1))
+            return out
+
+        def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list[Any]) -> tuple[Tensor, int]:
+            merge = self.config.vision_config.spatial_merge_size
+
+            def media_tokens(feature: Any) -> int:
+                if feature.modality != "image":
+                    return feature.mm_position.length
+                return int(feature.data["image_grid_thw"].data.prod()) // merge**2
+
+            if all(media_tokens(f) == f.mm_position.length for f in mm_features):
+                return super().get_mrope_input_positions(input_tokens, mm_features)
+
+            def stock(tokens: list[int], features: list[Any]) -> tuple[Tensor, int]:
+                return Qwen3VLForConditionalGeneration._get_mrope_input_positions(
+                    input_tokens=tokens, mm_features=features, config=self.config
+                )
+
+            return _unpruned_positions(stock, input_tokens, mm_features, media_tokens)
+
+        def recompute_mrope_positions(
+            self,
+            input_ids: Any,
+            multimodal_embeddings: Sequence[Tensor],
+            mrope_positions: Tensor,
+            num_computed_tokens: int,
+        ) -> tuple[Sequence[Tensor], Tensor, int]:
+            rows, positions = [], []
+            for mm in multimodal_embeddings:
+                pos = mm[:, -5:].permute(1, 0).long()
+                rows.append(mm[:, :-5])
+                # our image rows in vLLM's 4-channel form (text restarts at channel 3), videos as they are
+                positions.append(pos[:4] if pos.shape[1] and int(pos[4, 0]) == image_marker else pos)
+            device = mrope_positions.device if not len(rows) else rows[0].device
+            ids = input_ids if isinstance(input_ids, Tensor) else torch.tensor(input_ids, device=device)
+            new, delta = recompute_mrope_positions(
+                ids.to(torch.long),
+                positions,
+                mrope_positions,
+                num_computed_tokens,
+                self.config.vision_start_token_id,
+                self.config.image_token_id,
+                self.config.video_token_id,
+            )
+            return rows, new, delta
+
+    return {"TokpruneQwen3VL": TokpruneQwen3VL, "TokpruneQwen3VLProcessor": TokpruneQwen3VLProcessor}
 
 
 def _llava_classes(mixin: type, registry: Any) -> dict[str, type]:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["QWEN_SPECIALS", "save_tiny_llava", "save_tiny_qwen2_5_vl", "train_bpe_tokenizer"]
+__all__ = ["QWEN_SPECIALS", "save_tiny_llava", "save_tiny_qwen2_5_vl", "save_tiny_qwen3_vl", "train_bpe_tokenizer"]
 
 #: Qwen2.5-VL's special tokens, in the order they get ids (after the trained vocabulary's bytes).
 QWEN_SPECIALS = (
@@ -205,5 +205,81 @@ def save_tiny_llava(path: str | Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).eval()
     _save_weights(model, path, seed, scale=0.08)
+    processor.save_pretrained(path)
+    return path
+
+
+def save_tiny_qwen3_vl(path: str | Path, seed: int = 0) -> Path:
+    """Save a tiny random ``Qwen3VLForConditionalGeneration`` with tokenizer and processor to ``path``.
+
+    Vision: patch 4, 2x2 merger, depth 3 with DeepStack mergers after layers 0, 1, 2 (learned position
+    embeddings of a 4x4 grid, interpolated); a 32x32 image is 16 LLM tokens. Text: 2 Qwen3 layers, width 128,
+    4 heads of 32 (2 KV heads), interleaved M-RoPE sections (6, 5, 5).
+    """
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+    path = Path(path)
+    tokenizer = train_bpe_tokenizer(QWEN_SPECIALS)
+    tokenizer.pad_token = "<|endoftext|>"
+    tokenizer.eos_token = "<|im_end|>"
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
+    config = Qwen3VLConfig(
+        vision_config={
+            "depth": 3,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_heads": 2,
+            "out_hidden_size": 128,
+            "patch_size": 4,
+            "temporal_patch_size": 2,
+            "spatial_merge_size": 2,
+            "num_position_embeddings": 16,
+            "deepstack_visual_indexes": [0, 1, 2],
+            "in_channels": 3,
+        },
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": 128,
+            "intermediate_size": 256,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 32,
+            "max_position_embeddings": 1024,
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": [6, 5, 5],
+                "mrope_interleaved": True,
+            },
+            "bos_token_id": ids["<|endoftext|>"],
+            "eos_token_id": ids["<|im_end|>"],
+            "pad_token_id": ids["<|endoftext|>"],
+            "tie_word_embeddings": False,
+        },
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = Qwen3VLForConditionalGeneration(config).eval()
+    _save_weights(model, path, seed, scale=0.08)
+    size = {"shortest_edge": 16 * 16, "longest_edge": 64 * 64}
+    image_processor = Qwen2VLImageProcessorPil(
+        patch_size=4, merge_size=2, temporal_patch_size=2, size=size, image_mean=[0.5] * 3, image_std=[0.5] * 3
+    )
+    video_processor = Qwen3VLVideoProcessor(
+        patch_size=4, merge_size=2, temporal_patch_size=2, size={**size, "longest_edge": 4 * 64 * 64}
+    )
+    processor = Qwen3VLProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=video_processor,
+        chat_template=QWEN_CHAT_TEMPLATE,
+    )
     processor.save_pretrained(path)
     return path
