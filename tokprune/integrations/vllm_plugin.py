@@ -18,7 +18,8 @@ under vLLM's own architecture names so that nothing changes for a request asking
 * **model** (``embed_multimodal``): vLLM's own tower encodes the image, the registered strategy object
   picks the kept rows (:meth:`~tokprune.serving.ServingPlan.select`), only those reach the LLM.
   Qwen2.5-VL: the kept rows carry their unpruned 3-D M-RoPE positions (``compute_mrope_for_media``), the
-  text after an image keeps its unpruned positions, as ``tokprune.patch`` does; LLaVA-1.5: positions are
+  text after an image keeps its unpruned positions, as ``tokprune.patch`` does (Qwen3-VL likewise, its
+  DeepStack features riding on the same rows); LLaVA-1.5: positions are
   1-D and contiguous (vLLM numbers the prompt), as ``tokprune.patch(..., vision_positions="compact")``.
 
 Tested releases: :data:`TESTED_VLLM`. On another release every piece used here is looked up first
