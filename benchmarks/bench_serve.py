@@ -132,39 +132,40 @@ def main(argv: list[str] | None = None) -> None:
         print(f"engine ready in {time.perf_counter() - start:.1f} s; {args.layers} decoder layers, {args.device}")
         for _, spec in variants:  # warm-up: the first request of each path pays one-off costs
             run_round(llm, spec, 1, 1, 999, args.image)
-        table = {}
-        seed = 0
-        for c in concurrency:
-            for _ in range(args.rounds):  # variants interleaved within each round
-                for name, spec in variants:
-                    seed += 1
-                    ttft, outs = run_round(llm, spec, c, 1, seed, args.image)
-                    seed += 1
-                    wall, outs = run_round(llm, spec, c, args.max_tokens, seed, args.image)
-                    row = table.setdefault((c, name), {"ttft": [], "wall": [], "prompt": outs[0]})
-                    row["ttft"].append(ttft)
-                    row["wall"].append(wall)
-                    row["prompt"] = len(outs[0].prompt_token_ids)
         print(
             f"divprune through tokprune's vLLM plugin vs no spec, {args.rounds} rounds each, median; "
             "model = token-count model (prompt tokens unpruned/pruned)"
         )
         print(
             f"{'conc':>4} {'variant':<12} {'prompt':>6} {'TTFT s':>8} {'req/s':>8} {'out tok/s':>9} "
-            f"{'TTFT x':>7} {'req/s x':>7} {'model x':>7} {'meas/model':>10}"
+            f"{'TTFT x':>7} {'req/s x':>7} {'model x':>7} {'meas/model':>10}",
+            flush=True,
         )
+        seed = 0
         for c in concurrency:
-            base = table[(c, "stock")]
+            table: dict[str, dict] = {}
+            for _ in range(args.rounds):  # variants interleaved within each round
+                for name, spec in variants:
+                    seed += 1
+                    ttft, _ = run_round(llm, spec, c, 1, seed, args.image)
+                    seed += 1
+                    wall, outs = run_round(llm, spec, c, args.max_tokens, seed, args.image)
+                    row = table.setdefault(name, {"ttft": [], "wall": []})
+                    row["ttft"].append(ttft)
+                    row["wall"].append(wall)
+                    row["prompt"] = len(outs[0].prompt_token_ids)
+            base = table["stock"]
             base_ttft, base_wall = np.median(base["ttft"]), np.median(base["wall"])
             for name, _ in variants:
-                row = table[(c, name)]
+                row = table[name]
                 ttft, wall = np.median(row["ttft"]), np.median(row["wall"])
                 rps, tps = c / wall, c * args.max_tokens / wall
                 model = base["prompt"] / row["prompt"]
                 speed = base_wall / wall
                 print(
                     f"{c:>4} {name:<12} {row['prompt']:>6} {ttft:>8.3f} {rps:>8.2f} {tps:>9.1f} "
-                    f"{base_ttft / ttft:>6.2f}x {speed:>6.2f}x {model:>6.2f}x {speed / model:>10.2f}"
+                    f"{base_ttft / ttft:>6.2f}x {speed:>6.2f}x {model:>6.2f}x {speed / model:>10.2f}",
+                    flush=True,
                 )
         sys.stdout.flush()
 
