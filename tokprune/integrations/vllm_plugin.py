@@ -171,7 +171,7 @@ def _let_runners_recompute_positions() -> None:
     for module_name, class_name in runners:
         try:
             cls = getattr(importlib.import_module(module_name), class_name)
-        except (ImportError, AttributeError):
+        except (ImportError, AttributeError, OSError, RuntimeError):  # a runner this platform does not build
             continue
         original = cls.__dict__.get("load_model")
         if original is None or getattr(original, "_tokprune", False):
