@@ -339,17 +339,26 @@ def test_llava_equals_the_transformers_path_on_the_benchmark(llava, llava_hf, sp
         _assert_same_logprobs(_vllm_logprobs(out), want_logprobs)
 
 
-def test_tiny_random_llava_reads_the_layer_vllm_would_not_build(tmp_path):
-    """vLLM builds a LLaVA tower only up to ``vision_feature_layer`` (-2); ``topk``'s default score reads the
-    last layer's q/k: the plugin builds the whole tower, and kept rows and outputs equal transformers'."""
+@pytest.fixture(scope="module")
+def tiny_llava(tmp_path_factory):
+    # module-scoped like every engine here: an in-process engine torn down mid-module takes vLLM's global
+    # parallel groups with it, and the engines still alive fail their next step
     from tokprune.testing.checkpoints import save_tiny_llava
 
-    path = save_tiny_llava(tmp_path / "llava")
+    path = save_tiny_llava(tmp_path_factory.mktemp("llava"))
     llm = _engine(path)
     hf = (
         AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval(),
         AutoProcessor.from_pretrained(path),
     )
+    yield llm, hf
+    del llm
+
+
+def test_tiny_random_llava_reads_the_layer_vllm_would_not_build(tiny_llava):
+    """vLLM builds a LLaVA tower only up to ``vision_feature_layer`` (-2); ``topk``'s default score reads the
+    last layer's q/k: the plugin builds the whole tower, and kept rows and outputs equal transformers'."""
+    llm, hf = tiny_llava
     prompt = LLAVA_PROMPT.format(question="what color is the square ?")
     for seed in (61, 62):
         image = _image(seed)
@@ -359,7 +368,6 @@ def test_tiny_random_llava_reads_the_layer_vllm_would_not_build(tmp_path):
         assert torch.equal(keeps[0].cpu(), keeps[1].cpu())
         assert list(out.outputs[0].token_ids) == want_tokens
         _assert_same_logprobs(_vllm_logprobs(out), want_logprobs)
-    del llm
 
 
 @pytest.mark.parametrize("keep_ratio", [0.25, 0.5])
