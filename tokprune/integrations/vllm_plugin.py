@@ -213,6 +213,13 @@ def _image_count(processed: Mapping[str, Any]) -> int:
     return 0
 
 
+def _check_engine_spec(vllm_config: Any, tower: str, family: str) -> None:
+    """Refuse at engine start an engine-wide spec this family cannot run (raises ServingSpecError)."""
+    mm_config = vllm_config.model_config.get_multimodal_config()
+    kwargs = getattr(mm_config, "mm_processor_kwargs", None) or {}
+    serving_plan(kwargs.get(SPEC_KEY), tower, family)
+
+
 def _groups(specs: Sequence[str]) -> Iterator[tuple[ServingPlan, list[int]]]:
     """Images grouped by spec, first appearance first: each group is planned in one batch."""
     order: dict[str, list[int]] = {}
@@ -320,6 +327,10 @@ def _qwen2_5_vl_classes(mixin: type, registry: Any) -> dict[str, type]:
 
         tokprune_prunes = True
         supports_multimodal_pruning = True
+
+        def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
+            _check_engine_spec(vllm_config, "none", "Qwen2.5-VL")
+            super().__init__(vllm_config=vllm_config, prefix=prefix)
 
         def get_encoder_cudagraph_config(self) -> Any:
             # vLLM's encoder CUDA graphs bypass embed_multimodal (where the rows are chosen and their
@@ -460,6 +471,10 @@ def _qwen3_vl_classes(mixin: type, registry: Any) -> dict[str, type]:
         tokprune_prunes = True
         supports_multimodal_pruning = True
 
+        def __init__(self, *, vllm_config: Any, prefix: str = "model") -> None:
+            _check_engine_spec(vllm_config, "none", "Qwen3-VL")
+            super().__init__(vllm_config=vllm_config, prefix=prefix)
+
         def get_encoder_cudagraph_config(self) -> Any:
             saved = self.is_multimodal_pruning_enabled
             self.is_multimodal_pruning_enabled = True  # see TokpruneQwen2_5_VL
@@ -579,6 +594,7 @@ def _llava_classes(mixin: type, registry: Any) -> dict[str, type]:
         )
 
         def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
+            _check_engine_spec(vllm_config, "cls", "LLaVA-1.5")
             super().__init__(vllm_config=vllm_config, prefix=prefix)
             vision = self.config.vision_config
             self._clip = isinstance(self.vision_tower, CLIPVisionModel)
