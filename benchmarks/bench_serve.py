@@ -1,0 +1,174 @@
+"""Serving with vLLM: stock requests vs tokprune-pruned ones in one engine, one run, beside the token-count model.
+
+A Qwen2.5-VL checkpoint built from config with random weights at Qwen2.5-VL-3B's text widths (2048 wide,
+11008 MLP, 16 heads, 2 KV heads) and a small tower (the LLM dominates, as at real scale), saved with a
+trained BPE tokenizer and processor; on the CPU 2 decoder layers, ``--device cuda`` 36 (full depth, bf16).
+A 448x448 image is 256 visual tokens. One engine serves every variant: requests with no spec (what stock
+vLLM runs: the plugin leaves them alone) and requests with ``divprune`` at 25/50/75% of the image tokens
+pruned (``mm_processor_kwargs={"tokprune": ...}``), interleaved round by round so drift hits all alike.
+
+At each concurrency ``C`` (1, 8, 32) a round submits ``C`` requests at once (distinct images: no encoder
+cache hits) and waits for all: prompt tokens, time to first token (a round with ``max_tokens=1``),
+requests/s and output tokens/s (rounds with ``--max-tokens``). The token-count model predicts the speedup
+of a prefill-bound step as the ratio of prompt tokens, unpruned/pruned; decoding (weight-bound at small
+``C``) and the tower (unchanged by pruning) make the measured ratio smaller, so measured/model says how much
+of the token saving reaches the server. Prints ratios measured in one run; no assertion.
+
+    python benchmarks/bench_serve.py [--device cpu|cuda] [--concurrency 1,8,32] [--pruned 0.25,0.5,0.75]
+        [--rounds N] [--max-tokens N] [--layers N] [--smoke]
+
+``--smoke``: the tiny test checkpoint, concurrency 1 and 2, one round (seconds of work after the engine
+starts). Needs vLLM (docs/serving.md); without it the script says so and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+PROMPT = (
+    "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>describe the image. what color is the square?"
+    "<|im_end|>\n<|im_start|>assistant\n"
+)
+WIDTHS_3B = {
+    "hidden_size": 2048,
+    "intermediate_size": 11008,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 2,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+}
+TOWER = {
+    "depth": 2,
+    "hidden_size": 256,
+    "intermediate_size": 512,
+    "num_heads": 4,
+    "out_hidden_size": 2048,
+    "window_size": 112,
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--concurrency", default="1,8,32")
+    ap.add_argument("--pruned", default="0.25,0.5,0.75", help="fractions of the image tokens pruned")
+    ap.add_argument("--rounds", type=int, default=2, help="timed rounds per variant and concurrency")
+    ap.add_argument("--max-tokens", type=int, default=8)
+    ap.add_argument("--layers", type=int, default=None, help="decoder layers (default: 2 on cpu, 36 on cuda)")
+    ap.add_argument("--image", type=int, default=448, help="image side in pixels (448: 256 tokens)")
+    ap.add_argument("--smoke", action="store_true", help="tiny checkpoint, concurrency 1,2, one round")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.concurrency, args.rounds, args.max_tokens, args.image = "1,2", 1, 4, 32
+    args.layers = args.layers or (36 if args.device == "cuda" else 2)
+    return args
+
+
+def build(path: str, args: argparse.Namespace) -> str:
+    from tokprune.testing.checkpoints import save_tiny_qwen2_5_vl
+
+    if args.smoke:
+        return str(save_tiny_qwen2_5_vl(path))
+    text = {**WIDTHS_3B, "num_hidden_layers": args.layers}
+    return str(save_tiny_qwen2_5_vl(path, text=text, vision=TOWER, patch_size=14, max_pixels=args.image**2))
+
+
+def images(seed: int, count: int, side: int) -> list:
+    from PIL import Image
+
+    rng = np.random.RandomState(seed)
+    return [Image.fromarray((rng.rand(side, side, 3) * 255).astype("uint8")) for _ in range(count)]
+
+
+def run_round(llm, spec: str | None, count: int, max_tokens: int, seed: int, side: int) -> tuple[float, list]:
+    from vllm import SamplingParams
+
+    requests = []
+    for image in images(seed, count, side):
+        request = {"prompt": PROMPT, "multi_modal_data": {"image": image}}
+        if spec is not None:
+            request["mm_processor_kwargs"] = {"tokprune": spec}
+        requests.append(request)
+    params = SamplingParams(max_tokens=max_tokens, min_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    start = time.perf_counter()
+    outputs = llm.generate(requests, params, use_tqdm=False)
+    return time.perf_counter() - start, outputs
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if importlib.util.find_spec("vllm") is None:
+        print("vLLM is not installed (docs/serving.md: the CPU recipe): nothing measured")
+        return
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from vllm import LLM
+
+    concurrency = [int(c) for c in args.concurrency.split(",")]
+    pruned = [float(p) for p in args.pruned.split(",")]
+    variants: list[tuple[str, str | None]] = [("stock", None)] + [
+        (f"{int(p * 100)}% pruned", f"divprune(keep_ratio={1 - p:g})") for p in pruned
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = build(tmp, args)
+        start = time.perf_counter()
+        llm = LLM(
+            model=path,
+            max_model_len=1024,
+            max_num_seqs=max(concurrency),
+            max_num_batched_tokens=max(2048, max(concurrency) * 320),
+            limit_mm_per_prompt={"image": 1, "video": 0},
+            dtype="bfloat16" if args.device == "cuda" else "float32",
+            enforce_eager=args.device == "cpu",
+            seed=0,
+            enable_prefix_caching=False,
+            **({"kv_cache_memory_bytes": 2 << 30, "gpu_memory_utilization": 0.05} if args.device == "cpu" else {}),
+        )
+        print(f"engine ready in {time.perf_counter() - start:.1f} s; {args.layers} decoder layers, {args.device}")
+        for _, spec in variants:  # warm-up: the first request of each path pays one-off costs
+            run_round(llm, spec, 1, 1, 999, args.image)
+        print(
+            f"divprune through tokprune's vLLM plugin vs no spec, {args.rounds} rounds each, median; "
+            "model = token-count model (prompt tokens unpruned/pruned)"
+        )
+        print(
+            f"{'conc':>4} {'variant':<12} {'prompt':>6} {'TTFT s':>8} {'req/s':>8} {'out tok/s':>9} "
+            f"{'TTFT x':>7} {'req/s x':>7} {'model x':>7} {'meas/model':>10}",
+            flush=True,
+        )
+        seed = 0
+        for c in concurrency:
+            table: dict[str, dict] = {}
+            for _ in range(args.rounds):  # variants interleaved within each round
+                for name, spec in variants:
+                    seed += 1
+                    ttft, _ = run_round(llm, spec, c, 1, seed, args.image)
+                    seed += 1
+                    wall, outs = run_round(llm, spec, c, args.max_tokens, seed, args.image)
+                    row = table.setdefault(name, {"ttft": [], "wall": []})
+                    row["ttft"].append(ttft)
+                    row["wall"].append(wall)
+                    row["prompt"] = len(outs[0].prompt_token_ids)
+            base = table["stock"]
+            base_ttft, base_wall = np.median(base["ttft"]), np.median(base["wall"])
+            for name, _ in variants:
+                row = table[name]
+                ttft, wall = np.median(row["ttft"]), np.median(row["wall"])
+                rps, tps = c / wall, c * args.max_tokens / wall
+                model = base["prompt"] / row["prompt"]
+                speed = base_wall / wall
+                print(
+                    f"{c:>4} {name:<12} {row['prompt']:>6} {ttft:>8.3f} {rps:>8.2f} {tps:>9.1f} "
+                    f"{base_ttft / ttft:>6.2f}x {speed:>6.2f}x {model:>6.2f}x {speed / model:>10.2f}",
+                    flush=True,
+                )
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

