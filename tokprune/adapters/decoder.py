@@ -44,6 +44,7 @@ from torch import Tensor, nn
 
 from .. import hf_compat as hf
 from ..errors import MissingCapabilityError, StrategyParamError, UnsupportedModelError
+from ..keptmap import KeptMap, token_columns, token_present, token_slots
 from ..pipeline import Pipeline
 from ..stats import FlopModel, PruneStats
 from ..strategy import LLMAttention, LLMContext, PruningStrategy, TokenRole
@@ -109,6 +110,9 @@ class VisionOut:
     #: long ``[I]``: tokens of each image the projector mapped, where not every token entering the LLM
     #: was (LLaVA-NeXT's row newlines are a learned vector); None: ``kept_counts``.
     projected: Tensor | None = None
+    #: long ``[I, N, 4]``: each token's cell on its image's patch grid (:mod:`tokprune.keptmap`), set from
+    #: the family's :meth:`PrunedDecoderAdapter.patch_cells`; None: not known yet (or no grid).
+    cells: Tensor | None = None
 
     @classmethod
     def unpruned(cls, per_image: Sequence[Tensor]) -> VisionOut:
@@ -163,6 +167,7 @@ class PrunedImageFeatures(hf.BaseModelOutputWithPooling):
     extra: Tensor | None = None
     deepstack: list[Tensor] | None = None
     extra_valid: Tensor | None = None
+    cells: Tensor | None = None
 
     @classmethod
     def of(cls, out: VisionOut) -> PrunedImageFeatures:
@@ -186,6 +191,7 @@ class PrunedImageFeatures(hf.BaseModelOutputWithPooling):
             extra=out.extra,
             deepstack=out.deepstack,
             extra_valid=out.extra_valid,
+            cells=out.cells,
         )
 
     def vision_out(self) -> VisionOut:
@@ -206,7 +212,7 @@ class PrunedImageFeatures(hf.BaseModelOutputWithPooling):
         return VisionOut(kept, keep, extra, diagnostics, **self._optional())
 
     def _optional(self) -> dict[str, Any]:
-        names = ("lengths", "tower_runs", "tower_flops", "projected", "deepstack", "extra_valid")
+        names = ("lengths", "tower_runs", "tower_flops", "projected", "deepstack", "extra_valid", "cells")
         return {name: getattr(self, name) for name in names}
 
 
@@ -377,6 +383,12 @@ class PrunedDecoderAdapter(ModelAdapter):
     @abc.abstractmethod
     def _install_family(self) -> None:
         """Patch the family's own entry points (image features, tower hooks) into ``self._state``."""
+
+    def patch_cells(self, features: VisionOut, options: dict[str, Tensor]) -> Tensor | None:
+        """Each image token's cell on its image's patch grid, long ``[I, N, 4]`` ``(tile, frame, row, col)``
+        (:mod:`tokprune.keptmap`), from the encoded images and the forward's keywords (``image_sizes``,
+        ``image_grid_thw``...); None: the family gives no grid (kept maps then hold token indices only)."""
+        return None
 
     # -- positions (1-D by default; a family with multi-axis RoPE overrides these four) ----------------
 
@@ -577,7 +589,10 @@ class PrunedDecoderAdapter(ModelAdapter):
         else:
             if use_cache and cache is None:
                 cache = hf.new_dynamic_cache(self._lm.config)
+            options = dict(kwargs)  # before the family pops its own: its patch grid may need them
             encoded, features = self._vision(call, pixel_values, pre_encoded, kwargs)
+            if features is not None and features.cells is None:
+                features.cells = self.patch_cells(features, options)
             pos = self._positions(input_ids, attention_mask, position_ids, kwargs)
             hidden = self._prefill(call, input_ids, attention_mask, pos, cache if use_cache else None, features)
         out = hf.model_output(
@@ -629,13 +644,24 @@ class PrunedDecoderAdapter(ModelAdapter):
             diagnostics["roles.marker_found"] = marker_found
         seq_valid_count = valid.sum(dim=1)
         deepstack = features.deepstack if features is not None else None
+        # which image token each prompt position holds, to tell the stats which patches each cut kept
+        slots = None
+        if features is not None:
+            placeholders = (input_ids == self._image_token_id) & (torch.arange(n, device=device) < prompt_n)
+            slots = token_slots(placeholders, features.token_counts, features.keep.shape[1])
+        kept_layers: dict[int, Tensor] = {}
+        kept_columns: dict[int, Tensor] = {}
 
         call.capture = {}
         try:
             embeddings, mask = self._segment_inputs(seq, segments[0].all_valid)
             for i, layer in enumerate(self._lm.layers):
                 if i in self._llm_steps:
+                    if slots is not None:
+                        kept_columns[i] = token_columns(seq.src, seq.valid & seq.prompt, slots, n)
                     seq, step_diag, full = self._llm_step(call, self._llm_steps[i], i, seq, embeddings, generated)
+                    if slots is not None:
+                        kept_layers[i] = token_present(seq.src, seq.valid & seq.prompt, slots, n)
                     diagnostics.update(step_diag)
                     seq, shift = self._stage_positions(seq, self.llm_positions, segments[-1].shift, seq_valid_count)
                     segments.append(_Segment(i, seq.valid, shift, full))
@@ -655,8 +681,19 @@ class PrunedDecoderAdapter(ModelAdapter):
             self._sessions[cache] = _Session(segments=segments, seen=n, batch=b)
         if call.generate is None or not call.generate.prefilled:
             seq_len = valid[:, :prompt_n].sum(dim=1)
+            kept = (kept_layers, kept_columns)
             self._record(
-                self._stats(seq_len, visual_kept, llm_kept, layer_tokens, layer_visual, image_sample, features, diagnostics)
+                self._stats(
+                    seq_len,
+                    visual_kept,
+                    llm_kept,
+                    layer_tokens,
+                    layer_visual,
+                    image_sample,
+                    features,
+                    diagnostics,
+                    kept,
+                )
             )
             if call.generate is not None:
                 call.generate.prefilled = True
@@ -859,8 +896,10 @@ class PrunedDecoderAdapter(ModelAdapter):
         image_sample: Tensor,
         features: VisionOut | None,
         diagnostics: dict[str, Any],
+        kept: tuple[dict[int, Tensor], dict[int, Tensor]] = ({}, {}),
     ) -> PruneStats:
-        """Counts and FLOPs per sample, and per image (``image_sample`` long ``[I]``: each image's sample)."""
+        """Counts and FLOPs per sample, and per image (``image_sample`` long ``[I]``: each image's sample);
+        ``kept``: the image tokens left after each LLM cut and their columns before it (:mod:`tokprune.keptmap`)."""
         fm = self._flops
         b, num_layers = layer_tokens.shape
         # index_add_, not bincount: CUDA's bincount reads the largest value on the host
@@ -901,9 +940,23 @@ class PrunedDecoderAdapter(ModelAdapter):
             "image_kept": image_kept,
         }
         named.update((("llm", k), v) for k, v in llm_kept.items())
+        if features is not None:
+            named["vision_keep"] = features.keep
+            named.update((("kept", k), v) for k, v in kept[0].items())
+            named.update((("column", k), v) for k, v in kept[1].items())
         named.update((("diag", k), v) for k, v in diagnostics.items() if isinstance(v, Tensor))
         cpu = _to_host(named)
         image_tokens = cpu["image_tokens"]
+        kept_map = None
+        if features is not None:
+            kept_map = KeptMap(
+                image_sample=cpu["image_sample"],
+                tokens=image_tokens,
+                vision=cpu["vision_keep"],
+                cells=features.cells,
+                layers={k: cpu[("kept", k)] for k in kept[0]},
+                columns={k: cpu[("column", k)] for k in kept[1]},
+            )
         return PruneStats(
             # the largest image's count when images differ (LLaVA-1.5: every image's N)
             visual_total=int(image_tokens.max()) if image_tokens.numel() else self._tokens_per_image,
@@ -921,6 +974,7 @@ class PrunedDecoderAdapter(ModelAdapter):
             image_tokens=image_tokens,
             image_kept=cpu["image_kept"],
             flop_model=fm,
+            kept=kept_map,
         )
 
 
