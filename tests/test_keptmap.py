@@ -328,3 +328,38 @@ def test_stats_carry_no_features():
     tensors = [kept.vision, kept.cells, kept.tokens, kept.image_sample]
     assert all(t.dtype in (torch.bool, torch.long) and t.device.type == "cpu" for t in tensors)
     assert kept.to_records(0)[0]["vision"] == kept.positions(0).tolist()
+
+
+# -- merges ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_in_llm_merges_fold_every_dropped_image_patch_into_a_kept_one(family):
+    case = tiny_case(ADAPTERS[family])
+    spec = "random(keep=5)+dart(layer=2, keep=2, merge=true)"
+    with tokprune.patch(case.model, spec, question_end=case.question_end) as run, torch.no_grad():
+        case.model(**case.make_inputs(LENGTHS))
+    kept, diagnostics = run.stats.kept, run.stats.diagnostics
+    merges = kept.merges["llm@2"]
+    assert "dart.merge_target" not in diagnostics  # moved into the map, not left in the records
+    sources = torch.zeros_like(kept.vision)
+    sources[merges[:, 0], merges[:, 1]] = True
+    assert torch.equal(sources, kept.kept() & ~kept.kept(2)), "every dropped patch merges once, nothing else"
+    assert bool(kept.kept(2)[merges[:, 2], merges[:, 3]].all()), "merge targets are kept tokens"
+    assert torch.equal(merges[:, 0], merges[:, 2]), "one image per sample: targets are in the source's image"
+
+
+def test_prumerge_merges_are_each_kept_tokens_neighbours():
+    case = tiny_case(ADAPTERS["llava"])
+    with tokprune.patch(case.model, "prumerge(min_keep=4)", question_end=case.question_end) as run, torch.no_grad():
+        case.model(**case.make_inputs(LENGTHS))
+    kept = run.stats.kept
+    merges = kept.merges["vision"]
+    targets = torch.zeros_like(kept.vision)
+    targets[merges[:, 2], merges[:, 3]] = True
+    assert torch.equal(targets, kept.kept()), "every kept token absorbs neighbours, and only kept ones do"
+    per_target = torch.zeros_like(kept.vision, dtype=torch.long).index_put_(
+        (merges[:, 2], merges[:, 3]), torch.ones(merges.shape[0], dtype=torch.long), accumulate=True
+    )
+    assert bool((per_target[kept.kept()] == min(32, kept.vision.shape[1] - 1)).all())
+    assert bool((merges[:, 1] != merges[:, 3]).all()), "a token is not its own neighbour"

@@ -18,8 +18,9 @@ few index tensors per batch, no features:
 * ``vision`` (bool ``[I, N]``): the tokens the vision stage passed to the LLM (all, without a vision step);
 * ``layers[K]`` (bool ``[I, N]``): the tokens still in the sequence after the LLM step before layer ``K``;
 * ``columns[K]`` (long ``[I, N]``): each token's column in the sequence that step saw (its scores' index);
-* ``merges[stage]`` (long ``[M, 3]``, ``(image, source, target)``): where a merging strategy folded a
-  token (``"vision"``, or ``"llm@K"``); a source may feed several targets (PruMerge's neighbours).
+* ``merges[stage]`` (long ``[M, 4]``, ``(source image, source token, target image, target token)``):
+  what a merging strategy folded into what (``"vision"``, or ``"llm@K"``), from its ``merge_sources`` /
+  ``merge_target`` diagnostics; a source may feed several targets (PruMerge's neighbours).
 
 Tokens a strategy makes (PruMerge's global token, VisionZip's contextual ones) come from no patch and are
 not in the map; ``stats.image_kept`` counts them.
@@ -35,9 +36,11 @@ from torch import Tensor
 __all__ = [
     "CELL_FIELDS",
     "KeptMap",
+    "MERGE_KEYS",
     "anyres_cells",
     "raster_cells",
     "strategy_columns",
+    "take_merges",
     "thw_cells",
     "token_columns",
     "token_present",
@@ -161,7 +164,8 @@ class KeptMap:
     layers: dict[int, Tensor] = field(default_factory=dict)
     #: layer K -> long ``[I, N]``: each token's column in the sequence the step at K saw, -1 where absent.
     columns: dict[int, Tensor] = field(default_factory=dict)
-    #: ``"vision"`` or ``"llm@K"`` -> long ``[M, 3]``: ``(image, source token, target token)`` of each merge.
+    #: ``"vision"`` or ``"llm@K"`` -> long ``[M, 4]``: ``(source image, source token, target image, target
+    #: token)`` of each merge (:func:`take_merges`).
     merges: dict[str, Tensor] = field(default_factory=dict)
 
     @property
@@ -211,31 +215,55 @@ class KeptMap:
         return out
 
 
-def merge_pairs(target: Tensor, columns: Tensor, image_of_row: Tensor | None = None) -> Tensor:
-    """Merges a strategy reported, as ``(image, source token, target token)`` rows (long ``[M, 3]``).
+#: Diagnostics a merging strategy reports its merges in (moved from ``stats.diagnostics`` into ``merges``):
+#: ``merge_sources`` long ``[R, C, k]`` (the columns each kept column absorbed, -1 padded) or
+#: ``merge_target`` long ``[R, C]`` (the column each column was folded into, -1: none).
+MERGE_KEYS = ("merge_sources", "merge_target")
 
-    ``target`` (long ``[R, C]`` or ``[R, C, k]``): per strategy column, the column it was merged into
-    (``[R, C]``, -1: not merged) or, for a kept column, the columns merged into it (``[R, C, k]``,
-    -1 padded); ``columns`` (long ``[I, N]``): each image token's column in its row (-1: none);
-    ``image_of_row``: each row's image (None: row ``i`` is image ``i``). Host tensors.
-    """
-    if target.dim() == 3:  # kept column c absorbs target[r, c, :]: source = those, target = c
+
+def _pairs(target: Tensor, inverse: Tensor) -> Tensor:
+    """``(row, source column, target column)`` of a merge diagnostic mapped through ``inverse`` (long
+    ``[R, W]``: the flat token ``i * N + j`` at each row's column, -1: none) to ``[M, 2]`` flat tokens."""
+    if target.dim() == 3:  # kept column c absorbed target[r, c, :]
         r, c, k = target.shape
-        tgt = torch.arange(c)[None, :, None].expand(r, c, k)
-        src = target
+        src, tgt = target, torch.arange(c)[None, :, None].expand(r, c, k)
     else:
-        src = torch.arange(target.shape[1])[None, :].expand_as(target)
-        tgt = target
-    row = torch.arange(src.shape[0])[:, None, None] if src.dim() == 3 else torch.arange(src.shape[0])[:, None]
-    row = row.expand_as(src)
-    ok = (src >= 0) & (tgt >= 0)
-    rows, s, t = row[ok], src[ok], tgt[ok]
-    image = rows if image_of_row is None else image_of_row[rows]
-    # strategy column -> token index, per image
-    token_of = torch.full((columns.shape[0], int(columns.max()) + 2 if columns.numel() else 1), -1, dtype=torch.long)
-    ii, jj = (columns >= 0).nonzero(as_tuple=True)
-    token_of[ii, columns[ii, jj]] = jj
-    inside = (s < token_of.shape[1] - 1) & (t < token_of.shape[1] - 1)
-    image, s, t = image[inside], s[inside], t[inside]
-    pairs = torch.stack([image, token_of[image, s], token_of[image, t]], dim=1)
-    return pairs[(pairs[:, 1] >= 0) & (pairs[:, 2] >= 0)]
+        src, tgt = torch.arange(target.shape[1])[None, :].expand_as(target), target
+    row = torch.arange(src.shape[0]).view(-1, *[1] * (src.dim() - 1)).expand_as(src)
+    ok = (src >= 0) & (tgt >= 0) & (src < inverse.shape[1]) & (tgt < inverse.shape[1])
+    flat = torch.stack([inverse[row[ok], src[ok]], inverse[row[ok], tgt[ok]]], dim=1)
+    return flat[(flat >= 0).all(dim=1)]
+
+
+def _inverse(columns: Tensor, rows: Tensor) -> Tensor:
+    """long ``[R, W]``: the flat token ``i * N + j`` at column ``columns[i, j]`` of row ``rows[i]``."""
+    num_images, n = columns.shape
+    width = int(columns.max()) + 1 if columns.numel() else 0
+    inverse = torch.full((int(rows.max()) + 1 if rows.numel() else 0, width), -1, dtype=torch.long)
+    i, j = (columns >= 0).nonzero(as_tuple=True)
+    inverse[rows[i], columns[i, j]] = i * n + j
+    return inverse
+
+
+def take_merges(kept: KeptMap, diagnostics: dict[str, object], vision: str | None, llm: dict[str, int]) -> None:
+    """Move the merge diagnostics of the vision step (``vision``: its name) and of the LLM steps (``llm``:
+    diagnostic prefix -> layer) out of ``diagnostics`` into ``kept.merges`` as ``(source image, source token,
+    target image, target token)`` rows (long ``[M, 4]``). Host tensors; rows that are not images
+    (``budget_scope="tile"``) are left where they are."""
+    n = kept.vision.shape[1]
+    found: list[tuple[str, Tensor, Tensor]] = []
+    for key in MERGE_KEYS:
+        value = diagnostics.get(f"{vision}.{key}") if vision is not None else None
+        if isinstance(value, Tensor) and value.shape[0] == kept.num_images:
+            columns = strategy_columns(kept.cells, n).expand_as(kept.vision)
+            columns = torch.where(kept.patches(), columns, -1)
+            found.append(("vision", value, _inverse(columns, torch.arange(kept.num_images))))
+            del diagnostics[f"{vision}.{key}"]
+        for prefix, layer in llm.items():
+            value = diagnostics.get(f"{prefix}.{key}")
+            if isinstance(value, Tensor) and layer in kept.columns:
+                found.append((f"llm@{layer}", value, _inverse(kept.columns[layer], kept.image_sample)))
+                del diagnostics[f"{prefix}.{key}"]
+    for stage, value, inverse in found:
+        flat = _pairs(value.long(), inverse)
+        kept.merges[stage] = torch.stack([flat[:, 0] // n, flat[:, 0] % n, flat[:, 1] // n, flat[:, 1] % n], dim=1)

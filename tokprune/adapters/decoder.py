@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from .. import hf_compat as hf
 from ..errors import MissingCapabilityError, StrategyParamError, UnsupportedModelError
-from ..keptmap import KeptMap, token_columns, token_present, token_slots
+from ..keptmap import KeptMap, take_merges, token_columns, token_present, token_slots
 from ..pipeline import Pipeline
 from ..stats import FlopModel, PruneStats
 from ..strategy import LLMAttention, LLMContext, PruningStrategy, TokenRole
@@ -947,6 +947,7 @@ class PrunedDecoderAdapter(ModelAdapter):
         named.update((("diag", k), v) for k, v in diagnostics.items() if isinstance(v, Tensor))
         cpu = _to_host(named)
         image_tokens = cpu["image_tokens"]
+        host_diagnostics = {k: cpu[("diag", k)] if isinstance(v, Tensor) else v for k, v in diagnostics.items()}
         kept_map = None
         if features is not None:
             kept_map = KeptMap(
@@ -957,6 +958,10 @@ class PrunedDecoderAdapter(ModelAdapter):
                 layers={k: cpu[("kept", k)] for k in kept[0]},
                 columns={k: cpu[("column", k)] for k in kept[1]},
             )
+            # merge diagnostics become the map's merges (and stay out of the per-sample records)
+            steps = {s.name if len(s.llm_layers) == 1 else f"{s.name}@{k}": k for s in self.pipeline.llm for k in s.llm_layers}
+            vision = self.pipeline.vision.name if self.pipeline.vision is not None else None
+            take_merges(kept_map, host_diagnostics, vision, steps)
         return PruneStats(
             # the largest image's count when images differ (LLaVA-1.5: every image's N)
             visual_total=int(image_tokens.max()) if image_tokens.numel() else self._tokens_per_image,
@@ -968,7 +973,7 @@ class PrunedDecoderAdapter(ModelAdapter):
             flops_pruned=cpu["flops_pruned"],
             flops_unpruned=cpu["flops_unpruned"],
             images=cpu["images"],
-            diagnostics={k: cpu[("diag", k)] if isinstance(v, Tensor) else v for k, v in diagnostics.items()},
+            diagnostics=host_diagnostics,
             visual_unpruned=cpu["visual_unpruned"],
             image_sample=cpu["image_sample"],
             image_tokens=image_tokens,
