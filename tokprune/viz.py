@@ -348,11 +348,17 @@ def show(
         image = open_image(image)
     if question is None:
         raise ShowError("give a question (--question '...'): text-guided methods choose by it")
+    from .registry import get
+
+    labels = [str(spec) for spec in specs]
+    specs = [get(spec) for spec in specs]  # a bad spec fails before the model loads
     if model is None or isinstance(model, (str, os.PathLike)):
         model, processor = load_model(model)
     elif processor is None:
         raise ShowError("a loaded model needs its processor (processor=...)")
     runs = run_specs(model, processor, [image], [question], specs, **options)
+    for run, label in zip(runs, labels):
+        run.spec = label
     panels = []  # per spec: (stage, view) pairs
     for run in runs:
         kept = run.stats.kept
@@ -413,8 +419,14 @@ def check_output(out: Path, overwrite: bool = False) -> None:
     folder = out.parent if str(out.parent) else Path(".")
     if not folder.is_dir():
         raise ShowError(f"cannot write {str(out)!r}: the folder {str(folder)!r} does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise ShowError(f"cannot write {str(out)!r}: the folder {str(folder)!r} is not writable")
+    try:  # the real test (permissions, a read-only file system), also for root
+        fd, probe = tempfile.mkstemp(prefix=".tokprune-probe.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ShowError(
+            f"cannot write {str(out)!r}: the folder {str(folder)!r} is not writable ({exc.strerror or exc})"
+        ) from None
     if out.is_dir():
         raise ShowError(f"cannot write {str(out)!r}: it is a folder; give a file name such as kept.png")
     if out.exists() and not overwrite:
