@@ -363,3 +363,24 @@ def test_prumerge_merges_are_each_kept_tokens_neighbours():
     )
     assert bool((per_target[kept.kept()] == min(32, kept.vision.shape[1] - 1)).all())
     assert bool((merges[:, 1] != merges[:, 3]).all()), "a token is not its own neighbour"
+
+
+# -- call forms -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec", ["none", "random(keep=3)+fastv(layer=2, keep=2)"])
+@pytest.mark.parametrize("family", list(ADAPTERS))
+def test_generate_records_the_same_kept_map_as_forward(family, spec):
+    """generate() encodes the images before its first forward and passes some keywords (image sizes, grids)
+    on as None: the map (cells included) is still the forward's."""
+    case = tiny_case(ADAPTERS[family])
+    inputs = case.make_inputs(LENGTHS)
+    with tokprune.patch(case.model, spec, question_end=case.question_end) as run, torch.no_grad():
+        case.model(**inputs)
+        forward = run.stats.kept
+        case.model.generate(**inputs, max_new_tokens=2, do_sample=False, pad_token_id=case.pad_token_id)
+    generated = run.stats.kept
+    assert forward.cells is not None and torch.equal(generated.cells, forward.cells)
+    assert torch.equal(generated.vision, forward.vision)
+    assert generated.layers.keys() == forward.layers.keys()
+    assert all(torch.equal(generated.layers[k], forward.layers[k]) for k in forward.layers)

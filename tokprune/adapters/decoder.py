@@ -68,6 +68,9 @@ class GenerateCall:
     prompt_len: int
     use_cache: bool
     prefilled: bool = False  #: stats are recorded once, at the first forward (the prefill)
+    #: the call's keyword tensors (``image_sizes``, ``image_grid_thw``...): generate() does not pass them all on
+    #: to the prefill once it has encoded the images, and the family's patch grid needs them
+    options: dict[str, Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -496,7 +499,8 @@ class PrunedDecoderAdapter(ModelAdapter):
         copies = config.num_return_sequences or 1
         if copies > 1:
             args, kwargs = _expand_return_sequences(arguments, extra, copies)
-        call = CallState(self, GenerateCall(prompt_len=int(input_ids.shape[1]), use_cache=bool(use_cache)))
+        tensors = {k: v for k, v in kwargs.items() if isinstance(v, Tensor)}
+        call = CallState(self, GenerateCall(int(input_ids.shape[1]), bool(use_cache), options=tensors))
         with self._active(call):
             return original(*args, **kwargs)
 
@@ -589,7 +593,9 @@ class PrunedDecoderAdapter(ModelAdapter):
         else:
             if use_cache and cache is None:
                 cache = hf.new_dynamic_cache(self._lm.config)
-            options = dict(kwargs)  # before the family pops its own: its patch grid may need them
+            # before the family pops its own: its patch grid may need them
+            given = {k: v for k, v in kwargs.items() if v is not None}  # generate() passes some on as None
+            options = {**(call.generate.options if call.generate is not None else {}), **given}
             encoded, features = self._vision(call, pixel_values, pre_encoded, kwargs)
             if features is not None and features.cells is None:
                 features.cells = self.patch_cells(features, options)
