@@ -652,7 +652,7 @@ class PrunedDecoderAdapter(ModelAdapter):
         deepstack = features.deepstack if features is not None else None
         # which image token each prompt position holds, to tell the stats which patches each cut kept
         slots = None
-        if features is not None:
+        if features is not None and (call.generate is None or not call.generate.prefilled):  # recorded once
             placeholders = (input_ids == self._image_token_id) & (torch.arange(n, device=device) < prompt_n)
             slots = token_slots(placeholders, features.token_counts, features.keep.shape[1])
         kept_layers: dict[int, Tensor] = {}

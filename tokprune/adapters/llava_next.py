@@ -85,6 +85,7 @@ class LlavaNextAdapter(LlavaAdapter):
         if image_sizes is None:
             return None
         n = self._tokens_per_image
+        image_sizes = image_sizes.cpu()  # the layout of index tensors is built on the host: no sync per image
         tiles = hf.anyres_tiles(self._config, image_sizes)
         layout = hf.anyres_layout(self._inner, tiles, n, image_sizes, "default")
         cfg = self._tower.config
