@@ -40,12 +40,18 @@ __all__ = [
     "DIM",
     "ShowError",
     "SpecRun",
+    "View",
     "draw_kept",
     "draw_scores",
+    "load_model",
+    "model_inputs",
+    "open_image",
     "run_specs",
     "save_figure",
     "show",
     "token_scores",
+    "views",
+    "world_image",
 ]
 
 #: Opacity of the black veil over a dropped patch (a kept one has none): dropped pixels keep 30% of
