@@ -181,8 +181,8 @@ def test_every_study_writes_a_gallery(tmp_path):
     outcome = runner.run_ablation(cfg, progress=False, echo=None)
     assert outcome.files["gallery"] == tmp_path / "kept.png" and (tmp_path / "curves.png").is_file()
     width, height = Image.open(tmp_path / "kept.png").size
-    # three methods (none, divprune, fastv) side by side, three images down (1.9 x 2.1 in panels, 120 dpi)
-    assert abs(width - 3 * 1.9 * 120) < 2 and abs(height - (3 * 2.1 + 0.6) * 120) < 2
+    # three methods (none, divprune, fastv) side by side, three images down (1.9 x 2.1 in panels, 100 dpi)
+    assert abs(width - 3 * 1.9 * 100) < 2 and abs(height - (3 * 2.1 + 0.6) * 100) < 2
 
     from tokprune.ablation.datasets import load_dataset
     from tokprune.ablation.gallery import gallery_runs, gallery_samples
