@@ -24,7 +24,7 @@ from tokprune.keptmap import KeptMap, anyres_cells, thw_cells, token_slots
 from tokprune.testing.adapters import LENGTHS, contract_specs, tiny_case
 
 ADAPTERS = {cls.name: cls for cls, _ in registered_adapters()}
-FAMILIES = ("llava", "llava_next", "qwen2_5_vl")
+FAMILIES = ("llava", "llava_next", "qwen2_5_vl", "qwen3_vl")
 #: strategies whose kept rows are merged features (not the stock feature of their patch)
 MERGING = {"prumerge", "prumerge_plus"}
 
@@ -187,7 +187,7 @@ def _check_cells(family, case, inputs, kept):
         side = case.model.config.vision_config.image_size // case.model.config.vision_config.patch_size
         j = torch.arange(side * side)
         assert torch.equal(kept.cells[:, :, 2:], torch.stack([j // side, j % side], -1).expand(kept.num_images, -1, -1))
-    elif family == "qwen2_5_vl":
+    elif family.startswith("qwen"):
         _check_qwen_cells(case, inputs, kept)
     else:
         _check_next_cells(case, inputs, kept)
