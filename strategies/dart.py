@@ -130,7 +130,8 @@ class Dart(PruningStrategy):
     most cosine-similar kept image token, the kept token's state entering layer K becoming the mean
     (``LLMPlan.hidden``; ``scoring.nearest_kept`` decides, ``scoring.merge_mean`` applies).
 
-    Diagnostics: ``pivots`` ``[B, L]`` (image and text pivots), ``keep_count`` ``[B]``.
+    Diagnostics: ``pivots`` ``[B, L]`` (image and text pivots), ``keep_count`` ``[B]``; with ``merge=true``,
+    ``merge_target`` ``[B, L]`` (where each dropped image token was folded; moved into ``stats.kept.merges``).
     """
 
     name = "dart"
@@ -170,7 +171,9 @@ class Dart(PruningStrategy):
             pool &= ~pick
         keep = taken | ~image
         hidden = None
-        if p.merge:
-            hidden = merge_mean(ctx.hidden, nearest_kept(ctx.hidden, keep, image))
         diagnostics = {"pivots": image_pivots | text_pivots, "keep_count": (taken & image).sum(dim=1)}
+        if p.merge:
+            target = nearest_kept(ctx.hidden, keep, image)
+            hidden = merge_mean(ctx.hidden, target)
+            diagnostics["merge_target"] = target  # where each dropped token went (stats.kept.merges)
         return LLMPlan(keep=keep, diagnostics=diagnostics, hidden=hidden)

@@ -56,7 +56,8 @@ class PruMerge(PruningStrategy):
     * ``k_neighbors`` is capped at ``N - 1`` (the reference's ``topk`` fails on fewer than 33 tokens).
 
     Diagnostics: ``scores`` ``[B, N]`` (the chosen ``score``), ``outliers`` ``[B]`` (before ``min_keep``),
-    ``keep_count`` ``[B]``.
+    ``keep_count`` ``[B]``, ``merge_sources`` long ``[B, N, k]`` (each kept token's merged neighbours, -1
+    elsewhere; moved into ``stats.kept.merges``).
     """
 
     name = "prumerge"
@@ -88,7 +89,10 @@ class PruMerge(PruningStrategy):
         counts = torch.minimum(torch.maximum(outliers, torch.clamp(n, max=p.min_keep)), n)
         keep, extra_diagnostics = self.select(scores, counts, valid)
         keys = ctx.signals.patch_keys(p.layer)
-        features = scoring.prumerge_merge(ctx.features, keys, scores, keep, k_neighbors=p.k_neighbors, valid=valid)
+        neighbors = scoring.prumerge_neighbors(keys, p.k_neighbors, valid)
+        features = scoring.prumerge_merge(ctx.features, keys, scores, keep, valid=valid, neighbors=neighbors)
         extra = scoring.prumerge_extra_token(ctx.features, scores, keep, valid=valid)[:, None, :]
         diagnostics = {"scores": scores, "outliers": outliers, "keep_count": keep.sum(dim=1), **extra_diagnostics}
+        # what each kept token absorbed (stats.kept.merges); -1 rows for the dropped tokens
+        diagnostics["merge_sources"] = neighbors.masked_fill(~keep[..., None], -1)
         return VisionPlan(keep=keep, features=features, extra=extra, diagnostics=diagnostics)

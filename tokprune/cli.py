@@ -1,4 +1,5 @@
-"""The ``tokprune`` command: ``list``, ``describe NAME``, ``adapters``, ``plugins`` and ``run`` (ablation studies)."""
+"""The ``tokprune`` command: ``list``, ``describe NAME``, ``adapters``, ``plugins``, ``run`` (ablation studies)
+and ``show`` (the patches a spec keeps, drawn on an image)."""
 
 from __future__ import annotations
 
@@ -136,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_plug = sub.add_parser("plugins", help="loaded plugins, their versions and what each registered")
     p_plug.set_defaults(func=_cmd_plugins)
     sub.add_parser("run", help="run an ablation study (tokprune run --help)", add_help=False)
+    from . import viz
+
+    viz.add_parser(sub)  # tokprune show
     return parser
 
 

@@ -42,6 +42,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .keptmap import KeptMap
+
 __all__ = ["FlopModel", "PruneStats", "WindowedTower", "kv_width", "layer_flops", "mlp_matrices"]
 
 
@@ -224,6 +226,9 @@ class PruneStats:
     image_sample: Tensor | None = None
     image_tokens: Tensor | None = None
     image_kept: Tensor | None = None
+    #: Which patches each stage kept, as cells of each image's patch grid (:class:`tokprune.keptmap.KeptMap`);
+    #: None for a prefill without images.
+    kept: KeptMap | None = None
 
     @property
     def flops_fastv_ratio(self) -> Tensor | None:

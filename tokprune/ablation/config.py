@@ -33,6 +33,7 @@ __all__ = [
     "AblationConfig",
     "ConfigError",
     "DatasetConfig",
+    "GalleryConfig",
     "MatchBudgetConfig",
     "PositionsConfig",
     "load_config",
@@ -187,6 +188,15 @@ class CalibrationConfig:
 
 
 @dataclass
+class GalleryConfig:
+    """The study's ``kept.png``: ``images`` test images (round-robin over question types) by every method,
+    each at its run nearest the budget ``target`` (a fraction, as ``budget.targets``); ``images=0``: none."""
+
+    target: float = 0.28
+    images: int = 4
+
+
+@dataclass
 class AblationConfig:
     """One ablation study: a model, a dataset and a list (or grid) of pruning pipelines."""
 
@@ -213,6 +223,7 @@ class AblationConfig:
     limit: int | None = 500  # first N questions of the dataset; null for all (shapes: unlimited, set N)
     output_dir: str = "runs/default"
     plot: bool = True
+    gallery: GalleryConfig = field(default_factory=GalleryConfig)  # kept.png beside curves.png (with plot)
 
 
 def _choices(key: str, value: Any, valid: tuple[str, ...]) -> None:
@@ -274,6 +285,10 @@ def validate(cfg: AblationConfig) -> None:
             raise ConfigError(
                 f"budget.ranges.{name} must be [low, high], finite, with 0 < low < high, got {list(bounds)}"
             )
+    if not 0 < cfg.gallery.target <= 1:
+        raise ConfigError(f"gallery.target must be a fraction in (0, 1], got {cfg.gallery.target} (e.g. gallery.target=0.28)")
+    if cfg.gallery.images < 0:
+        raise ConfigError(f"config key 'gallery.images' must be >= 0 (0: no gallery), got {cfg.gallery.images}")
     if cfg.calibration.limit < 1:
         raise ConfigError(f"config key 'calibration.limit' must be >= 1, got {cfg.calibration.limit}")
     if cfg.dataset.name == "shapes":

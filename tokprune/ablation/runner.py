@@ -430,6 +430,11 @@ def run_ablation(
 
             try:
                 files.update(write_reports(rows, out_dir, plot=cfg.plot, tolerance=cfg.budget.tolerance))
+                if cfg.plot and cfg.gallery.images:
+                    from .gallery import write_gallery
+
+                    gallery = write_gallery(session, rows, out_dir / "kept.png")
+                    files.update({"gallery": gallery} if gallery is not None else {})
             except OSError as exc:
                 raise OutputError(
                     f"every run is recorded in {str(out_dir / RESULTS_FILE)!r}, but writing the report failed "

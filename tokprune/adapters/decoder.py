@@ -44,6 +44,7 @@ from torch import Tensor, nn
 
 from .. import hf_compat as hf
 from ..errors import MissingCapabilityError, StrategyParamError, UnsupportedModelError
+from ..keptmap import KeptMap, take_merges, token_columns, token_present, token_slots
 from ..pipeline import Pipeline
 from ..stats import FlopModel, PruneStats
 from ..strategy import LLMAttention, LLMContext, PruningStrategy, TokenRole
@@ -69,6 +70,9 @@ class GenerateCall:
     prefilled: bool = False  #: stats are recorded once, at the first forward (the prefill)
     #: the prompts ``(input_ids, valid)`` ``[B, L]``, for a vision step that reads the instruction
     prompt: tuple[Tensor, Tensor] | None = None
+    #: the call's keyword tensors (``image_sizes``, ``image_grid_thw``...): generate() does not pass them all on
+    #: to the prefill once it has encoded the images, and the family's patch grid needs them
+    options: dict[str, Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -117,6 +121,9 @@ class VisionOut:
     #: long ``[I]``: tokens of each image the projector mapped, where not every token entering the LLM
     #: was (LLaVA-NeXT's row newlines are a learned vector); None: ``kept_counts``.
     projected: Tensor | None = None
+    #: long ``[I, N, 4]``: each token's cell on its image's patch grid (:mod:`tokprune.keptmap`), set from
+    #: the family's :meth:`PrunedDecoderAdapter.patch_cells`; None: not known yet (or no grid).
+    cells: Tensor | None = None
 
     @classmethod
     def unpruned(cls, per_image: Sequence[Tensor]) -> VisionOut:
@@ -171,6 +178,7 @@ class PrunedImageFeatures(hf.BaseModelOutputWithPooling):
     extra: Tensor | None = None
     deepstack: list[Tensor] | None = None
     extra_valid: Tensor | None = None
+    cells: Tensor | None = None
 
     @classmethod
     def of(cls, out: VisionOut) -> PrunedImageFeatures:
@@ -194,6 +202,7 @@ class PrunedImageFeatures(hf.BaseModelOutputWithPooling):
             extra=out.extra,
             deepstack=out.deepstack,
             extra_valid=out.extra_valid,
+            cells=out.cells,
         )
 
     def vision_out(self) -> VisionOut:
@@ -214,7 +223,7 @@ class PrunedImageFeatures(hf.BaseModelOutputWithPooling):
         return VisionOut(kept, keep, extra, diagnostics, **self._optional())
 
     def _optional(self) -> dict[str, Any]:
-        names = ("lengths", "tower_runs", "tower_flops", "projected", "deepstack", "extra_valid")
+        names = ("lengths", "tower_runs", "tower_flops", "projected", "deepstack", "extra_valid", "cells")
         return {name: getattr(self, name) for name in names}
 
 
@@ -394,6 +403,12 @@ class PrunedDecoderAdapter(ModelAdapter):
     def _install_family(self) -> None:
         """Patch the family's own entry points (image features, tower hooks) into ``self._state``."""
 
+    def patch_cells(self, features: VisionOut, options: dict[str, Tensor]) -> Tensor | None:
+        """Each image token's cell on its image's patch grid, long ``[I, N, 4]`` ``(tile, frame, row, col)``
+        (:mod:`tokprune.keptmap`), from the encoded images and the forward's keywords (``image_sizes``,
+        ``image_grid_thw``...); None: the family gives no grid (kept maps then hold token indices only)."""
+        return None
+
     # -- positions (1-D by default; a family with multi-axis RoPE overrides these four) ----------------
 
     #: False for families whose positions are not 1-D (M-RoPE): ``compact`` renumbering is refused.
@@ -509,7 +524,10 @@ class PrunedDecoderAdapter(ModelAdapter):
         copies = config.num_return_sequences or 1
         if copies > 1:
             args, kwargs = _expand_return_sequences(arguments, extra, copies)
-        call = CallState(self, GenerateCall(prompt_len=int(input_ids.shape[1]), use_cache=bool(use_cache)))
+        tensors = {k: v for k, v in kwargs.items() if isinstance(v, Tensor)}
+        call = CallState(
+            self, GenerateCall(prompt_len=int(input_ids.shape[1]), use_cache=bool(use_cache), options=tensors)
+        )
         if self.text_encoder is not None:  # the patched get_image_features has no input_ids: keep the prompts
             ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else input_ids))
             mask = kwargs.get("attention_mask")
@@ -610,7 +628,12 @@ class PrunedDecoderAdapter(ModelAdapter):
                 prompt_n = input_ids.shape[1] - _generated_count(call.generate, input_ids.shape[1])
                 valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
                 call.prompt = (input_ids[:, :prompt_n], valid[:, :prompt_n])
+            # before the family pops its own: its patch grid may need them
+            given = {k: v for k, v in kwargs.items() if v is not None}  # generate() passes some on as None
+            options = {**(call.generate.options if call.generate is not None else {}), **given}
             encoded, features = self._vision(call, pixel_values, pre_encoded, kwargs)
+            if features is not None and features.cells is None:
+                features.cells = self.patch_cells(features, options)
             pos = self._positions(input_ids, attention_mask, position_ids, kwargs)
             hidden = self._prefill(call, input_ids, attention_mask, pos, cache if use_cache else None, features)
         out = hf.model_output(
@@ -662,13 +685,24 @@ class PrunedDecoderAdapter(ModelAdapter):
             diagnostics["roles.marker_found"] = marker_found
         seq_valid_count = valid.sum(dim=1)
         deepstack = features.deepstack if features is not None else None
+        # which image token each prompt position holds, to tell the stats which patches each cut kept
+        slots = None
+        if features is not None and (call.generate is None or not call.generate.prefilled):  # recorded once
+            placeholders = (input_ids == self._image_token_id) & (torch.arange(n, device=device) < prompt_n)
+            slots = token_slots(placeholders, features.token_counts, features.keep.shape[1])
+        kept_layers: dict[int, Tensor] = {}
+        kept_columns: dict[int, Tensor] = {}
 
         call.capture = {}
         try:
             embeddings, mask = self._segment_inputs(seq, segments[0].all_valid)
             for i, layer in enumerate(self._lm.layers):
                 if i in self._llm_steps:
+                    if slots is not None:
+                        kept_columns[i] = token_columns(seq.src, seq.valid & seq.prompt, slots, n)
                     seq, step_diag, full = self._llm_step(call, self._llm_steps[i], i, seq, embeddings, generated)
+                    if slots is not None:
+                        kept_layers[i] = token_present(seq.src, seq.valid & seq.prompt, slots, n)
                     diagnostics.update(step_diag)
                     mode = self._llm_steps[i].positions() or self.llm_positions  # a method's own choice wins
                     seq, shift = self._stage_positions(seq, mode, segments[-1].shift, seq_valid_count)
@@ -689,8 +723,19 @@ class PrunedDecoderAdapter(ModelAdapter):
             self._sessions[cache] = _Session(segments=segments, seen=n, batch=b)
         if call.generate is None or not call.generate.prefilled:
             seq_len = valid[:, :prompt_n].sum(dim=1)
+            kept = (kept_layers, kept_columns)
             self._record(
-                self._stats(seq_len, visual_kept, llm_kept, layer_tokens, layer_visual, image_sample, features, diagnostics)
+                self._stats(
+                    seq_len,
+                    visual_kept,
+                    llm_kept,
+                    layer_tokens,
+                    layer_visual,
+                    image_sample,
+                    features,
+                    diagnostics,
+                    kept,
+                )
             )
             if call.generate is not None:
                 call.generate.prefilled = True
@@ -906,8 +951,10 @@ class PrunedDecoderAdapter(ModelAdapter):
         image_sample: Tensor,
         features: VisionOut | None,
         diagnostics: dict[str, Any],
+        kept: tuple[dict[int, Tensor], dict[int, Tensor]] = ({}, {}),
     ) -> PruneStats:
-        """Counts and FLOPs per sample, and per image (``image_sample`` long ``[I]``: each image's sample)."""
+        """Counts and FLOPs per sample, and per image (``image_sample`` long ``[I]``: each image's sample);
+        ``kept``: the image tokens left after each LLM cut and their columns before it (:mod:`tokprune.keptmap`)."""
         fm = self._flops
         b, num_layers = layer_tokens.shape
         # index_add_, not bincount: CUDA's bincount reads the largest value on the host
@@ -948,9 +995,28 @@ class PrunedDecoderAdapter(ModelAdapter):
             "image_kept": image_kept,
         }
         named.update((("llm", k), v) for k, v in llm_kept.items())
+        if features is not None:
+            named["vision_keep"] = features.keep
+            named.update((("kept", k), v) for k, v in kept[0].items())
+            named.update((("column", k), v) for k, v in kept[1].items())
         named.update((("diag", k), v) for k, v in diagnostics.items() if isinstance(v, Tensor))
         cpu = _to_host(named)
         image_tokens = cpu["image_tokens"]
+        host_diagnostics = {k: cpu[("diag", k)] if isinstance(v, Tensor) else v for k, v in diagnostics.items()}
+        kept_map = None
+        if features is not None:
+            kept_map = KeptMap(
+                image_sample=cpu["image_sample"],
+                tokens=image_tokens,
+                vision=cpu["vision_keep"],
+                cells=features.cells,
+                layers={k: cpu[("kept", k)] for k in kept[0]},
+                columns={k: cpu[("column", k)] for k in kept[1]},
+            )
+            # merge diagnostics become the map's merges (and stay out of the per-sample records)
+            steps = {s.name if len(s.llm_layers) == 1 else f"{s.name}@{k}": k for s in self.pipeline.llm for k in s.llm_layers}
+            vision = self.pipeline.vision.name if self.pipeline.vision is not None else None
+            take_merges(kept_map, host_diagnostics, vision, steps)
         return PruneStats(
             # the largest image's count when images differ (LLaVA-1.5: every image's N)
             visual_total=int(image_tokens.max()) if image_tokens.numel() else self._tokens_per_image,
@@ -962,12 +1028,13 @@ class PrunedDecoderAdapter(ModelAdapter):
             flops_pruned=cpu["flops_pruned"],
             flops_unpruned=cpu["flops_unpruned"],
             images=cpu["images"],
-            diagnostics={k: cpu[("diag", k)] if isinstance(v, Tensor) else v for k, v in diagnostics.items()},
+            diagnostics=host_diagnostics,
             visual_unpruned=cpu["visual_unpruned"],
             image_sample=cpu["image_sample"],
             image_tokens=image_tokens,
             image_kept=cpu["image_kept"],
             flop_model=fm,
+            kept=kept_map,
         )
 
 

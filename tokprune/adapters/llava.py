@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from .. import hf_compat as hf
 from ..errors import MissingCapabilityError, UnsupportedModelError
+from ..keptmap import raster_cells
 from ..pipeline import Pipeline
 from ..stats import FlopModel, kv_width, mlp_matrices
 from ..strategy import Signal, TextCondition, VisionContext, VisionSignals
@@ -139,6 +140,14 @@ class LlavaAdapter(PrunedDecoderAdapter):
 
         self._state.set_attribute(self._inner, "get_image_features", get_image_features)
         self._hook_encoder_signals(self._vit.encoder.layers)
+
+    def patch_cells(self, features: VisionOut, options: dict[str, Tensor]) -> Tensor | None:
+        """One tower pass per image: its ``side x side`` raster (:func:`tokprune.keptmap.raster_cells`)."""
+        cfg = self._tower.config
+        side = cfg.image_size // cfg.patch_size
+        if features.keep.shape[1] != side * side:
+            return None
+        return raster_cells(features.keep.shape[0], side, side)
 
     # -- the vision stage -----------------------------------------------------------------------------
 

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import hf_compat as hf
+from ..keptmap import anyres_cells
 from ..strategy import VisionContext, VisionPlan
 from ._anyres import extra_per_image, pad_rows, tile_rows
 from .decoder import CallState, PrunedImageFeatures, VisionOut
@@ -76,6 +77,19 @@ class LlavaNextAdapter(LlavaAdapter):
     def _check_features(self) -> None:
         super()._check_features()
         hf.check_anyres(self._inner)
+
+    def patch_cells(self, features: VisionOut, options: dict[str, Tensor]) -> Tensor | None:
+        """Base view on its raster, tiles on the unpadded grid, from the model's own packing
+        (:func:`tokprune.keptmap.anyres_cells`); None without ``image_sizes``."""
+        image_sizes = options.get("image_sizes")
+        if image_sizes is None:
+            return None
+        n = self._tokens_per_image
+        image_sizes = image_sizes.cpu()  # the layout of index tensors is built on the host: no sync per image
+        tiles = hf.anyres_tiles(self._config, image_sizes)
+        layout = hf.anyres_layout(self._inner, tiles, n, image_sizes, "default")
+        cfg = self._tower.config
+        return anyres_cells(layout, n, cfg.image_size // cfg.patch_size)
 
     # -- the vision stage -----------------------------------------------------------------------------
 

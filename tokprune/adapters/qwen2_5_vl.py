@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from .. import hf_compat as hf
 from ..errors import UnsupportedModelError
+from ..keptmap import thw_cells
 from ..pipeline import Pipeline
 from ..stats import FlopModel, WindowedTower, kv_width, mlp_matrices
 from ..strategy import Signal, VisionContext, VisionSignals
@@ -138,6 +139,13 @@ class Qwen2_5_VLAdapter(PrunedDecoderAdapter):
 
     def _text_positions(self, pos: Tensor) -> Tensor:
         return pos[..., 0] if pos.dim() == 3 else pos
+
+    def patch_cells(self, features: VisionOut, options: dict[str, Tensor]) -> Tensor | None:
+        """Merged ``2 x 2`` patches on each image's merged grid, frame ``t`` (:func:`tokprune.keptmap.thw_cells`)."""
+        grid = options.get("image_grid_thw")
+        if grid is None:
+            return None
+        return thw_cells(grid, self._config.vision_config.spatial_merge_size)
 
     # -- the vision stage -----------------------------------------------------------------------------
 

@@ -40,7 +40,7 @@ from ._diversity import (
     similarity_to_pivots,
 )
 from ._knee import NO_KNEE, find_knee, knee_chord
-from ._merge import merge_mean, nearest_kept, prumerge_extra_token, prumerge_merge
+from ._merge import merge_mean, nearest_kept, prumerge_extra_token, prumerge_merge, prumerge_neighbors
 from ._outliers import iqr_outlier_count, lof_outlier_count
 from ._select import PAD_INDEX, counts_from_mask, ragged_gather, ragged_scatter, topk_mask
 
@@ -74,6 +74,7 @@ __all__ = [
     "pairwise_cosine",
     "prumerge_extra_token",
     "prumerge_merge",
+    "prumerge_neighbors",
     "query_attention",
     "query_cosine_similarity",
     "ragged_gather",

@@ -33,6 +33,41 @@ def _acc_dtype(features: Tensor) -> torch.dtype:
     return torch.float64 if features.dtype == torch.float64 else torch.float32
 
 
+def prumerge_neighbors(keys: Tensor, k_neighbors: int = 32, valid: Tensor | None = None) -> Tensor:
+    """Decide PruMerge's merge: each token's ``k_neighbors`` most key-similar other tokens (the *decide* half
+    of :func:`prumerge_merge`, which applies it; the kept tokens' rows are the merge's sources).
+
+    Args:
+        keys: ``[B, N, Ck]`` patch keys (L2-normalised here).
+        k_neighbors: neighbours per token, ``min(k_neighbors, N - 1)`` of them.
+        valid: bool ``[B, N]``, ragged rows: only valid tokens are neighbours and row ``b`` has
+            ``min(k_neighbors, valid[b].sum() - 1)`` of them; None = every token.
+
+    Returns:
+        long ``[B, N, k]``, most similar first; -1 past a ragged row's own neighbour count (``k = 0``: empty).
+    """
+    check_tensor("keys", keys, 3, "[B, N, Ck]")
+    check_float("keys", keys)
+    b, n = keys.shape[:2]
+    if valid is not None:
+        _check_valid(valid, b, n)
+    if not isinstance(k_neighbors, int) or k_neighbors < 0:
+        raise ValueError(f"k_neighbors must be an int >= 0, got {k_neighbors!r}")
+    k = min(k_neighbors, n - 1)
+    if k <= 0:
+        return torch.zeros(b, n, 0, dtype=torch.long, device=keys.device)
+    kn = torch.nn.functional.normalize(keys.to(_acc_dtype(keys)), dim=-1)
+    sim = kn @ kn.transpose(1, 2)  # [B, N, N]
+    sim.diagonal(dim1=1, dim2=2).fill_(float("-inf"))  # never your own neighbour
+    if valid is not None:
+        sim = sim.masked_fill(~valid[:, None, :], float("-inf"))  # padding is nobody's neighbour
+    nbr = sim.topk(k, dim=-1).indices  # [B, N, k]
+    if valid is not None:  # row b's own neighbour count: ranks past it (padding) are no neighbour
+        own = torch.clamp(valid.sum(dim=1) - 1, max=k)  # [B]
+        nbr = nbr.masked_fill(torch.arange(k, device=nbr.device)[None, None, :] >= own[:, None, None], -1)
+    return nbr
+
+
 def prumerge_merge(
     features: Tensor,
     keys: Tensor,
@@ -40,6 +75,7 @@ def prumerge_merge(
     keep: Tensor,
     k_neighbors: int = 32,
     valid: Tensor | None = None,
+    neighbors: Tensor | None = None,
 ) -> Tensor:
     """Update every kept token with its most key-similar tokens, PruMerge style.
 
@@ -58,36 +94,26 @@ def prumerge_merge(
         valid: bool ``[B, N]``, ragged rows (images of different sizes): only valid tokens are neighbours,
             and row ``b`` uses ``min(k_neighbors, valid[b].sum() - 1)`` of them, as it would alone;
             None = every token.
+        neighbors: :func:`prumerge_neighbors` of the same inputs when the caller decided already (to report
+            the merge's sources); None: decided here.
 
     Returns:
         ``[B, N, C]`` in ``features.dtype`` (accumulated in fp32): merged values at kept positions, the
         original values elsewhere (gather the kept rows with :func:`ragged_gather`).
     """
     b, n = _check_merge_inputs(features, weights, keep)
-    if valid is not None:
-        _check_valid(valid, b, n)
-    check_tensor("keys", keys, 3, "[B, N, Ck]")
-    check_float("keys", keys)
     if tuple(keys.shape[:2]) != (b, n):
         raise ValueError(f"keys must have shape [B={b}, N={n}, Ck], got {tuple(keys.shape)}")
-    if not isinstance(k_neighbors, int) or k_neighbors < 0:
-        raise ValueError(f"k_neighbors must be an int >= 0, got {k_neighbors!r}")
-    k = min(k_neighbors, n - 1)
-    if k <= 0:
+    nbr = prumerge_neighbors(keys, k_neighbors, valid) if neighbors is None else neighbors
+    if nbr.shape[-1] == 0:
         return features.clone()
     acc = _acc_dtype(features)
-    kn = torch.nn.functional.normalize(keys.to(acc), dim=-1)
-    sim = kn @ kn.transpose(1, 2)  # [B, N, N]
-    sim.diagonal(dim1=1, dim2=2).fill_(float("-inf"))  # never your own neighbour
-    if valid is not None:
-        sim = sim.masked_fill(~valid[:, None, :], float("-inf"))  # padding is nobody's neighbour
-    nbr = sim.topk(k, dim=-1).indices  # [B, N, k]
-    w = weights.to(acc)[:, None, :].expand(b, n, n).gather(2, nbr)  # [B, N, k]
-    if valid is not None:  # row b's own neighbour count: ranks past it (padding) weigh nothing
-        own = torch.clamp(valid.sum(dim=1) - 1, max=k)  # [B]
-        w = w.masked_fill(torch.arange(k, device=w.device)[None, None, :] >= own[:, None, None], 0.0)
+    # ranks past a ragged row's own neighbour count (-1) weigh nothing
+    w = weights.to(acc)[:, None, :].expand(b, n, n).gather(2, nbr.clamp_min(0)).masked_fill(nbr < 0, 0.0)
+    nbr = nbr.clamp_min(0)
     # sparse [B, N, N] weight matrix so the sum is one batched matmul instead of a [B, N, k, C] gather
-    mix = torch.zeros(b, n, n, dtype=acc, device=features.device).scatter_(2, nbr, w)
+    # scatter_add_: a clamped -1 rank may share an index with a real neighbour; its weight is 0
+    mix = torch.zeros(b, n, n, dtype=acc, device=features.device).scatter_add_(2, nbr, w)
     x = features.to(acc)
     merged = x + mix @ x
     return torch.where(keep[:, :, None], merged, x).to(features.dtype)
