@@ -110,7 +110,10 @@ def main(argv: list[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    signal.signal(signal.SIGTERM, _terminate)
+    # Per call, not per process: main() also runs in-process (tests, notebooks), where a SIGTERM seen by an
+    # earlier call must not turn a later call's error into "interrupted", nor our handler outlive the call.
+    _TERMINATED.clear()
+    previous = signal.signal(signal.SIGTERM, _terminate)
     t0 = time.perf_counter()
     try:
         outcome = run_ablation(cfg, progress=not args.quiet, echo=None if args.quiet else print)
@@ -126,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         outcome = None
     except KeyboardInterrupt:
         outcome = None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if outcome is None:
         print(f"interrupted; finished runs are in {cfg.output_dir}/results.jsonl, rerun the command to resume",
               file=sys.stderr)
