@@ -7,14 +7,14 @@ signals. Wrong implementations (a strategy keeping another count, one adding ext
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
 
 from tokprune import PruningStrategy, Stage, VisionContext, VisionPlan, VisionSignals, param
 from tokprune.errors import StrategyContractError
-from tokprune.registry import available, describe
+from tokprune.registry import available, describe, get
 from tokprune.serving import ServingPlan, ServingSpecError, servable_strategies, serving_plan
 from tokprune.testing.models import clip_context, run_clip, tiny_clip
 
@@ -61,7 +61,8 @@ def test_servable_strategies_are_the_fixed_budget_vision_ones():
 
 def test_plan_is_canonical_and_cached():
     a, b = serving_plan("divprune(keep=3)", "none"), serving_plan("divprune(keep=3)", "none")
-    assert a is b and a.spec == "divprune(keep=3, keep_ratio=0.098)"
+    assert a is b and a.spec == str(get("divprune(keep=3)"))  # the registry's canonical spec, every default named
+    assert a.spec.startswith("divprune(keep=3,") and serving_plan(a.spec, "none").spec == a.spec
 
 
 @pytest.fixture(scope="module")
@@ -140,3 +141,51 @@ def test_a_plan_off_its_announced_budget_is_refused(wrong):
     plan = ServingPlan("wrong", wrong())
     with pytest.raises(StrategyContractError):
         plan.select([torch.randn(8, 4)])
+
+
+def _projector(width: int = 32, out: int = 24) -> torch.nn.Module:
+    gen = torch.Generator().manual_seed(5)
+    mlp = torch.nn.Sequential(torch.nn.Linear(width, out), torch.nn.GELU(), torch.nn.Linear(out, out))
+    for w in mlp.parameters():
+        w.data = torch.randn(w.shape, generator=gen)
+    return mlp
+
+
+# budgets at which forgetting the projector changes the kept set on this tower (cdpruner: at keep=7)
+@pytest.mark.parametrize("spec", ["divprune(keep=5)", "cdpruner(keep=7)"])
+def test_select_runs_on_the_projected_tokens_as_the_adapter_does(spec, clip):
+    """The family's projector reaches the strategy (``VisionContext.project``): the keep masks equal the
+    strategy on the adapter's context with the projector; a server that forgot it selects as
+    ``features=encoder`` does, which differs here (so the equality above would catch it)."""
+    outputs, captured = clip
+    plan = serving_plan(spec, "cls")
+    ctx = clip_context(plan.step, outputs, captured)
+    project = _projector(ctx.features.shape[-1])
+    with torch.no_grad():
+        got = torch.stack(plan.select(list(ctx.features), lambda _: ctx.signals, ctx.grid, project=project))
+        want = plan.step(replace(ctx, project=project)).keep
+        forgot = torch.stack(plan.select(list(ctx.features), lambda _: ctx.signals, ctx.grid))
+    assert torch.equal(got, want)
+    encoder = serving_plan(spec.replace(")", ", features=encoder)"), "cls")
+    assert torch.equal(forgot, torch.stack(encoder.select(list(ctx.features), lambda _: ctx.signals, ctx.grid)))
+    assert not torch.equal(got, forgot)
+
+
+def test_cdpruner_default_runs_its_named_stand_in_on_a_server(clip, caplog):
+    """No CLIP text tower in a server: ``relevance=text`` (the default) runs the CLS-attention stand-in, as
+    ``tokprune.patch`` without ``text_encoder`` does, and says so once per spec."""
+    outputs, captured = clip
+    serving_plan.cache_clear()
+    with caplog.at_level("WARNING", logger="tokprune.serving"):
+        plan = serving_plan("cdpruner(keep=5)", "cls")
+        serving_plan("cdpruner(keep=5)", "cls")
+    assert plan.stand_in() == "CLS attention at layer -2"
+    (record,) = [r for r in caplog.records if r.name == "tokprune.serving"]
+    assert "cdpruner" in record.getMessage() and "stand-in runs (CLS attention at layer -2)" in record.getMessage()
+    ctx = clip_context(plan.step, outputs, captured)
+    as_cls = serving_plan("cdpruner(keep=5, relevance=cls)", "cls")
+    assert as_cls.stand_in() is None and serving_plan("divprune(keep=5)", "cls").stand_in() is None
+    got = plan.select(list(ctx.features), lambda _: ctx.signals, ctx.grid)
+    want = as_cls.select(list(ctx.features), lambda _: ctx.signals, ctx.grid)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert plan.step(ctx).diagnostics["relevance_source"] == "cls"

@@ -323,20 +323,51 @@ def test_llava_engine_wide_spec_and_per_request_overrides(llava):
     assert unpruned - len(other.prompt_token_ids) == 144 - 10
 
 
-@pytest.mark.parametrize("spec", ["topk(keep_ratio=0.25)", "vispruner(keep=20)", "divprune(keep=30)"])
-def test_llava_equals_the_transformers_path_on_the_benchmark(llava, llava_hf, spec):
-    """Kept rows, first-token log-probs and greedy answers on benchmark questions, compact positions (vLLM
-    numbers the shorter prompt; ``vision_positions="compact"`` on the transformers side)."""
+# vLLM numbers LLaVA's shorter prompt contiguously: tokprune.patch's default for the methods whose reference
+# renumbers (positions() == "compact"); topk's default keeps the unpruned positions, so it is compared with
+# vision_positions="compact" named (docs/serving.md). cdpruner: no CLIP text tower on either side, so both
+# run relevance=text's CLS stand-in.
+LLAVA_EQUAL = [
+    ("topk(keep_ratio=0.25)", {"vision_positions": "compact"}),
+    ("vispruner(keep=20)", {}),
+    ("divprune(keep=30)", {}),
+    ("cdpruner(keep=20)", {}),
+]
+
+
+@pytest.mark.parametrize(("spec", "options"), LLAVA_EQUAL, ids=[e[0] for e in LLAVA_EQUAL])
+def test_llava_equals_the_transformers_path_on_the_benchmark(llava, llava_hf, spec, options):
+    """Kept rows, first-token log-probs and greedy answers on benchmark questions against ``tokprune.patch``
+    with its defaults wherever vLLM's contiguous numbering is the default."""
     samples = data.benchmark("test", 6)
     name = spec.split("(")[0]
+    assert (describe(name).cls().positions() == "compact") == (not options)  # compact is the default here
     for sample in samples:
         prompt = LLAVA_PROMPT.format(question=sample.question)
         with recorded_keeps(name) as keeps:
             (out,) = llava.generate([_request(prompt, [sample.image], spec)], GREEDY)
-            want_tokens, want_logprobs = _hf_run(*llava_hf, prompt, [sample.image], spec, vision_positions="compact")
+            want_tokens, want_logprobs = _hf_run(*llava_hf, prompt, [sample.image], spec, **options)
         assert torch.equal(keeps[0].cpu(), keeps[1].cpu())
         assert list(out.outputs[0].token_ids) == want_tokens
         _assert_same_logprobs(_vllm_logprobs(out), want_logprobs)
+
+
+@pytest.mark.parametrize("spec", ["divprune(keep=30)", "cdpruner(keep=20)"])
+def test_llava_selects_on_the_projected_tokens(llava, spec):
+    """The projector reaches the strategy in vLLM: ``features=encoder`` (what a plugin that forgot
+    ``project`` computes) keeps another set on some questions, so the equality above catches it (checked by
+    hand: with the projector left out of the plugin, its divprune and cdpruner cases fail on keep masks)."""
+    samples = data.benchmark("test", 12)[6:]  # images no other test sent with this spec: none is cached
+    name = spec.split("(")[0]
+    differ = 0
+    for sample in samples:
+        prompt = LLAVA_PROMPT.format(question=sample.question)
+        with recorded_keeps(name) as keeps:
+            llava.generate([_request(prompt, [sample.image], spec)], GREEDY)
+            llava.generate([_request(prompt, [sample.image], spec.replace(")", ", features=encoder)"))], GREEDY)
+        assert len(keeps) == 2, "each request must encode its image (a cached one records no keep mask)"
+        differ += not torch.equal(keeps[0].cpu(), keeps[1].cpu())
+    assert differ > 0
 
 
 @pytest.fixture(scope="module")
@@ -364,6 +395,7 @@ def test_tiny_random_llava_reads_the_layer_vllm_would_not_build(tiny_llava):
         image = _image(seed)
         with recorded_keeps("topk") as keeps:
             (out,) = llm.generate([_request(prompt, [image], "topk(keep=5)")], GREEDY)
+            # topk's default positions are keep; vLLM's 1-D numbering is compact
             want_tokens, want_logprobs = _hf_run(*hf, prompt, [image], "topk(keep=5)", vision_positions="compact")
         assert torch.equal(keeps[0].cpu(), keeps[1].cpu())
         assert list(out.outputs[0].token_ids) == want_tokens

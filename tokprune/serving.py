@@ -16,6 +16,7 @@ Public names: :class:`ServingPlan`, :func:`serving_plan`, :func:`servable_strate
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -28,6 +29,8 @@ from .pipeline import Pipeline
 from .strategy import PruningStrategy, Signal, Stage, VisionContext, VisionSignals
 
 __all__ = ["ServingPlan", "ServingSpecError", "servable_strategies", "serving_plan"]
+
+logger = logging.getLogger("tokprune.serving")
 
 #: What a family's tower offers a vision-stage strategy: ``"cls"`` (CLIP: CLS-relative signals computed
 #: from the encoder's q/k and hidden states), ``"none"`` (Qwen-VL: merged tokens only, no CLS).
@@ -77,6 +80,16 @@ class ServingPlan:
         """Encoder signals the step reads (unresolved layers; resolve with :meth:`Signal.resolve`)."""
         return self.step.requires() if self.step is not None else frozenset()
 
+    def stand_in(self) -> str | None:
+        """What runs instead of the instruction where the step reads it (:meth:`PruningStrategy.reads_instruction`,
+        e.g. CDPruner's default ``relevance=text``): a server has no CLIP text tower, so the strategy's own
+        stand-in runs, as ``tokprune.patch`` without ``text_encoder`` does. None: the step reads no instruction."""
+        step = self.step
+        if step is None or not step.reads_instruction():
+            return None
+        layer = getattr(step.params, "layer", None)
+        return f"CLS attention at layer {layer}" if layer is not None else "the strategy's stand-in"
+
     def kept_counts(self, token_counts: Tensor) -> Tensor:
         """long ``[I]``: tokens kept of images bringing ``token_counts`` (long ``[I]``) tokens each, by the
         strategy's own budget rule (``min(keep, n)`` or ``round(n * keep_ratio)``, at least 1)."""
@@ -96,13 +109,17 @@ class ServingPlan:
         features: Sequence[Tensor],
         signals: Callable[[Tensor], VisionSignals] | None = None,
         grid: tuple[int, int] | None = None,
+        project: Callable[[Tensor], Tensor] | None = None,
     ) -> list[Tensor]:
         """The step on each image's tokens; returns one bool keep mask ``[N_i]`` per image, in raster order.
 
         ``features``: one ``[N_i, D]`` per image (the rows the strategy scores; images may differ in size).
         ``signals``: builds the :class:`VisionSignals` of the padded batch from its ``lengths`` (long
         ``[I]``), for towers that have them; None: a tower with no encoder signals. ``grid``: the patch grid
-        when every image has one. Raises :class:`StrategyContractError` when a plan keeps another count than
+        when every image has one. ``project``: the family's projector as a per-token map ``[I, L, C] -> [I, L, D]``
+        (:attr:`VisionContext.project`: DivPrune and CDPruner select on the projected tokens by default, as
+        their references do); None where ``features`` already are the tokens the LLM receives (Qwen-VL's
+        merged tokens), exactly as the transformers adapters set it. Raises :class:`StrategyContractError` when a plan keeps another count than
         :meth:`kept_counts` announced (the engine planned the prompt from it) or adds extra tokens.
         """
         step = self.step
@@ -124,6 +141,8 @@ class ServingPlan:
             grid=grid if uniform else None,
             # as the transformers adapters do: towers with a grid pass full rows, the others their lengths
             lengths=None if uniform and grid is not None else lengths,
+            project=project,
+            text=None,  # a server has no CLIP text tower: instruction readers run their stand-in (stand_in())
         )
         plan = step(ctx)
         if plan.extra is not None and plan.extra.shape[1] > 0:
@@ -182,4 +201,14 @@ def serving_plan(spec: str | None, tower: TowerSignals = "cls", family: str = "t
         )
     if step.stage is not Stage.VISION:  # pragma: no cover - Pipeline.vision guarantees it
         raise ServingSpecError(f"tokprune spec {text!r}: not a vision-stage step")
-    return ServingPlan(str(pipeline), step)
+    plan = ServingPlan(str(pipeline), step)
+    stand_in = plan.stand_in()
+    if stand_in is not None:  # once per spec and process (cached)
+        logger.warning(
+            "tokprune spec %r: %s reads the instruction through a CLIP text tower, which a server does not have; "
+            "its stand-in runs (%s), as tokprune.patch without text_encoder does",
+            plan.spec,
+            step.name,
+            stand_in,
+        )
+    return plan

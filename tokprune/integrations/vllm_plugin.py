@@ -20,7 +20,15 @@ under vLLM's own architecture names so that nothing changes for a request asking
   Qwen2.5-VL: the kept rows carry their unpruned 3-D M-RoPE positions (``compute_mrope_for_media``), the
   text after an image keeps its unpruned positions, as ``tokprune.patch`` does (Qwen3-VL likewise, its
   DeepStack features riding on the same rows); LLaVA-1.5: positions are
-  1-D and contiguous (vLLM numbers the prompt), as ``tokprune.patch(..., vision_positions="compact")``.
+  1-D and contiguous (vLLM numbers the prompt), as ``tokprune.patch(..., vision_positions="compact")``,
+  which is ``tokprune.patch``'s default for divprune, cdpruner and vispruner (their references renumber);
+  topk and random default to ``keep`` there, which vLLM's 1-D numbering cannot express.
+
+The strategy sees what the transformers adapter gives it: LLaVA-1.5's features before the projector with
+the projector as ``VisionContext.project`` (DivPrune and CDPruner select on the projected tokens by
+default), Qwen-VL's merged tokens (already the LLM's input; no projector). A server has no CLIP text tower:
+CDPruner's default ``relevance=text`` runs its CLS-attention stand-in, logged once per spec
+(:meth:`~tokprune.serving.ServingPlan.stand_in`), as ``tokprune.patch`` without ``text_encoder`` does.
 
 Tested releases: :data:`TESTED_VLLM`. On another release every piece used here is looked up first
 (:func:`missing_pieces`); a missing one refuses at engine start naming it.
@@ -379,6 +387,7 @@ def _qwen2_5_vl_classes(mixin: type, registry: Any) -> dict[str, type]:
             keeps: list[Tensor | None] = [None] * len(embeds)
             for plan, index in _groups(specs):
                 if plan.prunes:
+                    # the merged tokens already are the LLM's input: no projector (as the transformers adapter)
                     for i, keep in zip(index, plan.select([embeds[i] for i in index])):
                         keeps[i] = keep
             out = []
@@ -500,7 +509,8 @@ def _qwen3_vl_classes(mixin: type, registry: Any) -> dict[str, type]:
 
         def _prune_images(self, embeds: list[Tensor], grids: list[list[int]], specs: list[str]) -> list[Tensor]:
             keeps: list[Tensor | None] = [None] * len(embeds)
-            width = self.visual_dim  # the merged tokens; the DeepStack levels follow on the channel axis
+            # the merged tokens (the LLM's input: no projector); the DeepStack levels follow on the channel axis
+            width = self.visual_dim
             for plan, index in _groups(specs):
                 if plan.prunes:
                     for i, keep in zip(index, plan.select([embeds[i][:, :width] for i in index])):
@@ -655,7 +665,10 @@ def _llava_classes(mixin: type, registry: Any) -> dict[str, type]:
 
                     return VisionSignals(fetch, cfg.num_hidden_layers, cfg.num_attention_heads, declared=declared)
 
-                for i, keep in zip(index, plan.select([features[i] for i in index], signals, grid=(side, side))):
+                rows_in = [features[i] for i in index]
+                # the projector per token: DivPrune/CDPruner select on the projected tokens (their reference)
+                chosen_by = plan.select(rows_in, signals, grid=(side, side), project=self.multi_modal_projector)
+                for i, keep in zip(index, chosen_by):
                     keeps[i] = keep
             chosen = [f if keep is None else f[keep] for f, keep in zip(features, keeps)]
             sizes = [c.shape[0] for c in chosen]
