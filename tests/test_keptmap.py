@@ -1,7 +1,9 @@
 """Kept maps (``stats.kept``) against what the LLM really received, for every built-in strategy and family.
 
 The oracle reads the decoder layers' own inputs (forward pre-hooks): each row a layer receives is an image
-token identified by its position id (positions are kept), and, for strategies that do not merge, its hidden
+token identified by its position id (so the oracle patches with original positions kept: the methods whose
+reference renumbers, divprune or pyramiddrop say, would hide a token's identity; which tokens a step keeps is
+recorded the same way in either mode), and, for strategies that do not merge, its hidden
 state at layer 0 must equal that token's stock projected feature (the gathered feature, as the adapter
 contract checks rows). The cells (row, column, tile) are checked against oracles of each family's own:
 the raster, Qwen's M-RoPE positions (``get_rope_index``), LLaVA-NeXT's tile grid (``get_anyres_image_grid_shape``
@@ -25,8 +27,8 @@ from tokprune.testing.adapters import LENGTHS, contract_specs, tiny_case
 
 ADAPTERS = {cls.name: cls for cls, _ in registered_adapters()}
 FAMILIES = ("llava", "llava_next", "qwen2_5_vl", "qwen3_vl")
-#: strategies whose kept rows are merged features (not the stock feature of their patch)
-MERGING = {"prumerge", "prumerge_plus"}
+#: strategies whose kept rows are merged or pooled features (not the stock feature of their patch)
+MERGING = {"prumerge", "prumerge_plus", "downsample"}
 
 
 def _name(spec: str) -> str:
@@ -72,7 +74,9 @@ def _received(model, inputs, spec, question_end, layers=()):
             return out
 
         step.plan = recording
-    with tokprune.patch(model, pipeline, question_end=question_end) as run:
+    for step in pipeline.llm:  # a method's own renumbering (pyramiddrop's default) would win over keep
+        step.positions = lambda: None
+    with tokprune.patch(model, pipeline, question_end=question_end, vision_positions="keep") as run:
         hooks = [lm.layers[k].register_forward_pre_hook(hook_for(k), with_kwargs=True) for k in {0, *layers}]
         try:
             with torch.no_grad():

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .config import vision_positions_arg
 from .report import method_of
 
 __all__ = ["gallery_runs", "gallery_samples", "write_gallery"]
@@ -60,7 +61,7 @@ def write_gallery(session: Any, rows: Sequence[dict[str, Any]], path: str | Path
     images = [s.load_image() for s in samples]
     questions = [s.question + cfg.dataset.prompt_suffix for s in samples]
     options = {
-        "vision_positions": cfg.positions.vision,
+        "vision_positions": vision_positions_arg(cfg.positions.vision),
         "llm_positions": cfg.positions.llm,
         "budget_scope": cfg.budget_scope,
     }
