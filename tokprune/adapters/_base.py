@@ -212,6 +212,7 @@ def patch(
     llm_positions: Positions = "keep",
     question_end: Sequence[int] | Any | None = None,
     budget_scope: BudgetScope = "image",
+    adapter: type[ModelAdapter] | None = None,
 ) -> ModelAdapter:
     """Prune ``model`` (this instance only) with the pipeline ``spec``; returns the handle.
 
@@ -227,7 +228,8 @@ def patch(
     what a vision-stage budget counts on tiled images (LLaVA-NeXT's AnyRes): ``"image"`` (the default)
     one strategy row per image, base view and tiles pooled; ``"tile"`` one row per tile and base view,
     as VisionZip's and VisionPruner's LLaVA-NeXT code do; families without tiles accept only
-    ``"image"``. Everything is validated
+    ``"image"``. ``adapter`` names the adapter class to use instead of the registered one that matches
+    (a family in development, or the contract's mutants); it must match ``model``. Everything is validated
     before the model is touched; ``handle.remove()`` (or :func:`unpatch`) restores it exactly.
     """
     from ..registry import get
@@ -238,7 +240,16 @@ def patch(
             "call handle.remove() (or tokprune.unpatch(model)) before patching it again"
         )
     pipeline = spec if isinstance(spec, Pipeline) else get(spec)
-    adapter_cls = _pick_adapter(model)
+    if adapter is None:
+        adapter_cls = _pick_adapter(model)
+    elif not (isinstance(adapter, type) and issubclass(adapter, ModelAdapter)):
+        raise UnsupportedModelError(f"adapter={adapter!r} is not a ModelAdapter subclass")
+    elif not adapter.matches(model):
+        raise UnsupportedModelError(
+            f"adapter {adapter.name!r} does not understand {type(model).__name__}: {adapter.mismatch(model)}"
+        )
+    else:
+        adapter_cls = adapter
     handle = adapter_cls(
         model,
         pipeline,

@@ -67,7 +67,13 @@ class LlavaNextAdapter(LlavaAdapter):
         from ..testing.models import VOCAB, tiny_llava_next
 
         model, make_inputs = tiny_llava_next(seed=seed, attn_implementation=attn_implementation)
-        return TinyCase(model, make_inputs, pad_token_id=VOCAB.pad, question_end=VOCAB.assistant_marker)
+
+        def newlines(rows: Tensor) -> Tensor:  # the row separators the LLM always receives
+            return (rows == model.model.image_newline.to(rows.dtype)).all(dim=-1)
+
+        return TinyCase(
+            model, make_inputs, pad_token_id=VOCAB.pad, question_end=VOCAB.assistant_marker, fixed_image_rows=newlines
+        )
 
     @staticmethod
     def _family_output_class() -> type:

@@ -127,6 +127,26 @@ def _random_model(model_cls: Any, config: Any, seed: int, attn_implementation: s
     return model
 
 
+def _prompt(image_tokens: Sequence[int], words: Sequence[int]) -> list[int]:
+    """``<s> USER : <image>*n_1 [SEP <image>*n_2 ...] <words> ASSISTANT :``: one placeholder run per image,
+    consecutive images separated by one word token so that each run is its own."""
+    blocks: list[int] = []
+    for i, n in enumerate(image_tokens):
+        blocks += ([VOCAB.first_word] if i else []) + [VOCAB.image] * n
+    return [VOCAB.bos, VOCAB.user, VOCAB.colon, *blocks, *words, *VOCAB.assistant_marker]
+
+
+def _left_padded(rows: Sequence[Sequence[int]]) -> dict[str, Tensor]:
+    """``input_ids`` and ``attention_mask`` ``[B, W]`` of token rows, left-padded to the longest."""
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), VOCAB.pad, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        input_ids[i, width - len(r) :] = torch.tensor(list(r), dtype=torch.long)
+        attention_mask[i, width - len(r) :] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
 def tiny_llava(
     seed: int = 0,
     attn_implementation: str = "sdpa",
@@ -135,8 +155,9 @@ def tiny_llava(
 ) -> tuple[LlavaForConditionalGeneration, Callable[..., dict[str, Tensor]]]:
     """A random-weight tiny LLaVA in eval mode, and ``make_inputs`` for it.
 
-    ``make_inputs(question_lengths=(5, 3), seeds=None, images=True)`` returns ``input_ids``,
-    ``attention_mask`` (left padding) and ``pixel_values`` for one sample per question length; sample
+    ``make_inputs(question_lengths=(5, 3), seeds=None, images=1)`` returns ``input_ids``,
+    ``attention_mask`` (left padding) and ``pixel_values`` for one sample per question length, each with
+    ``images`` images (0: text only; several: separated by one word, :func:`_prompt`); sample
     ``i`` is drawn from ``seeds[i]`` (default ``i``), so ``make_inputs([q], seeds=[s])`` built alone
     equals the row of a batch that has ``q`` and ``s`` at that index.
     """
@@ -146,23 +167,16 @@ def tiny_llava(
     image_size = config.vision_config.image_size
 
     def make_inputs(
-        question_lengths: Sequence[int] = (5, 3), seeds: Sequence[int] | None = None, images: bool = True
+        question_lengths: Sequence[int] = (5, 3), seeds: Sequence[int] | None = None, images: int = 1
     ) -> dict[str, Tensor]:
         seeds = list(range(len(question_lengths))) if seeds is None else list(seeds)
         rows, pixels = [], []
         for q, s in zip(question_lengths, seeds):
             gen = torch.Generator().manual_seed(s * 1009 + q)
             words = torch.randint(VOCAB.first_word, VOCAB.size, (q,), generator=gen).tolist()
-            image_block = [VOCAB.image] * num_patches if images else []
-            rows.append([VOCAB.bos, VOCAB.user, VOCAB.colon, *image_block, *words, *VOCAB.assistant_marker])
-            pixels.append(torch.randn(3, image_size, image_size, generator=gen))
-        width = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), width), VOCAB.pad, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            input_ids[i, width - len(r) :] = torch.tensor(r)
-            attention_mask[i, width - len(r) :] = 1
-        out = {"input_ids": input_ids, "attention_mask": attention_mask}
+            rows.append(_prompt([num_patches] * int(images), words))
+            pixels += [torch.randn(3, image_size, image_size, generator=gen) for _ in range(int(images))]
+        out = _left_padded(rows)
         if images:
             out["pixel_values"] = torch.stack(pixels).to(dtype)
         return out
@@ -198,34 +212,29 @@ def tiny_llava_next(
     model = _random_model(LlavaNextForConditionalGeneration, config, seed, attn_implementation, dtype)
     side, n = 16, 16
 
-    def make_inputs(question_lengths: Sequence[int] = (5, 3), seeds: Sequence[int] | None = None) -> dict[str, Tensor]:
+    def make_inputs(
+        question_lengths: Sequence[int] = (5, 3), seeds: Sequence[int] | None = None, images: int = 1
+    ) -> dict[str, Tensor]:
         seeds = list(range(len(question_lengths))) if seeds is None else list(seeds)
         rows, pixels, sizes = [], [], []
         for q, s in zip(question_lengths, seeds):
             gen = torch.Generator().manual_seed(s * 1009 + q)
-            size = torch.tensor([NEXT_IMAGE_SIZES[s % len(NEXT_IMAGE_SIZES)]])
-            tiles = hf.anyres_tiles(config, size)
-            tokens = int(hf.anyres_layout(model.model, tiles, n, size, "default")[0].numel())
+            counts = []
+            for k in range(images):  # image k of sample s: the size after its previous image's
+                size = torch.tensor([NEXT_IMAGE_SIZES[(s + k) % len(NEXT_IMAGE_SIZES)]])
+                tiles = hf.anyres_tiles(config, size)
+                counts.append(int(hf.anyres_layout(model.model, tiles, n, size, "default")[0].numel()))
+                sizes.append(size[0])
+                pixels.append(tiles[0])
             words = torch.randint(VOCAB.first_word, VOCAB.size, (q,), generator=gen).tolist()
-            rows.append([VOCAB.bos, VOCAB.user, VOCAB.colon, *[VOCAB.image] * tokens, *words, *VOCAB.assistant_marker])
-            pixels.append(torch.randn(tiles[0], 3, side, side, generator=gen))
-            sizes.append(size[0])
-        width = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), width), VOCAB.pad, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            input_ids[i, width - len(r) :] = torch.tensor(r)
-            attention_mask[i, width - len(r) :] = 1
+            rows.append(_prompt(counts, words))
+            for k in range(images):
+                pixels[-images + k] = torch.randn(pixels[-images + k], 3, side, side, generator=gen)
         most = max(p.shape[0] for p in pixels)  # the processor pads every image to the most tiles
-        pixel_values = torch.zeros(len(rows), most, 3, side, side)
+        pixel_values = torch.zeros(len(pixels), most, 3, side, side)
         for i, p in enumerate(pixels):
             pixel_values[i, : p.shape[0]] = p
-        return {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "pixel_values": pixel_values.to(dtype),
-            "image_sizes": torch.stack(sizes),
-        }
+        return {**_left_padded(rows), "pixel_values": pixel_values.to(dtype), "image_sizes": torch.stack(sizes)}
 
     return model, make_inputs
 
@@ -245,40 +254,46 @@ def _qwen_token_ids() -> dict[str, int]:
 
 def _qwen_text_config(**extra: Any) -> dict[str, Any]:
     return {
-        "vocab_size": VOCAB.size, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
+        "vocab_size": VOCAB.size,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
         "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-        "initializer_range": 0.08, "bos_token_id": VOCAB.bos, "eos_token_id": VOCAB.eos, "pad_token_id": VOCAB.pad,
+        "initializer_range": 0.08,
+        "bos_token_id": VOCAB.bos,
+        "eos_token_id": VOCAB.eos,
+        "pad_token_id": VOCAB.pad,
         **extra,
     }
 
 
-def _qwen_model(model_cls: Any, config: Any, seed: int, attn_implementation: str, dtype: torch.dtype) -> tuple[Any, Callable[..., dict[str, Tensor]]]:
+def _qwen_model(
+    model_cls: Any, config: Any, seed: int, attn_implementation: str, dtype: torch.dtype
+) -> tuple[Any, Callable[..., dict[str, Tensor]]]:
     """Build a Qwen-VL model from ``config`` and the ``make_inputs`` of :func:`tiny_qwen2_5_vl`."""
     model = _random_model(model_cls, config, seed, attn_implementation, dtype)
     vcfg = config.vision_config
     patch_dim = vcfg.in_channels * vcfg.temporal_patch_size * vcfg.patch_size**2
 
-    def make_inputs(question_lengths: Sequence[int] = (5, 3), seeds: Sequence[int] | None = None) -> dict[str, Tensor]:
+    def make_inputs(
+        question_lengths: Sequence[int] = (5, 3), seeds: Sequence[int] | None = None, images: int = 1
+    ) -> dict[str, Tensor]:
         seeds = list(range(len(question_lengths))) if seeds is None else list(seeds)
         rows, pixels, grids = [], [], []
         for q, s in zip(question_lengths, seeds):
             gen = torch.Generator().manual_seed(s * 1009 + q)
-            grid = torch.tensor(QWEN_GRIDS[s % len(QWEN_GRIDS)])
-            tokens = int(grid.prod()) // vcfg.spatial_merge_size**2
+            own = [torch.tensor(QWEN_GRIDS[(s + k) % len(QWEN_GRIDS)]) for k in range(images)]
             words = torch.randint(VOCAB.first_word, VOCAB.size - 3, (q,), generator=gen).tolist()
-            rows.append([VOCAB.bos, VOCAB.user, VOCAB.colon, *[VOCAB.image] * tokens, *words, *VOCAB.assistant_marker])
-            pixels.append(torch.randn(int(grid.prod()), patch_dim, generator=gen))
-            grids.append(grid)
-        width = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), width), VOCAB.pad, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            input_ids[i, width - len(r) :] = torch.tensor(r)
-            attention_mask[i, width - len(r) :] = 1
+            rows.append(_prompt([int(g.prod()) // vcfg.spatial_merge_size**2 for g in own], words))
+            pixels += [torch.randn(int(g.prod()), patch_dim, generator=gen) for g in own]
+            grids += own
+        padded = _left_padded(rows)
+        input_ids = padded["input_ids"]
         return {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
+            **padded,
             "pixel_values": torch.cat(pixels).to(dtype),
             "image_grid_thw": torch.stack(grids),
             "mm_token_type_ids": (input_ids == VOCAB.image).int(),
@@ -298,9 +313,18 @@ def tiny_qwen2_5_vl(
 
     config = Qwen2_5_VLConfig(
         vision_config={
-            "depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64,
-            "patch_size": 4, "temporal_patch_size": 2, "spatial_merge_size": 2, "window_size": 16,
-            "fullatt_block_indexes": [1], "in_channels": 3, "initializer_range": 0.08,
+            "depth": 2,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "out_hidden_size": 64,
+            "patch_size": 4,
+            "temporal_patch_size": 2,
+            "spatial_merge_size": 2,
+            "window_size": 16,
+            "fullatt_block_indexes": [1],
+            "in_channels": 3,
+            "initializer_range": 0.08,
         },
         text_config=_qwen_text_config(),
         **_qwen_token_ids(),
@@ -327,9 +351,18 @@ def tiny_qwen3_vl(
 
     config = Qwen3VLConfig(
         vision_config={
-            "depth": 3, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64,
-            "patch_size": 4, "temporal_patch_size": 2, "spatial_merge_size": 2, "num_position_embeddings": 16,
-            "deepstack_visual_indexes": list(QWEN3_DEEPSTACK), "in_channels": 3, "initializer_range": 0.08,
+            "depth": 3,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "out_hidden_size": 64,
+            "patch_size": 4,
+            "temporal_patch_size": 2,
+            "spatial_merge_size": 2,
+            "num_position_embeddings": 16,
+            "deepstack_visual_indexes": list(QWEN3_DEEPSTACK),
+            "in_channels": 3,
+            "initializer_range": 0.08,
         },
         text_config=_qwen_text_config(head_dim=16),
         **_qwen_token_ids(),
