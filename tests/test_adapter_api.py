@@ -36,7 +36,7 @@ def _patched_attributes(model) -> list[str]:
 
 def test_builtin_adapter_is_registered_through_the_plugin_hook():
     adapters = registered_adapters()
-    assert (LlavaAdapter, "llava") in [(cls, source.name) for cls, source in adapters]
+    assert (LlavaAdapter, "builtin_families") in [(cls, source.name) for cls, source in adapters]
     assert all(issubclass(cls, ModelAdapter) for cls, _ in adapters)
 
 

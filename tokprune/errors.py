@@ -9,7 +9,10 @@ import difflib
 from collections.abc import Iterable
 
 __all__ = [
+    "AdapterNameClash",
+    "AmbiguousModelError",
     "MissingCapabilityError",
+    "PluginError",
     "SpecSyntaxError",
     "StageOrderError",
     "StrategyContractError",
@@ -50,6 +53,14 @@ class StrategyNameClash(TokpruneError, ValueError):
     """Two plugins registered the same strategy name."""
 
 
+class AdapterNameClash(TokpruneError, ValueError):
+    """Two plugins registered the same adapter (model family) name."""
+
+
+class PluginError(TokpruneError, TypeError):
+    """A plugin registered something that is not what its hook takes (wrong class, abstract, bad name)."""
+
+
 class StrategyContractError(TokpruneError, RuntimeError):
     """A strategy returned a plan that breaks the interface contract (shape, dtype, empty keep set)."""
 
@@ -60,6 +71,10 @@ class MissingCapabilityError(TokpruneError, RuntimeError):
 
 class UnsupportedModelError(TokpruneError, TypeError):
     """No registered adapter understands this model, or a generation mode is not supported."""
+
+
+class AmbiguousModelError(UnsupportedModelError):
+    """Several registered adapters match one model; the message names them and their plugins."""
 
 
 def did_you_mean(bad: str, choices: Iterable[str]) -> str:

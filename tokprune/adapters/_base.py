@@ -5,18 +5,17 @@ from __future__ import annotations
 import abc
 import contextlib
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 from torch import nn
 
-from .. import _plugins
 from ..errors import StrategyParamError, UnsupportedModelError
 from ..pipeline import Pipeline
 from ..stats import PruneStats
 
-__all__ = ["BUDGET_SCOPES", "ModelAdapter", "PatchState", "patch", "pruned", "registered_adapters", "unpatch"]
+__all__ = ["BUDGET_SCOPES", "ModelAdapter", "PatchState", "patch", "pruned", "unpatch"]
 
 Positions = Literal["keep", "compact"]
 POSITION_MODES: tuple[str, ...] = ("keep", "compact")
@@ -174,36 +173,6 @@ class ModelAdapter(abc.ABC):
 _PATCHED: weakref.WeakKeyDictionary[nn.Module, ModelAdapter] = weakref.WeakKeyDictionary()
 
 
-def registered_adapters() -> list[tuple[type[ModelAdapter], _plugins.PluginSource]]:
-    """Adapter classes registered by every loaded plugin, in plugin order, with their source."""
-    found: list[tuple[type[ModelAdapter], _plugins.PluginSource]] = []
-
-    def register_for(plugin: str) -> Callable[[type[ModelAdapter]], None]:
-        def register(cls: type[ModelAdapter]) -> None:
-            if not (isinstance(cls, type) and issubclass(cls, ModelAdapter)):
-                raise TypeError(f"plugin {plugin!r} registered {cls!r}, which is not a ModelAdapter subclass")
-            found.append((cls, _plugins.source_of(plugin)))
-
-        return register
-
-    _plugins.call_per_plugin("register_adapters", register_for)
-    return found
-
-
-def _pick_adapter(model: nn.Module) -> type[ModelAdapter]:
-    adapters = registered_adapters()
-    for cls, _ in adapters:
-        if cls.matches(model):
-            return cls
-    if not adapters:
-        raise UnsupportedModelError(
-            f"no model adapter is registered, so {type(model).__name__} cannot be patched; "
-            f"reinstall tokprune (pip install -e .) or check {_plugins.LOAD_ENV}/{_plugins.BLOCK_ENV}"
-        )
-    reasons = "; ".join(f"{cls.name} ({source.name}): {cls.mismatch(model)}" for cls, source in adapters)
-    raise UnsupportedModelError(f"no registered adapter understands {type(model).__name__}: {reasons}")
-
-
 def patch(
     model: nn.Module,
     spec: Any,
@@ -241,7 +210,9 @@ def patch(
         )
     pipeline = spec if isinstance(spec, Pipeline) else get(spec)
     if adapter is None:
-        adapter_cls = _pick_adapter(model)
+        from ._registry import pick_adapter
+
+        adapter_cls = pick_adapter(model)
     elif not (isinstance(adapter, type) and issubclass(adapter, ModelAdapter)):
         raise UnsupportedModelError(f"adapter={adapter!r} is not a ModelAdapter subclass")
     elif not adapter.matches(model):
