@@ -11,7 +11,7 @@ from tokprune import Pipeline
 from tokprune import hf_compat as hf
 from tokprune.adapters import ModelAdapter, handle_of, registered_adapters
 from tokprune.adapters.llava import LlavaAdapter
-from tokprune.errors import MissingCapabilityError, StrategyParamError, UnsupportedModelError
+from tokprune.errors import InputError, MissingCapabilityError, StrategyParamError, UnsupportedModelError
 from tokprune.testing.equivalence import ProbeLastRow, ProbeVisionTopK, check_keep_all_identity
 from tokprune.testing.models import VOCAB, tiny_llava, tiny_llava_config
 
@@ -211,7 +211,7 @@ def test_right_padding_is_refused(tiny):
     model, make_inputs = tiny
     inputs = make_inputs((5, 2))
     inputs["attention_mask"] = inputs["attention_mask"].flip(1)
-    with tokprune.pruned(model, "fastv"), pytest.raises(UnsupportedModelError, match="left padding"):
+    with tokprune.pruned(model, "fastv"), pytest.raises(InputError, match="left padding"):
         _logits(model, inputs)
 
 

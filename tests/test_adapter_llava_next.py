@@ -67,7 +67,7 @@ def test_fixed_size_vision_strategies_are_refused_naming_those_that_work(tiny):
     model, _ = tiny
     # the built-ins cutting per image (the installed plugins' visionzip and vtc_cls join them)
     working = r"cdpruner, cls_knee, divprune, prumerge, prumerge_plus, random, topk, (visionzip, )?vispruner"
-    with pytest.raises(MissingCapabilityError, match=rf"'fixed_size_probe'.*llava_next images differ.*: {working}\b"):
+    with pytest.raises(MissingCapabilityError, match=rf"^fixed_size_probe .*llava_next images differ.*: {working}\b"):
         tokprune.patch(model, Pipeline([_FixedSize()]))
     assert tokprune.adapters.handle_of(model) is None
 

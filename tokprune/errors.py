@@ -10,7 +10,10 @@ from collections.abc import Iterable
 
 __all__ = [
     "AdapterNameClash",
+    "AlreadyPatchedError",
     "AmbiguousModelError",
+    "InputError",
+    "InternalError",
     "MissingCapabilityError",
     "PluginError",
     "SpecSyntaxError",
@@ -70,7 +73,26 @@ class MissingCapabilityError(TokpruneError, RuntimeError):
 
 
 class UnsupportedModelError(TokpruneError, TypeError):
-    """No registered adapter understands this model, or a generation mode is not supported."""
+    """No registered adapter understands this model, or a generation mode is not supported.
+
+    Not for bad inputs to a model tokprune does support (a right-padded batch, features that do not fit the
+    placeholders): those are :class:`InputError`.
+    """
+
+
+class InputError(TokpruneError, ValueError):
+    """An input tokprune cannot run on: a right-padded batch, image features that do not match the image
+    placeholders, a missing companion tensor (``image_sizes``, ``image_grid_thw``), a tensor of the wrong
+    shape given to a scoring primitive. The message names the value and what is expected."""
+
+
+class AlreadyPatchedError(TokpruneError, RuntimeError):
+    """``patch`` on a model that is already patched; the message names the active pipeline and the fix."""
+
+
+class InternalError(TokpruneError, RuntimeError):
+    """An invariant of tokprune itself broke (a bug to report, never a user error); replaces ``assert``,
+    which ``python -O`` removes."""
 
 
 class AmbiguousModelError(UnsupportedModelError):

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from .errors import UnsupportedModelError
+from .errors import InputError, UnsupportedModelError
 
 __all__ = [
     "BaseModelOutputWithPooling",
@@ -132,7 +132,7 @@ def cache_from_kwargs(kwargs: dict[str, Any]) -> Any:
     """The cache a caller passed under either spelling (None if neither); both at once is an error."""
     given = [name for name in CACHE_KEYWORDS if kwargs.get(name) is not None]
     if len(given) > 1:
-        raise ValueError(f"pass the cache once: got both {given[0]}= and {given[1]}=")
+        raise InputError(f"pass the cache once: got both {given[0]}= and {given[1]}=")
     return kwargs.get(given[0]) if given else None
 
 

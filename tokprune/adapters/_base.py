@@ -11,7 +11,7 @@ from typing import Any, ClassVar, Literal
 
 from torch import nn
 
-from ..errors import StrategyParamError, UnsupportedModelError
+from ..errors import AlreadyPatchedError, StrategyParamError, UnsupportedModelError
 from ..pipeline import Pipeline
 from ..stats import PruneStats
 
@@ -204,7 +204,7 @@ def patch(
     from ..registry import get
 
     if model in _PATCHED:
-        raise RuntimeError(
+        raise AlreadyPatchedError(
             f"{type(model).__name__} is already patched with {str(_PATCHED[model].pipeline)!r}; "
             "call handle.remove() (or tokprune.unpatch(model)) before patching it again"
         )

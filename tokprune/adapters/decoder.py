@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import hf_compat as hf
-from ..errors import MissingCapabilityError, StrategyParamError, UnsupportedModelError
+from ..errors import InputError, InternalError, MissingCapabilityError, StrategyParamError, UnsupportedModelError
 from ..pipeline import Pipeline
 from ..stats import FlopModel, PruneStats
 from ..strategy import LLMAttention, LLMContext, PruningStrategy, TokenRole
@@ -189,12 +189,16 @@ class PrunedImageFeatures(hf.BaseModelOutputWithPooling):
         )
 
     def vision_out(self) -> VisionOut:
-        assert self.keep is not None
+        if self.keep is None:
+            raise InputError(
+                "these image features carry no keep mask; pass the PrunedImageFeatures get_image_features returned, "
+                "unchanged (or pixel_values)"
+            )
         if self.kept is not None:
             diagnostics = dict(self.diagnostics or {})
             return VisionOut(self.kept, self.keep, self.extra, diagnostics, **self._optional())
         if self.extra_valid is not None:
-            raise ValueError(
+            raise InputError(
                 "image features with a different number of extra tokens per image must carry their kept and extra "
                 "tensors (pass the PrunedImageFeatures get_image_features returned, unchanged)"
             )
@@ -324,7 +328,7 @@ class PrunedDecoderAdapter(ModelAdapter):
 
             ragged = [name for name in available(stage="vision") if describe(name).cls.ragged_vision]
             raise MissingCapabilityError(
-                f"{step.name!r} cuts images of one fixed size, but {self.name} images differ in token count "
+                f"{step.short_spec()} cuts images of one fixed size, but {self.name} images differ in token count "
                 f"(ragged vision contexts); vision strategies that cut per image: {', '.join(ragged)}"
             )
 
@@ -346,7 +350,7 @@ class PrunedDecoderAdapter(ModelAdapter):
                 working.append(name)
         signals = ", ".join(f"{s.kind}@{s.layer}" for s in sorted(step.requires(), key=lambda s: (s.kind, s.layer)))
         raise MissingCapabilityError(
-            f"{step.spec()} reads the CLS token's signals ({signals}), and the {self.name} vision tower has no CLS "
+            f"{step.short_spec()} reads the CLS token's signals ({signals}), and the {self.name} vision tower has no CLS "
             f"token; vision strategies that read no CLS signal: {', '.join(working) or 'none registered'} (some "
             "strategies have a CLS-free parameter value, e.g. cdpruner(relevance=uniform): see tokprune describe NAME)"
         )
@@ -358,8 +362,8 @@ class PrunedDecoderAdapter(ModelAdapter):
             for k in step.llm_layers:  # a schedule (e.g. PyramidDrop) is one step at each of its layers
                 if not 1 <= k <= num_layers - 1:
                     raise StrategyParamError(
-                        f"{step.spec()} prunes before decoder layer {k}, but this language model has {num_layers} "
-                        f"layers: layer must be in 1..{num_layers - 1} (layer K-1 provides the scores)"
+                        f"{step.short_spec()} prunes before decoder layer {k}, but this {self.name} language model has "
+                        f"{num_layers} layers: layer must be in 1..{num_layers - 1} (layer K-1 provides the scores)"
                     )
                 steps[k] = step
         return steps
@@ -564,7 +568,7 @@ class PrunedDecoderAdapter(ModelAdapter):
             )
         pre_encoded = (mm_encoder_outputs or {}).get("image")
         if pixel_values is not None and pre_encoded is not None:
-            raise ValueError("You cannot specify both pixel_values and mm_encoder_outputs at the same time")
+            raise InputError("pass either pixel_values or mm_encoder_outputs (pre-encoded images), not both")
         return_dict = kwargs.get("return_dict", True)
         use_cache = kwargs.get("use_cache")
         use_cache = self._lm.config.use_cache if use_cache is None else use_cache
@@ -696,7 +700,7 @@ class PrunedDecoderAdapter(ModelAdapter):
             ).tolist()
             _check_left_padded(bad_padding)
             if has_image:
-                raise ValueError("the prompt has image tokens but no pixel_values or image features were given")
+                raise InputError("the prompt has image tokens but no pixel_values or image features were given")
             seq = Seq(embeds, valid, pos, roles, src, prompt, torch.full_like(src, -1))
             return seq.gather(keep, width), torch.zeros(0, dtype=torch.long, device=device)
         counts = features.token_counts
@@ -725,7 +729,7 @@ class PrunedDecoderAdapter(ModelAdapter):
         ).tolist()
         _check_left_padded(bad_padding)
         if tokens != total:
-            raise ValueError(
+            raise InputError(
                 f"Image features and image tokens do not match: tokens: {tokens}, "
                 f"features: {total} ({counts.numel()} images of {counts.tolist()} tokens)"
             )
@@ -778,7 +782,8 @@ class PrunedDecoderAdapter(ModelAdapter):
 
         Also returns whether the gathered rows are all full (no padding), read with the gather's width.
         """
-        assert call.capture is not None
+        if call.capture is None:
+            raise InternalError(f"the LLM step at layer {k} ran outside a prefill's capture window")
         attn = self._lm.layers[k - 1].self_attn
         b, n, _ = seq.hidden.shape
         q = call.capture.pop(("llm", k - 1, "q")).view(b, n, -1, attn.head_dim).transpose(1, 2)
@@ -955,7 +960,7 @@ def _generated_count(generate: GenerateCall | None, n: int) -> int:
 
 def _check_left_padded(right_padded: bool) -> None:
     if right_padded:
-        raise UnsupportedModelError(
+        raise InputError(
             "right-padded batch: tokprune needs left padding (tokenizer.padding_side='left'), so that every "
             "sample's last prompt token is in the last column"
         )

@@ -24,7 +24,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from .. import hf_compat as hf
-from ..errors import MissingCapabilityError, UnsupportedModelError
+from ..errors import InputError, InternalError, MissingCapabilityError
 from ..pipeline import Pipeline
 from ..stats import FlopModel, kv_width, mlp_matrices
 from ..strategy import Signal, VisionContext, VisionSignals
@@ -38,6 +38,13 @@ _VISION_OPTIONS = ("vision_feature_layer", "vision_feature_select_strategy", "im
 
 def _class_names(obj: Any) -> set[str]:
     return {c.__name__ for c in type(obj).__mro__}
+
+
+def _llm_strategies() -> str:
+    """The registered LLM-stage strategies, for refusals of a vision step."""
+    from ..registry import available
+
+    return ", ".join(available(stage="llm")) or "none registered"
 
 
 class LlavaAdapter(PrunedDecoderAdapter):
@@ -106,15 +113,16 @@ class LlavaAdapter(PrunedDecoderAdapter):
         layer = self._config.vision_feature_layer
         if not isinstance(layer, int):
             raise MissingCapabilityError(
-                f"{step.name!r} needs one vision feature layer, but vision_feature_layer={layer!r}; "
-                "tokprune supports the LLaVA-1.5 layout (a single int, e.g. -2)"
+                f"{step.short_spec()} needs one vision feature layer, but this {self.name} model has "
+                f"vision_feature_layer={layer!r}; tokprune supports the LLaVA-1.5 layout (a single int, e.g. -2); "
+                f"LLM-stage strategies work on it: {_llm_strategies()}"
             )
         select = self._config.vision_feature_select_strategy
         if select != "default":
             raise MissingCapabilityError(
-                f"{step.name!r} runs in vision feature space with the CLS token at index 0, but this model uses "
-                f"vision_feature_select_strategy={select!r} (CLS fed to the projector); only 'default' "
-                "(CLS dropped, LLaVA-1.5) is supported"
+                f"{step.short_spec()} runs in vision feature space with the CLS token at index 0, but this {self.name} "
+                f"model uses vision_feature_select_strategy={select!r} (CLS fed to the projector); only 'default' "
+                f"(CLS dropped, LLaVA-1.5) is supported; LLM-stage strategies work on it: {_llm_strategies()}"
             )
         self._check_cls(getattr(self._vit.embeddings, "class_embedding", None) is not None)
         num_layers = self._tower.config.num_hidden_layers
@@ -164,7 +172,9 @@ class LlavaAdapter(PrunedDecoderAdapter):
     ) -> PrunedImageFeatures:
         """The patched ``get_image_features``: tower, strategy, projector on what is kept."""
         with self._active(CallState(self)) as call:
-            out = self._run_vision(call, pixel_values, vision_feature_layer, vision_feature_select_strategy, image_sizes)
+            out = self._run_vision(
+                call, pixel_values, vision_feature_layer, vision_feature_select_strategy, image_sizes
+            )
         return PrunedImageFeatures.of(out)
 
     def _run_vision(
@@ -173,14 +183,15 @@ class LlavaAdapter(PrunedDecoderAdapter):
         layer = self._config.vision_feature_layer if layer is None else layer
         select = self._config.vision_feature_select_strategy if select is None else select
         if not isinstance(layer, int) or select != "default":
-            raise MissingCapabilityError(
+            raise InputError(
                 f"vision-stage pruning needs one int vision_feature_layer and the 'default' select strategy; "
                 f"got vision_feature_layer={layer!r}, vision_feature_select_strategy={select!r}"
             )
         if image_sizes is not None:
-            raise UnsupportedModelError("image_sizes (per-image resolutions) is not supported on a pruned model")
+            raise InputError(f"image_sizes (per-image resolutions) is not supported on a pruned {self.name} model")
         step = self.pipeline.vision
-        assert step is not None
+        if step is None:
+            raise InternalError("the vision stage ran without a vision step")
         hidden, captured = self._run_tower(call, pixel_values)
         cfg = self._tower.config
         signals = self._vision_signals(hidden, captured)

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import hf_compat as hf
+from ..errors import InputError, InternalError
 from ..strategy import VisionContext, VisionPlan
 from ._anyres import extra_per_image, pad_rows, tile_rows
 from .decoder import CallState, PrunedImageFeatures, VisionOut
@@ -101,7 +102,7 @@ class LlavaNextAdapter(LlavaAdapter):
         if pixel_values is None or pixel_values.shape[0] == 0:
             return None, None
         if image_sizes is None:
-            raise ValueError("LLaVA-NeXT needs image_sizes with pixel_values (the processor returns both)")
+            raise InputError("LLaVA-NeXT needs image_sizes with pixel_values (the processor returns both)")
         if self.pipeline.vision is None:  # the unpatched tower, projector and packing
             encoded = self._inner.get_image_features(
                 pixel_values,
@@ -119,7 +120,8 @@ class LlavaNextAdapter(LlavaAdapter):
     def _run_vision(self, call: CallState, pixel_values: Tensor, image_sizes: Tensor) -> VisionOut:
         """Tower per tile, one strategy row per image (base + tiles), projector on the kept, newlines back."""
         step = self.pipeline.vision
-        assert step is not None
+        if step is None:
+            raise InternalError("the vision stage ran without a vision step")
         n = self._tokens_per_image
         tiles = hf.anyres_tiles(self._config, image_sizes)
         if pixel_values.dim() == 5:  # [I, max_tiles, 3, H, W], padded with empty tiles
@@ -185,7 +187,8 @@ class LlavaNextAdapter(LlavaAdapter):
         ``row_image`` (long ``[R]``) naming each row's image.
         """
         step = self.pipeline.vision
-        assert step is not None
+        if step is None:
+            raise InternalError("the vision stage ran without a vision step")
         rows = tile_rows(tile, patch, valid, hidden[0].shape[0], self._tokens_per_image)
 
         def per_row(t: Tensor) -> Tensor:

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import hf_compat as hf
-from ..errors import UnsupportedModelError
+from ..errors import InputError, InternalError, UnsupportedModelError
 from ..pipeline import Pipeline
 from ..stats import FlopModel, WindowedTower, kv_width, mlp_matrices
 from ..strategy import Signal, VisionContext, VisionSignals
@@ -116,7 +116,9 @@ class Qwen2_5_VLAdapter(PrunedDecoderAdapter):
         """The caller's ``[4, B, L]`` (text + 3 axes, generate's) or ``[3, B, L]`` -> ``[B, L, 3]``."""
         return position_ids[-3:].permute(1, 2, 0).long()
 
-    def _positions(self, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None, options: dict) -> Tensor:
+    def _positions(
+        self, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None, options: dict
+    ) -> Tensor:
         if position_ids is not None and position_ids.dim() == 3:
             return self._axes(position_ids)
         grid, types = options.get("image_grid_thw"), options.get("mm_token_type_ids")
@@ -141,7 +143,9 @@ class Qwen2_5_VLAdapter(PrunedDecoderAdapter):
 
     # -- the vision stage -----------------------------------------------------------------------------
 
-    def _vision(self, call: CallState, pixel_values: Tensor | None, encoded: Any, options: dict) -> tuple[Any, VisionOut | None]:
+    def _vision(
+        self, call: CallState, pixel_values: Tensor | None, encoded: Any, options: dict
+    ) -> tuple[Any, VisionOut | None]:
         grid = options.get("image_grid_thw")  # kept in options: positions need it too
         if options.get("pixel_values_videos") is not None or options.get("video_grid_thw") is not None:
             raise UnsupportedModelError(
@@ -152,7 +156,7 @@ class Qwen2_5_VLAdapter(PrunedDecoderAdapter):
         if pixel_values is None:
             return None, None
         if grid is None:
-            raise ValueError(f"{self.label} needs image_grid_thw with pixel_values (the processor returns both)")
+            raise InputError(f"{self.label} needs image_grid_thw with pixel_values (the processor returns both)")
         if self.pipeline.vision is None:
             encoded = self._inner.get_image_features(pixel_values, grid, return_dict=True)
             out = self._unpruned(encoded)
@@ -169,7 +173,8 @@ class Qwen2_5_VLAdapter(PrunedDecoderAdapter):
         """The strategy on each image's merged tokens (``encoded.pooler_output``: one ``[N_i, D]`` per image),
         seen as one padded row per image with ``lengths``."""
         step = self.pipeline.vision
-        assert step is not None
+        if step is None:
+            raise InternalError("the vision stage ran without a vision step")
         per_image: Sequence[Tensor] = encoded.pooler_output
         features = torch.nn.utils.rnn.pad_sequence(list(per_image), batch_first=True)  # [I, L, D]
         lengths = torch.tensor([p.shape[0] for p in per_image], device=features.device)

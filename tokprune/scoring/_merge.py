@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..errors import InputError
 from ._validate import check_bool, check_float, check_tensor
 
 
@@ -18,7 +19,7 @@ def _check_merge_inputs(features: Tensor, weights: Tensor, keep: Tensor) -> tupl
     b, n, _ = features.shape
     for name, t in (("weights", weights), ("keep", keep)):
         if tuple(t.shape) != (b, n):
-            raise ValueError(f"{name} must have shape [B={b}, N={n}], got {tuple(t.shape)}")
+            raise InputError(f"{name} must have shape [B={b}, N={n}], got {tuple(t.shape)}")
     return b, n
 
 
@@ -26,7 +27,7 @@ def _check_valid(valid: Tensor, b: int, n: int) -> None:
     check_tensor("valid", valid, 2, "[B, N]")
     check_bool("valid", valid)
     if tuple(valid.shape) != (b, n):
-        raise ValueError(f"valid must have shape [B={b}, N={n}], got {tuple(valid.shape)}")
+        raise InputError(f"valid must have shape [B={b}, N={n}], got {tuple(valid.shape)}")
 
 
 def _acc_dtype(features: Tensor) -> torch.dtype:
@@ -69,9 +70,9 @@ def prumerge_merge(
     check_tensor("keys", keys, 3, "[B, N, Ck]")
     check_float("keys", keys)
     if tuple(keys.shape[:2]) != (b, n):
-        raise ValueError(f"keys must have shape [B={b}, N={n}, Ck], got {tuple(keys.shape)}")
+        raise InputError(f"keys must have shape [B={b}, N={n}, Ck], got {tuple(keys.shape)}")
     if not isinstance(k_neighbors, int) or k_neighbors < 0:
-        raise ValueError(f"k_neighbors must be an int >= 0, got {k_neighbors!r}")
+        raise InputError(f"k_neighbors must be an int >= 0, got {k_neighbors!r}")
     k = min(k_neighbors, n - 1)
     if k <= 0:
         return features.clone()
@@ -164,7 +165,7 @@ def merge_mean(x: Tensor, target: Tensor) -> Tensor:
     check_tensor("target", target, 2, "[B, L]")
     b, n, d = x.shape
     if tuple(target.shape) != (b, n):
-        raise ValueError(f"target must have shape [B={b}, L={n}], got {tuple(target.shape)}")
+        raise InputError(f"target must have shape [B={b}, L={n}], got {tuple(target.shape)}")
     acc = _acc_dtype(x)
     moving = target >= 0
     slot = torch.where(moving, target, torch.full_like(target, n))  # column n absorbs the non-moving rows
