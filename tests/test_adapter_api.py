@@ -10,7 +10,7 @@ import tokprune
 from tokprune import Pipeline
 from tokprune import hf_compat as hf
 from tokprune.adapters import ModelAdapter, handle_of, registered_adapters
-from tokprune.adapters.llava import LlavaAdapter
+from tokprune.adapters.llava import LlavaAdapter, vision_transformer
 from tokprune.errors import InputError, MissingCapabilityError, StrategyParamError, UnsupportedModelError
 from tokprune.testing.equivalence import ProbeLastRow, ProbeVisionTopK, check_keep_all_identity
 from tokprune.testing.models import VOCAB, tiny_llava, tiny_llava_config
@@ -275,7 +275,7 @@ def test_cls_strategies_on_a_tower_without_cls_are_refused_naming_what_works(fam
     from tokprune.testing.models import tiny_llava_next
 
     model, _ = tiny_llava(seed=0) if family == "llava" else tiny_llava_next(seed=0)
-    hf.vision_transformer(model.model.vision_tower).embeddings.class_embedding = None  # a tower without CLS
+    vision_transformer(model.model.vision_tower).embeddings.class_embedding = None  # a tower without CLS
     with pytest.raises(MissingCapabilityError, match=rf"reads the CLS token's signals \(qk@-1\).*no CLS token; .*: {working} \("):
         tokprune.patch(model, "topk")
     assert handle_of(model) is None

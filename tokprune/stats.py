@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .errors import UnsupportedModelError
+from .errors import InputError, UnsupportedModelError
 
 __all__ = ["FlopModel", "PruneStats", "WindowedTower", "kv_width", "layer_flops", "mlp_matrices"]
 
@@ -142,7 +142,7 @@ class WindowedTower:
 
     def __post_init__(self) -> None:
         if not 0 <= self.full_blocks <= self.depth or self.window < 1 or self.merge < 1 or self.mergers < 1:
-            raise UnsupportedModelError(
+            raise InputError(
                 f"need 0 <= full_blocks <= depth, window >= 1, merge >= 1, mergers >= 1; got "
                 f"full_blocks={self.full_blocks}, depth={self.depth}, window={self.window}, merge={self.merge}, "
                 f"mergers={self.mergers}"

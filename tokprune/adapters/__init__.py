@@ -9,12 +9,14 @@ After each call ``handle.stats`` holds the :class:`~tokprune.stats.PruneStats` o
 
 from ._base import BUDGET_SCOPES, ModelAdapter, PatchState, handle_of, patch, pruned, unpatch
 from ._registry import AdapterInfo, adapter_registry, describe_adapter, pick_adapter, registered_adapters
+from ._tiny import TinyCase
 
 __all__ = [
     "BUDGET_SCOPES",
     "AdapterInfo",
     "ModelAdapter",
     "PatchState",
+    "TinyCase",
     "adapter_registry",
     "describe_adapter",
     "handle_of",

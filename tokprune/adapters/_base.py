@@ -129,7 +129,7 @@ class ModelAdapter(abc.ABC):
     def tiny(cls, seed: int = 0, attn_implementation: str = "sdpa") -> Any:
         """A tiny random model this adapter matches, for the adapter contract (:mod:`tokprune.testing.adapters`).
 
-        Returns a :class:`tokprune.testing.adapters.TinyCase` (model built from a config, no download,
+        Returns a :class:`tokprune.adapters.TinyCase` (model built from a config, no download,
         and ``make_inputs`` for ragged batches), or None when the adapter offers none (the contract
         suite then reports it as failing).
         """

@@ -39,12 +39,13 @@ What is checked (:data:`CHECKS`; each raises ``AssertionError`` naming what brok
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ..adapters._tiny import TinyCase
 from ..errors import MissingCapabilityError, StrategyParamError
 from ..pipeline import Pipeline
 from ..strategy import LLMContext, LLMPlan, VisionContext, VisionPlan
@@ -54,30 +55,6 @@ __all__ = ["CHECKS", "TinyCase", "cache_equivalence", "check_adapter", "contract
 
 #: Question lengths of the ragged batch (different lengths: left padding differs per row).
 LENGTHS: tuple[int, ...] = (5, 2, 8)
-
-
-@dataclass
-class TinyCase:
-    """A tiny random model of one family and inputs for it (what an adapter's ``tiny()`` returns).
-
-    ``make_inputs(question_lengths, seeds=None)`` returns the model's keyword inputs for one
-    left-padded sample per question length; sample ``i`` drawn from ``seeds[i]`` (default ``i``) equals
-    that row of a batch built with the same seed. ``question_end`` is passed to ``patch`` (or None when
-    the adapter finds the roles itself); ``pad_token_id`` to ``generate``; ``llm_layer`` is a decoder
-    layer the LLM-stage probes may prune before (the models are shallow).
-    """
-
-    model: nn.Module
-    make_inputs: Callable[..., dict[str, Tensor]]
-    pad_token_id: int
-    question_end: Sequence[int] | None = None
-    llm_layer: int = 2
-    #: Placeholder rows no plan drops (LLaVA-NeXT's row newlines): given an image's stock rows ``[P, D]``
-    #: (what the unpatched LLM receives at its placeholders), bool ``[P]``; None: every placeholder is a
-    #: strategy token (the ``tokens`` check, :mod:`tokprune.testing.tokens`).
-    fixed_image_rows: Callable[[Tensor], Tensor] | None = None
-    #: The adapter class the checks patch with (set by :func:`tiny_case`; None: the registered match).
-    adapter: type | None = None
 
 
 def tiny_case(adapter: type, seed: int = 0, attn_implementation: str = "sdpa") -> TinyCase:
