@@ -16,6 +16,7 @@ from .cdpruner import CDPruner
 from .cls_knee import ClsKnee
 from .dart import Dart
 from .divprune import DivPrune
+from .downsample import Downsample
 from .fastv import FastV
 from .prumerge import PruMerge
 from .prumerge_plus import PruMergePlus
@@ -31,6 +32,7 @@ __all__ = [
     "ClsKnee",
     "Dart",
     "DivPrune",
+    "Downsample",
     "FastV",
     "PruMerge",
     "PruMergePlus",
@@ -54,6 +56,7 @@ BUILTINS = (
     PyramidDrop,
     VisPruner,
     CDPruner,
+    Downsample,
 )
 
 

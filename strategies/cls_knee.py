@@ -27,7 +27,7 @@ class ClsKneeParams(CutParams, _ScoreParams):
 class ClsKnee(PruningStrategy):
     """Keep, per sample, the patches above the knee of the descending-sorted CLS-score curve.
 
-    Follows the reference method's stage 1 as read in ``docs/reference-method.md`` (algorithms.md 2.4):
+    Follows the reference method's stage 1 as read in ``docs/reference-method.md``:
 
     1. score every patch against the CLS token at encoder ``layer`` (default: PruMerge's single-head
        CLS attention of the last layer, the score the authors' sibling code computes);

@@ -23,7 +23,7 @@ class FastVParams:
 class FastV(PruningStrategy):
     """Keep the image tokens that receive the most attention at layer K-1; drop the rest for layers >= K.
 
-    Follows ``pkunlp-icler/FastV`` (``modeling_llama.py`` L730-762, algorithms.md 4.2):
+    Follows ``pkunlp-icler/FastV`` (``modeling_llama.py`` L730-762):
 
     1. take the attention probabilities of layer K-1 (here computed from its q/k), average over heads;
     2. ``query="last"``: the last token's row (the reference code); ``question``/``all_text``: the mean

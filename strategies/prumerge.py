@@ -4,6 +4,7 @@ merging and one extra global token."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -30,8 +31,8 @@ class PruMerge(PruningStrategy):
     """Keep the IQR outliers of the CLS attention, merge every token into its key-nearest kept tokens, and
     append one global token built from the pruned ones.
 
-    Follows ``42Shawn/LLaVA-PruMerge`` ``clip_encoder.py::token_prune_merge_advanced`` (L85-171,
-    algorithms.md 3.1-3.2):
+    Follows ``42Shawn/LLaVA-PruMerge`` ``clip_encoder.py::token_prune_merge_advanced`` (L85-171;
+    the IQR rule ``outlier_dectection`` L34-47):
 
     1. ``a = softmax(q_cls . k^T / sqrt(C))[1:]``: single-head surrogate from the full-width q/k of encoder
        ``layer`` (default the last), ``[B, N]``; ``score`` swaps in another CLS score (the head mean, or the
@@ -62,6 +63,9 @@ class PruMerge(PruningStrategy):
     stage = Stage.VISION
     ragged_vision = True
     Params = PruMergeParams
+
+    def positions(self) -> Literal["compact"]:
+        return "compact"  # the reference returns a shorter image block to the LLM: contiguous ids
 
     def requires(self) -> frozenset[Signal]:
         # The merge always needs the layer's keys; the score may read another signal.

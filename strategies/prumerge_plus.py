@@ -36,7 +36,7 @@ class PruMergePlus(PruMerge):
     flattened grid, then merge and add the extra token exactly as ``prumerge``.
 
     Follows ``42Shawn/LLaVA-PruMerge`` ``clip_encoder.py::token_prune_merge_advanced_plus`` (L174-281,
-    adaptive path, algorithms.md 3.3): ``ratio = outliers / N``, ``step = int(1 / ratio)``, candidates
+    adaptive path): ``ratio = outliers / N``, ``step = int(1 / ratio)``, candidates
     ``arange(0, N - 1, int(step / 3))``, outliers first, candidates not already kept added.
     Example: 32 outliers of 576 -> step 18 -> stride 6 -> columns {0, 6, 12, 18} of every row.
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Literal
 
 import torch
 
@@ -11,6 +12,9 @@ from tokprune.errors import StrategyContractError
 from tokprune.scoring import keep_top
 
 from ._llm import QuerySet, received
+
+Scores = Literal["own", "previous"]
+Positions = Literal["compact", "keep"]
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,16 @@ class PyramidDropParams:
     )
     query: QuerySet = param(
         "last", "query rows: last (the last instruction token, the reference at inference), question, all_text"
+    )
+    scores: Scores = param(
+        "own",
+        "whose q/k score stage s: own (layer K_s's input norm, q_proj/k_proj and RoPE on the states entering "
+        "it, the reference) or previous (layer K_s - 1's, FastV's convention, no extra projection)",
+    )
+    positions: Positions = param(
+        "compact",
+        "survivors' position ids after each stage: compact (renumbered contiguously, the reference) or keep "
+        "(their original ids); overrides the adapter's llm_positions for this step",
     )
 
     def __post_init__(self) -> None:
@@ -52,9 +66,11 @@ class PyramidDrop(PruningStrategy):
     L1291-1465 (``pdrop_rank_drop``; the query at L1350-1353), with ``image_token_ratio_list.insert(0, 1.0)`` in
     ``llava/eval/model_vqa_loader.py`` L94-96:
 
-    1. at stage ``s``, the query is the last instruction token (the last prompt token, inference path);
+    1. at stage ``s``, layer ``K_s``'s input norm, ``q_proj``/``k_proj`` and RoPE run on the states
+       entering ``K_s``; the query is the last instruction token (the last prompt token, inference path);
     2. its softmax attention over every key (causal mask), averaged over heads, read on the image span;
-    3. keep the top ``int(n_0 * keep_ratio[s])`` image tokens, in sequence order; text is never dropped.
+    3. keep the top ``int(n_0 * keep_ratio[s])`` image tokens, in sequence order; text is never dropped;
+    4. the survivors' positions are renumbered contiguously.
 
     A schedule: ``layer`` and ``keep_ratio`` are tuples, one entry per stage, written in parentheses in
     a spec (``pyramiddrop(layer=(2, 3), keep_ratio=(0.5, 0.25))``; brackets would be a sweep). The
@@ -63,9 +79,21 @@ class PyramidDrop(PruningStrategy):
     Budget: counts are image tokens per sample. The defaults are the reference's LLaVA-1.5-7B (32 layers)
     schedule; a smaller model needs its own (the embedded model has 4 layers: ``layer=(1, 2, 3)``).
 
-    Deviations: scores come from the q/k of layer ``K_s - 1`` (FastV's convention; the reference runs
-    layer ``K_s``'s own ``q_proj``/``k_proj`` on the states entering it, an extra projection the
-    context does not offer). The count at a later stage is taken from the image tokens present,
+    The reference's computation, and the switches (default = the reference's choice):
+
+    ==================  ==============================================  ===========================
+    what                reference                                       switch
+    ==================  ==============================================  ===========================
+    scoring q/k         layer K_s's own input norm, q/k proj, RoPE      ``scores=own|previous``
+                        on the states entering K_s (L1320-1342)
+    query               the last instruction token (L1389-1392)         ``query=last|question|all_text``
+    positions           renumbered 0..len-1 after each stage            ``positions=compact|keep``
+                        (L1445-1446)
+    ==================  ==============================================  ===========================
+
+    Deviations: while decoding, the reference's later layers continue at the unpruned length (its
+    position ids come from layer 0's cache); ``compact`` here continues right after the last kept
+    position (docs/adapters.md). The count at a later stage is taken from the image tokens present,
     ``floor(n_s * r_s / r_{s-1})``: the reference's ``int(n_0 * r_s)`` whenever ``n_0 * r_{s-1}`` is whole
     (576 with 0.5, 0.25, 0.125), and batch-safe after a vision stage changed ``n_0`` per sample. At
     least one image token survives every stage. Per sample, on left-padded batches (the reference
@@ -79,12 +107,13 @@ class PyramidDrop(PruningStrategy):
     stage = Stage.LLM
     Params = PyramidDropParams
 
+    def positions(self) -> Positions:
+        return self.params.positions
+
     def plan(self, ctx: LLMContext) -> LLMPlan:
         p = self.params
         if ctx.layer not in p.layer:
-            raise StrategyContractError(
-                f"pyramiddrop scheduled at layers {p.layer} was called at layer {ctx.layer}"
-            )
+            raise StrategyContractError(f"pyramiddrop scheduled at layers {p.layer} was called at layer {ctx.layer}")
         stage = p.layer.index(ctx.layer)
         # the fraction of the tokens entering this stage that survive it
         ratio = p.keep_ratio[stage] / (p.keep_ratio[stage - 1] if stage else 1.0)
@@ -92,6 +121,13 @@ class PyramidDrop(PruningStrategy):
         n = image.sum(dim=1)
         counts = torch.floor(n.double() * ratio + 1e-9).long()
         counts = torch.minimum(torch.clamp(counts, min=1), n)
+        if p.scores == "own":
+            if ctx.layer_attention is None:
+                raise StrategyContractError(
+                    "pyramiddrop(scores=own) needs the adapter's LLMContext.layer_attention (layer K's own q/k); "
+                    "this context has none: use scores=previous"
+                )
+            ctx = replace(ctx, attention=ctx.layer_attention())
         scores = received(ctx, p.query)
         keep = keep_top(scores, counts, image) | ~image
         return LLMPlan(keep=keep, diagnostics={"scores": scores, "keep_count": counts})

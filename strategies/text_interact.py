@@ -48,12 +48,12 @@ class TextInteractParams(CutParams, _QueryParams):
 class TextInteract(PruningStrategy):
     """Before decoder layer K, drop the image and question tokens the question attends to least.
 
-    Follows the reference method's stage 2 as read in ``docs/reference-method.md`` (algorithms.md 2.4):
+    Follows the reference method's stage 2 as read in ``docs/reference-method.md``:
 
     1. query rows ``query`` (default: the question tokens and the last prompt token) attend at layer K-1;
        each position's score is their head-mean attention to it, averaged over the queries that can
        *see* it (causal normalisation: a plain sum would favour early tokens, visible to more queries).
-       ``score=cosine`` (the ablation of algorithms.md 2.4) scores instead the cosine similarity of each
+       ``score=cosine`` (the ablation docs/reference-method.md names) scores instead the cosine similarity of each
        hidden state entering layer K to the mean hidden state of the query rows;
     2. the candidates (``image+text``: IMAGE and QUESTION positions; ``image``: IMAGE only) are cut at the
        knee of their descending-sorted scores (``cut``, same rules and fallback as ``cls_knee``);

@@ -4,6 +4,7 @@ after near-duplicate removal."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -59,6 +60,9 @@ class VisPruner(PruningStrategy):
     stage = Stage.VISION
     ragged_vision = True
     Params = VisPrunerParams
+
+    def positions(self) -> Literal["compact"]:
+        return "compact"  # the reference drops the pruned tokens before inserting the image: contiguous ids
 
     def requires(self) -> frozenset[Signal]:
         return frozenset({Signal("qk", self.params.layer)})

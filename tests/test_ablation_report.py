@@ -121,3 +121,27 @@ def test_adaptive_cut_diagnostics():
     assert (d["cls_knee"]["cut_p10"], d["cls_knee"]["cut_p50"], d["cls_knee"]["cut_p90"]) == pytest.approx((9.2, 14, 18.8))
     assert d["prumerge"]["fallback"] == pytest.approx(1 / 3) and d["prumerge"]["cut_p50"] == 5
     assert adaptive_cuts([]) == {}
+
+
+def test_the_reference_methods_readings_get_a_section_best_area_first():
+    knob = "cls_knee.min_keep"
+    rows = [
+        _row("none", BASE, role="baseline"),
+        _row("cls_knee(min_keep=14)+text_interact", BAD, 0.1, knob, 0.1),
+        _row("cls_knee(min_keep=72)+text_interact", BAD, 0.5, knob, 0.5),
+        _row("cls_knee(score=cls_attn_mean, min_keep=14)+text_interact", GOOD, 0.1, knob, 0.1),
+        _row("cls_knee(score=cls_attn_mean, min_keep=72)+text_interact", BASE, 0.5, knob, 0.5),
+        _row("topk(keep=14)", BASE, 0.1, "topk.keep", 0.1),
+        _row("topk(keep=72)", BASE, 0.5, "topk.keep", 0.5),
+    ]
+    text = report.summary_text(rows)
+    section = text.split("### The reference method's readings")[1].split("###")[0]
+    lines = [line for line in section.splitlines() if line.startswith("| `")]
+    assert [line.split("`")[1] for line in lines] == [
+        "cls_knee(score=cls_attn_mean)+text_interact",  # the better area first
+        "cls_knee+text_interact",
+    ]
+    assert "(default)" in lines[1] and "topk" not in section
+    assert lines[0].endswith("| 0.900 | 0.950 |") and "| 0.700 | 0.700 |" in lines[1]
+    # A study with one reading (or none) gets no section.
+    assert "readings" not in report.summary_text([r for r in rows if "score=" not in r["label"]])

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+import scipy.stats
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -14,6 +15,7 @@ from tokprune.ablation.statistics import (
     mcnemar_exact,
     normalized_auc,
     paired_counts,
+    wilson_formula,
     wilson_interval,
 )
 
@@ -109,3 +111,101 @@ def test_indistinguishable_keeps_the_best_and_runs_not_separated() -> None:
     assert indistinguishable(acc, {"b": 0.3, "c": 0.001}) == ["a", "b"]
     assert indistinguishable(acc, {"b": 0.01, "c": 0.001}) == ["a"]
     assert indistinguishable({}, {}) == []
+
+
+# -- scipy against the formulas the report printed before it (issue 26: equal to 1e-9) -----------------
+
+
+def _wilson_before(successes: float, n: int, z: float = Z) -> tuple[float, float]:
+    """The report's Wilson interval before scipy: the closed formula in pure Python."""
+    p = successes / n
+    z2 = z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _wald(successes: float, n: int, z: float = Z) -> tuple[float, float]:
+    """A wrong interval (the normal approximation) the comparison must reject."""
+    p = successes / n
+    half = z * math.sqrt(p * (1 - p) / n)
+    return max(0.0, p - half), min(1.0, p + half)
+
+
+def _mcnemar_before(b: int, c: int) -> float:
+    """The report's exact McNemar p-value before scipy: an exact integer sum."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2**n)
+
+
+@pytest.mark.parametrize("n", [1, 7, 16, 125, 500, 2000])
+def test_wilson_from_scipy_equals_the_formula_printed_before(n: int) -> None:
+    for k in range(n + 1):
+        assert wilson_interval(k, n) == pytest.approx(_wilson_before(k, n), abs=1e-9, rel=0), (k, n)
+        assert wilson_interval(float(k), n) == wilson_interval(k, n)  # 0/1 scores arrive as float sums
+    # The comparison has teeth: the Wald interval differs by far more than 1e-9 away from p = 0, 1/2, 1.
+    assert wilson_interval(450, 500) != pytest.approx(_wald(450, 500), abs=1e-9)
+
+
+@pytest.mark.parametrize(("k", "n"), [(0, 10), (3, 10), (10, 10), (450, 500), (1, 2000)])
+def test_our_wilson_formula_equals_scipy_where_both_apply(k: int, n: int) -> None:
+    ci = scipy.stats.binomtest(k, n).proportion_ci(confidence_level=0.9, method="wilson")
+    assert wilson_formula(k, n, confidence=0.9) == pytest.approx((ci.low, ci.high), abs=1e-12)
+
+
+def test_fractional_counts_use_the_formula() -> None:
+    # VQA-style scores sum to a fraction, which scipy's binomtest refuses: the same formula answers.
+    assert wilson_interval(2.5, 10) == pytest.approx(_wilson_before(2.5, 10), abs=1e-12)
+    assert wilson_interval(2.5, 10) == wilson_formula(2.5, 10)
+
+
+def test_mcnemar_from_scipy_equals_the_exact_sum_printed_before() -> None:
+    pairs = [(b, c) for b in range(0, 61, 3) for c in range(0, 61, 4)] + [(0, 500), (900, 1100), (250, 250), (1, 499)]
+    for b, c in pairs:
+        before = _mcnemar_before(b, c)
+        assert mcnemar_exact(b, c) == pytest.approx(before, abs=1e-9, rel=1e-9), (b, c)
+    # One-sided by mistake would halve every p-value below 1: the comparison rejects it.
+    one_sided = scipy.stats.binomtest(3, 30, 0.5, alternative="less").pvalue
+    assert one_sided != pytest.approx(_mcnemar_before(3, 30), abs=1e-9)
+
+
+def _auc_before(xs, ys, low, high):
+    """The report's curve area before numpy/scipy: interpolation and trapezoids in pure Python."""
+    by_x = {}
+    for x, y in zip(xs, ys):
+        by_x.setdefault(float(x), []).append(float(y))
+    px = sorted(by_x)
+    py = [sum(by_x[x]) / len(by_x[x]) for x in px]
+    if px[0] > low or px[-1] < high:
+        return None
+
+    def at(x):
+        for (x0, y0), (x1, y1) in zip(zip(px, py), zip(px[1:], py[1:])):
+            if x0 <= x <= x1:
+                return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+        raise AssertionError(x)
+
+    cut = [low, *[x for x in px if low < x < high], high]
+    vals = [at(x) for x in cut]
+    return sum((x1 - x0) * (y0 + y1) / 2 for x0, x1, y0, y1 in zip(cut, cut[1:], vals, vals[1:])) / (high - low)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.floats(0, 1), st.floats(0, 1)), min_size=2, max_size=10))
+def test_normalized_auc_equals_the_area_printed_before(points: list[tuple[float, float]]) -> None:
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    if max(xs) - min(xs) < 1e-6:
+        return
+    low, high = min(xs) + (max(xs) - min(xs)) * 0.2, max(xs)
+    assert normalized_auc(xs, ys, low, high) == pytest.approx(_auc_before(xs, ys, low, high), abs=1e-9)
+
+
+def test_the_report_metrics_equal_the_numbers_printed_before() -> None:
+    from tokprune.ablation.metrics import accuracy_by_type_ci
+
+    records = [{"qtype": "ab"[i % 2], "score": float(i % 3 != 0)} for i in range(500)]
+    for qtype, ci in accuracy_by_type_ci(records).items():
+        scores = [r["score"] for r in records if r["qtype"] == qtype]
+        assert ci == pytest.approx(list(_wilson_before(sum(scores), len(scores))), abs=1e-9)

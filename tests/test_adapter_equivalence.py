@@ -2,22 +2,30 @@
 
 * cache == no cache (greedy, token for token), for every registered strategy and the composites (the tiny
   model is an sdpa model: the attention-free methods, and the q/k-scored ones, never switch to eager);
+* batch == solo for every registered strategy and the composites in every call form (``generate``,
+  ``model(...)`` with and without ``position_ids``) on a batch whose padding amounts differ by more than
+  RoPE's shortest period; deliberately broken variants fail it;
 * batch == solo for ragged keep counts at both stages, in both position modes.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 import tokprune
-from tokprune import Pipeline
+from tokprune import LLMAttention, Pipeline, strategies
 from tokprune.testing.equivalence import (
+    CALL_FORMS,
+    WIDE_LENGTHS,
     ProbeLastRow,
     ProbeVisionTopK,
     check_batch_equivalence,
     check_cache_equivalence,
 )
+from tokprune.testing.models import tiny_text_encoder
 
 COMPOSITES = [
     "cls_knee+text_interact",
@@ -54,7 +62,54 @@ def test_cache_equals_no_cache(spec):
 
 @pytest.mark.parametrize("spec", SPECS)
 def test_batch_equals_solo(spec):
-    check_batch_equivalence(spec)
+    check_batch_equivalence(spec, lengths=WIDE_LENGTHS)
+
+
+def test_batch_equals_solo_with_the_instruction_read_through_a_clip_text_tower():
+    # the 30-word question spans several text segments; each image is conditioned on its own question
+    check_batch_equivalence("cdpruner", lengths=WIDE_LENGTHS, text_encoder=lambda model: tiny_text_encoder())
+
+
+class _PaddedKeysDart(strategies.get("dart")[0].__class__):
+    """DART ranking its pivots by the L1 norms of keys rotated where the batch put them (the bug fixed)."""
+
+    name = "dart_padded_keys"
+
+    def plan(self, ctx):
+        att = ctx.attention
+        as_run = LLMAttention(att.q, att.k, att.key_padding_mask, att.scale)  # keys_from_start() is k
+        return super().plan(dataclasses.replace(ctx, attention=as_run))
+
+
+class _BatchCentredDivPrune(strategies.get("divprune")[0].__class__):
+    """DivPrune on features centred by the batch's mean (a statistic that crosses samples)."""
+
+    name = "divprune_batch_centred"
+
+    def plan(self, ctx):
+        centred = ctx.features - ctx.features.mean(dim=(0, 1), keepdim=True)
+        return super().plan(dataclasses.replace(ctx, features=centred, project=None))
+
+
+BROKEN = {
+    # (wrong variant, the call form that exposes it, the correct spec)
+    "dart_padded_keys": (_PaddedKeysDart(keep_ratio=0.25), "forward", "dart(keep_ratio=0.25)"),
+    "divprune_batch_centred": (_BatchCentredDivPrune(features="encoder"), "generate", "divprune(features=encoder)"),
+}
+
+
+@pytest.mark.parametrize("name", list(BROKEN))
+def test_batch_equals_solo_fails_broken_variants(name):
+    broken, form, fixed = BROKEN[name]
+    with pytest.raises(AssertionError, match=rf"\({form}\): sample \d"):
+        check_batch_equivalence(Pipeline([broken]), lengths=WIDE_LENGTHS, call_forms=[form])
+    check_batch_equivalence(fixed, lengths=WIDE_LENGTHS, call_forms=[form])  # the failure is the bug's
+
+
+def test_call_forms_are_checked():
+    assert CALL_FORMS == ("generate", "forward_positions", "forward")
+    with pytest.raises(ValueError, match="unknown call forms"):
+        check_batch_equivalence("random", call_forms=["forwards"])
 
 
 @pytest.mark.parametrize("positions", list(POSITIONS), ids=list(POSITIONS))
@@ -88,6 +143,20 @@ def test_compact_positions_change_the_answer():
         with tokprune.pruned(model, "topk(keep_ratio=0.25)", vision_positions=mode):
             logits[mode] = model(**inputs).logits[:, -1]
     assert not logits["keep"].allclose(logits["compact"])
+
+
+@pytest.mark.parametrize("name", ["divprune", "cdpruner", "vispruner", "prumerge", "prumerge_plus"])
+def test_vision_methods_whose_reference_shortens_the_image_block_renumber_by_default(name):
+    from tokprune.testing.models import tiny_llava
+
+    model, make_inputs = tiny_llava(seed=0)
+    inputs = make_inputs()
+    logits = {}
+    for mode in (None, "compact", "keep"):
+        with torch.no_grad(), tokprune.pruned(model, name, vision_positions=mode):
+            logits[mode] = model(**inputs).logits[:, -1]
+    assert torch.equal(logits[None], logits["compact"])
+    assert not logits[None].allclose(logits["keep"])
 
 
 def test_schedule_prunes_at_each_layer_and_merging_changes_only_the_merged_states():

@@ -280,7 +280,7 @@ def test_families_with_variable_image_sizes_refuse_fixed_size_vision_strategies(
     from tokprune.adapters.llava import LlavaAdapter
     from tokprune.errors import MissingCapabilityError
 
-    class FixedSize(PruningStrategy):  # assumes N tokens per image: no ragged_vision (every built-in has it)
+    class FixedSize(PruningStrategy):  # assumes N tokens per image: no ragged_vision (as downsample)
         name = "fixed_size_probe"
         stage = Stage.VISION
 

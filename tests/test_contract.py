@@ -46,6 +46,7 @@ VARIANTS: dict[str, list[str]] = {
     "fastv": ["fastv(keep=3)", "fastv(query=question, keep_ratio=0.25)", "fastv(query=all_text, layer=4)"],
     "topk": ["topk(keep=10, score=cls_sim)", "topk(keep_ratio=1.0)", "topk(keep_ratio=0.1, score=cls_attn_mean)"],
     "random": ["random(keep=5, seed=3)", "random(keep_ratio=0.5, seed=12345)"],
+    "downsample": ["downsample(keep=9)", "downsample(keep=7)", "downsample(keep_ratio=0.5)"],
     "divprune": ["divprune(keep=7)", "divprune(keep_ratio=0.5)", "divprune(keep_ratio=1.0)"],
     "vispruner": [
         "vispruner(keep=9)",

@@ -6,6 +6,7 @@ import dataclasses
 import importlib
 import importlib.metadata
 import inspect
+import re
 import warnings
 
 import pytest
@@ -334,3 +335,14 @@ def test_hf_compat_holds_only_what_every_family_shares():
     for cls, _ in registered_adapters():
         module = importlib.import_module(cls.__module__)
         assert callable(getattr(cls, "tiny", None)) and module.__name__.startswith("tokprune.adapters.")
+
+
+def test_tokprune_adapters_reports_whether_the_installed_release_is_tested(capsys, monkeypatch):
+    from tokprune import cli
+
+    monkeypatch.setattr(hf, "transformers_version", lambda: "5.25.0")  # the newest release tested
+    assert cli.main(["adapters"]) == 0
+    assert re.search(r"^llava .*>= 5\.6\.0: yes, tested ", capsys.readouterr().out, re.M)
+    monkeypatch.setattr(hf, "transformers_version", lambda: hf.TESTED_MAX + ".0")  # the first one not tested
+    assert cli.main(["adapters"]) == 0
+    assert re.search(rf"^llava .*: yes, untested \({re.escape(hf.TESTED_MAX)}\.0\)", capsys.readouterr().out, re.M)

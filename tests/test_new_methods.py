@@ -101,7 +101,9 @@ def vispruner_reference(image_features, image_attentions, visual_token_num, impo
         distinct_indices = scores.argsort(dim=-1, descending=True, stable=True)[:, r:]
         residual_indices = torch.cat(
             [
-                residual_indices[..., ::2][torch.arange(bsz).unsqueeze(-1).expand(-1, r_all // 2 - r), distinct_indices],
+                residual_indices[..., ::2][
+                    torch.arange(bsz).unsqueeze(-1).expand(-1, r_all // 2 - r), distinct_indices
+                ],
                 residual_indices[..., 1::2],
             ],
             dim=-1,
@@ -185,15 +187,21 @@ def test_cdpruner_uniform_relevance_is_the_plain_dpp():
 
 def llm_ctx(seed: int, n_image: int = 24, n_question: int = 6, heads: int = 2, head_dim: int = 8, layer: int = 2):
     gen = torch.Generator().manual_seed(seed)
-    blocks = [(TokenRole.TEMPLATE, 2), (TokenRole.IMAGE, n_image), (TokenRole.QUESTION, n_question),
-              (TokenRole.TEMPLATE, 2), (TokenRole.PROTECTED, 1)]
+    blocks = [
+        (TokenRole.TEMPLATE, 2),
+        (TokenRole.IMAGE, n_image),
+        (TokenRole.QUESTION, n_question),
+        (TokenRole.TEMPLATE, 2),
+        (TokenRole.PROTECTED, 1),
+    ]
     roles = torch.cat([torch.full((c,), int(r)) for r, c in blocks])[None].repeat(B, 1)
     length = roles.shape[1]
     hidden = torch.randn(B, length, 12, generator=gen, dtype=torch.float64)
     q = torch.randn(B, heads, length, head_dim, generator=gen, dtype=torch.float64)
     k = torch.randn(B, heads, length, head_dim, generator=gen, dtype=torch.float64)
     valid = torch.ones(B, length, dtype=torch.bool)
-    return LLMContext(layer=layer, roles=roles, hidden=hidden, attention=LLMAttention(q, k, valid))
+    attention = LLMAttention(q, k, valid)  # also layer K's own rows here (pyramiddrop's scores=own)
+    return LLMContext(layer=layer, roles=roles, hidden=hidden, attention=attention, layer_attention=lambda: attention)
 
 
 # DART: xqy1111111/DART (fork of ZichenWen1/DART) modeling_llama_self.py L20-74
@@ -224,7 +232,7 @@ def dart_reference(last_layer_state, k_states, start, length, max_num_trunction,
 def test_dart_matches_the_reference(max_num_trunction):
     ctx = llm_ctx(5)
     keep = 4 + 8 * (max_num_trunction // 8)  # the reference keeps its 4 image pivots on top of its budget
-    plan = strategy(f"dart(keep={keep})")(ctx)
+    plan = strategy(f"dart(keep={keep}, pivot_order=position)")(ctx)  # the transliteration walks sorted(set)
     image = ctx.role_mask(TokenRole.IMAGE)
     for b in range(B):
         expected = dart_reference(ctx.hidden[b : b + 1], ctx.attention.k[b : b + 1], 2, 24, max_num_trunction)
@@ -292,7 +300,7 @@ def test_pyramiddrop_rejects_malformed_schedules():
         strategy("pyramiddrop(layer=(2, 4), keep_ratio=(0.25, 0.5))")
     with pytest.raises(ValueError, match="lists are sweeps"):
         strategy("pyramiddrop(layer=[2, 4], keep_ratio=(0.5, 0.25))")
-    spec = "pyramiddrop(layer=(2, 4), keep_ratio=(0.5, 0.25), query=last)"
+    spec = "pyramiddrop(layer=(2, 4), keep_ratio=(0.5, 0.25), query=last, scores=own, positions=compact)"
     assert str(strategies.get(spec)) == spec  # the canonical spec round-trips with its schedules
     assert strategies.get(str(strategies.get(spec))) == strategies.get(spec)
 

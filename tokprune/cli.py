@@ -54,7 +54,9 @@ def _cmd_adapters(args: argparse.Namespace) -> int:
     rows = []
     for cls, source in found:
         minimum = cls.min_transformers or hf.TESTED_MIN
-        status = f">= {minimum}: " + (f"no ({installed} installed)" if hf.older_than(minimum) else "yes")
+        # "tested": the installed release is in the range CI tests (hf_compat.TESTED_RANGE, pyproject's cap)
+        works = "yes, tested" if hf.in_tested_range() else f"yes, untested ({installed})"
+        status = f">= {minimum}: " + (f"no ({installed} installed)" if hf.older_than(minimum) else works)
         origin = f"{source.name} ({source.distribution} {source.version})" if source.distribution else source.name
         summary = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
         rows.append((cls.name, origin, status, ",".join(cls.budget_scopes), summary))

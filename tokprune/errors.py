@@ -61,7 +61,8 @@ class AdapterNameClash(TokpruneError, ValueError):
 
 
 class PluginError(TokpruneError, TypeError):
-    """A plugin registered something that is not what its hook takes (wrong class, abstract, bad name)."""
+    """An object of the wrong kind handed to tokprune: a plugin registered something its hook does not take
+    (wrong class, abstract, bad name), or a ``patch()`` option got the wrong type (``text_encoder``)."""
 
 
 class StrategyContractError(TokpruneError, RuntimeError):

@@ -69,7 +69,7 @@ __all__ = [
 #: Oldest transformers release the whole suite passes on (checked by CI's "minimum" leg).
 TESTED_MIN = "5.6.0"
 #: First minor release *not* tested yet: raised only after CI's canary passes on it.
-TESTED_MAX = "5.25"
+TESTED_MAX = "5.26"
 TESTED_RANGE = f">={TESTED_MIN},<{TESTED_MAX}"
 
 #: The cache keyword, newest spelling first (5.24 renamed ``past_key_values`` to ``cache``).
@@ -347,6 +347,21 @@ def qk_modules(attn: nn.Module) -> tuple[nn.Module, nn.Module]:
     if all(isinstance(m, nn.Module) for m in pair):
         return pair  # type: ignore[return-value]
     return attn.q_proj, attn.k_proj
+
+
+def layer_qk(layer: nn.Module, hidden: Tensor) -> tuple[Tensor, Tensor]:
+    """The query and key decoder ``layer`` computes from ``hidden`` ``[B, L, D]``, before RoPE:
+    ``([B, H, L, head_dim], [B, Hkv, L, head_dim])``; its input norm, ``q_proj``/``k_proj`` and, where the
+    attention has them, its q/k norms (Qwen3), as the layer's own forward applies them."""
+    attn = layer.self_attn
+    x = layer.input_layernorm(hidden)
+    b, n, _ = hidden.shape
+    q = attn.q_proj(x).view(b, n, -1, attn.head_dim)
+    k = attn.k_proj(x).view(b, n, -1, attn.head_dim)
+    norms = tuple(getattr(attn, name, None) for name in ("q_norm", "k_norm"))
+    if all(isinstance(m, nn.Module) for m in norms):
+        q, k = norms[0](q), norms[1](k)
+    return q.transpose(1, 2), k.transpose(1, 2)
 
 
 def call_decoder_layer(

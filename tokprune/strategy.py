@@ -37,6 +37,7 @@ __all__ = [
     "PruningStrategy",
     "Signal",
     "Stage",
+    "TextCondition",
     "TokenRole",
     "VisionContext",
     "VisionPlan",
@@ -198,6 +199,22 @@ class VisionSignals:
 
 
 @dataclass(frozen=True)
+class TextCondition:
+    """The instruction of each image, embedded with a CLIP text model beside the image's patches
+    (``VisionContext.text``, for instruction-conditioned strategies such as CDPruner)."""
+
+    #: ``[B, N, E]``: each patch in the joint image-text space (the tower's post-layernorm and the CLIP
+    #: visual projection applied to ``features``).
+    patches: Tensor
+    #: ``[B, M, E]``: the CLIP text embeddings of the image's question, one per 77-token segment.
+    text: Tensor
+    #: bool ``[B, M]``: which segments are real (questions of different lengths).
+    text_valid: Tensor
+    #: What produced them, for the stats' diagnostics (e.g. the text model's class).
+    source: str = "clip"
+
+
+@dataclass(frozen=True)
 class VisionContext:
     """Input of a vision-stage strategy for one batch."""
 
@@ -211,6 +228,17 @@ class VisionContext:
     #: resolution): row ``b`` holds them in ``[:lengths[b]]``, the rest is padding that must not be kept.
     #: None: every row is full (``N`` tokens each). Only strategies with ``ragged_vision`` receive it.
     lengths: Tensor | None = None
+    #: The family's projector as a per-token map ``[B, N, C] -> [B, N, D]`` into the LLM's input space;
+    #: None: ``features`` already are the tokens the LLM receives (Qwen's merger runs before pruning).
+    project: Callable[[Tensor], Tensor] | None = None
+    #: Each image's instruction embedded for strategies whose :meth:`PruningStrategy.reads_instruction`
+    #: is true, where the patch was given a text encoder; None otherwise (the strategy's stand-in runs).
+    text: TextCondition | None = None
+
+    def projected(self) -> Tensor:
+        """The tokens the LLM would receive, ``[B, N, D]``: ``project(features)`` (``features`` without a
+        projector). Methods whose reference selects after the projector (DivPrune, CDPruner) read these."""
+        return self.features if self.project is None else self.project(self.features)
 
     @property
     def batch_size(self) -> int:
@@ -259,8 +287,32 @@ class LLMAttention:
     for real tokens. Causal masking is applied; grouped-query heads are expanded.
     """
 
-    def __init__(self, q: Tensor, k: Tensor, key_padding_mask: Tensor, scale: float | None = None) -> None:
+    def __init__(
+        self,
+        q: Tensor,
+        k: Tensor,
+        key_padding_mask: Tensor,
+        scale: float | None = None,
+        keys_from_start: Callable[[], Tensor] | None = None,
+    ) -> None:
         self.q, self.k, self.key_padding_mask, self.scale = q, k, key_padding_mask, scale
+        self._keys_from_start = keys_from_start
+        self._solo_keys: Tensor | None = None
+
+    def keys_from_start(self) -> Tensor:
+        """Keys ``[B, Hkv, L, D]`` rotated at each sample's positions counted from its first token (its
+        position ids minus its first one): the keys the sample has when it runs alone, unpadded.
+
+        Attention scores depend on position differences only, but the *norms* of RoPE-rotated keys
+        change when every position shifts by the same amount (left padding without ``position_ids``
+        shifts them): a strategy ranking keys by a norm (DART's pivots) reads these so that a padded
+        batch ranks as each sample alone does. ``k`` itself where the adapter offers no re-rotation.
+        """
+        if self._keys_from_start is None:
+            return self.k
+        if self._solo_keys is None:
+            self._solo_keys = self._keys_from_start()
+        return self._solo_keys
 
     def rows(self, query_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Attention probabilities of the positions selected by ``query_mask`` (bool ``[B, L]``).
@@ -312,6 +364,17 @@ class LLMContext:
     attention: LLMAttention
     #: Position ids of the current positions, long ``[B, L]``.
     position_ids: Tensor | None = None
+    #: The language model's final norm (``norm(h)``, weights included, what the LM head reads), for
+    #: strategies whose reference compares normalised states (DART); None: the identity.
+    final_norm: Callable[[Tensor], Tensor] | None = None
+    #: Attention rows of layer K *itself*, computed on call from layer K's input norm, q/k projections
+    #: (and q/k norms) and RoPE applied to ``hidden`` (PyramidDrop's scores); None where the adapter
+    #: offers none.
+    layer_attention: Callable[[], LLMAttention] | None = None
+
+    def normed_hidden(self) -> Tensor:
+        """``final_norm(hidden)`` ``[B, L, D]`` (``hidden`` where no norm is given)."""
+        return self.hidden if self.final_norm is None else self.final_norm(self.hidden)
 
     def role_mask(self, *roles: TokenRole) -> Tensor:
         """bool ``[B, L]``: positions whose role is one of ``roles``."""
@@ -374,6 +437,19 @@ class PruningStrategy(abc.ABC):
     def requires(self) -> frozenset[Signal]:
         """Encoder signals this configuration reads (vision stage). Default: none."""
         return frozenset()
+
+    def reads_instruction(self) -> bool:
+        """True when this configuration reads the instruction at the vision stage (``VisionContext.text``,
+        e.g. CDPruner's CLIP text relevance): the adapter then embeds each image's question, where the
+        patch was given a text encoder. Default: False."""
+        return False
+
+    def positions(self) -> Literal["keep", "compact"] | None:
+        """The position mode of this step's survivors when the method's reference fixes one: a vision
+        step whose code shortens the image block before the LLM (``compact``), used where the caller
+        leaves ``vision_positions`` unset; an LLM step's own choice (PyramidDrop renumbers), which wins
+        over ``llm_positions``. None: the adapter's option. Default: None."""
+        return None
 
     @abc.abstractmethod
     def plan(self, ctx: Any) -> Any:

@@ -38,6 +38,9 @@ REFERENCE_METHOD = "cls_knee+text_interact"
 DEFAULT_STRATEGIES = (
     "none",
     REFERENCE_METHOD,
+    # the readings docs/reference-method.md names as switches of stage 1's score (default: cls_attn)
+    "cls_knee(score=cls_attn_mean)+text_interact",
+    "cls_knee(score=cls_sim)+text_interact",
     "cls_knee",
     "prumerge",
     "prumerge_plus",
@@ -45,6 +48,7 @@ DEFAULT_STRATEGIES = (
     "fastv(layer=1)",  # K=2 cannot go below 50% equivalent tokens on a 4-layer LLM; K=1 reaches 25%
     "topk(score=cls_attn_mean)",
     "random",
+    "downsample",  # VTC-Bench's baseline: the patch grid pooled to the budget
     "dart",
     "divprune",
     # PyramidDrop's default schedule is for 32-layer LLMs; the embedded model has 4 decoder layers
@@ -57,6 +61,7 @@ AXES = ("equiv_tokens", "flops", "kept_tokens")
 DEFAULT_KNOBS = {
     "topk": "keep",
     "random": "keep",
+    "downsample": "keep",
     "fastv": "keep",
     "cls_knee": "min_keep",
     "prumerge": "iqr_factor",
@@ -117,6 +122,7 @@ class MatchBudgetConfig:
         default_factory=lambda: {
             "topk": "keep",
             "random": "keep",
+            "downsample": "keep",
             "fastv": "keep",
             "dart": "keep",
             "divprune": "keep",

@@ -29,6 +29,7 @@ __all__ = [
     "method_of",
     "paired_tests",
     "pareto_front",
+    "readings_text",
     "table_rows",
     "write_reports",
 ]
@@ -306,6 +307,39 @@ def budget_summary(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def readings_text(rows: Sequence[dict[str, Any]], summary: Sequence[dict[str, Any]]) -> list[str]:
+    """Lines comparing the reference method's readings (docs/reference-method.md's switches: the same
+    strategies with other parameters, e.g. ``cls_knee(score=cls_attn_mean)+text_interact``), best area
+    first, each with its accuracy at every target; none when fewer than two readings ran."""
+    from ..spec import parse_spec
+
+    def strategies_of(method: str) -> str:
+        return "+".join(t.name for t in parse_spec(method))
+
+    readings = [s for s in summary if strategies_of(s["method"]) == REFERENCE_LABEL]
+    if len(readings) < 2:
+        return []
+    accuracy: dict[str, dict[float, float]] = {}
+    for group in _groups(rows):
+        r = group[0]
+        if r.get("target") is not None:
+            accuracy.setdefault(method_of(r), {})[r["target"]] = r["metrics"]["accuracy"]
+    targets = sorted({t for acc in accuracy.values() for t in acc})
+    lines = [
+        "",
+        "### The reference method's readings (docs/reference-method.md: one switch each)",
+        "",
+        "| reading | area | " + " | ".join(f"acc at {t:.0%}" for t in targets) + " |",
+        "|---|---|" + "---|" * len(targets),
+    ]
+    for s in sorted(readings, key=lambda s: -(s["auc"] if s["auc"] is not None else -1)):
+        name = f"`{s['method']}`" + (" (default)" if s["method"] == REFERENCE_LABEL else "")
+        acc = accuracy.get(s["method"], {})
+        cells = " | ".join(_fmt(acc.get(t), ".3f") for t in targets)
+        lines.append(f"| {name} | {_fmt(s['auc'], '.3f')} | {cells} |")
+    return lines
+
+
 def summary_text(rows: Sequence[dict[str, Any]], tolerance: float = 0.01) -> str:
     """The sections under the table: curve areas, and what the paired tests separate at each budget."""
     lines = []
@@ -318,6 +352,7 @@ def summary_text(rows: Sequence[dict[str, Any]], tolerance: float = 0.01) -> str
             lo, hi = s["covers"]
             area = _fmt(s["auc"], ".3f") if s["auc"] is not None else "- (does not span the range)"
             lines.append(f"| `{s['method']}` | {area} | {s['points']} | {lo:.1%}-{hi:.1%} |")
+    lines += readings_text(rows, summary)
     per_budget = budget_summary(rows)
     if per_budget:
         lines += ["", f"### At each budget: exact McNemar test against the most accurate run (α = {ALPHA}, unadjusted)", ""]
@@ -370,7 +405,8 @@ def curves_plot(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "
     panels = [("equiv_frac", "equivalent visual tokens (% of an image's tokens, mean over LLM layers)"),
               ("flops_rel", "prefill FLOPs (% of unpruned)")]
     base = next((r for r in rows if r["role"] == "baseline"), None)
-    palette = [c for j, c in enumerate(plt.get_cmap("tab10").colors) if j != 3]  # tab10's red is the reference's
+    # tab20 (its reds, 6 and 7, left to the reference): one colour per method up to 18 methods
+    palette = [c for j, c in enumerate(plt.get_cmap("tab20").colors) if j not in (6, 7)]
     methods = list(curves(rows, "equiv_frac"))
     for ax, (key, xlabel) in zip(axes, panels):
         for i, (method, points) in enumerate(curves(rows, key).items()):

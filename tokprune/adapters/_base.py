@@ -87,13 +87,18 @@ class ModelAdapter(abc.ABC):
         model: nn.Module,
         pipeline: Pipeline,
         *,
-        vision_positions: Positions = "keep",
+        vision_positions: Positions | None = None,
         llm_positions: Positions = "keep",
         question_end: Sequence[int] | Any | None = None,
         budget_scope: BudgetScope = "image",
+        text_encoder: Any = None,
     ) -> None:
+        from ..text_encoder import resolve_text_encoder
+
+        #: The CLIP text tower instruction-conditioned vision steps read (``relevance=text``), or None.
+        self.text_encoder = resolve_text_encoder(text_encoder)
         for option, value in (("vision_positions", vision_positions), ("llm_positions", llm_positions)):
-            if value not in POSITION_MODES:
+            if value not in POSITION_MODES and not (option == "vision_positions" and value is None):
                 raise StrategyParamError(f"{option} must be one of: {', '.join(POSITION_MODES)}; got {value!r}")
         if budget_scope not in BUDGET_SCOPES:
             raise StrategyParamError(f"budget_scope must be one of: {', '.join(BUDGET_SCOPES)}; got {budget_scope!r}")
@@ -177,10 +182,11 @@ def patch(
     model: nn.Module,
     spec: Any,
     *,
-    vision_positions: Positions = "keep",
+    vision_positions: Positions | None = None,
     llm_positions: Positions = "keep",
     question_end: Sequence[int] | Any | None = None,
     budget_scope: BudgetScope = "image",
+    text_encoder: Any = None,
     adapter: type[ModelAdapter] | None = None,
 ) -> ModelAdapter:
     """Prune ``model`` (this instance only) with the pipeline ``spec``; returns the handle.
@@ -188,8 +194,12 @@ def patch(
     ``spec`` is anything :func:`tokprune.strategies.get` accepts (a string, a list of
     ``{name: ..., <param>: ...}`` dicts, a strategy, a :class:`~tokprune.Pipeline`). ``vision_positions``
     and ``llm_positions`` choose, per stage, whether kept tokens keep their original position ids
-    (``"keep"``, the default) or are renumbered contiguously (``"compact"``, what pre-LLM reference
-    methods do). Token roles come from the model's own chat template: the template text after the
+    (``"keep"``) or are renumbered contiguously (``"compact"``). ``vision_positions=None`` (the default)
+    takes the vision step's reference choice (:meth:`~tokprune.PruningStrategy.positions`: ``compact`` for
+    the methods whose code shortens the image block before the LLM, DivPrune, CDPruner, VisPruner,
+    PruMerge(+)), ``keep`` for a step without one and on families with multi-axis positions;
+    ``llm_positions`` defaults to ``keep`` (FastV's and DART's), an LLM step's own choice
+    (``pyramiddrop(positions=compact)``) winning. Token roles come from the model's own chat template: the template text after the
     question (LLaVA-1.5's ``ASSISTANT:``) is protected by default, read from the tokenizer saved with the
     model (:mod:`tokprune.adapters.roles`). ``question_end`` overrides it: a token-id sequence (the
     assistant marker) or a tokenizer/processor whose chat template to read (without one: the ids of
@@ -197,8 +207,11 @@ def patch(
     what a vision-stage budget counts on tiled images (LLaVA-NeXT's AnyRes): ``"image"`` (the default)
     one strategy row per image, base view and tiles pooled; ``"tile"`` one row per tile and base view,
     as VisionZip's and VisionPruner's LLaVA-NeXT code do; families without tiles accept only
-    ``"image"``. ``adapter`` names the adapter class to use instead of the registered one that matches
-    (a family in development, or the contract's mutants); it must match ``model``. Everything is validated
+    ``"image"``. ``text_encoder`` (a :class:`tokprune.text_encoder.ClipTextEncoder` or the path of a saved
+    CLIP model) is the CLIP text tower instruction-conditioned vision steps read (``cdpruner``'s
+    ``relevance=text``); without one they run their documented stand-in. ``adapter`` names the adapter
+    class to use instead of the registered one that matches (a family in development, or the contract's
+    mutants); it must match ``model``. Everything is validated
     before the model is touched; ``handle.remove()`` (or :func:`unpatch`) restores it exactly.
     """
     from ..registry import get
@@ -228,6 +241,8 @@ def patch(
         llm_positions=llm_positions,
         question_end=question_end,
         budget_scope=budget_scope,
+        # only when given: an adapter written before this option (a plugin's) keeps working without it
+        **({"text_encoder": text_encoder} if text_encoder is not None else {}),
     )
     try:
         handle._install()

@@ -67,6 +67,8 @@ class GenerateCall:
     prompt_len: int
     use_cache: bool
     prefilled: bool = False  #: stats are recorded once, at the first forward (the prefill)
+    #: the prompts ``(input_ids, valid)`` ``[B, L]``, for a vision step that reads the instruction
+    prompt: tuple[Tensor, Tensor] | None = None
 
 
 @dataclass
@@ -77,6 +79,12 @@ class CallState:
     generate: GenerateCall | None = None
     #: q/k projections the hooks store, only while a tower or a prefill loop runs (None otherwise).
     capture: dict[CaptureKey, Tensor] | None = None
+    #: this forward's prompts ``(input_ids, valid)`` ``[B, L]`` (None: those of ``generate``, if any)
+    prompt: tuple[Tensor, Tensor] | None = None
+
+    def prompts(self) -> tuple[Tensor, Tensor] | None:
+        """The prompts this call's images belong to (the instruction-conditioned vision steps' input)."""
+        return self.prompt if self.prompt is not None else (self.generate.prompt if self.generate else None)
 
 
 #: The call whose hooks may record (see the module docstring for why this one piece is ambient).
@@ -291,10 +299,11 @@ class PrunedDecoderAdapter(ModelAdapter):
         model: nn.Module,
         pipeline: Pipeline,
         *,
-        vision_positions: Positions = "keep",
+        vision_positions: Positions | None = None,
         llm_positions: Positions = "keep",
         question_end: Sequence[int] | Any | None = None,
         budget_scope: BudgetScope = "image",
+        text_encoder: Any = None,
     ) -> None:
         super().__init__(
             model,
@@ -303,6 +312,7 @@ class PrunedDecoderAdapter(ModelAdapter):
             llm_positions=llm_positions,
             question_end=question_end,
             budget_scope=budget_scope,
+            text_encoder=text_encoder,
         )
         self._marker = resolve_marker(question_end, model)
         self._marker_ids: dict[torch.device, Tensor] = {}  # the marker as a tensor per device, built once
@@ -317,6 +327,12 @@ class PrunedDecoderAdapter(ModelAdapter):
                 f"supports {', '.join(SUPPORTED_ATTENTION)} (load the model with attn_implementation='sdpa')"
             )
         self._llm_steps = self._check_llm_layers()
+        own = [step.spec() for step in self.pipeline.llm if step.positions() == "compact"]
+        if not self.one_d_positions and own:
+            raise StrategyParamError(
+                f"{', '.join(own)} renumber their survivors' 1-D positions contiguously (their reference's choice), "
+                f"but {self.name} uses multi-axis (M-RoPE) positions; pass positions=keep to them"
+            )
         if not self.one_d_positions and "compact" in (self.vision_positions, self.llm_positions):
             raise StrategyParamError(
                 f"compact positions renumber 1-D position ids, but {self.name} uses multi-axis (M-RoPE) positions; "
@@ -402,6 +418,15 @@ class PrunedDecoderAdapter(ModelAdapter):
     def _rotary(self, hidden: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
         """RoPE ``(cos, sin)`` ``[B, L, head_dim]`` for positions ``pos``."""
         return hf.rotary_embeddings(self._lm, hidden, pos)
+
+    def _vision_mode(self) -> str:
+        """The vision stage's position mode: the caller's ``vision_positions``, else the vision step's
+        reference choice where positions are 1-D (M-RoPE survivors keep their 3-D positions), else keep."""
+        if self.vision_positions is not None:
+            return self.vision_positions
+        step = self.pipeline.vision
+        own = step.positions() if step is not None else None
+        return own if own is not None and self.one_d_positions else "keep"
 
     def _text_positions(self, pos: Tensor) -> Tensor:
         """The 1-D position ids ``[B, L]`` a decoder layer and ``LLMContext.position_ids`` get."""
@@ -489,6 +514,10 @@ class PrunedDecoderAdapter(ModelAdapter):
         if copies > 1:
             args, kwargs = _expand_return_sequences(arguments, extra, copies)
         call = CallState(self, GenerateCall(prompt_len=int(input_ids.shape[1]), use_cache=bool(use_cache)))
+        if self.text_encoder is not None:  # the patched get_image_features has no input_ids: keep the prompts
+            ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else input_ids))
+            mask = kwargs.get("attention_mask")
+            call.generate.prompt = (ids, torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool())
         with self._active(call):
             return original(*args, **kwargs)
 
@@ -581,6 +610,10 @@ class PrunedDecoderAdapter(ModelAdapter):
         else:
             if use_cache and cache is None:
                 cache = hf.new_dynamic_cache(self._lm.config)
+            if self.text_encoder is not None:
+                prompt_n = input_ids.shape[1] - _generated_count(call.generate, input_ids.shape[1])
+                valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+                call.prompt = (input_ids[:, :prompt_n], valid[:, :prompt_n])
             encoded, features = self._vision(call, pixel_values, pre_encoded, kwargs)
             pos = self._positions(input_ids, attention_mask, position_ids, kwargs)
             hidden = self._prefill(call, input_ids, attention_mask, pos, cache if use_cache else None, features)
@@ -620,7 +653,7 @@ class PrunedDecoderAdapter(ModelAdapter):
         embeds = self._lm.embed_tokens(input_ids)
         seq, image_sample = self._vision_assembly(input_ids, embeds, valid, pos, roles, prompt_n, features)
         seq, shift = self._stage_positions(
-            seq, self.vision_positions, torch.zeros(b, dtype=torch.long, device=device), valid.sum(dim=1)
+            seq, self._vision_mode(), torch.zeros(b, dtype=torch.long, device=device), valid.sum(dim=1)
         )
         segments = [_Segment(0, seq.valid, shift, bool(seq.valid.all()))]
         visual_kept = ((seq.roles == TokenRole.IMAGE) & seq.valid).sum(dim=1)
@@ -641,7 +674,8 @@ class PrunedDecoderAdapter(ModelAdapter):
                 if i in self._llm_steps:
                     seq, step_diag, full = self._llm_step(call, self._llm_steps[i], i, seq, embeddings, generated)
                     diagnostics.update(step_diag)
-                    seq, shift = self._stage_positions(seq, self.llm_positions, segments[-1].shift, seq_valid_count)
+                    mode = self._llm_steps[i].positions() or self.llm_positions  # a method's own choice wins
+                    seq, shift = self._stage_positions(seq, mode, segments[-1].shift, seq_valid_count)
                     segments.append(_Segment(i, seq.valid, shift, full))
                     llm_kept[i] = (seq.valid & seq.prompt).sum(dim=1)
                     embeddings, mask = self._segment_inputs(seq, segments[-1].all_valid)
@@ -787,16 +821,29 @@ class PrunedDecoderAdapter(ModelAdapter):
         attn = self._lm.layers[k - 1].self_attn
         b, n, _ = seq.hidden.shape
         q = call.capture.pop(("llm", k - 1, "q")).view(b, n, -1, attn.head_dim).transpose(1, 2)
-        key = call.capture.pop(("llm", k - 1, "k")).view(b, n, -1, attn.head_dim).transpose(1, 2)
+        raw_key = call.capture.pop(("llm", k - 1, "k")).view(b, n, -1, attn.head_dim).transpose(1, 2)
         cos, sin = embeddings
-        q, key = hf.apply_rope(q, key, cos, sin)
+        q, key = hf.apply_rope(q, raw_key, cos, sin)
         p = n - generated  # generated tokens are the last columns of every row
+        hidden, valid = seq.hidden[:, :p], seq.valid[:, :p]
+
+        def keys_from_start() -> Tensor:  # RoPE at each sample's positions minus its first (as run alone)
+            start_cos, start_sin = self._rotary(hidden, _from_start(seq.pos[:, :p], valid))
+            return hf.apply_rope(raw_key[:, :, :p], raw_key[:, :, :p], start_cos, start_sin)[1]
+
+        def layer_attention() -> LLMAttention:  # layer K's own norm, q/k and RoPE on the states entering it
+            own_q, own_k = hf.layer_qk(self._lm.layers[k], hidden)
+            own_q, own_k = hf.apply_rope(own_q, own_k, cos[:, :p], sin[:, :p])
+            return LLMAttention(own_q, own_k, valid, scale=self._lm.layers[k].self_attn.scaling)
+
         ctx = LLMContext(
             layer=k,
             roles=seq.roles[:, :p],
-            hidden=seq.hidden[:, :p],
-            attention=LLMAttention(q[:, :, :p], key[:, :, :p], seq.valid[:, :p], scale=attn.scaling),
+            hidden=hidden,
+            attention=LLMAttention(q[:, :, :p], key[:, :, :p], valid, attn.scaling, keys_from_start),
             position_ids=self._text_positions(seq.pos)[:, :p],
+            final_norm=self._lm.norm,
+            layer_attention=layer_attention,
         )
         plan = step(ctx)
         keep = seq.valid.clone()
@@ -949,6 +996,14 @@ def _to_host(tensors: dict[Any, Tensor]) -> dict[Any, Tensor]:
         for key, part, piece in zip(keys, parts, flat.split([p.numel() for p in parts])):
             out[key] = piece.view(part.shape)
     return out
+
+
+def _from_start(pos: Tensor, valid: Tensor) -> Tensor:
+    """Position ids minus each sample's first valid one (``[B, L]`` or ``[B, L, R]``), 0 at padding."""
+    big = torch.iinfo(pos.dtype).max
+    mask = valid.view(*valid.shape, *[1] * (pos.dim() - 2))
+    first = torch.where(mask, pos, torch.full_like(pos, big)).amin(dim=1, keepdim=True)
+    return torch.where(mask, pos - first, torch.zeros_like(pos))
 
 
 def _generated_count(generate: GenerateCall | None, n: int) -> int:

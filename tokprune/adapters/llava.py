@@ -28,7 +28,8 @@ from .. import hf_compat as hf
 from ..errors import InputError, InternalError, MissingCapabilityError
 from ..pipeline import Pipeline
 from ..stats import FlopModel, kv_width, mlp_matrices
-from ..strategy import Signal, VisionContext, VisionSignals
+from ..strategy import Signal, TextCondition, VisionContext, VisionSignals
+from ..text_encoder import image_questions
 from ._tiny import VOCAB, TinyCase, left_padded, prompt_ids, random_model
 from .decoder import CallState, PrunedDecoderAdapter, PrunedImageFeatures, VisionOut
 
@@ -165,6 +166,13 @@ class LlavaAdapter(PrunedDecoderAdapter):
                 f"(CLS dropped, LLaVA-1.5) is supported; LLM-stage strategies work on it: {_llm_strategies()}"
             )
         self._check_cls(getattr(self._vit.embeddings, "class_embedding", None) is not None)
+        encoder = self.text_encoder
+        if step.reads_instruction() and encoder is not None and encoder.decode is None:
+            if hf.model_tokenizer(self.model) is None:
+                raise MissingCapabilityError(
+                    f"{step.short_spec()} reads the question through the text encoder, which needs it as text, and this "
+                    "model has no tokenizer saved with it; give ClipTextEncoder(..., decode=your_tokenizer.decode)"
+                )
         num_layers = self._tower.config.num_hidden_layers
         return frozenset(s.resolve(num_layers) for s in self.pipeline.requires())
 
@@ -181,6 +189,28 @@ class LlavaAdapter(PrunedDecoderAdapter):
         self._hook_encoder_signals(self._vit.encoder.layers)
 
     # -- the vision stage -----------------------------------------------------------------------------
+
+    def _instruction(self, call: CallState, features: Tensor) -> TextCondition | None:
+        """Each image's question through the CLIP text tower given to ``patch()`` (None without one)."""
+        prompt = call.prompts()
+        if self.text_encoder is None or prompt is None:
+            return None
+        decode = self.text_encoder.decode or self._decode_question
+        texts, image_text = image_questions(*prompt, self._image_token_id, self._tokens_per_image, self._marker, decode)
+        return self.text_encoder.condition(features, self._vit.post_layernorm, texts, image_text)
+
+    def _decode_question(self, ids: list[int]) -> str:
+        tokenizer = hf.model_tokenizer(self.model)
+        if tokenizer is None:
+            raise MissingCapabilityError(
+                "the text encoder needs the question as text, and this model has no tokenizer saved with it; "
+                "give ClipTextEncoder(..., decode=your_tokenizer.decode)"
+            )
+        return tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _project(self, features: Tensor) -> Tensor:
+        """The projector per token, ``[B, N, C] -> [B, N, D]`` (``VisionContext.project``)."""
+        return self._inner.multi_modal_projector(features)
 
     def _vision(
         self, call: CallState, pixel_values: Tensor | None, encoded: Any, options: dict
@@ -211,7 +241,7 @@ class LlavaAdapter(PrunedDecoderAdapter):
         **kwargs: Any,
     ) -> PrunedImageFeatures:
         """The patched ``get_image_features``: tower, strategy, projector on what is kept."""
-        with self._active(CallState(self)) as call:
+        with self._active(CallState(self, self._outer_generate())) as call:
             out = self._run_vision(
                 call, pixel_values, vision_feature_layer, vision_feature_select_strategy, image_sizes
             )
@@ -238,7 +268,8 @@ class LlavaAdapter(PrunedDecoderAdapter):
         features = hidden[layer][:, 1:]  # CLS at index 0 is not fed to the projector
         side = cfg.image_size // cfg.patch_size
         grid = (side, side) if side * side == features.shape[1] else None
-        plan = step(VisionContext(features=features, signals=signals, grid=grid))
+        text = self._instruction(call, features) if step.reads_instruction() else None
+        plan = step(VisionContext(features=features, signals=signals, grid=grid, project=self._project, text=text))
         chosen = plan.features if plan.features is not None else features
         projector = self._inner.multi_modal_projector
         kept = projector(chosen[plan.keep])

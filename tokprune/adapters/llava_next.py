@@ -215,7 +215,7 @@ class LlavaNextAdapter(LlavaAdapter):
             plan = self._plan_per_tile(hidden, captured, tile, patch, source_valid)
         else:
             signals = self._vision_signals(hidden, captured, per_image, lengths)
-            plan = step(VisionContext(features=features, signals=signals, lengths=lengths))
+            plan = step(VisionContext(features=features, signals=signals, lengths=lengths, project=self._project))
         chosen = plan.features if plan.features is not None else features
         projector = self._inner.multi_modal_projector
         projected = projector(chosen[plan.keep])
@@ -266,7 +266,7 @@ class LlavaNextAdapter(LlavaAdapter):
 
         signals = self._vision_signals(hidden, captured, per_row, rows.lengths)
         features = hidden[self._config.vision_feature_layer][rows.tile[:, None], rows.patch]  # [R, W, C]
-        plan = step(VisionContext(features=features, signals=signals, lengths=rows.lengths))
+        plan = step(VisionContext(features=features, signals=signals, lengths=rows.lengths, project=self._project))
         row, slot = rows.row_of_tile[tile], rows.slot
         keep = plan.keep[row, slot] & valid
         mapped = None if plan.features is None else plan.features[row, slot]

@@ -44,7 +44,7 @@ def prumerge_merge(
 ) -> Tensor:
     """Update every kept token with its most key-similar tokens, PruMerge style.
 
-    LLaVA-PruMerge ``token_prune_merge_advanced`` (algorithms.md §3.2 step 5): for a kept token i, cosine
+    LLaVA-PruMerge ``token_prune_merge_advanced`` (``clip_encoder.py`` L85-171, the merge step): for a kept token i, cosine
     similarity of its key to the keys of **all other** tokens (kept and pruned, itself excluded); the
     ``k_neighbors`` most similar ``j`` give ``x̃_i = x_i + Σ_j w_j · x_j`` with the raw CLS-attention
     weights (unnormalised, self weight 1, a token may feed several centres). When ``N - 1 < k_neighbors``

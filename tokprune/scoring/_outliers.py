@@ -75,7 +75,7 @@ def lof_outlier_count(scores: Tensor, n_neighbors: int = 20, *, tail: str = "bot
 
     Batched equivalent of ``sklearn.neighbors.LocalOutlierFactor(n_neighbors, contamination="auto")
     .fit_predict(scores[b, :, None]) == -1`` as used by Recoverable-Compression's
-    ``find_max_derivative_position`` (algorithms.md §2.3): ``n_neighbors`` is capped at ``N - 1`` as in
+    ``find_max_derivative_position`` (``clip_encoder.py`` L36-46, docs/reference-method.md#sources): ``n_neighbors`` is capped at ``N - 1`` as in
     sklearn; lrd uses sklearn's ``+1e-10``; a point is an outlier when its negative outlier factor is below
     the ``'auto'`` offset -1.5. Like sklearn, this counts outliers in **both tails** by default (the
     reference then keeps ``int(N * count / N)`` top-scoring tokens, i.e. counts low outliers too);

@@ -289,7 +289,13 @@ class LLMBatch:
         positions = (valid.long().cumsum(dim=1) - 1).clamp_min(0)
         attention = LLMAttention(self.q, self.k, valid)
         return LLMContext(
-            layer=self.layer, roles=self.roles, hidden=self.hidden, attention=attention, position_ids=positions
+            layer=self.layer,
+            roles=self.roles,
+            hidden=self.hidden,
+            attention=attention,
+            position_ids=positions,
+            # layer K's own rows: the same fabricated q/k stand in (strategies reading them run here too)
+            layer_attention=lambda: LLMAttention(self.q, self.k, valid),
         )
 
     def sample(self, i: int) -> LLMBatch:
@@ -390,7 +396,9 @@ def _check_plan(strategy: PruningStrategy, batch: Batch, plan: VisionPlan | LLMP
                 raise _fail(strategy, check, f"hidden is {plan.hidden.dtype}, the context's is {batch.hidden.dtype}")
         kept_real = (plan.keep & (batch.roles != TokenRole.PADDING)).sum(dim=1)
         if (kept_real == 0).any():
-            raise _fail(strategy, check, f"kept no real position in samples {(kept_real == 0).nonzero().flatten().tolist()}")
+            raise _fail(
+                strategy, check, f"kept no real position in samples {(kept_real == 0).nonzero().flatten().tolist()}"
+            )
     empty = (plan.keep.sum(dim=1) == 0).nonzero().flatten().tolist()
     if empty:
         raise _fail(strategy, check, f"kept nothing in samples {empty}")
@@ -462,8 +470,10 @@ def check_roles(strategy: PruningStrategy) -> None:
             dropped = ((batch.roles == role) & ~raw.keep).sum().item()
             if dropped:
                 raise _fail(
-                    strategy, "roles", f"plan() at layer {layer} dropped {dropped} {role.name} positions; "
-                    f"{strategy.name} may drop only {sorted(r.name for r in droppable_roles(strategy))}"
+                    strategy,
+                    "roles",
+                    f"plan() at layer {layer} dropped {dropped} {role.name} positions; "
+                    f"{strategy.name} may drop only {sorted(r.name for r in droppable_roles(strategy))}",
                 )
 
 

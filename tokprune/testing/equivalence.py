@@ -32,7 +32,9 @@ from ..strategy import LLMContext, LLMPlan, PruningStrategy, Signal, Stage, Toke
 from .models import VOCAB, tiny_llava
 
 __all__ = [
+    "CALL_FORMS",
     "DEFAULT_LENGTHS",
+    "WIDE_LENGTHS",
     "ProbeLastRow",
     "ProbeVisionNorm",
     "ProbeVisionTopK",
@@ -45,6 +47,13 @@ __all__ = [
 
 #: Question lengths of the default ragged batch (different lengths: left padding differs per row).
 DEFAULT_LENGTHS: tuple[int, ...] = (5, 2, 8)
+#: Question lengths whose left-padding amounts (27, 16, 0) differ pairwise by more than 2 pi, the period of
+#: RoPE's fastest-turning pair: a position shift then changes what a shift-sensitive computation reads.
+WIDE_LENGTHS: tuple[int, ...] = (3, 14, 30)
+#: How a caller runs a patched model: ``generate``; ``model(...)`` with position ids from the mask (as
+#: ``generate`` builds them, padding does not shift positions); ``model(...)`` without position ids (HF's
+#: ``arange``: left padding shifts every position of a sample by its padding amount).
+CALL_FORMS: tuple[str, ...] = ("generate", "forward_positions", "forward")
 
 
 def last_row_attention(ctx: LLMContext) -> Tensor:
@@ -204,11 +213,14 @@ def check_cache_equivalence(
     return cached
 
 
-def _last_logits(model: Any, inputs: dict[str, Tensor]) -> Tensor:
-    # Position ids from the mask (as generate builds them), so padding does not shift positions.
-    position_ids = (inputs["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
+def _last_logits(model: Any, inputs: dict[str, Tensor], positions: bool = True) -> Tensor:
+    """Last-position logits of ``model(...)``; ``positions``: with position ids from the mask (as generate
+    builds them, so padding does not shift positions), else none (HF's ``arange``)."""
+    extra = {}
+    if positions:
+        extra["position_ids"] = (inputs["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
-        return model(**inputs, position_ids=position_ids).logits[:, -1].float()
+        return model(**inputs, **extra).logits[:, -1].float()
 
 
 def check_batch_equivalence(
@@ -218,30 +230,48 @@ def check_batch_equivalence(
     atol: float = 1e-4,
     max_new_tokens: int = 4,
     seed: int = 0,
+    call_forms: Sequence[str] = CALL_FORMS,
+    text_encoder: Any = None,
     **patch_options: Any,
 ) -> None:
-    """Every sample of a left-padded ragged batch gives the logits and greedy tokens it gives alone."""
+    """Every sample of a left-padded ragged batch gives the logits and greedy tokens it gives alone, in
+    every call form of ``call_forms`` (:data:`CALL_FORMS`): ``model(...)`` logits within ``atol``,
+    ``generate`` tokens identical. ``text_encoder`` goes to ``patch`` (a callable ``model -> encoder``
+    builds it for the tiny model)."""
     import tokprune
 
+    unknown = sorted(set(call_forms) - set(CALL_FORMS))
+    if unknown:
+        raise ValueError(f"unknown call forms {unknown}; valid: {', '.join(CALL_FORMS)}")
     model, make_inputs = tiny_llava(seed=seed)
+    if callable(text_encoder):
+        text_encoder = text_encoder(model)
     batch = make_inputs(lengths)
     common = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": VOCAB.pad}
-    with tokprune.pruned(model, spec, question_end=VOCAB.assistant_marker, **patch_options):
-        logits = _last_logits(model, batch)
-        with torch.no_grad():
-            tokens = model.generate(**batch, **common)[:, batch["input_ids"].shape[1] :]
-        for i, q in enumerate(lengths):
-            solo = make_inputs([q], seeds=[i])
-            solo_logits = _last_logits(model, solo)
+    options = dict(patch_options, question_end=VOCAB.assistant_marker)
+    if text_encoder is not None:
+        options["text_encoder"] = text_encoder
+
+    def run(inputs: dict[str, Tensor], form: str) -> Tensor:
+        if form == "generate":
             with torch.no_grad():
-                solo_tokens = model.generate(**solo, **common)[:, solo["input_ids"].shape[1] :]
-            err = (solo_logits[0] - logits[i]).abs().max().item()
-            if err > atol:
-                raise AssertionError(f"{spec!r}: sample {i} logits differ from its solo run by {err:.3g} > {atol}")
-            if not torch.equal(solo_tokens[0], tokens[i]):
-                raise AssertionError(
-                    f"{spec!r}: sample {i} greedy tokens {tokens[i].tolist()} != solo {solo_tokens[0].tolist()}"
-                )
+                return model.generate(**inputs, **common)[:, inputs["input_ids"].shape[1] :]
+        return _last_logits(model, inputs, positions=form == "forward_positions")
+
+    with tokprune.pruned(model, spec, **options):
+        for form in call_forms:
+            together = run(batch, form)
+            for i, q in enumerate(lengths):
+                alone = run(make_inputs([q], seeds=[i]), form)[0]
+                if form == "generate" and not torch.equal(alone, together[i]):
+                    raise AssertionError(
+                        f"{spec!r} ({form}): sample {i} greedy tokens {together[i].tolist()} != solo {alone.tolist()}"
+                    )
+                err = (alone - together[i]).abs().max().item() if form != "generate" else 0.0
+                if err > atol:
+                    raise AssertionError(
+                        f"{spec!r} ({form}): sample {i} logits differ from its solo run by {err:.3g} > {atol}"
+                    )
 
 
 def check_keep_all_identity(spec: Any, *, atol: float = 1e-5, seed: int = 0, **patch_options: Any) -> None:

@@ -39,6 +39,7 @@ __all__ = [
     "tiny_llava_next",
     "tiny_qwen2_5_vl",
     "tiny_qwen3_vl",
+    "tiny_text_encoder",
 ]
 
 
@@ -114,3 +115,45 @@ def clip_context(strategy: Any, outputs: Any, captured: ClipCapture) -> Any:
     declared = frozenset(s.resolve(captured.num_layers) for s in strategy.requires())
     signals = VisionSignals(fetch, captured.num_layers, captured.num_heads, declared=declared)
     return VisionContext(features=outputs.hidden_states[-2][:, 1:], signals=signals, grid=captured.grid)
+
+
+# -- a tiny CLIP text tower, for instruction-conditioned strategies (CDPruner's relevance=text) ----------
+
+
+def tiny_text_encoder(seed: int = 0, *, vision_hidden: int = 32, width: int = 32, segment: int = 16) -> Any:
+    """A :class:`tokprune.text_encoder.ClipTextEncoder` with random weights: a ``CLIPTextModelWithProjection``
+    whose segments are ``segment`` tokens (short, so that long questions span several, as the reference
+    splits at 77), a word-level tokenizer over the tiny vocabulary's words (``w7`` ... ``w95``, with BOS and
+    EOS) and a ``vision_hidden -> width`` visual projection. ``decode`` spells tiny-LLaVA ids as those words.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, PreTrainedTokenizerFast
+
+    from ..text_encoder import ClipTextEncoder
+
+    words = [f"w{i}" for i in range(VOCAB.size)]
+    vocab = {"<pad>": 0, "<bos>": 1, "<unk>": 2, "<eos>": 3, **{w: 4 + i for i, w in enumerate(words)}}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.post_processor = processors.TemplateProcessing(
+        single="<bos> $A <eos>", special_tokens=[("<bos>", 1), ("<eos>", 3)]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+    config = CLIPTextConfig(
+        vocab_size=len(vocab),
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=segment,
+        projection_dim=width,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=3,  # not 2: CLIP pools at the first EOS (2 selects the legacy argmax pooling)
+    )
+    torch.manual_seed(seed)
+    text_model = CLIPTextModelWithProjection(config).eval()
+    projection = torch.nn.Linear(vision_hidden, width, bias=False).eval()
+    return ClipTextEncoder(text_model, tokenizer, projection, decode=lambda ids: " ".join(f"w{i}" for i in ids))
