@@ -311,12 +311,9 @@ def _check_call(
             )
         if bool((roles_seen[b, : width - int(count[b])] != TokenRole.PADDING).any()):
             raise AssertionError(f"{name}: sample {b}: padding columns do not carry the PADDING role")
-    before = patched.layers[k - 1]
-    layer_k = _Layer(output=None)
-    prev = patched.layers[0]
-    assert before.output is not None and prev.cos is not None and prev.sin is not None
+    before, first = patched.layers[k - 1], patched.layers[0]
     # layer k's expected rows: layer k-1's output (text rows) with layer 0's positions, at the kept columns
-    layer_k.hidden, layer_k.cos, layer_k.sin = before.output, prev.cos, prev.sin
+    layer_k = _Layer(hidden=before.output, cos=first.cos, sin=first.sin)
     kept = keep.to(before.output.device) & (roles_seen != TokenRole.PADDING)
     text = kept & (roles_seen != TokenRole.IMAGE)
     _compare_rows(f"{name}: layer {k} (after the LLM step)", patched.layers[k], layer_k, kept, tol, content=text)
