@@ -8,7 +8,7 @@ import pytest
 from tokprune import hf_compat as hf
 from tokprune.adapters import registered_adapters
 from tokprune.testing.adapters import check_adapter
-from tokprune.testing.mutants import MUTANTS, mutant
+from tokprune.testing.mutants import MUTANTS, applies, mutant
 from tokprune.testing.tokens import check_tokens
 
 
@@ -24,6 +24,8 @@ IDS = [cls.name for cls, _ in registered_adapters()]
 @pytest.mark.parametrize("name", list(MUTANTS))
 @pytest.mark.parametrize("adapter", ADAPTERS, ids=IDS)
 def test_every_mutant_fails_the_tokens_check(adapter, name):
+    if not applies(adapter, name):
+        pytest.skip(f"{adapter.name} refuses what {name} changes (compact positions on multi-axis RoPE)")
     wrong = mutant(adapter, name)
     with pytest.raises(AssertionError, match=rf"{wrong.__name__} \({adapter.name}"):
         check_tokens(wrong)

@@ -12,6 +12,7 @@ so they apply to any family built on it:
 
 * ``wrong_rows``: the adapter feeds the LLM the first ``k`` tokens of each image, not the ``k`` the plan chose;
 * ``llm_wrong_rows``: the same at the LLM stage: the first ``k`` image rows survive, not the plan's ``k``;
+* ``ignored_compact``: ``vision_positions="compact"`` accepted and ignored (1-D families only);
 * ``shifted_rows``: the kept rows reach the LLM one row late (each placeholder gets its neighbour's row);
 * ``swapped_roles``: image and question roles swapped in what the LLM strategies see;
 * ``unpruned_positions``: the packed rows get the positions of the unpruned prompt's last columns, not
@@ -33,7 +34,7 @@ from torch import Tensor
 from ..strategy import LLMContext, LLMPlan, PruningStrategy, TokenRole, VisionContext, VisionPlan, VisionSignals
 from .tokens import IMAGES_PER_SAMPLE
 
-__all__ = ["MUTANTS", "VISION_MUTANTS", "check_mutants", "mutant"]
+__all__ = ["COMPACT_MUTANTS", "MUTANTS", "VISION_MUTANTS", "applies", "check_mutants", "mutant"]
 
 
 def _changed(step: PruningStrategy, change: Callable[..., Any]) -> PruningStrategy:
@@ -146,6 +147,16 @@ def _swapped_roles(adapter: type) -> type:
     return Mutant
 
 
+def _ignored_compact(adapter: type) -> type:
+    """``vision_positions="compact"`` accepted, then ignored: the kept rows keep their original positions."""
+
+    class Mutant(adapter):  # type: ignore[misc, valid-type]
+        def _stage_positions(self, seq: Any, mode: str, shift: Tensor, full_count: Tensor) -> Any:
+            return seq, shift
+
+    return Mutant
+
+
 def _unpruned_positions(adapter: type) -> type:
     class Mutant(adapter):  # type: ignore[misc, valid-type]
         def _vision_assembly(self, input_ids: Tensor, embeds: Tensor, valid: Tensor, pos: Tensor, *rest: Any) -> Any:
@@ -165,11 +176,25 @@ MUTANTS: dict[str, Callable[[type], type]] = {
     "stale_state": _stale_state,
     "merged_images": lambda adapter: _wrap_vision_step(adapter, "merged_images", _merged),
     "llm_wrong_rows": _llm_first_k,
+    "ignored_compact": _ignored_compact,
 }
 
 
 #: The mutants that only change what a vision-stage step does (no-ops on an adapter without one).
 VISION_MUTANTS = frozenset({"wrong_rows", "merged_images"})
+#: The mutants that only change compact renumbering (no-ops where ``patch`` refuses it: M-RoPE families).
+COMPACT_MUTANTS = frozenset({"ignored_compact"})
+
+
+def applies(adapter: type, name: str) -> bool:
+    """Whether mutant ``name`` changes anything on ``adapter`` (a vision stage, compact positions)."""
+    from .tokens import accepts_compact, has_vision_stage
+
+    if name in VISION_MUTANTS:
+        return has_vision_stage(adapter)
+    if name in COMPACT_MUTANTS:
+        return accepts_compact(adapter)
+    return True
 
 
 def mutant(adapter: type, name: str) -> type:
@@ -183,13 +208,12 @@ def mutant(adapter: type, name: str) -> type:
 
 def check_mutants(adapter: type, names: list[str] | None = None) -> None:
     """Every mutant of ``adapter`` fails the ``tokens`` check; ``AssertionError`` naming those that pass."""
-    from .tokens import check_tokens, has_vision_stage
+    from .tokens import check_tokens
 
     escaped = []
-    vision = has_vision_stage(adapter)
     for name in names or list(MUTANTS):
-        if name in VISION_MUTANTS and not vision:
-            continue  # nothing to get wrong: the adapter refuses every vision-stage step
+        if not applies(adapter, name):
+            continue  # nothing to get wrong: the adapter refuses what the mutant changes
         try:
             check_tokens(mutant(adapter, name))
         except AssertionError:

@@ -39,7 +39,7 @@ from .equivalence import ProbeLastRow, ProbeVisionNorm
 if TYPE_CHECKING:
     from .adapters import TinyCase
 
-__all__ = ["IMAGES_PER_SAMPLE", "SECOND_SEEDS", "check_tokens", "has_vision_stage"]
+__all__ = ["IMAGES_PER_SAMPLE", "SECOND_SEEDS", "accepts_compact", "check_tokens", "has_vision_stage"]
 
 #: Images in every sample of the check's batches (several: a sample's images must stay apart).
 IMAGES_PER_SAMPLE = 2
@@ -190,12 +190,19 @@ def _expected_slots(
 
 
 def _compare_rows(
-    what: str, got: _Layer, want: _Layer, slots: Tensor, tol: float, content: Tensor | None = None
+    what: str,
+    got: _Layer,
+    want: _Layer,
+    slots: Tensor,
+    tol: float,
+    content: Tensor | None = None,
+    compact: bool = False,
 ) -> None:
     """Packed rows ``got`` (left-padded ``[B, W, ...]``) against ``want``'s rows at ``slots`` (bool ``[B, n]``).
 
     ``content`` (bool ``[B, n]``): the slots whose hidden states are compared (default: all of ``slots``);
-    the rotary embedding is compared at every slot.
+    the rotary embedding is compared at every slot: ``want``'s at the row's own slot, or with ``compact``
+    at the slots that follow the sample's first one contiguously (``want`` numbers its slots from there).
     """
     assert got.hidden is not None and want.hidden is not None and got.cos is not None and want.cos is not None
     count = slots.sum(dim=1)
@@ -208,8 +215,9 @@ def _compare_rows(
         packed = torch.arange(width - index.numel(), width)
         check = content[b, index]
         _close(f"{what}: sample {b} rows", got.hidden[b, packed[check]], want.hidden[b, index[check]], tol)
+        at = index[0] + torch.arange(index.numel()) if compact and index.numel() else index
         for part, g, w in (("cos", got.cos, want.cos), ("sin", got.sin, want.sin)):
-            _close(f"{what}: sample {b} positions ({part})", _rows(g, b, packed), _rows(w, b, index), tol)
+            _close(f"{what}: sample {b} positions ({part})", _rows(g, b, packed), _rows(w, b, at), tol)
 
 
 def has_vision_stage(adapter: type) -> bool:
@@ -228,11 +236,31 @@ def has_vision_stage(adapter: type) -> bool:
 def check_tokens(adapter: type, patch_options: dict | None = None) -> None:
     """The LLM receives the kept projected rows, in order, at the family's positions (see the module docstring).
 
-    ``patch_options`` go to ``patch`` (e.g. ``budget_scope="tile"``, where the family maps tiles back).
+    Runs with the vision stage's positions kept, then renumbered (``vision_positions="compact"``, in fp32)
+    where the family accepts it (1-D positions). ``patch_options`` go to ``patch``.
     """
+    _check_tokens(adapter, "keep", (torch.float32, torch.bfloat16), patch_options)
+    if accepts_compact(adapter):  # multi-axis positions: compact renumbering is refused at patch()
+        _check_tokens(adapter, "compact", (torch.float32,), patch_options)
+
+
+def accepts_compact(adapter: type) -> bool:
+    """Whether ``adapter`` accepts ``vision_positions="compact"`` (1-D positions) on its tiny model."""
+    from ..errors import StrategyParamError
+    from .adapters import _patch, tiny_case
+
+    case = tiny_case(adapter)
+    try:
+        _patch(case.model, "none", case, adapter=adapter, vision_positions="compact").remove()
+    except StrategyParamError:
+        return False
+    return True
+
+
+def _check_tokens(adapter: type, mode: str, dtypes: tuple[torch.dtype, ...], patch_options: dict | None) -> None:
     from .adapters import LENGTHS, _patch, tiny_case
 
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in dtypes:
         case = tiny_case(adapter)
         model = case.model.to(dtype)
         layers = model.get_decoder().layers
@@ -249,16 +277,18 @@ def check_tokens(adapter: type, patch_options: dict | None = None) -> None:
                 model(**inputs)
             stock.append(cap.layers[0])
         # one patch for both calls: per-call state left by the first must not reach the second
-        handle = _patch(model, Pipeline(steps), case, adapter=adapter, **(patch_options or {}))
+        options = {"vision_positions": mode, **(patch_options or {})}
+        handle = _patch(model, Pipeline(steps), case, adapter=adapter, **options)
         try:
             for call, inputs in enumerate(batches):
-                name = f"{adapter.__name__} ({adapter.name}, {str(dtype).removeprefix('torch.')}, call {call + 1})"
+                dtype_name = str(dtype).removeprefix("torch.")
+                name = f"{adapter.__name__} ({adapter.name}, {dtype_name}, {mode} positions, call {call + 1})"
                 # in place: a copy of a probe made by the adapter records into the same list
                 vision.seen.clear()
                 llm.seen.clear()
                 with torch.no_grad(), _capture(layers, (0, k), (k - 1,)) as patched:
                     model(**inputs)
-                _check_call(name, case, inputs, stock[call], patched, vision, llm, len(steps) == 2, tol, k)
+                _check_call(name, case, inputs, stock[call], patched, vision, llm, len(steps) == 2, tol, k, mode)
         finally:
             handle.remove()
 
@@ -278,6 +308,7 @@ def _check_call(
     vision_stage: bool,
     tol: float,
     k: int,
+    mode: str,
 ) -> None:
     image_token_id = int(case.model.config.image_token_id)
     seen_vision, seen_llm = vision.seen, llm.seen
@@ -291,7 +322,7 @@ def _check_call(
     slots = inputs["attention_mask"].bool()
     if vision_stage:
         slots = _expected_slots(name, inputs, stock.hidden, seen_vision[0], image_token_id, case.fixed_image_rows)
-    _compare_rows(f"{name}: layer 0", patched.layers[0], stock, slots, tol)
+    _compare_rows(f"{name}: layer 0", patched.layers[0], stock, slots, tol, compact=mode == "compact")
 
     # The LLM step: roles of the rows it saw, then what layer k receives.
     roles_seen, keep = seen_llm[0]
