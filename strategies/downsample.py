@@ -34,6 +34,12 @@ def pooled_grid(rows: int, cols: int, count: int) -> Tensor:
     return c + (i + 1) * extra // r - i * extra // r
 
 
+def _cells(per_row: Tensor) -> tuple[Tensor, Tensor]:
+    """long ``([K], [K])``: each output cell's row in the layout and its index within that row."""
+    row = torch.repeat_interleave(torch.arange(per_row.numel(), device=per_row.device), per_row)
+    return row, torch.arange(row.numel(), device=per_row.device) - (per_row.cumsum(0) - per_row)[row]
+
+
 def _spans(size: int, index: Tensor, parts: Tensor) -> Tensor:
     """fp64 ``[K, size]``: the share of each input cell ``[w, w + 1)`` covered by ``[j, j + 1) * size / parts``
     (``index`` = j, ``parts``: long ``[K]``), over the span's length: each row sums to 1. Exact in integers
@@ -52,20 +58,16 @@ def area_weights(rows: int, cols: int, per_row: Tensor) -> Tensor:
     patch's weight is the area of its overlap with the cell over the cell's area: a box filter, as image
     downsampling by area (PIL's ``BOX``, OpenCV's ``INTER_AREA``).
     """
-    r = per_row.numel()
-    row = torch.repeat_interleave(torch.arange(r, device=per_row.device), per_row)  # [K]
-    col = torch.arange(row.numel(), device=per_row.device) - (per_row.cumsum(0) - per_row)[row]
-    vertical = _spans(rows, row, torch.full_like(row, r))  # [K, rows]
+    row, col = _cells(per_row)
+    vertical = _spans(rows, row, torch.full_like(row, per_row.numel()))  # [K, rows]
     horizontal = _spans(cols, col, per_row[row])  # [K, cols]
     return (vertical[:, :, None] * horizontal[:, None, :]).flatten(1).float()
 
 
 def cell_centres(rows: int, cols: int, per_row: Tensor) -> Tensor:
     """long ``[K]``: the raster index of the patch holding each output cell's centre (ascending)."""
-    r = per_row.numel()
-    row = torch.repeat_interleave(torch.arange(r, device=per_row.device), per_row)
-    col = torch.arange(row.numel(), device=per_row.device) - (per_row.cumsum(0) - per_row)[row]
-    at_row = torch.div((2 * row + 1) * rows, 2 * r, rounding_mode="floor")
+    row, col = _cells(per_row)
+    at_row = torch.div((2 * row + 1) * rows, 2 * per_row.numel(), rounding_mode="floor")
     at_col = torch.div((2 * col + 1) * cols, 2 * per_row[row], rounding_mode="floor")
     return at_row * cols + at_col
 

@@ -159,3 +159,12 @@ def test_match_budget_params_are_checked_up_front():
         plan_runs(load_config(None, ["match_budget.params.topk=kep"]))
     with pytest.raises(UnknownStrategyError, match="match_budget.params.topkk"):
         plan_runs(load_config(None, ["match_budget.params.topkk=keep"]))
+
+
+def test_vision_positions_default_to_each_methods_reference_choice():
+    # Faithful by default (issue 26): the runner passes None, so divprune & co. renumber as their code does.
+    from tokprune.ablation.config import AblationConfig, vision_positions_arg
+
+    assert AblationConfig().positions.vision == "method"
+    assert vision_positions_arg("method") is None
+    assert vision_positions_arg("keep") == "keep"

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 
 from . import _plugins, strategies
@@ -117,7 +119,11 @@ def _cmd_run(argv: Sequence[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tokprune", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="tokprune",
+        description=__doc__,
+        epilog=f"--debug (anywhere on the command line) or {DEBUG_ENV}=1: show the traceback of every error.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p_list = sub.add_parser("list", help="registered strategies with stage and source")
     p_list.add_argument("pattern", nargs="?", default="*", help="fnmatch filter, e.g. 'cls_*'")
@@ -133,20 +139,63 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def _dispatch(argv: list[str]) -> int:
     if argv and argv[0] == "run":
-        try:
-            return _cmd_run(argv[1:])
-        except TokpruneError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+        return _cmd_run(argv[1:])
     args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run a command. Expected failures (config, data, model loading, output: every :class:`TokpruneError`)
+    end in one line and exit status 2; anything else is a bug, shown as one line with how to see its
+    traceback (``--debug`` or ``TOKPRUNE_DEBUG=1``), exit status 1."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    _tolerant_streams()
     try:
-        return args.func(args)
+        return _dispatch(argv)
     except TokpruneError as exc:
+        if debug:
+            traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        _silence_stdout()  # the reader went away (`| head`): nothing left to say
+        return 141
+    except Exception as exc:
+        if debug:
+            traceback.print_exc()
+        else:
+            print(
+                f"internal error: {type(exc).__name__}: {exc}\n"
+                f"(a bug in tokprune or a plugin: rerun with --debug or {DEBUG_ENV}=1 to see the traceback, "
+                "and please report it)",
+                file=sys.stderr,
+            )
+        return 1
+
+
+#: Set (to anything but 0) to print the traceback of every error, like ``--debug``.
+DEBUG_ENV = "TOKPRUNE_DEBUG"
+
+
+def _tolerant_streams() -> None:
+    """On a stdout/stderr that cannot encode every character (``PYTHONIOENCODING=ascii``, a C locale),
+    print what it cannot as ``?`` instead of failing after the work is done."""
+    for stream in (sys.stdout, sys.stderr):
+        encoding = (getattr(stream, "encoding", None) or "").lower().replace("-", "").replace("_", "")
+        if isinstance(stream, io.TextIOWrapper) and not encoding.startswith("utf"):
+            stream.reconfigure(errors="replace")
+
+
+def _silence_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush does not fail again
+    except (OSError, ValueError, io.UnsupportedOperation):
+        pass
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from .config import vision_positions_arg
+
 __all__ = ["Calibration", "Calibrator", "axis_value", "search"]
 
 
@@ -108,6 +110,23 @@ def axis_value(axis: str, stats: dict[str, float]) -> float:
     raise ValueError(f"unknown budget axis {axis!r}; valid: equiv_tokens, kept_tokens, flops")
 
 
+def _read_cache(path: Path) -> dict[str, Any]:
+    """The calibration cache as a dict, or an empty one when the file is missing or is not one (garbage,
+    another program's JSON, a file cut short): never an error, as it holds only measurements."""
+    try:
+        data = json.loads(path.read_bytes()) if path.is_file() else {}
+    except (OSError, ValueError):  # ValueError: not JSON, not UTF-8
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _valid_entry(entry: Any) -> bool:
+    """An entry maps specs to the summed budget quantities :meth:`Calibrator.measure` returns."""
+    return isinstance(entry, dict) and all(
+        isinstance(v, dict) and all(isinstance(x, (int, float)) for x in v.values()) for v in entry.values()
+    )
+
+
 class Calibrator:
     """Measures pipelines' budgets on the calibration questions, caching them in ``cache_path`` (JSON), so
     a resumed study finds the same knob values without measuring again."""
@@ -117,12 +136,9 @@ class Calibrator:
         self.samples = samples
         self.cache_path = cache_path
         self.key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
-        self.cache: dict[str, dict[str, float]] = {}
-        if cache_path is not None and cache_path.is_file():
-            try:
-                self.cache = json.loads(cache_path.read_text()).get(self.key, {})
-            except (json.JSONDecodeError, AttributeError):
-                self.cache = {}  # a damaged cache only costs measurements
+        entry = _read_cache(cache_path).get(self.key) if cache_path is not None else None
+        # A damaged cache (or entry) only costs measurements.
+        self.cache: dict[str, dict[str, float]] = entry if _valid_entry(entry) else {}
         self.results: list[dict[str, Any]] = []
 
     def measure(self, spec: str) -> dict[str, float]:
@@ -136,7 +152,8 @@ class Calibrator:
             ("visual_layer_sum", "visual_last_sum", "visual_total_sum", "flops_pruned_sum", "flops_unpruned_sum"), 0.0
         )
         handle = tokprune.patch(
-            s.model, spec, vision_positions=s.cfg.positions.vision, llm_positions=s.cfg.positions.llm,
+            s.model, spec, vision_positions=vision_positions_arg(s.cfg.positions.vision),
+            llm_positions=s.cfg.positions.llm,
             question_end=s.processor.tokenizer,
             budget_scope=s.cfg.budget_scope,
         )
@@ -159,12 +176,7 @@ class Calibrator:
     def save(self) -> None:
         if self.cache_path is None:
             return
-        data: dict[str, Any] = {}
-        if self.cache_path.is_file():
-            try:
-                data = json.loads(self.cache_path.read_text())
-            except json.JSONDecodeError:
-                data = {}
+        data = _read_cache(self.cache_path)
         data[self.key] = self.cache
         tmp = self.cache_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(data))

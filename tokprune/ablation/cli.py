@@ -9,6 +9,10 @@ import sys
 import time
 from typing import Any
 
+import torch
+
+from ..errors import TokpruneError
+
 USAGE_EXAMPLES = """\
 examples:
   tokprune run                                      the default comparison on the embedded model
@@ -49,6 +53,10 @@ def _split_args(args: list[str]) -> tuple[str | None, list[str]]:
     return config, args
 
 
+class OutOfMemory(TokpruneError, MemoryError):
+    """The model or a batch did not fit in memory."""
+
+
 #: Set by :func:`_terminate`: a library may turn the KeyboardInterrupt raised inside it into its own error
 #: (omegaconf does), and an interrupted run must still exit 130 with the resume hint, not as a crash.
 _TERMINATED: list[int] = []
@@ -73,7 +81,8 @@ def _passive_openmp(argv: list[str]) -> None:
     if "torch" not in sys.modules:
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
         return
-    from_shell = sys.argv[1:2] == ["run"] and sys.argv[2:] == argv
+    shell = [a for a in sys.argv[1:] if a != "--debug"]  # `tokprune --debug run ...` is from the shell too
+    from_shell = shell[:1] == ["run"] and shell[1:] == argv
     if from_shell and getattr(sys, "orig_argv", None):
         sys.stdout.flush()
         sys.stderr.flush()
@@ -105,6 +114,12 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         outcome = run_ablation(cfg, progress=not args.quiet, echo=None if args.quiet else print)
+    except (MemoryError, torch.OutOfMemoryError) as exc:
+        raise OutOfMemory(
+            f"out of memory ({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else 'no detail'}); "
+            f"lower batch_size (now {cfg.batch_size}) or limit, or use dtype=bfloat16 on a GPU; finished runs are "
+            f"in {cfg.output_dir}/results.jsonl"
+        ) from None
     except Exception:
         if not _TERMINATED:
             raise

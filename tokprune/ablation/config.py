@@ -7,12 +7,20 @@ spells them out for reading and editing. Every error names the key, the bad valu
 from __future__ import annotations
 
 import difflib
+import math
+import os
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+from omegaconf.errors import (
+    ConfigKeyError,
+    GrammarParseError,
+    InterpolationResolutionError,
+    OmegaConfBaseException,
+    ValidationError,
+)
 
 from ..errors import TokpruneError
 
@@ -77,10 +85,23 @@ DEFAULT_KNOBS = {
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 POSITION_MODES = ("keep", "compact")
+# positions.vision also takes "method": each vision step's reference choice (PruningStrategy.positions(): the
+# authors' code renumbers for divprune, cdpruner, vispruner, prumerge, prumerge_plus), keep for the others.
+VISION_POSITION_MODES = ("method", *POSITION_MODES)
+
+
+def vision_positions_arg(value: str) -> str | None:
+    """The ``vision_positions`` argument of :func:`tokprune.patch` for a ``positions.vision`` config value."""
+    return None if value == "method" else value
 BUDGET_SCOPES = ("image", "tile")  # tokprune.adapters.BUDGET_SCOPES, without importing the adapters
 DATASETS = ("shapes", "jsonl")
 SCORERS = ("auto", "shapes", "exact", "vqa", "yesno")
 SHAPES_SPLITS = ("test", "val")
+#: The shapes benchmark builds its questions' images (96x96 RGB, ~28 KB each) in memory when it loads.
+SHAPES_MAX_LIMIT = 100_000
+MAX_SEARCH_STEPS = 64
+#: Keys holding paths: ``~`` is expanded in them, as in ``model``.
+PATH_KEYS = (("output_dir",), ("dataset", "path"), ("dataset", "image_folder"), ("calibration", "path"))
 
 
 class ConfigError(TokpruneError, ValueError):
@@ -102,9 +123,12 @@ class DatasetConfig:
 
 @dataclass
 class PositionsConfig:
-    """Position ids of kept tokens per stage: ``keep`` their original ids, or ``compact`` (renumber)."""
+    """Position ids of kept tokens per stage: ``keep`` their original ids, or ``compact`` (renumber).
 
-    vision: str = "keep"
+    The vision stage defaults to ``method``: what each method's reference code does (faithful by default).
+    """
+
+    vision: str = "method"
     llm: str = "keep"
 
 
@@ -205,7 +229,7 @@ def validate(cfg: AblationConfig) -> None:
     """Range and choice checks omegaconf's types cannot express."""
     _choices("dtype", cfg.dtype, DTYPES)
     _choices("attn_implementation", cfg.attn_implementation, ATTN_IMPLEMENTATIONS)
-    _choices("positions.vision", cfg.positions.vision, POSITION_MODES)
+    _choices("positions.vision", cfg.positions.vision, VISION_POSITION_MODES)
     _choices("positions.llm", cfg.positions.llm, POSITION_MODES)
     _choices("budget_scope", cfg.budget_scope, BUDGET_SCOPES)
     _choices("dataset.name", cfg.dataset.name, DATASETS)
@@ -217,6 +241,11 @@ def validate(cfg: AblationConfig) -> None:
             raise ConfigError(f"config key {key!r} must be >= 1, got {getattr(cfg, key)}")
     if cfg.limit is not None and cfg.limit < 1:
         raise ConfigError(f"config key 'limit' must be >= 1 or null (all questions), got {cfg.limit}")
+    if not 0 <= cfg.seed < 2**63:
+        raise ConfigError(f"config key 'seed' must be an integer in [0, 2**63), got {cfg.seed}")
+    for key in ("model", "output_dir", "dtype", "device", "attn_implementation", "budget_scope"):
+        if not str(getattr(cfg, key)).strip():
+            raise ConfigError(f"config key {key!r} is an empty string ''; give it a value (see configs/default.yaml)")
     if cfg.dataset.name == "shapes":
         _choices("dataset.split", cfg.dataset.split, SHAPES_SPLITS)
         if cfg.dataset.scorer not in ("auto", "shapes"):
@@ -230,17 +259,33 @@ def validate(cfg: AblationConfig) -> None:
     for t in cfg.budget.targets:
         if not 0 < t <= 1:
             raise ConfigError(f"budget.targets must be fractions in (0, 1], got {t} (e.g. budget.targets=[0.07,0.14,0.28,0.5])")
-    if cfg.budget.tolerance <= 0:
-        raise ConfigError(f"budget.tolerance must be > 0, got {cfg.budget.tolerance}")
+    # NaN fails every comparison: each check is written so that NaN lands on the error.
+    if not 0 < cfg.budget.tolerance < 1:
+        raise ConfigError(
+            f"budget.tolerance must be a finite number in (0, 1) (the targets' unit), got {cfg.budget.tolerance}"
+        )
+    if not 0 <= cfg.budget.max_steps <= MAX_SEARCH_STEPS:
+        raise ConfigError(
+            f"budget.max_steps must be an integer in [0, {MAX_SEARCH_STEPS}] (measurements per target), "
+            f"got {cfg.budget.max_steps}"
+        )
     for name, bounds in cfg.budget.ranges.items():
-        if len(bounds) != 2 or not 0 < bounds[0] < bounds[1]:
-            raise ConfigError(f"budget.ranges.{name} must be [low, high] with 0 < low < high, got {cfg.budget.ranges[name]}")
+        if len(bounds) != 2 or not 0 < bounds[0] < bounds[1] < math.inf:
+            raise ConfigError(
+                f"budget.ranges.{name} must be [low, high], finite, with 0 < low < high, got {list(bounds)}"
+            )
     if cfg.calibration.limit < 1:
         raise ConfigError(f"config key 'calibration.limit' must be >= 1, got {cfg.calibration.limit}")
     if cfg.dataset.name == "shapes":
         _choices("calibration.split", cfg.calibration.split, SHAPES_SPLITS)
         if cfg.limit is None:
             raise ConfigError("limit=null: the shapes benchmark has no end (its generator is unlimited); set limit=N")
+        for key, n in (("limit", cfg.limit), ("calibration.limit", cfg.calibration.limit)):
+            if n > SHAPES_MAX_LIMIT:
+                raise ConfigError(
+                    f"{key}={n} on the shapes benchmark would build {n} images in memory (about "
+                    f"{n * 28 / 1e6:,.1f} GB) before the first run; use {key} <= {SHAPES_MAX_LIMIT} (e.g. {key}=500)"
+                )
         if cfg.dataset.path is not None:
             raise ConfigError(
                 f"dataset.path={cfg.dataset.path!r} is set but dataset.name='shapes' (the embedded benchmark) would "
@@ -274,6 +319,12 @@ def _reraise(exc: OmegaConfBaseException, origin: str) -> ConfigError:
     if isinstance(exc, ValidationError):
         msg = str(exc).splitlines()[0]
         return ConfigError(f"bad value for config key {key!r} ({origin}): {msg}")
+    if isinstance(exc, (InterpolationResolutionError, GrammarParseError)):
+        msg = str(exc).splitlines()[0]
+        return ConfigError(
+            f"cannot resolve the interpolation in config key {key!r} ({origin}): {msg}; refer to an existing key (${{model}}) "
+            "or to an environment variable that is set (${oc.env:NAME,default})"
+        )
     return ConfigError(f"config error at {key!r} ({origin}): {str(exc).splitlines()[0]}")
 
 
@@ -350,9 +401,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
                 merged.sweep = layer.sweep
         except OmegaConfBaseException as exc:
             raise _reraise(exc, origin) from None
-    cfg: AblationConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    try:
+        cfg: AblationConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as exc:  # interpolations resolve here: ${missing}, ${oc.env:UNSET}
+        raise _reraise(exc, " or ".join(origin for origin, _ in layers) or "defaults") from None
+    _expand_user(cfg)
     validate(cfg)
     return cfg
+
+
+def _expand_user(cfg: AblationConfig) -> None:
+    """``~`` in the path keys means the home folder, as on the shell (``model`` expands it when it loads)."""
+    for path in PATH_KEYS:
+        owner = cfg
+        for part in path[:-1]:
+            owner = getattr(owner, part)
+        value = getattr(owner, path[-1])
+        if isinstance(value, str) and value.startswith("~"):
+            setattr(owner, path[-1], os.path.expanduser(value))
 
 
 def to_container(cfg: AblationConfig) -> dict[str, Any]:

@@ -51,13 +51,22 @@ class EvalSample:
     answers: tuple[str, ...]
     qtype: str | None = None
     source: Any = None  # the original object (a shapes Sample), for scorers that need it
+    image_digest: str | None = None  # of the image's bytes (or pixels): part of the dataset's fingerprint
 
     def load_image(self) -> Any:
         if isinstance(self.image, (str, Path)):
             from PIL import Image
 
-            with Image.open(self.image) as im:
-                return im.convert("RGB")
+            try:
+                with Image.open(self.image) as im:
+                    return im.convert("RGB")
+            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+                # It decoded when the dataset loaded: the file changed (or went away) since.
+                raise DatasetError(
+                    f"image {str(self.image)!r} of question {self.question_id!r} cannot be decoded "
+                    f"({type(exc).__name__}: {exc}); it changed since the dataset was loaded: restore it and rerun "
+                    "the command (finished runs are kept)"
+                ) from None
         return self.image
 
 
@@ -67,6 +76,14 @@ class Dataset:
     samples: list[EvalSample]
     scorer: Scorer
     skipped: list[str] = field(default_factory=list)  # "line N: reason" for each skipped row
+
+    @property
+    def fingerprint(self) -> str:
+        """Digest of the questions, answers and images of the samples: part of every run's identity, so a
+        changed file (same path, same row count) is a new run, never a stale one."""
+        from .fingerprint import samples_fingerprint
+
+        return samples_fingerprint(self.samples)
 
 
 # ----------------------------------------------------------------------------------------------- scorers
@@ -167,8 +184,10 @@ def _shapes(cfg: DatasetConfig, limit: int | None) -> Dataset:
     if limit is None:
         raise DatasetError("the shapes benchmark has no end (its generator is unlimited): set limit=N")
     n = limit
+    from .fingerprint import image_digest
+
     samples = [
-        EvalSample(s.question_id, s.image, s.question, (s.answer,), s.qtype, source=s)
+        EvalSample(s.question_id, s.image, s.question, (s.answer,), s.qtype, source=s, image_digest=image_digest(s.image))
         for s in data.benchmark(split=cfg.split, n=n)
     ]
     return Dataset(f"shapes-{cfg.split}", samples, SCORERS["shapes"])
@@ -189,16 +208,25 @@ def _answers_of(row: dict[str, Any]) -> tuple[str, ...]:
     raise ValueError("no answer: expected one of 'answers', 'answer', 'label'")
 
 
-def _check_image(path: Path) -> None:
-    """Open the file's header (cheap: no pixel decoding), so a file that is not an image is a bad row at
-    load time instead of a crash in the middle of a run."""
-    from PIL import Image, UnidentifiedImageError
+def _check_image(path: Path) -> str:
+    """Decode the whole image once, so that a file that is not an image, a truncated or corrupt one, or a
+    decompression bomb is a bad row at load time instead of a crash in the middle of a batch; returns
+    the digest of its bytes (for the dataset's fingerprint)."""
+    import io
 
+    from PIL import Image
+
+    from .fingerprint import content_digest
+
+    data = path.read_bytes()
     try:
-        with Image.open(path) as im:
-            im.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+    except Image.DecompressionBombError as exc:
+        raise ValueError(f"{str(path)!r} is a decompression bomb, refused ({exc})") from None
+    except (OSError, SyntaxError, ValueError) as exc:
         raise ValueError(f"{str(path)!r} is not a readable image ({type(exc).__name__}: {exc})") from None
+    return content_digest(data)
 
 
 def _parse_row(line: str, image_root: Path) -> EvalSample:
@@ -219,9 +247,20 @@ def _parse_row(line: str, image_root: Path) -> EvalSample:
     image = image if image.is_absolute() else image_root / image
     if not image.is_file():
         raise FileNotFoundError(f"image not found: {str(image)!r}")
-    _check_image(image)
+    digest = _check_image(image)
     qtype = row.get("qtype", row.get("question_type", row.get("category")))
-    return EvalSample(str(row["question_id"]), image, question, answers, None if qtype is None else str(qtype))
+    qtype = None if qtype is None else str(qtype)
+    return EvalSample(str(row["question_id"]), image, question, answers, qtype, image_digest=digest)
+
+
+def _row_failure(exc: Exception) -> str:
+    if isinstance(exc, UnicodeDecodeError):
+        return f"not UTF-8 (byte {exc.object[exc.start]:#04x} at column {exc.start + 1}); save the file as UTF-8"
+    if isinstance(exc, RecursionError):
+        return "not a JSON row this loader can read (nested too deeply)"
+    if isinstance(exc, (ValueError, FileNotFoundError)):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
 
 
 def load_jsonl(
@@ -242,22 +281,25 @@ def load_jsonl(
     samples: list[EvalSample] = []
     skipped: list[str] = []
     seen: set[str] = set()
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
+    # Bytes, decoded row by row: a row that is not UTF-8 is a bad row naming its line, not a crash.
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
             if limit is not None and len(samples) >= limit:
                 break
-            if not line.strip():
+            if not raw.strip():
                 continue
             try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a byte order mark is not a row
                 sample = _parse_row(line, root)
                 if sample.question_id in seen:
                     raise ValueError(f"duplicate question_id {sample.question_id!r}")
-            except (ValueError, FileNotFoundError) as exc:
+            except Exception as exc:  # noqa: BLE001 - every per-row failure is a bad row (named, counted)
+                reason = _row_failure(exc)
                 if not skip_bad_rows:
                     raise DatasetError(
-                        f"{path}:{lineno}: {exc} (set dataset.skip_bad_rows=true to skip and count such rows)"
+                        f"{path}:{lineno}: {reason} (set dataset.skip_bad_rows=true to skip and count such rows)"
                     ) from None
-                skipped.append(f"line {lineno}: {exc}")
+                skipped.append(f"line {lineno}: {reason}")
                 continue
             seen.add(sample.question_id)
             samples.append(sample)

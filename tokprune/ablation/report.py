@@ -230,9 +230,10 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def _positions(row: dict[str, Any]) -> str:
-    """Non-default position-id modes of the run (``keep`` is the default), for its label."""
+    """Non-default position-id modes of the run, for its label (defaults: vision ``method``, llm ``keep``)."""
     pos = (row.get("resolved") or {}).get("positions") or {}
-    odd = [f"{stage}={mode}" for stage, mode in sorted(pos.items()) if mode != "keep"]
+    default = {"vision": "method", "llm": "keep"}
+    odd = [f"{stage}={mode}" for stage, mode in sorted(pos.items()) if mode != default.get(stage, "keep")]
     return f" (positions {', '.join(odd)})" if odd else ""
 
 
@@ -405,8 +406,10 @@ def curves_plot(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "
     panels = [("equiv_frac", "equivalent visual tokens (% of an image's tokens, mean over LLM layers)"),
               ("flops_rel", "prefill FLOPs (% of unpruned)")]
     base = next((r for r in rows if r["role"] == "baseline"), None)
-    # tab20 (its reds, 6 and 7, left to the reference): one colour per method up to 18 methods
-    palette = [c for j, c in enumerate(plt.get_cmap("tab20").colors) if j not in (6, 7)]
+    # tab20's dark shades, then its light ones (its reds, 6 and 7, left to the reference): one colour per
+    # method up to 18 methods
+    tab20 = plt.get_cmap("tab20").colors
+    palette = [tab20[j] for j in [*range(0, 20, 2), *range(1, 20, 2)] if j not in (6, 7)]
     methods = list(curves(rows, "equiv_frac"))
     for ax, (key, xlabel) in zip(axes, panels):
         for i, (method, points) in enumerate(curves(rows, key).items()):

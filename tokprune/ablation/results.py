@@ -17,7 +17,7 @@ from typing import Any
 
 from ..errors import TokpruneError
 
-__all__ = ["ResultsError", "append_result", "load_results", "run_key"]
+__all__ = ["ResultsError", "append_result", "load_results", "row_digest", "run_key"]
 
 
 class ResultsError(TokpruneError, ValueError):
@@ -30,10 +30,21 @@ def run_key(resolved: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def row_digest(row: dict[str, Any]) -> str:
+    """Digest of a row's contents (without its ``digest``), written with it: a row edited by hand afterwards
+    no longer matches, and is refused rather than reported as measured."""
+    body = {k: v for k, v in row.items() if k != "digest"}
+    blob = json.dumps(body, sort_keys=True, separators=(",", ":"), default=_jsonable)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 def append_result(path: str | Path, row: dict[str, Any]) -> None:
-    """Append one row durably (one write, flush, fsync)."""
+    """Append one row durably (one write, flush, fsync), with its :func:`row_digest`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    # Round-trip first, so the digest is of exactly what a reader will parse (tuples become lists, ...).
+    row = json.loads(json.dumps(row, default=_jsonable))
+    row = {**row, "digest": row_digest(row)}
     line = (json.dumps(row, separators=(",", ":"), default=_jsonable) + "\n").encode()
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     start = os.fstat(fd).st_size
@@ -99,6 +110,11 @@ def load_results(path: str | Path, repair: bool = True, required: tuple[str, ...
                     f"{path}:{i + 1}: not a results row of tokprune run (missing {', '.join(map(repr, missing))}); "
                     "the file was written by something else or an incompatible version: move it away, or use another "
                     "output_dir"
+                )
+            if isinstance(row, dict) and "digest" in row and row["digest"] != row_digest(row):
+                raise ResultsError(
+                    f"{path}:{i + 1}: this row was edited after it was written (its digest no longer matches its "
+                    "contents), so its numbers are not the measured ones; delete that line to redo the run, or restore it"
                 )
             rows.append(row)
         good_end += len(raw) + 1

@@ -22,23 +22,21 @@ import torch
 from .. import strategies
 from ..errors import TokpruneError
 from . import plan as planning
+from . import preflight
 from .calibrate import Calibration, Calibrator, axis_value, search
-from .config import EMBEDDED_MODEL, AblationConfig, ConfigError, to_container, to_yaml
+from .config import EMBEDDED_MODEL, AblationConfig, ConfigError, to_container, to_yaml, vision_positions_arg
 from .datasets import Dataset, EvalSample, load_dataset
 from .distributed import Dist
 from .distributed import init as init_dist
 from .measure import GenerateTimer, PeakMemory, Timing
 from .metrics import run_metrics
+from .preflight import OutputError
 from .results import ROW_KEYS, append_result, load_results, run_key
 
 __all__ = ["OutputError", "RunOutcome", "Session", "run_ablation"]
 
 RESULTS_FILE = "results.jsonl"
 CALIBRATION_FILE = "calibration.json"
-
-
-class OutputError(TokpruneError, OSError):
-    """The output folder cannot be written (permissions, a full disk)."""
 
 
 @dataclass
@@ -70,6 +68,11 @@ def resolve_model_path(name: str) -> str:
     """An embedded model's directory, or a local directory as given; never a download."""
     path = Path(name).expanduser()
     if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ConfigError(
+                f"model={name!r} is a folder without config.json, so not a HF checkpoint; use model=<the folder "
+                f"holding config.json, the weights and the processor files> or model={EMBEDDED_MODEL}"
+            )
         return str(path)
     try:
         from tokprune import models
@@ -86,15 +89,11 @@ def resolve_model_path(name: str) -> str:
 
 
 def model_fingerprint(name: str) -> str:
-    """Hash of the checkpoint's config and weight-file sizes: a different model at the same path is a
-    different run (resume must not reuse its results)."""
-    import hashlib
+    """Hash of the checkpoint's config and weight files (sizes and sampled contents): a different model at
+    the same path is a different run (resume must not reuse its results)."""
+    from .fingerprint import checkpoint_fingerprint
 
-    root = Path(resolve_model_path(name))
-    h = hashlib.sha256((root / "config.json").read_bytes() if (root / "config.json").is_file() else b"")
-    for f in sorted(root.glob("*.safetensors")) + sorted(root.glob("*.bin")):
-        h.update(f"{f.name}:{f.stat().st_size}".encode())
-    return h.hexdigest()[:16]
+    return checkpoint_fingerprint(resolve_model_path(name))
 
 
 def load_model(cfg: AblationConfig, device: torch.device) -> tuple[Any, Any]:
@@ -175,7 +174,7 @@ class Session:
         handle = tokprune.patch(
             self.model,
             pipeline,
-            vision_positions=cfg.positions.vision,
+            vision_positions=vision_positions_arg(cfg.positions.vision),
             llm_positions=cfg.positions.llm,
             question_end=self.processor.tokenizer,  # the question ends at the "ASSISTANT:" marker
             budget_scope=cfg.budget_scope,
@@ -295,6 +294,7 @@ def resolved_run_config(
         "model": cfg.model,
         "model_fingerprint": fingerprint,
         "dataset": {**full["dataset"], "n": len(dataset.samples)},
+        "dataset_fingerprint": dataset.fingerprint,
         "spec": spec,
         "positions": full["positions"],
         **_budget_scope(cfg),
@@ -375,8 +375,19 @@ def open_session(cfg: AblationConfig, dist: Dist, progress: bool = True) -> Sess
     device = resolve_device(cfg.device, dist)
     dataset = load_dataset(cfg.dataset, cfg.limit)
     calibration = load_calibration(cfg) if cfg.budget.targets else None
-    model, processor = load_model(cfg, device)
+    model, processor = _load_checked(cfg, device)
+    preflight.screen_questions(dataset, processor, model, cfg.dataset.prompt_suffix, cfg.dataset.skip_bad_rows)
+    if calibration is not None:
+        preflight.screen_questions(calibration, processor, model, cfg.dataset.prompt_suffix, cfg.dataset.skip_bad_rows)
     return Session(cfg, model, processor, dataset, device, dist, progress and dist.is_main, calibration=calibration)
+
+
+def _load_checked(cfg: AblationConfig, device: torch.device) -> tuple[Any, Any]:
+    """:func:`load_model`, its failures as one error naming the checkpoint (complete files checked first)."""
+    path = resolve_model_path(cfg.model)
+    preflight.check_checkpoint(path)
+    with preflight.loading_model(path):
+        return load_model(cfg, device)
 
 
 def _with_budget(run: planning.PlannedRun, reference: dict[str, Any] | None) -> planning.PlannedRun:
@@ -411,12 +422,13 @@ def run_ablation(
             try:
                 out_dir.mkdir(parents=True, exist_ok=True)
                 lock = _lock_output_dir(out_dir)
-                (out_dir / "config.yaml").write_text(to_yaml(cfg))
             except OSError as exc:
                 raise OutputError(
                     f"cannot write to output_dir={str(out_dir)!r} ({exc.strerror or exc}); "
                     "choose a writable folder, e.g. output_dir=runs/mine"
                 ) from None
+            preflight.check_output(out_dir, RESULTS_FILE, len(runs), cfg.limit)
+            preflight.write_config(out_dir / "config.yaml", to_yaml(cfg))
         session = session or open_session(cfg, dist, progress)
         rows, skipped, reused = _run_all(session, runs, out_dir / RESULTS_FILE, echo)
         files: dict[str, Path] = {"results": out_dir / RESULTS_FILE, "config": out_dir / "config.yaml"}
@@ -513,6 +525,7 @@ def _calibrator(session: Session, out_dir: Path, fingerprint: str) -> Calibrator
     identity = {
         "model_fingerprint": fingerprint, "calibration": to_container(cfg)["calibration"],
         "dataset": session.calibration.name, "n": len(session.calibration.samples),
+        "dataset_fingerprint": session.calibration.fingerprint,
         "positions": to_container(cfg)["positions"], "dtype": cfg.dtype, "prompt_suffix": cfg.dataset.prompt_suffix,
         **_budget_scope(cfg),
     }

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import copy
+import threading
 import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -11,11 +13,19 @@ from typing import Any, ClassVar, Literal
 
 from torch import nn
 
-from ..errors import AlreadyPatchedError, StrategyParamError, UnsupportedModelError
+from ..errors import AlreadyPatchedError, StrategyParamError, TokpruneError, UnsupportedModelError
 from ..pipeline import Pipeline
 from ..stats import PruneStats
 
-__all__ = ["BUDGET_SCOPES", "ModelAdapter", "PatchState", "patch", "pruned", "unpatch"]
+__all__ = [
+    "BUDGET_SCOPES",
+    "ModelAdapter",
+    "PatchState",
+    "PatchedModelPickleError",
+    "patch",
+    "pruned",
+    "unpatch",
+]
 
 Positions = Literal["keep", "compact"]
 POSITION_MODES: tuple[str, ...] = ("keep", "compact")
@@ -25,6 +35,10 @@ BudgetScope = Literal["image", "tile"]
 BUDGET_SCOPES: tuple[str, ...] = ("image", "tile")
 
 _MISSING = object()
+
+
+class PatchedModelPickleError(TokpruneError, TypeError):
+    """A patched model was pickled (``pickle``, ``torch.save``): the patch is code bound to this instance."""
 
 
 @dataclass
@@ -51,8 +65,13 @@ class PatchState:
         self.hooks.append(handle)
 
     def undo(self) -> None:
+        """Undo every change, even when one step fails (the first failure is raised after the rest)."""
+        failure: BaseException | None = None
         for handle in reversed(self.hooks):
-            handle.remove()
+            try:
+                handle.remove()
+            except Exception as exc:  # noqa: BLE001 - re-raised below, after the model is restored
+                failure = failure or exc
         for obj, name, previous in reversed(self.attributes):
             if previous is _MISSING:
                 obj.__dict__.pop(name, None)
@@ -60,6 +79,8 @@ class PatchState:
                 obj.__dict__[name] = previous
         self.hooks.clear()
         self.attributes.clear()
+        if failure is not None:
+            raise failure
 
 
 class ModelAdapter(abc.ABC):
@@ -156,12 +177,13 @@ class ModelAdapter(abc.ABC):
 
     def remove(self) -> None:
         """Undo the patch: the model behaves exactly as before. Calling it again does nothing."""
-        if not self.active:
-            return
-        try:
-            self._state.undo()
-        finally:
-            del _PATCHED[self.model]
+        with _LOCK:
+            if not self.active:
+                return
+            try:
+                self._state.undo()
+            finally:
+                _PATCHED.pop(self.model, None)
 
     def __enter__(self) -> ModelAdapter:
         return self
@@ -176,6 +198,17 @@ class ModelAdapter(abc.ABC):
 
 # model -> its active handle. Weak keys: patching never keeps a model alive.
 _PATCHED: weakref.WeakKeyDictionary[nn.Module, ModelAdapter] = weakref.WeakKeyDictionary()
+# Patching and removing are check-then-act on _PATCHED and the model's attributes: two threads patching
+# one model must not both pass the check (the loser gets the "already patched" error).
+_LOCK = threading.RLock()
+#: Wrappers another library puts around a model, and the attribute holding the model inside.
+_WRAPPERS = {
+    "OptimizedModule": "_orig_mod",
+    "DataParallel": "module",
+    "DistributedDataParallel": "module",
+    "PeftModel": "base_model.model",
+    "PeftModelForCausalLM": "base_model.model",
+}
 
 
 def patch(
@@ -211,53 +244,85 @@ def patch(
     CLIP model) is the CLIP text tower instruction-conditioned vision steps read (``cdpruner``'s
     ``relevance=text``); without one they run their documented stand-in. ``adapter`` names the adapter
     class to use instead of the registered one that matches (a family in development, or the contract's
-    mutants); it must match ``model``. Everything is validated
-    before the model is touched; ``handle.remove()`` (or :func:`unpatch`) restores it exactly.
+    mutants); it must match ``model``. Everything is validated before the model is touched; ``handle.remove()`` (or :func:`unpatch`) restores it exactly.
     """
     from ..registry import get
 
-    if model in _PATCHED:
-        raise AlreadyPatchedError(
-            f"{type(model).__name__} is already patched with {str(_PATCHED[model].pipeline)!r}; "
-            "call handle.remove() (or tokprune.unpatch(model)) before patching it again"
-        )
-    pipeline = spec if isinstance(spec, Pipeline) else get(spec)
+    options = {
+        "vision_positions": vision_positions,
+        "llm_positions": llm_positions,
+        "question_end": question_end,
+        "budget_scope": budget_scope,
+        # only when given: an adapter written before this option (a plugin's) keeps working without it
+        **({"text_encoder": text_encoder} if text_encoder is not None else {}),
+    }
+    with _LOCK:
+        if model in _PATCHED:
+            raise AlreadyPatchedError(
+                f"{type(model).__name__} is already patched with {str(_PATCHED[model].pipeline)!r}; "
+                "call handle.remove() (or tokprune.unpatch(model)) before patching it again"
+            )
+        pipeline = spec if isinstance(spec, Pipeline) else get(spec)
+        adapter_cls = _adapter_for(model, adapter)
+        handle = adapter_cls(model, pipeline, **options)
+        _install(handle, options)
+        _PATCHED[model] = handle
+    return handle
+
+
+def _adapter_for(model: nn.Module, adapter: type[ModelAdapter] | None) -> type[ModelAdapter]:
+    """The registered adapter that matches ``model``, or ``adapter`` when given (and matching)."""
     if adapter is None:
         from ._registry import pick_adapter
 
-        adapter_cls = pick_adapter(model)
-    elif not (isinstance(adapter, type) and issubclass(adapter, ModelAdapter)):
+        return pick_adapter(model)
+    if not (isinstance(adapter, type) and issubclass(adapter, ModelAdapter)):
         raise UnsupportedModelError(f"adapter={adapter!r} is not a ModelAdapter subclass")
-    elif not adapter.matches(model):
+    if not adapter.matches(model):
         raise UnsupportedModelError(
             f"adapter {adapter.name!r} does not understand {type(model).__name__}: {adapter.mismatch(model)}"
         )
-    else:
-        adapter_cls = adapter
-    handle = adapter_cls(
-        model,
-        pipeline,
-        vision_positions=vision_positions,
-        llm_positions=llm_positions,
-        question_end=question_end,
-        budget_scope=budget_scope,
-        # only when given: an adapter written before this option (a plugin's) keeps working without it
-        **({"text_encoder": text_encoder} if text_encoder is not None else {}),
-    )
+    return adapter
+
+
+def _install(handle: ModelAdapter, options: dict[str, Any]) -> None:
+    """Install ``handle``'s patch, and the two hooks that keep copies honest: a deep copy of the patched
+    model is patched on its own with the same pipeline (its own handle, ``handle_of(copy)``), and
+    pickling it (``pickle``, ``torch.save``) is refused, as the patch is code, not state."""
+    model = handle.model
+
+    def deepcopy(memo: dict[int, Any]) -> nn.Module:
+        with _LOCK:
+            handle._state.undo()  # copy the model as it is unpatched, then put the patch back
+            try:
+                clone = copy.deepcopy(model, memo)
+            finally:
+                _install(handle, options)
+            patch(clone, handle.pipeline, adapter=type(handle), **options)
+        return clone
+
+    def reduce_ex(protocol: int) -> Any:
+        raise PatchedModelPickleError(
+            f"{type(model).__name__} is patched by tokprune ({str(handle.pipeline)!r}) and cannot be pickled: "
+            "save model.state_dict() instead, or call handle.remove() (tokprune.unpatch(model)) first and patch "
+            "again after loading; copy.deepcopy(model) gives a patched copy"
+        )
+
     try:
         handle._install()
+        handle._state.set_attribute(model, "__deepcopy__", deepcopy)
+        handle._state.set_attribute(model, "__reduce_ex__", reduce_ex)
     except BaseException:
         handle._state.undo()
         raise
-    _PATCHED[model] = handle
-    return handle
 
 
 def unpatch(model: nn.Module) -> None:
     """Remove the patch from ``model`` (no-op when it is not patched)."""
-    handle = _PATCHED.get(model)
-    if handle is not None:
-        handle.remove()
+    with _LOCK:
+        handle = _PATCHED.get(model)
+        if handle is not None:
+            handle.remove()
 
 
 def handle_of(model: nn.Module) -> ModelAdapter | None:

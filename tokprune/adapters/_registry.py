@@ -16,7 +16,7 @@ from torch import nn
 from .. import _plugins
 from ..errors import AdapterNameClash, AmbiguousModelError, PluginError, UnsupportedModelError, did_you_mean
 from ..strategy import NAME_PATTERN
-from ._base import ModelAdapter
+from ._base import _WRAPPERS, ModelAdapter
 
 __all__ = ["AdapterInfo", "adapter_registry", "describe_adapter", "pick_adapter", "registered_adapters"]
 
@@ -120,4 +120,10 @@ def pick_adapter(model: nn.Module) -> type[ModelAdapter]:
             f"plugin with {_plugins.BLOCK_ENV}, or choose with tokprune.patch(model, spec, adapter=...)"
         )
     reasons = "; ".join(f"{info.name} ({info.source.name}): {info.cls.mismatch(model)}" for info in table.values())
+    inner = _WRAPPERS.get(type(model).__name__)
+    if inner is not None:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is a wrapper around the model; patch the model inside it "
+            f"(tokprune.patch(wrapped.{inner}, ...)), before wrapping it if you can ({reasons})"
+        )
     raise UnsupportedModelError(f"no registered adapter understands {type(model).__name__}: {reasons}")

@@ -106,7 +106,8 @@ class TokpruneLlavaCore:
         device: ``cpu``, ``cuda``, ``cuda:1``...; default: cuda when available.
         dtype: one of ``auto``, ``float32``, ``bfloat16``, ``float16``.
         max_new_tokens: used when a task's generation kwargs give none.
-        vision_positions, llm_positions: ``keep`` (default) or ``compact``; see ``tokprune.patch``.
+        vision_positions: ``method`` (default: each method's reference choice), ``keep`` or ``compact``;
+        llm_positions: ``keep`` (default) or ``compact``; see ``tokprune.patch``.
         chat_template: a Jinja template overriding the processor's (default: the processor's, else
             LLaVA-1.5's ``USER: ... ASSISTANT:``).
         attn_implementation: ``sdpa`` (default) or ``eager``.
@@ -130,7 +131,7 @@ class TokpruneLlavaCore:
         device: str | None = None,
         dtype: str = "auto",
         max_new_tokens: int = 128,
-        vision_positions: str = "keep",
+        vision_positions: str = "method",
         llm_positions: str = "keep",
         chat_template: str | None = None,
         attn_implementation: str | None = None,
@@ -171,7 +172,7 @@ class TokpruneLlavaCore:
         self.handle = patch(
             self._model,
             self.pipeline,
-            vision_positions=vision_positions,
+            vision_positions=None if vision_positions == "method" else vision_positions,
             llm_positions=llm_positions,
             question_end=processor,
         )
