@@ -382,15 +382,15 @@ def next_inputs(
     """One ``<s> USER : <image>*P question ASSISTANT :`` prompt for an image of ``image_size`` (h, w) px.
 
     ``P`` (base image + the tiles unpadded to the image's aspect ratio + a newline per row) and the tile
-    count are the model's own (:func:`tokprune.hf_compat.anyres_layout`), as its processor would expand them.
+    count are the model's own (:func:`tokprune.adapters.llava_next.anyres_layout`), as its processor would expand them.
     """
-    from tokprune import hf_compat as hf
+    from tokprune.adapters.llava_next import anyres_layout, anyres_tiles
 
     device, dtype = model.device, model.dtype
     side = model.config.vision_config.image_size
     sizes = torch.tensor([list(image_size)])
-    tiles = hf.anyres_tiles(model.config, sizes)
-    tokens = int(hf.anyres_layout(model.model, tiles, num_patches(model), sizes, "default")[0].numel())
+    tiles = anyres_tiles(model.config, sizes)
+    tokens = int(anyres_layout(model.model, tiles, num_patches(model), sizes, "default")[0].numel())
     gen = torch.Generator().manual_seed(0)
     text = torch.randint(100, 30000, (n_text,), generator=gen)
     ids = torch.cat([text[:3], torch.full((tokens,), IMAGE_TOKEN), text[3:]])[None]

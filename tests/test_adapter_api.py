@@ -10,8 +10,8 @@ import tokprune
 from tokprune import Pipeline
 from tokprune import hf_compat as hf
 from tokprune.adapters import ModelAdapter, handle_of, registered_adapters
-from tokprune.adapters.llava import LlavaAdapter
-from tokprune.errors import MissingCapabilityError, StrategyParamError, UnsupportedModelError
+from tokprune.adapters.llava import LlavaAdapter, vision_transformer
+from tokprune.errors import InputError, MissingCapabilityError, StrategyParamError, UnsupportedModelError
 from tokprune.testing.equivalence import ProbeLastRow, ProbeVisionTopK, check_keep_all_identity
 from tokprune.testing.models import VOCAB, tiny_llava, tiny_llava_config
 
@@ -36,7 +36,7 @@ def _patched_attributes(model) -> list[str]:
 
 def test_builtin_adapter_is_registered_through_the_plugin_hook():
     adapters = registered_adapters()
-    assert (LlavaAdapter, "llava") in [(cls, source.name) for cls, source in adapters]
+    assert (LlavaAdapter, "builtin_families") in [(cls, source.name) for cls, source in adapters]
     assert all(issubclass(cls, ModelAdapter) for cls, _ in adapters)
 
 
@@ -211,7 +211,7 @@ def test_right_padding_is_refused(tiny):
     model, make_inputs = tiny
     inputs = make_inputs((5, 2))
     inputs["attention_mask"] = inputs["attention_mask"].flip(1)
-    with tokprune.pruned(model, "fastv"), pytest.raises(UnsupportedModelError, match="left padding"):
+    with tokprune.pruned(model, "fastv"), pytest.raises(InputError, match="left padding"):
         _logits(model, inputs)
 
 
@@ -277,7 +277,7 @@ def test_cls_strategies_on_a_tower_without_cls_are_refused_naming_what_works(fam
     from tokprune.testing.models import tiny_llava_next
 
     model, _ = tiny_llava(seed=0) if family == "llava" else tiny_llava_next(seed=0)
-    hf.vision_transformer(model.model.vision_tower).embeddings.class_embedding = None  # a tower without CLS
+    vision_transformer(model.model.vision_tower).embeddings.class_embedding = None  # a tower without CLS
     with pytest.raises(MissingCapabilityError, match=rf"reads the CLS token's signals \(qk@-1\).*no CLS token; .*: {working} \("):
         tokprune.patch(model, "topk")
     assert handle_of(model) is None

@@ -289,7 +289,7 @@ def test_families_with_variable_image_sizes_refuse_fixed_size_vision_strategies(
 
     model, _ = tiny_llava(seed=0)
     monkeypatch.setattr(LlavaAdapter, "variable_image_tokens", True)
-    with pytest.raises(MissingCapabilityError, match=r"'fixed_size_probe' cuts images of one fixed size.*per image: .*random.*topk"):
+    with pytest.raises(MissingCapabilityError, match=r"^fixed_size_probe cuts images of one fixed size.*per image: .*random.*topk"):
         tokprune.patch(model, Pipeline([FixedSize()]))
     tokprune.patch(model, "cls_knee").remove()  # the reference method cuts per image too
     tokprune.patch(model, "topk+fastv").remove()  # ragged-capable vision strategy, and any LLM strategy
@@ -298,7 +298,7 @@ def test_families_with_variable_image_sizes_refuse_fixed_size_vision_strategies(
 def test_assembly_still_refuses_bad_input_after_its_single_check_read():
     # The input checks are read from the device in one go; each must still raise its own error.
     from tokprune.adapters.decoder import VisionOut
-    from tokprune.errors import UnsupportedModelError
+    from tokprune.errors import InputError
 
     model, _ = tiny_llava(seed=0)
     I = VOCAB.image
@@ -314,7 +314,7 @@ def test_assembly_still_refuses_bad_input_after_its_single_check_read():
             run._vision_assembly(ids, embeds, valid, pos, roles, 6, None)
         right_padded = torch.tensor([[1, 1, 1, 1, 1, 0]], dtype=torch.bool)
         for features in (four, None):  # the padding error comes first, with or without images
-            with pytest.raises(UnsupportedModelError, match="right-padded"):
+            with pytest.raises(InputError, match="right-padded"):
                 run._vision_assembly(ids, embeds, right_padded, pos, roles, 6, features)
 
 

@@ -7,7 +7,7 @@ import torch
 
 import tokprune
 from tokprune import Pipeline, PruningStrategy, Stage, VisionContext, VisionPlan
-from tokprune import hf_compat as hf
+from tokprune.adapters.llava_next import anyres_layout, anyres_tiles
 from tokprune.errors import MissingCapabilityError
 from tokprune.testing.models import VOCAB, tiny_llava_next
 
@@ -45,7 +45,7 @@ def test_images_of_one_batch_bring_different_counts_and_the_tower_cost_counts_ti
         model(**x)
     s = run.stats
     assert len(set(s.image_tokens.tolist())) == 3 and torch.equal(s.image_tokens, (x["input_ids"] == VOCAB.image).sum(1))
-    tiles = torch.tensor(hf.anyres_tiles(model.config, x["image_sizes"]), dtype=torch.float64)
+    tiles = torch.tensor(anyres_tiles(model.config, x["image_sizes"]), dtype=torch.float64)
     fm = run._flops
     llm = fm.llm(s.seq_len[:, None].expand(-1, s.layer_tokens.shape[1]))
     # unpruned, the stock model projects every pass's N patches (then unpads): tests/test_flop_model.py
@@ -67,7 +67,7 @@ def test_fixed_size_vision_strategies_are_refused_naming_those_that_work(tiny):
     model, _ = tiny
     # the built-ins cutting per image (the installed plugins' visionzip and vtc_cls join them)
     working = r"cdpruner, cls_knee, divprune, prumerge, prumerge_plus, random, topk, (visionzip, )?vispruner"
-    with pytest.raises(MissingCapabilityError, match=rf"'fixed_size_probe'.*llava_next images differ.*: {working}\b"):
+    with pytest.raises(MissingCapabilityError, match=rf"^fixed_size_probe .*llava_next images differ.*: {working}\b"):
         tokprune.patch(model, Pipeline([_FixedSize()]))
     assert tokprune.adapters.handle_of(model) is None
 
@@ -113,8 +113,8 @@ def _kept_per_pass(model, x, keep):
     """``(kept, present)`` long ``[I, P]``: kept and LLM-visible tokens of each image's tower passes
     (the base view, then the tiles), read from the model's own packed layout (newlines excluded)."""
     n = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
-    tiles = hf.anyres_tiles(model.config, x["image_sizes"])
-    layout = hf.anyres_layout(model.model, tiles, n, x["image_sizes"], "default")
+    tiles = anyres_tiles(model.config, x["image_sizes"])
+    layout = anyres_layout(model.model, tiles, n, x["image_sizes"], "default")
     kept = torch.zeros(len(tiles), max(tiles), dtype=torch.long)
     present = torch.zeros_like(kept)
     for i, lay in enumerate(layout):
@@ -149,7 +149,7 @@ def test_tile_scope_extra_tokens_come_one_set_per_pass(tiny):
     # PruMerge emits one extra token per row: under tile scope, one per tower pass of the image
     model, make_inputs = tiny
     x = make_inputs((5, 2, 8))
-    tiles = torch.tensor(hf.anyres_tiles(model.config, x["image_sizes"]))
+    tiles = torch.tensor(anyres_tiles(model.config, x["image_sizes"]))
     for scope, extras in (("image", torch.ones_like(tiles)), ("tile", tiles)):
         with torch.no_grad(), tokprune.pruned(model, "prumerge(iqr_factor=0.5)", budget_scope=scope):
             out = model.model.get_image_features(x["pixel_values"], x["image_sizes"], return_dict=True)

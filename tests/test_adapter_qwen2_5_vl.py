@@ -8,7 +8,7 @@ import torch
 import tokprune
 from tokprune import Pipeline
 from tokprune import hf_compat as hf
-from tokprune.adapters.qwen2_5_vl import Qwen2_5_VLAdapter
+from tokprune.adapters.qwen2_5_vl import Qwen2_5_VLAdapter, mrope_index
 from tokprune.errors import MissingCapabilityError, StrategyParamError, UnsupportedModelError
 from tokprune.testing.adapters import _RecordVisionNorm
 from tokprune.testing.models import VOCAB, tiny_qwen2_5_vl, tiny_qwen3_vl
@@ -29,7 +29,7 @@ def test_survivors_keep_their_3d_positions(tiny):
     # positions (get_rope_index on the unpruned prompt) of the tokens that survived the vision stage.
     model, make_inputs = tiny
     x = make_inputs((5, 2, 8))
-    full = hf.mrope_index(model.model, x["input_ids"], x["mm_token_type_ids"], x["image_grid_thw"], x["attention_mask"])
+    full = mrope_index(model.model, x["input_ids"], x["mm_token_type_ids"], x["image_grid_thw"], x["attention_mask"])
     seen = []
     hook = model.model.language_model.rotary_emb.register_forward_hook(
         lambda m, a, kw, o: seen.append(kw["position_ids"].clone()), with_kwargs=True

@@ -160,7 +160,10 @@ def test_families_without_one_grid_per_image_refuse_it_at_patch(family):
     from tokprune.adapters.qwen2_5_vl import Qwen2_5_VLAdapter
 
     case = {"llava_next": LlavaNextAdapter, "qwen2_5_vl": Qwen2_5_VLAdapter}[family].tiny()
-    with pytest.raises(MissingCapabilityError, match=r"'downsample' cuts images of one fixed size"):
+    with pytest.raises(
+        MissingCapabilityError,
+        match=rf"^downsample\(keep=4\) cuts images of one fixed size, but {family} images differ",
+    ):
         tokprune.patch(case.model, "downsample(keep=4)", question_end=case.question_end)
 
 

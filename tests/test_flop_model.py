@@ -14,6 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import tokprune
 from tokprune import hf_compat as hf
+from tokprune.adapters.llava_next import anyres_tiles
 from tokprune.adapters.qwen2_5_vl import Qwen2_5_VLAdapter
 from tokprune.stats import WindowedTower, layer_flops
 from tokprune.testing.models import tiny_llava_next, tiny_qwen2_5_vl, tiny_qwen3_vl
@@ -140,7 +141,7 @@ def test_llava_next_prefill_flops_are_the_brute_force_count(spec, scope):
     # in the stock model, the kept ones without the row newlines when pruned); the decoder layers.
     model, make_inputs = tiny_llava_next(seed=0, attn_implementation="eager")
     x = make_inputs((5,))
-    tiles = torch.tensor(hf.anyres_tiles(model.config, x["image_sizes"]))
+    tiles = torch.tensor(anyres_tiles(model.config, x["image_sizes"]))
     assert int(tiles[0]) == x["pixel_values"].shape[1] > 1
     pruned = tokprune.pruned(model, spec, budget_scope=scope)
     with FlopCounterMode(display=False) as counter, pruned as run, torch.no_grad():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import importlib.metadata
 import inspect
 import re
@@ -15,6 +16,11 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import tokprune
 from tokprune import hf_compat as hf
+from tokprune.adapters.llava_next import check_anyres
+from tokprune.adapters.qwen2_5_vl import check_mrope
+from tokprune.adapters.qwen2_5_vl import output_class as qwen25_output
+from tokprune.adapters.qwen3_vl import check_deepstack
+from tokprune.adapters.qwen3_vl import output_class as qwen3_output
 from tokprune.errors import UnsupportedModelError
 from tokprune.testing.models import tiny_llava
 
@@ -113,7 +119,10 @@ def test_model_output_fills_the_old_layout():
     out = hf.model_output(OldLayout, last_hidden_state=hidden, cache=cache, image_features=encoded)
     assert out.past_key_values is cache and out.last_hidden_state is hidden
     assert torch.equal(out.image_hidden_states, torch.cat(per_image))
-    assert hf.model_output(OldLayout, last_hidden_state=hidden, cache=None, image_features=None).image_hidden_states is None
+    assert (
+        hf.model_output(OldLayout, last_hidden_state=hidden, cache=None, image_features=None).image_hidden_states
+        is None
+    )
 
 
 def test_model_output_fills_the_new_layout():
@@ -233,7 +242,9 @@ def test_patch_refuses_an_output_without_an_image_field(tiny, monkeypatch):
         cache: object = None
 
     model, _ = tiny
-    monkeypatch.setattr(hf, "llava_output_class", lambda: Stripped)
+    import tokprune.adapters.llava as llava_family
+
+    monkeypatch.setattr(llava_family, "output_class", lambda: Stripped)
     with pytest.raises(UnsupportedModelError, match=r"Stripped with a cache field .* and an image field"):
         tokprune.patch(model, "fastv")
     assert tokprune.adapters.handle_of(model) is None
@@ -275,16 +286,16 @@ def test_family_features_are_detected_and_refused_by_name():
             return BaseModelOutputWithPooling()
 
     with pytest.raises(UnsupportedModelError, match=r"Inner\.pack_image_features\(.*image_newline\).*tested with"):
-        hf.check_anyres(Inner())
+        check_anyres(Inner())
     with pytest.raises(UnsupportedModelError, match=r"Inner\.get_rope_index\(.*mm_token_type_ids.*tested with"):
-        hf.check_mrope(Inner(), torch.nn.Module())  # the signature is checked before the rotary probe
-    assert hf.qwen2_5_vl_output_class().__name__.endswith("OutputWithPast")
-    assert hf.qwen3_vl_output_class().__name__.endswith("OutputWithPast")
+        check_mrope(Inner(), torch.nn.Module())  # the signature is checked before the rotary probe
+    assert qwen25_output().__name__.endswith("OutputWithPast")
+    assert qwen3_output().__name__.endswith("OutputWithPast")
     with pytest.raises(UnsupportedModelError, match=r"Inner\.get_image_features returning .*deepstack_features"):
-        hf.check_deepstack(Inner())
+        check_deepstack(Inner())
     from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLModel
 
-    hf.check_deepstack(Qwen3VLModel.__new__(Qwen3VLModel))  # the stock one declares them (no weights built)
+    check_deepstack(Qwen3VLModel.__new__(Qwen3VLModel))  # the stock one declares them (no weights built)
 
 
 def test_attention_mask_trusts_the_callers_all_valid():
@@ -292,6 +303,38 @@ def test_attention_mask_trusts_the_callers_all_valid():
     full = torch.ones(2, 5, dtype=torch.bool)
     assert hf.attention_mask(full, 1, torch.float32, "sdpa", all_valid=True) is None
     assert torch.equal(hf.attention_mask(full, 1, torch.float32, "sdpa", all_valid=False), _loop_mask(full, 1))
+
+
+def test_production_code_never_imports_the_test_kit():
+    """tokprune.testing builds on the adapters, never the other way round (one import direction)."""
+    import ast
+    from pathlib import Path
+
+    package = Path(tokprune.__file__).parent
+    offenders = []
+    for path in package.rglob("*.py"):
+        if "testing" in path.relative_to(package).parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                module = ("." * node.level) + (node.module or "")
+                if "testing" in module.split("."):
+                    offenders.append(f"{path.relative_to(package)}:{node.lineno} {module}")
+            elif isinstance(node, ast.Import):
+                offenders += [f"{path.relative_to(package)}:{node.lineno}" for a in node.names if ".testing" in a.name]
+    assert offenders == []
+
+
+def test_hf_compat_holds_only_what_every_family_shares():
+    """Family contact points live with their family (adapter, transformers contact points, tiny builder)."""
+    from tokprune.adapters import registered_adapters
+
+    family_words = ("llava", "qwen", "anyres", "mrope", "deepstack", "clip", "vision_transformer")
+    public = [name for name in dir(hf) if not name.startswith("_")]
+    assert [name for name in public if any(word in name.lower() for word in family_words)] == []
+    for cls, _ in registered_adapters():
+        module = importlib.import_module(cls.__module__)
+        assert callable(getattr(cls, "tiny", None)) and module.__name__.startswith("tokprune.adapters.")
 
 
 def test_tokprune_adapters_reports_whether_the_installed_release_is_tested(capsys, monkeypatch):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.metadata as md
 import os
+import warnings
 from dataclasses import dataclass
 
 import pluggy
@@ -42,11 +43,23 @@ _sources: dict[str, PluginSource] = {}
 _loaded_key: tuple[str | None, str | None] | None = None
 
 
+#: Former plugin names -> current ones: still honoured in the env vars, with a warning (timm's habit).
+RENAMED: dict[str, str] = {"llava": "builtin_families"}
+
+
 def _env_list(var: str) -> set[str] | None:
     raw = os.environ.get(var)
     if raw is None:
         return None
-    return {item.strip() for item in raw.split(",") if item.strip()}
+    names = {item.strip() for item in raw.split(",") if item.strip()}
+    for old in sorted(names & RENAMED.keys()):
+        warnings.warn(
+            f"{var}: the plugin {old!r} is now called {RENAMED[old]!r}; write {RENAMED[old]!r}",
+            FutureWarning,
+            stacklevel=3,
+        )
+        names = (names - {old}) | {RENAMED[old]}
+    return names
 
 
 def _entry_points() -> list[tuple[md.EntryPoint, md.Distribution | None]]:

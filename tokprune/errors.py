@@ -9,7 +9,13 @@ import difflib
 from collections.abc import Iterable
 
 __all__ = [
+    "AdapterNameClash",
+    "AlreadyPatchedError",
+    "AmbiguousModelError",
+    "InputError",
+    "InternalError",
     "MissingCapabilityError",
+    "PluginError",
     "SpecSyntaxError",
     "StageOrderError",
     "StrategyContractError",
@@ -50,6 +56,15 @@ class StrategyNameClash(TokpruneError, ValueError):
     """Two plugins registered the same strategy name."""
 
 
+class AdapterNameClash(TokpruneError, ValueError):
+    """Two plugins registered the same adapter (model family) name."""
+
+
+class PluginError(TokpruneError, TypeError):
+    """An object of the wrong kind handed to tokprune: a plugin registered something its hook does not take
+    (wrong class, abstract, bad name), or a ``patch()`` option got the wrong type (``text_encoder``)."""
+
+
 class StrategyContractError(TokpruneError, RuntimeError):
     """A strategy returned a plan that breaks the interface contract (shape, dtype, empty keep set)."""
 
@@ -59,7 +74,30 @@ class MissingCapabilityError(TokpruneError, RuntimeError):
 
 
 class UnsupportedModelError(TokpruneError, TypeError):
-    """No registered adapter understands this model, or a generation mode is not supported."""
+    """No registered adapter understands this model, or a generation mode is not supported.
+
+    Not for bad inputs to a model tokprune does support (a right-padded batch, features that do not fit the
+    placeholders): those are :class:`InputError`.
+    """
+
+
+class InputError(TokpruneError, ValueError):
+    """An input tokprune cannot run on: a right-padded batch, image features that do not match the image
+    placeholders, a missing companion tensor (``image_sizes``, ``image_grid_thw``), a tensor of the wrong
+    shape given to a scoring primitive. The message names the value and what is expected."""
+
+
+class AlreadyPatchedError(TokpruneError, RuntimeError):
+    """``patch`` on a model that is already patched; the message names the active pipeline and the fix."""
+
+
+class InternalError(TokpruneError, RuntimeError):
+    """An invariant of tokprune itself broke (a bug to report, never a user error); replaces ``assert``,
+    which ``python -O`` removes."""
+
+
+class AmbiguousModelError(UnsupportedModelError):
+    """Several registered adapters match one model; the message names them and their plugins."""
 
 
 def did_you_mean(bad: str, choices: Iterable[str]) -> str:

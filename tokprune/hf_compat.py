@@ -1,4 +1,8 @@
-"""Every contact point between tokprune and the internals of ``transformers``, in one module.
+"""The contact points between tokprune and ``transformers`` internals that every family shares.
+
+What only one family touches (LLaVA's CLIP tower, LLaVA-NeXT's AnyRes packing, Qwen's M-RoPE index and
+output classes) lives in that family's module, beside its adapter, built on the helpers here
+(:func:`refuse`, :func:`parameters`, :func:`field_names`, :func:`declared_output`).
 
 transformers renames and reshapes its internals between minor releases (5.24 renamed the cache keyword
 from ``past_key_values`` to ``cache`` and replaced ``image_hidden_states`` by ``image_outputs``;
@@ -30,7 +34,7 @@ import torch
 from torch import Tensor, nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from .errors import UnsupportedModelError
+from .errors import InputError, UnsupportedModelError
 
 __all__ = [
     "BaseModelOutputWithPooling",
@@ -38,33 +42,28 @@ __all__ = [
     "TESTED_MIN",
     "TESTED_RANGE",
     "UntestedTransformersWarning",
-    "anyres_layout",
-    "anyres_tiles",
     "apply_rope",
     "attention_implementation",
     "attention_mask",
     "cache_from_kwargs",
     "cache_keyword",
     "call_decoder_layer",
-    "call_vision_layer",
     "chat_template_text",
-    "check_anyres",
-    "check_deepstack",
     "check_model",
+    "declared_output",
     "decoder_features",
+    "field_names",
     "generation_config",
-    "llava_next_output_class",
-    "llava_output_class",
     "model_output",
     "model_tokenizer",
-    "mrope_index",
-    "qk_modules",
-    "qwen2_5_vl_output_class",
-    "qwen3_vl_output_class",
     "new_dynamic_cache",
+    "older_than",
+    "parameters",
+    "qk_modules",
+    "refuse",
+    "returned_dataclasses",
     "rotary_embeddings",
     "transformers_version",
-    "vision_transformer",
 ]
 
 #: Oldest transformers release the whole suite passes on (checked by CI's "minimum" leg).
@@ -102,7 +101,7 @@ def in_tested_range(version: str | None = None) -> bool:
     return _release(TESTED_MIN) <= v < _release(TESTED_MAX)
 
 
-def _refuse(feature: str, detail: str = "") -> UnsupportedModelError:
+def refuse(feature: str, detail: str = "") -> UnsupportedModelError:
     suffix = f" ({detail})" if detail else ""
     return UnsupportedModelError(
         f"transformers {transformers_version()} lacks a feature tokprune needs: {feature}{suffix}. "
@@ -114,7 +113,7 @@ def _refuse(feature: str, detail: str = "") -> UnsupportedModelError:
 # -- signatures and keywords -------------------------------------------------------------------------
 
 
-def _parameters(fn: Callable) -> dict[str, inspect.Parameter]:
+def parameters(fn: Callable) -> dict[str, inspect.Parameter]:
     # inspect.signature follows __wrapped__, so transformers' renaming decorators show the real parameters.
     try:
         return dict(inspect.signature(fn).parameters)
@@ -124,7 +123,7 @@ def _parameters(fn: Callable) -> dict[str, inspect.Parameter]:
 
 def cache_keyword(fn: Callable) -> str | None:
     """The name under which ``fn`` takes the KV cache (``"cache"`` or ``"past_key_values"``), or None."""
-    params = _parameters(fn)
+    params = parameters(fn)
     return next((name for name in CACHE_KEYWORDS if name in params), None)
 
 
@@ -132,7 +131,7 @@ def cache_from_kwargs(kwargs: dict[str, Any]) -> Any:
     """The cache a caller passed under either spelling (None if neither); both at once is an error."""
     given = [name for name in CACHE_KEYWORDS if kwargs.get(name) is not None]
     if len(given) > 1:
-        raise ValueError(f"pass the cache once: got both {given[0]}= and {given[1]}=")
+        raise InputError(f"pass the cache once: got both {given[0]}= and {given[1]}=")
     return kwargs.get(given[0]) if given else None
 
 
@@ -147,7 +146,7 @@ def pop_cache(kwargs: dict[str, Any]) -> Any:
 # -- model outputs -----------------------------------------------------------------------------------
 
 
-def _field_names(cls: type) -> set[str]:
+def field_names(cls: type) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
 
 
@@ -159,11 +158,11 @@ def model_output(cls: type, *, last_hidden_state: Tensor, cache: Any, image_feat
     get it as is; older ones (``image_hidden_states``) get the features the LLM saw, packed ``[S, D]``.
     Layouts without an image field (Qwen2.5-VL's before 5.24) get none.
     """
-    fields = _field_names(cls)
+    fields = field_names(cls)
     cache_field = next((name for name in CACHE_KEYWORDS if name in fields), None)
     image_field = next((name for name in IMAGE_FIELDS if name in fields), None)
     if cache_field is None:
-        raise _refuse(f"{cls.__name__} with a cache field", f"fields: {sorted(fields)}")
+        raise refuse(f"{cls.__name__} with a cache field", f"fields: {sorted(fields)}")
     values = {"last_hidden_state": last_hidden_state, cache_field: cache}
     if image_field == "image_hidden_states" and image_features is not None:
         values[image_field] = torch.cat(list(image_features.pooler_output))
@@ -172,26 +171,12 @@ def model_output(cls: type, *, last_hidden_state: Tensor, cache: Any, image_feat
     return cls(**values)
 
 
-def llava_output_class() -> type:
-    """The output dataclass of ``LlavaModel.forward``."""
-    from transformers.models.llava.modeling_llava import LlavaModelOutputWithPast
-
-    return LlavaModelOutputWithPast
-
-
-def llava_next_output_class() -> type:
-    """The output dataclass of ``LlavaNextModel.forward``."""
-    from transformers.models.llava_next.modeling_llava_next import LlavaNextModelOutputWithPast
-
-    return LlavaNextModelOutputWithPast
-
-
 def output_cache(output: Any) -> Any:
     """The cache held by a model output, under either spelling."""
     for name in CACHE_KEYWORDS:
-        if name in _field_names(type(output)):
+        if name in field_names(type(output)):
             return getattr(output, name)
-    raise _refuse(f"a cache field on {type(output).__name__}")
+    raise refuse(f"a cache field on {type(output).__name__}")
 
 
 # -- tokenizers and chat templates ----------------------------------------------------------------------
@@ -332,7 +317,7 @@ class DecoderFeatures:
 
 @functools.cache
 def _decoder_features(layer_cls: type) -> DecoderFeatures | None:
-    params = _parameters(layer_cls.forward)
+    params = parameters(layer_cls.forward)
     keyword = next((name for name in CACHE_KEYWORDS if name in params), None)
     needed = {"hidden_states", "attention_mask", "position_ids", "position_embeddings"}
     if keyword is None or not needed <= set(params) | {"kwargs"}:
@@ -343,10 +328,10 @@ def _decoder_features(layer_cls: type) -> DecoderFeatures | None:
 def decoder_features(layer: nn.Module) -> DecoderFeatures:
     features = _decoder_features(type(layer))
     if features is None:
-        raise _refuse(
+        raise refuse(
             f"{type(layer).__name__}.forward taking hidden_states, attention_mask, position_ids, "
             f"position_embeddings and a cache keyword ({' or '.join(CACHE_KEYWORDS)})",
-            f"signature: {list(_parameters(type(layer).forward))}",
+            f"signature: {list(parameters(type(layer).forward))}",
         )
     return features
 
@@ -401,170 +386,36 @@ def call_decoder_layer(
     return out[0] if isinstance(out, tuple) else out
 
 
-def vision_transformer(tower: nn.Module) -> nn.Module:
-    """The module of a CLIP-style tower that holds ``embeddings``, ``pre_layrnorm`` and ``encoder.layers``.
-
-    ``CLIPVisionModel`` nests it as ``vision_model`` in some releases and is it in others.
-    """
-    for candidate in (tower, getattr(tower, "vision_model", None)):
-        if candidate is not None and all(
-            hasattr(candidate, name) for name in ("embeddings", "pre_layrnorm", "encoder")
-        ):
-            return candidate
-    raise _refuse(
-        f"a CLIP vision tower ({type(tower).__name__}) with embeddings, pre_layrnorm and encoder.layers"
-    )
+def older_than(minimum: str | None) -> bool:
+    """Whether the installed transformers is older than ``minimum`` (None: never)."""
+    return minimum is not None and _release(transformers_version()) < _release(minimum)
 
 
-def call_vision_layer(layer: nn.Module, hidden: Tensor) -> Tensor:
-    """One encoder layer of a CLIP tower without a mask: ``[I, T, C] -> [I, T, C]``."""
-    params = _parameters(type(layer).forward)
-    extra = {"causal_attention_mask": None} if "causal_attention_mask" in params else {}
-    out = layer(hidden, None, **extra)
-    return out[0] if isinstance(out, tuple) else out
+# -- declared outputs -----------------------------------------------------------------------------------
 
 
-# -- LLaVA-NeXT (AnyRes) --------------------------------------------------------------------------------
-
-
-def anyres_tiles(config: Any, image_sizes: Tensor) -> list[int]:
-    """Tower passes of each image (base image + AnyRes tiles) for ``image_sizes`` long ``[I, 2]`` (h, w).
-
-    LLaVA-NeXT's own count (``image_size_to_num_patches``), so it always agrees with its processor.
-    """
-    try:
-        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-    except ImportError as exc:
-        raise _refuse("transformers.models.llava_next.image_size_to_num_patches") from exc
-    return [
-        int(
-            image_size_to_num_patches(
-                image_size=size, grid_pinpoints=config.image_grid_pinpoints, patch_size=config.vision_config.image_size
-            )
-        )
-        for size in image_sizes
-    ]
-
-
-def check_anyres(inner: nn.Module) -> None:
-    """Refuse at ``patch()`` time when ``LlavaNextModel`` lacks the packing :func:`anyres_layout` runs."""
-    params = _parameters(getattr(inner, "pack_image_features", None) or (lambda: None))
-    if not {"image_features", "image_sizes", "image_newline"} <= set(params):
-        raise _refuse(
-            f"{type(inner).__name__}.pack_image_features(image_features, image_sizes, ..., image_newline)",
-            f"signature: {list(params)}",
-        )
-
-
-def anyres_layout(inner: nn.Module, tiles: list[int], tokens_per_tile: int, image_sizes: Tensor, select: str) -> list[Tensor]:
-    """Where each token LLaVA-NeXT feeds the LLM comes from, per image: long ``[P_i]``.
-
-    Entry ``j`` of image ``i`` is the index of its ``j``-th LLM token among the image's
-    ``tiles[i] * tokens_per_tile`` tile tokens (tile-major, raster order), or -1 for a newline token.
-    The model's own ``pack_image_features`` (base image, then the tiles' grid unpadded to the image's
-    aspect ratio with a newline after each row) is run on the indices themselves, so the layout is
-    exactly the one the unpatched model builds, whatever its release does inside.
-    """
-    index = [
-        torch.arange(t * tokens_per_tile, dtype=torch.float64, device=image_sizes.device).view(t, tokens_per_tile, 1)
-        for t in tiles
-    ]
-    newline = torch.full((1,), -1.0, dtype=torch.float64, device=image_sizes.device)
-    packed, _ = inner.pack_image_features(index, image_sizes, vision_feature_select_strategy=select, image_newline=newline)
-    return [p[:, 0].round().long() for p in packed]
-
-
-# -- Qwen2.5-VL (M-RoPE) ---------------------------------------------------------------------------------
-
-
-def _returned_dataclasses(fn: Callable, module: Any) -> list[type]:
+def returned_dataclasses(fn: Callable, module: Any) -> list[type]:
     import typing
 
     hints = typing.get_type_hints(fn, globalns=vars(module))
     return [t for t in typing.get_args(hints.get("return")) if dataclasses.is_dataclass(t)]
 
 
-def _declared_output(module_name: str, model_class: str) -> type:
+def declared_output(module_name: str, model_class: str) -> type:
     """The output dataclass ``model_class.forward`` declares (the multimodal one, with ``image_outputs``)."""
     import importlib
 
     module = importlib.import_module(module_name)
-    returned = _returned_dataclasses(getattr(module, model_class).forward, module)
+    returned = returned_dataclasses(getattr(module, model_class).forward, module)
     if not returned:
-        raise _refuse(f"{model_class}.forward returning a model-output dataclass")
+        raise refuse(f"{model_class}.forward returning a model-output dataclass")
     return returned[0]
-
-
-def qwen2_5_vl_output_class() -> type:
-    """The output dataclass of ``Qwen2_5_VLModel.forward``."""
-    return _declared_output("transformers.models.qwen2_5_vl.modeling_qwen2_5_vl", "Qwen2_5_VLModel")
-
-
-def qwen3_vl_output_class() -> type:
-    """The output dataclass of ``Qwen3VLModel.forward``."""
-    return _declared_output("transformers.models.qwen3_vl.modeling_qwen3_vl", "Qwen3VLModel")
-
-
-def check_deepstack(inner: nn.Module) -> None:
-    """Refuse at ``patch()`` time when ``get_image_features`` does not declare an output with
-    ``deepstack_features`` (Qwen3-VL's per-layer DeepStack features, which the adapter gathers)."""
-    import sys
-
-    fn = getattr(type(inner), "get_image_features", None)
-    # annotations resolve in the module that defines the method (a subclass may live elsewhere)
-    returned = _returned_dataclasses(fn, sys.modules[fn.__module__]) if fn is not None else []
-    if not any("deepstack_features" in _field_names(t) for t in returned):
-        raise _refuse(f"{type(inner).__name__}.get_image_features returning an output with deepstack_features")
-
-
-def check_mrope(inner: nn.Module, language_model: nn.Module) -> None:
-    """Refuse at ``patch()`` time when ``Qwen2_5_VLModel`` lacks ``get_rope_index`` as :func:`mrope_index`
-    calls it, or when its rotary embedding does not merge the three M-RoPE axes itself.
-
-    The adapter scores q/k with :func:`apply_rope`, which takes the merged ``[B, L, head_dim]`` form;
-    older releases return one cos/sin per axis (``[3, B, L, head_dim]``) and merge them in the layer.
-    A one-token probe tells which (the module is tiny; no version number is read).
-    """
-    params = _parameters(getattr(inner, "get_rope_index", None) or (lambda: None))
-    if not {"input_ids", "mm_token_type_ids", "image_grid_thw", "attention_mask"} <= set(params):
-        raise _refuse(f"{type(inner).__name__}.get_rope_index(input_ids, mm_token_type_ids, image_grid_thw, attention_mask)",
-                      f"signature: {list(params)}")
-    weight = next(language_model.parameters())
-    probe = torch.zeros(1, 1, 1, dtype=weight.dtype, device=weight.device)
-    rotary = language_model.rotary_emb
-    with torch.no_grad():  # the module's own forward, past its hooks: a probe is not a model call
-        positions = torch.zeros(3, 1, 1, dtype=torch.long, device=weight.device)
-        cos, _ = type(rotary).forward(rotary, probe, position_ids=positions)
-    if cos.dim() != 3:
-        raise _refuse(
-            f"a rotary embedding that merges the three M-RoPE axes (it returns cos of shape "
-            f"{tuple(cos.shape)}, one per axis)"
-        )
-
-
-def older_than(minimum: str | None) -> bool:
-    """Whether the installed transformers is older than ``minimum`` (None: never)."""
-    return minimum is not None and _release(transformers_version()) < _release(minimum)
-
-
-def mrope_index(inner: nn.Module, input_ids: Tensor, mm_token_type_ids: Tensor, image_grid_thw: Tensor, attention_mask: Tensor | None) -> Tensor:
-    """The model's own 3-D (temporal, height, width) M-RoPE position ids, long ``[B, L, 3]``.
-
-    ``get_rope_index`` returns ``[3, B, L]`` and per-sample deltas; tokprune keeps positions
-    batch-first (the axis last) so that gathering kept tokens moves their three ids together.
-    """
-    position_ids, _ = inner.get_rope_index(
-        input_ids, mm_token_type_ids=mm_token_type_ids, image_grid_thw=image_grid_thw, attention_mask=attention_mask
-    )
-    return position_ids.permute(1, 2, 0).long()
 
 
 # -- patch-time check -----------------------------------------------------------------------------------
 
 
-def check_model(
-    language_model: nn.Module, tower: nn.Module | None, output_cls: type, *, image_field: bool = True
-) -> None:
+def check_model(language_model: nn.Module, output_cls: type, *, image_field: bool = True) -> None:
     """Refuse at ``patch()`` time when the installed transformers lacks something the adapter needs.
 
     Raises :class:`~tokprune.errors.UnsupportedModelError` naming the missing feature, the installed
@@ -575,14 +426,14 @@ def check_model(
     from transformers import GenerationConfig
 
     if not language_model.layers:
-        raise _refuse("a language model with decoder layers")
+        raise refuse("a language model with decoder layers")
     decoder_features(language_model.layers[0])
     if not isinstance(getattr(language_model, "rotary_emb", None), nn.Module):
-        raise _refuse(f"a model-level rotary embedding ({type(language_model).__name__}.rotary_emb)")
-    fields = _field_names(output_cls)
+        raise refuse(f"a model-level rotary embedding ({type(language_model).__name__}.rotary_emb)")
+    fields = field_names(output_cls)
     has_image = any(name in fields for name in IMAGE_FIELDS)
     if not any(name in fields for name in CACHE_KEYWORDS) or (image_field and not has_image):
-        raise _refuse(
+        raise refuse(
             f"{output_cls.__name__} with a cache field ({' or '.join(CACHE_KEYWORDS)}) and an image field "
             f"({' or '.join(IMAGE_FIELDS)})",
             f"fields: {sorted(fields)}",
@@ -590,13 +441,11 @@ def check_model(
     if not callable(getattr(GenerationConfig, "update", None)) or not callable(
         getattr(GenerationConfig, "get_generation_mode", None)
     ):
-        raise _refuse("GenerationConfig.update and GenerationConfig.get_generation_mode")
+        raise refuse("GenerationConfig.update and GenerationConfig.get_generation_mode")
     attn = language_model.layers[0].self_attn
     for name in ("q_proj", "k_proj", "head_dim", "scaling"):
         if not hasattr(attn, name):
-            raise _refuse(f"{type(attn).__name__}.{name}")
-    if tower is not None:  # a CLIP-style tower (the families whose vision stage runs its layers)
-        vision_transformer(tower)
+            raise refuse(f"{type(attn).__name__}.{name}")
     if not in_tested_range():
         warnings.warn(
             f"transformers {transformers_version()} is outside the range tokprune was tested with "

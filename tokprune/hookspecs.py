@@ -34,9 +34,11 @@ def register_strategies(register: Callable[..., None]) -> None:
 def register_adapters(register: Callable[..., None]) -> None:
     """Register model adapters.
 
-    Called once per plugin each time :func:`tokprune.patch` looks for an adapter. Call
-    ``register(AdapterClass)`` for each :class:`tokprune.adapters.ModelAdapter` subclass; ``patch``
-    picks the first adapter whose ``matches(model)`` is true.
+    Called once per plugin whenever the adapter registry is (re)built. Call ``register(AdapterClass)``
+    for each :class:`tokprune.adapters.ModelAdapter` subclass; its ``name`` (``[a-z][a-z0-9_]*``) must be
+    unique across all plugins (else :class:`tokprune.errors.AdapterNameClash` naming both). ``patch``
+    picks the one adapter whose ``matches(model)`` is true; several matching is an
+    :class:`tokprune.errors.AmbiguousModelError` naming them.
     """
 
 
@@ -46,4 +48,3 @@ def _hook_names() -> list[str]:
 
 HOOK_NAMES: list[str] = _hook_names()
 """Names of every hook in this contract (the plugin docs are tested against this list)."""
-

@@ -19,7 +19,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Literal, Union, get_args, get_origin
 
-from .errors import StrategyParamError, did_you_mean
+from .errors import PluginError, StrategyParamError, did_you_mean
 
 __all__ = ["NoParams", "ParamInfo", "build_params", "format_value", "param", "param_infos"]
 
@@ -74,7 +74,7 @@ def _schedule_item(tp: Any) -> Any:
         args = get_args(tp)
         if len(args) == 2 and args[1] is Ellipsis:
             return args[0]
-        raise TypeError(f"unsupported tuple annotation {tp!r}: schedules are tuple[X, ...]")
+        raise PluginError(f"unsupported tuple annotation {tp!r}: schedules are tuple[X, ...]")
     return None
 
 
@@ -107,9 +107,7 @@ def param_infos(params_cls: type) -> list[ParamInfo]:
     for f in dataclasses.fields(params_cls):
         tp = hints[f.name]
         bounds = tuple((k, f.metadata[k]) for k in _BOUNDS if k in f.metadata)
-        infos.append(
-            ParamInfo(f.name, _type_name(tp), f.default, f.metadata.get("doc", ""), _choices(tp), bounds)
-        )
+        infos.append(ParamInfo(f.name, _type_name(tp), f.default, f.metadata.get("doc", ""), _choices(tp), bounds))
     return infos
 
 
@@ -168,7 +166,7 @@ def _coerce(value: Any, tp: Any) -> Any:
         raise _Reject
     if tp is Any:
         return value
-    raise TypeError(f"unsupported parameter annotation {tp!r}: use bool, int, float, str, Literal or X | None")
+    raise PluginError(f"unsupported parameter annotation {tp!r}: use bool, int, float, str, Literal or X | None")
 
 
 def _check_bounds(owner: str, f: dataclasses.Field, value: Any) -> None:
@@ -221,9 +219,7 @@ def build_params(owner: str, params_cls: type, base: Any = None, overrides: dict
     for key, value in values.items():
         if key not in fields:
             valid = _valid_list(params_cls) or "(none)"
-            raise StrategyParamError(
-                f"{owner}: unknown parameter {key!r}.{did_you_mean(key, fields)} Valid: {valid}"
-            )
+            raise StrategyParamError(f"{owner}: unknown parameter {key!r}.{did_you_mean(key, fields)} Valid: {valid}")
         if isinstance(value, list):
             raise StrategyParamError(
                 f"{owner}.{key} got a list {format_value(value)}; lists are sweeps: expand them "
@@ -242,7 +238,11 @@ def build_params(owner: str, params_cls: type, base: Any = None, overrides: dict
             raise StrategyParamError(
                 f"{owner}.{key} must be {info.type}, got {format_value(value)} ({type(value).__name__})"
                 + (f"; allowed: {allowed}" if info.choices is not None else "")
-                + (did_you_mean(value, [str(c) for c in info.choices]) if info.choices and isinstance(value, str) else "")
+                + (
+                    did_you_mean(value, [str(c) for c in info.choices])
+                    if info.choices and isinstance(value, str)
+                    else ""
+                )
             ) from None
         _check_bounds(owner, fields[key], values[key])
     try:

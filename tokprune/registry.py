@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import _plugins
-from .errors import StrategyNameClash, StrategyParamError, UnknownStrategyError, did_you_mean
+from .errors import PluginError, StrategyNameClash, StrategyParamError, UnknownStrategyError, did_you_mean
 from .params import ParamInfo, format_value, param_infos
 from .pipeline import Pipeline
 from .spec import parse_spec
@@ -55,12 +55,12 @@ _cache: tuple[tuple[tuple[str, object], ...], dict[str, StrategyInfo]] | None = 
 
 def _validate(cls: Any, plugin: str) -> None:
     if not (inspect.isclass(cls) and issubclass(cls, PruningStrategy)):
-        raise TypeError(f"plugin {plugin!r} registered {cls!r}, which is not a PruningStrategy subclass")
+        raise PluginError(f"plugin {plugin!r} registered {cls!r}, which is not a PruningStrategy subclass")
     if inspect.isabstract(cls):
         missing = sorted(getattr(cls, "__abstractmethods__", ()))
-        raise TypeError(f"plugin {plugin!r} registered abstract {cls.__qualname__} (implement: {missing})")
+        raise PluginError(f"plugin {plugin!r} registered abstract {cls.__qualname__} (implement: {missing})")
     if "name" not in vars(cls) and not hasattr(cls, "name"):
-        raise TypeError(f"plugin {plugin!r} registered {cls.__qualname__} without a 'name'")
+        raise PluginError(f"plugin {plugin!r} registered {cls.__qualname__} without a 'name'")
 
 
 def _same_plugins(a: tuple[tuple[str, object], ...], b: tuple[tuple[str, object], ...]) -> bool:

@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .errors import InputError, UnsupportedModelError
 from .keptmap import KeptMap
 
 __all__ = ["FlopModel", "PruneStats", "WindowedTower", "kv_width", "layer_flops", "mlp_matrices"]
@@ -62,7 +63,9 @@ def mlp_matrices(mlp: torch.nn.Module) -> int:
     gated MLP (gate, up, down), 2 for a plain one (fc1, fc2)."""
     count = sum(isinstance(child, torch.nn.Linear) for child in mlp.children())
     if count not in (2, 3):
-        raise ValueError(f"cannot read the MLP shape of {type(mlp).__name__}: {count} linear layers, expected 2 or 3")
+        raise UnsupportedModelError(
+            f"cannot read the MLP shape of {type(mlp).__name__}: {count} linear layers, expected 2 or 3"
+        )
     return count
 
 
@@ -140,7 +143,7 @@ class WindowedTower:
 
     def __post_init__(self) -> None:
         if not 0 <= self.full_blocks <= self.depth or self.window < 1 or self.merge < 1 or self.mergers < 1:
-            raise ValueError(
+            raise InputError(
                 f"need 0 <= full_blocks <= depth, window >= 1, merge >= 1, mergers >= 1; got "
                 f"full_blocks={self.full_blocks}, depth={self.depth}, window={self.window}, merge={self.merge}, "
                 f"mergers={self.mergers}"

@@ -27,7 +27,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor
 
-from .errors import StrategyContractError, StrategyParamError
+from .errors import PluginError, StrategyContractError, StrategyParamError
 from .params import NoParams, build_params, format_value, param_infos
 
 __all__ = [
@@ -430,7 +430,7 @@ class PruningStrategy(abc.ABC):
             return
         problems = _class_problems(cls)
         if problems:
-            raise TypeError(f"{cls.__module__}.{cls.__qualname__}: " + "; ".join(problems))
+            raise PluginError(f"{cls.__module__}.{cls.__qualname__}: " + "; ".join(problems))
 
     # -- what subclasses implement -------------------------------------------------------------
 
@@ -478,6 +478,17 @@ class PruningStrategy(abc.ABC):
         if self.stage is Stage.VISION:
             return _checked_vision_plan(self.name, plan, ctx)
         return _checked_llm_plan(self, plan, ctx)
+
+    def short_spec(self) -> str:
+        """The spec with only the parameters that differ from their defaults: ``fastv(layer=3)``, ``topk``
+        (what error messages name; :meth:`spec` spells out every parameter)."""
+        default = self.Params()
+        args = ", ".join(
+            f"{f.name}={format_value(getattr(self.params, f.name))}"
+            for f in param_infos(self.Params)
+            if getattr(self.params, f.name) != getattr(default, f.name)
+        )
+        return f"{self.name}({args})" if args else self.name
 
     def spec(self) -> str:
         """Canonical spec with every parameter spelled out: ``name(p1=v1, p2=v2)``."""

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .errors import PluginError
 from .strategy import TextCondition, TokenRole
 
 __all__ = ["ClipTextEncoder", "image_questions", "resolve_text_encoder"]
@@ -126,7 +127,7 @@ def resolve_text_encoder(value: object) -> ClipTextEncoder | None:
         return value
     if isinstance(value, (str, Path)):
         return ClipTextEncoder.from_pretrained(value)
-    raise TypeError(
+    raise PluginError(
         f"text_encoder must be a tokprune.text_encoder.ClipTextEncoder, the path of a saved CLIP model, or None; "
         f"got {type(value).__name__}"
     )

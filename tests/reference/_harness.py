@@ -21,7 +21,7 @@ from torch import Tensor
 
 import tokprune
 from tokprune import TokenRole
-from tokprune.hf_compat import vision_transformer
+from tokprune.adapters.llava import vision_transformer
 from tokprune.testing.models import VOCAB, tiny_llava
 
 #: Seeds of the tiny models and question lengths of each batch (padding 27, 16, 0: wide apart).

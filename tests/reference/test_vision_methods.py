@@ -14,7 +14,7 @@ import pytest
 import torch
 from reference._harness import Case, Tally, cases, kept_by_strategy, kept_image_ranks, order_margin, topk_margin
 
-from tokprune.hf_compat import vision_transformer
+from tokprune.adapters.llava import vision_transformer
 from tokprune.testing.models import tiny_text_encoder
 
 

@@ -245,13 +245,20 @@ class Session:
 
 
 def adapter_source(model: Any) -> dict[str, Any] | None:
-    """The adapter that patches ``model`` and the plugin it came from."""
-    from ..adapters import registered_adapters
+    """The adapter that patches ``model`` (or would) and the plugin it came from."""
+    from ..adapters import adapter_registry, handle_of, pick_adapter
+    from ..errors import UnsupportedModelError
 
-    for cls, src in registered_adapters():
-        if cls.matches(model):
+    handle = handle_of(model)
+    try:
+        cls = type(handle) if handle is not None else pick_adapter(model)
+    except UnsupportedModelError:
+        return None
+    for info in adapter_registry().values():
+        if info.cls is cls:
+            src = info.source
             return {"name": cls.name, "plugin": src.name, "distribution": src.distribution, "version": src.version}
-    return None
+    return {"name": cls.name, "plugin": None, "distribution": None, "version": None}
 
 
 def versions(pipeline: Any) -> dict[str, Any]:

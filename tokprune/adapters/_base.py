@@ -7,14 +7,13 @@ import contextlib
 import copy
 import threading
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 from torch import nn
 
-from .. import _plugins
-from ..errors import StrategyParamError, TokpruneError, UnsupportedModelError
+from ..errors import AlreadyPatchedError, StrategyParamError, TokpruneError, UnsupportedModelError
 from ..pipeline import Pipeline
 from ..stats import PruneStats
 
@@ -25,7 +24,6 @@ __all__ = [
     "PatchedModelPickleError",
     "patch",
     "pruned",
-    "registered_adapters",
     "unpatch",
 ]
 
@@ -157,7 +155,7 @@ class ModelAdapter(abc.ABC):
     def tiny(cls, seed: int = 0, attn_implementation: str = "sdpa") -> Any:
         """A tiny random model this adapter matches, for the adapter contract (:mod:`tokprune.testing.adapters`).
 
-        Returns a :class:`tokprune.testing.adapters.TinyCase` (model built from a config, no download,
+        Returns a :class:`tokprune.adapters.TinyCase` (model built from a config, no download,
         and ``make_inputs`` for ragged batches), or None when the adapter offers none (the contract
         suite then reports it as failing).
         """
@@ -213,42 +211,6 @@ _WRAPPERS = {
 }
 
 
-def registered_adapters() -> list[tuple[type[ModelAdapter], _plugins.PluginSource]]:
-    """Adapter classes registered by every loaded plugin, in plugin order, with their source."""
-    found: list[tuple[type[ModelAdapter], _plugins.PluginSource]] = []
-
-    def register_for(plugin: str) -> Callable[[type[ModelAdapter]], None]:
-        def register(cls: type[ModelAdapter]) -> None:
-            if not (isinstance(cls, type) and issubclass(cls, ModelAdapter)):
-                raise TypeError(f"plugin {plugin!r} registered {cls!r}, which is not a ModelAdapter subclass")
-            found.append((cls, _plugins.source_of(plugin)))
-
-        return register
-
-    _plugins.call_per_plugin("register_adapters", register_for)
-    return found
-
-
-def _pick_adapter(model: nn.Module) -> type[ModelAdapter]:
-    adapters = registered_adapters()
-    for cls, _ in adapters:
-        if cls.matches(model):
-            return cls
-    if not adapters:
-        raise UnsupportedModelError(
-            f"no model adapter is registered, so {type(model).__name__} cannot be patched; "
-            f"reinstall tokprune (pip install -e .) or check {_plugins.LOAD_ENV}/{_plugins.BLOCK_ENV}"
-        )
-    reasons = "; ".join(f"{cls.name} ({source.name}): {cls.mismatch(model)}" for cls, source in adapters)
-    inner = _WRAPPERS.get(type(model).__name__)
-    if inner is not None:
-        raise UnsupportedModelError(
-            f"{type(model).__name__} is a wrapper around the model; patch the model inside it "
-            f"(tokprune.patch(wrapped.{inner}, ...)), before wrapping it if you can ({reasons})"
-        )
-    raise UnsupportedModelError(f"no registered adapter understands {type(model).__name__}: {reasons}")
-
-
 def patch(
     model: nn.Module,
     spec: Any,
@@ -258,6 +220,7 @@ def patch(
     question_end: Sequence[int] | Any | None = None,
     budget_scope: BudgetScope = "image",
     text_encoder: Any = None,
+    adapter: type[ModelAdapter] | None = None,
 ) -> ModelAdapter:
     """Prune ``model`` (this instance only) with the pipeline ``spec``; returns the handle.
 
@@ -279,8 +242,9 @@ def patch(
     as VisionZip's and VisionPruner's LLaVA-NeXT code do; families without tiles accept only
     ``"image"``. ``text_encoder`` (a :class:`tokprune.text_encoder.ClipTextEncoder` or the path of a saved
     CLIP model) is the CLIP text tower instruction-conditioned vision steps read (``cdpruner``'s
-    ``relevance=text``); without one they run their documented stand-in. Everything is validated
-    before the model is touched; ``handle.remove()`` (or :func:`unpatch`) restores it exactly.
+    ``relevance=text``); without one they run their documented stand-in. ``adapter`` names the adapter
+    class to use instead of the registered one that matches (a family in development, or the contract's
+    mutants); it must match ``model``. Everything is validated before the model is touched; ``handle.remove()`` (or :func:`unpatch`) restores it exactly.
     """
     from ..registry import get
 
@@ -294,16 +258,31 @@ def patch(
     }
     with _LOCK:
         if model in _PATCHED:
-            raise RuntimeError(
+            raise AlreadyPatchedError(
                 f"{type(model).__name__} is already patched with {str(_PATCHED[model].pipeline)!r}; "
                 "call handle.remove() (or tokprune.unpatch(model)) before patching it again"
             )
         pipeline = spec if isinstance(spec, Pipeline) else get(spec)
-        adapter_cls = _pick_adapter(model)
+        adapter_cls = _adapter_for(model, adapter)
         handle = adapter_cls(model, pipeline, **options)
         _install(handle, options)
         _PATCHED[model] = handle
     return handle
+
+
+def _adapter_for(model: nn.Module, adapter: type[ModelAdapter] | None) -> type[ModelAdapter]:
+    """The registered adapter that matches ``model``, or ``adapter`` when given (and matching)."""
+    if adapter is None:
+        from ._registry import pick_adapter
+
+        return pick_adapter(model)
+    if not (isinstance(adapter, type) and issubclass(adapter, ModelAdapter)):
+        raise UnsupportedModelError(f"adapter={adapter!r} is not a ModelAdapter subclass")
+    if not adapter.matches(model):
+        raise UnsupportedModelError(
+            f"adapter {adapter.name!r} does not understand {type(model).__name__}: {adapter.mismatch(model)}"
+        )
+    return adapter
 
 
 def _install(handle: ModelAdapter, options: dict[str, Any]) -> None:
@@ -319,7 +298,7 @@ def _install(handle: ModelAdapter, options: dict[str, Any]) -> None:
                 clone = copy.deepcopy(model, memo)
             finally:
                 _install(handle, options)
-            patch(clone, handle.pipeline, **options)
+            patch(clone, handle.pipeline, adapter=type(handle), **options)
         return clone
 
     def reduce_ex(protocol: int) -> Any:

@@ -18,21 +18,31 @@ and forward hooks on the q/k projections the strategies read.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from .. import hf_compat as hf
-from ..errors import MissingCapabilityError, UnsupportedModelError
+from ..errors import InputError, InternalError, MissingCapabilityError
 from ..keptmap import raster_cells
 from ..pipeline import Pipeline
 from ..stats import FlopModel, kv_width, mlp_matrices
 from ..strategy import Signal, TextCondition, VisionContext, VisionSignals
 from ..text_encoder import image_questions
+from ._tiny import VOCAB, TinyCase, left_padded, prompt_ids, random_model
 from .decoder import CallState, PrunedDecoderAdapter, PrunedImageFeatures, VisionOut
 
-__all__ = ["LlavaAdapter", "PrunedImageFeatures"]
+__all__ = [
+    "LlavaAdapter",
+    "PrunedImageFeatures",
+    "call_vision_layer",
+    "output_class",
+    "tiny_llava",
+    "tiny_llava_config",
+    "vision_transformer",
+]
 
 #: Keywords of ``LlavaModel.forward`` that concern the tower (popped from the forward's options).
 _VISION_OPTIONS = ("vision_feature_layer", "vision_feature_select_strategy", "image_sizes")
@@ -40,6 +50,44 @@ _VISION_OPTIONS = ("vision_feature_layer", "vision_feature_select_strategy", "im
 
 def _class_names(obj: Any) -> set[str]:
     return {c.__name__ for c in type(obj).__mro__}
+
+
+# -- transformers contact points (feature-detected; refused at patch() with the tested range) -----------
+
+
+def output_class() -> type:
+    """The output dataclass of ``LlavaModel.forward``."""
+    from transformers.models.llava.modeling_llava import LlavaModelOutputWithPast
+
+    return LlavaModelOutputWithPast
+
+
+def vision_transformer(tower: nn.Module) -> nn.Module:
+    """The module of a CLIP-style tower that holds ``embeddings``, ``pre_layrnorm`` and ``encoder.layers``.
+
+    ``CLIPVisionModel`` nests it as ``vision_model`` in some releases and is it in others.
+    """
+    for candidate in (tower, getattr(tower, "vision_model", None)):
+        if candidate is not None and all(
+            hasattr(candidate, name) for name in ("embeddings", "pre_layrnorm", "encoder")
+        ):
+            return candidate
+    raise hf.refuse(f"a CLIP vision tower ({type(tower).__name__}) with embeddings, pre_layrnorm and encoder.layers")
+
+
+def call_vision_layer(layer: nn.Module, hidden: Tensor) -> Tensor:
+    """One encoder layer of a CLIP tower without a mask: ``[I, T, C] -> [I, T, C]``."""
+    params = hf.parameters(type(layer).forward)
+    extra = {"causal_attention_mask": None} if "causal_attention_mask" in params else {}
+    out = layer(hidden, None, **extra)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _llm_strategies() -> str:
+    """The registered LLM-stage strategies, for refusals of a vision step."""
+    from ..registry import available
+
+    return ", ".join(available(stage="llm")) or "none registered"
 
 
 class LlavaAdapter(PrunedDecoderAdapter):
@@ -68,7 +116,7 @@ class LlavaAdapter(PrunedDecoderAdapter):
         self._config = model.config
         self._output_class = self._family_output_class()
         self._check_features()
-        self._vit = hf.vision_transformer(self._tower)
+        self._vit = vision_transformer(self._tower)
         self._image_token_id = self._config.image_token_id
         self._init_decoder()
         self._signals = self._check_vision()
@@ -87,19 +135,18 @@ class LlavaAdapter(PrunedDecoderAdapter):
 
     @classmethod
     def tiny(cls, seed: int = 0, attn_implementation: str = "sdpa") -> Any:
-        from ..testing.adapters import TinyCase
-        from ..testing.models import VOCAB, tiny_llava
 
         model, make_inputs = tiny_llava(seed=seed, attn_implementation=attn_implementation)
         return TinyCase(model, make_inputs, pad_token_id=VOCAB.pad, question_end=VOCAB.assistant_marker)
 
     @staticmethod
     def _family_output_class() -> type:
-        return hf.llava_output_class()
+        return output_class()
 
     def _check_features(self) -> None:
         """Refuse (before anything is touched) what the installed transformers lacks for this family."""
-        hf.check_model(self._lm, self._tower, self._output_class)
+        hf.check_model(self._lm, self._output_class)
+        vision_transformer(self._tower)
 
     def _check_vision(self) -> frozenset[Signal]:
         step = self.pipeline.vision
@@ -108,22 +155,23 @@ class LlavaAdapter(PrunedDecoderAdapter):
         layer = self._config.vision_feature_layer
         if not isinstance(layer, int):
             raise MissingCapabilityError(
-                f"{step.name!r} needs one vision feature layer, but vision_feature_layer={layer!r}; "
-                "tokprune supports the LLaVA-1.5 layout (a single int, e.g. -2)"
+                f"{step.short_spec()} needs one vision feature layer, but this {self.name} model has "
+                f"vision_feature_layer={layer!r}; tokprune supports the LLaVA-1.5 layout (a single int, e.g. -2); "
+                f"LLM-stage strategies work on it: {_llm_strategies()}"
             )
         select = self._config.vision_feature_select_strategy
         if select != "default":
             raise MissingCapabilityError(
-                f"{step.name!r} runs in vision feature space with the CLS token at index 0, but this model uses "
-                f"vision_feature_select_strategy={select!r} (CLS fed to the projector); only 'default' "
-                "(CLS dropped, LLaVA-1.5) is supported"
+                f"{step.short_spec()} runs in vision feature space with the CLS token at index 0, but this {self.name} "
+                f"model uses vision_feature_select_strategy={select!r} (CLS fed to the projector); only 'default' "
+                f"(CLS dropped, LLaVA-1.5) is supported; LLM-stage strategies work on it: {_llm_strategies()}"
             )
         self._check_cls(getattr(self._vit.embeddings, "class_embedding", None) is not None)
         encoder = self.text_encoder
         if step.reads_instruction() and encoder is not None and encoder.decode is None:
             if hf.model_tokenizer(self.model) is None:
                 raise MissingCapabilityError(
-                    f"{step.spec()} reads the question through the text encoder, which needs it as text, and this "
+                    f"{step.short_spec()} reads the question through the text encoder, which needs it as text, and this "
                     "model has no tokenizer saved with it; give ClipTextEncoder(..., decode=your_tokenizer.decode)"
                 )
         num_layers = self._tower.config.num_hidden_layers
@@ -203,7 +251,9 @@ class LlavaAdapter(PrunedDecoderAdapter):
     ) -> PrunedImageFeatures:
         """The patched ``get_image_features``: tower, strategy, projector on what is kept."""
         with self._active(CallState(self, self._outer_generate())) as call:
-            out = self._run_vision(call, pixel_values, vision_feature_layer, vision_feature_select_strategy, image_sizes)
+            out = self._run_vision(
+                call, pixel_values, vision_feature_layer, vision_feature_select_strategy, image_sizes
+            )
         return PrunedImageFeatures.of(out)
 
     def _run_vision(
@@ -212,14 +262,15 @@ class LlavaAdapter(PrunedDecoderAdapter):
         layer = self._config.vision_feature_layer if layer is None else layer
         select = self._config.vision_feature_select_strategy if select is None else select
         if not isinstance(layer, int) or select != "default":
-            raise MissingCapabilityError(
+            raise InputError(
                 f"vision-stage pruning needs one int vision_feature_layer and the 'default' select strategy; "
                 f"got vision_feature_layer={layer!r}, vision_feature_select_strategy={select!r}"
             )
         if image_sizes is not None:
-            raise UnsupportedModelError("image_sizes (per-image resolutions) is not supported on a pruned model")
+            raise InputError(f"image_sizes (per-image resolutions) is not supported on a pruned {self.name} model")
         step = self.pipeline.vision
-        assert step is not None
+        if step is None:
+            raise InternalError("the vision stage ran without a vision step")
         hidden, captured = self._run_tower(call, pixel_values)
         cfg = self._tower.config
         signals = self._vision_signals(hidden, captured)
@@ -245,7 +296,7 @@ class LlavaAdapter(PrunedDecoderAdapter):
         call.capture = {}
         try:
             for encoder_layer in vit.encoder.layers:
-                x = hf.call_vision_layer(encoder_layer, x)
+                x = call_vision_layer(encoder_layer, x)
                 hidden.append(x)
             return hidden, call.capture
         finally:
@@ -270,3 +321,103 @@ class LlavaAdapter(PrunedDecoderAdapter):
         return VisionSignals(
             fetch, cfg.num_hidden_layers, cfg.num_attention_heads, declared=self._signals, lengths=lengths
         )
+
+
+# -- the tiny case (the adapter contract's model: built from a config, random weights, no download) -------
+
+
+def tiny_llava_config(
+    *,
+    attn_implementation: str = "sdpa",
+    image_size: int = 32,
+    patch_size: int = 4,
+    vision_hidden: int = 32,
+    vision_layers: int = 8,
+    vision_heads: int = 2,
+    hidden: int = 64,
+    layers: int = 4,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int = 128,
+    init_scale: float = 0.08,
+) -> Any:
+    """The config of :func:`tiny_llava` (LLaVA-1.5 layout, tiny widths)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    vision = CLIPVisionConfig(
+        hidden_size=vision_hidden,
+        intermediate_size=4 * vision_hidden,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=vision_heads,
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=vision_hidden,
+        hidden_act="quick_gelu",
+        initializer_range=init_scale,
+    )
+    text = LlamaConfig(
+        vocab_size=VOCAB.size,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=512,
+        pad_token_id=VOCAB.pad,
+        bos_token_id=VOCAB.bos,
+        eos_token_id=VOCAB.eos,
+        tie_word_embeddings=False,
+        initializer_range=init_scale,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=VOCAB.image,
+        image_seq_length=(image_size // patch_size) ** 2,
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+    )
+    config._attn_implementation = attn_implementation
+    config.text_config._attn_implementation = attn_implementation
+    config.vision_config._attn_implementation = attn_implementation
+    return config
+
+
+def tiny_llava(
+    seed: int = 0,
+    attn_implementation: str = "sdpa",
+    dtype: torch.dtype = torch.float32,
+    **sizes: int | float,
+) -> tuple[nn.Module, Callable[..., dict[str, Tensor]]]:
+    """A random-weight tiny LLaVA in eval mode, and ``make_inputs`` for it.
+
+    ``make_inputs(question_lengths=(5, 3), seeds=None, images=1)`` returns ``input_ids``,
+    ``attention_mask`` (left padding) and ``pixel_values`` for one sample per question length, each with
+    ``images`` images (0: text only; several: separated by one word, :func:`~tokprune.adapters._tiny.prompt_ids`); sample
+    ``i`` is drawn from ``seeds[i]`` (default ``i``), so ``make_inputs([q], seeds=[s])`` built alone
+    equals the row of a batch that has ``q`` and ``s`` at that index.
+    """
+    from transformers import LlavaForConditionalGeneration
+
+    config = tiny_llava_config(attn_implementation=attn_implementation, **sizes)
+    model = random_model(LlavaForConditionalGeneration, config, seed, attn_implementation, dtype)
+    num_patches = config.image_seq_length
+    image_size = config.vision_config.image_size
+
+    def make_inputs(
+        question_lengths: Sequence[int] = (5, 3), seeds: Sequence[int] | None = None, images: int = 1
+    ) -> dict[str, Tensor]:
+        seeds = list(range(len(question_lengths))) if seeds is None else list(seeds)
+        rows, pixels = [], []
+        for q, s in zip(question_lengths, seeds):
+            gen = torch.Generator().manual_seed(s * 1009 + q)
+            words = torch.randint(VOCAB.first_word, VOCAB.size, (q,), generator=gen).tolist()
+            rows.append(prompt_ids([num_patches] * int(images), words))
+            pixels += [torch.randn(3, image_size, image_size, generator=gen) for _ in range(int(images))]
+        out = left_padded(rows)
+        if images:
+            out["pixel_values"] = torch.stack(pixels).to(dtype)
+        return out
+
+    return model, make_inputs

@@ -16,21 +16,75 @@ This file knows only Qwen2.5-VL:
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from .. import hf_compat as hf
-from ..errors import UnsupportedModelError
+from ..errors import InputError, InternalError, UnsupportedModelError
 from ..keptmap import thw_cells
 from ..pipeline import Pipeline
 from ..stats import FlopModel, WindowedTower, kv_width, mlp_matrices
 from ..strategy import Signal, VisionContext, VisionSignals
+from ._tiny import VOCAB, TinyCase, left_padded, prompt_ids, random_model
 from .decoder import CallState, PrunedDecoderAdapter, PrunedImageFeatures, VisionOut
 
-__all__ = ["Qwen2_5_VLAdapter"]
+__all__ = ["QWEN_GRIDS", "Qwen2_5_VLAdapter", "check_mrope", "mrope_index", "output_class", "tiny_qwen2_5_vl"]
+
+
+# -- transformers contact points (feature-detected; refused at patch() with the tested range) -----------
+
+
+def output_class() -> type:
+    """The output dataclass of ``Qwen2_5_VLModel.forward``."""
+    return hf.declared_output("transformers.models.qwen2_5_vl.modeling_qwen2_5_vl", "Qwen2_5_VLModel")
+
+
+def check_mrope(inner: nn.Module, language_model: nn.Module) -> None:
+    """Refuse at ``patch()`` time when ``Qwen2_5_VLModel`` lacks ``get_rope_index`` as :func:`mrope_index`
+    calls it, or when its rotary embedding does not merge the three M-RoPE axes itself.
+
+    The adapter scores q/k with :func:`apply_rope`, which takes the merged ``[B, L, head_dim]`` form;
+    older releases return one cos/sin per axis (``[3, B, L, head_dim]``) and merge them in the layer.
+    A one-token probe tells which (the module is tiny; no version number is read).
+    """
+    params = hf.parameters(getattr(inner, "get_rope_index", None) or (lambda: None))
+    if not {"input_ids", "mm_token_type_ids", "image_grid_thw", "attention_mask"} <= set(params):
+        raise hf.refuse(
+            f"{type(inner).__name__}.get_rope_index(input_ids, mm_token_type_ids, image_grid_thw, attention_mask)",
+            f"signature: {list(params)}",
+        )
+    weight = next(language_model.parameters())
+    probe = torch.zeros(1, 1, 1, dtype=weight.dtype, device=weight.device)
+    rotary = language_model.rotary_emb
+    with torch.no_grad():  # the module's own forward, past its hooks: a probe is not a model call
+        positions = torch.zeros(3, 1, 1, dtype=torch.long, device=weight.device)
+        cos, _ = type(rotary).forward(rotary, probe, position_ids=positions)
+    if cos.dim() != 3:
+        raise hf.refuse(
+            f"a rotary embedding that merges the three M-RoPE axes (it returns cos of shape "
+            f"{tuple(cos.shape)}, one per axis)"
+        )
+
+
+def mrope_index(
+    inner: nn.Module,
+    input_ids: Tensor,
+    mm_token_type_ids: Tensor,
+    image_grid_thw: Tensor,
+    attention_mask: Tensor | None,
+) -> Tensor:
+    """The model's own 3-D (temporal, height, width) M-RoPE position ids, long ``[B, L, 3]``.
+
+    ``get_rope_index`` returns ``[3, B, L]`` and per-sample deltas; tokprune keeps positions
+    batch-first (the axis last) so that gathering kept tokens moves their three ids together.
+    """
+    position_ids, _ = inner.get_rope_index(
+        input_ids, mm_token_type_ids=mm_token_type_ids, image_grid_thw=image_grid_thw, attention_mask=attention_mask
+    )
+    return position_ids.permute(1, 2, 0).long()
 
 
 class Qwen2_5_VLAdapter(PrunedDecoderAdapter):
@@ -54,8 +108,6 @@ class Qwen2_5_VLAdapter(PrunedDecoderAdapter):
 
     @classmethod
     def tiny(cls, seed: int = 0, attn_implementation: str = "sdpa") -> Any:
-        from ..testing.adapters import TinyCase
-        from ..testing.models import VOCAB, tiny_qwen2_5_vl
 
         model, make_inputs = tiny_qwen2_5_vl(seed=seed, attn_implementation=attn_implementation)
         return TinyCase(model, make_inputs, pad_token_id=VOCAB.pad, question_end=VOCAB.assistant_marker)
@@ -90,12 +142,12 @@ class Qwen2_5_VLAdapter(PrunedDecoderAdapter):
 
     @staticmethod
     def _family_output_class() -> type:
-        return hf.qwen2_5_vl_output_class()
+        return output_class()
 
     def _check_features(self) -> None:
         """Refuse (before anything is touched) what the installed transformers lacks for this family."""
-        hf.check_model(self._lm, None, self._output_class, image_field=False)  # no image field before 5.24
-        hf.check_mrope(self._inner, self._lm)
+        hf.check_model(self._lm, self._output_class, image_field=False)  # no image field before 5.24
+        check_mrope(self._inner, self._lm)
 
     def _install_family(self) -> None:
         if self.pipeline.vision is None:
@@ -117,12 +169,14 @@ class Qwen2_5_VLAdapter(PrunedDecoderAdapter):
         """The caller's ``[4, B, L]`` (text + 3 axes, generate's) or ``[3, B, L]`` -> ``[B, L, 3]``."""
         return position_ids[-3:].permute(1, 2, 0).long()
 
-    def _positions(self, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None, options: dict) -> Tensor:
+    def _positions(
+        self, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None, options: dict
+    ) -> Tensor:
         if position_ids is not None and position_ids.dim() == 3:
             return self._axes(position_ids)
         grid, types = options.get("image_grid_thw"), options.get("mm_token_type_ids")
         if position_ids is None and grid is not None and types is not None:
-            return hf.mrope_index(self._inner, input_ids, types, grid, attention_mask)
+            return mrope_index(self._inner, input_ids, types, grid, attention_mask)
         # 1-D positions (the caller's, or no image): the rotary embedding repeats them on the three axes
         return super()._positions(input_ids, attention_mask, position_ids, options)
 
@@ -149,7 +203,9 @@ class Qwen2_5_VLAdapter(PrunedDecoderAdapter):
 
     # -- the vision stage -----------------------------------------------------------------------------
 
-    def _vision(self, call: CallState, pixel_values: Tensor | None, encoded: Any, options: dict) -> tuple[Any, VisionOut | None]:
+    def _vision(
+        self, call: CallState, pixel_values: Tensor | None, encoded: Any, options: dict
+    ) -> tuple[Any, VisionOut | None]:
         grid = options.get("image_grid_thw")  # kept in options: positions need it too
         if options.get("pixel_values_videos") is not None or options.get("video_grid_thw") is not None:
             raise UnsupportedModelError(
@@ -160,7 +216,7 @@ class Qwen2_5_VLAdapter(PrunedDecoderAdapter):
         if pixel_values is None:
             return None, None
         if grid is None:
-            raise ValueError(f"{self.label} needs image_grid_thw with pixel_values (the processor returns both)")
+            raise InputError(f"{self.label} needs image_grid_thw with pixel_values (the processor returns both)")
         if self.pipeline.vision is None:
             encoded = self._inner.get_image_features(pixel_values, grid, return_dict=True)
             out = self._unpruned(encoded)
@@ -177,7 +233,8 @@ class Qwen2_5_VLAdapter(PrunedDecoderAdapter):
         """The strategy on each image's merged tokens (``encoded.pooler_output``: one ``[N_i, D]`` per image),
         seen as one padded row per image with ``lengths``."""
         step = self.pipeline.vision
-        assert step is not None
+        if step is None:
+            raise InternalError("the vision stage ran without a vision step")
         per_image: Sequence[Tensor] = encoded.pooler_output
         features = torch.nn.utils.rnn.pad_sequence(list(per_image), batch_first=True)  # [I, L, D]
         lengths = torch.tensor([p.shape[0] for p in per_image], device=features.device)
@@ -200,3 +257,102 @@ class Qwen2_5_VLAdapter(PrunedDecoderAdapter):
             tower_flops=self._tower_flops.flops(grid),
             extra_valid=plan.extra_valid,
         )
+
+
+# -- the tiny case -----------------------------------------------------------------------------------------
+
+
+#: Image grids (t, h, w) in patches the tiny Qwen2.5-VL inputs draw from: 6, 8, 4 and 12 LLM tokens.
+QWEN_GRIDS: tuple[tuple[int, int, int], ...] = ((1, 4, 6), (1, 8, 4), (1, 4, 4), (1, 6, 8))
+
+
+def _qwen_token_ids() -> dict[str, int]:
+    return {
+        "image_token_id": VOCAB.image,
+        "video_token_id": VOCAB.size - 1,
+        "vision_start_token_id": VOCAB.size - 3,
+        "vision_end_token_id": VOCAB.size - 2,
+    }
+
+
+def _qwen_text_config(**extra: Any) -> dict[str, Any]:
+    return {
+        "vocab_size": VOCAB.size,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+        "initializer_range": 0.08,
+        "bos_token_id": VOCAB.bos,
+        "eos_token_id": VOCAB.eos,
+        "pad_token_id": VOCAB.pad,
+        **extra,
+    }
+
+
+def _qwen_model(
+    model_cls: type, config: Any, seed: int, attn_implementation: str, dtype: torch.dtype
+) -> tuple[nn.Module, Callable[..., dict[str, Tensor]]]:
+    """Build a Qwen-VL model from ``config`` and the ``make_inputs`` of :func:`tiny_qwen2_5_vl`."""
+    model = random_model(model_cls, config, seed, attn_implementation, dtype)
+    vcfg = config.vision_config
+    patch_dim = vcfg.in_channels * vcfg.temporal_patch_size * vcfg.patch_size**2
+
+    def make_inputs(
+        question_lengths: Sequence[int] = (5, 3), seeds: Sequence[int] | None = None, images: int = 1
+    ) -> dict[str, Tensor]:
+        seeds = list(range(len(question_lengths))) if seeds is None else list(seeds)
+        rows, pixels, grids = [], [], []
+        for q, s in zip(question_lengths, seeds):
+            gen = torch.Generator().manual_seed(s * 1009 + q)
+            own = [torch.tensor(QWEN_GRIDS[(s + k) % len(QWEN_GRIDS)]) for k in range(images)]
+            words = torch.randint(VOCAB.first_word, VOCAB.size - 3, (q,), generator=gen).tolist()
+            rows.append(prompt_ids([int(g.prod()) // vcfg.spatial_merge_size**2 for g in own], words))
+            pixels += [torch.randn(int(g.prod()), patch_dim, generator=gen) for g in own]
+            grids += own
+        padded = left_padded(rows)
+        input_ids = padded["input_ids"]
+        return {
+            **padded,
+            "pixel_values": torch.cat(pixels).to(dtype),
+            "image_grid_thw": torch.stack(grids),
+            "mm_token_type_ids": (input_ids == VOCAB.image).int(),
+        }
+
+    return model, make_inputs
+
+
+def tiny_qwen2_5_vl(
+    seed: int = 0, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32
+) -> tuple[nn.Module, Callable[..., dict[str, Tensor]]]:
+    """A random-weight tiny ``Qwen2_5_VLForConditionalGeneration`` (window attention, 2x2 patch merger,
+    M-RoPE) and ``make_inputs`` like :func:`tiny_llava`'s; sample ``i`` draws its image grid from its
+    seed, so images of one batch bring different numbers of tokens.
+    """
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    config = Qwen2_5_VLConfig(
+        vision_config={
+            "depth": 2,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "out_hidden_size": 64,
+            "patch_size": 4,
+            "temporal_patch_size": 2,
+            "spatial_merge_size": 2,
+            "window_size": 16,
+            "fullatt_block_indexes": [1],
+            "in_channels": 3,
+            "initializer_range": 0.08,
+        },
+        text_config=_qwen_text_config(),
+        **_qwen_token_ids(),
+        bos_token_id=VOCAB.bos,
+        eos_token_id=VOCAB.eos,
+        pad_token_id=VOCAB.pad,
+    )
+    return _qwen_model(Qwen2_5_VLForConditionalGeneration, config, seed, attn_implementation, dtype)

@@ -18,21 +18,43 @@ model's own rotary embedding, which interleaves the three axes in Qwen3-VL). Wha
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .. import hf_compat as hf
+from ._tiny import VOCAB, TinyCase
 from .decoder import CallState, VisionOut
-from .qwen2_5_vl import Qwen2_5_VLAdapter
+from .qwen2_5_vl import Qwen2_5_VLAdapter, _qwen_model, _qwen_text_config, _qwen_token_ids
 
-__all__ = ["Qwen3VLAdapter"]
+__all__ = ["QWEN3_DEEPSTACK", "Qwen3VLAdapter", "check_deepstack", "output_class", "tiny_qwen3_vl"]
 
 
 def _per_image_rows(per_layer: Any) -> list[Tensor]:
     """Stock ``deepstack_features`` (per layer: one ``[N_i, D]`` per image) as one padded ``[I, L, D]`` per layer."""
     return [torch.nn.utils.rnn.pad_sequence(list(images), batch_first=True) for images in per_layer]
+
+
+# -- transformers contact points (feature-detected; refused at patch() with the tested range) -----------
+
+
+def output_class() -> type:
+    """The output dataclass of ``Qwen3VLModel.forward``."""
+    return hf.declared_output("transformers.models.qwen3_vl.modeling_qwen3_vl", "Qwen3VLModel")
+
+
+def check_deepstack(inner: nn.Module) -> None:
+    """Refuse at ``patch()`` time when ``get_image_features`` does not declare an output with
+    ``deepstack_features`` (Qwen3-VL's per-layer DeepStack features, which the adapter gathers)."""
+    import sys
+
+    fn = getattr(type(inner), "get_image_features", None)
+    # annotations resolve in the module that defines the method (a subclass may live elsewhere)
+    returned = hf.returned_dataclasses(fn, sys.modules[fn.__module__]) if fn is not None else []
+    if not any("deepstack_features" in hf.field_names(t) for t in returned):
+        raise hf.refuse(f"{type(inner).__name__}.get_image_features returning an output with deepstack_features")
 
 
 class Qwen3VLAdapter(Qwen2_5_VLAdapter):
@@ -45,19 +67,17 @@ class Qwen3VLAdapter(Qwen2_5_VLAdapter):
 
     @classmethod
     def tiny(cls, seed: int = 0, attn_implementation: str = "sdpa") -> Any:
-        from ..testing.adapters import TinyCase
-        from ..testing.models import VOCAB, tiny_qwen3_vl
 
         model, make_inputs = tiny_qwen3_vl(seed=seed, attn_implementation=attn_implementation)
         return TinyCase(model, make_inputs, pad_token_id=VOCAB.pad, question_end=VOCAB.assistant_marker)
 
     @staticmethod
     def _family_output_class() -> type:
-        return hf.qwen3_vl_output_class()
+        return output_class()
 
     def _check_features(self) -> None:
         super()._check_features()
-        hf.check_deepstack(self._inner)
+        check_deepstack(self._inner)
 
     def _unpruned(self, encoded: Any) -> VisionOut:
         out = super()._unpruned(encoded)
@@ -69,3 +89,41 @@ class Qwen3VLAdapter(Qwen2_5_VLAdapter):
         # the same keep mask on the same padded [I, L] layout as the merged tokens: rows align with out.kept
         out.deepstack = [rows[out.keep] for rows in _per_image_rows(encoded.deepstack_features)]
         return out
+
+
+# -- the tiny case -----------------------------------------------------------------------------------------
+
+
+#: Vision layers whose outputs the tiny Qwen3-VL adds after decoder layers 0, 1, 2 (DeepStack): the
+#: LLM-stage probes prune before layer 2, so one addition lands after a pruning point.
+QWEN3_DEEPSTACK: tuple[int, ...] = (0, 1, 2)
+
+
+def tiny_qwen3_vl(
+    seed: int = 0, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32
+) -> tuple[nn.Module, Callable[..., dict[str, Tensor]]]:
+    """A random-weight tiny ``Qwen3VLForConditionalGeneration`` (full-attention ViT with learned position
+    embeddings, 2x2 patch merger, DeepStack mergers after vision layers :data:`QWEN3_DEEPSTACK`, Qwen3
+    text layers with q/k norms, interleaved M-RoPE) and the inputs of :func:`tiny_qwen2_5_vl`.
+    """
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    config = Qwen3VLConfig(
+        vision_config={
+            "depth": 3,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "out_hidden_size": 64,
+            "patch_size": 4,
+            "temporal_patch_size": 2,
+            "spatial_merge_size": 2,
+            "num_position_embeddings": 16,
+            "deepstack_visual_indexes": list(QWEN3_DEEPSTACK),
+            "in_channels": 3,
+            "initializer_range": 0.08,
+        },
+        text_config=_qwen_text_config(head_dim=16),
+        **_qwen_token_ids(),
+    )
+    return _qwen_model(Qwen3VLForConditionalGeneration, config, seed, attn_implementation, dtype)

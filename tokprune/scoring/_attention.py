@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..errors import InputError
 from ._validate import check_bool, check_float, check_tensor, score_dtype
 
 
@@ -15,7 +16,7 @@ def _drop_column(x: Tensor, index: int) -> Tensor:
 
 def _normalise_index(name: str, index: int, size: int) -> int:
     if not -size <= index < size:
-        raise ValueError(f"{name}={index} is out of range for a sequence of {size} tokens; valid: {-size}..{size - 1}")
+        raise InputError(f"{name}={index} is out of range for a sequence of {size} tokens; valid: {-size}..{size - 1}")
     return index % size
 
 
@@ -51,11 +52,11 @@ def cls_attention(
     check_tensor("k", k, 3, "[B, 1+N, C]")
     check_float("q", q)
     if q.shape != k.shape:
-        raise ValueError(f"q and k must have the same shape [B, 1+N, C], got {tuple(q.shape)} and {tuple(k.shape)}")
+        raise InputError(f"q and k must have the same shape [B, 1+N, C], got {tuple(q.shape)} and {tuple(k.shape)}")
     b, t, c = q.shape
     if not isinstance(num_heads, int) or num_heads < 1 or c % num_heads:
         divisors = [h for h in range(1, min(c, 64) + 1) if c % h == 0]
-        raise ValueError(f"num_heads={num_heads!r} must be a positive divisor of C={c}; e.g. one of {divisors}")
+        raise InputError(f"num_heads={num_heads!r} must be a positive divisor of C={c}; e.g. one of {divisors}")
     cls = _normalise_index("cls_index", cls_index, t)
     dt = score_dtype(q)
     d = c // num_heads
@@ -109,17 +110,19 @@ def query_attention(
     b, h, length, d = q.shape
     hkv = k.shape[1]
     if k.shape[0] != b or k.shape[2:] != q.shape[2:]:
-        raise ValueError(f"k must have shape [B={b}, Hkv, L={length}, D={d}], got {tuple(k.shape)}")
+        raise InputError(f"k must have shape [B={b}, Hkv, L={length}, D={d}], got {tuple(k.shape)}")
     if hkv < 1 or h % hkv:
-        raise ValueError(f"query heads H={h} must be a multiple of key heads Hkv={hkv} (grouped-query attention)")
+        raise InputError(f"query heads H={h} must be a multiple of key heads Hkv={hkv} (grouped-query attention)")
     if query_index.shape[0] != b or query_index.dtype not in (torch.int64, torch.int32):
-        raise ValueError(
+        raise InputError(
             f"query_index must be an integer tensor [B={b}, Q], got {tuple(query_index.shape)} {query_index.dtype}"
         )
     if key_padding_mask is not None:
         check_bool("key_padding_mask", key_padding_mask)
         if tuple(key_padding_mask.shape) != (b, length):
-            raise ValueError(f"key_padding_mask must have shape [B={b}, L={length}], got {tuple(key_padding_mask.shape)}")
+            raise InputError(
+                f"key_padding_mask must have shape [B={b}, L={length}], got {tuple(key_padding_mask.shape)}"
+            )
     dt = score_dtype(q)
     scale = d**-0.5 if scale is None else scale
     n_q = query_index.shape[1]
@@ -167,7 +170,7 @@ def attention_received(
     b, _, n_q, length = probs.shape
     for name, t in (("query_valid", query_valid), ("query_index", query_index)):
         if tuple(t.shape) != (b, n_q):
-            raise ValueError(f"{name} must have shape [B={b}, Q={n_q}], got {tuple(t.shape)}")
+            raise InputError(f"{name} must have shape [B={b}, Q={n_q}], got {tuple(t.shape)}")
     dt = score_dtype(probs)
     w = query_valid.to(dt)  # [B, Q]
     head_mean = probs.to(dt).mean(dim=1)  # [B, Q, L]
@@ -217,7 +220,9 @@ def query_cosine_similarity(hidden: Tensor, query: Tensor, eps: float = 1e-8) ->
     check_tensor("query", query, 2, "[B, L]")
     check_bool("query", query)
     if query.shape != hidden.shape[:2]:
-        raise ValueError(f"query must have shape {tuple(hidden.shape[:2])} ([B, L] of hidden), got {tuple(query.shape)}")
+        raise InputError(
+            f"query must have shape {tuple(hidden.shape[:2])} ([B, L] of hidden), got {tuple(query.shape)}"
+        )
     x = hidden.to(score_dtype(hidden))
     w = query.to(x.dtype)
     pooled = torch.einsum("bl,bld->bd", w, x) / w.sum(dim=1, keepdim=True).clamp_min(1.0)

@@ -29,6 +29,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from ..errors import InputError, StrategyParamError
 from ..params import param
 from ._knee import find_knee, knee_chord
 from ._outliers import iqr_outlier_count, lof_outlier_count
@@ -82,14 +83,12 @@ class CutParams:
     lof_neighbors: int = param(20, "LocalOutlierFactor n_neighbors (cut=lof)", ge=1)
     min_keep: int = param(16, "keep at least this many candidates per sample (capped at the candidates)", ge=1)
     max_keep: int | None = param(None, "keep at most this many candidates per sample; none = no bound", ge=1)
-    fallback: FallbackName = param(
-        "fixed", "when the rule finds no cut: fixed (fallback_keep), all, or min (min_keep)"
-    )
+    fallback: FallbackName = param("fixed", "when the rule finds no cut: fixed (fallback_keep), all, or min (min_keep)")
     fallback_keep: int = param(144, "count kept by fallback=fixed (then clamped to min/max_keep)", ge=1)
 
     def __post_init__(self) -> None:
         if self.max_keep is not None and self.min_keep > self.max_keep:
-            raise ValueError(f"min_keep={self.min_keep} must be <= max_keep={self.max_keep}")
+            raise StrategyParamError(f"min_keep={self.min_keep} must be <= max_keep={self.max_keep}")
 
     @property
     def rule(self) -> CutRule:
@@ -146,9 +145,9 @@ def raw_counts(scores: Tensor, rule: CutRule, lengths: Tensor | None = None) -> 
         return counts if lengths is None else counts.masked_fill(lengths < MIN_CURVE, 0)
     if rule.rule == "lof":
         if lengths is not None:
-            raise ValueError("the lof rule takes dense rows; use ragged_raw_counts for ragged ones")
+            raise InputError("the lof rule takes dense rows; use ragged_raw_counts for ragged ones")
         return lof_outlier_count(scores, n_neighbors=rule.lof_neighbors).long()
-    raise ValueError(f"cut rule {rule.rule!r} is not one of {list(CUT_RULES)}")
+    raise StrategyParamError(f"cut rule {rule.rule!r} is not one of {list(CUT_RULES)}")
 
 
 def ragged_raw_counts(scores: Tensor, candidates: Tensor, rule: CutRule) -> Tensor:
@@ -215,7 +214,7 @@ def cut(
         :class:`Cut` with ``counts`` in ``[min(min_keep, n), min(max_keep, n)]`` for every row.
     """
     if fallback not in FALLBACKS:
-        raise ValueError(f"fallback {fallback!r} is not one of {list(FALLBACKS)}")
+        raise InputError(f"fallback {fallback!r} is not one of {list(FALLBACKS)}")
     if candidates is None:
         n = torch.full(scores.shape[:1], scores.shape[1], dtype=torch.long, device=scores.device)
         raw = raw_counts(scores, rule)
@@ -263,4 +262,3 @@ def ratio_bounds(n: Tensor, min_ratio: float, max_ratio: float) -> tuple[Tensor,
     lo = torch.ceil(n.double() * min_ratio - 1e-9).long()
     hi = torch.floor(n.double() * max_ratio + 1e-9).long()
     return lo, hi
-

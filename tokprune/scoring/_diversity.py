@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..errors import InputError
 from ._validate import check_bool, check_float, check_lengths, check_tensor, score_dtype
 
 __all__ = [
@@ -28,11 +29,13 @@ def _counts(name: str, k: Tensor | int, b: int, limit: Tensor, device: torch.dev
     """``k`` as long ``[B]`` capped at each row's candidate count ``limit`` (long ``[B]``)."""
     k_t = torch.as_tensor(k, device=device)
     if k_t.dtype.is_floating_point or k_t.dtype == torch.bool or k_t.dim() > 1:
-        raise ValueError(f"{name} must be an int or an integer tensor [B={b}], got {k_t.dtype} shape {tuple(k_t.shape)}")
+        raise InputError(
+            f"{name} must be an int or an integer tensor [B={b}], got {k_t.dtype} shape {tuple(k_t.shape)}"
+        )
     if k_t.dim() == 1 and k_t.shape[0] != b:
-        raise ValueError(f"{name} must have shape [B={b}], got {tuple(k_t.shape)}")
+        raise InputError(f"{name} must have shape [B={b}], got {tuple(k_t.shape)}")
     if bool((k_t < 0).any()):
-        raise ValueError(f"{name} must be >= 0, got {k_t.tolist()}")
+        raise InputError(f"{name} must be >= 0, got {k_t.tolist()}")
     return torch.minimum(k_t.long().expand(b), limit)
 
 
@@ -42,7 +45,7 @@ def _candidates(candidates: Tensor | None, b: int, n: int, device: torch.device)
     check_tensor("candidates", candidates, 2, "[B, N]")
     check_bool("candidates", candidates)
     if tuple(candidates.shape) != (b, n):
-        raise ValueError(f"candidates must have shape [B={b}, N={n}], got {tuple(candidates.shape)}")
+        raise InputError(f"candidates must have shape [B={b}, N={n}], got {tuple(candidates.shape)}")
     return candidates
 
 
@@ -74,9 +77,7 @@ def pairwise_cosine(x: Tensor, eps: float = 1e-8) -> Tensor:
     return (sim + sim.transpose(1, 2)) * 0.5
 
 
-def max_min_diversity(
-    features: Tensor, k: Tensor | int, candidates: Tensor | None = None
-) -> tuple[Tensor, Tensor]:
+def max_min_diversity(features: Tensor, k: Tensor | int, candidates: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Greedy max-min diverse subset (DivPrune, CVPR 2025), batched.
 
     ``vbdi/divprune`` at ``799e2d9``, ``LLaVA/llava/model/llava_arch.py`` L152-171, one sample at a time there.
@@ -122,7 +123,9 @@ def max_min_diversity(
     return _mask_from_order(order, counts, n), order
 
 
-def dpp_greedy_map(kernel: Tensor, k: Tensor | int, candidates: Tensor | None = None, eps: float = 1e-10) -> tuple[Tensor, Tensor]:
+def dpp_greedy_map(
+    kernel: Tensor, k: Tensor | int, candidates: Tensor | None = None, eps: float = 1e-10
+) -> tuple[Tensor, Tensor]:
     """Greedy MAP inference of a DPP with an incremental Cholesky update (Chen et al., NeurIPS 2018), batched.
 
     Each step picks ``j = argmax d_i^2`` (the gain in log-determinant of adding ``i``), then updates
@@ -147,7 +150,7 @@ def dpp_greedy_map(kernel: Tensor, k: Tensor | int, candidates: Tensor | None = 
     check_float("kernel", kernel)
     b, n, n2 = kernel.shape
     if n != n2:
-        raise ValueError(f"kernel must be square [B, N, N], got {tuple(kernel.shape)}")
+        raise InputError(f"kernel must be square [B, N, N], got {tuple(kernel.shape)}")
     cand = _candidates(candidates, b, n, kernel.device)
     counts = _counts("k", k, b, cand.sum(dim=1), kernel.device)
     steps = int(counts.max()) if b else 0
@@ -195,7 +198,9 @@ def norm_pivots(x: Tensor, k: Tensor | int, candidates: Tensor | None = None, p:
     return topk_mask(norms.masked_fill(~cand, float("-inf")), counts) & cand
 
 
-def similarity_to_pivots(x: Tensor, pivot_index: Tensor, pivot_valid: Tensor | None = None, eps: float = 1e-8) -> Tensor:
+def similarity_to_pivots(
+    x: Tensor, pivot_index: Tensor, pivot_valid: Tensor | None = None, eps: float = 1e-8
+) -> Tensor:
     """Cosine similarity of every position to each pivot.
 
     Args:
@@ -212,7 +217,7 @@ def similarity_to_pivots(x: Tensor, pivot_index: Tensor, pivot_valid: Tensor | N
     check_tensor("pivot_index", pivot_index, 2, "[B, P]")
     b = x.shape[0]
     if pivot_index.shape[0] != b:
-        raise ValueError(f"pivot_index must have shape [B={b}, P], got {tuple(pivot_index.shape)}")
+        raise InputError(f"pivot_index must have shape [B={b}, P], got {tuple(pivot_index.shape)}")
     v = x.to(score_dtype(x))
     v = v / v.norm(dim=-1, keepdim=True).clamp_min(eps)
     rows = torch.arange(b, device=x.device)[:, None]
@@ -256,9 +261,9 @@ def remove_duplicates(
     check_float("features", features)
     check_tensor("index", index, 2, "[B, R]")
     if isinstance(target, bool) or not isinstance(target, int) or target < 0:
-        raise ValueError(f"target must be an int >= 0, got {target!r}")
+        raise InputError(f"target must be an int >= 0, got {target!r}")
     if not isinstance(step, int) or step < 1:
-        raise ValueError(f"step must be an int >= 1, got {step!r}")
+        raise InputError(f"step must be an int >= 1, got {step!r}")
     b = features.shape[0]
     v = features.to(score_dtype(features))
     v = v / v.norm(dim=-1, keepdim=True).clamp_min(1e-8)
@@ -277,7 +282,9 @@ def remove_duplicates(
     return current[:, :target]
 
 
-def _remove_duplicates_ragged(features: Tensor, index: Tensor, target: int | Tensor, step: int, lengths: Tensor) -> Tensor:
+def _remove_duplicates_ragged(
+    features: Tensor, index: Tensor, target: int | Tensor, step: int, lengths: Tensor
+) -> Tensor:
     """:func:`remove_duplicates` over rows of different lengths, every round one batched op over all rows.
 
     Each row keeps its own size; a round drops ``min(step, size - target)`` of its ``A`` slots and writes
@@ -288,7 +295,7 @@ def _remove_duplicates_ragged(features: Tensor, index: Tensor, target: int | Ten
     check_float("features", features)
     check_tensor("index", index, 2, "[B, R]")
     if not isinstance(step, int) or step < 1:
-        raise ValueError(f"step must be an int >= 1, got {step!r}")
+        raise InputError(f"step must be an int >= 1, got {step!r}")
     b, width = index.shape
     check_lengths(lengths, b, width)
     device = features.device

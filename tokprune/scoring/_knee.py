@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..errors import InputError
 from ._validate import check_float, check_lengths, check_tensor
 
 NO_KNEE: int = -1
@@ -113,12 +114,12 @@ def find_knee(
     check_tensor("scores", scores, (1, 2), "[B, N] or [N]")
     check_float("scores", scores)
     if sensitivity < 0:
-        raise ValueError(f"sensitivity must be >= 0, got {sensitivity}")
+        raise InputError(f"sensitivity must be >= 0, got {sensitivity}")
     if compute_dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"compute_dtype must be one of [torch.float32, torch.float64], got {compute_dtype}")
+        raise InputError(f"compute_dtype must be one of [torch.float32, torch.float64], got {compute_dtype}")
     if scores.dim() == 1:
         if lengths is not None:
-            raise ValueError("lengths needs [B, N] scores, got a single [N] row")
+            raise InputError("lengths needs [B, N] scores, got a single [N] row")
         return find_knee(scores[None], sensitivity, online, presorted, compute_dtype=compute_dtype)[0]
     b, n = scores.shape
     valid = None
@@ -197,7 +198,7 @@ def knee_chord(scores: Tensor, presorted: bool = False, *, lengths: Tensor | Non
     check_float("scores", scores)
     if scores.dim() == 1:
         if lengths is not None:
-            raise ValueError("lengths needs [B, N] scores, got a single [N] row")
+            raise InputError("lengths needs [B, N] scores, got a single [N] row")
         return knee_chord(scores[None], presorted)[0]
     b, n = scores.shape
     valid = None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..errors import InputError
 from ._validate import check_bool, check_float, check_tensor
 
 
@@ -18,7 +19,7 @@ def _check_merge_inputs(features: Tensor, weights: Tensor, keep: Tensor) -> tupl
     b, n, _ = features.shape
     for name, t in (("weights", weights), ("keep", keep)):
         if tuple(t.shape) != (b, n):
-            raise ValueError(f"{name} must have shape [B={b}, N={n}], got {tuple(t.shape)}")
+            raise InputError(f"{name} must have shape [B={b}, N={n}], got {tuple(t.shape)}")
     return b, n
 
 
@@ -26,7 +27,7 @@ def _check_valid(valid: Tensor, b: int, n: int) -> None:
     check_tensor("valid", valid, 2, "[B, N]")
     check_bool("valid", valid)
     if tuple(valid.shape) != (b, n):
-        raise ValueError(f"valid must have shape [B={b}, N={n}], got {tuple(valid.shape)}")
+        raise InputError(f"valid must have shape [B={b}, N={n}], got {tuple(valid.shape)}")
 
 
 def _acc_dtype(features: Tensor) -> torch.dtype:
@@ -52,7 +53,7 @@ def prumerge_neighbors(keys: Tensor, k_neighbors: int = 32, valid: Tensor | None
     if valid is not None:
         _check_valid(valid, b, n)
     if not isinstance(k_neighbors, int) or k_neighbors < 0:
-        raise ValueError(f"k_neighbors must be an int >= 0, got {k_neighbors!r}")
+        raise InputError(f"k_neighbors must be an int >= 0, got {k_neighbors!r}")
     k = min(k_neighbors, n - 1)
     if k <= 0:
         return torch.zeros(b, n, 0, dtype=torch.long, device=keys.device)
@@ -103,7 +104,7 @@ def prumerge_merge(
     """
     b, n = _check_merge_inputs(features, weights, keep)
     if tuple(keys.shape[:2]) != (b, n):
-        raise ValueError(f"keys must have shape [B={b}, N={n}, Ck], got {tuple(keys.shape)}")
+        raise InputError(f"keys must have shape [B={b}, N={n}, Ck], got {tuple(keys.shape)}")
     nbr = prumerge_neighbors(keys, k_neighbors, valid) if neighbors is None else neighbors
     if nbr.shape[-1] == 0:
         return features.clone()
@@ -190,7 +191,7 @@ def merge_mean(x: Tensor, target: Tensor) -> Tensor:
     check_tensor("target", target, 2, "[B, L]")
     b, n, d = x.shape
     if tuple(target.shape) != (b, n):
-        raise ValueError(f"target must have shape [B={b}, L={n}], got {tuple(target.shape)}")
+        raise InputError(f"target must have shape [B={b}, L={n}], got {tuple(target.shape)}")
     acc = _acc_dtype(x)
     moving = target >= 0
     slot = torch.where(moving, target, torch.full_like(target, n))  # column n absorbs the non-moving rows

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..errors import InputError
 from ._validate import check_choice, check_float, check_lengths, check_tensor, score_dtype
 
 LOF_TAILS = ("both", "high")
@@ -95,7 +96,7 @@ def lof_outlier_count(scores: Tensor, n_neighbors: int = 20, *, tail: str = "bot
     check_float("scores", scores)
     check_choice("tail", tail, LOF_TAILS)
     if not isinstance(n_neighbors, int) or n_neighbors < 1:
-        raise ValueError(f"n_neighbors must be a positive int, got {n_neighbors!r}")
+        raise InputError(f"n_neighbors must be a positive int, got {n_neighbors!r}")
     b, n = scores.shape
     if n < 2:
         return torch.zeros(b, dtype=torch.long, device=scores.device)

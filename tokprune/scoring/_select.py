@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..errors import InputError
 from ._validate import check_bool, check_choice, check_tensor
 
 PAD_SIDES = ("right", "left")
@@ -38,9 +39,9 @@ def topk_mask(scores: Tensor, k: Tensor | int, force: Tensor | None = None) -> T
     b, n = scores.shape
     k_t = torch.as_tensor(k, device=scores.device)
     if k_t.dtype.is_floating_point or k_t.dtype == torch.bool or k_t.dim() > 1:
-        raise ValueError(f"k must be an int or an integer tensor [B={b}], got {k_t.dtype} shape {tuple(k_t.shape)}")
+        raise InputError(f"k must be an int or an integer tensor [B={b}], got {k_t.dtype} shape {tuple(k_t.shape)}")
     if k_t.dim() == 1 and k_t.shape[0] != b:
-        raise ValueError(f"k must have shape [B={b}], got {tuple(k_t.shape)}")
+        raise InputError(f"k must have shape [B={b}], got {tuple(k_t.shape)}")
     k_t = k_t.long().clamp(0, n).expand(b)
     order = torch.sort(scores, dim=1, descending=True, stable=True).indices
     ranks = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=scores.device).expand(b, n))
@@ -48,7 +49,7 @@ def topk_mask(scores: Tensor, k: Tensor | int, force: Tensor | None = None) -> T
     if force is not None:
         check_bool("force", force)
         if tuple(force.shape) != (b, n):
-            raise ValueError(f"force must have shape [B={b}, N={n}], got {tuple(force.shape)}")
+            raise InputError(f"force must have shape [B={b}, N={n}], got {tuple(force.shape)}")
         keep = keep | force
     return keep
 
@@ -74,7 +75,7 @@ def ragged_gather(
     check_choice("pad_side", pad_side, PAD_SIDES)
     if not isinstance(x, Tensor) or x.dim() < 2 or tuple(x.shape[:2]) != tuple(keep.shape):
         shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-        raise ValueError(f"x must have shape [B, N, ...] matching keep {tuple(keep.shape)}, got {shape}")
+        raise InputError(f"x must have shape [B, N, ...] matching keep {tuple(keep.shape)}, got {shape}")
     b, n = keep.shape
     counts = keep.sum(dim=1)
     kmax = int(counts.max()) if b else 0
@@ -96,9 +97,7 @@ def ragged_gather(
     return gathered, valid, index
 
 
-def ragged_scatter(
-    values: Tensor, index: Tensor, valid: Tensor, size: int, fill_value: float = 0.0
-) -> Tensor:
+def ragged_scatter(values: Tensor, index: Tensor, valid: Tensor, size: int, fill_value: float = 0.0) -> Tensor:
     """Inverse of :func:`ragged_gather`: put packed rows back at their original positions.
 
     Args:
@@ -116,9 +115,9 @@ def ragged_scatter(
     check_bool("valid", valid)
     if not isinstance(values, Tensor) or values.dim() < 2 or tuple(values.shape[:2]) != tuple(index.shape):
         shape = tuple(values.shape) if isinstance(values, Tensor) else type(values).__name__
-        raise ValueError(f"values must have shape [B, K, ...] matching index {tuple(index.shape)}, got {shape}")
+        raise InputError(f"values must have shape [B, K, ...] matching index {tuple(index.shape)}, got {shape}")
     if tuple(valid.shape) != tuple(index.shape):
-        raise ValueError(f"valid must have shape {tuple(index.shape)}, got {tuple(valid.shape)}")
+        raise InputError(f"valid must have shape {tuple(index.shape)}, got {tuple(valid.shape)}")
     b, k = index.shape
     feat_shape = values.shape[2:]
     # invalid slots write into a spare position `size` that is cut off afterwards

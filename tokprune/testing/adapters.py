@@ -4,7 +4,13 @@ Like timm's one forward test over ``list_models()``, tests/ parametrises these c
 :func:`tokprune.adapters.registered_adapters`. Each adapter brings its own tiny random model through
 :meth:`~tokprune.adapters.ModelAdapter.tiny` (a :class:`TinyCase`: a model built from a config and
 ``make_inputs`` for ragged batches); an adapter without one is reported, not silently passed. A plugin
-adapter can run the whole contract in its own tests::
+adapter can run the whole contract, mutation tests included, in one call (it need not be registered)::
+
+    from tokprune.testing.adapters import check_adapter
+    def test_my_adapter():
+        check_adapter(MyAdapter)
+
+or parametrise over the checks (each ``check(MyAdapter)``) to see them apart::
 
     from tokprune.testing.adapters import CHECKS
     @pytest.mark.parametrize("check", CHECKS.values(), ids=CHECKS.keys())
@@ -13,6 +19,11 @@ adapter can run the whole contract in its own tests::
 
 What is checked (:data:`CHECKS`; each raises ``AssertionError`` naming what broke):
 
+* ``tokens``: what the decoder layers receive is what the stock model's receive at the kept slots: the
+  rows at image positions are the projected rows the vision plan chose, in order, one strategy row per
+  image (two images per sample), with the family's positions; the LLM step sees the kept rows' roles
+  and keeps its plan's rows; fp32 and bf16, two calls in a row (:mod:`tokprune.testing.tokens`). Its
+  mutation tests (:mod:`tokprune.testing.mutants`) show it rejects wrong adapters;
 * ``keep_all``: a pipeline keeping everything at both stages gives the stock logits (``1e-5``);
 * ``remove_restores``: after ``remove()`` no instance attribute or hook is left and the logits are
   bit-identical to before patching;
@@ -28,39 +39,22 @@ What is checked (:data:`CHECKS`; each raises ``AssertionError`` naming what brok
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ..adapters._tiny import TinyCase
 from ..errors import MissingCapabilityError, StrategyParamError
 from ..pipeline import Pipeline
 from ..strategy import LLMContext, LLMPlan, VisionContext, VisionPlan
 from .equivalence import ProbeLastRow, ProbeVisionNorm, ProbeVisionTopK
 
-__all__ = ["CHECKS", "TinyCase", "cache_equivalence", "contract_specs", "tiny_case"]
+__all__ = ["CHECKS", "TinyCase", "cache_equivalence", "check_adapter", "contract_specs", "tiny_case"]
 
 #: Question lengths of the ragged batch (different lengths: left padding differs per row).
 LENGTHS: tuple[int, ...] = (5, 2, 8)
-
-
-@dataclass
-class TinyCase:
-    """A tiny random model of one family and inputs for it (what an adapter's ``tiny()`` returns).
-
-    ``make_inputs(question_lengths, seeds=None)`` returns the model's keyword inputs for one
-    left-padded sample per question length; sample ``i`` drawn from ``seeds[i]`` (default ``i``) equals
-    that row of a batch built with the same seed. ``question_end`` is passed to ``patch`` (or None when
-    the adapter finds the roles itself); ``pad_token_id`` to ``generate``; ``llm_layer`` is a decoder
-    layer the LLM-stage probes may prune before (the models are shallow).
-    """
-
-    model: nn.Module
-    make_inputs: Callable[..., dict[str, Tensor]]
-    pad_token_id: int
-    question_end: Sequence[int] | None = None
-    llm_layer: int = 2
 
 
 def tiny_case(adapter: type, seed: int = 0, attn_implementation: str = "sdpa") -> TinyCase:
@@ -71,8 +65,10 @@ def tiny_case(adapter: type, seed: int = 0, attn_implementation: str = "sdpa") -
             f"adapter {adapter.name!r} provides no tiny model (ModelAdapter.tiny): the adapter contract cannot run"
         )
     if not adapter.matches(case.model):
-        raise AssertionError(f"adapter {adapter.name!r} does not match its own tiny model: {adapter.mismatch(case.model)}")
-    return case
+        raise AssertionError(
+            f"adapter {adapter.name!r} does not match its own tiny model: {adapter.mismatch(case.model)}"
+        )
+    return replace(case, adapter=adapter)
 
 
 class _RecordLastRow(ProbeLastRow):
@@ -119,6 +115,7 @@ def _ragged(case: TinyCase) -> Pipeline:
 def _patch(model: nn.Module, spec: Any, case: TinyCase, **options: Any) -> Any:
     import tokprune
 
+    options.setdefault("adapter", case.adapter)
     return tokprune.patch(model, spec, question_end=case.question_end, **options)
 
 
@@ -278,8 +275,17 @@ def check_stats(adapter: type) -> None:
     assert torch.equal(run.stats.layer_visual[:, 0], unpruned_visual), "keep-all must see every image token"
 
 
+def check_tokens(adapter: type) -> None:
+    """The LLM receives exactly the projected rows the plans kept, at the family's positions
+    (:mod:`tokprune.testing.tokens`)."""
+    from .tokens import check_tokens as check
+
+    check(adapter)
+
+
 #: Every check of the adapter contract, by name.
 CHECKS: dict[str, Callable[[type], None]] = {
+    "tokens": check_tokens,
     "keep_all": check_keep_all,
     "remove_restores": check_remove_restores,
     "batch_solo": check_batch_solo,
@@ -287,3 +293,19 @@ CHECKS: dict[str, Callable[[type], None]] = {
     "sdpa_eager": check_sdpa_eager,
     "stats": check_stats,
 }
+
+
+def check_adapter(adapter: type, checks: Sequence[str] | None = None, mutants: bool = True) -> None:
+    """The whole adapter contract on ``adapter`` in one call (registered or not): every check of
+    :data:`CHECKS` (or those named in ``checks``), then, with ``mutants``, that the ``tokens`` check
+    rejects every deliberately wrong variant of it (:mod:`tokprune.testing.mutants`).
+
+    Raises ``AssertionError`` naming the first check that failed."""
+    from .mutants import check_mutants
+
+    for name in checks or list(CHECKS):
+        if name not in CHECKS:
+            raise KeyError(f"unknown adapter check {name!r}; available: {', '.join(CHECKS)}")
+        CHECKS[name](adapter)
+    if mutants:
+        check_mutants(adapter)

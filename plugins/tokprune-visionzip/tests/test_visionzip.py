@@ -7,6 +7,7 @@ import torch
 
 import tokprune
 from tokprune import VisionContext, strategies
+from tokprune.adapters.llava_next import anyres_layout, anyres_tiles
 from tokprune.errors import StrategyParamError
 from tokprune.testing import models
 from tokprune.testing.contract import CHECKS, contract_cases
@@ -201,20 +202,18 @@ def test_on_llava_next_each_image_gets_its_solo_logits_in_both_budget_scopes(sco
             solo = make_inputs([q], seeds=[i])
             torch.testing.assert_close(last_logits(solo)[0], logits[i], rtol=0, atol=1e-4)
             assert run.stats.visual_kept[0] == kept[i]
-    from tokprune import hf_compat as hf
 
-    passes = torch.tensor(hf.anyres_tiles(model.config, batch["image_sizes"]))
+    passes = torch.tensor(anyres_tiles(model.config, batch["image_sizes"]))
     newlines = torch.tensor([int(x.sum()) for x in _newline_counts(model, batch)])
     rows = passes if scope == "tile" else torch.ones_like(passes)  # every row: 3 dominant + CLS + 2 contextual
     assert torch.equal(kept, newlines + rows * 6)
 
 
 def _newline_counts(model, x):
-    from tokprune import hf_compat as hf
 
     n = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
-    tiles = hf.anyres_tiles(model.config, x["image_sizes"])
-    return [lay == -1 for lay in hf.anyres_layout(model.model, tiles, n, x["image_sizes"], "default")]
+    tiles = anyres_tiles(model.config, x["image_sizes"])
+    return [lay == -1 for lay in anyres_layout(model.model, tiles, n, x["image_sizes"], "default")]
 
 
 # -- tokprune's shipped contract suite, on the defaults and on edge settings -----------------------

@@ -1,4 +1,6 @@
-"""The built-in adapter plugin (entry point ``llava`` in group ``tokprune``): LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL, Qwen3-VL."""
+"""The built-in model families plugin (entry point ``builtin_families`` in group ``tokprune``): LLaVA-1.5,
+LLaVA-NeXT, Qwen2.5-VL, Qwen3-VL. Until 0.x it was called ``llava``; that name in ``TOKPRUNE_PLUGINS`` /
+``TOKPRUNE_BLOCK_PLUGINS`` still selects it, with a warning."""
 
 from __future__ import annotations
 

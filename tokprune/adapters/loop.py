@@ -1,0 +1,333 @@
+"""The decoder loop: the replaced forward, the prefill (layers ``0..K-1`` see every token, ``K..`` only
+the kept ones; each segment keeps its own padding mask and position offset), the LLM-stage steps and
+decoding against the pruned cache (:class:`DecoderLoop`, mixed into the pruned decoder).
+
+KV cache. Pruning happens once, at prefill. Without a cache (``use_cache=False``) ``generate`` re-runs
+the whole sequence each step; the decision is then made on the prompt positions only (the prompt
+length comes from the ``generate`` call) and the generated positions are always kept. By causality the
+prompt positions' hidden states, q and k are those of the prefill, so both modes take the same decision
+and generate the same tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import hf_compat as hf
+from ..errors import InputError, InternalError, UnsupportedModelError
+from ..keptmap import token_columns, token_present, token_slots
+from ..strategy import LLMAttention, LLMContext, PruningStrategy, TokenRole
+from ._seq import Seq, add_feature_rows, packed_width, token_roles
+from .assembly import _from_start, _scatter_back
+from .call import CallState, _generated_count, _Segment, _Session
+from .features import VisionOut
+
+__all__ = ["DecoderLoop"]
+
+
+class DecoderLoop:
+    """Forward, prefill, LLM steps and decoding (a part of :class:`~tokprune.adapters.decoder.PrunedDecoderAdapter`)."""
+
+    # -- the replaced forward -------------------------------------------------------------------------
+
+    def _forward(
+        self,
+        input_ids: Tensor | None = None,
+        pixel_values: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+        mm_encoder_outputs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        with self._active(CallState(self, self._outer_generate())) as call:
+            return self._forward_call(
+                call, input_ids, pixel_values, attention_mask, position_ids, inputs_embeds, mm_encoder_outputs, kwargs
+            )
+
+    def _forward_call(
+        self,
+        call: CallState,
+        input_ids: Tensor | None,
+        pixel_values: Tensor | None,
+        attention_mask: Tensor | None,
+        position_ids: Tensor | None,
+        inputs_embeds: Tensor | None,
+        mm_encoder_outputs: dict[str, Any] | None,
+        kwargs: dict[str, Any],
+    ) -> Any:
+        # The cache arrives as cache= (transformers >= 5.24) or past_key_values= (older): take either, and
+        # never let it fall through **kwargs unread (each decoding step would then run as a fresh prefill).
+        past = hf.pop_cache(kwargs)
+        if kwargs.get("output_attentions") or kwargs.get("output_hidden_states"):
+            raise UnsupportedModelError(
+                "output_attentions/output_hidden_states are not supported on a pruned model (the layers see "
+                "different sequences); call handle.remove() to inspect the unpruned model"
+            )
+        if input_ids is None or inputs_embeds is not None:
+            raise UnsupportedModelError(
+                "a patched model needs input_ids and no inputs_embeds (tokprune finds the image and the question "
+                "in the token ids)"
+            )
+        pre_encoded = (mm_encoder_outputs or {}).get("image")
+        if pixel_values is not None and pre_encoded is not None:
+            raise InputError("pass either pixel_values or mm_encoder_outputs (pre-encoded images), not both")
+        return_dict = kwargs.get("return_dict", True)
+        use_cache = kwargs.get("use_cache")
+        use_cache = self._lm.config.use_cache if use_cache is None else use_cache
+        cache = past
+        if cache is not None:
+            self._check_cache(cache)
+        encoded = None
+        if cache is not None and cache.get_seq_length() > 0:
+            hidden = self._decode(input_ids, attention_mask, position_ids, cache)
+        else:
+            if use_cache and cache is None:
+                cache = hf.new_dynamic_cache(self._lm.config)
+            if self.text_encoder is not None:
+                prompt_n = input_ids.shape[1] - _generated_count(call.generate, input_ids.shape[1])
+                valid = (
+                    torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+                )
+                call.prompt = (input_ids[:, :prompt_n], valid[:, :prompt_n])
+            # before the family pops its own: its patch grid may need them
+            given = {k: v for k, v in kwargs.items() if v is not None}  # generate() passes some on as None
+            options = {**(call.generate.options if call.generate is not None else {}), **given}
+            encoded, features = self._vision(call, pixel_values, pre_encoded, kwargs)
+            if features is not None and features.cells is None:
+                features.cells = self.patch_cells(features, options)
+            pos = self._positions(input_ids, attention_mask, position_ids, kwargs)
+            hidden = self._prefill(call, input_ids, attention_mask, pos, cache if use_cache else None, features)
+        out = hf.model_output(
+            self._output_class, last_hidden_state=hidden, cache=cache if use_cache else past, image_features=encoded
+        )
+        return out if return_dict else out.to_tuple()
+
+    # -- prefill ------------------------------------------------------------------------------------
+
+    def _prefill(
+        self,
+        call: CallState,
+        input_ids: Tensor,
+        attention_mask: Tensor | None,
+        position_ids: Tensor | None,
+        cache: Any,
+        features: VisionOut | None,
+    ) -> Tensor:
+        """Run the prompt (and, without a cache, the tokens generated so far); returns ``[B, L, D]``."""
+        b, n = input_ids.shape
+        device = input_ids.device
+        valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        # (the right-padding check is read with the other input checks, in one sync: _vision_assembly)
+        marker = self._marker
+        if marker is not None and len(marker) > 0:
+            if device not in self._marker_ids:
+                self._marker_ids[device] = torch.as_tensor(list(marker), dtype=torch.long, device=device)
+            marker = self._marker_ids[device]
+        pos = position_ids  # [B, n] or [B, n, R] (the family's positions, see _positions)
+        generated = _generated_count(call.generate, n)
+        prompt_n = n - generated
+        roles, marker_found = token_roles(input_ids[:, :prompt_n], valid[:, :prompt_n], self._image_token_id, marker)
+        roles = torch.cat([roles, torch.full((b, generated), int(TokenRole.PROTECTED), device=device)], dim=1)
+        embeds = self._lm.embed_tokens(input_ids)
+        seq, image_sample = self._vision_assembly(input_ids, embeds, valid, pos, roles, prompt_n, features)
+        seq, shift = self._stage_positions(
+            seq, self._vision_mode(), torch.zeros(b, dtype=torch.long, device=device), valid.sum(dim=1)
+        )
+        segments = [_Segment(0, seq.valid, shift, bool(seq.valid.all()))]
+        visual_kept = ((seq.roles == TokenRole.IMAGE) & seq.valid).sum(dim=1)
+        num_layers = len(self._lm.layers)
+        layer_tokens = torch.zeros(b, num_layers, dtype=torch.long, device=device)
+        layer_visual = torch.zeros_like(layer_tokens)
+        llm_kept: dict[int, Tensor] = {}
+        diagnostics: dict[str, Any] = dict(features.diagnostics) if features is not None else {}
+        if self._marker is not None:
+            diagnostics["roles.marker_found"] = marker_found
+        seq_valid_count = valid.sum(dim=1)
+        deepstack = features.deepstack if features is not None else None
+        # which image token each prompt position holds, to tell the stats which patches each cut kept
+        slots = None
+        if features is not None and (call.generate is None or not call.generate.prefilled):  # recorded once
+            columns = torch.arange(n, device=input_ids.device)
+            placeholders = (input_ids == self._image_token_id) & (columns < prompt_n)
+            slots = token_slots(placeholders, features.token_counts, features.keep.shape[1])
+        kept_layers: dict[int, Tensor] = {}
+        kept_columns: dict[int, Tensor] = {}
+
+        call.capture = {}
+        try:
+            inputs: dict[str, tuple[tuple[Tensor, Tensor], Any]] = {}  # this segment's, per attention kind
+            for i, layer in enumerate(self._lm.layers):
+                if i in self._llm_steps:
+                    scored = self._layer_inputs(inputs, i - 1, seq, segments[-1].all_valid)[0]  # layer K-1's RoPE
+                    if slots is not None:
+                        kept_columns[i] = token_columns(seq.src, seq.valid & seq.prompt, slots, n)
+                    seq, step_diag, full = self._llm_step(call, self._llm_steps[i], i, seq, scored, generated)
+                    if slots is not None:
+                        kept_layers[i] = token_present(seq.src, seq.valid & seq.prompt, slots, n)
+                    diagnostics.update(step_diag)
+                    mode = self._llm_steps[i].positions() or self.llm_positions  # a method's own choice wins
+                    seq, shift = self._stage_positions(seq, mode, segments[-1].shift, seq_valid_count)
+                    segments.append(_Segment(i, seq.valid, shift, full))
+                    llm_kept[i] = (seq.valid & seq.prompt).sum(dim=1)
+                    inputs = {}
+                embeddings, mask = self._layer_inputs(inputs, i, seq, segments[-1].all_valid)
+                layer_tokens[:, i] = (seq.valid & seq.prompt).sum(dim=1)
+                layer_visual[:, i] = ((seq.roles == TokenRole.IMAGE) & seq.valid).sum(dim=1)
+                seq.hidden = hf.call_decoder_layer(
+                    layer,
+                    seq.hidden,
+                    mask=mask,
+                    position_ids=self._text_positions(seq.pos),
+                    position_embeddings=embeddings,
+                    cache=cache,
+                )
+                if deepstack is not None and i < len(deepstack):
+                    seq.hidden = add_feature_rows(seq.hidden, seq.feature, seq.valid, deepstack[i])
+        finally:
+            call.capture = None
+        hidden = self._lm.norm(seq.hidden)
+        if cache is not None:
+            self._sessions[cache] = _Session(segments=segments, seen=n, batch=b)
+        if call.generate is None or not call.generate.prefilled:
+            seq_len = valid[:, :prompt_n].sum(dim=1)
+            self._record(
+                self._stats(
+                    seq_len,
+                    visual_kept,
+                    llm_kept,
+                    layer_tokens,
+                    layer_visual,
+                    image_sample,
+                    features,
+                    diagnostics,
+                    (kept_layers, kept_columns),
+                )
+            )
+            if call.generate is not None:
+                call.generate.prefilled = True
+        return _scatter_back(hidden, seq, n)
+
+    def _layer_inputs(
+        self, inputs: dict[str, tuple[tuple[Tensor, Tensor], Any]], layer: int, seq: Seq, all_valid: bool
+    ) -> tuple[tuple[Tensor, Tensor], Any]:
+        """RoPE cos/sin and mask of decoder ``layer`` in the current segment (prefill: no cached keys), built
+        once per attention kind the family names for its layers (:meth:`layer_attention`) and kept in ``inputs``."""
+        kind = self.layer_attention(layer)
+        if kind not in inputs:
+            embeddings = self.layer_rotary(kind, seq.hidden, seq.pos)
+            mask = self.layer_mask(kind, seq.valid, seq.valid.shape[1], seq.hidden.dtype, all_valid)
+            inputs[kind] = (embeddings, mask)
+        return inputs[kind]
+
+    # -- LLM stage ----------------------------------------------------------------------------------
+
+    def _llm_step(
+        self,
+        call: CallState,
+        step: PruningStrategy,
+        k: int,
+        seq: Seq,
+        embeddings: tuple[Tensor, Tensor],
+        generated: int,
+    ) -> tuple[Seq, dict[str, Any], bool]:
+        """Decide with layer K-1's q/k on the prompt positions; keep generated ones; gather.
+
+        Also returns whether the gathered rows are all full (no padding), read with the gather's width.
+        """
+        if call.capture is None:
+            raise InternalError(f"the LLM step at layer {k} ran outside a prefill's capture window")
+        attn = self._lm.layers[k - 1].self_attn
+        b, n, _ = seq.hidden.shape
+        q = call.capture.pop(("llm", k - 1, "q")).view(b, n, -1, attn.head_dim).transpose(1, 2)
+        raw_key = call.capture.pop(("llm", k - 1, "k")).view(b, n, -1, attn.head_dim).transpose(1, 2)
+        cos, sin = embeddings
+        q, key = hf.apply_rope(q, raw_key, cos, sin)
+        p = n - generated  # generated tokens are the last columns of every row
+        hidden, valid = seq.hidden[:, :p], seq.valid[:, :p]
+
+        def keys_from_start() -> Tensor:  # RoPE at each sample's positions minus its first (as run alone)
+            start_cos, start_sin = self._rotary(hidden, _from_start(seq.pos[:, :p], valid))
+            return hf.apply_rope(raw_key[:, :, :p], raw_key[:, :, :p], start_cos, start_sin)[1]
+
+        def layer_attention() -> LLMAttention:  # layer K's own norm, q/k and RoPE on the states entering it
+            own_q, own_k = hf.layer_qk(self._lm.layers[k], hidden)
+            own_q, own_k = hf.apply_rope(own_q, own_k, cos[:, :p], sin[:, :p])
+            return LLMAttention(own_q, own_k, valid, scale=self._lm.layers[k].self_attn.scaling)
+
+        ctx = LLMContext(
+            layer=k,
+            roles=seq.roles[:, :p],
+            hidden=hidden,
+            attention=LLMAttention(q[:, :, :p], key[:, :, :p], valid, attn.scaling, keys_from_start),
+            position_ids=self._text_positions(seq.pos)[:, :p],
+            final_norm=self._lm.norm,
+            layer_attention=layer_attention,
+        )
+        plan = step(ctx)
+        keep = seq.valid.clone()
+        keep[:, :p] &= plan.keep
+        if plan.hidden is not None:  # merged states for the kept prompt positions, applied before the gather
+            merged = torch.where(plan.keep[..., None], plan.hidden, seq.hidden[:, :p])
+            seq = replace(seq, hidden=torch.cat([merged, seq.hidden[:, p:]], dim=1))
+        # a schedule reports each of its layers under its own prefix (``pyramiddrop@8.keep_count``)
+        prefix = step.name if len(step.llm_layers) == 1 else f"{step.name}@{k}"
+        diagnostics = {f"{prefix}.{name}": value for name, value in plan.diagnostics.items()}
+        keep &= seq.valid
+        width, full = packed_width(keep)
+        return seq.gather(keep, width), diagnostics, full
+
+    # -- decoding with the pruned cache -------------------------------------------------------------
+
+    def _decode(
+        self, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None, cache: Any
+    ) -> Tensor:
+        """New tokens against the pruned cache: each segment gets a mask sized to its own cache."""
+        session = self._sessions.get(cache)
+        if session is None:
+            raise UnsupportedModelError(
+                "past_key_values was not filled by this patched model's prefill; run the prompt through the "
+                "patched model first (or pass an empty cache)"
+            )
+        b, q = input_ids.shape
+        if b != session.batch:
+            raise UnsupportedModelError(f"batch size changed from {session.batch} to {b} while decoding")
+        device = input_ids.device
+        new_valid = torch.ones(b, q, dtype=torch.bool, device=device)
+        if attention_mask is not None:
+            new_valid = attention_mask[:, -q:].bool()
+        position_ids = self._decode_positions(position_ids, session.seen, b, q, device)
+        hidden = self._lm.embed_tokens(input_ids)
+        starts = {seg.start: seg for seg in session.segments}
+        # Whether the new tokens are all valid: one read per step, and only while some segment's mask
+        # could still be dropped (a segment with padding needs its mask anyway).
+        new_all = attention_mask is None or (any(seg.all_valid for seg in session.segments) and bool(new_valid.all()))
+        inputs: dict[str, tuple[tuple[Tensor, Tensor], Any]] = {}  # the segment's, per attention kind
+        for i, layer in enumerate(self._lm.layers):
+            if i in starts:
+                seg = starts[i]
+                seg.mask = torch.cat([seg.mask, new_valid], dim=1)
+                seg.all_valid = seg.all_valid and new_all
+                pos = position_ids - seg.shift.view(-1, *[1] * (position_ids.dim() - 1))
+                inputs = {}
+            kind = self.layer_attention(i)
+            if kind not in inputs:
+                inputs[kind] = (
+                    self.layer_rotary(kind, hidden, pos),
+                    self.layer_mask(kind, seg.mask, q, hidden.dtype, seg.all_valid),
+                )
+            embeddings, mask = inputs[kind]
+            hidden = hf.call_decoder_layer(
+                layer,
+                hidden,
+                mask=mask,
+                position_ids=self._text_positions(pos),
+                position_embeddings=embeddings,
+                cache=cache,
+            )
+        session.seen += q
+        return self._lm.norm(hidden)
