@@ -19,8 +19,9 @@ import pytest
 import torch
 
 import tokprune
-from tokprune import hf_compat as hf
 from tokprune.adapters import registered_adapters
+from tokprune.adapters.llava_next import anyres_tiles
+from tokprune.adapters.qwen2_5_vl import mrope_index
 from tokprune.errors import MissingCapabilityError, StrategyParamError
 from tokprune.keptmap import KeptMap, anyres_cells, thw_cells, token_slots
 from tokprune.testing.adapters import LENGTHS, contract_specs, tiny_case
@@ -200,7 +201,7 @@ def _check_cells(family, case, inputs, kept):
 def _check_qwen_cells(case, inputs, kept):
     """Row and column are the M-RoPE height and width positions the model itself gives each image token."""
     inner = case.model.model
-    rope = hf.mrope_index(
+    rope = mrope_index(
         inner, inputs["input_ids"], inputs["mm_token_type_ids"], inputs["image_grid_thw"], inputs["attention_mask"]
     )  # [B, n, 3]
     image = inputs["input_ids"] == case.model.config.image_token_id
@@ -219,7 +220,7 @@ def _check_next_cells(case, inputs, kept):
     side = config.vision_config.image_size // config.vision_config.patch_size
     n = side * side
     sizes = inputs["image_sizes"]
-    tiles = hf.anyres_tiles(config, sizes)
+    tiles = anyres_tiles(config, sizes)
     for i, size in enumerate(sizes):
         rows, cols = get_anyres_image_grid_shape(
             size.tolist(), config.image_grid_pinpoints, config.vision_config.image_size
