@@ -210,18 +210,6 @@ class SpecRun:
     stats: PruneStats
 
 
-def _prompts(processor: Any, questions: Sequence[str]) -> list[str]:
-    if getattr(processor, "chat_template", None):
-        return [
-            processor.apply_chat_template(
-                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
-                add_generation_prompt=True,
-            )
-            for q in questions
-        ]
-    return [f"USER: <image>\n{q} ASSISTANT:" for q in questions]
-
-
 def _context_length(model: Any) -> int | None:
     config = getattr(model.config, "text_config", model.config)
     return getattr(config, "max_position_embeddings", None)
@@ -230,7 +218,9 @@ def _context_length(model: Any) -> int | None:
 def model_inputs(model: Any, processor: Any, images: Sequence[PILImage], questions: Sequence[str]) -> dict[str, Tensor]:
     """The processor's left-padded batch for ``images`` and ``questions``, checked against the context."""
     processor.tokenizer.padding_side = "left"
-    inputs = processor(text=_prompts(processor, questions), images=list(images), return_tensors="pt", padding=True)
+    from .ablation.runner import build_prompts  # the study's prompts: show draws what a study runs
+
+    inputs = processor(text=build_prompts(processor, questions), images=list(images), return_tensors="pt", padding=True)
     limit = _context_length(model)
     if limit is not None and inputs["input_ids"].shape[1] > limit:
         raise ShowError(
