@@ -55,6 +55,7 @@ __all__ = [
     "field_names",
     "generation_config",
     "model_output",
+    "model_image_processor",
     "model_tokenizer",
     "new_dynamic_cache",
     "older_than",
@@ -200,6 +201,22 @@ def model_tokenizer(model: nn.Module) -> Any:
     """
     name = getattr(model, "name_or_path", "") or getattr(getattr(model, "config", None), "_name_or_path", "")
     return _tokenizer_at(str(name)) if name else None
+
+
+@functools.lru_cache(maxsize=8)
+def _image_processor_at(name: str) -> Any:
+    from transformers import AutoImageProcessor
+
+    try:
+        return AutoImageProcessor.from_pretrained(name, local_files_only=True)
+    except (OSError, ValueError, KeyError, ImportError):  # none saved there (a model built from a config)
+        return None
+
+
+def model_image_processor(model: nn.Module) -> Any:
+    """The image processor saved with ``model`` (local files only, as :func:`model_tokenizer`), or None."""
+    name = getattr(model, "name_or_path", "") or getattr(getattr(model, "config", None), "_name_or_path", "")
+    return _image_processor_at(str(name)) if name else None
 
 
 def chat_template_text(owner: Any, text: str) -> str | None:

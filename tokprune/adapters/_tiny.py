@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["VOCAB", "TinyCase", "TinyVocab", "left_padded", "prompt_ids", "random_model"]
+__all__ = ["VOCAB", "TinyCase", "TinyVocab", "fixed_size_inputs", "left_padded", "prompt_ids", "random_model"]
 
 
 @dataclass(frozen=True)
@@ -99,3 +99,35 @@ def left_padded(rows: Sequence[Sequence[int]]) -> dict[str, Tensor]:
         input_ids[i, width - len(r) :] = torch.tensor(list(r), dtype=torch.long)
         attention_mask[i, width - len(r) :] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def fixed_size_inputs(
+    tokens_per_image: int, pixel_shape: Sequence[int], dtype: torch.dtype = torch.float32, per_sample: bool = False
+) -> Callable[..., dict[str, Tensor]]:
+    """``make_inputs`` of a family whose images all bring ``tokens_per_image`` placeholders (LLaVA-1.5, SmolVLM).
+
+    ``make_inputs(question_lengths=(5, 3), seeds=None, images=1)`` returns ``input_ids``,
+    ``attention_mask`` (left padding) and ``pixel_values`` (``[B*images, *pixel_shape]``, or
+    ``[B, images, *pixel_shape]`` with ``per_sample``) for one sample per question length, each with
+    ``images`` images (0: text only; several: separated by one word, :func:`prompt_ids`); sample ``i`` is
+    drawn from ``seeds[i]`` (default ``i``), so ``make_inputs([q], seeds=[s])`` built alone equals the row
+    of a batch that has ``q`` and ``s`` at that index.
+    """
+
+    def make_inputs(
+        question_lengths: Sequence[int] = (5, 3), seeds: Sequence[int] | None = None, images: int = 1
+    ) -> dict[str, Tensor]:
+        seeds = list(range(len(question_lengths))) if seeds is None else list(seeds)
+        rows, pixels = [], []
+        for q, s in zip(question_lengths, seeds):
+            gen = torch.Generator().manual_seed(s * 1009 + q)
+            words = torch.randint(VOCAB.first_word, VOCAB.size, (q,), generator=gen).tolist()
+            rows.append(prompt_ids([tokens_per_image] * int(images), words))
+            pixels += [torch.randn(*pixel_shape, generator=gen) for _ in range(int(images))]
+        out = left_padded(rows)
+        if images:
+            stacked = torch.stack(pixels).to(dtype)
+            out["pixel_values"] = stacked.view(len(rows), int(images), *pixel_shape) if per_sample else stacked
+        return out
+
+    return make_inputs

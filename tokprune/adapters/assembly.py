@@ -10,7 +10,7 @@ from torch import Tensor
 from ..errors import InputError
 from ..strategy import TokenRole
 from ._seq import Seq, compact_positions, scatter_rows
-from .features import VisionOut
+from .features import ImageFeatures
 
 __all__ = ["Assembly"]
 
@@ -26,7 +26,7 @@ class Assembly:
         pos: Tensor,
         roles: Tensor,
         prompt_n: int,
-        features: VisionOut | None,
+        features: ImageFeatures | None,
     ) -> tuple[Seq, Tensor]:
         """Scatter kept image features into their placeholders, insert extra tokens, drop the rest.
 

@@ -1,31 +1,30 @@
 """The family-agnostic pruned decoder: what every model family shares once its images are encoded.
 
-A family adapter (``llava.py``) subclasses :class:`PrunedDecoderAdapter` and supplies only what its family
-knows: how to run the tower and capture its signals (:meth:`~PrunedDecoderAdapter._vision`), which
-token id marks an image and how many tokens each image brings, the FLOP model of its tower, and the
-output class of its model. Everything else is shared and tested once, in modules a reader can hold in
-their head:
+A family (:class:`tokprune.adapters.Family`, :mod:`.family`) says only what its model knows: its pieces
+(:class:`~tokprune.adapters.FamilyParts`), how to run its tower, its projector, its positions. Everything
+else is shared and tested once, in modules a reader can hold in their head:
 
 * :mod:`.call`: per-call state (:class:`CallState`) and the KV-cache sessions;
-* :mod:`.features`: the encoded images (:class:`VisionOut`, :class:`PrunedImageFeatures`);
+* :mod:`.features`: the encoded images (:class:`~tokprune.adapters.ImageFeatures`);
 * :mod:`.generate`: ``generate()`` checks (greedy or sampling, a dynamic cache, one sequence per prompt);
 * :mod:`.assembly`: kept image features scattered into their placeholders, extra tokens inserted
   after their image, token roles, position modes;
 * :mod:`.loop`: the forward, the prefill loop with its LLM-stage steps, decoding with the pruned cache;
 * :mod:`.stats`: counts and FLOPs.
 
-This module holds the class that joins them, its patch-time validation, the family's part (abstract),
-the position defaults (1-D), the per-layer attention questions and the hooks it installs.
+This module holds the class that joins them: its patch-time validation, the vision stage (the family's
+tower, the strategy, the family's projector), pre-encoded features, the per-layer attention defaults and
+the patches and hooks it installs.
 """
 
 from __future__ import annotations
 
-import abc
 import contextlib
 import functools
+import inspect
 import weakref
-from collections.abc import Iterator, Sequence
-from typing import Any, ClassVar
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -33,16 +32,18 @@ from torch import Tensor, nn
 from .. import hf_compat as hf
 from ..errors import MissingCapabilityError, StrategyParamError, UnsupportedModelError
 from ..pipeline import Pipeline
-from ..stats import FlopModel
-from ..strategy import PruningStrategy
+from ..strategy import PruningStrategy, Signal, TextCondition, VisionContext, VisionSignals
 from ._base import BudgetScope, ModelAdapter, Positions
 from .assembly import Assembly
 from .call import _ACTIVE, CallState, CaptureKey, GenerateCall, _Session
-from .features import PrunedImageFeatures, VisionOut
+from .features import ImageFeatures, PrunedImageFeatures, VisionOut
 from .generate import SUPPORTED_MODES, GenerateChecks
 from .loop import DecoderLoop
 from .roles import resolve_marker
 from .stats import StatsRecorder, _to_host
+
+if TYPE_CHECKING:
+    from .family import EncodedImages, FamilyParts
 
 __all__ = ["CallState", "GenerateCall", "PrunedDecoderAdapter", "PrunedImageFeatures", "VisionOut"]
 
@@ -50,29 +51,16 @@ SUPPORTED_ATTENTION = ("sdpa", "eager")
 
 
 class PrunedDecoderAdapter(DecoderLoop, Assembly, GenerateChecks, StatsRecorder, ModelAdapter):
-    """The shared part of every family adapter (see the module docstring).
-
-    A family's ``__init__`` sets the attributes below, then calls :meth:`_init_decoder`; it implements
-    :meth:`_vision` and :meth:`_install_family`. Attributes a family sets:
-
-    * ``_inner``: the module whose ``forward`` is replaced (``LlavaModel``: embeds, tower, LM);
-    * ``_lm``: the language model (``embed_tokens``, ``layers``, ``norm``, ``rotary_emb``);
-    * ``_image_token_id``: the placeholder id of image tokens in ``input_ids``;
-    * ``_tokens_per_image``: tokens one unpruned image brings (``N``);
-    * ``_flops``: the :class:`~tokprune.stats.FlopModel` of the model;
-    * ``_output_class``: the dataclass the replaced forward returns.
-    """
+    """The core every family runs on; a family subclasses :class:`tokprune.adapters.Family`, which declares
+    what it provides (``parts``, ``encode_images``, ``project``, ``positions``...). Nothing here is for a
+    family to call or set, except the public attributes listed in :mod:`.family`."""
 
     #: True for families whose images differ in token count (AnyRes tiles, dynamic resolution): their
     #: vision contexts carry ``lengths``, so only vision strategies declaring ``ragged_vision`` can run.
     variable_image_tokens: ClassVar[bool] = False
-
-    _inner: nn.Module
-    _lm: nn.Module
-    _image_token_id: int
-    _tokens_per_image: int
-    _flops: FlopModel
-    _output_class: type
+    #: False for families whose positions are not 1-D (M-RoPE): ``compact`` renumbering is refused.
+    one_d_positions: ClassVar[bool] = True
+    has_vision_stage: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -97,9 +85,20 @@ class PrunedDecoderAdapter(DecoderLoop, Assembly, GenerateChecks, StatsRecorder,
         self._marker = resolve_marker(question_end, model)
         self._marker_ids: dict[torch.device, Tensor] = {}  # the marker as a tensor per device, built once
         self._sessions: weakref.WeakKeyDictionary[Any, _Session] = weakref.WeakKeyDictionary()
+        parts: FamilyParts = self.parts()
+        #: What the family's ``parts()`` returned (the model's pieces the core drives).
+        self.model_parts = parts
+        self._inner, self._lm = parts.inner, parts.language_model
+        self._image_token_id, self._tokens_per_image = parts.image_token_id, parts.tokens_per_image
+        self._flops, self._output_class = parts.flops, parts.output_class
+        hf.check_model(self._lm, self._output_class, image_field=parts.image_field)
+        self._init_decoder()
+        self._signals = self._check_vision_stage(parts)
+
+    # -- patch-time validation ----------------------------------------------------------------------------
 
     def _init_decoder(self) -> None:
-        """Validate the language-model side (after the family set ``_lm``); nothing is touched yet."""
+        """Validate the language-model side; nothing is touched yet."""
         self._attn_impl = hf.attention_implementation(self._lm.config)
         if self._attn_impl not in SUPPORTED_ATTENTION:
             raise UnsupportedModelError(
@@ -127,6 +126,29 @@ class PrunedDecoderAdapter(DecoderLoop, Assembly, GenerateChecks, StatsRecorder,
                 f"{step.short_spec()} cuts images of one fixed size, but {self.name} images differ in token count "
                 f"(ragged vision contexts); vision strategies that cut per image: {', '.join(ragged)}"
             )
+
+    def _check_vision_stage(self, parts: FamilyParts) -> frozenset[Signal]:
+        """Refuse a vision step this family cannot run; returns the tower signals the step reads (resolved)."""
+        step = self.pipeline.vision
+        if step is None:
+            return frozenset()
+        if not self.has_vision_stage:
+            from ..registry import available
+
+            raise MissingCapabilityError(
+                f"{step.short_spec()}: the {self.name} adapter has no vision stage (it does not encode images "
+                f"itself); LLM-stage strategies work on it: {', '.join(available(stage='llm')) or 'none registered'}"
+            )
+        self.check_pipeline()
+        self._check_cls(parts.tower.cls)
+        encoder = self.text_encoder
+        if step.reads_instruction() and encoder is not None and encoder.decode is None:
+            if hf.model_tokenizer(self.model) is None:
+                raise MissingCapabilityError(
+                    f"{step.short_spec()} reads the question through the text encoder, which needs it as text, and this "
+                    "model has no tokenizer saved with it; give ClipTextEncoder(..., decode=your_tokenizer.decode)"
+                )
+        return frozenset(s.resolve(parts.tower.num_layers) for s in self.pipeline.requires())
 
     def _check_cls(self, tower_has_cls: bool) -> None:
         """Refuse a vision step reading CLS signals on a tower without a CLS token, naming what works.
@@ -164,63 +186,112 @@ class PrunedDecoderAdapter(DecoderLoop, Assembly, GenerateChecks, StatsRecorder,
                 steps[k] = step
         return steps
 
-    # -- the family's part ----------------------------------------------------------------------------
+    # -- the vision stage ---------------------------------------------------------------------------------
 
-    @abc.abstractmethod
     def _vision(
         self, call: CallState, pixel_values: Tensor | None, encoded: Any, options: dict
-    ) -> tuple[Any, VisionOut | None]:
-        """Encode this call's images: ``(encoder output for the model output, VisionOut or None)``.
+    ) -> tuple[Any, ImageFeatures | None]:
+        """This call's images: ``(encoder output for the model output, ImageFeatures or None)``.
 
         ``encoded`` is what ``generate`` pre-encoded (``mm_encoder_outputs["image"]``) or None;
-        ``options`` the forward's remaining keywords (the family pops its own, e.g. ``image_sizes``).
+        ``options`` the forward's remaining keywords.
         """
+        self.check_inputs(pixel_values, options)
+        if encoded is not None:  # pre-encoded by generate() through get_image_features
+            return self._pre_encoded(encoded, options)
+        if pixel_values is None or pixel_values.shape[0] == 0:
+            return None, None
+        if self.pipeline.vision is None:  # the unpatched tower and projector, as transformers runs them
+            stock = self._stock_encode(pixel_values, options)
+            return stock, self.stock_features(stock, options)
+        features = self._vision_stage(call, pixel_values, options)
+        return features.for_generate(), features
 
-    @abc.abstractmethod
-    def _install_family(self) -> None:
-        """Patch the family's own entry points (image features, tower hooks) into ``self._state``."""
+    def _stock_encode(self, pixel_values: Tensor, options: Mapping[str, object]) -> Any:
+        """The model's own ``get_image_features`` with the options it declares."""
+        fn = self._inner.get_image_features
+        params = {
+            name
+            for name, p in hf.parameters(fn).items()
+            if p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
+        }
+        named = {k: v for k, v in options.items() if k in params and k not in ("pixel_values", "return_dict")}
+        return fn(pixel_values=pixel_values, **named, return_dict=True)
 
-    def patch_cells(self, features: VisionOut, options: dict[str, Tensor]) -> Tensor | None:
-        """Each image token's cell on its image's patch grid, long ``[I, N, 4]`` ``(tile, frame, row, col)``
-        (:mod:`tokprune.keptmap`), from the encoded images and the forward's keywords (``image_sizes``,
-        ``image_grid_thw``...); None: the family gives no grid (kept maps then hold token indices only)."""
-        return None
-
-    # -- positions (1-D by default; a family with multi-axis RoPE overrides these four) ----------------
-
-    #: False for families whose positions are not 1-D (M-RoPE): ``compact`` renumbering is refused.
-    one_d_positions: ClassVar[bool] = True
-
-    def _positions(
-        self, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None, options: dict
-    ) -> Tensor:
-        """Prefill position ids, long ``[B, n]`` (or ``[B, n, R]``): the caller's, else ``arange`` (HF's default)."""
-        b, n = input_ids.shape
-        pos = torch.arange(n, device=input_ids.device)[None, :] if position_ids is None else position_ids
-        return pos.expand(b, n).long()
-
-    def _decode_positions(self, position_ids: Tensor | None, seen: int, b: int, q: int, device: torch.device) -> Tensor:
-        """Position ids of ``q`` new tokens after ``seen`` (unpruned) ones, long ``[B, q]`` (or ``[B, q, R]``)."""
-        if position_ids is None:
-            position_ids = torch.arange(seen, seen + q, device=device)[None, :]
-        return position_ids.expand(b, q).long()
-
-    def _rotary(self, hidden: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
-        """RoPE ``(cos, sin)`` ``[B, L, head_dim]`` for positions ``pos``."""
-        return hf.rotary_embeddings(self._lm, hidden, pos)
-
-    def _vision_mode(self) -> str:
-        """The vision stage's position mode: the caller's ``vision_positions``, else the vision step's
-        reference choice where positions are 1-D (M-RoPE survivors keep their 3-D positions), else keep."""
-        if self.vision_positions is not None:
-            return self.vision_positions
+    def _vision_stage(self, call: CallState, pixel_values: Tensor, options: Mapping[str, object]) -> ImageFeatures:
+        """The family's tower (its q/k captured), the vision step on its rows, the family's placement."""
         step = self.pipeline.vision
-        own = step.positions() if step is not None else None
-        return own if own is not None and self.one_d_positions else "keep"
+        call.capture = {}
+        try:
+            images = self.encode_images(pixel_values, options)
+            captured = call.capture
+        finally:
+            call.capture = None
+        images.qk = {(layer, kind): t for (stage, layer, kind), t in captured.items() if stage == "vision"}
+        text = self._instruction(call, images.features) if step.reads_instruction() else None
+        ctx = VisionContext(
+            features=images.features,
+            signals=self.tower_signals(images, images.rows, images.lengths),
+            grid=images.grid,
+            lengths=images.lengths,
+            project=self.project,
+            text=text,
+        )
+        plan = self.plan_images(step, images, ctx)
+        features = self.place_plan(images, plan)
+        features.diagnostics = {f"{step.name}.{k}": v for k, v in plan.diagnostics.items()}
+        return features
 
-    def _text_positions(self, pos: Tensor) -> Tensor:
-        """The 1-D position ids ``[B, L]`` a decoder layer and ``LLMContext.position_ids`` get."""
-        return pos
+    def tower_signals(
+        self, images: EncodedImages, rows: Callable[[Tensor], Tensor] | None, lengths: Tensor | None
+    ) -> VisionSignals:
+        """The tower's signals for strategy rows ``rows`` (per pass ``[T, 1+N, C]`` -> per row ``[R, 1+L, C]``;
+        None: a pass is a row) from ``images.states`` and the captured ``images.qk`` (for a family's own
+        :meth:`~tokprune.adapters.Family.plan_images`, e.g. per tile)."""
+        layout = rows if rows is not None else (lambda t: t)
+
+        def fetch(signal: Signal) -> Any:
+            if signal.kind == "qk" and (signal.layer, "q") in images.qk:
+                return layout(images.qk[(signal.layer, "q")]), layout(images.qk[(signal.layer, "k")])
+            if signal.kind == "hidden" and len(images.states) > signal.layer:
+                return layout(images.states[signal.layer])
+            raise UnsupportedModelError(f"the {self.name} tower provides no {signal}")
+
+        tower = self.model_parts.tower
+        return VisionSignals(fetch, tower.num_layers, tower.heads, declared=self._signals, lengths=lengths)
+
+    def _instruction(self, call: CallState, features: Tensor) -> TextCondition | None:
+        """Each image's question through the CLIP text tower given to ``patch()`` (None without one, or where
+        the family names no tower norm to compare in)."""
+        prompt = call.prompts()
+        norm = self.model_parts.text_norm
+        if self.text_encoder is None or prompt is None or norm is None:
+            return None
+        from ..text_encoder import image_questions
+
+        decode = self.text_encoder.decode or self._decode_question
+        texts, image_text = image_questions(*prompt, self._image_token_id, self._tokens_per_image, self._marker, decode)
+        return self.text_encoder.condition(features, norm, texts, image_text)
+
+    def _decode_question(self, ids: list[int]) -> str:
+        tokenizer = hf.model_tokenizer(self.model)
+        if tokenizer is None:
+            raise MissingCapabilityError(
+                "the text encoder needs the question as text, and this model has no tokenizer saved with it; "
+                "give ClipTextEncoder(..., decode=your_tokenizer.decode)"
+            )
+        return tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _pre_encoded(self, encoded: Any, options: Mapping[str, object]) -> tuple[Any, ImageFeatures]:
+        """Image features ``generate()`` encoded before the forward: ours (pruned) or, without a vision
+        step, the stock ones; stock features under a vision step would skip the pruning, so they are refused."""
+        if isinstance(encoded, ImageFeatures):
+            return encoded, encoded.vision_out()
+        if self.pipeline.vision is not None:
+            raise UnsupportedModelError(
+                "these image features were not computed by the patched model; pass pixel_values instead"
+            )
+        return encoded, self.stock_features(encoded, options)
 
     # -- per-layer attention: asked of the family for every decoder layer ---------------------------------
 
@@ -236,12 +307,23 @@ class PrunedDecoderAdapter(DecoderLoop, Assembly, GenerateChecks, StatsRecorder,
 
     def layer_rotary(self, kind: str, hidden: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
         """RoPE ``(cos, sin)`` for the layers of ``kind`` at positions ``pos`` (``hidden`` gives dtype and device)."""
-        return self._rotary(hidden, pos)
+        return self.rotary(hidden, pos)
 
-    def layer_mask(self, kind: str, valid: Tensor, query_len: int, dtype: torch.dtype, all_valid: bool) -> Any:
+    def layer_mask(
+        self, kind: str, valid: Tensor, query_len: int, dtype: torch.dtype, all_valid: bool
+    ) -> Tensor | None:
         """The attention mask of the layers of ``kind``: ``valid`` (bool ``[B, C]``) the cached keys, ``query_len``
         the new queries (the last ones), ``all_valid`` whether no key is padding (the mask may then be None)."""
         return hf.attention_mask(valid, query_len, dtype, self._attn_impl, all_valid)
+
+    def _vision_mode(self) -> str:
+        """The vision stage's position mode: the caller's ``vision_positions``, else the vision step's
+        reference choice where positions are 1-D (M-RoPE survivors keep their 3-D positions), else keep."""
+        if self.vision_positions is not None:
+            return self.vision_positions
+        step = self.pipeline.vision
+        own = step.positions() if step is not None else None
+        return own if own is not None and self.one_d_positions else "keep"
 
     # -- install ------------------------------------------------------------------------------------
 
@@ -254,11 +336,35 @@ class PrunedDecoderAdapter(DecoderLoop, Assembly, GenerateChecks, StatsRecorder,
             return self._generate_call(original_generate, args, kwargs)
 
         self._state.set_attribute(self.model, "generate", generate)
-        self._install_family()
+        if self.pipeline.vision is not None:
+            self._patch_image_features()
+            self._hook_encoder_signals(self.model_parts.tower.layers)
         for k in self._llm_steps:
             q, key = hf.qk_modules(self._lm.layers[k - 1].self_attn)
             self._hook(q, ("llm", k - 1, "q"))
             self._hook(key, ("llm", k - 1, "k"))
+
+    def _patch_image_features(self) -> None:
+        """``get_image_features`` runs the vision stage, so that ``generate``'s pre-encoding prunes too; it
+        keeps the original's signature (``generate`` routes its keywords by it, through ``__wrapped__``)."""
+        original = self._inner.get_image_features
+        signature = inspect.signature(original)
+
+        @functools.wraps(original)
+        def get_image_features(*args: Any, **kwargs: Any) -> ImageFeatures:
+            bound = signature.bind_partial(*args, **kwargs)
+            options: dict[str, object] = {}
+            for name, value in bound.arguments.items():
+                kind = signature.parameters[name].kind
+                if kind == inspect.Parameter.VAR_KEYWORD:
+                    options.update(value)
+                elif kind != inspect.Parameter.VAR_POSITIONAL:
+                    options[name] = value
+            pixel_values = options.pop("pixel_values")
+            with self._active(CallState(self, self._outer_generate())) as call:
+                return self._vision_stage(call, pixel_values, options).for_generate()
+
+        self._state.set_attribute(self._inner, "get_image_features", get_image_features)
 
     def _hook_encoder_signals(self, encoder_layers: Sequence[nn.Module]) -> None:
         """Record q/k of the encoder layers whose signals the vision step declared (``self._signals``)."""
@@ -267,21 +373,6 @@ class PrunedDecoderAdapter(DecoderLoop, Assembly, GenerateChecks, StatsRecorder,
                 attn = encoder_layers[signal.layer].self_attn
                 self._hook(attn.q_proj, ("vision", signal.layer, "q"))
                 self._hook(attn.k_proj, ("vision", signal.layer, "k"))
-
-    def _pre_encoded(self, encoded: Any) -> tuple[Any, VisionOut]:
-        """Image features ``generate()`` encoded before the forward: ours (pruned) or, without a vision
-        step, the stock ones; stock features under a vision step would skip the pruning, so they are refused."""
-        if isinstance(encoded, PrunedImageFeatures):
-            return encoded, encoded.vision_out()
-        if self.pipeline.vision is not None:
-            raise UnsupportedModelError(
-                "these image features were not computed by the patched model; pass pixel_values instead"
-            )
-        return encoded, self._unpruned(encoded)
-
-    def _unpruned(self, encoded: Any) -> VisionOut:
-        """The stock encoder output (``pooler_output``: one ``[N_i, D]`` per image) as a keep-all :class:`VisionOut`."""
-        return VisionOut.unpruned(encoded.pooler_output)
 
     def _hook(self, module: nn.Module, key: CaptureKey) -> None:
         def store(_module: nn.Module, _args: Any, output: Tensor) -> None:

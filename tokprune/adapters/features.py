@@ -1,11 +1,16 @@
-"""The encoded images of one call, as the assembly consumes them (:class:`VisionOut`) and as a patched
-``get_image_features`` returns them to ``generate`` (:class:`PrunedImageFeatures`)."""
+"""The encoded images of one call, in one form: :class:`ImageFeatures`.
+
+The same object is what the assembly consumes (flat ``kept`` rows, the ``keep`` mask, ``extra`` tokens)
+and what a patched ``get_image_features`` returns to ``generate``, which passes it back to the forward
+(HF's contract: a :class:`~transformers.modeling_outputs.BaseModelOutputWithPooling` whose ``pooler_output``
+lists one ``[n_i, D]`` tensor per image). ``VisionOut`` and ``PrunedImageFeatures`` were its two halves
+before 0.x; both names remain aliases of it.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import KW_ONLY, dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -13,46 +18,97 @@ from torch import Tensor
 from .. import hf_compat as hf
 from ..errors import InputError
 
-__all__ = ["PrunedImageFeatures", "VisionOut"]
+__all__ = ["ImageFeatures", "PrunedImageFeatures", "VisionOut"]
+
+_OPTIONAL = ("lengths", "tower_runs", "tower_flops", "projected", "deepstack", "extra_valid", "cells")
 
 
 @dataclass
-class VisionOut:
-    """A family's encoded images, in the one form the assembly consumes."""
+class ImageFeatures(hf.BaseModelOutputWithPooling):
+    """A call's encoded images: which tokens of each image the LLM receives, projected, and their costs.
 
-    kept: Tensor  #: ``[S, D]`` projected kept tokens of every image, image-major raster order
-    keep: Tensor  #: bool ``[I, N]``: which of each image's tokens are kept (padded rows: False past its length)
-    extra: Tensor | None  #: ``[I, E, D]`` projected extra tokens (inserted after each image), or None
-    diagnostics: dict[str, Any] = field(default_factory=dict)
+    Every field defaults to None (HF's ``ModelOutput`` rule); ``kept`` and ``keep`` are always set by the
+    core. ``pooler_output`` (one ``[n_i + E_i, D]`` per image: its kept tokens, then its extra ones) is
+    filled by :meth:`for_generate` when the features leave the core for ``generate``.
+    """
+
+    #: ``[S, D]``: projected kept tokens of every image, image-major, each image's in its token order.
+    kept: Tensor | None = None
+    #: bool ``[I, N]``: which of each image's tokens are kept (rows padded: False past each image's length).
+    keep: Tensor | None = None
+    #: ``[I, E, D]``: projected extra tokens a strategy made (inserted after each image), or None.
+    extra: Tensor | None = None
+    #: bool ``[I, E]``: which extra tokens of each image are real (counts differ per image); None: all ``E``.
+    extra_valid: Tensor | None = None
+    #: the vision step's diagnostics, prefixed with its name.
+    diagnostics: dict[str, object] | None = None
     #: long ``[I]``: each image's own token count when images differ in size; None: ``N`` each.
     lengths: Tensor | None = None
     #: long ``[I]``: tower passes each image cost (AnyRes: its tiles); None: one each.
     tower_runs: Tensor | None = None
-    # Optional family features are keyword-only: two branches once each appended one positionally.
-    _: KW_ONLY
-    #: DeepStack (Qwen3-VL): one ``[S, D]`` per decoder layer ``i`` (rows aligned with ``kept``), added to
-    #: the kept image tokens' hidden states after layer ``i``, wherever they are by then; None: no additions.
-    deepstack: list[Tensor] | None = None
-    #: bool ``[I, E]``: which extra tokens of each image are real (images bringing different counts,
-    #: e.g. one set per AnyRes tile); None: all ``E`` of every image.
-    extra_valid: Tensor | None = None
     #: fp64 ``[I]``: each image's tower FLOPs where the family counts them itself (Qwen2.5-VL's windowed
     #: tower, :class:`~tokprune.stats.WindowedTower`); None: ``FlopModel.vision`` over ``tower_runs``.
     tower_flops: Tensor | None = None
     #: long ``[I]``: tokens of each image the projector mapped, where not every token entering the LLM
     #: was (LLaVA-NeXT's row newlines are a learned vector); None: ``kept_counts``.
     projected: Tensor | None = None
+    #: DeepStack (Qwen3-VL): one ``[S, D]`` per decoder layer ``i`` (rows aligned with ``kept``), added to
+    #: the kept image tokens' hidden states after layer ``i``, wherever they are by then; None: no additions.
+    deepstack: list[Tensor] | None = None
     #: long ``[I, N, 4]``: each token's cell on its image's patch grid (:mod:`tokprune.keptmap`), set from
-    #: the family's :meth:`PrunedDecoderAdapter.patch_cells`; None: not known yet (or no grid).
+    #: the family's :meth:`~tokprune.adapters.Family.patch_cells`; None: not known yet (or no grid).
     cells: Tensor | None = None
+    #: extra tokens per image when only ``pooler_output`` and ``keep`` were given (features built by hand).
+    num_extra: int | None = None
 
     @classmethod
-    def unpruned(cls, per_image: Sequence[Tensor]) -> VisionOut:
+    def unpruned(cls, per_image: Sequence[Tensor]) -> ImageFeatures:
         """Unpruned features (one ``[N_i, D]`` per image) keeping everything, rows padded to the longest."""
         kept = torch.cat(list(per_image))
         lengths = torch.tensor([p.shape[0] for p in per_image], dtype=torch.long, device=kept.device)
         keep = torch.arange(int(lengths.max()), device=kept.device)[None, :] < lengths[:, None]
-        return cls(kept=kept, keep=keep, extra=None, lengths=lengths)
+        return cls(kept=kept, keep=keep, lengths=lengths)
+
+    @classmethod
+    def of(cls, features: ImageFeatures) -> ImageFeatures:
+        """``features`` with its per-image ``pooler_output`` (the form ``generate`` splits and passes back)."""
+        return features.for_generate()
+
+    def for_generate(self) -> ImageFeatures:
+        """Fill ``pooler_output`` (one ``[n_i + E_i, D]`` per image) from the flat tensors; returns self."""
+        if self.kept is None or self.keep is None:
+            raise InputError("image features without kept rows and a keep mask cannot be handed to generate()")
+        # The one sync left here: HF's contract is a list of per-image tensors, whose sizes live on the device.
+        per_image = list(self.kept.split(self.keep.sum(dim=1).tolist()))
+        if self.extra is not None and self.extra_valid is not None:
+            per_image = [torch.cat([p, e[v]]) for p, e, v in zip(per_image, self.extra, self.extra_valid)]
+        elif self.extra is not None:
+            per_image = [torch.cat([p, e]) for p, e in zip(per_image, self.extra)]
+        self["pooler_output"] = per_image  # item assignment: the ModelOutput's keys follow
+        self.num_extra = 0 if self.extra is None else int(self.extra.shape[1])
+        return self
+
+    def vision_out(self) -> ImageFeatures:
+        """These features as the assembly consumes them (flat ``kept``), rebuilt from ``pooler_output`` and
+        ``keep`` when they came without their flat tensors."""
+        if self.keep is None:
+            raise InputError(
+                "these image features carry no keep mask; pass the ImageFeatures get_image_features returned, "
+                "unchanged (or pixel_values)"
+            )
+        if self.kept is not None:
+            return self
+        if self.extra_valid is not None:
+            raise InputError(
+                "image features with a different number of extra tokens per image must carry their kept and extra "
+                "tensors (pass the ImageFeatures get_image_features returned, unchanged)"
+            )
+        per_image, keep, e = list(self.pooler_output), self.keep, self.num_extra or 0
+        counts = keep.sum(dim=1).tolist()
+        kept = torch.cat([p[:c] for p, c in zip(per_image, counts)])
+        extra = torch.stack([p[c:] for p, c in zip(per_image, counts)]) if e else None
+        optional = {name: getattr(self, name) for name in _OPTIONAL}
+        return ImageFeatures(kept=kept, keep=keep, extra=extra, diagnostics=dict(self.diagnostics or {}), **optional)
 
     @property
     def token_counts(self) -> Tensor:
@@ -76,77 +132,6 @@ class VisionOut:
         return self.extra.shape[1]
 
 
-@dataclass
-class PrunedImageFeatures(hf.BaseModelOutputWithPooling):
-    """``get_image_features`` output of a patched model (what ``generate`` pre-encodes and passes back).
-
-    ``pooler_output`` is a list with one ``[n_i + E, D]`` tensor per image: its kept tokens in order,
-    then its ``E`` extra tokens. ``keep`` (bool ``[I, N]``) says which tokens they are, ``lengths``
-    (long ``[I]`` or None) how many each image has, ``tower_runs`` its tower passes, ``tower_flops`` their
-    cost where the family counts it, ``projected`` the tokens its projector mapped.
-    """
-
-    keep: Tensor | None = None
-    num_extra: int | None = None
-    diagnostics: dict[str, Any] | None = None
-    lengths: Tensor | None = None
-    tower_runs: Tensor | None = None
-    tower_flops: Tensor | None = None
-    projected: Tensor | None = None
-    #: the flat kept tokens and the extra ones as the adapter made them, so that passing these
-    #: features back (``generate``) rebuilds the :class:`VisionOut` without reading counts again
-    kept: Tensor | None = None
-    extra: Tensor | None = None
-    deepstack: list[Tensor] | None = None
-    extra_valid: Tensor | None = None
-    cells: Tensor | None = None
-
-    @classmethod
-    def of(cls, out: VisionOut) -> PrunedImageFeatures:
-        # The one sync left here: HF's contract is a list of per-image tensors, whose sizes live on the device.
-        per_image = list(out.kept.split(out.keep.sum(dim=1).tolist()))
-        if out.extra is not None and out.extra_valid is not None:
-            per_image = [torch.cat([p, e[v]]) for p, e, v in zip(per_image, out.extra, out.extra_valid)]
-        elif out.extra is not None:
-            per_image = [torch.cat([p, e]) for p, e in zip(per_image, out.extra)]
-        num_extra = 0 if out.extra is None else int(out.extra.shape[1])
-        return cls(
-            pooler_output=per_image,
-            keep=out.keep,
-            num_extra=num_extra,
-            diagnostics=out.diagnostics,
-            lengths=out.lengths,
-            tower_runs=out.tower_runs,
-            tower_flops=out.tower_flops,
-            projected=out.projected,
-            kept=out.kept,
-            extra=out.extra,
-            deepstack=out.deepstack,
-            extra_valid=out.extra_valid,
-            cells=out.cells,
-        )
-
-    def vision_out(self) -> VisionOut:
-        if self.keep is None:
-            raise InputError(
-                "these image features carry no keep mask; pass the PrunedImageFeatures get_image_features returned, "
-                "unchanged (or pixel_values)"
-            )
-        if self.kept is not None:
-            diagnostics = dict(self.diagnostics or {})
-            return VisionOut(self.kept, self.keep, self.extra, diagnostics, **self._optional())
-        if self.extra_valid is not None:
-            raise InputError(
-                "image features with a different number of extra tokens per image must carry their kept and extra "
-                "tensors (pass the PrunedImageFeatures get_image_features returned, unchanged)"
-            )
-        per_image, keep, e = list(self.pooler_output), self.keep, self.num_extra or 0
-        counts = keep.sum(dim=1).tolist()
-        kept = torch.cat([p[:c] for p, c in zip(per_image, counts)])
-        extra = torch.stack([p[c:] for p, c in zip(per_image, counts)]) if e else None
-        diagnostics = dict(self.diagnostics or {})
-        return VisionOut(kept, keep, extra, diagnostics, **self._optional())
-
-    def _optional(self) -> dict[str, Any]:
-        names = ("lengths", "tower_runs", "tower_flops", "projected", "deepstack", "extra_valid", "cells")
-        return {name: getattr(self, name) for name in names}
+#: Aliases of :class:`ImageFeatures` (its two halves before 0.x).
+VisionOut = ImageFeatures
+PrunedImageFeatures = ImageFeatures

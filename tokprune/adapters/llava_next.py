@@ -24,7 +24,7 @@ This file knows only LLaVA-NeXT:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -32,14 +32,16 @@ from torch import Tensor, nn
 from .. import hf_compat as hf
 from ..errors import InputError, InternalError
 from ..keptmap import anyres_cells
-from ..strategy import VisionContext, VisionPlan
+from ..strategy import PruningStrategy, VisionContext, VisionPlan
 from ._anyres import extra_per_image, pad_rows, tile_rows
 from ._tiny import VOCAB, TinyCase, left_padded, prompt_ids, random_model
-from .decoder import CallState, PrunedImageFeatures, VisionOut
-from .llava import LlavaAdapter, _class_names, tiny_llava_config
+from .clip import ClipTower, clip_mismatch, tiny_llava_config
+from .family import EncodedImages, Family, FamilyParts, ForwardOptions
+from .features import ImageFeatures
 
 __all__ = [
     "NEXT_IMAGE_SIZES",
+    "AnyResImages",
     "LlavaNextAdapter",
     "anyres_layout",
     "anyres_tiles",
@@ -61,7 +63,7 @@ def output_class() -> type:
     return LlavaNextModelOutputWithPast
 
 
-def anyres_tiles(config: Any, image_sizes: Tensor) -> list[int]:
+def anyres_tiles(config: object, image_sizes: Tensor) -> list[int]:
     """Tower passes of each image (base image + AnyRes tiles) for ``image_sizes`` long ``[I, 2]`` (h, w).
 
     LLaVA-NeXT's own count (``image_size_to_num_patches``), so it always agrees with its processor.
@@ -112,11 +114,20 @@ def anyres_layout(
     return [p[:, 0].round().long() for p in packed]
 
 
-class LlavaNextAdapter(LlavaAdapter):
-    """HF ``LlavaNextForConditionalGeneration`` with a CLIP tower (AnyRes tiles and newline tokens).
+@dataclass(kw_only=True)
+class AnyResImages(EncodedImages):
+    """:class:`EncodedImages` plus where each LLM token of an image comes from (``I`` images, ``L`` tokens each
+    without newlines, ``P`` LLM tokens each with them)."""
 
-    LLaVA-1.5's adapter (tower run, signals, checks, FLOP model per tower pass) with AnyRes packing.
-    """
+    tile: Tensor  #: long ``[I, L]``: each image token's tower pass
+    patch: Tensor  #: long ``[I, L]``: its index in that pass (CLS at 0)
+    valid: Tensor  #: bool ``[I, L]``
+    packed: Tensor  #: long ``[I, P]``: the LLM's order, as indices into the image's tokens (-1: a newline)
+    packed_valid: Tensor  #: bool ``[I, P]``
+
+
+class LlavaNextAdapter(Family):
+    """HF ``LlavaNextForConditionalGeneration`` with a CLIP tower (AnyRes tiles and newline tokens)."""
 
     name = "llava_next"
     variable_image_tokens = True
@@ -124,19 +135,10 @@ class LlavaNextAdapter(LlavaAdapter):
 
     @classmethod
     def mismatch(cls, model: nn.Module) -> str:
-        if "LlavaNextForConditionalGeneration" not in _class_names(model):
-            return f"expected a LlavaNextForConditionalGeneration, got {type(model).__name__}"
-        inner = getattr(model, "model", None)
-        if "CLIPVisionModel" not in _class_names(getattr(inner, "vision_tower", None)):
-            return f"expected a CLIPVisionModel vision tower, got {type(getattr(inner, 'vision_tower', None)).__name__}"
-        lm = getattr(inner, "language_model", None)
-        if not _class_names(lm) & set(_LANGUAGE_MODELS):
-            return f"expected a language model among {', '.join(_LANGUAGE_MODELS)}, got {type(lm).__name__}"
-        return ""
+        return clip_mismatch(model, "LlavaNextForConditionalGeneration", _LANGUAGE_MODELS)
 
     @classmethod
-    def tiny(cls, seed: int = 0, attn_implementation: str = "sdpa") -> Any:
-
+    def tiny(cls, seed: int = 0, attn_implementation: str = "sdpa") -> TinyCase:
         model, make_inputs = tiny_llava_next(seed=seed, attn_implementation=attn_implementation)
 
         def newlines(rows: Tensor) -> Tensor:  # the row separators the LLM always receives
@@ -146,141 +148,94 @@ class LlavaNextAdapter(LlavaAdapter):
             model, make_inputs, pad_token_id=VOCAB.pad, question_end=VOCAB.assistant_marker, fixed_image_rows=newlines
         )
 
-    @staticmethod
-    def _family_output_class() -> type:
-        return output_class()
+    def parts(self) -> FamilyParts:
+        self.clip = ClipTower(self.model)
+        check_anyres(self.clip.inner)
+        return self.clip.parts(output_class(), text=False)
 
-    def _check_features(self) -> None:
-        super()._check_features()
-        check_anyres(self._inner)
+    def check_pipeline(self) -> None:
+        self.clip.check_pipeline(self.pipeline.vision, self.name)
 
-    def patch_cells(self, features: VisionOut, options: dict[str, Tensor]) -> Tensor | None:
+    def check_inputs(self, pixel_values: Tensor | None, options: ForwardOptions) -> None:
+        if pixel_values is not None and pixel_values.shape[0] > 0 and options.get("image_sizes") is None:
+            raise InputError("LLaVA-NeXT needs image_sizes with pixel_values (the processor returns both)")
+
+    def stock_features(self, encoded: hf.BaseModelOutputWithPooling, options: ForwardOptions) -> ImageFeatures:
+        out = ImageFeatures.unpruned(encoded.pooler_output)
+        image_sizes = options.get("image_sizes")
+        if image_sizes is not None:
+            out.tower_runs = torch.tensor(anyres_tiles(self.clip.config, image_sizes), device=out.keep.device)
+        return out
+
+    def patch_cells(self, features: ImageFeatures, options: ForwardOptions) -> Tensor | None:
         """Base view on its raster, tiles on the unpadded grid, from the model's own packing
         (:func:`tokprune.keptmap.anyres_cells`); None without ``image_sizes``."""
         image_sizes = options.get("image_sizes")
         if image_sizes is None:
             return None
-        n = self._tokens_per_image
+        n = self.clip.tokens
         image_sizes = image_sizes.cpu()  # the layout of index tensors is built on the host: no sync per image
-        tiles = anyres_tiles(self._config, image_sizes)
-        layout = anyres_layout(self._inner, tiles, n, image_sizes, "default")
-        cfg = self._tower.config
-        return anyres_cells(layout, n, cfg.image_size // cfg.patch_size)
+        tiles = anyres_tiles(self.clip.config, image_sizes)
+        return anyres_cells(anyres_layout(self.clip.inner, tiles, n, image_sizes, "default"), n, self.clip.side)
 
     # -- the vision stage -----------------------------------------------------------------------------
 
-    def _image_features(self, pixel_values: Tensor, image_sizes: Tensor, *args: Any, **kwargs: Any) -> Any:
-        """The patched ``get_image_features`` (``generate`` routes ``pixel_values`` and ``image_sizes`` to it)."""
-        with self._active(CallState(self)) as call:
-            return PrunedImageFeatures.of(self._run_vision(call, pixel_values, image_sizes))
-
-    def _vision(
-        self, call: CallState, pixel_values: Tensor | None, encoded: Any, options: dict
-    ) -> tuple[Any, VisionOut | None]:
-        image_sizes = options.pop("image_sizes", None)
-        layer = options.pop("vision_feature_layer", None)
-        select = options.pop("vision_feature_select_strategy", None)
-        if encoded is not None:  # pre-encoded by generate() through get_image_features
-            return self._pre_encoded(encoded)
-        if pixel_values is None or pixel_values.shape[0] == 0:
-            return None, None
-        if image_sizes is None:
-            raise InputError("LLaVA-NeXT needs image_sizes with pixel_values (the processor returns both)")
-        if self.pipeline.vision is None:  # the unpatched tower, projector and packing
-            encoded = self._inner.get_image_features(
-                pixel_values,
-                image_sizes,
-                vision_feature_layer=layer,
-                vision_feature_select_strategy=select,
-                return_dict=True,
-            )
-            out = VisionOut.unpruned(encoded.pooler_output)
-            out.tower_runs = torch.tensor(anyres_tiles(self._config, image_sizes), device=out.keep.device)
-            return encoded, out
-        out = self._run_vision(call, pixel_values, image_sizes)
-        return PrunedImageFeatures.of(out), out
-
-    def _run_vision(self, call: CallState, pixel_values: Tensor, image_sizes: Tensor) -> VisionOut:
-        """Tower per tile, one strategy row per image (base + tiles), projector on the kept, newlines back."""
-        step = self.pipeline.vision
-        if step is None:
-            raise InternalError("the vision stage ran without a vision step")
-        n = self._tokens_per_image
-        tiles = anyres_tiles(self._config, image_sizes)
+    def encode_images(self, pixel_values: Tensor, options: ForwardOptions) -> AnyResImages:
+        """Tower per tile; one row per image: its non-newline tokens in the LLM's order, as (tile, patch)."""
+        image_sizes = options["image_sizes"]
+        n = self.clip.tokens
+        tiles = anyres_tiles(self.clip.config, image_sizes)
         if pixel_values.dim() == 5:  # [I, max_tiles, 3, H, W], padded with empty tiles
             pixel_values = torch.cat([p[:t] for p, t in zip(pixel_values, tiles)])
-        hidden, captured = self._run_tower(call, pixel_values)
-        layout = anyres_layout(self._inner, tiles, n, image_sizes, "default")  # per image, -1 = newline
+        states = self.clip.states(pixel_values)
+        layout = anyres_layout(self.clip.inner, tiles, n, image_sizes, "default")  # per image, -1 = newline
         packed, packed_valid = pad_rows(layout, fill=-2)  # [I, P]
-        newline = packed == -1
         first_tile = torch.tensor([0, *tiles[:-1]], device=packed.device).cumsum(0)  # each image's base tile
-        # The strategy's row of image i: its non-newline tokens in LLM order, as (tile, patch) sources.
-        source, source_valid = pad_rows([lay[lay >= 0] for lay in layout], fill=0)
+        source, valid = pad_rows([lay[lay >= 0] for lay in layout], fill=0)
         tile = first_tile[:, None] + source // n
         patch = source % n + 1  # +1: index 0 of every tile is its CLS
-        lengths = source_valid.sum(dim=1)
 
         def per_image(t: Tensor) -> Tensor:
             """``[T, 1+N, C]`` (per tile) -> ``[I, 1+L, C]``: the base CLS, then the image's tokens."""
             return torch.cat([t[first_tile, :1], t[tile, patch]], dim=1)
 
-        features = hidden[self._config.vision_feature_layer][tile, patch]  # [I, L, C]
-        if self.budget_scope == "tile":
-            plan = self._plan_per_tile(hidden, captured, tile, patch, source_valid)
-        else:
-            signals = self._vision_signals(hidden, captured, per_image, lengths)
-            plan = step(VisionContext(features=features, signals=signals, lengths=lengths, project=self._project))
-        chosen = plan.features if plan.features is not None else features
-        projector = self._inner.multi_modal_projector
-        projected = projector(chosen[plan.keep])
-        has_extra = plan.extra is not None and plan.extra.shape[1] > 0
-        extra = projector(plan.extra) if has_extra else None
-        # Back to the LLM's order: each non-newline slot takes its token's decision, newlines are kept.
-        rank = ((~newline & packed_valid).long().cumsum(dim=1) - 1).clamp(min=0)
-        keep = packed_valid & (newline | plan.keep.gather(1, rank.clamp(max=plan.keep.shape[1] - 1)))
-        kept_newline = newline[keep]
-        kept = self._inner.image_newline.to(projected.dtype).expand(kept_newline.shape[0], -1).clone()
-        kept[~kept_newline] = projected
-        diagnostics = {f"{step.name}.{k}": v for k, v in plan.diagnostics.items()}
-        runs = torch.tensor(tiles, device=keep.device)
-        extra_valid = plan.extra_valid if has_extra else None
-        num_extra = 0 if extra is None else (extra.shape[1] if extra_valid is None else extra_valid.sum(dim=1))
-        mapped = (keep & ~newline).sum(dim=1) + num_extra  # newlines are not projected
-        return VisionOut(
-            kept,
-            keep,
-            extra,
-            diagnostics,
-            packed_valid.sum(dim=1),
-            runs,
-            projected=mapped,
-            extra_valid=extra_valid,
+        return AnyResImages(
+            states[self.clip.config.vision_feature_layer][tile, patch],  # [I, L, C]
+            lengths=valid.sum(dim=1),
+            states=states,
+            rows=per_image,
+            tower_runs=torch.tensor(tiles, device=packed.device),
+            tile=tile,
+            patch=patch,
+            valid=valid,
+            packed=packed,
+            packed_valid=packed_valid,
         )
 
-    def _plan_per_tile(
-        self, hidden: list[Tensor], captured: dict, tile: Tensor, patch: Tensor, valid: Tensor
-    ) -> VisionPlan:
+    def project(self, features: Tensor) -> Tensor:
+        return self.clip.project(features)
+
+    def plan_images(self, step: PruningStrategy, images: EncodedImages, ctx: VisionContext) -> VisionPlan:
         """``budget_scope="tile"``: the strategy's rows are the tower passes, its plan mapped back per image.
 
-        ``tile``/``patch``/``valid`` (``[I, L]``) name each image token's tower pass and index in it (CLS
-        at 0). Each row is one pass: its CLS, then those of its tokens the LLM sees, in raster order
-        (unpadding drops some), so ``lengths`` is per pass. Returns the plan in image rows: ``keep`` and
-        ``features`` ``[I, L]``; ``extra`` ``[I, K*E, C]`` with ``extra_valid``, each image's rows' extra
-        tokens in row order (K: the most rows of one image); diagnostics stay per row, with
-        ``row_image`` (long ``[R]``) naming each row's image.
+        Each row is one pass: its CLS, then those of its tokens the LLM sees, in raster order (unpadding
+        drops some), so ``lengths`` is per pass. Returns the plan in image rows: ``keep`` and ``features``
+        ``[I, L]``; ``extra`` ``[I, K*E, C]`` with ``extra_valid``, each image's rows' extra tokens in row
+        order (K: the most rows of one image); diagnostics stay per row, with ``row_image`` (long ``[R]``)
+        naming each row's image.
         """
-        step = self.pipeline.vision
-        if step is None:
-            raise InternalError("the vision stage ran without a vision step")
-        rows = tile_rows(tile, patch, valid, hidden[0].shape[0], self._tokens_per_image)
+        if self.budget_scope != "tile" or not isinstance(images, AnyResImages):
+            return step(ctx)
+        tile, patch, valid = images.tile, images.patch, images.valid
+        rows = tile_rows(tile, patch, valid, images.states[0].shape[0], self.clip.tokens)
 
         def per_row(t: Tensor) -> Tensor:
             """``[T, 1+N, C]`` (per pass) -> ``[R, 1+W, C]``: each row's CLS, then its tokens."""
             return torch.cat([t[rows.tile, :1], t[rows.tile[:, None], rows.patch]], dim=1)
 
-        signals = self._vision_signals(hidden, captured, per_row, rows.lengths)
-        features = hidden[self._config.vision_feature_layer][rows.tile[:, None], rows.patch]  # [R, W, C]
-        plan = step(VisionContext(features=features, signals=signals, lengths=rows.lengths, project=self._project))
+        signals = self.tower_signals(images, per_row, rows.lengths)
+        features = images.states[self.clip.config.vision_feature_layer][rows.tile[:, None], rows.patch]  # [R, W, C]
+        plan = step(VisionContext(features=features, signals=signals, lengths=rows.lengths, project=self.project))
         row, slot = rows.row_of_tile[tile], rows.slot
         keep = plan.keep[row, slot] & valid
         mapped = None if plan.features is None else plan.features[row, slot]
@@ -289,6 +244,34 @@ class LlavaNextAdapter(LlavaAdapter):
             extra, extra_valid = extra_per_image(plan.extra, plan.extra_valid, rows.row_image, tile.shape[0])
         diagnostics = {**plan.diagnostics, "row_image": rows.row_image}
         return VisionPlan(keep=keep, features=mapped, extra=extra, extra_valid=extra_valid, diagnostics=diagnostics)
+
+    def place_plan(self, images: EncodedImages, plan: VisionPlan) -> ImageFeatures:
+        """Projector on the kept tokens, then back to the LLM's order: each non-newline slot takes its token's
+        decision, newlines (a learned vector, not projected) are kept."""
+        if not isinstance(images, AnyResImages):
+            raise InternalError(f"{self.name}'s plan placed on images it did not encode ({type(images).__name__})")
+        packed, packed_valid = images.packed, images.packed_valid
+        newline = packed == -1
+        chosen = plan.features if plan.features is not None else images.features
+        projected = self.project(chosen[plan.keep])
+        has_extra = plan.extra is not None and plan.extra.shape[1] > 0
+        extra = self.project(plan.extra) if has_extra else None
+        rank = ((~newline & packed_valid).long().cumsum(dim=1) - 1).clamp(min=0)
+        keep = packed_valid & (newline | plan.keep.gather(1, rank.clamp(max=plan.keep.shape[1] - 1)))
+        kept_newline = newline[keep]
+        kept = self.clip.inner.image_newline.to(projected.dtype).expand(kept_newline.shape[0], -1).clone()
+        kept[~kept_newline] = projected
+        extra_valid = plan.extra_valid if has_extra else None
+        num_extra = 0 if extra is None else (extra.shape[1] if extra_valid is None else extra_valid.sum(dim=1))
+        return ImageFeatures(
+            kept=kept,
+            keep=keep,
+            extra=extra,
+            extra_valid=extra_valid,
+            lengths=packed_valid.sum(dim=1),
+            tower_runs=images.tower_runs,
+            projected=(keep & ~newline).sum(dim=1) + num_extra,  # newlines are not projected
+        )
 
 
 # -- the tiny case -----------------------------------------------------------------------------------------

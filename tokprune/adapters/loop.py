@@ -24,7 +24,7 @@ from ..strategy import LLMAttention, LLMContext, PruningStrategy, TokenRole
 from ._seq import Seq, add_feature_rows, packed_width, token_roles
 from .assembly import _from_start, _scatter_back
 from .call import CallState, _generated_count, _Segment, _Session
-from .features import VisionOut
+from .features import ImageFeatures
 
 __all__ = ["DecoderLoop"]
 
@@ -100,7 +100,7 @@ class DecoderLoop:
             encoded, features = self._vision(call, pixel_values, pre_encoded, kwargs)
             if features is not None and features.cells is None:
                 features.cells = self.patch_cells(features, options)
-            pos = self._positions(input_ids, attention_mask, position_ids, kwargs)
+            pos = self.positions(input_ids, attention_mask, position_ids, kwargs)
             hidden = self._prefill(call, input_ids, attention_mask, pos, cache if use_cache else None, features)
         out = hf.model_output(
             self._output_class, last_hidden_state=hidden, cache=cache if use_cache else past, image_features=encoded
@@ -116,7 +116,7 @@ class DecoderLoop:
         attention_mask: Tensor | None,
         position_ids: Tensor | None,
         cache: Any,
-        features: VisionOut | None,
+        features: ImageFeatures | None,
     ) -> Tensor:
         """Run the prompt (and, without a cache, the tokens generated so far); returns ``[B, L, D]``."""
         b, n = input_ids.shape
@@ -128,7 +128,7 @@ class DecoderLoop:
             if device not in self._marker_ids:
                 self._marker_ids[device] = torch.as_tensor(list(marker), dtype=torch.long, device=device)
             marker = self._marker_ids[device]
-        pos = position_ids  # [B, n] or [B, n, R] (the family's positions, see _positions)
+        pos = position_ids  # [B, n] or [B, n, R] (the family's positions, see Family.positions)
         generated = _generated_count(call.generate, n)
         prompt_n = n - generated
         roles, marker_found = token_roles(input_ids[:, :prompt_n], valid[:, :prompt_n], self._image_token_id, marker)
@@ -144,7 +144,7 @@ class DecoderLoop:
         layer_tokens = torch.zeros(b, num_layers, dtype=torch.long, device=device)
         layer_visual = torch.zeros_like(layer_tokens)
         llm_kept: dict[int, Tensor] = {}
-        diagnostics: dict[str, Any] = dict(features.diagnostics) if features is not None else {}
+        diagnostics: dict[str, Any] = dict(features.diagnostics or {}) if features is not None else {}
         if self._marker is not None:
             diagnostics["roles.marker_found"] = marker_found
         seq_valid_count = valid.sum(dim=1)
@@ -182,7 +182,7 @@ class DecoderLoop:
                     layer,
                     seq.hidden,
                     mask=mask,
-                    position_ids=self._text_positions(seq.pos),
+                    position_ids=self.text_positions(seq.pos),
                     position_embeddings=embeddings,
                     cache=cache,
                 )
@@ -251,7 +251,7 @@ class DecoderLoop:
         hidden, valid = seq.hidden[:, :p], seq.valid[:, :p]
 
         def keys_from_start() -> Tensor:  # RoPE at each sample's positions minus its first (as run alone)
-            start_cos, start_sin = self._rotary(hidden, _from_start(seq.pos[:, :p], valid))
+            start_cos, start_sin = self.rotary(hidden, _from_start(seq.pos[:, :p], valid))
             return hf.apply_rope(raw_key[:, :, :p], raw_key[:, :, :p], start_cos, start_sin)[1]
 
         def layer_attention() -> LLMAttention:  # layer K's own norm, q/k and RoPE on the states entering it
@@ -264,7 +264,7 @@ class DecoderLoop:
             roles=seq.roles[:, :p],
             hidden=hidden,
             attention=LLMAttention(q[:, :, :p], key[:, :, :p], valid, attn.scaling, keys_from_start),
-            position_ids=self._text_positions(seq.pos)[:, :p],
+            position_ids=self.text_positions(seq.pos)[:, :p],
             final_norm=self._lm.norm,
             layer_attention=layer_attention,
         )
@@ -300,7 +300,7 @@ class DecoderLoop:
         new_valid = torch.ones(b, q, dtype=torch.bool, device=device)
         if attention_mask is not None:
             new_valid = attention_mask[:, -q:].bool()
-        position_ids = self._decode_positions(position_ids, session.seen, b, q, device)
+        position_ids = self.decode_positions(position_ids, session.seen, b, q, device)
         hidden = self._lm.embed_tokens(input_ids)
         starts = {seg.start: seg for seg in session.segments}
         # Whether the new tokens are all valid: one read per step, and only while some segment's mask
@@ -325,7 +325,7 @@ class DecoderLoop:
                 layer,
                 hidden,
                 mask=mask,
-                position_ids=self._text_positions(pos),
+                position_ids=self.text_positions(pos),
                 position_embeddings=embeddings,
                 cache=cache,
             )

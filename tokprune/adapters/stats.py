@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ..keptmap import KeptMap, take_merges
 from ..stats import PruneStats
-from .features import VisionOut
+from .features import ImageFeatures
 
 __all__ = ["StatsRecorder"]
 
@@ -28,7 +28,7 @@ class StatsRecorder:
         layer_tokens: Tensor,
         layer_visual: Tensor,
         image_sample: Tensor,
-        features: VisionOut | None,
+        features: ImageFeatures | None,
         diagnostics: dict[str, Any],
         kept: tuple[dict[int, Tensor], dict[int, Tensor]] = ({}, {}),
     ) -> PruneStats:
