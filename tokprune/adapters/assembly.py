@@ -76,12 +76,16 @@ class Assembly:
             packed = keep.sum(dim=1) + torch.zeros_like(per_sample).index_add_(0, image_sample, e)
         else:
             packed = keep.sum(dim=1) + e * per_sample  # tokens of each sample after the assembly
-        bad_padding, tokens, total, most, width = torch.stack(
+        # An image's placeholders are one run: features spanning two runs (text between them) are several
+        # images read as one (a per-sample output taken for a per-image one), refused rather than merged.
+        first = torch.searchsorted(rank, ends - counts + 1).clamp_max(flat.numel() - 1)
+        bad_padding, tokens, total, most, width, spanning = torch.stack(
             [
                 right_padded.long(),
                 flat.sum(),
                 counts.sum(),
                 *(torch.stack([per_sample, packed]).amax(dim=1) if b else [flat.sum()] * 2),
+                (last - first + 1 != counts).sum(),
             ]
         ).tolist()
         _check_left_padded(bad_padding)
@@ -89,6 +93,12 @@ class Assembly:
             raise InputError(
                 f"Image features and image tokens do not match: tokens: {tokens}, "
                 f"features: {total} ({counts.numel()} images of {counts.tolist()} tokens)"
+            )
+        if spanning:
+            raise InputError(
+                f"{spanning} of {counts.numel()} images ({counts.tolist()} tokens) span placeholder runs with text "
+                "between them: the image features are not one row per image (a family reading a per-sample "
+                "output as per-image merges a sample's images; see Family.stock_features)"
             )
         embeds = embeds.masked_scatter(slot_keep[..., None], features.kept.to(embeds.dtype))
         # each kept placeholder's row in features.kept: both are in row-major placeholder order

@@ -140,11 +140,15 @@ class SmolVLMAdapter(Family):
 
 
 def tiny_smolvlm(
-    seed: int = 0, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32
+    seed: int = 0, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32, idefics3: bool = False
 ) -> tuple[nn.Module, Callable[..., dict[str, Tensor]]]:
-    """A random-weight tiny ``SmolVLMForConditionalGeneration`` (SigLIP 32 px / 4 px patches, pixel shuffle by 2:
-    16 tokens per image, Llama) and ``make_inputs`` (:func:`~._tiny.fixed_size_inputs`, ``[B, images, 3, 32, 32]``)."""
-    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
+    """A random-weight tiny ``SmolVLMForConditionalGeneration`` (``Idefics3ForConditionalGeneration`` with
+    ``idefics3``): SigLIP 32 px / 4 px patches, pixel shuffle by 2 (16 tokens per image), Llama; and
+    ``make_inputs`` (:func:`~._tiny.fixed_size_inputs`, ``pixel_values`` ``[B, images, 3, 32, 32]``)."""
+    import transformers
+
+    prefix = "Idefics3" if idefics3 else "SmolVLM"
+    config_cls, model_cls = (getattr(transformers, prefix + suffix) for suffix in ("Config", "ForConditionalGeneration"))
 
     vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
               "image_size": 32, "patch_size": 4, "initializer_range": 0.08}  # fmt: skip
@@ -152,8 +156,8 @@ def tiny_smolvlm(
             "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
             "max_position_embeddings": 512, "pad_token_id": VOCAB.pad, "bos_token_id": VOCAB.bos,
             "eos_token_id": VOCAB.eos, "initializer_range": 0.08}  # fmt: skip
-    config = SmolVLMConfig(vision_config=vision, text_config=text, image_token_id=VOCAB.image, scale_factor=2)
-    model = random_model(SmolVLMForConditionalGeneration, config, seed, attn_implementation, dtype)
+    config = config_cls(vision_config=vision, text_config=text, image_token_id=VOCAB.image, scale_factor=2)
+    model = random_model(model_cls, config, seed, attn_implementation, dtype)
     # HF initialises the tower's final LayerNorm to the identity, so every shuffled token would have the same
     # norm (a tie a norm-ranking strategy breaks by rounding): draw its affine part, as a trained model has one.
     norm, gen = model.model.vision_model.post_layernorm, torch.Generator().manual_seed(seed)
