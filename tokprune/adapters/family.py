@@ -34,6 +34,7 @@ docs/adapters.md ("Adding a family") walks through a complete one (SmolVLM).
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -143,13 +144,14 @@ class Family(PrunedDecoderAdapter):
 
     # -- the model's pieces ----------------------------------------------------------------------------------
 
+    @abc.abstractmethod
     def parts(self) -> FamilyParts:
         """The pieces of ``self.model`` the core drives; refuse here (an :class:`~tokprune.errors.UnsupportedModelError`
         from :func:`tokprune.hf_compat.refuse`) what the installed transformers lacks. Called once, at ``patch()``."""
-        raise NotImplementedError(f"{type(self).__name__}.parts")
 
     def check_pipeline(self) -> None:
-        """Refuse, at ``patch()``, a pipeline this model cannot run (naming what works); default: all run."""
+        """Refuse, at ``patch()``, a vision step this model cannot run (naming what works); called only when the
+        pipeline has one. Default: every step the core accepts runs."""
 
     def check_inputs(self, pixel_values: Tensor | None, options: ForwardOptions) -> None:
         """Refuse a call's inputs before anything runs (a missing ``image_sizes``, videos...); default: none."""

@@ -7,7 +7,8 @@ family's adapter class and returns a subclass with one bug of a kind an adapter 
     from tokprune.testing.mutants import MUTANTS, check_mutants
     check_mutants(MyAdapter)        # AssertionError naming any mutant the contract let through
 
-The mutants reach into the shared pruned decoder (:class:`~tokprune.adapters.decoder.PrunedDecoderAdapter`),
+The mutants reach into the core every family runs on (:class:`~tokprune.adapters.decoder.PrunedDecoderAdapter`,
+the base of :class:`tokprune.adapters.Family`; these are tokprune's own internals, not the family protocol),
 so they apply to any family built on it:
 
 * ``wrong_rows``: the adapter feeds the LLM the first ``k`` tokens of each image, not the ``k`` the plan chose;
