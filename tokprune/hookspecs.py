@@ -34,8 +34,10 @@ def register_strategies(register: Callable[..., None]) -> None:
 def register_adapters(register: Callable[..., None]) -> None:
     """Register model adapters.
 
-    Called once per plugin whenever the adapter registry is (re)built. Call ``register(AdapterClass)``
-    for each :class:`tokprune.adapters.ModelAdapter` subclass; its ``name`` (``[a-z][a-z0-9_]*``) must be
+    Called once per plugin whenever the adapter registry is (re)built. Call ``register(FamilyClass)`` for
+    each model family, a :class:`tokprune.adapters.Family` subclass (the public family protocol,
+    docs/adapters.md "Adding a family"; any :class:`tokprune.adapters.ModelAdapter` subclass is accepted);
+    its ``name`` (``[a-z][a-z0-9_]*``) must be
     unique across all plugins (else :class:`tokprune.errors.AdapterNameClash` naming both). ``patch``
     picks the one adapter whose ``matches(model)`` is true; several matching is an
     :class:`tokprune.errors.AmbiguousModelError` naming them.
