@@ -78,7 +78,8 @@ class EVS(PruningStrategy):
     whole (its first frame). A frame can lose all its tokens (a static frame): the budget is per video.
 
     Deviations: scores are computed in fp32 (vLLM computes in the embeddings' dtype, bf16 in practice);
-    ``keep`` (an absolute count per video) is ours. Diagnostics: ``scores`` ``[B, N]``, ``keep_count`` ``[B]``.
+    ``keep`` (an absolute count per video) is ours. Diagnostics: ``scores`` ``[B, N]``, ``keep_count`` ``[B]``,
+    ``keep_floor`` ``[B]`` (the first frame's tokens, kept whatever the budget).
     """
 
     name = "evs"
@@ -93,7 +94,8 @@ class EVS(PruningStrategy):
         scores = evs_scores(ctx.features, frames, ctx.token_valid)
         counts = evs_counts(ctx.token_counts, frames.tokens_per_frame.to(ctx.token_counts), p.keep, p.keep_ratio)
         keep = top_stable(scores, counts) & ctx.token_valid
-        return VisionPlan(keep=keep, diagnostics={"scores": scores, "keep_count": counts})
+        floor = frames.tokens_per_frame.to(counts).minimum(ctx.token_counts)  # the first frame, whatever the budget
+        return VisionPlan(keep=keep, diagnostics={"scores": scores, "keep_count": counts, "keep_floor": floor})
 
 
 def _frames(name: str, ctx: VisionContext) -> FrameLayout:

@@ -17,7 +17,9 @@ ALPHAS: tuple[float, ...] = tuple(2.0**k for k in range(-3, 2))
 
 @dataclass(frozen=True)
 class VidCom2Params:
-    keep: int | None = param(None, "tokens kept per video on average (base = keep / N); overrides keep_ratio", ge=1)
+    keep: int | None = param(
+        None, "tokens kept per video, exactly (base = keep / N, then vLLM's reconcile step); overrides keep_ratio", ge=1
+    )
     keep_ratio: float = param(
         0.25, "base retention ratio of each frame before the frame-uniqueness scaling (reference base_scale / R_RATIO)",
         gt=0, le=1,
@@ -142,9 +144,10 @@ class VidCom2(PruningStrategy):
 
     A "frame" is a temporal patch group (``ctx.frames``). Temporal: run on videos only (images pass whole),
     refused on families without video and under ``budget_scope="frame"``. Every frame keeps at least one
-    token. Deviations: ``keep`` (an absolute count, ``base = keep / N``) is ours; the reference scores all the
+    token. Deviations: ``keep`` (an exact count per video: ``base = keep / N``, then the reconcile step, at
+    least one token per frame) is ours; the reference scores all the
     videos of one call as one flattened tensor (its Qwen patch); here each video is scored on its own.
-    Diagnostics: ``keep_count`` ``[B]``, ``frame_budget`` ``[B, T]``.
+    Diagnostics: ``keep_count`` ``[B]``, ``frame_budget`` ``[B, T]``, ``keep_floor`` ``[B]`` (its frames).
     """
 
     name = "vidcom2"
@@ -163,9 +166,11 @@ class VidCom2(PruningStrategy):
         budgets = frame_budgets(video, frame_of, frames, base.to(video), p.temperature)
         score = (video + frame).masked_fill(~valid, float("inf"))
         keep = keep_lowest_per_frame(score, frame_of, budgets) & valid
-        if p.reconcile:
+        if p.reconcile or p.keep is not None:  # an absolute keep is exact: vLLM's step reaches it
             # vLLM: int(N * (1 - q)); an absolute keep is its own target
             target = n.clamp(max=p.keep) if p.keep is not None else torch.floor(n.double() * p.keep_ratio).long()
             target = torch.maximum(target, frames.counts.to(target))
             keep = reconcile(keep, score, valid, target)
-        return VisionPlan(keep=keep, diagnostics={"keep_count": keep.sum(dim=1), "frame_budget": budgets})
+        floor = frames.counts.to(n).minimum(n)  # one token per frame, whatever the budget
+        diagnostics = {"keep_count": keep.sum(dim=1), "frame_budget": budgets, "keep_floor": floor}
+        return VisionPlan(keep=keep, diagnostics=diagnostics)
