@@ -22,7 +22,10 @@ questions differ in length at every turn (left padding in turn one, padding in t
 
 from __future__ import annotations
 
+import re
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,9 +33,11 @@ from transformers import DynamicCache
 
 import tokprune
 from tokprune.adapters import _tiny
-from tokprune.adapters.call import IMAGE_INPUTS, CallState, GenerateCall
+from tokprune.adapters import loop as loop_module
+from tokprune.adapters.call import IMAGE_INPUTS, CallState, GenerateCall, _Session
 from tokprune.adapters.llava import tiny_llava
 from tokprune.adapters.qwen2_5_vl import tiny_qwen2_5_vl
+from tokprune.errors import InputError, UnsupportedModelError
 from tokprune.testing.models import tiny_text_encoder
 
 VOCAB = _tiny.VOCAB
@@ -225,3 +230,195 @@ def test_re_pruning_for_the_new_question_is_another_computation_and_fails_the_ch
     )
     with pytest.raises(AssertionError, match="differ"):
         check_conversation(model, handle, inputs, rerun)
+
+
+# -- wrong implementations the check must reject --------------------------------------------------------------
+
+
+_EXTEND = _Session.extend
+
+
+def _stale_extend(self, input_ids, valid, text_positions):
+    """The session forgets the decoding steps: it still stands for turn one's prompt only (stale state)."""
+    if not self.tokens:
+        _EXTEND(self, input_ids, valid, text_positions)
+
+
+def _hf_bookkeeping(self, original, named, input_ids, session):
+    """generate()'s own bookkeeping: the new tokens start at ``cache.get_seq_length()`` (the pruned length)."""
+    return original(**{k: v for k, v in named.items() if k not in IMAGE_INPUTS})
+
+
+@pytest.mark.parametrize("spec", ["divprune(keep_ratio=0.5)", "fastv(layer=2, keep_ratio=0.5)"])
+def test_a_stale_session_is_refused(monkeypatch, spec):
+    # a session that forgets the decoding steps would feed turn one's answer again on top of the cache
+    model, inputs, handle = setup("llava", spec)
+    monkeypatch.setattr(_Session, "extend", _stale_extend)
+    with pytest.raises(InputError, match="this pruned cache stands for"):
+        converse(model, handle, inputs)
+
+
+def test_a_later_turn_that_forgets_the_compacted_offset_passes_the_runtime_checks_and_fails_the_check(monkeypatch):
+    # pyramiddrop renumbers its survivors (positions=compact): decoding subtracts each segment's offset from
+    # the caller's positions. A later turn that resets the offsets (as if its tokens started a new prompt)
+    # gets every runtime check's approval (they read the caller's positions) and wrong answers.
+    model, inputs, handle = setup("llava", "pyramiddrop(layer=(1, 3), keep_ratio=(0.5, 0.25))")
+    decode = type(handle)._decode
+
+    def forgetful(self, input_ids, attention_mask, position_ids, cache):
+        if input_ids.shape[1] > 1:
+            for seg in self._sessions[cache].segments:
+                seg.shift = torch.zeros_like(seg.shift)
+        return decode(self, input_ids, attention_mask, position_ids, cache)
+
+    monkeypatch.setattr(type(handle), "_decode", forgetful)
+    conv = converse(model, handle, inputs)
+    monkeypatch.undo()
+    with pytest.raises(AssertionError, match="differ"):
+        check_conversation(model, handle, inputs, conv)
+
+
+def test_continuing_at_the_pruned_length_is_refused_and_fails_the_check(monkeypatch):
+    # A vision-stage cut leaves layer 0's cache shorter than the tokens it stands for: slicing there re-feeds
+    # part of the history. The runtime checks refuse it; with them off, the equivalence check rejects it.
+    model, inputs, handle = setup("llava", "divprune(keep_ratio=0.5)")
+    monkeypatch.setattr(type(handle), "_continue_conversation", _hf_bookkeeping)
+    with pytest.raises(InputError, match="attention_mask has .* columns, but this pruned cache stands for"):
+        converse(model, handle, inputs)
+    model, inputs, handle = setup("llava", "divprune(keep_ratio=0.5)")
+    monkeypatch.setattr(loop_module, "check_mask_width", lambda *args: None)
+    monkeypatch.setattr(loop_module, "check_positions_follow", lambda *args: None)
+    conv = converse(model, handle, inputs)
+    monkeypatch.undo()
+    with pytest.raises(AssertionError, match="differ"):
+        check_conversation(model, handle, inputs, conv)
+
+
+# -- bad input ---------------------------------------------------------------------------------------------------
+
+
+def turn_one(family="llava", spec="fastv(layer=2, keep_ratio=0.5)", seed=0):
+    model, inputs, handle = setup(family, spec, seed=seed)
+    cache = DynamicCache(config=model.config.get_text_config())
+    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=3, do_sample=False, pad_token_id=VOCAB.pad)
+    new = _tiny.left_padded([question_ids((11, 12)), question_ids((13,))])
+    turn = {
+        **inputs,
+        "input_ids": torch.cat([out, new["input_ids"]], 1),
+        "attention_mask": torch.cat(
+            [inputs["attention_mask"], torch.ones_like(out[:, inputs["input_ids"].shape[1] :]), new["attention_mask"]],
+            1,
+        ),
+    }
+    if "mm_token_type_ids" in inputs:
+        turn["mm_token_type_ids"] = image_types(turn["input_ids"])
+    return model, handle, cache, turn
+
+
+def later(model, cache, turn, **changes):
+    return model.generate(**{**turn, **changes}, past_key_values=cache, max_new_tokens=2, pad_token_id=VOCAB.pad)
+
+
+def test_a_cache_from_another_model_or_patch_is_refused():
+    model, handle, cache, turn = turn_one()
+    other, _, other_handle = setup("llava", "fastv(layer=2, keep_ratio=0.5)", seed=1)
+    with pytest.raises(UnsupportedModelError, match="not filled by this patched model's prefill"):
+        later(other, cache, turn)
+    handle.remove()  # the same model, patched again with another spec
+    tokprune.patch(model, "divprune(keep_ratio=0.5)", question_end=VOCAB.assistant_marker)
+    with pytest.raises(UnsupportedModelError, match="from another tokprune.patch of this one"):
+        later(model, cache, turn)
+    model, handle, _, turn = turn_one()  # a cache the unpatched model filled
+    handle.remove()
+    cache = DynamicCache(config=model.config.get_text_config())
+    model.generate(**turn, past_key_values=cache, max_new_tokens=1, pad_token_id=VOCAB.pad)
+    tokprune.patch(model, "fastv(layer=2, keep_ratio=0.5)", question_end=VOCAB.assistant_marker)
+    with pytest.raises(UnsupportedModelError, match="or from the unpatched model"):
+        model(input_ids=turn["input_ids"][:, -1:], past_key_values=cache)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_another_image_in_a_later_turn_is_refused(family):
+    model, handle, cache, turn = turn_one(family, "divprune(keep_ratio=0.5)")
+    with pytest.raises(InputError, match="pixel_values differs from the one this pruned cache was filled with"):
+        later(model, cache, turn, pixel_values=turn["pixel_values"].flip(0))
+    # a new image placeholder among the new tokens
+    ids = turn["input_ids"].clone()
+    ids[:, -3] = VOCAB.image
+    with pytest.raises(UnsupportedModelError, match="the new turn brings an image"):
+        later(
+            model, cache, turn, input_ids=ids, **({"mm_token_type_ids": image_types(ids)} if family != "llava" else {})
+        )
+    # nothing was consumed by the refusals: the same turn then runs
+    assert later(model, cache, turn).shape[1] == turn["input_ids"].shape[1] + 2
+
+
+def test_a_history_that_is_not_the_cached_one_is_refused():
+    model, handle, cache, turn = turn_one()
+    ids = turn["input_ids"].clone()
+    ids[1, -8] = 50  # an answer token re-tokenized differently
+    with pytest.raises(InputError, match=r"sample 1 differs at column \d+"):
+        later(model, cache, turn, input_ids=ids)
+    with pytest.raises(InputError, match="but the pruned cache already holds"):
+        later(model, cache, turn, input_ids=turn["input_ids"][:, :10], attention_mask=turn["attention_mask"][:, :10])
+    with pytest.raises(InputError, match="attention_mask has .* columns and input_ids"):
+        later(model, cache, turn, attention_mask=turn["attention_mask"][:, 1:])
+    with pytest.raises(InputError, match="attention_mask has .* columns, but this pruned cache stands for"):
+        model(input_ids=turn["input_ids"], attention_mask=turn["attention_mask"], past_key_values=cache)
+
+
+def test_stale_m_rope_offsets_are_refused_not_used():
+    # Qwen's generate() adds the M-RoPE offset the model kept from its last prompt: another conversation's
+    # turn one in between replaces it, and the positions of the new tokens would be shifted
+    model, handle, cache, turn = turn_one("qwen2_5_vl", "divprune(keep_ratio=0.5)")
+    _, make_inputs = tiny_qwen2_5_vl()
+    model.generate(**make_inputs((9, 2), seeds=(5, 6)), max_new_tokens=1, pad_token_id=VOCAB.pad)
+    with pytest.raises(InputError, match="positions must continue the cache"):
+        later(model, cache, turn)
+
+
+def test_the_new_tokens_only_form_equals_the_whole_conversation():
+    # HF's other form: input_ids are only the new tokens, the attention mask covers the history too
+    model, handle, cache, turn = turn_one()
+    width = cache.get_seq_length()
+    whole = later(model, cache, turn)
+    model, handle, cache, turn = turn_one()
+    seen = turn["input_ids"].shape[1] - 7  # the cache lacks turn one's last answer token, then the new question
+    new_only = later(model, cache, turn, input_ids=turn["input_ids"][:, seen:])
+    assert width > 0 and torch.equal(new_only, whole[:, seen:])
+
+
+# -- the documented example -----------------------------------------------------------------------------------
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "concepts.md"
+
+
+def test_the_documented_conversation_runs_and_equals_the_reference(capsys):
+    # docs/concepts.md "Conversations", run as written on the embedded trained model; then its three answers
+    # checked against the reference (one no-cache forward of the conversation with turn one's prompt as prompt)
+    block = re.search(r"## Conversations.*?```python\n(.*?)^```", DOC.read_text(), re.S | re.M)
+    assert block is not None
+    namespace: dict = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # past_key_values= on transformers >= 5.24
+        exec(compile(block.group(1), str(DOC), "exec"), namespace)  # noqa: S102 (our own docs)
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 3 and all("->" in line for line in printed)
+    model, handle, out, inputs = namespace["model"], namespace["handle"], namespace["out"], namespace["inputs"]
+    tokenizer = namespace["processor"].tokenizer
+    prompt_len = inputs["input_ids"].shape[1]
+    seq = out[:, :-1]
+    ref = reference_logits(
+        model,
+        handle,
+        {"input_ids": seq, "attention_mask": torch.ones_like(seq), "pixel_values": inputs["pixel_values"]},
+        prompt_len,
+    )[0].argmax(-1)
+    # every answer token (from each ASSISTANT: marker to its </s>) is the reference's greedy choice
+    marker = tokenizer("ASSISTANT:", add_special_tokens=False)["input_ids"]
+    tokens = out[0].tolist()
+    starts = [i + len(marker) for i in range(len(tokens)) if tokens[i : i + len(marker)] == marker]
+    assert len(starts) == 3
+    for start in starts:
+        end = tokens.index(tokenizer.eos_token_id, start) + 1
+        assert ref[start - 1 : end - 1].tolist() == tokens[start:end], tokenizer.decode(tokens[start:end])

@@ -27,7 +27,15 @@ from ..errors import InputError, InternalError
 if TYPE_CHECKING:
     from .decoder import PrunedDecoderAdapter
 
-__all__ = ["IMAGE_INPUTS", "CallState", "CaptureKey", "GenerateCall", "check_positions_follow", "check_same_images"]
+__all__ = [
+    "IMAGE_INPUTS",
+    "CallState",
+    "CaptureKey",
+    "GenerateCall",
+    "check_mask_width",
+    "check_positions_follow",
+    "check_same_images",
+]
 
 #: Keyword inputs that carry a prompt's images (every family's spelling). A later turn on a pruned cache
 #: may repeat them (a processor run on the whole conversation returns them again) but must not change them.
@@ -153,6 +161,16 @@ def check_same_images(session: _Session, given: dict[str, Any]) -> None:
                 "the first turn's kept image tokens, so its images must be the same; for another image start a new "
                 "conversation (an empty cache)"
             )
+
+
+def check_mask_width(session: _Session, attention_mask: Tensor | None, q: int) -> None:
+    """Refuse an ``attention_mask`` that does not cover the cached tokens (unpruned) and ``q`` new ones."""
+    if attention_mask is not None and attention_mask.shape[1] != session.seen + q:
+        raise InputError(
+            f"attention_mask has {attention_mask.shape[1]} columns, but this pruned cache stands for "
+            f"{session.seen} tokens (unpruned) and input_ids brings {q} new ones: the mask must cover both "
+            f"({session.seen + q} columns); pass only the tokens after the cached ones as input_ids"
+        )
 
 
 def check_positions_follow(session: _Session, text_positions: Tensor, new_valid: Tensor) -> None:

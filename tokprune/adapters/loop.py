@@ -29,6 +29,7 @@ from .call import (
     _generated_count,
     _Segment,
     _Session,
+    check_mask_width,
     check_positions_follow,
     check_same_images,
 )
@@ -317,12 +318,7 @@ class DecoderLoop:
         b, q = input_ids.shape
         if b != session.batch:
             raise UnsupportedModelError(f"batch size changed from {session.batch} to {b} while decoding")
-        if attention_mask is not None and attention_mask.shape[1] != session.seen + q:
-            raise InputError(
-                f"attention_mask has {attention_mask.shape[1]} columns, but this pruned cache stands for "
-                f"{session.seen} tokens (unpruned) and input_ids brings {q} new ones: the mask must cover both "
-                f"({session.seen + q} columns); pass only the tokens after the cached ones as input_ids"
-            )
+        check_mask_width(session, attention_mask, q)
         device = input_ids.device
         new_valid = torch.ones(b, q, dtype=torch.bool, device=device)
         if attention_mask is not None:
