@@ -36,12 +36,19 @@ from tokprune.adapters import _tiny
 from tokprune.adapters import loop as loop_module
 from tokprune.adapters.call import IMAGE_INPUTS, CallState, GenerateCall, _Session
 from tokprune.adapters.llava import tiny_llava
+from tokprune.adapters.llava_next import tiny_llava_next
 from tokprune.adapters.qwen2_5_vl import tiny_qwen2_5_vl
+from tokprune.adapters.qwen3_vl import tiny_qwen3_vl
 from tokprune.errors import InputError, UnsupportedModelError
 from tokprune.testing.models import tiny_text_encoder
 
 VOCAB = _tiny.VOCAB
-FAMILIES = {"llava": tiny_llava, "qwen2_5_vl": tiny_qwen2_5_vl}
+FAMILIES = {
+    "llava": tiny_llava,
+    "qwen2_5_vl": tiny_qwen2_5_vl,
+    "llava_next": tiny_llava_next,
+    "qwen3_vl": tiny_qwen3_vl,
+}
 #: Per family: a vision-stage strategy, LLM-stage ones (one layer, a schedule, DART), the reference method
 #: (Qwen's tower has no CLS token: its vision half is divprune) and the question-reading ones.
 SPECS = {
@@ -61,6 +68,9 @@ SPECS = {
         "divprune(keep_ratio=0.5)+text_interact",
     ],
 }
+# The other families: a vision cut and an LLM cut each (AnyRes tiles; Qwen3-VL's DeepStack features).
+SPECS["llava_next"] = ["divprune(keep_ratio=0.5)", "fastv(layer=2, keep_ratio=0.5)"]
+SPECS["qwen3_vl"] = ["divprune(keep_ratio=0.5)", "fastv(layer=2, keep_ratio=0.5)"]
 CASES = [(family, spec) for family, specs in SPECS.items() for spec in specs]
 #: The later turns' questions of the two conversations: lengths differ at every turn (middle padding).
 LATER_QUESTIONS = [[(11, 12, 13, 14), (21,)], [(31,), (41, 42, 43)]]
@@ -143,6 +153,8 @@ def sample_inputs(inputs, conv: Conversation, i: int, upto: torch.Tensor) -> dic
         )
     else:
         one["pixel_values"] = inputs["pixel_values"][i : i + 1]
+        if "image_sizes" in inputs:
+            one["image_sizes"] = inputs["image_sizes"][i : i + 1]
     return one
 
 
@@ -422,3 +434,22 @@ def test_the_documented_conversation_runs_and_equals_the_reference(capsys):
     for start in starts:
         end = tokens.index(tokenizer.eos_token_id, start) + 1
         assert ref[start - 1 : end - 1].tolist() == tokens[start:end], tokenizer.decode(tokens[start:end])
+
+
+def test_a_forward_continues_a_pruned_cache_as_generate_does():
+    # model(...) with only the new tokens, the mask over the history and them, and positions from the mask
+    model, handle, cache, turn = turn_one()
+    scores = model.generate(
+        **turn, past_key_values=cache, max_new_tokens=1, output_logits=True, return_dict_in_generate=True
+    ).logits[0]
+    model, handle, cache, turn = turn_one()
+    seen = turn["input_ids"].shape[1] - 7  # the cache lacks turn one's last answer token, then the new question
+    positions = (turn["attention_mask"].cumsum(-1) - 1).clamp(min=0)[:, seen:]
+    with torch.no_grad():
+        out = model(
+            input_ids=turn["input_ids"][:, seen:],
+            attention_mask=turn["attention_mask"],
+            position_ids=positions,
+            past_key_values=cache,
+        )
+    assert (out.logits[:, -1] - scores).abs().max().item() <= ATOL
