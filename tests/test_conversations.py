@@ -22,6 +22,7 @@ questions differ in length at every turn (left padding in turn one, padding in t
 
 from __future__ import annotations
 
+import copy
 import re
 import warnings
 from dataclasses import dataclass
@@ -453,3 +454,26 @@ def test_a_forward_continues_a_pruned_cache_as_generate_does():
             past_key_values=cache,
         )
     assert (out.logits[:, -1] - scores).abs().max().item() <= ATOL
+
+
+def test_a_copied_cache_branches_the_conversation():
+    # two later turns from one history: handle.copy_cache keeps what the patch knows; copy.deepcopy does not
+    model, handle, cache, turn = turn_one()
+    branch = handle.copy_cache(cache)
+    other = {**turn, "input_ids": turn["input_ids"].clone()}
+    other["input_ids"][:, -3] = 60  # another question on the branch
+    on_branch = later(model, branch, other)
+    on_cache = later(model, cache, turn)
+    model, handle, cache, turn = turn_one()
+    assert torch.equal(on_cache, later(model, cache, turn))  # the branch left the original as it was
+    model, handle, cache, turn = turn_one()
+    assert torch.equal(on_branch, later(model, cache, other))
+    with pytest.raises(UnsupportedModelError, match=r"handle.copy_cache\(cache\), not copy.deepcopy"):
+        later(model, copy.deepcopy(handle.copy_cache(cache)), turn)
+
+
+def test_a_later_turn_needs_the_cache_and_one_sequence_per_prompt():
+    model, handle, cache, turn = turn_one()
+    for bad in ({"use_cache": False}, {"num_return_sequences": 2, "do_sample": True}):
+        with pytest.raises(UnsupportedModelError, match="continuing a pruned cache"):
+            later(model, cache, turn, **bad)

@@ -16,7 +16,7 @@ cannot tell where the new tokens start), the position of the last one, and the p
 from __future__ import annotations
 
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -119,6 +119,13 @@ class _Session:
         self.valid.append(valid)
         self.last_position = text_positions[:, -1]
         self.seen += input_ids.shape[1]
+
+    def copy(self) -> _Session:
+        """An independent session for a copy of the cache (the tensors are never changed in place: shared)."""
+        segments = [replace(s) for s in self.segments]
+        return replace(
+            self, segments=segments, tokens=list(self.tokens), valid=list(self.valid), images=dict(self.images)
+        )
 
     def held(self) -> tuple[Tensor, Tensor]:
         """The unpruned token ids and validity the cache stands for, long and bool ``[B, seen]``."""

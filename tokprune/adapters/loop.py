@@ -11,6 +11,7 @@ and generate the same tokens.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 from typing import Any
 
@@ -364,6 +365,16 @@ class DecoderLoop:
             raise UnsupportedModelError(
                 "past_key_values was not filled by this patched model's prefill (a cache from another model, from "
                 "another tokprune.patch of this one, or from the unpatched model); a pruned cache can only be "
-                "continued by the patch that pruned it: run the whole conversation with an empty cache"
+                "continued by the patch that pruned it: run the whole conversation with an empty cache (a copy of "
+                "a pruned cache is known to the patch only when made by handle.copy_cache(cache), not copy.deepcopy)"
             )
         return session
+
+    def copy_cache(self, cache: Any) -> Any:
+        """A copy of a cache this patch filled, which the patch continues like the original: to branch a
+        conversation (two later turns from one history). ``copy.deepcopy(cache)`` copies the tensors but not
+        what the patch knows about them (each layer's kept positions, the unpruned history), so the patch
+        refuses to continue such a copy."""
+        copied = copy.deepcopy(cache)
+        self._sessions[copied] = self._session(cache).copy()
+        return copied
