@@ -21,7 +21,7 @@ from tokprune.adapters.qwen2_5_vl import check_mrope
 from tokprune.adapters.qwen2_5_vl import output_class as qwen25_output
 from tokprune.adapters.qwen3_vl import check_deepstack
 from tokprune.adapters.qwen3_vl import output_class as qwen3_output
-from tokprune.errors import UnsupportedModelError
+from tokprune.errors import InputError, UnsupportedModelError
 from tokprune.testing.models import tiny_llava
 
 
@@ -179,13 +179,15 @@ def test_pruned_output_carries_the_kept_image_features(tiny):
 
 
 @pytest.mark.parametrize("keyword", hf.CACHE_KEYWORDS)
-def test_generate_from_a_filled_cache_is_refused_under_either_keyword(tiny, keyword):
+def test_generate_reads_a_filled_cache_under_either_keyword(tiny, keyword):
+    # a filled cache is a conversation's history (tests/test_conversations.py): the same prompt again brings
+    # no new token, which is refused, whichever keyword carried the cache
     model, make_inputs = tiny
     inputs = make_inputs()
     with tokprune.pruned(model, "fastv") as run, torch.no_grad():
         cache = hf.output_cache(model(**inputs, use_cache=True))
         assert isinstance(cache, DynamicCache) and cache.get_seq_length() > 0
-        with pytest.raises(UnsupportedModelError, match="non-empty cache"):
+        with pytest.raises(InputError, match="the pruned cache already holds"):
             model.generate(**inputs, max_new_tokens=2, **{keyword: cache})
         assert run.active
 

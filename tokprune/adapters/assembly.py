@@ -77,15 +77,19 @@ class Assembly:
         else:
             packed = keep.sum(dim=1) + e * per_sample  # tokens of each sample after the assembly
         # An image's placeholders are one run: features spanning two runs (text between them) are several
-        # images read as one (a per-sample output taken for a per-image one), refused rather than merged.
+        # images read as one (a per-sample output taken for a per-image one), refused rather than merged. A
+        # video's may be several (Qwen3-VL puts a timestamp before each frame).
         first = torch.searchsorted(rank, ends - counts + 1).clamp_max(flat.numel() - 1)
+        split = last - first + 1 != counts
+        if features.videos is not None:
+            split &= ~features.videos
         bad_padding, tokens, total, most, width, spanning = torch.stack(
             [
                 right_padded.long(),
                 flat.sum(),
                 counts.sum(),
                 *(torch.stack([per_sample, packed]).amax(dim=1) if b else [flat.sum()] * 2),
-                (last - first + 1 != counts).sum(),
+                split.sum(),
             ]
         ).tolist()
         _check_left_padded(bad_padding)

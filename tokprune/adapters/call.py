@@ -7,21 +7,46 @@ layers, and ``generate`` calls our forward through transformers. A context varia
 per asyncio task), so two concurrent calls on one patched model never share state.
 
 A prefill leaves a :class:`_Session` (one :class:`_Segment` per run of layers between two pruning points)
-attached weakly to its cache, so decoding builds a mask sized to each segment's cache.
+attached weakly to its cache, so decoding builds a mask sized to each segment's cache. The session also
+holds what a later turn of a conversation is checked against (docs/concepts.md, "Conversations"): the
+unpruned tokens the cache stands for (a pruned cache is shorter than them, so ``cache.get_seq_length()``
+cannot tell where the new tokens start), the position of the last one, and the prefill's image inputs.
 """
 
 from __future__ import annotations
 
 from contextvars import ContextVar
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor
+
+from ..errors import InputError, InternalError
 
 if TYPE_CHECKING:
     from .decoder import PrunedDecoderAdapter
 
-__all__ = ["CallState", "CaptureKey", "GenerateCall"]
+__all__ = [
+    "IMAGE_INPUTS",
+    "CallState",
+    "CaptureKey",
+    "GenerateCall",
+    "check_mask_width",
+    "check_positions_follow",
+    "check_same_images",
+]
+
+#: Keyword inputs that carry a prompt's images (every family's spelling). A later turn on a pruned cache
+#: may repeat them (a processor run on the whole conversation returns them again) but must not change them.
+IMAGE_INPUTS = (
+    "pixel_values",
+    "image_sizes",
+    "image_grid_thw",
+    "pixel_values_videos",
+    "video_grid_thw",
+    "second_per_grid_ts",
+)
 
 #: Capture key: ``(stage "vision" | "llm", layer, "q" | "k")``.
 CaptureKey = tuple[str, int, str]
@@ -75,11 +100,38 @@ class _Segment:
 
 @dataclass
 class _Session:
-    """Bookkeeping one prefill leaves for decoding with its cache."""
+    """Bookkeeping one prefill leaves for decoding with its cache, and for a later turn continuing it."""
 
     segments: list[_Segment]
     seen: int  #: unpruned sequence length so far (for ``position_ids=None``, HF's arange convention)
     batch: int
+    #: the token ids the cache stands for, unpruned, as chunks ``[B, n_i]`` (the prefill's, then each decoding
+    #: step's; joined when a later turn reads them, so that a decoding step does not copy the history)
+    tokens: list[Tensor] = field(default_factory=list)
+    valid: list[Tensor] = field(default_factory=list)  #: bool chunks beside ``tokens``: not padding
+    last_position: Tensor | None = None  #: long ``[B]``: the caller's text position of the last token
+    #: the prefill's image inputs (:data:`IMAGE_INPUTS`), by reference: a later turn's must be equal
+    images: dict[str, Tensor] = field(default_factory=dict)
+
+    def extend(self, input_ids: Tensor, valid: Tensor, text_positions: Tensor) -> None:
+        """Record ``q`` more tokens held by the cache: ids long ``[B, q]``, bool ``[B, q]``, positions ``[B, q]``."""
+        self.tokens.append(input_ids)
+        self.valid.append(valid)
+        self.last_position = text_positions[:, -1]
+        self.seen += input_ids.shape[1]
+
+    def copy(self) -> _Session:
+        """An independent session for a copy of the cache (the tensors are never changed in place: shared)."""
+        segments = [replace(s) for s in self.segments]
+        return replace(
+            self, segments=segments, tokens=list(self.tokens), valid=list(self.valid), images=dict(self.images)
+        )
+
+    def held(self) -> tuple[Tensor, Tensor]:
+        """The unpruned token ids and validity the cache stands for, long and bool ``[B, seen]``."""
+        if len(self.tokens) > 1:
+            self.tokens, self.valid = [torch.cat(self.tokens, dim=1)], [torch.cat(self.valid, dim=1)]
+        return self.tokens[0], self.valid[0]
 
 
 def _generated_count(generate: GenerateCall | None, n: int) -> int:
@@ -87,3 +139,64 @@ def _generated_count(generate: GenerateCall | None, n: int) -> int:
     if generate is None or generate.use_cache or n <= generate.prompt_len:
         return 0
     return n - generate.prompt_len
+
+
+def check_same_images(session: _Session, given: dict[str, Any]) -> None:
+    """Refuse a later turn whose image inputs differ from those the cache was filled with.
+
+    A processor run on the whole conversation returns the images again; they are already in the cache
+    (pruned), so they are checked and not used. Pre-encoded features cannot be compared: refused.
+    """
+    if given.get("mm_encoder_outputs") is not None:
+        raise InputError(
+            "pre-encoded image features (mm_encoder_outputs) with a non-empty pruned cache: the images are already "
+            "in the cache; pass the conversation's pixel_values (they are checked) or none"
+        )
+    if given.get("pixel_values") is None and given.get("pixel_values_videos") is None:
+        return  # a decoding step (generate passes grids, never pixels, after the prefill): nothing to compare
+    for name in IMAGE_INPUTS:
+        value = given.get(name)
+        if value is None:
+            continue
+        held = session.images.get(name)
+        if held is value:
+            continue
+        if held is None or held.shape != value.shape or not torch.equal(held, value.to(held.device, held.dtype)):
+            raise InputError(
+                f"{name} differs from the one this pruned cache was filled with (cached: "
+                f"{None if held is None else tuple(held.shape)}, given: {tuple(value.shape)}): a later turn continues "
+                "the first turn's kept image tokens, so its images must be the same; for another image start a new "
+                "conversation (an empty cache)"
+            )
+
+
+def check_mask_width(session: _Session, attention_mask: Tensor | None, q: int) -> None:
+    """Refuse an ``attention_mask`` that does not cover the cached tokens (unpruned) and ``q`` new ones."""
+    if attention_mask is not None and attention_mask.shape[1] != session.seen + q:
+        raise InputError(
+            f"attention_mask has {attention_mask.shape[1]} columns, but this pruned cache stands for "
+            f"{session.seen} tokens (unpruned) and input_ids brings {q} new ones: the mask must cover both "
+            f"({session.seen + q} columns); pass only the tokens after the cached ones as input_ids"
+        )
+
+
+def check_positions_follow(session: _Session, text_positions: Tensor, new_valid: Tensor) -> None:
+    """Refuse new tokens whose first valid position (long ``[B, q]``) is not the cached last one plus one.
+
+    The caller's positions (``generate``'s come from the attention mask; Qwen's add the M-RoPE offset the
+    model kept from its last prompt) must continue the cached sequence; anything else would run silently
+    shifted. One host read per later turn, none per decoding step.
+    """
+    if session.last_position is None:
+        raise InternalError("a pruned cache's session has no last position")
+    first = new_valid.long().argmax(dim=1)  # the first valid new column of each sample
+    got = text_positions.gather(1, first[:, None])[:, 0]
+    want = session.last_position.to(got.device) + 1
+    bad = (got != want) & new_valid.any(dim=1)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise InputError(
+            f"the new tokens of sample {i} start at position {int(got[i])}, but the cached sequence ends at "
+            f"position {int(want[i]) - 1}: positions must continue the cache (pass position_ids that do, or none; "
+            "on Qwen-VL, a generate() on another prompt in between replaces the model's M-RoPE offset)"
+        )

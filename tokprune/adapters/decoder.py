@@ -38,6 +38,7 @@ from .assembly import Assembly
 from .call import _ACTIVE, CallState, CaptureKey, GenerateCall, _Session
 from .features import ImageFeatures, PrunedImageFeatures, VisionOut
 from .generate import SUPPORTED_MODES, GenerateChecks
+from .items import VisualItems
 from .loop import DecoderLoop
 from .roles import resolve_marker
 from .stats import StatsRecorder, _to_host
@@ -50,7 +51,7 @@ __all__ = ["CallState", "GenerateCall", "PrunedDecoderAdapter", "PrunedImageFeat
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
 
-class PrunedDecoderAdapter(DecoderLoop, Assembly, GenerateChecks, StatsRecorder, ModelAdapter):
+class PrunedDecoderAdapter(VisualItems, DecoderLoop, Assembly, GenerateChecks, StatsRecorder, ModelAdapter):
     """The core every family runs on; a family subclasses :class:`tokprune.adapters.Family`, which declares
     what it provides (``parts``, ``encode_images``, ``project``, ``positions``...). Nothing here is for a
     family to call or set, except the public attributes listed in :mod:`.family`."""
@@ -118,6 +119,8 @@ class PrunedDecoderAdapter(DecoderLoop, Assembly, GenerateChecks, StatsRecorder,
                 "use vision_positions='keep' and llm_positions='keep' (survivors keep their 3-D positions)"
             )
         step = self.pipeline.vision
+        if step is not None and step.temporal:
+            self._check_temporal(step)
         if self.variable_image_tokens and step is not None and not step.ragged_vision:
             from ..registry import available, describe
 
@@ -149,6 +152,22 @@ class PrunedDecoderAdapter(DecoderLoop, Assembly, GenerateChecks, StatsRecorder,
                     "model has no tokenizer saved with it; give ClipTextEncoder(..., decode=your_tokenizer.decode)"
                 )
         return frozenset(s.resolve(parts.tower.num_layers) for s in self.pipeline.requires())
+
+    def _check_temporal(self, step: PruningStrategy) -> None:
+        """Refuse a temporal vision step (it cuts across a video's frames) where there are no frames to cut
+        across: on a family without video, and under ``budget_scope="frame"`` (every row one frame)."""
+        from ._base import _families_with
+
+        if "frame" not in self.budget_scopes:
+            raise MissingCapabilityError(
+                f"{step.short_spec()} prunes across the frames of a video, and {self.name} takes no video"
+                f"{_families_with('frame')}"
+            )
+        if self.budget_scope == "frame":
+            raise StrategyParamError(
+                f"{step.short_spec()} sets its own budget across the frames of each video, so budget_scope='frame' "
+                "(one budget per frame) does not apply to it; use budget_scope='image' (the default: per video)"
+            )
 
     def _check_cls(self, tower_has_cls: bool) -> None:
         """Refuse a vision step reading CLS signals on a tower without a CLS token, naming what works.
@@ -207,23 +226,28 @@ class PrunedDecoderAdapter(DecoderLoop, Assembly, GenerateChecks, StatsRecorder,
         features = self._vision_stage(call, pixel_values, options)
         return features.for_generate(), features
 
-    def _stock_encode(self, pixel_values: Tensor, options: Mapping[str, object]) -> Any:
-        """The model's own ``get_image_features`` with the options it declares."""
-        fn = self._inner.get_image_features
-        params = {
+    def _stock_encode(
+        self, pixel_values: Tensor, options: Mapping[str, object], entry: str = "get_image_features"
+    ) -> Any:
+        """The model's own feature entry point (``get_image_features``, ``get_video_features``) with the options
+        it declares; the pixels go to its first parameter."""
+        fn = getattr(self._inner, entry)
+        params = [
             name
             for name, p in hf.parameters(fn).items()
             if p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
-        }
-        named = {k: v for k, v in options.items() if k in params and k not in ("pixel_values", "return_dict")}
-        return fn(pixel_values=pixel_values, **named, return_dict=True)
+        ]
+        named = {k: v for k, v in options.items() if k in params[1:] and k != "return_dict"}
+        return fn(**{params[0]: pixel_values}, **named, return_dict=True)
 
-    def _vision_stage(self, call: CallState, pixel_values: Tensor, options: Mapping[str, object]) -> ImageFeatures:
+    def _vision_stage(
+        self, call: CallState, pixel_values: Tensor, options: Mapping[str, object], video: bool = False
+    ) -> ImageFeatures:
         """The family's tower (its q/k captured), the vision step on its rows, the family's placement."""
         step = self.pipeline.vision
         call.capture = {}
         try:
-            images = self.encode_images(pixel_values, options)
+            images = self.encode_videos(pixel_values, options) if video else self.encode_images(pixel_values, options)
             captured = call.capture
         finally:
             call.capture = None
@@ -239,7 +263,9 @@ class PrunedDecoderAdapter(DecoderLoop, Assembly, GenerateChecks, StatsRecorder,
         )
         plan = self.plan_images(step, images, ctx)
         features = self.place_plan(images, plan)
-        features.diagnostics = {f"{step.name}.{k}": v for k, v in plan.diagnostics.items()}
+        # a prompt's videos report apart from its images (one step runs on both)
+        prefix = f"video.{step.name}" if images.video else step.name
+        features.diagnostics = {f"{prefix}.{k}": v for k, v in plan.diagnostics.items()}
         return features
 
     def tower_signals(
@@ -282,16 +308,19 @@ class PrunedDecoderAdapter(DecoderLoop, Assembly, GenerateChecks, StatsRecorder,
             )
         return tokenizer.decode(ids, skip_special_tokens=True)
 
-    def _pre_encoded(self, encoded: Any, options: Mapping[str, object]) -> tuple[Any, ImageFeatures]:
-        """Image features ``generate()`` encoded before the forward: ours (pruned) or, without a vision
-        step, the stock ones; stock features under a vision step would skip the pruning, so they are refused."""
+    def _pre_encoded(
+        self, encoded: Any, options: Mapping[str, object], video: bool = False
+    ) -> tuple[Any, ImageFeatures]:
+        """Image (or video) features ``generate()`` encoded before the forward: ours (pruned) or, without a
+        vision step, the stock ones; stock features under a vision step would skip the pruning, so they are
+        refused."""
         if isinstance(encoded, ImageFeatures):
             return encoded, encoded.vision_out()
         if self.pipeline.vision is not None:
             raise UnsupportedModelError(
                 "these image features were not computed by the patched model; pass pixel_values instead"
             )
-        return encoded, self.stock_features(encoded, options)
+        return encoded, (self.stock_video_features if video else self.stock_features)(encoded, options)
 
     # -- per-layer attention: asked of the family for every decoder layer ---------------------------------
 
@@ -337,21 +366,25 @@ class PrunedDecoderAdapter(DecoderLoop, Assembly, GenerateChecks, StatsRecorder,
 
         self._state.set_attribute(self.model, "generate", generate)
         if self.pipeline.vision is not None:
-            self._patch_image_features()
+            self._patch_entry("get_image_features", video=False)
+            if self.model_parts.video_token_id is not None:
+                self._patch_entry("get_video_features", video=True)
             self._hook_encoder_signals(self.model_parts.tower.layers)
         for k in self._llm_steps:
             q, key = hf.qk_modules(self._lm.layers[k - 1].self_attn)
             self._hook(q, ("llm", k - 1, "q"))
             self._hook(key, ("llm", k - 1, "k"))
 
-    def _patch_image_features(self) -> None:
-        """``get_image_features`` runs the vision stage, so that ``generate``'s pre-encoding prunes too; it
-        keeps the original's signature (``generate`` routes its keywords by it, through ``__wrapped__``)."""
-        original = self._inner.get_image_features
+    def _patch_entry(self, entry: str, video: bool) -> None:
+        """``entry`` (``get_image_features``, ``get_video_features``) runs the vision stage, so that
+        ``generate``'s pre-encoding prunes too; it keeps the original's signature (``generate`` routes its
+        keywords by it, through ``__wrapped__``); the pixels are its first parameter."""
+        original = getattr(self._inner, entry)
         signature = inspect.signature(original)
+        pixels = next(iter(signature.parameters))
 
         @functools.wraps(original)
-        def get_image_features(*args: Any, **kwargs: Any) -> ImageFeatures:
+        def features(*args: Any, **kwargs: Any) -> ImageFeatures:
             bound = signature.bind_partial(*args, **kwargs)
             options: dict[str, object] = {}
             for name, value in bound.arguments.items():
@@ -360,11 +393,11 @@ class PrunedDecoderAdapter(DecoderLoop, Assembly, GenerateChecks, StatsRecorder,
                     options.update(value)
                 elif kind != inspect.Parameter.VAR_POSITIONAL:
                     options[name] = value
-            pixel_values = options.pop("pixel_values")
+            pixel_values = options.pop(pixels)
             with self._active(CallState(self, self._outer_generate())) as call:
-                return self._vision_stage(call, pixel_values, options).for_generate()
+                return self._vision_stage(call, pixel_values, options, video).for_generate()
 
-        self._state.set_attribute(self._inner, "get_image_features", get_image_features)
+        self._state.set_attribute(self._inner, entry, features)
 
     def _hook_encoder_signals(self, encoder_layers: Sequence[nn.Module]) -> None:
         """Record q/k of the encoder layers whose signals the vision step declared (``self._signals``)."""

@@ -95,6 +95,9 @@ class FamilyParts:
     text_norm: nn.Module | None = None
     #: Whether ``output_class`` must have an image field (Qwen2.5-VL's lacked one before transformers 5.24).
     image_field: bool = True
+    #: The placeholder id of video tokens, for a family that takes video (``inner.get_video_features``,
+    #: ``pixel_values_videos``; :meth:`Family.encode_videos`); None: images only.
+    video_token_id: int | None = None
 
 
 @dataclass
@@ -116,6 +119,7 @@ class EncodedImages:
     #: Per decoder layer ``[I, L, D]`` rows added after that layer to the image tokens (DeepStack), gathered
     #: with the plan's keep mask; None: none.
     deepstack: Sequence[Tensor] | None = None
+    video: bool = False  #: the rows are videos (:meth:`Family.encode_videos`); diagnostics get a ``video.`` prefix
     #: The q/k the core captured on ``TowerSignals.layers`` while :meth:`Family.encode_images` ran, by
     #: ``(layer, "q" | "k")``: set by the core.
     qk: dict[tuple[int, str], Tensor] = field(default_factory=dict)
@@ -168,6 +172,19 @@ class Family(PrunedDecoderAdapter):
     def encode_images(self, pixel_values: Tensor, options: ForwardOptions) -> EncodedImages:
         """Run the tower on this call's images: one padded row per image, before the projector."""
         raise NotImplementedError(f"{type(self).__name__}.encode_images")
+
+    def encode_videos(self, pixel_values_videos: Tensor, options: ForwardOptions) -> EncodedImages:
+        """A family taking video (``FamilyParts.video_token_id``): the tower on this call's videos, one padded row
+        per video (``video=True``); the core joins them with the images in prompt order."""
+        raise NotImplementedError(f"{type(self).__name__}.encode_videos")
+
+    def stock_video_features(
+        self, encoded: hf.BaseModelOutputWithPooling, options: ForwardOptions
+    ) -> ImageFeatures:
+        """The model's own ``get_video_features`` output (no vision step) as keep-all features, one row per video."""
+        out = ImageFeatures.unpruned(encoded.pooler_output)
+        out.videos = torch.ones(out.keep.shape[0], dtype=torch.bool, device=out.keep.device)
+        return out
 
     def project(self, features: Tensor) -> Tensor:
         """The projector per token, ``[..., C] -> [..., D]``; default: the identity (features already in LLM space)."""

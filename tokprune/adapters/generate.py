@@ -1,5 +1,6 @@
-"""``generate()`` on a patched model: the modes it supports, checked before anything runs, and the
-``num_return_sequences`` expansion (:class:`GenerateChecks`, mixed into the pruned decoder)."""
+"""``generate()`` on a patched model: the modes it supports, checked before anything runs, the
+``num_return_sequences`` expansion and a later turn of a conversation continuing a pruned cache
+(:class:`GenerateChecks`, mixed into the pruned decoder)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,14 @@ import torch
 from torch import Tensor
 
 from .. import hf_compat as hf
-from ..errors import UnsupportedModelError
-from .call import _ACTIVE, CallState, GenerateCall
+from ..errors import InputError, UnsupportedModelError
+from .call import _ACTIVE, IMAGE_INPUTS, CallState, GenerateCall, _Session, check_same_images
 
 __all__ = ["SUPPORTED_MODES", "GenerateChecks"]
 
 SUPPORTED_MODES = ("greedy_search", "sample")
+#: Keywords generate() slices along the sequence with ``input_ids`` (cut to the new tokens with them).
+SEQUENCE_INPUTS = ("token_type_ids", "mm_token_type_ids", "moe_mm_token_type_ids")
 
 
 def _expand_return_sequences(arguments: dict, extra: dict, copies: int) -> tuple[tuple, dict]:
@@ -69,6 +72,14 @@ class GenerateChecks:
             )
         use_cache = config.use_cache if config.use_cache is not None else True
         copies = config.num_return_sequences or 1
+        cache = hf.cache_from_kwargs(model_kwargs)
+        if cache is not None and cache.get_seq_length() > 0:
+            if not use_cache or copies > 1:
+                raise UnsupportedModelError(
+                    "continuing a pruned cache (a later turn) needs use_cache=True and num_return_sequences=1 "
+                    f"(got use_cache={use_cache}, num_return_sequences={copies})"
+                )
+            return self._continue_conversation(original, {**arguments, **extra}, input_ids, self._session(cache))
         if copies > 1:
             args, kwargs = _expand_return_sequences(arguments, extra, copies)
         tensors = {k: v for k, v in kwargs.items() if isinstance(v, Tensor)}
@@ -104,8 +115,82 @@ class GenerateChecks:
         cache = hf.cache_from_kwargs(model_kwargs)
         if cache is not None:
             self._check_cache(cache)
-            if cache.get_seq_length() > 0:
-                raise unsupported("continuing from a non-empty cache (past_key_values)")
+
+    def _continue_conversation(self, original: Any, named: dict, input_ids: Tensor, session: _Session) -> Any:
+        """A later turn of a conversation: ``generate`` on a cache a pruned prefill filled (docs/concepts.md).
+
+        The cache is continued as it is: the new tokens attend to the first turn's kept tokens, and nothing
+        is pruned again (a strategy that reads the question read the first turn's). ``input_ids`` is the
+        whole conversation (the cached tokens, as the last ``generate`` returned them, then the new ones) or,
+        HF's other form, only the new tokens with an ``attention_mask`` covering both. A pruned cache holds
+        fewer positions than the tokens it stands for, so generate()'s own bookkeeping (the cached length is
+        ``cache.get_seq_length()``) would re-run part of the history: the new tokens are cut here from the
+        session's unpruned length, and the history is put back in front of the returned sequences.
+        """
+        key = "inputs" if named.get("inputs") is not None else "input_ids"
+        mask = named.get("attention_mask")
+        b, n = input_ids.shape
+        seen = session.seen
+        held, held_valid = session.held()
+        if b != session.batch:
+            raise InputError(f"the cache holds {session.batch} conversations, input_ids has {b} rows")
+        if mask is not None and mask.shape[1] == seen + n:  # only the new tokens; the mask covers the history too
+            history, new = None, input_ids
+            if not torch.equal(mask[:, :seen].bool(), held_valid):
+                raise InputError("attention_mask's first columns differ from the padding of the tokens the cache holds")
+        elif mask is None or mask.shape[1] == n:  # the whole conversation
+            if n <= seen:
+                raise InputError(
+                    f"input_ids has {n} tokens, but the pruned cache already holds {seen}: pass the whole conversation "
+                    "(the sequences the last generate() returned, then the new turn's tokens), or only the new tokens "
+                    f"with an attention_mask of {seen} + new columns"
+                )
+            history, new = input_ids[:, :seen], input_ids[:, seen:]
+            same = (history == held) | ~held_valid
+            if mask is not None:
+                same &= mask[:, :seen].bool() == held_valid
+            if not bool(same.all()):
+                row, col = (~same).nonzero()[0].tolist()
+                raise InputError(
+                    f"the conversation's first {seen} tokens must be the ones the pruned cache holds (the sequences "
+                    f"the last generate() returned, with their padding), but sample {row} differs at column {col} "
+                    f"(cache: {int(held[row, col])}, given: {int(history[row, col])}); re-tokenizing the history "
+                    "changes it: append the new turn's tokens to the returned sequences instead"
+                )
+            if mask is None:  # generate() derives the positions from the mask: it must cover the history
+                mask = torch.cat([held_valid.long(), torch.ones_like(new)], dim=1)
+        else:
+            raise InputError(
+                f"attention_mask has {mask.shape[1]} columns and input_ids {n}; continuing a pruned cache of {seen} "
+                f"tokens takes the whole conversation (mask and ids of equal width) or only the new tokens (a mask "
+                f"of {seen} + new columns)"
+            )
+        if bool((new == self._image_token_id).any()):
+            raise UnsupportedModelError(
+                "the new turn brings an image: a later turn on a pruned cache continues the first turn's kept image "
+                "tokens and cannot add images; put every image in the first turn, or run the whole conversation "
+                "with an empty cache (a fresh prefill prunes all of them)"
+            )
+        check_same_images(session, named)
+        named = {k: v for k, v in named.items() if k not in IMAGE_INPUTS}  # already in the cache, pruned
+        for name in SEQUENCE_INPUTS:
+            value = named.get(name)
+            if isinstance(value, Tensor) and value.shape[-1] == n and history is not None:
+                named[name] = value[..., seen:]
+        named[key] = new
+        named["attention_mask"] = mask
+        tensors = {k: v for k, v in named.items() if isinstance(v, Tensor)}
+        call = CallState(
+            self, GenerateCall(prompt_len=int(new.shape[1]), use_cache=True, prefilled=True, options=tensors)
+        )
+        with self._active(call):
+            out = original(**named)
+        if history is None:
+            return out
+        if isinstance(out, Tensor):
+            return torch.cat([history, out], dim=1)
+        out.sequences = torch.cat([history, out.sequences], dim=1)
+        return out
 
     @staticmethod
     def _check_cache(cache: Any) -> None:

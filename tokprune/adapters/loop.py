@@ -11,6 +11,7 @@ and generate the same tokens.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 from typing import Any
 
@@ -23,7 +24,16 @@ from ..keptmap import token_columns, token_present, token_slots
 from ..strategy import LLMAttention, LLMContext, PruningStrategy, TokenRole
 from ._seq import Seq, add_feature_rows, packed_width, token_roles
 from .assembly import _from_start, _scatter_back
-from .call import CallState, _generated_count, _Segment, _Session
+from .call import (
+    IMAGE_INPUTS,
+    CallState,
+    _generated_count,
+    _Segment,
+    _Session,
+    check_mask_width,
+    check_positions_follow,
+    check_same_images,
+)
 from .features import ImageFeatures
 
 __all__ = ["DecoderLoop"]
@@ -84,6 +94,11 @@ class DecoderLoop:
             self._check_cache(cache)
         encoded = None
         if cache is not None and cache.get_seq_length() > 0:
+            session = self._session(cache)
+            given = {"pixel_values": pixel_values, **kwargs}
+            if pre_encoded is not None:
+                given["mm_encoder_outputs"] = pre_encoded
+            check_same_images(session, given)
             hidden = self._decode(input_ids, attention_mask, position_ids, cache)
         else:
             if use_cache and cache is None:
@@ -102,6 +117,12 @@ class DecoderLoop:
                 features.cells = self.patch_cells(features, options)
             pos = self.positions(input_ids, attention_mask, position_ids, kwargs)
             hidden = self._prefill(call, input_ids, attention_mask, pos, cache if use_cache else None, features)
+            if use_cache and cache is not None:  # what a later turn of the conversation must repeat unchanged
+                images = {
+                    **options,
+                    "pixel_values": pixel_values if pixel_values is not None else options.get("pixel_values"),
+                }
+                self._sessions[cache].images = {k: images[k] for k in IMAGE_INPUTS if images.get(k) is not None}
         out = hf.model_output(
             self._output_class, last_hidden_state=hidden, cache=cache if use_cache else past, image_features=encoded
         )
@@ -192,7 +213,9 @@ class DecoderLoop:
             call.capture = None
         hidden = self._lm.norm(seq.hidden)
         if cache is not None:
-            self._sessions[cache] = _Session(segments=segments, seen=n, batch=b)
+            session = _Session(segments=segments, seen=0, batch=b)
+            session.extend(input_ids, valid, self.text_positions(pos))
+            self._sessions[cache] = session
         if call.generate is None or not call.generate.prefilled:
             seq_len = valid[:, :prompt_n].sum(dim=1)
             self._record(
@@ -286,21 +309,24 @@ class DecoderLoop:
     def _decode(
         self, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None, cache: Any
     ) -> Tensor:
-        """New tokens against the pruned cache: each segment gets a mask sized to its own cache."""
-        session = self._sessions.get(cache)
-        if session is None:
-            raise UnsupportedModelError(
-                "past_key_values was not filled by this patched model's prefill; run the prompt through the "
-                "patched model first (or pass an empty cache)"
-            )
+        """New tokens against the pruned cache: each segment gets a mask sized to its own cache.
+
+        ``input_ids`` ``[B, q]`` are the tokens after those the cache holds: one per decoding step, or a later
+        turn of a conversation (``q > 1``, see docs/concepts.md, "Conversations"); ``attention_mask``, if given,
+        covers the unpruned history and the new tokens (``[B, seen + q]``), as in HF.
+        """
+        session = self._session(cache)
         b, q = input_ids.shape
         if b != session.batch:
             raise UnsupportedModelError(f"batch size changed from {session.batch} to {b} while decoding")
+        check_mask_width(session, attention_mask, q)
         device = input_ids.device
         new_valid = torch.ones(b, q, dtype=torch.bool, device=device)
         if attention_mask is not None:
             new_valid = attention_mask[:, -q:].bool()
         position_ids = self.decode_positions(position_ids, session.seen, b, q, device)
+        if q > 1:  # a later turn: its first token must follow the cached ones (a stale offset would shift it)
+            check_positions_follow(session, self.text_positions(position_ids), new_valid)
         hidden = self._lm.embed_tokens(input_ids)
         starts = {seg.start: seg for seg in session.segments}
         # Whether the new tokens are all valid: one read per step, and only while some segment's mask
@@ -329,5 +355,26 @@ class DecoderLoop:
                 position_embeddings=embeddings,
                 cache=cache,
             )
-        session.seen += q
+        session.extend(input_ids, new_valid, self.text_positions(position_ids))
         return self._lm.norm(hidden)
+
+    def _session(self, cache: Any) -> _Session:
+        """The session of a cache this adapter's prefill filled; a clear error for any other cache."""
+        session = self._sessions.get(cache)
+        if session is None:
+            raise UnsupportedModelError(
+                "past_key_values was not filled by this patched model's prefill (a cache from another model, from "
+                "another tokprune.patch of this one, or from the unpatched model); a pruned cache can only be "
+                "continued by the patch that pruned it: run the whole conversation with an empty cache (a copy of "
+                "a pruned cache is known to the patch only when made by handle.copy_cache(cache), not copy.deepcopy)"
+            )
+        return session
+
+    def copy_cache(self, cache: Any) -> Any:
+        """A copy of a cache this patch filled, which the patch continues like the original: to branch a
+        conversation (two later turns from one history). ``copy.deepcopy(cache)`` copies the tensors but not
+        what the patch knows about them (each layer's kept positions, the unpruned history), so the patch
+        refuses to continue such a copy."""
+        copied = copy.deepcopy(cache)
+        self._sessions[copied] = self._session(cache).copy()
+        return copied

@@ -1,12 +1,17 @@
 """The Qwen2.5-VL family: HF ``Qwen2_5_VLForConditionalGeneration`` (dynamic resolution, M-RoPE).
 
 Shared with every family (:mod:`.decoder`): generate() checks, assembly, the pruned decoder loop, stats.
-This file knows only Qwen2.5-VL:
+This file knows only Qwen2.5-VL (through the public protocol, :class:`~tokprune.adapters.Family`):
 
 * the tower (window attention, then the patch merger) runs **unchanged**: the vision stage prunes the
   tokens the LLM sees, after the merger, per image (``image_grid_thw`` decides how many: ``t*h*w/4``).
   The tower has no CLS token, so only strategies reading no CLS signal and cutting per image run
   (refused at ``patch()`` otherwise, with the list of those that work). Budgets are per image;
+* videos (``pixel_values_videos`` + ``video_grid_thw``, ``second_per_grid_ts``) run the same tower through
+  the model's own ``get_video_features``; each video is one strategy row (its ``t`` frames of
+  ``h*w/4`` tokens, :class:`~tokprune.strategy.FrameLayout` in ``ctx.frames``), or one row per frame with
+  ``budget_scope="frame"``. Images and videos of one prompt are one list of visual items in prompt order
+  for the shared decoder (:mod:`.items`): the video placeholders are image placeholders to it;
 * positions are M-RoPE's three axes (temporal, height, width), long ``[B, L, 3]``, built by the model's
   own ``get_rope_index`` on the **unpruned** prompt: survivors keep their 3-D positions. ``compact``
   renumbering is refused (it is defined for 1-D positions);
@@ -15,8 +20,8 @@ This file knows only Qwen2.5-VL:
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import torch
@@ -25,11 +30,12 @@ from torch import Tensor, nn
 from .. import hf_compat as hf
 from ..errors import InputError, InternalError, UnsupportedModelError
 from ..keptmap import thw_cells
-from ..pipeline import Pipeline
 from ..stats import FlopModel, WindowedTower, kv_width, mlp_matrices
-from ..strategy import Signal, VisionContext, VisionSignals
+from ..strategy import FrameLayout, PruningStrategy, VisionContext, VisionPlan
 from ._tiny import VOCAB, TinyCase, left_padded, prompt_ids, random_model
-from .decoder import CallState, PrunedDecoderAdapter, PrunedImageFeatures, VisionOut
+from .family import EncodedImages, Family, FamilyParts, ForwardOptions, TowerSignals
+from .features import ImageFeatures
+from .video import frame_rows, rows_to_items
 
 __all__ = ["QWEN_GRIDS", "Qwen2_5_VLAdapter", "check_mrope", "mrope_index", "output_class", "tiny_qwen2_5_vl"]
 
@@ -73,21 +79,36 @@ def mrope_index(
     inner: nn.Module,
     input_ids: Tensor,
     mm_token_type_ids: Tensor,
-    image_grid_thw: Tensor,
+    image_grid_thw: Tensor | None,
     attention_mask: Tensor | None,
+    **videos: Tensor,
 ) -> Tensor:
     """The model's own 3-D (temporal, height, width) M-RoPE position ids, long ``[B, L, 3]``.
 
     ``get_rope_index`` returns ``[3, B, L]`` and per-sample deltas; tokprune keeps positions
     batch-first (the axis last) so that gathering kept tokens moves their three ids together.
+    ``videos``: ``video_grid_thw`` and (Qwen2.5-VL) ``second_per_grid_ts``, passed on where given.
     """
+    given = {k: v for k, v in videos.items() if v is not None}
     position_ids, _ = inner.get_rope_index(
-        input_ids, mm_token_type_ids=mm_token_type_ids, image_grid_thw=image_grid_thw, attention_mask=attention_mask
+        input_ids,
+        mm_token_type_ids=mm_token_type_ids,
+        image_grid_thw=image_grid_thw,
+        attention_mask=attention_mask,
+        **given,
     )
     return position_ids.permute(1, 2, 0).long()
 
 
-class Qwen2_5_VLAdapter(PrunedDecoderAdapter):
+@dataclass(kw_only=True)
+class QwenItems(EncodedImages):
+    """:class:`EncodedImages` of Qwen's tower: each item's merged tokens and its patch grid."""
+
+    items: list[Tensor]  #: one ``[N_i, D]`` per image or video (frame-major for a video)
+    grid: Tensor  #: long ``[I, 3]``: each item's ``(t, h, w)`` in patches
+
+
+class Qwen2_5_VLAdapter(Family):
     """HF ``Qwen2_5_VLForConditionalGeneration``: images of any size, no CLS, 3-D positions."""
 
     name = "qwen2_5_vl"
@@ -98,6 +119,7 @@ class Qwen2_5_VLAdapter(PrunedDecoderAdapter):
     min_transformers = "5.24.0"
     variable_image_tokens = True
     one_d_positions = False
+    budget_scopes = ("image", "frame")  # "frame": one budget per frame of a video (docs/video.md)
 
     @classmethod
     def mismatch(cls, model: nn.Module) -> str:
@@ -107,60 +129,41 @@ class Qwen2_5_VLAdapter(PrunedDecoderAdapter):
         return ""
 
     @classmethod
-    def tiny(cls, seed: int = 0, attn_implementation: str = "sdpa") -> Any:
-
+    def tiny(cls, seed: int = 0, attn_implementation: str = "sdpa") -> TinyCase:
         model, make_inputs = tiny_qwen2_5_vl(seed=seed, attn_implementation=attn_implementation)
         return TinyCase(model, make_inputs, pad_token_id=VOCAB.pad, question_end=VOCAB.assistant_marker)
 
-    def __init__(self, model: nn.Module, pipeline: Pipeline, **options: Any) -> None:
-        super().__init__(model, pipeline, **options)  # options: see tokprune.patch
-        self._inner = model.model
-        self._lm = self._inner.language_model
-        self._config = model.config
-        self._output_class = self._family_output_class()
-        self._check_features()
-        self._image_token_id = self._config.image_token_id
-        self._init_decoder()
-        self._check_cls(tower_has_cls=False)
-        vcfg = self._config.vision_config
-        self._merge = vcfg.spatial_merge_size**2  # patches per LLM token
-        self._tokens_per_image = 0  # no fixed count: image_grid_thw decides
+    def parts(self) -> FamilyParts:
+        self.inner = self.model.model
+        self.config = self.model.config
+        lm = self.inner.language_model
+        check_mrope(self.inner, lm)
+        vcfg = self.config.vision_config
         # The tower (window and full attention blocks, then the merger) is counted per image from its
-        # grid (VisionOut.tower_flops); the merger runs before pruning, so no projector term follows it.
-        self._tower_flops = WindowedTower.of(vcfg, self._inner.visual.blocks[0].mlp)
-        self._flops = FlopModel(
-            d=self._lm.config.hidden_size,
-            m=self._lm.config.intermediate_size,
+        # grid (ImageFeatures.tower_flops); the merger runs before pruning, so no projector term follows it.
+        self.tower_flops = WindowedTower.of(vcfg, self.inner.visual.blocks[0].mlp)
+        flops = FlopModel(
+            d=lm.config.hidden_size,
+            m=lm.config.intermediate_size,
             c=vcfg.hidden_size,
             mv=vcfg.intermediate_size,
-            vision_layers=0,  # counted by self._tower_flops instead
+            vision_layers=0,  # counted by self.tower_flops instead
             vision_tokens=0,
-            mlp_matrices=mlp_matrices(self._lm.layers[0].mlp),
-            kv_dim=kv_width(self._lm.config),
+            mlp_matrices=mlp_matrices(lm.layers[0].mlp),
+            kv_dim=kv_width(lm.config),
             projector_macs=0,
         )
-
-    @staticmethod
-    def _family_output_class() -> type:
-        return output_class()
-
-    def _check_features(self) -> None:
-        """Refuse (before anything is touched) what the installed transformers lacks for this family."""
-        hf.check_model(self._lm, self._output_class, image_field=False)  # no image field before 5.24
-        check_mrope(self._inner, self._lm)
-
-    def _install_family(self) -> None:
-        if self.pipeline.vision is None:
-            return
-        original = self._inner.get_image_features
-
-        @functools.wraps(original)  # generate() routes pixel_values and image_grid_thw by this signature
-        def get_image_features(pixel_values: Tensor, image_grid_thw: Tensor, *args: Any, **kwargs: Any) -> Any:
-            with self._active(CallState(self)) as call:
-                encoded = original(pixel_values, image_grid_thw, return_dict=True)
-                return PrunedImageFeatures.of(self._prune(call, encoded, image_grid_thw))
-
-        self._state.set_attribute(self._inner, "get_image_features", get_image_features)
+        return FamilyParts(
+            inner=self.inner,
+            language_model=lm,
+            image_token_id=self.config.image_token_id,
+            tokens_per_image=0,  # no fixed count: image_grid_thw decides
+            flops=flops,
+            output_class=output_class(),
+            tower=TowerSignals(heads=vcfg.num_heads, cls=False, depth=vcfg.depth),
+            image_field=False,  # no image field before 5.24
+            video_token_id=self.config.video_token_id,
+        )
 
     # -- positions: M-RoPE, [B, L, 3] ------------------------------------------------------------------
 
@@ -169,93 +172,164 @@ class Qwen2_5_VLAdapter(PrunedDecoderAdapter):
         """The caller's ``[4, B, L]`` (text + 3 axes, generate's) or ``[3, B, L]`` -> ``[B, L, 3]``."""
         return position_ids[-3:].permute(1, 2, 0).long()
 
-    def _positions(
-        self, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None, options: dict
+    def positions(
+        self, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None, options: ForwardOptions
     ) -> Tensor:
         if position_ids is not None and position_ids.dim() == 3:
             return self._axes(position_ids)
         grid, types = options.get("image_grid_thw"), options.get("mm_token_type_ids")
-        if position_ids is None and grid is not None and types is not None:
-            return mrope_index(self._inner, input_ids, types, grid, attention_mask)
+        videos = {k: options.get(k) for k in ("video_grid_thw", "second_per_grid_ts")}
+        if position_ids is None and (grid is not None or videos["video_grid_thw"] is not None) and types is not None:
+            return mrope_index(self.inner, input_ids, types, grid, attention_mask, **videos)
         # 1-D positions (the caller's, or no image): the rotary embedding repeats them on the three axes
-        return super()._positions(input_ids, attention_mask, position_ids, options)
+        return super().positions(input_ids, attention_mask, position_ids, options)
 
-    def _decode_positions(self, position_ids: Tensor | None, seen: int, b: int, q: int, device: torch.device) -> Tensor:
+    def decode_positions(self, position_ids: Tensor | None, seen: int, b: int, q: int, device: torch.device) -> Tensor:
         if position_ids is not None and position_ids.dim() == 3:
             return self._axes(position_ids)
-        if position_ids is None and getattr(self._inner, "rope_deltas", None) is not None:
+        if position_ids is None and getattr(self.inner, "rope_deltas", None) is not None:
             # what the stock model does: text positions shifted by each sample's M-RoPE delta
-            return torch.arange(seen, seen + q, device=device)[None, :] + self._inner.rope_deltas.to(device)
-        return super()._decode_positions(position_ids, seen, b, q, device)
+            return torch.arange(seen, seen + q, device=device)[None, :] + self.inner.rope_deltas.to(device)
+        return super().decode_positions(position_ids, seen, b, q, device)
 
-    def _rotary(self, hidden: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
-        return hf.rotary_embeddings(self._lm, hidden, pos.permute(2, 0, 1) if pos.dim() == 3 else pos)
+    def rotary(self, hidden: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
+        return super().rotary(hidden, pos.permute(2, 0, 1) if pos.dim() == 3 else pos)
 
-    def _text_positions(self, pos: Tensor) -> Tensor:
+    def text_positions(self, pos: Tensor) -> Tensor:
         return pos[..., 0] if pos.dim() == 3 else pos
 
-    def patch_cells(self, features: VisionOut, options: dict[str, Tensor]) -> Tensor | None:
+    def patch_cells(self, features: ImageFeatures, options: ForwardOptions) -> Tensor | None:
         """Merged ``2 x 2`` patches on each image's merged grid, frame ``t`` (:func:`tokprune.keptmap.thw_cells`)."""
-        grid = options.get("image_grid_thw")
+        grid = features.grid_thw if features.grid_thw is not None else options.get("image_grid_thw")
         if grid is None:
             return None
-        return thw_cells(grid, self._config.vision_config.spatial_merge_size)
+        return thw_cells(grid, self.config.vision_config.spatial_merge_size)
 
     # -- the vision stage -----------------------------------------------------------------------------
 
-    def _vision(
-        self, call: CallState, pixel_values: Tensor | None, encoded: Any, options: dict
-    ) -> tuple[Any, VisionOut | None]:
-        grid = options.get("image_grid_thw")  # kept in options: positions need it too
-        if options.get("pixel_values_videos") is not None or options.get("video_grid_thw") is not None:
-            raise UnsupportedModelError(
-                f"videos are not supported on a pruned {self.label} (images only); call handle.remove() to run them"
-            )
-        if encoded is not None:  # pre-encoded by generate() through get_image_features
-            return self._pre_encoded(encoded)
-        if pixel_values is None:
-            return None, None
-        if grid is None:
+    def check_inputs(self, pixel_values: Tensor | None, options: ForwardOptions) -> None:
+        if pixel_values is not None and options.get("image_grid_thw") is None:
             raise InputError(f"{self.label} needs image_grid_thw with pixel_values (the processor returns both)")
-        if self.pipeline.vision is None:
-            encoded = self._inner.get_image_features(pixel_values, grid, return_dict=True)
-            out = self._unpruned(encoded)
-            out.tower_runs = grid.prod(dim=-1)
-            out.tower_flops = self._tower_flops.flops(grid)
-            return encoded, out
-        # The original tower and merger (our own patched attribute is not called back).
-        original = type(self._inner).get_image_features.__get__(self._inner)
-        encoded = original(pixel_values, grid, return_dict=True)
-        out = self._prune(call, encoded, grid)
-        return PrunedImageFeatures.of(out), out
+        if options.get("pixel_values_videos") is not None and options.get("video_grid_thw") is None:
+            raise InputError(
+                f"{self.label} needs video_grid_thw with pixel_values_videos (the processor returns both)"
+            )
 
-    def _prune(self, call: CallState, encoded: Any, grid: Tensor) -> VisionOut:
-        """The strategy on each image's merged tokens (``encoded.pooler_output``: one ``[N_i, D]`` per image),
-        seen as one padded row per image with ``lengths``."""
-        step = self.pipeline.vision
-        if step is None:
-            raise InternalError("the vision stage ran without a vision step")
-        per_image: Sequence[Tensor] = encoded.pooler_output
-        features = torch.nn.utils.rnn.pad_sequence(list(per_image), batch_first=True)  # [I, L, D]
-        lengths = torch.tensor([p.shape[0] for p in per_image], device=features.device)
+    def stock_features(self, encoded: hf.BaseModelOutputWithPooling, options: ForwardOptions) -> ImageFeatures:
+        return self._whole(encoded, options.get("image_grid_thw"))
 
-        def fetch(signal: Signal) -> Any:  # unreachable: CLS-reading strategies are refused at patch()
-            raise UnsupportedModelError(f"{self.label}'s tower provides no {signal}")
+    def stock_video_features(
+        self, encoded: hf.BaseModelOutputWithPooling, options: ForwardOptions
+    ) -> ImageFeatures:
+        out = self._whole(encoded, options.get("video_grid_thw"))
+        out.videos = torch.ones(out.keep.shape[0], dtype=torch.bool, device=out.keep.device)
+        return out
 
-        vcfg = self._config.vision_config
-        signals = VisionSignals(fetch, vcfg.depth, vcfg.num_heads, declared=frozenset(), lengths=lengths)
-        plan = step(VisionContext(features=features, signals=signals, lengths=lengths))
-        chosen = plan.features if plan.features is not None else features
-        diagnostics = {f"{step.name}.{k}": v for k, v in plan.diagnostics.items()}
-        return VisionOut(
-            chosen[plan.keep],
-            plan.keep,
-            plan.extra,
-            diagnostics,
-            lengths=lengths,
+    def _whole(self, encoded: hf.BaseModelOutputWithPooling, grid: object) -> ImageFeatures:
+        """The model's own items, kept whole, with their tower cost and grid where the grid is given."""
+        out = ImageFeatures.unpruned(encoded.pooler_output)
+        if isinstance(grid, Tensor):
+            out.tower_runs, out.tower_flops, out.grid_thw = grid.prod(dim=-1), self.tower_flops.flops(grid), grid
+        out.deepstack = self.deepstack_rows(encoded, padded=False)
+        return out
+
+    def encode_images(self, pixel_values: Tensor, options: ForwardOptions) -> QwenItems:
+        """The tower and merger unchanged (the class's ``get_image_features``: our own patched attribute is not
+        called back); each image's merged tokens (one ``[N_i, D]`` each) as one padded row with ``lengths``."""
+        grid = options["image_grid_thw"]
+        encoded = type(self.inner).get_image_features(self.inner, pixel_values, grid, return_dict=True)
+        return self._items(encoded, grid, video=False)
+
+    def encode_videos(self, pixel_values_videos: Tensor, options: ForwardOptions) -> QwenItems:
+        """The stock ``get_video_features`` (the class's), one padded row per video (its frames in turn)."""
+        grid = options["video_grid_thw"]
+        return self._items(self.video_features(pixel_values_videos, grid), grid, video=True)
+
+    def video_features(self, pixel_values_videos: Tensor, grid: Tensor) -> hf.BaseModelOutputWithPooling:
+        """The tower on videos (Qwen2.5-VL: the class's ``get_video_features``)."""
+        return type(self.inner).get_video_features(self.inner, pixel_values_videos, grid, return_dict=True)
+
+    def _items(self, encoded: hf.BaseModelOutputWithPooling, grid: Tensor, video: bool) -> QwenItems:
+        items = list(encoded.pooler_output)
+        features = torch.nn.utils.rnn.pad_sequence(items, batch_first=True)  # [I, L, D]
+        return QwenItems(
+            features,
+            lengths=torch.tensor([p.shape[0] for p in items], device=features.device),
             tower_runs=grid.prod(dim=-1),
-            tower_flops=self._tower_flops.flops(grid),
+            tower_flops=self.tower_flops.flops(grid),
+            deepstack=self.deepstack_rows(encoded, padded=True),
+            video=video,
+            items=items,
+            grid=grid,
+        )
+
+    def deepstack_rows(self, encoded: hf.BaseModelOutputWithPooling, padded: bool) -> list[Tensor] | None:
+        """Rows the LLM adds to the image tokens after its first layers (Qwen3-VL's DeepStack); none here."""
+        return None
+
+    def _frame_rows(self, images: QwenItems) -> tuple[FrameLayout, list[Tensor] | None, Tensor, Tensor]:
+        """The strategy rows' frame layout and, with ``budget_scope="frame"`` on videos, the rows themselves
+        (one per frame of each video, :func:`~.video.frame_rows`) with each row's item and first token."""
+        device = images.features.device
+        frames = images.grid[:, 0].to(device)
+        merged = (images.grid[:, 1:] // self.config.vision_config.spatial_merge_size).to(device)  # (rows, cols)
+        if images.video and self.budget_scope == "frame":
+            rows, row_item, row_offset = frame_rows(images.items, frames)
+            return FrameLayout(torch.ones_like(row_item), merged[row_item]), rows, row_item, row_offset
+        return FrameLayout(frames, merged), None, frames, frames
+
+    def plan_images(self, step: PruningStrategy, images: EncodedImages, ctx: VisionContext) -> VisionPlan:
+        """Each item one row with its frame layout (``ctx.frames``), or one row per frame of a video with
+        ``budget_scope="frame"``; a temporal step (EVS, VidCom2) leaves images whole (vLLM's
+        ``--video-pruning-rate``)."""
+        if not isinstance(images, QwenItems):
+            raise InternalError(f"{self.label}'s plan made on images it did not encode ({type(images).__name__})")
+        if step.temporal and not images.video:
+            return VisionPlan(keep=ctx.token_valid)
+        layout, rows, _, _ = self._frame_rows(images)
+        if rows is None:
+            return step(replace(ctx, frames=layout))
+        features = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)  # [R, L, D]
+        lengths = torch.tensor([p.shape[0] for p in rows], device=features.device)
+        signals = self.tower_signals(images, None, lengths)
+        return step(VisionContext(features=features, signals=signals, lengths=lengths, frames=layout))
+
+    def place_plan(self, images: EncodedImages, plan: VisionPlan) -> ImageFeatures:
+        """The kept merged tokens (no projector: the merger ran in the tower), a per-frame plan mapped back to
+        its videos, each item's grid and kind."""
+        if not isinstance(images, QwenItems):
+            raise InternalError(f"{self.label}'s plan placed on images it did not encode ({type(images).__name__})")
+        step = self.pipeline.vision
+        if step is not None and step.temporal and not images.video:  # images pass whole
+            out = ImageFeatures.unpruned(images.items)
+            out.tower_runs, out.tower_flops, out.grid_thw = images.tower_runs, images.tower_flops, images.grid
+            if images.deepstack is not None:
+                out.deepstack = [rows[out.keep] for rows in images.deepstack]
+            return out
+        _, rows, row_item, row_offset = self._frame_rows(images)
+        features = images.features
+        keep = plan.keep
+        if rows is not None:
+            if plan.extra is not None:
+                raise UnsupportedModelError(
+                    f"{step.short_spec()} adds extra tokens per row, which budget_scope='frame' would multiply by "
+                    "the frames of a video; use budget_scope='image' (per video) with it"
+                )
+            features = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
+            keep = rows_to_items(keep, row_item, row_offset, len(images.items), images.features.shape[1])
+        chosen = plan.features if plan.features is not None else features
+        device = images.features.device
+        return ImageFeatures(
+            kept=chosen[plan.keep],  # row-major: a video's frame rows are consecutive, so item-major raster order
+            keep=keep,
+            extra=plan.extra,
             extra_valid=plan.extra_valid,
+            lengths=images.lengths,
+            tower_runs=images.tower_runs,
+            tower_flops=images.tower_flops,
+            deepstack=None if images.deepstack is None else [rows[keep] for rows in images.deepstack],
+            grid_thw=images.grid,
+            videos=torch.full((len(images.items),), images.video, dtype=torch.bool, device=device),
         )
 
 

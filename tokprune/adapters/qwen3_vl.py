@@ -7,7 +7,7 @@ model's own rotary embedding, which interleaves the three axes in Qwen3-VL). Wha
 * **DeepStack**: the tower also returns merged features of some intermediate vision layers, one
   ``[N_i, D]`` per image and layer ``j``; the stock LLM adds layer ``j``'s to the hidden states of the
   image tokens after decoder layer ``j``. Here each is gathered with the vision stage's keep mask (the
-  rows of the kept tokens, in the order of ``VisionOut.kept``), and the shared decoder adds row ``r``
+  rows of the kept tokens, in the order of ``ImageFeatures.kept``), and the shared decoder adds row ``r``
   to whichever position holds image row ``r`` at that layer (:func:`~tokprune.adapters._seq.add_feature_rows`),
   so an LLM-stage step before a DeepStack layer leaves the additions on the surviving image tokens.
   Extra tokens a strategy inserts come from no patch and get none; merged features (``plan.features``)
@@ -18,21 +18,21 @@ model's own rotary embedding, which interleaves the three axes in Qwen3-VL). Wha
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
 
 from .. import hf_compat as hf
 from ._tiny import VOCAB, TinyCase
-from .decoder import CallState, VisionOut
+from .family import FamilyParts
 from .qwen2_5_vl import Qwen2_5_VLAdapter, _qwen_model, _qwen_text_config, _qwen_token_ids
 
 __all__ = ["QWEN3_DEEPSTACK", "Qwen3VLAdapter", "check_deepstack", "output_class", "tiny_qwen3_vl"]
 
 
-def _per_image_rows(per_layer: Any) -> list[Tensor]:
+def _per_image_rows(per_layer: Sequence[Sequence[Tensor]]) -> list[Tensor]:
     """Stock ``deepstack_features`` (per layer: one ``[N_i, D]`` per image) as one padded ``[I, L, D]`` per layer."""
     return [torch.nn.utils.rnn.pad_sequence(list(images), batch_first=True) for images in per_layer]
 
@@ -66,29 +66,26 @@ class Qwen3VLAdapter(Qwen2_5_VLAdapter):
     min_transformers = "5.24.0"  # the release verified (the contract and tests/test_adapter_qwen3_vl.py)
 
     @classmethod
-    def tiny(cls, seed: int = 0, attn_implementation: str = "sdpa") -> Any:
-
+    def tiny(cls, seed: int = 0, attn_implementation: str = "sdpa") -> TinyCase:
         model, make_inputs = tiny_qwen3_vl(seed=seed, attn_implementation=attn_implementation)
         return TinyCase(model, make_inputs, pad_token_id=VOCAB.pad, question_end=VOCAB.assistant_marker)
 
-    @staticmethod
-    def _family_output_class() -> type:
-        return output_class()
+    def parts(self) -> FamilyParts:
+        parts = super().parts()
+        check_deepstack(self.inner)
+        return replace(parts, output_class=output_class())
 
-    def _check_features(self) -> None:
-        super()._check_features()
-        check_deepstack(self._inner)
+    def video_features(self, pixel_values_videos: Tensor, grid: Tensor) -> hf.BaseModelOutputWithPooling:
+        # Qwen3-VL's get_video_features calls self.get_image_features, which is our patched attribute: call
+        # the class's image path directly (the same tower and mergers, per frame)
+        return type(self.inner).get_image_features(self.inner, pixel_values_videos, grid, return_dict=True)
 
-    def _unpruned(self, encoded: Any) -> VisionOut:
-        out = super()._unpruned(encoded)
-        out.deepstack = [torch.cat(list(images)) for images in encoded.deepstack_features]
-        return out
-
-    def _prune(self, call: CallState, encoded: Any, grid: Tensor) -> VisionOut:
-        out = super()._prune(call, encoded, grid)
-        # the same keep mask on the same padded [I, L] layout as the merged tokens: rows align with out.kept
-        out.deepstack = [rows[out.keep] for rows in _per_image_rows(encoded.deepstack_features)]
-        return out
+    def deepstack_rows(self, encoded: hf.BaseModelOutputWithPooling, padded: bool) -> list[Tensor] | None:
+        """Per DeepStack layer: ``[I, L, D]`` padded like the merged tokens (gathered with the plan's keep mask on
+        the same layout, so rows align with the kept ones), or the items' rows joined, ``[S, D]`` (``padded=False``)."""
+        if padded:
+            return _per_image_rows(encoded.deepstack_features)
+        return [torch.cat(list(images)) for images in encoded.deepstack_features]
 
 
 # -- the tiny case -----------------------------------------------------------------------------------------
