@@ -390,12 +390,14 @@ def test_stale_m_rope_offsets_are_refused_not_used():
         later(model, cache, turn)
 
 
-def test_the_new_tokens_only_form_equals_the_whole_conversation():
-    # HF's other form: input_ids are only the new tokens, the attention mask covers the history too
-    model, handle, cache, turn = turn_one()
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_the_new_tokens_only_form_equals_the_whole_conversation(family):
+    # HF's other form: input_ids are only the new tokens, the attention mask (and Qwen's token types, as a
+    # processor returns them) cover the history too
+    model, handle, cache, turn = turn_one(family, "divprune(keep_ratio=0.5)")
     width = cache.get_seq_length()
     whole = later(model, cache, turn)
-    model, handle, cache, turn = turn_one()
+    model, handle, cache, turn = turn_one(family, "divprune(keep_ratio=0.5)")
     seen = turn["input_ids"].shape[1] - 7  # the cache lacks turn one's last answer token, then the new question
     new_only = later(model, cache, turn, input_ids=turn["input_ids"][:, seen:])
     assert width > 0 and torch.equal(new_only, whole[:, seen:])
