@@ -17,6 +17,7 @@ from .cls_knee import ClsKnee
 from .dart import Dart
 from .divprune import DivPrune
 from .downsample import Downsample
+from .evs import EVS
 from .fastv import FastV
 from .prumerge import PruMerge
 from .prumerge_plus import PruMergePlus
@@ -24,6 +25,7 @@ from .pyramiddrop import PyramidDrop
 from .random import Random
 from .text_interact import TextInteract
 from .topk import TopK
+from .vidcom2 import VidCom2
 from .vispruner import VisPruner
 
 __all__ = [
@@ -33,6 +35,7 @@ __all__ = [
     "Dart",
     "DivPrune",
     "Downsample",
+    "EVS",
     "FastV",
     "PruMerge",
     "PruMergePlus",
@@ -40,6 +43,7 @@ __all__ = [
     "Random",
     "TextInteract",
     "TopK",
+    "VidCom2",
     "VisPruner",
 ]
 
@@ -57,6 +61,8 @@ BUILTINS = (
     VisPruner,
     CDPruner,
     Downsample,
+    EVS,
+    VidCom2,
 )
 
 

@@ -9,7 +9,7 @@ import tokprune
 from tokprune import Pipeline
 from tokprune import hf_compat as hf
 from tokprune.adapters.qwen2_5_vl import Qwen2_5_VLAdapter, mrope_index
-from tokprune.errors import MissingCapabilityError, StrategyParamError, UnsupportedModelError
+from tokprune.errors import InputError, MissingCapabilityError, StrategyParamError, UnsupportedModelError
 from tokprune.testing.adapters import _RecordVisionNorm
 from tokprune.testing.models import VOCAB, tiny_qwen2_5_vl, tiny_qwen3_vl
 
@@ -73,7 +73,8 @@ def test_pruning_lowers_the_prompt_the_llm_sees_and_generate_keeps_its_contract(
     assert torch.equal(s.image_tokens, (x["input_ids"] == VOCAB.image).sum(1))  # 6, 8, 4: from image_grid_thw
     assert torch.equal(s.image_kept, (s.image_tokens.double() * 0.25 + 0.5).floor().long().clamp(min=1))
     assert (s.flops_pruned < s.flops_unpruned).all()
-    with tokprune.pruned(model, "fastv"), pytest.raises(UnsupportedModelError, match="videos are not supported"):
+    # video pixels without video placeholders: refused, naming both counts (tests/test_video.py runs videos)
+    with tokprune.pruned(model, "fastv"), pytest.raises(InputError, match="video tokens do not match: tokens: 0"):
         model(**x, pixel_values_videos=x["pixel_values"], video_grid_thw=x["image_grid_thw"])
 
 

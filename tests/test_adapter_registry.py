@@ -9,6 +9,7 @@ import types
 import warnings
 
 import pytest
+from _families import FAMILY_PARAMS
 
 import tokprune
 from tokprune import _plugins, cli, hookimpl
@@ -56,7 +57,7 @@ def test_a_second_adapter_with_a_family_name_is_refused_naming_both_plugins(fami
     assert "TOKPRUNE_BLOCK_PLUGINS=" in text and isinstance(err.value, ValueError)
 
 
-@pytest.mark.parametrize("family", FAMILIES, ids=[cls.name for cls in FAMILIES])
+@pytest.mark.parametrize("family", FAMILY_PARAMS)
 def test_two_adapters_matching_one_model_are_refused_naming_both(family):
     rival = type("Rival", (family,), {"name": f"{family.name}_rival"})
     case = tiny_case(family)

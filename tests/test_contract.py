@@ -60,6 +60,12 @@ VARIANTS: dict[str, list[str]] = {
         "dart(pivot_order=norm, layer=4, merge=true)",
         "dart(keep=3, merge=true, pivot_text=2)",
     ],
+    "evs": ["evs(keep=20)", "evs(keep=3)", "evs(keep_ratio=0.5)", "evs(keep_ratio=1.0)"],
+    "vidcom2": [
+        "vidcom2(keep=20)",
+        "vidcom2(keep_ratio=0.5, reconcile=true)",
+        "vidcom2(keep_ratio=0.1, low_var_ratio=1.0, temperature=0.5)",
+    ],
     "pyramiddrop": [
         "pyramiddrop(layer=(2, 3, 5), keep_ratio=(0.5, 0.25, 0.125))",
         "pyramiddrop(layer=(2), keep_ratio=(0.3), query=question)",

@@ -13,6 +13,7 @@ from .hookspecs import hookimpl
 from .params import NoParams, param
 from .pipeline import Pipeline
 from .strategy import (
+    FrameLayout,
     LLMAttention,
     LLMContext,
     LLMPlan,
@@ -29,6 +30,7 @@ from .strategy import (
 )
 
 __all__ = [
+    "FrameLayout",
     "LLMAttention",
     "LLMContext",
     "LLMPlan",

@@ -232,6 +232,14 @@ class PruneStats:
     #: Which patches each stage kept, as cells of each image's patch grid (:class:`tokprune.keptmap.KeptMap`);
     #: None for a prefill without images.
     kept: KeptMap | None = None
+    #: long ``[I]``: frames of each item (temporal patch groups of 2 video frames on Qwen; 1 for an image),
+    #: where the family has frames (Qwen2.5-VL, Qwen3-VL); None otherwise.
+    image_frames: Tensor | None = None
+    #: bool ``[I]``: which items are videos; None where the family takes no video.
+    image_video: Tensor | None = None
+    #: long ``[I, T]``: tokens of each frame the vision stage kept (0 past an item's own frames); None
+    #: where the family has no frames.
+    frame_kept: Tensor | None = None
 
     @property
     def flops_fastv_ratio(self) -> Tensor | None:

@@ -42,6 +42,7 @@ __all__ = [
     "VisionContext",
     "VisionPlan",
     "VisionSignals",
+    "FrameLayout",
     "droppable_roles",
     "kept_roles",
 ]
@@ -215,6 +216,34 @@ class TextCondition:
 
 
 @dataclass(frozen=True)
+class FrameLayout:
+    """How each row of a vision context splits into frames (``VisionContext.frames``, video inputs).
+
+    A "frame" is one frame of the LLM's tokens: on Qwen2.5-VL and Qwen3-VL a temporal patch group (the
+    tower's 3-D patches span ``temporal_patch_size = 2`` video frames), so a 16-frame clip has 8. Row
+    ``b`` holds ``counts[b]`` frames of ``rows[b] * cols[b]`` tokens each, frame-major, each frame in
+    raster order: token ``j`` is frame ``j // tokens_per_frame[b]``. An image is a row of one frame.
+    """
+
+    #: long ``[B]``: frames of each row.
+    counts: Tensor
+    #: long ``[B, 2]``: ``(rows, cols)`` of each row's frames on the merged token grid.
+    grid: Tensor
+
+    @property
+    def tokens_per_frame(self) -> Tensor:
+        """long ``[B]``: ``rows * cols``."""
+        return self.grid[:, 0] * self.grid[:, 1]
+
+    def frame_of(self, num_tokens: int) -> Tensor:
+        """long ``[B, num_tokens]``: the frame of each token position, -1 past the row's own tokens."""
+        j = torch.arange(num_tokens, device=self.counts.device)[None, :]
+        per = self.tokens_per_frame[:, None].clamp_min(1)
+        frame = torch.div(j, per, rounding_mode="floor")
+        return torch.where(frame < self.counts[:, None], frame, -1)
+
+
+@dataclass(frozen=True)
 class VisionContext:
     """Input of a vision-stage strategy for one batch."""
 
@@ -234,6 +263,10 @@ class VisionContext:
     #: Each image's instruction embedded for strategies whose :meth:`PruningStrategy.reads_instruction`
     #: is true, where the patch was given a text encoder; None otherwise (the strategy's stand-in runs).
     text: TextCondition | None = None
+    #: The frame structure of each row where the rows are videos (or, with ``budget_scope="frame"``,
+    #: single frames); None where the family gives none (images of families without video). Strategies
+    #: with ``temporal`` read it; the others cut each row as one image.
+    frames: FrameLayout | None = None
 
     def projected(self) -> Tensor:
         """The tokens the LLM would receive, ``[B, N, D]``: ``project(features)`` (``features`` without a
@@ -412,6 +445,10 @@ class PruningStrategy(abc.ABC):
         ragged_vision: vision stage only; plans honour ``ctx.lengths`` (images of different sizes,
             padded rows), cutting each image within its own tokens. Adapters whose towers give
             variable-size images refuse vision strategies without it at ``patch()``.
+        temporal: vision stage only; the plan reads ``ctx.frames`` and cuts across the frames of a
+            video (EVS, VidCom2). Adapters run such a step on videos only (images in the same prompt
+            pass whole, as vLLM's ``--video-pruning-rate`` leaves them), refuse it on families without
+            video and under ``budget_scope="frame"``.
     """
 
     name: ClassVar[str]
@@ -420,6 +457,7 @@ class PruningStrategy(abc.ABC):
     drops_text: ClassVar[bool] = False
     drops_template: ClassVar[bool] = False
     ragged_vision: ClassVar[bool] = False
+    temporal: ClassVar[bool] = False
 
     def __init__(self, params: Any = None, /, **overrides: Any) -> None:
         self.params = build_params(self.name, type(self).Params, params, overrides)

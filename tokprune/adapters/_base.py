@@ -29,10 +29,11 @@ __all__ = [
 
 Positions = Literal["keep", "compact"]
 POSITION_MODES: tuple[str, ...] = ("keep", "compact")
-BudgetScope = Literal["image", "tile"]
-#: What a vision-stage budget counts on tiled images (docs/adapters.md, "Budgets on tiled images"):
-#: ``image`` one strategy row per image (base view and tiles pooled), ``tile`` one row per tower pass.
-BUDGET_SCOPES: tuple[str, ...] = ("image", "tile")
+BudgetScope = Literal["image", "tile", "frame"]
+#: What a vision-stage budget counts (docs/adapters.md, "Budgets on tiled images" and "Video"): ``image``
+#: one strategy row per image or video (base view and tiles pooled; every frame of a video pooled),
+#: ``tile`` one row per tower pass of a tiled image, ``frame`` one row per frame of a video.
+BUDGET_SCOPES: tuple[str, ...] = ("image", "tile", "frame")
 
 _MISSING = object()
 
@@ -100,7 +101,8 @@ class ModelAdapter(abc.ABC):
     #: own minimum, ``tokprune.hf_compat.TESTED_MIN``). Below it the contract suite skips the family;
     #: ``patch()`` still refuses on a missing feature, by detection.
     min_transformers: ClassVar[str | None] = None
-    #: The ``budget_scope`` values this family honours (tiled families add ``"tile"``).
+    #: The ``budget_scope`` values this family honours (tiled families add ``"tile"``, families that take
+    #: video add ``"frame"``: it is how the shared code knows a family takes video).
     budget_scopes: ClassVar[tuple[str, ...]] = ("image",)
 
     def __init__(
@@ -124,9 +126,10 @@ class ModelAdapter(abc.ABC):
         if budget_scope not in BUDGET_SCOPES:
             raise StrategyParamError(f"budget_scope must be one of: {', '.join(BUDGET_SCOPES)}; got {budget_scope!r}")
         if budget_scope not in self.budget_scopes:
+            why = "it takes no video" if budget_scope == "frame" else "its images are not tiled"
             raise StrategyParamError(
-                f"budget_scope={budget_scope!r} is not available on {self.name}: its images are not tiled; "
-                f"valid here: {', '.join(self.budget_scopes)}"
+                f"budget_scope={budget_scope!r} is not available on {self.name}: {why}; "
+                f"valid here: {', '.join(self.budget_scopes)}{_families_with(budget_scope)}"
             )
         self.budget_scope = budget_scope
         self.model = model
@@ -194,6 +197,15 @@ class ModelAdapter(abc.ABC):
     def __repr__(self) -> str:
         state = "active" if self.active else "removed"
         return f"<{type(self).__name__} {str(self.pipeline)!r} on {type(self.model).__name__} ({state})>"
+
+
+def _families_with(scope: str) -> str:
+    """``"; families with video: a, b"`` (the registered adapters honouring ``scope``), for error messages."""
+    from ._registry import adapter_registry
+
+    names = [name for name, info in adapter_registry().items() if scope in info.cls.budget_scopes]
+    what = {"frame": "video", "tile": "tiled images"}.get(scope, scope)
+    return f"; families with {what}: {', '.join(names)}" if names else ""
 
 
 # model -> its active handle. Weak keys: patching never keeps a model alive.

@@ -119,6 +119,8 @@ class PrunedDecoderAdapter(DecoderLoop, Assembly, GenerateChecks, StatsRecorder,
                 "use vision_positions='keep' and llm_positions='keep' (survivors keep their 3-D positions)"
             )
         step = self.pipeline.vision
+        if step is not None and step.temporal:
+            self._check_temporal(step)
         if self.variable_image_tokens and step is not None and not step.ragged_vision:
             from ..registry import available, describe
 
@@ -126,6 +128,22 @@ class PrunedDecoderAdapter(DecoderLoop, Assembly, GenerateChecks, StatsRecorder,
             raise MissingCapabilityError(
                 f"{step.short_spec()} cuts images of one fixed size, but {self.name} images differ in token count "
                 f"(ragged vision contexts); vision strategies that cut per image: {', '.join(ragged)}"
+            )
+
+    def _check_temporal(self, step: PruningStrategy) -> None:
+        """Refuse a temporal vision step (it cuts across a video's frames) where there are no frames to cut
+        across: on a family without video, and under ``budget_scope="frame"`` (every row one frame)."""
+        from ._base import _families_with
+
+        if "frame" not in self.budget_scopes:
+            raise MissingCapabilityError(
+                f"{step.short_spec()} prunes across the frames of a video, and {self.name} takes no video"
+                f"{_families_with('frame')}"
+            )
+        if self.budget_scope == "frame":
+            raise StrategyParamError(
+                f"{step.short_spec()} sets its own budget across the frames of each video, so budget_scope='frame' "
+                "(one budget per frame) does not apply to it; use budget_scope='image' (the default: per video)"
             )
 
     def _check_cls(self, tower_has_cls: bool) -> None:

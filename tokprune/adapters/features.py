@@ -13,7 +13,7 @@ from torch import Tensor
 from .. import hf_compat as hf
 from ..errors import InputError
 
-__all__ = ["PrunedImageFeatures", "VisionOut"]
+__all__ = ["PrunedImageFeatures", "VisionOut", "join_items"]
 
 
 @dataclass
@@ -45,6 +45,11 @@ class VisionOut:
     #: long ``[I, N, 4]``: each token's cell on its image's patch grid (:mod:`tokprune.keptmap`), set from
     #: the family's :meth:`PrunedDecoderAdapter.patch_cells`; None: not known yet (or no grid).
     cells: Tensor | None = None
+    #: long ``[I, 3]``: each item's patch grid ``(t, h, w)`` where the family has one (Qwen: its
+    #: ``image_grid_thw`` / ``video_grid_thw`` row); ``t`` is its frame count (temporal patch groups).
+    grid_thw: Tensor | None = None
+    #: bool ``[I]``: which items are videos (None: all images).
+    videos: Tensor | None = None
 
     @classmethod
     def unpruned(cls, per_image: Sequence[Tensor]) -> VisionOut:
@@ -100,6 +105,8 @@ class PrunedImageFeatures(hf.BaseModelOutputWithPooling):
     deepstack: list[Tensor] | None = None
     extra_valid: Tensor | None = None
     cells: Tensor | None = None
+    grid_thw: Tensor | None = None
+    videos: Tensor | None = None
 
     @classmethod
     def of(cls, out: VisionOut) -> PrunedImageFeatures:
@@ -124,6 +131,8 @@ class PrunedImageFeatures(hf.BaseModelOutputWithPooling):
             deepstack=out.deepstack,
             extra_valid=out.extra_valid,
             cells=out.cells,
+            grid_thw=out.grid_thw,
+            videos=out.videos,
         )
 
     def vision_out(self) -> VisionOut:
@@ -148,5 +157,87 @@ class PrunedImageFeatures(hf.BaseModelOutputWithPooling):
         return VisionOut(kept, keep, extra, diagnostics, **self._optional())
 
     def _optional(self) -> dict[str, Any]:
-        names = ("lengths", "tower_runs", "tower_flops", "projected", "deepstack", "extra_valid", "cells")
+        names = (
+            "lengths", "tower_runs", "tower_flops", "projected", "deepstack", "extra_valid", "cells", "grid_thw", "videos"
+        )
         return {name: getattr(self, name) for name in names}
+
+
+def _pad_cols(x: Tensor, width: int, value: float | bool | int) -> Tensor:
+    """``x`` ``[I, W, ...]`` padded on dim 1 to ``width`` with ``value``."""
+    if x.shape[1] == width:
+        return x
+    pad = x.new_full((x.shape[0], width - x.shape[1], *x.shape[2:]), value)
+    return torch.cat([x, pad], dim=1)
+
+
+def join_items(parts: Sequence[VisionOut], order: Tensor) -> VisionOut:
+    """The items of several encoder calls (a prompt's images and its videos) as one :class:`VisionOut`.
+
+    ``order`` (long ``[I]``, a permutation of ``0..I-1``, ``I`` the items of all ``parts`` in turn): joined
+    item ``k`` is item ``order[k]`` of the parts' concatenation, so the joined items follow the prompt.
+    Rows of ``kept`` (and of each DeepStack layer) move with their item; padded per-item fields are padded
+    to the widest part. Diagnostics are merged as they are (keys of different parts must differ).
+    """
+    if len(parts) == 1:
+        only = parts[0]
+        if order.numel() and not torch.equal(order, torch.arange(order.numel(), device=order.device)):
+            raise InputError("one part of visual items can only be joined in its own order")
+        return only
+    device = parts[0].keep.device
+    width = max(p.keep.shape[1] for p in parts)
+    keep = torch.cat([_pad_cols(p.keep, width, False) for p in parts])
+    counts = keep.sum(dim=1)
+    # each kept row's item, and the rows regrouped item by item in the joined order
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel(), device=device)
+    row_item = torch.repeat_interleave(torch.arange(counts.numel(), device=device), counts)
+    rows = torch.sort(rank[row_item], stable=True).indices
+    kept = torch.cat([p.kept for p in parts])[rows]
+
+    def joined(name: str, fill: float | bool | int = 0) -> Tensor | None:
+        values = [getattr(p, name) for p in parts]
+        if any(v is None for v in values):
+            return None
+        if values[0].dim() >= 2 and name not in ("grid_thw",):
+            most = max(v.shape[1] for v in values)
+            values = [_pad_cols(v, most, fill) for v in values]
+        return torch.cat(values)[order]
+
+    deepstack = None
+    if all(p.deepstack is not None for p in parts):
+        layers = len(parts[0].deepstack)
+        deepstack = [torch.cat([p.deepstack[i] for p in parts])[rows] for i in range(layers)]
+    extra, extra_valid = None, None
+    if any(p.extra is not None for p in parts):
+        d = kept.shape[-1]
+        most = max(p.extra.shape[1] for p in parts if p.extra is not None)
+        extras, valids = [], []
+        for p in parts:
+            e = p.extra if p.extra is not None else kept.new_zeros(p.keep.shape[0], 0, d)
+            v = p.extra_valid if p.extra_valid is not None else torch.ones(e.shape[:2], dtype=torch.bool, device=device)
+            extras.append(_pad_cols(e, most, 0.0))
+            valids.append(_pad_cols(v, most, False))
+        extra, extra_valid = torch.cat(extras)[order], torch.cat(valids)[order]
+    lengths = torch.cat([p.token_counts for p in parts])[order]
+    videos = torch.cat(
+        [p.videos if p.videos is not None else torch.zeros(p.keep.shape[0], dtype=torch.bool, device=device) for p in parts]
+    )[order]
+    diagnostics: dict[str, Any] = {}
+    for p in parts:
+        diagnostics.update(p.diagnostics)
+    return VisionOut(
+        kept,
+        keep[order],
+        extra,
+        diagnostics,
+        lengths=lengths,
+        tower_runs=joined("tower_runs"),
+        deepstack=deepstack,
+        extra_valid=extra_valid,
+        tower_flops=joined("tower_flops"),
+        projected=joined("projected"),
+        cells=joined("cells", -1),
+        grid_thw=joined("grid_thw"),
+        videos=videos,
+    )

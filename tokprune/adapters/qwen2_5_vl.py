@@ -7,6 +7,11 @@ This file knows only Qwen2.5-VL:
   tokens the LLM sees, after the merger, per image (``image_grid_thw`` decides how many: ``t*h*w/4``).
   The tower has no CLS token, so only strategies reading no CLS signal and cutting per image run
   (refused at ``patch()`` otherwise, with the list of those that work). Budgets are per image;
+* videos (``pixel_values_videos`` + ``video_grid_thw``, ``second_per_grid_ts``) run the same tower through
+  the model's own ``get_video_features``; each video is one strategy row (its ``t`` frames of
+  ``h*w/4`` tokens, :class:`~tokprune.strategy.FrameLayout` in ``ctx.frames``), or one row per frame with
+  ``budget_scope="frame"``. Images and videos of one prompt are one list of visual items in prompt order
+  for the shared decoder (:mod:`.video`): the video placeholders are image placeholders to it;
 * positions are M-RoPE's three axes (temporal, height, width), long ``[B, L, 3]``, built by the model's
   own ``get_rope_index`` on the **unpruned** prompt: survivors keep their 3-D positions. ``compact``
   renumbering is refused (it is defined for 1-D positions);
@@ -27,9 +32,12 @@ from ..errors import InputError, InternalError, UnsupportedModelError
 from ..keptmap import thw_cells
 from ..pipeline import Pipeline
 from ..stats import FlopModel, WindowedTower, kv_width, mlp_matrices
-from ..strategy import Signal, VisionContext, VisionSignals
+from ..strategy import FrameLayout, Signal, VisionContext, VisionSignals
 from ._tiny import VOCAB, TinyCase, left_padded, prompt_ids, random_model
+from .call import _generated_count
 from .decoder import CallState, PrunedDecoderAdapter, PrunedImageFeatures, VisionOut
+from .features import join_items
+from .video import frame_rows, item_order, rows_to_items
 
 __all__ = ["QWEN_GRIDS", "Qwen2_5_VLAdapter", "check_mrope", "mrope_index", "output_class", "tiny_qwen2_5_vl"]
 
@@ -73,16 +81,23 @@ def mrope_index(
     inner: nn.Module,
     input_ids: Tensor,
     mm_token_type_ids: Tensor,
-    image_grid_thw: Tensor,
+    image_grid_thw: Tensor | None,
     attention_mask: Tensor | None,
+    **videos: Tensor,
 ) -> Tensor:
     """The model's own 3-D (temporal, height, width) M-RoPE position ids, long ``[B, L, 3]``.
 
     ``get_rope_index`` returns ``[3, B, L]`` and per-sample deltas; tokprune keeps positions
     batch-first (the axis last) so that gathering kept tokens moves their three ids together.
+    ``videos``: ``video_grid_thw`` and (Qwen2.5-VL) ``second_per_grid_ts``, passed on where given.
     """
+    given = {k: v for k, v in videos.items() if v is not None}
     position_ids, _ = inner.get_rope_index(
-        input_ids, mm_token_type_ids=mm_token_type_ids, image_grid_thw=image_grid_thw, attention_mask=attention_mask
+        input_ids,
+        mm_token_type_ids=mm_token_type_ids,
+        image_grid_thw=image_grid_thw,
+        attention_mask=attention_mask,
+        **given,
     )
     return position_ids.permute(1, 2, 0).long()
 
@@ -98,6 +113,7 @@ class Qwen2_5_VLAdapter(PrunedDecoderAdapter):
     min_transformers = "5.24.0"
     variable_image_tokens = True
     one_d_positions = False
+    budget_scopes = ("image", "frame")  # "frame": one budget per frame of a video (docs/video.md)
 
     @classmethod
     def mismatch(cls, model: nn.Module) -> str:
@@ -120,6 +136,7 @@ class Qwen2_5_VLAdapter(PrunedDecoderAdapter):
         self._output_class = self._family_output_class()
         self._check_features()
         self._image_token_id = self._config.image_token_id
+        self._video_token_id = self._config.video_token_id
         self._init_decoder()
         self._check_cls(tower_has_cls=False)
         vcfg = self._config.vision_config
@@ -161,6 +178,17 @@ class Qwen2_5_VLAdapter(PrunedDecoderAdapter):
                 return PrunedImageFeatures.of(self._prune(call, encoded, image_grid_thw))
 
         self._state.set_attribute(self._inner, "get_image_features", get_image_features)
+        original_video = self._inner.get_video_features
+
+        @functools.wraps(original_video)  # generate() routes pixel_values_videos and video_grid_thw by it
+        def get_video_features(
+            pixel_values_videos: Tensor, video_grid_thw: Tensor, *args: Any, **kwargs: Any
+        ) -> Any:
+            with self._active(CallState(self)) as call:
+                encoded = self._encode_videos(pixel_values_videos, video_grid_thw)
+                return PrunedImageFeatures.of(self._prune(call, encoded, video_grid_thw, video=True))
+
+        self._state.set_attribute(self._inner, "get_video_features", get_video_features)
 
     # -- positions: M-RoPE, [B, L, 3] ------------------------------------------------------------------
 
@@ -175,8 +203,9 @@ class Qwen2_5_VLAdapter(PrunedDecoderAdapter):
         if position_ids is not None and position_ids.dim() == 3:
             return self._axes(position_ids)
         grid, types = options.get("image_grid_thw"), options.get("mm_token_type_ids")
-        if position_ids is None and grid is not None and types is not None:
-            return mrope_index(self._inner, input_ids, types, grid, attention_mask)
+        videos = {k: options.get(k) for k in ("video_grid_thw", "second_per_grid_ts")}
+        if position_ids is None and (grid is not None or videos["video_grid_thw"] is not None) and types is not None:
+            return mrope_index(self._inner, input_ids, types, grid, attention_mask, **videos)
         # 1-D positions (the caller's, or no image): the rotary embedding repeats them on the three axes
         return super()._positions(input_ids, attention_mask, position_ids, options)
 
@@ -196,7 +225,7 @@ class Qwen2_5_VLAdapter(PrunedDecoderAdapter):
 
     def patch_cells(self, features: VisionOut, options: dict[str, Tensor]) -> Tensor | None:
         """Merged ``2 x 2`` patches on each image's merged grid, frame ``t`` (:func:`tokprune.keptmap.thw_cells`)."""
-        grid = options.get("image_grid_thw")
+        grid = features.grid_thw if features.grid_thw is not None else options.get("image_grid_thw")
         if grid is None:
             return None
         return thw_cells(grid, self._config.vision_config.spatial_merge_size)
@@ -207,10 +236,6 @@ class Qwen2_5_VLAdapter(PrunedDecoderAdapter):
         self, call: CallState, pixel_values: Tensor | None, encoded: Any, options: dict
     ) -> tuple[Any, VisionOut | None]:
         grid = options.get("image_grid_thw")  # kept in options: positions need it too
-        if options.get("pixel_values_videos") is not None or options.get("video_grid_thw") is not None:
-            raise UnsupportedModelError(
-                f"videos are not supported on a pruned {self.label} (images only); call handle.remove() to run them"
-            )
         if encoded is not None:  # pre-encoded by generate() through get_image_features
             return self._pre_encoded(encoded)
         if pixel_values is None:
@@ -222,6 +247,7 @@ class Qwen2_5_VLAdapter(PrunedDecoderAdapter):
             out = self._unpruned(encoded)
             out.tower_runs = grid.prod(dim=-1)
             out.tower_flops = self._tower_flops.flops(grid)
+            out.grid_thw = grid
             return encoded, out
         # The original tower and merger (our own patched attribute is not called back).
         original = type(self._inner).get_image_features.__get__(self._inner)
@@ -229,34 +255,138 @@ class Qwen2_5_VLAdapter(PrunedDecoderAdapter):
         out = self._prune(call, encoded, grid)
         return PrunedImageFeatures.of(out), out
 
-    def _prune(self, call: CallState, encoded: Any, grid: Tensor) -> VisionOut:
-        """The strategy on each image's merged tokens (``encoded.pooler_output``: one ``[N_i, D]`` per image),
-        seen as one padded row per image with ``lengths``."""
+    def _prune(self, call: CallState, encoded: Any, grid: Tensor, video: bool = False) -> VisionOut:
+        """The strategy on each item's merged tokens (``encoded.pooler_output``: one ``[N_i, D]`` per image or
+        video), seen as one padded row per item with ``lengths``, or one row per frame of each video with
+        ``budget_scope="frame"``. A temporal step (EVS, VidCom2) leaves images whole."""
         step = self.pipeline.vision
         if step is None:
             raise InternalError("the vision stage ran without a vision step")
-        per_image: Sequence[Tensor] = encoded.pooler_output
-        features = torch.nn.utils.rnn.pad_sequence(list(per_image), batch_first=True)  # [I, L, D]
-        lengths = torch.tensor([p.shape[0] for p in per_image], device=features.device)
+        per_item: Sequence[Tensor] = encoded.pooler_output
+        if step.temporal and not video:  # as vLLM's --video-pruning-rate: images pass whole
+            out = self._unpruned(encoded)
+            out.tower_runs, out.tower_flops, out.grid_thw = grid.prod(dim=-1), self._tower_flops.flops(grid), grid
+            return out
+        device = per_item[0].device
+        frames = grid[:, 0].to(device)
+        merged = (grid[:, 1:] // self._config.vision_config.spatial_merge_size).to(device)  # (rows, cols)
+        per_frame = video and self.budget_scope == "frame"
+        if per_frame:
+            rows, row_item, row_offset = frame_rows(per_item, frames)
+            layout = FrameLayout(torch.ones_like(row_item), merged[row_item])
+        else:
+            rows, layout = list(per_item), FrameLayout(frames, merged)
+        features = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)  # [R, L, D]
+        lengths = torch.tensor([p.shape[0] for p in rows], device=device)
 
         def fetch(signal: Signal) -> Any:  # unreachable: CLS-reading strategies are refused at patch()
             raise UnsupportedModelError(f"{self.label}'s tower provides no {signal}")
 
         vcfg = self._config.vision_config
         signals = VisionSignals(fetch, vcfg.depth, vcfg.num_heads, declared=frozenset(), lengths=lengths)
-        plan = step(VisionContext(features=features, signals=signals, lengths=lengths))
+        plan = step(VisionContext(features=features, signals=signals, lengths=lengths, frames=layout))
         chosen = plan.features if plan.features is not None else features
-        diagnostics = {f"{step.name}.{k}": v for k, v in plan.diagnostics.items()}
+        keep = plan.keep
+        if per_frame:
+            if plan.extra is not None:
+                raise UnsupportedModelError(
+                    f"{step.short_spec()} adds extra tokens per row, which budget_scope='frame' would multiply by the "
+                    "frames of a video; use budget_scope='image' (per video) with it"
+                )
+            counts = torch.tensor([p.shape[0] for p in per_item], device=device)
+            keep = rows_to_items(keep, row_item, row_offset, len(per_item), int(counts.max()))
+        # the videos' diagnostics apart from the images' (both may run one step in one prompt)
+        prefix = f"video.{step.name}" if video else step.name
         return VisionOut(
-            chosen[plan.keep],
-            plan.keep,
+            chosen[plan.keep],  # row-major: a video's frame rows are consecutive, so item-major raster order
+            keep,
             plan.extra,
-            diagnostics,
-            lengths=lengths,
+            {f"{prefix}.{k}": v for k, v in plan.diagnostics.items()},
+            lengths=torch.tensor([p.shape[0] for p in per_item], device=device),
             tower_runs=grid.prod(dim=-1),
             tower_flops=self._tower_flops.flops(grid),
             extra_valid=plan.extra_valid,
+            grid_thw=grid,
+            videos=torch.full((len(per_item),), video, dtype=torch.bool, device=device),
         )
+
+    # -- videos ---------------------------------------------------------------------------------------
+
+    def _encode_videos(self, pixel_values_videos: Tensor, video_grid_thw: Tensor) -> Any:
+        """The stock ``get_video_features`` (the class's: our own patched attribute is not called back)."""
+        return type(self._inner).get_video_features(self._inner, pixel_values_videos, video_grid_thw, return_dict=True)
+
+    def _videos(self, call: CallState, pixels: Tensor | None, encoded: Any, options: dict) -> VisionOut | None:
+        """This call's videos as a :class:`VisionOut` (pruned by the vision step, else whole), or None."""
+        grid = options.get("video_grid_thw")
+        if encoded is not None:  # pre-encoded by generate() through get_video_features
+            out = self._pre_encoded(encoded)[1]
+        elif pixels is None:
+            return None
+        elif grid is None:
+            raise InputError(
+                f"{self.label} needs video_grid_thw with pixel_values_videos (the processor returns both)"
+            )
+        elif self.pipeline.vision is None:
+            out = self._unpruned(self._encode_videos(pixels, grid))
+        else:
+            return self._prune(call, self._encode_videos(pixels, grid), grid, video=True)
+        if out.videos is None:  # the stock features (no vision step): what _prune would have set
+            out.videos = torch.ones(out.keep.shape[0], dtype=torch.bool, device=out.keep.device)
+            if grid is not None:
+                out.tower_runs, out.tower_flops, out.grid_thw = grid.prod(-1), self._tower_flops.flops(grid), grid
+        return out
+
+    def _forward_call(
+        self,
+        call: CallState,
+        input_ids: Tensor | None,
+        pixel_values: Tensor | None,
+        attention_mask: Tensor | None,
+        position_ids: Tensor | None,
+        inputs_embeds: Tensor | None,
+        mm_encoder_outputs: dict[str, Any] | None,
+        kwargs: dict[str, Any],
+    ) -> Any:
+        """The shared forward, with a prefill's videos joined to its images as one list of visual items in
+        prompt order (:func:`~tokprune.adapters.video.item_order`), handed on as pre-encoded images; the video
+        placeholders become image placeholders (positions come from ``mm_token_type_ids``, which keeps them)."""
+        pixels = kwargs.pop("pixel_values_videos", None)
+        mm = dict(mm_encoder_outputs or {})
+        pre_video = mm.pop("video", None)
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        prefill = cache is None or cache.get_seq_length() == 0
+        if input_ids is None or inputs_embeds is not None or not prefill:  # refused, or decoding: the shared path
+            return super()._forward_call(
+                call, input_ids, pixel_values, attention_mask, position_ids, inputs_embeds, mm or None, kwargs
+            )
+        options = {**(call.generate.options if call.generate is not None else {}), **kwargs}
+        options = {k: v for k, v in options.items() if v is not None}
+        prompt = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :] < (
+            input_ids.shape[1] - _generated_count(call.generate, input_ids.shape[1])
+        )
+        video_out = self._videos(call, pixels, pre_video, options)
+        if video_out is None:
+            if bool(((input_ids == self._video_token_id) & prompt).any()):
+                raise InputError(
+                    f"the prompt has video tokens (id {self._video_token_id}) but no pixel_values_videos or video "
+                    "features were given"
+                )
+            return super()._forward_call(
+                call, input_ids, pixel_values, attention_mask, position_ids, None, mm or None, kwargs
+            )
+        if pixel_values is not None and mm.get("image") is not None:
+            raise InputError("pass either pixel_values or mm_encoder_outputs (pre-encoded images), not both")
+        image_out = self._vision(call, pixel_values, mm.get("image"), kwargs)[1]
+        kinds, parts = [], []
+        for name, token, out in (("image", self._image_token_id, image_out), ("video", self._video_token_id, video_out)):
+            if out is not None:
+                kinds.append((name, token, out.token_counts))
+                parts.append(out)
+        joined = join_items(parts, item_order(input_ids, prompt, kinds))
+        ids = torch.where((input_ids == self._video_token_id) & prompt, self._image_token_id, input_ids)
+        mm["image"] = PrunedImageFeatures.of(joined)
+        return super()._forward_call(call, ids, None, attention_mask, position_ids, None, mm, kwargs)
 
 
 # -- the tiny case -----------------------------------------------------------------------------------------

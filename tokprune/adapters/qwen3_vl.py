@@ -84,8 +84,13 @@ class Qwen3VLAdapter(Qwen2_5_VLAdapter):
         out.deepstack = [torch.cat(list(images)) for images in encoded.deepstack_features]
         return out
 
-    def _prune(self, call: CallState, encoded: Any, grid: Tensor) -> VisionOut:
-        out = super()._prune(call, encoded, grid)
+    def _encode_videos(self, pixel_values_videos: Tensor, video_grid_thw: Tensor) -> Any:
+        # Qwen3-VL's get_video_features calls self.get_image_features, which is our patched attribute: call
+        # the class's image path directly (the same tower and mergers, per frame)
+        return type(self._inner).get_image_features(self._inner, pixel_values_videos, video_grid_thw, return_dict=True)
+
+    def _prune(self, call: CallState, encoded: Any, grid: Tensor, video: bool = False) -> VisionOut:
+        out = super()._prune(call, encoded, grid, video)
         # the same keep mask on the same padded [I, L] layout as the merged tokens: rows align with out.kept
         out.deepstack = [rows[out.keep] for rows in _per_image_rows(encoded.deepstack_features)]
         return out

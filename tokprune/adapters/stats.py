@@ -79,6 +79,10 @@ class StatsRecorder:
             named.update((("kept", k), v) for k, v in kept[0].items())
             named.update((("column", k), v) for k, v in kept[1].items())
         named.update((("diag", k), v) for k, v in diagnostics.items() if isinstance(v, Tensor))
+        if features is not None and features.grid_thw is not None:
+            named["frames"] = features.grid_thw[:, 0].to(image_tokens.device, torch.long)
+            if features.videos is not None:
+                named["videos"] = features.videos
         cpu = _to_host(named)
         image_tokens = cpu["image_tokens"]
         host_diagnostics = {k: cpu[("diag", k)] if isinstance(v, Tensor) else v for k, v in diagnostics.items()}
@@ -98,6 +102,9 @@ class StatsRecorder:
             }
             vision = self.pipeline.vision.name if self.pipeline.vision is not None else None
             take_merges(kept_map, host_diagnostics, vision, steps)
+        frames, frame_kept = cpu.get("frames"), None
+        if frames is not None and features is not None and features.cells is not None:
+            frame_kept = _frame_kept(features.cells, cpu["vision_keep"], frames)
         return PruneStats(
             # the largest image's count when images differ (LLaVA-1.5: every image's N)
             visual_total=int(image_tokens.max()) if image_tokens.numel() else self._tokens_per_image,
@@ -116,7 +123,20 @@ class StatsRecorder:
             image_kept=cpu["image_kept"],
             flop_model=fm,
             kept=kept_map,
+            image_frames=frames,
+            image_video=cpu.get("videos"),
+            frame_kept=frame_kept,
         )
+
+
+def _frame_kept(cells: Tensor, keep: Tensor, frames: Tensor) -> Tensor:
+    """long ``[I, T]``: tokens of each frame of each item the vision stage kept (0 past an item's frames),
+    from the items' cells (long ``[I, N, 4]``, column 1 the frame, -1 past its tokens) and keep (bool ``[I, N]``)."""
+    frame = cells[..., 1].to(torch.long)
+    width = min(frame.shape[1], keep.shape[1])
+    frame, keep = frame[:, :width], keep[:, :width].cpu()
+    out = torch.zeros(frame.shape[0], int(frames.max()) if frames.numel() else 0, dtype=torch.long)
+    return out.scatter_add_(1, frame.clamp_min(0), (keep & (frame >= 0)).long())
 
 
 def _to_host(tensors: dict[Any, Tensor]) -> dict[Any, Tensor]:

@@ -50,6 +50,7 @@ from torch import Tensor
 
 from tokprune.errors import StrategyContractError
 from tokprune.strategy import (
+    FrameLayout,
     LLMAttention,
     LLMContext,
     LLMPlan,
@@ -172,7 +173,21 @@ class VisionBatch:
         lengths = None if self.lengths is None else torch.tensor(self.lengths, device=self.features.device)
         vs = VisionSignals(fetch, self.num_layers, self.num_heads, declared=declared, lengths=lengths)
         grid = self.grid if self.lengths is None else None  # padded rows have no raster grid
-        return VisionContext(features=self.features, signals=vs, grid=grid, lengths=lengths)
+        return VisionContext(features=self.features, signals=vs, grid=grid, lengths=lengths, frames=self.frames())
+
+    def frames(self) -> FrameLayout:
+        """Every row as a video (temporal strategies read it; the others ignore it): a row of ``L`` tokens is
+        frames of ``d`` tokens, ``d`` the largest divisor of ``L`` up to the grid's width (8 without a grid),
+        a function of the row's own length, so a sample has the same frames alone as in a ragged batch."""
+        n = self.features.shape[1]
+        widest = self.grid[1] if self.grid is not None else 8
+        per = []
+        for length in self.lengths or (n,) * self.batch_size:  # rows of the fabricated batch (a test kit)
+            per.append(max(d for d in range(1, min(widest, length) + 1) if length % d == 0))
+        tokens = torch.tensor(self.lengths or (n,) * self.batch_size)
+        per_frame = torch.tensor(per)
+        grid = torch.stack([torch.ones_like(per_frame), per_frame], dim=1)
+        return FrameLayout(counts=tokens // per_frame, grid=grid)
 
     def sample(self, i: int) -> VisionBatch:
         """Sample ``i`` alone (a batch of 1; a ragged row cut to its own length, without padding)."""
@@ -502,7 +517,10 @@ def check_bounds(strategy: PruningStrategy) -> None:
             raise _fail(strategy, "bounds", f"kept {kept.tolist()} of {n.tolist()} candidates < min_keep={p.min_keep}")
         if "max_keep" in names and p.max_keep is not None and (kept > p.max_keep).any():
             raise _fail(strategy, "bounds", f"kept {kept.tolist()} candidates > max_keep={p.max_keep}")
-        if "keep" in names and p.keep is not None and not torch.equal(kept, torch.clamp(n, max=p.keep)):
+        # a method whose rule keeps a floor whatever the budget (EVS: the first frame) reports it as keep_floor
+        floor = plan.diagnostics.get("keep_floor", torch.zeros_like(n))
+        wanted = torch.maximum(torch.clamp(n, max=p.keep), floor) if "keep" in names and p.keep is not None else None
+        if wanted is not None and not torch.equal(kept, wanted):
             raise _fail(strategy, "bounds", f"kept {kept.tolist()} of {n.tolist()} candidates, keep={p.keep}")
 
 

@@ -1,0 +1,99 @@
+"""Video inputs for the tiny Qwen2.5-VL and Qwen3-VL models, built directly as tensors (no video processor).
+
+A sample is a list of visual items, each ``("image", (1, h, w))`` or ``("video", (t, h, w))`` in patches
+(``t`` temporal patch groups of ``temporal_patch_size = 2`` frames each: ``pixel_values_videos`` holds
+``t * h * w`` flattened 3-D patches, as the processor makes them). The prompt is the tiny layout::
+
+    <s> USER : <item> [SEP <item> ...] <question words> ASSISTANT :
+
+An image is ``h*w/4`` image placeholders; a video ``t*h*w/4`` video placeholders in one run on
+Qwen2.5-VL, and one run per frame after a timestamp token on Qwen3-VL (its processor writes ``<t>`` before
+each frame, and its ``get_rope_index`` splits a video's grid into frames that way).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..adapters._tiny import VOCAB, left_padded
+
+__all__ = ["TIMESTAMP", "VIDEO_GRIDS", "Item", "default_items", "video_inputs"]
+
+#: Video grids (t, h, w) in patches: 3 frames of 6 tokens, 2 of 8, 4 of 4, 1 of 6 (a one-frame video).
+VIDEO_GRIDS: tuple[tuple[int, int, int], ...] = ((3, 4, 6), (2, 8, 4), (4, 4, 4), (1, 4, 6))
+#: The token the Qwen3-VL prompts put before each frame (a timestamp in the real processor).
+TIMESTAMP = VOCAB.first_word + 1
+
+Item = tuple[str, tuple[int, int, int]]
+
+
+def default_items(seed: int, kinds: str = "v") -> list[Item]:
+    """Items of one sample from a kind string (``"v"``: one video, ``"iv"``: an image then a video...), grids
+    drawn from ``seed`` so that samples of one batch differ."""
+    image_grids = ((1, 4, 6), (1, 8, 4), (1, 4, 4), (1, 6, 8))
+    out: list[Item] = []
+    for k, kind in enumerate(kinds):
+        grids = VIDEO_GRIDS if kind == "v" else image_grids
+        out.append(("video" if kind == "v" else "image", grids[(seed + k) % len(grids)]))
+    return out
+
+
+def video_inputs(
+    model: Any,
+    samples: Sequence[Sequence[Item]],
+    question_lengths: Sequence[int] | None = None,
+    seeds: Sequence[int] | None = None,
+    second_per_grid: float = 1.0,
+) -> dict[str, Tensor]:
+    """Keyword inputs of a tiny Qwen-VL ``model`` for one left-padded sample per entry of ``samples``.
+
+    Sample ``i`` draws its pixels and words from ``seeds[i]`` (default ``i``), so it equals the same
+    sample alone. Keys: ``input_ids``, ``attention_mask``, ``mm_token_type_ids`` and, where the batch
+    has them, ``pixel_values`` + ``image_grid_thw``, ``pixel_values_videos`` + ``video_grid_thw`` (and,
+    on Qwen2.5-VL, ``second_per_grid_ts``: ``second_per_grid`` per video).
+    """
+    config = model.config
+    vcfg = config.vision_config
+    merge = vcfg.spatial_merge_size**2
+    patch_dim = vcfg.in_channels * vcfg.temporal_patch_size * vcfg.patch_size**2
+    per_frame_runs = config.model_type == "qwen3_vl"
+    seeds = list(range(len(samples))) if seeds is None else list(seeds)
+    question_lengths = [4] * len(samples) if question_lengths is None else list(question_lengths)
+    rows: list[list[int]] = []
+    pixels: dict[str, list[Tensor]] = {"image": [], "video": []}
+    grids: dict[str, list[Tensor]] = {"image": [], "video": []}
+    for items, q, s in zip(samples, question_lengths, seeds):
+        gen = torch.Generator().manual_seed(s * 7919 + q)
+        blocks: list[int] = []
+        for k, (kind, (t, h, w)) in enumerate(items):
+            blocks += [VOCAB.first_word] if k else []
+            per = h * w // merge
+            if kind == "image":
+                blocks += [VOCAB.image] * (t * per)
+            elif per_frame_runs:
+                for _ in range(t):
+                    blocks += [TIMESTAMP] + [config.video_token_id] * per
+            else:
+                blocks += [config.video_token_id] * (t * per)
+            pixels[kind].append(torch.randn(t * h * w, patch_dim, generator=gen))
+            grids[kind].append(torch.tensor([t, h, w]))
+        words = torch.randint(VOCAB.first_word + 2, VOCAB.size - 3, (q,), generator=gen).tolist()
+        rows.append([VOCAB.bos, VOCAB.user, VOCAB.colon, *blocks, *words, *VOCAB.assistant_marker])
+    padded = left_padded(rows)
+    ids = padded["input_ids"]
+    types = (ids == VOCAB.image).int() + 2 * (ids == config.video_token_id).int()
+    out = {**padded, "mm_token_type_ids": types}
+    dtype = next(model.parameters()).dtype
+    if pixels["image"]:
+        out["pixel_values"] = torch.cat(pixels["image"]).to(dtype)
+        out["image_grid_thw"] = torch.stack(grids["image"])
+    if pixels["video"]:
+        out["pixel_values_videos"] = torch.cat(pixels["video"]).to(dtype)
+        out["video_grid_thw"] = torch.stack(grids["video"])
+        if not per_frame_runs:
+            out["second_per_grid_ts"] = torch.full((len(grids["video"]),), second_per_grid)
+    return out
