@@ -42,6 +42,7 @@ from tokprune.adapters.qwen2_5_vl import tiny_qwen2_5_vl
 from tokprune.adapters.qwen3_vl import tiny_qwen3_vl
 from tokprune.errors import InputError, UnsupportedModelError
 from tokprune.testing.models import tiny_text_encoder
+from tokprune.testing.video import default_items, video_inputs
 
 VOCAB = _tiny.VOCAB
 FAMILIES = {
@@ -105,8 +106,10 @@ def setup(family: str, spec: str, seed: int = 0):
     return model, make_inputs((5, 3)), handle
 
 
-def image_types(ids: torch.Tensor) -> torch.Tensor:
-    return (ids == VOCAB.image).int()
+def image_types(ids: torch.Tensor, model=None) -> torch.Tensor:
+    """``mm_token_type_ids`` as a Qwen processor makes them: 1 at image placeholders, 2 at video ones."""
+    video = getattr(getattr(model, "config", None), "video_token_id", None)
+    return (ids == VOCAB.image).int() + (2 * (ids == video).int() if video is not None else 0)
 
 
 def converse(model, handle, inputs, turns=LATER_QUESTIONS, cache=None, images_again=True) -> Conversation:
@@ -128,7 +131,7 @@ def converse(model, handle, inputs, turns=LATER_QUESTIONS, cache=None, images_ag
         images = IMAGE_INPUTS if images_again else ()
         extra = {k: v for k, v in inputs.items() if k in images}
         if "mm_token_type_ids" in inputs:  # what a Qwen processor returns for the whole conversation
-            extra["mm_token_type_ids"] = image_types(ids)
+            extra["mm_token_type_ids"] = image_types(ids, model)
         out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, **extra, **common, **scored)
         assert torch.equal(out.sequences[:, : ids.shape[1]], ids), "the returned sequences begin with the conversation"
         sequences = out.sequences
@@ -138,12 +141,15 @@ def converse(model, handle, inputs, turns=LATER_QUESTIONS, cache=None, images_ag
     return Conversation(sequences, mask, logits, inputs["attention_mask"].sum(1), ends, stats)
 
 
-def sample_inputs(inputs, conv: Conversation, i: int, upto: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Sample ``i``'s whole conversation alone, without padding, up to its ``upto`` first tokens."""
+def sample_inputs(inputs, conv: Conversation, i: int, upto: int, model=None, solo=None) -> dict[str, torch.Tensor]:
+    """Sample ``i``'s whole conversation alone, without padding, up to its ``upto`` first tokens; ``solo(i)``
+    gives its visual inputs alone (else they are cut out of the batch's: one image per sample)."""
     valid = conv.mask[i].bool()
     ids = conv.sequences[i, valid][None, :upto]
     one = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    if "image_grid_thw" in inputs:
+    if solo is not None:
+        one.update(solo(i), mm_token_type_ids=image_types(ids, model))
+    elif "image_grid_thw" in inputs:
         grid = inputs["image_grid_thw"]
         sizes = grid.prod(-1).tolist()
         start = sum(sizes[:i])
@@ -167,12 +173,22 @@ def reference_logits(model, handle, inputs: dict[str, torch.Tensor], prompt_len:
         return model(**inputs, use_cache=False).logits
 
 
-def check_conversation(model, handle, inputs, conv: Conversation) -> None:
+def kept_rows(kept, sample: int, which: torch.Tensor) -> list[torch.Tensor]:
+    """The rows of ``which`` (bool ``[I, N]``, a kept map's) of the images and videos of ``sample``, each cut
+    to its own token count."""
+    return [which[r, : int(kept.tokens[r])] for r in (kept.image_sample == sample).nonzero()[:, 0].tolist()]
+
+
+def same_rows(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def check_conversation(model, handle, inputs, conv: Conversation, solo=None) -> None:
     """Every turn's scores and greedy tokens equal the reference's, sample by sample, and the reference
     kept what turn one kept."""
     for i in range(conv.sequences.shape[0]):
         end = int(conv.ends[-1][i])
-        one = sample_inputs(inputs, conv, i, end - 1)  # the last token is predicted, never fed
+        one = sample_inputs(inputs, conv, i, end - 1, model, solo)  # the last token is predicted, never fed
         ref = reference_logits(model, handle, one, int(conv.prompt_valid[i]))[0]
         for turn, (scores, stop) in enumerate(zip(conv.logits, conv.ends)):
             stop = int(stop[i])
@@ -183,11 +199,12 @@ def check_conversation(model, handle, inputs, conv: Conversation) -> None:
             assert torch.equal(want.argmax(-1), tokens), f"sample {i}, turn {turn + 1}: greedy tokens differ"
         ref_stats, first = handle.stats, conv.stats  # the reference's prefill decided on turn one's prompt again
         assert int(ref_stats.visual_kept[0]) == int(first.visual_kept[i])
-        n = int(first.kept.tokens[i])
-        assert torch.equal(ref_stats.kept.vision[0, :n], first.kept.vision[i, :n]), f"sample {i}: other image tokens"
+        ref_kept, kept = ref_stats.kept, first.kept
+        same = same_rows(kept_rows(ref_kept, 0, ref_kept.vision), kept_rows(kept, i, kept.vision))
+        assert same, f"sample {i}: other image tokens than turn one's"
         for layer, count in first.llm_kept.items():
             assert int(ref_stats.llm_kept[layer][0]) == int(count[i]), f"layer {layer}: another cut than turn one's"
-            same = torch.equal(ref_stats.kept.layers[layer][0, :n], first.kept.layers[layer][i, :n])
+            same = same_rows(kept_rows(ref_kept, 0, ref_kept.layers[layer]), kept_rows(kept, i, kept.layers[layer]))
             assert same, f"sample {i}, layer {layer}: other image tokens than turn one's"
 
 
@@ -197,6 +214,23 @@ def test_later_turns_equal_the_conversation_rerun_with_turn_one_kept(family, spe
     conv = converse(model, handle, inputs)
     assert conv.stats.visual_kept.sum() < conv.stats.visual_unpruned.sum() or conv.stats.llm_kept
     check_conversation(model, handle, inputs, conv)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("kinds, spec", [("vv", "evs(keep_ratio=0.5)"), ("iv", "fastv(layer=2, keep_ratio=0.5)")])
+def test_a_conversation_about_a_video(family, kinds, spec):
+    # turn one brings a video (and an image): the later turns continue its pruned frames
+    model = FAMILIES[family](seed=0)[0]
+    handle = tokprune.patch(model, spec, question_end=VOCAB.assistant_marker)
+    samples, lengths = [default_items(0, kinds[0]), default_items(1, kinds[1])], (5, 3)
+    inputs = video_inputs(model, samples, question_lengths=lengths)
+
+    def solo(i):
+        alone = video_inputs(model, [samples[i]], question_lengths=[lengths[i]], seeds=[i])
+        return {k: v for k, v in alone.items() if k in IMAGE_INPUTS}
+
+    conv = converse(model, handle, inputs)
+    check_conversation(model, handle, inputs, conv, solo=solo)
 
 
 def test_a_keep_all_patch_continues_a_conversation_as_the_stock_model_does():
@@ -301,6 +335,7 @@ def test_continuing_at_the_pruned_length_is_refused_and_fails_the_check(monkeypa
     model, inputs, handle = setup("llava", "divprune(keep_ratio=0.5)")
     monkeypatch.setattr(loop_module, "check_mask_width", lambda *args: None)
     monkeypatch.setattr(loop_module, "check_positions_follow", lambda *args: None)
+    monkeypatch.setattr(loop_module, "check_no_visual_tokens", lambda *args: None)  # it re-feeds image tokens
     conv = converse(model, handle, inputs)
     monkeypatch.undo()
     with pytest.raises(AssertionError, match="differ"):
@@ -324,7 +359,7 @@ def turn_one(family="llava", spec="fastv(layer=2, keep_ratio=0.5)", seed=0):
         ),
     }
     if "mm_token_type_ids" in inputs:
-        turn["mm_token_type_ids"] = image_types(turn["input_ids"])
+        turn["mm_token_type_ids"] = image_types(turn["input_ids"], model)
     return model, handle, cache, turn
 
 
@@ -358,9 +393,13 @@ def test_another_image_in_a_later_turn_is_refused(family):
     # a new image placeholder among the new tokens
     ids = turn["input_ids"].clone()
     ids[:, -3] = VOCAB.image
-    with pytest.raises(UnsupportedModelError, match="the new turn brings an image"):
+    with pytest.raises(UnsupportedModelError, match="the new turn brings an image or a video"):
         later(
-            model, cache, turn, input_ids=ids, **({"mm_token_type_ids": image_types(ids)} if family != "llava" else {})
+            model,
+            cache,
+            turn,
+            input_ids=ids,
+            **({"mm_token_type_ids": image_types(ids, model)} if family != "llava" else {}),
         )
     # nothing was consumed by the refusals: the same turn then runs
     assert later(model, cache, turn).shape[1] == turn["input_ids"].shape[1] + 2
@@ -479,3 +518,23 @@ def test_a_later_turn_needs_the_cache_and_one_sequence_per_prompt():
     for bad in ({"use_cache": False}, {"num_return_sequences": 2, "do_sample": True}):
         with pytest.raises(UnsupportedModelError, match="continuing a pruned cache"):
             later(model, cache, turn, **bad)
+
+
+def test_another_video_or_a_new_video_in_a_later_turn_is_refused():
+    model = FAMILIES["qwen2_5_vl"](seed=0)[0]
+    tokprune.patch(model, "evs(keep_ratio=0.5)", question_end=VOCAB.assistant_marker)
+    inputs = video_inputs(model, [default_items(0, "v"), default_items(1, "v")], question_lengths=(5, 3))
+    cache = DynamicCache(config=model.config.get_text_config())
+    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=2, pad_token_id=VOCAB.pad)
+    new = _tiny.left_padded([question_ids((11, 12)), question_ids((13,))])
+    ids = torch.cat([out, new["input_ids"]], 1)
+    mask = torch.cat([inputs["attention_mask"], torch.ones_like(out[:, inputs["input_ids"].shape[1] :])], 1)
+    turn = {**inputs, "input_ids": ids, "attention_mask": torch.cat([mask, new["attention_mask"]], 1)}
+    turn["mm_token_type_ids"] = image_types(ids, model)
+    with pytest.raises(InputError, match="pixel_values_videos differs from the one this pruned cache"):
+        later(model, cache, turn, pixel_values_videos=inputs["pixel_values_videos"] + 1)
+    video = ids.clone()
+    video[:, -3] = model.config.video_token_id
+    with pytest.raises(UnsupportedModelError, match="the new turn brings an image or a video"):
+        later(model, cache, turn, input_ids=video, mm_token_type_ids=image_types(video, model))
+    assert later(model, cache, turn).shape[1] == ids.shape[1] + 2  # the turn as given then runs

@@ -13,7 +13,15 @@ from torch import Tensor
 
 from .. import hf_compat as hf
 from ..errors import InputError, UnsupportedModelError
-from .call import _ACTIVE, IMAGE_INPUTS, CallState, GenerateCall, _Session, check_same_images
+from .call import (
+    _ACTIVE,
+    IMAGE_INPUTS,
+    CallState,
+    GenerateCall,
+    _Session,
+    check_no_visual_tokens,
+    check_same_images,
+)
 
 __all__ = ["SUPPORTED_MODES", "GenerateChecks"]
 
@@ -165,12 +173,7 @@ class GenerateChecks:
                 f"tokens takes the whole conversation (mask and ids of equal width) or only the new tokens (a mask "
                 f"of {seen} + new columns)"
             )
-        if bool((new == self._image_token_id).any()):
-            raise UnsupportedModelError(
-                "the new turn brings an image: a later turn on a pruned cache continues the first turn's kept image "
-                "tokens and cannot add images; put every image in the first turn, or run the whole conversation "
-                "with an empty cache (a fresh prefill prunes all of them)"
-            )
+        check_no_visual_tokens(new, self.visual_placeholders())
         check_same_images(session, named)
         named = {k: v for k, v in named.items() if k not in IMAGE_INPUTS}  # already in the cache, pruned
         for name in SEQUENCE_INPUTS:  # (Qwen's positions read the image tokens in them at the pruned length)
