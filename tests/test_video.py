@@ -357,3 +357,11 @@ def test_video_placeholders_without_video_inputs_are_refused(family):
 
 def test_the_families_that_take_video_are_the_qwen_ones():
     assert {a.name for a in video_families()} == {Qwen2_5_VLAdapter.name, Qwen3VLAdapter.name}
+
+
+def test_the_server_path_refuses_temporal_steps_naming_what_works():
+    from tokprune.serving import ServingSpecError, serving_plan, servable_strategies
+
+    assert not {"evs", "vidcom2"} & set(servable_strategies("none"))
+    with pytest.raises(ServingSpecError, match=r"evs prunes across the frames of a video.*work here: .*divprune"):
+        serving_plan("evs(keep_ratio=0.5)", "none")
