@@ -360,7 +360,7 @@ def test_the_families_that_take_video_are_the_qwen_ones():
 
 
 def test_the_server_path_refuses_temporal_steps_naming_what_works():
-    from tokprune.serving import ServingSpecError, serving_plan, servable_strategies
+    from tokprune.serving import ServingSpecError, servable_strategies, serving_plan
 
     assert not {"evs", "vidcom2"} & set(servable_strategies("none"))
     with pytest.raises(ServingSpecError, match=r"evs prunes across the frames of a video.*work here: .*divprune"):
