@@ -16,7 +16,7 @@ offsets, no segment masks), which is what the continuation relies on; its stats 
 compared with turn one's.
 
 The conversations run as users run them: ``generate(input_ids=<the last returned sequences + the new
-question>, attention_mask=..., past_key_values=cache)``, a ragged batch of two conversations whose
+question>, attention_mask=..., cache=cache)``, a ragged batch of two conversations whose
 questions differ in length at every turn (left padding in turn one, padding in the middle after it).
 """
 
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import re
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +32,7 @@ import torch
 from transformers import DynamicCache
 
 import tokprune
+from tokprune import hf_compat as hf
 from tokprune.adapters import _tiny
 from tokprune.adapters import loop as loop_module
 from tokprune.adapters.call import IMAGE_INPUTS, CallState, GenerateCall, _Session
@@ -43,6 +43,12 @@ from tokprune.adapters.qwen3_vl import tiny_qwen3_vl
 from tokprune.errors import InputError, UnsupportedModelError
 from tokprune.testing.models import tiny_text_encoder
 from tokprune.testing.video import default_items, video_inputs
+
+
+def cached(model, cache):
+    """The cache as the keyword this transformers takes (``cache=`` from 5.24, ``past_key_values=`` before):
+    the old spelling warns from 5.24 on, and CI turns transformers' FutureWarnings into errors."""
+    return {hf.cache_keyword(type(model).forward) or "past_key_values": cache}
 
 VOCAB = _tiny.VOCAB
 FAMILIES = {
@@ -119,7 +125,7 @@ def converse(model, handle, inputs, turns=LATER_QUESTIONS, cache=None, images_ag
     cache = DynamicCache(config=model.config.get_text_config()) if cache is None else cache
     common = {"max_new_tokens": NEW_TOKENS, "do_sample": False, "pad_token_id": VOCAB.pad}
     scored = {"output_logits": True, "return_dict_in_generate": True}
-    out = model.generate(**inputs, past_key_values=cache, **common, **scored)
+    out = model.generate(**inputs, **cached(model, cache), **common, **scored)
     stats = handle.stats if handle is not None else None
     mask = torch.cat([inputs["attention_mask"], torch.ones_like(out.sequences[:, inputs["input_ids"].shape[1] :])], 1)
     logits, ends = [torch.stack(out.logits, 1)], [mask.sum(1)]
@@ -132,7 +138,7 @@ def converse(model, handle, inputs, turns=LATER_QUESTIONS, cache=None, images_ag
         extra = {k: v for k, v in inputs.items() if k in images}
         if "mm_token_type_ids" in inputs:  # what a Qwen processor returns for the whole conversation
             extra["mm_token_type_ids"] = image_types(ids, model)
-        out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, **extra, **common, **scored)
+        out = model.generate(input_ids=ids, attention_mask=mask, **cached(model, cache), **extra, **common, **scored)
         assert torch.equal(out.sequences[:, : ids.shape[1]], ids), "the returned sequences begin with the conversation"
         sequences = out.sequences
         mask = torch.cat([mask, torch.ones_like(sequences[:, ids.shape[1] :])], 1)
@@ -348,7 +354,7 @@ def test_continuing_at_the_pruned_length_is_refused_and_fails_the_check(monkeypa
 def turn_one(family="llava", spec="fastv(layer=2, keep_ratio=0.5)", seed=0):
     model, inputs, handle = setup(family, spec, seed=seed)
     cache = DynamicCache(config=model.config.get_text_config())
-    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=3, do_sample=False, pad_token_id=VOCAB.pad)
+    out = model.generate(**inputs, **cached(model, cache), max_new_tokens=3, do_sample=False, pad_token_id=VOCAB.pad)
     new = _tiny.left_padded([question_ids((11, 12)), question_ids((13,))])
     turn = {
         **inputs,
@@ -364,7 +370,7 @@ def turn_one(family="llava", spec="fastv(layer=2, keep_ratio=0.5)", seed=0):
 
 
 def later(model, cache, turn, **changes):
-    return model.generate(**{**turn, **changes}, past_key_values=cache, max_new_tokens=2, pad_token_id=VOCAB.pad)
+    return model.generate(**{**turn, **changes}, **cached(model, cache), max_new_tokens=2, pad_token_id=VOCAB.pad)
 
 
 def test_a_cache_from_another_model_or_patch_is_refused():
@@ -379,10 +385,10 @@ def test_a_cache_from_another_model_or_patch_is_refused():
     model, handle, _, turn = turn_one()  # a cache the unpatched model filled
     handle.remove()
     cache = DynamicCache(config=model.config.get_text_config())
-    model.generate(**turn, past_key_values=cache, max_new_tokens=1, pad_token_id=VOCAB.pad)
+    model.generate(**turn, **cached(model, cache), max_new_tokens=1, pad_token_id=VOCAB.pad)
     tokprune.patch(model, "fastv(layer=2, keep_ratio=0.5)", question_end=VOCAB.assistant_marker)
     with pytest.raises(UnsupportedModelError, match="or from the unpatched model"):
-        model(input_ids=turn["input_ids"][:, -1:], past_key_values=cache)
+        model(input_ids=turn["input_ids"][:, -1:], **cached(model, cache))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -416,7 +422,7 @@ def test_a_history_that_is_not_the_cached_one_is_refused():
     with pytest.raises(InputError, match="attention_mask has .* columns and input_ids"):
         later(model, cache, turn, attention_mask=turn["attention_mask"][:, 1:])
     with pytest.raises(InputError, match="attention_mask has .* columns, but this pruned cache stands for"):
-        model(input_ids=turn["input_ids"], attention_mask=turn["attention_mask"], past_key_values=cache)
+        model(input_ids=turn["input_ids"], attention_mask=turn["attention_mask"], **cached(model, cache))
 
 
 def test_stale_m_rope_offsets_are_refused_not_used():
@@ -453,9 +459,7 @@ def test_the_documented_conversation_runs_and_equals_the_reference(capsys):
     block = re.search(r"## Conversations.*?```python\n(.*?)^```", DOC.read_text(), re.S | re.M)
     assert block is not None
     namespace: dict = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # past_key_values= on transformers >= 5.24
-        exec(compile(block.group(1), str(DOC), "exec"), namespace)  # noqa: S102 (our own docs)
+    exec(compile(block.group(1), str(DOC), "exec"), namespace)  # noqa: S102 (our own docs)
     printed = capsys.readouterr().out.splitlines()
     assert len(printed) == 3 and all("->" in line for line in printed)
     model, handle, out, inputs = namespace["model"], namespace["handle"], namespace["out"], namespace["inputs"]
@@ -482,7 +486,7 @@ def test_a_forward_continues_a_pruned_cache_as_generate_does():
     # model(...) with only the new tokens, the mask over the history and them, and positions from the mask
     model, handle, cache, turn = turn_one()
     scores = model.generate(
-        **turn, past_key_values=cache, max_new_tokens=1, output_logits=True, return_dict_in_generate=True
+        **turn, **cached(model, cache), max_new_tokens=1, output_logits=True, return_dict_in_generate=True
     ).logits[0]
     model, handle, cache, turn = turn_one()
     seen = turn["input_ids"].shape[1] - 7  # the cache lacks turn one's last answer token, then the new question
@@ -492,7 +496,7 @@ def test_a_forward_continues_a_pruned_cache_as_generate_does():
             input_ids=turn["input_ids"][:, seen:],
             attention_mask=turn["attention_mask"],
             position_ids=positions,
-            past_key_values=cache,
+            **cached(model, cache),
         )
     assert (out.logits[:, -1] - scores).abs().max().item() <= ATOL
 
@@ -525,7 +529,7 @@ def test_another_video_or_a_new_video_in_a_later_turn_is_refused():
     tokprune.patch(model, "evs(keep_ratio=0.5)", question_end=VOCAB.assistant_marker)
     inputs = video_inputs(model, [default_items(0, "v"), default_items(1, "v")], question_lengths=(5, 3))
     cache = DynamicCache(config=model.config.get_text_config())
-    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=2, pad_token_id=VOCAB.pad)
+    out = model.generate(**inputs, **cached(model, cache), max_new_tokens=2, pad_token_id=VOCAB.pad)
     new = _tiny.left_padded([question_ids((11, 12)), question_ids((13,))])
     ids = torch.cat([out, new["input_ids"]], 1)
     mask = torch.cat([inputs["attention_mask"], torch.ones_like(out[:, inputs["input_ids"].shape[1] :])], 1)
