@@ -36,7 +36,7 @@ def test_shipped_configs_load_and_plan(name):
         ("batch_size=abc", ["bad value for config key 'batch_size'", "abc"]),
         ("dtype=float33", ["'dtype'", "Did you mean 'float32'?", "Valid: auto, float32, bfloat16, float16"]),
         ("positions.llm=compat", ["'positions.llm'", "Did you mean 'compact'?", "keep, compact"]),
-        ("budget_scope=tiles", ["'budget_scope'", "Did you mean 'tile'?", "Valid: image, tile"]),
+        ("budget_scope=tiles", ["'budget_scope'", "Did you mean 'tile'?", "Valid: image, tile, frame"]),
         ("dataset.name=json", ["'dataset.name'", "shapes, jsonl"]),
         ("device=tpu", ["'device'", "auto, cpu, cuda, cuda:N"]),
         ("batch_size=0", ["'batch_size' must be >= 1"]),

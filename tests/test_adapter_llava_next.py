@@ -193,6 +193,6 @@ def test_budget_scope_is_refused_where_images_have_no_tiles_and_on_bad_values(ti
             tokprune.patch(other, "random(keep_ratio=0.5)", budget_scope="tile")
         assert tokprune.adapters.handle_of(other) is None
     model, _ = tiny
-    with pytest.raises(StrategyParamError, match=r"budget_scope must be one of: image, tile; got 'crop'"):
+    with pytest.raises(StrategyParamError, match=r"budget_scope must be one of: image, tile, frame; got 'crop'"):
         tokprune.patch(model, "topk(keep_ratio=0.5)", budget_scope="crop")
     assert tokprune.adapters.handle_of(model) is None

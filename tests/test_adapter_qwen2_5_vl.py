@@ -55,7 +55,7 @@ def test_survivors_keep_their_3d_positions(tiny):
 def test_cls_strategies_and_compact_positions_are_refused(family):
     model, _ = family()
     name = "qwen3_vl" if family is tiny_qwen3_vl else "qwen2_5_vl"
-    with pytest.raises(MissingCapabilityError, match=rf"the {name} vision tower has no CLS token; vision strategies that read no CLS signal: divprune, random \("):
+    with pytest.raises(MissingCapabilityError, match=rf"the {name} vision tower has no CLS token; vision strategies that read no CLS signal: divprune, evs, random, vidcom2 \("):
         tokprune.patch(model, "topk")
     with pytest.raises(StrategyParamError, match=f"{name} uses multi-axis .*M-RoPE"):
         tokprune.patch(model, "random", vision_positions="compact")

@@ -16,7 +16,7 @@ offsets, no segment masks), which is what the continuation relies on; its stats 
 compared with turn one's.
 
 The conversations run as users run them: ``generate(input_ids=<the last returned sequences + the new
-question>, attention_mask=..., past_key_values=cache)``, a ragged batch of two conversations whose
+question>, attention_mask=..., cache=cache)``, a ragged batch of two conversations whose
 questions differ in length at every turn (left padding in turn one, padding in the middle after it).
 """
 
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import re
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +32,7 @@ import torch
 from transformers import DynamicCache
 
 import tokprune
+from tokprune import hf_compat as hf
 from tokprune.adapters import _tiny
 from tokprune.adapters import loop as loop_module
 from tokprune.adapters.call import IMAGE_INPUTS, CallState, GenerateCall, _Session
@@ -42,6 +42,13 @@ from tokprune.adapters.qwen2_5_vl import tiny_qwen2_5_vl
 from tokprune.adapters.qwen3_vl import tiny_qwen3_vl
 from tokprune.errors import InputError, UnsupportedModelError
 from tokprune.testing.models import tiny_text_encoder
+from tokprune.testing.video import default_items, video_inputs
+
+
+def cached(model, cache):
+    """The cache as the keyword this transformers takes (``cache=`` from 5.24, ``past_key_values=`` before):
+    the old spelling warns from 5.24 on, and CI turns transformers' FutureWarnings into errors."""
+    return {hf.cache_keyword(type(model).forward) or "past_key_values": cache}
 
 VOCAB = _tiny.VOCAB
 FAMILIES = {
@@ -105,8 +112,10 @@ def setup(family: str, spec: str, seed: int = 0):
     return model, make_inputs((5, 3)), handle
 
 
-def image_types(ids: torch.Tensor) -> torch.Tensor:
-    return (ids == VOCAB.image).int()
+def image_types(ids: torch.Tensor, model=None) -> torch.Tensor:
+    """``mm_token_type_ids`` as a Qwen processor makes them: 1 at image placeholders, 2 at video ones."""
+    video = getattr(getattr(model, "config", None), "video_token_id", None)
+    return (ids == VOCAB.image).int() + (2 * (ids == video).int() if video is not None else 0)
 
 
 def converse(model, handle, inputs, turns=LATER_QUESTIONS, cache=None, images_again=True) -> Conversation:
@@ -116,7 +125,7 @@ def converse(model, handle, inputs, turns=LATER_QUESTIONS, cache=None, images_ag
     cache = DynamicCache(config=model.config.get_text_config()) if cache is None else cache
     common = {"max_new_tokens": NEW_TOKENS, "do_sample": False, "pad_token_id": VOCAB.pad}
     scored = {"output_logits": True, "return_dict_in_generate": True}
-    out = model.generate(**inputs, past_key_values=cache, **common, **scored)
+    out = model.generate(**inputs, **cached(model, cache), **common, **scored)
     stats = handle.stats if handle is not None else None
     mask = torch.cat([inputs["attention_mask"], torch.ones_like(out.sequences[:, inputs["input_ids"].shape[1] :])], 1)
     logits, ends = [torch.stack(out.logits, 1)], [mask.sum(1)]
@@ -128,8 +137,8 @@ def converse(model, handle, inputs, turns=LATER_QUESTIONS, cache=None, images_ag
         images = IMAGE_INPUTS if images_again else ()
         extra = {k: v for k, v in inputs.items() if k in images}
         if "mm_token_type_ids" in inputs:  # what a Qwen processor returns for the whole conversation
-            extra["mm_token_type_ids"] = image_types(ids)
-        out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, **extra, **common, **scored)
+            extra["mm_token_type_ids"] = image_types(ids, model)
+        out = model.generate(input_ids=ids, attention_mask=mask, **cached(model, cache), **extra, **common, **scored)
         assert torch.equal(out.sequences[:, : ids.shape[1]], ids), "the returned sequences begin with the conversation"
         sequences = out.sequences
         mask = torch.cat([mask, torch.ones_like(sequences[:, ids.shape[1] :])], 1)
@@ -138,12 +147,15 @@ def converse(model, handle, inputs, turns=LATER_QUESTIONS, cache=None, images_ag
     return Conversation(sequences, mask, logits, inputs["attention_mask"].sum(1), ends, stats)
 
 
-def sample_inputs(inputs, conv: Conversation, i: int, upto: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Sample ``i``'s whole conversation alone, without padding, up to its ``upto`` first tokens."""
+def sample_inputs(inputs, conv: Conversation, i: int, upto: int, model=None, solo=None) -> dict[str, torch.Tensor]:
+    """Sample ``i``'s whole conversation alone, without padding, up to its ``upto`` first tokens; ``solo(i)``
+    gives its visual inputs alone (else they are cut out of the batch's: one image per sample)."""
     valid = conv.mask[i].bool()
     ids = conv.sequences[i, valid][None, :upto]
     one = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    if "image_grid_thw" in inputs:
+    if solo is not None:
+        one.update(solo(i), mm_token_type_ids=image_types(ids, model))
+    elif "image_grid_thw" in inputs:
         grid = inputs["image_grid_thw"]
         sizes = grid.prod(-1).tolist()
         start = sum(sizes[:i])
@@ -167,12 +179,22 @@ def reference_logits(model, handle, inputs: dict[str, torch.Tensor], prompt_len:
         return model(**inputs, use_cache=False).logits
 
 
-def check_conversation(model, handle, inputs, conv: Conversation) -> None:
+def kept_rows(kept, sample: int, which: torch.Tensor) -> list[torch.Tensor]:
+    """The rows of ``which`` (bool ``[I, N]``, a kept map's) of the images and videos of ``sample``, each cut
+    to its own token count."""
+    return [which[r, : int(kept.tokens[r])] for r in (kept.image_sample == sample).nonzero()[:, 0].tolist()]
+
+
+def same_rows(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def check_conversation(model, handle, inputs, conv: Conversation, solo=None) -> None:
     """Every turn's scores and greedy tokens equal the reference's, sample by sample, and the reference
     kept what turn one kept."""
     for i in range(conv.sequences.shape[0]):
         end = int(conv.ends[-1][i])
-        one = sample_inputs(inputs, conv, i, end - 1)  # the last token is predicted, never fed
+        one = sample_inputs(inputs, conv, i, end - 1, model, solo)  # the last token is predicted, never fed
         ref = reference_logits(model, handle, one, int(conv.prompt_valid[i]))[0]
         for turn, (scores, stop) in enumerate(zip(conv.logits, conv.ends)):
             stop = int(stop[i])
@@ -183,11 +205,12 @@ def check_conversation(model, handle, inputs, conv: Conversation) -> None:
             assert torch.equal(want.argmax(-1), tokens), f"sample {i}, turn {turn + 1}: greedy tokens differ"
         ref_stats, first = handle.stats, conv.stats  # the reference's prefill decided on turn one's prompt again
         assert int(ref_stats.visual_kept[0]) == int(first.visual_kept[i])
-        n = int(first.kept.tokens[i])
-        assert torch.equal(ref_stats.kept.vision[0, :n], first.kept.vision[i, :n]), f"sample {i}: other image tokens"
+        ref_kept, kept = ref_stats.kept, first.kept
+        same = same_rows(kept_rows(ref_kept, 0, ref_kept.vision), kept_rows(kept, i, kept.vision))
+        assert same, f"sample {i}: other image tokens than turn one's"
         for layer, count in first.llm_kept.items():
             assert int(ref_stats.llm_kept[layer][0]) == int(count[i]), f"layer {layer}: another cut than turn one's"
-            same = torch.equal(ref_stats.kept.layers[layer][0, :n], first.kept.layers[layer][i, :n])
+            same = same_rows(kept_rows(ref_kept, 0, ref_kept.layers[layer]), kept_rows(kept, i, kept.layers[layer]))
             assert same, f"sample {i}, layer {layer}: other image tokens than turn one's"
 
 
@@ -197,6 +220,23 @@ def test_later_turns_equal_the_conversation_rerun_with_turn_one_kept(family, spe
     conv = converse(model, handle, inputs)
     assert conv.stats.visual_kept.sum() < conv.stats.visual_unpruned.sum() or conv.stats.llm_kept
     check_conversation(model, handle, inputs, conv)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("kinds, spec", [("vv", "evs(keep_ratio=0.5)"), ("iv", "fastv(layer=2, keep_ratio=0.5)")])
+def test_a_conversation_about_a_video(family, kinds, spec):
+    # turn one brings a video (and an image): the later turns continue its pruned frames
+    model = FAMILIES[family](seed=0)[0]
+    handle = tokprune.patch(model, spec, question_end=VOCAB.assistant_marker)
+    samples, lengths = [default_items(0, kinds[0]), default_items(1, kinds[1])], (5, 3)
+    inputs = video_inputs(model, samples, question_lengths=lengths)
+
+    def solo(i):
+        alone = video_inputs(model, [samples[i]], question_lengths=[lengths[i]], seeds=[i])
+        return {k: v for k, v in alone.items() if k in IMAGE_INPUTS}
+
+    conv = converse(model, handle, inputs)
+    check_conversation(model, handle, inputs, conv, solo=solo)
 
 
 def test_a_keep_all_patch_continues_a_conversation_as_the_stock_model_does():
@@ -301,6 +341,7 @@ def test_continuing_at_the_pruned_length_is_refused_and_fails_the_check(monkeypa
     model, inputs, handle = setup("llava", "divprune(keep_ratio=0.5)")
     monkeypatch.setattr(loop_module, "check_mask_width", lambda *args: None)
     monkeypatch.setattr(loop_module, "check_positions_follow", lambda *args: None)
+    monkeypatch.setattr(loop_module, "check_no_visual_tokens", lambda *args: None)  # it re-feeds image tokens
     conv = converse(model, handle, inputs)
     monkeypatch.undo()
     with pytest.raises(AssertionError, match="differ"):
@@ -313,7 +354,7 @@ def test_continuing_at_the_pruned_length_is_refused_and_fails_the_check(monkeypa
 def turn_one(family="llava", spec="fastv(layer=2, keep_ratio=0.5)", seed=0):
     model, inputs, handle = setup(family, spec, seed=seed)
     cache = DynamicCache(config=model.config.get_text_config())
-    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=3, do_sample=False, pad_token_id=VOCAB.pad)
+    out = model.generate(**inputs, **cached(model, cache), max_new_tokens=3, do_sample=False, pad_token_id=VOCAB.pad)
     new = _tiny.left_padded([question_ids((11, 12)), question_ids((13,))])
     turn = {
         **inputs,
@@ -324,12 +365,12 @@ def turn_one(family="llava", spec="fastv(layer=2, keep_ratio=0.5)", seed=0):
         ),
     }
     if "mm_token_type_ids" in inputs:
-        turn["mm_token_type_ids"] = image_types(turn["input_ids"])
+        turn["mm_token_type_ids"] = image_types(turn["input_ids"], model)
     return model, handle, cache, turn
 
 
 def later(model, cache, turn, **changes):
-    return model.generate(**{**turn, **changes}, past_key_values=cache, max_new_tokens=2, pad_token_id=VOCAB.pad)
+    return model.generate(**{**turn, **changes}, **cached(model, cache), max_new_tokens=2, pad_token_id=VOCAB.pad)
 
 
 def test_a_cache_from_another_model_or_patch_is_refused():
@@ -344,10 +385,10 @@ def test_a_cache_from_another_model_or_patch_is_refused():
     model, handle, _, turn = turn_one()  # a cache the unpatched model filled
     handle.remove()
     cache = DynamicCache(config=model.config.get_text_config())
-    model.generate(**turn, past_key_values=cache, max_new_tokens=1, pad_token_id=VOCAB.pad)
+    model.generate(**turn, **cached(model, cache), max_new_tokens=1, pad_token_id=VOCAB.pad)
     tokprune.patch(model, "fastv(layer=2, keep_ratio=0.5)", question_end=VOCAB.assistant_marker)
     with pytest.raises(UnsupportedModelError, match="or from the unpatched model"):
-        model(input_ids=turn["input_ids"][:, -1:], past_key_values=cache)
+        model(input_ids=turn["input_ids"][:, -1:], **cached(model, cache))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -358,9 +399,13 @@ def test_another_image_in_a_later_turn_is_refused(family):
     # a new image placeholder among the new tokens
     ids = turn["input_ids"].clone()
     ids[:, -3] = VOCAB.image
-    with pytest.raises(UnsupportedModelError, match="the new turn brings an image"):
+    with pytest.raises(UnsupportedModelError, match="the new turn brings an image or a video"):
         later(
-            model, cache, turn, input_ids=ids, **({"mm_token_type_ids": image_types(ids)} if family != "llava" else {})
+            model,
+            cache,
+            turn,
+            input_ids=ids,
+            **({"mm_token_type_ids": image_types(ids, model)} if family != "llava" else {}),
         )
     # nothing was consumed by the refusals: the same turn then runs
     assert later(model, cache, turn).shape[1] == turn["input_ids"].shape[1] + 2
@@ -377,7 +422,7 @@ def test_a_history_that_is_not_the_cached_one_is_refused():
     with pytest.raises(InputError, match="attention_mask has .* columns and input_ids"):
         later(model, cache, turn, attention_mask=turn["attention_mask"][:, 1:])
     with pytest.raises(InputError, match="attention_mask has .* columns, but this pruned cache stands for"):
-        model(input_ids=turn["input_ids"], attention_mask=turn["attention_mask"], past_key_values=cache)
+        model(input_ids=turn["input_ids"], attention_mask=turn["attention_mask"], **cached(model, cache))
 
 
 def test_stale_m_rope_offsets_are_refused_not_used():
@@ -390,12 +435,14 @@ def test_stale_m_rope_offsets_are_refused_not_used():
         later(model, cache, turn)
 
 
-def test_the_new_tokens_only_form_equals_the_whole_conversation():
-    # HF's other form: input_ids are only the new tokens, the attention mask covers the history too
-    model, handle, cache, turn = turn_one()
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_the_new_tokens_only_form_equals_the_whole_conversation(family):
+    # HF's other form: input_ids are only the new tokens, the attention mask (and Qwen's token types, as a
+    # processor returns them) cover the history too
+    model, handle, cache, turn = turn_one(family, "divprune(keep_ratio=0.5)")
     width = cache.get_seq_length()
     whole = later(model, cache, turn)
-    model, handle, cache, turn = turn_one()
+    model, handle, cache, turn = turn_one(family, "divprune(keep_ratio=0.5)")
     seen = turn["input_ids"].shape[1] - 7  # the cache lacks turn one's last answer token, then the new question
     new_only = later(model, cache, turn, input_ids=turn["input_ids"][:, seen:])
     assert width > 0 and torch.equal(new_only, whole[:, seen:])
@@ -412,9 +459,7 @@ def test_the_documented_conversation_runs_and_equals_the_reference(capsys):
     block = re.search(r"## Conversations.*?```python\n(.*?)^```", DOC.read_text(), re.S | re.M)
     assert block is not None
     namespace: dict = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # past_key_values= on transformers >= 5.24
-        exec(compile(block.group(1), str(DOC), "exec"), namespace)  # noqa: S102 (our own docs)
+    exec(compile(block.group(1), str(DOC), "exec"), namespace)  # noqa: S102 (our own docs)
     printed = capsys.readouterr().out.splitlines()
     assert len(printed) == 3 and all("->" in line for line in printed)
     model, handle, out, inputs = namespace["model"], namespace["handle"], namespace["out"], namespace["inputs"]
@@ -441,7 +486,7 @@ def test_a_forward_continues_a_pruned_cache_as_generate_does():
     # model(...) with only the new tokens, the mask over the history and them, and positions from the mask
     model, handle, cache, turn = turn_one()
     scores = model.generate(
-        **turn, past_key_values=cache, max_new_tokens=1, output_logits=True, return_dict_in_generate=True
+        **turn, **cached(model, cache), max_new_tokens=1, output_logits=True, return_dict_in_generate=True
     ).logits[0]
     model, handle, cache, turn = turn_one()
     seen = turn["input_ids"].shape[1] - 7  # the cache lacks turn one's last answer token, then the new question
@@ -451,7 +496,7 @@ def test_a_forward_continues_a_pruned_cache_as_generate_does():
             input_ids=turn["input_ids"][:, seen:],
             attention_mask=turn["attention_mask"],
             position_ids=positions,
-            past_key_values=cache,
+            **cached(model, cache),
         )
     assert (out.logits[:, -1] - scores).abs().max().item() <= ATOL
 
@@ -477,3 +522,23 @@ def test_a_later_turn_needs_the_cache_and_one_sequence_per_prompt():
     for bad in ({"use_cache": False}, {"num_return_sequences": 2, "do_sample": True}):
         with pytest.raises(UnsupportedModelError, match="continuing a pruned cache"):
             later(model, cache, turn, **bad)
+
+
+def test_another_video_or_a_new_video_in_a_later_turn_is_refused():
+    model = FAMILIES["qwen2_5_vl"](seed=0)[0]
+    tokprune.patch(model, "evs(keep_ratio=0.5)", question_end=VOCAB.assistant_marker)
+    inputs = video_inputs(model, [default_items(0, "v"), default_items(1, "v")], question_lengths=(5, 3))
+    cache = DynamicCache(config=model.config.get_text_config())
+    out = model.generate(**inputs, **cached(model, cache), max_new_tokens=2, pad_token_id=VOCAB.pad)
+    new = _tiny.left_padded([question_ids((11, 12)), question_ids((13,))])
+    ids = torch.cat([out, new["input_ids"]], 1)
+    mask = torch.cat([inputs["attention_mask"], torch.ones_like(out[:, inputs["input_ids"].shape[1] :])], 1)
+    turn = {**inputs, "input_ids": ids, "attention_mask": torch.cat([mask, new["attention_mask"]], 1)}
+    turn["mm_token_type_ids"] = image_types(ids, model)
+    with pytest.raises(InputError, match="pixel_values_videos differs from the one this pruned cache"):
+        later(model, cache, turn, pixel_values_videos=inputs["pixel_values_videos"] + 1)
+    video = ids.clone()
+    video[:, -3] = model.config.video_token_id
+    with pytest.raises(UnsupportedModelError, match="the new turn brings an image or a video"):
+        later(model, cache, turn, input_ids=video, mm_token_type_ids=image_types(video, model))
+    assert later(model, cache, turn).shape[1] == ids.shape[1] + 2  # the turn as given then runs

@@ -159,6 +159,11 @@ def check_video_contract(model: Any, spec: str, adapter: type | None = None, **o
         logits, run, seen = _run(model, f"{keep_all}({args})", batch, adapter, **options)
         torch.testing.assert_close(logits[:, -1], stock_logits[:, -1], rtol=1e-5, atol=1e-5)
         check_layer0_matches_stock(model, batch, stock, run, seen)
+        if adapter is None:  # generate too (once per strategy: the mutants fail above)
+            with torch.no_grad():
+                stock_tokens = model.generate(**batch, max_new_tokens=3)
+                with tokprune.pruned(model, f"{keep_all}({args})", question_end=MARKER, **options):
+                    assert torch.equal(model.generate(**batch, max_new_tokens=3), stock_tokens), "keep-all generate"
     logits, run, seen = _run(model, spec, batch, adapter, **options)
     assert (run.stats.image_kept <= run.stats.image_tokens).all()
     check_layer0_matches_stock(model, batch, stock, run, seen)
@@ -193,6 +198,18 @@ def test_llm_stage_steps_after_a_video_pass_the_video_contract(family):
     _, model = family
     check_video_contract(model, "fastv(layer=2, keep_ratio=0.5)")
     check_video_contract(model, "evs(keep_ratio=0.5)+fastv(layer=2, keep_ratio=0.5)")
+
+
+def test_video_time_spacing_reaches_the_positions():
+    # Qwen2.5-VL spaces a video's frames by tokens_per_second * second_per_grid_ts: survivors keep those ids
+    model = Qwen2_5_VLAdapter.tiny(seed=1).model
+    for seconds in (0.5, 2.0):
+        batch = video_inputs(model, [SAMPLES[0], SAMPLES[1]], [3, 5], second_per_grid=seconds)
+        _, stock = _stock(model, batch)
+        _, run, seen = _run(model, "evs(keep_ratio=0.5)", batch)
+        check_layer0_matches_stock(model, batch, stock, run, seen)
+        t = stock["pos"][0, 0][batch["input_ids"][0] == model.config.video_token_id]
+        assert len(set(t.tolist())) == 3 and (t.diff() >= 0).all()  # three frames, spaced in time
 
 
 # -- mutants the contract must reject ---------------------------------------------------------------------
@@ -359,3 +376,11 @@ def test_video_placeholders_without_video_inputs_are_refused(family):
 
 def test_the_families_that_take_video_are_the_qwen_ones():
     assert {a.name for a in video_families()} == {Qwen2_5_VLAdapter.name, Qwen3VLAdapter.name}
+
+
+def test_the_server_path_refuses_temporal_steps_naming_what_works():
+    from tokprune.serving import ServingSpecError, servable_strategies, serving_plan
+
+    assert not {"evs", "vidcom2"} & set(servable_strategies("none"))
+    with pytest.raises(ServingSpecError, match=r"evs prunes across the frames of a video.*work here: .*divprune"):
+        serving_plan("evs(keep_ratio=0.5)", "none")

@@ -57,7 +57,7 @@ def servable_strategies(tower: TowerSignals = "cls") -> list[str]:
     names = []
     for name in available(stage="vision"):
         cls = describe(name).cls
-        if not _fixed_budget(cls) or not cls.ragged_vision:
+        if not _fixed_budget(cls) or not cls.ragged_vision or cls.temporal:  # temporal: videos, not served yet
             continue
         if tower == "none" and cls().requires():
             continue
@@ -192,6 +192,11 @@ def serving_plan(spec: str | None, tower: TowerSignals = "cls", family: str = "t
         raise ServingSpecError(
             f"tokprune spec {text!r}: {step.name} chooses how many tokens to keep from the image, but a server "
             f"sizes the prompt before the image is encoded; use a fixed budget (keep= or keep_ratio=) with: {working}"
+        )
+    if step.temporal:
+        raise ServingSpecError(
+            f"tokprune spec {text!r}: {step.name} prunes across the frames of a video, and the tokprune server path "
+            f"prunes images; vLLM's own --video-pruning-rate runs EVS on videos; strategies that work here: {working}"
         )
     if tower == "none" and step.requires():
         signals = ", ".join(f"{s.kind}@{s.layer}" for s in sorted(step.requires(), key=lambda s: (s.kind, s.layer)))

@@ -95,7 +95,7 @@ def vision_positions_arg(value: str) -> str | None:
     """The ``vision_positions`` argument of :func:`tokprune.patch` for a ``positions.vision`` config value."""
     return None if value == "method" else value
 ENGINES = ("transformers", "vllm")
-BUDGET_SCOPES = ("image", "tile")  # tokprune.adapters.BUDGET_SCOPES, without importing the adapters
+BUDGET_SCOPES = ("image", "tile", "frame")  # tokprune.adapters.BUDGET_SCOPES, without importing the adapters
 DATASETS = ("shapes", "jsonl")
 SCORERS = ("auto", "shapes", "exact", "vqa", "yesno")
 SHAPES_SPLITS = ("test", "val")

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from ..errors import InputError, InternalError
+from ..errors import InputError, InternalError, UnsupportedModelError
 
 if TYPE_CHECKING:
     from .decoder import PrunedDecoderAdapter
@@ -33,6 +33,7 @@ __all__ = [
     "CaptureKey",
     "GenerateCall",
     "check_mask_width",
+    "check_no_visual_tokens",
     "check_positions_follow",
     "check_same_images",
 ]
@@ -76,6 +77,9 @@ class CallState:
     capture: dict[CaptureKey, Tensor] | None = None
     #: this forward's prompts ``(input_ids, valid)`` ``[B, L]`` (None: those of ``generate``, if any)
     prompt: tuple[Tensor, Tensor] | None = None
+    #: the caller's own ``input_ids`` and visual inputs where the family rewrote them before the shared forward
+    #: (Qwen-VL's videos become pre-encoded images): what a later turn of the conversation is checked against
+    caller_inputs: dict[str, Tensor] = field(default_factory=dict)
 
     def prompts(self) -> tuple[Tensor, Tensor] | None:
         """The prompts this call's images belong to (the instruction-conditioned vision steps' input)."""
@@ -168,6 +172,16 @@ def check_same_images(session: _Session, given: dict[str, Any]) -> None:
                 "the first turn's kept image tokens, so its images must be the same; for another image start a new "
                 "conversation (an empty cache)"
             )
+
+
+def check_no_visual_tokens(new_ids: Tensor, placeholders: list[int]) -> None:
+    """Refuse image or video placeholders (``placeholders``) among a later turn's new tokens (long ``[B, q]``)."""
+    if bool(torch.isin(new_ids, torch.tensor(placeholders, device=new_ids.device)).any()):
+        raise UnsupportedModelError(
+            "the new turn brings an image or a video: a later turn on a pruned cache continues the first turn's "
+            "kept visual tokens and cannot add any; put every image and video in the first turn, or run the "
+            "whole conversation with an empty cache (a fresh prefill prunes all of them)"
+        )
 
 
 def check_mask_width(session: _Session, attention_mask: Tensor | None, q: int) -> None:

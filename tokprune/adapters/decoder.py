@@ -124,7 +124,12 @@ class PrunedDecoderAdapter(VisualItems, DecoderLoop, Assembly, GenerateChecks, S
         if self.variable_image_tokens and step is not None and not step.ragged_vision:
             from ..registry import available, describe
 
-            ragged = [name for name in available(stage="vision") if describe(name).cls.ragged_vision]
+            video = "frame" in self.budget_scopes  # temporal steps run only where there is video
+            ragged = [
+                name
+                for name in available(stage="vision")
+                if describe(name).cls.ragged_vision and (video or not describe(name).cls.temporal)
+            ]
             raise MissingCapabilityError(
                 f"{step.short_spec()} cuts images of one fixed size, but {self.name} images differ in token count "
                 f"(ragged vision contexts); vision strategies that cut per image: {', '.join(ragged)}"
@@ -183,6 +188,8 @@ class PrunedDecoderAdapter(VisualItems, DecoderLoop, Assembly, GenerateChecks, S
         working = []
         for name in available(stage="vision"):
             cls = describe(name).cls
+            if cls.temporal and "frame" not in self.budget_scopes:
+                continue  # refused here anyway: this family takes no video
             if not cls().requires() and (cls.ragged_vision or not self.variable_image_tokens):
                 working.append(name)
         signals = ", ".join(f"{s.kind}@{s.layer}" for s in sorted(step.requires(), key=lambda s: (s.kind, s.layer)))

@@ -183,7 +183,8 @@ def join_items(parts: Sequence[ImageFeatures], order: Tensor) -> ImageFeatures:
         if values[0].dim() >= 2 and name not in ("grid_thw",):
             most = max(v.shape[1] for v in values)
             values = [_pad_cols(v, most, fill) for v in values]
-        return torch.cat(values)[order]
+        joined_values = torch.cat(values)
+        return joined_values[order.to(joined_values.device)]  # grids and cells may live on the host
 
     deepstack = None
     if all(p.deepstack is not None for p in parts):

@@ -13,7 +13,15 @@ from torch import Tensor
 
 from .. import hf_compat as hf
 from ..errors import InputError, UnsupportedModelError
-from .call import _ACTIVE, IMAGE_INPUTS, CallState, GenerateCall, _Session, check_same_images
+from .call import (
+    _ACTIVE,
+    IMAGE_INPUTS,
+    CallState,
+    GenerateCall,
+    _Session,
+    check_no_visual_tokens,
+    check_same_images,
+)
 
 __all__ = ["SUPPORTED_MODES", "GenerateChecks"]
 
@@ -131,12 +139,12 @@ class GenerateChecks:
         mask = named.get("attention_mask")
         b, n = input_ids.shape
         seen = session.seen
-        held, held_valid = session.held()
+        held, held_valid = (t.to(input_ids.device) for t in session.held())  # generate() may run ids elsewhere
         if b != session.batch:
             raise InputError(f"the cache holds {session.batch} conversations, input_ids has {b} rows")
         if mask is not None and mask.shape[1] == seen + n:  # only the new tokens; the mask covers the history too
             history, new = None, input_ids
-            if not torch.equal(mask[:, :seen].bool(), held_valid):
+            if not torch.equal(mask[:, :seen].bool().to(held_valid.device), held_valid):
                 raise InputError("attention_mask's first columns differ from the padding of the tokens the cache holds")
         elif mask is None or mask.shape[1] == n:  # the whole conversation
             if n <= seen:
@@ -148,7 +156,7 @@ class GenerateChecks:
             history, new = input_ids[:, :seen], input_ids[:, seen:]
             same = (history == held) | ~held_valid
             if mask is not None:
-                same &= mask[:, :seen].bool() == held_valid
+                same &= mask[:, :seen].bool().to(held_valid.device) == held_valid
             if not bool(same.all()):
                 row, col = (~same).nonzero()[0].tolist()
                 raise InputError(
@@ -165,18 +173,13 @@ class GenerateChecks:
                 f"tokens takes the whole conversation (mask and ids of equal width) or only the new tokens (a mask "
                 f"of {seen} + new columns)"
             )
-        if bool((new == self._image_token_id).any()):
-            raise UnsupportedModelError(
-                "the new turn brings an image: a later turn on a pruned cache continues the first turn's kept image "
-                "tokens and cannot add images; put every image in the first turn, or run the whole conversation "
-                "with an empty cache (a fresh prefill prunes all of them)"
-            )
+        check_no_visual_tokens(new, self.visual_placeholders())
         check_same_images(session, named)
         named = {k: v for k, v in named.items() if k not in IMAGE_INPUTS}  # already in the cache, pruned
-        for name in SEQUENCE_INPUTS:
+        for name in SEQUENCE_INPUTS:  # (Qwen's positions read the image tokens in them at the pruned length)
             value = named.get(name)
-            if isinstance(value, Tensor) and value.shape[-1] == n and history is not None:
-                named[name] = value[..., seen:]
+            if isinstance(value, Tensor) and value.shape[-1] > new.shape[1]:
+                named[name] = value[..., -new.shape[1] :]
         named[key] = new
         named["attention_mask"] = mask
         tensors = {k: v for k, v in named.items() if isinstance(v, Tensor)}

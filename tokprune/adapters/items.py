@@ -51,6 +51,7 @@ class VisualItems:
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         prefill = cache is None or cache.get_seq_length() == 0
         if input_ids is None or inputs_embeds is not None or not prefill:  # refused, or decoding: the shared path
+            kwargs["pixel_values_videos"] = pixels  # a later turn's videos are checked against the cached ones
             return super()._forward_call(
                 call, input_ids, pixel_values, attention_mask, position_ids, inputs_embeds, mm or None, kwargs
             )
@@ -80,6 +81,9 @@ class VisualItems:
         joined = join_items(parts, item_order(input_ids, prompt, kinds))
         ids = torch.where((input_ids == video_id) & prompt, self._image_token_id, input_ids)
         mm["image"] = ImageFeatures.of(joined)
+        # what a later turn of the conversation is checked against: the caller's ids and pixels, not ours
+        call.caller_inputs = {"input_ids": input_ids, "pixel_values": pixel_values, "pixel_values_videos": pixels}
+        call.caller_inputs = {k: v for k, v in call.caller_inputs.items() if v is not None}
         return super()._forward_call(call, ids, None, attention_mask, position_ids, None, mm, kwargs)
 
     def _videos(

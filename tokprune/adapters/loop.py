@@ -31,6 +31,7 @@ from .call import (
     _Segment,
     _Session,
     check_mask_width,
+    check_no_visual_tokens,
     check_positions_follow,
     check_same_images,
 )
@@ -121,8 +122,12 @@ class DecoderLoop:
                 images = {
                     **options,
                     "pixel_values": pixel_values if pixel_values is not None else options.get("pixel_values"),
+                    **call.caller_inputs,
                 }
-                self._sessions[cache].images = {k: images[k] for k in IMAGE_INPUTS if images.get(k) is not None}
+                session = self._sessions[cache]
+                session.images = {k: images[k] for k in IMAGE_INPUTS if images.get(k) is not None}
+                if "input_ids" in call.caller_inputs:  # the family rewrote the placeholders: keep the caller's
+                    session.tokens[0] = call.caller_inputs["input_ids"]
         out = hf.model_output(
             self._output_class, last_hidden_state=hidden, cache=cache if use_cache else past, image_features=encoded
         )
@@ -327,6 +332,7 @@ class DecoderLoop:
         position_ids = self.decode_positions(position_ids, session.seen, b, q, device)
         if q > 1:  # a later turn: its first token must follow the cached ones (a stale offset would shift it)
             check_positions_follow(session, self.text_positions(position_ids), new_valid)
+            check_no_visual_tokens(input_ids, self.visual_placeholders())
         hidden = self._lm.embed_tokens(input_ids)
         starts = {seg.start: seg for seg in session.segments}
         # Whether the new tokens are all valid: one read per step, and only while some segment's mask
@@ -369,6 +375,12 @@ class DecoderLoop:
                 "a pruned cache is known to the patch only when made by handle.copy_cache(cache), not copy.deepcopy)"
             )
         return session
+
+    def visual_placeholders(self) -> list[int]:
+        """The token ids that stand for visual tokens in a prompt (the image's, and the video's where the
+        family takes videos): a later turn on a pruned cache may bring none of them."""
+        video = self.model_parts.video_token_id
+        return [self._image_token_id] + ([video] if video is not None else [])
 
     def copy_cache(self, cache: Any) -> Any:
         """A copy of a cache this patch filled, which the patch continues like the original: to branch a
