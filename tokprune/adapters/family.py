@@ -13,6 +13,7 @@ the family provides               the core owns (``decoder``, ``loop``, ``assemb
 ``encode_images``: one padded     the capture of the tower's q/k on ``TowerSignals.layers``,
 batch, per-image lengths, the     the strategy's :class:`~tokprune.strategy.VisionContext` and
 tower's states                    its call, diagnostics
+``encode_videos`` (video only)    a prompt's images and videos joined in prompt order (``items``)
 ``project``: features -> LLM      pre-encoded features (``generate``), their checks
 ``place_plan`` (optional): the    the assembly: kept rows into their placeholders, extra tokens,
 plan in the LLM's token order     roles, position modes
