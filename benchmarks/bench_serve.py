@@ -22,7 +22,9 @@ median over the rounds): the frontend processor (tokprune's spec check and place
 the encoder step (vLLM's tower plus tokprune's selection), the selection alone (``ServingPlan.select``), the
 plugin's M-RoPE position work, the LLM's prefill forward, its decode forwards, and the rest (scheduling,
 sampling, detokenizing: the engine's Python). Timers wrap the methods of this one in-process engine (on CUDA
-each synchronises, which slows the run a little).
+each synchronises, which slows the run a little). Then the ceiling the token-count model allows a request
+whose other parts do not shrink: the stock request with only its prefill forward scaled by the prompt ratio
+(``meas/ceiling`` near 1: the plugin loses nothing beyond what pruning cannot reach).
 
 ``--smoke``: the tiny test checkpoint, concurrency 1 and 2, one round (seconds of work after the engine
 starts). Needs vLLM (docs/serving.md); without it the script says so and exits 0.
@@ -175,29 +177,51 @@ class Profile:
 
 
 def profile(llm, variants: list[tuple[str, str | None]], args: argparse.Namespace) -> None:
-    """Where one request's time goes at concurrency 1, per variant (ms per request, median of the rounds)."""
+    """Where one request's time goes at concurrency 1, per variant (ms per request, median of the rounds), and
+    the ceiling the token-count model allows when only the prefill forward shrinks with the prompt."""
     labels = ["frontend", "encoder+select", "select", "positions", "recompute", "prefill", "decode", "rest", "total"]
     rows: dict[str, dict[str, list[float]]] = {name: {label: [] for label in labels} for name, _ in variants}
+    prompts: dict[str, int] = {}
+    rounds = max(args.rounds, 3)
     with Profile(args.device) as timers:
         seed = 10_000
-        for _ in range(max(args.rounds, 3)):
+        for _ in range(rounds):
             for name, spec in variants:
                 seed += 1
                 timers.take()
-                wall, _ = run_round(llm, spec, 1, args.max_tokens, seed, args.image)
+                wall, outs = run_round(llm, spec, 1, args.max_tokens, seed, args.image)
                 seconds = timers.take()
                 seconds["total"] = wall
+                prompts[name] = len(outs[0].prompt_token_ids)
                 # select runs inside the encoder step, recompute inside the runner's step before prefill
                 inside = ("frontend", "encoder+select", "positions", "recompute", "prefill", "decode")
                 seconds["rest"] = wall - sum(seconds.get(label, 0.0) for label in inside)
                 for label in labels:
                     rows[name][label].append(seconds.get(label, 0.0))
-    print(f"\nwhere a request's time goes at concurrency 1 (ms per request, median of {max(args.rounds, 3)} rounds; "
-          f"{args.max_tokens} output tokens: 1 prefill + {args.max_tokens - 1} decode forwards)")
+    median = {name: {label: float(np.median(v)) for label, v in row.items()} for name, row in rows.items()}
+    print(
+        f"\nwhere a request's time goes at concurrency 1 (ms per request, median of {rounds} rounds; "
+        f"{args.max_tokens} output tokens: 1 prefill + {args.max_tokens - 1} decode forwards)"
+    )
     print(f"{'variant':<12} " + " ".join(f"{label:>14}" for label in labels))
     for name, _ in variants:
-        cells = [f"{np.median(rows[name][label]) * 1e3:>14.1f}" for label in labels]
-        print(f"{name:<12} " + " ".join(cells), flush=True)
+        print(f"{name:<12} " + " ".join(f"{median[name][label] * 1e3:>14.1f}" for label in labels), flush=True)
+    # ceiling: the stock request with only its prefill forward shortened by the token-count model
+    stock = median["stock"]
+    print(
+        "\nspeedup per request (stock total / variant total) beside the token-count model and its prefill-only "
+        "ceiling (the stock request with only its prefill forward scaled by the prompt ratio)"
+    )
+    print(f"{'variant':<12} {'total x':>8} {'prefill x':>9} {'model x':>8} {'ceiling x':>9} {'meas/ceiling':>12}")
+    for name, _ in variants:
+        ratio = prompts["stock"] / prompts[name]
+        ceiling = stock["total"] / (stock["total"] - stock["prefill"] * (1 - 1 / ratio))
+        total = stock["total"] / median[name]["total"]
+        prefill = stock["prefill"] / median[name]["prefill"] if median[name]["prefill"] else float("nan")
+        print(
+            f"{name:<12} {total:>7.2f}x {prefill:>8.2f}x {ratio:>7.2f}x {ceiling:>8.2f}x {total / ceiling:>12.2f}",
+            flush=True,
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
