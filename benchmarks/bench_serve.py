@@ -22,7 +22,8 @@ median over the rounds): the frontend processor (tokprune's spec check and place
 the encoder step (vLLM's tower plus tokprune's selection), the selection alone (``ServingPlan.select``), the
 plugin's M-RoPE position work, the LLM's prefill forward, its decode forwards, and the rest (scheduling,
 sampling, detokenizing: the engine's Python). Timers wrap the methods of this one in-process engine (on CUDA
-each synchronises, which slows the run a little). Then the ceiling the token-count model allows a request
+each synchronises, which slows the run a little, and forwards replayed from CUDA graphs, the decode steps,
+bypass the forward's timer and land in "rest"). Then the ceiling the token-count model allows a request
 whose other parts do not shrink: the stock request with only its prefill forward scaled by the prompt ratio
 (``meas/ceiling`` near 1: the plugin loses nothing beyond what pruning cannot reach).
 
