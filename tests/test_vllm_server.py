@@ -75,14 +75,15 @@ def _tail(log: Path, lines: int = 40) -> str:
     return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM to the server's process group (vLLM shuts its engine core down), SIGKILL what is left after 30 s."""
-    for sig, grace in ((signal.SIGTERM, 30.0), (signal.SIGKILL, 10.0)):
+def _stop(proc: subprocess.Popen, grace: float = 30.0) -> None:
+    """SIGTERM to the server's process group (vLLM shuts its engine core down), SIGKILL what is left after
+    ``grace`` seconds."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
             return
-        deadline = time.monotonic() + grace
+        deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             proc.poll()
             try:
@@ -95,10 +96,10 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
-def served(model: Path, log: Path, *flags: str):
-    """A running server for ``model``: yields an ``openai.OpenAI`` client; stops the server on exit."""
+def served(model: Path, log: Path, *flags: str, server: list[str] = SERVER, grace: float = 30.0):
+    """A running ``server`` for ``model``: yields an ``openai.OpenAI`` client; stops the server on exit."""
     port = _free_port()
-    command = [*SERVER, "--model", str(model), "--host", "127.0.0.1", "--port", str(port), *TINY_FLAGS, *flags]
+    command = [*server, "--model", str(model), "--host", "127.0.0.1", "--port", str(port), *TINY_FLAGS, *flags]
     with open(log, "wb") as out:
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -117,7 +118,7 @@ def served(model: Path, log: Path, *flags: str):
             time.sleep(1)
         yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
     finally:
-        _stop(proc)
+        _stop(proc, grace)
 
 
 QUESTION = "what color is the square ?"
@@ -166,6 +167,44 @@ def _refusal(client, image: Image.Image, spec: str) -> str:
         chat(client, image, spec)
     assert info.value.status_code == 400
     return json.dumps(info.value.body)
+
+
+# -- the harness: a failing test still stops its server and the server's children ---------------------------
+
+#: a stand-in server: answers /health on --port, has a child, ignores SIGTERM (as a wedged vLLM would)
+STUCK_SERVER = [
+    sys.executable,
+    "-c",
+    "import http.server, signal, subprocess, sys\n"
+    "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+    "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
+    "class H(http.server.BaseHTTPRequestHandler):\n"
+    "    def do_GET(self):\n"
+    "        self.send_response(200); self.end_headers()\n"
+    "    def log_message(self, *args):\n"
+    "        pass\n"
+    "http.server.HTTPServer(('127.0.0.1', int(sys.argv[sys.argv.index('--port') + 1])), H).serve_forever()\n",
+]
+
+
+def test_a_failing_test_still_stops_the_server_and_its_children(tmp_path, monkeypatch):
+    started: list[subprocess.Popen] = []
+    real_popen = subprocess.Popen
+
+    def popen(*args, **kwargs):
+        started.append(real_popen(*args, **kwargs))
+        return started[-1]
+
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    with pytest.raises(RuntimeError, match="the test failed"):
+        with served(tmp_path, tmp_path / "server.log", server=STUCK_SERVER, grace=1.0):
+            raise RuntimeError("the test failed")
+    (proc,) = started
+    with pytest.raises(ProcessLookupError):  # no process of its group is left, the child included
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            os.killpg(proc.pid, 0)
+            time.sleep(0.2)
 
 
 # -- Qwen2.5-VL: engine-wide and per request, bad specs, equal to the transformers path ------------------------
