@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..errors import InputError
 
-__all__ = ["frame_rows", "item_order", "rows_to_items"]
+__all__ = ["expand_items", "frame_rows", "item_order", "rows_to_items"]
 
 
 def item_order(input_ids: Tensor, prompt: Tensor, kinds: Sequence[tuple[str, int, Tensor]]) -> Tensor:
@@ -82,3 +82,27 @@ def rows_to_items(keep: Tensor, row_item: Tensor, row_offset: Tensor, items: int
     out = torch.zeros(items, width + 1, dtype=torch.bool, device=keep.device)
     out[row_item[:, None].expand(r, n), column] = keep
     return out[:, :width]
+
+
+def expand_items(item_tokens: Tensor, prompt_tokens: Tensor, patches: Tensor, copies: int) -> tuple[Tensor, Tensor]:
+    """Which items and which flattened patch rows ``generate(num_return_sequences=copies)`` needs, in order.
+
+    Args:
+        item_tokens: long ``[I]``: placeholders of each item (its tokens for the LLM), items in prompt order.
+        prompt_tokens: long ``[B]``: placeholders of this kind in each prompt.
+        patches: long ``[I]``: rows of each item in the flattened pixel tensor (``t * h * w``).
+
+    Returns:
+        ``(items long [I * copies], rows long [sum patches * copies])``: prompt ``b``'s items ``copies`` times
+        in a row (the repeated prompts ``b, b, ...`` are consecutive), and their pixel rows.
+    """
+    count = item_tokens.numel()
+    first = item_tokens.cumsum(0) - item_tokens  # placeholders before each item
+    sample = torch.searchsorted(prompt_tokens.cumsum(0), first, right=True)
+    repeated = torch.arange(count, device=item_tokens.device).repeat(copies)
+    copy = torch.arange(copies, device=item_tokens.device).repeat_interleave(count)
+    items = repeated[torch.argsort((sample[repeated] * copies + copy) * count + repeated)]
+    starts = patches.cumsum(0) - patches
+    sizes = patches[items]
+    within = torch.arange(int(sizes.sum()), device=patches.device) - torch.repeat_interleave(sizes.cumsum(0) - sizes, sizes)
+    return items, torch.repeat_interleave(starts[items], sizes) + within
