@@ -37,7 +37,7 @@ from ._tiny import VOCAB, TinyCase, left_padded, prompt_ids, random_model
 from .call import _generated_count
 from .decoder import CallState, PrunedDecoderAdapter, PrunedImageFeatures, VisionOut
 from .features import join_items
-from .video import expand_items, frame_rows, item_order, rows_to_items
+from .video import expand_visual_inputs, frame_rows, item_order, rows_to_items
 
 __all__ = ["QWEN_GRIDS", "Qwen2_5_VLAdapter", "check_mrope", "mrope_index", "output_class", "tiny_qwen2_5_vl"]
 
@@ -339,21 +339,12 @@ class Qwen2_5_VLAdapter(PrunedDecoderAdapter):
 
     def _expand_items(self, inputs: dict[str, Any], copies: int) -> dict[str, Tensor]:
         """Images' and videos' pixels (a row per patch) and grids (a row per item) for ``num_return_sequences``:
-        repeating them row-wise would scramble the patches (:func:`~tokprune.adapters.video.expand_items`)."""
-        ids, merge = inputs["input_ids"], self._merge
-        out: dict[str, Tensor] = {}
-        for token, pixels_key, grid_key, extra in (
+        repeating them row-wise would scramble the patches (:func:`~tokprune.adapters.video.expand_visual_inputs`)."""
+        kinds = (
             (self._image_token_id, "pixel_values", "image_grid_thw", ()),
             (self._video_token_id, "pixel_values_videos", "video_grid_thw", ("second_per_grid_ts",)),
-        ):
-            pixels, grid = inputs.get(pixels_key), inputs.get(grid_key)
-            if pixels is None or grid is None:
-                continue
-            patches = grid.prod(dim=-1)
-            items, rows = expand_items(patches // merge, (ids == token).sum(dim=1), patches, copies)
-            out[pixels_key], out[grid_key] = pixels[rows.to(pixels.device)], grid[items.to(grid.device)]
-            out.update((k, inputs[k][items.to(inputs[k].device)]) for k in extra if inputs.get(k) is not None)
-        return out
+        )
+        return expand_visual_inputs(inputs, kinds, self._merge, copies)
 
     def _forward_call(
         self,
