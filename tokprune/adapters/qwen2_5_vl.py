@@ -103,7 +103,7 @@ def mrope_index(
 
 
 class Qwen2_5_VLAdapter(PrunedDecoderAdapter):
-    """HF ``Qwen2_5_VLForConditionalGeneration``: images of any size, no CLS, 3-D positions."""
+    """HF ``Qwen2_5_VLForConditionalGeneration``: images of any size and videos, no CLS, 3-D positions."""
 
     name = "qwen2_5_vl"
     #: the family as messages name it, and the HF class it patches (Qwen3-VL subclasses this adapter)
