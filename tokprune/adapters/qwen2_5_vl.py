@@ -37,7 +37,7 @@ from ._tiny import VOCAB, TinyCase, left_padded, prompt_ids, random_model
 from .call import _generated_count
 from .decoder import CallState, PrunedDecoderAdapter, PrunedImageFeatures, VisionOut
 from .features import join_items
-from .video import frame_rows, item_order, rows_to_items
+from .video import expand_visual_inputs, frame_rows, item_order, rows_to_items
 
 __all__ = ["QWEN_GRIDS", "Qwen2_5_VLAdapter", "check_mrope", "mrope_index", "output_class", "tiny_qwen2_5_vl"]
 
@@ -103,7 +103,7 @@ def mrope_index(
 
 
 class Qwen2_5_VLAdapter(PrunedDecoderAdapter):
-    """HF ``Qwen2_5_VLForConditionalGeneration``: images of any size, no CLS, 3-D positions."""
+    """HF ``Qwen2_5_VLForConditionalGeneration``: images of any size and videos, no CLS, 3-D positions."""
 
     name = "qwen2_5_vl"
     #: the family as messages name it, and the HF class it patches (Qwen3-VL subclasses this adapter)
@@ -336,6 +336,15 @@ class Qwen2_5_VLAdapter(PrunedDecoderAdapter):
             if grid is not None:
                 out.tower_runs, out.tower_flops, out.grid_thw = grid.prod(-1), self._tower_flops.flops(grid), grid
         return out
+
+    def _expand_items(self, inputs: dict[str, Any], copies: int) -> dict[str, Tensor]:
+        """Images' and videos' pixels (a row per patch) and grids (a row per item) for ``num_return_sequences``:
+        repeating them row-wise would scramble the patches (:func:`~tokprune.adapters.video.expand_visual_inputs`)."""
+        kinds = (
+            (self._image_token_id, "pixel_values", "image_grid_thw", ()),
+            (self._video_token_id, "pixel_values_videos", "video_grid_thw", ("second_per_grid_ts",)),
+        )
+        return expand_visual_inputs(inputs, kinds, self._merge, copies)
 
     def _forward_call(
         self,
