@@ -15,7 +15,17 @@ of a prefill-bound step as the ratio of prompt tokens, unpruned/pruned; decoding
 of the token saving reaches the server. Prints ratios measured in one run; no assertion.
 
     python benchmarks/bench_serve.py [--device cpu|cuda] [--concurrency 1,8,32] [--pruned 0.25,0.5,0.75]
-        [--rounds N] [--max-tokens N] [--layers N] [--smoke]
+        [--rounds N] [--max-tokens N] [--layers N] [--profile] [--smoke]
+
+``--profile``: after the table, where a request's time goes at concurrency 1, per variant (ms per request,
+median over the rounds): the frontend processor (tokprune's spec check and placeholder sizing inside it),
+the encoder step (vLLM's tower plus tokprune's selection), the selection alone (``ServingPlan.select``), the
+plugin's M-RoPE position work, the LLM's prefill forward, its decode forwards, and the rest (scheduling,
+sampling, detokenizing: the engine's Python). Timers wrap the methods of this one in-process engine (on CUDA
+each synchronises, which slows the run a little, and forwards replayed from CUDA graphs, the decode steps,
+bypass the forward's timer and land in "rest"). Then the ceiling the token-count model allows a request
+whose other parts do not shrink: the stock request with only its prefill forward scaled by the prompt ratio
+(``meas/ceiling`` near 1: the plugin loses nothing beyond what pruning cannot reach).
 
 ``--smoke``: the tiny test checkpoint, concurrency 1 and 2, one round (seconds of work after the engine
 starts). Needs vLLM (docs/serving.md); without it the script says so and exits 0.
@@ -62,6 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--layers", type=int, default=None, help="decoder layers (default: 2 on cpu, 36 on cuda)")
     ap.add_argument("--image", type=int, default=448, help="image side in pixels (448: 256 tokens)")
+    ap.add_argument("--profile", action="store_true", help="also: where a request's time goes (concurrency 1)")
     ap.add_argument("--smoke", action="store_true", help="tiny checkpoint, concurrency 1,2, one round")
     args = ap.parse_args(argv)
     if args.smoke:
@@ -99,6 +110,119 @@ def run_round(llm, spec: str | None, count: int, max_tokens: int, seed: int, sid
     start = time.perf_counter()
     outputs = llm.generate(requests, params, use_tqdm=False)
     return time.perf_counter() - start, outputs
+
+
+PROFILED = {  # label -> (where, method): the pieces of a request --profile times
+    "frontend": ("processor", "apply"),
+    "encoder+select": ("model", "embed_multimodal"),
+    "select": ("serving", "select"),
+    "positions": ("model", "get_mrope_input_positions"),
+    "recompute": ("model", "recompute_mrope_positions"),
+    "forward": ("model", "forward"),
+}
+
+
+class Profile:
+    """Wall time spent inside the methods of :data:`PROFILED`, per label (the forward split into prefill and
+    decode by the number of positions it runs)."""
+
+    def __init__(self, device: str) -> None:
+        import torch
+
+        from tokprune import serving
+        from tokprune.integrations import vllm_plugin
+
+        classes = vllm_plugin._classes()  # noqa: SLF001 - the benchmark times the plugin's own classes
+        self.owners = {
+            "processor": classes["TokpruneQwen2_5_VLProcessor"],
+            "model": classes["TokpruneQwen2_5_VL"],
+            "serving": serving.ServingPlan,
+        }
+        self.sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+        self.seconds: dict[str, float] = {}
+        self.saved: list[tuple[type, str, object]] = []
+
+    def __enter__(self) -> Profile:
+        for label, (owner, name) in PROFILED.items():
+            cls = self.owners[owner]
+            original = getattr(cls, name)
+            self.saved.append((cls, name, cls.__dict__.get(name)))
+
+            def timed(*args, _original=original, _label=label, **kwargs):
+                self.sync()
+                start = time.perf_counter()
+                try:
+                    return _original(*args, **kwargs)
+                finally:
+                    self.sync()
+                    label = _label
+                    if label == "forward":
+                        positions = kwargs.get("positions", args[2] if len(args) > 2 else None)
+                        label = "prefill" if positions is not None and positions.shape[-1] > 1 else "decode"
+                    self.seconds[label] = self.seconds.get(label, 0.0) + time.perf_counter() - start
+
+            setattr(cls, name, timed)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for cls, name, original in reversed(self.saved):
+            if original is None:
+                delattr(cls, name)
+            else:
+                setattr(cls, name, original)
+        self.saved.clear()
+
+    def take(self) -> dict[str, float]:
+        seconds, self.seconds = self.seconds, {}
+        return seconds
+
+
+def profile(llm, variants: list[tuple[str, str | None]], args: argparse.Namespace) -> None:
+    """Where one request's time goes at concurrency 1, per variant (ms per request, median of the rounds), and
+    the ceiling the token-count model allows when only the prefill forward shrinks with the prompt."""
+    labels = ["frontend", "encoder+select", "select", "positions", "recompute", "prefill", "decode", "rest", "total"]
+    rows: dict[str, dict[str, list[float]]] = {name: {label: [] for label in labels} for name, _ in variants}
+    prompts: dict[str, int] = {}
+    rounds = max(args.rounds, 3)
+    with Profile(args.device) as timers:
+        seed = 10_000
+        for _ in range(rounds):
+            for name, spec in variants:
+                seed += 1
+                timers.take()
+                wall, outs = run_round(llm, spec, 1, args.max_tokens, seed, args.image)
+                seconds = timers.take()
+                seconds["total"] = wall
+                prompts[name] = len(outs[0].prompt_token_ids)
+                # select runs inside the encoder step, recompute inside the runner's step before prefill
+                inside = ("frontend", "encoder+select", "positions", "recompute", "prefill", "decode")
+                seconds["rest"] = wall - sum(seconds.get(label, 0.0) for label in inside)
+                for label in labels:
+                    rows[name][label].append(seconds.get(label, 0.0))
+    median = {name: {label: float(np.median(v)) for label, v in row.items()} for name, row in rows.items()}
+    print(
+        f"\nwhere a request's time goes at concurrency 1 (ms per request, median of {rounds} rounds; "
+        f"{args.max_tokens} output tokens: 1 prefill + {args.max_tokens - 1} decode forwards)"
+    )
+    print(f"{'variant':<12} " + " ".join(f"{label:>14}" for label in labels))
+    for name, _ in variants:
+        print(f"{name:<12} " + " ".join(f"{median[name][label] * 1e3:>14.1f}" for label in labels), flush=True)
+    # ceiling: the stock request with only its prefill forward shortened by the token-count model
+    stock = median["stock"]
+    print(
+        "\nspeedup per request (stock total / variant total) beside the token-count model and its prefill-only "
+        "ceiling (the stock request with only its prefill forward scaled by the prompt ratio)"
+    )
+    print(f"{'variant':<12} {'total x':>8} {'prefill x':>9} {'model x':>8} {'ceiling x':>9} {'meas/ceiling':>12}")
+    for name, _ in variants:
+        ratio = prompts["stock"] / prompts[name]
+        ceiling = stock["total"] / (stock["total"] - stock["prefill"] * (1 - 1 / ratio))
+        total = stock["total"] / median[name]["total"]
+        prefill = stock["prefill"] / median[name]["prefill"] if median[name]["prefill"] else float("nan")
+        print(
+            f"{name:<12} {total:>7.2f}x {prefill:>8.2f}x {ratio:>7.2f}x {ceiling:>8.2f}x {total / ceiling:>12.2f}",
+            flush=True,
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -167,6 +291,8 @@ def main(argv: list[str] | None = None) -> None:
                     f"{base_ttft / ttft:>6.2f}x {speed:>6.2f}x {model:>6.2f}x {speed / model:>10.2f}",
                     flush=True,
                 )
+        if args.profile:
+            profile(llm, variants, args)
         sys.stdout.flush()
 
 

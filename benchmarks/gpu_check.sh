@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One prepared GPU run (issue 14, item 6-7): correctness on the device, then every benchmark on the
-# full-depth LLaVA-1.5-7B-shaped model (24 vision + 32 LLM layers, bf16, sdpa, random weights).
-# Sized for one H200-class GPU: about 10 minutes in all, each step under its own time limit.
+# full-depth LLaVA-1.5-7B-shaped model (24 vision + 32 LLM layers, bf16, sdpa, random weights); where vLLM
+# is installed, the serving benchmark (Qwen2.5-VL-3B-shaped, full depth) too.
+# Sized for one H200-class GPU: about 10 minutes in all (15 with serving), each step under its own time limit.
 #
 #   bash benchmarks/gpu_check.sh            # results in $OUT (the device runner's folder) or ./gpu_results
 #   bash benchmarks/gpu_check.sh --smoke    # dry run on this machine's CPU: every step with --device cpu
@@ -81,6 +82,13 @@ bench next      50 benchmarks/bench_growth.py --layout next --repeats 5
 bench generate  90 benchmarks/bench_generate.py --batches 1,32 --new-tokens 8,128 --repeats 2
 bench overhead  60 benchmarks/bench_overhead.py --batches 1,32 --repeats 5
 bench primitives 40 benchmarks/bench_primitives.py --quick
+# serving (issue 24): tokprune inside vLLM vs no spec, full depth in bf16, with where a request's time goes;
+# needs vLLM importable by $PY (pip install vllm==0.32.0: docs/serving.md), reported as skipped otherwise
+if "$PY" -c "import vllm" > /dev/null 2>&1; then
+    bench serve 300 benchmarks/bench_serve.py --concurrency 1,8,32 --rounds 3 --profile
+else
+    printf '%-10s skipped    vLLM is not importable by %s (docs/serving.md: install)\n' serve "$PY" | tee -a "$RESULTS/summary.txt"
+fi
 echo "== $RESULTS/summary.txt"
 cat "$RESULTS/summary.txt"
 ! grep -q 'rc=[1-9]' "$RESULTS/summary.txt"  # exit status: 0 when every step passed

@@ -160,7 +160,10 @@ class VidCom2(PruningStrategy):
         frames = _frames(self.name, ctx)
         p = self.params
         valid, n = ctx.token_valid, ctx.token_counts
-        base = (torch.full_like(n, p.keep).clamp(max=n) / n if p.keep is not None else n.new_full(n.shape, 1.0) * p.keep_ratio)
+        if p.keep is not None:  # the base ratio of an absolute count: keep / N of each video
+            base = n.clamp(max=p.keep).double() / n.clamp_min(1)
+        else:
+            base = torch.full(n.shape, p.keep_ratio, dtype=torch.float64, device=n.device)
         x = low_variance_channels(ctx.features, valid, p.low_var_ratio)
         video, frame, frame_of = gaussian_scores(x, frames, valid)
         budgets = frame_budgets(video, frame_of, frames, base.to(video), p.temperature)

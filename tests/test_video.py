@@ -212,6 +212,26 @@ def test_video_time_spacing_reaches_the_positions():
         assert len(set(t.tolist())) == 3 and (t.diff() >= 0).all()  # three frames, spaced in time
 
 
+def test_num_return_sequences_repeats_each_prompts_images_and_videos(family):
+    # generate expands the batch itself for num_return_sequences; Qwen's pixels have a row per patch and its
+    # grids a row per item, so they are expanded per prompt (repeating rows would scramble the patches)
+    _, model = family
+    batch = _inputs(model, [1, 0])  # an image and a video, then a video
+    twice = _inputs(model, [1, 1, 0, 0])
+    with torch.no_grad():
+        torch.manual_seed(0)
+        stock = model.generate(**batch, max_new_tokens=4, do_sample=True, num_return_sequences=2)
+        for spec in ("random(keep=100000)", "evs(keep_ratio=0.5)"):
+            with tokprune.pruned(model, spec, question_end=MARKER):
+                torch.manual_seed(0)
+                got = model.generate(**batch, max_new_tokens=4, do_sample=True, num_return_sequences=2)
+                torch.manual_seed(0)
+                expected = model.generate(**twice, max_new_tokens=4, do_sample=True)
+            assert torch.equal(got[:, -4:], expected[:, -4:]), spec
+            if spec.startswith("random"):
+                assert torch.equal(got, stock)
+
+
 # -- mutants the contract must reject ---------------------------------------------------------------------
 
 

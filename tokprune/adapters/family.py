@@ -218,6 +218,12 @@ class Family(PrunedDecoderAdapter):
         sample must split it here: the core never merges or splits images itself."""
         return ImageFeatures.unpruned(encoded.pooler_output)
 
+    def repeat_item_inputs(self, inputs: ForwardOptions, copies: int) -> dict[str, Tensor]:
+        """The call's inputs with one row per image or video (not per prompt), repeated for
+        ``generate(num_return_sequences=copies)``: each prompt's items ``copies`` times in a row, as the repeated
+        prompts need them (the core repeats every per-prompt tensor itself). Default: none."""
+        return {}
+
     def patch_cells(self, features: ImageFeatures, options: ForwardOptions) -> Tensor | None:
         """Each image token's cell on its image's patch grid, long ``[I, N, 4]`` ``(tile, frame, row, col)``
         (:mod:`tokprune.keptmap`); None: the family gives no grid (kept maps then hold token indices only)."""

@@ -30,7 +30,9 @@ SUPPORTED_MODES = ("greedy_search", "sample")
 SEQUENCE_INPUTS = ("token_type_ids", "mm_token_type_ids", "moe_mm_token_type_ids")
 
 
-def _expand_return_sequences(arguments: dict, extra: dict, copies: int) -> tuple[tuple, dict]:
+def _expand_return_sequences(
+    arguments: dict, extra: dict, copies: int, per_item: dict[str, Tensor] | None = None
+) -> tuple[tuple, dict]:
     """``generate`` arguments for ``num_return_sequences = copies``, expanded here instead of by ``generate``.
 
     ``generate`` encodes the images once and then splits the encoder output per prompt by matching its
@@ -46,6 +48,7 @@ def _expand_return_sequences(arguments: dict, extra: dict, copies: int) -> tuple
 
     named = {k: expand(v) for k, v in arguments.items()}
     named.update((k, expand(v)) for k, v in extra.items())
+    named.update(per_item or {})  # tensors with a row per image or video, expanded by the family
     if named.get("generation_config") is not None:
         # generate() warns on a config object plus generation keywords: change a copy of the object.
         named["generation_config"] = copy.deepcopy(named["generation_config"])
@@ -89,7 +92,8 @@ class GenerateChecks:
                 )
             return self._continue_conversation(original, {**arguments, **extra}, input_ids, self._session(cache))
         if copies > 1:
-            args, kwargs = _expand_return_sequences(arguments, extra, copies)
+            per_item = self.repeat_item_inputs({**arguments, **extra, "input_ids": input_ids}, copies)
+            args, kwargs = _expand_return_sequences(arguments, extra, copies, per_item)
         tensors = {k: v for k, v in kwargs.items() if isinstance(v, Tensor)}
         call = CallState(
             self, GenerateCall(prompt_len=int(input_ids.shape[1]), use_cache=bool(use_cache), options=tensors)

@@ -35,7 +35,7 @@ from ..strategy import FrameLayout, PruningStrategy, VisionContext, VisionPlan
 from ._tiny import VOCAB, TinyCase, left_padded, prompt_ids, random_model
 from .family import EncodedImages, Family, FamilyParts, ForwardOptions, TowerSignals
 from .features import ImageFeatures
-from .video import frame_rows, rows_to_items
+from .video import expand_visual_inputs, frame_rows, rows_to_items
 
 __all__ = ["QWEN_GRIDS", "Qwen2_5_VLAdapter", "check_mrope", "mrope_index", "output_class", "tiny_qwen2_5_vl"]
 
@@ -109,7 +109,7 @@ class QwenItems(EncodedImages):
 
 
 class Qwen2_5_VLAdapter(Family):
-    """HF ``Qwen2_5_VLForConditionalGeneration``: images of any size, no CLS, 3-D positions."""
+    """HF ``Qwen2_5_VLForConditionalGeneration``: images of any size and videos, no CLS, 3-D positions."""
 
     name = "qwen2_5_vl"
     #: the family as messages name it, and the HF class it patches (Qwen3-VL subclasses this adapter)
@@ -266,6 +266,15 @@ class Qwen2_5_VLAdapter(Family):
     def deepstack_rows(self, encoded: hf.BaseModelOutputWithPooling, padded: bool) -> list[Tensor] | None:
         """Rows the LLM adds to the image tokens after its first layers (Qwen3-VL's DeepStack); none here."""
         return None
+
+    def repeat_item_inputs(self, inputs: ForwardOptions, copies: int) -> dict[str, Tensor]:
+        """Images' and videos' pixels (a row per patch) and grids (a row per item) for ``num_return_sequences``:
+        repeating them row-wise would scramble the patches (:func:`~tokprune.adapters.video.expand_visual_inputs`)."""
+        kinds = (
+            (self.config.image_token_id, "pixel_values", "image_grid_thw", ()),
+            (self.config.video_token_id, "pixel_values_videos", "video_grid_thw", ("second_per_grid_ts",)),
+        )
+        return expand_visual_inputs(dict(inputs), kinds, self.config.vision_config.spatial_merge_size**2, copies)
 
     def _frame_rows(self, images: QwenItems) -> tuple[FrameLayout, list[Tensor] | None, Tensor, Tensor]:
         """The strategy rows' frame layout and, with ``budget_scope="frame"`` on videos, the rows themselves

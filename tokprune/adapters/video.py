@@ -11,13 +11,14 @@ video its own strategy row, :func:`frame_rows` and :func:`rows_to_items`).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..errors import InputError
 
-__all__ = ["frame_rows", "item_order", "rows_to_items"]
+__all__ = ["expand_items", "expand_visual_inputs", "frame_rows", "item_order", "rows_to_items"]
 
 
 def item_order(input_ids: Tensor, prompt: Tensor, kinds: Sequence[tuple[str, int, Tensor]]) -> Tensor:
@@ -82,3 +83,48 @@ def rows_to_items(keep: Tensor, row_item: Tensor, row_offset: Tensor, items: int
     out = torch.zeros(items, width + 1, dtype=torch.bool, device=keep.device)
     out[row_item[:, None].expand(r, n), column] = keep
     return out[:, :width]
+
+
+def expand_items(item_tokens: Tensor, prompt_tokens: Tensor, patches: Tensor, copies: int) -> tuple[Tensor, Tensor]:
+    """Which items and which flattened patch rows ``generate(num_return_sequences=copies)`` needs, in order.
+
+    Args:
+        item_tokens: long ``[I]``: placeholders of each item (its tokens for the LLM), items in prompt order.
+        prompt_tokens: long ``[B]``: placeholders of this kind in each prompt.
+        patches: long ``[I]``: rows of each item in the flattened pixel tensor (``t * h * w``).
+
+    Returns:
+        ``(items long [I * copies], rows long [sum patches * copies])``: prompt ``b``'s items ``copies`` times
+        in a row (the repeated prompts ``b, b, ...`` are consecutive), and their pixel rows.
+    """
+    count = item_tokens.numel()
+    first = item_tokens.cumsum(0) - item_tokens  # placeholders before each item
+    sample = torch.searchsorted(prompt_tokens.cumsum(0), first, right=True)
+    repeated = torch.arange(count, device=item_tokens.device).repeat(copies)
+    copy = torch.arange(copies, device=item_tokens.device).repeat_interleave(count)
+    items = repeated[torch.argsort((sample[repeated] * copies + copy) * count + repeated)]
+    starts = patches.cumsum(0) - patches
+    sizes = patches[items]
+    within = torch.arange(int(sizes.sum()), device=patches.device) - torch.repeat_interleave(sizes.cumsum(0) - sizes, sizes)
+    return items, torch.repeat_interleave(starts[items], sizes) + within
+
+
+def expand_visual_inputs(
+    inputs: dict[str, Any], kinds: Sequence[tuple[int, str, str, tuple[str, ...]]], merge: int, copies: int
+) -> dict[str, Tensor]:
+    """A Qwen-style family's per-item inputs expanded for ``num_return_sequences = copies`` (:func:`expand_items`).
+
+    ``kinds``: ``(placeholder id, pixels key, grid key, other per-item keys)`` per kind; ``merge``: patches
+    per LLM token. Returns the expanded tensors of the kinds ``inputs`` has (pixels and grid both given).
+    """
+    ids = inputs["input_ids"]
+    out: dict[str, Tensor] = {}
+    for token, pixels_key, grid_key, extra in kinds:
+        pixels, grid = inputs.get(pixels_key), inputs.get(grid_key)
+        if pixels is None or grid is None:
+            continue
+        patches = grid.prod(dim=-1)
+        items, rows = expand_items(patches // merge, (ids == token).sum(dim=1).to(patches.device), patches, copies)
+        out[pixels_key], out[grid_key] = pixels[rows.to(pixels.device)], grid[items]
+        out.update((k, inputs[k][items.to(inputs[k].device)]) for k in extra if inputs.get(k) is not None)
+    return out
