@@ -75,3 +75,16 @@ def test_the_study_runs_end_to_end_once_video_pruning_lands(tmp_path):
     assert [r["role"] for r in rows] == ["baseline", "swept"]
     assert rows[0]["metrics"]["accuracy"] > 0.5
     assert rows[1]["metrics"]["visual_kept_mean"] == pytest.approx(32, abs=2)
+
+
+def test_the_cli_takes_the_config_by_flag_or_first(capsys, tmp_path):
+    from tokprune.cli import main
+
+    # --print-config plans every spec; the video methods (evs, vidcom2) are checked once video pruning lands
+    overrides = ["strategies=[none, random]", f"output_dir={tmp_path}"]
+    assert main(["run", "--config", str(CONFIG), "--print-config", *overrides]) == 0
+    flag = capsys.readouterr().out
+    assert main(["run", str(CONFIG), "--print-config", *overrides]) == 0
+    assert capsys.readouterr().out == flag and "tiny-qwen2.5-vl-clips" in flag
+    assert main(["run", "--config", str(CONFIG), str(CONFIG), "--print-config"]) == 2
+    assert "two config files" in capsys.readouterr().err
