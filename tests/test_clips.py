@@ -164,3 +164,11 @@ def test_a_bad_clip_is_an_error_or_skipped_and_counted(tmp_path, edit, reason):
     assert len(ds.samples) == 5 and len(ds.skipped) == 1
     assert ds.skipped[0].startswith("line 3: ") and reason[:20] in ds.skipped[0]
     assert rows[2]["question_id"] not in {s.question_id for s in ds.samples}
+
+
+def test_follow_up_answers_agree_with_the_generators():
+    # Derived from the tracks alone, every clip's own question gets the answer its generator chose.
+    for c in clips.clip_benchmark("val", 80):
+        derived = {q: a for q, a, _ in clips.follow_ups(c, include_own=True)}
+        assert derived.get(c.question) == c.answer, (c.question, c.answer, derived)
+        assert c.question not in {q for q, _, _ in clips.follow_ups(c)}

@@ -224,6 +224,38 @@ def clip_benchmark(split: str = "test", n: int = 200) -> list[Clip]:
     return generate_clips(n, BENCHMARK_SEEDS[split])
 
 
+def follow_ups(clip: Clip, include_own: bool = False) -> list[tuple[str, str, str]]:
+    """Every other question a clip answers, ``(question, answer, qtype)``, derived from its tracks.
+
+    Training asks some of them after the clip's own question (LLaVA's multi-turn data: several supervised
+    answers per pass over the video tokens). ``frames`` for every shape shown; ``change`` (its colour in the
+    last frame) for every shape that occurs once and is visible at the end; ``motion`` for a shape that moved
+    along one axis; ``appear`` when shapes of different kinds appear at distinct frames, the last one unique.
+    The clip's own question is left out (``include_own=True`` keeps it: its derived answer is the clip's).
+    """
+    out = []
+    for shape in SHAPES:
+        shown = [any(tr.shape == shape and tr.cells[t] is not None for tr in clip.tracks) for t in range(FRAMES)]
+        if any(shown):
+            out.append((f"how many frames show a {shape} ?", NUMBERS[sum(shown)], "frames"))
+        own = [tr for tr in clip.tracks if tr.shape == shape]
+        if len(own) == 1 and own[0].cells[-1] is not None:
+            out.append((f"what color did the {shape} become ?", own[0].colors[-1], "change"))
+    for tr in clip.tracks:
+        first, last = tr.cells[0], tr.cells[-1]
+        if first is not None and last is not None and first != last:
+            dr, dc = last[0] - first[0], last[1] - first[1]
+            if dr == 0 or dc == 0:
+                step = (int(np.sign(dr)), int(np.sign(dc)))
+                direction = next(d for d, v in _STEP.items() if v == step)
+                out.append((f"which way did the {tr.colors[0]} {tr.shape} move ?", direction, "motion"))
+    starts = [next((t for t, c in enumerate(tr.cells) if c is not None), FRAMES) for tr in clip.tracks]
+    kinds = [tr.shape for tr in clip.tracks]
+    if len(set(kinds)) == len(kinds) > 1 and starts.count(max(starts)) == 1 and 0 < max(starts) < FRAMES:
+        out.append(("which shape appeared last ?", kinds[starts.index(max(starts))], "appear"))
+    return [q for q in out if include_own or q[0] != clip.question]
+
+
 def image_sample(seed: int, index: int) -> Clip:
     """A single frame of the world (``frames`` has one image) with a ``color`` or ``exist`` question.
 

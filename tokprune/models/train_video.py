@@ -5,8 +5,11 @@ One stage, stock transformers modules, fixed step counts so a seed reproduces a 
 * the whole ``Qwen2_5_VLForConditionalGeneration`` from scratch (tiny widths, Qwen2.5-VL's patch 14,
   temporal patch 2, 2x2 merge), AdamW, linear warm-up then cosine decay to 10%;
 * each batch mixes clips (``--clips`` per step, the four temporal question types in rotation) and single
-  frames asked as images (``--images`` per step, colour and existence questions), loss on the answer and
-  ``</s>`` only;
+  frames asked as images (``--images`` per step, colour and existence questions), loss on the answers and
+  ``</s>`` only; a clip is a LLaVA-style conversation (``--turns``): its own question first (exactly the
+  benchmark prompt), then follow-up questions the same clip answers, so one pass over the video tokens
+  supervises several answers (the fix that broke the tiny LLaVA's plateau; single-question training sat
+  at 41% on held-out clips after 600 steps);
 * a discarded linear read-out on the merged vision tokens (the tokens the language model sees) predicts
   the colour and the shape on each token's cell and the cell's row and column (``--aux``), as the tiny
   LLaVA's patch read-out did: it makes every token say what and where it is, so the language model
@@ -74,11 +77,28 @@ def token_targets(samples: list[clips.Clip], video: bool) -> torch.Tensor:
     return torch.cat(rows)
 
 
-def labels_of(inputs: dict[str, torch.Tensor], answer_len: int) -> torch.Tensor:
-    """Loss on the last ``answer_len`` tokens of each (left-padded) row only."""
-    labels = torch.full_like(inputs["input_ids"], -100)
-    labels[:, -answer_len:] = inputs["input_ids"][:, -answer_len:]
-    return labels
+def labels_of(inputs: dict[str, torch.Tensor], tokenizer: PreTrainedTokenizerFast) -> torch.Tensor:
+    """Loss on the answers only: each token right after ``assistant :`` and every ``</s>``."""
+    ids = inputs["input_ids"]
+    assistant, colon = tokenizer.convert_tokens_to_ids(["assistant", ":"])
+    answer = torch.zeros_like(ids, dtype=torch.bool)
+    answer[:, 2:] = (ids[:, :-2] == assistant) & (ids[:, 1:-1] == colon)
+    return torch.where(answer | (ids == tokenizer.eos_token_id), ids, torch.full_like(ids, -100))
+
+
+def conversation(clip: clips.Clip, turns: int, rng: np.random.Generator) -> str:
+    """The text after the first prompt: the clip's answer, then up to ``turns - 1`` follow-up questions
+    (:func:`tokprune.data.clips.follow_ups`) with their answers, LLaVA's multi-turn format. ``four`` (a
+    shape shown in every frame: most distractors) is kept for a quarter of the follow-ups so it does not
+    become the prior of ``frames``."""
+    text = f" {clip.answer} </s>"
+    if not clip.is_video or turns <= 1:
+        return text
+    extra = [q for q in clips.follow_ups(clip) if q[1] != "four" or rng.random() < 0.25]
+    for k in rng.permutation(len(extra))[: turns - 1]:
+        question, answer, _ = extra[int(k)]
+        text += f" USER: {question} ASSISTANT: {answer} </s>"
+    return text
 
 
 def batch(args: argparse.Namespace, step: int) -> list[clips.Clip]:
@@ -107,8 +127,8 @@ def train(args: argparse.Namespace, model: Qwen2_5_VLForConditionalGeneration, t
         for g in opt.param_groups:
             g["lr"] = args.lr * lr_at(step, args.steps, args.warmup)
         samples = batch(args, step)
-        inputs = build_qwen.model_inputs(tokenizer, samples, [f" {s.answer} </s>" for s in samples])
-        labels = labels_of(inputs, 2)
+        inputs = build_qwen.model_inputs(tokenizer, samples, [conversation(s, args.turns, rng) for s in samples])
+        labels = labels_of(inputs, tokenizer)
         kwargs = dict(inputs)
         if rng.random() < args.drop_background:
             # Mask a random share of each clip's empty-cell tokens; positions from the unmasked batch.
@@ -163,16 +183,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="tiny sizes and a few steps (tests)")
-    p.add_argument("--steps", type=int, default=1400)
+    p.add_argument("--steps", type=int, default=1100)
     p.add_argument("--clips", type=int, default=12, help="clips per step")
     p.add_argument("--images", type=int, default=4, help="single-frame questions per step")
+    p.add_argument("--turns", type=int, default=4,
+                   help="questions per training clip: its own, then follow-ups (tokprune.data.clips.follow_ups)")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--aux", type=float, default=1.0, help="weight of the per-token colour/shape read-out (0: off)")
     p.add_argument("--drop-background", type=float, default=0.5,
                    help="share of steps that mask a random share of the clips' empty-cell tokens (0: off)")
     p.add_argument("--dtype", default="float16", choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--eval-every", type=int, default=200)
+    p.add_argument("--eval-every", type=int, default=220)
     p.add_argument("--eval-n", type=int, default=200, help="held-out val clips for --eval-every")
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--threads", type=int, default=1)
