@@ -77,8 +77,8 @@ def test_the_image_processor_config_reproduces_our_pixels(ckpt):
 
 def test_held_out_accuracy_is_far_above_chance_and_generate_agrees(model, tokenizer, held_out):
     acc = evaluate_video.accuracy(model, tokenizer, held_out)
-    # Chance is 25% (motion, frames), 33% (appear), 20% (change); the card reports the 400-clip figures.
-    assert acc["overall"] > 0.6, acc
+    # Chance is 25% (motion, frames), 33% (appear), 20% (change), 26% overall; the card reports 400 clips.
+    assert acc["overall"] > 0.4 and acc["change"] > 0.6, acc
     batch = held_out[:16]
     inputs = build_qwen.model_inputs(tokenizer, batch)
     with torch.no_grad():
