@@ -17,6 +17,7 @@ USAGE_EXAMPLES = """\
 examples:
   tokprune run                                      the default comparison on the embedded model
   tokprune run configs/sweep_fastv.yaml             a sweep from a file
+  tokprune run --config configs/video.yaml          the same with the file named (here: the video study)
   tokprune run "strategies=[topk, fastv]" limit=40  dotlist overrides (specs may contain commas)
   tokprune run strategies="fastv(layer=[2,3], keep_ratio=[0.25,0.5])" output_dir=runs/fastv
   torchrun --standalone --nproc_per_node 2 -m tokprune run limit=100   data-parallel
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("args", nargs="*", metavar="CONFIG|KEY=VALUE",
                         help="an optional YAML config file (first), then omegaconf dotlist overrides")
+    parser.add_argument("--config", metavar="CONFIG", default=None, help="the YAML config file (or give it first)")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars or per-run lines (CI)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     return parser
@@ -96,6 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     from .config import load_config, to_yaml
 
     config_path, overrides = _split_args(args.args)
+    if args.config is not None:
+        if config_path is not None:
+            from .config import ConfigError
+
+            raise ConfigError(f"two config files: --config {args.config} and {config_path}; give one")
+        config_path = args.config
     cfg = load_config(config_path, overrides)
     if args.print_config:
         from .plan import plan_runs

@@ -96,7 +96,7 @@ def vision_positions_arg(value: str) -> str | None:
     return None if value == "method" else value
 ENGINES = ("transformers", "vllm")
 BUDGET_SCOPES = ("image", "tile", "frame")  # tokprune.adapters.BUDGET_SCOPES, without importing the adapters
-DATASETS = ("shapes", "jsonl")
+DATASETS = ("shapes", "jsonl", "clips")
 SCORERS = ("auto", "shapes", "exact", "vqa", "yesno")
 SHAPES_SPLITS = ("test", "val")
 #: The shapes benchmark builds its questions' images (96x96 RGB, ~28 KB each) in memory when it loads.
@@ -114,9 +114,9 @@ class ConfigError(TokpruneError, ValueError):
 class DatasetConfig:
     """What to evaluate on: the embedded shapes benchmark, or a local JSONL file (LLaVA eval format)."""
 
-    name: str = "shapes"
-    split: str = "test"  # shapes only
-    path: str | None = None  # jsonl: the questions file
+    name: str = "shapes"  # shapes | jsonl | clips (the embedded video benchmark, or a clips file with path)
+    split: str = "test"  # shapes and the embedded clips only
+    path: str | None = None  # jsonl: the questions file; clips: a clips file (default: the embedded clips)
     image_folder: str | None = None  # jsonl: images resolve against this (default: the file's folder)
     scorer: str = "auto"  # auto picks shapes / yesno / vqa / exact from the data
     prompt_suffix: str = ""  # appended to every question, e.g. "\nAnswer the question using a single word or phrase."
@@ -213,7 +213,8 @@ class AblationConfig:
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     positions: PositionsConfig = field(default_factory=PositionsConfig)
     # What a vision budget counts on tiled images (LLaVA-NeXT): image (base + tiles pooled) | tile (each
-    # tower pass its own budget, as VisionZip's and VisionPruner's code); families without tiles take image.
+    # tower pass its own budget, as VisionZip's and VisionPruner's code); on videos (Qwen2.5-VL, Qwen3-VL):
+    # image (one budget per video) | frame (each frame its own); families without tiles or videos take image.
     budget_scope: str = "image"
     batch_size: int = 64  # identical answers to smaller batches (batch == solo); ~30% less CPU time here
     max_new_tokens: int = 3
@@ -260,10 +261,12 @@ def validate(cfg: AblationConfig) -> None:
     for key in ("model", "output_dir", "dtype", "device", "attn_implementation", "budget_scope"):
         if not str(getattr(cfg, key)).strip():
             raise ConfigError(f"config key {key!r} is an empty string ''; give it a value (see configs/default.yaml)")
-    if cfg.dataset.name == "shapes":
+    if cfg.dataset.name in ("shapes", "clips"):
         _choices("dataset.split", cfg.dataset.split, SHAPES_SPLITS)
         if cfg.dataset.scorer not in ("auto", "shapes"):
-            raise ConfigError(f"dataset.scorer={cfg.dataset.scorer!r} does not apply to the shapes benchmark; use auto")
+            raise ConfigError(
+                f"dataset.scorer={cfg.dataset.scorer!r} does not apply to the {cfg.dataset.name} benchmark; use auto"
+            )
     if cfg.dataset.name == "jsonl":
         if not cfg.dataset.path:
             raise ConfigError("dataset.name=jsonl needs dataset.path=<questions.jsonl>")
@@ -294,6 +297,10 @@ def validate(cfg: AblationConfig) -> None:
         raise ConfigError(f"config key 'gallery.images' must be >= 0 (0: no gallery), got {cfg.gallery.images}")
     if cfg.calibration.limit < 1:
         raise ConfigError(f"config key 'calibration.limit' must be >= 1, got {cfg.calibration.limit}")
+    if cfg.dataset.name == "clips" and cfg.dataset.path is None:
+        _choices("calibration.split", cfg.calibration.split, SHAPES_SPLITS)
+        if cfg.limit is None:
+            raise ConfigError("limit=null: the clip benchmark has no end (its generator is unlimited); set limit=N")
     if cfg.dataset.name == "shapes":
         _choices("calibration.split", cfg.calibration.split, SHAPES_SPLITS)
         if cfg.limit is None:

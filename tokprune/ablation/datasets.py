@@ -1,6 +1,9 @@
 """Evaluation datasets and their scorers.
 
 * ``shapes``: the embedded synthetic benchmark (:func:`tokprune.data.benchmark`), scored per question type.
+* ``clips``: the embedded video benchmark (:func:`tokprune.data.clips.clip_benchmark`), or with ``path`` a
+  JSONL file of clips (``{"question_id", "video": [frame image paths], "question", "answer", "qtype"}``, as
+  :func:`tokprune.data.clips.export_clips` writes); its samples build their own model inputs (``Dataset.inputs``).
 * ``jsonl``: a local file in the LLaVA evaluation format, one JSON object per line::
 
       {"question_id": 1, "image": "val/0001.jpg", "text": "Is there a dog?", "label": "yes"}
@@ -19,7 +22,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -70,12 +73,18 @@ class EvalSample:
         return self.image
 
 
+InputBuilder = Callable[[Any, Sequence[EvalSample], Sequence[str]], dict[str, Any]]
+"""``(tokenizer, samples, questions) -> model inputs``: a dataset whose samples are not one image each
+(clips) builds its batches itself instead of through the model's processor."""
+
+
 @dataclass
 class Dataset:
     name: str
     samples: list[EvalSample]
     scorer: Scorer
     skipped: list[str] = field(default_factory=list)  # "line N: reason" for each skipped row
+    inputs: InputBuilder | None = None
 
     @property
     def fingerprint(self) -> str:
@@ -264,14 +273,17 @@ def _row_failure(exc: Exception) -> str:
 
 
 def load_jsonl(
-    path: str | Path, image_folder: str | Path | None = None, skip_bad_rows: bool = False, limit: int | None = None
+    path: str | Path, image_folder: str | Path | None = None, skip_bad_rows: bool = False, limit: int | None = None,
+    parse_row: Callable[[str, Path], EvalSample] | None = None,
 ) -> tuple[list[EvalSample], list[str]]:
     """Rows of a LLaVA-format JSONL file as samples, and ``"line N: reason"`` for each skipped row.
 
     A bad row (invalid JSON, missing keys, missing image, duplicate question id) raises
     :class:`DatasetError` naming the file and line, unless ``skip_bad_rows``: then it is counted and
-    reported, never silently dropped. Blank lines are allowed.
+    reported, never silently dropped. Blank lines are allowed. ``parse_row`` reads one line (default: a
+    LLaVA-format image row).
     """
+    parse_row = parse_row or _parse_row
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"dataset file not found: {str(path)!r} (dataset.path)")
@@ -290,7 +302,7 @@ def load_jsonl(
                 continue
             try:
                 line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a byte order mark is not a row
-                sample = _parse_row(line, root)
+                sample = parse_row(line, root)
                 if sample.question_id in seen:
                     raise ValueError(f"duplicate question_id {sample.question_id!r}")
             except Exception as exc:  # noqa: BLE001 - every per-row failure is a bad row (named, counted)
@@ -308,9 +320,71 @@ def load_jsonl(
     return samples, skipped
 
 
+def _clip_sample(clip: Any) -> EvalSample:
+    from .fingerprint import content_digest
+
+    digest = content_digest(b"".join(f"{im.mode}:{im.size}".encode() + im.tobytes() for im in clip.frames))
+    return EvalSample(clip.question_id, None, clip.question, (clip.answer,), clip.qtype, source=clip, image_digest=digest)
+
+
+def _parse_clip_row(line: str, root: Path) -> EvalSample:
+    """One clip row: every frame must decode and the clip must be one the clip world's model takes."""
+    import torch
+    from PIL import Image
+
+    from tokprune.data import clips
+
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+    if not isinstance(row, dict):
+        raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+    missing = [k for k in ("question_id", "video", "question") if k not in row]
+    if missing:
+        raise ValueError(f"missing key(s) {missing}; a clip row needs question_id, video (frame paths), question, answer")
+    video = row["video"]
+    if not isinstance(video, list) or not video:
+        raise ValueError(f"empty clip: 'video' must be a non-empty list of frame image paths, got {video!r}")
+    frames = []
+    for name in video:
+        path = Path(str(name)) if Path(str(name)).is_absolute() else root / str(name)
+        if not path.is_file():
+            raise FileNotFoundError(f"frame not found: {str(path)!r}")
+        _check_image(path)
+        with Image.open(path) as im:
+            frames.append(im.convert("RGB"))
+    clip = clips.Clip(str(row["question_id"]), frames, row["question"], _answers_of(row)[0], str(row.get("qtype")),
+                      # which tokens hold shapes is unknown for a file's clips
+                      object_mask=torch.zeros(len(frames), clips.TOKENS_PER_FRAME, dtype=torch.bool))
+    clips.check_clip(clip)
+    return _clip_sample(clip)
+
+
+def clip_inputs(tokenizer: Any, samples: Sequence[EvalSample], questions: Sequence[str]) -> dict[str, Any]:
+    """The Qwen2.5-VL batch of clip samples (:func:`tokprune.models.build_qwen.model_inputs`), questions as given."""
+    from tokprune.models.build_qwen import model_inputs
+
+    return model_inputs(tokenizer, [replace(s.source, question=q) for s, q in zip(samples, questions)])
+
+
+def _clips(cfg: DatasetConfig, limit: int | None) -> Dataset:
+    if cfg.path is not None:
+        samples, skipped = load_jsonl(cfg.path, cfg.image_folder, cfg.skip_bad_rows, limit, _parse_clip_row)
+        return Dataset(Path(cfg.path).stem, samples, SCORERS["shapes"], skipped, inputs=clip_inputs)
+    if limit is None:
+        raise DatasetError("the clip benchmark has no end (its generator is unlimited): set limit=N")
+    from tokprune.data import clips
+
+    samples = [_clip_sample(c) for c in clips.clip_benchmark(cfg.split, limit)]
+    return Dataset(f"clips-{cfg.split}", samples, SCORERS["shapes"], inputs=clip_inputs)
+
+
 def load_dataset(cfg: DatasetConfig, limit: int | None = None) -> Dataset:
     """The dataset a config names, cut to its first ``limit`` questions."""
     if cfg.name == "shapes":
         return _shapes(cfg, limit)
+    if cfg.name == "clips":
+        return _clips(cfg, limit)
     samples, skipped = load_jsonl(cfg.path, cfg.image_folder, cfg.skip_bad_rows, limit)  # type: ignore[arg-type]
     return Dataset(Path(cfg.path).stem, samples, get_scorer(cfg.scorer, samples), skipped)  # type: ignore[arg-type]

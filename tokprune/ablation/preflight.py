@@ -231,7 +231,14 @@ def screen_questions(dataset: Dataset, processor: Any, model: Any, prompt_suffix
     if limit is not None:
         clean = [i for i in range(len(dataset.samples)) if i not in reasons]
         samples = [dataset.samples[i] for i in clean]
-        lengths = _prompt_lengths(processor, samples, [s.question + prompt_suffix for s in samples])
+        questions = [s.question + prompt_suffix for s in samples]
+        if dataset.inputs is not None and samples:  # a dataset that builds its own inputs measures them
+            tok = processor.tokenizer
+            base = int(dataset.inputs(tok, samples[:1], questions[:1])["input_ids"].shape[1])
+            counts = [len(ids) for ids in tok(questions, add_special_tokens=False)["input_ids"]]
+            lengths = [base - counts[0] + c for c in counts]
+        else:
+            lengths = _prompt_lengths(processor, samples, questions)
         for i, n in zip(clean, lengths):
             if n > limit:
                 reasons[i] = (

@@ -96,12 +96,29 @@ def model_fingerprint(name: str) -> str:
     return checkpoint_fingerprint(resolve_model_path(name))
 
 
+@dataclass
+class TokenizerOnly:
+    """The processor of a study whose dataset builds its own model inputs (``dataset.name=clips``): the
+    checkpoint's tokenizer. Qwen2.5-VL's full processor needs a video processor, and transformers' video
+    processors need torchvision, which a CPU stack may not be able to import."""
+
+    tokenizer: Any
+    chat_template: str | None = None
+
+    def batch_decode(self, *args: Any, **kwargs: Any) -> list[str]:
+        return self.tokenizer.batch_decode(*args, **kwargs)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise TokpruneError("this study's dataset builds its own inputs (Dataset.inputs); the tokenizer is no processor")
+
+
 def load_model(cfg: AblationConfig, device: torch.device) -> tuple[Any, Any]:
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
     path = resolve_model_path(cfg.model)
     dtype = "auto" if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
-    processor = AutoProcessor.from_pretrained(path)
+    own_inputs = cfg.dataset.name == "clips"  # see datasets.clip_inputs
+    processor = TokenizerOnly(AutoTokenizer.from_pretrained(path)) if own_inputs else AutoProcessor.from_pretrained(path)
     # Decoder-only batched generation needs left padding (llava-hf's default is right for training).
     processor.tokenizer.padding_side = "left"
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=cfg.attn_implementation)
@@ -217,6 +234,10 @@ class Session:
     def inputs(self, samples: Sequence[EvalSample]) -> Any:
         """The processor's batch (prompts, pixel values) for ``samples``, on the model's device and dtype."""
         questions = [s.question + self.cfg.dataset.prompt_suffix for s in samples]
+        if self.dataset.inputs is not None:
+            built = self.dataset.inputs(self.processor.tokenizer, samples, questions)
+            return {k: v.to(self.device, self.model.dtype) if v.is_floating_point() else v.to(self.device)
+                    for k, v in built.items()}
         inputs = self.processor(
             text=build_prompts(self.processor, questions),
             images=[s.load_image() for s in samples],
@@ -459,13 +480,15 @@ def run_ablation(
 
             try:
                 files.update(write_reports(rows, out_dir, plot=cfg.plot, tolerance=cfg.budget.tolerance))
-                if cfg.plot and cfg.gallery.images and session.gallery:
+                if cfg.plot and cfg.gallery.images and session.gallery and session.dataset.inputs is None:
                     from .gallery import write_gallery
 
                     gallery = write_gallery(session, rows, out_dir / "kept.png")
                     files.update({"gallery": gallery} if gallery is not None else {})
                 elif cfg.plot and cfg.gallery.images and echo is not None:
-                    echo(f"gallery: not drawn on engine={session.engine} (it draws the transformers model's kept tokens)")
+                    why = (f"engine={session.engine} (it draws the transformers model's kept tokens)" if not session.gallery
+                           else f"dataset {session.dataset.name} (it draws one image per question)")
+                    echo(f"gallery: not drawn on {why}")
             except OSError as exc:
                 raise OutputError(
                     f"every run is recorded in {str(out_dir / RESULTS_FILE)!r}, but writing the report failed "

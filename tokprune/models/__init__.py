@@ -2,6 +2,8 @@
 
 ``path("tiny-llava-shapes")`` returns the directory of a complete llava-hf checkpoint that loads with
 ``AutoProcessor.from_pretrained`` and ``LlavaForConditionalGeneration.from_pretrained``, offline.
+``path("tiny-qwen2.5-vl-clips")``: a ``Qwen2_5_VLForConditionalGeneration`` trained on clips of the same world
+(``AutoTokenizer`` + :func:`tokprune.models.build_qwen.model_inputs`; see its MODEL_CARD.md).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ _HERE = Path(__file__).resolve().parent
 
 MODELS: dict[str, str] = {
     "tiny-llava-shapes": "tiny-llava-shapes",
+    "tiny-qwen2.5-vl-clips": "tiny-qwen2.5-vl-clips",
 }
 """Shipped model names -> checkpoint directory (relative to this package)."""
 
