@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from transformers import CLIPVisionConfig
 
-from ..adapters._tiny import VOCAB, TinyVocab
+from ..adapters._tiny import VOCAB, TinyVocab, fixed_size_inputs, left_padded, prompt_ids, random_model
 from ..adapters.llava import tiny_llava, tiny_llava_config
 from ..adapters.llava_next import NEXT_IMAGE_SIZES, tiny_llava_next
 from ..adapters.qwen2_5_vl import QWEN_GRIDS, tiny_qwen2_5_vl
@@ -32,6 +32,10 @@ __all__ = [
     "ClipCapture",
     "TinyVocab",
     "clip_context",
+    "fixed_size_inputs",
+    "left_padded",
+    "prompt_ids",
+    "random_model",
     "run_clip",
     "tiny_clip",
     "tiny_llava",
