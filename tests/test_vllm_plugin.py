@@ -255,6 +255,17 @@ def test_qwen_several_images_one_spec_and_a_budget_above_the_tokens(qwen):
     assert len(everything.prompt_token_ids) == 43
 
 
+@pytest.mark.parametrize("spec", [None, "divprune(keep=6)"])
+def test_qwen_two_images_equal_the_transformers_path(qwen, qwen_hf, spec):
+    """Each image's rows on its own placeholders: vLLM 0.32's recompute_mrope_positions put a prompt's second
+    image on the first one's (the plugin places them itself); caught by log-probs 0.1 apart."""
+    images = [_image(44), _image(45, 48, 32)]
+    (out,) = qwen.generate([_request(QWEN_TWO_IMAGES, images, spec)], GREEDY)
+    want_tokens, want_logprobs = _hf_run(*qwen_hf, QWEN_TWO_IMAGES, images, spec)
+    assert list(out.outputs[0].token_ids) == want_tokens
+    _assert_same_logprobs(_vllm_logprobs(out), want_logprobs)
+
+
 def test_qwen_a_request_without_an_image_runs_with_a_spec(qwen):
     (out,) = qwen.generate([_request("<|im_start|>user\nhello<|im_end|>\n", [], "divprune(keep=3)")], GREEDY)
     assert len(out.outputs[0].token_ids) == GREEDY.max_tokens
