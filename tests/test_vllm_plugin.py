@@ -7,7 +7,8 @@ embedded LLaVA ``tiny-llava-shapes`` as shipped (an engine-wide spec, overridden
 Equality with the transformers path: the strategy object's keep masks (recorded on the registered class,
 which both engines call in this process), first-token log-probs and greedy outputs equal those of
 ``tokprune.patch`` on the same checkpoint. The suite rejects wrong variants of the plugin: kept tokens at
-shifted positions, text after the image restarting where vLLM's EVS restarts it, and the wrong rows kept.
+shifted positions and the wrong rows kept (tests/test_vllm_video.py adds vLLM's own position recompute, which
+put a prompt's second image or video on the first one's placeholders).
 """
 
 from __future__ import annotations
@@ -198,12 +199,6 @@ def _shift_kept(model, grid, t_factor=1.0):
     return pos
 
 
-def _evs_text_restart(model, grid, t_factor=1.0):
-    pos = type(model)._media_positions(model, grid, t_factor)
-    pos[:, 3] = grid[2] // model.visual.spatial_merge_size  # vLLM EVS's rule: text restarts after the width
-    return pos
-
-
 def _first_rows(model, embeds, grids, specs):
     out = type(model)._prune_images(model, embeds, grids, specs)
     return [torch.cat([e[: o.shape[0]], o[:, -4:]], dim=1) for e, o in zip(embeds, out)]  # wrong rows kept
@@ -213,10 +208,9 @@ def _first_rows(model, embeds, grids, specs):
     ("attribute", "wrong", "seed"),
     [
         ("_media_positions", _shift_kept, 21),
-        ("_media_positions", _evs_text_restart, 22),
         ("_prune_images", _first_rows, 23),
     ],
-    ids=["shifted-positions", "evs-text-restart", "wrong-rows"],
+    ids=["shifted-positions", "wrong-rows"],
 )
 def test_the_equality_suite_rejects_wrong_variants(qwen, qwen_hf, attribute, wrong, seed):
     image = _image(seed, 48, 32)  # taller than wide: the text restart differs from EVS's rule

@@ -234,6 +234,30 @@ def test_the_equality_suite_rejects_wrong_variants(qwen, qwen_hf, wrong):
         _assert_same_logprobs(_logprobs(out), want_logprobs)
 
 
+def test_the_equality_suite_rejects_vllms_own_position_recompute(qwen, qwen_hf):
+    """vLLM 0.32's ``recompute_mrope_positions`` (what the plugin used before) places the video of an
+    image-then-video prompt on the image's placeholders; the mixed-prompt equality catches it."""
+    from PIL import Image
+    from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
+
+    image = Image.fromarray((np.random.RandomState(10).rand(16, 16, 3) * 255).astype("uint8"))
+    video = _video(11, still=3)
+    spec = "evs(keep_ratio=0.5)"
+    _, want_logprobs, _ = _hf_run(*qwen_hf, IMAGE_AND_VIDEO, video, spec, image)
+
+    def install(model):
+        stock = Qwen2_5_VLForConditionalGeneration.recompute_mrope_positions
+        model.recompute_mrope_positions = lambda *args, **kwargs: stock(model, *args, **kwargs)
+
+    qwen.apply_model(install)
+    try:
+        (out,) = qwen.generate([_request(IMAGE_AND_VIDEO, video, spec, image)], GREEDY)
+    finally:
+        qwen.apply_model(lambda model: model.__dict__.pop("recompute_mrope_positions", None))
+    with pytest.raises(AssertionError):
+        _assert_same_logprobs(_logprobs(out), want_logprobs)
+
+
 BAD = [
     ("fastv", ["stage=llm", "evs", "divprune"]),
     ("vidcom2(keep_ratio=0.5)", ["features decide", "reconcile=true", "evs"]),
@@ -257,3 +281,52 @@ def test_a_spec_that_cannot_run_fails_its_request_only(qwen, spec, fragments):
                 finished[output.request_id] = output
     assert set(finished) == {"good-1", "good-2"}
     assert len(finished["good-2"].prompt_token_ids) - len(finished["good-1"].prompt_token_ids) == 32 - 10
+
+
+# -- beside vLLM's own EVS (--video-pruning-rate): one engine-wide rate, the same rule --------------------
+
+
+@pytest.fixture(scope="module")
+def qwen_evs(qwen_path):
+    llm = vllm.LLM(
+        model=str(qwen_path),
+        max_model_len=512,
+        max_num_seqs=8,
+        limit_mm_per_prompt={"image": 1, "video": 1},
+        dtype="float32",
+        enforce_eager=True,
+        seed=0,
+        kv_cache_memory_bytes=256 << 20,
+        gpu_memory_utilization=0.05,
+        enable_prefix_caching=False,
+        video_pruning_rate=0.5,
+    )
+    yield llm
+    del llm
+
+
+def test_tokprune_evs_keeps_what_vllms_own_evs_keeps(qwen, qwen_evs, monkeypatch):
+    """vLLM's EVS at ``video_pruning_rate=q`` and tokprune's ``evs(keep_ratio=1-q)`` keep the same rows and
+    prompt length. (vLLM's EVS runs on CPU here because the plugin sets the runner's pruning flag that
+    ``CPUModelRunner`` never sets.) 2 fps: vLLM's EVS truncates ``second_per_grid_ts`` to an integer."""
+    from vllm.model_executor.models import qwen2_5_vl
+
+    stock = qwen2_5_vl.compute_retention_mask
+    theirs = []
+    monkeypatch.setattr(qwen2_5_vl, "compute_retention_mask", lambda *a, **k: theirs.append(stock(*a, **k)) or theirs[-1])
+    video = _video(12, still=3)
+    metadata = {**_metadata(video), "fps": 2.0, "duration": len(video) / 2.0}
+    request = {"prompt": VIDEO_PROMPT, "multi_modal_data": {"video": (video, metadata)}}
+    (engine_wide,) = qwen_evs.generate([request], GREEDY)
+    with recorded_keeps("evs") as ours:
+        (per_request,) = qwen.generate([{**request, "mm_processor_kwargs": {"tokprune": "evs(keep_ratio=0.5)"}}], GREEDY)
+    assert len(theirs) == 1 and len(ours) == 1
+    assert torch.equal(theirs[0].flatten().cpu(), ours[0][0].cpu())
+    assert len(engine_wide.prompt_token_ids) == len(per_request.prompt_token_ids)
+
+
+def test_a_tokprune_video_spec_on_an_engine_running_vllms_evs_is_refused(qwen_evs):
+    with pytest.raises(ValueError, match="video_pruning_rate"):
+        qwen_evs.llm_engine.add_request("both", _request(VIDEO_PROMPT, _video(13), "evs(keep_ratio=0.5)"), GREEDY)
+    (out,) = qwen_evs.generate([_request(VIDEO_PROMPT, _video(13))], GREEDY)
+    assert len(out.outputs[0].token_ids) == GREEDY.max_tokens

@@ -398,7 +398,7 @@ def _qwen2_5_vl_classes(mixin: type, registry: Any) -> dict[str, type]:
 
         def _media_positions(self, grid: Sequence[int], t_factor: float = 1.0) -> Tensor:
             """long ``[N, 4]``: each merged token's unpruned (t, h, w) offset and, in column 3, the offset the
-            text after the media starts at (vLLM's recompute reads it there)."""
+            text after the media starts at (vLLM's 4-column row format; the plugin's own recompute reads the offsets only)."""
             merge = self.visual.spatial_merge_size
             if t_factor == 1.0:
                 pos = compute_mrope_for_media(torch.tensor(grid), merge)
