@@ -8,7 +8,7 @@ Equality with the transformers path: the strategy object's keep masks (recorded 
 which both engines call in this process), first-token log-probs and greedy outputs equal those of
 ``tokprune.patch`` on the same checkpoint. The suite rejects wrong variants of the plugin: kept tokens at
 shifted positions and the wrong rows kept (tests/test_vllm_video.py adds vLLM's own position recompute, which
-put a prompt's second image or video on the first one's placeholders).
+puts the video of an image-then-video prompt on the image's placeholders).
 """
 
 from __future__ import annotations
@@ -251,8 +251,8 @@ def test_qwen_several_images_one_spec_and_a_budget_above_the_tokens(qwen):
 
 @pytest.mark.parametrize("spec", [None, "divprune(keep=6)"])
 def test_qwen_two_images_equal_the_transformers_path(qwen, qwen_hf, spec):
-    """Each image's rows on its own placeholders: vLLM 0.32's recompute_mrope_positions put a prompt's second
-    image on the first one's (the plugin places them itself); caught by log-probs 0.1 apart."""
+    """Each image's rows on its own placeholders (the plugin places them itself since vLLM 0.32's
+    recompute_mrope_positions misplaced an image followed by a video: tests/test_vllm_video.py)."""
     images = [_image(44), _image(45, 48, 32)]
     (out,) = qwen.generate([_request(QWEN_TWO_IMAGES, images, spec)], GREEDY)
     want_tokens, want_logprobs = _hf_run(*qwen_hf, QWEN_TWO_IMAGES, images, spec)

@@ -498,10 +498,10 @@ def _qwen2_5_vl_classes(mixin: type, registry: Any) -> dict[str, type]:
             num_computed_tokens: int,
         ) -> tuple[Sequence[Tensor], Tensor, int]:
             """The kept rows' own positions on their placeholders (:func:`_place_media_positions`). vLLM's
-            ``recompute_mrope_positions`` places every item of a prefill chunk after the chunk's first
-            vision start (it advances by the media rows only), so a second image or video of a prompt lands
-            on the first one's placeholders; the text positions need no recomputing here (they are the
-            unpruned prompt's, from :meth:`get_mrope_input_positions`)."""
+            ``recompute_mrope_positions`` finds an item's run from the vision starts and a count that
+            advances by the media rows only, and in an image-then-video prompt puts the video's rows on the
+            image's placeholders (measured; tests/test_vllm_video.py); the text positions need no
+            recomputing here (they are the unpruned prompt's, from :meth:`get_mrope_input_positions`)."""
             rows = [mm[:, :-4] for mm in multimodal_embeddings]
             offsets = [mm[:, -4:-1].long() for mm in multimodal_embeddings]
             ids = input_ids if isinstance(input_ids, Tensor) else torch.tensor(input_ids)
