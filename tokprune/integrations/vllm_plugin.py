@@ -24,6 +24,12 @@ under vLLM's own architecture names so that nothing changes for a request asking
   which is ``tokprune.patch``'s default for divprune, cdpruner and vispruner (their references renumber);
   topk and random default to ``keep`` there, which vLLM's 1-D numbering cannot express.
 
+Videos (Qwen2.5-VL): the same per video, the spec riding as ``tokprune_video_spec``; the placeholder run is
+sized by :meth:`~tokprune.serving.ServingPlan.video_kept_counts` (a temporal step's own
+``video_counts``), the strategy sees one row per video with its frames (``VisionContext.frames``), and the
+plugin places every media item's kept rows on its own placeholders (vLLM's recompute misplaces an
+image-then-video prompt). Qwen3-VL's videos and LLaVA pass unpruned by tokprune.
+
 The strategy sees what the transformers adapter gives it: LLaVA-1.5's features before the projector with
 the projector as ``VisionContext.project`` (DivPrune and CDPruner select on the projected tokens by
 default), Qwen-VL's merged tokens (already the LLM's input; no projector). A server has no CLIP text tower:
