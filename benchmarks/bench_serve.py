@@ -27,6 +27,11 @@ bypass the forward's timer and land in "rest"). Then the ceiling the token-count
 whose other parts do not shrink: the stock request with only its prefill forward scaled by the prompt ratio
 (``meas/ceiling`` near 1: the plugin loses nothing beyond what pruning cannot reach).
 
+``--video``: the same on videos (``--frames`` frames of ``--image`` side, 2 fps): stock, tokprune's ``evs``
+per request, and vLLM's own EVS (``video_pruning_rate``, engine-wide: one more engine per rate, each running
+the same requests with no spec) at the same rates, side by side (issue 24 item 6). vLLM's EVS runs on the
+CPU only because tokprune's plugin sets the runner flag ``CPUModelRunner`` never sets.
+
 ``--smoke``: the tiny test checkpoint, concurrency 1 and 2, one round (seconds of work after the engine
 starts). Needs vLLM (docs/serving.md); without it the script says so and exits 0.
 """
@@ -44,6 +49,10 @@ import numpy as np
 
 PROMPT = (
     "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>describe the image. what color is the square?"
+    "<|im_end|>\n<|im_start|>assistant\n"
+)
+VIDEO_PROMPT = (
+    "<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>describe the video. what moves?"
     "<|im_end|>\n<|im_start|>assistant\n"
 )
 WIDTHS_3B = {
@@ -74,9 +83,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--image", type=int, default=448, help="image side in pixels (448: 256 tokens)")
     ap.add_argument("--profile", action="store_true", help="also: where a request's time goes (concurrency 1)")
     ap.add_argument("--smoke", action="store_true", help="tiny checkpoint, concurrency 1,2, one round")
+    ap.add_argument("--video", action="store_true", help="videos: tokprune's evs vs vLLM's own EVS at equal rates")
+    ap.add_argument("--frames", type=int, default=16, help="frames per video (--video; 2 per temporal patch group)")
     args = ap.parse_args(argv)
     if args.smoke:
         args.concurrency, args.rounds, args.max_tokens, args.image = "1,2", 1, 4, 32
+        args.frames = min(args.frames, 8)
     args.layers = args.layers or (36 if args.device == "cuda" else 2)
     return args
 
@@ -97,12 +109,26 @@ def images(seed: int, count: int, side: int) -> list:
     return [Image.fromarray((rng.rand(side, side, 3) * 255).astype("uint8")) for _ in range(count)]
 
 
-def run_round(llm, spec: str | None, count: int, max_tokens: int, seed: int, side: int) -> tuple[float, list]:
+def videos(seed: int, count: int, side: int, frames: int) -> list:
+    """``(uint8 [F, side, side, 3], metadata)`` per video at 2 fps (vLLM needs the metadata)."""
+    rng = np.random.RandomState(seed)
+    meta = {"fps": 2.0, "total_num_frames": frames, "frames_indices": list(range(frames)), "duration": frames / 2.0}
+    return [((rng.rand(frames, side, side, 3) * 255).astype("uint8"), meta) for _ in range(count)]
+
+
+def run_round(
+    llm, spec: str | None, count: int, max_tokens: int, seed: int, side: int, frames: int = 0
+) -> tuple[float, list]:
     from vllm import SamplingParams
 
     requests = []
-    for image in images(seed, count, side):
-        request = {"prompt": PROMPT, "multi_modal_data": {"image": image}}
+    media = videos(seed, count, side, frames) if frames else images(seed, count, side)
+    for item in media:
+        request = (
+            {"prompt": VIDEO_PROMPT, "multi_modal_data": {"video": item}}
+            if frames
+            else {"prompt": PROMPT, "multi_modal_data": {"image": item}}
+        )
         if spec is not None:
             request["mm_processor_kwargs"] = {"tokprune": spec}
         requests.append(request)
@@ -225,6 +251,24 @@ def profile(llm, variants: list[tuple[str, str | None]], args: argparse.Namespac
         )
 
 
+def engine(llm_class, path: str, args: argparse.Namespace, concurrency: list[int], rate: float | None):
+    """One in-process engine; ``rate``: vLLM's own EVS at that ``video_pruning_rate`` (None: off)."""
+    tokens = 320 if not args.video else (args.image // 28) ** 2 * (args.frames // 2) + 64
+    return llm_class(
+        model=path,
+        max_model_len=max(1024, tokens + 64),
+        max_num_seqs=max(concurrency),
+        max_num_batched_tokens=max(2048, max(concurrency) * tokens),
+        limit_mm_per_prompt={"image": 0, "video": 1} if args.video else {"image": 1, "video": 0},
+        dtype="bfloat16" if args.device == "cuda" else "float32",
+        enforce_eager=args.device == "cpu",
+        seed=0,
+        enable_prefix_caching=False,
+        **({"video_pruning_rate": rate} if rate is not None else {}),
+        **({"kv_cache_memory_bytes": 2 << 30, "gpu_memory_utilization": 0.05} if args.device == "cpu" else {}),
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if importlib.util.find_spec("vllm") is None:
@@ -235,30 +279,30 @@ def main(argv: list[str] | None = None) -> None:
 
     concurrency = [int(c) for c in args.concurrency.split(",")]
     pruned = [float(p) for p in args.pruned.split(",")]
-    variants: list[tuple[str, str | None]] = [("stock", None)] + [
-        (f"{int(p * 100)}% pruned", f"divprune(keep_ratio={1 - p:g})") for p in pruned
+    frames = args.frames if args.video else 0
+    method = "evs" if args.video else "divprune"
+    # (name, engine: None = the tokprune engine, else vLLM's own EVS at that video_pruning_rate, spec)
+    variants: list[tuple[str, float | None, str | None]] = [("stock", None, None)] + [
+        (f"{int(p * 100)}% pruned", None, f"{method}(keep_ratio={1 - p:g})") for p in pruned
     ]
+    if args.video:
+        variants += [(f"{int(p * 100)}% vLLM EVS", p, None) for p in pruned]
     with tempfile.TemporaryDirectory() as tmp:
         path = build(tmp, args)
         start = time.perf_counter()
-        llm = LLM(
-            model=path,
-            max_model_len=1024,
-            max_num_seqs=max(concurrency),
-            max_num_batched_tokens=max(2048, max(concurrency) * 320),
-            limit_mm_per_prompt={"image": 1, "video": 0},
-            dtype="bfloat16" if args.device == "cuda" else "float32",
-            enforce_eager=args.device == "cpu",
-            seed=0,
-            enable_prefix_caching=False,
-            **({"kv_cache_memory_bytes": 2 << 30, "gpu_memory_utilization": 0.05} if args.device == "cpu" else {}),
-        )
-        print(f"engine ready in {time.perf_counter() - start:.1f} s; {args.layers} decoder layers, {args.device}")
-        for _, spec in variants:  # warm-up: the first request of each path pays one-off costs
-            run_round(llm, spec, 1, 1, 999, args.image)
+        engines = {rate: engine(LLM, path, args, concurrency, rate) for rate in dict.fromkeys(v[1] for v in variants)}
+        llm = engines[None]
         print(
-            f"divprune through tokprune's vLLM plugin vs no spec, {args.rounds} rounds each, median; "
-            "model = token-count model (prompt tokens unpruned/pruned)"
+            f"{len(engines)} engine(s) ready in {time.perf_counter() - start:.1f} s; {args.layers} decoder layers, "
+            f"{args.device}"
+        )
+        for _, rate, spec in variants:  # warm-up: the first request of each path pays one-off costs
+            run_round(engines[rate], spec, 1, 1, 999, args.image, frames)
+        media = f"videos of {frames} frames" if frames else "images"
+        print(
+            f"{method} through tokprune's vLLM plugin vs no spec"
+            + (" vs vLLM's own EVS (engine-wide rate)" if args.video else "")
+            + f" on {media}, {args.rounds} rounds each, median; model = token-count model (prompt tokens unpruned/pruned)"
         )
         print(
             f"{'conc':>4} {'variant':<12} {'prompt':>6} {'TTFT s':>8} {'req/s':>8} {'out tok/s':>9} "
@@ -269,18 +313,18 @@ def main(argv: list[str] | None = None) -> None:
         for c in concurrency:
             table: dict[str, dict] = {}
             for _ in range(args.rounds):  # variants interleaved within each round
-                for name, spec in variants:
+                for name, rate, spec in variants:
                     seed += 1
-                    ttft, _ = run_round(llm, spec, c, 1, seed, args.image)
+                    ttft, _ = run_round(engines[rate], spec, c, 1, seed, args.image, frames)
                     seed += 1
-                    wall, outs = run_round(llm, spec, c, args.max_tokens, seed, args.image)
+                    wall, outs = run_round(engines[rate], spec, c, args.max_tokens, seed, args.image, frames)
                     row = table.setdefault(name, {"ttft": [], "wall": []})
                     row["ttft"].append(ttft)
                     row["wall"].append(wall)
                     row["prompt"] = len(outs[0].prompt_token_ids)
             base = table["stock"]
             base_ttft, base_wall = np.median(base["ttft"]), np.median(base["wall"])
-            for name, _ in variants:
+            for name, _, _ in variants:
                 row = table[name]
                 ttft, wall = np.median(row["ttft"]), np.median(row["wall"])
                 rps, tps = c / wall, c * args.max_tokens / wall
@@ -291,8 +335,8 @@ def main(argv: list[str] | None = None) -> None:
                     f"{base_ttft / ttft:>6.2f}x {speed:>6.2f}x {model:>6.2f}x {speed / model:>10.2f}",
                     flush=True,
                 )
-        if args.profile:
-            profile(llm, variants, args)
+        if args.profile and not args.video:
+            profile(llm, [(name, spec) for name, _, spec in variants], args)
         sys.stdout.flush()
 
 

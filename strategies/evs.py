@@ -88,6 +88,11 @@ class EVS(PruningStrategy):
     temporal = True
     Params = EVSParams
 
+    def video_counts(self, token_counts: Tensor, frames: FrameLayout) -> Tensor:
+        """:func:`evs_counts`: fixed by the counts alone (a server sizes the video's placeholders from it)."""
+        p = self.params
+        return evs_counts(token_counts, frames.tokens_per_frame.to(token_counts), p.keep, p.keep_ratio)
+
     def plan(self, ctx: VisionContext) -> VisionPlan:
         frames = _frames(self.name, ctx)
         p = self.params

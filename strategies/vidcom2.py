@@ -106,6 +106,13 @@ def keep_lowest_per_frame(score: Tensor, frame_of: Tensor, budgets: Tensor) -> T
     return torch.zeros(b, n, dtype=torch.bool, device=score.device).scatter(1, order, rank < allowed)
 
 
+def reconcile_target(tokens: Tensor, frames: Tensor, keep: int | None, keep_ratio: float) -> Tensor:
+    """long ``[B]``: the reconcile step's exact count per video of ``tokens`` in ``frames`` (long ``[B]``):
+    ``max(frames, floor(N * keep_ratio))`` (vLLM's ``int(N * (1 - q))``), or ``max(frames, min(keep, N))``."""
+    target = tokens.clamp(max=keep) if keep is not None else torch.floor(tokens.double() * keep_ratio).long()
+    return torch.maximum(target, frames)
+
+
 def reconcile(keep: Tensor, score: Tensor, valid: Tensor, target: Tensor) -> Tensor:
     """vLLM's step 5: bool ``[B, N]`` with exactly ``target[b]`` kept, dropping the kept tokens of highest
     ``score`` or adding the dropped (valid) ones of lowest, as many as the difference."""
@@ -156,6 +163,14 @@ class VidCom2(PruningStrategy):
     temporal = True
     Params = VidCom2Params
 
+    def video_counts(self, token_counts: Tensor, frames: FrameLayout) -> Tensor | None:
+        """With ``reconcile`` or ``keep``: exactly the reconcile target (known before the features); the
+        authors' rule (per-frame budgets from the frames' uniqueness) lets the features decide: None."""
+        p = self.params
+        if not (p.reconcile or p.keep is not None):
+            return None
+        return reconcile_target(token_counts, frames.counts.to(token_counts), p.keep, p.keep_ratio)
+
     def plan(self, ctx: VisionContext) -> VisionPlan:
         frames = _frames(self.name, ctx)
         p = self.params
@@ -170,10 +185,7 @@ class VidCom2(PruningStrategy):
         score = (video + frame).masked_fill(~valid, float("inf"))
         keep = keep_lowest_per_frame(score, frame_of, budgets) & valid
         if p.reconcile or p.keep is not None:  # an absolute keep is exact: vLLM's step reaches it
-            # vLLM: int(N * (1 - q)); an absolute keep is its own target
-            target = n.clamp(max=p.keep) if p.keep is not None else torch.floor(n.double() * p.keep_ratio).long()
-            target = torch.maximum(target, frames.counts.to(target))
-            keep = reconcile(keep, score, valid, target)
+            keep = reconcile(keep, score, valid, reconcile_target(n, frames.counts.to(n), p.keep, p.keep_ratio))
         floor = frames.counts.to(n).minimum(n)  # one token per frame, whatever the budget
         diagnostics = {"keep_count": keep.sum(dim=1), "frame_budget": budgets, "keep_floor": floor}
         return VisionPlan(keep=keep, diagnostics=diagnostics)

@@ -189,3 +189,59 @@ def test_cdpruner_default_runs_its_named_stand_in_on_a_server(clip, caplog):
     want = as_cls.select(list(ctx.features), lambda _: ctx.signals, ctx.grid)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
     assert plan.step(ctx).diagnostics["relevance_source"] == "cls"
+
+
+# -- videos (Qwen2.5-VL's server path): temporal steps with a count known before encoding ---------------
+
+
+VIDEO_REFUSED = [
+    ("evs(keep_ratio=0.5)", False, ["evs", "prunes no video", "divprune"]),
+    ("vidcom2(keep_ratio=0.5)", True, ["features decide", "keep=", "reconcile=true", "evs"]),
+    ("vidcom2", False, ["prunes no video"]),
+]
+
+
+@pytest.mark.parametrize(("spec", "video", "fragments"), VIDEO_REFUSED, ids=[f"{r[0]}-{r[1]}" for r in VIDEO_REFUSED])
+def test_temporal_specs_are_refused_where_the_count_is_unknown_or_there_is_no_video(spec, video, fragments):
+    with pytest.raises(ServingSpecError) as info:
+        serving_plan(spec, "none", "the test family", video)
+    for fragment in fragments:
+        assert fragment in str(info.value), str(info.value)
+
+
+def test_temporal_steps_prune_videos_only():
+    listed = servable_strategies("none", video=True)
+    assert {"evs", "vidcom2(keep=)", "divprune"} <= set(listed) and "evs" not in servable_strategies("none")
+    plan = serving_plan("evs(keep_ratio=0.5)", "none", "the test family", True)
+    assert plan.prunes and not plan.prunes_images
+    assert plan.kept_counts(torch.tensor([16])).tolist() == [16]  # an image passes whole
+
+
+def _videos(seed: int):
+    """Three videos of (frames, rows, cols) merged tokens: features ``[t*r*c, 8]`` and their layout."""
+    from tokprune import FrameLayout
+
+    shapes = [(4, 2, 4), (2, 3, 3), (1, 2, 2)]
+    gen = torch.Generator().manual_seed(seed)
+    features = [torch.randn(t * r * c, 8, generator=gen) for t, r, c in shapes]
+    frames = FrameLayout(torch.tensor([s[0] for s in shapes]), torch.tensor([s[1:] for s in shapes]))
+    return features, frames
+
+
+VIDEO_SPECS = ["evs(keep_ratio=0.5)", "evs(keep=7)", "vidcom2(keep=7)", "vidcom2(keep_ratio=0.3, reconcile=true)",
+               "divprune(keep_ratio=0.5)"]
+
+
+@pytest.mark.parametrize("spec", VIDEO_SPECS)
+def test_videos_keep_the_announced_count_and_batch_equals_solo(spec):
+    from tokprune import FrameLayout
+
+    features, frames = _videos(2)
+    plan = serving_plan(spec, "none", "the test family", True)
+    tokens = torch.tensor([f.shape[0] for f in features])
+    together = plan.select(features, frames=frames)
+    assert [int(k.sum()) for k in together] == plan.video_kept_counts(tokens, frames).tolist()
+    for i, (feature, keep) in enumerate(zip(features, together)):
+        one = FrameLayout(frames.counts[i : i + 1], frames.grid[i : i + 1])
+        (solo,) = plan.select([feature], frames=one)
+        assert torch.equal(solo, keep)

@@ -23,17 +23,27 @@ pytestmark = [
 ]
 
 
-def test_an_engine_wide_spec_the_family_cannot_run_refuses_at_engine_start(tmp_path):
+STARTS = [
+    ("fastv", {}, ["fastv prunes inside the language model", "divprune"]),
+    ("vidcom2(keep_ratio=0.5)", {}, ["features decide", "reconcile=true", "evs"]),
+    ("evs(keep_ratio=0.5)", {"video_pruning_rate": 0.5}, ["own EVS", "video_pruning_rate=0.5"]),
+]
+
+
+@pytest.mark.parametrize(("spec", "options", "fragments"), STARTS, ids=[s[0] for s in STARTS])
+def test_an_engine_wide_spec_the_family_cannot_run_refuses_at_engine_start(tmp_path, spec, options, fragments):
     path = save_tiny_qwen2_5_vl(tmp_path / "qwen")
     with pytest.raises(ServingSpecError) as info:
         vllm.LLM(
             model=str(path),
             max_model_len=512,
-            limit_mm_per_prompt={"image": 1, "video": 0},
+            limit_mm_per_prompt={"image": 1, "video": 1},
             dtype="float32",
             enforce_eager=True,
             kv_cache_memory_bytes=256 << 20,
             gpu_memory_utilization=0.05,
-            mm_processor_kwargs={"tokprune": "fastv"},
+            mm_processor_kwargs={"tokprune": spec},
+            **options,
         )
-    assert "fastv prunes inside the language model" in str(info.value) and "divprune" in str(info.value)
+    for fragment in fragments:
+        assert fragment in str(info.value), str(info.value)

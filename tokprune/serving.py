@@ -26,7 +26,7 @@ from torch import Tensor
 
 from .errors import StrategyContractError, TokpruneError
 from .pipeline import Pipeline
-from .strategy import PruningStrategy, Signal, Stage, VisionContext, VisionSignals
+from .strategy import FrameLayout, PruningStrategy, Signal, Stage, VisionContext, VisionSignals
 
 __all__ = ["ServingPlan", "ServingSpecError", "servable_strategies", "serving_plan"]
 
@@ -49,20 +49,34 @@ def _fixed_budget(cls: type[PruningStrategy]) -> bool:
     return {"keep", "keep_ratio"} <= names
 
 
-def servable_strategies(tower: TowerSignals = "cls") -> list[str]:
+def servable_strategies(tower: TowerSignals = "cls", video: bool = False) -> list[str]:
     """Registered vision-stage strategies with a fixed budget that a tower offering ``tower`` runs with their
-    default parameters, sorted (``"none"``: those reading no encoder signal, e.g. on Qwen-VL)."""
+    default parameters, sorted (``"none"``: those reading no encoder signal, e.g. on Qwen-VL). ``video``:
+    the family takes videos, so the temporal strategies are listed too (they prune videos only), as
+    ``name(keep=)`` where only an absolute ``keep`` fixes their count (:meth:`PruningStrategy.video_counts`)."""
     from .registry import available, describe
 
     names = []
     for name in available(stage="vision"):
         cls = describe(name).cls
-        if not _fixed_budget(cls) or not cls.ragged_vision or cls.temporal:  # temporal: videos, not served yet
+        if not _fixed_budget(cls) or not cls.ragged_vision:
             continue
+        if cls.temporal:
+            if not video:
+                continue
+            if _video_counts(cls()) is None:
+                if _video_counts(cls(keep=1)) is not None:
+                    names.append(f"{name}(keep=)")
+                continue
         if tower == "none" and cls().requires():
             continue
         names.append(name)
     return names
+
+
+def _video_counts(step: PruningStrategy) -> Tensor | None:
+    """The step's count on a probe video (2 frames of 2 tokens): None where the features decide it."""
+    return step.video_counts(torch.tensor([4]), FrameLayout(torch.tensor([2]), torch.tensor([[1, 2]])))
 
 
 @dataclass(frozen=True)
@@ -74,7 +88,14 @@ class ServingPlan:
 
     @property
     def prunes(self) -> bool:
+        """Something is pruned (images or videos)."""
         return self.step is not None
+
+    @property
+    def prunes_images(self) -> bool:
+        """Images are pruned: a temporal step (EVS, VidCom2) prunes videos only, images pass whole (as in
+        ``tokprune.patch`` and vLLM's ``--video-pruning-rate``)."""
+        return self.step is not None and not self.step.temporal
 
     def requires(self) -> frozenset[Signal]:
         """Encoder signals the step reads (unresolved layers; resolve with :meth:`Signal.resolve`)."""
@@ -95,10 +116,25 @@ class ServingPlan:
         strategy's own budget rule (``min(keep, n)`` or ``round(n * keep_ratio)``, at least 1)."""
         from .scoring import fixed_counts
 
-        if self.step is None:
+        if not self.prunes_images:
             return token_counts.clone()
         p = self.step.params
         return fixed_counts(token_counts, p.keep, p.keep_ratio)
+
+    def video_kept_counts(self, token_counts: Tensor, frames: FrameLayout) -> Tensor:
+        """long ``[V]``: tokens kept of videos bringing ``token_counts`` (long ``[V]``) tokens laid out as
+        ``frames``: a temporal step's own count (:meth:`PruningStrategy.video_counts`), any other step's
+        budget over the whole video (one row per video, as ``tokprune.patch``'s ``budget_scope="image"``)."""
+        from .scoring import fixed_counts
+
+        step = self.step
+        if step is None:
+            return token_counts.clone()
+        if step.temporal:
+            counts = step.video_counts(token_counts, frames)
+            assert counts is not None, "serving_plan refuses temporal steps whose count the features decide"
+            return counts
+        return fixed_counts(token_counts, step.params.keep, step.params.keep_ratio)
 
     def kept_count(self, token_count: int) -> int:
         """:meth:`kept_counts` for one image of ``token_count`` tokens."""
@@ -110,6 +146,7 @@ class ServingPlan:
         signals: Callable[[Tensor], VisionSignals] | None = None,
         grid: tuple[int, int] | None = None,
         project: Callable[[Tensor], Tensor] | None = None,
+        frames: FrameLayout | None = None,
     ) -> list[Tensor]:
         """The step on each image's tokens; returns one bool keep mask ``[N_i]`` per image, in raster order.
 
@@ -119,7 +156,8 @@ class ServingPlan:
         when every image has one. ``project``: the family's projector as a per-token map ``[I, L, C] -> [I, L, D]``
         (:attr:`VisionContext.project`: DivPrune and CDPruner select on the projected tokens by default, as
         their references do); None where ``features`` already are the tokens the LLM receives (Qwen-VL's
-        merged tokens), exactly as the transformers adapters set it. Raises :class:`StrategyContractError` when a plan keeps another count than
+        merged tokens), exactly as the transformers adapters set it. ``frames``: the videos' frame layout
+        when ``features`` are videos (one row each; counts from :meth:`video_kept_counts`). Raises :class:`StrategyContractError` when a plan keeps another count than
         :meth:`kept_counts` announced (the engine planned the prompt from it) or adds extra tokens.
         """
         step = self.step
@@ -143,11 +181,12 @@ class ServingPlan:
             lengths=None if uniform and grid is not None else lengths,
             project=project,
             text=None,  # a server has no CLIP text tower: instruction readers run their stand-in (stand_in())
+            frames=frames,
         )
         plan = step(ctx)
         if plan.extra is not None and plan.extra.shape[1] > 0:
             raise StrategyContractError(f"{step.spec()} added extra tokens; a server cannot place them")
-        expected = self.kept_counts(lengths)
+        expected = self.kept_counts(lengths) if frames is None else self.video_kept_counts(lengths, frames)
         got = plan.keep.sum(dim=1)
         if not torch.equal(got.cpu(), expected.cpu()):
             raise StrategyContractError(
@@ -158,20 +197,25 @@ class ServingPlan:
 
 
 @functools.lru_cache(maxsize=256)
-def serving_plan(spec: str | None, tower: TowerSignals = "cls", family: str = "this model") -> ServingPlan:
-    """Parse and validate ``spec`` for a server whose tower offers ``tower``; cached per spec.
+def serving_plan(
+    spec: str | None, tower: TowerSignals = "cls", family: str = "this model", video: bool = False
+) -> ServingPlan:
+    """Parse and validate ``spec`` for a server whose tower offers ``tower`` (``video``: the family's server
+    path prunes videos); cached per spec.
 
     Refused, with :class:`ServingSpecError` naming the bad value and the strategies that work: a spec that
     does not parse (unknown strategy, bad parameter: the registry's own message), LLM-stage steps (they
     prune inside the decoder, which the engine runs itself), adaptive counts (the count must be known
-    before the image is encoded), CLS-reading steps on a tower without CLS.
+    before the image is encoded; a temporal step whose count the features decide, e.g. vidcom2 without
+    ``keep=`` or ``reconcile=true``), temporal steps where the family prunes no video, CLS-reading steps on
+    a tower without CLS.
     """
     from .registry import get
 
     text = "none" if spec is None else str(spec).strip()
     if text in ("", "none"):
         return ServingPlan("none", None)
-    working = ", ".join(servable_strategies(tower)) or "none registered"
+    working = ", ".join(servable_strategies(tower, video)) or "none registered"
     try:
         pipeline: Pipeline = get(text)
     except TokpruneError as exc:
@@ -193,10 +237,16 @@ def serving_plan(spec: str | None, tower: TowerSignals = "cls", family: str = "t
             f"tokprune spec {text!r}: {step.name} chooses how many tokens to keep from the image, but a server "
             f"sizes the prompt before the image is encoded; use a fixed budget (keep= or keep_ratio=) with: {working}"
         )
-    if step.temporal:
+    if step.temporal and not video:
         raise ServingSpecError(
             f"tokprune spec {text!r}: {step.name} prunes across the frames of a video, and the tokprune server path "
-            f"prunes images; vLLM's own --video-pruning-rate runs EVS on videos; strategies that work here: {working}"
+            f"prunes no video on {family}; strategies that work here: {working}"
+        )
+    if step.temporal and _video_counts(step) is None:
+        raise ServingSpecError(
+            f"tokprune spec {text!r}: {step.spec()} lets the features decide how many tokens each video keeps, but "
+            "a server sizes the prompt before the video is encoded; fix the count with keep= (or the strategy's "
+            f"own switch, vidcom2's reconcile=true); strategies that work here: {working}"
         )
     if tower == "none" and step.requires():
         signals = ", ".join(f"{s.kind}@{s.layer}" for s in sorted(step.requires(), key=lambda s: (s.kind, s.layer)))

@@ -489,6 +489,13 @@ class PruningStrategy(abc.ABC):
         over ``llm_positions``. None: the adapter's option. Default: None."""
         return None
 
+    def video_counts(self, token_counts: Tensor, frames: FrameLayout) -> Tensor | None:
+        """long ``[B]``: tokens :meth:`plan` keeps of each video row (``token_counts`` long ``[B]``, laid out as
+        ``frames``), where this configuration fixes the count before seeing the features; None where the
+        features decide it. A serving engine sizes a video's placeholders from it before encoding
+        (:mod:`tokprune.serving`). Temporal strategies implement it; default: None."""
+        return None
+
     @abc.abstractmethod
     def plan(self, ctx: Any) -> Any:
         """Decide: a :class:`VisionPlan` for a :class:`VisionContext`, an :class:`LLMPlan` for an LLM one."""

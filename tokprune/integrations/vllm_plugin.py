@@ -24,6 +24,12 @@ under vLLM's own architecture names so that nothing changes for a request asking
   which is ``tokprune.patch``'s default for divprune, cdpruner and vispruner (their references renumber);
   topk and random default to ``keep`` there, which vLLM's 1-D numbering cannot express.
 
+Videos (Qwen2.5-VL): the same per video, the spec riding as ``tokprune_video_spec``; the placeholder run is
+sized by :meth:`~tokprune.serving.ServingPlan.video_kept_counts` (a temporal step's own
+``video_counts``), the strategy sees one row per video with its frames (``VisionContext.frames``), and the
+plugin places every media item's kept rows on its own placeholders (vLLM's recompute misplaces an
+image-then-video prompt). Qwen3-VL's videos and LLaVA pass unpruned by tokprune.
+
 The strategy sees what the transformers adapter gives it: LLaVA-1.5's features before the projector with
 the projector as ``VisionContext.project`` (DivPrune and CDPruner select on the projected tokens by
 default), Qwen-VL's merged tokens (already the LLM's input; no projector). A server has no CLIP text tower:
@@ -48,7 +54,8 @@ import torch
 from torch import Tensor
 
 from ..errors import TokpruneError
-from ..serving import ServingPlan, serving_plan
+from ..serving import ServingPlan, ServingSpecError, serving_plan
+from ..strategy import FrameLayout
 
 __all__ = [
     "FAMILIES",
@@ -68,6 +75,8 @@ TESTED_VLLM: tuple[str, ...] = ("0.32.0",)
 SPEC_KEY = "tokprune"
 #: The per-image field the processor adds (the spec's UTF-8 bytes, uint8 ``[S]``).
 SPEC_FIELD = "tokprune_spec"
+#: The same per video (vLLM batches a field over one modality's items).
+VIDEO_SPEC_FIELD = "tokprune_video_spec"
 
 #: vLLM architecture name -> (our class in this module, what the tower offers a strategy, label).
 FAMILIES: dict[str, tuple[str, str, str]] = {
@@ -221,11 +230,28 @@ def _image_count(processed: Mapping[str, Any]) -> int:
     return 0
 
 
-def _check_engine_spec(vllm_config: Any, tower: str, family: str) -> None:
+def _video_count(processed: Mapping[str, Any]) -> int:
+    """Videos in the processor's output (Qwen: one grid row each)."""
+    grid = processed.get("video_grid_thw")
+    return 0 if grid is None else len(grid)
+
+
+def _check_engine_spec(vllm_config: Any, tower: str, family: str, video: bool = False) -> None:
     """Refuse at engine start an engine-wide spec this family cannot run (raises ServingSpecError)."""
     mm_config = vllm_config.model_config.get_multimodal_config()
     kwargs = getattr(mm_config, "mm_processor_kwargs", None) or {}
-    serving_plan(kwargs.get(SPEC_KEY), tower, family)
+    plan = serving_plan(kwargs.get(SPEC_KEY), tower, family, video)
+    _check_no_engine_evs(plan, getattr(mm_config, "video_pruning_rate", None))
+
+
+def _check_no_engine_evs(plan: ServingPlan, video_pruning_rate: float | None) -> None:
+    """Refuse a spec that prunes videos on an engine whose own EVS (``--video-pruning-rate``) prunes them too."""
+    if plan.prunes and video_pruning_rate:
+        raise ServingSpecError(
+            f"tokprune spec {plan.spec!r} prunes videos, and this engine prunes them with its own EVS "
+            f"(video_pruning_rate={video_pruning_rate}); use one of the two: drop --video-pruning-rate, or send "
+            "no tokprune spec with videos"
+        )
 
 
 def _groups(specs: Sequence[str]) -> Iterator[tuple[ServingPlan, list[int]]]:
@@ -234,7 +260,7 @@ def _groups(specs: Sequence[str]) -> Iterator[tuple[ServingPlan, list[int]]]:
     for i, spec in enumerate(specs):
         order.setdefault(spec, []).append(i)
     for spec, index in order.items():
-        yield serving_plan(spec), index
+        yield serving_plan(spec, video=True), index  # validated for its family by the processor
 
 
 # -- the family classes, built on first use (importing vLLM's model modules is slow) -------------------
@@ -255,14 +281,16 @@ def _classes() -> dict[str, type]:
     from vllm.multimodal.inputs import MultiModalFieldConfig
 
     class SpecProcessorMixin:
-        """Validates the spec, sizes each image's placeholders to its budget, sends the spec with the image."""
+        """Validates the spec, sizes each image's (video's) placeholders to its budget, sends the spec with
+        the image (video)."""
 
         tokprune_tower = "cls"
         tokprune_family = "this model"
+        tokprune_video = False  # the family's server path prunes videos (Qwen2.5-VL)
 
         def tokprune_plan(self, hf_kwargs: Mapping[str, object]) -> ServingPlan:
             merged = self.info.ctx.get_merged_mm_kwargs(hf_kwargs)  # engine-wide, then the request's
-            return serving_plan(merged.get(SPEC_KEY), self.tokprune_tower, self.tokprune_family)
+            return serving_plan(merged.get(SPEC_KEY), self.tokprune_tower, self.tokprune_family, self.tokprune_video)
 
         def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> Any:
             hf_kwargs = {k: v for k, v in hf_kwargs.items() if k != SPEC_KEY}
@@ -276,6 +304,10 @@ def _classes() -> dict[str, type]:
             count = _image_count(processed)
             if count:
                 processed[SPEC_FIELD] = _encode_spec(plan.spec, count)
+            videos = _video_count(processed) if self.tokprune_video else 0
+            if videos:
+                _check_no_engine_evs(plan, self.info.ctx.get_mm_config().video_pruning_rate)
+                processed[VIDEO_SPEC_FIELD] = _encode_spec(plan.spec, videos)
             return processed
 
         def _get_mm_fields_config(
@@ -284,29 +316,46 @@ def _classes() -> dict[str, type]:
             fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
             if SPEC_FIELD in hf_inputs:
                 fields[SPEC_FIELD] = MultiModalFieldConfig.batched("image", keep_on_cpu=True)
+            if VIDEO_SPEC_FIELD in hf_inputs:
+                fields[VIDEO_SPEC_FIELD] = MultiModalFieldConfig.batched("video", keep_on_cpu=True)
             return fields
 
         def _get_prompt_updates(
             self, mm_items: Any, hf_processor_mm_kwargs: Mapping[str, object], out_mm_kwargs: Any
         ) -> Any:
             updates = list(super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs))
-            items = out_mm_kwargs.get("image", []) if hasattr(out_mm_kwargs, "get") else []
+            get = out_mm_kwargs.get if hasattr(out_mm_kwargs, "get") else lambda _m, _d: _d
             for i, update in enumerate(updates):
-                if update.modality != "image" or not callable(update.replacement):
+                video = update.modality == "video"
+                if update.modality not in ("image", "video") or not callable(update.replacement):
                     continue
-                stock = update.replacement
+                if video and not self.tokprune_video:
+                    continue
+                items = get(update.modality, [])
 
-                def replacement(item_idx: int, _stock: Callable = stock) -> Any:
+                def replacement(
+                    item_idx: int, _stock: Callable = update.replacement, _items: Any = items, _video: bool = video
+                ) -> Any:
                     tokens = _stock(item_idx)
-                    field = items[item_idx].get(SPEC_FIELD) if item_idx < len(items) else None
+                    item = _items[item_idx] if item_idx < len(_items) else {}
+                    field = item.get(VIDEO_SPEC_FIELD if _video else SPEC_FIELD)
                     spec = _decode_specs(field.data if field is not None else None, 1)[0]
-                    plan = serving_plan(spec, self.tokprune_tower, self.tokprune_family)
-                    if not plan.prunes:
-                        return tokens
-                    return list(tokens)[: plan.kept_count(len(tokens))]  # a run of one placeholder id
+                    plan = serving_plan(spec, self.tokprune_tower, self.tokprune_family, self.tokprune_video)
+                    if _video and plan.prunes:
+                        count = plan.video_kept_counts(torch.tensor([len(tokens)]), self.tokprune_frames(item))
+                        return list(tokens)[: int(count[0])]  # a run of one placeholder id
+                    if not _video and plan.prunes_images:
+                        return list(tokens)[: plan.kept_count(len(tokens))]
+                    return tokens
 
                 updates[i] = type(update)(modality=update.modality, target=update.target, replacement=replacement)
             return updates
+
+        def tokprune_frames(self, item: Any) -> FrameLayout:
+            """The frame layout of one processed video item (Qwen: ``video_grid_thw``, merged ``2 x 2``)."""
+            t, h, w = (int(x) for x in item["video_grid_thw"].data)
+            merge = self.info.get_hf_config().vision_config.spatial_merge_size
+            return FrameLayout(torch.tensor([t]), torch.tensor([[h // merge, w // merge]]))
 
     classes: dict[str, type] = {}
     classes.update(_qwen2_5_vl_classes(SpecProcessorMixin, MULTIMODAL_REGISTRY))
@@ -328,6 +377,7 @@ def _qwen2_5_vl_classes(mixin: type, registry: Any) -> dict[str, type]:
     class TokpruneQwen2_5_VLProcessor(mixin, Qwen2_5_VLMultiModalProcessor):
         tokprune_tower = "none"
         tokprune_family = "Qwen2.5-VL"
+        tokprune_video = True
 
     @registry.register_processor(
         TokpruneQwen2_5_VLProcessor, info=Qwen2_5_VLProcessingInfo, dummy_inputs=Qwen2_5_VLDummyInputsBuilder
@@ -339,7 +389,7 @@ def _qwen2_5_vl_classes(mixin: type, registry: Any) -> dict[str, type]:
         supports_multimodal_pruning = True
 
         def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
-            _check_engine_spec(vllm_config, "none", "Qwen2.5-VL")
+            _check_engine_spec(vllm_config, "none", "Qwen2.5-VL", video=True)
             super().__init__(vllm_config=vllm_config, prefix=prefix)
 
         def get_encoder_cudagraph_config(self) -> Any:
@@ -354,7 +404,7 @@ def _qwen2_5_vl_classes(mixin: type, registry: Any) -> dict[str, type]:
 
         def _media_positions(self, grid: Sequence[int], t_factor: float = 1.0) -> Tensor:
             """long ``[N, 4]``: each merged token's unpruned (t, h, w) offset and, in column 3, the offset the
-            text after the media starts at (vLLM's recompute reads it there)."""
+            text after the media starts at (vLLM's 4-column row format; the plugin's own recompute reads the offsets only)."""
             merge = self.visual.spatial_merge_size
             if t_factor == 1.0:
                 pos = compute_mrope_for_media(torch.tensor(grid), merge)
@@ -365,6 +415,7 @@ def _qwen2_5_vl_classes(mixin: type, registry: Any) -> dict[str, type]:
 
         def embed_multimodal(self, **kwargs: object) -> Any:
             field = kwargs.pop(SPEC_FIELD, None)
+            video_field = kwargs.pop(VIDEO_SPEC_FIELD, None)
             by_modality = self._parse_and_validate_multimodal_inputs(**kwargs)
             out: list[Tensor] = []
             for modality, inputs in by_modality.items():
@@ -377,18 +428,40 @@ def _qwen2_5_vl_classes(mixin: type, registry: Any) -> dict[str, type]:
                     if self.is_multimodal_pruning_enabled:  # vLLM's own EVS appends its positions
                         out += list(self._postprocess_video_embeds_evs(embeds, inputs))
                         continue
+                    grids = inputs["video_grid_thw"].tolist()
                     seconds = inputs.get("second_per_grid_ts")
                     tps = getattr(self.config.vision_config, "tokens_per_second", 1.0)
-                    for i, (emb, grid) in enumerate(zip(embeds, inputs["video_grid_thw"].tolist())):
-                        factor = tps * (float(seconds[i]) if seconds is not None else 1.0)
-                        out.append(torch.cat([emb, self._media_positions(grid, factor).to(emb)], dim=1))
+                    # the stock rule's time axis (get_mrope_input_positions): frame index * seconds * tps
+                    factors = [tps * (float(seconds[i]) if seconds is not None else 1.0) for i in range(len(grids))]
+                    out += self._prune_videos(list(embeds), grids, factors, _decode_specs(video_field, len(grids)))
             return tuple(out)
+
+        def _prune_videos(
+            self, embeds: list[Tensor], grids: list[list[int]], factors: list[float], specs: list[str]
+        ) -> list[Tensor]:
+            """Each video's kept merged tokens (one strategy row per video, its frames in ``ctx.frames``, as
+            ``tokprune.patch``'s default ``budget_scope="image"``) with their unpruned M-RoPE offsets appended."""
+            merge = self.visual.spatial_merge_size
+            keeps: list[Tensor | None] = [None] * len(embeds)
+            for plan, index in _groups(specs):
+                if plan.prunes:
+                    thw = torch.tensor([grids[i] for i in index], device=embeds[index[0]].device)
+                    frames = FrameLayout(thw[:, 0], thw[:, 1:] // merge)
+                    for i, keep in zip(index, plan.select([embeds[i] for i in index], frames=frames)):
+                        keeps[i] = keep
+            out = []
+            for emb, grid, factor, keep in zip(embeds, grids, factors, keeps):
+                pos = self._media_positions(grid, factor).to(emb.device)
+                rows = emb if keep is None else emb[keep.to(emb.device)]
+                pos = pos if keep is None else pos[keep.to(pos.device)]
+                out.append(torch.cat([rows, pos.to(emb.dtype)], dim=1))
+            return out
 
         def _prune_images(self, embeds: list[Tensor], grids: list[list[int]], specs: list[str]) -> list[Tensor]:
             """Each image's kept merged tokens, with their unpruned M-RoPE offsets appended (4 columns)."""
             keeps: list[Tensor | None] = [None] * len(embeds)
             for plan, index in _groups(specs):
-                if plan.prunes:
+                if plan.prunes_images:
                     # the merged tokens already are the LLM's input: no projector (as the transformers adapter)
                     for i, keep in zip(index, plan.select([embeds[i] for i in index])):
                         keeps[i] = keep
@@ -423,7 +496,47 @@ def _qwen2_5_vl_classes(mixin: type, registry: Any) -> dict[str, type]:
             positions = np.concatenate(chunks, axis=1).reshape(3, -1)
             return torch.from_numpy(positions), int(positions.max() + 1 - len(input_tokens))
 
+        def recompute_mrope_positions(
+            self,
+            input_ids: Any,
+            multimodal_embeddings: Sequence[Tensor],
+            mrope_positions: Tensor,
+            num_computed_tokens: int,
+        ) -> tuple[Sequence[Tensor], Tensor, int]:
+            """The kept rows' own positions on their placeholders (:func:`_place_media_positions`). vLLM's
+            ``recompute_mrope_positions`` finds an item's run from the vision starts and a count that
+            advances by the media rows only, and in an image-then-video prompt puts the video's rows on the
+            image's placeholders (measured; tests/test_vllm_video.py); the text positions need no
+            recomputing here (they are the unpruned prompt's, from :meth:`get_mrope_input_positions`)."""
+            rows = [mm[:, :-4] for mm in multimodal_embeddings]
+            offsets = [mm[:, -4:-1].long() for mm in multimodal_embeddings]
+            ids = input_ids if isinstance(input_ids, Tensor) else torch.tensor(input_ids)
+            media = (ids == self.config.image_token_id) | (ids == self.config.video_token_id)
+            positions = _place_media_positions(media.to(mrope_positions.device), offsets, mrope_positions, num_computed_tokens)
+            return rows, positions, int(positions.max() + 1 - positions.shape[1])
+
     return {"TokpruneQwen2_5_VL": TokpruneQwen2_5_VL, "TokpruneQwen2_5_VLProcessor": TokpruneQwen2_5_VLProcessor}
+
+
+def _place_media_positions(media: Tensor, offsets: Sequence[Tensor], positions: Tensor, start: int) -> Tensor:
+    """M-RoPE positions long ``[3, N]`` with the media rows of one prefill chunk placed.
+
+    ``media``: bool ``[N]``, the prompt's image and video placeholders; ``offsets``: each item's (part of
+    the chunk) rows' ``(t, h, w)`` offsets long ``[R_i, 3]``, items in prompt order, filling the chunk's
+    placeholders from token ``start`` on in order; ``positions``: the prompt's positions, text already
+    final. A row's position is its offset plus the position after the text token before its run.
+    """
+    out = positions.clone()
+    rows = torch.cat(list(offsets)) if len(offsets) else positions.new_zeros(0, 3)
+    if rows.shape[0] == 0:
+        return out
+    index = torch.arange(media.numel(), device=media.device)
+    slots = index[media & (index >= start)][: rows.shape[0]]  # the chunk's placeholders, in order
+    run_start = media & ~torch.cat([media.new_zeros(1), media[:-1]])
+    last_start = torch.cummax(torch.where(run_start, index, 0), dim=0).values  # each token's run start
+    base = out[0, (last_start[slots] - 1).clamp_min(0)] + 1
+    out[:, slots] = (rows.to(out) + base[:, None]).T
+    return out
 
 
 def _unpruned_positions(
@@ -514,7 +627,7 @@ def _qwen3_vl_classes(mixin: type, registry: Any) -> dict[str, type]:
             # the merged tokens (the LLM's input: no projector); the DeepStack levels follow on the channel axis
             width = self.visual_dim
             for plan, index in _groups(specs):
-                if plan.prunes:
+                if plan.prunes_images:
                     for i, keep in zip(index, plan.select([embeds[i][:, :width] for i in index])):
                         keeps[i] = keep
             out = []
@@ -653,7 +766,7 @@ def _llava_classes(mixin: type, registry: Any) -> dict[str, type]:
             specs = _decode_specs(field, features.shape[0])
             keeps: list[Tensor | None] = [None] * features.shape[0]
             for plan, index in _groups(specs):
-                if not plan.prunes:
+                if not plan.prunes_images:
                     continue
                 declared = frozenset(s.resolve(cfg.num_hidden_layers) for s in plan.requires())
                 rows = torch.tensor(index, device=features.device)

@@ -1,0 +1,332 @@
+"""tokprune's video strategies inside a real vLLM engine (CPU, in-process, offline) on Qwen2.5-VL videos.
+
+Skipped where vLLM is not installed (docs/serving.md: the CPU recipe; CI leg ``v``). One engine: the tiny
+random Qwen2.5-VL saved with its tokenizer, processor and video processor. A request's
+``mm_processor_kwargs={"tokprune": "evs(keep_ratio=0.5)"}`` sizes its video's placeholders to the kept count
+and the model keeps the chosen rows at their unpruned (t, h, w) positions; kept rows, prompt length,
+first-token log-probs and greedy tokens equal ``tokprune.patch`` on the transformers model. The suite
+rejects a plugin that keeps the wrong rows of a video and one that shifts the kept rows' frames.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import numpy as np
+import pytest
+import torch
+
+vllm = pytest.importorskip("vllm", reason="vLLM is not installed (docs/serving.md: the CPU recipe)")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: recorders see it
+
+from transformers import AutoModelForImageTextToText, AutoProcessor  # noqa: E402
+
+import tokprune  # noqa: E402
+from tokprune.registry import describe  # noqa: E402
+from tokprune.testing.checkpoints import save_tiny_qwen2_5_vl  # noqa: E402
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore::FutureWarning"),
+]
+
+VIDEO_PROMPT = (
+    "<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>what moves in the video?<|im_end|>\n"
+    "<|im_start|>assistant\n"
+)
+IMAGE_AND_VIDEO = (
+    "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|><|vision_start|><|video_pad|><|vision_end|>"
+    "what moves in the video?<|im_end|>\n<|im_start|>assistant\n"
+)
+# 8 fps: a temporal patch group (2 frames) spans 0.25 s, one M-RoPE time step at the tiny config's
+# tokens_per_second=4. Where a group spans more than one step, stock vLLM 0.32 and transformers 5.19 already
+# disagree without tokprune: the text after a video starts at max(time) + 1 in vLLM (the 4.x reference rule)
+# and at the video's start + max(t, h, w) in transformers (measured: first-token log-probs 0.08 apart).
+FPS = 8.0
+GREEDY = vllm.SamplingParams(max_tokens=4, temperature=0.0, logprobs=5)
+
+
+def _video(seed: int, frames: int = 8, height: int = 16, width: int = 32, still: int = 0) -> np.ndarray:
+    """uint8 ``[F, H, W, 3]``; the first ``still`` frames repeat frame 0 (EVS's dissimilarity is 0 there)."""
+    pixels = (np.random.RandomState(seed).rand(frames, height, width, 3) * 255).astype("uint8")
+    pixels[1:still] = pixels[0]
+    return pixels
+
+
+def _metadata(video: np.ndarray) -> dict:
+    n = len(video)
+    return {"fps": FPS, "total_num_frames": n, "frames_indices": list(range(n)), "duration": n / FPS}
+
+
+def _request(prompt, video, spec=None, image=None):
+    data = {"video": (video, _metadata(video))}
+    if image is not None:
+        data["image"] = image
+    request = {"prompt": prompt, "multi_modal_data": data}
+    if spec is not None:
+        request["mm_processor_kwargs"] = {"tokprune": spec}
+    return request
+
+
+@contextlib.contextmanager
+def recorded_keeps(name):
+    """Every keep mask the registered strategy ``name`` returns, from either engine (both run here)."""
+    cls = describe(name).cls
+    original = cls.plan
+    seen = []
+
+    def plan(self, ctx):
+        out = original(self, ctx)
+        seen.append(out.keep.clone())
+        return out
+
+    cls.plan = plan
+    try:
+        yield seen
+    finally:
+        cls.plan = original
+
+
+@pytest.fixture(scope="module")
+def qwen_path(tmp_path_factory):
+    return save_tiny_qwen2_5_vl(tmp_path_factory.mktemp("qwen2_5_vl_video"))
+
+
+@pytest.fixture(scope="module")
+def qwen(qwen_path):
+    llm = vllm.LLM(
+        model=str(qwen_path),
+        max_model_len=512,
+        max_num_seqs=8,
+        limit_mm_per_prompt={"image": 1, "video": 1},
+        dtype="float32",
+        enforce_eager=True,
+        seed=0,
+        kv_cache_memory_bytes=256 << 20,
+        gpu_memory_utilization=0.05,
+        enable_prefix_caching=False,  # a mutated rerun must not reuse the unmutated run's KV cache
+    )
+    yield llm
+    del llm
+
+
+@pytest.fixture(scope="module")
+def qwen_hf(qwen_path):
+    processor = AutoProcessor.from_pretrained(qwen_path)
+    model = AutoModelForImageTextToText.from_pretrained(qwen_path, dtype=torch.float32).eval()
+    return model, processor
+
+
+def _hf_inputs(processor, prompt, video, image=None):
+    return processor(
+        text=[prompt],
+        videos=[video],
+        images=[image] if image is not None else None,
+        video_metadata=[_metadata(video)],
+        do_sample_frames=False,
+        return_tensors="pt",
+    )
+
+
+def _hf_run(model, processor, prompt, video, spec, image=None):
+    """Greedy tokens, first-token top-5 log-probs and the unpruned prompt length of ``tokprune.patch``."""
+    inputs = _hf_inputs(processor, prompt, video, image)
+    context = tokprune.pruned(model, spec) if spec else contextlib.nullcontext()
+    with context, torch.no_grad():
+        logits = model(**inputs).logits[0, -1]
+        out = model.generate(**inputs, max_new_tokens=GREEDY.max_tokens, do_sample=False)
+    top = torch.log_softmax(logits.double(), -1).topk(5)
+    length = inputs["input_ids"].shape[1]
+    return out[0, length:].tolist(), dict(zip(top.indices.tolist(), top.values.tolist())), length
+
+
+def _logprobs(output):
+    return {token: lp.logprob for token, lp in output.outputs[0].logprobs[0].items()}
+
+
+def _assert_same_logprobs(got, want, tol=2e-4):
+    common = set(got) & set(want)
+    assert len(common) >= 4, (got, want)
+    for token in common:
+        assert abs(got[token] - want[token]) < tol, (token, got, want)
+
+
+SPECS = ["evs(keep_ratio=0.5)", "evs(keep=20)", "vidcom2(keep_ratio=0.4, reconcile=true)", "divprune(keep_ratio=0.5)"]
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_a_pruned_video_equals_the_transformers_path(qwen, qwen_hf, spec):
+    video = _video(1, still=4)  # 4 frames of 8 tokens; frames 0 and 1 the same: EVS empties frame 1
+    name = spec.split("(")[0]
+    with recorded_keeps(name) as keeps:
+        (out,) = qwen.generate([_request(VIDEO_PROMPT, video, spec)], GREEDY)
+        want_tokens, want_logprobs, unpruned = _hf_run(*qwen_hf, VIDEO_PROMPT, video, spec)
+    vllm_keep, hf_keep = keeps[0], keeps[1]  # vLLM ran first; the HF forward and generate follow
+    assert torch.equal(vllm_keep.cpu(), hf_keep.cpu())
+    assert len(out.prompt_token_ids) == unpruned - 32 + int(hf_keep.sum())  # shrinks by exactly the pruned
+    assert int(hf_keep.sum()) < 32
+    assert list(out.outputs[0].token_ids) == want_tokens
+    _assert_same_logprobs(_logprobs(out), want_logprobs)
+
+
+def test_an_unpruned_video_equals_stock_transformers(qwen, qwen_hf):
+    video = _video(2)
+    (out,) = qwen.generate([_request(VIDEO_PROMPT, video)], GREEDY)
+    want_tokens, want_logprobs, unpruned = _hf_run(*qwen_hf, VIDEO_PROMPT, video, None)
+    assert len(out.prompt_token_ids) == unpruned
+    assert list(out.outputs[0].token_ids) == want_tokens
+    _assert_same_logprobs(_logprobs(out), want_logprobs)
+
+
+def test_evs_leaves_the_image_of_the_prompt_whole(qwen, qwen_hf):
+    from PIL import Image
+
+    image = Image.fromarray((np.random.RandomState(3).rand(16, 16, 3) * 255).astype("uint8"))  # 4 tokens
+    video = _video(4, still=3)
+    spec = "evs(keep_ratio=0.5)"
+    (out,) = qwen.generate([_request(IMAGE_AND_VIDEO, video, spec, image)], GREEDY)
+    want_tokens, want_logprobs, unpruned = _hf_run(*qwen_hf, IMAGE_AND_VIDEO, video, spec, image)
+    assert len(out.prompt_token_ids) == unpruned - 16  # the video's 32 tokens to 16, the image whole
+    assert list(out.outputs[0].token_ids) == want_tokens
+    _assert_same_logprobs(_logprobs(out), want_logprobs)
+
+
+def test_requests_in_one_batch_use_their_own_specs(qwen):
+    video = _video(5, still=2)
+    specs = [None, "evs(keep_ratio=0.25)", "evs(keep=12)", "divprune(keep=5)"]
+    batch = qwen.generate([_request(VIDEO_PROMPT, video, s) for s in specs], GREEDY)
+    full = len(batch[0].prompt_token_ids)
+    assert [full - len(o.prompt_token_ids) for o in batch] == [0, 32 - 8, 32 - 12, 32 - 5]
+    for spec, together in zip(specs, batch):  # batch == solo; the cached video is never reused across specs
+        (solo,) = qwen.generate([_request(VIDEO_PROMPT, video, spec)], GREEDY)
+        assert list(solo.outputs[0].token_ids) == list(together.outputs[0].token_ids)
+
+
+def _first_rows(model, embeds, grids, factors, specs):
+    out = type(model)._prune_videos(model, embeds, grids, factors, specs)
+    return [torch.cat([e[: o.shape[0]], o[:, -4:]], dim=1) for e, o in zip(embeds, out)]  # wrong rows kept
+
+
+def _next_frame(model, embeds, grids, factors, specs):
+    out = type(model)._prune_videos(model, embeds, grids, factors, specs)
+    for o in out:
+        o[:, -4] += 1  # wrong: every kept token one frame (time step) later
+    return out
+
+
+@pytest.mark.parametrize("wrong", [_first_rows, _next_frame], ids=["wrong-rows", "next-frame"])
+def test_the_equality_suite_rejects_wrong_variants(qwen, qwen_hf, wrong):
+    video = _video(6, still=3)
+    spec = "evs(keep_ratio=0.5)"
+    _, want_logprobs, _ = _hf_run(*qwen_hf, VIDEO_PROMPT, video, spec)
+
+    def install(model):
+        model._prune_videos = lambda *args: wrong(model, *args)
+
+    qwen.apply_model(install)
+    try:
+        (out,) = qwen.generate([_request(VIDEO_PROMPT, video, spec)], GREEDY)
+    finally:
+        qwen.apply_model(lambda model: model.__dict__.pop("_prune_videos", None))
+    with pytest.raises(AssertionError):
+        _assert_same_logprobs(_logprobs(out), want_logprobs)
+
+
+def test_the_equality_suite_rejects_vllms_own_position_recompute(qwen, qwen_hf):
+    """vLLM 0.32's ``recompute_mrope_positions`` (what the plugin used before) places the video of an
+    image-then-video prompt on the image's placeholders; the mixed-prompt equality catches it."""
+    from PIL import Image
+    from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
+
+    image = Image.fromarray((np.random.RandomState(10).rand(16, 16, 3) * 255).astype("uint8"))
+    video = _video(11, still=3)
+    spec = "evs(keep_ratio=0.5)"
+    _, want_logprobs, _ = _hf_run(*qwen_hf, IMAGE_AND_VIDEO, video, spec, image)
+
+    def install(model):
+        stock = Qwen2_5_VLForConditionalGeneration.recompute_mrope_positions
+        model.recompute_mrope_positions = lambda *args, **kwargs: stock(model, *args, **kwargs)
+
+    qwen.apply_model(install)
+    try:
+        (out,) = qwen.generate([_request(IMAGE_AND_VIDEO, video, spec, image)], GREEDY)
+    finally:
+        qwen.apply_model(lambda model: model.__dict__.pop("recompute_mrope_positions", None))
+    with pytest.raises(AssertionError):
+        _assert_same_logprobs(_logprobs(out), want_logprobs)
+
+
+BAD = [
+    ("fastv", ["stage=llm", "evs", "divprune"]),
+    ("vidcom2(keep_ratio=0.5)", ["features decide", "reconcile=true", "evs"]),
+    ("evs(keep_ratio=0)", ["keep_ratio", "evs"]),
+]
+
+
+@pytest.mark.parametrize(("spec", "fragments"), BAD, ids=[b[0] for b in BAD])
+def test_a_spec_that_cannot_run_fails_its_request_only(qwen, spec, fragments):
+    engine = qwen.llm_engine
+    engine.add_request("good-1", _request(VIDEO_PROMPT, _video(7), "evs(keep=10)"), GREEDY)
+    with pytest.raises(ValueError) as info:
+        engine.add_request("bad", _request(VIDEO_PROMPT, _video(8), spec), GREEDY)
+    for fragment in fragments:
+        assert fragment in str(info.value), str(info.value)
+    engine.add_request("good-2", _request(VIDEO_PROMPT, _video(9)), GREEDY)
+    finished = {}
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            if output.finished:
+                finished[output.request_id] = output
+    assert set(finished) == {"good-1", "good-2"}
+    assert len(finished["good-2"].prompt_token_ids) - len(finished["good-1"].prompt_token_ids) == 32 - 10
+
+
+# -- beside vLLM's own EVS (--video-pruning-rate): one engine-wide rate, the same rule --------------------
+
+
+@pytest.fixture(scope="module")
+def qwen_evs(qwen_path):
+    llm = vllm.LLM(
+        model=str(qwen_path),
+        max_model_len=512,
+        max_num_seqs=8,
+        limit_mm_per_prompt={"image": 1, "video": 1},
+        dtype="float32",
+        enforce_eager=True,
+        seed=0,
+        kv_cache_memory_bytes=256 << 20,
+        gpu_memory_utilization=0.05,
+        enable_prefix_caching=False,
+        video_pruning_rate=0.5,
+    )
+    yield llm
+    del llm
+
+
+def test_tokprune_evs_keeps_what_vllms_own_evs_keeps(qwen, qwen_evs, monkeypatch):
+    """vLLM's EVS at ``video_pruning_rate=q`` and tokprune's ``evs(keep_ratio=1-q)`` keep the same rows and
+    prompt length. (vLLM's EVS runs on CPU here because the plugin sets the runner's pruning flag that
+    ``CPUModelRunner`` never sets.) 2 fps: vLLM's EVS truncates ``second_per_grid_ts`` to an integer."""
+    from vllm.model_executor.models import qwen2_5_vl
+
+    stock = qwen2_5_vl.compute_retention_mask
+    theirs = []
+    monkeypatch.setattr(qwen2_5_vl, "compute_retention_mask", lambda *a, **k: theirs.append(stock(*a, **k)) or theirs[-1])
+    video = _video(12, still=3)
+    metadata = {**_metadata(video), "fps": 2.0, "duration": len(video) / 2.0}
+    request = {"prompt": VIDEO_PROMPT, "multi_modal_data": {"video": (video, metadata)}}
+    (engine_wide,) = qwen_evs.generate([request], GREEDY)
+    with recorded_keeps("evs") as ours:
+        (per_request,) = qwen.generate([{**request, "mm_processor_kwargs": {"tokprune": "evs(keep_ratio=0.5)"}}], GREEDY)
+    assert len(theirs) == 1 and len(ours) == 1
+    assert torch.equal(theirs[0].flatten().cpu(), ours[0][0].cpu())
+    assert len(engine_wide.prompt_token_ids) == len(per_request.prompt_token_ids)
+
+
+def test_a_tokprune_video_spec_on_an_engine_running_vllms_evs_is_refused(qwen_evs):
+    with pytest.raises(ValueError, match="video_pruning_rate"):
+        qwen_evs.llm_engine.add_request("both", _request(VIDEO_PROMPT, _video(13), "evs(keep_ratio=0.5)"), GREEDY)
+    (out,) = qwen_evs.generate([_request(VIDEO_PROMPT, _video(13))], GREEDY)
+    assert len(out.outputs[0].token_ids) == GREEDY.max_tokens
