@@ -36,6 +36,11 @@ default), Qwen-VL's merged tokens (already the LLM's input; no projector). A ser
 CDPruner's default ``relevance=text`` runs its CLS-attention stand-in, logged once per spec
 (:meth:`~tokprune.serving.ServingPlan.stand_in`), as ``tokprune.patch`` without ``text_encoder`` does.
 
+Why one module past 500 lines: it is the whole surface vLLM's internals touch, kept together so that a vLLM
+release that moves something breaks (and is read) in one place, as :mod:`tokprune.hf_compat` does for
+transformers; the deciding (spec, counts, kept rows) lives in :mod:`tokprune.serving`. Splitting it per
+family (LLaVA, Qwen2.5-VL, Qwen3-VL each ~150 lines) is the next step when a fourth family arrives.
+
 Tested releases: :data:`TESTED_VLLM`. On another release every piece used here is looked up first
 (:func:`missing_pieces`); a missing one refuses at engine start naming it.
 """
