@@ -24,7 +24,8 @@ def case():
 def test_the_stock_features_per_sample_are_cut_into_images(case):
     inputs = case.make_inputs([5, 3], images=2)
     stock = case.model.model.get_image_features(inputs["pixel_values"]).pooler_output
-    assert len(stock) == 2 and stock[0].shape[0] == 2 * 16  # transformers: one entry per sample
+    # one entry per sample from transformers 5.24 (per image before): the family cuts either into images
+    assert len(stock) in (2, 4) and sum(entry.shape[0] for entry in stock) == 4 * 16
     with tokprune.pruned(case.model, "none", question_end=case.question_end) as run, torch.no_grad():
         case.model(**inputs)
     assert run.stats.images.tolist() == [2, 2] and run.stats.image_tokens.tolist() == [16] * 4
@@ -36,6 +37,8 @@ def test_a_family_reading_the_per_sample_output_as_per_image_is_refused(case):
             return ImageFeatures.unpruned(encoded.pooler_output)
 
     inputs = case.make_inputs([5, 3], images=2)
+    if len(case.model.model.get_image_features(inputs["pixel_values"]).pooler_output) == 4:
+        pytest.skip("this transformers returns pooler_output per image: reading it per image is right here")
     with tokprune.pruned(case.model, "none", adapter=Merged, question_end=case.question_end), torch.no_grad():
         with pytest.raises(InputError, match=r"2 of 2 images \(\[32, 32\] tokens\) span placeholder runs"):
             case.model(**inputs)
