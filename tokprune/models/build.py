@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers, processors
@@ -44,20 +45,25 @@ def vocabulary() -> list[str]:
         *world.SIZES, *world.COLORS, *world.SHAPES, *(s + "s" for s in world.SHAPES), *world.NUMBERS,
         *world.CAPTION_REQUEST.split(),
     ]
-    seen: list[str] = []
-    for w in [*SPECIAL_TOKENS, *words]:
-        if w not in seen:
-            seen.append(w)
-    return seen
+    return ordered_vocabulary(SPECIAL_TOKENS, words)
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level fast tokenizer: lower-cased words and punctuation, ``<s>`` prepended, left padding."""
-    vocab = {w: i for i, w in enumerate(vocabulary())}
+def ordered_vocabulary(special: Sequence[str], words: Sequence[str]) -> list[str]:
+    """``special`` then ``words``, each once, in first-seen order (the order fixes the ids)."""
+    return list(dict.fromkeys([*special, *words]))
+
+
+def word_level_tokenizer(
+    vocabulary: Sequence[str], special: Sequence[str], extra_special_tokens: dict[str, str], model_max_length: int,
+    chat_template: str | None = None,
+) -> PreTrainedTokenizerFast:
+    """A word-level fast tokenizer over ``vocabulary``: lower-cased words and punctuation, ``<s>`` prepended,
+    left padding; ``special`` are never split or lower-cased (the embedded models' tokenizers)."""
+    vocab = {w: i for i, w in enumerate(vocabulary)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])]
     )
@@ -67,11 +73,17 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         eos_token="</s>",
         unk_token="<unk>",
         pad_token="<pad>",
-        extra_special_tokens={"image_token": "<image>"},
+        extra_special_tokens=extra_special_tokens,
         padding_side="left",
-        model_max_length=256,
+        model_max_length=model_max_length,
         clean_up_tokenization_spaces=False,
+        **({"chat_template": chat_template} if chat_template is not None else {}),
     )
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """The embedded LLaVA's tokenizer (:func:`word_level_tokenizer`; ``<image>`` its image token)."""
+    return word_level_tokenizer(vocabulary(), SPECIAL_TOKENS, {"image_token": "<image>"}, model_max_length=256)
 
 
 def build_processor(tokenizer: PreTrainedTokenizerFast | None = None) -> LlavaProcessor:

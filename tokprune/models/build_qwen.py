@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2_5_VLConfig
 
 from tokprune.data import clips, world
+from tokprune.models.build import ordered_vocabulary, word_level_tokenizer
 
 if TYPE_CHECKING:
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -50,36 +50,15 @@ def vocabulary() -> list[str]:
         "a", "what", "color", "become", "is", "there", "yes", "no",
         *clips.DIRECTIONS, *world.COLORS, *world.SHAPES, *world.NUMBERS,
     ]
-    seen: list[str] = []
-    for w in [*SPECIAL_TOKENS, *words]:
-        if w not in seen:
-            seen.append(w)
-    return seen
+    return ordered_vocabulary(SPECIAL_TOKENS, words)
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level fast tokenizer: lower-cased words and punctuation, ``<s>`` prepended, left padding."""
-    vocab = {w: i for i, w in enumerate(vocabulary())}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
-                              "vision_bos_token": "<|vision_start|>", "vision_eos_token": "<|vision_end|>"},
-        padding_side="left",
-        model_max_length=512,
-        clean_up_tokenization_spaces=False,
-        chat_template=CHAT_TEMPLATE,
-    )
+    """The clip model's tokenizer (:func:`~tokprune.models.build.word_level_tokenizer`, with Qwen's vision
+    tokens special)."""
+    extra = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+             "vision_bos_token": "<|vision_start|>", "vision_eos_token": "<|vision_end|>"}
+    return word_level_tokenizer(vocabulary(), SPECIAL_TOKENS, extra, model_max_length=512, chat_template=CHAT_TEMPLATE)
 
 
 @dataclass
