@@ -136,6 +136,10 @@ class CDPruner(PruningStrategy):
         device = ctx.features.device
         x = ctx.projected() if p.features == "projected" else ctx.features
         similarity = pairwise_cosine(x)  # [B, N, N]
+        # A token's cosine with itself is 1; computed, it is 1 up to rounding that depends on the batch's shapes,
+        # and under equal relevance (relevance=uniform) the DPP's first pick is the largest of these: batch == solo
+        # needs the exact value (the reference's rule in exact arithmetic: the tie goes to the lowest index).
+        similarity.diagonal(dim1=1, dim2=2).fill_(1.0)
         source = p.relevance if p.relevance != "text" or ctx.text is not None else "cls"
         if source == "text":
             assert ctx.text is not None
