@@ -238,16 +238,23 @@ def _check_image(path: Path) -> str:
     return content_digest(data)
 
 
-def _parse_row(line: str, image_root: Path) -> EvalSample:
+def _json_row(line: str, required: tuple[str, ...], needs: str) -> dict[str, Any]:
+    """One JSON-lines row as a dict holding ``required``; a ValueError saying what is wrong (``needs``: what a row
+    must hold) otherwise."""
     try:
         row = json.loads(line)
     except json.JSONDecodeError as exc:
         raise ValueError(f"not valid JSON ({exc.msg} at column {exc.colno})") from None
     if not isinstance(row, dict):
         raise ValueError(f"expected a JSON object, got {type(row).__name__}")
-    missing = [k for k in ("question_id", "image") if k not in row]
+    missing = [k for k in required if k not in row]
     if missing:
-        raise ValueError(f"missing key(s) {missing}; a row needs question_id, image, question (or text) and an answer")
+        raise ValueError(f"missing key(s) {missing}; {needs}")
+    return row
+
+
+def _parse_row(line: str, image_root: Path) -> EvalSample:
+    row = _json_row(line, ("question_id", "image"), "a row needs question_id, image, question (or text) and an answer")
     question = row.get("question", row.get("text"))
     if not isinstance(question, str):
         raise ValueError("missing key 'question' (or 'text') with the question string")
@@ -334,15 +341,9 @@ def _parse_clip_row(line: str, root: Path) -> EvalSample:
 
     from tokprune.data import clips
 
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"not valid JSON ({exc.msg} at column {exc.colno})") from None
-    if not isinstance(row, dict):
-        raise ValueError(f"expected a JSON object, got {type(row).__name__}")
-    missing = [k for k in ("question_id", "video", "question") if k not in row]
-    if missing:
-        raise ValueError(f"missing key(s) {missing}; a clip row needs question_id, video (frame paths), question, answer")
+    row = _json_row(
+        line, ("question_id", "video", "question"), "a clip row needs question_id, video (frame paths), question, answer"
+    )
     video = row["video"]
     if not isinstance(video, list) or not video:
         raise ValueError(f"empty clip: 'video' must be a non-empty list of frame image paths, got {video!r}")
