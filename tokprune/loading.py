@@ -34,7 +34,9 @@ def registered_families() -> str:
     """The registered families, one ``name (what it takes)`` each, for error messages."""
     from .adapters import adapter_registry
 
-    return "; ".join(f"{name} ({info.summary.rstrip('.')})" for name, info in adapter_registry().items())
+    return "; ".join(
+        f"{name} ({info.summary.rstrip('.').replace('``', '')})" for name, info in adapter_registry().items()
+    )
 
 
 def check_family(model: Any, source: str) -> None:
@@ -165,4 +167,3 @@ def chat_prompt(processor: Any, text: str, images: int = 1, *, chat_template: st
     # its video processor (see load_processor) cannot render (SmolVLM's reads the video processor's frames).
     owner = getattr(processor, "tokenizer", processor)
     return owner.apply_chat_template(messages, chat_template=template, add_generation_prompt=True, tokenize=False)
-
