@@ -8,8 +8,8 @@ own placeholders and turn markers come from its files, never from code here.
 
 A processor with a video processor (Qwen2.5-VL, Qwen3-VL, SmolVLM) cannot be built where torchvision does
 not import (transformers' video processors need it; PyPI's torchvision is a CUDA build a CPU torch cannot
-load): :func:`load_processor` then builds the same processor class without its video processor, which
-answers images and text exactly as the full one does and refuses videos.
+load): :func:`load_processor` then builds the same processor class without its video processor: its own code
+turns images and text into inputs (the video processor is read only for videos), videos are refused.
 """
 
 from __future__ import annotations
@@ -80,6 +80,15 @@ def _without_video(processor_cls: type) -> type:
         @classmethod
         def get_attributes(cls) -> list[str]:
             return [a for a in super().get_attributes() if a != "video_processor"]
+
+        def __call__(self, *args: Any, videos: Any = None, **kwargs: Any) -> Any:
+            if videos is not None:
+                raise UnsupportedModelError(
+                    f"this {processor_cls.__name__} was loaded without its video processor, because torchvision does "
+                    "not import here (transformers' video processors need it): it takes images and text only; "
+                    "install a torchvision that imports beside this torch for videos (docs/index.md)"
+                )
+            return super().__call__(*args, **kwargs)
 
         def apply_chat_template(self, conversation: Any, chat_template: str | None = None, **kwargs: Any) -> Any:
             # Text only: some processors' own rendering reads the video processor (SmolVLM's frame count).
