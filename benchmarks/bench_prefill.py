@@ -28,13 +28,19 @@ for the other two families, each measured speedup beside the FLOP model's (``han
   is ``random(keep_ratio=0.22)`` (the same kept count with no scoring cost, what the FLOP model counts),
   the composite ``divprune(keep_ratio=0.22)+text_interact(layer=1)``.
 
-``--smoke`` runs every family on the tiny models of ``tokprune.testing.models`` with one round: a check
-that the script runs (seconds), not a measurement.
+Every other registered family (``tokprune adapters``: SmolVLM, and any family a plugin registers) runs
+on its own tiny model (``Family.tiny()``) with the same two rows, ``random(keep_ratio=0.22)`` and
+``random(keep_ratio=0.22)+fastv(layer=K, keep_ratio=0.5)`` at the layer its tiny case names: a tiny-shaped
+measurement, its speedup printed beside the FLOP model's, until a real-shaped case is written for it.
+``--family`` takes registered names (``llava_next`` and ``qwen2_5_vl`` are ``next`` and ``qwen``).
+
+``--smoke`` runs every registered family on its tiny model with one round: a check that the script runs
+(seconds), not a measurement.
 
 Usage::
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_prefill.py [--repeats 5] [--dtypes fp32,bf16] [--device cuda]
-        [--family llava|next|qwen|llava,next,qwen] [--clock cpu] [--smoke]
+        [--family llava|next|qwen|<registered family>|llava,next,qwen] [--clock cpu] [--smoke]
 
 ``--device cuda`` runs the full-depth models of ``_common.py`` instead (LLaVA and LLaVA-NeXT: 24 vision +
 32 LLM layers; Qwen2.5-VL: 32 vision blocks, 4 of them full attention, + 28 LLM layers; bf16 by default),
@@ -71,14 +77,33 @@ COMPOSITE = "cls_knee+text_interact(layer=1)"
 FASTV = "fastv(layer=1, keep_ratio=0.22)"
 DEVICE = "cpu"  # set by --device
 SMOKE = False  # set by --smoke: the tiny test models
-FAMILIES = ("llava", "next", "qwen")
+#: the families with a real-shaped case (the registered name -> its section's short name)
+REAL_SHAPED = {"llava": "llava", "llava_next": "next", "qwen2_5_vl": "qwen"}
+ALIASES = {short: name for name, short in REAL_SHAPED.items()}
 #: what each family compares with its unpruned prefill: 22% kept at the vision stage, then a composite
 #: with an LLM-stage step. Qwen2.5-VL's tower has no CLS token (``topk``/``cls_knee`` read it).
 SPECS = {
     "llava": (TOPK, COMPOSITE),
-    "next": (TOPK, COMPOSITE),
-    "qwen": ("random(keep_ratio=0.22)", "divprune(keep_ratio=0.22)+text_interact(layer=1)"),
+    "llava_next": (TOPK, COMPOSITE),
+    "qwen2_5_vl": ("random(keep_ratio=0.22)", "divprune(keep_ratio=0.22)+text_interact(layer=1)"),
 }
+TITLES = {"llava_next": "LLaVA-NeXT-7B shape", "qwen2_5_vl": "Qwen2.5-VL-7B shape"}
+
+
+def registered() -> dict[str, type]:
+    """Every registered family by name (``tokprune adapters``), in registration order."""
+    from tokprune.adapters import registered_adapters
+
+    return {cls.name: cls for cls, _ in registered_adapters()}
+
+
+def tiny_specs(cls: type, llm_layer: int) -> tuple[str, ...]:
+    """The two rows of a family without a real-shaped case: a vision cut (where it has a vision stage) and it
+    followed by an LLM-stage cut at the layer its tiny case names."""
+    llm = f"fastv(layer={llm_layer}, keep_ratio=0.5)"
+    if not getattr(cls, "has_vision_stage", True):
+        return (llm,)
+    return ("random(keep_ratio=0.22)", f"random(keep_ratio=0.22)+{llm}")
 
 
 def build(dtype: torch.dtype) -> LlavaForConditionalGeneration:
@@ -286,7 +311,7 @@ def decode_step(model, inputs, spec: str | None, repeats: int) -> float:
 
 
 def prefill_times(
-    model, inputs, repeats: int, specs: tuple[str, ...] = (TOPK, COMPOSITE)
+    model, inputs, repeats: int, specs: tuple[str, ...] = (TOPK, COMPOSITE), question_end: object = None
 ) -> tuple[dict[str, float], dict[str, object], dict[str, object]]:
     """Best prefill time of each variant, measured in interleaved rounds (same background load for all)."""
     pipelines = {spec: tokprune.strategies.get(spec) for spec in specs}
@@ -296,7 +321,7 @@ def prefill_times(
     for _ in range(repeats + 1):  # round 0 warms up
         times["unpruned"].append(once(prefill(model, inputs)))
         for spec, pipeline in pipelines.items():
-            with tokprune.pruned(model, pipeline) as run:
+            with tokprune.pruned(model, pipeline, question_end=question_end) as run:
                 times[spec].append(once(prefill(model, inputs)))
                 stats[spec] = run.stats
     best = {k: min(v[1:]) for k, v in times.items()}
@@ -305,7 +330,7 @@ def prefill_times(
 
 def run_dtype(dtype: torch.dtype, repeats: int) -> None:
     name = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
-    print(f"\n=== {name} ===", flush=True)
+    print(f"\n=== llava: {'tiny model' if SMOKE else 'LLaVA-1.5-7B shape'}, {name} ===", flush=True)
     model, inputs = llava_case(dtype)
     best, stats, spied = prefill_times(model, inputs, repeats)
     one_layer = layer_time(model, inputs, repeats)
@@ -342,14 +367,21 @@ def run_dtype(dtype: torch.dtype, repeats: int) -> None:
     gc.collect()
 
 
+def tiny_family_case(name: str, dtype: torch.dtype) -> tuple[object, dict, str, tuple[str, ...], object]:
+    """A registered family's own tiny model (``cls.tiny()``), its prompt, description, rows and question end."""
+    cls = registered()[name]
+    case = cls.tiny(seed=0, attn_implementation="sdpa")
+    if case is None:
+        raise SystemExit(f"--family {name}: the family provides no tiny model (ModelAdapter.tiny)")
+    model = case.model.to(dtype)
+    inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in case.make_inputs((N_TEXT,)).items()}
+    specs = SPECS[name] if name in SPECS else tiny_specs(cls, case.llm_layer)
+    return model, inputs, f"tiny test model ({cls.__name__}.tiny())", specs, case.question_end
+
+
 def family_case(family: str, dtype: torch.dtype, sizes: dict[str, tuple[int, int]]) -> tuple[object, dict, str]:
     """Model, prompt and a one-line description of the LLaVA-NeXT or Qwen2.5-VL section."""
-    if SMOKE:
-        from tokprune.testing.models import tiny_llava_next, tiny_qwen2_5_vl
-
-        model, make = {"next": tiny_llava_next, "qwen": tiny_qwen2_5_vl}[family](seed=0, dtype=dtype)
-        return model, make((N_TEXT,)), "tiny test model (--smoke)"
-    if family == "next":
+    if family == "llava_next":
         model = _common.build_next(dtype, DEVICE)
         inputs = _common.next_inputs(model, sizes["next"])
         passes = inputs["pixel_values"].shape[1]
@@ -361,7 +393,7 @@ def family_case(family: str, dtype: torch.dtype, sizes: dict[str, tuple[int, int
         widths = "Qwen2.5-VL-7B widths (window + full attention tower, 2x2 merger, GQA LLM)"
         image = f"{inputs['pixel_values'].shape[0]:,} patches"
     v, t = model.config.vision_config, model.config.text_config
-    h, w = sizes[family]
+    h, w = sizes[REAL_SHAPED[family]]
     n_image = int((inputs["input_ids"] == model.config.image_token_id).sum())
     n_text = inputs["input_ids"].shape[1] - n_image
     depth = f"{getattr(v, 'depth', None) or v.num_hidden_layers} + {t.num_hidden_layers} layers"
@@ -371,13 +403,17 @@ def family_case(family: str, dtype: torch.dtype, sizes: dict[str, tuple[int, int
 def run_family(family: str, dtype: torch.dtype, repeats: int, sizes: dict[str, tuple[int, int]]) -> None:
     """The prefill part for one family: unpruned vs each of its specs, measured beside the FLOP model."""
     name = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
-    title = {"next": "LLaVA-NeXT-7B shape", "qwen": "Qwen2.5-VL-7B shape"}[family]
-    print(f"\n=== {title}, {name} ===", flush=True)
-    model, inputs, description = family_case(family, dtype, sizes)
+    tiny = SMOKE or family not in TITLES
+    title = "tiny model" if tiny else TITLES[family]
+    print(f"\n=== {family}: {title}, {name} ===", flush=True)
+    if tiny:
+        model, inputs, description, specs, question_end = tiny_family_case(family, dtype)
+    else:
+        (model, inputs, description), specs, question_end = family_case(family, dtype, sizes), SPECS[family], None
     print(f"model: {description}, {DEVICE}")
-    best, stats, _ = prefill_times(model, inputs, repeats, SPECS[family])
+    best, stats, _ = prefill_times(model, inputs, repeats, specs, question_end=question_end)
     t_full = best["unpruned"]
-    any_stats = stats[SPECS[family][0]]
+    any_stats = stats[specs[0]]
     layers = any_stats.layer_tokens.shape[1]
     llm_full = float(any_stats.flop_model.llm(any_stats.seq_len[:, None].expand(-1, layers))[0])
     share = 100 * llm_full / float(any_stats.flops_unpruned[0])
@@ -385,12 +421,12 @@ def run_family(family: str, dtype: torch.dtype, repeats: int, sizes: dict[str, t
         f"prefill unpruned                      {t_full * 1e3:8.1f} ms   (FLOP model: "
         f"{float(any_stats.flops_unpruned[0]) / 1e9:,.1f} GMAC, LLM layers {share:.0f}%, tower and projector the rest)"
     )
-    for spec in SPECS[family]:
+    for spec in specs:
         t, st = best[spec], stats[spec]
         predicted = float(st.flops_unpruned[0] / st.flops_pruned[0])
         measured = t_full / t
         kept = {k: int(v[0]) for k, v in st.llm_kept.items()}
-        visual = int(st.visual_unpruned[0])
+        visual = int(st.visual_unpruned[0]) if st.visual_unpruned is not None else st.visual_total
         print(
             f"prefill {spec:<30} {t * 1e3:8.1f} ms   speedup {measured:4.2f}x measured, {predicted:4.2f}x "
             f"FLOP model, measured/model {measured / predicted:.2f}; visual kept {int(st.visual_kept[0])}/{visual}, "
@@ -409,10 +445,13 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def _families(text: str) -> list[str]:
-    names = [n.strip() for n in text.split(",")]
-    unknown = [n for n in names if n not in FAMILIES]
+    """Registered family names (or the short names ``next`` and ``qwen``), in the order given."""
+    names = [ALIASES.get(n.strip(), n.strip()) for n in text.split(",")]
+    known = registered()
+    unknown = [n for n in names if n not in known]
     if unknown:
-        raise argparse.ArgumentTypeError(f"unknown family {unknown[0]!r}; choose from {', '.join(FAMILIES)}")
+        choices = ", ".join([*known, *ALIASES])
+        raise argparse.ArgumentTypeError(f"unknown family {unknown[0]!r}; choose from {choices}")
     return names
 
 
@@ -424,11 +463,17 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=_common.DEVICES)
     parser.add_argument("--clock", default="wall", choices=("wall", "cpu"), help="CPU timing: wall or process CPU time")
     parser.add_argument(
-        "--family", type=_families, default=["llava"], help=f"comma-separated, of {', '.join(FAMILIES)} (default llava)"
+        "--family",
+        type=_families,
+        default=["llava"],
+        help="comma-separated registered families (tokprune adapters; next, qwen: llava_next, qwen2_5_vl); "
+        "default llava",
     )
     parser.add_argument("--next-image", type=_size, default=(672, 672), help="LLaVA-NeXT image, HxW px")
     parser.add_argument("--qwen-image", type=_size, default=(1092, 1932), help="Qwen2.5-VL image, HxW px (x 28)")
-    parser.add_argument("--smoke", action="store_true", help="every family on tiny models, one round (seconds)")
+    parser.add_argument(
+        "--smoke", action="store_true", help="every registered family on its tiny model, one round (seconds)"
+    )
     args = parser.parse_args()
     _common.CLOCK = args.clock
     global DEVICE, SMOKE
@@ -436,7 +481,7 @@ def main() -> None:
     if SMOKE:
         if DEVICE != "cpu":
             raise SystemExit(f"--smoke runs the tiny models on the CPU; got --device {DEVICE}")
-        args.repeats, args.family = 1, list(FAMILIES)
+        args.repeats, args.family = 1, list(registered())
     if DEVICE == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch.cuda.is_available() is False on this machine")
     torch.set_num_threads(args.threads)
@@ -447,6 +492,10 @@ def main() -> None:
     dtypes = args.dtypes if DEVICE == "cpu" or args.dtypes != "fp32,bf16" else "bf16"
     sizes = {"next": args.next_image, "qwen": args.qwen_image}
     for family in args.family:
+        cls = registered()[family]
+        if hf.older_than(cls.min_transformers):
+            print(f"\n=== {family}: skipped, tested from transformers {cls.min_transformers} ===")
+            continue
         if family == "llava":
             depth = "24 + 32 layers (full)" if DEVICE != "cpu" else "2 + 2 layers"
             if SMOKE:

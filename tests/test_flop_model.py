@@ -8,15 +8,21 @@ convolutions are left out of the model on purpose (stats module docstring), so t
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
+from _families import FAMILY_PARAMS
 from torch.utils.flop_counter import FlopCounterMode
 
 import tokprune
 from tokprune import hf_compat as hf
+from tokprune.adapters import Family
 from tokprune.adapters.llava_next import anyres_tiles
 from tokprune.adapters.qwen2_5_vl import Qwen2_5_VLAdapter
+from tokprune.adapters.smolvlm import SmolVLMAdapter
 from tokprune.stats import WindowedTower, layer_flops
+from tokprune.testing.adapters import tiny_case
 from tokprune.testing.models import tiny_llava_next, tiny_qwen2_5_vl, tiny_qwen3_vl
 
 qwen_only = pytest.mark.skipif(
@@ -151,3 +157,101 @@ def test_llava_next_prefill_flops_are_the_brute_force_count(spec, scope):
     with FlopCounterMode(display=False) as counter, torch.no_grad():  # the stock model, unpruned
         model(**x, logits_to_keep=1)
     assert float(run.stats.flops_unpruned[0]) == _layers_and(counter, model, "vision_tower", "multi_modal_projector")
+
+
+# -- every registered family, from the registry --------------------------------------------------------------
+
+
+def _model_macs(counter: FlopCounterMode, model: torch.nn.Module, inner: torch.nn.Module) -> int:
+    """MACs of every module ``model`` ran below its inner model except ``lm_head`` (the tower, the projector,
+    the decoder layers...): each op once, at its outermost such module, patch-embedding convolutions left out.
+
+    Ops in the inner model's own forward (outside any child module) are left out: when patched, that forward
+    is tokprune's, and what it computes there is a strategy's scoring (FastV's attention row), not the model.
+    """
+    root = type(model).__name__
+    inner_name = next(f"{root}.{n}" if n else root for n, m in model.named_modules() if m is inner)
+    skip = {root, inner_name, f"{root}.lm_head"}
+    names = [n for n in counter.get_flop_counts() if n.startswith(root + ".") and n not in skip]
+    names = [n for n in names if not n.startswith(f"{root}.lm_head.")]
+    outermost = [n for n in names if not any(n.startswith(other + ".") for other in names)]
+    return sum(_macs(counter, n) for n in outermost)
+
+
+def _check_family_flops(cls: type[Family], spec: str, adapter: type[Family] | None = None) -> None:
+    """``spec``'s ``flops_pruned`` and the stock model's ``flops_unpruned`` against FlopCounterMode on the
+    family's tiny model (``adapter``: a class to patch with instead of ``cls``, the mutants)."""
+    case = tiny_case(cls, seed=0, attn_implementation="eager")
+    model, x = case.model, case.make_inputs((5,))
+    pruned = tokprune.pruned(model, spec, question_end=case.question_end, adapter=adapter or cls)
+    with FlopCounterMode(display=False) as counter, pruned as run, torch.no_grad():
+        model(**x, logits_to_keep=1)
+    inner, s = run.model_parts.inner, run.stats
+    if spec != "none":
+        assert int(s.layer_tokens[0, -1]) < int(s.seq_len[0])  # the cut really happened
+    assert float(s.flops_pruned[0]) == _model_macs(counter, model, inner), f"{cls.name}: {spec}"
+    with FlopCounterMode(display=False) as counter, torch.no_grad():  # the stock model
+        model(**x, logits_to_keep=1)
+    assert float(s.flops_unpruned[0]) == _model_macs(counter, model, inner), f"{cls.name}: stock model"
+
+
+def _specs(cls: type[Family]) -> list[str]:
+    """Keep-all, a vision-stage cut (where the family has a vision stage) and an LLM-stage cut after it at the
+    layer the family's tiny case names."""
+    layer = tiny_case(cls).llm_layer
+    vision = ["random(keep_ratio=0.5)"] if cls.has_vision_stage else []
+    return ["none", *vision, f"{'+'.join([*vision, f'fastv(layer={layer}, keep=2)'])}"]
+
+
+@pytest.mark.parametrize("cls", FAMILY_PARAMS)
+def test_every_familys_prefill_flops_are_the_brute_force_count(cls):
+    # Tower, projector and LLM as each family computes them; a new family joins by being registered.
+    if not issubclass(cls, Family):
+        pytest.skip(f"{cls.name} is a ModelAdapter without the Family protocol: no FLOP model to check")
+    for spec in _specs(cls):
+        _check_family_flops(cls, spec)
+
+
+def _wrong_mlp(cls: type[Family]) -> type[Family]:
+    """``cls`` with a FLOP model that counts the LLM's MLP with the other number of matrices (a gated MLP
+    as a plain one, or the reverse): the bug of reading ``k`` from the wrong module."""
+
+    class WrongMLP(cls):  # type: ignore[misc, valid-type]
+        def parts(self):
+            parts = super().parts()
+            return replace(parts, flops=replace(parts.flops, mlp_matrices=5 - parts.flops.mlp_matrices))
+
+    return WrongMLP
+
+
+@pytest.mark.parametrize("cls", FAMILY_PARAMS)
+def test_the_family_check_rejects_a_wrong_flop_model(cls):
+    if not issubclass(cls, Family):
+        pytest.skip(f"{cls.name} is a ModelAdapter without the Family protocol")
+    with pytest.raises(AssertionError, match=cls.name):
+        _check_family_flops(cls, "random(keep_ratio=0.5)" if cls.has_vision_stage else "none", _wrong_mlp(cls))
+
+
+@pytest.mark.parametrize(
+    ("wrong", "what"),
+    [
+        ({"vision_tokens": 1}, "a CLS token added to SigLIP's patches"),
+        ({"projector_macs": None}, "LLaVA's two-layer projector instead of one linear map"),
+        ({"kv_dim": None}, "grouped-query k/v counted at full width"),
+    ],
+    ids=["cls", "projector", "gqa"],
+)
+@pytest.mark.skipif(hf.older_than(SmolVLMAdapter.min_transformers), reason="SmolVLM's tested minimum")
+def test_smolvlm_flops_reject_specific_wrong_counts(wrong, what):
+    # SmolVLM's tower has no CLS, its connector is one linear map after the pixel shuffle, its Llama has
+    # grouped-query heads: each wrong reading is caught by the family check.
+    class Wrong(SmolVLMAdapter):
+        def parts(self):
+            parts = super().parts()
+            fm = parts.flops
+            change = {k: (fm.vision_tokens + v if k == "vision_tokens" else v) for k, v in wrong.items()}
+            return replace(parts, flops=replace(fm, **change))
+
+    _check_family_flops(SmolVLMAdapter, "random(keep_ratio=0.5)")
+    with pytest.raises(AssertionError, match="smolvlm"):
+        _check_family_flops(SmolVLMAdapter, "random(keep_ratio=0.5)", Wrong)

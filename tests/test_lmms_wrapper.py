@@ -312,3 +312,55 @@ def test_real_lmms_eval_cli_offline_equals_tokprune_run_and_logs_the_budget(tmp_
             assert counts[key] == p[key], (key, counts, p)
         assert counts["flops_ratio"] == pytest.approx(p["flops_ratio"], rel=1e-6)
         assert counts["input_tokens"] == p["seq_len"]
+
+
+# -- other families: any registered family's checkpoint, its own chat template ------------------------------
+
+
+@pytest.fixture(scope="module", params=["qwen2_5_vl", "smolvlm"])
+def family_checkpoint(request, tmp_path_factory) -> tuple[str, str]:
+    """A tiny saved checkpoint of the family, with its tokenizer, processor and chat template."""
+    from tokprune import hf_compat as hf
+    from tokprune.adapters import adapter_registry
+    from tokprune.testing import checkpoints
+
+    family = request.param
+    cls = adapter_registry()[family].cls
+    if hf.older_than(cls.min_transformers):
+        pytest.skip(f"{family} is tested from transformers {cls.min_transformers}")
+    if family == "smolvlm":
+        pytest.importorskip("num2words", reason="transformers' SmolVLM processor needs num2words (the test extra)")
+    save = getattr(checkpoints, f"save_tiny_{family}")
+    return family, str(save(tmp_path_factory.mktemp(family)))
+
+
+#: a vision cut and an LLM cut every family runs (Qwen's and SmolVLM's towers have no CLS)
+FAMILY_SPEC = "random(keep_ratio=0.5)+fastv(layer=1, keep_ratio=0.5)"
+
+
+def test_other_families_load_prompt_with_their_template_and_prune(family_checkpoint, samples):
+    family, path = family_checkpoint
+    model = TokpruneLlavaCore(pretrained=path, strategy=FAMILY_SPEC, batch_size=2, device="cpu")
+    assert model.handle.name == family and model.pipeline is model.handle.pipeline
+    prompt = model.build_prompt("<image>\nhow many ?", 1)
+    marker = {"qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>how many ?", "smolvlm": "User:<image>how many ?"}
+    assert marker[family] in prompt and prompt.count("<image>") <= 1
+    answers = model.generate_until(requests_for(model, samples))
+    assert len(answers) == len(samples) and all(isinstance(a, str) for a in answers)
+    log = sorted(model.pruning_log, key=lambda e: e["doc_id"])
+    assert all(0 < e["visual_after_vision"] < e["visual_total"] for e in log)  # one image each, half kept
+    assert all(0 < e["flops_ratio"] < 1 and e["visual_kept"] < e["visual_after_vision"] for e in log)
+    # batch == solo through the wrapper, for this family too
+    solo = TokpruneLlavaCore(pretrained=path, strategy=FAMILY_SPEC, batch_size=1, device="cpu")
+    assert solo.generate_until(requests_for(solo, samples)) == answers
+
+
+def test_a_checkpoint_no_family_prunes_is_refused_by_the_wrapper(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tokprune.errors import UnsupportedModelError
+
+    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2)).save_pretrained(tmp_path)  # fmt: skip
+    with pytest.raises(UnsupportedModelError, match="The families that work: llava \\("):
+        TokpruneLlavaCore(pretrained=str(tmp_path), device="cpu")

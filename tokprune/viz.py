@@ -220,7 +220,8 @@ def model_inputs(model: Any, processor: Any, images: Sequence[PILImage], questio
     processor.tokenizer.padding_side = "left"
     from .ablation.runner import build_prompts  # the study's prompts: show draws what a study runs
 
-    inputs = processor(text=build_prompts(processor, questions), images=list(images), return_tensors="pt", padding=True)
+    prompts = build_prompts(processor, questions)  # one image per prompt, nested (SmolVLM's processor needs it)
+    inputs = processor(text=prompts, images=[[image] for image in images], return_tensors="pt", padding=True)
     limit = _context_length(model)
     if limit is not None and inputs["input_ids"].shape[1] > limit:
         raise ShowError(

@@ -208,7 +208,7 @@ def _prompt_lengths(processor: Any, samples: list[Any], questions: list[str]) ->
     tok = getattr(processor, "tokenizer", processor)
     counts = [len(ids) for ids in tok(questions, add_special_tokens=False)["input_ids"]]
     whole = processor(
-        text=build_prompts(processor, questions[:1]), images=[samples[0].load_image()], return_tensors="pt"
+        text=build_prompts(processor, questions[:1]), images=[[samples[0].load_image()]], return_tensors="pt"
     )
     base = int(whole["input_ids"].shape[1]) - counts[0]
     return [base + c for c in counts]

@@ -81,7 +81,7 @@ def resolve_model_path(name: str) -> str:
     except (ImportError, AttributeError, KeyError) as exc:
         raise ConfigError(
             f"model {name!r} is neither a local directory nor an embedded model ({exc}); "
-            f"use model=<path to an HF LLaVA checkpoint> or model={EMBEDDED_MODEL}"
+            f"use model=<path to an HF checkpoint of a registered family (tokprune adapters)> or model={EMBEDDED_MODEL}"
         ) from None
     if not (embedded / "config.json").is_file():
         raise ConfigError(f"embedded model {name!r} is not installed at {str(embedded)!r}; reinstall tokprune")
@@ -113,29 +113,31 @@ class TokenizerOnly:
 
 
 def load_model(cfg: AblationConfig, device: torch.device) -> tuple[Any, Any]:
-    from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+    """The checkpoint at ``model=`` of any registered family, and its processor (:mod:`tokprune.loading`)."""
+    from transformers import AutoTokenizer
+
+    from .. import loading
+    from ..errors import UnsupportedModelError
 
     path = resolve_model_path(cfg.model)
     dtype = "auto" if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
+    try:  # the model first: a checkpoint no family prunes is refused before its processor is read
+        model = loading.load_model(path, dtype=dtype, attn_implementation=cfg.attn_implementation)
+    except UnsupportedModelError as exc:
+        raise ConfigError(f"model={cfg.model!r}: {exc}") from None
     own_inputs = cfg.dataset.name == "clips"  # see datasets.clip_inputs
-    processor = TokenizerOnly(AutoTokenizer.from_pretrained(path)) if own_inputs else AutoProcessor.from_pretrained(path)
+    processor = TokenizerOnly(AutoTokenizer.from_pretrained(path)) if own_inputs else loading.load_processor(path)
     # Decoder-only batched generation needs left padding (llava-hf's default is right for training).
     processor.tokenizer.padding_side = "left"
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=cfg.attn_implementation)
     return model.to(device).eval(), processor
 
 
 def build_prompts(processor: Any, questions: Sequence[str]) -> list[str]:
-    """LLaVA-1.5 prompts (image before question) through the processor's chat template when it has one."""
-    if getattr(processor, "chat_template", None):
-        return [
-            processor.apply_chat_template(
-                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
-                add_generation_prompt=True,
-            )
-            for q in questions
-        ]
-    return [f"USER: <image>\n{q} ASSISTANT:" for q in questions]
+    """One image then the question, through the processor's chat template (each family's own placeholders);
+    LLaVA-1.5's ``USER: <image>\n... ASSISTANT:`` when the processor has none."""
+    from ..loading import chat_prompt
+
+    return [chat_prompt(processor, q, 1) for q in questions]
 
 
 # ------------------------------------------------------------------------------------------ evaluation
@@ -240,7 +242,7 @@ class Session:
                     for k, v in built.items()}
         inputs = self.processor(
             text=build_prompts(self.processor, questions),
-            images=[s.load_image() for s in samples],
+            images=[[s.load_image()] for s in samples],  # per sample: SmolVLM's processor needs the nesting
             return_tensors="pt",
             padding=True,
         ).to(self.device)

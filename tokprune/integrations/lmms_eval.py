@@ -1,4 +1,6 @@
-"""lmms-eval model ``tokprune_llava``: evaluate any tokprune pipeline on a llava-hf checkpoint, batched.
+"""lmms-eval model ``tokprune_llava``: evaluate any tokprune pipeline on a checkpoint of any registered family
+(``tokprune adapters``: LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL, Qwen3-VL, SmolVLM, and any a plugin registers), batched.
+The name stays ``tokprune_llava`` (lmms-eval's registry and users' commands know it).
 
 ::
 
@@ -48,12 +50,6 @@ MODEL_NAME = "tokprune_llava"
 CLASS_PATH = "tokprune.integrations.lmms_eval.TokpruneLlava"
 IMAGE_TOKEN = "<image>"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-# The llava-hf LLaVA-1.5 prompt, for processors that ship no chat template.
-VICUNA_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] == 'user' %}USER: {{ message['content'] }} "
-    "{% else %}ASSISTANT: {{ message['content'] }}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-)
 
 
 @dataclass(frozen=True)
@@ -95,7 +91,11 @@ def _as_list(value: Any) -> list[Any]:
 
 
 class TokpruneLlavaCore:
-    """A llava-hf ``LlavaForConditionalGeneration`` patched with a tokprune pipeline, answering lmms-eval requests.
+    """A checkpoint of any registered family patched with a tokprune pipeline, answering lmms-eval requests.
+
+    The model loads through ``AutoModelForImageTextToText`` and its processor through ``AutoProcessor``
+    (:mod:`tokprune.loading`: a checkpoint no registered family prunes is refused, naming the families);
+    each prompt is the family's own chat template over the request's images, then its text.
 
     Args:
         pretrained: a local checkpoint directory, a hub id, or the name of a model shipped with tokprune
@@ -108,8 +108,9 @@ class TokpruneLlavaCore:
         max_new_tokens: used when a task's generation kwargs give none.
         vision_positions: ``method`` (default: each method's reference choice), ``keep`` or ``compact``;
         llm_positions: ``keep`` (default) or ``compact``; see ``tokprune.patch``.
-        chat_template: a Jinja template overriding the processor's (default: the processor's, else
-            LLaVA-1.5's ``USER: ... ASSISTANT:``).
+        chat_template: a Jinja template overriding the processor's, given the context as one string with
+            ``<image>`` placeholders (default: the processor's, given the images then the text as transformers'
+            message parts; without one, LLaVA-1.5's ``USER: ... ASSISTANT:``).
         attn_implementation: ``sdpa`` (default) or ``eager``.
         use_cache: generate with the KV cache (pruning happens once, at prefill).
         revision: hub revision of ``pretrained``.
@@ -230,14 +231,20 @@ class TokpruneLlavaCore:
     # -- helpers --------------------------------------------------------------------------------------
 
     def build_prompt(self, context: str, num_images: int) -> str:
-        """The chat-formatted prompt, with ``<image>`` placeholders prepended when the context has none."""
+        """The chat-formatted prompt: the family's template over ``num_images`` images then the context (its
+        ``<image>`` marks, LLaVA's convention in lmms-eval contexts, taken out: the template places each
+        family's own placeholders). With ``chat_template=``: the context as one string, ``<image>``
+        placeholders prepended when it has none."""
+        from tokprune.loading import chat_prompt
+
+        if not self.chat_template:
+            text = context.replace(IMAGE_TOKEN, "").strip() if num_images else context
+            return chat_prompt(self.processor, text, num_images)
         if num_images and IMAGE_TOKEN not in context:
             context = " ".join([IMAGE_TOKEN] * num_images) + "\n" + context
         messages = [{"role": "user", "content": context}]
-        template = self.chat_template or getattr(self.processor, "chat_template", None)
-        owner = self.processor if template and not self.chat_template else self.tokenizer
-        return owner.apply_chat_template(
-            messages, chat_template=template or VICUNA_TEMPLATE, tokenize=False, add_generation_prompt=True
+        return self.tokenizer.apply_chat_template(
+            messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=True
         )
 
     def _parse(self, index: int, request: Any) -> _Item:
@@ -259,10 +266,12 @@ class TokpruneLlavaCore:
         until = _as_list(kwargs.pop("until", None))
         temperature = float(kwargs.pop("temperature", 0) or 0)
         do_sample = bool(kwargs.pop("do_sample", False)) or temperature > 0
-        images = [v.convert("RGB") for item in batch for v in item.visuals]
+        # One list of images per prompt (SmolVLM's processor needs the nesting; the others accept it).
+        images = [[v.convert("RGB") for v in item.visuals] for item in batch]
         inputs = self.processor(
-            text=[item.prompt for item in batch], images=images or None, return_tensors="pt", padding=True
-        ).to(self._device)
+            text=[item.prompt for item in batch], images=images if any(images) else None, return_tensors="pt",
+            padding=True,
+        ).to(self._device)  # fmt: skip
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self._model.dtype)
         pad = self.tokenizer.pad_token_id
@@ -340,9 +349,8 @@ def _load(pretrained: str | None, dtype: str, attn_implementation: str | None, r
     from pathlib import Path
 
     import torch
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from tokprune import models
+    from tokprune import loading, models
 
     if dtype not in DTYPES:
         raise ValueError(f"{MODEL_NAME}: dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
@@ -350,13 +358,13 @@ def _load(pretrained: str | None, dtype: str, attn_implementation: str | None, r
     if source in models.names() and not Path(source).exists():
         source = str(models.path(source))
     options: dict[str, Any] = {"revision": revision} if revision else {}
-    model = LlavaForConditionalGeneration.from_pretrained(
+    model = loading.load_model(
         source,
         dtype="auto" if dtype == "auto" else getattr(torch, dtype),
         attn_implementation=attn_implementation or "sdpa",
         **options,
     )
-    return model, AutoProcessor.from_pretrained(source, **options)
+    return model, loading.load_processor(source, **options)
 
 
 # -- the lmms-eval side, imported only when lmms-eval asks for it ---------------------------------------

@@ -16,7 +16,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["QWEN_SPECIALS", "save_tiny_llava", "save_tiny_qwen2_5_vl", "save_tiny_qwen3_vl", "train_bpe_tokenizer"]
+__all__ = [
+    "QWEN_SPECIALS",
+    "save_tiny_llava",
+    "save_tiny_llava_next",
+    "save_tiny_qwen2_5_vl",
+    "save_tiny_qwen3_vl",
+    "save_tiny_smolvlm",
+    "train_bpe_tokenizer",
+]
 
 #: Qwen2.5-VL's special tokens, in the order they get ids (after the trained vocabulary's bytes).
 QWEN_SPECIALS = (
@@ -95,7 +103,6 @@ def save_tiny_qwen2_5_vl(
     """
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
     path = Path(path)
     tokenizer = train_bpe_tokenizer(QWEN_SPECIALS)
@@ -144,17 +151,32 @@ def save_tiny_qwen2_5_vl(
     _save_weights(model, path, seed, scale=0.08)
     size = {"shortest_edge": (4 * patch_size) ** 2, "longest_edge": max_pixels}
     image_processor = Qwen2VLImageProcessorPil(patch_size=patch_size, merge_size=2, temporal_patch_size=2, size=size)
-    video_processor = Qwen2VLVideoProcessor(
-        patch_size=patch_size, merge_size=2, temporal_patch_size=2, size={**size, "longest_edge": 4 * max_pixels}
-    )
-    processor = Qwen2_5_VLProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        video_processor=video_processor,
-        chat_template=QWEN_CHAT_TEMPLATE,
-    )
-    processor.save_pretrained(path)
+    _save_processor(path, Qwen2_5_VLProcessor, image_processor, tokenizer, "qwen2_vl", patch_size, 4 * max_pixels)
     return path
+
+
+def _save_processor(
+    path: Path, processor_cls: type, image_processor: Any, tokenizer: Any, video: str, patch: int, pixels: int
+) -> None:
+    """A Qwen-VL processor saved to ``path``; without its video processor where torchvision does not import
+    (transformers' video processors need it): images and text then, as :func:`tokprune.loading.load_processor`
+    loads it there."""
+    from ..loading import images_only_processor, torchvision_imports
+
+    if not torchvision_imports():
+        images_only_processor(processor_cls, image_processor, tokenizer, QWEN_CHAT_TEMPLATE).save_pretrained(path)
+        return
+    import importlib
+
+    module = importlib.import_module(f"transformers.models.{video}.video_processing_{video}")
+    video_cls = getattr(module, "Qwen2VLVideoProcessor" if video == "qwen2_vl" else "Qwen3VLVideoProcessor")
+    size = {**image_processor.size, "longest_edge": pixels}
+    video_processor = video_cls(patch_size=patch, merge_size=2, temporal_patch_size=2, size=size)
+    processor = processor_cls(
+        image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
+        chat_template=QWEN_CHAT_TEMPLATE,
+    )  # fmt: skip
+    processor.save_pretrained(path)
 
 
 def save_tiny_llava(path: str | Path, seed: int = 0) -> Path:
@@ -218,7 +240,6 @@ def save_tiny_qwen3_vl(path: str | Path, seed: int = 0) -> Path:
     """
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 
     path = Path(path)
     tokenizer = train_bpe_tokenizer(QWEN_SPECIALS)
@@ -272,14 +293,113 @@ def save_tiny_qwen3_vl(path: str | Path, seed: int = 0) -> Path:
     image_processor = Qwen2VLImageProcessorPil(
         patch_size=4, merge_size=2, temporal_patch_size=2, size=size, image_mean=[0.5] * 3, image_std=[0.5] * 3
     )
-    video_processor = Qwen3VLVideoProcessor(
-        patch_size=4, merge_size=2, temporal_patch_size=2, size={**size, "longest_edge": 4 * 64 * 64}
+    _save_processor(path, Qwen3VLProcessor, image_processor, tokenizer, "qwen3_vl", 4, 4 * 64 * 64)
+    return path
+
+
+#: SmolVLM's special tokens (its processor reads ``<fake_token_around_image>``, ``<global-img>``, ``<image>``).
+SMOLVLM_SPECIALS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<end_of_utterance>",
+    "<fake_token_around_image>",
+    "<global-img>",
+    "<image>",
+)
+# SmolVLM's chat template, shortened: "User:<image>question<end_of_utterance>\nAssistant:".
+SMOLVLM_CHAT_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}:"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for content in message['content'] %}{% if content['type'] == 'image' %}<image>"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+
+def save_tiny_smolvlm(path: str | Path, seed: int = 0) -> Path:
+    """Save a tiny random ``SmolVLMForConditionalGeneration`` with tokenizer and processor to ``path``: SigLIP
+    32 px / 4 px patches, pixel shuffle by 2 (16 tokens per image), 2 Llama layers of width 64; the processor
+    resizes every image to 32 x 32 and does not split it (``do_image_splitting=False``, what the family prunes)."""
+    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration, SmolVLMProcessor
+    from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+
+    path = Path(path)
+    tokenizer = train_bpe_tokenizer(SMOLVLM_SPECIALS)
+    tokenizer.pad_token, tokenizer.eos_token = "<|endoftext|>", "<end_of_utterance>"
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SMOLVLM_SPECIALS}
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "image_size": 32, "patch_size": 4}  # fmt: skip
+    text = {"model_type": "llama", "vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 512,
+            "pad_token_id": ids["<|endoftext|>"], "bos_token_id": ids["<|im_start|>"],
+            "eos_token_id": ids["<end_of_utterance>"], "tie_word_embeddings": False}  # fmt: skip
+    config = SmolVLMConfig(
+        vision_config=vision, text_config=text, image_token_id=ids["<image>"], scale_factor=2,
+        tie_word_embeddings=False, pad_token_id=ids["<|endoftext|>"],
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = SmolVLMForConditionalGeneration(config).eval()
+    _save_weights(model, path, seed, scale=0.08)
+    image_processor = SmolVLMImageProcessorPil(
+        do_resize=True, size={"longest_edge": 32}, do_image_splitting=False, max_image_size={"longest_edge": 32}
     )
-    processor = Qwen3VLProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        video_processor=video_processor,
-        chat_template=QWEN_CHAT_TEMPLATE,
+    from ..loading import images_only_processor, torchvision_imports
+
+    if torchvision_imports():
+        from transformers.models.smolvlm.video_processing_smolvlm import SmolVLMVideoProcessor
+
+        processor = SmolVLMProcessor(
+            image_processor=image_processor, tokenizer=tokenizer, video_processor=SmolVLMVideoProcessor(),
+            image_seq_len=16, chat_template=SMOLVLM_CHAT_TEMPLATE,
+        )  # fmt: skip
+    else:
+        processor = images_only_processor(
+            SmolVLMProcessor, image_processor, tokenizer, SMOLVLM_CHAT_TEMPLATE, image_seq_len=16
+        )
+    processor.save_pretrained(path)
+    return path
+
+
+def save_tiny_llava_next(path: str | Path, seed: int = 0) -> Path:
+    """Save a tiny random LLaVA-NeXT (AnyRes over 16-px tiles of 2 x 2 CLIP patches with CLS, grids 16 x 32,
+    32 x 16 and 32 x 32; 2 Llama layers) to ``path``, with a BPE tokenizer, LLaVA-1.5's chat template and
+    ``LlavaNextProcessor``."""
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextProcessor,
+    )  # fmt: skip
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    from ..models.build import CHAT_TEMPLATE
+
+    path = Path(path)
+    tokenizer = train_bpe_tokenizer(("<unk>", "<s>", "</s>", "<pad>", "<image>"))
+    tokenizer.pad_token, tokenizer.bos_token, tokenizer.eos_token = "<pad>", "<s>", "</s>"
+    image = tokenizer.convert_tokens_to_ids("<image>")
+    grid = [[16, 32], [32, 16], [32, 32]]
+    vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=16, patch_size=8, projection_dim=64, hidden_act="quick_gelu")  # fmt: skip
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)  # fmt: skip
+    config = LlavaNextConfig(
+        vision_config=vision, text_config=text, image_token_index=image, image_grid_pinpoints=grid,
+        projector_hidden_act="gelu", vision_feature_select_strategy="default", vision_feature_layer=-2,
+        tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config).eval()
+    _save_weights(model, path, seed, scale=0.08)
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}, image_grid_pinpoints=grid
     )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default",
+        num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE,
+    )  # fmt: skip
     processor.save_pretrained(path)
     return path
