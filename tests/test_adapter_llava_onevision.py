@@ -1,0 +1,276 @@
+"""LLaVA-OneVision specifics (the shared behaviour is proven by tests/test_adapter_contract.py): the LLM's rows
+after the model's own packing and anyres_max shrinking, base views only for multi-image prompts, the refusals,
+the FLOP model against FlopCounterMode."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import tokprune
+from tokprune import Pipeline, PruningStrategy, Stage, VisionContext, VisionPlan
+from tokprune.adapters.llava_onevision import LlavaOnevisionAdapter, image_tokens, tower_passes
+from tokprune.errors import InputError, MissingCapabilityError, StrategyParamError
+from tokprune.testing.models import VOCAB
+
+
+@pytest.fixture(scope="module")
+def case():
+    return LlavaOnevisionAdapter.tiny()
+
+
+def _stock_rows(model, x, **options):
+    with torch.no_grad():
+        return model.model.get_image_features(x["pixel_values"], x["image_sizes"], return_dict=True, **options)
+
+
+def test_tiny_images_differ_in_tiles_and_the_2x2_one_is_shrunk_by_anyres_max(case):
+    x = case.make_inputs((5, 3), images=2)
+    passes = tower_passes(case.model.config, x["image_sizes"], None)
+    tokens = image_tokens(case.model.model, x["image_sizes"], None, case.model.config.vision_aspect_ratio)
+    assert len(set(passes)) > 1 and len(set(tokens)) > 1
+    shrunk = [i for i, size in enumerate(x["image_sizes"].tolist()) if size == [32, 32]]
+    # 2x2 tiles: an 8x8 grid over anyres_max_2's 2 tiles' tokens, shrunk to 5x5 (+5 newlines) after the base view
+    assert shrunk and all(tokens[i] == 16 + 25 + 5 for i in shrunk)
+    assert [r.shape[0] for r in _stock_rows(case.model, x).pooler_output] == tokens
+
+
+def test_kept_rows_are_the_stock_rows_at_the_kept_slots_and_newlines_stay(case):
+    # Per image, shrunk or not: what the LLM receives is the unpatched model's packed rows at the kept slots, in
+    # order; every newline is kept; the budget counts the image's own LLM tokens (newlines excluded).
+    model, x = case.model, case.make_inputs((5, 2, 8), images=2)
+    stock = _stock_rows(model, x).pooler_output
+    with tokprune.pruned(model, "random(keep_ratio=0.3)"):
+        pruned = _stock_rows(model, x)
+    newline = model.model.image_newline
+    for i, full in enumerate(stock):
+        keep = pruned.keep[i, : full.shape[0]]
+        assert not pruned.keep[i, full.shape[0] :].any()
+        torch.testing.assert_close(pruned.pooler_output[i], full[keep], rtol=0, atol=0)
+        is_newline = (full == newline).all(dim=1)
+        assert is_newline.any() and keep[is_newline].all()
+        assert keep[~is_newline].sum() == torch.floor((~is_newline).sum() * 0.3 + 0.5)
+
+
+class _MergeProbe(PruningStrategy):
+    """Keeps the first half of each row with merged features (the row's mean), plus one extra token per row."""
+
+    name = "merge_probe"
+    stage = Stage.VISION
+    ragged_vision = True
+
+    def plan(self, ctx: VisionContext) -> VisionPlan:
+        n = ctx.features.shape[1]
+        lengths = ctx.lengths if ctx.lengths is not None else torch.full((ctx.features.shape[0],), n)
+        j = torch.arange(n)[None, :]
+        keep = j < (lengths[:, None] + 1) // 2
+        valid = (j < lengths[:, None]).unsqueeze(-1)
+        mean = (ctx.features * valid).sum(dim=1) / lengths[:, None]
+        return VisionPlan(keep=keep, features=ctx.features + mean[:, None], extra=mean[:, None])
+
+
+def test_merged_features_and_extra_tokens_are_projected_from_the_resampled_features(case):
+    model, x = case.model, case.make_inputs((5,), images=2)
+    stock = _stock_rows(model, x).pooler_output
+    with tokprune.pruned(model, Pipeline([_MergeProbe()])):
+        pruned = _stock_rows(model, x)
+    newline = model.model.image_newline
+    proj = model.model.multi_modal_projector
+    for i, full in enumerate(stock):
+        rows = pruned.pooler_output[i]
+        keep = pruned.keep[i, : full.shape[0]]
+        is_newline = (full == newline).all(dim=1)
+        kept_newline = is_newline[keep]
+        torch.testing.assert_close(rows[: keep.sum()][kept_newline], full[keep & is_newline])  # newlines as stock
+        merged = rows[: keep.sum()][~kept_newline]
+        assert merged.shape[0] == (int((~is_newline).sum()) + 1) // 2 and not torch.allclose(merged, full[keep][~kept_newline])
+        assert rows.shape[0] == keep.sum() + 1  # one extra token, projected (width D)
+    assert proj is model.model.multi_modal_projector
+
+
+class _ProjectedProbe(PruningStrategy):
+    """Keeps everything and records ``ctx.projected()``."""
+
+    name = "projected_probe"
+    stage = Stage.VISION
+    ragged_vision = True
+    seen: list = []
+
+    def plan(self, ctx: VisionContext) -> VisionPlan:
+        self.seen.append((ctx.projected(), ctx.lengths))
+        return VisionPlan(keep=torch.ones(ctx.features.shape[:2], dtype=torch.bool))
+
+
+def test_the_projected_tokens_a_strategy_reads_are_the_llm_rows_even_on_a_shrunk_grid(case):
+    # DivPrune and CDPruner measure the tokens the LLM receives: the stock rows, projected before the resampling
+    model, x = case.model, case.make_inputs((5,), images=2)
+    stock = _stock_rows(model, x).pooler_output
+    probe = _ProjectedProbe()
+    with tokprune.pruned(model, Pipeline([probe])):
+        _stock_rows(model, x)
+    (projected, lengths), = probe.seen
+    for i, full in enumerate(stock):
+        rows = full[~(full == model.model.image_newline).all(dim=1)]
+        torch.testing.assert_close(projected[i, : lengths[i]], rows, rtol=0, atol=0)
+
+
+def test_an_image_with_fewer_tokens_than_the_budget_is_kept_whole(case):
+    # 41 tokens in the shrunk 2x2 image, 48 in the others: keep=45 keeps it whole and cuts the others
+    model, x = case.model, case.make_inputs((5,), seeds=[1], images=2)
+    stock = _stock_rows(model, x).pooler_output
+    with tokprune.pruned(model, "divprune(keep=45)"):
+        pruned = _stock_rows(model, x)
+    own = [int((~(s == model.model.image_newline).all(dim=1)).sum()) for s in stock]
+    assert sorted(own) == [41, 48]
+    for i, (s, n) in enumerate(zip(stock, own)):
+        kept = int(pruned.keep[i].sum()) - (s.shape[0] - n)  # newlines are always kept
+        assert kept == min(n, 45)
+        if n < 45:
+            torch.testing.assert_close(pruned.pooler_output[i], s, rtol=0, atol=0)
+
+
+def _multi_image(case, lengths, seeds=None):
+    x = case.make_inputs(lengths, seeds=seeds, images=2)
+    sizes = x["image_sizes"]
+    n = torch.full((len(lengths),), 2)
+    tokens = image_tokens(case.model.model, sizes, n, case.model.config.vision_aspect_ratio)
+    assert tokens == [17] * len(tokens)  # base view + one newline each
+    rows = []
+    for b in range(len(lengths)):
+        ids = x["input_ids"][b][x["attention_mask"][b].bool()].tolist()
+        first = ids.index(VOCAB.image)
+        end = len(ids) - ids[::-1].index(VOCAB.image)
+        words = [t for t in ids[first:end] if t != VOCAB.image]  # the separator between the two images
+        rows.append(ids[:first] + [VOCAB.image] * 17 + words + [VOCAB.image] * 17 + ids[end:])
+    out = tokprune.adapters._tiny.left_padded(rows)
+    return {**out, "pixel_values": x["pixel_values"], "image_sizes": sizes, "batch_num_images": n}
+
+
+def test_several_images_per_prompt_bring_their_base_view_only_keep_all_and_batch_equal_solo(case):
+    model = case.model
+    x = _multi_image(case, (5, 3))
+    with torch.no_grad():
+        stock = model(**x).logits[:, -1]
+        with tokprune.pruned(model, "random(keep_ratio=1.0)", question_end=case.question_end):
+            torch.testing.assert_close(model(**x).logits[:, -1], stock, rtol=0, atol=0)
+        with tokprune.pruned(model, "divprune(keep_ratio=0.4)", question_end=case.question_end) as run:
+            batch = model(**x).logits[:, -1]
+            assert run.stats.image_tokens.tolist() == [17] * 4
+            for b, q in enumerate((5, 3)):
+                solo = _multi_image(case, (q,), seeds=[b])
+                torch.testing.assert_close(model(**solo).logits[0, -1], batch[b], rtol=0, atol=1e-4)
+
+
+def test_num_return_sequences_gives_each_prompt_its_own_images(case):
+    # two images per prompt, repeated per returned sequence: a prompt never gets another prompt's images
+    model, x = case.model, case.make_inputs((5, 3), images=2)
+    with tokprune.pruned(model, "divprune(keep_ratio=0.4)", question_end=case.question_end), torch.no_grad():
+        both = model.generate(**x, do_sample=True, top_k=1, num_return_sequences=2, max_new_tokens=4)  # greedy
+        for b, q in enumerate((5, 3)):
+            solo = model.generate(**case.make_inputs((q,), seeds=[b], images=2), max_new_tokens=4)
+            width = solo.shape[1]
+            for copy in (0, 1):
+                assert torch.equal(both[2 * b + copy, -width:], solo[0])
+
+
+# -- refusals ---------------------------------------------------------------------------------------------
+
+
+def test_cls_reading_strategies_are_refused_naming_those_that_work(case):
+    with pytest.raises(MissingCapabilityError, match=r"^topk\(keep_ratio=0.5\) reads the CLS token's signals .*"
+                       r"llava_onevision vision tower has no CLS token; vision strategies that read no CLS signal: "
+                       r"divprune, random"):
+        tokprune.patch(case.model, "topk(keep_ratio=0.5)")
+    assert tokprune.adapters.handle_of(case.model) is None
+    tokprune.patch(case.model, "fastv(layer=2)", question_end=case.question_end).remove()  # the LLM stage runs
+
+
+class _FixedSize(PruningStrategy):
+    """A vision strategy that assumes N tokens per image (no ``ragged_vision``)."""
+
+    name = "fixed_size_probe"
+    stage = Stage.VISION
+
+    def plan(self, ctx: VisionContext) -> VisionPlan:
+        return VisionPlan(keep=torch.ones(ctx.features.shape[:2], dtype=torch.bool))
+
+
+def test_fixed_size_strategies_and_tiles_are_refused(case):
+    with pytest.raises(MissingCapabilityError, match=r"^fixed_size_probe .*llava_onevision images differ"):
+        tokprune.patch(case.model, Pipeline([_FixedSize()]))
+    with pytest.raises(StrategyParamError, match=r"budget_scope='tile' is not available on llava_onevision"):
+        tokprune.patch(case.model, "random(keep_ratio=0.5)", budget_scope="tile")
+    assert tokprune.adapters.handle_of(case.model) is None
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"), [("vision_feature_layer", [-2, -1]), ("vision_feature_select_strategy", "default")]
+)
+def test_layouts_a_vision_step_cannot_run_are_refused_at_patch(setting, value):
+    model = LlavaOnevisionAdapter.tiny().model
+    setattr(model.config, setting, value)
+    with pytest.raises(MissingCapabilityError, match=rf"{re.escape(f'{setting}={value!r}')}.*supported: an int layer with 'full'"):
+        tokprune.patch(model, "random(keep_ratio=0.5)")
+    assert tokprune.adapters.handle_of(model) is None
+    tokprune.patch(model, "fastv(layer=2)", question_end=VOCAB.assistant_marker).remove()
+
+
+def test_call_options_that_change_the_checked_layout_and_missing_image_sizes_are_refused(case):
+    x = case.make_inputs((5,))
+    with tokprune.pruned(case.model, "random(keep_ratio=0.5)", question_end=case.question_end), torch.no_grad():
+        with pytest.raises(InputError, match=r"vision_feature_layer=-2 differs from this model's -1"):
+            case.model(**x, vision_feature_layer=-2)
+        with pytest.raises(InputError, match=r"needs image_sizes with pixel_values"):
+            case.model(**{k: v for k, v in x.items() if k != "image_sizes"})
+
+
+def test_a_clip_tower_is_not_matched():
+    model = LlavaOnevisionAdapter.tiny().model
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    model.model.vision_tower = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64,
+                                               num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=4))
+    assert "expected a SiglipVisionModel vision tower" in LlavaOnevisionAdapter.mismatch(model)
+
+
+# -- the FLOP model against FlopCounterMode ------------------------------------------------------------------
+
+
+def _macs(counter: FlopCounterMode, prefix: str) -> int:
+    """Multiply-accumulates of the modules under ``prefix`` (each op at its outermost module; the patch
+    embedding's convolution left out, as the FLOP model leaves it)."""
+    counts = counter.get_flop_counts()
+    total = 0
+    for name, ops in counts.items():
+        if name == prefix or name.startswith(prefix + "."):
+            if any(other != name and name.startswith(other + ".") and other.startswith(prefix) for other in counts):
+                continue
+            total += sum(v for op, v in ops.items() if "convolution" not in str(op))
+    return total // 2
+
+
+def _counted(counter: FlopCounterMode, model) -> int:
+    root = f"{type(model).__name__}.model"
+    layers = sum(_macs(counter, f"{root}.language_model.layers.{i}") for i in range(len(model.model.language_model.layers)))
+    return layers + _macs(counter, f"{root}.vision_tower") + _macs(counter, f"{root}.multi_modal_projector")
+
+
+@pytest.mark.parametrize(
+    "spec", ["random(keep_ratio=0.5)", "divprune(keep_ratio=0.3)+fastv(layer=2, keep=4)", _MergeProbe()]
+)
+def test_prefill_flops_are_the_brute_force_count(spec):
+    # two images per sample (one shrunk by anyres_max): the tower over every pass, the projector over every tower
+    # token (and the merged and extra tokens it maps again), the GQA decoder layers at the counts they ran
+    case = LlavaOnevisionAdapter.tiny(attn_implementation="eager")
+    model, x = case.model, case.make_inputs((5,), images=2)
+    spec = Pipeline([spec]) if isinstance(spec, PruningStrategy) else spec
+    with FlopCounterMode(display=False) as counter, tokprune.pruned(model, spec) as run, torch.no_grad():
+        model(**x, logits_to_keep=1)
+    assert run.stats.visual_kept[0] < run.stats.visual_unpruned[0]
+    assert float(run.stats.flops_pruned[0]) == _counted(counter, model)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():  # the stock model, unpruned
+        model(**x, logits_to_keep=1)
+    assert float(run.stats.flops_unpruned[0]) == _counted(counter, model)

@@ -1,0 +1,343 @@
+"""The LLaVA-OneVision family: HF ``LlavaOnevisionForConditionalGeneration`` (SigLIP tower without CLS, AnyRes
+tiles, a two-layer projector, a Qwen2 LM with 1-D RoPE).
+
+Like LLaVA-NeXT (:mod:`.llava_next`) an image is a base view plus AnyRes tiles whose grid is unpadded to the
+image's aspect ratio with an ``image_newline`` after each row; what differs, and what this file handles:
+
+* **resampling after the projector**: ``vision_aspect_ratio="anyres_max_K"`` shrinks (bilinear) an unpadded grid
+  of more than ``1.1^2 K`` tiles' tokens, and a video frame is pooled 2x2 (bilinear), both on *projected*
+  features; the LLM's tokens are then mixes of tower tokens. So the strategy's rows are **the LLM's own tokens**
+  (newlines excluded), their features the same resampling applied to the tower features (the model's own
+  ``pack_image_features`` / ``apply_pooling`` run on them), and a kept token reaches the LLM as the stock row
+  itself: the projector maps every tower token, as the unpatched model does, and the kept rows are gathered
+  after the model's own packing (keep-all == stock exactly); ``ctx.projected()`` gives those rows. A strategy's merged features (``plan.features``)
+  and extra tokens are projected from that resampled feature space;
+* **several images per prompt** (``batch_num_images`` > 1) bring only their base view (the model's rule), one
+  image alone its tiles; a video brings its frames' pooled grids, frame-major, then one newline;
+* the tower has **no CLS** (SigLIP): CLS-reading strategies are refused at ``patch()``, naming those that work;
+  only ``ragged_vision`` strategies run (images differ in token count);
+* newline tokens are never pruned (row separators; an all-dropped row leaves its newline).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor, nn
+
+from .. import hf_compat as hf
+from ..errors import InputError, InternalError, MissingCapabilityError
+from ..stats import FlopModel, kv_width, mlp_matrices
+from ..strategy import PruningStrategy, VisionContext, VisionPlan
+from ._anyres import packed_keep
+from ._tiny import VOCAB, TinyCase, left_padded, prompt_ids, random_model
+from .clip import class_names
+from .family import EncodedImages, Family, FamilyParts, ForwardOptions, TowerSignals
+from .features import ImageFeatures
+from .video import expand_items
+
+__all__ = ["ONEVISION_IMAGE_SIZES", "LlavaOnevisionAdapter", "PackedItems", "tiny_llava_onevision"]
+
+_MODEL = "LlavaOnevisionForConditionalGeneration"
+
+
+# -- transformers contact points -------------------------------------------------------------------------
+
+
+def output_class() -> type:
+    """The output dataclass of ``LlavaOnevisionModel.forward``."""
+    return hf.declared_output("transformers.models.llava_onevision.modeling_llava_onevision", "LlavaOnevisionModel")
+
+
+def tower_passes(config: object, image_sizes: Tensor, batch_num_images: Tensor | None) -> list[int]:
+    """Tower passes of each image: base + AnyRes tiles (the model's own count), or 1 for an image that shares its
+    prompt with others (``batch_num_images`` > 1: no tiles, as ``get_image_features`` decides)."""
+    try:
+        from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+    except ImportError as exc:
+        raise hf.refuse("transformers.models.llava_onevision.image_size_to_num_patches") from exc
+    tiled = [True] * len(image_sizes)
+    if batch_num_images is not None:
+        tiled = [n == 1 for n in batch_num_images.tolist() for _ in range(n)]
+    side = config.vision_config.image_size
+    return [
+        int(image_size_to_num_patches(image_size=size, grid_pinpoints=config.image_grid_pinpoints, patch_size=side))
+        if tile
+        else 1
+        for size, tile in zip(image_sizes, tiled)
+    ]
+
+
+def image_tokens(inner: nn.Module, image_sizes: Tensor, batch_num_images: Tensor | None, aspect: str) -> list[int]:
+    """LLM tokens of each image (newlines included): the model's own packing run on empty features."""
+    config = inner.config
+    tokens = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
+    empty = [torch.zeros(t, tokens, 1) for t in tower_passes(config, image_sizes, batch_num_images)]
+    packed, _ = inner.pack_image_features(empty, image_sizes.cpu(), torch.zeros(1), vision_aspect_ratio=aspect)
+    return [p.shape[0] for p in packed]
+
+
+@dataclass(kw_only=True)
+class PackedItems(EncodedImages):
+    """:class:`EncodedImages` plus the LLM's rows of each item (``I`` items, ``L`` strategy tokens each, ``P`` LLM
+    tokens each: the strategy tokens in order with newlines among them)."""
+
+    stock: Tensor  #: ``[I, P, D]``: the rows the unpatched model feeds the LLM (projected, resampled, newlines)
+    llm: Tensor  #: ``[I, L, D]``: those rows without the newlines (each strategy token as the LLM receives it)
+    newline: Tensor  #: bool ``[I, P]``
+    packed_valid: Tensor  #: bool ``[I, P]``
+    frames: Tensor | None = None  #: long ``[I]``: frames of each video (None: images)
+    frame_side: int = 0  #: tokens per side of a pooled video frame
+
+
+class LlavaOnevisionAdapter(Family):
+    """HF ``LlavaOnevisionForConditionalGeneration`` with its SigLIP tower (no CLS)."""
+
+    name = "llava_onevision"
+    variable_image_tokens = True
+    min_transformers = "5.24.0"
+
+    @classmethod
+    def mismatch(cls, model: nn.Module) -> str:
+        if _MODEL not in class_names(model):
+            return f"expected a {_MODEL}, got {type(model).__name__}"
+        tower = getattr(getattr(model, "model", None), "vision_tower", None)
+        if "SiglipVisionModel" not in class_names(tower):
+            return f"expected a SiglipVisionModel vision tower (every released OneVision), got {type(tower).__name__}"
+        return ""
+
+    @classmethod
+    def tiny(cls, seed: int = 0, attn_implementation: str = "sdpa") -> TinyCase:
+        model, make_inputs = tiny_llava_onevision(seed=seed, attn_implementation=attn_implementation)
+
+        def newlines(rows: Tensor) -> Tensor:  # the row separators the LLM always receives
+            return (rows == model.model.image_newline.to(rows.dtype)).all(dim=-1)
+
+        return TinyCase(
+            model, make_inputs, pad_token_id=VOCAB.pad, question_end=VOCAB.assistant_marker, fixed_image_rows=newlines
+        )
+
+    def parts(self) -> FamilyParts:
+        self.inner, self.config = self.model.model, self.model.config
+        vision, lm = self.config.vision_config, self.inner.language_model
+        self.side = vision.image_size // vision.patch_size
+        self.tokens = self.side**2  # patch tokens of one tower pass (no CLS)
+        flops = FlopModel(
+            d=lm.config.hidden_size,
+            m=lm.config.intermediate_size,
+            c=vision.hidden_size,
+            mv=vision.intermediate_size,
+            vision_layers=vision.num_hidden_layers,
+            vision_tokens=self.tokens,
+            mlp_matrices=mlp_matrices(lm.layers[0].mlp),
+            kv_dim=kv_width(lm.config),
+        )
+        return FamilyParts(
+            inner=self.inner,
+            language_model=lm,
+            image_token_id=self.config.image_token_id,
+            tokens_per_image=self.tokens,
+            flops=flops,
+            output_class=output_class(),
+            tower=TowerSignals(heads=vision.num_attention_heads, cls=False, depth=vision.num_hidden_layers),
+        )
+
+    def check_pipeline(self) -> None:
+        layer, select = self.config.vision_feature_layer, self.config.vision_feature_select_strategy
+        if not isinstance(layer, int) or select != "full":
+            raise MissingCapabilityError(
+                f"{self.pipeline.vision.short_spec()} needs one vision feature layer and every SigLIP token fed to "
+                f"the projector, but this {self.name} model has vision_feature_layer={layer!r}, "
+                f"vision_feature_select_strategy={select!r}; supported: an int layer with 'full' (every released "
+                "OneVision); LLM-stage strategies work on it"
+            )
+
+    def check_inputs(self, pixel_values: Tensor | None, options: ForwardOptions) -> None:
+        if pixel_values is not None and pixel_values.shape[0] > 0 and options.get("image_sizes") is None:
+            raise InputError("LLaVA-OneVision needs image_sizes with pixel_values (the processor returns both)")
+        if options.get("pixel_values_videos") is not None:
+            raise InputError(
+                f"videos (pixel_values_videos) are not yet supported on a patched {self.name} model; images are "
+                "(pixel_values + image_sizes): unpatch (handle.remove()) to run videos"
+            )
+        if self.pipeline.vision is None:
+            return
+        for key in ("vision_feature_layer", "vision_feature_select_strategy"):
+            value, own = options.get(key), getattr(self.config, key)
+            if value is not None and value != own:
+                raise InputError(
+                    f"{key}={value!r} differs from this model's {own!r}, which patch() checked; a pruned "
+                    f"{self.name} model runs its config's (set it there before patching)"
+                )
+
+    # -- the model's own output ---------------------------------------------------------------------------
+
+    def stock_features(self, encoded: hf.BaseModelOutputWithPooling, options: ForwardOptions) -> ImageFeatures:
+        out = ImageFeatures.unpruned(encoded.pooler_output)
+        image_sizes = options.get("image_sizes")
+        if image_sizes is not None:
+            passes = tower_passes(self.config, image_sizes, self._num_images(options))
+            out.tower_runs = torch.tensor(passes, device=out.keep.device)
+        return out
+
+    def _num_images(self, options: ForwardOptions) -> Tensor | None:
+        n = options.get("batch_num_images")
+        return n if isinstance(n, Tensor) else (None if n is None else torch.as_tensor(n))
+
+    def _aspect(self, options: ForwardOptions) -> str:
+        aspect = options.get("vision_aspect_ratio")
+        return str(self.config.vision_aspect_ratio if aspect is None else aspect)
+
+    # -- the vision stage ---------------------------------------------------------------------------------
+
+    def _tower(self, pixel_values: Tensor) -> Tensor:
+        """The tower's feature layer per pass, ``[T, N, C]`` (SigLIP: every token, no CLS)."""
+        pixel_values = pixel_values.to(self.inner.vision_tower.dtype)
+        out = self.inner.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
+        return out.hidden_states[self.config.vision_feature_layer]
+
+    def _packed(self, per_item: Sequence[Tensor], stock: Sequence[Tensor], **extra: object) -> PackedItems:
+        """Items from the resampled tower features (``[P_i, C + 1]``, last channel 1 at a newline) and the stock
+        rows (``[P_i, D]``)."""
+        newline_rows = [p[:, -1] == 1 for p in per_item]
+        features, valid = pad_rows_float([p[~n, :-1] for p, n in zip(per_item, newline_rows)])
+        rows, packed_valid = pad_rows_float(list(stock))
+        newline = torch.nn.utils.rnn.pad_sequence(newline_rows, batch_first=True)
+        llm, _ = pad_rows_float([p[~n] for p, n in zip(stock, newline_rows)])
+        return PackedItems(
+            features, lengths=valid.sum(dim=1), stock=rows, llm=llm, newline=newline, packed_valid=packed_valid, **extra
+        )
+
+    def encode_images(self, pixel_values: Tensor, options: ForwardOptions) -> PackedItems:
+        """Tower per pass; one row per image: its LLM tokens (newlines excluded) after the model's own packing."""
+        image_sizes = options["image_sizes"]
+        passes = tower_passes(self.config, image_sizes, self._num_images(options))
+        if pixel_values.dim() == 5:  # [I, max_passes, 3, H, W], padded with empty tiles
+            pixel_values = torch.cat([p[:t] for p, t in zip(pixel_values, passes)])
+        hidden = self._tower(pixel_values)  # [T, N, C]
+        flag = torch.zeros(hidden.shape[-1] + 1, dtype=hidden.dtype, device=hidden.device)
+        flag[-1] = 1  # a newline marked on a channel the bilinear resampling leaves at 0 on every token
+        flagged = torch.cat([hidden, hidden.new_zeros(*hidden.shape[:-1], 1)], dim=-1).split(passes)
+        aspect = self._aspect(options)
+        resampled, _ = self.inner.pack_image_features(flagged, image_sizes, flag, vision_aspect_ratio=aspect)
+        projected = self.project(hidden).split(passes)
+        stock, _ = self.inner.pack_image_features(projected, image_sizes, self.inner.image_newline, aspect)
+        return self._packed(resampled, stock, tower_runs=torch.tensor(passes, device=hidden.device))
+
+    def project(self, features: Tensor) -> Tensor:
+        return self.inner.multi_modal_projector(features)
+
+    def plan_images(self, step: PruningStrategy, images: EncodedImages, ctx: VisionContext) -> VisionPlan:
+        """``ctx.projected()`` is the LLM's own rows (the projector ran before the resampling), not the projector
+        on the resampled features: DivPrune and CDPruner measure the tokens the LLM receives, as in their code."""
+        if isinstance(images, PackedItems):
+            rows, features = images.llm, ctx.features
+            ctx = replace(ctx, project=lambda f: rows if f is features else self.project(f))
+        return step(ctx)
+
+    def place_plan(self, images: EncodedImages, plan: VisionPlan) -> ImageFeatures:
+        """The stock rows of the kept tokens and every newline (merged features projected instead)."""
+        if not isinstance(images, PackedItems):
+            raise InternalError(f"{self.name}'s plan placed on items it did not encode ({type(images).__name__})")
+        keep = packed_keep(images.newline, images.packed_valid, plan.keep)
+        kept = images.stock[keep]
+        if plan.features is not None:  # a merge: its features are new tokens, projected here
+            kept = kept.clone()
+            kept[~images.newline[keep]] = self.project(plan.features[plan.keep]).to(kept.dtype)
+        has_extra = plan.extra is not None and plan.extra.shape[1] > 0
+        extra_valid = plan.extra_valid if has_extra else None
+        num_extra = 0 if not has_extra else (plan.extra.shape[1] if extra_valid is None else extra_valid.sum(dim=1))
+        remapped = 0 if plan.features is None else plan.keep.sum(dim=1)
+        return ImageFeatures(
+            kept=kept,
+            keep=keep,
+            extra=self.project(plan.extra) if has_extra else None,
+            extra_valid=extra_valid,
+            lengths=images.packed_valid.sum(dim=1),
+            tower_runs=images.tower_runs,
+            projected=images.tower_runs * self.tokens + remapped + num_extra,  # every tower token, as stock
+        )
+
+    def repeat_item_inputs(self, inputs: ForwardOptions, copies: int) -> dict[str, Tensor]:
+        """``pixel_values`` and ``image_sizes`` (a row per image) for ``num_return_sequences``: a prompt's images
+        ``copies`` times in a row (repeating rows would give a prompt another prompt's images)."""
+        pixels, sizes, ids = inputs.get("pixel_values"), inputs.get("image_sizes"), inputs["input_ids"]
+        if not isinstance(pixels, Tensor) or not isinstance(sizes, Tensor):
+            return {}
+        counts = image_tokens(self.inner, sizes, self._num_images(inputs), self._aspect(inputs))
+        tokens = torch.tensor(counts, device=sizes.device)
+        prompt_tokens = (ids == self.config.image_token_id).sum(dim=1).to(sizes.device)
+        items, _ = expand_items(tokens, prompt_tokens, torch.ones_like(tokens), copies)
+        return {"pixel_values": pixels[items.to(pixels.device)], "image_sizes": sizes[items]}
+
+
+def pad_rows_float(rows: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """Ragged ``[n_i, C]`` rows -> ``([I, W, C]`` zero-padded, bool ``[I, W]`` valid)."""
+    lengths = torch.tensor([r.shape[0] for r in rows], device=rows[0].device)
+    out = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
+    return out, torch.arange(out.shape[1], device=out.device)[None, :] < lengths[:, None]
+
+
+# -- the tiny case -----------------------------------------------------------------------------------------
+
+
+#: Image sizes (h, w) the tiny inputs draw from: 1x2, 2x1 and 2x2 tiles; the 2x2 one is shrunk by anyres_max_2.
+ONEVISION_IMAGE_SIZES: tuple[tuple[int, int], ...] = ((14, 30), (30, 12), (32, 32), (20, 26))
+
+
+def tiny_llava_onevision(
+    seed: int = 0, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32
+) -> tuple[nn.Module, Callable[..., dict[str, Tensor]]]:
+    """A random-weight tiny ``LlavaOnevisionForConditionalGeneration``: SigLIP 16 px / 4 px patches (16 tokens a
+    pass), AnyRes tiles up to 2x2, ``anyres_max_2`` (a 2x2-tile image is shrunk, the others are not), Qwen2.
+
+    ``make_inputs(question_lengths, seeds=None, images=1)`` as :func:`~._tiny.fixed_size_inputs`, image ``k`` of
+    sample ``s`` drawing its size from ``s + k``: every image tiled (no ``batch_num_images``, the model's default),
+    so the images of one prompt differ in tiles and tokens.
+    """
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+
+    vision = {"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64,
+              "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 16, "patch_size": 4,
+              "vision_use_head": False, "initializer_range": 0.08}  # fmt: skip
+    text = {"model_type": "qwen2", "vocab_size": VOCAB.size, "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "max_position_embeddings": 512, "pad_token_id": VOCAB.pad, "bos_token_id": VOCAB.bos,
+            "eos_token_id": VOCAB.eos, "initializer_range": 0.08, "tie_word_embeddings": False}  # fmt: skip
+    config = LlavaOnevisionConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=VOCAB.image,
+        video_token_index=VOCAB.size - 1,
+        image_grid_pinpoints=[[16, 32], [32, 16], [32, 32]],
+        vision_aspect_ratio="anyres_max_2",
+    )
+    model = random_model(LlavaOnevisionForConditionalGeneration, config, seed, attn_implementation, dtype)
+    side = 16
+
+    def make_inputs(
+        question_lengths: Sequence[int] = (5, 3), seeds: Sequence[int] | None = None, images: int = 1
+    ) -> dict[str, Tensor]:
+        seeds = list(range(len(question_lengths))) if seeds is None else list(seeds)
+        rows, pixels, sizes = [], [], []
+        for q, s in zip(question_lengths, seeds):
+            gen = torch.Generator().manual_seed(s * 1009 + q)
+            own = torch.tensor([ONEVISION_IMAGE_SIZES[(s + k) % len(ONEVISION_IMAGE_SIZES)] for k in range(images)])
+            words = torch.randint(VOCAB.first_word, VOCAB.size - 1, (q,), generator=gen).tolist()
+            counts = image_tokens(model.model, own, None, config.vision_aspect_ratio) if images else []
+            rows.append(prompt_ids(counts, words))
+            for t in tower_passes(config, own, None):
+                pixels.append(torch.randn(t, 3, side, side, generator=gen))
+            sizes += list(own)
+        out = left_padded(rows)
+        if pixels:
+            most = max(p.shape[0] for p in pixels)  # the processor pads every image to the most passes
+            pixel_values = torch.zeros(len(pixels), most, 3, side, side)
+            for i, p in enumerate(pixels):
+                pixel_values[i, : p.shape[0]] = p
+            out.update(pixel_values=pixel_values.to(dtype), image_sizes=torch.stack(sizes))
+        return out
+
+    return model, make_inputs
