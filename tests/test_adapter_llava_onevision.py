@@ -11,8 +11,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import tokprune
-from tokprune import Pipeline, PruningStrategy, Stage, VisionContext, VisionPlan
-from tokprune.adapters.llava_onevision import LlavaOnevisionAdapter, image_tokens, tower_passes
+from tokprune import Pipeline, PruningStrategy, Stage, VisionContext, VisionPlan, strategies
+from tokprune.adapters.llava_onevision import LlavaOnevisionAdapter, image_tokens, tiny_video_inputs, tower_passes
 from tokprune.errors import InputError, MissingCapabilityError, StrategyParamError
 from tokprune.testing.models import VOCAB
 
@@ -182,7 +182,7 @@ def test_num_return_sequences_gives_each_prompt_its_own_images(case):
 def test_cls_reading_strategies_are_refused_naming_those_that_work(case):
     with pytest.raises(MissingCapabilityError, match=r"^topk\(keep_ratio=0.5\) reads the CLS token's signals .*"
                        r"llava_onevision vision tower has no CLS token; vision strategies that read no CLS signal: "
-                       r"divprune, random"):
+                       r"divprune, evs, random, vidcom2"):
         tokprune.patch(case.model, "topk(keep_ratio=0.5)")
     assert tokprune.adapters.handle_of(case.model) is None
     tokprune.patch(case.model, "fastv(layer=2)", question_end=case.question_end).remove()  # the LLM stage runs
@@ -272,5 +272,158 @@ def test_prefill_flops_are_the_brute_force_count(spec):
     assert run.stats.visual_kept[0] < run.stats.visual_unpruned[0]
     assert float(run.stats.flops_pruned[0]) == _counted(counter, model)
     with FlopCounterMode(display=False) as counter, torch.no_grad():  # the stock model, unpruned
+        model(**x, logits_to_keep=1)
+    assert float(run.stats.flops_unpruned[0]) == _counted(counter, model)
+
+
+# -- video -----------------------------------------------------------------------------------------------------
+
+MARKER = VOCAB.assistant_marker
+KINDS, QUESTIONS = ["v", "iv", "vi", "v"], [3, 6, 2, 4]  # ragged: images and videos mixed, different padding
+CLS_FREE = {"cdpruner": "relevance=uniform"}
+
+
+def _video_batch(model, picks):
+    return tiny_video_inputs(model, [KINDS[i] for i in picks], [QUESTIONS[i] for i in picks], seeds=picks)
+
+
+def video_specs(model):
+    """Every registered vision strategy the family runs (CLS-free where it has a CLS-free value), pruning half."""
+    out = []
+    for name in strategies.available(stage="vision"):
+        args = ", ".join(a for a in (CLS_FREE.get(name, ""), "keep_ratio=0.5") if a)
+        spec = f"{name}({args})" if "keep_ratio" in {p.name for p in strategies.describe(name).params} else name
+        try:
+            tokprune.patch(model, spec, question_end=MARKER).remove()
+        except MissingCapabilityError:
+            continue
+        out.append(spec)
+    return out
+
+
+def check_video(model, spec, adapter=None, **options):
+    """keep-all == stock (forward, generate); the video rows reaching the LLM == the stock rows at the kept slots,
+    the newline kept; batch == solo (logits, kept sets); cache == recompute. AssertionError on the first failure."""
+    batch = _video_batch(model, [0, 1, 2, 3])
+    with torch.no_grad():
+        stock, stock_tokens = model(**batch).logits[:, -1], model.generate(**batch, max_new_tokens=3)
+        stock_rows = model.model.get_video_features(batch["pixel_values_videos"], return_dict=True).pooler_output
+        name = spec.split("(")[0]
+        keep_all = f"{name}({', '.join(a for a in (CLS_FREE.get(name, ''), 'keep=100000') if a)})"
+        with tokprune.pruned(model, keep_all, question_end=MARKER, adapter=adapter, **options):
+            torch.testing.assert_close(model(**batch).logits[:, -1], stock, rtol=1e-5, atol=1e-5)
+            assert torch.equal(model.generate(**batch, max_new_tokens=3), stock_tokens), "keep-all generate"
+        pipeline, scored = strategies.get(spec), []
+        plan = pipeline.vision.plan
+
+        def recording(ctx):  # what the strategy scored and kept, as the LLM's rows
+            out = plan(ctx)
+            scored.append(ctx.projected()[out.keep])
+            return out
+
+        pipeline.vision.plan = recording
+        with tokprune.pruned(model, pipeline, question_end=MARKER, adapter=adapter, **options) as run:
+            out = model.model.get_video_features(batch["pixel_values_videos"], return_dict=True)
+            newline = model.model.image_newline
+            emitted = []
+            for v, full in enumerate(stock_rows):
+                keep = out.keep[v, : full.shape[0]]
+                assert keep[-1] and not keep[:-1].all(), "the newline kept, the frames pruned"
+                torch.testing.assert_close(out.pooler_output[v][: keep.sum()], full[keep], rtol=0, atol=1e-6)
+                assert (full[-1] == newline).all()
+                emitted.append(out.pooler_output[v][: keep.sum() - 1])
+            torch.testing.assert_close(torch.cat(emitted), scored[0], rtol=0, atol=1e-6)  # survivors == the scored
+            logits = model(**batch).logits[:, -1]
+            kept, sample, tokens = run.stats.kept.vision, run.stats.image_sample, run.stats.image_tokens
+            for i in range(4 if name != "random" else 0):  # random hashes the exact bits of a row
+                solo = model(**_video_batch(model, [i])).logits[0, -1]
+                torch.testing.assert_close(solo, logits[i], rtol=1e-4, atol=1e-4)
+                for solo_r, r in enumerate((sample == i).nonzero().flatten().tolist()):
+                    n = int(tokens[r])
+                    assert torch.equal(run.stats.kept.vision[solo_r, :n], kept[r, :n]), f"sample {i}: kept set"
+            cached = model.generate(**batch, max_new_tokens=4)
+            assert torch.equal(cached, model.generate(**batch, max_new_tokens=4, use_cache=False)), "cache"
+
+
+@pytest.fixture(scope="module")
+def video_model():
+    return LlavaOnevisionAdapter.tiny().model
+
+
+def test_every_strategy_that_takes_video_passes_the_video_checks_per_video_and_per_frame(video_model):
+    specs = video_specs(video_model)
+    assert {"evs", "vidcom2", "divprune", "random", "cdpruner"} <= {s.split("(")[0] for s in specs}
+    for spec in specs:
+        check_video(video_model, spec)
+        if not strategies.describe(spec.split("(")[0]).cls.temporal:
+            check_video(video_model, spec, budget_scope="frame")
+    check_video(video_model, "evs(keep_ratio=0.5)+fastv(layer=2, keep_ratio=0.5)")
+
+
+class WrongFrameRows(LlavaOnevisionAdapter):
+    """Gives each kept token of a video the row of the token one frame earlier."""
+
+    def place_plan(self, images, plan):
+        out = super().place_plan(images, plan)
+        if images.video:
+            out.kept = torch.roll(out.kept, shifts=4, dims=0)
+        return out
+
+
+class FrameMaskOffByOne(LlavaOnevisionAdapter):
+    """Scatters each frame's plan onto the next frame (which tokens survive != what was scored)."""
+
+    def plan_images(self, step, images, ctx):
+        plan = super().plan_images(step, images, ctx)
+        if images.video:
+            frames = plan.keep.reshape(plan.keep.shape[0], -1, 4)
+            plan = VisionPlan(keep=torch.roll(frames, shifts=1, dims=1).flatten(1), diagnostics=plan.diagnostics)
+        return plan
+
+
+@pytest.mark.parametrize("mutant", [WrongFrameRows, FrameMaskOffByOne])
+def test_the_video_checks_reject_the_mutants(video_model, mutant):
+    with pytest.raises(AssertionError):
+        check_video(video_model, "divprune(keep_ratio=0.5)", adapter=mutant, budget_scope="frame")
+
+
+def test_per_frame_budgets_keep_each_frames_share_and_temporal_steps_leave_images_whole(video_model):
+    batch = _video_batch(video_model, [1])  # an image, then a video of 3 frames of 4 tokens
+    for spec, options, video_kept in (("divprune(keep=1)", {"budget_scope": "frame"}, [1, 1, 1]),
+                                      ("evs(keep_ratio=0.25)", {}, None)):
+        with tokprune.pruned(video_model, spec, question_end=MARKER, **options) as run, torch.no_grad():
+            out = video_model.model.get_video_features(batch["pixel_values_videos"], return_dict=True)
+            video_model(**batch)
+        if video_kept is not None:
+            assert out.keep[0, :12].reshape(3, 4).sum(dim=1).tolist() == video_kept
+        else:  # the image whole, the video cut across its frames
+            assert run.stats.image_kept[0] == run.stats.image_tokens[0]
+            assert run.stats.image_kept[1] < run.stats.image_tokens[1]
+    with pytest.raises(StrategyParamError, match=r"evs.*budget_scope='frame'.*use budget_scope='image'"):
+        tokprune.patch(video_model, "evs", budget_scope="frame")
+
+
+def test_num_return_sequences_repeats_each_prompts_images_and_videos(video_model):
+    batch = _video_batch(video_model, [1, 0])  # an image and a video, then a video
+    twice = _video_batch(video_model, [1, 1, 0, 0])
+    with torch.no_grad():
+        for spec in ("random(keep=100000)", "evs(keep_ratio=0.5)"):
+            with tokprune.pruned(video_model, spec, question_end=MARKER):
+                torch.manual_seed(0)
+                got = video_model.generate(**batch, max_new_tokens=4, do_sample=True, num_return_sequences=2)
+                torch.manual_seed(0)
+                expected = video_model.generate(**twice, max_new_tokens=4, do_sample=True)
+            assert torch.equal(got[:, -4:], expected[:, -4:]), spec
+
+
+def test_video_flops_count_the_tower_and_projector_over_every_frame():
+    case = LlavaOnevisionAdapter.tiny(attn_implementation="eager")
+    model, x = case.model, tiny_video_inputs(case.model, ["iv"], [4])
+    with FlopCounterMode(display=False) as counter, tokprune.pruned(model, "evs(keep_ratio=0.25)") as run:
+        with torch.no_grad():
+            model(**x, logits_to_keep=1)
+    assert run.stats.visual_kept[0] < run.stats.visual_unpruned[0]
+    assert float(run.stats.flops_pruned[0]) == _counted(counter, model)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(**x, logits_to_keep=1)
     assert float(run.stats.flops_unpruned[0]) == _counted(counter, model)

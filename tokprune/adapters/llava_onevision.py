@@ -13,7 +13,8 @@ image's aspect ratio with an ``image_newline`` after each row; what differs, and
   after the model's own packing (keep-all == stock exactly); ``ctx.projected()`` gives those rows. A strategy's merged features (``plan.features``)
   and extra tokens are projected from that resampled feature space;
 * **several images per prompt** (``batch_num_images`` > 1) bring only their base view (the model's rule), one
-  image alone its tiles; a video brings its frames' pooled grids, frame-major, then one newline;
+  image alone its tiles; a **video** brings its frames' pooled grids, frame-major, then one newline: one strategy
+  row per video (``ctx.frames``), or per frame with ``budget_scope="frame"``; temporal steps leave images whole;
 * the tower has **no CLS** (SigLIP): CLS-reading strategies are refused at ``patch()``, naming those that work;
   only ``ragged_vision`` strategies run (images differ in token count);
 * newline tokens are never pruned (row separators; an all-dropped row leaves its newline).
@@ -30,15 +31,23 @@ from torch import Tensor, nn
 from .. import hf_compat as hf
 from ..errors import InputError, InternalError, MissingCapabilityError
 from ..stats import FlopModel, kv_width, mlp_matrices
-from ..strategy import PruningStrategy, VisionContext, VisionPlan
-from ._anyres import packed_keep
+from ..strategy import FrameLayout, PruningStrategy, VisionContext, VisionPlan
+from ._anyres import extra_per_image, packed_keep
 from ._tiny import VOCAB, TinyCase, left_padded, prompt_ids, random_model
 from .clip import class_names
 from .family import EncodedImages, Family, FamilyParts, ForwardOptions, TowerSignals
 from .features import ImageFeatures
 from .video import expand_items
 
-__all__ = ["ONEVISION_IMAGE_SIZES", "LlavaOnevisionAdapter", "PackedItems", "tiny_llava_onevision"]
+__all__ = [
+    "ONEVISION_IMAGE_SIZES",
+    "LlavaOnevisionAdapter",
+    "PackedItems",
+    "image_tokens",
+    "tiny_llava_onevision",
+    "tiny_video_inputs",
+    "tower_passes",
+]
 
 _MODEL = "LlavaOnevisionForConditionalGeneration"
 
@@ -98,6 +107,7 @@ class LlavaOnevisionAdapter(Family):
     name = "llava_onevision"
     variable_image_tokens = True
     min_transformers = "5.24.0"
+    budget_scopes = ("image", "frame")  # "frame": one budget per frame of a video (docs/video.md)
 
     @classmethod
     def mismatch(cls, model: nn.Module) -> str:
@@ -142,6 +152,7 @@ class LlavaOnevisionAdapter(Family):
             flops=flops,
             output_class=output_class(),
             tower=TowerSignals(heads=vision.num_attention_heads, cls=False, depth=vision.num_hidden_layers),
+            video_token_id=self.config.video_token_id,
         )
 
     def check_pipeline(self) -> None:
@@ -157,11 +168,6 @@ class LlavaOnevisionAdapter(Family):
     def check_inputs(self, pixel_values: Tensor | None, options: ForwardOptions) -> None:
         if pixel_values is not None and pixel_values.shape[0] > 0 and options.get("image_sizes") is None:
             raise InputError("LLaVA-OneVision needs image_sizes with pixel_values (the processor returns both)")
-        if options.get("pixel_values_videos") is not None:
-            raise InputError(
-                f"videos (pixel_values_videos) are not yet supported on a patched {self.name} model; images are "
-                "(pixel_values + image_sizes): unpatch (handle.remove()) to run videos"
-            )
         if self.pipeline.vision is None:
             return
         for key in ("vision_feature_layer", "vision_feature_select_strategy"):
@@ -180,6 +186,14 @@ class LlavaOnevisionAdapter(Family):
         if image_sizes is not None:
             passes = tower_passes(self.config, image_sizes, self._num_images(options))
             out.tower_runs = torch.tensor(passes, device=out.keep.device)
+        return out
+
+    def stock_video_features(self, encoded: hf.BaseModelOutputWithPooling, options: ForwardOptions) -> ImageFeatures:
+        out = ImageFeatures.unpruned(list(encoded.pooler_output))  # [videos, frames * n + 1, D]
+        frames = options.get("pixel_values_videos")
+        count = frames.shape[1] if isinstance(frames, Tensor) else 1
+        out.tower_runs = torch.full_like(out.lengths, count)
+        out.videos = torch.ones(out.keep.shape[0], dtype=torch.bool, device=out.keep.device)
         return out
 
     def _num_images(self, options: ForwardOptions) -> Tensor | None:
@@ -226,16 +240,74 @@ class LlavaOnevisionAdapter(Family):
         stock, _ = self.inner.pack_image_features(projected, image_sizes, self.inner.image_newline, aspect)
         return self._packed(resampled, stock, tower_runs=torch.tensor(passes, device=hidden.device))
 
+    def encode_videos(self, pixel_values_videos: Tensor, options: ForwardOptions) -> PackedItems:
+        """Tower per frame, each frame pooled 2x2 (the model's ``apply_pooling``, on the tower features for the
+        strategy, on the projected ones for the LLM); one row per video: its frames in turn, then one newline."""
+        b, f = pixel_values_videos.shape[:2]
+        hidden = self._tower(pixel_values_videos.flatten(0, 1))  # [B*F, N, C]
+        pooled = self.inner.apply_pooling(hidden)  # [B*F, n, C]
+        rows = self.inner.apply_pooling(self.project(hidden)).reshape(b, -1, self.inner.image_newline.shape[0])
+        stock = torch.cat([rows, self.inner.image_newline[None, None].expand(b, 1, -1).to(rows)], dim=1)
+        newline = torch.zeros(stock.shape[:2], dtype=torch.bool, device=stock.device)
+        newline[:, -1] = True
+        return PackedItems(
+            pooled.reshape(b, -1, pooled.shape[-1]),
+            stock=stock,
+            llm=rows,
+            newline=newline,
+            packed_valid=torch.ones_like(newline),
+            tower_runs=torch.full((b,), f, device=stock.device),
+            video=True,
+            frames=torch.full((b,), f, device=stock.device),
+            frame_side=int(round(pooled.shape[1] ** 0.5)),
+        )
+
     def project(self, features: Tensor) -> Tensor:
         return self.inner.multi_modal_projector(features)
 
     def plan_images(self, step: PruningStrategy, images: EncodedImages, ctx: VisionContext) -> VisionPlan:
         """``ctx.projected()`` is the LLM's own rows (the projector ran before the resampling), not the projector
-        on the resampled features: DivPrune and CDPruner measure the tokens the LLM receives, as in their code."""
-        if isinstance(images, PackedItems):
-            rows, features = images.llm, ctx.features
-            ctx = replace(ctx, project=lambda f: rows if f is features else self.project(f))
-        return step(ctx)
+        on the resampled features: DivPrune and CDPruner measure the tokens the LLM receives, as in their code.
+
+        A video is one row of its frames (``ctx.frames``), or with ``budget_scope="frame"`` one row per frame
+        (frames of one call have one size), its plan folded back onto the video; a temporal step leaves images
+        whole."""
+        if not isinstance(images, PackedItems):
+            raise InternalError(f"{self.name}'s plan made on items it did not encode ({type(images).__name__})")
+        if step.temporal and images.frames is None:
+            return VisionPlan(keep=ctx.token_valid)
+        rows, features = images.llm, ctx.features
+        if images.frames is None:
+            return step(replace(ctx, project=lambda f: rows if f is features else self.project(f)))
+        b, side = features.shape[0], images.frame_side
+        grid = torch.tensor([[side, side]], device=features.device)
+        if self.budget_scope != "frame":
+            layout = FrameLayout(images.frames, grid.expand(b, 2))
+            return step(replace(ctx, project=lambda f: rows if f is features else self.project(f), frames=layout))
+        per_frame, frames = features.reshape(-1, side * side, features.shape[-1]), int(images.frames[0])
+        frame_rows = rows.reshape(per_frame.shape[0], side * side, -1)
+        lengths = torch.full((per_frame.shape[0],), side * side, device=features.device)
+        layout = FrameLayout(torch.ones_like(lengths), grid.expand(per_frame.shape[0], 2))
+        plan = step(
+            VisionContext(
+                features=per_frame,
+                signals=self.tower_signals(images, None, lengths),
+                lengths=lengths,
+                project=lambda f: frame_rows if f is per_frame else self.project(f),
+                frames=layout,
+            )
+        )
+        extra, extra_valid = None, None
+        if plan.extra is not None and plan.extra.shape[1] > 0:
+            row_video = torch.arange(b, device=features.device).repeat_interleave(frames)
+            extra, extra_valid = extra_per_image(plan.extra, plan.extra_valid, row_video, b)
+        return VisionPlan(
+            keep=plan.keep.reshape(b, -1),
+            features=None if plan.features is None else plan.features.reshape(b, -1, features.shape[-1]),
+            extra=extra,
+            extra_valid=extra_valid,
+            diagnostics=plan.diagnostics,
+        )
 
     def place_plan(self, images: EncodedImages, plan: VisionPlan) -> ImageFeatures:
         """The stock rows of the kept tokens and every newline (merged features projected instead)."""
@@ -258,19 +330,29 @@ class LlavaOnevisionAdapter(Family):
             lengths=images.packed_valid.sum(dim=1),
             tower_runs=images.tower_runs,
             projected=images.tower_runs * self.tokens + remapped + num_extra,  # every tower token, as stock
+            videos=torch.full_like(keep[:, 0], images.video),
         )
 
     def repeat_item_inputs(self, inputs: ForwardOptions, copies: int) -> dict[str, Tensor]:
-        """``pixel_values`` and ``image_sizes`` (a row per image) for ``num_return_sequences``: a prompt's images
-        ``copies`` times in a row (repeating rows would give a prompt another prompt's images)."""
-        pixels, sizes, ids = inputs.get("pixel_values"), inputs.get("image_sizes"), inputs["input_ids"]
-        if not isinstance(pixels, Tensor) or not isinstance(sizes, Tensor):
-            return {}
-        counts = image_tokens(self.inner, sizes, self._num_images(inputs), self._aspect(inputs))
-        tokens = torch.tensor(counts, device=sizes.device)
-        prompt_tokens = (ids == self.config.image_token_id).sum(dim=1).to(sizes.device)
-        items, _ = expand_items(tokens, prompt_tokens, torch.ones_like(tokens), copies)
-        return {"pixel_values": pixels[items.to(pixels.device)], "image_sizes": sizes[items]}
+        """Images (``pixel_values``, ``image_sizes``: a row per image) and videos (``pixel_values_videos``: a row
+        per video) for ``num_return_sequences``: a prompt's items ``copies`` times in a row (repeating rows would
+        give a prompt another prompt's items)."""
+        ids, out = inputs["input_ids"], {}
+        pixels, sizes, videos = inputs.get("pixel_values"), inputs.get("image_sizes"), inputs.get("pixel_values_videos")
+        if isinstance(pixels, Tensor) and isinstance(sizes, Tensor):
+            counts = image_tokens(self.inner, sizes, self._num_images(inputs), self._aspect(inputs))
+            items = self._repeated(ids, self.config.image_token_id, torch.tensor(counts, device=sizes.device), copies)
+            out.update(pixel_values=pixels[items.to(pixels.device)], image_sizes=sizes[items.to(sizes.device)])
+        if isinstance(videos, Tensor):
+            n = self.inner.apply_pooling(torch.zeros(1, self.tokens, 1)).shape[1]
+            counts = torch.full((videos.shape[0],), videos.shape[1] * n + 1, device=videos.device)
+            out["pixel_values_videos"] = videos[self._repeated(ids, self.config.video_token_id, counts, copies)]
+        return out
+
+    def _repeated(self, ids: Tensor, token: int, counts: Tensor, copies: int) -> Tensor:
+        """long ``[items * copies]``: each prompt's items (``counts`` placeholders each) ``copies`` times in a row."""
+        prompt_tokens = (ids == token).sum(dim=1).to(counts.device)
+        return expand_items(counts, prompt_tokens, torch.ones_like(counts), copies)[0]
 
 
 def pad_rows_float(rows: list[Tensor]) -> tuple[Tensor, Tensor]:
@@ -341,3 +423,47 @@ def tiny_llava_onevision(
         return out
 
     return model, make_inputs
+
+
+def tiny_video_inputs(
+    model: nn.Module,
+    kinds: Sequence[str],
+    question_lengths: Sequence[int] | None = None,
+    seeds: Sequence[int] | None = None,
+    frames: int = 3,
+) -> dict[str, Tensor]:
+    """Inputs of a tiny LLaVA-OneVision ``model`` (:func:`tiny_llava_onevision`) for one left-padded sample per
+    entry of ``kinds``: its items in prompt order (``"v"``: a video of ``frames`` frames, ``"i"``: an image, its
+    size drawn from its sample's seed and place), separated by one word. Sample ``i`` draws from ``seeds[i]``
+    (default ``i``), so it equals the same sample alone. Every image is tiled (no ``batch_num_images``)."""
+    config, side = model.config, model.config.vision_config.image_size
+    per_frame = model.model.apply_pooling(torch.zeros(1, (side // config.vision_config.patch_size) ** 2, 1)).shape[1]
+    seeds = list(range(len(kinds))) if seeds is None else list(seeds)
+    question_lengths = [4] * len(kinds) if question_lengths is None else list(question_lengths)
+    rows, images, sizes, videos = [], [], [], []
+    for items, q, s in zip(kinds, question_lengths, seeds):
+        gen = torch.Generator().manual_seed(s * 7919 + q)
+        blocks: list[int] = []
+        for k, kind in enumerate(items):
+            blocks += [VOCAB.first_word] if k else []
+            if kind == "v":
+                blocks += [config.video_token_id] * (frames * per_frame + 1)
+                videos.append(torch.randn(frames, 3, side, side, generator=gen))
+                continue
+            size = torch.tensor([ONEVISION_IMAGE_SIZES[(s + k) % len(ONEVISION_IMAGE_SIZES)]])
+            blocks += [VOCAB.image] * image_tokens(model.model, size, None, config.vision_aspect_ratio)[0]
+            images.append(torch.randn(tower_passes(config, size, None)[0], 3, side, side, generator=gen))
+            sizes.append(size[0])
+        words = torch.randint(VOCAB.first_word + 1, VOCAB.size - 1, (q,), generator=gen).tolist()
+        rows.append([VOCAB.bos, VOCAB.user, VOCAB.colon, *blocks, *words, *VOCAB.assistant_marker])
+    out = left_padded(rows)
+    dtype = next(model.parameters()).dtype
+    if images:
+        most = max(p.shape[0] for p in images)
+        pixel_values = torch.zeros(len(images), most, 3, side, side)
+        for i, p in enumerate(images):
+            pixel_values[i, : p.shape[0]] = p
+        out.update(pixel_values=pixel_values.to(dtype), image_sizes=torch.stack(sizes))
+    if videos:
+        out["pixel_values_videos"] = torch.stack(videos).to(dtype)
+    return out
