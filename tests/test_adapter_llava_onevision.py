@@ -12,7 +12,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import tokprune
 from tokprune import Pipeline, PruningStrategy, Stage, VisionContext, VisionPlan, strategies
-from tokprune.adapters.llava_onevision import LlavaOnevisionAdapter, image_tokens, tiny_video_inputs, tower_passes
+from tokprune.adapters.llava_onevision import (
+    LlavaOnevisionAdapter,
+    image_newlines,
+    image_tokens,
+    tiny_video_inputs,
+    tower_passes,
+)
 from tokprune.errors import InputError, MissingCapabilityError, StrategyParamError
 from tokprune.testing.models import VOCAB
 
@@ -394,8 +400,15 @@ def test_per_frame_budgets_keep_each_frames_share_and_temporal_steps_leave_image
         with tokprune.pruned(video_model, spec, question_end=MARKER, **options) as run, torch.no_grad():
             out = video_model.model.get_video_features(batch["pixel_values_videos"], return_dict=True)
             video_model(**batch)
+        assert run.stats.image_frames.tolist() == [1, 3] and run.stats.image_video.tolist() == [False, True]
+        newlines = image_newlines(video_model.model, batch["image_sizes"], None, "anyres_max_2")[0].sum()
+        # per frame: the kept tokens of each frame (newlines, never pruned, are on no frame)
+        assert (run.stats.frame_kept.sum(dim=1) + torch.stack([newlines, torch.tensor(1)])).tolist() == (
+            run.stats.image_kept.tolist()
+        )
         if video_kept is not None:
             assert out.keep[0, :12].reshape(3, 4).sum(dim=1).tolist() == video_kept
+            assert run.stats.frame_kept[1].tolist() == video_kept
         else:  # the image whole, the video cut across its frames
             assert run.stats.image_kept[0] == run.stats.image_tokens[0]
             assert run.stats.image_kept[1] < run.stats.image_tokens[1]
@@ -427,3 +440,17 @@ def test_video_flops_count_the_tower_and_projector_over_every_frame():
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(**x, logits_to_keep=1)
     assert float(run.stats.flops_unpruned[0]) == _counted(counter, model)
+
+
+def test_kept_maps_place_base_views_on_their_raster_and_tiles_on_the_unpadded_or_shrunk_grid(case):
+    model, x = case.model, case.make_inputs((5,), seeds=[1], images=2)  # a 2x1-tile image, then the shrunk 2x2 one
+    with tokprune.pruned(model, "random(keep_ratio=0.5)", question_end=case.question_end) as run, torch.no_grad():
+        model(**x)
+    cells = run.stats.kept.cells  # [I, P, 4]: tile, frame, row, col
+    for i, (rows, cols) in enumerate(((8, 4), (5, 5))):
+        n = int(run.stats.image_tokens[i])
+        tile, frame, row, col = cells[i, :n].unbind(-1)
+        base, grid, newline = tile == 0, tile == 1, tile == -1
+        assert base.sum() == 16 and (row[base] * 4 + col[base]).tolist() == list(range(16))
+        assert grid.sum() == rows * cols and newline.sum() == rows and (frame[~newline] == 0).all()
+        assert sorted(zip(row[grid].tolist(), col[grid].tolist())) == [(r, c) for r in range(rows) for c in range(cols)]

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from .. import hf_compat as hf
 from ..errors import InputError, InternalError, MissingCapabilityError
+from ..keptmap import anyres_cells, thw_cells
 from ..stats import FlopModel, kv_width, mlp_matrices
 from ..strategy import FrameLayout, PruningStrategy, VisionContext, VisionPlan
 from ._anyres import extra_per_image, packed_keep
@@ -43,6 +44,7 @@ __all__ = [
     "ONEVISION_IMAGE_SIZES",
     "LlavaOnevisionAdapter",
     "PackedItems",
+    "image_newlines",
     "image_tokens",
     "tiny_llava_onevision",
     "tiny_video_inputs",
@@ -79,13 +81,18 @@ def tower_passes(config: object, image_sizes: Tensor, batch_num_images: Tensor |
     ]
 
 
-def image_tokens(inner: nn.Module, image_sizes: Tensor, batch_num_images: Tensor | None, aspect: str) -> list[int]:
-    """LLM tokens of each image (newlines included): the model's own packing run on empty features."""
+def image_newlines(inner: nn.Module, image_sizes: Tensor, batch_num_images: Tensor | None, aspect: str) -> list[Tensor]:
+    """Which LLM tokens of each image are newlines, bool ``[P_i]``: the model's own packing run on empty features."""
     config = inner.config
     tokens = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
     empty = [torch.zeros(t, tokens, 1) for t in tower_passes(config, image_sizes, batch_num_images)]
-    packed, _ = inner.pack_image_features(empty, image_sizes.cpu(), torch.zeros(1), vision_aspect_ratio=aspect)
-    return [p.shape[0] for p in packed]
+    packed, _ = inner.pack_image_features(empty, image_sizes.cpu(), torch.ones(1), vision_aspect_ratio=aspect)
+    return [p[:, 0] == 1 for p in packed]
+
+
+def image_tokens(inner: nn.Module, image_sizes: Tensor, batch_num_images: Tensor | None, aspect: str) -> list[int]:
+    """LLM tokens of each image (newlines included)."""
+    return [int(n.numel()) for n in image_newlines(inner, image_sizes, batch_num_images, aspect)]
 
 
 @dataclass(kw_only=True)
@@ -134,6 +141,8 @@ class LlavaOnevisionAdapter(Family):
         vision, lm = self.config.vision_config, self.inner.language_model
         self.side = vision.image_size // vision.patch_size
         self.tokens = self.side**2  # patch tokens of one tower pass (no CLS)
+        self.frame_side = self.inner.apply_pooling(torch.zeros(1, self.tokens, 1)).shape[1] ** 0.5  # pooled frame
+        self.frame_side = int(round(self.frame_side))
         flops = FlopModel(
             d=lm.config.hidden_size,
             m=lm.config.intermediate_size,
@@ -186,6 +195,7 @@ class LlavaOnevisionAdapter(Family):
         if image_sizes is not None:
             passes = tower_passes(self.config, image_sizes, self._num_images(options))
             out.tower_runs = torch.tensor(passes, device=out.keep.device)
+        out.grid_thw = self._grid(torch.zeros_like(out.lengths, dtype=torch.bool), 1)
         return out
 
     def stock_video_features(self, encoded: hf.BaseModelOutputWithPooling, options: ForwardOptions) -> ImageFeatures:
@@ -194,6 +204,38 @@ class LlavaOnevisionAdapter(Family):
         count = frames.shape[1] if isinstance(frames, Tensor) else 1
         out.tower_runs = torch.full_like(out.lengths, count)
         out.videos = torch.ones(out.keep.shape[0], dtype=torch.bool, device=out.keep.device)
+        out.grid_thw = self._grid(out.videos, count)
+        return out
+
+    def _grid(self, videos: Tensor, frames: int) -> Tensor:
+        """long ``[I, 3]`` ``(t, h, w)`` per item: a video's frames on its pooled grid, an image one frame (a
+        tower pass's raster: its tokens are on several grids, :meth:`patch_cells`)."""
+        image = torch.tensor([1, self.side, self.side], device=videos.device)
+        video = torch.tensor([frames, self.frame_side, self.frame_side], device=videos.device)
+        return torch.where(videos[:, None], video, image)
+
+    def patch_cells(self, features: ImageFeatures, options: ForwardOptions) -> Tensor | None:
+        """Each LLM token's cell (newlines -1): an image's base view on its raster (tile 0), its AnyRes tokens on
+        the unpadded (or shrunk) grid as one tile 1 (:func:`tokprune.keptmap.anyres_cells`); a video's tokens on
+        their frame's pooled grid (``grid_thw``). None without ``image_sizes`` for the call's images."""
+        videos = features.videos if features.videos is not None else torch.zeros_like(features.keep[:, 0])
+        videos, width = videos.cpu(), features.keep.shape[1]
+        out = torch.full((videos.shape[0], width, 4), -1, dtype=torch.long)
+        if (~videos).any():
+            sizes = options.get("image_sizes")
+            if not isinstance(sizes, Tensor):
+                return None
+            layout = [
+                torch.where(n, -1, torch.arange(n.numel()).clamp(max=self.tokens))  # tile 1: the grid
+                for n in image_newlines(self.inner, sizes, self._num_images(options), self._aspect(options))
+            ]
+            cells = anyres_cells(layout, self.tokens, self.side)
+            out[~videos, : cells.shape[1]] = cells[:, :width]
+        if videos.any():
+            if features.grid_thw is None:
+                return None
+            cells = thw_cells(features.grid_thw.cpu()[videos], 1)
+            out[videos, : cells.shape[1]] = cells[:, :width]
         return out
 
     def _num_images(self, options: ForwardOptions) -> Tensor | None:
@@ -259,7 +301,7 @@ class LlavaOnevisionAdapter(Family):
             tower_runs=torch.full((b,), f, device=stock.device),
             video=True,
             frames=torch.full((b,), f, device=stock.device),
-            frame_side=int(round(pooled.shape[1] ** 0.5)),
+            frame_side=self.frame_side,
         )
 
     def project(self, features: Tensor) -> Tensor:
@@ -322,6 +364,7 @@ class LlavaOnevisionAdapter(Family):
         extra_valid = plan.extra_valid if has_extra else None
         num_extra = 0 if not has_extra else (plan.extra.shape[1] if extra_valid is None else extra_valid.sum(dim=1))
         remapped = 0 if plan.features is None else plan.keep.sum(dim=1)
+        frames = 1 if images.frames is None else int(images.frames[0])  # one size per call
         return ImageFeatures(
             kept=kept,
             keep=keep,
@@ -331,6 +374,7 @@ class LlavaOnevisionAdapter(Family):
             tower_runs=images.tower_runs,
             projected=images.tower_runs * self.tokens + remapped + num_extra,  # every tower token, as stock
             videos=torch.full_like(keep[:, 0], images.video),
+            grid_thw=self._grid(torch.full_like(keep[:, 0], images.video), frames),
         )
 
     def repeat_item_inputs(self, inputs: ForwardOptions, copies: int) -> dict[str, Tensor]:
