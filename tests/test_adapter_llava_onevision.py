@@ -16,11 +16,11 @@ from tokprune.adapters.llava_onevision import (
     LlavaOnevisionAdapter,
     image_newlines,
     image_tokens,
-    tiny_video_inputs,
     tower_passes,
 )
 from tokprune.errors import InputError, MissingCapabilityError, StrategyParamError
 from tokprune.testing.models import VOCAB
+from tokprune.testing.video import onevision_video_inputs
 
 
 @pytest.fixture(scope="module")
@@ -160,14 +160,18 @@ def test_several_images_per_prompt_bring_their_base_view_only_keep_all_and_batch
     x = _multi_image(case, (5, 3))
     with torch.no_grad():
         stock = model(**x).logits[:, -1]
+        tokens = model.generate(**x, max_new_tokens=4)
         with tokprune.pruned(model, "random(keep_ratio=1.0)", question_end=case.question_end):
             torch.testing.assert_close(model(**x).logits[:, -1], stock, rtol=0, atol=0)
+            assert torch.equal(model.generate(**x, max_new_tokens=4), tokens)
         with tokprune.pruned(model, "divprune(keep_ratio=0.4)", question_end=case.question_end) as run:
             batch = model(**x).logits[:, -1]
             assert run.stats.image_tokens.tolist() == [17] * 4
             for b, q in enumerate((5, 3)):
                 solo = _multi_image(case, (q,), seeds=[b])
                 torch.testing.assert_close(model(**solo).logits[0, -1], batch[b], rtol=0, atol=1e-4)
+            cached = model.generate(**x, max_new_tokens=4)
+            assert torch.equal(cached, model.generate(**x, max_new_tokens=4, use_cache=False))
 
 
 def test_num_return_sequences_gives_each_prompt_its_own_images(case):
@@ -290,7 +294,7 @@ CLS_FREE = {"cdpruner": "relevance=uniform"}
 
 
 def _video_batch(model, picks):
-    return tiny_video_inputs(model, [KINDS[i] for i in picks], [QUESTIONS[i] for i in picks], seeds=picks)
+    return onevision_video_inputs(model, [KINDS[i] for i in picks], [QUESTIONS[i] for i in picks], seeds=picks)
 
 
 def video_specs(model):
@@ -431,7 +435,7 @@ def test_num_return_sequences_repeats_each_prompts_images_and_videos(video_model
 
 def test_video_flops_count_the_tower_and_projector_over_every_frame():
     case = LlavaOnevisionAdapter.tiny(attn_implementation="eager")
-    model, x = case.model, tiny_video_inputs(case.model, ["iv"], [4])
+    model, x = case.model, onevision_video_inputs(case.model, ["iv"], [4])
     with FlopCounterMode(display=False) as counter, tokprune.pruned(model, "evs(keep_ratio=0.25)") as run:
         with torch.no_grad():
             model(**x, logits_to_keep=1)

@@ -47,7 +47,6 @@ __all__ = [
     "image_newlines",
     "image_tokens",
     "tiny_llava_onevision",
-    "tiny_video_inputs",
     "tower_passes",
 ]
 
@@ -105,7 +104,6 @@ class PackedItems(EncodedImages):
     newline: Tensor  #: bool ``[I, P]``
     packed_valid: Tensor  #: bool ``[I, P]``
     frames: Tensor | None = None  #: long ``[I]``: frames of each video (None: images)
-    frame_side: int = 0  #: tokens per side of a pooled video frame
 
 
 class LlavaOnevisionAdapter(Family):
@@ -141,8 +139,8 @@ class LlavaOnevisionAdapter(Family):
         vision, lm = self.config.vision_config, self.inner.language_model
         self.side = vision.image_size // vision.patch_size
         self.tokens = self.side**2  # patch tokens of one tower pass (no CLS)
-        self.frame_side = self.inner.apply_pooling(torch.zeros(1, self.tokens, 1)).shape[1] ** 0.5  # pooled frame
-        self.frame_side = int(round(self.frame_side))
+        pooled = self.inner.apply_pooling(torch.zeros(1, self.tokens, 1)).shape[1]  # tokens of a video frame
+        self.frame_side = int(round(pooled**0.5))
         flops = FlopModel(
             d=lm.config.hidden_size,
             m=lm.config.intermediate_size,
@@ -301,7 +299,6 @@ class LlavaOnevisionAdapter(Family):
             tower_runs=torch.full((b,), f, device=stock.device),
             video=True,
             frames=torch.full((b,), f, device=stock.device),
-            frame_side=self.frame_side,
         )
 
     def project(self, features: Tensor) -> Tensor:
@@ -321,7 +318,7 @@ class LlavaOnevisionAdapter(Family):
         rows, features = images.llm, ctx.features
         if images.frames is None:
             return step(replace(ctx, project=lambda f: rows if f is features else self.project(f)))
-        b, side = features.shape[0], images.frame_side
+        b, side = features.shape[0], self.frame_side
         grid = torch.tensor([[side, side]], device=features.device)
         if self.budget_scope != "frame":
             layout = FrameLayout(images.frames, grid.expand(b, 2))
@@ -468,46 +465,3 @@ def tiny_llava_onevision(
 
     return model, make_inputs
 
-
-def tiny_video_inputs(
-    model: nn.Module,
-    kinds: Sequence[str],
-    question_lengths: Sequence[int] | None = None,
-    seeds: Sequence[int] | None = None,
-    frames: int = 3,
-) -> dict[str, Tensor]:
-    """Inputs of a tiny LLaVA-OneVision ``model`` (:func:`tiny_llava_onevision`) for one left-padded sample per
-    entry of ``kinds``: its items in prompt order (``"v"``: a video of ``frames`` frames, ``"i"``: an image, its
-    size drawn from its sample's seed and place), separated by one word. Sample ``i`` draws from ``seeds[i]``
-    (default ``i``), so it equals the same sample alone. Every image is tiled (no ``batch_num_images``)."""
-    config, side = model.config, model.config.vision_config.image_size
-    per_frame = model.model.apply_pooling(torch.zeros(1, (side // config.vision_config.patch_size) ** 2, 1)).shape[1]
-    seeds = list(range(len(kinds))) if seeds is None else list(seeds)
-    question_lengths = [4] * len(kinds) if question_lengths is None else list(question_lengths)
-    rows, images, sizes, videos = [], [], [], []
-    for items, q, s in zip(kinds, question_lengths, seeds):
-        gen = torch.Generator().manual_seed(s * 7919 + q)
-        blocks: list[int] = []
-        for k, kind in enumerate(items):
-            blocks += [VOCAB.first_word] if k else []
-            if kind == "v":
-                blocks += [config.video_token_id] * (frames * per_frame + 1)
-                videos.append(torch.randn(frames, 3, side, side, generator=gen))
-                continue
-            size = torch.tensor([ONEVISION_IMAGE_SIZES[(s + k) % len(ONEVISION_IMAGE_SIZES)]])
-            blocks += [VOCAB.image] * image_tokens(model.model, size, None, config.vision_aspect_ratio)[0]
-            images.append(torch.randn(tower_passes(config, size, None)[0], 3, side, side, generator=gen))
-            sizes.append(size[0])
-        words = torch.randint(VOCAB.first_word + 1, VOCAB.size - 1, (q,), generator=gen).tolist()
-        rows.append([VOCAB.bos, VOCAB.user, VOCAB.colon, *blocks, *words, *VOCAB.assistant_marker])
-    out = left_padded(rows)
-    dtype = next(model.parameters()).dtype
-    if images:
-        most = max(p.shape[0] for p in images)
-        pixel_values = torch.zeros(len(images), most, 3, side, side)
-        for i, p in enumerate(images):
-            pixel_values[i, : p.shape[0]] = p
-        out.update(pixel_values=pixel_values.to(dtype), image_sizes=torch.stack(sizes))
-    if videos:
-        out["pixel_values_videos"] = torch.stack(videos).to(dtype)
-    return out
