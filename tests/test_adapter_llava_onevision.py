@@ -233,6 +233,8 @@ def test_call_options_that_change_the_checked_layout_and_missing_image_sizes_are
     with tokprune.pruned(case.model, "random(keep_ratio=0.5)", question_end=case.question_end), torch.no_grad():
         with pytest.raises(InputError, match=r"vision_feature_layer=-2 differs from this model's -1"):
             case.model(**x, vision_feature_layer=-2)
+        with pytest.raises(InputError, match=r"vision_aspect_ratio='anyres_max_9' differs from this model's 'anyres_max_2'"):
+            case.model(**x, vision_aspect_ratio="anyres_max_9")
         with pytest.raises(InputError, match=r"needs image_sizes with pixel_values"):
             case.model(**{k: v for k, v in x.items() if k != "image_sizes"})
 

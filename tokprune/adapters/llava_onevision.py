@@ -175,6 +175,14 @@ class LlavaOnevisionAdapter(Family):
     def check_inputs(self, pixel_values: Tensor | None, options: ForwardOptions) -> None:
         if pixel_values is not None and pixel_values.shape[0] > 0 and options.get("image_sizes") is None:
             raise InputError("LLaVA-OneVision needs image_sizes with pixel_values (the processor returns both)")
+        aspect = options.get("vision_aspect_ratio")
+        if aspect is not None and aspect != self.config.vision_aspect_ratio:
+            # the stock forward ignores it for images (its get_image_features takes the config's), while
+            # get_image_features honours it: one value, the config's, keeps both paths the model's
+            raise InputError(
+                f"vision_aspect_ratio={aspect!r} differs from this model's {self.config.vision_aspect_ratio!r}, which "
+                f"the stock forward uses for images whatever it is passed; set it on the config before patching"
+            )
         if self.pipeline.vision is None:
             return
         for key in ("vision_feature_layer", "vision_feature_select_strategy"):
@@ -241,8 +249,7 @@ class LlavaOnevisionAdapter(Family):
         return n if isinstance(n, Tensor) else (None if n is None else torch.as_tensor(n))
 
     def _aspect(self, options: ForwardOptions) -> str:
-        aspect = options.get("vision_aspect_ratio")
-        return str(self.config.vision_aspect_ratio if aspect is None else aspect)
+        return str(self.config.vision_aspect_ratio)  # a call's other value is refused (check_inputs)
 
     # -- the vision stage ---------------------------------------------------------------------------------
 
