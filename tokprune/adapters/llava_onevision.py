@@ -392,8 +392,7 @@ class LlavaOnevisionAdapter(Family):
             items = self._repeated(ids, self.config.image_token_id, torch.tensor(counts, device=sizes.device), copies)
             out.update(pixel_values=pixels[items.to(pixels.device)], image_sizes=sizes[items.to(sizes.device)])
         if isinstance(videos, Tensor):
-            n = self.inner.apply_pooling(torch.zeros(1, self.tokens, 1)).shape[1]
-            counts = torch.full((videos.shape[0],), videos.shape[1] * n + 1, device=videos.device)
+            counts = torch.full((videos.shape[0],), videos.shape[1] * self.frame_side**2 + 1, device=videos.device)
             out["pixel_values_videos"] = videos[self._repeated(ids, self.config.video_token_id, counts, copies)]
         return out
 
