@@ -92,7 +92,9 @@ def test_merged_features_and_extra_tokens_are_projected_from_the_resampled_featu
         kept_newline = is_newline[keep]
         torch.testing.assert_close(rows[: keep.sum()][kept_newline], full[keep & is_newline])  # newlines as stock
         merged = rows[: keep.sum()][~kept_newline]
-        assert merged.shape[0] == (int((~is_newline).sum()) + 1) // 2 and not torch.allclose(merged, full[keep][~kept_newline])
+        assert merged.shape[0] == (int((~is_newline).sum()) + 1) // 2 and not torch.allclose(
+            merged, full[keep][~kept_newline]
+        )
         assert rows.shape[0] == keep.sum() + 1  # one extra token, projected (width D)
     assert proj is model.model.multi_modal_projector
 
@@ -117,7 +119,7 @@ def test_the_projected_tokens_a_strategy_reads_are_the_llm_rows_even_on_a_shrunk
     probe = _ProjectedProbe()
     with tokprune.pruned(model, Pipeline([probe])):
         _stock_rows(model, x)
-    (projected, lengths), = probe.seen
+    ((projected, lengths),) = probe.seen
     for i, full in enumerate(stock):
         rows = full[~(full == model.model.image_newline).all(dim=1)]
         torch.testing.assert_close(projected[i, : lengths[i]], rows, rtol=0, atol=0)
@@ -190,9 +192,12 @@ def test_num_return_sequences_gives_each_prompt_its_own_images(case):
 
 
 def test_cls_reading_strategies_are_refused_naming_those_that_work(case):
-    with pytest.raises(MissingCapabilityError, match=r"^topk\(keep_ratio=0.5\) reads the CLS token's signals .*"
-                       r"llava_onevision vision tower has no CLS token; vision strategies that read no CLS signal: "
-                       r"divprune, evs, random, vidcom2"):
+    with pytest.raises(
+        MissingCapabilityError,
+        match=r"^topk\(keep_ratio=0.5\) reads the CLS token's signals .*"
+        r"llava_onevision vision tower has no CLS token; vision strategies that read no CLS signal: "
+        r"divprune, evs, random, vidcom2",
+    ):
         tokprune.patch(case.model, "topk(keep_ratio=0.5)")
     assert tokprune.adapters.handle_of(case.model) is None
     tokprune.patch(case.model, "fastv(layer=2)", question_end=case.question_end).remove()  # the LLM stage runs
@@ -222,7 +227,9 @@ def test_fixed_size_strategies_and_tiles_are_refused(case):
 def test_layouts_a_vision_step_cannot_run_are_refused_at_patch(setting, value):
     model = LlavaOnevisionAdapter.tiny().model
     setattr(model.config, setting, value)
-    with pytest.raises(MissingCapabilityError, match=rf"{re.escape(f'{setting}={value!r}')}.*supported: an int layer with 'full'"):
+    with pytest.raises(
+        MissingCapabilityError, match=rf"{re.escape(f'{setting}={value!r}')}.*supported: an int layer with 'full'"
+    ):
         tokprune.patch(model, "random(keep_ratio=0.5)")
     assert tokprune.adapters.handle_of(model) is None
     tokprune.patch(model, "fastv(layer=2)", question_end=VOCAB.assistant_marker).remove()
@@ -233,7 +240,9 @@ def test_call_options_that_change_the_checked_layout_and_missing_image_sizes_are
     with tokprune.pruned(case.model, "random(keep_ratio=0.5)", question_end=case.question_end), torch.no_grad():
         with pytest.raises(InputError, match=r"vision_feature_layer=-2 differs from this model's -1"):
             case.model(**x, vision_feature_layer=-2)
-        with pytest.raises(InputError, match=r"vision_aspect_ratio='anyres_max_9' differs from this model's 'anyres_max_2'"):
+        with pytest.raises(
+            InputError, match=r"vision_aspect_ratio='anyres_max_9' differs from this model's 'anyres_max_2'"
+        ):
             case.model(**x, vision_aspect_ratio="anyres_max_9")
         with pytest.raises(InputError, match=r"needs image_sizes with pixel_values"):
             case.model(**{k: v for k, v in x.items() if k != "image_sizes"})
@@ -243,8 +252,16 @@ def test_a_clip_tower_is_not_matched():
     model = LlavaOnevisionAdapter.tiny().model
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    model.model.vision_tower = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64,
-                                               num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=4))
+    model.model.vision_tower = CLIPVisionModel(
+        CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=16,
+            patch_size=4,
+        )
+    )
     assert "expected a SiglipVisionModel vision tower" in LlavaOnevisionAdapter.mismatch(model)
 
 
@@ -266,7 +283,9 @@ def _macs(counter: FlopCounterMode, prefix: str) -> int:
 
 def _counted(counter: FlopCounterMode, model) -> int:
     root = f"{type(model).__name__}.model"
-    layers = sum(_macs(counter, f"{root}.language_model.layers.{i}") for i in range(len(model.model.language_model.layers)))
+    layers = sum(
+        _macs(counter, f"{root}.language_model.layers.{i}") for i in range(len(model.model.language_model.layers))
+    )
     return layers + _macs(counter, f"{root}.vision_tower") + _macs(counter, f"{root}.multi_modal_projector")
 
 
@@ -401,8 +420,10 @@ def test_the_video_checks_reject_the_mutants(video_model, mutant):
 
 def test_per_frame_budgets_keep_each_frames_share_and_temporal_steps_leave_images_whole(video_model):
     batch = _video_batch(video_model, [1])  # an image, then a video of 3 frames of 4 tokens
-    for spec, options, video_kept in (("divprune(keep=1)", {"budget_scope": "frame"}, [1, 1, 1]),
-                                      ("evs(keep_ratio=0.25)", {}, None)):
+    for spec, options, video_kept in (
+        ("divprune(keep=1)", {"budget_scope": "frame"}, [1, 1, 1]),
+        ("evs(keep_ratio=0.25)", {}, None),
+    ):
         with tokprune.pruned(video_model, spec, question_end=MARKER, **options) as run, torch.no_grad():
             out = video_model.model.get_video_features(batch["pixel_values_videos"], return_dict=True)
             video_model(**batch)

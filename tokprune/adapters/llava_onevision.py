@@ -470,4 +470,3 @@ def tiny_llava_onevision(
         return out
 
     return model, make_inputs
-
