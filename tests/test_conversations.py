@@ -38,11 +38,12 @@ from tokprune.adapters import loop as loop_module
 from tokprune.adapters.call import IMAGE_INPUTS, CallState, GenerateCall, _Session
 from tokprune.adapters.llava import tiny_llava
 from tokprune.adapters.llava_next import tiny_llava_next
+from tokprune.adapters.llava_onevision import tiny_llava_onevision
 from tokprune.adapters.qwen2_5_vl import tiny_qwen2_5_vl
 from tokprune.adapters.qwen3_vl import tiny_qwen3_vl
 from tokprune.errors import InputError, UnsupportedModelError
 from tokprune.testing.models import tiny_text_encoder
-from tokprune.testing.video import default_items, video_inputs
+from tokprune.testing.video import default_items, onevision_video_inputs, video_inputs
 
 
 def cached(model, cache):
@@ -56,6 +57,7 @@ FAMILIES = {
     "qwen2_5_vl": tiny_qwen2_5_vl,
     "llava_next": tiny_llava_next,
     "qwen3_vl": tiny_qwen3_vl,
+    "llava_onevision": tiny_llava_onevision,
 }
 #: Per family: a vision-stage strategy, LLM-stage ones (one layer, a schedule, DART), the reference method
 #: (Qwen's tower has no CLS token: its vision half is divprune) and the question-reading ones.
@@ -79,6 +81,7 @@ SPECS = {
 # The other families: a vision cut and an LLM cut each (AnyRes tiles; Qwen3-VL's DeepStack features).
 SPECS["llava_next"] = ["divprune(keep_ratio=0.5)", "fastv(layer=2, keep_ratio=0.5)"]
 SPECS["qwen3_vl"] = ["divprune(keep_ratio=0.5)", "fastv(layer=2, keep_ratio=0.5)"]
+SPECS["llava_onevision"] = ["divprune(keep_ratio=0.5)", "fastv(layer=2, keep_ratio=0.5)"]  # shrunk grids, newlines
 CASES = [(family, spec) for family, specs in SPECS.items() for spec in specs]
 #: The later turns' questions of the two conversations: lengths differ at every turn (middle padding).
 LATER_QUESTIONS = [[(11, 12, 13, 14), (21,)], [(31,), (41, 42, 43)]]
@@ -233,6 +236,22 @@ def test_a_conversation_about_a_video(family, kinds, spec):
 
     def solo(i):
         alone = video_inputs(model, [samples[i]], question_lengths=[lengths[i]], seeds=[i])
+        return {k: v for k, v in alone.items() if k in IMAGE_INPUTS}
+
+    conv = converse(model, handle, inputs)
+    check_conversation(model, handle, inputs, conv, solo=solo)
+
+
+@pytest.mark.parametrize("kinds, spec", [(("v", "iv"), "evs(keep_ratio=0.5)"), (("vi", "v"), "fastv(layer=2, keep_ratio=0.5)")])
+def test_a_conversation_about_a_llava_onevision_video(kinds, spec):
+    # LLaVA-OneVision: pooled frames and a newline per video, 1-D positions; the later turns continue them
+    model = tiny_llava_onevision(seed=0)[0]
+    handle = tokprune.patch(model, spec, question_end=VOCAB.assistant_marker)
+    lengths = (5, 3)
+    inputs = onevision_video_inputs(model, kinds, lengths)
+
+    def solo(i):
+        alone = onevision_video_inputs(model, [kinds[i]], [lengths[i]], seeds=[i])
         return {k: v for k, v in alone.items() if k in IMAGE_INPUTS}
 
     conv = converse(model, handle, inputs)

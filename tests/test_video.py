@@ -32,9 +32,14 @@ BIT_EXACT = {"random"}
 CLS_FREE = {"cdpruner": "relevance=uniform"}
 
 
+#: The families whose tiny video inputs :func:`tokprune.testing.video.video_inputs` builds (3-D patch grids,
+#: M-RoPE); LLaVA-OneVision's videos (frames pooled 2x2, 1-D positions) are tested in its own file.
+QWEN_VIDEO = {Qwen2_5_VLAdapter.name, Qwen3VLAdapter.name}
+
+
 def video_families() -> list[type[ModelAdapter]]:
-    """Every registered family that takes video (``"frame"`` in its budget scopes)."""
-    return [cls for cls, _ in registered_adapters() if "frame" in cls.budget_scopes]
+    """Every registered family that takes video (``"frame"`` in its budget scopes) with Qwen-style video inputs."""
+    return [cls for cls, _ in registered_adapters() if "frame" in cls.budget_scopes and cls.name in QWEN_VIDEO]
 
 
 @pytest.fixture(scope="module", params=[a.name for a in video_families()])
@@ -366,7 +371,7 @@ def test_a_budget_below_one_token_per_frame_keeps_one_token_of_every_frame(famil
 
 def test_budget_scope_frame_on_an_image_only_family_names_what_works():
     model, _ = tiny_llava()
-    with pytest.raises(StrategyParamError, match=r"budget_scope='frame'.*takes no video; valid here: image; families with video: qwen2_5_vl, qwen3_vl"):
+    with pytest.raises(StrategyParamError, match=r"budget_scope='frame'.*takes no video; valid here: image; families with video: llava_onevision, qwen2_5_vl, qwen3_vl"):
         tokprune.patch(model, "random", budget_scope="frame")
     with pytest.raises(MissingCapabilityError, match=r"evs.*prunes across the frames of a video.*families with video"):
         tokprune.patch(model, "evs")
@@ -394,8 +399,9 @@ def test_video_placeholders_without_video_inputs_are_refused(family):
         _run(model, "evs", batch)
 
 
-def test_the_families_that_take_video_are_the_qwen_ones():
-    assert {a.name for a in video_families()} == {Qwen2_5_VLAdapter.name, Qwen3VLAdapter.name}
+def test_the_families_that_take_video_are_the_qwen_ones_and_llava_onevision():
+    takes_video = {cls.name for cls, _ in registered_adapters() if "frame" in cls.budget_scopes}
+    assert takes_video == QWEN_VIDEO | {"llava_onevision"}
 
 
 def test_the_server_path_refuses_temporal_steps_naming_what_works():

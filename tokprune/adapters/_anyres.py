@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["TileRows", "extra_per_image", "pad_rows", "tile_rows"]
+__all__ = ["TileRows", "extra_per_image", "packed_keep", "pad_rows", "tile_rows"]
 
 
 @dataclass(frozen=True)
@@ -76,3 +76,14 @@ def pad_rows(rows: list[Tensor], fill: int) -> tuple[Tensor, Tensor]:
     out = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=fill)
     lengths = torch.tensor([r.numel() for r in rows], device=out.device)
     return out[:, :width], torch.arange(width, device=out.device)[None, :] < lengths[:, None]
+
+
+def packed_keep(newline: Tensor, packed_valid: Tensor, keep: Tensor) -> Tensor:
+    """A plan's keep mask over an item's tokens (bool ``[I, L]``, newlines excluded) on the LLM's rows (bool
+    ``[I, P]``: each non-newline row takes its token's decision in order, every newline row is kept).
+
+    ``newline``, ``packed_valid``: bool ``[I, P]``; row ``p`` of item ``i`` that is no newline is token
+    ``#non-newline rows before it`` of the item.
+    """
+    rank = ((~newline & packed_valid).long().cumsum(dim=1) - 1).clamp(min=0, max=keep.shape[1] - 1)
+    return packed_valid & (newline | keep.gather(1, rank))

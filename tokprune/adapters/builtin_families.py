@@ -1,5 +1,5 @@
 """The built-in model families plugin (entry point ``builtin_families`` in group ``tokprune``): LLaVA-1.5,
-LLaVA-NeXT, Qwen2.5-VL, Qwen3-VL, SmolVLM (and Idefics3). Until 0.x it was called ``llava``; that name in ``TOKPRUNE_PLUGINS`` /
+LLaVA-NeXT, LLaVA-OneVision, Qwen2.5-VL, Qwen3-VL, SmolVLM (and Idefics3). Until 0.x it was called ``llava``; that name in ``TOKPRUNE_PLUGINS`` /
 ``TOKPRUNE_BLOCK_PLUGINS`` still selects it, with a warning."""
 
 from __future__ import annotations
@@ -14,12 +14,14 @@ def register_adapters(register: Callable[..., None]) -> None:
     """Register the built-in HF family adapters (imported lazily: they pull in transformers)."""
     from .llava import LlavaAdapter
     from .llava_next import LlavaNextAdapter
+    from .llava_onevision import LlavaOnevisionAdapter
     from .qwen2_5_vl import Qwen2_5_VLAdapter
     from .qwen3_vl import Qwen3VLAdapter
     from .smolvlm import SmolVLMAdapter
 
     register(LlavaAdapter)
     register(LlavaNextAdapter)
+    register(LlavaOnevisionAdapter)
     register(Qwen2_5_VLAdapter)
     register(Qwen3VLAdapter)
     register(SmolVLMAdapter)

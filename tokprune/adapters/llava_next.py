@@ -33,7 +33,7 @@ from .. import hf_compat as hf
 from ..errors import InputError, InternalError
 from ..keptmap import anyres_cells
 from ..strategy import PruningStrategy, VisionContext, VisionPlan
-from ._anyres import extra_per_image, pad_rows, tile_rows
+from ._anyres import extra_per_image, packed_keep, pad_rows, tile_rows
 from ._tiny import VOCAB, TinyCase, left_padded, prompt_ids, random_model
 from .clip import ClipTower, clip_mismatch, tiny_llava_config
 from .family import EncodedImages, Family, FamilyParts, ForwardOptions
@@ -256,8 +256,7 @@ class LlavaNextAdapter(Family):
         projected = self.project(chosen[plan.keep])
         has_extra = plan.extra is not None and plan.extra.shape[1] > 0
         extra = self.project(plan.extra) if has_extra else None
-        rank = ((~newline & packed_valid).long().cumsum(dim=1) - 1).clamp(min=0)
-        keep = packed_valid & (newline | plan.keep.gather(1, rank.clamp(max=plan.keep.shape[1] - 1)))
+        keep = packed_keep(newline, packed_valid, plan.keep)
         kept_newline = newline[keep]
         kept = self.clip.inner.image_newline.to(projected.dtype).expand(kept_newline.shape[0], -1).clone()
         kept[~kept_newline] = projected

@@ -1,4 +1,5 @@
-"""Video inputs for the tiny Qwen2.5-VL and Qwen3-VL models, built directly as tensors (no video processor).
+"""Video inputs for the tiny Qwen2.5-VL and Qwen3-VL models (and LLaVA-OneVision's: :func:`onevision_video_inputs`),
+built directly as tensors (no video processor).
 
 A sample is a list of visual items, each ``("image", (1, h, w))`` or ``("video", (t, h, w))`` in patches
 (``t`` temporal patch groups of ``temporal_patch_size = 2`` frames each: ``pixel_values_videos`` holds
@@ -20,8 +21,9 @@ import torch
 from torch import Tensor
 
 from ..adapters._tiny import VOCAB, left_padded
+from ..adapters.llava_onevision import ONEVISION_IMAGE_SIZES, image_tokens, tower_passes
 
-__all__ = ["TIMESTAMP", "VIDEO_GRIDS", "Item", "default_items", "video_inputs"]
+__all__ = ["TIMESTAMP", "VIDEO_GRIDS", "Item", "default_items", "onevision_video_inputs", "video_inputs"]
 
 #: Video grids (t, h, w) in patches: 3 frames of 6 tokens, 2 of 8, 4 of 4, 1 of 6 (a one-frame video).
 VIDEO_GRIDS: tuple[tuple[int, int, int], ...] = ((3, 4, 6), (2, 8, 4), (4, 4, 4), (1, 4, 6))
@@ -96,4 +98,48 @@ def video_inputs(
         out["video_grid_thw"] = torch.stack(grids["video"])
         if not per_frame_runs:
             out["second_per_grid_ts"] = torch.full((len(grids["video"]),), second_per_grid)
+    return out
+
+
+def onevision_video_inputs(
+    model: Any,
+    kinds: Sequence[str],
+    question_lengths: Sequence[int] | None = None,
+    seeds: Sequence[int] | None = None,
+    frames: int = 3,
+) -> dict[str, Tensor]:
+    """Inputs of a tiny LLaVA-OneVision ``model`` (:func:`~tokprune.adapters.llava_onevision.tiny_llava_onevision`) for one left-padded sample per
+    entry of ``kinds``: its items in prompt order (``"v"``: a video of ``frames`` frames, ``"i"``: an image, its
+    size drawn from its sample's seed and place), separated by one word. Sample ``i`` draws from ``seeds[i]``
+    (default ``i``), so it equals the same sample alone. Every image is tiled (no ``batch_num_images``)."""
+    config, side = model.config, model.config.vision_config.image_size
+    per_frame = model.model.apply_pooling(torch.zeros(1, (side // config.vision_config.patch_size) ** 2, 1)).shape[1]
+    seeds = list(range(len(kinds))) if seeds is None else list(seeds)
+    question_lengths = [4] * len(kinds) if question_lengths is None else list(question_lengths)
+    rows, images, sizes, videos = [], [], [], []
+    for items, q, s in zip(kinds, question_lengths, seeds):
+        gen = torch.Generator().manual_seed(s * 7919 + q)
+        blocks: list[int] = []
+        for k, kind in enumerate(items):
+            blocks += [VOCAB.first_word] if k else []
+            if kind == "v":
+                blocks += [config.video_token_id] * (frames * per_frame + 1)
+                videos.append(torch.randn(frames, 3, side, side, generator=gen))
+                continue
+            size = torch.tensor([ONEVISION_IMAGE_SIZES[(s + k) % len(ONEVISION_IMAGE_SIZES)]])
+            blocks += [VOCAB.image] * image_tokens(model.model, size, None, config.vision_aspect_ratio)[0]
+            images.append(torch.randn(tower_passes(config, size, None)[0], 3, side, side, generator=gen))
+            sizes.append(size[0])
+        words = torch.randint(VOCAB.first_word + 1, VOCAB.size - 1, (q,), generator=gen).tolist()
+        rows.append([VOCAB.bos, VOCAB.user, VOCAB.colon, *blocks, *words, *VOCAB.assistant_marker])
+    out = left_padded(rows)
+    dtype = next(model.parameters()).dtype
+    if images:
+        most = max(p.shape[0] for p in images)
+        pixel_values = torch.zeros(len(images), most, 3, side, side)
+        for i, p in enumerate(images):
+            pixel_values[i, : p.shape[0]] = p
+        out.update(pixel_values=pixel_values.to(dtype), image_sizes=torch.stack(sizes))
+    if videos:
+        out["pixel_values_videos"] = torch.stack(videos).to(dtype)
     return out
