@@ -330,3 +330,114 @@ def test_a_tokprune_video_spec_on_an_engine_running_vllms_evs_is_refused(qwen_ev
         qwen_evs.llm_engine.add_request("both", _request(VIDEO_PROMPT, _video(13), "evs(keep_ratio=0.5)"), GREEDY)
     (out,) = qwen_evs.generate([_request(VIDEO_PROMPT, _video(13))], GREEDY)
     assert len(out.outputs[0].token_ids) == GREEDY.max_tokens
+
+
+# -- Qwen3-VL videos: served unpruned beside pruned images; a spec that would prune them is refused -------
+# Each Qwen3-VL frame is its own placeholder run after its timestamp text; the plugin places every frame's rows
+# at its stock offsets. Before, the plugin's positions for a Qwen3-VL video crashed the engine (every video,
+# with or without a spec).
+
+
+@pytest.fixture(scope="module")
+def qwen3_path(tmp_path_factory):
+    from tokprune.testing.checkpoints import save_tiny_qwen3_vl
+
+    return save_tiny_qwen3_vl(tmp_path_factory.mktemp("qwen3_vl_video"))
+
+
+@pytest.fixture(scope="module")
+def qwen3(qwen3_path):
+    llm = vllm.LLM(
+        model=str(qwen3_path),
+        max_model_len=512,
+        max_num_seqs=8,
+        limit_mm_per_prompt={"image": 1, "video": 1},
+        dtype="float32",
+        enforce_eager=True,
+        seed=0,
+        kv_cache_memory_bytes=256 << 20,
+        gpu_memory_utilization=0.05,
+        enable_prefix_caching=False,
+    )
+    yield llm
+    del llm
+
+
+@pytest.fixture(scope="module")
+def qwen3_hf(qwen3_path):
+    processor = AutoProcessor.from_pretrained(qwen3_path)
+    model = AutoModelForImageTextToText.from_pretrained(qwen3_path, dtype=torch.float32).eval()
+    return model, processor
+
+
+def _qwen3_image():
+    from PIL import Image
+
+    return Image.fromarray((np.random.RandomState(21).rand(32, 32, 3) * 255).astype("uint8"))  # 16 tokens
+
+
+def test_qwen3_an_unpruned_video_equals_stock_transformers(qwen3, qwen3_hf):
+    video = _video(20)
+    (out,) = qwen3.generate([_request(VIDEO_PROMPT, video)], GREEDY)
+    want_tokens, want_logprobs, unpruned = _hf_run(*qwen3_hf, VIDEO_PROMPT, video, None)
+    assert len(out.prompt_token_ids) == unpruned
+    assert list(out.outputs[0].token_ids) == want_tokens
+    _assert_same_logprobs(_logprobs(out), want_logprobs)
+
+
+def test_qwen3_an_image_and_a_video_unpruned_equal_stock_transformers(qwen3, qwen3_hf):
+    video, image = _video(22), _qwen3_image()
+    (out,) = qwen3.generate([_request(IMAGE_AND_VIDEO, video, None, image)], GREEDY)
+    want_tokens, want_logprobs, unpruned = _hf_run(*qwen3_hf, IMAGE_AND_VIDEO, video, None, image)
+    assert len(out.prompt_token_ids) == unpruned
+    assert list(out.outputs[0].token_ids) == want_tokens
+    _assert_same_logprobs(_logprobs(out), want_logprobs)
+
+
+def test_qwen3_the_video_suite_rejects_frames_placed_at_their_frame_index(qwen3, qwen3_hf):
+    """A plugin giving each frame its index on the time axis (Qwen2.5-VL's rule) fails the equality."""
+    from vllm.multimodal.video_prune.evs import compute_mrope_for_media
+
+    video = _video(26)  # not seen before: the engine caches a video's rows
+    _, want_logprobs, _ = _hf_run(*qwen3_hf, VIDEO_PROMPT, video, None)
+
+    def install(model):
+        def frame_index_offsets(emb, grid):
+            offsets = compute_mrope_for_media(torch.tensor(grid), model.visual.spatial_merge_size)
+            return torch.cat([emb, offsets.to(emb.device, emb.dtype)], dim=1)
+
+        model._with_frame_offsets = frame_index_offsets
+
+    qwen3.apply_model(install)
+    try:
+        (out,) = qwen3.generate([_request(VIDEO_PROMPT, video)], GREEDY)
+    finally:
+        qwen3.apply_model(lambda model: model.__dict__.pop("_with_frame_offsets", None))
+    with pytest.raises(AssertionError):
+        _assert_same_logprobs(_logprobs(out), want_logprobs)
+
+
+QWEN3_VIDEO_SPECS = [
+    # a temporal strategy: refused for the family before any video is seen
+    ("evs(keep_ratio=0.5)", ["evs(keep_ratio=0.5)", "prunes no video on Qwen3-VL", "divprune, random"]),
+    # an image strategy would prune the video as tokprune.patch does: refused, not served half-pruned
+    ("divprune(keep=6)", ["divprune(keep=6)", "Qwen3-VL videos", "Qwen2.5-VL", "'tokprune': 'none'"]),
+]
+
+
+@pytest.mark.parametrize(("spec", "fragments"), QWEN3_VIDEO_SPECS, ids=[s for s, _ in QWEN3_VIDEO_SPECS])
+def test_qwen3_a_spec_that_would_prune_a_video_fails_its_request_only(qwen3, spec, fragments):
+    engine = qwen3.llm_engine
+    engine.add_request("good-1", _request(VIDEO_PROMPT, _video(23)), GREEDY)
+    with pytest.raises(ValueError) as info:
+        engine.add_request("bad", _request(IMAGE_AND_VIDEO, _video(24), spec, _qwen3_image()), GREEDY)
+    for fragment in fragments:
+        assert fragment in str(info.value), str(info.value)
+    engine.add_request("good-2", _request(VIDEO_PROMPT, _video(25), "none"), GREEDY)
+    finished = {}
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            if output.finished:
+                finished[output.request_id] = output
+    assert set(finished) == {"good-1", "good-2"}
+    assert len(finished["good-1"].prompt_token_ids) == len(finished["good-2"].prompt_token_ids)

@@ -28,7 +28,8 @@ Videos (Qwen2.5-VL): the same per video, the spec riding as ``tokprune_video_spe
 sized by :meth:`~tokprune.serving.ServingPlan.video_kept_counts` (a temporal step's own
 ``video_counts``), the strategy sees one row per video with its frames (``VisionContext.frames``), and the
 plugin places every media item's kept rows on its own placeholders (vLLM's recompute misplaces an
-image-then-video prompt). Qwen3-VL's videos and LLaVA pass unpruned by tokprune.
+image-then-video prompt). Qwen3-VL videos are served unpruned (each frame its own run after its timestamp, placed at its stock
+offsets) and a spec that would prune one is refused; LLaVA takes no video.
 
 The strategy sees what the transformers adapter gives it: LLaVA-1.5's features before the projector with
 the projector as ``VisionContext.project`` (DivPrune and CDPruner select on the projected tokens by
@@ -112,7 +113,6 @@ PIECES: tuple[str, ...] = (
     "vllm.multimodal:MULTIMODAL_REGISTRY",
     "vllm.multimodal.inputs:MultiModalFieldConfig",
     "vllm.multimodal.video_prune.evs:compute_mrope_for_media",
-    "vllm.multimodal.video_prune.evs:recompute_mrope_positions",
     "vllm.v1.worker.gpu_model_runner:GPUModelRunner",
 )
 
@@ -513,14 +513,24 @@ def _qwen2_5_vl_classes(mixin: type, registry: Any) -> dict[str, type]:
             advances by the media rows only, and in an image-then-video prompt puts the video's rows on the
             image's placeholders (measured; tests/test_vllm_video.py); the text positions need no
             recomputing here (they are the unpruned prompt's, from :meth:`get_mrope_input_positions`)."""
-            rows = [mm[:, :-4] for mm in multimodal_embeddings]
-            offsets = [mm[:, -4:-1].long() for mm in multimodal_embeddings]
-            ids = input_ids if isinstance(input_ids, Tensor) else torch.tensor(input_ids)
-            media = (ids == self.config.image_token_id) | (ids == self.config.video_token_id)
-            positions = _place_media_positions(media.to(mrope_positions.device), offsets, mrope_positions, num_computed_tokens)
-            return rows, positions, int(positions.max() + 1 - positions.shape[1])
+            return _recompute_on_placeholders(
+                self.config, input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens
+            )
 
     return {"TokpruneQwen2_5_VL": TokpruneQwen2_5_VL, "TokpruneQwen2_5_VLProcessor": TokpruneQwen2_5_VLProcessor}
+
+
+def _recompute_on_placeholders(
+    config: Any, input_ids: Any, multimodal_embeddings: Sequence[Tensor], positions: Tensor, start: int
+) -> tuple[list[Tensor], Tensor, int]:
+    """The Qwen families' ``recompute_mrope_positions``: each media row (its offsets in its last 4 columns,
+    stripped here) on its placeholder, text as :meth:`get_mrope_input_positions` left it."""
+    rows = [mm[:, :-4] for mm in multimodal_embeddings]
+    offsets = [mm[:, -4:-1].long() for mm in multimodal_embeddings]
+    ids = input_ids if isinstance(input_ids, Tensor) else torch.tensor(input_ids)
+    media = (ids == config.image_token_id) | (ids == config.video_token_id)
+    placed = _place_media_positions(media.to(positions.device), offsets, positions, start)
+    return rows, placed, int(placed.max() + 1 - placed.shape[1])
 
 
 def _place_media_positions(media: Tensor, offsets: Sequence[Tensor], positions: Tensor, start: int) -> Tensor:
@@ -553,7 +563,7 @@ def _unpruned_positions(
     """M-RoPE positions of a prompt whose images were shortened: the stock rule on the unpruned prompt (each
     shortened run grown back to ``media_tokens(feature)``), then each run cut to its kept length. Text keeps
     its unpruned positions; the first ``length`` positions of a run are provisional (the runner replaces them
-    with the kept tokens' own, :func:`~vllm.multimodal.video_prune.evs.recompute_mrope_positions`)."""
+    with the kept tokens' own: the family's ``recompute_mrope_positions``, :func:`_place_media_positions`)."""
     import dataclasses
 
     tokens, features, cut, shift = list(input_tokens), [], [], 0
@@ -581,21 +591,36 @@ def _qwen3_vl_classes(mixin: type, registry: Any) -> dict[str, type]:
         Qwen3VLMultiModalProcessor,
         Qwen3VLProcessingInfo,
     )
-    from vllm.multimodal.video_prune.evs import compute_mrope_for_media, recompute_mrope_positions
-
-    #: channel 4 of an image row tokprune appended: tells our recompute it carries 4-channel positions
-    image_marker = -1
+    from vllm.multimodal.video_prune.evs import compute_mrope_for_media
 
     class TokpruneQwen3VLProcessor(mixin, Qwen3VLMultiModalProcessor):
         tokprune_tower = "none"
         tokprune_family = "Qwen3-VL"
+
+        def _postprocess_hf_mm_data(
+            self, mm_inputs: Any, hf_processor_mm_kwargs: Mapping[str, object], processed_data: Any
+        ) -> Any:
+            processed = super()._postprocess_hf_mm_data(mm_inputs, hf_processor_mm_kwargs, processed_data)
+            plan = self.tokprune_plan(hf_processor_mm_kwargs)
+            if plan.prunes and _video_count(processed):
+                # A Qwen3-VL video is one block per frame (timestamp, vision start, tokens, vision end) whose
+                # sizes vLLM fixes before encoding, and a strategy decides per frame after it; vLLM 0.32's own
+                # EVS for Qwen3-VL, which reserves the run another way, fails on CPU (docs/serving.md).
+                asked = self.info.ctx.get_merged_mm_kwargs(hf_processor_mm_kwargs).get(SPEC_KEY)
+                raise ServingSpecError(
+                    f"tokprune spec {asked!r} would prune this request's video, and tokprune does not prune "
+                    "Qwen3-VL videos inside vLLM yet; what works: Qwen3-VL images with this spec, Qwen2.5-VL "
+                    "videos, or this video with mm_processor_kwargs={'tokprune': 'none'} (served unpruned)"
+                )
+            return processed
 
     @registry.register_processor(
         TokpruneQwen3VLProcessor, info=Qwen3VLProcessingInfo, dummy_inputs=Qwen3VLDummyInputsBuilder
     )
     class TokpruneQwen3VL(Qwen3VLForConditionalGeneration):
         """vLLM's Qwen3-VL; pruned images keep their merged tokens' DeepStack features (the same rows: vLLM
-        concatenates them on the channel axis) and their unpruned positions, as ``tokprune.patch`` does."""
+        concatenates them on the channel axis) and their unpruned positions, as ``tokprune.patch`` does.
+        Videos pass unpruned (their rows placed at their stock positions)."""
 
         tokprune_prunes = True
         supports_multimodal_pruning = True
@@ -623,9 +648,21 @@ def _qwen3_vl_classes(mixin: type, registry: Any) -> dict[str, type]:
                     embeds = list(self._process_image_input(inputs))
                     grids = inputs["image_grid_thw"].tolist()
                     out += self._prune_images(embeds, grids, _decode_specs(field, len(grids)))
-                elif modality == "video":  # vLLM's own 5-channel rows (EVS on or off)
-                    out += list(self._postprocess_video_embeds_evs(self._process_video_input(inputs), inputs))
+                elif modality == "video":
+                    embeds = self._process_video_input(inputs)
+                    if self.is_multimodal_pruning_enabled:  # vLLM's own EVS (--video-pruning-rate): its rows
+                        out += list(self._postprocess_video_embeds_evs(embeds, inputs))
+                        continue
+                    out += [self._with_frame_offsets(e, g) for e, g in zip(embeds, inputs["video_grid_thw"].tolist())]
             return tuple(out)
+
+        def _with_frame_offsets(self, emb: Tensor, grid: list[int]) -> Tensor:
+            """An unpruned video's rows with their offsets appended (4 columns, as images'): each frame is
+            its own placeholder run after its timestamp, at time offset 0 (Qwen3-VL tells frames apart by
+            timestamps), so a frame's token (r, c) sits at (0, r, c) past the run's start."""
+            t, h, w = grid
+            frame = compute_mrope_for_media(torch.tensor([1, h, w]), self.visual.spatial_merge_size)
+            return torch.cat([emb, frame.repeat(t, 1).to(emb.device, emb.dtype)], dim=1)
 
         def _prune_images(self, embeds: list[Tensor], grids: list[list[int]], specs: list[str]) -> list[Tensor]:
             keeps: list[Tensor | None] = [None] * len(embeds)
@@ -637,9 +674,7 @@ def _qwen3_vl_classes(mixin: type, registry: Any) -> dict[str, type]:
                         keeps[i] = keep
             out = []
             for emb, grid, keep in zip(embeds, grids, keeps):
-                pos = compute_mrope_for_media(torch.tensor(grid), self.visual.spatial_merge_size)
-                pos[:, 3] = pos[:, :3].max() + 1  # text after the image: its unpruned position
-                pos = torch.cat([pos, torch.full_like(pos[:, :1], image_marker)], dim=1).to(emb.device)
+                pos = compute_mrope_for_media(torch.tensor(grid), self.visual.spatial_merge_size).to(emb.device)
                 if keep is not None:
                     emb, pos = emb[keep.to(emb.device)], pos[keep.to(pos.device)]
                 out.append(torch.cat([emb, pos.to(emb.dtype)], dim=1))
@@ -670,24 +705,13 @@ def _qwen3_vl_classes(mixin: type, registry: Any) -> dict[str, type]:
             mrope_positions: Tensor,
             num_computed_tokens: int,
         ) -> tuple[Sequence[Tensor], Tensor, int]:
-            rows, positions = [], []
-            for mm in multimodal_embeddings:
-                pos = mm[:, -5:].permute(1, 0).long()
-                rows.append(mm[:, :-5])
-                # our image rows in vLLM's 4-channel form (text restarts at channel 3), videos as they are
-                positions.append(pos[:4] if pos.shape[1] and int(pos[4, 0]) == image_marker else pos)
-            device = mrope_positions.device if not len(rows) else rows[0].device
-            ids = input_ids if isinstance(input_ids, Tensor) else torch.tensor(input_ids, device=device)
-            new, delta = recompute_mrope_positions(
-                ids.to(torch.long),
-                positions,
-                mrope_positions,
-                num_computed_tokens,
-                self.config.vision_start_token_id,
-                self.config.image_token_id,
-                self.config.video_token_id,
+            """Every media row on its placeholder at its own offset (:func:`_place_media_positions`), as for
+            Qwen2.5-VL; text keeps the unpruned prompt's positions (:meth:`get_mrope_input_positions`).
+            vLLM's own recompute would renumber everything after an item as text, which moves a video's
+            later frames (each frame is its own run after its timestamp text)."""
+            return _recompute_on_placeholders(
+                self.config, input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens
             )
-            return rows, new, delta
 
     return {"TokpruneQwen3VL": TokpruneQwen3VL, "TokpruneQwen3VLProcessor": TokpruneQwen3VLProcessor}
 
