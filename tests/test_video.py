@@ -366,7 +366,7 @@ def test_a_budget_below_one_token_per_frame_keeps_one_token_of_every_frame(famil
 
 def test_budget_scope_frame_on_an_image_only_family_names_what_works():
     model, _ = tiny_llava()
-    with pytest.raises(StrategyParamError, match=r"budget_scope='frame'.*takes no video; valid here: image; families with video: qwen2_5_vl, qwen3_vl"):
+    with pytest.raises(StrategyParamError, match=r"budget_scope='frame'.*takes no video; valid here: image; families with video: qwen2_5_vl, qwen3_5, qwen3_vl"):
         tokprune.patch(model, "random", budget_scope="frame")
     with pytest.raises(MissingCapabilityError, match=r"evs.*prunes across the frames of a video.*families with video"):
         tokprune.patch(model, "evs")
