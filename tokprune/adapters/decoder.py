@@ -209,8 +209,35 @@ class PrunedDecoderAdapter(VisualItems, DecoderLoop, Assembly, GenerateChecks, S
                         f"{step.short_spec()} prunes before decoder layer {k}, but this {self.name} language model has "
                         f"{num_layers} layers: layer must be in 1..{num_layers - 1} (layer K-1 provides the scores)"
                     )
+                self._check_scoring_layers(step, k)
                 steps[k] = step
         return steps
+
+    def _check_scoring_layers(self, step: PruningStrategy, k: int) -> None:
+        """Refuse a cut before layer ``k`` whose scoring layer has no softmax attention (a linear-attention
+        layer: no attention matrix, no q/k to read), naming the layers that can host it. Every cut reads layer
+        K-1's q/k (``LLMContext.attention``); a step that :meth:`~PruningStrategy.reads_layer_attention` reads
+        layer K's too."""
+        scored = [hf.has_attention(layer) for layer in self._lm.layers]
+        own = step.reads_layer_attention()
+        needed = [k - 1, k] if own else [k - 1]
+        missing = [j for j in needed if not scored[j]]
+        if not missing:
+            return
+        hosts = [c for c in range(1, len(scored)) if scored[c - 1] and (scored[c] or not own)]
+        kinds = ", ".join(f"layer {j} is {self.layer_attention(j)}" for j in missing)
+        previous = [c for c in range(1, len(scored)) if scored[c - 1]]
+        hint = (
+            f"; it also reads layer K's own attention: a configuration reading layer K-1's alone can be hosted "
+            f"before layers {previous or 'none'}"
+            if own
+            else ""
+        )
+        raise StrategyParamError(
+            f"{step.short_spec()} prunes before decoder layer {k} and scores with the softmax attention of layer"
+            f"{'s' if len(needed) > 1 else ''} {' and '.join(map(str, needed))}, but in this {self.name} model {kinds} "
+            f"(no attention matrix to read); layers K this cut can be hosted before: {hosts or 'none'}{hint}"
+        )
 
     # -- the vision stage ---------------------------------------------------------------------------------
 

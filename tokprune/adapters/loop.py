@@ -294,7 +294,7 @@ class DecoderLoop:
             attention=LLMAttention(q[:, :, :p], key[:, :, :p], valid, attn.scaling, keys_from_start),
             position_ids=self.text_positions(seq.pos)[:, :p],
             final_norm=self._lm.norm,
-            layer_attention=layer_attention,
+            layer_attention=layer_attention if hf.has_attention(self._lm.layers[k]) else None,
         )
         plan = step(ctx)
         keep = seq.valid.clone()
