@@ -306,3 +306,54 @@ def test_the_mixture_of_experts_variant_is_refused_naming_what_works():
     ):
         tokprune.patch(model, "fastv")
     assert tokprune.adapters.handle_of(model) is None
+
+
+# -- the FLOP model ---------------------------------------------------------------------------------------
+
+
+def _macs(counter, prefix: str, convolutions: bool) -> int:
+    """Multiply-accumulates the modules under ``prefix`` ran (each op once, at its outermost module)."""
+    counts = counter.get_flop_counts()
+    total = 0
+    for name, ops in counts.items():
+        if name == prefix or name.startswith(prefix + "."):
+            if any(other != name and name.startswith(other + ".") and other.startswith(prefix) for other in counts):
+                continue  # a child of a module already summed
+            total += sum(v for op, v in ops.items() if convolutions or "convolution" not in str(op))
+    assert total % 2 == 0
+    return total // 2
+
+
+@pytest.mark.parametrize(
+    "spec", ["none", "random(keep_ratio=0.25)", "random(keep_ratio=0.5)+fastv(layer=2, keep=1)", "fastv(layer=3)"]
+)
+def test_prefill_flops_are_the_brute_force_count(spec):
+    # FlopCounterMode over the real modules (eager attention): the tower and its merger (patch-embedding
+    # convolution apart, as in every family) and each decoder layer at the count it really ran, the linear
+    # layers' depthwise convolution and chunked delta rule included. The delta rule's triangular solves have
+    # no FlopCounterMode rule: the model counts them, the brute force adds them.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model, make_inputs = tiny_qwen3_5(seed=0, attn_implementation="eager")
+    x = make_inputs((5,), images=2)
+    root, lm = type(model).__name__, model.model.language_model
+
+    def brute(counter, layer_tokens, flops):
+        layers = sum(
+            _macs(counter, f"{root}.model.language_model.layers.{i}", convolutions=True) for i in range(len(lm.layers))
+        )
+        solves = sum(
+            float(flops.triangular_solves(layer_tokens[0, i])) for i, k in enumerate(TINY_LAYER_TYPES) if k == LINEAR
+        )
+        return layers + solves + _macs(counter, f"{root}.model.visual", convolutions=False)
+
+    with FlopCounterMode(display=False) as counter, tokprune.pruned(model, spec) as run, torch.no_grad():
+        model(**x, logits_to_keep=1)
+    s, flops = run.stats, run.model_parts.flops
+    assert float(s.flops_pruned[0]) == brute(counter, s.layer_tokens, flops)
+    if spec != "none":
+        assert s.flops_pruned[0] < s.flops_unpruned[0]
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(**x, logits_to_keep=1)
+    unpruned = s.seq_len[:, None].expand(-1, len(lm.layers))
+    assert float(s.flops_unpruned[0]) == brute(counter, unpruned, flops)

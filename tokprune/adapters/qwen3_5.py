@@ -89,18 +89,29 @@ def layer_types(language_model: nn.Module) -> list[str]:
 class Qwen3_5Flops(FlopModel):
     """The FLOP model of Qwen3.5's language model, per layer as its kind computes it (multiply-accumulates).
 
-    Full attention over ``n`` tokens (``a = heads * head_dim``, ``d_kv`` the key/value width; ``q_proj``
-    gives the query and its gate): ``2 n d a + 2 n d d_kv + n a d + 2 n^2 a``, plus the MLP's ``3 n d m``.
+    Full attention over ``n`` tokens (``a = heads * head_dim``, ``d_kv`` the key/value width; ``q_proj`` gives
+    the query and its gate, so it is ``2a`` wide)::
 
-    Gated DeltaNet (``h_k`` key heads of ``k``, ``h_v`` value heads of ``v``, ``c = 2 h_k k + h_v v``
-    channels, kernel ``w``): the projections ``n d (c + h_v v + 2 h_v) + n h_v v d``, the depthwise
-    convolution ``c w (n + w - 1)`` (its zero-padded output), and the chunked delta rule transformers'
-    torch path runs (chunks of ``C = 64``, ``P = ceil(n / C) C`` padded positions, ``u = P / C`` chunks):
-    ``h_v (P (C (2k + v) + C^2 / 2 ... )`` as :meth:`delta_rule` spells out; plus the MLP.
+        2 n d a + 2 n d d_kv + n a d + 2 n^2 a + k n d m
+
+    Gated DeltaNet (``h_k`` key heads of width ``k``, ``h_v`` value heads of width ``v``, ``c = 2 h_k k + h_v v``
+    convolved channels, kernel ``w``)::
+
+        n d (c + h_v v + 2 h_v) + n h_v v d          in_proj_qkv, in_proj_z, in_proj_a/b, out_proj
+        + c w (n + w - 1)                            the depthwise causal convolution (its padded output)
+        + h_v u (2 C^2 k + C^2 v + 3 C k v)          the chunked delta rule's products
+        + h_v u C (C - 1) / 2 (k + v)                its two unit-triangular solves per chunk
+        + k n d m                                    the MLP
+
+    with the delta rule run as transformers' torch path runs it (``torch_chunk_gated_delta_rule``): the
+    sequence zero-padded to ``u = ceil(n / C)`` chunks of ``C = 64``; per chunk and value head ``k_beta k^T``
+    and ``q k^T`` (``C^2 k`` each), the intra-chunk output ``C^2 v``, the state read twice and written once
+    (``3 C k v``), and the solves (forward substitution). The flash-linear-attention kernels, where
+    installed, compute the same products in another order.
     """
 
     layer_kinds: tuple[str, ...] = ()
-    heads_dim: int = 0  # a: num_attention_heads * head_dim
+    heads_dim: int = 0  #: a: num_attention_heads * head_dim
     key_heads: int = 0
     key_dim: int = 0
     value_heads: int = 0
@@ -109,35 +120,37 @@ class Qwen3_5Flops(FlopModel):
     chunk: int = 64
 
     def full_layer(self, n: Tensor) -> Tensor:
+        """One full-attention layer over ``n`` tokens (any shape), fp64."""
         n = n.to(torch.float64)
         a, d = self.heads_dim, self.d
         kv = d if self.kv_dim is None else self.kv_dim
         return 2 * n * d * a + 2 * n * d * kv + n * a * d + 2 * n * n * a + self.mlp_matrices * n * d * self.m
 
     def delta_rule(self, n: Tensor) -> Tensor:
-        """The chunked gated delta rule's matrix products (transformers' ``torch_chunk_gated_delta_rule``)."""
-        n = n.to(torch.float64)
-        c, k, v, h = self.chunk, self.key_dim, self.value_dim, self.value_heads
-        chunks = torch.ceil(n / c)
-        padded = chunks * c
-        # within each chunk: k beta k^T (C^2 k), the triangular solve's row updates (sum_i i^2 ~ C^3/3: its
-        # Python loop is element-wise, not counted), attn @ (v beta) and attn @ (k beta g) (C^2 (v + k));
-        # per chunk in the loop: q k^T (C^2 k), k_cumdecay @ S (C k v), q g @ S (C k v), attn @ v_new
-        # (C^2 v), the state update k^T v_new (k C v)
-        within = padded * c * (2 * k + v)
-        loop = padded * (c * k + c * v + 3 * k * v)
-        return h * (within + loop)
+        """The chunked gated delta rule's matrix products over ``n`` tokens, fp64 (triangular solves apart)."""
+        c, k, v = self.chunk, self.key_dim, self.value_dim
+        chunks = torch.ceil(n.to(torch.float64) / c)
+        return self.value_heads * chunks * (2 * c * c * k + c * c * v + 3 * c * k * v)
+
+    def triangular_solves(self, n: Tensor) -> Tensor:
+        """The delta rule's two unit-triangular solves per chunk over ``n`` tokens, fp64."""
+        c = self.chunk
+        chunks = torch.ceil(n.to(torch.float64) / c)
+        return self.value_heads * chunks * c * (c - 1) / 2 * (self.key_dim + self.value_dim)
 
     def linear_layer(self, n: Tensor) -> Tensor:
+        """One Gated DeltaNet layer over ``n`` tokens (any shape), fp64."""
         n = n.to(torch.float64)
         d = self.d
         qk, vv = self.key_heads * self.key_dim, self.value_heads * self.value_dim
         channels = 2 * qk + vv
         projections = n * d * (channels + vv + 2 * self.value_heads) + n * vv * d
         conv = channels * self.conv_kernel * (n + self.conv_kernel - 1)
-        return projections + conv + self.delta_rule(n) + self.mlp_matrices * n * d * self.m
+        mlp = self.mlp_matrices * n * d * self.m
+        return projections + conv + self.delta_rule(n) + self.triangular_solves(n) + mlp
 
     def llm(self, layer_tokens: Tensor) -> Tensor:
+        """LLM cost from tokens per layer (long ``[B, T]``), each layer as its kind computes it, fp64 ``[B]``."""
         per_layer = [
             (self.linear_layer if kind == LINEAR else self.full_layer)(layer_tokens[..., i])
             for i, kind in enumerate(self.layer_kinds)
