@@ -8,12 +8,13 @@ from dataclasses import replace
 
 import pytest
 import torch
+from transformers import DynamicCache
 
 import tokprune
 from tokprune import Pipeline
 from tokprune import hf_compat as hf
 from tokprune.adapters.qwen3_5 import LINEAR, TINY_LAYER_TYPES, Qwen3_5Adapter, tiny_qwen3_5
-from tokprune.errors import MissingCapabilityError, StrategyParamError, UnsupportedModelError
+from tokprune.errors import InputError, MissingCapabilityError, StrategyParamError, UnsupportedModelError
 from tokprune.testing.adapters import _RecordLastRow, _RecordVisionNorm, cache_equivalence, check_batch_solo
 from tokprune.testing.equivalence import ProbeLastRow, last_row_attention
 from tokprune.testing.models import VOCAB
@@ -175,6 +176,37 @@ def test_llm_scores_are_the_stock_eager_attention_of_the_gated_partly_rotated_la
     with monkeypatch.context() as patched:
         patched.setattr(hf, "layer_qk", ungated)
         assert _distance(scores()["probe_last_row.own"][valid], stock["own"][valid]) > WRONG
+
+
+@pytest.mark.parametrize("spec", ["none", "divprune(keep_ratio=0.5)", "fastv(layer=2, keep_ratio=0.5)"])
+def test_later_turns_continue_the_recurrent_states_and_padding_after_the_history_is_refused(tiny, spec):
+    # Later turns of equal length per sample continue the pruned cache (the linear layers' states included)
+    # as the conversation re-run without a cache does (tests/test_conversations.py's reference). Later turns
+    # that differ in length put padding after each sample's history, over which a recurrent state would
+    # step (decaying): refused before anything runs, the cache left as it was, so the conversation goes on.
+    from tests import test_conversations as conversations
+    from tokprune.adapters._tiny import left_padded
+
+    model, make_inputs = tiny
+    inputs = make_inputs((5, 3))
+    with tokprune.pruned(model, spec, question_end=MARKER) as handle:
+        conv = conversations.converse(model, handle, inputs, turns=[[(11, 12), (21, 22)], [(31,), (41,)]])
+        cache = DynamicCache(config=model.config.get_text_config())
+        first = conversations.converse(model, handle, inputs, turns=[], cache=cache)
+        new = left_padded([[VOCAB.user, VOCAB.colon, *words, *MARKER] for words in [(11, 12, 13), (21,)]])
+        ids = torch.cat([first.sequences, new["input_ids"]], 1)
+        extra = {k: inputs[k] for k in ("pixel_values", "image_grid_thw")}
+        extra["mm_token_type_ids"] = conversations.image_types(ids, model)
+        with pytest.raises(InputError, match=r"padding after real tokens in this later turn's new tokens \(sample 1\)"):
+            model.generate(
+                input_ids=ids,
+                attention_mask=torch.cat([first.mask, new["attention_mask"]], 1),
+                **conversations.cached(model, cache),
+                **extra,
+                max_new_tokens=2,
+                pad_token_id=VOCAB.pad,
+            )
+        conversations.check_conversation(model, handle, inputs, conv)
 
 
 # -- which layers may host an LLM-stage cut --------------------------------------------------------------

@@ -379,6 +379,11 @@ class PrunedDecoderAdapter(VisualItems, DecoderLoop, Assembly, GenerateChecks, S
         the new queries (the last ones), ``all_valid`` whether no key is padding (the mask may then be None)."""
         return hf.attention_mask(valid, query_len, dtype, self._attn_impl, all_valid)
 
+    def check_later_turn(self, new_valid: Tensor) -> None:
+        """Refuse a later turn of a conversation before anything runs: ``new_valid`` (bool ``[B, q]``, ``q > 1``)
+        says which of the new tokens after the cached ones are not padding. Default: none (attention masks
+        the padding); a family whose layers cannot skip padding placed after the history refuses it here."""
+
     def _vision_mode(self) -> str:
         """The vision stage's position mode: the caller's ``vision_positions``, else the vision step's
         reference choice where positions are 1-D (M-RoPE survivors keep their 3-D positions), else keep."""

@@ -333,6 +333,7 @@ class DecoderLoop:
         if q > 1:  # a later turn: its first token must follow the cached ones (a stale offset would shift it)
             check_positions_follow(session, self.text_positions(position_ids), new_valid)
             check_no_visual_tokens(input_ids, self.visual_placeholders())
+            self.check_later_turn(new_valid)
         hidden = self._lm.embed_tokens(input_ids)
         starts = {seg.start: seg for seg in session.segments}
         # Whether the new tokens are all valid: one read per step, and only while some segment's mask

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import hf_compat as hf
+from ..errors import InputError
 from ..stats import FlopModel
 from ._tiny import VOCAB, TinyCase
 from .family import FamilyParts
@@ -220,7 +221,23 @@ class Qwen3_5Adapter(Qwen2_5_VLAdapter):
             return super().layer_mask(kind, valid, query_len, dtype, all_valid)
         if all_valid or query_len == 1:
             return None
+        # a prefill's padding leads each row (the core packs the kept tokens to the right): zeroed, it leaves
+        # the states at zero; padding after the history is refused by check_later_turn
         return valid[:, -query_len:]
+
+    def check_later_turn(self, new_valid: Tensor) -> None:
+        """Refuse padding among a later turn's new tokens (after each sample's history): a linear layer zeroes a
+        padded input, but its recurrent state still decays over it and its convolution window moves, so the
+        sample would not get its solo result (transformers' own forward has the same limit)."""
+        padded = ~new_valid.all(dim=1)
+        if bool(padded.any()):
+            raise InputError(
+                f"padding after real tokens in this later turn's new tokens (sample {int(padded.nonzero()[0, 0])}): "
+                f"{self.label}'s linear-attention layers would step their recurrent state over it (zeroed, but "
+                "decaying the state and shifting the convolution window), so samples would not get their solo "
+                "results; continue conversations whose later turns differ in length one per batch (or give every "
+                "sample's later turn the same length)"
+            )
 
 
 # -- the tiny case -----------------------------------------------------------------------------------------
