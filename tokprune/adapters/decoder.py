@@ -362,9 +362,9 @@ class PrunedDecoderAdapter(VisualItems, DecoderLoop, Assembly, GenerateChecks, S
         """The attention kind of decoder ``layer`` (0-based). Layers of one kind share, within a segment, the
         rotary embedding :meth:`layer_rotary` and the mask :meth:`layer_mask` build for that kind.
 
-        Every built-in family returns ``"causal"`` for every layer (one RoPE, one causal + padding mask). A
-        family whose layers differ (Gemma 3's sliding-window and global layers with their own RoPE,
-        bidirectional image blocks) returns a kind per layer and builds each kind's mask and rotary.
+        By default every layer is ``"causal"`` (one RoPE, one causal + padding mask). A family whose layers
+        differ returns a kind per layer and builds each kind's mask and rotary (Qwen3.5: ``"linear_attention"``
+        layers take a 2-D padding mask; sliding-window, global or bidirectional layers their own).
         """
         return "causal"
 
