@@ -395,7 +395,7 @@ def test_video_placeholders_without_video_inputs_are_refused(family):
 
 
 def test_the_families_that_take_video_are_the_qwen_ones():
-    assert {a.name for a in video_families()} == {Qwen2_5_VLAdapter.name, Qwen3VLAdapter.name}
+    assert {a.name for a in video_families()} == {Qwen2_5_VLAdapter.name, Qwen3VLAdapter.name, "qwen3_5"}
 
 
 def test_the_server_path_refuses_temporal_steps_naming_what_works():
