@@ -13,8 +13,8 @@ from transformers import DynamicCache
 import tokprune
 from tokprune import Pipeline
 from tokprune import hf_compat as hf
-from tokprune.adapters.qwen3_5 import LINEAR, TINY_LAYER_TYPES, Qwen3_5Adapter, tiny_qwen3_5
-from tokprune.errors import InputError, MissingCapabilityError, StrategyParamError, UnsupportedModelError
+from tokprune.adapters.qwen3_5 import LINEAR, TINY_LAYER_TYPES, Qwen3_5Adapter, Qwen3_5MoeAdapter, tiny_qwen3_5
+from tokprune.errors import InputError, MissingCapabilityError, StrategyParamError
 from tokprune.testing.adapters import _RecordLastRow, _RecordVisionNorm, cache_equivalence, check_batch_solo
 from tokprune.testing.equivalence import ProbeLastRow, last_row_attention
 from tokprune.testing.models import VOCAB
@@ -321,23 +321,15 @@ def test_cls_reading_strategies_and_compact_positions_are_refused(tiny):
     assert tokprune.adapters.handle_of(model) is None
 
 
-def test_the_mixture_of_experts_variant_is_refused_naming_what_works():
-    from transformers import Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration
-
-    tiny_model, _ = tiny_qwen3_5()
-    text = tiny_model.config.text_config.to_dict()
-    text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32)
-    config = Qwen3_5MoeConfig(
-        vision_config=tiny_model.config.vision_config.to_dict(),
-        text_config={k: v for k, v in text.items() if k not in ("model_type", "architectures")},
-    )
-    model = Qwen3_5MoeForConditionalGeneration(config).eval()
-    with pytest.raises(
-        UnsupportedModelError,
-        match=r"Qwen3_5MoeForConditionalGeneration is Qwen3.5's mixture-of-experts variant, which tokprune does not prune yet .* the dense Qwen3_5ForConditionalGeneration works",
-    ):
-        tokprune.patch(model, "fastv")
-    assert tokprune.adapters.handle_of(model) is None
+def test_the_mixture_of_experts_variant_is_the_same_code_path():
+    # Qwen3_5MoeForConditionalGeneration (not a subclass of the dense class) has its own family, the same
+    # decoder path (the contract runs on it too): the dense one does not claim it, nor it the dense model
+    moe, _ = tiny_qwen3_5(experts=4)
+    dense, _ = tiny_qwen3_5()
+    assert tokprune.adapters.pick_adapter(moe) is Qwen3_5MoeAdapter
+    assert tokprune.adapters.pick_adapter(dense) is Qwen3_5Adapter
+    with pytest.raises(StrategyParamError, match=r"this qwen3_5_moe model layer 0 is linear_attention"):
+        tokprune.patch(moe, "fastv(layer=1)")
 
 
 # -- the FLOP model ---------------------------------------------------------------------------------------
@@ -356,17 +348,21 @@ def _macs(counter, prefix: str, convolutions: bool) -> int:
     return total // 2
 
 
+@pytest.mark.parametrize("experts", [0, 4], ids=["dense", "moe"])
 @pytest.mark.parametrize(
     "spec", ["none", "random(keep_ratio=0.25)", "random(keep_ratio=0.5)+fastv(layer=2, keep=1)", "fastv(layer=3)"]
 )
-def test_prefill_flops_are_the_brute_force_count(spec):
+def test_prefill_flops_are_the_brute_force_count(spec, experts):
     # FlopCounterMode over the real modules (eager attention): the tower and its merger (patch-embedding
     # convolution apart, as in every family) and each decoder layer at the count it really ran, the linear
     # layers' depthwise convolution and chunked delta rule included. The delta rule's triangular solves have
-    # no FlopCounterMode rule: the model counts them, the brute force adds them.
+    # no FlopCounterMode rule: the model counts them, the brute force adds them. MoE: each token runs its
+    # routed experts only (plus the router, the shared expert and its gate).
     from torch.utils.flop_counter import FlopCounterMode
 
-    model, make_inputs = tiny_qwen3_5(seed=0, attn_implementation="eager")
+    model, make_inputs = tiny_qwen3_5(seed=0, attn_implementation="eager", experts=experts)
+    if experts:  # the default grouped_mm experts run an op FlopCounterMode has no rule for: the loop, same products
+        model.config.text_config._experts_implementation = "eager"
     x = make_inputs((5,), images=2)
     root, lm = type(model).__name__, model.model.language_model
 

@@ -366,7 +366,7 @@ def test_a_budget_below_one_token_per_frame_keeps_one_token_of_every_frame(famil
 
 def test_budget_scope_frame_on_an_image_only_family_names_what_works():
     model, _ = tiny_llava()
-    with pytest.raises(StrategyParamError, match=r"budget_scope='frame'.*takes no video; valid here: image; families with video: qwen2_5_vl, qwen3_5, qwen3_vl"):
+    with pytest.raises(StrategyParamError, match=r"budget_scope='frame'.*takes no video; valid here: image; families with video: qwen2_5_vl, qwen3_5, qwen3_5_moe, qwen3_vl"):
         tokprune.patch(model, "random", budget_scope="frame")
     with pytest.raises(MissingCapabilityError, match=r"evs.*prunes across the frames of a video.*families with video"):
         tokprune.patch(model, "evs")
@@ -395,7 +395,7 @@ def test_video_placeholders_without_video_inputs_are_refused(family):
 
 
 def test_the_families_that_take_video_are_the_qwen_ones():
-    assert {a.name for a in video_families()} == {Qwen2_5_VLAdapter.name, Qwen3VLAdapter.name, "qwen3_5"}
+    assert {a.name for a in video_families()} == {Qwen2_5_VLAdapter.name, Qwen3VLAdapter.name, "qwen3_5", "qwen3_5_moe"}
 
 
 def test_the_server_path_refuses_temporal_steps_naming_what_works():

@@ -24,7 +24,8 @@ tower). What differs is the language model, which the core drives through the pe
 * the full-attention layers gate their output (``q_proj`` gives the query and a gate per head) and rotate
   only a part of each head (``partial_rotary_factor``): both read by the shared helpers (hf_compat).
 
-The mixture-of-experts variant (``Qwen3_5MoeForConditionalGeneration``) is refused (see :meth:`mismatch`).
+The mixture-of-experts variant (``Qwen3_5MoeForConditionalGeneration``, :class:`Qwen3_5MoeAdapter`) is the
+same code path with its own MLP cost (router, routed experts, shared expert).
 """
 
 from __future__ import annotations
@@ -38,31 +39,31 @@ from torch import Tensor, nn
 
 from .. import hf_compat as hf
 from ..errors import InputError
-from ..stats import FlopModel
+from ..stats import FlopModel, kv_width, mlp_matrices
 from ._tiny import VOCAB, TinyCase
 from .family import FamilyParts
 from .qwen2_5_vl import Qwen2_5_VLAdapter, _qwen_model, _qwen_text_config, _qwen_token_ids
 
-__all__ = ["LINEAR", "Qwen3_5Adapter", "Qwen3_5Flops", "output_class", "tiny_qwen3_5"]
+__all__ = ["LINEAR", "Qwen3_5Adapter", "Qwen3_5Flops", "Qwen3_5MoeAdapter", "output_class", "tiny_qwen3_5"]
 
 #: The ``layer_types`` entry (and :meth:`Qwen3_5Adapter.layer_attention` kind) of a Gated DeltaNet layer.
 LINEAR = "linear_attention"
 MODULE = "transformers.models.qwen3_5.modeling_qwen3_5"
-#: The mixture-of-experts variant's class, refused by name.
-MOE_CLASS = "Qwen3_5MoeForConditionalGeneration"
+MOE_MODULE = "transformers.models.qwen3_5_moe.modeling_qwen3_5_moe"
 
 
 # -- transformers contact points -----------------------------------------------------------------------
 
 
-def output_class() -> type:
-    """The output dataclass ``Qwen3_5Model.forward`` returns. Its annotation names ``BaseModelOutputWithPast``
-    (no image field) while it returns the multimodal output its module imports: that one, where it has the
-    image field (refused at ``patch()`` otherwise, by :func:`~tokprune.hf_compat.check_model`)."""
+def output_class(module: str = MODULE, model_class: str = "Qwen3_5Model") -> type:
+    """The output dataclass ``Qwen3_5Model.forward`` (or the MoE variant's) returns. The dense one's annotation
+    names ``BaseModelOutputWithPast`` (no image field) while it returns the multimodal output its module
+    imports: that one, where it has the image field (refused at ``patch()`` otherwise, by
+    :func:`~tokprune.hf_compat.check_model`)."""
     import importlib
 
-    declared = hf.declared_output(MODULE, "Qwen3_5Model")
-    returned = getattr(importlib.import_module(MODULE), "MultimodalBaseModelOutputWithPast", None)
+    declared = hf.declared_output(module, model_class)
+    returned = getattr(importlib.import_module(module), "MultimodalBaseModelOutputWithPast", None)
     if isinstance(returned, type) and not ({"image_outputs", "image_hidden_states"} & hf.field_names(declared)):
         return returned
     return declared
@@ -102,13 +103,17 @@ class Qwen3_5Flops(FlopModel):
         + c w (n + w - 1)                            the depthwise causal convolution (its padded output)
         + h_v u (2 C^2 k + C^2 v + 3 C k v)          the chunked delta rule's products
         + h_v u C (C - 1) / 2 (k + v)                its two unit-triangular solves per chunk
-        + k n d m                                    the MLP
+        + n M                                        the MLP
 
     with the delta rule run as transformers' torch path runs it (``torch_chunk_gated_delta_rule``): the
     sequence zero-padded to ``u = ceil(n / C)`` chunks of ``C = 64``; per chunk and value head ``k_beta k^T``
     and ``q k^T`` (``C^2 k`` each), the intra-chunk output ``C^2 v``, the state read twice and written once
     (``3 C k v``), and the solves (forward substitution). The flash-linear-attention kernels, where
     installed, compute the same products in another order.
+
+    ``M``, the MLP per token: ``k d m`` (dense: gate, up, down); the mixture-of-experts variant's
+    ``E d + K 3 d m_e + 3 d m_s + d`` (the router over ``E`` experts, the ``K`` routed experts, the shared
+    expert and its gate), in ``mlp_per_token``.
     """
 
     layer_kinds: tuple[str, ...] = ()
@@ -119,13 +124,18 @@ class Qwen3_5Flops(FlopModel):
     value_dim: int = 0
     conv_kernel: int = 4
     chunk: int = 64
+    mlp_per_token: int | None = None  #: M where the MLP is not dense (None: ``mlp_matrices * d * m``)
+
+    def mlp(self, n: Tensor) -> Tensor:
+        """The MLP over ``n`` tokens (fp64 ``n``)."""
+        return n * (self.mlp_matrices * self.d * self.m if self.mlp_per_token is None else self.mlp_per_token)
 
     def full_layer(self, n: Tensor) -> Tensor:
         """One full-attention layer over ``n`` tokens (any shape), fp64."""
         n = n.to(torch.float64)
         a, d = self.heads_dim, self.d
         kv = d if self.kv_dim is None else self.kv_dim
-        return 2 * n * d * a + 2 * n * d * kv + n * a * d + 2 * n * n * a + self.mlp_matrices * n * d * self.m
+        return 2 * n * d * a + 2 * n * d * kv + n * a * d + 2 * n * n * a + self.mlp(n)
 
     def delta_rule(self, n: Tensor) -> Tensor:
         """The chunked gated delta rule's matrix products over ``n`` tokens, fp64 (triangular solves apart)."""
@@ -147,8 +157,7 @@ class Qwen3_5Flops(FlopModel):
         channels = 2 * qk + vv
         projections = n * d * (channels + vv + 2 * self.value_heads) + n * vv * d
         conv = channels * self.conv_kernel * (n + self.conv_kernel - 1)
-        mlp = self.mlp_matrices * n * d * self.m
-        return projections + conv + self.delta_rule(n) + self.triangular_solves(n) + mlp
+        return projections + conv + self.delta_rule(n) + self.triangular_solves(n) + self.mlp(n)
 
     def llm(self, layer_tokens: Tensor) -> Tensor:
         """LLM cost from tokens per layer (long ``[B, T]``), each layer as its kind computes it, fp64 ``[B]``."""
@@ -167,15 +176,8 @@ class Qwen3_5Adapter(Qwen2_5_VLAdapter):
     model_class = "Qwen3_5ForConditionalGeneration"
     min_transformers = "5.24.0"  # the release verified (the contract and tests/test_adapter_qwen3_5.py)
 
-    @classmethod
-    def mismatch(cls, model: nn.Module) -> str:
-        names = {c.__name__ for c in type(model).__mro__}
-        if MOE_CLASS in names:
-            return (
-                f"{MOE_CLASS} is Qwen3.5's mixture-of-experts variant, which tokprune does not prune yet (its FLOP "
-                f"model and tests cover the dense MLP only); the dense {cls.model_class} works"
-            )
-        return super().mismatch(model)
+    #: the module and class of the inner model, whose forward's output class the core returns
+    inner_model: tuple[str, str] = (MODULE, "Qwen3_5Model")
 
     @classmethod
     def tiny(cls, seed: int = 0, attn_implementation: str = "sdpa") -> TinyCase:
@@ -183,15 +185,25 @@ class Qwen3_5Adapter(Qwen2_5_VLAdapter):
         return TinyCase(model, make_inputs, pad_token_id=VOCAB.pad, question_end=VOCAB.assistant_marker, llm_layer=2)
 
     def parts(self) -> FamilyParts:
-        parts = super().parts()
-        lm = parts.language_model
-        cfg = lm.config
         #: each decoder layer's kind (``layer_types``), what :meth:`layer_attention` answers
-        self.layer_kinds = tuple(layer_types(lm))
+        self.layer_kinds = tuple(layer_types(self.model.model.language_model))
+        return replace(super().parts(), output_class=output_class(*self.inner_model))
+
+    def flop_model(self, language_model: nn.Module) -> Qwen3_5Flops:
+        lm, cfg, vcfg = language_model, language_model.config, self.config.vision_config
         linear = next(layer.linear_attn for layer in lm.layers if hasattr(layer, "linear_attn"))
         attn = next(layer.self_attn for layer in lm.layers if hasattr(layer, "self_attn"))
-        flops = Qwen3_5Flops(
-            **{f: getattr(parts.flops, f) for f in FlopModel.__dataclass_fields__},
+        m, per_token = self.mlp_widths(lm)
+        return Qwen3_5Flops(
+            d=cfg.hidden_size,
+            m=m,
+            c=vcfg.hidden_size,
+            mv=vcfg.intermediate_size,
+            vision_layers=0,  # the tower is counted per image (self.tower_flops)
+            vision_tokens=0,
+            mlp_matrices=3,  # gate, up, down (every expert too)
+            kv_dim=kv_width(cfg),
+            projector_macs=0,
             layer_kinds=self.layer_kinds,
             heads_dim=cfg.num_attention_heads * attn.head_dim,
             key_heads=linear.num_k_heads,
@@ -199,8 +211,14 @@ class Qwen3_5Adapter(Qwen2_5_VLAdapter):
             value_heads=linear.num_v_heads,
             value_dim=linear.head_v_dim,
             conv_kernel=linear.conv_kernel_size,
+            mlp_per_token=per_token,
         )
-        return replace(parts, output_class=output_class(), flops=flops)
+
+    def mlp_widths(self, language_model: nn.Module) -> tuple[int, int | None]:
+        """The MLP's width ``m`` (FastV's figure) and its MACs per token where it is not dense (None)."""
+        if mlp_matrices(language_model.layers[0].mlp) != 3:
+            raise hf.refuse(f"a gated MLP (gate, up, down) in {self.label}'s decoder layers")
+        return language_model.config.intermediate_size, None
 
     def video_features(self, pixel_values_videos: Tensor, grid: Tensor) -> hf.BaseModelOutputWithPooling:
         # Qwen3.5's get_video_features calls self.get_image_features, our patched attribute: the class's own
@@ -240,6 +258,30 @@ class Qwen3_5Adapter(Qwen2_5_VLAdapter):
             )
 
 
+class Qwen3_5MoeAdapter(Qwen3_5Adapter):
+    """HF ``Qwen3_5MoeForConditionalGeneration``: Qwen3.5 with a sparse mixture-of-experts MLP in every layer."""
+
+    name = "qwen3_5_moe"
+    label = "Qwen3.5-MoE"
+    model_class = "Qwen3_5MoeForConditionalGeneration"
+    inner_model = (MOE_MODULE, "Qwen3_5MoeModel")
+
+    @classmethod
+    def tiny(cls, seed: int = 0, attn_implementation: str = "sdpa") -> TinyCase:
+        model, make_inputs = tiny_qwen3_5(seed=seed, attn_implementation=attn_implementation, experts=4)
+        return TinyCase(model, make_inputs, pad_token_id=VOCAB.pad, question_end=VOCAB.assistant_marker, llm_layer=2)
+
+    def mlp_widths(self, language_model: nn.Module) -> tuple[int, int | None]:
+        """Per token: the router, ``num_experts_per_tok`` routed experts, the shared expert and its gate
+        (each token runs only its routed experts; padding positions are routed too, and not counted)."""
+        cfg, block = language_model.config, language_model.layers[0].mlp
+        if not all(hasattr(block, part) for part in ("gate", "experts", "shared_expert", "shared_expert_gate")):
+            raise hf.refuse(f"{type(block).__name__} with gate, experts, shared_expert and shared_expert_gate")
+        d, k = cfg.hidden_size, cfg.num_experts_per_tok
+        routed, shared = cfg.moe_intermediate_size, cfg.shared_expert_intermediate_size
+        return k * routed + shared, cfg.num_experts * d + k * 3 * d * routed + 3 * d * shared + d
+
+
 # -- the tiny case -----------------------------------------------------------------------------------------
 
 
@@ -249,13 +291,19 @@ TINY_LAYER_TYPES: tuple[str, ...] = (LINEAR, "full_attention", "full_attention",
 
 
 def tiny_qwen3_5(
-    seed: int = 0, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32, **text: Any
+    seed: int = 0,
+    attn_implementation: str = "sdpa",
+    dtype: torch.dtype = torch.float32,
+    experts: int = 0,
+    **text: Any,
 ) -> tuple[nn.Module, Callable[..., dict[str, Tensor]]]:
     """A random-weight tiny ``Qwen3_5ForConditionalGeneration``: Qwen3-VL's tower without DeepStack, a
     four-layer language model of :data:`TINY_LAYER_TYPES` (gated full attention with q/k norms and half of
     each head rotated by interleaved M-RoPE; Gated DeltaNet with 2 key and 4 value heads), and the inputs
-    of :func:`~tokprune.adapters.qwen2_5_vl.tiny_qwen2_5_vl`. ``text``: text-config overrides."""
-    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+    of :func:`~tokprune.adapters.qwen2_5_vl.tiny_qwen2_5_vl`. ``experts``: the mixture-of-experts variant
+    (``Qwen3_5MoeForConditionalGeneration``) with that many experts, two routed per token and a shared one.
+    ``text``: text-config overrides."""
+    import transformers
 
     text_config = _qwen_text_config(
         head_dim=16,
@@ -274,8 +322,13 @@ def tiny_qwen3_5(
         "mrope_interleaved": True,
         "partial_rotary_factor": 0.5,
     }
+    if experts:
+        text_config.update(
+            num_experts=experts, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32
+        )
     text_config.update(text)
-    config = Qwen3_5Config(
+    kind = "Qwen3_5Moe" if experts else "Qwen3_5"
+    config = getattr(transformers, f"{kind}Config")(
         vision_config={
             "depth": 3,
             "hidden_size": 32,
@@ -292,7 +345,8 @@ def tiny_qwen3_5(
         text_config=text_config,
         **_qwen_token_ids(),
     )
-    model, make_inputs = _qwen_model(Qwen3_5ForConditionalGeneration, config, seed, attn_implementation, dtype)
+    model_cls = getattr(transformers, f"{kind}ForConditionalGeneration")
+    model, make_inputs = _qwen_model(model_cls, config, seed, attn_implementation, dtype)
     lm = model.model.language_model
     with torch.no_grad():
         # a trained checkpoint's padding row is not zero: padding then reaches a linear layer unless masked

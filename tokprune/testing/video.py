@@ -60,7 +60,7 @@ def video_inputs(
     vcfg = config.vision_config
     merge = vcfg.spatial_merge_size**2
     patch_dim = vcfg.in_channels * vcfg.temporal_patch_size * vcfg.patch_size**2
-    per_frame_runs = config.model_type in ("qwen3_vl", "qwen3_5")
+    per_frame_runs = config.model_type in ("qwen3_vl", "qwen3_5", "qwen3_5_moe")
     seeds = list(range(len(samples))) if seeds is None else list(seeds)
     question_lengths = [4] * len(samples) if question_lengths is None else list(question_lengths)
     rows: list[list[int]] = []
