@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -177,7 +177,7 @@ class Qwen3_5Adapter(Qwen2_5_VLAdapter):
     min_transformers = "5.24.0"  # the release verified (the contract and tests/test_adapter_qwen3_5.py)
 
     #: the module and class of the inner model, whose forward's output class the core returns
-    inner_model: tuple[str, str] = (MODULE, "Qwen3_5Model")
+    inner_model: ClassVar[tuple[str, str]] = (MODULE, "Qwen3_5Model")
 
     @classmethod
     def tiny(cls, seed: int = 0, attn_implementation: str = "sdpa") -> TinyCase:
