@@ -110,6 +110,9 @@ class PyramidDrop(PruningStrategy):
     def positions(self) -> Positions:
         return self.params.positions
 
+    def reads_layer_attention(self) -> bool:
+        return self.params.scores == "own"
+
     def plan(self, ctx: LLMContext) -> LLMPlan:
         p = self.params
         if ctx.layer not in p.layer:

@@ -17,13 +17,18 @@ FAMILIES = [cls for cls, _ in registered_adapters()]
 def _alternating(family):
     calls = []
 
+    # each layer's own kind (what the family computes it with) and its parity, kept apart by the core
     class Alternating(family):
         def layer_attention(self, layer):
-            return "even" if layer % 2 == 0 else "odd"
+            return f"{super().layer_attention(layer)}/{'even' if layer % 2 == 0 else 'odd'}"
+
+        def layer_rotary(self, kind, hidden, pos):
+            return super().layer_rotary(kind.rsplit("/", 1)[0], hidden, pos)
 
         def layer_mask(self, kind, valid, query_len, dtype, all_valid):
-            calls.append((kind, valid.shape[1], query_len))
-            return super().layer_mask(kind, valid, query_len, dtype, all_valid)
+            own, parity = kind.rsplit("/", 1)
+            calls.append((parity, valid.shape[1], query_len))
+            return super().layer_mask(own, valid, query_len, dtype, all_valid)
 
     return Alternating, calls
 
@@ -43,7 +48,7 @@ def test_every_layer_is_asked_its_kind_and_each_kind_gets_its_own_inputs_per_seg
             again = case.model.generate(**inputs, max_new_tokens=2, do_sample=False, pad_token_id=case.pad_token_id)
     # identical inputs per kind here, so the output is the default's exactly
     assert torch.equal(same_kinds_apart, reference) and torch.equal(again, tokens)
-    # prefill: segment 0 (layers 0, 1) and segment 1 (layers 2, 3) each build one mask per kind
+    # prefill: segment 0 (layers 0, 1) and segment 1 (layers 2, 3, ...) each build one mask per kind
     assert [kind for kind, _, _ in prefill_calls] == ["even", "odd", "even", "odd"]
     assert prefill_calls[0][1] > prefill_calls[2][1]  # the second segment is the pruned one
     decode_calls = calls[len(prefill_calls) :]

@@ -34,7 +34,7 @@ CLS_FREE = {"cdpruner": "relevance=uniform"}
 
 #: The families whose tiny video inputs :func:`tokprune.testing.video.video_inputs` builds (3-D patch grids,
 #: M-RoPE); LLaVA-OneVision's videos (frames pooled 2x2, 1-D positions) are tested in its own file.
-QWEN_VIDEO = {Qwen2_5_VLAdapter.name, Qwen3VLAdapter.name}
+QWEN_VIDEO = {Qwen2_5_VLAdapter.name, Qwen3VLAdapter.name, "qwen3_5", "qwen3_5_moe"}
 
 
 def video_families() -> list[type[ModelAdapter]]:
@@ -371,7 +371,7 @@ def test_a_budget_below_one_token_per_frame_keeps_one_token_of_every_frame(famil
 
 def test_budget_scope_frame_on_an_image_only_family_names_what_works():
     model, _ = tiny_llava()
-    with pytest.raises(StrategyParamError, match=r"budget_scope='frame'.*takes no video; valid here: image; families with video: llava_onevision, qwen2_5_vl, qwen3_vl"):
+    with pytest.raises(StrategyParamError, match=r"budget_scope='frame'.*takes no video; valid here: image; families with video: llava_onevision, qwen2_5_vl, qwen3_5, qwen3_5_moe, qwen3_vl"):
         tokprune.patch(model, "random", budget_scope="frame")
     with pytest.raises(MissingCapabilityError, match=r"evs.*prunes across the frames of a video.*families with video"):
         tokprune.patch(model, "evs")

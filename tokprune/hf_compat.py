@@ -54,6 +54,7 @@ __all__ = [
     "decoder_features",
     "field_names",
     "generation_config",
+    "has_attention",
     "model_output",
     "model_image_processor",
     "model_tokenizer",
@@ -317,9 +318,18 @@ def _rotate_half(x: Tensor) -> Tensor:
 
 
 def apply_rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-    """Rotate ``q``/``k`` ``[B, H, L, head_dim]`` by ``cos``/``sin`` ``[B, L, head_dim]`` (Llama's RoPE)."""
+    """Rotate ``q``/``k`` ``[B, H, L, head_dim]`` by ``cos``/``sin`` ``[B, L, r]`` (Llama's RoPE).
+
+    ``r < head_dim`` (partial rotary, ``partial_rotary_factor``: Qwen3.5, Qwen3-Next): the first ``r`` channels
+    of each head are rotated and the rest pass unchanged, as those models' own ``apply_rotary_pos_emb``."""
     cos, sin = cos[:, None], sin[:, None]
-    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    r = cos.shape[-1]
+
+    def rotate(x: Tensor) -> Tensor:
+        turned = x[..., :r] * cos + _rotate_half(x[..., :r]) * sin
+        return turned if r == x.shape[-1] else torch.cat([turned, x[..., r:]], dim=-1)
+
+    return rotate(q), rotate(k)
 
 
 # -- calling layers ----------------------------------------------------------------------------------
@@ -373,12 +383,22 @@ def layer_qk(layer: nn.Module, hidden: Tensor) -> tuple[Tensor, Tensor]:
     attn = layer.self_attn
     x = layer.input_layernorm(hidden)
     b, n, _ = hidden.shape
-    q = attn.q_proj(x).view(b, n, -1, attn.head_dim)
+    q = attn.q_proj(x)
+    out = getattr(attn, "o_proj", None)
+    if isinstance(out, nn.Linear) and q.shape[-1] == 2 * out.in_features:  # gated (Qwen3.5): query, gate per head
+        q = q.view(b, n, -1, 2 * attn.head_dim)[..., : attn.head_dim]
+    q = q.view(b, n, -1, attn.head_dim)
     k = attn.k_proj(x).view(b, n, -1, attn.head_dim)
     norms = tuple(getattr(attn, name, None) for name in ("q_norm", "k_norm"))
     if all(isinstance(m, nn.Module) for m in norms):
         q, k = norms[0](q), norms[1](k)
     return q.transpose(1, 2), k.transpose(1, 2)
+
+
+def has_attention(layer: nn.Module) -> bool:
+    """Whether decoder ``layer`` has softmax attention (a ``self_attn`` with q/k an LLM-stage step can score
+    with); a linear-attention (Gated DeltaNet, Mamba) layer has none."""
+    return isinstance(getattr(layer, "self_attn", None), nn.Module)
 
 
 def call_decoder_layer(
@@ -459,7 +479,10 @@ def check_model(language_model: nn.Module, output_cls: type, *, image_field: boo
         getattr(GenerationConfig, "get_generation_mode", None)
     ):
         raise refuse("GenerationConfig.update and GenerationConfig.get_generation_mode")
-    attn = language_model.layers[0].self_attn
+    scored = [layer for layer in language_model.layers if has_attention(layer)]
+    if not scored:
+        raise refuse("a language model with at least one softmax-attention layer (self_attn)")
+    attn = scored[0].self_attn
     for name in ("q_proj", "k_proj", "head_dim", "scaling"):
         if not hasattr(attn, name):
             raise refuse(f"{type(attn).__name__}.{name}")

@@ -482,6 +482,13 @@ class PruningStrategy(abc.ABC):
         patch was given a text encoder. Default: False."""
         return False
 
+    def reads_layer_attention(self) -> bool:
+        """True when this configuration (LLM stage) scores with layer K's own attention
+        (``LLMContext.layer_attention``, PyramidDrop's ``scores=own``) besides layer K-1's: a model whose
+        layer K has no softmax attention (a linear-attention layer) cannot host its cut, refused at
+        ``patch()``. Default: False."""
+        return False
+
     def positions(self) -> Literal["keep", "compact"] | None:
         """The position mode of this step's survivors when the method's reference fixes one: a vision
         step whose code shortens the image block before the LLM (``compact``), used where the caller

@@ -1,5 +1,5 @@
 """The built-in model families plugin (entry point ``builtin_families`` in group ``tokprune``): LLaVA-1.5,
-LLaVA-NeXT, LLaVA-OneVision, Qwen2.5-VL, Qwen3-VL, SmolVLM (and Idefics3). Until 0.x it was called ``llava``; that name in ``TOKPRUNE_PLUGINS`` /
+LLaVA-NeXT, LLaVA-OneVision, Qwen2.5-VL, Qwen3-VL, Qwen3.5 (and its MoE variant), SmolVLM (and Idefics3). Until 0.x it was called ``llava``; that name in ``TOKPRUNE_PLUGINS`` /
 ``TOKPRUNE_BLOCK_PLUGINS`` still selects it, with a warning."""
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ def register_adapters(register: Callable[..., None]) -> None:
     from .llava_next import LlavaNextAdapter
     from .llava_onevision import LlavaOnevisionAdapter
     from .qwen2_5_vl import Qwen2_5_VLAdapter
+    from .qwen3_5 import Qwen3_5Adapter, Qwen3_5MoeAdapter
     from .qwen3_vl import Qwen3VLAdapter
     from .smolvlm import SmolVLMAdapter
 
@@ -23,5 +24,7 @@ def register_adapters(register: Callable[..., None]) -> None:
     register(LlavaNextAdapter)
     register(LlavaOnevisionAdapter)
     register(Qwen2_5_VLAdapter)
+    register(Qwen3_5Adapter)
+    register(Qwen3_5MoeAdapter)
     register(Qwen3VLAdapter)
     register(SmolVLMAdapter)

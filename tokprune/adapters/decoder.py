@@ -209,8 +209,35 @@ class PrunedDecoderAdapter(VisualItems, DecoderLoop, Assembly, GenerateChecks, S
                         f"{step.short_spec()} prunes before decoder layer {k}, but this {self.name} language model has "
                         f"{num_layers} layers: layer must be in 1..{num_layers - 1} (layer K-1 provides the scores)"
                     )
+                self._check_scoring_layers(step, k)
                 steps[k] = step
         return steps
+
+    def _check_scoring_layers(self, step: PruningStrategy, k: int) -> None:
+        """Refuse a cut before layer ``k`` whose scoring layer has no softmax attention (a linear-attention
+        layer: no attention matrix, no q/k to read), naming the layers that can host it. Every cut reads layer
+        K-1's q/k (``LLMContext.attention``); a step that :meth:`~PruningStrategy.reads_layer_attention` reads
+        layer K's too."""
+        scored = [hf.has_attention(layer) for layer in self._lm.layers]
+        own = step.reads_layer_attention()
+        needed = [k - 1, k] if own else [k - 1]
+        missing = [j for j in needed if not scored[j]]
+        if not missing:
+            return
+        hosts = [c for c in range(1, len(scored)) if scored[c - 1] and (scored[c] or not own)]
+        kinds = ", ".join(f"layer {j} is {self.layer_attention(j)}" for j in missing)
+        previous = [c for c in range(1, len(scored)) if scored[c - 1]]
+        hint = (
+            f"; it also reads layer K's own attention: a configuration reading layer K-1's alone can be hosted "
+            f"before layers {previous or 'none'}"
+            if own
+            else ""
+        )
+        raise StrategyParamError(
+            f"{step.short_spec()} prunes before decoder layer {k} and scores with the softmax attention of layer"
+            f"{'s' if len(needed) > 1 else ''} {' and '.join(map(str, needed))}, but in this {self.name} model {kinds} "
+            f"(no attention matrix to read); layers K this cut can be hosted before: {hosts or 'none'}{hint}"
+        )
 
     # -- the vision stage ---------------------------------------------------------------------------------
 
@@ -335,9 +362,9 @@ class PrunedDecoderAdapter(VisualItems, DecoderLoop, Assembly, GenerateChecks, S
         """The attention kind of decoder ``layer`` (0-based). Layers of one kind share, within a segment, the
         rotary embedding :meth:`layer_rotary` and the mask :meth:`layer_mask` build for that kind.
 
-        Every built-in family returns ``"causal"`` for every layer (one RoPE, one causal + padding mask). A
-        family whose layers differ (Gemma 3's sliding-window and global layers with their own RoPE,
-        bidirectional image blocks) returns a kind per layer and builds each kind's mask and rotary.
+        By default every layer is ``"causal"`` (one RoPE, one causal + padding mask). A family whose layers
+        differ returns a kind per layer and builds each kind's mask and rotary (Qwen3.5: ``"linear_attention"``
+        layers take a 2-D padding mask; sliding-window, global or bidirectional layers their own).
         """
         return "causal"
 
@@ -351,6 +378,11 @@ class PrunedDecoderAdapter(VisualItems, DecoderLoop, Assembly, GenerateChecks, S
         """The attention mask of the layers of ``kind``: ``valid`` (bool ``[B, C]``) the cached keys, ``query_len``
         the new queries (the last ones), ``all_valid`` whether no key is padding (the mask may then be None)."""
         return hf.attention_mask(valid, query_len, dtype, self._attn_impl, all_valid)
+
+    def check_later_turn(self, new_valid: Tensor) -> None:
+        """Refuse a later turn of a conversation before anything runs: ``new_valid`` (bool ``[B, q]``, ``q > 1``)
+        says which of the new tokens after the cached ones are not padding. Default: none (attention masks
+        the padding); a family whose layers cannot skip padding placed after the history refuses it here."""
 
     def _vision_mode(self) -> str:
         """The vision stage's position mode: the caller's ``vision_positions``, else the vision step's

@@ -23,7 +23,8 @@ own output, one row per image
 tokens sit, which positions they
 take (1-D or M-RoPE)
 ``layer_attention`` / ``_rotary``
-/ ``_mask``: per decoder layer
+/ ``_mask``: per decoder layer;
+``check_later_turn`` (optional)
 ``tiny``: a tiny test case
 ================================  ================================================================
 

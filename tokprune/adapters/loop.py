@@ -294,7 +294,7 @@ class DecoderLoop:
             attention=LLMAttention(q[:, :, :p], key[:, :, :p], valid, attn.scaling, keys_from_start),
             position_ids=self.text_positions(seq.pos)[:, :p],
             final_norm=self._lm.norm,
-            layer_attention=layer_attention,
+            layer_attention=layer_attention if hf.has_attention(self._lm.layers[k]) else None,
         )
         plan = step(ctx)
         keep = seq.valid.clone()
@@ -333,6 +333,7 @@ class DecoderLoop:
         if q > 1:  # a later turn: its first token must follow the cached ones (a stale offset would shift it)
             check_positions_follow(session, self.text_positions(position_ids), new_valid)
             check_no_visual_tokens(input_ids, self.visual_placeholders())
+            self.check_later_turn(new_valid)
         hidden = self._lm.embed_tokens(input_ids)
         starts = {seg.start: seg for seg in session.segments}
         # Whether the new tokens are all valid: one read per step, and only while some segment's mask

@@ -142,7 +142,22 @@ class Qwen2_5_VLAdapter(Family):
         # The tower (window and full attention blocks, then the merger) is counted per image from its
         # grid (ImageFeatures.tower_flops); the merger runs before pruning, so no projector term follows it.
         self.tower_flops = WindowedTower.of(vcfg, self.inner.visual.blocks[0].mlp)
-        flops = FlopModel(
+        return FamilyParts(
+            inner=self.inner,
+            language_model=lm,
+            image_token_id=self.config.image_token_id,
+            tokens_per_image=0,  # no fixed count: image_grid_thw decides
+            flops=self.flop_model(lm),
+            output_class=output_class(),
+            tower=TowerSignals(heads=vcfg.num_heads, cls=False, depth=vcfg.depth),
+            image_field=False,  # no image field before 5.24
+            video_token_id=self.config.video_token_id,
+        )
+
+    def flop_model(self, language_model: nn.Module) -> FlopModel:
+        """The LLM's FLOP model (the tower is counted per image by ``self.tower_flops``, no projector term)."""
+        lm, vcfg = language_model, self.config.vision_config
+        return FlopModel(
             d=lm.config.hidden_size,
             m=lm.config.intermediate_size,
             c=vcfg.hidden_size,
@@ -152,17 +167,6 @@ class Qwen2_5_VLAdapter(Family):
             mlp_matrices=mlp_matrices(lm.layers[0].mlp),
             kv_dim=kv_width(lm.config),
             projector_macs=0,
-        )
-        return FamilyParts(
-            inner=self.inner,
-            language_model=lm,
-            image_token_id=self.config.image_token_id,
-            tokens_per_image=0,  # no fixed count: image_grid_thw decides
-            flops=flops,
-            output_class=output_class(),
-            tower=TowerSignals(heads=vcfg.num_heads, cls=False, depth=vcfg.depth),
-            image_field=False,  # no image field before 5.24
-            video_token_id=self.config.video_token_id,
         )
 
     # -- positions: M-RoPE, [B, L, 3] ------------------------------------------------------------------

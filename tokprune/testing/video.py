@@ -1,5 +1,5 @@
-"""Video inputs for the tiny Qwen2.5-VL and Qwen3-VL models (and LLaVA-OneVision's: :func:`onevision_video_inputs`),
-built directly as tensors (no video processor).
+"""Video inputs for the tiny Qwen2.5-VL, Qwen3-VL and Qwen3.5 models (and LLaVA-OneVision's:
+:func:`onevision_video_inputs`), built directly as tensors (no video processor).
 
 A sample is a list of visual items, each ``("image", (1, h, w))`` or ``("video", (t, h, w))`` in patches
 (``t`` temporal patch groups of ``temporal_patch_size = 2`` frames each: ``pixel_values_videos`` holds
@@ -8,8 +8,8 @@ A sample is a list of visual items, each ``("image", (1, h, w))`` or ``("video",
     <s> USER : <item> [SEP <item> ...] <question words> ASSISTANT :
 
 An image is ``h*w/4`` image placeholders; a video ``t*h*w/4`` video placeholders in one run on
-Qwen2.5-VL, and one run per frame after a timestamp token on Qwen3-VL (its processor writes ``<t>`` before
-each frame, and its ``get_rope_index`` splits a video's grid into frames that way).
+Qwen2.5-VL, and one run per frame after a timestamp token on Qwen3-VL and Qwen3.5 (their processors write
+``<t>`` before each frame, and their ``get_rope_index`` splits a video's grid into frames that way).
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def video_inputs(
     vcfg = config.vision_config
     merge = vcfg.spatial_merge_size**2
     patch_dim = vcfg.in_channels * vcfg.temporal_patch_size * vcfg.patch_size**2
-    per_frame_runs = config.model_type == "qwen3_vl"
+    per_frame_runs = config.model_type in ("qwen3_vl", "qwen3_5", "qwen3_5_moe")
     seeds = list(range(len(samples))) if seeds is None else list(seeds)
     question_lengths = [4] * len(samples) if question_lengths is None else list(question_lengths)
     rows: list[list[int]] = []
