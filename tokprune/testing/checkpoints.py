@@ -151,12 +151,13 @@ def save_tiny_qwen2_5_vl(
     _save_weights(model, path, seed, scale=0.08)
     size = {"shortest_edge": (4 * patch_size) ** 2, "longest_edge": max_pixels}
     image_processor = Qwen2VLImageProcessorPil(patch_size=patch_size, merge_size=2, temporal_patch_size=2, size=size)
-    _save_processor(path, Qwen2_5_VLProcessor, image_processor, tokenizer, "qwen2_vl", patch_size, 4 * max_pixels)
+    video_size = {**size, "longest_edge": 4 * max_pixels}
+    _save_processor(path, Qwen2_5_VLProcessor, image_processor, tokenizer, "qwen2_vl", patch_size, video_size)
     return path
 
 
 def _save_processor(
-    path: Path, processor_cls: type, image_processor: Any, tokenizer: Any, video: str, patch: int, pixels: int
+    path: Path, processor_cls: type, image_processor: Any, tokenizer: Any, video: str, patch: int, video_size: dict
 ) -> None:
     """A Qwen-VL processor saved to ``path``; without its video processor where torchvision does not import
     (transformers' video processors need it): images and text then, as :func:`tokprune.loading.load_processor`
@@ -170,8 +171,8 @@ def _save_processor(
 
     module = importlib.import_module(f"transformers.models.{video}.video_processing_{video}")
     video_cls = getattr(module, "Qwen2VLVideoProcessor" if video == "qwen2_vl" else "Qwen3VLVideoProcessor")
-    size = {**image_processor.size, "longest_edge": pixels}
-    video_processor = video_cls(patch_size=patch, merge_size=2, temporal_patch_size=2, size=size)
+    # the size as a plain dict: older releases keep image_processor.size as a SizeDict, not a mapping
+    video_processor = video_cls(patch_size=patch, merge_size=2, temporal_patch_size=2, size=video_size)
     processor = processor_cls(
         image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
         chat_template=QWEN_CHAT_TEMPLATE,
@@ -293,7 +294,7 @@ def save_tiny_qwen3_vl(path: str | Path, seed: int = 0) -> Path:
     image_processor = Qwen2VLImageProcessorPil(
         patch_size=4, merge_size=2, temporal_patch_size=2, size=size, image_mean=[0.5] * 3, image_std=[0.5] * 3
     )
-    _save_processor(path, Qwen3VLProcessor, image_processor, tokenizer, "qwen3_vl", 4, 4 * 64 * 64)
+    _save_processor(path, Qwen3VLProcessor, image_processor, tokenizer, "qwen3_vl", 4, {**size, "longest_edge": 4 * 64 * 64})
     return path
 
 
