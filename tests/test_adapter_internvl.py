@@ -1,0 +1,212 @@
+"""The InternVL family (docs/adapters.md, "InternVL"): one row per tower pass, the model's own features
+reproduced, tiles budgeted per pass (``budget_scope="tile"``) and refused per image where the processor
+tiles, the CLS situation (with and without a CLS token), bad layouts refused at ``patch()``, and the FLOP
+model against torch's FlopCounterMode."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import tokprune
+from tokprune import hf_compat as hf
+from tokprune.adapters.internvl import InternVLAdapter, tiny_internvl
+from tokprune.errors import InputError, MissingCapabilityError, UnsupportedModelError
+from tokprune.testing.adapters import CHECKS, TinyCase
+from tokprune.testing.models import VOCAB
+
+pytestmark = pytest.mark.skipif(
+    hf.older_than(InternVLAdapter.min_transformers),
+    reason=f"InternVL is tested from transformers {InternVLAdapter.min_transformers}",
+)
+
+
+@pytest.fixture(scope="module")
+def case():
+    return InternVLAdapter.tiny()
+
+
+def _logits(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def test_our_features_are_the_models_own(case):
+    inputs = case.make_inputs([5, 3], images=2)
+    stock = case.model.model.get_image_features(inputs["pixel_values"]).pooler_output  # [T, N, D]
+    with tokprune.pruned(case.model, "divprune(keep_ratio=1.0)", question_end=case.question_end) as run:
+        ours = case.model.model.get_image_features(inputs["pixel_values"]).pooler_output
+        assert torch.allclose(torch.stack(list(ours)), stock, atol=1e-6)  # one row per pass, in order, all kept
+        case.model(**inputs)
+    assert run.stats.images.tolist() == [2, 2] and run.stats.image_tokens.tolist() == [16] * 4
+
+
+def test_an_image_with_fewer_tokens_than_the_budget_is_kept_whole(case):
+    inputs = case.make_inputs([5, 3])  # 2 and 1 images of 16 tokens
+    with tokprune.pruned(case.model, "random(keep=20)", question_end=case.question_end) as run, torch.no_grad():
+        case.model(**inputs)
+    assert run.stats.visual_kept.tolist() == [32, 16] == run.stats.visual_unpruned.tolist()
+
+
+# -- tiles: several tower passes per image -------------------------------------------------------------
+
+
+def test_tiles_are_budgeted_per_pass(case):
+    inputs = case.make_inputs([5, 3], images=2, tiles=3)  # images of 1..3 passes in one placeholder run each
+    assert inputs["pixel_values"].shape[0] == (1 + 2) + (2 + 3)
+    stock = _logits(case.model, inputs)
+    with tokprune.pruned(case.model, "none", budget_scope="tile", question_end=case.question_end):
+        assert torch.allclose(_logits(case.model, inputs), stock, atol=1e-5)
+    with tokprune.pruned(case.model, "random(keep=4)", budget_scope="tile", question_end=case.question_end) as run:
+        _logits(case.model, inputs)
+    assert run.stats.images.tolist() == [3, 5] and run.stats.visual_kept.tolist() == [12, 20]
+
+
+def test_tile_scope_passes_the_contract():
+    CHECKS["keep_all"](Tiled)
+    CHECKS["batch_solo"](Tiled, budget_scope="tile")
+
+
+class Tiled(InternVLAdapter):
+    """The family on inputs whose images are several passes each (its tiny case only differs)."""
+
+    @classmethod
+    def tiny(cls, seed=0, attn_implementation="sdpa"):
+        model, make_inputs = tiny_internvl(seed=seed, attn_implementation=attn_implementation)
+
+        def tiled(question_lengths=(5, 3), seeds=None, images=None):
+            return make_inputs(question_lengths, seeds, images, tiles=3)
+
+        return TinyCase(model, tiled, pad_token_id=VOCAB.pad, question_end=VOCAB.assistant_marker)
+
+
+def test_per_image_budgets_are_refused_where_the_processor_tiles(case, monkeypatch):
+    from tokprune.adapters import internvl
+
+    monkeypatch.setattr(internvl.hf, "model_image_processor", lambda model: type("P", (), {"max_patches": 12}))
+    with pytest.raises(MissingCapabilityError, match=r"up to 12 tiles.*budget_scope='tile'.*max_patches=1"):
+        tokprune.patch(case.model, "divprune", question_end=case.question_end)
+    assert tokprune.adapters.handle_of(case.model) is None
+    tokprune.patch(case.model, "divprune", budget_scope="tile", question_end=case.question_end).remove()
+    tokprune.patch(case.model, "fastv", question_end=case.question_end).remove()  # the LLM stage: no budget per image
+    monkeypatch.setattr(internvl.hf, "model_image_processor", lambda model: type("P", (), {"max_patches": 1}))
+    tokprune.patch(case.model, "divprune", question_end=case.question_end).remove()
+
+
+# -- the CLS situation and bad layouts ------------------------------------------------------------------
+
+
+def test_cls_reading_strategies_are_refused_naming_those_that_work(case):
+    assert case.model.model.vision_tower.embeddings.cls_token is not None  # InternViT has one: not the reason
+    with pytest.raises(MissingCapabilityError, match=r"^cls_knee reads the CLS token's signals, which InternViT gives "
+                       r"per patch, .* 2x2 patches .*: divprune, downsample, random \("):
+        tokprune.patch(case.model, "cls_knee", question_end=case.question_end)
+    assert tokprune.adapters.handle_of(case.model) is None
+
+
+class _NoClsEmbeddings(nn.Module):
+    """InternViT's embeddings without the CLS token (patches and their positions only)."""
+
+    def __init__(self, embeddings: nn.Module) -> None:
+        super().__init__()
+        self.patch_embeddings = embeddings.patch_embeddings
+        self.position_embeddings = nn.Parameter(embeddings.position_embeddings[:, 1:].detach().clone())
+
+    def forward(self, pixel_values, bool_masked_pos=None):
+        return self.patch_embeddings(pixel_values) + self.position_embeddings
+
+
+def test_a_checkpoint_without_its_cls_runs_cls_free_strategies_and_refuses_the_others():
+    model, make_inputs = tiny_internvl(seed=1)
+    model.model.vision_tower.embeddings = _NoClsEmbeddings(model.model.vision_tower.embeddings)
+    model.config.vision_feature_select_strategy = "full"  # nothing to drop: every token is a patch
+    inputs = make_inputs([5, 3], images=2)
+    stock = _logits(model, inputs)
+    with pytest.raises(MissingCapabilityError, match=r"cls_knee reads the CLS .* internvl vision tower has no CLS"):
+        tokprune.patch(model, "cls_knee", question_end=VOCAB.assistant_marker)
+    with tokprune.pruned(model, "divprune(keep_ratio=1.0)", question_end=VOCAB.assistant_marker):
+        assert torch.allclose(_logits(model, inputs), stock, atol=1e-5)
+    with tokprune.pruned(model, "divprune(keep_ratio=0.5)", question_end=VOCAB.assistant_marker) as run:
+        _logits(model, inputs)
+    assert run.stats.visual_kept.tolist() == [16, 16]
+
+
+def test_a_select_strategy_the_tower_cannot_run_is_refused():
+    model, _ = tiny_internvl()
+    model.config.vision_feature_select_strategy = "full"  # CLS kept: 1 + 64 tokens make no square raster
+    with pytest.raises(MissingCapabilityError, match=r"has a CLS token at index 0, so vision_feature_select_strategy "
+                       r"must be 'default'.*got 'full'"):
+        tokprune.patch(model, "divprune", question_end=VOCAB.assistant_marker)
+    model.config.vision_feature_select_strategy = "default"
+    model.config.vision_feature_layer = [-1, -2]
+    with pytest.raises(MissingCapabilityError, match=r"vision_feature_layer=\[-1, -2\]; one int .* LLM-stage"):
+        tokprune.patch(model, "divprune", question_end=VOCAB.assistant_marker)
+
+
+def test_a_call_asking_another_feature_layer_is_refused(case):
+    inputs = case.make_inputs([5])
+    with tokprune.pruned(case.model, "divprune", question_end=case.question_end), torch.no_grad():
+        with pytest.raises(InputError, match=r"vision_feature_layer=-1 .* got vision_feature_layer=-2"):
+            case.model(**inputs, vision_feature_layer=-2)
+        case.model(**inputs)  # and the next call runs
+
+
+def test_a_sliding_window_language_model_is_refused():
+    model, _ = tiny_internvl()
+    model.model.language_model.config.layer_types = ["full_attention", "sliding_attention"] * 2
+    with pytest.raises(UnsupportedModelError, match=r"layer_types \['full_attention', 'sliding_attention'\]"):
+        tokprune.patch(model, "fastv", question_end=VOCAB.assistant_marker)
+
+
+def test_video_frames_and_several_images_are_rows_in_prompt_order(case):
+    # the processor sends video frames as images: each pass one row, filling its placeholders in order
+    inputs = case.make_inputs([4, 6, 2], images=3)
+    stock = _logits(case.model, inputs)
+    with tokprune.pruned(case.model, "random(keep_ratio=1.0)", question_end=case.question_end):
+        assert torch.allclose(_logits(case.model, inputs), stock, atol=1e-5)
+
+
+# -- the FLOP model against a brute-force count ------------------------------------------------------------
+
+
+def _macs(counter: FlopCounterMode, prefix: str) -> int:
+    """Multiply-accumulates the modules under ``prefix`` ran (each op once, at its outermost module),
+    convolutions (the patch embedding, left out of the FLOP model on purpose) excluded."""
+    counts = counter.get_flop_counts()
+    total = 0
+    for name, ops in counts.items():
+        if name == prefix or name.startswith(prefix + "."):
+            if any(other != name and name.startswith(other + ".") and other.startswith(prefix) for other in counts):
+                continue  # a child of a module already summed
+            total += sum(v for op, v in ops.items() if "convolution" not in str(op))
+    assert total % 2 == 0  # FlopCounterMode counts 2 FLOPs per multiply-accumulate
+    return total // 2
+
+
+def _counted(counter: FlopCounterMode, model: nn.Module) -> int:
+    root = f"{type(model).__name__}.model"
+    layers = range(len(model.model.language_model.layers))
+    modules = [f"language_model.layers.{i}" for i in layers] + ["vision_tower", "multi_modal_projector"]
+    return sum(_macs(counter, f"{root}.{name}") for name in modules)
+
+
+@pytest.mark.parametrize(
+    ("spec", "tiles"),
+    [("random(keep_ratio=0.5)", 1), ("random(keep_ratio=0.25)+fastv(layer=2, keep=4)", 1), ("random(keep=5)", 3)],
+)
+def test_prefill_flops_are_the_brute_force_count(spec, tiles):
+    # The tower over every pass (CLS included), the projector on the kept tokens (every token unpruned),
+    # the decoder layers at the counts they really ran; unpruned: the stock model's count.
+    model, make_inputs = tiny_internvl(seed=0, attn_implementation="eager")
+    x = make_inputs((5,), images=2, tiles=tiles)
+    pruned = tokprune.pruned(model, spec, budget_scope="tile", question_end=VOCAB.assistant_marker)
+    with FlopCounterMode(display=False) as counter, pruned as run, torch.no_grad():
+        model(**x, logits_to_keep=1)
+    s = run.stats
+    assert s.visual_kept[0] < s.visual_unpruned[0]
+    assert float(s.flops_pruned[0]) == _counted(counter, model)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():  # the stock model, unpruned
+        model(**x, logits_to_keep=1)
+    assert float(s.flops_unpruned[0]) == _counted(counter, model)

@@ -1,0 +1,265 @@
+"""The InternVL family: HF ``InternVLForConditionalGeneration`` (InternVL 2.5 / 3 / 3.5 in the HF-native layout):
+an InternViT tower with a CLS token, a pixel shuffle, an MLP projector, a Qwen2 / Llama language model.
+
+* ``pixel_values`` is ``[T, 3, H, W]``: one entry per **tower pass**. The processor crops each image into
+  tiles (plus a thumbnail) and turns each video frame into an image, then drops the grouping
+  (``num_patches``): the model itself fills the placeholders pass after pass, ``N`` each. So every pass is
+  one strategy row (``budget_scope="tile"``). Under the default ``budget_scope="image"`` a pass is taken
+  for one image, which holds only when the processor does not tile: a vision step is refused at
+  ``patch()`` when the image processor saved with the model may make several passes of one image
+  (``max_patches > 1``), naming ``budget_scope="tile"``;
+* the vision stage sees each pass's tokens after the pixel shuffle (``[T, N, 4C]`` for a ratio of 0.5, one
+  raster of ``side * downsample_ratio`` per side); the projector (``multi_modal_projector``) runs on the
+  kept ones only;
+* the tower has a CLS token at index 0, dropped before the shuffle (``vision_feature_select_strategy=
+  "default"``). Its signals are per patch, while each LLM token is ``1 / downsample_ratio^2`` patches, so
+  strategies reading CLS signals are refused at ``patch()`` naming those that work; a tower without a CLS
+  (a checkpoint whose embeddings carry no ``cls_token``, run with ``"full"``) is refused by the core's own
+  CLS check;
+* positions are 1-D; every decoder layer is full causal attention (sliding-window text configs are refused).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .. import hf_compat as hf
+from ..errors import InputError, MissingCapabilityError, UnsupportedModelError
+from ..keptmap import raster_cells
+from ..stats import FlopModel, kv_width, mlp_matrices
+from ._tiny import VOCAB, TinyCase, left_padded, prompt_ids, random_model
+from .clip import class_names
+from .family import EncodedImages, Family, FamilyParts, ForwardOptions, TowerSignals
+from .features import ImageFeatures
+
+__all__ = ["InternVLAdapter", "output_class", "processor_tiles", "tiny_internvl"]
+
+MODEL_CLASS = "InternVLForConditionalGeneration"
+
+
+# -- transformers contact points -------------------------------------------------------------------------
+
+
+def output_class() -> type:
+    """The output dataclass of ``InternVLModel.forward``."""
+    return hf.declared_output("transformers.models.internvl.modeling_internvl", "InternVLModel")
+
+
+def processor_tiles(model: nn.Module) -> int:
+    """The most tower passes the image processor saved with ``model`` may make of one image (1 without one).
+
+    ``InternVLProcessor`` crops by default (its own ``crop_to_patches=True`` beats the image processor's
+    attribute), so ``max_patches`` alone tells whether an image may become several passes.
+    """
+    processor = hf.model_image_processor(model)
+    return int(getattr(processor, "max_patches", 1) or 1) if processor is not None else 1
+
+
+def _llm_strategies() -> str:
+    from ..registry import available
+
+    return ", ".join(available(stage="llm")) or "none registered"
+
+
+class InternVLAdapter(Family):
+    """HF ``InternVLForConditionalGeneration``: InternViT (CLS at 0), pixel shuffle, MLP projector, Qwen2/Llama."""
+
+    name = "internvl"
+    budget_scopes = ("image", "tile")
+    min_transformers = "5.24.0"
+
+    @classmethod
+    def mismatch(cls, model: nn.Module) -> str:
+        if MODEL_CLASS not in class_names(model):
+            return f"expected a {MODEL_CLASS}, got {type(model).__name__}"
+        inner = getattr(model, "model", None)
+        if not all(hasattr(inner, name) for name in ("vision_tower", "multi_modal_projector", "language_model")):
+            return f"expected vision_tower, multi_modal_projector and language_model in {type(inner).__name__}"
+        tower = inner.vision_tower
+        if not (hasattr(tower, "embeddings") and hasattr(getattr(tower, "encoder", None), "layer")):
+            return f"expected an InternViT tower (embeddings, encoder.layer), got {type(tower).__name__}"
+        return ""
+
+    @classmethod
+    def tiny(cls, seed: int = 0, attn_implementation: str = "sdpa") -> TinyCase:
+        model, make_inputs = tiny_internvl(seed=seed, attn_implementation=attn_implementation)
+        return TinyCase(model, make_inputs, pad_token_id=VOCAB.pad, question_end=VOCAB.assistant_marker)
+
+    def parts(self) -> FamilyParts:
+        self.inner = self.model.model
+        self.tower = self.inner.vision_tower
+        config, vision, lm = self.model.config, self.tower.config, self.inner.language_model
+        kinds = set(getattr(lm.config, "layer_types", None) or ["full_attention"])
+        if kinds != {"full_attention"}:
+            raise UnsupportedModelError(
+                f"this {self.name} language model has layer_types {sorted(kinds)} (use_sliding_window="
+                f"{getattr(lm.config, 'use_sliding_window', None)!r}); tokprune runs InternVL's decoder layers with "
+                "full causal attention only (InternVL's released checkpoints: use_sliding_window=false)"
+            )
+        self.ratio = float(config.downsample_ratio)
+        self.scale = int(round(1 / self.ratio))  # patches per token side
+        rows, cols = (s // p for s, p in zip(vision.image_size, vision.patch_size))
+        self.side = rows // self.scale  # tokens per side of one pass
+        self.tokens = self.side * (cols // self.scale)
+        self.cls = isinstance(getattr(self.tower.embeddings, "cls_token", None), nn.Parameter)
+        d = lm.config.hidden_size
+        c4 = vision.hidden_size * self.scale**2
+        flops = FlopModel(
+            d=d,
+            m=lm.config.intermediate_size,
+            c=vision.hidden_size,
+            mv=vision.intermediate_size,
+            vision_layers=vision.num_hidden_layers,
+            vision_tokens=rows * cols + int(self.cls),
+            mlp_matrices=mlp_matrices(lm.layers[0].mlp),
+            kv_dim=kv_width(lm.config),
+            vision_mlp_matrices=mlp_matrices(self.tower.encoder.layer[0].mlp),
+            projector_macs=c4 * d + d * d,  # linear_1 (shuffled width -> d), linear_2 (d -> d)
+        )
+        return FamilyParts(
+            inner=self.inner,
+            language_model=lm,
+            image_token_id=config.image_token_id,
+            tokens_per_image=self.tokens,
+            flops=flops,
+            output_class=output_class(),
+            tower=TowerSignals(heads=vision.num_attention_heads, cls=self.cls, depth=vision.num_hidden_layers),
+        )
+
+    def check_pipeline(self) -> None:
+        step = self.pipeline.vision
+        config = self.model.config
+        layer, select = config.vision_feature_layer, config.vision_feature_select_strategy
+        if not isinstance(layer, int):
+            raise MissingCapabilityError(
+                f"{step.short_spec()} needs one vision feature layer, but this {self.name} model has "
+                f"vision_feature_layer={layer!r}; one int (InternVL's -1) works; LLM-stage strategies work on it: "
+                f"{_llm_strategies()}"
+            )
+        self._select(select)
+        if self.budget_scope == "image" and processor_tiles(self.model) > 1:
+            raise MissingCapabilityError(
+                f"{step.short_spec()} budgets each image, but the image processor saved with this {self.name} model "
+                f"crops an image into up to {processor_tiles(self.model)} tiles plus a thumbnail (max_patches="
+                f"{processor_tiles(self.model)}), each its own tower pass, and the model is not told which passes "
+                "make one image; use budget_scope='tile' (a budget per pass), or save the model with an image "
+                "processor of max_patches=1 (one pass per image)"
+            )
+        if self.cls and step.requires():
+            from ..registry import available, describe
+
+            working = [n for n in available(stage="vision") if not (describe(n).cls.temporal or describe(n).cls().requires())]
+            raise MissingCapabilityError(
+                f"{step.short_spec()} reads the CLS token's signals, which InternViT gives per patch, but each "
+                f"{self.name} LLM token is {self.scale}x{self.scale} patches after the pixel shuffle; vision "
+                f"strategies that read no CLS signal: {', '.join(working)} (some strategies have a CLS-free "
+                "parameter value, e.g. cdpruner(relevance=uniform): see tokprune describe NAME)"
+            )
+
+    def _select(self, select: object) -> None:
+        """The CLS is dropped before the shuffle (``"default"``) where the tower has one, else every token is
+        a patch (``"full"``); the other pairings do not run in the model itself."""
+        want = "default" if self.cls else "full"
+        if select != want:
+            what = "has a CLS token at index 0" if self.cls else "has no CLS token"
+            raise MissingCapabilityError(
+                f"this {self.name} tower {what}, so vision_feature_select_strategy must be {want!r} for its patches "
+                f"to make a square raster for the pixel shuffle; got {select!r}"
+            )
+
+    def check_inputs(self, pixel_values: Tensor | None, options: ForwardOptions) -> None:
+        if self.pipeline.vision is None or pixel_values is None:
+            return
+        config = self.model.config
+        layer = options.get("vision_feature_layer")
+        select = options.get("vision_feature_select_strategy")
+        if (layer is not None and layer != config.vision_feature_layer) or (
+            select is not None and select != config.vision_feature_select_strategy
+        ):
+            raise InputError(
+                f"the vision stage runs on the model's vision_feature_layer={config.vision_feature_layer!r} and "
+                f"vision_feature_select_strategy={config.vision_feature_select_strategy!r}; got "
+                f"vision_feature_layer={layer!r}, vision_feature_select_strategy={select!r} for this call"
+            )
+
+    def encode_images(self, pixel_values: Tensor, options: ForwardOptions) -> EncodedImages:
+        """The tower on every pass, the feature layer without CLS, the model's own pixel shuffle."""
+        out = self.tower(pixel_values=pixel_values.to(self.inner.dtype), output_hidden_states=True, return_dict=True)
+        layer = self.model.config.vision_feature_layer
+        chosen = out.last_hidden_state if layer == -1 else out.hidden_states[layer]
+        chosen = chosen[:, int(self.cls) :]
+        t, n, c = chosen.shape
+        side = int(round(n**0.5))
+        shuffled = self.inner.pixel_shuffle(chosen.reshape(t, side, side, c), scale_factor=self.ratio)
+        features = shuffled.reshape(t, -1, shuffled.shape[-1])  # [T, N, C * scale^2]
+        return EncodedImages(features, grid=(self.side, self.tokens // self.side))
+
+    def project(self, features: Tensor) -> Tensor:
+        return self.inner.multi_modal_projector(features)
+
+    def stock_features(self, encoded: hf.BaseModelOutputWithPooling, options: ForwardOptions) -> ImageFeatures:
+        """``pooler_output`` is ``[T, N, D]``: one row per tower pass."""
+        return ImageFeatures.unpruned(list(encoded.pooler_output))
+
+    def patch_cells(self, features: ImageFeatures, options: ForwardOptions) -> Tensor | None:
+        rows, cols = self.side, self.tokens // self.side
+        return raster_cells(features.keep.shape[0], rows, cols) if rows * cols == features.keep.shape[1] else None
+
+
+# -- the tiny case ---------------------------------------------------------------------------------------
+
+
+def tiny_internvl(
+    seed: int = 0, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32
+) -> tuple[nn.Module, Callable[..., dict[str, Tensor]]]:
+    """A random-weight tiny ``InternVLForConditionalGeneration``: InternViT 32 px / 4 px patches (64 patches
+    and a CLS per pass), pixel shuffle 0.5 (16 tokens per pass), Qwen2; and ``make_inputs``.
+
+    ``make_inputs(question_lengths=(5, 3), seeds=None, images=None, tiles=1)``: sample ``i`` (drawn from
+    ``seeds[i]``, default ``i``) has ``images`` images (None: ``1 + (seed + 1) % 2``, so samples differ),
+    image ``k`` of it ``1 + (seed + k) % tiles`` passes in one placeholder run (as the processor tiles);
+    ``pixel_values`` ``[passes, 3, 32, 32]`` in prompt order.
+    """
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4, "num_attention_heads": 2,
+              "image_size": 32, "patch_size": 4, "initializer_range": 0.08}  # fmt: skip
+    text = {"model_type": "qwen2", "vocab_size": VOCAB.size, "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "max_position_embeddings": 512, "pad_token_id": VOCAB.pad, "bos_token_id": VOCAB.bos,
+            "eos_token_id": VOCAB.eos, "initializer_range": 0.08, "tie_word_embeddings": False}  # fmt: skip
+    config = InternVLConfig(
+        vision_config=vision, text_config=text, image_token_id=VOCAB.image, image_seq_length=16,
+        tie_word_embeddings=False,
+    )  # fmt: skip
+    model = random_model(InternVLForConditionalGeneration, config, seed, attn_implementation, dtype)
+    # HF starts the CLS token and the position embeddings at zero (a trained model has neither): draw them,
+    # so that the CLS query and the patches' positions are not ties a ranking breaks by rounding.
+    emb, gen = model.model.vision_tower.embeddings, torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        emb.cls_token.copy_(torch.randn(emb.cls_token.shape, generator=gen))
+        emb.position_embeddings.copy_(0.5 * torch.randn(emb.position_embeddings.shape, generator=gen))
+    tokens = config.image_seq_length
+
+    def make_inputs(
+        question_lengths: Sequence[int] = (5, 3), seeds: Sequence[int] | None = None, images: int | None = None,
+        tiles: int = 1,
+    ) -> dict[str, Tensor]:  # fmt: skip
+        seeds = list(range(len(question_lengths))) if seeds is None else list(seeds)
+        rows, pixels = [], []
+        for q, s in zip(question_lengths, seeds):
+            gen = torch.Generator().manual_seed(s * 1009 + q)
+            count = 1 + (s + 1) % 2 if images is None else int(images)
+            passes = [1 + (s + k) % max(1, tiles) for k in range(count)]
+            words = torch.randint(VOCAB.first_word, VOCAB.size, (q,), generator=gen).tolist()
+            rows.append(prompt_ids([tokens * p for p in passes], words))
+            pixels += [torch.randn(3, 32, 32, generator=gen) for _ in range(sum(passes))]
+        out = left_padded(rows)
+        if pixels:
+            out["pixel_values"] = torch.stack(pixels).to(dtype)
+        return out
+
+    return model, make_inputs
