@@ -5,6 +5,9 @@ model against torch's FlopCounterMode."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import pytest
 import torch
 from torch import nn
@@ -14,6 +17,8 @@ import tokprune
 from tokprune import hf_compat as hf
 from tokprune.adapters.internvl import InternVLAdapter, tiny_internvl
 from tokprune.errors import InputError, MissingCapabilityError, UnsupportedModelError
+from tokprune.pipeline import Pipeline
+from tokprune.strategy import PruningStrategy, Signal, Stage, VisionPlan
 from tokprune.testing.adapters import CHECKS, TinyCase
 from tokprune.testing.models import VOCAB
 
@@ -98,12 +103,77 @@ def test_per_image_budgets_are_refused_where_the_processor_tiles(case, monkeypat
 # -- the CLS situation and bad layouts ------------------------------------------------------------------
 
 
-def test_cls_reading_strategies_are_refused_naming_those_that_work(case):
-    assert case.model.model.vision_tower.embeddings.cls_token is not None  # InternViT has one: not the reason
-    with pytest.raises(MissingCapabilityError, match=r"^cls_knee reads the CLS token's signals, which InternViT gives "
-                       r"per patch, .* 2x2 patches .*: divprune, downsample, random \("):
-        tokprune.patch(case.model, "cls_knee", question_end=case.question_end)
-    assert tokprune.adapters.handle_of(case.model) is None
+@dataclass(frozen=True)
+class _NoParams:
+    pass
+
+
+class _RecordSignals(PruningStrategy):
+    """Keeps everything; records the CLS signals the strategy would read and the features it sees."""
+
+    name = "record_internvl_signals"
+    stage = Stage.VISION
+    ragged_vision = True
+    Params = _NoParams
+    seen: ClassVar[dict[str, torch.Tensor]] = {}
+
+    def requires(self):
+        return frozenset({Signal("qk", 1), Signal("hidden", -1)})
+
+    def plan(self, ctx):
+        s = ctx.signals
+        self.seen.update(attention=s.cls_attention(1, heads="mean"), keys=s.patch_keys(1), hidden=s.hidden(-1),
+                         similarity=s.cls_similarity(-1), features=ctx.features)  # fmt: skip
+        return VisionPlan(keep=torch.ones(ctx.features.shape[:2], dtype=torch.bool))
+
+
+class _RasterGroups(InternVLAdapter):
+    """The wrong grouping: four consecutive raster patches per token instead of the shuffle's 2x2 block."""
+
+    def encode_images(self, pixel_values, options):
+        images = super().encode_images(pixel_values, options)
+        images.groups = torch.arange(images.groups.numel()).view_as(images.groups)
+        return images
+
+
+@pytest.mark.parametrize("adapter", [InternVLAdapter, _RasterGroups], ids=["ours", "raster_groups"])
+def test_the_cls_signals_are_the_towers_own_per_token(adapter):
+    # The tower's own attention weights (eager), CLS row, head-mean, summed over each token's 2x2 patches
+    # by the model's own pixel shuffle: what cls_attention gives each token. The token-space hidden state at
+    # the feature layer is the feature itself; a key is the mean of its patches' keys. A family grouping
+    # the wrong patches fails both.
+    model, make_inputs = tiny_internvl(seed=0, attn_implementation="eager")
+    x = make_inputs([5, 3], images=2)
+    pixels = x["pixel_values"]
+    with torch.no_grad():
+        out = model.model.vision_tower(pixel_values=pixels, output_attentions=True, output_hidden_states=True)
+        pruned = tokprune.pruned(
+            model, Pipeline([_RecordSignals()]), adapter=adapter, question_end=VOCAB.assistant_marker
+        )
+        with pruned:
+            model(**x)
+    if adapter is _RasterGroups:
+        cls_row = out.attentions[1][:, :, 0, 1:].mean(dim=1)
+        shuffled = model.model.pixel_shuffle(cls_row.view(-1, 8, 8, 1), scale_factor=0.5).reshape(-1, 16, 4).sum(-1)
+        assert not torch.allclose(_RecordSignals.seen["attention"], shuffled, atol=1e-6)
+        assert not torch.allclose(_RecordSignals.seen["hidden"][:, 1:], _RecordSignals.seen["features"])
+        return
+    seen = _RecordSignals.seen
+    cls_row = out.attentions[1][:, :, 0, 1:].mean(dim=1)  # [T, 64]: CLS attention to each patch
+    shuffled = model.model.pixel_shuffle(cls_row.view(-1, 8, 8, 1), scale_factor=0.5)  # [T, 4, 4, 4]
+    assert torch.allclose(seen["attention"], shuffled.reshape(-1, 16, 4).sum(-1), atol=1e-6)
+    assert torch.allclose(seen["hidden"][:, 1:], seen["features"])
+    assert torch.allclose(seen["hidden"][:, 0], out.last_hidden_state[:, 0].repeat(1, 4))
+    assert seen["similarity"].shape == seen["keys"].shape[:2] == (pixels.shape[0], 16)
+
+
+@pytest.mark.parametrize("spec", ["cls_knee", "topk(keep=4)", "vispruner(keep=4)", "prumerge", "cdpruner(keep=4)"])
+def test_cls_reading_strategies_run(case, spec):
+    inputs = case.make_inputs([5, 3])
+    with tokprune.pruned(case.model, spec, question_end=case.question_end) as run:
+        _logits(case.model, inputs)
+    assert (run.stats.visual_kept <= run.stats.visual_unpruned).all()
+    assert case.model.model.vision_tower.embeddings.cls_token is not None
 
 
 class _NoClsEmbeddings(nn.Module):
@@ -136,8 +206,11 @@ def test_a_checkpoint_without_its_cls_runs_cls_free_strategies_and_refuses_the_o
 def test_a_select_strategy_the_tower_cannot_run_is_refused():
     model, _ = tiny_internvl()
     model.config.vision_feature_select_strategy = "full"  # CLS kept: 1 + 64 tokens make no square raster
-    with pytest.raises(MissingCapabilityError, match=r"has a CLS token at index 0, so vision_feature_select_strategy "
-                       r"must be 'default'.*got 'full'"):
+    with pytest.raises(
+        MissingCapabilityError,
+        match=r"has a CLS token at index 0, so vision_feature_select_strategy "
+        r"must be 'default'.*got 'full'",
+    ):
         tokprune.patch(model, "divprune", question_end=VOCAB.assistant_marker)
     model.config.vision_feature_select_strategy = "default"
     model.config.vision_feature_layer = [-1, -2]
@@ -210,3 +283,24 @@ def test_prefill_flops_are_the_brute_force_count(spec, tiles):
     with FlopCounterMode(display=False) as counter, torch.no_grad():  # the stock model, unpruned
         model(**x, logits_to_keep=1)
     assert float(s.flops_unpruned[0]) == _counted(counter, model)
+
+
+def test_grouped_signals_of_a_ragged_batch_give_padding_no_mass():
+    # VisionSignals.groups with lengths (a family merging patches, images of different sizes): the softmax
+    # runs over the CLS and the patches of each row's own tokens, then sums per token; padding gets none.
+    from tokprune.strategy import VisionSignals
+
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 9, 4, generator=gen), torch.randn(2, 9, 4, generator=gen)
+    groups = torch.tensor([[0, 2], [1, 3], [4, 6], [5, 7]])
+    lengths = torch.tensor([4, 2])
+    signals = VisionSignals(lambda s: (q, k), 1, 1, lengths=lengths, groups=groups)
+    got = signals.cls_attention(0)
+    for b, n in enumerate(lengths.tolist()):
+        patches = groups[:n].flatten() + 1  # the row's own patches (CLS at 0)
+        keys = torch.cat([k[b, :1], k[b, patches.sort().values]])
+        attn = torch.softmax(keys @ q[b, 0] / 2.0, dim=0)[1:]
+        per_patch = torch.zeros(8).index_put_((patches.sort().values - 1,), attn)
+        assert torch.allclose(got[b, :n], per_patch[groups[:n]].sum(-1), atol=1e-6)
+        assert (got[b, n:] == 0).all()
+    assert torch.allclose(signals.patch_keys(0), k[:, 1:][:, groups].mean(dim=2))

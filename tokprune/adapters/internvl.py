@@ -11,11 +11,11 @@ an InternViT tower with a CLS token, a pixel shuffle, an MLP projector, a Qwen2 
 * the vision stage sees each pass's tokens after the pixel shuffle (``[T, N, 4C]`` for a ratio of 0.5, one
   raster of ``side * downsample_ratio`` per side); the projector (``multi_modal_projector``) runs on the
   kept ones only;
-* the tower has a CLS token at index 0, dropped before the shuffle (``vision_feature_select_strategy=
-  "default"``). Its signals are per patch, while each LLM token is ``1 / downsample_ratio^2`` patches, so
-  strategies reading CLS signals are refused at ``patch()`` naming those that work; a tower without a CLS
-  (a checkpoint whose embeddings carry no ``cls_token``, run with ``"full"``) is refused by the core's own
-  CLS check;
+* the tower has a CLS token at index 0 of every pass, dropped before the shuffle
+  (``vision_feature_select_strategy="default"``); CLS-reading strategies run: each token is
+  ``1 / downsample_ratio^2`` patches, which :attr:`EncodedImages.groups` names (the model's own shuffle run
+  on patch indices), so the strategy reads its CLS signals per token. A tower without a CLS (a checkpoint
+  whose embeddings carry no ``cls_token``, run with ``"full"``) goes through the core's CLS refusal;
 * positions are 1-D; every decoder layer is full causal attention (sliding-window text configs are refused).
 """
 
@@ -126,7 +126,7 @@ class InternVLAdapter(Family):
             tokens_per_image=self.tokens,
             flops=flops,
             output_class=output_class(),
-            tower=TowerSignals(heads=vision.num_attention_heads, cls=self.cls, depth=vision.num_hidden_layers),
+            tower=TowerSignals(self.tower.encoder.layer, vision.num_attention_heads, self.cls, attention="attention"),
         )
 
     def check_pipeline(self) -> None:
@@ -147,16 +147,6 @@ class InternVLAdapter(Family):
                 f"{processor_tiles(self.model)}), each its own tower pass, and the model is not told which passes "
                 "make one image; use budget_scope='tile' (a budget per pass), or save the model with an image "
                 "processor of max_patches=1 (one pass per image)"
-            )
-        if self.cls and step.requires():
-            from ..registry import available, describe
-
-            working = [n for n in available(stage="vision") if not (describe(n).cls.temporal or describe(n).cls().requires())]
-            raise MissingCapabilityError(
-                f"{step.short_spec()} reads the CLS token's signals, which InternViT gives per patch, but each "
-                f"{self.name} LLM token is {self.scale}x{self.scale} patches after the pixel shuffle; vision "
-                f"strategies that read no CLS signal: {', '.join(working)} (some strategies have a CLS-free "
-                "parameter value, e.g. cdpruner(relevance=uniform): see tokprune describe NAME)"
             )
 
     def _select(self, select: object) -> None:
@@ -195,7 +185,15 @@ class InternVLAdapter(Family):
         side = int(round(n**0.5))
         shuffled = self.inner.pixel_shuffle(chosen.reshape(t, side, side, c), scale_factor=self.ratio)
         features = shuffled.reshape(t, -1, shuffled.shape[-1])  # [T, N, C * scale^2]
-        return EncodedImages(features, grid=(self.side, self.tokens // self.side))
+        # the same shuffle on patch indices: which patches make each token (the strategy's CLS signals per token)
+        index = torch.arange(n, device=features.device).view(1, side, side, 1)
+        groups = self.inner.pixel_shuffle(index, scale_factor=self.ratio).reshape(self.tokens, -1)  # [N, scale^2]
+        return EncodedImages(
+            features,
+            grid=(self.side, self.tokens // self.side),
+            states=list(out.hidden_states) if self.cls else (),
+            groups=groups,
+        )
 
     def project(self, features: Tensor) -> Tensor:
         return self.inner.multi_modal_projector(features)
@@ -215,7 +213,7 @@ class InternVLAdapter(Family):
 def tiny_internvl(
     seed: int = 0, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32
 ) -> tuple[nn.Module, Callable[..., dict[str, Tensor]]]:
-    """A random-weight tiny ``InternVLForConditionalGeneration``: InternViT 32 px / 4 px patches (64 patches
+    """A random-weight tiny ``InternVLForConditionalGeneration``: InternViT of 8 layers, 32 px / 4 px patches (64 patches
     and a CLS per pass), pixel shuffle 0.5 (16 tokens per pass), Qwen2; and ``make_inputs``.
 
     ``make_inputs(question_lengths=(5, 3), seeds=None, images=None, tiles=1)``: sample ``i`` (drawn from
@@ -225,7 +223,7 @@ def tiny_internvl(
     """
     from transformers import InternVLConfig, InternVLForConditionalGeneration
 
-    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4, "num_attention_heads": 2,
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 8, "num_attention_heads": 2,
               "image_size": 32, "patch_size": 4, "initializer_range": 0.08}  # fmt: skip
     text = {"model_type": "qwen2", "vocab_size": VOCAB.size, "hidden_size": 64, "intermediate_size": 128,
             "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
