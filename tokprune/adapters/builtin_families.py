@@ -19,9 +19,9 @@ def register_adapters(register: Callable[..., None]) -> None:
     from .qwen3_vl import Qwen3VLAdapter
     from .smolvlm import SmolVLMAdapter
 
+    register(InternVLAdapter)  # alphabetical: `tokprune plugins` lists them sorted
     register(LlavaAdapter)
     register(LlavaNextAdapter)
     register(Qwen2_5_VLAdapter)
     register(Qwen3VLAdapter)
     register(SmolVLMAdapter)
-    register(InternVLAdapter)
