@@ -87,17 +87,23 @@ class Tiled(InternVLAdapter):
         return TinyCase(model, tiled, pad_token_id=VOCAB.pad, question_end=VOCAB.assistant_marker)
 
 
-def test_per_image_budgets_are_refused_where_the_processor_tiles(case, monkeypatch):
-    from tokprune.adapters import internvl
+@pytest.mark.parametrize("max_patches", [12, 1])
+def test_per_image_budgets_are_refused_where_the_saved_processor_tiles(tmp_path, max_patches):
+    from transformers import GotOcr2ImageProcessorPil
 
-    monkeypatch.setattr(internvl.hf, "model_image_processor", lambda model: type("P", (), {"max_patches": 12}))
+    model, _ = tiny_internvl()
+    # InternVL's image processor, saved beside the model (crop_to_patches=False here: InternVLProcessor crops anyway)
+    GotOcr2ImageProcessorPil(max_patches=max_patches, crop_to_patches=False).save_pretrained(tmp_path)
+    model.config._name_or_path = str(tmp_path)
+    end = VOCAB.assistant_marker
+    if max_patches == 1:  # one pass per image: the two scopes are the same
+        tokprune.patch(model, "divprune", question_end=end).remove()
+        return
     with pytest.raises(MissingCapabilityError, match=r"up to 12 tiles.*budget_scope='tile'.*max_patches=1"):
-        tokprune.patch(case.model, "divprune", question_end=case.question_end)
-    assert tokprune.adapters.handle_of(case.model) is None
-    tokprune.patch(case.model, "divprune", budget_scope="tile", question_end=case.question_end).remove()
-    tokprune.patch(case.model, "fastv", question_end=case.question_end).remove()  # the LLM stage: no budget per image
-    monkeypatch.setattr(internvl.hf, "model_image_processor", lambda model: type("P", (), {"max_patches": 1}))
-    tokprune.patch(case.model, "divprune", question_end=case.question_end).remove()
+        tokprune.patch(model, "divprune", question_end=end)
+    assert tokprune.adapters.handle_of(model) is None
+    tokprune.patch(model, "divprune", budget_scope="tile", question_end=end).remove()
+    tokprune.patch(model, "fastv", question_end=end).remove()  # the LLM stage: no budget per image
 
 
 # -- the CLS situation and bad layouts ------------------------------------------------------------------

@@ -140,11 +140,12 @@ class InternVLAdapter(Family):
                 f"{_llm_strategies()}"
             )
         self._select(select)
-        if self.budget_scope == "image" and processor_tiles(self.model) > 1:
+        tiles = processor_tiles(self.model) if self.budget_scope == "image" else 1
+        if tiles > 1:
             raise MissingCapabilityError(
                 f"{step.short_spec()} budgets each image, but the image processor saved with this {self.name} model "
-                f"crops an image into up to {processor_tiles(self.model)} tiles plus a thumbnail (max_patches="
-                f"{processor_tiles(self.model)}), each its own tower pass, and the model is not told which passes "
+                f"crops an image into up to {tiles} tiles plus a thumbnail (max_patches={tiles}), each its own "
+                "tower pass, and the model is not told which passes "
                 "make one image; use budget_scope='tile' (a budget per pass), or save the model with an image "
                 "processor of max_patches=1 (one pass per image)"
             )
