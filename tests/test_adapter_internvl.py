@@ -310,3 +310,17 @@ def test_grouped_signals_of_a_ragged_batch_give_padding_no_mass():
         assert torch.allclose(got[b, :n], per_patch[groups[:n]].sum(-1), atol=1e-6)
         assert (got[b, n:] == 0).all()
     assert torch.allclose(signals.patch_keys(0), k[:, 1:][:, groups].mean(dim=2))
+
+
+@pytest.mark.parametrize("spec", ["topk(keep=5)+fastv", "none"])
+def test_num_return_sequences_repeats_each_prompts_passes(case, spec):
+    # pixel_values has a row per tower pass, not per prompt: generate's own expansion would pair prompts with
+    # the wrong passes; the family repeats each prompt's passes with it.
+    inputs = case.make_inputs([5, 3], images=None, tiles=2)  # 1 + 2 and 2 passes
+    repeated = case.make_inputs([5, 5, 5, 3, 3, 3], seeds=[0, 0, 0, 1, 1, 1], tiles=2)
+    with tokprune.pruned(case.model, spec, question_end=case.question_end, budget_scope="tile"):
+        torch.manual_seed(3)
+        got = case.model.generate(**inputs, do_sample=True, top_k=0, num_return_sequences=3, max_new_tokens=5)
+        torch.manual_seed(3)
+        expected = case.model.generate(**repeated, do_sample=True, top_k=0, max_new_tokens=5)
+    assert torch.equal(got, expected)

@@ -34,6 +34,7 @@ from ._tiny import VOCAB, TinyCase, left_padded, prompt_ids, random_model
 from .clip import class_names
 from .family import EncodedImages, Family, FamilyParts, ForwardOptions, TowerSignals
 from .features import ImageFeatures
+from .video import expand_items
 
 __all__ = ["InternVLAdapter", "output_class", "processor_tiles", "tiny_internvl"]
 
@@ -202,6 +203,17 @@ class InternVLAdapter(Family):
     def stock_features(self, encoded: hf.BaseModelOutputWithPooling, options: ForwardOptions) -> ImageFeatures:
         """``pooler_output`` is ``[T, N, D]``: one row per tower pass."""
         return ImageFeatures.unpruned(list(encoded.pooler_output))
+
+    def repeat_item_inputs(self, inputs: ForwardOptions, copies: int) -> dict[str, Tensor]:
+        """``pixel_values`` has a row per tower pass: each prompt's passes ``copies`` times in a row (repeating
+        the rows one by one would pair prompts with other prompts' passes)."""
+        pixels, ids = inputs.get("pixel_values"), inputs.get("input_ids")
+        if not isinstance(pixels, Tensor) or not isinstance(ids, Tensor):
+            return {}
+        per_prompt = (ids == self.model.config.image_token_id).sum(dim=1).to(pixels.device)
+        passes = torch.full((pixels.shape[0],), self.tokens, device=pixels.device)
+        _, rows = expand_items(passes, per_prompt, torch.ones_like(passes), copies)
+        return {"pixel_values": pixels[rows]}
 
     def patch_cells(self, features: ImageFeatures, options: ForwardOptions) -> Tensor | None:
         rows, cols = self.side, self.tokens // self.side
