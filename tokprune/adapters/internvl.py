@@ -179,8 +179,11 @@ class InternVLAdapter(Family):
 
     def encode_images(self, pixel_values: Tensor, options: ForwardOptions) -> EncodedImages:
         """The tower on every pass, the feature layer without CLS, the model's own pixel shuffle."""
-        out = self.tower(pixel_values=pixel_values.to(self.inner.dtype), output_hidden_states=True, return_dict=True)
         layer = self.model.config.vision_feature_layer
+        # every layer's states are kept only where needed (24 layers of every tile are a lot of memory)
+        hidden = self.cls and any(signal.kind == "hidden" for signal in self.pipeline.requires())
+        pixels = pixel_values.to(self.inner.dtype)
+        out = self.tower(pixel_values=pixels, output_hidden_states=hidden or layer != -1, return_dict=True)
         chosen = out.last_hidden_state if layer == -1 else out.hidden_states[layer]
         chosen = chosen[:, int(self.cls) :]
         t, n, c = chosen.shape
@@ -193,7 +196,7 @@ class InternVLAdapter(Family):
         return EncodedImages(
             features,
             grid=(self.side, self.tokens // self.side),
-            states=list(out.hidden_states) if self.cls else (),
+            states=list(out.hidden_states) if hidden else (),
             groups=groups,
         )
 
