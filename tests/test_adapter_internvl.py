@@ -19,8 +19,9 @@ from tokprune.adapters.internvl import InternVLAdapter, tiny_internvl
 from tokprune.errors import InputError, MissingCapabilityError, UnsupportedModelError
 from tokprune.pipeline import Pipeline
 from tokprune.strategy import PruningStrategy, Signal, Stage, VisionPlan
-from tokprune.testing.adapters import CHECKS, TinyCase
+from tokprune.testing.adapters import CHECKS, TinyCase, cache_equivalence
 from tokprune.testing.models import VOCAB
+from tokprune.testing.tokens import check_tokens
 
 pytestmark = pytest.mark.skipif(
     hf.older_than(InternVLAdapter.min_transformers),
@@ -58,24 +59,8 @@ def test_an_image_with_fewer_tokens_than_the_budget_is_kept_whole(case):
 # -- tiles: several tower passes per image -------------------------------------------------------------
 
 
-def test_tiles_are_budgeted_per_pass(case):
-    inputs = case.make_inputs([5, 3], images=2, tiles=3)  # images of 1..3 passes in one placeholder run each
-    assert inputs["pixel_values"].shape[0] == (1 + 2) + (2 + 3)
-    stock = _logits(case.model, inputs)
-    with tokprune.pruned(case.model, "none", budget_scope="tile", question_end=case.question_end):
-        assert torch.allclose(_logits(case.model, inputs), stock, atol=1e-5)
-    with tokprune.pruned(case.model, "random(keep=4)", budget_scope="tile", question_end=case.question_end) as run:
-        _logits(case.model, inputs)
-    assert run.stats.images.tolist() == [3, 5] and run.stats.visual_kept.tolist() == [12, 20]
-
-
-def test_tile_scope_passes_the_contract():
-    CHECKS["keep_all"](Tiled)
-    CHECKS["batch_solo"](Tiled, budget_scope="tile")
-
-
 class Tiled(InternVLAdapter):
-    """The family on inputs whose images are several passes each (its tiny case only differs)."""
+    """The family on inputs whose images are 1 to 3 passes each (its tiny case only differs)."""
 
     @classmethod
     def tiny(cls, seed=0, attn_implementation="sdpa"):
@@ -87,23 +72,53 @@ class Tiled(InternVLAdapter):
         return TinyCase(model, tiled, pad_token_id=VOCAB.pad, question_end=VOCAB.assistant_marker)
 
 
-@pytest.mark.parametrize("max_patches", [12, 1])
-def test_per_image_budgets_are_refused_where_the_saved_processor_tiles(tmp_path, max_patches):
-    from transformers import GotOcr2ImageProcessorPil
+@pytest.mark.parametrize(("scope", "rows", "kept"), [("image", [2, 2], [10, 10]), ("tile", [3, 5], [15, 25])])
+def test_tiled_images_are_budgeted_per_image_or_per_pass(case, scope, rows, kept):
+    inputs = case.make_inputs([5, 3], images=2, tiles=3)  # images of 1 + 2 and 2 + 3 passes, one run each
+    assert inputs["pixel_values"].shape[0] == (1 + 2) + (2 + 3)
+    stock = _logits(case.model, inputs)
+    with tokprune.pruned(case.model, "divprune(keep_ratio=1.0)", budget_scope=scope, question_end=case.question_end):
+        assert torch.allclose(_logits(case.model, inputs), stock, atol=1e-5)
+    with tokprune.pruned(case.model, "random(keep=5)", budget_scope=scope, question_end=case.question_end) as run:
+        _logits(case.model, inputs)
+    assert run.stats.images.tolist() == rows and run.stats.visual_kept.tolist() == kept
+    assert run.stats.visual_unpruned.tolist() == [48, 80]
 
-    model, _ = tiny_internvl()
-    # InternVL's image processor, saved beside the model (crop_to_patches=False here: InternVLProcessor crops anyway)
-    GotOcr2ImageProcessorPil(max_patches=max_patches, crop_to_patches=False).save_pretrained(tmp_path)
-    model.config._name_or_path = str(tmp_path)
-    end = VOCAB.assistant_marker
-    if max_patches == 1:  # one pass per image: the two scopes are the same
-        tokprune.patch(model, "divprune", question_end=end).remove()
-        return
-    with pytest.raises(MissingCapabilityError, match=r"up to 12 tiles.*budget_scope='tile'.*max_patches=1"):
-        tokprune.patch(model, "divprune", question_end=end)
-    assert tokprune.adapters.handle_of(model) is None
-    tokprune.patch(model, "divprune", budget_scope="tile", question_end=end).remove()
-    tokprune.patch(model, "fastv", question_end=end).remove()  # the LLM stage: no budget per image
+
+@pytest.mark.parametrize("scope", ["image", "tile"])
+def test_tiled_images_pass_the_contract(scope):
+    CHECKS["keep_all"](Tiled)
+    CHECKS["batch_solo"](Tiled, budget_scope=scope)
+    if scope == "image":  # the tokens check maps one strategy row to one placeholder run (an image)
+        check_tokens(Tiled)
+    assert cache_equivalence(Tiled, "vispruner(keep=5)+fastv", budget_scope=scope) is not None
+
+
+def test_fixed_size_strategies_run_per_pass_and_are_refused_per_image(case):
+    with pytest.raises(MissingCapabilityError, match=r"downsample cuts rows of one fixed size, but under "
+                       r"budget_scope='image' .* use budget_scope='tile' .* per image: cdpruner, cls_knee"):  # fmt: skip
+        tokprune.patch(case.model, "downsample", question_end=case.question_end)
+    inputs = case.make_inputs([5, 3], tiles=3)
+    with tokprune.pruned(case.model, "downsample", budget_scope="tile", question_end=case.question_end) as run:
+        _logits(case.model, inputs)
+    assert (run.stats.visual_kept * 4 == run.stats.visual_unpruned).all()
+
+
+def test_features_asked_outside_a_call_are_one_row_per_pass(case):
+    # get_image_features called directly has no prompt to group passes by: one row per pass, said in the docs
+    inputs = case.make_inputs([5, 3], images=2, tiles=3)
+    with tokprune.pruned(case.model, "random(keep=5)", question_end=case.question_end):
+        out = case.model.model.get_image_features(inputs["pixel_values"]).pooler_output
+    assert [len(o) for o in out] == [5] * 8
+
+
+def test_placeholders_that_are_not_whole_passes_are_refused(case):
+    inputs = case.make_inputs([5, 3], images=2, tiles=3)
+    inputs["pixel_values"] = inputs["pixel_values"][:-1]  # one pass fewer than the prompts' placeholders
+    with tokprune.pruned(case.model, "random(keep=5)", question_end=case.question_end), torch.no_grad():
+        with pytest.raises(InputError, match=r"runs \(\[16, 32, 32, 48\] tokens\) are not whole tower passes of 16 "
+                           r"tokens for the 7 passes"):  # fmt: skip
+            case.model(**inputs)
 
 
 # -- the CLS situation and bad layouts ------------------------------------------------------------------
@@ -130,7 +145,7 @@ class _RecordSignals(PruningStrategy):
         s = ctx.signals
         self.seen.update(attention=s.cls_attention(1, heads="mean"), keys=s.patch_keys(1), hidden=s.hidden(-1),
                          similarity=s.cls_similarity(-1), features=ctx.features)  # fmt: skip
-        return VisionPlan(keep=torch.ones(ctx.features.shape[:2], dtype=torch.bool))
+        return VisionPlan(keep=ctx.token_valid)
 
 
 class _RasterGroups(InternVLAdapter):
@@ -272,15 +287,20 @@ def _counted(counter: FlopCounterMode, model: nn.Module) -> int:
 
 
 @pytest.mark.parametrize(
-    ("spec", "tiles"),
-    [("random(keep_ratio=0.5)", 1), ("random(keep_ratio=0.25)+fastv(layer=2, keep=4)", 1), ("random(keep=5)", 3)],
+    ("spec", "tiles", "scope"),
+    [
+        ("random(keep_ratio=0.5)", 1, "image"),
+        ("random(keep_ratio=0.25)+fastv(layer=2, keep=4)", 1, "image"),
+        ("random(keep=5)", 3, "tile"),
+        ("prumerge", 3, "image"),  # an extra token per image, through the projector
+    ],
 )
-def test_prefill_flops_are_the_brute_force_count(spec, tiles):
+def test_prefill_flops_are_the_brute_force_count(spec, tiles, scope):
     # The tower over every pass (CLS included), the projector on the kept tokens (every token unpruned),
     # the decoder layers at the counts they really ran; unpruned: the stock model's count.
     model, make_inputs = tiny_internvl(seed=0, attn_implementation="eager")
     x = make_inputs((5,), images=2, tiles=tiles)
-    pruned = tokprune.pruned(model, spec, budget_scope="tile", question_end=VOCAB.assistant_marker)
+    pruned = tokprune.pruned(model, spec, budget_scope=scope, question_end=VOCAB.assistant_marker)
     with FlopCounterMode(display=False) as counter, pruned as run, torch.no_grad():
         model(**x, logits_to_keep=1)
     s = run.stats
@@ -324,3 +344,35 @@ def test_num_return_sequences_repeats_each_prompts_passes(case, spec):
         torch.manual_seed(3)
         expected = case.model.generate(**repeated, do_sample=True, top_k=0, max_new_tokens=5)
     assert torch.equal(got, expected)
+
+
+def test_a_tiled_image_reads_its_thumbnails_cls_over_all_its_passes():
+    # budget_scope="image": one row per image; the CLS query and key are the thumbnail's (its last pass), the
+    # keys those of every pass's patches; the softmax runs over all of them, then sums per 2x2 token.
+    model, make_inputs = tiny_internvl(seed=0)
+    x = make_inputs([5, 3], images=2, tiles=3)  # passes per image: 1, 2, 2, 3
+    captured = {}
+    attention = model.model.vision_tower.encoder.layer[1].attention
+    hooks = [
+        module.register_forward_hook(lambda _m, _a, out, name=name: captured.__setitem__(name, out))
+        for name, module in (("q", attention.q_norm), ("k", attention.k_norm))
+    ]
+    try:
+        with torch.no_grad(), tokprune.pruned(model, Pipeline([_RecordSignals()]), question_end=VOCAB.assistant_marker):
+            model(**x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    q, k, got = captured["q"], captured["k"], _RecordSignals.seen["attention"]
+    assert got.shape == (4, 3 * 16)
+    start = 0
+    for i, passes in enumerate([1, 2, 2, 3]):
+        own = range(start, start + passes)
+        thumbnail = own[-1]
+        keys = torch.cat([k[thumbnail, :1], *(k[p, 1:] for p in own)]).view(-1, 2, 16)  # [1 + passes*64, H, D]
+        logits = torch.einsum("hd,thd->ht", q[thumbnail, 0].view(2, 16), keys) / 4.0
+        per_patch = logits.softmax(dim=-1).mean(dim=0)[1:].view(passes, 8, 8, 1)
+        per_token = model.model.pixel_shuffle(per_patch, scale_factor=0.5).reshape(passes * 16, 4).sum(-1)
+        assert torch.allclose(got[i, : passes * 16], per_token, atol=1e-6)
+        assert (got[i, passes * 16 :] == 0).all()
+        start += passes

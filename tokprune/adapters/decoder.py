@@ -295,6 +295,24 @@ class PrunedDecoderAdapter(VisualItems, DecoderLoop, Assembly, GenerateChecks, S
             fetch, tower.num_layers, tower.heads, declared=self._signals, lengths=lengths, groups=images.groups
         )
 
+    def placeholder_runs(self) -> Tensor | None:
+        """long ``[R]``: the lengths of the image placeholder runs of this call's prompts, in prompt order (sample
+        after sample), for a family whose inputs do not say which tower passes make one image (InternVL's
+        tiles, each image one run); None outside a call whose prompts the core knows (``get_image_features``
+        called directly). One device sync."""
+        call = _ACTIVE.get()
+        prompts = call.prompts() if call is not None and call.adapter is self else None
+        if prompts is None:
+            return None
+        ids, valid = prompts
+        image = (ids == self._image_token_id) & valid.to(ids.device)
+        start = image & ~torch.nn.functional.pad(image[:, :-1], (1, 0))  # first placeholder of each run
+        run = start.flatten().long().cumsum(0) - 1  # each position's run (in row-major prompt order)
+        count = int(start.sum())
+        return torch.zeros(count, dtype=torch.long, device=ids.device).index_add_(
+            0, run[image.flatten()], torch.ones_like(run[image.flatten()])
+        )
+
     def _instruction(self, call: CallState, features: Tensor) -> TextCondition | None:
         """Each image's question through the CLIP text tower given to ``patch()`` (None without one, or where
         the family names no tower norm to compare in)."""

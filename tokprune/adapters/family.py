@@ -29,7 +29,9 @@ take (1-D or M-RoPE)
 
 A family's own state lives in attributes it names itself (set in :meth:`~Family.parts`); the core's
 public attributes are ``model``, ``pipeline``, ``budget_scope``, ``text_encoder``, ``vision_positions``,
-``llm_positions``, ``stats``, ``history`` and ``model_parts`` (what :meth:`~Family.parts` returned).
+``llm_positions``, ``stats``, ``history`` and ``model_parts`` (what :meth:`~Family.parts` returned); while
+:meth:`~Family.encode_images` runs, ``placeholder_runs()`` gives the lengths of the call's image placeholder
+runs (for a family whose inputs do not say which tower passes make one image: InternVL's tiles).
 docs/adapters.md ("Adding a family") walks through a complete one (SmolVLM).
 """
 

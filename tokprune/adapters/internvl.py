@@ -2,12 +2,12 @@
 an InternViT tower with a CLS token, a pixel shuffle, an MLP projector, a Qwen2 / Llama language model.
 
 * ``pixel_values`` is ``[T, 3, H, W]``: one entry per **tower pass**. The processor crops each image into
-  tiles (plus a thumbnail) and turns each video frame into an image, then drops the grouping
-  (``num_patches``): the model itself fills the placeholders pass after pass, ``N`` each. So every pass is
-  one strategy row (``budget_scope="tile"``). Under the default ``budget_scope="image"`` a pass is taken
-  for one image, which holds only when the processor does not tile: a vision step is refused at
-  ``patch()`` when the image processor saved with the model may make several passes of one image
-  (``max_patches > 1``), naming ``budget_scope="tile"``;
+  tiles (plus a thumbnail, last) and turns each video frame into an image, then drops the grouping
+  (``num_patches``); each image is one run of placeholders, ``N`` per pass. Under the default
+  ``budget_scope="image"`` the family reads the runs from the prompt (:meth:`Family.placeholder_runs`) and
+  makes one strategy row per image: its passes' tokens in order, the thumbnail's CLS as its CLS (as
+  LLaVA-NeXT's base view), ``lengths`` its own; so only ``ragged_vision`` strategies run there. Under
+  ``budget_scope="tile"`` every pass is its own row (a fixed ``N``: every strategy runs);
 * the vision stage sees each pass's tokens after the pixel shuffle (``[T, N, 4C]`` for a ratio of 0.5, one
   raster of ``side * downsample_ratio`` per side); the projector (``multi_modal_projector``) runs on the
   kept ones only;
@@ -36,7 +36,7 @@ from .family import EncodedImages, Family, FamilyParts, ForwardOptions, TowerSig
 from .features import ImageFeatures
 from .video import expand_items
 
-__all__ = ["InternVLAdapter", "output_class", "processor_tiles", "tiny_internvl"]
+__all__ = ["InternVLAdapter", "output_class", "tiny_internvl"]
 
 MODEL_CLASS = "InternVLForConditionalGeneration"
 
@@ -47,16 +47,6 @@ MODEL_CLASS = "InternVLForConditionalGeneration"
 def output_class() -> type:
     """The output dataclass of ``InternVLModel.forward``."""
     return hf.declared_output("transformers.models.internvl.modeling_internvl", "InternVLModel")
-
-
-def processor_tiles(model: nn.Module) -> int:
-    """The most tower passes the image processor saved with ``model`` may make of one image (1 without one).
-
-    ``InternVLProcessor`` crops by default (its own ``crop_to_patches=True`` beats the image processor's
-    attribute), so ``max_patches`` alone tells whether an image may become several passes.
-    """
-    processor = hf.model_image_processor(model)
-    return int(getattr(processor, "max_patches", 1) or 1) if processor is not None else 1
 
 
 def _llm_strategies() -> str:
@@ -106,6 +96,9 @@ class InternVLAdapter(Family):
         self.side = rows // self.scale  # tokens per side of one pass
         self.tokens = self.side * (cols // self.scale)
         self.cls = isinstance(getattr(self.tower.embeddings, "cls_token", None), nn.Parameter)
+        # under budget_scope="image" a row is an image: its passes, a number of them per image
+        self.variable_image_tokens = self.budget_scope == "image"
+        self._check_fixed_size()
         d = lm.config.hidden_size
         c4 = vision.hidden_size * self.scale**2
         flops = FlopModel(
@@ -141,15 +134,23 @@ class InternVLAdapter(Family):
                 f"{_llm_strategies()}"
             )
         self._select(select)
-        tiles = processor_tiles(self.model) if self.budget_scope == "image" else 1
-        if tiles > 1:
-            raise MissingCapabilityError(
-                f"{step.short_spec()} budgets each image, but the image processor saved with this {self.name} model "
-                f"crops an image into up to {tiles} tiles plus a thumbnail (max_patches={tiles}), each its own "
-                "tower pass, and the model is not told which passes "
-                "make one image; use budget_scope='tile' (a budget per pass), or save the model with an image "
-                "processor of max_patches=1 (one pass per image)"
-            )
+
+    def _check_fixed_size(self) -> None:
+        """Refuse, under ``budget_scope="image"``, a vision step that cuts rows of one fixed size (before the
+        core's generic refusal, so that the message names the scope that works)."""
+        step = self.pipeline.vision
+        if not self.variable_image_tokens or step is None or step.ragged_vision:
+            return
+        from ..registry import available, describe
+
+        ragged = [
+            n for n in available(stage="vision") if describe(n).cls.ragged_vision and not describe(n).cls.temporal
+        ]
+        raise MissingCapabilityError(
+            f"{step.short_spec()} cuts rows of one fixed size, but under budget_scope='image' an {self.name} image "
+            "is its tiles and thumbnail, a number of tower passes per image; use budget_scope='tile' (every pass "
+            f"one row of {self.tokens} tokens), or a vision strategy that cuts per image: {', '.join(ragged)}"
+        )
 
     def _select(self, select: object) -> None:
         """The CLS is dropped before the shuffle (``"default"``) where the tower has one, else every token is
@@ -178,7 +179,8 @@ class InternVLAdapter(Family):
             )
 
     def encode_images(self, pixel_values: Tensor, options: ForwardOptions) -> EncodedImages:
-        """The tower on every pass, the feature layer without CLS, the model's own pixel shuffle."""
+        """The tower on every pass, the feature layer without CLS, the model's own pixel shuffle; one row per
+        pass, or per image (its passes) under ``budget_scope="image"``."""
         layer = self.model.config.vision_feature_layer
         # every layer's states are kept only where needed (24 layers of every tile are a lot of memory)
         hidden = self.cls and any(signal.kind == "hidden" for signal in self.pipeline.requires())
@@ -186,19 +188,36 @@ class InternVLAdapter(Family):
         out = self.tower(pixel_values=pixels, output_hidden_states=hidden or layer != -1, return_dict=True)
         chosen = out.last_hidden_state if layer == -1 else out.hidden_states[layer]
         chosen = chosen[:, int(self.cls) :]
-        t, n, c = chosen.shape
-        side = int(round(n**0.5))
+        t, patches, c = chosen.shape
+        side = int(round(patches**0.5))
         shuffled = self.inner.pixel_shuffle(chosen.reshape(t, side, side, c), scale_factor=self.ratio)
         features = shuffled.reshape(t, -1, shuffled.shape[-1])  # [T, N, C * scale^2]
         # the same shuffle on patch indices: which patches make each token (the strategy's CLS signals per token)
-        index = torch.arange(n, device=features.device).view(1, side, side, 1)
+        index = torch.arange(patches, device=features.device).view(1, side, side, 1)
         groups = self.inner.pixel_shuffle(index, scale_factor=self.ratio).reshape(self.tokens, -1)  # [N, scale^2]
-        return EncodedImages(
-            features,
-            grid=(self.side, self.tokens // self.side),
-            states=list(out.hidden_states) if hidden else (),
-            groups=groups,
-        )
+        states = list(out.hidden_states) if hidden else []
+        passes = self._passes(t, features.device)
+        if passes is None:
+            return EncodedImages(features, grid=(self.side, self.tokens // self.side), states=states, groups=groups)
+        return image_rows(features, states, groups, passes, patches, cls=self.cls)
+
+    def _passes(self, passes: int, device: torch.device) -> Tensor | None:
+        """Tower passes of each image (long ``[I]``) from the prompt's placeholder runs, under
+        ``budget_scope="image"``; None where every pass is a row (``"tile"``, one pass per image, or no prompt:
+        ``get_image_features`` called directly)."""
+        runs = self.placeholder_runs() if self.budget_scope == "image" else None
+        if runs is None:
+            return None
+        per_image = torch.div(runs, self.tokens, rounding_mode="floor").to(device)
+        whole, total, single = torch.stack(
+            [(runs % self.tokens == 0).all().long(), per_image.sum(), (per_image == 1).all().long()]
+        ).tolist()
+        if not whole or total != passes:
+            raise InputError(
+                f"the prompts' image placeholder runs ({runs.tolist()} tokens) are not whole tower passes of "
+                f"{self.tokens} tokens for the {passes} passes in pixel_values"
+            )
+        return None if single else per_image
 
     def project(self, features: Tensor) -> Tensor:
         return self.inner.multi_modal_projector(features)
@@ -219,8 +238,57 @@ class InternVLAdapter(Family):
         return {"pixel_values": pixels[rows]}
 
     def patch_cells(self, features: ImageFeatures, options: ForwardOptions) -> Tensor | None:
+        """Each token's ``(pass, 0, row, col)`` on its pass's raster (the pass within its image, for image rows);
+        -1 past a row's tokens."""
         rows, cols = self.side, self.tokens // self.side
-        return raster_cells(features.keep.shape[0], rows, cols) if rows * cols == features.keep.shape[1] else None
+        width = features.keep.shape[1]
+        if features.tower_runs is None:
+            return raster_cells(features.keep.shape[0], rows, cols) if rows * cols == width else None
+        j = torch.arange(width, device=features.keep.device)
+        within = j % self.tokens
+        cell = torch.stack([j // self.tokens, torch.zeros_like(j), within // cols, within % cols], dim=1)
+        valid = j[None, :] < (features.tower_runs.to(j.device) * self.tokens)[:, None]
+        return torch.where(valid[..., None], cell[None], torch.full_like(cell[None], -1))
+
+
+def image_rows(
+    features: Tensor, states: list[Tensor], groups: Tensor, passes: Tensor, patches: int, cls: bool
+) -> EncodedImages:
+    """One row per image from per-pass tokens.
+
+    ``features`` ``[T, N, F]`` (passes in prompt order), ``passes`` long ``[I]`` (per image), ``groups`` long
+    ``[N, G]`` (one pass's patches of each token), ``patches``: ``P`` per pass (CLS excluded), ``cls``: the
+    tower has one, at 0. Row ``i`` holds its passes' tokens in order (``[I, K*N, F]``, padded past
+    ``passes[i] * N``); its CLS signals come from its last pass (the thumbnail, InternVL's global view, where
+    an image is tiled), each token's from its own pass (``rows``: ``[T, 1+P, C]`` -> ``[I, 1+K*P, C]``).
+    """
+    n = features.shape[1]
+    k, device = int(passes.max()), features.device
+    first = passes.cumsum(0) - passes  # each image's first pass
+
+    def source(width: int) -> tuple[Tensor, Tensor, Tensor]:
+        """``(pass [I, K*width], index in it [K*width], valid [I, K*width])`` of ``width`` items per pass."""
+        j = torch.arange(k * width, device=device)
+        valid = (j // width)[None, :] < passes[:, None]
+        return torch.where(valid, first[:, None] + j // width, first[:, None]), j % width, valid
+
+    tile, slot, valid = source(n)
+    rows = features[tile, slot] * valid[..., None].to(features.dtype)
+    ptile, patch, _ = source(patches)
+    thumbnail = first + passes - 1
+
+    def per_image(state: Tensor) -> Tensor:
+        return torch.cat([state[thumbnail, :1], state[ptile, patch + 1]], dim=1)
+
+    offsets = torch.arange(k, device=device)[:, None, None] * patches  # pass p's patches follow the earlier ones'
+    return EncodedImages(
+        rows,
+        lengths=passes * n,
+        states=states,
+        rows=per_image if cls else None,
+        tower_runs=passes,
+        groups=(groups[None] + offsets).reshape(k * n, -1),
+    )
 
 
 # -- the tiny case ---------------------------------------------------------------------------------------
@@ -229,8 +297,8 @@ class InternVLAdapter(Family):
 def tiny_internvl(
     seed: int = 0, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32
 ) -> tuple[nn.Module, Callable[..., dict[str, Tensor]]]:
-    """A random-weight tiny ``InternVLForConditionalGeneration``: InternViT of 8 layers, 32 px / 4 px patches (64 patches
-    and a CLS per pass), pixel shuffle 0.5 (16 tokens per pass), Qwen2; and ``make_inputs``.
+    """A random-weight tiny ``InternVLForConditionalGeneration``: InternViT of 8 layers, 32 px / 4 px patches
+    (64 patches and a CLS per pass), pixel shuffle 0.5 (16 tokens per pass), Qwen2; and ``make_inputs``.
 
     ``make_inputs(question_lengths=(5, 3), seeds=None, images=None, tiles=1)``: sample ``i`` (drawn from
     ``seeds[i]``, default ``i``) has ``images`` images (None: ``1 + (seed + 1) % 2``, so samples differ),
