@@ -21,6 +21,7 @@ from tokprune.pipeline import Pipeline
 from tokprune.strategy import PruningStrategy, Signal, Stage, VisionPlan
 from tokprune.testing.adapters import CHECKS, TinyCase, cache_equivalence
 from tokprune.testing.models import VOCAB
+from tokprune.testing.mutants import MUTANTS, applies, mutant
 from tokprune.testing.tokens import check_tokens
 
 pytestmark = pytest.mark.skipif(
@@ -376,3 +377,24 @@ def test_a_tiled_image_reads_its_thumbnails_cls_over_all_its_passes():
         assert torch.allclose(got[i, : passes * 16], per_token, atol=1e-6)
         assert (got[i, passes * 16 :] == 0).all()
         start += passes
+
+
+@pytest.mark.parametrize("name", list(MUTANTS))
+def test_every_mutant_fails_on_tiled_images(name):
+    # the contract's mutants on images of 1 to 3 passes (budget_scope="image": a row per image)
+    if not applies(Tiled, name):
+        pytest.skip(f"internvl refuses what {name} changes")
+    wrong = mutant(Tiled, name)
+    # some wrong rows span placeholder runs with text between them: the assembly refuses them before the check
+    with pytest.raises((AssertionError, InputError), match=rf"{wrong.__name__} \(internvl|span placeholder runs"):
+        check_tokens(wrong)
+
+
+def test_a_family_taking_passes_for_images_fails_the_tokens_check():
+    # the family's own bug: tiled images cut per pass under budget_scope="image" (rows are not images)
+    class PerPass(Tiled):
+        def placeholder_runs(self):
+            return None
+
+    with pytest.raises(AssertionError, match=r"saw \d+ rows for \d+ images"):
+        check_tokens(PerPass)
