@@ -84,6 +84,11 @@ def test_tiled_images_are_budgeted_per_image_or_per_pass(case, scope, rows, kept
         _logits(case.model, inputs)
     assert run.stats.images.tolist() == rows and run.stats.visual_kept.tolist() == kept
     assert run.stats.visual_unpruned.tolist() == [48, 80]
+    with tokprune.pruned(case.model, "none", budget_scope=scope, question_end=case.question_end) as stock_run:
+        _logits(case.model, inputs)  # the stock features: the same rows in the stats
+    assert stock_run.stats.images.tolist() == rows
+    assert stock_run.stats.image_tokens.tolist() == run.stats.image_tokens.tolist()
+    assert torch.equal(stock_run.stats.flops_unpruned, run.stats.flops_unpruned)
 
 
 @pytest.mark.parametrize("scope", ["image", "tile"])

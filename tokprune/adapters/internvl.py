@@ -223,8 +223,15 @@ class InternVLAdapter(Family):
         return self.inner.multi_modal_projector(features)
 
     def stock_features(self, encoded: hf.BaseModelOutputWithPooling, options: ForwardOptions) -> ImageFeatures:
-        """``pooler_output`` is ``[T, N, D]``: one row per tower pass."""
-        return ImageFeatures.unpruned(list(encoded.pooler_output))
+        """``pooler_output`` is ``[T, N, D]``, one entry per tower pass: one row per image (its passes) under
+        ``budget_scope="image"``, as the vision stage makes them, so that the stats count the same images."""
+        per_pass = list(encoded.pooler_output)
+        passes = self._passes(len(per_pass), per_pass[0].device) if per_pass else None
+        if passes is None:
+            return ImageFeatures.unpruned(per_pass)
+        out = ImageFeatures.unpruned(list(torch.cat(per_pass).split((passes * self.tokens).tolist())))
+        out.tower_runs = passes
+        return out
 
     def repeat_item_inputs(self, inputs: ForwardOptions, copies: int) -> dict[str, Tensor]:
         """``pixel_values`` has a row per tower pass: each prompt's passes ``copies`` times in a row (repeating
