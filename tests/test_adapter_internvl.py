@@ -1,7 +1,8 @@
-"""The InternVL family (docs/adapters.md, "InternVL"): one row per tower pass, the model's own features
-reproduced, tiles budgeted per pass (``budget_scope="tile"``) and refused per image where the processor
-tiles, the CLS situation (with and without a CLS token), bad layouts refused at ``patch()``, and the FLOP
-model against torch's FlopCounterMode."""
+"""The InternVL family (docs/adapters.md, "InternVL"): the model's own features reproduced, tiled images
+budgeted per image (their passes read from the placeholder runs) or per pass (``budget_scope="tile"``) with
+the contract and its mutants on them, the CLS signals per token against the tower's own attention, the
+checkpoint without a CLS, bad layouts refused at ``patch()``, ``num_return_sequences``, and the FLOP model
+against torch's FlopCounterMode."""
 
 from __future__ import annotations
 
