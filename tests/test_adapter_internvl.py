@@ -109,6 +109,7 @@ def test_fixed_size_strategies_run_per_pass_and_are_refused_per_image(case):
     with tokprune.pruned(case.model, "downsample", budget_scope="tile", question_end=case.question_end) as run:
         _logits(case.model, inputs)
     assert (run.stats.visual_kept * 4 == run.stats.visual_unpruned).all()
+    assert cache_equivalence(Tiled, "downsample", budget_scope="tile") is not None  # cache == recompute there
 
 
 def test_features_asked_outside_a_call_are_one_row_per_pass(case):
