@@ -133,6 +133,7 @@ class VisionSignals:
         declared: frozenset[Signal] | None = None,
         cls_index: int = 0,
         lengths: Tensor | None = None,
+        groups: Tensor | None = None,
     ) -> None:
         self._fetch = fetch
         self.num_layers = num_layers
@@ -140,7 +141,15 @@ class VisionSignals:
         self.cls_index = cls_index
         #: long ``[B]``: patches of each image in a ragged batch (raw signals are ``[B, 1+N_max, C]``,
         #: padded after them); derived scores give padding no attention mass. None: every row full.
+        #: With ``groups``: tokens of each row.
         self.lengths = lengths
+        #: long ``[N, G]``: the tower patches (indices among the ``P`` patches, CLS excluded) that make each
+        #: of the ``N`` tokens the strategy chooses among, where the family merges patches before the
+        #: strategy (InternVL's pixel shuffle: ``G = 4``); None: token ``j`` is patch ``j``. :meth:`qk` stays
+        #: per patch (``[B, 1+P, C]``); the rest is per token: a token's CLS attention is the mass on its
+        #: patches (summed after the softmax over all patches), its key (:meth:`patch_keys`) the mean of
+        #: theirs, its hidden state (:meth:`hidden`, hence :meth:`cls_similarity`) theirs joined.
+        self.groups = groups
         self._declared = declared
         self._cache: dict[tuple, Tensor] = {}
 
@@ -161,8 +170,22 @@ class VisionSignals:
         return self._raw(Signal("qk", layer))
 
     def hidden(self, layer: int = -2) -> Tensor:
-        """``hidden_states[layer]`` of the encoder, ``[B, 1+N, C]`` (CLS included)."""
-        return self._raw(Signal("hidden", layer))
+        """``hidden_states[layer]`` of the encoder, ``[B, 1+N, C]`` (CLS included).
+
+        With ``groups``, in the strategy's token space: each token its patches' states joined (``[B, 1+N,
+        G*C]``, the pixel shuffle's own layout, so the feature layer's row is the token's feature), the CLS
+        state repeated ``G`` times to the same width."""
+        raw = self._raw(Signal("hidden", layer))
+        if self.groups is None:
+            return raw
+        key = ("hidden_tokens", Signal("hidden", layer).resolve(self.num_layers))
+        if key not in self._cache:
+            at = self.cls_index % raw.shape[1]
+            patches = torch.cat([raw[:, :at], raw[:, at + 1 :]], dim=1)
+            tokens = patches[:, self.groups].flatten(2)  # [B, N, G*C]
+            cls = raw[:, at : at + 1].repeat(1, 1, self.groups.shape[1])
+            self._cache[key] = torch.cat([tokens[:, :at], cls, tokens[:, at:]], dim=1)
+        return self._cache[key]
 
     def cls_attention(self, layer: int = -1, heads: Literal["single", "mean"] = "single") -> Tensor:
         """CLS-row attention over the patches of encoder ``layer`` from its q/k, fp32 ``[B, N]``.
@@ -178,10 +201,9 @@ class VisionSignals:
         if key not in self._cache:
             q, k = self.qk(layer)
             n_heads = 1 if heads == "single" else self.num_heads
-            valid = None
-            if self.lengths is not None:  # CLS and each image's patches; the tail of the row is padding
-                valid = torch.arange(q.shape[1], device=q.device)[None, :] <= self.lengths[:, None]
-            self._cache[key] = scoring.cls_attention(q, k, num_heads=n_heads, cls_index=self.cls_index, key_valid=valid)
+            valid = self._patch_valid(q.shape[1], q.device)
+            scores = scoring.cls_attention(q, k, num_heads=n_heads, cls_index=self.cls_index, key_valid=valid)
+            self._cache[key] = self._per_token(scores, summed=True)
         return self._cache[key]
 
     def cls_similarity(self, layer: int = -2) -> Tensor:
@@ -194,9 +216,29 @@ class VisionSignals:
         return self._cache[key]
 
     def patch_keys(self, layer: int = -1) -> Tensor:
-        """Keys of the patch tokens (CLS removed) of encoder ``layer``, ``[B, N, C]``."""
+        """Keys of the patch tokens (CLS removed) of encoder ``layer``, ``[B, N, C]`` (with ``groups``: the
+        mean key of each token's patches)."""
         _, k = self.qk(layer)
-        return torch.cat([k[:, : self.cls_index], k[:, self.cls_index + 1 :]], dim=1)
+        return self._per_token(torch.cat([k[:, : self.cls_index], k[:, self.cls_index + 1 :]], dim=1), summed=False)
+
+    def _patch_valid(self, width: int, device: torch.device) -> Tensor | None:
+        """bool ``[B, 1+P]`` (``width = 1+P``): the CLS and the patches of each row's own tokens; None: all."""
+        if self.lengths is None:
+            return None
+        if self.groups is None:  # the tail of the row is padding
+            return torch.arange(width, device=device)[None, :] <= self.lengths[:, None]
+        tokens = torch.arange(self.groups.shape[0], device=device)[None, :] < self.lengths[:, None]  # [B, N]
+        valid = torch.ones(tokens.shape[0], width, dtype=torch.bool, device=device)
+        patches = valid[:, 1:].clone()
+        patches[:, self.groups] = tokens[:, :, None].expand(-1, -1, self.groups.shape[1])
+        return torch.cat([valid[:, :1], patches], dim=1)
+
+    def _per_token(self, per_patch: Tensor, summed: bool) -> Tensor:
+        """``[B, P]`` or ``[B, P, C]`` per patch -> per token (``groups``): summed or averaged over its patches."""
+        if self.groups is None:
+            return per_patch
+        grouped = per_patch[:, self.groups]  # [B, N, G(, C)]
+        return grouped.sum(dim=2) if summed else grouped.mean(dim=2)
 
 
 @dataclass(frozen=True)

@@ -318,7 +318,27 @@ class PrunedDecoderAdapter(VisualItems, DecoderLoop, Assembly, GenerateChecks, S
             raise UnsupportedModelError(f"the {self.name} tower provides no {signal}")
 
         tower = self.model_parts.tower
-        return VisionSignals(fetch, tower.num_layers, tower.heads, declared=self._signals, lengths=lengths)
+        return VisionSignals(
+            fetch, tower.num_layers, tower.heads, declared=self._signals, lengths=lengths, groups=images.groups
+        )
+
+    def placeholder_runs(self) -> Tensor | None:
+        """long ``[R]``: the lengths of the image placeholder runs of this call's prompts, in prompt order (sample
+        after sample), for a family whose inputs do not say which tower passes make one image (InternVL's
+        tiles, each image one run); None outside a call whose prompts the core knows (``get_image_features``
+        called directly). One device sync."""
+        call = _ACTIVE.get()
+        prompts = call.prompts() if call is not None and call.adapter is self else None
+        if prompts is None:
+            return None
+        ids, valid = prompts
+        image = (ids == self._image_token_id) & valid.to(ids.device)
+        start = image & ~torch.nn.functional.pad(image[:, :-1], (1, 0))  # first placeholder of each run
+        run = start.flatten().long().cumsum(0) - 1  # each position's run (in row-major prompt order)
+        count = int(start.sum())
+        return torch.zeros(count, dtype=torch.long, device=ids.device).index_add_(
+            0, run[image.flatten()], torch.ones_like(run[image.flatten()])
+        )
 
     def _instruction(self, call: CallState, features: Tensor) -> TextCondition | None:
         """Each image's question through the CLIP text tower given to ``patch()`` (None without one, or where
@@ -408,7 +428,7 @@ class PrunedDecoderAdapter(VisualItems, DecoderLoop, Assembly, GenerateChecks, S
             self._patch_entry("get_image_features", video=False)
             if self.model_parts.video_token_id is not None:
                 self._patch_entry("get_video_features", video=True)
-            self._hook_encoder_signals(self.model_parts.tower.layers)
+            self._hook_encoder_signals(self.model_parts.tower.layers, self.model_parts.tower.attention)
         for k in self._llm_steps:
             q, key = hf.qk_modules(self._lm.layers[k - 1].self_attn)
             self._hook(q, ("llm", k - 1, "q"))
@@ -438,13 +458,14 @@ class PrunedDecoderAdapter(VisualItems, DecoderLoop, Assembly, GenerateChecks, S
 
         self._state.set_attribute(self._inner, entry, features)
 
-    def _hook_encoder_signals(self, encoder_layers: Sequence[nn.Module]) -> None:
-        """Record q/k of the encoder layers whose signals the vision step declared (``self._signals``)."""
+    def _hook_encoder_signals(self, encoder_layers: Sequence[nn.Module], attention: str = "self_attn") -> None:
+        """Record q/k of the encoder layers whose signals the vision step declared (``self._signals``), at the
+        modules whose outputs the layer attends with (``hf.qk_modules``: after the q/k norms where it has them)."""
         for signal in self._signals:
             if signal.kind == "qk":
-                attn = encoder_layers[signal.layer].self_attn
-                self._hook(attn.q_proj, ("vision", signal.layer, "q"))
-                self._hook(attn.k_proj, ("vision", signal.layer, "k"))
+                q, k = hf.qk_modules(getattr(encoder_layers[signal.layer], attention))
+                self._hook(q, ("vision", signal.layer, "q"))
+                self._hook(k, ("vision", signal.layer, "k"))
 
     def _hook(self, module: nn.Module, key: CaptureKey) -> None:
         def store(_module: nn.Module, _args: Any, output: Tensor) -> None:

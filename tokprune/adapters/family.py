@@ -30,7 +30,9 @@ take (1-D or M-RoPE)
 
 A family's own state lives in attributes it names itself (set in :meth:`~Family.parts`); the core's
 public attributes are ``model``, ``pipeline``, ``budget_scope``, ``text_encoder``, ``vision_positions``,
-``llm_positions``, ``stats``, ``history`` and ``model_parts`` (what :meth:`~Family.parts` returned).
+``llm_positions``, ``stats``, ``history`` and ``model_parts`` (what :meth:`~Family.parts` returned); while
+:meth:`~Family.encode_images` runs, ``placeholder_runs()`` gives the lengths of the call's image placeholder
+runs (for a family whose inputs do not say which tower passes make one image: InternVL's tiles).
 docs/adapters.md ("Adding a family") walks through a complete one (SmolVLM).
 """
 
@@ -66,12 +68,14 @@ class TowerSignals:
     (``cls=False``) offers none, and the core refuses, at ``patch()``, the vision steps that need one.
     """
 
-    #: Encoder layers in order; the core hooks ``layers[j].self_attn.q_proj`` / ``.k_proj`` for the
-    #: ``qk`` signals a step declares. Empty: no q/k signals.
+    #: Encoder layers in order; for the ``qk`` signals a step declares the core hooks the query and key of
+    #: each layer's attention module (its ``attention`` attribute): ``q_norm`` / ``k_norm`` where it has them
+    #: (the q/k the layer attends with), else ``q_proj`` / ``k_proj``. Empty: no q/k signals.
     layers: Sequence[nn.Module] = ()
     heads: int = 0  #: attention heads of an encoder layer
     cls: bool = False  #: a CLS token at index 0 of every pass
     depth: int | None = None  #: encoder layers (None: ``len(layers)``)
+    attention: str = "self_attn"  #: the attribute of an encoder layer holding its attention (InternViT: ``attention``)
 
     @property
     def num_layers(self) -> int:
@@ -116,6 +120,11 @@ class EncodedImages:
     states: Sequence[Tensor] = ()
     #: ``[T, 1+N, C]`` per pass -> ``[I, 1+L, C]`` per strategy row (None: a pass is a row).
     rows: Callable[[Tensor], Tensor] | None = None
+    #: long ``[L, G]``: where the family merges ``G`` tower patches into each token before the strategy (a
+    #: pixel shuffle), the patches (indices among a row's patches, CLS excluded) of each token; the
+    #: strategy's derived CLS signals are then per token (:attr:`~tokprune.strategy.VisionSignals.groups`).
+    #: None: a token is a patch.
+    groups: Tensor | None = None
     tower_runs: Tensor | None = None  #: long ``[I]``: tower passes per image (None: one each)
     tower_flops: Tensor | None = None  #: fp64 ``[I]``: tower FLOPs per image, where the family counts them
     #: Per decoder layer ``[I, L, D]`` rows added after that layer to the image tokens (DeepStack), gathered

@@ -98,10 +98,10 @@ class GenerateChecks:
         call = CallState(
             self, GenerateCall(prompt_len=int(input_ids.shape[1]), use_cache=bool(use_cache), options=tensors)
         )
-        if self.text_encoder is not None:  # the patched get_image_features has no input_ids: keep the prompts
-            ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else input_ids))
-            mask = kwargs.get("attention_mask")
-            call.generate.prompt = (ids, torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool())
+        # the patched get_image_features has no input_ids: keep the prompts (text encoder, placeholder_runs)
+        ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else input_ids))
+        mask = kwargs.get("attention_mask")
+        call.generate.prompt = (ids, torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool())
         with self._active(call):
             return original(*args, **kwargs)
 

@@ -104,12 +104,10 @@ class DecoderLoop:
         else:
             if use_cache and cache is None:
                 cache = hf.new_dynamic_cache(self._lm.config)
-            if self.text_encoder is not None:
-                prompt_n = input_ids.shape[1] - _generated_count(call.generate, input_ids.shape[1])
-                valid = (
-                    torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-                )
-                call.prompt = (input_ids[:, :prompt_n], valid[:, :prompt_n])
+            # the prompts, for the text encoder and Family.placeholder_runs
+            prompt_n = input_ids.shape[1] - _generated_count(call.generate, input_ids.shape[1])
+            valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+            call.prompt = (input_ids[:, :prompt_n], valid[:, :prompt_n])
             # before the family pops its own: its patch grid may need them
             given = {k: v for k, v in kwargs.items() if v is not None}  # generate() passes some on as None
             options = {**(call.generate.options if call.generate is not None else {}), **given}

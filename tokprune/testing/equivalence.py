@@ -138,10 +138,10 @@ class ProbeVisionTopK(PruningStrategy):
         return frozenset({Signal("qk", -1)})
 
     def plan(self, ctx: VisionContext) -> VisionPlan:
-        q, k = ctx.signals.qk(-1)
-        q, k = q.float(), k.float()
+        q, _ = ctx.signals.qk(-1)
+        keys = ctx.signals.patch_keys(-1).float()  # per token (a family merging patches: their mean key)
         valid, n = ctx.token_valid, ctx.token_counts
-        scores = torch.einsum("bc,bnc->bn", q[:, 0], k[:, 1:]) / q.shape[-1] ** 0.5
+        scores = torch.einsum("bc,bnc->bn", q[:, 0].float(), keys) / q.shape[-1] ** 0.5
         budget = _probe_budget(scores, valid, self.params.keep_ratio, self.params.ragged)
         keep = keep_top(scores, budget, valid)
         features = None
