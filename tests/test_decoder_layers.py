@@ -1,5 +1,5 @@
 """The decoder asks the family about every layer (attention kind, its RoPE and mask), so layers of
-different kinds can differ later (sliding-window and global layers, bidirectional image blocks).
+different kinds differ (Gemma 3's sliding-window and global layers, bidirectional image blocks).
 Families from the registry."""
 
 from __future__ import annotations
@@ -18,12 +18,20 @@ def _alternating(family):
     calls = []
 
     class Alternating(family):
+        """Renames the family's kinds by layer parity (the tiny models' kinds alternate, or are all one)."""
+
         def layer_attention(self, layer):
             return "even" if layer % 2 == 0 else "odd"
 
-        def layer_mask(self, kind, valid, query_len, dtype, all_valid):
-            calls.append((kind, valid.shape[1], query_len))
-            return super().layer_mask(kind, valid, query_len, dtype, all_valid)
+        def _own(self, kind):
+            return super().layer_attention(0 if kind == "even" else 1)
+
+        def layer_rotary(self, kind, hidden, pos):
+            return super().layer_rotary(self._own(kind), hidden, pos)
+
+        def layer_mask_from(self, kind, keys, dtype):
+            calls.append((kind, keys.valid.shape[1], keys.query_len))
+            return super().layer_mask_from(self._own(kind), keys, dtype)
 
     return Alternating, calls
 

@@ -27,6 +27,7 @@ from .assembly import _from_start, _scatter_back
 from .call import (
     IMAGE_INPUTS,
     CallState,
+    LayerKeys,
     _generated_count,
     _Segment,
     _Session,
@@ -117,7 +118,10 @@ class DecoderLoop:
             if features is not None and features.cells is None:
                 features.cells = self.patch_cells(features, options)
             pos = self.positions(input_ids, attention_mask, position_ids, kwargs)
-            hidden = self._prefill(call, input_ids, attention_mask, pos, cache if use_cache else None, features)
+            groups = self.attention_groups(input_ids, options)
+            hidden = self._prefill(
+                call, input_ids, attention_mask, pos, cache if use_cache else None, features, groups
+            )
             if use_cache and cache is not None:  # what a later turn of the conversation must repeat unchanged
                 images = {
                     **options,
@@ -143,8 +147,11 @@ class DecoderLoop:
         position_ids: Tensor | None,
         cache: Any,
         features: ImageFeatures | None,
+        groups: Tensor | None = None,
     ) -> Tensor:
-        """Run the prompt (and, without a cache, the tokens generated so far); returns ``[B, L, D]``."""
+        """Run the prompt (and, without a cache, the tokens generated so far); returns ``[B, L, D]``.
+
+        ``groups`` (long ``[B, n]``, :meth:`attention_groups`): each caller position's bidirectional group."""
         b, n = input_ids.shape
         device = input_ids.device
         valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
@@ -164,7 +171,7 @@ class DecoderLoop:
         seq, shift = self._stage_positions(
             seq, self._vision_mode(), torch.zeros(b, dtype=torch.long, device=device), valid.sum(dim=1)
         )
-        segments = [_Segment(0, seq.valid, shift, bool(seq.valid.all()))]
+        segments = [_Segment(0, seq.valid, shift, bool(seq.valid.all()), self.text_positions(seq.pos))]
         visual_kept = ((seq.roles == TokenRole.IMAGE) & seq.valid).sum(dim=1)
         num_layers = len(self._lm.layers)
         layer_tokens = torch.zeros(b, num_layers, dtype=torch.long, device=device)
@@ -189,7 +196,7 @@ class DecoderLoop:
             inputs: dict[str, tuple[tuple[Tensor, Tensor], Any]] = {}  # this segment's, per attention kind
             for i, layer in enumerate(self._lm.layers):
                 if i in self._llm_steps:
-                    scored = self._layer_inputs(inputs, i - 1, seq, segments[-1].all_valid)[0]  # layer K-1's RoPE
+                    scored = self._layer_inputs(inputs, i - 1, seq, segments[-1].all_valid, groups)[0]  # K-1's RoPE
                     if slots is not None:
                         kept_columns[i] = token_columns(seq.src, seq.valid & seq.prompt, slots, n)
                     seq, step_diag, full = self._llm_step(call, self._llm_steps[i], i, seq, scored, generated)
@@ -198,10 +205,10 @@ class DecoderLoop:
                     diagnostics.update(step_diag)
                     mode = self._llm_steps[i].positions() or self.llm_positions  # a method's own choice wins
                     seq, shift = self._stage_positions(seq, mode, segments[-1].shift, seq_valid_count)
-                    segments.append(_Segment(i, seq.valid, shift, full))
+                    segments.append(_Segment(i, seq.valid, shift, full, self.text_positions(seq.pos)))
                     llm_kept[i] = (seq.valid & seq.prompt).sum(dim=1)
                     inputs = {}
-                embeddings, mask = self._layer_inputs(inputs, i, seq, segments[-1].all_valid)
+                embeddings, mask = self._layer_inputs(inputs, i, seq, segments[-1].all_valid, groups)
                 layer_tokens[:, i] = (seq.valid & seq.prompt).sum(dim=1)
                 layer_visual[:, i] = ((seq.roles == TokenRole.IMAGE) & seq.valid).sum(dim=1)
                 seq.hidden = hf.call_decoder_layer(
@@ -241,15 +248,25 @@ class DecoderLoop:
         return _scatter_back(hidden, seq, n)
 
     def _layer_inputs(
-        self, inputs: dict[str, tuple[tuple[Tensor, Tensor], Any]], layer: int, seq: Seq, all_valid: bool
+        self,
+        inputs: dict[str, tuple[tuple[Tensor, Tensor], Any]],
+        layer: int,
+        seq: Seq,
+        all_valid: bool,
+        groups: Tensor | None = None,
     ) -> tuple[tuple[Tensor, Tensor], Any]:
         """RoPE cos/sin and mask of decoder ``layer`` in the current segment (prefill: no cached keys), built
-        once per attention kind the family names for its layers (:meth:`layer_attention`) and kept in ``inputs``."""
+        once per attention kind the family names for its layers (:meth:`layer_attention`) and kept in ``inputs``.
+        ``groups``: each caller position's bidirectional group (long ``[B, n]``), read at the survivors' sources."""
         kind = self.layer_attention(layer)
         if kind not in inputs:
             embeddings = self.layer_rotary(kind, seq.hidden, seq.pos)
-            mask = self.layer_mask(kind, seq.valid, seq.valid.shape[1], seq.hidden.dtype, all_valid)
-            inputs[kind] = (embeddings, mask)
+            held = None
+            if groups is not None:  # inserted tokens (src -1) and padding belong to no group
+                rows = torch.arange(seq.src.shape[0], device=seq.src.device)[:, None]
+                held = torch.where(seq.valid & (seq.src >= 0), groups[rows, seq.src.clamp_min(0)], -1)
+            keys = LayerKeys(seq.valid, self.text_positions(seq.pos), seq.valid.shape[1], all_valid, held)
+            inputs[kind] = (embeddings, self.layer_mask_from(kind, keys, seq.hidden.dtype))
         return inputs[kind]
 
     # -- LLM stage ----------------------------------------------------------------------------------
@@ -271,20 +288,28 @@ class DecoderLoop:
             raise InternalError(f"the LLM step at layer {k} ran outside a prefill's capture window")
         attn = self._lm.layers[k - 1].self_attn
         b, n, _ = seq.hidden.shape
-        q = call.capture.pop(("llm", k - 1, "q")).view(b, n, -1, attn.head_dim).transpose(1, 2)
-        raw_key = call.capture.pop(("llm", k - 1, "k")).view(b, n, -1, attn.head_dim).transpose(1, 2)
+        q, raw_key = hf.qk_norms(
+            attn,
+            call.capture.pop(("llm", k - 1, "q")).view(b, n, -1, attn.head_dim),
+            call.capture.pop(("llm", k - 1, "k")).view(b, n, -1, attn.head_dim),
+        )
+        q, raw_key = q.transpose(1, 2), raw_key.transpose(1, 2)
         cos, sin = embeddings
         q, key = hf.apply_rope(q, raw_key, cos, sin)
         p = n - generated  # generated tokens are the last columns of every row
         hidden, valid = seq.hidden[:, :p], seq.valid[:, :p]
 
         def keys_from_start() -> Tensor:  # RoPE at each sample's positions minus its first (as run alone)
-            start_cos, start_sin = self.rotary(hidden, _from_start(seq.pos[:, :p], valid))
+            kind = self.layer_attention(k - 1)
+            start_cos, start_sin = self.layer_rotary(kind, hidden, _from_start(seq.pos[:, :p], valid))
             return hf.apply_rope(raw_key[:, :, :p], raw_key[:, :, :p], start_cos, start_sin)[1]
 
         def layer_attention() -> LLMAttention:  # layer K's own norm, q/k and RoPE on the states entering it
             own_q, own_k = hf.layer_qk(self._lm.layers[k], hidden)
-            own_q, own_k = hf.apply_rope(own_q, own_k, cos[:, :p], sin[:, :p])
+            own_cos, own_sin = cos, sin
+            if self.layer_attention(k) != self.layer_attention(k - 1):  # layer K's own RoPE
+                own_cos, own_sin = self.layer_rotary(self.layer_attention(k), seq.hidden, seq.pos)
+            own_q, own_k = hf.apply_rope(own_q, own_k, own_cos[:, :p], own_sin[:, :p])
             return LLMAttention(own_q, own_k, valid, scale=self._lm.layers[k].self_attn.scaling)
 
         ctx = LLMContext(
@@ -345,14 +370,17 @@ class DecoderLoop:
                 seg.mask = torch.cat([seg.mask, new_valid], dim=1)
                 seg.all_valid = seg.all_valid and new_all
                 pos = position_ids - seg.shift.view(-1, *[1] * (position_ids.dim() - 1))
+                if seg.positions is not None:
+                    seg.positions = torch.cat([seg.positions, self.text_positions(pos)], dim=1)
                 inputs = {}
             kind = self.layer_attention(i)
             if kind not in inputs:
-                inputs[kind] = (
-                    self.layer_rotary(kind, hidden, pos),
-                    self.layer_mask(kind, seg.mask, q, hidden.dtype, seg.all_valid),
-                )
+                keys = LayerKeys(seg.mask, seg.positions, q, seg.all_valid)
+                inputs[kind] = (self.layer_rotary(kind, hidden, pos), self.layer_mask_from(kind, keys, hidden.dtype))
             embeddings, mask = inputs[kind]
+            held = hf.held_keys(cache, i, seg.mask.shape[1], q)
+            if mask is not None and held < mask.shape[-1]:  # a sliding-window cache layer returns only its last keys
+                mask = mask[..., -held:]
             hidden = hf.call_decoder_layer(
                 layer,
                 hidden,
