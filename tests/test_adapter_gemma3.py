@@ -1,0 +1,307 @@
+"""The Gemma 3 family: sliding-window and full layers with their own RoPE, bidirectional image blocks that follow
+the survivors of every cut, LLM-stage cuts only where a full layer scores them, and the refusals (CLS-reading
+vision steps, pan-and-scan crops, cuts scored by a sliding layer, configurations the family does not handle).
+
+The references are built from the stock model's own pieces and transformers' own mask builder: each wrong
+treatment (no window, no image blocks, blocks that stay where the image was, one RoPE for every layer) is
+written here too and must fail them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.gemma3 import modeling_gemma3 as stock
+
+import tokprune
+from tokprune import hf_compat as hf
+from tokprune.adapters.family import LayerKeys
+from tokprune.adapters.gemma3 import FULL, SLIDING, Gemma3Adapter, image_blocks, layer_mask
+from tokprune.errors import MissingCapabilityError, StrategyParamError, UnsupportedModelError
+from tokprune.testing.adapters import LENGTHS, cache_equivalence
+from tokprune.testing.models import VOCAB
+
+pytestmark = pytest.mark.skipif(
+    hf.older_than(Gemma3Adapter.min_transformers),
+    reason=f"Gemma 3 is tested from transformers {Gemma3Adapter.min_transformers}",
+)
+
+WRONG = 1e-3  #: how far (max |logit difference|) a wrong treatment must land
+QUESTION_END = VOCAB.assistant_marker
+
+
+@pytest.fixture(scope="module")
+def case():
+    return Gemma3Adapter.tiny()
+
+
+@pytest.fixture(scope="module")
+def eager():
+    return Gemma3Adapter.tiny(attn_implementation="eager")
+
+
+# -- wrong treatments (each must fail a test below) ------------------------------------------------------------
+
+
+class NoWindow(Gemma3Adapter):
+    """Sliding layers attend to every earlier key."""
+
+    def layer_mask_from(self, kind, keys, dtype):
+        return super().layer_mask_from(FULL, keys, dtype)
+
+
+class NoBlocks(Gemma3Adapter):
+    """Image tokens attend causally only."""
+
+    def attention_groups(self, input_ids, options):
+        return None
+
+
+class OneRope(Gemma3Adapter):
+    """Every layer rotates with the full layers' RoPE base."""
+
+    def layer_rotary(self, kind, hidden, pos):
+        return super().layer_rotary(FULL, hidden, pos)
+
+
+class StaleBlocks(Gemma3Adapter):
+    """Image blocks read at the packed column (where the image was before the cut), not the survivor's source."""
+
+    def attention_groups(self, input_ids, options):
+        self.blocks = super().attention_groups(input_ids, options)
+        return self.blocks
+
+    def layer_mask_from(self, kind, keys, dtype):
+        if keys.groups is not None:  # right-aligned: the sequences are left-padded before and after a cut
+            keys = LayerKeys(keys.valid, keys.positions, keys.query_len, keys.all_valid,
+                             self.blocks[:, -keys.valid.shape[1]:])  # fmt: skip
+        return super().layer_mask_from(kind, keys, dtype)
+
+
+def _logits(model, inputs, spec="none", adapter=None, **options):
+    with torch.no_grad(), tokprune.pruned(model, spec, question_end=QUESTION_END, adapter=adapter, **options) as run:
+        return model(**inputs).logits, run.stats
+
+
+def _distance(a, b):
+    return (a - b).abs().max().item()
+
+
+# -- the tiny model exercises what the family must get right --------------------------------------------------
+
+
+def test_the_tiny_case_has_windows_blocks_and_two_ropes_that_matter(case):
+    x = case.make_inputs(LENGTHS)
+    config = case.model.config.text_config
+    images = (x["input_ids"] == VOCAB.image).sum(dim=1)
+    assert x["attention_mask"].sum(dim=1).min() > 3 * config.sliding_window  # the window cuts every prompt
+    assert images.tolist() == [32, 32, 16]  # several images per sample, ragged
+    assert set(config.layer_types) == {SLIDING, FULL}
+    assert config.rope_parameters[SLIDING]["rope_theta"] != config.rope_parameters[FULL]["rope_theta"]
+    with torch.no_grad():
+        with_blocks = case.model(**x).logits
+        causal = case.model(**{k: v for k, v in x.items() if k != "token_type_ids"}).logits
+    assert _distance(with_blocks, causal) > WRONG
+
+
+@pytest.mark.parametrize("types", [True, False], ids=["image_blocks", "causal_only"])
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_keep_all_is_stock_and_each_wrong_mask_or_rope_is_not(types, impl, case, eager):
+    case = case if impl == "sdpa" else eager
+    x = case.make_inputs(LENGTHS)
+    if not types:
+        x.pop("token_type_ids")
+    with torch.no_grad():
+        reference = case.model(**x).logits
+        tokens = case.model.generate(**x, max_new_tokens=4, do_sample=False, pad_token_id=VOCAB.pad)
+    valid = x["attention_mask"].bool()  # padding rows attend to nothing: their outputs are arbitrary
+    assert _distance(_logits(case.model, x)[0][valid], reference[valid]) <= 1e-5
+    with tokprune.pruned(case.model, "none", question_end=QUESTION_END), torch.no_grad():  # sliding cache layers
+        assert torch.equal(case.model.generate(**x, max_new_tokens=4, do_sample=False, pad_token_id=VOCAB.pad), tokens)
+    for wrong in (NoWindow, OneRope) + ((NoBlocks,) if types else ()):
+        assert _distance(_logits(case.model, x, adapter=wrong)[0][valid], reference[valid]) > WRONG, wrong.__name__
+
+
+def test_the_mask_measures_windows_in_positions_and_keeps_later_tokens_of_a_block():
+    # survivors at positions 0, 1, 5, 9, 10, 11 (a cut dropped the others); window 8; 9..11 one image block
+    positions = torch.tensor([[0, 1, 5, 9, 10, 11]])
+    keys = LayerKeys(torch.ones(1, 6, dtype=torch.bool), positions, 6, True, torch.tensor([[-1, -1, -1, 0, 0, 0]]))
+    allowed = layer_mask(keys, 8, torch.float32, "sdpa")[0, 0]
+    assert allowed[3].tolist() == [False, False, True, True, True, True]  # 1 is 8 back: outside; later block keys in
+    assert allowed[2].tolist() == [True, True, True, False, False, False]  # text stays causal
+    full = layer_mask(keys, None, torch.float32, "sdpa")[0, 0]
+    assert full[3].tolist() == [True] * 6 and full[2].tolist() == [True] * 3 + [False] * 3
+    assert image_blocks(torch.tensor([[0, 1, 1, 0, 1, 1, 1, 0]])).tolist() == [[-1, 0, 0, -1, 1, 1, 1, -1]]
+
+
+# -- the stock model on the survivors ---------------------------------------------------------------------------
+
+
+def _reference(model, x, vision_keep, llm_keep, layer):
+    """Last-token logits of one unpadded sample from Gemma 3's stock pieces and transformers' own masks, pruned by
+    construction: the prompt shortened to the kept image tokens (``vision_keep`` bool ``[I, N]``; positions
+    renumbered, i.e. ``compact``), and from decoder ``layer`` on the tokens ``llm_keep`` drops (bool over the
+    shortened prompt) masked out of every key, which is what removing them does to the survivors under
+    ``positions=keep``. Must run on the unpatched model (eager attention)."""
+    inner, lm = model.model, model.model.language_model
+    with torch.no_grad():
+        pooled = inner.get_image_features(x["pixel_values"]).pooler_output.flatten(0, 1)  # [I * N, D]
+        image = x["input_ids"][0] == VOCAB.image
+        slots = image.clone()
+        slots[image] = vision_keep.flatten()
+        ids = x["input_ids"][:, ~image | slots]
+        hidden = lm.embed_tokens(ids)
+        hidden[0, ids[0] == VOCAB.image] = pooled[vision_keep.flatten()]
+        pos = torch.arange(ids.shape[1])[None]
+        blocks = stock.get_block_sequence_ids_for_mask((ids == VOCAB.image).long())
+        masks = stock.create_masks_for_vision_model(
+            config=lm.config, inputs_embeds=hidden, attention_mask=torch.ones_like(ids), cache=None,
+            position_ids=pos, block_sequence_ids=blocks,
+        )  # fmt: skip
+        for i, decoder_layer in enumerate(lm.layers):
+            kind = lm.config.layer_types[i]
+            mask = masks[kind]
+            if i >= layer:
+                mask = mask.masked_fill(~llm_keep[None, None, None, :], torch.finfo(mask.dtype).min)
+            hidden = decoder_layer(hidden, position_embeddings=lm.rotary_emb(hidden, pos, kind), attention_mask=mask)
+        return model.lm_head(lm.norm(hidden))[0, -1]  # (Gemma3ForConditionalGeneration applies no final soft-cap)
+
+
+def _kept(stats, layer, ids):
+    """The vision keep mask ``[I, N]`` and the LLM keep mask over the shortened prompt."""
+    vision = stats.kept.vision
+    survivors = ids[0][ids[0] != VOCAB.image].shape[0] + int(vision.sum())
+    llm = torch.ones(survivors, dtype=torch.bool)
+    image = ids[0] == VOCAB.image
+    slots = image.clone()
+    slots[image] = vision.flatten()
+    shortened_image = image[~image | slots]
+    llm[shortened_image] = stats.kept.layers[layer][vision] if layer in stats.kept.layers else True
+    return vision, llm
+
+
+@pytest.mark.parametrize("layer", [2, 4])
+def test_a_vision_and_an_llm_cut_are_the_stock_model_on_the_survivors(layer, eager):
+    model, x = eager.model, eager.make_inputs([6], images=2)
+    spec = f"divprune(keep_ratio=0.5)+fastv(layer={layer}, keep_ratio=0.5)"
+    logits, stats = _logits(model, x, spec, vision_positions="compact")
+    vision, llm = _kept(stats, layer, x["input_ids"])
+    assert 0 < int(vision.sum()) < vision.numel() and 0 < int((~llm).sum())
+    reference = _reference(model, x, vision, llm, layer)
+    assert _distance(logits[0, -1], reference) <= 1e-4
+    for wrong in (NoWindow, NoBlocks, StaleBlocks, OneRope):
+        wrong_logits, wrong_stats = _logits(model, x, spec, adapter=wrong, vision_positions="compact")
+        assert torch.equal(wrong_stats.kept.vision, vision)  # same cut, so only the treatment differs
+        assert _distance(wrong_logits[0, -1], reference) > WRONG, wrong.__name__
+
+
+def test_llm_scores_are_the_stock_eager_attention_of_the_full_layer(eager):
+    from dataclasses import replace
+
+    from tokprune import Pipeline
+    from tokprune.testing.equivalence import ProbeLastRow, last_row_attention
+
+    class Record(ProbeLastRow):
+        def plan(self, ctx):
+            plan = super().plan(ctx)
+            return replace(plan, diagnostics={**plan.diagnostics, "scores": last_row_attention(ctx)})
+
+    x = eager.make_inputs(LENGTHS)
+    valid = x["attention_mask"].bool()
+    for layer in (2, 4):
+        with torch.no_grad():
+            attn = eager.model(**x, output_attentions=True).attentions[layer - 1]  # [B, H, L, L]
+        with tokprune.pruned(eager.model, Pipeline([Record(layer=layer)]), question_end=QUESTION_END) as run:
+            with torch.no_grad():
+                eager.model(**x)
+        scores = run.stats.diagnostics["probe_last_row.scores"]
+        assert _distance(scores[valid], attn[:, :, -1].mean(1)[valid]) <= 1e-5
+
+
+# -- LLM-stage strategies and where they may cut --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "spec",
+    ["fastv(layer=4)", "text_interact(layer=4)", "dart(layer=2)", "pyramiddrop(layer=(2, 4), keep_ratio=(0.5, 0.25))",
+     "divprune+pyramiddrop(layer=(2, 4), keep_ratio=(0.5, 0.25), positions=keep)"],
+)  # fmt: skip
+def test_llm_stage_strategies_run_and_the_cache_equals_recompute(spec):
+    assert cache_equivalence(Gemma3Adapter, spec) is not None
+
+
+@pytest.mark.parametrize("spec", ["fastv(layer=1)", "dart(layer=3)", "pyramiddrop(layer=(1, 2, 3))"])
+def test_a_cut_scored_by_a_sliding_layer_is_refused_naming_the_layers_that_can(spec, case):
+    with pytest.raises(StrategyParamError, match=r"prunes before decoder layer [13], which this gemma3 model cannot "
+                       r"host: layer [02], which scores the cut, is a sliding-window layer .*8 positions.*"
+                       r"layers that can host an LLM-stage cut: 2, 4$"):  # fmt: skip
+        tokprune.patch(case.model, spec, question_end=QUESTION_END)
+    assert tokprune.adapters.handle_of(case.model) is None
+
+
+def test_attention_soft_capping_refuses_the_llm_stage_only(case, monkeypatch):
+    monkeypatch.setattr(case.model.config.text_config, "attn_logit_softcapping", 50.0)
+    with pytest.raises(StrategyParamError, match=r"soft-caps its logits \(attn_logit_softcapping=50.0\).*: none$"):
+        tokprune.patch(case.model, "fastv", question_end=QUESTION_END)
+    tokprune.patch(case.model, "divprune", question_end=QUESTION_END).remove()
+
+
+def test_bidirectional_gemma_is_refused(case, monkeypatch):
+    monkeypatch.setattr(case.model.config.text_config, "use_bidirectional_attention", True)
+    with pytest.raises(UnsupportedModelError, match=r"use_bidirectional_attention=True.*use_bidirectional_attention="):
+        tokprune.patch(case.model, "fastv", question_end=QUESTION_END)
+
+
+# -- the vision stage ---------------------------------------------------------------------------------------
+
+
+def test_our_pooled_and_projected_features_are_the_stock_ones(case):
+    x = case.make_inputs(LENGTHS)
+    with torch.no_grad():
+        reference = case.model.model.get_image_features(x["pixel_values"]).pooler_output  # [I, 16, D]
+        with tokprune.pruned(case.model, "divprune", question_end=QUESTION_END) as adapter:
+            encoded = adapter.encode_images(x["pixel_values"], {})
+            ours = adapter.project(encoded.features)
+    assert encoded.grid == (4, 4) and encoded.features.shape[:2] == (5, 16)
+    assert _distance(ours, reference) <= 1e-6
+
+
+def test_an_image_with_fewer_tokens_than_the_budget_is_kept_whole(case):
+    _, stats = _logits(case.model, case.make_inputs(LENGTHS), "divprune(keep=20)")
+    assert stats.image_kept.tolist() == [16] * 5
+    _, stats = _logits(case.model, case.make_inputs(LENGTHS), "divprune(keep=6)")
+    assert stats.image_kept.tolist() == [6] * 5
+
+
+def test_cls_reading_strategies_are_refused_naming_those_that_work(case):
+    with pytest.raises(MissingCapabilityError, match=r"^cls_knee reads the CLS token's signals .*gemma3 vision tower "
+                       r"has no CLS token; vision strategies that read no CLS signal: .*divprune"):  # fmt: skip
+        tokprune.patch(case.model, "cls_knee", question_end=QUESTION_END)
+    assert tokprune.adapters.handle_of(case.model) is None
+
+
+def test_pan_and_scan_is_refused_at_patch_for_the_vision_stage(case, monkeypatch):
+    from tokprune.adapters import gemma3
+
+    monkeypatch.setattr(gemma3.hf, "model_image_processor", lambda model: type("P", (), {"do_pan_and_scan": True}))
+    with pytest.raises(MissingCapabilityError, match=r"do_pan_and_scan=True.*do_pan_and_scan=False"):
+        tokprune.patch(case.model, "divprune", question_end=QUESTION_END)
+    tokprune.patch(case.model, "fastv", question_end=QUESTION_END).remove()  # the LLM stage still runs
+
+
+def test_pre_encoded_images_are_refused_unless_ours(case):
+    x = case.make_inputs([4])
+    with torch.no_grad():
+        encoded = case.model.model.get_image_features(x.pop("pixel_values"))
+    pre = {"image": BaseModelOutputWithPooling(pooler_output=encoded.pooler_output)}
+    with torch.no_grad():
+        reference = case.model(**x, mm_encoder_outputs=dict(pre)).logits
+        assert _distance(_logits(case.model, {**x, "mm_encoder_outputs": dict(pre)})[0], reference) <= 1e-5
+
+
+def test_decoding_reads_only_the_keys_a_sliding_cache_layer_keeps(monkeypatch):
+    # generate's DynamicCache keeps the last window - 1 keys of a sliding layer: the decode masks must match
+    assert cache_equivalence(Gemma3Adapter, "fastv(layer=2)") is not None
+    monkeypatch.setattr(hf, "held_keys", lambda cache, layer, keys, query_length: keys)
+    with pytest.raises((AssertionError, RuntimeError)):
+        cache_equivalence(Gemma3Adapter, "fastv(layer=2)")
