@@ -305,3 +305,47 @@ def test_decoding_reads_only_the_keys_a_sliding_cache_layer_keeps(monkeypatch):
     monkeypatch.setattr(hf, "held_keys", lambda cache, layer, keys, query_length: keys)
     with pytest.raises((AssertionError, RuntimeError)):
         cache_equivalence(Gemma3Adapter, "fastv(layer=2)")
+
+
+# -- the FLOP model -----------------------------------------------------------------------------------------
+
+
+def _macs(counter, name):
+    """Multiply-accumulates of the ops run under module ``name`` (FlopCounterMode counts 2 per MAC);
+    convolutions (the patch embedding) are left out of the FLOP model on purpose (tokprune.stats)."""
+    ops = counter.get_flop_counts().get(name, {})
+    total = sum(v for op, v in ops.items() if "convolution" not in str(op))
+    assert total % 2 == 0
+    return total // 2
+
+
+@pytest.mark.parametrize("spec", ["none", "random(keep_ratio=0.25)", "fastv(layer=2, keep=4)", "fastv(layer=4)"])
+def test_prefill_flops_are_the_brute_force_count(spec, eager):
+    # Tower (every patch, no CLS), the projector's linear map on the tokens it maps (ours maps the kept ones,
+    # outside the projector module: what the inner model ran beside its children), and the decoder layers at
+    # the counts they ran (queries 96 wide for a 64-wide model). Unpruned: the stock model's own count.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model, x = eager.model, eager.make_inputs((6,), images=2)  # one sample: padding would be counted
+    root = f"{type(model).__name__}.model"
+    children = ("vision_tower", "multi_modal_projector") + tuple(
+        f"language_model.layers.{i}" for i in range(len(model.model.language_model.layers))
+    )
+    for patched in (True, False):
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            if patched:
+                with tokprune.pruned(model, spec, question_end=QUESTION_END) as run:
+                    model(**x, logits_to_keep=1)
+            else:
+                model(**x, logits_to_keep=1)
+        counted = sum(_macs(counter, f"{root}.{name}") for name in children)
+        if spec.startswith("random") and patched:  # our projection of the kept tokens, in the inner model itself
+            counted += (
+                _macs(counter, root)
+                - _macs(counter, f"{root}.vision_tower")
+                - sum(_macs(counter, f"{root}.language_model.layers.{i}") for i in range(6))
+            )
+        stats = run.stats
+        figure = stats.flops_pruned if patched else stats.flops_unpruned
+        assert float(figure.sum()) == counted, (spec, patched)
+    assert (stats.flops_pruned < stats.flops_unpruned).all() == (spec != "none")

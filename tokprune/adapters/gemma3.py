@@ -79,8 +79,7 @@ def layer_mask(keys: LayerKeys, window: int | None, dtype: torch.dtype, implemen
 
 
 class Gemma3Adapter(Family):
-    """HF ``Gemma3ForConditionalGeneration``: SigLIP, average pool + RMSNorm + linear, Gemma 3 (sliding and full
-    layers, bidirectional image blocks)."""
+    """HF ``Gemma3ForConditionalGeneration``: SigLIP, pooled projector, sliding and full layers, image blocks."""
 
     name = "gemma3"
     min_transformers = "5.24.0"
@@ -124,6 +123,7 @@ class Gemma3Adapter(Family):
             vision_tokens=patches,  # no CLS
             mlp_matrices=mlp_matrices(lm.layers[0].mlp),
             kv_dim=kv_width(text),
+            q_dim=text.num_attention_heads * text.head_dim,  # 2048 for a 2560-wide 4B: not the width
             projector_macs=vision.hidden_size * text.hidden_size,  # the linear map per kept token
         )
         return FamilyParts(
@@ -203,16 +203,16 @@ def tiny_gemma3(
     seed: int = 0, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32
 ) -> tuple[nn.Module, Callable[..., dict[str, Tensor]]]:
     """A random-weight tiny ``Gemma3ForConditionalGeneration``: SigLIP 32 px / 4 px patches pooled to 16 tokens
-    per image, a 6-layer Gemma 3 alternating sliding (window 8) and full layers; and ``make_inputs``
-    (``make_inputs(question_lengths, seeds=None, images=None)``: ``images`` per sample, None: 1 or 2 drawn from
-    the sample's seed and length; ``pixel_values`` ``[images, 3, 32, 32]``; ``token_type_ids`` as the processor
-    returns them)."""
+    per image, a 6-layer Gemma 3 alternating sliding (window 8) and full layers, queries wider than the hidden size
+    (4 heads of 24 for 64, as the 4B's 8 x 256 for 2560); and ``make_inputs`` (``make_inputs(question_lengths,
+    seeds=None, images=None)``: ``images`` per sample, None: 1 or 2 drawn from the sample's seed and length;
+    ``pixel_values`` ``[images, 3, 32, 32]``; ``token_type_ids`` as the processor returns them)."""
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration
 
-    vision = {"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64,
-              "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 32, "patch_size": 4}  # fmt: skip
+    vision = {"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 2, "image_size": 32, "patch_size": 4, "vision_use_head": False}  # fmt: skip
     text = {"vocab_size": VOCAB.size, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 6,
-            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "query_pre_attn_scalar": 16,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 24, "query_pre_attn_scalar": 24,
             "sliding_window": 8, "layer_types": [SLIDING, FULL] * 3, "max_position_embeddings": 512,
             "final_logit_softcapping": 30.0, "pad_token_id": VOCAB.pad, "bos_token_id": VOCAB.bos,
             "eos_token_id": VOCAB.eos, "initializer_range": 0.08}  # fmt: skip
