@@ -349,3 +349,17 @@ def test_prefill_flops_are_the_brute_force_count(spec, eager):
         figure = stats.flops_pruned if patched else stats.flops_unpruned
         assert float(figure.sum()) == counted, (spec, patched)
     assert (stats.flops_pruned < stats.flops_unpruned).all() == (spec != "none")
+
+
+@pytest.mark.parametrize("spec", ["none", "divprune+fastv(layer=4)"])
+def test_several_sequences_per_prompt_repeat_each_prompts_own_images(spec, case):
+    # pixel_values has a row per image, several per prompt: repeated per prompt, not row by row
+    x = case.make_inputs(LENGTHS)
+    common = {"max_new_tokens": 4, "do_sample": True, "top_k": 1, "pad_token_id": VOCAB.pad}
+    with torch.no_grad(), tokprune.pruned(case.model, spec, question_end=QUESTION_END):
+        one = case.model.generate(**x, **common)
+        two = case.model.generate(**x, num_return_sequences=2, **common)
+    assert torch.equal(two, one.repeat_interleave(2, dim=0))
+    if spec == "none":
+        with torch.no_grad():
+            assert torch.equal(case.model.generate(**x, num_return_sequences=2, **common), two)

@@ -35,6 +35,7 @@ from ._tiny import VOCAB, TinyCase, left_padded, prompt_ids, random_model
 from .call import LayerKeys
 from .clip import class_names
 from .family import EncodedImages, Family, FamilyParts, ForwardOptions, TowerSignals
+from .features import ImageFeatures
 
 __all__ = ["Gemma3Adapter", "image_blocks", "layer_mask", "pan_and_scan", "tiny_gemma3"]
 
@@ -162,8 +163,20 @@ class Gemma3Adapter(Family):
             features
         )
 
-    def patch_cells(self, features: object, options: ForwardOptions) -> Tensor | None:
-        return raster_cells(features.keep.shape[0], self.side, self.side)  # type: ignore[attr-defined]
+    def repeat_item_inputs(self, inputs: ForwardOptions, copies: int) -> dict[str, Tensor]:
+        """``pixel_values`` has a row per image: each prompt's images ``copies`` times in a row."""
+        pixels, ids = inputs.get("pixel_values"), inputs.get("input_ids")
+        if not isinstance(pixels, Tensor) or not isinstance(ids, Tensor):
+            return {}
+        counts = (ids == self.model.config.image_token_id).sum(dim=1) // (self.side * self.side)  # images per prompt
+        starts = (counts.cumsum(0) - counts).repeat_interleave(copies)
+        counts = counts.repeat_interleave(copies)
+        first = (counts.cumsum(0) - counts).repeat_interleave(counts)
+        rows = starts.repeat_interleave(counts) + torch.arange(int(counts.sum()), device=counts.device) - first
+        return {"pixel_values": pixels[rows.to(pixels.device)]}
+
+    def patch_cells(self, features: ImageFeatures, options: ForwardOptions) -> Tensor | None:
+        return raster_cells(features.keep.shape[0], self.side, self.side)
 
     # -- per-layer attention ---------------------------------------------------------------------------------
 
