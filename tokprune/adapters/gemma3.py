@@ -32,9 +32,8 @@ from ..errors import InputError, MissingCapabilityError, UnsupportedModelError
 from ..keptmap import raster_cells
 from ..stats import FlopModel, kv_width, mlp_matrices
 from ._tiny import VOCAB, TinyCase, left_padded, prompt_ids, random_model
-from .call import LayerKeys
 from .clip import class_names
-from .family import EncodedImages, Family, FamilyParts, ForwardOptions, TowerSignals
+from .family import EncodedImages, Family, FamilyParts, ForwardOptions, LayerKeys, TowerSignals
 from .features import ImageFeatures
 
 __all__ = ["Gemma3Adapter", "image_blocks", "layer_mask", "pan_and_scan", "tiny_gemma3"]
