@@ -19,7 +19,7 @@ from tokprune.adapters.family import LayerKeys
 from tokprune.adapters.gemma3 import FULL, SLIDING, Gemma3Adapter, image_blocks, layer_mask
 from tokprune.errors import MissingCapabilityError, StrategyParamError, UnsupportedModelError
 from tokprune.testing.adapters import LENGTHS, cache_equivalence
-from tokprune.testing.models import VOCAB
+from tokprune.testing.models import VOCAB, left_padded
 
 pytestmark = pytest.mark.skipif(
     hf.older_than(Gemma3Adapter.min_transformers),
@@ -363,3 +363,31 @@ def test_several_sequences_per_prompt_repeat_each_prompts_own_images(spec, case)
     if spec == "none":
         with torch.no_grad():
             assert torch.equal(case.model.generate(**x, num_return_sequences=2, **common), two)
+
+
+def test_a_padded_later_turn_on_sliding_cache_layers_is_refused():
+    # generate's DynamicCache(config) evicts a sliding layer's entries beyond the window, padding included: a
+    # batch's later turn of unequal lengths would leave a padded sample fewer of its own keys than alone
+    from transformers import DynamicCache
+
+    case = Gemma3Adapter.tiny(seed=1)  # (seed 0's tiny model writes the image id, which a later turn refuses)
+    x = case.make_inputs((5, 3))
+    common = {"max_new_tokens": 2, "do_sample": False, "pad_token_id": VOCAB.pad}
+    for questions, refused in [([(11, 12), (13,)], True), ([(11, 12), (13, 14)], False)]:
+        cache = DynamicCache(config=case.model.config.get_text_config())
+        with tokprune.pruned(case.model, "fastv(layer=4)", question_end=QUESTION_END), torch.no_grad():
+            out = case.model.generate(**x, cache=cache, **common)
+            new = left_padded([[VOCAB.user, VOCAB.colon, *q, *QUESTION_END] for q in questions])
+            turn = {
+                "input_ids": torch.cat([out, new["input_ids"]], 1),
+                "attention_mask": torch.cat([x["attention_mask"], torch.ones_like(out[:, x["input_ids"].shape[1] :]),
+                                             new["attention_mask"]], 1),
+                "pixel_values": x["pixel_values"],
+            }  # fmt: skip
+            if refused:
+                with pytest.raises(
+                    UnsupportedModelError, match=r"padding among its new tokens .*cache=DynamicCache\(\)"
+                ):
+                    case.model.generate(**turn, cache=cache, **common)
+            else:
+                assert case.model.generate(**turn, cache=cache, **common).shape[1] == turn["input_ids"].shape[1] + 2

@@ -54,6 +54,7 @@ __all__ = [
     "decoder_features",
     "field_names",
     "generation_config",
+    "has_sliding_layers",
     "held_keys",
     "model_output",
     "model_image_processor",
@@ -266,6 +267,11 @@ def held_keys(cache: Any, layer: int, keys: int, query_length: int) -> int:
         return keys
     window = getattr(layers[layer], "sliding_window", None)
     return keys if window is None else min(keys - query_length, window - 1) + query_length
+
+
+def has_sliding_layers(cache: Any) -> bool:
+    """Whether ``cache`` has sliding-window layers (which keep only their last keys: :func:`held_keys`)."""
+    return any(getattr(layer, "is_sliding", False) for layer in getattr(cache, "layers", None) or ())
 
 
 def is_dynamic_cache(cache: Any) -> bool:

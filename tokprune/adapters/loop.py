@@ -358,6 +358,14 @@ class DecoderLoop:
         if q > 1:  # a later turn: its first token must follow the cached ones (a stale offset would shift it)
             check_positions_follow(session, self.text_positions(position_ids), new_valid)
             check_no_visual_tokens(input_ids, self.visual_placeholders())
+            if hf.has_sliding_layers(cache) and not bool(new_valid.all()):
+                raise UnsupportedModelError(
+                    "a later turn with padding among its new tokens (a batch of turns of different lengths) on a "
+                    "cache with sliding-window layers: such a layer keeps its last sliding_window - 1 entries, "
+                    "padding included, so a padded sample would see fewer of its own tokens than alone; pass "
+                    "cache=DynamicCache() (no config: every layer keeps every key, tokprune applies the windows), "
+                    "or give the samples' turns equal lengths"
+                )
         hidden = self._lm.embed_tokens(input_ids)
         starts = {seg.start: seg for seg in session.segments}
         # Whether the new tokens are all valid: one read per step, and only while some segment's mask
