@@ -14,9 +14,9 @@ token (RMSNorm + linear), and a Gemma 3 language model whose layers differ:
 The vision stage chooses among the pooled tokens (``[I, N, C]``, one raster per image) before the projector's
 per-token norm and linear map (:meth:`Gemma3Adapter.project`). Refused at ``patch()``: CLS-reading vision
 steps (no CLS), a vision step on a processor with ``do_pan_and_scan=True`` (its crops are extra tower passes a
-budget would count as images), an LLM-stage cut scored by a sliding layer (:meth:`Gemma3Adapter.llm_cut_refusal`),
-and configurations this file does not handle (``use_bidirectional_attention``, attention logit soft-capping
-under an LLM-stage step).
+budget would count as images), and configurations this file does not handle (``use_bidirectional_attention``,
+attention logit soft-capping under an LLM-stage step: :meth:`Gemma3Adapter.llm_cut_refusal`). An LLM-stage cut may
+sit before any layer: its scores read the scoring layer's own mask (its window, its image blocks).
 """
 
 from __future__ import annotations
@@ -202,13 +202,7 @@ class Gemma3Adapter(Family):
     def llm_cut_refusal(self, layer: int) -> str:
         if self.softcap is not None:
             return f"its attention soft-caps its logits (attn_logit_softcapping={self.softcap}), which no score applies"
-        if self.kinds[layer - 1] == SLIDING:
-            return (
-                f"layer {layer - 1}, which scores the cut, is a sliding-window layer (keys less than "
-                f"{self.window} positions back); the strategies' attention scores see every earlier key, so they "
-                "would not be that layer's attention"
-            )
-        return ""
+        return ""  # the scores see what the layer's own mask lets it see (window, image blocks): every layer hosts
 
 
 def tiny_gemma3(

@@ -12,6 +12,8 @@ and generate the same tokens.
 from __future__ import annotations
 
 import copy
+import functools
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -119,9 +121,7 @@ class DecoderLoop:
                 features.cells = self.patch_cells(features, options)
             pos = self.positions(input_ids, attention_mask, position_ids, kwargs)
             groups = self.attention_groups(input_ids, options)
-            hidden = self._prefill(
-                call, input_ids, attention_mask, pos, cache if use_cache else None, features, groups
-            )
+            hidden = self._prefill(call, input_ids, attention_mask, pos, cache if use_cache else None, features, groups)
             if use_cache and cache is not None:  # what a later turn of the conversation must repeat unchanged
                 images = {
                     **options,
@@ -196,10 +196,13 @@ class DecoderLoop:
             inputs: dict[str, tuple[tuple[Tensor, Tensor], Any]] = {}  # this segment's, per attention kind
             for i, layer in enumerate(self._lm.layers):
                 if i in self._llm_steps:
-                    scored = self._layer_inputs(inputs, i - 1, seq, segments[-1].all_valid, groups)[0]  # K-1's RoPE
+                    # layer j's RoPE and mask in this segment, for the step's scores
+                    layer_inputs = functools.partial(
+                        self._layer_inputs, inputs, seq=seq, all_valid=segments[-1].all_valid, groups=groups
+                    )
                     if slots is not None:
                         kept_columns[i] = token_columns(seq.src, seq.valid & seq.prompt, slots, n)
-                    seq, step_diag, full = self._llm_step(call, self._llm_steps[i], i, seq, scored, generated)
+                    seq, step_diag, full = self._llm_step(call, self._llm_steps[i], i, seq, layer_inputs, generated)
                     if slots is not None:
                         kept_layers[i] = token_present(seq.src, seq.valid & seq.prompt, slots, n)
                     diagnostics.update(step_diag)
@@ -277,12 +280,14 @@ class DecoderLoop:
         step: PruningStrategy,
         k: int,
         seq: Seq,
-        embeddings: tuple[Tensor, Tensor],
+        layer_inputs: Callable[[int], tuple[tuple[Tensor, Tensor], Any]],
         generated: int,
     ) -> tuple[Seq, dict[str, Any], bool]:
         """Decide with layer K-1's q/k on the prompt positions; keep generated ones; gather.
 
-        Also returns whether the gathered rows are all full (no padding), read with the gather's width.
+        ``layer_inputs(j)``: RoPE and mask of layer ``j`` on ``seq`` (:meth:`_layer_inputs`): the scores see what
+        the layer's own mask lets it see (a sliding window, bidirectional blocks). Also returns whether the
+        gathered rows are all full (no padding), read with the gather's width.
         """
         if call.capture is None:
             raise InternalError(f"the LLM step at layer {k} ran outside a prefill's capture window")
@@ -294,7 +299,7 @@ class DecoderLoop:
             call.capture.pop(("llm", k - 1, "k")).view(b, n, -1, attn.head_dim),
         )
         q, raw_key = q.transpose(1, 2), raw_key.transpose(1, 2)
-        cos, sin = embeddings
+        (cos, sin), mask = layer_inputs(k - 1)
         q, key = hf.apply_rope(q, raw_key, cos, sin)
         p = n - generated  # generated tokens are the last columns of every row
         hidden, valid = seq.hidden[:, :p], seq.valid[:, :p]
@@ -304,19 +309,18 @@ class DecoderLoop:
             start_cos, start_sin = self.layer_rotary(kind, hidden, _from_start(seq.pos[:, :p], valid))
             return hf.apply_rope(raw_key[:, :, :p], raw_key[:, :, :p], start_cos, start_sin)[1]
 
-        def layer_attention() -> LLMAttention:  # layer K's own norm, q/k and RoPE on the states entering it
+        def layer_attention() -> LLMAttention:  # layer K's own norm, q/k, RoPE and mask on the states entering it
             own_q, own_k = hf.layer_qk(self._lm.layers[k], hidden)
-            own_cos, own_sin = cos, sin
-            if self.layer_attention(k) != self.layer_attention(k - 1):  # layer K's own RoPE
-                own_cos, own_sin = self.layer_rotary(self.layer_attention(k), seq.hidden, seq.pos)
+            (own_cos, own_sin), own_mask = layer_inputs(k)
             own_q, own_k = hf.apply_rope(own_q, own_k, own_cos[:, :p], own_sin[:, :p])
-            return LLMAttention(own_q, own_k, valid, scale=self._lm.layers[k].self_attn.scaling)
+            scale = self._lm.layers[k].self_attn.scaling
+            return LLMAttention(own_q, own_k, valid, scale=scale, layer_mask=_seen(own_mask, p))
 
         ctx = LLMContext(
             layer=k,
             roles=seq.roles[:, :p],
             hidden=hidden,
-            attention=LLMAttention(q[:, :, :p], key[:, :, :p], valid, attn.scaling, keys_from_start),
+            attention=LLMAttention(q[:, :, :p], key[:, :, :p], valid, attn.scaling, keys_from_start, _seen(mask, p)),
             position_ids=self.text_positions(seq.pos)[:, :p],
             final_norm=self._lm.norm,
             layer_attention=layer_attention,
@@ -426,3 +430,12 @@ class DecoderLoop:
         copied = copy.deepcopy(cache)
         self._sessions[copied] = self._session(cache).copy()
         return copied
+
+
+def _seen(mask: Tensor | None, p: int) -> Tensor | None:
+    """A layer's attention mask (``[B, 1, L, L]``, boolean or additive; None: causal + padding) as bool ``[B, p, p]``
+    over the first ``p`` positions (the prompt's), what :class:`~tokprune.strategy.LLMAttention` reads."""
+    if mask is None:
+        return None
+    seen = mask[:, 0, :p, :p]
+    return seen if seen.dtype == torch.bool else seen == 0
