@@ -109,7 +109,8 @@ class Gemma3Adapter(Family):
                 "attention=False)"
             )
         self.kinds = list(text.layer_types)
-        self.window = int(text.sliding_window)
+        self.window = text.sliding_window  # None: the sliding layers see every earlier key
+        self.attention = hf.attention_implementation(text)  # sdpa (boolean masks) or eager (additive)
         self.softcap = text.attn_logit_softcapping
         projector = self.inner.multi_modal_projector
         self.side = int(projector.tokens_per_side)
@@ -186,7 +187,7 @@ class Gemma3Adapter(Family):
         return self.model_parts.language_model.rotary_emb(hidden, pos, kind)
 
     def layer_mask_from(self, kind: str, keys: LayerKeys, dtype: torch.dtype) -> Tensor | None:
-        return layer_mask(keys, self.window if kind == SLIDING else None, dtype, self._attn_impl)
+        return layer_mask(keys, self.window if kind == SLIDING else None, dtype, self.attention)
 
     def attention_groups(self, input_ids: Tensor, options: Mapping[str, object]) -> Tensor | None:
         """The image blocks of the caller's ``token_type_ids`` (generated tokens past them are text)."""
