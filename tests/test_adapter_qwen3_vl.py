@@ -138,7 +138,7 @@ class _RecordScores(ProbeLastRow):
 def test_llm_scores_are_the_stock_eager_attention_with_qk_norms(layer, monkeypatch):
     # The last token's head-mean attention row the step scores with == the unpatched model's eager
     # attention weights of layer K-1 (Qwen3 norms q and k per head before RoPE; DeepStack rows are in
-    # the states entering layer K-1). Scoring from q_proj/k_proj instead must fail this comparison.
+    # the states entering layer K-1). Scoring from q_proj/k_proj without the norms must fail this comparison.
     model, make_inputs = tiny_qwen3_vl(seed=1, attn_implementation="eager")
     x = make_inputs((5, 2, 8))
     with torch.no_grad():
@@ -151,7 +151,7 @@ def test_llm_scores_are_the_stock_eager_attention_with_qk_norms(layer, monkeypat
         return diagnostics["probe_last_row.scores"]
 
     assert _distance(scores()[valid], stock[valid]) <= 1e-5
-    monkeypatch.setattr(hf, "qk_modules", lambda attn: (attn.q_proj, attn.k_proj))
+    monkeypatch.setattr(hf, "qk_norms", lambda attn, q, k: (q, k))
     assert _distance(scores()[valid], stock[valid]) > WRONG
 
 

@@ -1,5 +1,5 @@
 """The decoder asks the family about every layer (attention kind, its RoPE and mask), so layers of
-different kinds can differ later (sliding-window and global layers, bidirectional image blocks).
+different kinds differ (Gemma 3's sliding-window and global layers, bidirectional image blocks).
 Families from the registry."""
 
 from __future__ import annotations
@@ -19,16 +19,18 @@ def _alternating(family):
 
     # each layer's own kind (what the family computes it with) and its parity, kept apart by the core
     class Alternating(family):
+        """Renames the family's kinds by layer parity (the tiny models' kinds alternate, or are all one)."""
+
         def layer_attention(self, layer):
             return f"{super().layer_attention(layer)}/{'even' if layer % 2 == 0 else 'odd'}"
 
         def layer_rotary(self, kind, hidden, pos):
             return super().layer_rotary(kind.rsplit("/", 1)[0], hidden, pos)
 
-        def layer_mask(self, kind, valid, query_len, dtype, all_valid):
+        def layer_mask_from(self, kind, keys, dtype):
             own, parity = kind.rsplit("/", 1)
-            calls.append((parity, valid.shape[1], query_len))
-            return super().layer_mask(own, valid, query_len, dtype, all_valid)
+            calls.append((parity, keys.valid.shape[1], keys.query_len))
+            return super().layer_mask_from(own, keys, dtype)
 
     return Alternating, calls
 

@@ -161,7 +161,7 @@ def test_tokprune_plugins_lists_versions_and_registrations(strided, capsys, monk
     assert re.search(rf"^builtin  \(tokprune {re.escape(version)}\)\n  strategies: .*\bfastv\b", out, re.M)
     from tokprune.adapters import registered_adapters
 
-    families = ", ".join(cls.name for cls, source in registered_adapters() if source.name == "builtin_families")
+    families = ", ".join(sorted(cls.name for cls, source in registered_adapters() if source.name == "builtin_families"))
     assert families and re.search(
         rf"^builtin_families  \(tokprune .*\)\n  strategies: -\n  adapters: {families}$", out, re.M
     )

@@ -535,3 +535,22 @@ def test_public_api_is_explicit():
     assert sorted(scoring.__all__) == sorted(set(scoring.__all__))
     for name in scoring.__all__:
         assert hasattr(scoring, name)
+
+
+def test_a_layer_mask_replaces_causal_and_padding_and_sets_the_visibility_count():
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 4, 9, 8, generator=g), torch.randn(2, 2, 9, 8, generator=g)
+    pad = torch.ones(2, 9, dtype=torch.bool)
+    pad[1, :3] = False
+    idx = torch.tensor([[6, 7, 8], [4, 7, 8]])
+    causal = torch.arange(9)[None, None, :] <= idx[:, :, None]
+    same = scoring.query_attention(q, k, idx, key_padding_mask=pad, key_mask=causal & pad[:, None, :])
+    assert torch.equal(same, scoring.query_attention(q, k, idx, key_padding_mask=pad))
+    window = causal & pad[:, None, :] & (torch.arange(9)[None, None, :] > idx[:, :, None] - 3)  # 3 back
+    probs = scoring.query_attention(q, k, idx, key_padding_mask=pad, key_mask=window)
+    assert bool((probs.sum(-1) - 1).abs().max() < 1e-6) and bool((probs[~window[:, None].expand_as(probs)] == 0).all())
+    valid = torch.ones(2, 3, dtype=torch.bool)
+    received = scoring.attention_received(probs, valid, idx, key_mask=window)
+    count = window.sum(1)  # queries seeing each key
+    want = probs.mean(1).sum(1) / count.clamp_min(1)
+    assert torch.allclose(received, torch.where(count > 0, want, torch.zeros(())))

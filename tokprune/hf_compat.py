@@ -55,6 +55,8 @@ __all__ = [
     "field_names",
     "generation_config",
     "has_attention",
+    "has_sliding_layers",
+    "held_keys",
     "model_output",
     "model_image_processor",
     "model_tokenizer",
@@ -62,6 +64,8 @@ __all__ = [
     "older_than",
     "parameters",
     "qk_modules",
+    "qk_norms",
+    "query_heads",
     "refuse",
     "returned_dataclasses",
     "rotary_embeddings",
@@ -256,6 +260,22 @@ def new_dynamic_cache(config: Any) -> Any:
     return DynamicCache(config=config)
 
 
+def held_keys(cache: Any, layer: int, keys: int, query_length: int) -> int:
+    """How many of ``keys`` (the cached ones and ``query_length`` new ones) decoder ``layer``'s attention gets
+    back from ``cache``: all of them, except on a sliding-window cache layer (``DynamicCache(config=...)`` of a
+    model with sliding layers), which keeps only its last ``sliding_window - 1`` before the new ones."""
+    layers = getattr(cache, "layers", None)
+    if not layers or layer >= len(layers) or not getattr(layers[layer], "is_sliding", False):
+        return keys
+    window = getattr(layers[layer], "sliding_window", None)
+    return keys if window is None else min(keys - query_length, window - 1) + query_length
+
+
+def has_sliding_layers(cache: Any) -> bool:
+    """Whether ``cache`` has sliding-window layers (which keep only their last keys: :func:`held_keys`)."""
+    return any(getattr(layer, "is_sliding", False) for layer in getattr(cache, "layers", None) or ())
+
+
 def is_dynamic_cache(cache: Any) -> bool:
     from transformers.cache_utils import DynamicCache
 
@@ -364,34 +384,42 @@ def decoder_features(layer: nn.Module) -> DecoderFeatures:
 
 
 def qk_modules(attn: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """The modules whose outputs are the query and key a decoder attention rotates with RoPE.
-
-    The projections (``q_proj``, ``k_proj``), or the q/k norms applied after them where the attention
-    has them (Qwen3's ``q_norm(q_proj(x))``): scoring with the projections there would read keys the
-    layer never uses. Detected by the attributes, so a family gains norms without a code change.
-    """
-    pair = tuple(getattr(attn, name, None) for name in ("q_norm", "k_norm"))
-    if all(isinstance(m, nn.Module) for m in pair):
-        return pair  # type: ignore[return-value]
+    """The modules whose outputs are the query and key projections of a decoder attention (``q_proj``,
+    ``k_proj``), ``[B, L, heads * head_dim]``; :func:`qk_norms` applies the q/k norms some attentions have after
+    them. (Hooking the norms instead reads a layout that depends on the model: Qwen3 normalises ``[B, L, H, D]``,
+    Gemma 3 the transposed ``[B, H, L, D]``.)"""
     return attn.q_proj, attn.k_proj
+
+
+def qk_norms(attn: nn.Module, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+    """``q``/``k`` ``[B, L, heads, head_dim]`` through the attention's per-head norms where it has them
+    (``q_norm``/``k_norm``: Qwen3, Gemma 3), as its forward applies them before RoPE; unchanged otherwise.
+    Detected by the attributes, so a family gains norms without a code change."""
+    norms = tuple(getattr(attn, name, None) for name in ("q_norm", "k_norm"))
+    if all(isinstance(m, nn.Module) for m in norms):
+        return norms[0](q), norms[1](k)
+    return q, k
+
+
+def query_heads(attn: nn.Module, q: Tensor) -> Tensor:
+    """``q_proj``'s output ``[B, L, width]`` as query heads ``[B, L, H, head_dim]``. A gated attention (Qwen3.5)
+    projects each head's query and its output gate side by side (``width = 2 * H * head_dim``, as wide as
+    twice ``o_proj``'s input): the query is each head's first half."""
+    b, n, width = q.shape
+    out = getattr(attn, "o_proj", None)
+    if isinstance(out, nn.Linear) and width == 2 * out.in_features:
+        return q.view(b, n, -1, 2 * attn.head_dim)[..., : attn.head_dim]
+    return q.view(b, n, -1, attn.head_dim)
 
 
 def layer_qk(layer: nn.Module, hidden: Tensor) -> tuple[Tensor, Tensor]:
     """The query and key decoder ``layer`` computes from ``hidden`` ``[B, L, D]``, before RoPE:
     ``([B, H, L, head_dim], [B, Hkv, L, head_dim])``; its input norm, ``q_proj``/``k_proj`` and, where the
-    attention has them, its q/k norms (Qwen3), as the layer's own forward applies them."""
+    attention has them, its q/k norms (Qwen3, Gemma 3), as the layer's own forward applies them."""
     attn = layer.self_attn
     x = layer.input_layernorm(hidden)
     b, n, _ = hidden.shape
-    q = attn.q_proj(x)
-    out = getattr(attn, "o_proj", None)
-    if isinstance(out, nn.Linear) and q.shape[-1] == 2 * out.in_features:  # gated (Qwen3.5): query, gate per head
-        q = q.view(b, n, -1, 2 * attn.head_dim)[..., : attn.head_dim]
-    q = q.view(b, n, -1, attn.head_dim)
-    k = attn.k_proj(x).view(b, n, -1, attn.head_dim)
-    norms = tuple(getattr(attn, name, None) for name in ("q_norm", "k_norm"))
-    if all(isinstance(m, nn.Module) for m in norms):
-        q, k = norms[0](q), norms[1](k)
+    q, k = qk_norms(attn, query_heads(attn, attn.q_proj(x)), attn.k_proj(x).view(b, n, -1, attn.head_dim))
     return q.transpose(1, 2), k.transpose(1, 2)
 
 

@@ -11,7 +11,8 @@ q/o projections (``2nd^2``), k/v projections to the key-value width ``d_kv`` (``
 attention), attention scores and mixing (``2n^2d``), and the MLP's ``k`` matrices of width ``m``, read from
 the model: ``k = 3`` for a gated (SwiGLU) MLP such as Llama's or Qwen's (gate, up, down), ``k = 2`` for
 CLIP's. FastV's formula (restated by FEATHER, arXiv 2412.13180), ``4nd^2 + 2n^2d + 2ndm``, is the special
-case ``d_kv = d, k = 2``; it is kept as a second, labelled figure (``flops_fastv_*``, LLM layers only, as
+case ``d_kv = d, k = 2``. Where the query width ``d_q`` (heads x head_dim) is not ``d`` (Gemma 3), ``d_q``
+replaces one ``d`` in the q/o and attention terms: ``2 n d d_q + 2 n d d_kv + 2 n^2 d_q + k n d m``. FastV's is kept as a second, labelled figure (``flops_fastv_*``, LLM layers only, as
 the papers count) so numbers compare with theirs. The prefill cost of one sample is the sum of ``C(n_l)``
 over the LLM layers (``n_l`` = non-padding tokens layer ``l`` processed), plus the vision tower (``C`` over
 its ``1+N`` tokens, at its widths and MLP shape, for each encoder layer, per image) and the projector
@@ -48,14 +49,17 @@ from .keptmap import KeptMap
 __all__ = ["FlopModel", "PruneStats", "WindowedTower", "kv_width", "layer_flops", "mlp_matrices"]
 
 
-def layer_flops(n: Tensor, d: int, m: int, mlp_matrices: int = 2, kv_dim: int | None = None) -> Tensor:
-    """Per-layer cost ``2nd^2 + 2nd d_kv + 2n^2d + k n d m`` for token counts ``n`` (any shape), fp64.
+def layer_flops(
+    n: Tensor, d: int, m: int, mlp_matrices: int = 2, kv_dim: int | None = None, q_dim: int | None = None
+) -> Tensor:
+    """Per-layer cost ``2n d d_q + 2nd d_kv + 2n^2 d_q + k n d m`` for token counts ``n`` (any shape), fp64.
 
-    The defaults (``k = 2``, ``d_kv = d``) give FastV's ``4nd^2 + 2n^2d + 2ndm``.
+    The defaults (``k = 2``, ``d_kv = d_q = d``) give FastV's ``4nd^2 + 2n^2d + 2ndm``.
     """
     n = n.to(torch.float64)
     kv = d if kv_dim is None else kv_dim
-    return 2 * n * d * d + 2 * n * d * kv + 2 * n * n * d + mlp_matrices * n * d * m
+    q = d if q_dim is None else q_dim
+    return 2 * n * d * q + 2 * n * d * kv + 2 * n * n * q + mlp_matrices * n * d * m
 
 
 def mlp_matrices(mlp: torch.nn.Module) -> int:
@@ -92,6 +96,7 @@ class FlopModel:
     vision_tokens: int  # 1 + N (CLS and patches) for a CLIP tower
     mlp_matrices: int = 2  # LLM MLP: 3 for SwiGLU (Llama, Qwen), 2 for a plain MLP
     kv_dim: int | None = None  # LLM key/value projection width (num_kv_heads * head_dim); None = d
+    q_dim: int | None = None  # LLM query width (num_heads * head_dim) where it is not d (Gemma 3); None = d
     vision_mlp_matrices: int = 2  # CLIP: fc1, fc2
     #: MACs per token the projector maps after the vision stage; None: ``c d + d^2`` (LLaVA's two-layer
     #: MLP); 0 where the projection runs before pruning and is counted with the tower (Qwen's merger)
@@ -110,7 +115,7 @@ class FlopModel:
 
     def llm(self, layer_tokens: Tensor) -> Tensor:
         """LLM cost from tokens per layer (long ``[B, T]``), fp64 ``[B]``."""
-        return layer_flops(layer_tokens, self.d, self.m, self.mlp_matrices, self.kv_dim).sum(dim=-1)
+        return layer_flops(layer_tokens, self.d, self.m, self.mlp_matrices, self.kv_dim, self.q_dim).sum(dim=-1)
 
     def llm_fastv(self, layer_tokens: Tensor) -> Tensor:
         """FastV's formula over the LLM layers only (``4nd^2 + 2n^2d + 2ndm``), fp64 ``[B]``: the figure

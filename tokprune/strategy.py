@@ -359,8 +359,13 @@ class LLMAttention:
     """Attention rows of decoder layer ``K-1`` computed from its q/k on demand (works under sdpa).
 
     ``q [B, H, L, D]`` and ``k [B, Hkv, L, D]`` have RoPE applied; ``key_padding_mask [B, L]`` is True
-    for real tokens. Causal masking is applied; grouped-query heads are expanded.
+    for real tokens. Causal masking is applied (or the layer's own ``layer_mask`` where the adapter gives one:
+    sliding windows, bidirectional blocks); grouped-query heads are expanded.
     """
+
+    #: bool ``[B, L, L]``: which keys each query of this layer sees, where the layer's mask is not causal +
+    #: padding (a sliding window, bidirectional image blocks: Gemma 3); None: causal + padding.
+    layer_mask: Tensor | None = None
 
     def __init__(
         self,
@@ -369,8 +374,10 @@ class LLMAttention:
         key_padding_mask: Tensor,
         scale: float | None = None,
         keys_from_start: Callable[[], Tensor] | None = None,
+        layer_mask: Tensor | None = None,
     ) -> None:
         self.q, self.k, self.key_padding_mask, self.scale = q, k, key_padding_mask, scale
+        self.layer_mask = layer_mask
         self._keys_from_start = keys_from_start
         self._solo_keys: Tensor | None = None
 
@@ -399,9 +406,22 @@ class LLMAttention:
 
         query_index, query_valid = _mask_to_index(query_mask & self.key_padding_mask)
         probs = scoring.query_attention(
-            self.q, self.k, query_index, key_padding_mask=self.key_padding_mask, causal=True, scale=self.scale
+            self.q,
+            self.k,
+            query_index,
+            key_padding_mask=self.key_padding_mask,
+            causal=True,
+            scale=self.scale,
+            key_mask=self._key_mask(query_index),
         )
         return probs, query_index, query_valid
+
+    def _key_mask(self, query_index: Tensor) -> Tensor | None:
+        """The layer mask's rows of the queries at ``query_index`` (long ``[B, Q]``, -1 padding), ``[B, Q, L]``."""
+        if self.layer_mask is None:
+            return None
+        rows = torch.arange(query_index.shape[0], device=query_index.device)[:, None]
+        return self.layer_mask[rows, query_index.clamp_min(0)] & (query_index >= 0)[..., None]
 
     def received(self, query_mask: Tensor) -> Tensor:
         """Head-mean attention each position receives from the selected queries, fp32 ``[B, L]``.
@@ -412,7 +432,9 @@ class LLMAttention:
         from . import scoring
 
         probs, query_index, query_valid = self.rows(query_mask)
-        return scoring.attention_received(probs, query_valid, query_index, causal=True)
+        return scoring.attention_received(
+            probs, query_valid, query_index, causal=True, key_mask=self._key_mask(query_index)
+        )
 
 
 def _mask_to_index(mask: Tensor) -> tuple[Tensor, Tensor]:

@@ -26,6 +26,7 @@ __all__ = [
     "FamilyParts",
     "ForwardOptions",
     "ImageFeatures",
+    "LayerKeys",
     "ModelAdapter",
     "PatchState",
     "TinyCase",
@@ -40,7 +41,7 @@ __all__ = [
     "unpatch",
 ]
 
-_FAMILY = {"EncodedImages", "Family", "FamilyParts", "ForwardOptions", "TowerSignals"}
+_FAMILY = {"EncodedImages", "Family", "FamilyParts", "ForwardOptions", "LayerKeys", "TowerSignals"}
 
 
 def __getattr__(name: str) -> Any:

@@ -32,6 +32,7 @@ __all__ = [
     "CallState",
     "CaptureKey",
     "GenerateCall",
+    "LayerKeys",
     "check_mask_width",
     "check_no_visual_tokens",
     "check_positions_follow",
@@ -51,6 +52,23 @@ IMAGE_INPUTS = (
 
 #: Capture key: ``(stage "vision" | "llm", layer, "q" | "k")``.
 CaptureKey = tuple[str, int, str]
+
+
+@dataclass(frozen=True)
+class LayerKeys:
+    """What the core knows of the keys a decoder layer attends to, for the family's mask
+    (:meth:`~tokprune.adapters.Family.layer_mask_from`): the keys a segment's cache holds (cached and new, in
+    cache order), the queries being the last ``query_len`` of them."""
+
+    valid: Tensor  #: bool ``[B, C]``: not padding
+    #: long ``[B, C]``: each key's 1-D text position, what RoPE sees (survivors keep their original ones under
+    #: ``positions=keep``; renumbered under ``compact``)
+    positions: Tensor
+    query_len: int  #: the queries: the last ``query_len`` keys
+    all_valid: bool  #: whether no key is padding (a mask may then be None)
+    #: long ``[B, C]``: each key's bidirectional group (:meth:`~tokprune.adapters.Family.attention_groups`:
+    #: the image it belongs to), -1 for none; None: the family names no groups, or no query is in one (decoding)
+    groups: Tensor | None = None
 
 
 @dataclass
@@ -100,6 +118,9 @@ class _Segment:
     #: ``mask.all()``, decided once at prefill and kept up to date while decoding, so that the decode
     #: steps do not read it back from the device per segment
     all_valid: bool = False
+    #: long ``[B, C]``: the 1-D text position of each cached position (grows while decoding), for a family
+    #: whose masks depend on positions (sliding windows: :class:`LayerKeys`)
+    positions: Tensor | None = None
 
 
 @dataclass

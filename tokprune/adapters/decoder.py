@@ -35,7 +35,7 @@ from ..pipeline import Pipeline
 from ..strategy import PruningStrategy, Signal, TextCondition, VisionContext, VisionSignals
 from ._base import BudgetScope, ModelAdapter, Positions
 from .assembly import Assembly
-from .call import _ACTIVE, CallState, CaptureKey, GenerateCall, _Session
+from .call import _ACTIVE, CallState, CaptureKey, GenerateCall, LayerKeys, _Session
 from .features import ImageFeatures, PrunedImageFeatures, VisionOut
 from .generate import SUPPORTED_MODES, GenerateChecks
 from .items import VisualItems
@@ -211,6 +211,14 @@ class PrunedDecoderAdapter(VisualItems, DecoderLoop, Assembly, GenerateChecks, S
                     )
                 self._check_scoring_layers(step, k)
                 steps[k] = step
+        refused = {k: why for k in sorted(steps) if (why := self.llm_cut_refusal(k))}
+        if refused:
+            k, why = next(iter(refused.items()))
+            hosts = [j for j in range(1, num_layers) if not self.llm_cut_refusal(j)]
+            raise StrategyParamError(
+                f"{steps[k].short_spec()} prunes before decoder layer {k}, which this {self.name} model cannot host: "
+                f"{why}; layers that can host an LLM-stage cut: {', '.join(map(str, hosts)) or 'none'}"
+            )
         return steps
 
     def _check_scoring_layers(self, step: PruningStrategy, k: int) -> None:
@@ -403,6 +411,29 @@ class PrunedDecoderAdapter(VisualItems, DecoderLoop, Assembly, GenerateChecks, S
         """Refuse a later turn of a conversation before anything runs: ``new_valid`` (bool ``[B, q]``, ``q > 1``)
         says which of the new tokens after the cached ones are not padding. Default: none (attention masks
         the padding); a family whose layers cannot skip padding placed after the history refuses it here."""
+
+    def layer_mask_from(self, kind: str, keys: LayerKeys, dtype: torch.dtype) -> Tensor | None:
+        """The attention mask of the layers of ``kind`` from all the core knows of their keys (validity,
+        positions, bidirectional groups: :class:`~tokprune.adapters.call.LayerKeys`), ``[B, 1, Q, C]`` or None.
+        The core calls this one; the default reads validity only, through :meth:`layer_mask`. A family whose
+        masks depend on positions or groups (Gemma 3's sliding windows and image blocks) overrides it.
+
+        The mask covers every key the segment holds; where the cache returns fewer to a layer (a sliding-window
+        cache layer keeps only its last ``window - 1``), the core keeps the mask's last columns."""
+        return self.layer_mask(kind, keys.valid, keys.query_len, dtype, keys.all_valid)
+
+    def attention_groups(self, input_ids: Tensor, options: Mapping[str, object]) -> Tensor | None:
+        """Bidirectional groups of a prefill's tokens, long ``[B, n]`` (-1: none; tokens of one group attend to
+        each other both ways, e.g. one image's tokens in Gemma 3), from the caller's ``input_ids`` and keyword
+        inputs; they follow the survivors of every cut into :class:`~tokprune.adapters.call.LayerKeys`.
+        Default: None (causal only)."""
+        return None
+
+    def llm_cut_refusal(self, layer: int) -> str:
+        """Why an LLM-stage step cannot prune before decoder ``layer`` (scoring with layer ``layer - 1``) on this
+        model, in a few words; "" when it can (the default, every layer). The core refuses such a step at
+        ``patch()``, naming the layers that can host one."""
+        return ""
 
     def _vision_mode(self) -> str:
         """The vision stage's position mode: the caller's ``vision_positions``, else the vision step's

@@ -23,7 +23,9 @@ own output, one row per image
 tokens sit, which positions they
 take (1-D or M-RoPE)
 ``layer_attention`` / ``_rotary``
-/ ``_mask``: per decoder layer;
+/ ``_mask_from``: per decoder layer
+``attention_groups``: bidirectional
+blocks; ``llm_cut_refusal``;
 ``check_later_turn`` (optional)
 ``tiny``: a tiny test case
 ================================  ================================================================
@@ -50,10 +52,11 @@ from .. import hf_compat as hf
 from ..stats import FlopModel
 from ..strategy import PruningStrategy, VisionContext, VisionPlan
 from ._tiny import TinyCase
+from .call import LayerKeys
 from .decoder import PrunedDecoderAdapter
 from .features import ImageFeatures
 
-__all__ = ["EncodedImages", "Family", "FamilyParts", "ForwardOptions", "TowerSignals"]
+__all__ = ["EncodedImages", "Family", "FamilyParts", "ForwardOptions", "LayerKeys", "TowerSignals"]
 
 #: The forward's (or ``get_image_features``') keyword arguments besides ``pixel_values``: ``image_sizes``,
 #: ``image_grid_thw``, ``vision_feature_layer``... (values as the caller gave them).

@@ -12,6 +12,8 @@ and generate the same tokens.
 from __future__ import annotations
 
 import copy
+import functools
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -27,6 +29,7 @@ from .assembly import _from_start, _scatter_back
 from .call import (
     IMAGE_INPUTS,
     CallState,
+    LayerKeys,
     _generated_count,
     _Segment,
     _Session,
@@ -115,7 +118,8 @@ class DecoderLoop:
             if features is not None and features.cells is None:
                 features.cells = self.patch_cells(features, options)
             pos = self.positions(input_ids, attention_mask, position_ids, kwargs)
-            hidden = self._prefill(call, input_ids, attention_mask, pos, cache if use_cache else None, features)
+            groups = self.attention_groups(input_ids, options)
+            hidden = self._prefill(call, input_ids, attention_mask, pos, cache if use_cache else None, features, groups)
             if use_cache and cache is not None:  # what a later turn of the conversation must repeat unchanged
                 images = {
                     **options,
@@ -141,8 +145,11 @@ class DecoderLoop:
         position_ids: Tensor | None,
         cache: Any,
         features: ImageFeatures | None,
+        groups: Tensor | None = None,
     ) -> Tensor:
-        """Run the prompt (and, without a cache, the tokens generated so far); returns ``[B, L, D]``."""
+        """Run the prompt (and, without a cache, the tokens generated so far); returns ``[B, L, D]``.
+
+        ``groups`` (long ``[B, n]``, :meth:`attention_groups`): each caller position's bidirectional group."""
         b, n = input_ids.shape
         device = input_ids.device
         valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
@@ -162,7 +169,7 @@ class DecoderLoop:
         seq, shift = self._stage_positions(
             seq, self._vision_mode(), torch.zeros(b, dtype=torch.long, device=device), valid.sum(dim=1)
         )
-        segments = [_Segment(0, seq.valid, shift, bool(seq.valid.all()))]
+        segments = [_Segment(0, seq.valid, shift, bool(seq.valid.all()), self.text_positions(seq.pos))]
         visual_kept = ((seq.roles == TokenRole.IMAGE) & seq.valid).sum(dim=1)
         num_layers = len(self._lm.layers)
         layer_tokens = torch.zeros(b, num_layers, dtype=torch.long, device=device)
@@ -187,19 +194,22 @@ class DecoderLoop:
             inputs: dict[str, tuple[tuple[Tensor, Tensor], Any]] = {}  # this segment's, per attention kind
             for i, layer in enumerate(self._lm.layers):
                 if i in self._llm_steps:
-                    scored = self._layer_inputs(inputs, i - 1, seq, segments[-1].all_valid)[0]  # layer K-1's RoPE
+                    # layer j's RoPE and mask in this segment, for the step's scores
+                    layer_inputs = functools.partial(
+                        self._layer_inputs, inputs, seq=seq, all_valid=segments[-1].all_valid, groups=groups
+                    )
                     if slots is not None:
                         kept_columns[i] = token_columns(seq.src, seq.valid & seq.prompt, slots, n)
-                    seq, step_diag, full = self._llm_step(call, self._llm_steps[i], i, seq, scored, generated)
+                    seq, step_diag, full = self._llm_step(call, self._llm_steps[i], i, seq, layer_inputs, generated)
                     if slots is not None:
                         kept_layers[i] = token_present(seq.src, seq.valid & seq.prompt, slots, n)
                     diagnostics.update(step_diag)
                     mode = self._llm_steps[i].positions() or self.llm_positions  # a method's own choice wins
                     seq, shift = self._stage_positions(seq, mode, segments[-1].shift, seq_valid_count)
-                    segments.append(_Segment(i, seq.valid, shift, full))
+                    segments.append(_Segment(i, seq.valid, shift, full, self.text_positions(seq.pos)))
                     llm_kept[i] = (seq.valid & seq.prompt).sum(dim=1)
                     inputs = {}
-                embeddings, mask = self._layer_inputs(inputs, i, seq, segments[-1].all_valid)
+                embeddings, mask = self._layer_inputs(inputs, i, seq, segments[-1].all_valid, groups)
                 layer_tokens[:, i] = (seq.valid & seq.prompt).sum(dim=1)
                 layer_visual[:, i] = ((seq.roles == TokenRole.IMAGE) & seq.valid).sum(dim=1)
                 seq.hidden = hf.call_decoder_layer(
@@ -239,15 +249,25 @@ class DecoderLoop:
         return _scatter_back(hidden, seq, n)
 
     def _layer_inputs(
-        self, inputs: dict[str, tuple[tuple[Tensor, Tensor], Any]], layer: int, seq: Seq, all_valid: bool
+        self,
+        inputs: dict[str, tuple[tuple[Tensor, Tensor], Any]],
+        layer: int,
+        seq: Seq,
+        all_valid: bool,
+        groups: Tensor | None = None,
     ) -> tuple[tuple[Tensor, Tensor], Any]:
         """RoPE cos/sin and mask of decoder ``layer`` in the current segment (prefill: no cached keys), built
-        once per attention kind the family names for its layers (:meth:`layer_attention`) and kept in ``inputs``."""
+        once per attention kind the family names for its layers (:meth:`layer_attention`) and kept in ``inputs``.
+        ``groups``: each caller position's bidirectional group (long ``[B, n]``), read at the survivors' sources."""
         kind = self.layer_attention(layer)
         if kind not in inputs:
             embeddings = self.layer_rotary(kind, seq.hidden, seq.pos)
-            mask = self.layer_mask(kind, seq.valid, seq.valid.shape[1], seq.hidden.dtype, all_valid)
-            inputs[kind] = (embeddings, mask)
+            held = None
+            if groups is not None:  # inserted tokens (src -1) and padding belong to no group
+                rows = torch.arange(seq.src.shape[0], device=seq.src.device)[:, None]
+                held = torch.where(seq.valid & (seq.src >= 0), groups[rows, seq.src.clamp_min(0)], -1)
+            keys = LayerKeys(seq.valid, self.text_positions(seq.pos), seq.valid.shape[1], all_valid, held)
+            inputs[kind] = (embeddings, self.layer_mask_from(kind, keys, seq.hidden.dtype))
         return inputs[kind]
 
     # -- LLM stage ----------------------------------------------------------------------------------
@@ -258,38 +278,47 @@ class DecoderLoop:
         step: PruningStrategy,
         k: int,
         seq: Seq,
-        embeddings: tuple[Tensor, Tensor],
+        layer_inputs: Callable[[int], tuple[tuple[Tensor, Tensor], Any]],
         generated: int,
     ) -> tuple[Seq, dict[str, Any], bool]:
         """Decide with layer K-1's q/k on the prompt positions; keep generated ones; gather.
 
-        Also returns whether the gathered rows are all full (no padding), read with the gather's width.
+        ``layer_inputs(j)``: RoPE and mask of layer ``j`` on ``seq`` (:meth:`_layer_inputs`): the scores see what
+        the layer's own mask lets it see (a sliding window, bidirectional blocks). Also returns whether the
+        gathered rows are all full (no padding), read with the gather's width.
         """
         if call.capture is None:
             raise InternalError(f"the LLM step at layer {k} ran outside a prefill's capture window")
         attn = self._lm.layers[k - 1].self_attn
         b, n, _ = seq.hidden.shape
-        q = call.capture.pop(("llm", k - 1, "q")).view(b, n, -1, attn.head_dim).transpose(1, 2)
-        raw_key = call.capture.pop(("llm", k - 1, "k")).view(b, n, -1, attn.head_dim).transpose(1, 2)
-        cos, sin = embeddings
+        q, raw_key = hf.qk_norms(
+            attn,
+            hf.query_heads(attn, call.capture.pop(("llm", k - 1, "q"))),
+            call.capture.pop(("llm", k - 1, "k")).view(b, n, -1, attn.head_dim),
+        )
+        q, raw_key = q.transpose(1, 2), raw_key.transpose(1, 2)
+        (cos, sin), mask = layer_inputs(k - 1)
         q, key = hf.apply_rope(q, raw_key, cos, sin)
         p = n - generated  # generated tokens are the last columns of every row
         hidden, valid = seq.hidden[:, :p], seq.valid[:, :p]
 
         def keys_from_start() -> Tensor:  # RoPE at each sample's positions minus its first (as run alone)
-            start_cos, start_sin = self.rotary(hidden, _from_start(seq.pos[:, :p], valid))
+            kind = self.layer_attention(k - 1)
+            start_cos, start_sin = self.layer_rotary(kind, hidden, _from_start(seq.pos[:, :p], valid))
             return hf.apply_rope(raw_key[:, :, :p], raw_key[:, :, :p], start_cos, start_sin)[1]
 
-        def layer_attention() -> LLMAttention:  # layer K's own norm, q/k and RoPE on the states entering it
+        def layer_attention() -> LLMAttention:  # layer K's own norm, q/k, RoPE and mask on the states entering it
             own_q, own_k = hf.layer_qk(self._lm.layers[k], hidden)
-            own_q, own_k = hf.apply_rope(own_q, own_k, cos[:, :p], sin[:, :p])
-            return LLMAttention(own_q, own_k, valid, scale=self._lm.layers[k].self_attn.scaling)
+            (own_cos, own_sin), own_mask = layer_inputs(k)
+            own_q, own_k = hf.apply_rope(own_q, own_k, own_cos[:, :p], own_sin[:, :p])
+            scale = self._lm.layers[k].self_attn.scaling
+            return LLMAttention(own_q, own_k, valid, scale=scale, layer_mask=_seen(own_mask, p))
 
         ctx = LLMContext(
             layer=k,
             roles=seq.roles[:, :p],
             hidden=hidden,
-            attention=LLMAttention(q[:, :, :p], key[:, :, :p], valid, attn.scaling, keys_from_start),
+            attention=LLMAttention(q[:, :, :p], key[:, :, :p], valid, attn.scaling, keys_from_start, _seen(mask, p)),
             position_ids=self.text_positions(seq.pos)[:, :p],
             final_norm=self._lm.norm,
             layer_attention=layer_attention if hf.has_attention(self._lm.layers[k]) else None,
@@ -332,6 +361,14 @@ class DecoderLoop:
             check_positions_follow(session, self.text_positions(position_ids), new_valid)
             check_no_visual_tokens(input_ids, self.visual_placeholders())
             self.check_later_turn(new_valid)
+            if hf.has_sliding_layers(cache) and not bool(new_valid.all()):
+                raise UnsupportedModelError(
+                    "a later turn with padding among its new tokens (a batch of turns of different lengths) on a "
+                    "cache with sliding-window layers: such a layer keeps its last sliding_window - 1 entries, "
+                    "padding included, so a padded sample would see fewer of its own tokens than alone; pass "
+                    "cache=DynamicCache() (no config: every layer keeps every key, tokprune applies the windows), "
+                    "or give the samples' turns equal lengths"
+                )
         hidden = self._lm.embed_tokens(input_ids)
         starts = {seg.start: seg for seg in session.segments}
         # Whether the new tokens are all valid: one read per step, and only while some segment's mask
@@ -344,14 +381,17 @@ class DecoderLoop:
                 seg.mask = torch.cat([seg.mask, new_valid], dim=1)
                 seg.all_valid = seg.all_valid and new_all
                 pos = position_ids - seg.shift.view(-1, *[1] * (position_ids.dim() - 1))
+                if seg.positions is not None:
+                    seg.positions = torch.cat([seg.positions, self.text_positions(pos)], dim=1)
                 inputs = {}
             kind = self.layer_attention(i)
             if kind not in inputs:
-                inputs[kind] = (
-                    self.layer_rotary(kind, hidden, pos),
-                    self.layer_mask(kind, seg.mask, q, hidden.dtype, seg.all_valid),
-                )
+                keys = LayerKeys(seg.mask, seg.positions, q, seg.all_valid)
+                inputs[kind] = (self.layer_rotary(kind, hidden, pos), self.layer_mask_from(kind, keys, hidden.dtype))
             embeddings, mask = inputs[kind]
+            held = hf.held_keys(cache, i, seg.mask.shape[1], q)
+            if mask is not None and held < mask.shape[-1]:  # a sliding-window cache layer returns only its last keys
+                mask = mask[..., -held:]
             hidden = hf.call_decoder_layer(
                 layer,
                 hidden,
@@ -389,3 +429,12 @@ class DecoderLoop:
         copied = copy.deepcopy(cache)
         self._sessions[copied] = self._session(cache).copy()
         return copied
+
+
+def _seen(mask: Tensor | None, p: int) -> Tensor | None:
+    """A layer's attention mask (``[B, 1, L, L]``, boolean or additive; None: causal + padding) as bool ``[B, p, p]``
+    over the first ``p`` positions (the prompt's), what :class:`~tokprune.strategy.LLMAttention` reads."""
+    if mask is None:
+        return None
+    seen = mask[:, 0, :p, :p]
+    return seen if seen.dtype == torch.bool else seen == 0

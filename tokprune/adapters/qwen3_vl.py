@@ -13,7 +13,7 @@ model's own rotary embedding, which interleaves the three axes in Qwen3-VL). Wha
   Extra tokens a strategy inserts come from no patch and get none; merged features (``plan.features``)
   keep their own token's DeepStack rows;
 * the text layers normalise q and k per head before RoPE (Qwen3): LLM-stage scores read the normed
-  q/k (:func:`~tokprune.hf_compat.qk_modules`, shared).
+  q/k (:func:`~tokprune.hf_compat.qk_norms`, shared).
 """
 
 from __future__ import annotations

@@ -84,6 +84,7 @@ def query_attention(
     key_padding_mask: Tensor | None = None,
     causal: bool = True,
     scale: float | None = None,
+    key_mask: Tensor | None = None,
 ) -> Tensor:
     """Attention probabilities of selected query rows of one decoder layer (eager-attention equivalent).
 
@@ -98,6 +99,9 @@ def query_attention(
         key_padding_mask: bool ``[B, L]``, True = real token; padded keys get probability 0.
         causal: a query at position i only sees keys at positions <= i.
         scale: logit scale; default ``D^-0.5``.
+        key_mask: bool ``[B, Q, L]``: the keys each selected query sees, where the layer's mask is not causal +
+            padding (a sliding window, a bidirectional image block: the layer's own mask, rows at
+            ``query_index``); replaces ``causal`` and ``key_padding_mask``. None: those two.
 
     Returns:
         fp32 (fp64 for fp64 inputs) ``[B, H, Q, L]``: softmax over the allowed keys; disallowed keys are
@@ -131,10 +135,15 @@ def query_attention(
     q_sel = q.gather(2, rows).to(dt).view(b, hkv, h // hkv, n_q, d)  # [B, Hkv, G, Q, D]
     logits = torch.einsum("bkgqd,bkld->bkgql", q_sel, k.to(dt)).reshape(b, h, n_q, length) * scale
     allowed = (qi >= 0)[:, None, :, None]  # [B, 1, Q, 1]
-    if causal:
+    if key_mask is not None:
+        check_bool("key_mask", key_mask)
+        if tuple(key_mask.shape) != (b, n_q, length):
+            raise InputError(f"key_mask must have shape [B={b}, Q={n_q}, L={length}], got {tuple(key_mask.shape)}")
+        allowed = allowed & key_mask[:, None]
+    elif causal:
         key_pos = torch.arange(length, device=q.device)
         allowed = allowed & (key_pos[None, None, None, :] <= qi[:, None, :, None])
-    if key_padding_mask is not None:
+    if key_padding_mask is not None and key_mask is None:
         allowed = allowed & key_padding_mask[:, None, None, :]
     probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
     # rows with nothing allowed are NaN after softmax; zero them (and keep masked keys exactly 0)
@@ -146,6 +155,7 @@ def attention_received(
     query_valid: Tensor,
     query_index: Tensor,
     causal: bool = True,
+    key_mask: Tensor | None = None,
 ) -> Tensor:
     """Head-mean attention each key receives, averaged over the valid queries that can see it.
 
@@ -158,6 +168,8 @@ def attention_received(
         query_valid: bool ``[B, Q]``, False for padding queries.
         query_index: long ``[B, Q]`` positions of the queries.
         causal: use the causal visibility count.
+        key_mask: bool ``[B, Q, L]``: the keys each query sees (:func:`query_attention`'s); where given, the
+            visibility count is read from it instead.
 
     Returns:
         fp32 (fp64 for fp64 inputs) ``[B, L]``; keys no valid query can see get 0.
@@ -175,7 +187,9 @@ def attention_received(
     w = query_valid.to(dt)  # [B, Q]
     head_mean = probs.to(dt).mean(dim=1)  # [B, Q, L]
     total = torch.bmm(w[:, None, :], head_mean).squeeze(1)  # summed over valid queries
-    if causal:
+    if key_mask is not None:
+        count = (query_valid[:, :, None] & key_mask).sum(dim=1)
+    elif causal:
         key_pos = torch.arange(length, device=probs.device)
         sees = query_valid[:, :, None] & (query_index.long()[:, :, None] >= key_pos[None, None, :])
         count = sees.sum(dim=1)  # [B, L]
