@@ -79,4 +79,4 @@ def test_a_text_only_checkpoint_is_refused_naming_the_families(tmp_path):
     with pytest.raises(ConfigError) as caught:
         runner.run_ablation(_study(str(folder), tmp_path / "out", "strategies=[none]"), progress=False, echo=None)
     text = str(caught.value)
-    assert "not an image-text-to-text checkpoint" in text and "The families that work: llava (" in text
+    assert "not an image-text-to-text checkpoint" in text and "The families that work: " in text and "llava (" in text

@@ -175,7 +175,11 @@ def _model_macs(counter: FlopCounterMode, model: torch.nn.Module, inner: torch.n
     names = [n for n in counter.get_flop_counts() if n.startswith(root + ".") and n not in skip]
     names = [n for n in names if not n.startswith(f"{root}.lm_head.")]
     outermost = [n for n in names if not any(n.startswith(other + ".") for other in names)]
-    return sum(_macs(counter, n) for n in outermost)
+    # convolutions inside the language model are the model's (Qwen3.5's linear-attention layers run a
+    # depthwise one), unlike the towers' patch embeddings, which the FLOP model leaves out
+    language = [n for n in outermost if ".language_model" in n]
+    convs = sum(_macs(counter, n, convolutions=True) - _macs(counter, n) for n in language)
+    return sum(_macs(counter, n) for n in outermost) + convs
 
 
 def _check_family_flops(cls: type[Family], spec: str, adapter: type[Family] | None = None) -> None:
@@ -203,11 +207,29 @@ def _specs(cls: type[Family]) -> list[str]:
     return ["none", *vision, f"{'+'.join([*vision, f'fastv(layer={layer}, keep=2)'])}"]
 
 
+#: Families whose FLOPs this generic count cannot see in full, checked against FlopCounterMode by a test of
+#: their own that adds what it misses: the reason, and that test.
+OWN_CHECK = {
+    "gemma3": "tokprune projects the kept tokens in the patched inner forward, which the generic count leaves "
+    "out with the strategies' scoring (tests/test_adapter_gemma3.py::test_prefill_flops_are_the_brute_force_count)",
+    "qwen3_5": "the delta rule's triangular solves have no FlopCounterMode rule "
+    "(tests/test_adapter_qwen3_5.py::test_prefill_flops_are_the_brute_force_count)",
+    "qwen3_5_moe": "the triangular solves, and the default grouped_mm experts run an op FlopCounterMode has no "
+    "rule for (tests/test_adapter_qwen3_5.py::test_prefill_flops_are_the_brute_force_count)",
+}
+
+
+def _generic_check_applies(cls: type) -> None:
+    if not issubclass(cls, Family):
+        pytest.skip(f"{cls.name} is a ModelAdapter without the Family protocol: no FLOP model to check")
+    if cls.name in OWN_CHECK:
+        pytest.skip(f"{cls.name}: {OWN_CHECK[cls.name]}")
+
+
 @pytest.mark.parametrize("cls", FAMILY_PARAMS)
 def test_every_familys_prefill_flops_are_the_brute_force_count(cls):
     # Tower, projector and LLM as each family computes them; a new family joins by being registered.
-    if not issubclass(cls, Family):
-        pytest.skip(f"{cls.name} is a ModelAdapter without the Family protocol: no FLOP model to check")
+    _generic_check_applies(cls)
     for spec in _specs(cls):
         _check_family_flops(cls, spec)
 
@@ -226,8 +248,7 @@ def _wrong_mlp(cls: type[Family]) -> type[Family]:
 
 @pytest.mark.parametrize("cls", FAMILY_PARAMS)
 def test_the_family_check_rejects_a_wrong_flop_model(cls):
-    if not issubclass(cls, Family):
-        pytest.skip(f"{cls.name} is a ModelAdapter without the Family protocol")
+    _generic_check_applies(cls)
     with pytest.raises(AssertionError, match=cls.name):
         _check_family_flops(cls, "random(keep_ratio=0.5)" if cls.has_vision_stage else "none", _wrong_mlp(cls))
 

@@ -48,6 +48,7 @@ IMAGE_INPUTS = (
     "pixel_values_videos",
     "video_grid_thw",
     "second_per_grid_ts",
+    "batch_num_images",  # LLaVA-OneVision: how many images each prompt brings
 )
 
 #: Capture key: ``(stage "vision" | "llm", layer, "q" | "k")``.
