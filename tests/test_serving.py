@@ -245,3 +245,37 @@ def test_videos_keep_the_announced_count_and_batch_equals_solo(spec):
         one = FrameLayout(frames.counts[i : i + 1], frames.grid[i : i + 1])
         (solo,) = plan.select([feature], frames=one)
         assert torch.equal(solo, keep)
+
+
+# -- budget scope: per video (the default) or per frame, as tokprune.patch(..., budget_scope=...) ----------
+
+
+@pytest.mark.parametrize(
+    ("spec", "scope", "video", "fragments"),
+    [
+        ("divprune(keep=4)", "tile", True, ["'tile'", "'image'", "'frame'"]),
+        ("divprune(keep=4)", "frame", False, ["'frame'", "prunes no video", "valid here: image"]),
+        ("evs(keep_ratio=0.5)", "frame", True, ["evs", "across the frames", "budget scope 'image'"]),
+    ],
+    ids=["unknown", "no-video", "temporal"],
+)
+def test_a_budget_scope_the_server_cannot_run_is_refused_naming_what_works(spec, scope, video, fragments):
+    with pytest.raises(ServingSpecError) as caught:
+        serving_plan(spec, "none", "Qwen2.5-VL", video, scope)
+    for fragment in fragments:
+        assert fragment in str(caught.value), str(caught.value)
+
+
+def test_a_frame_budget_counts_per_frame_and_an_image_is_one_frame():
+    from tokprune import FrameLayout
+
+    frames = FrameLayout(torch.tensor([4, 1]), torch.tensor([[2, 4], [3, 3]]))  # a video of 4 x 8, an image of 9
+    tokens = torch.tensor([32, 9])
+    per_frame = serving_plan("divprune(keep_ratio=0.5)", "none", "Qwen2.5-VL", True, "frame")
+    per_video = serving_plan("divprune(keep_ratio=0.5)", "none", "Qwen2.5-VL", True)
+    assert per_frame.video_kept_counts(tokens, frames).tolist() == [16, 5]  # 8 * 0.5 per frame x 4; 4.5 up
+    assert per_video.video_kept_counts(tokens, frames).tolist() == [16, 5]
+    fixed = serving_plan("divprune(keep=3)", "none", "Qwen2.5-VL", True, "frame")
+    assert fixed.video_kept_counts(tokens, frames).tolist() == [12, 3]  # 3 per frame, not 3 per video
+    assert serving_plan("divprune(keep=3)", "none", "Qwen2.5-VL", True).video_kept_counts(tokens, frames).tolist() == [3, 3]
+    assert serving_plan(None, "none", "Qwen2.5-VL", True, "frame").scope == "frame"  # no pruning: any scope

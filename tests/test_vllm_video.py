@@ -130,10 +130,10 @@ def _hf_inputs(processor, prompt, video, image=None):
     )
 
 
-def _hf_run(model, processor, prompt, video, spec, image=None):
+def _hf_run(model, processor, prompt, video, spec, image=None, budget_scope="image"):
     """Greedy tokens, first-token top-5 log-probs and the unpruned prompt length of ``tokprune.patch``."""
     inputs = _hf_inputs(processor, prompt, video, image)
-    context = tokprune.pruned(model, spec) if spec else contextlib.nullcontext()
+    context = tokprune.pruned(model, spec, budget_scope=budget_scope) if spec else contextlib.nullcontext()
     with context, torch.no_grad():
         logits = model(**inputs).logits[0, -1]
         out = model.generate(**inputs, max_new_tokens=GREEDY.max_tokens, do_sample=False)
@@ -169,6 +169,28 @@ def test_a_pruned_video_equals_the_transformers_path(qwen, qwen_hf, spec):
     assert int(hf_keep.sum()) < 32
     assert list(out.outputs[0].token_ids) == want_tokens
     _assert_same_logprobs(_logprobs(out), want_logprobs)
+
+
+@pytest.mark.parametrize(("spec", "per_frame"), [("divprune(keep_ratio=0.5)", 4), ("divprune(keep=3)", 3)])
+def test_a_video_budgeted_per_frame_equals_the_transformers_path(qwen, qwen_hf, spec, per_frame):
+    # mm_processor_kwargs={"tokprune": spec, "tokprune_budget_scope": "frame"}: each of the 4 frames (8 tokens)
+    # is a strategy row with its own budget, as tokprune.patch(..., budget_scope="frame")
+    video = _video(30)
+    request = _request(VIDEO_PROMPT, video, spec)
+    request["mm_processor_kwargs"]["tokprune_budget_scope"] = "frame"
+    with recorded_keeps("divprune") as keeps:
+        (out,) = qwen.generate([request], GREEDY)
+        want_tokens, want_logprobs, unpruned = _hf_run(*qwen_hf, VIDEO_PROMPT, video, spec, budget_scope="frame")
+    vllm_keep, hf_keep = keeps[0], keeps[1]
+    assert vllm_keep.shape[0] == 4 and torch.equal(vllm_keep.cpu(), hf_keep.cpu())  # one row per frame, the same
+    assert (hf_keep.sum(dim=1) == per_frame).all()
+    assert len(out.prompt_token_ids) == unpruned - 32 + 4 * per_frame
+    assert list(out.outputs[0].token_ids) == want_tokens
+    _assert_same_logprobs(_logprobs(out), want_logprobs)
+    # the same spec per video keeps another layout (3 tokens in all, not 3 per frame): the scope is honoured
+    if spec == "divprune(keep=3)":
+        (whole,) = qwen.generate([_request(VIDEO_PROMPT, video, spec)], GREEDY)
+        assert len(whole.prompt_token_ids) == unpruned - 32 + 3
 
 
 def test_an_unpruned_video_equals_stock_transformers(qwen, qwen_hf):
@@ -441,3 +463,22 @@ def test_qwen3_a_spec_that_would_prune_a_video_fails_its_request_only(qwen3, spe
                 finished[output.request_id] = output
     assert set(finished) == {"good-1", "good-2"}
     assert len(finished["good-1"].prompt_token_ids) == len(finished["good-2"].prompt_token_ids)
+
+
+def test_a_budget_scope_the_server_cannot_run_fails_its_request_only(qwen):
+    engine = qwen.llm_engine
+    bad = _request(VIDEO_PROMPT, _video(31), "divprune(keep=3)")
+    bad["mm_processor_kwargs"]["tokprune_budget_scope"] = "tile"
+    with pytest.raises(ValueError, match=r"budget scope 'tile'.*'image'.*'frame'"):
+        engine.add_request("bad-scope", bad, GREEDY)
+    temporal = _request(VIDEO_PROMPT, _video(32), "evs(keep_ratio=0.5)")
+    temporal["mm_processor_kwargs"]["tokprune_budget_scope"] = "frame"
+    with pytest.raises(ValueError, match=r"evs sets its own budget across the frames.*budget scope 'image'"):
+        engine.add_request("bad-temporal", temporal, GREEDY)
+    engine.add_request("good", _request(VIDEO_PROMPT, _video(33), "evs(keep=10)"), GREEDY)
+    finished = {}
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            if output.finished:
+                finished[output.request_id] = output
+    assert set(finished) == {"good"}

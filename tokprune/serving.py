@@ -85,6 +85,9 @@ class ServingPlan:
 
     spec: str
     step: PruningStrategy | None
+    #: What a budget counts on a video: ``"image"`` (the whole video, the default) or ``"frame"`` (each of its
+    #: frames), as ``tokprune.patch(..., budget_scope=...)``. Images are one frame either way.
+    scope: str = "image"
 
     @property
     def prunes(self) -> bool:
@@ -134,6 +137,9 @@ class ServingPlan:
             counts = step.video_counts(token_counts, frames)
             assert counts is not None, "serving_plan refuses temporal steps whose count the features decide"
             return counts
+        if self.scope == "frame":  # the budget per frame, every frame of a video alike
+            per_frame = torch.div(token_counts, frames.counts.clamp_min(1), rounding_mode="floor")
+            return fixed_counts(per_frame, step.params.keep, step.params.keep_ratio) * frames.counts
         return fixed_counts(token_counts, step.params.keep, step.params.keep_ratio)
 
     def kept_count(self, token_count: int) -> int:
@@ -198,10 +204,15 @@ class ServingPlan:
 
 @functools.lru_cache(maxsize=256)
 def serving_plan(
-    spec: str | None, tower: TowerSignals = "cls", family: str = "this model", video: bool = False
+    spec: str | None,
+    tower: TowerSignals = "cls",
+    family: str = "this model",
+    video: bool = False,
+    scope: str | None = None,
 ) -> ServingPlan:
     """Parse and validate ``spec`` for a server whose tower offers ``tower`` (``video``: the family's server
-    path prunes videos); cached per spec.
+    path prunes videos), budgets counted per ``scope`` (``"image"``, the default, or ``"frame"``: per frame of
+    a video, as ``tokprune.patch``'s ``budget_scope``); cached per spec.
 
     Refused, with :class:`ServingSpecError` naming the bad value and the strategies that work: a spec that
     does not parse (unknown strategy, bad parameter: the registry's own message), LLM-stage steps (they
@@ -213,8 +224,19 @@ def serving_plan(
     from .registry import get
 
     text = "none" if spec is None else str(spec).strip()
+    scope = "image" if scope is None else str(scope).strip()
+    if scope not in ("image", "frame"):
+        raise ServingSpecError(
+            f"tokprune budget scope {scope!r}: a server counts budgets per 'image' (the default; a video is one) or "
+            f"per 'frame' (each frame of a video)"
+        )
+    if scope == "frame" and not video:
+        raise ServingSpecError(
+            f"tokprune budget scope 'frame' counts budgets per frame of a video, and the tokprune server path prunes "
+            f"no video on {family}; valid here: image"
+        )
     if text in ("", "none"):
-        return ServingPlan("none", None)
+        return ServingPlan("none", None, scope)
     working = ", ".join(servable_strategies(tower, video)) or "none registered"
     try:
         pipeline: Pipeline = get(text)
@@ -231,7 +253,7 @@ def serving_plan(
         )
     step = pipeline.vision
     if step is None:
-        return ServingPlan("none", None)
+        return ServingPlan("none", None, scope)
     if not _fixed_budget(type(step)):
         raise ServingSpecError(
             f"tokprune spec {text!r}: {step.name} chooses how many tokens to keep from the image, but a server "
@@ -248,6 +270,11 @@ def serving_plan(
             "a server sizes the prompt before the video is encoded; fix the count with keep= (or the strategy's "
             f"own switch, vidcom2's reconcile=true); strategies that work here: {working}"
         )
+    if step.temporal and scope == "frame":
+        raise ServingSpecError(
+            f"tokprune spec {text!r}: {step.name} sets its own budget across the frames of each video, so budget "
+            "scope 'frame' (one budget per frame) does not apply to it; use budget scope 'image' (the default: per video)"
+        )
     if tower == "none" and step.requires():
         signals = ", ".join(f"{s.kind}@{s.layer}" for s in sorted(step.requires(), key=lambda s: (s.kind, s.layer)))
         raise ServingSpecError(
@@ -256,7 +283,7 @@ def serving_plan(
         )
     if step.stage is not Stage.VISION:  # pragma: no cover - Pipeline.vision guarantees it
         raise ServingSpecError(f"tokprune spec {text!r}: not a vision-stage step")
-    plan = ServingPlan(str(pipeline), step)
+    plan = ServingPlan(str(pipeline), step, scope)
     stand_in = plan.stand_in()
     if stand_in is not None:  # once per spec and process (cached)
         logger.warning(

@@ -65,6 +65,7 @@ from ..strategy import FrameLayout
 
 __all__ = [
     "FAMILIES",
+    "SCOPE_KEY",
     "SPEC_KEY",
     "TESTED_VLLM",
     "UntestedVllmWarning",
@@ -79,6 +80,11 @@ logger = logging.getLogger("tokprune.vllm")
 TESTED_VLLM: tuple[str, ...] = ("0.32.0",)
 #: The ``mm_processor_kwargs`` key that carries the spec.
 SPEC_KEY = "tokprune"
+#: The ``mm_processor_kwargs`` key that says what a budget counts on a video: ``"image"`` (the whole video,
+#: the default) or ``"frame"`` (each frame), as ``tokprune.patch(..., budget_scope=...)``.
+SCOPE_KEY = "tokprune_budget_scope"
+#: Between a video's spec and its budget scope in the field that rides with the video.
+_SCOPE_SEPARATOR = "\x1f"
 #: The per-image field the processor adds (the spec's UTF-8 bytes, uint8 ``[S]``).
 SPEC_FIELD = "tokprune_spec"
 #: The same per video (vLLM batches a field over one modality's items).
@@ -245,7 +251,7 @@ def _check_engine_spec(vllm_config: Any, tower: str, family: str, video: bool = 
     """Refuse at engine start an engine-wide spec this family cannot run (raises ServingSpecError)."""
     mm_config = vllm_config.model_config.get_multimodal_config()
     kwargs = getattr(mm_config, "mm_processor_kwargs", None) or {}
-    plan = serving_plan(kwargs.get(SPEC_KEY), tower, family, video)
+    plan = serving_plan(kwargs.get(SPEC_KEY), tower, family, video, kwargs.get(SCOPE_KEY))
     _check_no_engine_evs(plan, getattr(mm_config, "video_pruning_rate", None))
 
 
@@ -259,13 +265,24 @@ def _check_no_engine_evs(plan: ServingPlan, video_pruning_rate: float | None) ->
         )
 
 
+def _video_field(plan: ServingPlan) -> str:
+    """What rides with a video: its spec, and its budget scope where it is not the default."""
+    return plan.spec if plan.scope == "image" else f"{plan.spec}{_SCOPE_SEPARATOR}{plan.scope}"
+
+
+def _field_plan(text: str, tower: str = "cls", family: str = "this model", video: bool = True) -> ServingPlan:
+    """The plan of one item's field (:func:`_video_field`; an image's is its spec)."""
+    spec, _, scope = text.partition(_SCOPE_SEPARATOR)
+    return serving_plan(spec, tower, family, video, scope or None)
+
+
 def _groups(specs: Sequence[str]) -> Iterator[tuple[ServingPlan, list[int]]]:
-    """Images grouped by spec, first appearance first: each group is planned in one batch."""
+    """Items grouped by their field (spec and scope), first appearance first: each group is planned in one batch."""
     order: dict[str, list[int]] = {}
     for i, spec in enumerate(specs):
         order.setdefault(spec, []).append(i)
     for spec, index in order.items():
-        yield serving_plan(spec, video=True), index  # validated for its family by the processor
+        yield _field_plan(spec), index  # validated for its family by the processor
 
 
 # -- the family classes, built on first use (importing vLLM's model modules is slow) -------------------
@@ -295,10 +312,16 @@ def _classes() -> dict[str, type]:
 
         def tokprune_plan(self, hf_kwargs: Mapping[str, object]) -> ServingPlan:
             merged = self.info.ctx.get_merged_mm_kwargs(hf_kwargs)  # engine-wide, then the request's
-            return serving_plan(merged.get(SPEC_KEY), self.tokprune_tower, self.tokprune_family, self.tokprune_video)
+            return serving_plan(
+                merged.get(SPEC_KEY),
+                self.tokprune_tower,
+                self.tokprune_family,
+                self.tokprune_video,
+                merged.get(SCOPE_KEY),
+            )
 
         def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> Any:
-            hf_kwargs = {k: v for k, v in hf_kwargs.items() if k != SPEC_KEY}
+            hf_kwargs = {k: v for k, v in hf_kwargs.items() if k not in (SPEC_KEY, SCOPE_KEY)}
             return super()._call_hf_processor(hf_data, hf_kwargs)
 
         def _postprocess_hf_mm_data(
@@ -312,7 +335,7 @@ def _classes() -> dict[str, type]:
             videos = _video_count(processed) if self.tokprune_video else 0
             if videos:
                 _check_no_engine_evs(plan, self.info.ctx.get_mm_config().video_pruning_rate)
-                processed[VIDEO_SPEC_FIELD] = _encode_spec(plan.spec, videos)
+                processed[VIDEO_SPEC_FIELD] = _encode_spec(_video_field(plan), videos)
             return processed
 
         def _get_mm_fields_config(
@@ -344,8 +367,8 @@ def _classes() -> dict[str, type]:
                     tokens = _stock(item_idx)
                     item = _items[item_idx] if item_idx < len(_items) else {}
                     field = item.get(VIDEO_SPEC_FIELD if _video else SPEC_FIELD)
-                    spec = _decode_specs(field.data if field is not None else None, 1)[0]
-                    plan = serving_plan(spec, self.tokprune_tower, self.tokprune_family, self.tokprune_video)
+                    text = _decode_specs(field.data if field is not None else None, 1)[0]
+                    plan = _field_plan(text, self.tokprune_tower, self.tokprune_family, self.tokprune_video)
                     if _video and plan.prunes:
                         count = plan.video_kept_counts(torch.tensor([len(tokens)]), self.tokprune_frames(item))
                         return list(tokens)[: int(count[0])]  # a run of one placeholder id
@@ -445,15 +468,23 @@ def _qwen2_5_vl_classes(mixin: type, registry: Any) -> dict[str, type]:
             self, embeds: list[Tensor], grids: list[list[int]], factors: list[float], specs: list[str]
         ) -> list[Tensor]:
             """Each video's kept merged tokens (one strategy row per video, its frames in ``ctx.frames``, as
-            ``tokprune.patch``'s default ``budget_scope="image"``) with their unpruned M-RoPE offsets appended."""
+            ``tokprune.patch``'s default ``budget_scope="image"``; one row per frame under budget scope
+            ``"frame"``) with their unpruned M-RoPE offsets appended."""
             merge = self.visual.spatial_merge_size
             keeps: list[Tensor | None] = [None] * len(embeds)
             for plan, index in _groups(specs):
-                if plan.prunes:
-                    thw = torch.tensor([grids[i] for i in index], device=embeds[index[0]].device)
-                    frames = FrameLayout(thw[:, 0], thw[:, 1:] // merge)
-                    for i, keep in zip(index, plan.select([embeds[i] for i in index], frames=frames)):
-                        keeps[i] = keep
+                if not plan.prunes:
+                    continue
+                if plan.scope == "frame":  # each frame a row of its own, as tokprune.patch's frame_rows
+                    frames = [embeds[i].split(embeds[i].shape[0] // int(grids[i][0])) for i in index]
+                    kept = iter(plan.select([f for video in frames for f in video]))
+                    for i, video in zip(index, frames):
+                        keeps[i] = torch.cat([next(kept) for _ in video])
+                    continue
+                thw = torch.tensor([grids[i] for i in index], device=embeds[index[0]].device)
+                layout = FrameLayout(thw[:, 0], thw[:, 1:] // merge)
+                for i, keep in zip(index, plan.select([embeds[i] for i in index], frames=layout)):
+                    keeps[i] = keep
             out = []
             for emb, grid, factor, keep in zip(embeds, grids, factors, keeps):
                 pos = self._media_positions(grid, factor).to(emb.device)
