@@ -1,4 +1,4 @@
-"""`tokprune run` on a checkpoint of each family: tiny Qwen2.5-VL, LLaVA-NeXT and SmolVLM saved with their
+"""`tokprune run` on a checkpoint of each family: tiny Qwen2.5-VL, LLaVA-NeXT, SmolVLM and Qwen3.5 saved with their
 tokenizer, processor and chat template, a few questions, two pipelines each; and the error a checkpoint no
 registered family prunes gets (naming the families that work)."""
 
@@ -14,11 +14,13 @@ from tokprune.ablation.config import ConfigError, load_config
 from tokprune.adapters import adapter_registry
 from tokprune.testing import checkpoints
 
-#: family -> (checkpoint saver, a vision step it runs: Qwen's and SmolVLM's towers have no CLS)
+#: family -> (checkpoint saver, a vision step it runs: Qwen's and SmolVLM's towers have no CLS, the decoder
+#: layer FastV prunes before: Qwen3.5's layer 0 is linear attention, no scores to read)
 FAMILIES = {
-    "qwen2_5_vl": (checkpoints.save_tiny_qwen2_5_vl, "random(keep_ratio=0.5)"),
-    "llava_next": (checkpoints.save_tiny_llava_next, "topk(keep_ratio=0.5)"),
-    "smolvlm": (checkpoints.save_tiny_smolvlm, "random(keep_ratio=0.5)"),
+    "qwen2_5_vl": (checkpoints.save_tiny_qwen2_5_vl, "random(keep_ratio=0.5)", 1),
+    "llava_next": (checkpoints.save_tiny_llava_next, "topk(keep_ratio=0.5)", 1),
+    "smolvlm": (checkpoints.save_tiny_smolvlm, "random(keep_ratio=0.5)", 1),
+    "qwen3_5": (checkpoints.save_tiny_qwen3_5, "random(keep_ratio=0.5)", 2),
 }
 
 
@@ -28,7 +30,7 @@ def _saved(tmp_path_factory, family: str) -> str:
         pytest.skip(f"{family} is tested from transformers {cls.min_transformers}")
     if family == "smolvlm":
         pytest.importorskip("num2words", reason="transformers' SmolVLM processor needs num2words (the test extra)")
-    save, _ = FAMILIES[family]
+    save = FAMILIES[family][0]
     return str(save(tmp_path_factory.mktemp(family)))
 
 
@@ -41,8 +43,8 @@ def _study(model: str, out, *extra: str):
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_a_tiny_study_runs_on_each_familys_checkpoint(tmp_path_factory, tmp_path, family):
     model = _saved(tmp_path_factory, family)
-    _, spec = FAMILIES[family]
-    cfg = _study(model, tmp_path, f"strategies=[{spec}, {spec}+fastv(layer=1, keep_ratio=0.5)]")
+    _, spec, layer = FAMILIES[family]
+    cfg = _study(model, tmp_path, f"strategies=[{spec}, {spec}+fastv(layer={layer}, keep_ratio=0.5)]")
     rows = runner.run_ablation(cfg, progress=False, echo=None).rows
     assert [r["role"] for r in rows] == ["baseline", "unmatched", "unmatched"]
     assert all(r["versions"]["adapter"]["name"] == family for r in rows[1:])

@@ -317,7 +317,7 @@ def test_real_lmms_eval_cli_offline_equals_tokprune_run_and_logs_the_budget(tmp_
 # -- other families: any registered family's checkpoint, its own chat template ------------------------------
 
 
-@pytest.fixture(scope="module", params=["qwen2_5_vl", "smolvlm"])
+@pytest.fixture(scope="module", params=["qwen2_5_vl", "smolvlm", "qwen3_5"])
 def family_checkpoint(request, tmp_path_factory) -> tuple[str, str]:
     """A tiny saved checkpoint of the family, with its tokenizer, processor and chat template."""
     from tokprune import hf_compat as hf
@@ -334,24 +334,36 @@ def family_checkpoint(request, tmp_path_factory) -> tuple[str, str]:
     return family, str(save(tmp_path_factory.mktemp(family)))
 
 
-#: a vision cut and an LLM cut every family runs (Qwen's and SmolVLM's towers have no CLS)
-FAMILY_SPEC = "random(keep_ratio=0.5)+fastv(layer=1, keep_ratio=0.5)"
+#: a vision cut and an LLM cut every family runs (Qwen's and SmolVLM's towers have no CLS), before decoder layer 1
+#: but where that layer's scores come from linear attention (Qwen3.5's layer 0)
+FAMILY_LAYER = {"qwen3_5": 2}
+
+
+def family_spec(family: str) -> str:
+    return f"random(keep_ratio=0.5)+fastv(layer={FAMILY_LAYER.get(family, 1)}, keep_ratio=0.5)"
+
+
+#: what each family's own chat template renders around one image and the question
+FAMILY_MARKER = {
+    "qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>how many ?",
+    "qwen3_5": "<|vision_start|><|image_pad|><|vision_end|>how many ?",
+    "smolvlm": "User:<image>how many ?",
+}
 
 
 def test_other_families_load_prompt_with_their_template_and_prune(family_checkpoint, samples):
     family, path = family_checkpoint
-    model = TokpruneLlavaCore(pretrained=path, strategy=FAMILY_SPEC, batch_size=2, device="cpu")
+    model = TokpruneLlavaCore(pretrained=path, strategy=family_spec(family), batch_size=2, device="cpu")
     assert model.handle.name == family and model.pipeline is model.handle.pipeline
     prompt = model.build_prompt("<image>\nhow many ?", 1)
-    marker = {"qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>how many ?", "smolvlm": "User:<image>how many ?"}
-    assert marker[family] in prompt and prompt.count("<image>") <= 1
+    assert FAMILY_MARKER[family] in prompt and prompt.count("<image>") <= 1
     answers = model.generate_until(requests_for(model, samples))
     assert len(answers) == len(samples) and all(isinstance(a, str) for a in answers)
     log = sorted(model.pruning_log, key=lambda e: e["doc_id"])
     assert all(0 < e["visual_after_vision"] < e["visual_total"] for e in log)  # one image each, half kept
     assert all(0 < e["flops_ratio"] < 1 and e["visual_kept"] < e["visual_after_vision"] for e in log)
     # batch == solo through the wrapper, for this family too
-    solo = TokpruneLlavaCore(pretrained=path, strategy=FAMILY_SPEC, batch_size=1, device="cpu")
+    solo = TokpruneLlavaCore(pretrained=path, strategy=family_spec(family), batch_size=1, device="cpu")
     assert solo.generate_until(requests_for(solo, samples)) == answers
 
 

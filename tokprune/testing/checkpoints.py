@@ -21,6 +21,7 @@ __all__ = [
     "save_tiny_llava",
     "save_tiny_llava_next",
     "save_tiny_qwen2_5_vl",
+    "save_tiny_qwen3_5",
     "save_tiny_qwen3_vl",
     "save_tiny_smolvlm",
     "train_bpe_tokenizer",
@@ -178,6 +179,57 @@ def _save_processor(
         chat_template=QWEN_CHAT_TEMPLATE,
     )  # fmt: skip
     processor.save_pretrained(path)
+
+
+def _fit_tokenizer(model: Any, tokenizer: Any, seed: int, **token_ids: int) -> Any:
+    """A family's tiny model (its ``tiny_*`` config and weights, :mod:`tokprune.adapters`) made to read
+    ``tokenizer``: its embedding and output rows resized to the tokenizer's vocabulary (new rows drawn from
+    ``seed``), the config's ``token_ids`` (``image_token_id``...) and text ids set to the tokenizer's specials,
+    greedy generation that stops at the tokenizer's end token."""
+    from transformers import GenerationConfig
+
+    torch.manual_seed(seed)
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    bos = pad if tokenizer.bos_token_id is None else tokenizer.bos_token_id
+    text = model.config.get_text_config()
+    text.pad_token_id, text.bos_token_id, text.eos_token_id = pad, bos, eos
+    for key, value in token_ids.items():
+        setattr(model.config, key, value)
+    model.generation_config = GenerationConfig(do_sample=False, pad_token_id=pad, bos_token_id=bos, eos_token_id=eos)
+    return model
+
+
+def _qwen_tokenizer() -> tuple[Any, dict[str, int]]:
+    """The Qwen-VL families' BPE tokenizer and its vision token ids, as their configs name them."""
+    tokenizer = train_bpe_tokenizer(QWEN_SPECIALS)
+    tokenizer.pad_token, tokenizer.eos_token = "<|endoftext|>", "<|im_end|>"
+    names = {"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
+             "vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>"}  # fmt: skip
+    return tokenizer, {key: tokenizer.convert_tokens_to_ids(token) for key, token in names.items()}
+
+
+def save_tiny_qwen3_5(path: str | Path, seed: int = 0) -> Path:
+    """Save :func:`~tokprune.adapters.qwen3_5.tiny_qwen3_5` (``Qwen3_5ForConditionalGeneration``: linear and
+    gated full attention layers) with a BPE tokenizer and Qwen3-VL's processor (patch 4, 2x2 merger: a 32x32
+    image is 16 LLM tokens) to ``path``."""
+    from transformers import Qwen3VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from ..adapters.qwen3_5 import tiny_qwen3_5
+
+    path = Path(path)
+    tokenizer, ids = _qwen_tokenizer()
+    model, _ = tiny_qwen3_5(seed)
+    _fit_tokenizer(model, tokenizer, seed, **ids).save_pretrained(path)
+    patch = model.config.vision_config.patch_size
+    size = {"shortest_edge": (4 * patch) ** 2, "longest_edge": 64 * 64}
+    image_processor = Qwen2VLImageProcessorPil(
+        patch_size=patch, merge_size=2, temporal_patch_size=2, size=size, image_mean=[0.5] * 3, image_std=[0.5] * 3
+    )
+    video_size = {**size, "longest_edge": 4 * 64 * 64}
+    _save_processor(path, Qwen3VLProcessor, image_processor, tokenizer, "qwen3_vl", patch, video_size)
+    return path
 
 
 def save_tiny_llava(path: str | Path, seed: int = 0) -> Path:
