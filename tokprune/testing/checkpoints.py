@@ -20,6 +20,7 @@ __all__ = [
     "QWEN_SPECIALS",
     "save_tiny_llava",
     "save_tiny_llava_next",
+    "save_tiny_llava_onevision",
     "save_tiny_qwen2_5_vl",
     "save_tiny_qwen3_5",
     "save_tiny_qwen3_vl",
@@ -456,3 +457,67 @@ def save_tiny_llava_next(path: str | Path, seed: int = 0) -> Path:
     )  # fmt: skip
     processor.save_pretrained(path)
     return path
+
+
+#: LLaVA-OneVision's special tokens (Qwen2's turn markers, its processor's ``<image>`` and ``<video>``).
+ONEVISION_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>")
+# LLaVA-OneVision's chat template, shortened: "<|im_start|>user\n<image>\nquestion<|im_end|>\n<|im_start|>assistant\n".
+ONEVISION_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for content in message['content'] %}{% if content['type'] == 'image' %}<image>\n"
+    "{% elif content['type'] == 'video' %}<video>\n"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def save_tiny_llava_onevision(path: str | Path, seed: int = 0) -> Path:
+    """Save :func:`~tokprune.adapters.llava_onevision.tiny_llava_onevision` (SigLIP 16 px tiles of 4 px patches,
+    AnyRes grids up to 2x2 with ``anyres_max_2``, Qwen2) with a BPE tokenizer, a shortened OneVision chat template
+    and ``LlavaOnevisionProcessor`` (images-only where torchvision does not import) to ``path``."""
+    from transformers import LlavaOnevisionProcessor
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil,
+    )
+
+    from ..adapters.llava_onevision import tiny_llava_onevision
+
+    path = Path(path)
+    tokenizer = train_bpe_tokenizer(ONEVISION_SPECIALS)
+    tokenizer.pad_token, tokenizer.eos_token = "<|endoftext|>", "<|im_end|>"
+    model, _ = tiny_llava_onevision(seed)
+    ids = {"image_token_index": "<image>", "video_token_index": "<video>"}
+    _fit_tokenizer(model, tokenizer, seed, **{k: tokenizer.convert_tokens_to_ids(t) for k, t in ids.items()})
+    model.save_pretrained(path)
+    config = model.config
+    side, patch = config.vision_config.image_size, config.vision_config.patch_size
+    image_processor = LlavaOnevisionImageProcessorPil(
+        size={"height": side, "width": side}, image_grid_pinpoints=config.image_grid_pinpoints
+    )
+    options = {"num_image_tokens": (side // patch) ** 2, "vision_aspect_ratio": config.vision_aspect_ratio,
+               "vision_feature_select_strategy": config.vision_feature_select_strategy}  # fmt: skip
+    saved = (path, config.model_type, LlavaOnevisionProcessor, image_processor, tokenizer, ONEVISION_CHAT_TEMPLATE)
+    _save_with_video(*saved, **options)
+    return path
+
+
+def _save_with_video(
+    path: Path, model_type: str, processor_cls: type, image_processor: Any, tokenizer: Any, template: str, **opts: Any
+) -> None:
+    """``processor_cls`` saved to ``path`` with ``model_type``'s default video processor, or without one where
+    torchvision does not import (images and text, as :func:`tokprune.loading.load_processor` loads it there)."""
+    from ..loading import images_only_processor, torchvision_imports
+
+    if not torchvision_imports():
+        images_only_processor(processor_cls, image_processor, tokenizer, template, **opts).save_pretrained(path)
+        return
+    from transformers.models.auto import video_processing_auto as auto
+
+    # the family's own video processor with its defaults: nothing a tiny image study reads
+    video_cls = auto.video_processor_class_from_name(auto.VIDEO_PROCESSOR_MAPPING_NAMES[model_type]["torchvision"])
+    processor = processor_cls(
+        image_processor=image_processor, tokenizer=tokenizer, video_processor=video_cls(),
+        chat_template=template, **opts,
+    )  # fmt: skip
+    processor.save_pretrained(path)
