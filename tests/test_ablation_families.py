@@ -1,5 +1,5 @@
-"""`tokprune run` on a checkpoint of each family: tiny Qwen2.5-VL, LLaVA-NeXT, SmolVLM, Qwen3.5 and LLaVA-OneVision
-saved with their tokenizer, processor and chat template, a few questions, two pipelines each; and the error a checkpoint no
+"""`tokprune run` on a checkpoint of each family: tiny Qwen2.5-VL, LLaVA-NeXT, SmolVLM, Qwen3.5, LLaVA-OneVision
+and Gemma 3 saved with their tokenizer, processor and chat template, a few questions, two pipelines each; and the error a checkpoint no
 registered family prunes gets (naming the families that work)."""
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ FAMILIES = {
     "smolvlm": (checkpoints.save_tiny_smolvlm, "random(keep_ratio=0.5)", 1),
     "qwen3_5": (checkpoints.save_tiny_qwen3_5, "random(keep_ratio=0.5)", 2),
     "llava_onevision": (checkpoints.save_tiny_llava_onevision, "random(keep_ratio=0.5)", 1),
+    "gemma3": (checkpoints.save_tiny_gemma3, "random(keep_ratio=0.5)", 1),
 }
 
 

@@ -18,6 +18,7 @@ import torch
 
 __all__ = [
     "QWEN_SPECIALS",
+    "save_tiny_gemma3",
     "save_tiny_llava",
     "save_tiny_llava_next",
     "save_tiny_llava_onevision",
@@ -61,8 +62,9 @@ QWEN_CHAT_TEMPLATE = (
 )
 
 
-def train_bpe_tokenizer(specials: tuple[str, ...], vocab_size: int = 320) -> Any:
-    """A byte-level BPE ``PreTrainedTokenizerFast`` trained on a fixed English corpus, ``specials`` added."""
+def train_bpe_tokenizer(specials: tuple[str, ...], vocab_size: int = 320, named: dict[str, str] | None = None) -> Any:
+    """A byte-level BPE ``PreTrainedTokenizerFast`` trained on a fixed English corpus, ``specials`` added;
+    ``named``: specials a processor reads as tokenizer attributes (``{"image_token": "<image>"}``)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -73,7 +75,7 @@ def train_bpe_tokenizer(specials: tuple[str, ...], vocab_size: int = 320) -> Any
         vocab_size=vocab_size, special_tokens=list(specials), initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **({"extra_special_tokens": named} if named else {}))
 
 
 def _save_weights(model: Any, path: Path, seed: int, scale: float) -> None:
@@ -521,3 +523,48 @@ def _save_with_video(
         chat_template=template, **opts,
     )  # fmt: skip
     processor.save_pretrained(path)
+
+
+#: Gemma 3's special tokens; its processor reads the image ones as tokenizer attributes.
+GEMMA3_SPECIALS = ("<pad>", "<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>",
+                   "<end_of_image>", "<image_soft_token>")  # fmt: skip
+# Gemma 3's chat template, shortened: "<bos><start_of_turn>user\n<start_of_image>question<end_of_turn>\n
+# <start_of_turn>model\n" (the processor expands <start_of_image> to the image's soft tokens).
+GEMMA3_CHAT_TEMPLATE = (
+    "<bos>{% for message in messages %}"
+    "<start_of_turn>{{ 'model' if message['role'] == 'assistant' else message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for content in message['content'] %}{% if content['type'] == 'image' %}<start_of_image>"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
+def save_tiny_gemma3(path: str | Path, seed: int = 0) -> Path:
+    """Save :func:`~tokprune.adapters.gemma3.tiny_gemma3` (SigLIP 32 px / 4 px patches pooled to 16 tokens, sliding
+    and full Gemma 3 layers) with a BPE tokenizer, a shortened Gemma 3 chat template and ``Gemma3Processor``
+    (every image resized to 32 x 32, no pan and scan) to ``path``."""
+    from transformers import Gemma3Processor
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    from ..adapters.gemma3 import tiny_gemma3
+
+    path = Path(path)
+    named = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
+    tokenizer = train_bpe_tokenizer(GEMMA3_SPECIALS, named=named)
+    tokenizer.pad_token, tokenizer.bos_token, tokenizer.eos_token = "<pad>", "<bos>", "<end_of_turn>"
+    model, _ = tiny_gemma3(seed)
+    ids = {"image_token_index": named["image_token"], "boi_token_index": named["boi_token"],
+           "eoi_token_index": named["eoi_token"]}  # fmt: skip
+    _fit_tokenizer(model, tokenizer, seed, **{k: tokenizer.convert_tokens_to_ids(t) for k, t in ids.items()})
+    model.save_pretrained(path)
+    side = model.config.vision_config.image_size
+    image_processor = Gemma3ImageProcessorPil(
+        size={"height": side, "width": side}, image_mean=[0.5] * 3, image_std=[0.5] * 3, do_pan_and_scan=False
+    )
+    processor = Gemma3Processor(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=GEMMA3_CHAT_TEMPLATE,
+        image_seq_length=model.config.mm_tokens_per_image,
+    )  # fmt: skip
+    processor.save_pretrained(path)
+    return path
