@@ -1,6 +1,6 @@
-"""`tokprune run` on a checkpoint of each family: tiny Qwen2.5-VL, LLaVA-NeXT, SmolVLM, Qwen3.5, LLaVA-OneVision
-and Gemma 3 saved with their tokenizer, processor and chat template, a few questions, two pipelines each; and the error a checkpoint no
-registered family prunes gets (naming the families that work)."""
+"""`tokprune run` on a checkpoint of each family: tiny Qwen2.5-VL, LLaVA-NeXT, SmolVLM, Qwen3.5, LLaVA-OneVision,
+Gemma 3 and InternVL saved with their tokenizer, processor and chat template, a few questions, two pipelines each;
+and the error a checkpoint no registered family prunes gets (naming the families that work)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ FAMILIES = {
     "qwen3_5": (checkpoints.save_tiny_qwen3_5, "random(keep_ratio=0.5)", 2),
     "llava_onevision": (checkpoints.save_tiny_llava_onevision, "random(keep_ratio=0.5)", 1),
     "gemma3": (checkpoints.save_tiny_gemma3, "random(keep_ratio=0.5)", 1),
+    "internvl": (checkpoints.save_tiny_internvl, "topk(keep_ratio=0.5)", 1),
 }
 
 

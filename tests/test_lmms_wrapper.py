@@ -317,7 +317,7 @@ def test_real_lmms_eval_cli_offline_equals_tokprune_run_and_logs_the_budget(tmp_
 # -- other families: any registered family's checkpoint, its own chat template ------------------------------
 
 
-@pytest.fixture(scope="module", params=["qwen2_5_vl", "smolvlm", "qwen3_5", "llava_onevision", "gemma3"])
+@pytest.fixture(scope="module", params=["qwen2_5_vl", "smolvlm", "qwen3_5", "llava_onevision", "gemma3", "internvl"])
 def family_checkpoint(request, tmp_path_factory) -> tuple[str, str]:
     """A tiny saved checkpoint of the family, with its tokenizer, processor and chat template."""
     from tokprune import hf_compat as hf
@@ -350,6 +350,7 @@ FAMILY_MARKER = {
     "smolvlm": "User:<image>how many ?",
     "llava_onevision": "<|im_start|>user\n<image>\nhow many ?",
     "gemma3": "<start_of_turn>user\n<start_of_image>how many ?",
+    "internvl": "<|im_start|>user\n<IMG_CONTEXT>\nhow many ?",
 }
 
 

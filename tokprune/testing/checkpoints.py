@@ -19,6 +19,7 @@ import torch
 __all__ = [
     "QWEN_SPECIALS",
     "save_tiny_gemma3",
+    "save_tiny_internvl",
     "save_tiny_llava",
     "save_tiny_llava_next",
     "save_tiny_llava_onevision",
@@ -567,4 +568,38 @@ def save_tiny_gemma3(path: str | Path, seed: int = 0) -> Path:
         image_seq_length=model.config.mm_tokens_per_image,
     )  # fmt: skip
     processor.save_pretrained(path)
+    return path
+
+
+#: InternVL's special tokens (Qwen2's turn markers; its processor reads the image and video ones as attributes).
+INTERNVL_NAMED = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
+                  "video_token": "<video>"}  # fmt: skip
+# InternVL's chat template, shortened: "<|im_start|>user\n<IMG_CONTEXT>\nquestion<|im_end|>\n<|im_start|>assistant\n"
+# (the processor expands <IMG_CONTEXT> to <img>, the image's tokens, </img>).
+INTERNVL_CHAT_TEMPLATE = ONEVISION_CHAT_TEMPLATE.replace("<image>", "<IMG_CONTEXT>")
+
+
+def save_tiny_internvl(path: str | Path, seed: int = 0) -> Path:
+    """Save :func:`~tokprune.adapters.internvl.tiny_internvl` (InternViT 32 px / 4 px patches, pixel shuffle to 16
+    tokens a tile, Qwen2) with a BPE tokenizer, a shortened InternVL chat template and ``InternVLProcessor`` (32 px
+    tiles, up to 4 and a thumbnail an image; images-only where torchvision does not import) to ``path``."""
+    from transformers import InternVLProcessor
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    from ..adapters.internvl import tiny_internvl
+
+    path = Path(path)
+    specials = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", *INTERNVL_NAMED.values())
+    tokenizer = train_bpe_tokenizer(specials, named=INTERNVL_NAMED)
+    tokenizer.pad_token, tokenizer.eos_token = "<|endoftext|>", "<|im_end|>"
+    model, _ = tiny_internvl(seed)
+    _fit_tokenizer(model, tokenizer, seed, image_token_id=tokenizer.context_image_token_id)
+    model.save_pretrained(path)
+    config = model.config
+    height, width = config.vision_config.image_size  # InternViT's config keeps (height, width)
+    image_processor = GotOcr2ImageProcessorPil(
+        size={"height": height, "width": width}, crop_to_patches=True, min_patches=1, max_patches=4
+    )
+    saved = (path, config.model_type, InternVLProcessor, image_processor, tokenizer, INTERNVL_CHAT_TEMPLATE)
+    _save_with_video(*saved, image_seq_length=config.image_seq_length)
     return path
