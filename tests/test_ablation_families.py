@@ -12,18 +12,18 @@ from tokprune import hf_compat as hf
 from tokprune.ablation import runner
 from tokprune.ablation.config import ConfigError, load_config
 from tokprune.adapters import adapter_registry
-from tokprune.testing import checkpoints
+from tokprune.testing import checkpoints, family_checkpoints
 
-#: family -> (checkpoint saver, a vision step it runs: Qwen's and SmolVLM's towers have no CLS, the decoder
+#: family -> (checkpoint saver, a vision step it runs: Qwen's and the SigLIP towers have no CLS, the decoder
 #: layer FastV prunes before: Qwen3.5's layer 0 is linear attention, no scores to read)
 FAMILIES = {
     "qwen2_5_vl": (checkpoints.save_tiny_qwen2_5_vl, "random(keep_ratio=0.5)", 1),
     "llava_next": (checkpoints.save_tiny_llava_next, "topk(keep_ratio=0.5)", 1),
     "smolvlm": (checkpoints.save_tiny_smolvlm, "random(keep_ratio=0.5)", 1),
-    "qwen3_5": (checkpoints.save_tiny_qwen3_5, "random(keep_ratio=0.5)", 2),
-    "llava_onevision": (checkpoints.save_tiny_llava_onevision, "random(keep_ratio=0.5)", 1),
-    "gemma3": (checkpoints.save_tiny_gemma3, "random(keep_ratio=0.5)", 1),
-    "internvl": (checkpoints.save_tiny_internvl, "topk(keep_ratio=0.5)", 1),
+    "qwen3_5": (family_checkpoints.save_tiny_qwen3_5, "random(keep_ratio=0.5)", 2),
+    "llava_onevision": (family_checkpoints.save_tiny_llava_onevision, "random(keep_ratio=0.5)", 1),
+    "gemma3": (family_checkpoints.save_tiny_gemma3, "random(keep_ratio=0.5)", 1),
+    "internvl": (family_checkpoints.save_tiny_internvl, "topk(keep_ratio=0.5)", 1),
 }
 
 

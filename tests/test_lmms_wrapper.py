@@ -322,7 +322,7 @@ def family_checkpoint(request, tmp_path_factory) -> tuple[str, str]:
     """A tiny saved checkpoint of the family, with its tokenizer, processor and chat template."""
     from tokprune import hf_compat as hf
     from tokprune.adapters import adapter_registry
-    from tokprune.testing import checkpoints
+    from tokprune.testing import checkpoints, family_checkpoints
 
     family = request.param
     cls = adapter_registry()[family].cls
@@ -330,7 +330,8 @@ def family_checkpoint(request, tmp_path_factory) -> tuple[str, str]:
         pytest.skip(f"{family} is tested from transformers {cls.min_transformers}")
     if family == "smolvlm":
         pytest.importorskip("num2words", reason="transformers' SmolVLM processor needs num2words (the test extra)")
-    save = getattr(checkpoints, f"save_tiny_{family}")
+    name = f"save_tiny_{family}"
+    save = getattr(checkpoints, name, None) or getattr(family_checkpoints, name)
     return family, str(save(tmp_path_factory.mktemp(family)))
 
 
