@@ -317,7 +317,29 @@ def test_real_lmms_eval_cli_offline_equals_tokprune_run_and_logs_the_budget(tmp_
 # -- other families: any registered family's checkpoint, its own chat template ------------------------------
 
 
-@pytest.fixture(scope="module", params=["qwen2_5_vl", "smolvlm", "qwen3_5", "llava_onevision", "gemma3", "internvl"])
+#: a vision cut and an LLM cut every family runs (Qwen's and the SigLIP towers have no CLS), before decoder layer 1,
+#: or 2 where layer 0 is linear attention and has no scores to read (Qwen3.5's)
+FAMILY_LAYER = {"qwen3_5": 2, "qwen3_5_moe": 2}
+
+
+def family_spec(family: str) -> str:
+    return f"random(keep_ratio=0.5)+fastv(layer={FAMILY_LAYER.get(family, 1)}, keep_ratio=0.5)"
+
+
+#: what each family's own chat template renders around one image and the question
+FAMILY_MARKER = {
+    "qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>how many ?",
+    "qwen3_5": "<|vision_start|><|image_pad|><|vision_end|>how many ?",
+    "qwen3_5_moe": "<|vision_start|><|image_pad|><|vision_end|>how many ?",
+    "qwen3_vl": "<|vision_start|><|image_pad|><|vision_end|>how many ?",
+    "smolvlm": "User:<image>how many ?",
+    "llava_onevision": "<|im_start|>user\n<image>\nhow many ?",
+    "gemma3": "<start_of_turn>user\n<start_of_image>how many ?",
+    "internvl": "<|im_start|>user\n<IMG_CONTEXT>\nhow many ?",
+}
+
+
+@pytest.fixture(scope="module", params=list(FAMILY_MARKER))
 def family_checkpoint(request, tmp_path_factory) -> tuple[str, str]:
     """A tiny saved checkpoint of the family, with its tokenizer, processor and chat template."""
     from tokprune import hf_compat as hf
@@ -333,26 +355,6 @@ def family_checkpoint(request, tmp_path_factory) -> tuple[str, str]:
     name = f"save_tiny_{family}"
     save = getattr(checkpoints, name, None) or getattr(family_checkpoints, name)
     return family, str(save(tmp_path_factory.mktemp(family)))
-
-
-#: a vision cut and an LLM cut every family runs (Qwen's and SmolVLM's towers have no CLS), before decoder layer 1
-#: but where that layer's scores come from linear attention (Qwen3.5's layer 0)
-FAMILY_LAYER = {"qwen3_5": 2}
-
-
-def family_spec(family: str) -> str:
-    return f"random(keep_ratio=0.5)+fastv(layer={FAMILY_LAYER.get(family, 1)}, keep_ratio=0.5)"
-
-
-#: what each family's own chat template renders around one image and the question
-FAMILY_MARKER = {
-    "qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>how many ?",
-    "qwen3_5": "<|vision_start|><|image_pad|><|vision_end|>how many ?",
-    "smolvlm": "User:<image>how many ?",
-    "llava_onevision": "<|im_start|>user\n<image>\nhow many ?",
-    "gemma3": "<start_of_turn>user\n<start_of_image>how many ?",
-    "internvl": "<|im_start|>user\n<IMG_CONTEXT>\nhow many ?",
-}
 
 
 def test_other_families_load_prompt_with_their_template_and_prune(family_checkpoint, samples):

@@ -25,6 +25,7 @@ __all__ = [
     "save_tiny_internvl",
     "save_tiny_llava_onevision",
     "save_tiny_qwen3_5",
+    "save_tiny_qwen3_5_moe",
 ]
 
 
@@ -56,10 +57,10 @@ def _qwen_tokenizer() -> tuple[Any, dict[str, int]]:
     return tokenizer, {key: tokenizer.convert_tokens_to_ids(token) for key, token in names.items()}
 
 
-def save_tiny_qwen3_5(path: str | Path, seed: int = 0) -> Path:
+def save_tiny_qwen3_5(path: str | Path, seed: int = 0, experts: int = 0) -> Path:
     """Save :func:`~tokprune.adapters.qwen3_5.tiny_qwen3_5` (``Qwen3_5ForConditionalGeneration``: linear and
-    gated full attention layers) with a BPE tokenizer and Qwen3-VL's processor (patch 4, 2x2 merger: a 32x32
-    image is 16 LLM tokens) to ``path``."""
+    gated full attention layers; with ``experts``, the mixture-of-experts variant) with a BPE tokenizer and
+    Qwen3-VL's processor (patch 4, 2x2 merger: a 32x32 image is 16 LLM tokens) to ``path``."""
     from transformers import Qwen3VLProcessor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -67,7 +68,7 @@ def save_tiny_qwen3_5(path: str | Path, seed: int = 0) -> Path:
 
     path = Path(path)
     tokenizer, ids = _qwen_tokenizer()
-    model, _ = tiny_qwen3_5(seed)
+    model, _ = tiny_qwen3_5(seed, experts=experts)
     _fit_tokenizer(model, tokenizer, seed, **ids).save_pretrained(path)
     patch = model.config.vision_config.patch_size
     size = {"shortest_edge": (4 * patch) ** 2, "longest_edge": 64 * 64}
@@ -77,6 +78,12 @@ def save_tiny_qwen3_5(path: str | Path, seed: int = 0) -> Path:
     video_size = {**size, "longest_edge": 4 * 64 * 64}
     _save_processor(path, Qwen3VLProcessor, image_processor, tokenizer, "qwen3_vl", patch, video_size)
     return path
+
+
+def save_tiny_qwen3_5_moe(path: str | Path, seed: int = 0) -> Path:
+    """:func:`save_tiny_qwen3_5` with 4 experts (two routed a token, and a shared one), as the family's tiny model:
+    ``Qwen3_5MoeForConditionalGeneration``."""
+    return save_tiny_qwen3_5(path, seed, experts=4)
 
 
 #: LLaVA-OneVision's special tokens (Qwen2's turn markers, its processor's ``<image>`` and ``<video>``).
