@@ -328,6 +328,7 @@ def family_spec(family: str) -> str:
 
 #: what each family's own chat template renders around one image and the question
 FAMILY_MARKER = {
+    "llava_next": "USER: <image>\nhow many ?",
     "qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>how many ?",
     "qwen3_5": "<|vision_start|><|image_pad|><|vision_end|>how many ?",
     "qwen3_5_moe": "<|vision_start|><|image_pad|><|vision_end|>how many ?",
