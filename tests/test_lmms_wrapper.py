@@ -317,12 +317,35 @@ def test_real_lmms_eval_cli_offline_equals_tokprune_run_and_logs_the_budget(tmp_
 # -- other families: any registered family's checkpoint, its own chat template ------------------------------
 
 
-@pytest.fixture(scope="module", params=["qwen2_5_vl", "smolvlm"])
+#: a vision cut and an LLM cut every family runs (Qwen's and the SigLIP towers have no CLS), before decoder layer 1,
+#: or 2 where layer 0 is linear attention and has no scores to read (Qwen3.5's)
+FAMILY_LAYER = {"qwen3_5": 2, "qwen3_5_moe": 2}
+
+
+def family_spec(family: str) -> str:
+    return f"random(keep_ratio=0.5)+fastv(layer={FAMILY_LAYER.get(family, 1)}, keep_ratio=0.5)"
+
+
+#: what each family's own chat template renders around one image and the question
+FAMILY_MARKER = {
+    "llava_next": "USER: <image>\nhow many ?",
+    "qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>how many ?",
+    "qwen3_5": "<|vision_start|><|image_pad|><|vision_end|>how many ?",
+    "qwen3_5_moe": "<|vision_start|><|image_pad|><|vision_end|>how many ?",
+    "qwen3_vl": "<|vision_start|><|image_pad|><|vision_end|>how many ?",
+    "smolvlm": "User:<image>how many ?",
+    "llava_onevision": "<|im_start|>user\n<image>\nhow many ?",
+    "gemma3": "<start_of_turn>user\n<start_of_image>how many ?",
+    "internvl": "<|im_start|>user\n<IMG_CONTEXT>\nhow many ?",
+}
+
+
+@pytest.fixture(scope="module", params=list(FAMILY_MARKER))
 def family_checkpoint(request, tmp_path_factory) -> tuple[str, str]:
     """A tiny saved checkpoint of the family, with its tokenizer, processor and chat template."""
     from tokprune import hf_compat as hf
     from tokprune.adapters import adapter_registry
-    from tokprune.testing import checkpoints
+    from tokprune.testing import checkpoints, family_checkpoints
 
     family = request.param
     cls = adapter_registry()[family].cls
@@ -330,28 +353,24 @@ def family_checkpoint(request, tmp_path_factory) -> tuple[str, str]:
         pytest.skip(f"{family} is tested from transformers {cls.min_transformers}")
     if family == "smolvlm":
         pytest.importorskip("num2words", reason="transformers' SmolVLM processor needs num2words (the test extra)")
-    save = getattr(checkpoints, f"save_tiny_{family}")
+    name = f"save_tiny_{family}"
+    save = getattr(checkpoints, name, None) or getattr(family_checkpoints, name)
     return family, str(save(tmp_path_factory.mktemp(family)))
-
-
-#: a vision cut and an LLM cut every family runs (Qwen's and SmolVLM's towers have no CLS)
-FAMILY_SPEC = "random(keep_ratio=0.5)+fastv(layer=1, keep_ratio=0.5)"
 
 
 def test_other_families_load_prompt_with_their_template_and_prune(family_checkpoint, samples):
     family, path = family_checkpoint
-    model = TokpruneLlavaCore(pretrained=path, strategy=FAMILY_SPEC, batch_size=2, device="cpu")
+    model = TokpruneLlavaCore(pretrained=path, strategy=family_spec(family), batch_size=2, device="cpu")
     assert model.handle.name == family and model.pipeline is model.handle.pipeline
     prompt = model.build_prompt("<image>\nhow many ?", 1)
-    marker = {"qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>how many ?", "smolvlm": "User:<image>how many ?"}
-    assert marker[family] in prompt and prompt.count("<image>") <= 1
+    assert FAMILY_MARKER[family] in prompt and prompt.count("<image>") <= 1
     answers = model.generate_until(requests_for(model, samples))
     assert len(answers) == len(samples) and all(isinstance(a, str) for a in answers)
     log = sorted(model.pruning_log, key=lambda e: e["doc_id"])
     assert all(0 < e["visual_after_vision"] < e["visual_total"] for e in log)  # one image each, half kept
     assert all(0 < e["flops_ratio"] < 1 and e["visual_kept"] < e["visual_after_vision"] for e in log)
     # batch == solo through the wrapper, for this family too
-    solo = TokpruneLlavaCore(pretrained=path, strategy=FAMILY_SPEC, batch_size=1, device="cpu")
+    solo = TokpruneLlavaCore(pretrained=path, strategy=family_spec(family), batch_size=1, device="cpu")
     assert solo.generate_until(requests_for(solo, samples)) == answers
 
 

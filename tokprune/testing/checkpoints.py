@@ -6,7 +6,8 @@ trained on a fixed corpus, the chat template and the processor config, which bot
 (``from_pretrained``) and vLLM read. No hub, no download; widths satisfy vLLM's CPU attention (head size 32).
 
 ``save_tiny_qwen2_5_vl(path)`` and ``save_tiny_llava(path)`` return the path. The embedded
-``tokprune.models.path("tiny-llava-shapes")`` is the trained LLaVA-1.5 counterpart.
+``tokprune.models.path("tiny-llava-shapes")`` is the trained LLaVA-1.5 counterpart. The other families' own
+tiny models, saved for transformers' loaders: :mod:`tokprune.testing.family_checkpoints`.
 """
 
 from __future__ import annotations
@@ -59,8 +60,9 @@ QWEN_CHAT_TEMPLATE = (
 )
 
 
-def train_bpe_tokenizer(specials: tuple[str, ...], vocab_size: int = 320) -> Any:
-    """A byte-level BPE ``PreTrainedTokenizerFast`` trained on a fixed English corpus, ``specials`` added."""
+def train_bpe_tokenizer(specials: tuple[str, ...], vocab_size: int = 320, named: dict[str, str] | None = None) -> Any:
+    """A byte-level BPE ``PreTrainedTokenizerFast`` trained on a fixed English corpus, ``specials`` added;
+    ``named``: specials a processor reads as tokenizer attributes (``{"image_token": "<image>"}``)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -71,7 +73,7 @@ def train_bpe_tokenizer(specials: tuple[str, ...], vocab_size: int = 320) -> Any
         vocab_size=vocab_size, special_tokens=list(specials), initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **({"extra_special_tokens": named} if named else {}))
 
 
 def _save_weights(model: Any, path: Path, seed: int, scale: float) -> None:
