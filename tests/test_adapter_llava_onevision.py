@@ -12,6 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import tokprune
 from tokprune import Pipeline, PruningStrategy, Stage, VisionContext, VisionPlan, strategies
+from tokprune import hf_compat as hf
 from tokprune.adapters.llava_onevision import (
     LlavaOnevisionAdapter,
     image_newlines,
@@ -21,6 +22,11 @@ from tokprune.adapters.llava_onevision import (
 from tokprune.errors import InputError, MissingCapabilityError, StrategyParamError
 from tokprune.testing.models import VOCAB
 from tokprune.testing.video import onevision_video_inputs
+
+pytestmark = pytest.mark.skipif(
+    hf.older_than(LlavaOnevisionAdapter.min_transformers),
+    reason=f"llava_onevision is tested from transformers {LlavaOnevisionAdapter.min_transformers}",
+)
 
 
 @pytest.fixture(scope="module")
