@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from _flops import macs as _macs
 from transformers import DynamicCache
 
 import tokprune
@@ -333,19 +334,6 @@ def test_the_mixture_of_experts_variant_is_the_same_code_path():
 
 
 # -- the FLOP model ---------------------------------------------------------------------------------------
-
-
-def _macs(counter, prefix: str, convolutions: bool) -> int:
-    """Multiply-accumulates the modules under ``prefix`` ran (each op once, at its outermost module)."""
-    counts = counter.get_flop_counts()
-    total = 0
-    for name, ops in counts.items():
-        if name == prefix or name.startswith(prefix + "."):
-            if any(other != name and name.startswith(other + ".") and other.startswith(prefix) for other in counts):
-                continue  # a child of a module already summed
-            total += sum(v for op, v in ops.items() if convolutions or "convolution" not in str(op))
-    assert total % 2 == 0
-    return total // 2
 
 
 @pytest.mark.parametrize("experts", [0, 4], ids=["dense", "moe"])

@@ -13,6 +13,7 @@ from dataclasses import replace
 import pytest
 import torch
 from _families import FAMILY_PARAMS
+from _flops import macs as _macs
 from torch.utils.flop_counter import FlopCounterMode
 
 import tokprune
@@ -29,19 +30,6 @@ qwen_only = pytest.mark.skipif(
     hf.older_than(Qwen2_5_VLAdapter.min_transformers),
     reason=f"Qwen2.5-VL is tested from transformers {Qwen2_5_VLAdapter.min_transformers}",
 )
-
-
-def _macs(counter: FlopCounterMode, prefix: str, *, convolutions: bool = False) -> int:
-    """Multiply-accumulates the modules under ``prefix`` ran (each op once, at its outermost module)."""
-    counts = counter.get_flop_counts()
-    total = 0
-    for name, ops in counts.items():
-        if name == prefix or name.startswith(prefix + "."):
-            if any(other != name and name.startswith(other + ".") and other.startswith(prefix) for other in counts):
-                continue  # a child of a module already summed
-            total += sum(v for op, v in ops.items() if convolutions or "convolution" not in str(op))
-    assert total % 2 == 0
-    return total // 2
 
 
 def _tower_macs(visual: torch.nn.Module, grids: list[tuple[int, int, int]]) -> int:

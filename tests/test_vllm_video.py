@@ -94,10 +94,10 @@ def qwen_path(tmp_path_factory):
     return save_tiny_qwen2_5_vl(tmp_path_factory.mktemp("qwen2_5_vl_video"))
 
 
-@pytest.fixture(scope="module")
-def qwen(qwen_path):
-    llm = vllm.LLM(
-        model=str(qwen_path),
+def _engine(path, **options):
+    """An in-process engine on a tiny checkpoint taking an image and a video per prompt."""
+    return vllm.LLM(
+        model=str(path),
         max_model_len=512,
         max_num_seqs=8,
         limit_mm_per_prompt={"image": 1, "video": 1},
@@ -107,16 +107,26 @@ def qwen(qwen_path):
         kv_cache_memory_bytes=256 << 20,
         gpu_memory_utilization=0.05,
         enable_prefix_caching=False,  # a mutated rerun must not reuse the unmutated run's KV cache
+        **options,
     )
+
+
+@pytest.fixture(scope="module")
+def qwen(qwen_path):
+    llm = _engine(qwen_path)
     yield llm
     del llm
 
 
+def _transformers(path):
+    """The same checkpoint on transformers (what tokprune.patch runs on) and its processor."""
+    processor = AutoProcessor.from_pretrained(path)
+    return AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval(), processor
+
+
 @pytest.fixture(scope="module")
 def qwen_hf(qwen_path):
-    processor = AutoProcessor.from_pretrained(qwen_path)
-    model = AutoModelForImageTextToText.from_pretrained(qwen_path, dtype=torch.float32).eval()
-    return model, processor
+    return _transformers(qwen_path)
 
 
 def _hf_inputs(processor, prompt, video, image=None):
@@ -310,19 +320,7 @@ def test_a_spec_that_cannot_run_fails_its_request_only(qwen, spec, fragments):
 
 @pytest.fixture(scope="module")
 def qwen_evs(qwen_path):
-    llm = vllm.LLM(
-        model=str(qwen_path),
-        max_model_len=512,
-        max_num_seqs=8,
-        limit_mm_per_prompt={"image": 1, "video": 1},
-        dtype="float32",
-        enforce_eager=True,
-        seed=0,
-        kv_cache_memory_bytes=256 << 20,
-        gpu_memory_utilization=0.05,
-        enable_prefix_caching=False,
-        video_pruning_rate=0.5,
-    )
+    llm = _engine(qwen_path, video_pruning_rate=0.5)
     yield llm
     del llm
 
@@ -369,27 +367,14 @@ def qwen3_path(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def qwen3(qwen3_path):
-    llm = vllm.LLM(
-        model=str(qwen3_path),
-        max_model_len=512,
-        max_num_seqs=8,
-        limit_mm_per_prompt={"image": 1, "video": 1},
-        dtype="float32",
-        enforce_eager=True,
-        seed=0,
-        kv_cache_memory_bytes=256 << 20,
-        gpu_memory_utilization=0.05,
-        enable_prefix_caching=False,
-    )
+    llm = _engine(qwen3_path)
     yield llm
     del llm
 
 
 @pytest.fixture(scope="module")
 def qwen3_hf(qwen3_path):
-    processor = AutoProcessor.from_pretrained(qwen3_path)
-    model = AutoModelForImageTextToText.from_pretrained(qwen3_path, dtype=torch.float32).eval()
-    return model, processor
+    return _transformers(qwen3_path)
 
 
 def _qwen3_image():
