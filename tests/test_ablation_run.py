@@ -8,11 +8,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from faults._kit import cli_pausing, wait_for
 
 from tokprune.ablation import runner
 from tokprune.ablation.config import load_config
@@ -190,19 +190,17 @@ def test_sigterm_mid_sweep_then_rerun(tiny_model, tmp_path):
     args = [f"model={tiny_model}", f"output_dir={tmp_path}", "limit=8", "batch_size=2", "device=cpu",
             "strategies=[topk(keep=[2,4,6,8,10,12,14,16])]", "match_budget.reference=null", "plot=false", "--quiet",
             "budget.targets=[]"]
-    proc = _cli(*args)
+    paused = tmp_path / "paused"
+    proc = subprocess.Popen(cli_pausing(paused, 2, *args), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     results = tmp_path / "results.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if results.exists() and results.read_bytes().count(b"\n") >= 2:
-            break
-        time.sleep(0.02)
+    wait_for(paused, proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "rerun the command to resume" in err
     done = load_results(results)
-    assert 2 <= len(done) < 9
+    assert len(done) == 2
     rerun = _cli(*args)
     out, err = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, err

@@ -38,6 +38,42 @@ def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "tokprune", "run", *args]
 
 
+def cli_pausing(flag: Path, after: int, *args: str) -> list[str]:
+    """``tokprune run ARGS`` as a subprocess argv that, once its ``after``-th run is recorded, creates
+    ``flag`` and waits there (two minutes) for the test's signal.
+
+    A study small enough for a test can finish between two polls of its results file on a fast machine;
+    waiting at a known point makes "a signal mid-study" the same on every machine.
+    """
+    script = (
+        "import pathlib, sys, time\n"
+        "from tokprune.ablation import runner\n"
+        "from tokprune.cli import main\n"
+        "append, recorded = runner.append_result, []\n"
+        "def append_then_wait(path, row):\n"
+        "    append(path, row)\n"
+        "    recorded.append(row)\n"
+        f"    if len(recorded) == {int(after)}:\n"
+        f"        pathlib.Path({str(flag)!r}).touch()\n"
+        "        time.sleep(120)\n"
+        "runner.append_result = append_then_wait\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    return [sys.executable, "-c", script, "run", *args]
+
+
+def wait_for(flag: Path, proc: Any, timeout: float = 120.0) -> None:
+    """Wait until ``flag`` exists; fail with the process's stderr if it ends or the time runs out first."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None and not flag.exists():
+        time.sleep(0.02)
+    if not flag.exists():
+        proc.kill()
+        pytest.fail(f"the study never reached its pause point: {proc.communicate(timeout=60)[1][-3000:]}")
+
+
 # ------------------------------------------------------------------------------------------------ images
 
 

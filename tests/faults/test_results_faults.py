@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from faults._kit import ENV, SMALL, cli, png_bytes, qa_rows, results, write_rows
+from faults._kit import ENV, SMALL, cli_pausing, png_bytes, qa_rows, results, wait_for, write_rows
 
 from tokprune.ablation import runner
 from tokprune.ablation.results import ResultsError
@@ -232,24 +232,19 @@ def test_ctrl_c_or_sigterm_mid_run_exits_130_and_loses_only_that_run(tmp_path, s
 
 def test_sigkill_mid_study_loses_only_the_run_in_progress(tmp_path, study):
     """A study of three runs in a subprocess, killed once its first run is recorded; the rerun resumes."""
+    paused = tmp_path / "paused"
     proc = subprocess.Popen(
-        cli(*SMALL, "strategies=[topk, fastv]", "batch_size=1", f"output_dir={tmp_path}", "--quiet"),
+        cli_pausing(paused, 1, *SMALL, "strategies=[topk, fastv]", "batch_size=1", f"output_dir={tmp_path}", "--quiet"),
         env=ENV,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
-    path = tmp_path / "results.jsonl"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if path.exists() and path.read_bytes().count(b"\n") >= 1:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, proc.communicate()
+    wait_for(paused, proc)
     proc.kill()
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
     done = results(tmp_path)  # every line whole
-    assert 1 <= len(done) <= 3
+    assert len(done) == 1
     outcome = study(tmp_path, "strategies=[topk, fastv]", "batch_size=1")
     assert outcome.skipped == len(done) and len(results(tmp_path)) == 3
