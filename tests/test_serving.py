@@ -279,3 +279,30 @@ def test_a_frame_budget_counts_per_frame_and_an_image_is_one_frame():
     assert fixed.video_kept_counts(tokens, frames).tolist() == [12, 3]  # 3 per frame, not 3 per video
     assert serving_plan("divprune(keep=3)", "none", "Qwen2.5-VL", True).video_kept_counts(tokens, frames).tolist() == [3, 3]
     assert serving_plan(None, "none", "Qwen2.5-VL", True, "frame").scope == "frame"  # no pruning: any scope
+
+
+# -- families pruning videos per frame only (Qwen3-VL: the engine sizes each frame's run before encoding) ---
+
+
+def test_a_frame_only_family_refuses_temporal_steps_and_a_budget_per_video_naming_what_works():
+    assert servable_strategies("none", video="frame") == [s for s in servable_strategies("none") if "(" not in s]
+    with pytest.raises(ServingSpecError) as caught:
+        serving_plan("evs(keep=10)", "none", "Qwen3-VL", "frame", "frame")
+    for fragment in ("evs(keep=10)", "per frame only", "budget scope 'frame'", "divprune"):
+        assert fragment in str(caught.value), str(caught.value)
+    per_video = serving_plan("divprune(keep=6)", "none", "Qwen3-VL", "frame")  # images: pruned as asked
+    assert per_video.kept_count(16) == 6
+    with pytest.raises(ServingSpecError) as caught:
+        per_video.check_video("frame", "Qwen3-VL", "divprune(keep=6)")
+    for fragment in ("'divprune(keep=6)'", "whole video", "Qwen3-VL", "'tokprune_budget_scope': 'frame'", "'none'"):
+        assert fragment in str(caught.value), str(caught.value)
+    serving_plan("divprune(keep=6)", "none", "Qwen3-VL", "frame", "frame").check_video("frame", "Qwen3-VL")
+    serving_plan(None, "none", "Qwen3-VL", "frame").check_video("frame", "Qwen3-VL")  # no pruning: any video
+    per_video.check_video(True, "Qwen2.5-VL")  # a family pruning whole videos takes it
+
+
+def test_frame_kept_count_is_the_per_frame_budget():
+    assert serving_plan("divprune(keep=3)", "none", "Qwen3-VL", "frame", "frame").frame_kept_count(8) == 3
+    assert serving_plan("divprune(keep=30)", "none", "Qwen3-VL", "frame", "frame").frame_kept_count(8) == 8
+    assert serving_plan("divprune(keep_ratio=0.3)", "none", "Qwen3-VL", "frame", "frame").frame_kept_count(8) == 2
+    assert serving_plan(None, "none", "Qwen3-VL", "frame", "frame").frame_kept_count(8) == 8

@@ -352,10 +352,11 @@ def test_a_tokprune_video_spec_on_an_engine_running_vllms_evs_is_refused(qwen_ev
     assert len(out.outputs[0].token_ids) == GREEDY.max_tokens
 
 
-# -- Qwen3-VL videos: served unpruned beside pruned images; a spec that would prune them is refused -------
-# Each Qwen3-VL frame is its own placeholder run after its timestamp text; the plugin places every frame's rows
-# at its stock offsets. Before, the plugin's positions for a Qwen3-VL video crashed the engine (every video,
-# with or without a spec).
+# -- Qwen3-VL videos: pruned per frame (budget scope "frame"); a budget per video is refused -------------
+# Each Qwen3-VL frame is its own placeholder run after its timestamp text, sized by vLLM before the video is
+# encoded: the plugin cuts every frame's run to the frame's budget and places each frame's kept rows at their
+# stock offsets in that run. Before, the plugin's positions for a Qwen3-VL video crashed the engine (every
+# video, with or without a spec).
 
 
 @pytest.fixture(scope="module")
@@ -409,7 +410,8 @@ def test_qwen3_the_video_suite_rejects_frames_placed_at_their_frame_index(qwen3,
     _, want_logprobs, _ = _hf_run(*qwen3_hf, VIDEO_PROMPT, video, None)
 
     def install(model):
-        def frame_index_offsets(emb, grid):
+        def frame_index_offsets(emb, grid, keep=None):
+            assert keep is None  # an unpruned video
             offsets = compute_mrope_for_media(torch.tensor(grid), model.visual.spatial_merge_size)
             return torch.cat([emb, offsets.to(emb.device, emb.dtype)], dim=1)
 
@@ -426,9 +428,10 @@ def test_qwen3_the_video_suite_rejects_frames_placed_at_their_frame_index(qwen3,
 
 QWEN3_VIDEO_SPECS = [
     # a temporal strategy: refused for the family before any video is seen
-    ("evs(keep_ratio=0.5)", ["evs(keep_ratio=0.5)", "prunes no video on Qwen3-VL", "divprune, random"]),
-    # an image strategy would prune the video as tokprune.patch does: refused, not served half-pruned
-    ("divprune(keep=6)", ["divprune(keep=6)", "Qwen3-VL videos", "Qwen2.5-VL", "'tokprune': 'none'"]),
+    ("evs(keep_ratio=0.5)", ["evs(keep_ratio=0.5)", "per frame only", "budget scope 'frame'", "divprune, random"]),
+    # a budget per video cannot size the frames' runs: refused naming the per-frame form, not served half-pruned
+    ("divprune(keep=6)", ["divprune(keep=6)", "whole video", "Qwen3-VL", "'tokprune_budget_scope': 'frame'",
+                          "'tokprune': 'none'"]),
 ]
 
 
@@ -467,3 +470,81 @@ def test_a_budget_scope_the_server_cannot_run_fails_its_request_only(qwen):
             if output.finished:
                 finished[output.request_id] = output
     assert set(finished) == {"good"}
+
+
+def _qwen3_frame_request(prompt, video, spec, image=None):
+    request = _request(prompt, video, spec, image)
+    request["mm_processor_kwargs"]["tokprune_budget_scope"] = "frame"
+    return request
+
+
+# divprune only: the other strategy servable here, random, draws from the features' exact bits, which two
+# engines' towers do not share (their float rounding differs)
+@pytest.mark.parametrize(("spec", "per_frame"), [("divprune(keep_ratio=0.5)", 4), ("divprune(keep=3)", 3)])
+def test_qwen3_a_video_pruned_per_frame_equals_the_transformers_path(qwen3, qwen3_hf, spec, per_frame):
+    """mm_processor_kwargs={"tokprune": spec, "tokprune_budget_scope": "frame"}: every frame's run (after its
+    timestamp) shrinks to the frame's budget, its kept rows at their stock offsets, as
+    tokprune.patch(..., budget_scope="frame") on transformers."""
+    video = _video(40)  # 4 frames (temporal groups) of 8 merged tokens
+    with recorded_keeps("divprune") as keeps:
+        (out,) = qwen3.generate([_qwen3_frame_request(VIDEO_PROMPT, video, spec)], GREEDY)
+        want_tokens, want_logprobs, unpruned = _hf_run(*qwen3_hf, VIDEO_PROMPT, video, spec, budget_scope="frame")
+    vllm_keep, hf_keep = keeps[0], keeps[1]
+    assert vllm_keep.shape == hf_keep.shape == (4, 8) and torch.equal(vllm_keep.cpu(), hf_keep.cpu())
+    assert (hf_keep.sum(dim=1) == per_frame).all()
+    assert len(out.prompt_token_ids) == unpruned - 32 + 4 * per_frame  # shrinks by exactly the pruned
+    assert list(out.outputs[0].token_ids) == want_tokens
+    _assert_same_logprobs(_logprobs(out), want_logprobs)
+
+
+def test_qwen3_an_image_and_a_video_pruned_per_frame_equal_the_transformers_path(qwen3, qwen3_hf):
+    video, image, spec = _video(41), _qwen3_image(), "divprune(keep=5)"
+    with recorded_keeps("divprune") as keeps:
+        (out,) = qwen3.generate([_qwen3_frame_request(IMAGE_AND_VIDEO, video, spec, image)], GREEDY)
+        want_tokens, want_logprobs, unpruned = _hf_run(
+            *qwen3_hf, IMAGE_AND_VIDEO, video, spec, image, budget_scope="frame"
+        )
+    assert len(out.prompt_token_ids) == unpruned - (16 - 5) - 4 * (8 - 5)  # the image and every frame
+    assert [k.sum(dim=1).tolist() for k in keeps[:2]] == [[5], [5, 5, 5, 5]]  # vLLM: the image, then the frames
+    assert list(out.outputs[0].token_ids) == want_tokens
+    _assert_same_logprobs(_logprobs(out), want_logprobs)
+
+
+def _first_rows_per_frame(model, embeds, grids, specs):
+    """Wrong: each frame keeps its first rows, whatever the strategy chose (the count still matches)."""
+    keeps = type(model)._prune_frames(model, embeds, grids, specs)
+    out = []
+    for keep in keeps:
+        frames = keep.view(-1, keep.numel() // keep.view(4, -1).shape[0]) if keep is not None else None
+        if frames is None:
+            out.append(None)
+            continue
+        first = torch.zeros_like(frames)
+        first[:, : int(frames[0].sum())] = True
+        out.append(first.flatten())
+    return out
+
+
+def _next_frame_offsets(model, emb, grid, keep=None):
+    """Wrong: every kept row one frame later on the time axis (the rows are right, the positions are not)."""
+    rows = type(model)._with_frame_offsets(model, emb, grid, keep)
+    rows[:, -4] += 1
+    return rows
+
+
+@pytest.mark.parametrize("wrong", ["_prune_frames", "_with_frame_offsets"], ids=["wrong-rows", "shifted-positions"])
+def test_qwen3_the_per_frame_suite_rejects_wrong_variants(qwen3, qwen3_hf, wrong):
+    video, spec = _video(42 if wrong == "_prune_frames" else 43), "divprune(keep=3)"
+    _, want_logprobs, _ = _hf_run(*qwen3_hf, VIDEO_PROMPT, video, spec, budget_scope="frame")
+    mutant = _first_rows_per_frame if wrong == "_prune_frames" else _next_frame_offsets
+
+    def install(model):
+        setattr(model, wrong, lambda *args: mutant(model, *args))
+
+    qwen3.apply_model(install)
+    try:
+        (out,) = qwen3.generate([_qwen3_frame_request(VIDEO_PROMPT, video, spec)], GREEDY)
+    finally:
+        qwen3.apply_model(lambda model: model.__dict__.pop(wrong, None))
+    with pytest.raises(AssertionError):
+        _assert_same_logprobs(_logprobs(out), want_logprobs)

@@ -10,7 +10,8 @@ count is known from the image's token count alone: the vision-stage strategies w
 the engine's features (:meth:`ServingPlan.select`), checking that it kept exactly the announced count.
 The strategies, their parameters and the spec grammar are the registry's: nothing here re-implements one.
 
-Public names: :class:`ServingPlan`, :func:`serving_plan`, :func:`servable_strategies`, :class:`ServingSpecError`.
+Public names: :class:`ServingPlan`, :func:`serving_plan`, :func:`servable_strategies`, :class:`ServingSpecError`,
+and the types :data:`TowerSignals` and :data:`VideoPruning`.
 """
 
 from __future__ import annotations
@@ -28,13 +29,17 @@ from .errors import StrategyContractError, TokpruneError
 from .pipeline import Pipeline
 from .strategy import FrameLayout, PruningStrategy, Signal, Stage, VisionContext, VisionSignals
 
-__all__ = ["ServingPlan", "ServingSpecError", "servable_strategies", "serving_plan"]
+__all__ = ["ServingPlan", "ServingSpecError", "TowerSignals", "VideoPruning", "servable_strategies", "serving_plan"]
 
 logger = logging.getLogger("tokprune.serving")
 
 #: What a family's tower offers a vision-stage strategy: ``"cls"`` (CLIP: CLS-relative signals computed
 #: from the encoder's q/k and hidden states), ``"none"`` (Qwen-VL: merged tokens only, no CLS).
 TowerSignals = Literal["cls", "none"]
+#: How a family's server path takes videos: ``False`` (it prunes none), ``True`` (per video or per frame),
+#: ``"frame"`` (per frame only: Qwen3-VL, where the engine fixes each frame's placeholder run, after its
+#: timestamp, before the video is encoded, so only a budget known per frame can size them).
+VideoPruning = bool | Literal["frame"]
 
 
 class ServingSpecError(TokpruneError, ValueError):
@@ -49,11 +54,13 @@ def _fixed_budget(cls: type[PruningStrategy]) -> bool:
     return {"keep", "keep_ratio"} <= names
 
 
-def servable_strategies(tower: TowerSignals = "cls", video: bool = False) -> list[str]:
+def servable_strategies(tower: TowerSignals = "cls", video: VideoPruning = False) -> list[str]:
     """Registered vision-stage strategies with a fixed budget that a tower offering ``tower`` runs with their
-    default parameters, sorted (``"none"``: those reading no encoder signal, e.g. on Qwen-VL). ``video``:
-    the family takes videos, so the temporal strategies are listed too (they prune videos only), as
-    ``name(keep=)`` where only an absolute ``keep`` fixes their count (:meth:`PruningStrategy.video_counts`)."""
+    default parameters, sorted (``"none"``: those reading no encoder signal, e.g. on Qwen-VL). ``video=True``:
+    the family prunes videos per video, so the temporal strategies are listed too (they prune videos only),
+    as ``name(keep=)`` where only an absolute ``keep`` fixes their count (:meth:`PruningStrategy.video_counts`);
+    ``"frame"``: per frame only, where a temporal strategy (its budget spread over the frames after encoding)
+    cannot run."""
     from .registry import available, describe
 
     names = []
@@ -62,7 +69,7 @@ def servable_strategies(tower: TowerSignals = "cls", video: bool = False) -> lis
         if not _fixed_budget(cls) or not cls.ragged_vision:
             continue
         if cls.temporal:
-            if not video:
+            if video is not True:
                 continue
             if _video_counts(cls()) is None:
                 if _video_counts(cls(keep=1)) is not None:
@@ -142,6 +149,26 @@ class ServingPlan:
             return fixed_counts(per_frame, step.params.keep, step.params.keep_ratio) * frames.counts
         return fixed_counts(token_counts, step.params.keep, step.params.keep_ratio)
 
+    def check_video(self, video: VideoPruning, family: str = "this model", asked: object = None) -> None:
+        """Refuse, naming what works, a plan that would prune a video the family's server path cannot size:
+        per video (scope ``"image"``) on a family pruning videos per frame only (``video="frame"``). ``asked``:
+        the spec as the request gave it (named in the error; default: the plan's resolved spec)."""
+        if self.prunes and video == "frame" and self.scope != "frame":
+            raise ServingSpecError(
+                f"tokprune spec {asked if asked is not None else self.spec!r} would prune this request's video with one budget for the whole video, "
+                f"and {family}'s server path prunes videos per frame only (the engine sizes each frame's placeholder "
+                "run before the video is encoded); what works: the same spec per frame, "
+                "mm_processor_kwargs={'tokprune': ..., 'tokprune_budget_scope': 'frame'}, or this video unpruned "
+                "with {'tokprune': 'none'}"
+            )
+
+    def frame_kept_count(self, frame_tokens: int) -> int:
+        """Tokens kept of each frame of ``frame_tokens`` tokens under budget scope ``"frame"`` (every frame of a
+        video alike: :meth:`video_kept_counts` per frame)."""
+        assert self.scope == "frame" or self.step is None, "frame_kept_count() on a plan budgeted per video"
+        one = FrameLayout(torch.tensor([1]), torch.tensor([[1, frame_tokens]]))
+        return int(self.video_kept_counts(torch.tensor([frame_tokens]), one)[0])
+
     def kept_count(self, token_count: int) -> int:
         """:meth:`kept_counts` for one image of ``token_count`` tokens."""
         return int(self.kept_counts(torch.tensor([token_count]))[0])
@@ -207,12 +234,14 @@ def serving_plan(
     spec: str | None,
     tower: TowerSignals = "cls",
     family: str = "this model",
-    video: bool = False,
+    video: VideoPruning = False,
     scope: str | None = None,
 ) -> ServingPlan:
-    """Parse and validate ``spec`` for a server whose tower offers ``tower`` (``video``: the family's server
-    path prunes videos), budgets counted per ``scope`` (``"image"``, the default, or ``"frame"``: per frame of
-    a video, as ``tokprune.patch``'s ``budget_scope``); cached per spec.
+    """Parse and validate ``spec`` for a server whose tower offers ``tower`` (``video``: how the family's
+    server path prunes videos, :data:`VideoPruning`), budgets counted per ``scope`` (``"image"``, the default,
+    or ``"frame"``: per frame of a video, as ``tokprune.patch``'s ``budget_scope``); cached per spec. On a
+    family pruning videos per frame only, a plan of scope ``"image"`` still prunes images: the family's
+    processor refuses it for a request that brings a video (:meth:`ServingPlan.check_video`).
 
     Refused, with :class:`ServingSpecError` naming the bad value and the strategies that work: a spec that
     does not parse (unknown strategy, bad parameter: the registry's own message), LLM-stage steps (they
@@ -263,6 +292,12 @@ def serving_plan(
         raise ServingSpecError(
             f"tokprune spec {text!r}: {step.name} prunes across the frames of a video, and the tokprune server path "
             f"prunes no video on {family}; strategies that work here: {working}"
+        )
+    if step.temporal and video == "frame":
+        raise ServingSpecError(
+            f"tokprune spec {text!r}: {step.name} spreads a video's budget over its frames after encoding, and "
+            f"{family}'s server path prunes videos per frame only (the engine sizes each frame's placeholder run "
+            f"before encoding); strategies that work here, with budget scope 'frame': {working}"
         )
     if step.temporal and _video_counts(step) is None:
         raise ServingSpecError(

@@ -28,8 +28,10 @@ Videos (Qwen2.5-VL): the same per video, the spec riding as ``tokprune_video_spe
 sized by :meth:`~tokprune.serving.ServingPlan.video_kept_counts` (a temporal step's own
 ``video_counts``), the strategy sees one row per video with its frames (``VisionContext.frames``), and the
 plugin places every media item's kept rows on its own placeholders (vLLM's recompute misplaces an
-image-then-video prompt). Qwen3-VL videos are served unpruned (each frame its own run after its timestamp, placed at its stock
-offsets) and a spec that would prune one is refused; LLaVA takes no video.
+image-then-video prompt). Qwen3-VL videos are pruned per frame only (``tokprune_budget_scope="frame"``): each
+frame is its own run after its timestamp, sized before encoding, so every run is cut to the frame's budget and
+its kept rows placed at their stock offsets; a budget per video is refused naming that form
+(:meth:`~tokprune.serving.ServingPlan.check_video`). LLaVA takes no video.
 
 The strategy sees what the transformers adapter gives it: LLaVA-1.5's features before the projector with
 the projector as ``VisionContext.project`` (DivPrune and CDPruner select on the projected tokens by
@@ -60,7 +62,7 @@ import torch
 from torch import Tensor
 
 from ..errors import TokpruneError
-from ..serving import ServingPlan, ServingSpecError, serving_plan
+from ..serving import ServingPlan, ServingSpecError, VideoPruning, serving_plan
 from ..strategy import FrameLayout
 
 __all__ = [
@@ -118,6 +120,7 @@ PIECES: tuple[str, ...] = (
     "vllm.model_executor.models.utils:WeightsMapper",
     "vllm.multimodal:MULTIMODAL_REGISTRY",
     "vllm.multimodal.inputs:MultiModalFieldConfig",
+    "vllm.multimodal.processing:PromptUpdateDetails",
     "vllm.multimodal.video_prune.evs:compute_mrope_for_media",
     "vllm.v1.worker.gpu_model_runner:GPUModelRunner",
 )
@@ -247,7 +250,7 @@ def _video_count(processed: Mapping[str, Any]) -> int:
     return 0 if grid is None else len(grid)
 
 
-def _check_engine_spec(vllm_config: Any, tower: str, family: str, video: bool = False) -> None:
+def _check_engine_spec(vllm_config: Any, tower: str, family: str, video: VideoPruning = False) -> None:
     """Refuse at engine start an engine-wide spec this family cannot run (raises ServingSpecError)."""
     mm_config = vllm_config.model_config.get_multimodal_config()
     kwargs = getattr(mm_config, "mm_processor_kwargs", None) or {}
@@ -270,7 +273,7 @@ def _video_field(plan: ServingPlan) -> str:
     return plan.spec if plan.scope == "image" else f"{plan.spec}{_SCOPE_SEPARATOR}{plan.scope}"
 
 
-def _field_plan(text: str, tower: str = "cls", family: str = "this model", video: bool = True) -> ServingPlan:
+def _field_plan(text: str, tower: str = "cls", family: str = "this model", video: VideoPruning = True) -> ServingPlan:
     """The plan of one item's field (:func:`_video_field`; an image's is its spec)."""
     spec, _, scope = text.partition(_SCOPE_SEPARATOR)
     return serving_plan(spec, tower, family, video, scope or None)
@@ -308,7 +311,7 @@ def _classes() -> dict[str, type]:
 
         tokprune_tower = "cls"
         tokprune_family = "this model"
-        tokprune_video = False  # the family's server path prunes videos (Qwen2.5-VL)
+        tokprune_video: VideoPruning = False  # how the family's server path prunes videos (Qwen2.5-VL: True)
 
         def tokprune_plan(self, hf_kwargs: Mapping[str, object]) -> ServingPlan:
             merged = self.info.ctx.get_merged_mm_kwargs(hf_kwargs)  # engine-wide, then the request's
@@ -334,6 +337,8 @@ def _classes() -> dict[str, type]:
                 processed[SPEC_FIELD] = _encode_spec(plan.spec, count)
             videos = _video_count(processed) if self.tokprune_video else 0
             if videos:
+                asked = self.info.ctx.get_merged_mm_kwargs(hf_processor_mm_kwargs).get(SPEC_KEY)
+                plan.check_video(self.tokprune_video, self.tokprune_family, asked)
                 _check_no_engine_evs(plan, self.info.ctx.get_mm_config().video_pruning_rate)
                 processed[VIDEO_SPEC_FIELD] = _encode_spec(_video_field(plan), videos)
             return processed
@@ -370,14 +375,19 @@ def _classes() -> dict[str, type]:
                     text = _decode_specs(field.data if field is not None else None, 1)[0]
                     plan = _field_plan(text, self.tokprune_tower, self.tokprune_family, self.tokprune_video)
                     if _video and plan.prunes:
-                        count = plan.video_kept_counts(torch.tensor([len(tokens)]), self.tokprune_frames(item))
-                        return list(tokens)[: int(count[0])]  # a run of one placeholder id
+                        return self.tokprune_video_tokens(tokens, plan, item)
                     if not _video and plan.prunes_images:
                         return list(tokens)[: plan.kept_count(len(tokens))]
                     return tokens
 
                 updates[i] = type(update)(modality=update.modality, target=update.target, replacement=replacement)
             return updates
+
+        def tokprune_video_tokens(self, tokens: Any, plan: ServingPlan, item: Any) -> Any:
+            """The stock replacement of one video (``tokens``) sized to ``plan``'s count. Qwen2.5-VL: one run of
+            placeholder ids, cut to the video's count."""
+            count = plan.video_kept_counts(torch.tensor([len(tokens)]), self.tokprune_frames(item))
+            return list(tokens)[: int(count[0])]
 
         def tokprune_frames(self, item: Any) -> FrameLayout:
             """The frame layout of one processed video item (Qwen: ``video_grid_thw``, merged ``2 x 2``)."""
@@ -589,24 +599,36 @@ def _unpruned_positions(
     stock: Callable[[list[int], list[Any]], tuple[Tensor, int]],
     input_tokens: list[int],
     mm_features: list[Any],
-    media_tokens: Callable[[Any], int],
+    full_runs: Callable[[Any], list[int]],
+    media_ids: Sequence[int],
 ) -> tuple[Tensor, int]:
-    """M-RoPE positions of a prompt whose images were shortened: the stock rule on the unpruned prompt (each
-    shortened run grown back to ``media_tokens(feature)``), then each run cut to its kept length. Text keeps
-    its unpruned positions; the first ``length`` positions of a run are provisional (the runner replaces them
-    with the kept tokens' own: the family's ``recompute_mrope_positions``, :func:`_place_media_positions`)."""
+    """M-RoPE positions of a prompt whose media runs were shortened: the stock rule on the unpruned prompt (each
+    placeholder run of a feature, tokens in ``media_ids``, grown back to its length in ``full_runs(feature)``:
+    an image one run, a Qwen3-VL video one per frame), then each run cut to its kept length. Text keeps its
+    unpruned positions; a run's positions are provisional (the runner replaces them with the kept tokens' own:
+    the family's ``recompute_mrope_positions``, :func:`_place_media_positions`)."""
     import dataclasses
 
     tokens, features, cut, shift = list(input_tokens), [], [], 0
     for feature in sorted(mm_features, key=lambda f: f.mm_position.offset):
-        full, length = media_tokens(feature), feature.mm_position.length
-        offset = feature.mm_position.offset + shift
-        place = dataclasses.replace(feature.mm_position, offset=offset, length=full)
+        offset, length = feature.mm_position.offset + shift, feature.mm_position.length
+        grown, at, runs = 0, offset, iter(full_runs(feature))
+        while at < offset + length + grown:
+            if tokens[at] not in media_ids:
+                at += 1
+                continue
+            end = at
+            while end < len(tokens) and tokens[end] == tokens[at]:
+                end += 1
+            missing = next(runs) - (end - at)
+            if missing > 0:
+                tokens[end:end] = [tokens[at]] * missing
+                cut.append((end, missing))
+                grown += missing
+            at = end + max(missing, 0)
+        place = dataclasses.replace(feature.mm_position, offset=offset, length=length + grown, is_embed=None)
         features.append(dataclasses.replace(feature, mm_position=place))
-        if full > length:
-            tokens[offset + length : offset + length] = [tokens[offset]] * (full - length)
-            cut.append((offset + length, full - length))
-            shift += full - length
+        shift += grown
     positions, _ = stock(tokens, features)
     keep = torch.ones(positions.shape[1], dtype=torch.bool)
     for start, count in cut:
@@ -622,28 +644,28 @@ def _qwen3_vl_classes(mixin: type, registry: Any) -> dict[str, type]:
         Qwen3VLMultiModalProcessor,
         Qwen3VLProcessingInfo,
     )
+    from vllm.multimodal.processing import PromptUpdateDetails
     from vllm.multimodal.video_prune.evs import compute_mrope_for_media
 
     class TokpruneQwen3VLProcessor(mixin, Qwen3VLMultiModalProcessor):
         tokprune_tower = "none"
         tokprune_family = "Qwen3-VL"
+        tokprune_video = "frame"
 
-        def _postprocess_hf_mm_data(
-            self, mm_inputs: Any, hf_processor_mm_kwargs: Mapping[str, object], processed_data: Any
-        ) -> Any:
-            processed = super()._postprocess_hf_mm_data(mm_inputs, hf_processor_mm_kwargs, processed_data)
-            plan = self.tokprune_plan(hf_processor_mm_kwargs)
-            if plan.prunes and _video_count(processed):
-                # A Qwen3-VL video is one block per frame (timestamp, vision start, tokens, vision end) whose
-                # sizes vLLM fixes before encoding, and a strategy decides per frame after it; vLLM 0.32's own
-                # EVS for Qwen3-VL, which reserves the run another way, fails on CPU (docs/serving.md).
-                asked = self.info.ctx.get_merged_mm_kwargs(hf_processor_mm_kwargs).get(SPEC_KEY)
-                raise ServingSpecError(
-                    f"tokprune spec {asked!r} would prune this request's video, and tokprune does not prune "
-                    "Qwen3-VL videos inside vLLM yet; what works: Qwen3-VL images with this spec, Qwen2.5-VL "
-                    "videos, or this video with mm_processor_kwargs={'tokprune': 'none'} (served unpruned)"
-                )
-            return processed
+        def tokprune_video_tokens(self, tokens: Any, plan: ServingPlan, item: Any) -> Any:
+            """Every frame's run (after its timestamp and vision start) cut to the frame's budget: a Qwen3-VL
+            video is one block per frame whose sizes vLLM fixes before encoding, so a server prunes it per
+            frame only (``tokprune_budget_scope="frame"``, :meth:`ServingPlan.check_video`)."""
+            video_id = self.info.get_hf_config().video_token_id
+            layout = self.tokprune_frames(item)
+            kept = plan.frame_kept_count(int(layout.tokens_per_frame[0]))
+            ids = tokens.full if isinstance(tokens, PromptUpdateDetails) else list(tokens)
+            out, run = [], 0
+            for token in ids:
+                run = run + 1 if token == video_id else 0
+                if run <= kept:
+                    out.append(token)
+            return PromptUpdateDetails.select_token_id(out, video_id)
 
     @registry.register_processor(
         TokpruneQwen3VLProcessor, info=Qwen3VLProcessingInfo, dummy_inputs=Qwen3VLDummyInputsBuilder
@@ -651,13 +673,14 @@ def _qwen3_vl_classes(mixin: type, registry: Any) -> dict[str, type]:
     class TokpruneQwen3VL(Qwen3VLForConditionalGeneration):
         """vLLM's Qwen3-VL; pruned images keep their merged tokens' DeepStack features (the same rows: vLLM
         concatenates them on the channel axis) and their unpruned positions, as ``tokprune.patch`` does.
-        Videos pass unpruned (their rows placed at their stock positions)."""
+        Videos are pruned per frame (budget scope ``"frame"``), each frame's kept rows at their stock offsets
+        in the frame's own run, as ``tokprune.patch(..., budget_scope="frame")``."""
 
         tokprune_prunes = True
         supports_multimodal_pruning = True
 
         def __init__(self, *, vllm_config: Any, prefix: str = "model") -> None:
-            _check_engine_spec(vllm_config, "none", "Qwen3-VL")
+            _check_engine_spec(vllm_config, "none", "Qwen3-VL", video="frame")
             super().__init__(vllm_config=vllm_config, prefix=prefix)
 
         def get_encoder_cudagraph_config(self) -> Any:
@@ -670,6 +693,7 @@ def _qwen3_vl_classes(mixin: type, registry: Any) -> dict[str, type]:
 
         def embed_multimodal(self, **kwargs: object) -> Any:
             field = kwargs.pop(SPEC_FIELD, None)
+            video_field = kwargs.pop(VIDEO_SPEC_FIELD, None)
             by_modality = self._parse_and_validate_multimodal_inputs(**kwargs)
             if not by_modality:
                 return None
@@ -684,16 +708,36 @@ def _qwen3_vl_classes(mixin: type, registry: Any) -> dict[str, type]:
                     if self.is_multimodal_pruning_enabled:  # vLLM's own EVS (--video-pruning-rate): its rows
                         out += list(self._postprocess_video_embeds_evs(embeds, inputs))
                         continue
-                    out += [self._with_frame_offsets(e, g) for e, g in zip(embeds, inputs["video_grid_thw"].tolist())]
+                    grids = inputs["video_grid_thw"].tolist()
+                    keeps = self._prune_frames(list(embeds), grids, _decode_specs(video_field, len(grids)))
+                    out += [self._with_frame_offsets(e, g, k) for e, g, k in zip(embeds, grids, keeps)]
             return tuple(out)
 
-        def _with_frame_offsets(self, emb: Tensor, grid: list[int]) -> Tensor:
-            """An unpruned video's rows with their offsets appended (4 columns, as images'): each frame is
-            its own placeholder run after its timestamp, at time offset 0 (Qwen3-VL tells frames apart by
-            timestamps), so a frame's token (r, c) sits at (0, r, c) past the run's start."""
+        def _prune_frames(self, embeds: list[Tensor], grids: list[list[int]], specs: list[str]) -> list[Tensor | None]:
+            """Each video's keep mask bool ``[T * H * W]`` (None: unpruned), every frame a strategy row of its
+            own scored on its merged tokens (the DeepStack levels follow on the channel axis), as
+            ``tokprune.patch``'s frame rows; the processor admitted budget scope ``"frame"`` only."""
+            keeps: list[Tensor | None] = [None] * len(embeds)
+            width = self.visual_dim
+            for plan, index in _groups(specs):
+                if not plan.prunes:
+                    continue
+                frames = [embeds[i][:, :width].split(embeds[i].shape[0] // int(grids[i][0])) for i in index]
+                kept = iter(plan.select([f for video in frames for f in video]))
+                for i, video in zip(index, frames):
+                    keeps[i] = torch.cat([next(kept) for _ in video])
+            return keeps
+
+        def _with_frame_offsets(self, emb: Tensor, grid: list[int], keep: Tensor | None = None) -> Tensor:
+            """A video's (kept) rows with their offsets appended (4 columns, as images'): each frame is its own
+            placeholder run after its timestamp, at time offset 0 (Qwen3-VL tells frames apart by timestamps),
+            so a frame's token (r, c) sits at (0, r, c) past its run's start, kept or not."""
             t, h, w = grid
             frame = compute_mrope_for_media(torch.tensor([1, h, w]), self.visual.spatial_merge_size)
-            return torch.cat([emb, frame.repeat(t, 1).to(emb.device, emb.dtype)], dim=1)
+            offsets = frame.repeat(t, 1).to(emb.device, emb.dtype)
+            if keep is not None:
+                emb, offsets = emb[keep.to(emb.device)], offsets[keep.to(emb.device)]
+            return torch.cat([emb, offsets], dim=1)
 
         def _prune_images(self, embeds: list[Tensor], grids: list[list[int]], specs: list[str]) -> list[Tensor]:
             keeps: list[Tensor | None] = [None] * len(embeds)
@@ -713,13 +757,14 @@ def _qwen3_vl_classes(mixin: type, registry: Any) -> dict[str, type]:
 
         def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list[Any]) -> tuple[Tensor, int]:
             merge = self.config.vision_config.spatial_merge_size
+            media_ids = (self.config.image_token_id, self.config.video_token_id)
 
-            def media_tokens(feature: Any) -> int:
-                if feature.modality != "image":
-                    return feature.mm_position.length
-                return int(feature.data["image_grid_thw"].data.prod()) // merge**2
+            def full_runs(feature: Any) -> list[int]:
+                key = "image_grid_thw" if feature.modality == "image" else "video_grid_thw"
+                t, h, w = (int(x) for x in feature.data[key].data)
+                return [h * w // merge**2] * (1 if feature.modality == "image" else t)
 
-            if all(media_tokens(f) == f.mm_position.length for f in mm_features):
+            if sum(sum(full_runs(f)) for f in mm_features) == sum(t in media_ids for t in input_tokens):
                 return super().get_mrope_input_positions(input_tokens, mm_features)
 
             def stock(tokens: list[int], features: list[Any]) -> tuple[Tensor, int]:
@@ -727,7 +772,7 @@ def _qwen3_vl_classes(mixin: type, registry: Any) -> dict[str, type]:
                     input_tokens=tokens, mm_features=features, config=self.config
                 )
 
-            return _unpruned_positions(stock, input_tokens, mm_features, media_tokens)
+            return _unpruned_positions(stock, input_tokens, mm_features, full_runs, media_ids)
 
         def recompute_mrope_positions(
             self,
