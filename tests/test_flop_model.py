@@ -128,6 +128,8 @@ def test_a_gqa_decoder_layer_is_the_brute_force_count():
         ("random(keep_ratio=0.5)", "image"),
         ("random(keep_ratio=0.5)+fastv(layer=2, keep=4)", "image"),
         ("prumerge", "tile"),  # one extra token per tower pass, each mapped by the projector
+        ("divprune(keep_ratio=0.5)", "image"),  # every token projected to choose, the kept rows taken from it
+        ("divprune(keep_ratio=0.5)", "tile"),  # rows of its own per tile: the kept rows projected after
     ],
 )
 def test_llava_next_prefill_flops_are_the_brute_force_count(spec, scope):
@@ -188,11 +190,13 @@ def _check_family_flops(cls: type[Family], spec: str, adapter: type[Family] | No
 
 
 def _specs(cls: type[Family]) -> list[str]:
-    """Keep-all, a vision-stage cut (where the family has a vision stage) and an LLM-stage cut after it at the
-    layer the family's tiny case names."""
+    """Keep-all, a vision-stage cut (where the family has a vision stage), one that projects every token to
+    choose (DivPrune: the projector's cost is all of them, the kept rows taken from that projection), and an
+    LLM-stage cut after the first at the layer the family's tiny case names."""
     layer = tiny_case(cls).llm_layer
     vision = ["random(keep_ratio=0.5)"] if cls.has_vision_stage else []
-    return ["none", *vision, f"{'+'.join([*vision, f'fastv(layer={layer}, keep=2)'])}"]
+    projecting = ["divprune(keep_ratio=0.5)"] if cls.has_vision_stage else []
+    return ["none", *vision, *projecting, f"{'+'.join([*vision, f'fastv(layer={layer}, keep=2)'])}"]
 
 
 #: Families whose FLOPs this generic count cannot see in full, checked against FlopCounterMode by a test of
@@ -239,6 +243,38 @@ def test_the_family_check_rejects_a_wrong_flop_model(cls):
     _generic_check_applies(cls)
     with pytest.raises(AssertionError, match=cls.name):
         _check_family_flops(cls, "random(keep_ratio=0.5)" if cls.has_vision_stage else "none", _wrong_mlp(cls))
+
+
+def _projects_the_kept_rows_again(cls: type[Family]) -> type[Family]:
+    """``cls`` projecting the kept rows again after the step projected every token to choose (the work done
+    twice, and the FLOP model counting the kept rows only): what tokprune did before the projection was
+    shared."""
+
+    class ProjectsAgain(cls):  # type: ignore[misc, valid-type]
+        def place_plan(self, images, plan):
+            images.projected_rows = None
+            return super().place_plan(images, plan)
+
+    return ProjectsAgain
+
+
+@pytest.mark.parametrize("cls", FAMILY_PARAMS)
+def test_the_family_check_rejects_projecting_the_kept_rows_again(cls):
+    _generic_check_applies(cls)
+    if not cls.has_vision_stage:
+        pytest.skip(f"{cls.name} has no vision stage")
+    _check_family_flops(cls, "divprune(keep_ratio=0.5)")
+    try:
+        _check_family_flops(cls, "divprune(keep_ratio=0.5)", _projects_the_kept_rows_again(cls))
+    except AssertionError as caught:
+        assert cls.name in str(caught)
+    else:  # the mutant is the same work only where the projector is the identity (its rows are the features)
+        assert cls.name in IDENTITY_PROJECTION, f"{cls.name}: the check did not see the kept rows projected twice"
+
+
+#: Families whose vision step reads tokens already in the LLM's space (no projector after the step), so that
+#: projecting the kept rows again costs nothing: the mutant above is not a bug there.
+IDENTITY_PROJECTION = {"qwen2_5_vl", "qwen3_vl", "llava_onevision"}
 
 
 @pytest.mark.parametrize(

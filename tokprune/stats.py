@@ -16,8 +16,10 @@ replaces one ``d`` in the q/o and attention terms: ``2 n d d_q + 2 n d d_kv + 2 
 the papers count) so numbers compare with theirs. The prefill cost of one sample is the sum of ``C(n_l)``
 over the LLM layers (``n_l`` = non-padding tokens layer ``l`` processed), plus the vision tower (``C`` over
 its ``1+N`` tokens, at its widths and MLP shape, for each encoder layer, per image) and the projector
-(``n_p (c d + d^2)`` for the ``n_p`` projected tokens, ``c`` = vision width). Unpruned: every LLM layer sees
-the whole prompt and the projector all ``N`` patches of every tower pass.
+(``n_p (c d + d^2)`` for the ``n_p`` projected tokens, ``c`` = vision width: the kept ones and extra tokens,
+or every token where the strategy projected them all to choose, as DivPrune and CDPruner do by default,
+whose kept rows are then taken from that projection). Unpruned: every LLM layer sees the whole prompt and
+the projector all ``N`` patches of every tower pass.
 
 Qwen2.5-VL's tower (:class:`WindowedTower`) is counted per image from its patch grid, because its
 attention is not one span over the image: most blocks attend within windows of ``w x w`` merged tokens

@@ -312,8 +312,23 @@ class VisionContext:
 
     def projected(self) -> Tensor:
         """The tokens the LLM would receive, ``[B, N, D]``: ``project(features)`` (``features`` without a
-        projector). Methods whose reference selects after the projector (DivPrune, CDPruner) read these."""
-        return self.features if self.project is None else self.project(self.features)
+        projector). Methods whose reference selects after the projector (DivPrune, CDPruner) read these.
+
+        Projected once per context: the family then takes the kept rows from this projection instead of
+        projecting them again (:meth:`projected_rows`), as those references do, and the FLOP model counts
+        the projector on every token, which is what such a method costs."""
+        if self.project is None:
+            return self.features
+        memo = self.__dict__.get("projected_memo")
+        if memo is None:
+            memo = self.project(self.features)
+            object.__setattr__(self, "projected_memo", memo)  # a frozen context; the memo is its own result
+        return memo
+
+    def projected_rows(self) -> Tensor | None:
+        """``[B, N, D]``: :meth:`projected`, where the strategy computed it (else None: the family projects the
+        kept rows only, and only they are counted)."""
+        return self.__dict__.get("projected_memo") if self.project is not None else None
 
     @property
     def batch_size(self) -> int:

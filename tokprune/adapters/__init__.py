@@ -35,13 +35,14 @@ __all__ = [
     "describe_adapter",
     "handle_of",
     "pick_adapter",
+    "projected_count",
     "patch",
     "pruned",
     "registered_adapters",
     "unpatch",
 ]
 
-_FAMILY = {"EncodedImages", "Family", "FamilyParts", "ForwardOptions", "LayerKeys", "TowerSignals"}
+_FAMILY = {"EncodedImages", "Family", "FamilyParts", "ForwardOptions", "LayerKeys", "TowerSignals", "projected_count"}
 
 
 def __getattr__(name: str) -> Any:

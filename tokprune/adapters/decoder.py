@@ -196,6 +196,8 @@ class PrunedDecoderAdapter(
             text=text,
         )
         plan = self.plan_images(step, images, ctx)
+        if images.projected_rows is None:  # a family planning on rows of its own (per tile) leaves it unset
+            images.projected_rows = ctx.projected_rows()
         features = self.place_plan(images, plan)
         # a prompt's videos report apart from its images (one step runs on both)
         prefix = f"video.{step.name}" if images.video else step.name

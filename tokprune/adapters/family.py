@@ -56,7 +56,7 @@ from .call import LayerKeys
 from .decoder import PrunedDecoderAdapter
 from .features import ImageFeatures
 
-__all__ = ["EncodedImages", "Family", "FamilyParts", "ForwardOptions", "LayerKeys", "TowerSignals"]
+__all__ = ["EncodedImages", "Family", "FamilyParts", "ForwardOptions", "LayerKeys", "TowerSignals", "projected_count"]
 
 #: The forward's (or ``get_image_features``') keyword arguments besides ``pixel_values``: ``image_sizes``,
 #: ``image_grid_thw``, ``vision_feature_layer``... (values as the caller gave them).
@@ -133,10 +133,24 @@ class EncodedImages:
     #: Per decoder layer ``[I, L, D]`` rows added after that layer to the image tokens (DeepStack), gathered
     #: with the plan's keep mask; None: none.
     deepstack: Sequence[Tensor] | None = None
+    #: ``[I, L, D]``: every row's tokens through the projector, where the vision step projected them all to
+    #: choose (:meth:`~tokprune.strategy.VisionContext.projected`, DivPrune and CDPruner); set by the core
+    #: after the plan. :meth:`Family.place_plan` then takes the kept rows from it. None: not computed.
+    projected_rows: Tensor | None = None
     video: bool = False  #: the rows are videos (:meth:`Family.encode_videos`); diagnostics get a ``video.`` prefix
     #: The q/k the core captured on ``TowerSignals.layers`` while :meth:`Family.encode_images` ran, by
     #: ``(layer, "q" | "k")``: set by the core.
     qk: dict[tuple[int, str], Tensor] = field(default_factory=dict)
+
+
+def projected_count(images: EncodedImages, extra: Tensor | None, extra_valid: Tensor | None) -> Tensor:
+    """long ``[I]``: tokens the projector maps per image when the step projected every row to choose
+    (:attr:`EncodedImages.projected_rows`): each row's real tokens, plus its extra tokens (projected apart)."""
+    rows, width = images.features.shape[:2]
+    real = images.lengths if images.lengths is not None else torch.full((rows,), width, device=images.features.device)
+    if extra is None:
+        return real
+    return real + (extra.shape[1] if extra_valid is None else extra_valid.sum(dim=1))
 
 
 class Family(PrunedDecoderAdapter):
@@ -211,18 +225,26 @@ class Family(PrunedDecoderAdapter):
     def place_plan(self, images: EncodedImages, plan: VisionPlan) -> ImageFeatures:
         """The plan as the LLM receives it: kept rows (chosen, or the plan's merged ``features``) and extra
         tokens projected; DeepStack rows kept with them. Override where the LLM's tokens are not the rows."""
-        chosen = plan.features if plan.features is not None else images.features
         has_extra = plan.extra is not None and plan.extra.shape[1] > 0
         deepstack = None if images.deepstack is None else [rows[plan.keep] for rows in images.deepstack]
+        extra = self.project(plan.extra) if has_extra else None
+        projected = None  # the projector's tokens per image where they are not the kept ones
+        if plan.features is None and images.projected_rows is not None:  # the step projected every token to choose
+            kept = images.projected_rows[plan.keep]
+            projected = projected_count(images, extra, plan.extra_valid if has_extra else None)
+        else:
+            chosen = plan.features if plan.features is not None else images.features
+            kept = self.project(chosen[plan.keep])
         return ImageFeatures(
-            kept=self.project(chosen[plan.keep]),
+            kept=kept,
             keep=plan.keep,
-            extra=self.project(plan.extra) if has_extra else None,
+            extra=extra,
             extra_valid=plan.extra_valid if has_extra else None,
             lengths=images.lengths,
             tower_runs=images.tower_runs,
             tower_flops=images.tower_flops,
             deepstack=deepstack,
+            projected=projected,
         )
 
     def stock_features(self, encoded: hf.BaseModelOutputWithPooling, options: ForwardOptions) -> ImageFeatures:

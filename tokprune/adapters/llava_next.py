@@ -36,7 +36,7 @@ from ..strategy import PruningStrategy, VisionContext, VisionPlan
 from ._anyres import extra_per_image, packed_keep, pad_rows, tile_rows
 from ._tiny import VOCAB, TinyCase, left_padded, prompt_ids, random_model
 from .clip import ClipTower, clip_mismatch, tiny_llava_config
-from .family import EncodedImages, Family, FamilyParts, ForwardOptions
+from .family import EncodedImages, Family, FamilyParts, ForwardOptions, projected_count
 from .features import ImageFeatures
 
 __all__ = [
@@ -235,9 +235,13 @@ class LlavaNextAdapter(Family):
 
         signals = self.tower_signals(images, per_row, rows.lengths)
         features = images.states[self.clip.config.vision_feature_layer][rows.tile[:, None], rows.patch]  # [R, W, C]
-        plan = step(VisionContext(features=features, signals=signals, lengths=rows.lengths, project=self.project))
+        ctx = VisionContext(features=features, signals=signals, lengths=rows.lengths, project=self.project)
+        plan = step(ctx)
         row, slot = rows.row_of_tile[tile], rows.slot
         keep = plan.keep[row, slot] & valid
+        projected = ctx.projected_rows()
+        if projected is not None:  # the step projected every token of its rows: place_plan takes the kept ones
+            images.projected_rows = projected[row, slot]
         mapped = None if plan.features is None else plan.features[row, slot]
         extra, extra_valid = None, None
         if plan.extra is not None and plan.extra.shape[1] > 0:
@@ -252,10 +256,14 @@ class LlavaNextAdapter(Family):
             raise InternalError(f"{self.name}'s plan placed on images it did not encode ({type(images).__name__})")
         packed, packed_valid = images.packed, images.packed_valid
         newline = packed == -1
-        chosen = plan.features if plan.features is not None else images.features
-        projected = self.project(chosen[plan.keep])
         has_extra = plan.extra is not None and plan.extra.shape[1] > 0
         extra = self.project(plan.extra) if has_extra else None
+        every = plan.features is None and images.projected_rows is not None  # the step projected every token to choose
+        if every:
+            projected = images.projected_rows[plan.keep]
+        else:
+            chosen = plan.features if plan.features is not None else images.features
+            projected = self.project(chosen[plan.keep])
         keep = packed_keep(newline, packed_valid, plan.keep)
         kept_newline = newline[keep]
         kept = self.clip.inner.image_newline.to(projected.dtype).expand(kept_newline.shape[0], -1).clone()
@@ -269,7 +277,8 @@ class LlavaNextAdapter(Family):
             extra_valid=extra_valid,
             lengths=packed_valid.sum(dim=1),
             tower_runs=images.tower_runs,
-            projected=(keep & ~newline).sum(dim=1) + num_extra,  # newlines are not projected
+            # newlines are not projected
+            projected=projected_count(images, extra, extra_valid) if every else (keep & ~newline).sum(dim=1) + num_extra,
         )
 
 
