@@ -306,3 +306,25 @@ def test_frame_kept_count_is_the_per_frame_budget():
     assert serving_plan("divprune(keep=30)", "none", "Qwen3-VL", "frame", "frame").frame_kept_count(8) == 8
     assert serving_plan("divprune(keep_ratio=0.3)", "none", "Qwen3-VL", "frame", "frame").frame_kept_count(8) == 2
     assert serving_plan(None, "none", "Qwen3-VL", "frame", "frame").frame_kept_count(8) == 8
+
+
+def test_every_vllm_piece_the_plugin_imports_is_in_pieces():
+    """The plugin's vLLM imports (its module and every family's) are all in ``PIECES``, the list checked at
+    engine start on an untested vLLM: a piece imported but not listed would fail late, inside a request."""
+    import ast
+    from pathlib import Path
+
+    from tokprune.integrations import vllm_plugin
+
+    root = Path(vllm_plugin.__file__).parent
+    imported = set()
+    for path in [root / "vllm_plugin.py", *sorted((root / "vllm_families").glob("*.py"))]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "vllm":
+                imported |= {f"{node.module}:{alias.name}" for alias in node.names}
+    listed = set(vllm_plugin.PIECES)
+    # a module imported whole is listed by the attributes used from it
+    modules = {piece.split(":")[0] for piece in listed}
+    missing = {p for p in imported if p not in listed and f"{p.split(':')[0]}.{p.split(':')[1]}" not in modules}
+    assert not missing, f"vLLM pieces imported but not in PIECES: {sorted(missing)}"
+    assert len(imported) >= 10

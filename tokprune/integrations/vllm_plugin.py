@@ -1,4 +1,5 @@
-"""tokprune inside vLLM: every contact point with vLLM's internals, in this one module.
+"""tokprune inside vLLM: the plugin's entry point, the spec's path from a request to the encoder, and every
+vLLM contact point the families share; each family's classes live in :mod:`.vllm_families`.
 
 vLLM finds it through the ``vllm.general_plugins`` entry point (``register``), loaded in every vLLM
 process before a model is inspected or built. The spec travels in ``mm_processor_kwargs={"tokprune":
@@ -7,8 +8,9 @@ per request (the prompt's ``mm_processor_kwargs``; the OpenAI server's ``mm_proc
 vLLM hashes a request's ``mm_processor_kwargs`` into the multimodal cache key, so a cached pruned image
 is never served to a request that asked for another spec.
 
-How a request is pruned, per family (one processor subclass and one model subclass each, registered
-under vLLM's own architecture names so that nothing changes for a request asking for no pruning):
+How a request is pruned, per family (one processor subclass and one model subclass each, in
+``vllm_families/<family>.py``, registered under vLLM's own architecture names so that nothing changes for a
+request asking for no pruning):
 
 * **frontend** (the multimodal processor): the spec is parsed and validated by
   :func:`tokprune.serving.serving_plan` (a bad spec fails that request with a ``ValueError`` naming the
@@ -39,12 +41,14 @@ default), Qwen-VL's merged tokens (already the LLM's input; no projector). A ser
 CDPruner's default ``relevance=text`` runs its CLS-attention stand-in, logged once per spec
 (:meth:`~tokprune.serving.ServingPlan.stand_in`), as ``tokprune.patch`` without ``text_encoder`` does.
 
-Why one module past 500 lines: it is the whole surface vLLM's internals touch, kept together so that a vLLM
-release that moves something breaks (and is read) in one place, as :mod:`tokprune.hf_compat` does for
-transformers; the deciding (spec, counts, kept rows) lives in :mod:`tokprune.serving`. Splitting it per
-family (LLaVA, Qwen2.5-VL, Qwen3-VL each ~150 lines) is the next step when a fourth family arrives.
+Where vLLM is touched: this module (the entry point, the processor mixin, the spec fields) and one module per
+family (:mod:`.vllm_families.qwen2_5_vl`, :mod:`.vllm_families.qwen3_vl`, :mod:`.vllm_families.llava`), as
+the transformers adapters keep one home per family; the M-RoPE placement the Qwen families share is
+:mod:`.vllm_families.mrope`. Every vLLM piece any of them uses is listed in :data:`PIECES`, so a vLLM release
+that moves something is found in one list; the deciding (spec, counts, kept rows) lives in
+:mod:`tokprune.serving`.
 
-Tested releases: :data:`TESTED_VLLM`. On another release every piece used here is looked up first
+Tested releases: :data:`TESTED_VLLM`. On another release every piece in :data:`PIECES` is looked up first
 (:func:`missing_pieces`); a missing one refuses at engine start naming it.
 """
 
@@ -53,7 +57,6 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
-import re
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -228,7 +231,7 @@ def _encode_spec(spec: str, count: int) -> Tensor:
     return data[None, :].expand(count, -1).contiguous()
 
 
-def _decode_specs(field: Any, count: int) -> list[str]:
+def decode_specs(field: Any, count: int) -> list[str]:
     """The spec of each of ``count`` images from the batched ``tokprune_spec`` field (None: no field)."""
     if field is None:
         return ["none"] * count
@@ -250,7 +253,7 @@ def _video_count(processed: Mapping[str, Any]) -> int:
     return 0 if grid is None else len(grid)
 
 
-def _check_engine_spec(vllm_config: Any, tower: str, family: str, video: VideoPruning = False) -> None:
+def check_engine_spec(vllm_config: Any, tower: str, family: str, video: VideoPruning = False) -> None:
     """Refuse at engine start an engine-wide spec this family cannot run (raises ServingSpecError)."""
     mm_config = vllm_config.model_config.get_multimodal_config()
     kwargs = getattr(mm_config, "mm_processor_kwargs", None) or {}
@@ -279,7 +282,7 @@ def _field_plan(text: str, tower: str = "cls", family: str = "this model", video
     return serving_plan(spec, tower, family, video, scope or None)
 
 
-def _groups(specs: Sequence[str]) -> Iterator[tuple[ServingPlan, list[int]]]:
+def item_groups(specs: Sequence[str]) -> Iterator[tuple[ServingPlan, list[int]]]:
     """Items grouped by their field (spec and scope), first appearance first: each group is planned in one batch."""
     order: dict[str, list[int]] = {}
     for i, spec in enumerate(specs):
@@ -372,7 +375,7 @@ def _classes() -> dict[str, type]:
                     tokens = _stock(item_idx)
                     item = _items[item_idx] if item_idx < len(_items) else {}
                     field = item.get(VIDEO_SPEC_FIELD if _video else SPEC_FIELD)
-                    text = _decode_specs(field.data if field is not None else None, 1)[0]
+                    text = decode_specs(field.data if field is not None else None, 1)[0]
                     plan = _field_plan(text, self.tokprune_tower, self.tokprune_family, self.tokprune_video)
                     if _video and plan.prunes:
                         return self.tokprune_video_tokens(tokens, plan, item)
@@ -396,506 +399,8 @@ def _classes() -> dict[str, type]:
             return FrameLayout(torch.tensor([t]), torch.tensor([[h // merge, w // merge]]))
 
     classes: dict[str, type] = {}
-    classes.update(_qwen2_5_vl_classes(SpecProcessorMixin, MULTIMODAL_REGISTRY))
-    classes.update(_qwen3_vl_classes(SpecProcessorMixin, MULTIMODAL_REGISTRY))
-    classes.update(_llava_classes(SpecProcessorMixin, MULTIMODAL_REGISTRY))
+    from .vllm_families import llava, qwen2_5_vl, qwen3_vl
+
+    for family in (qwen2_5_vl, qwen3_vl, llava):
+        classes.update(family.classes(SpecProcessorMixin, MULTIMODAL_REGISTRY))
     return classes
-
-
-def _qwen2_5_vl_classes(mixin: type, registry: Any) -> dict[str, type]:
-    import numpy as np
-    from vllm.model_executor.models.qwen2_5_vl import (
-        Qwen2_5_VLDummyInputsBuilder,
-        Qwen2_5_VLForConditionalGeneration,
-        Qwen2_5_VLMultiModalProcessor,
-        Qwen2_5_VLProcessingInfo,
-    )
-    from vllm.multimodal.video_prune.evs import compute_mrope_for_media
-
-    class TokpruneQwen2_5_VLProcessor(mixin, Qwen2_5_VLMultiModalProcessor):
-        tokprune_tower = "none"
-        tokprune_family = "Qwen2.5-VL"
-        tokprune_video = True
-
-    @registry.register_processor(
-        TokpruneQwen2_5_VLProcessor, info=Qwen2_5_VLProcessingInfo, dummy_inputs=Qwen2_5_VLDummyInputsBuilder
-    )
-    class TokpruneQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
-        """vLLM's Qwen2.5-VL; images whose request asks for a spec keep only the chosen merged tokens."""
-
-        tokprune_prunes = True
-        supports_multimodal_pruning = True
-
-        def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
-            _check_engine_spec(vllm_config, "none", "Qwen2.5-VL", video=True)
-            super().__init__(vllm_config=vllm_config, prefix=prefix)
-
-        def get_encoder_cudagraph_config(self) -> Any:
-            # vLLM's encoder CUDA graphs bypass embed_multimodal (where the rows are chosen and their
-            # positions appended); vLLM's own EVS turns them off for the same reason, through this flag
-            saved = self.is_multimodal_pruning_enabled
-            self.is_multimodal_pruning_enabled = True
-            try:
-                return super().get_encoder_cudagraph_config()
-            finally:
-                self.is_multimodal_pruning_enabled = saved
-
-        def _media_positions(self, grid: Sequence[int], t_factor: float = 1.0) -> Tensor:
-            """long ``[N, 4]``: each merged token's unpruned (t, h, w) offset and, in column 3, the offset the
-            text after the media starts at (vLLM's 4-column row format; the plugin's own recompute reads the offsets only)."""
-            merge = self.visual.spatial_merge_size
-            if t_factor == 1.0:
-                pos = compute_mrope_for_media(torch.tensor(grid), merge)
-            else:
-                pos = compute_mrope_for_media(torch.tensor(grid), merge, tokens_per_second=t_factor)
-            pos[:, 3] = pos[:, :3].max() + 1
-            return pos
-
-        def embed_multimodal(self, **kwargs: object) -> Any:
-            field = kwargs.pop(SPEC_FIELD, None)
-            video_field = kwargs.pop(VIDEO_SPEC_FIELD, None)
-            by_modality = self._parse_and_validate_multimodal_inputs(**kwargs)
-            out: list[Tensor] = []
-            for modality, inputs in by_modality.items():
-                if modality == "image":
-                    embeds = self._process_image_input(inputs)
-                    grids = inputs["image_grid_thw"].tolist()
-                    out += self._prune_images(list(embeds), grids, _decode_specs(field, len(grids)))
-                elif modality == "video":
-                    embeds = self._process_video_input(inputs)
-                    if self.is_multimodal_pruning_enabled:  # vLLM's own EVS appends its positions
-                        out += list(self._postprocess_video_embeds_evs(embeds, inputs))
-                        continue
-                    grids = inputs["video_grid_thw"].tolist()
-                    seconds = inputs.get("second_per_grid_ts")
-                    tps = getattr(self.config.vision_config, "tokens_per_second", 1.0)
-                    # the stock rule's time axis (get_mrope_input_positions): frame index * seconds * tps
-                    factors = [tps * (float(seconds[i]) if seconds is not None else 1.0) for i in range(len(grids))]
-                    out += self._prune_videos(list(embeds), grids, factors, _decode_specs(video_field, len(grids)))
-            return tuple(out)
-
-        def _prune_videos(
-            self, embeds: list[Tensor], grids: list[list[int]], factors: list[float], specs: list[str]
-        ) -> list[Tensor]:
-            """Each video's kept merged tokens (one strategy row per video, its frames in ``ctx.frames``, as
-            ``tokprune.patch``'s default ``budget_scope="image"``; one row per frame under budget scope
-            ``"frame"``) with their unpruned M-RoPE offsets appended."""
-            merge = self.visual.spatial_merge_size
-            keeps: list[Tensor | None] = [None] * len(embeds)
-            for plan, index in _groups(specs):
-                if not plan.prunes:
-                    continue
-                if plan.scope == "frame":  # each frame a row of its own, as tokprune.patch's frame_rows
-                    frames = [embeds[i].split(embeds[i].shape[0] // int(grids[i][0])) for i in index]
-                    kept = iter(plan.select([f for video in frames for f in video]))
-                    for i, video in zip(index, frames):
-                        keeps[i] = torch.cat([next(kept) for _ in video])
-                    continue
-                thw = torch.tensor([grids[i] for i in index], device=embeds[index[0]].device)
-                layout = FrameLayout(thw[:, 0], thw[:, 1:] // merge)
-                for i, keep in zip(index, plan.select([embeds[i] for i in index], frames=layout)):
-                    keeps[i] = keep
-            out = []
-            for emb, grid, factor, keep in zip(embeds, grids, factors, keeps):
-                pos = self._media_positions(grid, factor).to(emb.device)
-                rows = emb if keep is None else emb[keep.to(emb.device)]
-                pos = pos if keep is None else pos[keep.to(pos.device)]
-                out.append(torch.cat([rows, pos.to(emb.dtype)], dim=1))
-            return out
-
-        def _prune_images(self, embeds: list[Tensor], grids: list[list[int]], specs: list[str]) -> list[Tensor]:
-            """Each image's kept merged tokens, with their unpruned M-RoPE offsets appended (4 columns)."""
-            keeps: list[Tensor | None] = [None] * len(embeds)
-            for plan, index in _groups(specs):
-                if plan.prunes_images:
-                    # the merged tokens already are the LLM's input: no projector (as the transformers adapter)
-                    for i, keep in zip(index, plan.select([embeds[i] for i in index])):
-                        keeps[i] = keep
-            out = []
-            for emb, grid, keep in zip(embeds, grids, keeps):
-                pos = self._media_positions(grid).to(emb.device)
-                rows = emb if keep is None else emb[keep.to(emb.device)]
-                pos = pos if keep is None else pos[keep.to(pos.device)]
-                out.append(torch.cat([rows, pos.to(emb.dtype)], dim=1))
-            return out
-
-        def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list[Any]) -> tuple[Tensor, int]:
-            """Text positions as the unpruned prompt has them; an image's placeholders provisional (the runner
-            replaces them with the kept tokens' own after encoding, :meth:`recompute_mrope_positions`)."""
-            chunks, start, next_pos = [], 0, 0
-            for (offset, t, h, w, t_factor), feature in zip(
-                self.iter_mm_grid_thw(mm_features), sorted(mm_features, key=lambda f: f.mm_position.offset)
-            ):
-                text = offset - start
-                chunks.append(np.broadcast_to(np.arange(text), (3, text)) + next_pos)
-                grid = np.indices((t, h, w))
-                if t_factor != 1.0:
-                    grid[0] = (grid[0] * t_factor).astype(np.int64)
-                media = grid.reshape(3, -1) + next_pos + text
-                length = feature.mm_position.length
-                chunks.append(media[:, :length])
-                next_pos = int(media.max()) + 1
-                start = offset + length
-            if start < len(input_tokens):
-                text = len(input_tokens) - start
-                chunks.append(np.broadcast_to(np.arange(text), (3, text)) + next_pos)
-            positions = np.concatenate(chunks, axis=1).reshape(3, -1)
-            return torch.from_numpy(positions), int(positions.max() + 1 - len(input_tokens))
-
-        def recompute_mrope_positions(
-            self,
-            input_ids: Any,
-            multimodal_embeddings: Sequence[Tensor],
-            mrope_positions: Tensor,
-            num_computed_tokens: int,
-        ) -> tuple[Sequence[Tensor], Tensor, int]:
-            """The kept rows' own positions on their placeholders (:func:`_place_media_positions`). vLLM's
-            ``recompute_mrope_positions`` finds an item's run from the vision starts and a count that
-            advances by the media rows only, and in an image-then-video prompt puts the video's rows on the
-            image's placeholders (measured; tests/test_vllm_video.py); the text positions need no
-            recomputing here (they are the unpruned prompt's, from :meth:`get_mrope_input_positions`)."""
-            return _recompute_on_placeholders(
-                self.config, input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens
-            )
-
-    return {"TokpruneQwen2_5_VL": TokpruneQwen2_5_VL, "TokpruneQwen2_5_VLProcessor": TokpruneQwen2_5_VLProcessor}
-
-
-def _recompute_on_placeholders(
-    config: Any, input_ids: Any, multimodal_embeddings: Sequence[Tensor], positions: Tensor, start: int
-) -> tuple[list[Tensor], Tensor, int]:
-    """The Qwen families' ``recompute_mrope_positions``: each media row (its offsets in its last 4 columns,
-    stripped here) on its placeholder, text as :meth:`get_mrope_input_positions` left it."""
-    rows = [mm[:, :-4] for mm in multimodal_embeddings]
-    offsets = [mm[:, -4:-1].long() for mm in multimodal_embeddings]
-    ids = input_ids if isinstance(input_ids, Tensor) else torch.tensor(input_ids)
-    media = (ids == config.image_token_id) | (ids == config.video_token_id)
-    placed = _place_media_positions(media.to(positions.device), offsets, positions, start)
-    return rows, placed, int(placed.max() + 1 - placed.shape[1])
-
-
-def _place_media_positions(media: Tensor, offsets: Sequence[Tensor], positions: Tensor, start: int) -> Tensor:
-    """M-RoPE positions long ``[3, N]`` with the media rows of one prefill chunk placed.
-
-    ``media``: bool ``[N]``, the prompt's image and video placeholders; ``offsets``: each item's (part of
-    the chunk) rows' ``(t, h, w)`` offsets long ``[R_i, 3]``, items in prompt order, filling the chunk's
-    placeholders from token ``start`` on in order; ``positions``: the prompt's positions, text already
-    final. A row's position is its offset plus the position after the text token before its run.
-    """
-    out = positions.clone()
-    rows = torch.cat(list(offsets)) if len(offsets) else positions.new_zeros(0, 3)
-    if rows.shape[0] == 0:
-        return out
-    index = torch.arange(media.numel(), device=media.device)
-    slots = index[media & (index >= start)][: rows.shape[0]]  # the chunk's placeholders, in order
-    run_start = media & ~torch.cat([media.new_zeros(1), media[:-1]])
-    last_start = torch.cummax(torch.where(run_start, index, 0), dim=0).values  # each token's run start
-    base = out[0, (last_start[slots] - 1).clamp_min(0)] + 1
-    out[:, slots] = (rows.to(out) + base[:, None]).T
-    return out
-
-
-def _unpruned_positions(
-    stock: Callable[[list[int], list[Any]], tuple[Tensor, int]],
-    input_tokens: list[int],
-    mm_features: list[Any],
-    full_runs: Callable[[Any], list[int]],
-    media_ids: Sequence[int],
-) -> tuple[Tensor, int]:
-    """M-RoPE positions of a prompt whose media runs were shortened: the stock rule on the unpruned prompt (each
-    placeholder run of a feature, tokens in ``media_ids``, grown back to its length in ``full_runs(feature)``:
-    an image one run, a Qwen3-VL video one per frame), then each run cut to its kept length. Text keeps its
-    unpruned positions; a run's positions are provisional (the runner replaces them with the kept tokens' own:
-    the family's ``recompute_mrope_positions``, :func:`_place_media_positions`)."""
-    import dataclasses
-
-    tokens, features, cut, shift = list(input_tokens), [], [], 0
-    for feature in sorted(mm_features, key=lambda f: f.mm_position.offset):
-        offset, length = feature.mm_position.offset + shift, feature.mm_position.length
-        grown, at, runs = 0, offset, iter(full_runs(feature))
-        while at < offset + length + grown:
-            if tokens[at] not in media_ids:
-                at += 1
-                continue
-            end = at
-            while end < len(tokens) and tokens[end] == tokens[at]:
-                end += 1
-            missing = next(runs) - (end - at)
-            if missing > 0:
-                tokens[end:end] = [tokens[at]] * missing
-                cut.append((end, missing))
-                grown += missing
-            at = end + max(missing, 0)
-        place = dataclasses.replace(feature.mm_position, offset=offset, length=length + grown, is_embed=None)
-        features.append(dataclasses.replace(feature, mm_position=place))
-        shift += grown
-    positions, _ = stock(tokens, features)
-    keep = torch.ones(positions.shape[1], dtype=torch.bool)
-    for start, count in cut:
-        keep[start : start + count] = False
-    positions = positions[:, keep]
-    return positions, int(positions.max() + 1 - len(input_tokens))
-
-
-def _qwen3_vl_classes(mixin: type, registry: Any) -> dict[str, type]:
-    from vllm.model_executor.models.qwen3_vl import (
-        Qwen3VLDummyInputsBuilder,
-        Qwen3VLForConditionalGeneration,
-        Qwen3VLMultiModalProcessor,
-        Qwen3VLProcessingInfo,
-    )
-    from vllm.multimodal.processing import PromptUpdateDetails
-    from vllm.multimodal.video_prune.evs import compute_mrope_for_media
-
-    class TokpruneQwen3VLProcessor(mixin, Qwen3VLMultiModalProcessor):
-        tokprune_tower = "none"
-        tokprune_family = "Qwen3-VL"
-        tokprune_video = "frame"
-
-        def tokprune_video_tokens(self, tokens: Any, plan: ServingPlan, item: Any) -> Any:
-            """Every frame's run (after its timestamp and vision start) cut to the frame's budget: a Qwen3-VL
-            video is one block per frame whose sizes vLLM fixes before encoding, so a server prunes it per
-            frame only (``tokprune_budget_scope="frame"``, :meth:`ServingPlan.check_video`)."""
-            video_id = self.info.get_hf_config().video_token_id
-            layout = self.tokprune_frames(item)
-            kept = plan.frame_kept_count(int(layout.tokens_per_frame[0]))
-            ids = tokens.full if isinstance(tokens, PromptUpdateDetails) else list(tokens)
-            out, run = [], 0
-            for token in ids:
-                run = run + 1 if token == video_id else 0
-                if run <= kept:
-                    out.append(token)
-            return PromptUpdateDetails.select_token_id(out, video_id)
-
-    @registry.register_processor(
-        TokpruneQwen3VLProcessor, info=Qwen3VLProcessingInfo, dummy_inputs=Qwen3VLDummyInputsBuilder
-    )
-    class TokpruneQwen3VL(Qwen3VLForConditionalGeneration):
-        """vLLM's Qwen3-VL; pruned images keep their merged tokens' DeepStack features (the same rows: vLLM
-        concatenates them on the channel axis) and their unpruned positions, as ``tokprune.patch`` does.
-        Videos are pruned per frame (budget scope ``"frame"``), each frame's kept rows at their stock offsets
-        in the frame's own run, as ``tokprune.patch(..., budget_scope="frame")``."""
-
-        tokprune_prunes = True
-        supports_multimodal_pruning = True
-
-        def __init__(self, *, vllm_config: Any, prefix: str = "model") -> None:
-            _check_engine_spec(vllm_config, "none", "Qwen3-VL", video="frame")
-            super().__init__(vllm_config=vllm_config, prefix=prefix)
-
-        def get_encoder_cudagraph_config(self) -> Any:
-            saved = self.is_multimodal_pruning_enabled
-            self.is_multimodal_pruning_enabled = True  # see TokpruneQwen2_5_VL
-            try:
-                return super().get_encoder_cudagraph_config()
-            finally:
-                self.is_multimodal_pruning_enabled = saved
-
-        def embed_multimodal(self, **kwargs: object) -> Any:
-            field = kwargs.pop(SPEC_FIELD, None)
-            video_field = kwargs.pop(VIDEO_SPEC_FIELD, None)
-            by_modality = self._parse_and_validate_multimodal_inputs(**kwargs)
-            if not by_modality:
-                return None
-            out: list[Tensor] = []
-            for modality, inputs in by_modality.items():
-                if modality == "image":
-                    embeds = list(self._process_image_input(inputs))
-                    grids = inputs["image_grid_thw"].tolist()
-                    out += self._prune_images(embeds, grids, _decode_specs(field, len(grids)))
-                elif modality == "video":
-                    embeds = self._process_video_input(inputs)
-                    if self.is_multimodal_pruning_enabled:  # vLLM's own EVS (--video-pruning-rate): its rows
-                        out += list(self._postprocess_video_embeds_evs(embeds, inputs))
-                        continue
-                    grids = inputs["video_grid_thw"].tolist()
-                    keeps = self._prune_frames(list(embeds), grids, _decode_specs(video_field, len(grids)))
-                    out += [self._with_frame_offsets(e, g, k) for e, g, k in zip(embeds, grids, keeps)]
-            return tuple(out)
-
-        def _prune_frames(self, embeds: list[Tensor], grids: list[list[int]], specs: list[str]) -> list[Tensor | None]:
-            """Each video's keep mask bool ``[T * H * W]`` (None: unpruned), every frame a strategy row of its
-            own scored on its merged tokens (the DeepStack levels follow on the channel axis), as
-            ``tokprune.patch``'s frame rows; the processor admitted budget scope ``"frame"`` only."""
-            keeps: list[Tensor | None] = [None] * len(embeds)
-            width = self.visual_dim
-            for plan, index in _groups(specs):
-                if not plan.prunes:
-                    continue
-                frames = [embeds[i][:, :width].split(embeds[i].shape[0] // int(grids[i][0])) for i in index]
-                kept = iter(plan.select([f for video in frames for f in video]))
-                for i, video in zip(index, frames):
-                    keeps[i] = torch.cat([next(kept) for _ in video])
-            return keeps
-
-        def _with_frame_offsets(self, emb: Tensor, grid: list[int], keep: Tensor | None = None) -> Tensor:
-            """A video's (kept) rows with their offsets appended (4 columns, as images'): each frame is its own
-            placeholder run after its timestamp, at time offset 0 (Qwen3-VL tells frames apart by timestamps),
-            so a frame's token (r, c) sits at (0, r, c) past its run's start, kept or not."""
-            t, h, w = grid
-            frame = compute_mrope_for_media(torch.tensor([1, h, w]), self.visual.spatial_merge_size)
-            offsets = frame.repeat(t, 1).to(emb.device, emb.dtype)
-            if keep is not None:
-                emb, offsets = emb[keep.to(emb.device)], offsets[keep.to(emb.device)]
-            return torch.cat([emb, offsets], dim=1)
-
-        def _prune_images(self, embeds: list[Tensor], grids: list[list[int]], specs: list[str]) -> list[Tensor]:
-            keeps: list[Tensor | None] = [None] * len(embeds)
-            # the merged tokens (the LLM's input: no projector); the DeepStack levels follow on the channel axis
-            width = self.visual_dim
-            for plan, index in _groups(specs):
-                if plan.prunes_images:
-                    for i, keep in zip(index, plan.select([embeds[i][:, :width] for i in index])):
-                        keeps[i] = keep
-            out = []
-            for emb, grid, keep in zip(embeds, grids, keeps):
-                pos = compute_mrope_for_media(torch.tensor(grid), self.visual.spatial_merge_size).to(emb.device)
-                if keep is not None:
-                    emb, pos = emb[keep.to(emb.device)], pos[keep.to(pos.device)]
-                out.append(torch.cat([emb, pos.to(emb.dtype)], dim=1))
-            return out
-
-        def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list[Any]) -> tuple[Tensor, int]:
-            merge = self.config.vision_config.spatial_merge_size
-            media_ids = (self.config.image_token_id, self.config.video_token_id)
-
-            def full_runs(feature: Any) -> list[int]:
-                key = "image_grid_thw" if feature.modality == "image" else "video_grid_thw"
-                t, h, w = (int(x) for x in feature.data[key].data)
-                return [h * w // merge**2] * (1 if feature.modality == "image" else t)
-
-            if sum(sum(full_runs(f)) for f in mm_features) == sum(t in media_ids for t in input_tokens):
-                return super().get_mrope_input_positions(input_tokens, mm_features)
-
-            def stock(tokens: list[int], features: list[Any]) -> tuple[Tensor, int]:
-                return Qwen3VLForConditionalGeneration._get_mrope_input_positions(
-                    input_tokens=tokens, mm_features=features, config=self.config
-                )
-
-            return _unpruned_positions(stock, input_tokens, mm_features, full_runs, media_ids)
-
-        def recompute_mrope_positions(
-            self,
-            input_ids: Any,
-            multimodal_embeddings: Sequence[Tensor],
-            mrope_positions: Tensor,
-            num_computed_tokens: int,
-        ) -> tuple[Sequence[Tensor], Tensor, int]:
-            """Every media row on its placeholder at its own offset (:func:`_place_media_positions`), as for
-            Qwen2.5-VL; text keeps the unpruned prompt's positions (:meth:`get_mrope_input_positions`).
-            vLLM's own recompute would renumber everything after an item as text, which moves a video's
-            later frames (each frame is its own run after its timestamp text)."""
-            return _recompute_on_placeholders(
-                self.config, input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens
-            )
-
-    return {"TokpruneQwen3VL": TokpruneQwen3VL, "TokpruneQwen3VLProcessor": TokpruneQwen3VLProcessor}
-
-
-def _llava_classes(mixin: type, registry: Any) -> dict[str, type]:
-    from vllm.model_executor.models import llava
-    from vllm.model_executor.models.clip import CLIPVisionModel
-    from vllm.model_executor.models.utils import WeightsMapper
-
-    from ..strategy import Signal, VisionSignals
-
-    class TokpruneLlavaProcessor(mixin, llava.LlavaMultiModalProcessor):
-        tokprune_tower = "cls"
-        tokprune_family = "LLaVA-1.5"
-
-    def build_processor(info: Any, dummy_inputs: Any, **kwargs: Any) -> Any:
-        if isinstance(info, llava.LlavaProcessingInfo):
-            return TokpruneLlavaProcessor(info, dummy_inputs, **kwargs)
-        return llava._build_llava_or_pixtral_hf_processor(info, dummy_inputs, **kwargs)
-
-    @registry.register_processor(
-        build_processor, info=llava._build_llava_or_pixtral_hf_info, dummy_inputs=llava.LlavaDummyInputsBuilder
-    )
-    class TokpruneLlava(llava.LlavaForConditionalGeneration):
-        """vLLM's LLaVA-1.5 with the whole CLIP tower (CLS signals of any layer) and pruning before the projector.
-
-        Also loads checkpoints that name the tower as transformers 5 saves it (``vision_tower.embeddings.*``,
-        no ``vision_model.``), such as ``tokprune.models.path("tiny-llava-shapes")``.
-        """
-
-        tokprune_prunes = False  # 1-D positions: vLLM numbers the shorter prompt itself
-        hf_to_vllm_mapper = llava.LlavaForConditionalGeneration.hf_to_vllm_mapper | WeightsMapper(
-            orig_to_new_regex={re.compile(r"^(model\.)?vision_tower\.(?!vision_model\.)"): "vision_tower.vision_model."}
-        )
-
-        def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
-            _check_engine_spec(vllm_config, "cls", "LLaVA-1.5")
-            super().__init__(vllm_config=vllm_config, prefix=prefix)
-            vision = self.config.vision_config
-            self._clip = isinstance(self.vision_tower, CLIPVisionModel)
-            if self._clip and len(self.vision_tower.vision_model.encoder.layers) < vision.num_hidden_layers:
-                # vLLM builds the tower up to the feature layer; strategies may read any layer's signals
-                self.vision_tower = CLIPVisionModel(
-                    vision,
-                    quant_config=getattr(self, "quant_config", None),
-                    num_hidden_layers_override=vision.num_hidden_layers,
-                    require_post_norm=False,
-                    prefix=_tower_prefix(prefix),
-                )
-
-        def embed_multimodal(self, **kwargs: object) -> Any:
-            field = kwargs.pop(SPEC_FIELD, None)
-            inputs = self._parse_and_validate_image_input(**kwargs)
-            if inputs is None:
-                return []
-            if not self._clip or inputs["type"] != "pixel_values":
-                if field is not None and any(s != "none" for s in _decode_specs(field, 0)):
-                    raise VllmPluginError("tokprune prunes LLaVA images given as pixels through a CLIP tower only")
-                return self._process_image_input(inputs)
-            return self._pruned_images(inputs["pixel_values"], field)
-
-        def _pruned_images(self, pixel_values: Any, field: Any) -> tuple[Tensor, ...]:
-            vit = self.vision_tower.vision_model
-            pixels = pixel_values if isinstance(pixel_values, Tensor) else torch.stack(list(pixel_values))
-            captured: dict[int, Tensor] = {}
-            hooks = [
-                layer.self_attn.qkv_proj.register_forward_hook(
-                    lambda _m, _i, out, i=i: captured.__setitem__(i, out[0] if isinstance(out, tuple) else out)
-                )
-                for i, layer in enumerate(vit.encoder.layers)
-            ]
-            try:
-                x = vit.pre_layrnorm(vit.embeddings(pixels.to(self.vision_tower.dtype)))
-                hidden = vit.encoder(inputs_embeds=x, return_all_hidden_states=True)
-            finally:
-                for h in hooks:
-                    h.remove()
-            features = hidden[self.config.vision_feature_layer][:, 1:]  # "default": CLS dropped
-            cfg = self.config.vision_config
-            side = cfg.image_size // cfg.patch_size
-            specs = _decode_specs(field, features.shape[0])
-            keeps: list[Tensor | None] = [None] * features.shape[0]
-            for plan, index in _groups(specs):
-                if not plan.prunes_images:
-                    continue
-                declared = frozenset(s.resolve(cfg.num_hidden_layers) for s in plan.requires())
-                rows = torch.tensor(index, device=features.device)
-
-                def signals(lengths: Tensor, rows: Tensor = rows, declared: frozenset = declared) -> VisionSignals:
-                    def fetch(signal: Signal) -> Any:
-                        if signal.kind == "qk":
-                            q, k, _ = captured[signal.layer].chunk(3, dim=-1)
-                            return q[rows], k[rows]
-                        return hidden[signal.layer][rows]
-
-                    return VisionSignals(fetch, cfg.num_hidden_layers, cfg.num_attention_heads, declared=declared)
-
-                rows_in = [features[i] for i in index]
-                # the projector per token: DivPrune/CDPruner select on the projected tokens (their reference)
-                chosen_by = plan.select(rows_in, signals, grid=(side, side), project=self.multi_modal_projector)
-                for i, keep in zip(index, chosen_by):
-                    keeps[i] = keep
-            chosen = [f if keep is None else f[keep] for f, keep in zip(features, keeps)]
-            sizes = [c.shape[0] for c in chosen]
-            return tuple(self.multi_modal_projector(torch.cat(chosen)).split(sizes))
-
-    return {"TokpruneLlava": TokpruneLlava, "TokpruneLlavaProcessor": TokpruneLlavaProcessor}
-
-
-def _tower_prefix(prefix: str) -> str:
-    return f"{prefix}.vision_tower" if prefix else "vision_tower"

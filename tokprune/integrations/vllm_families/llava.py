@@ -1,0 +1,124 @@
+"""LLaVA-1.5 in vLLM: the whole CLIP tower (CLS signals of any layer), pruning before the projector, 1-D
+positions numbered by vLLM over the shorter prompt.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..vllm_plugin import SPEC_FIELD, VllmPluginError, check_engine_spec, decode_specs, item_groups
+
+
+def classes(mixin: type, registry: Any) -> dict[str, type]:
+    """vLLM's LLaVA-1.5 processor and model, subclassed (``mixin``: the spec processor mixin of
+    :mod:`tokprune.integrations.vllm_plugin`; the processor registered in ``registry``)."""
+    from vllm.model_executor.models import llava
+    from vllm.model_executor.models.clip import CLIPVisionModel
+    from vllm.model_executor.models.utils import WeightsMapper
+
+    from ...strategy import Signal, VisionSignals
+
+    class TokpruneLlavaProcessor(mixin, llava.LlavaMultiModalProcessor):
+        tokprune_tower = "cls"
+        tokprune_family = "LLaVA-1.5"
+
+    def build_processor(info: Any, dummy_inputs: Any, **kwargs: Any) -> Any:
+        if isinstance(info, llava.LlavaProcessingInfo):
+            return TokpruneLlavaProcessor(info, dummy_inputs, **kwargs)
+        return llava._build_llava_or_pixtral_hf_processor(info, dummy_inputs, **kwargs)
+
+    @registry.register_processor(
+        build_processor, info=llava._build_llava_or_pixtral_hf_info, dummy_inputs=llava.LlavaDummyInputsBuilder
+    )
+    class TokpruneLlava(llava.LlavaForConditionalGeneration):
+        """vLLM's LLaVA-1.5 with the whole CLIP tower (CLS signals of any layer) and pruning before the projector.
+
+        Also loads checkpoints that name the tower as transformers 5 saves it (``vision_tower.embeddings.*``,
+        no ``vision_model.``), such as ``tokprune.models.path("tiny-llava-shapes")``.
+        """
+
+        tokprune_prunes = False  # 1-D positions: vLLM numbers the shorter prompt itself
+        hf_to_vllm_mapper = llava.LlavaForConditionalGeneration.hf_to_vllm_mapper | WeightsMapper(
+            orig_to_new_regex={re.compile(r"^(model\.)?vision_tower\.(?!vision_model\.)"): "vision_tower.vision_model."}
+        )
+
+        def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
+            check_engine_spec(vllm_config, "cls", "LLaVA-1.5")
+            super().__init__(vllm_config=vllm_config, prefix=prefix)
+            vision = self.config.vision_config
+            self._clip = isinstance(self.vision_tower, CLIPVisionModel)
+            if self._clip and len(self.vision_tower.vision_model.encoder.layers) < vision.num_hidden_layers:
+                # vLLM builds the tower up to the feature layer; strategies may read any layer's signals
+                self.vision_tower = CLIPVisionModel(
+                    vision,
+                    quant_config=getattr(self, "quant_config", None),
+                    num_hidden_layers_override=vision.num_hidden_layers,
+                    require_post_norm=False,
+                    prefix=tower_prefix(prefix),
+                )
+
+        def embed_multimodal(self, **kwargs: object) -> Any:
+            field = kwargs.pop(SPEC_FIELD, None)
+            inputs = self._parse_and_validate_image_input(**kwargs)
+            if inputs is None:
+                return []
+            if not self._clip or inputs["type"] != "pixel_values":
+                if field is not None and any(s != "none" for s in decode_specs(field, 0)):
+                    raise VllmPluginError("tokprune prunes LLaVA images given as pixels through a CLIP tower only")
+                return self._process_image_input(inputs)
+            return self._pruned_images(inputs["pixel_values"], field)
+
+        def _pruned_images(self, pixel_values: Any, field: Any) -> tuple[Tensor, ...]:
+            vit = self.vision_tower.vision_model
+            pixels = pixel_values if isinstance(pixel_values, Tensor) else torch.stack(list(pixel_values))
+            captured: dict[int, Tensor] = {}
+            hooks = [
+                layer.self_attn.qkv_proj.register_forward_hook(
+                    lambda _m, _i, out, i=i: captured.__setitem__(i, out[0] if isinstance(out, tuple) else out)
+                )
+                for i, layer in enumerate(vit.encoder.layers)
+            ]
+            try:
+                x = vit.pre_layrnorm(vit.embeddings(pixels.to(self.vision_tower.dtype)))
+                hidden = vit.encoder(inputs_embeds=x, return_all_hidden_states=True)
+            finally:
+                for h in hooks:
+                    h.remove()
+            features = hidden[self.config.vision_feature_layer][:, 1:]  # "default": CLS dropped
+            cfg = self.config.vision_config
+            side = cfg.image_size // cfg.patch_size
+            specs = decode_specs(field, features.shape[0])
+            keeps: list[Tensor | None] = [None] * features.shape[0]
+            for plan, index in item_groups(specs):
+                if not plan.prunes_images:
+                    continue
+                declared = frozenset(s.resolve(cfg.num_hidden_layers) for s in plan.requires())
+                rows = torch.tensor(index, device=features.device)
+
+                def signals(lengths: Tensor, rows: Tensor = rows, declared: frozenset = declared) -> VisionSignals:
+                    def fetch(signal: Signal) -> Any:
+                        if signal.kind == "qk":
+                            q, k, _ = captured[signal.layer].chunk(3, dim=-1)
+                            return q[rows], k[rows]
+                        return hidden[signal.layer][rows]
+
+                    return VisionSignals(fetch, cfg.num_hidden_layers, cfg.num_attention_heads, declared=declared)
+
+                rows_in = [features[i] for i in index]
+                # the projector per token: DivPrune/CDPruner select on the projected tokens (their reference)
+                chosen_by = plan.select(rows_in, signals, grid=(side, side), project=self.multi_modal_projector)
+                for i, keep in zip(index, chosen_by):
+                    keeps[i] = keep
+            chosen = [f if keep is None else f[keep] for f, keep in zip(features, keeps)]
+            sizes = [c.shape[0] for c in chosen]
+            return tuple(self.multi_modal_projector(torch.cat(chosen)).split(sizes))
+
+    return {"TokpruneLlava": TokpruneLlava, "TokpruneLlavaProcessor": TokpruneLlavaProcessor}
+
+
+def tower_prefix(prefix: str) -> str:
+    return f"{prefix}.vision_tower" if prefix else "vision_tower"
