@@ -478,3 +478,33 @@ def test_qwen3_two_images_one_pruned_prompt(qwen3, qwen3_hf):
     want_tokens, want_logprobs = _hf_run(*qwen3_hf, QWEN_TWO_IMAGES, images, "divprune(keep=6)")
     assert list(out.outputs[0].token_ids) == want_tokens
     _assert_same_logprobs(_vllm_logprobs(out), want_logprobs)
+
+
+def _projected_tokens(llm) -> list[int]:
+    """Install a hook on the engine's projector recording how many tokens each call maps; returns the list."""
+    seen: list[int] = []
+
+    def install(model):
+        model.multi_modal_projector.register_forward_hook(
+            lambda _m, args, _out: seen.append(int(args[0].shape[:-1].numel()))
+        )
+
+    llm.apply_model(install)
+    return seen
+
+
+def test_llava_projects_each_token_once(llava):
+    """DivPrune selects on the projected tokens: the projector maps the image's 144 tokens once and the kept
+    rows are taken from that projection (as its reference does, and tokprune.patch), not projected again;
+    a strategy that does not read them (random) has only its kept rows projected."""
+    sample = data.benchmark("test", 20)[19]  # an image no other test sends
+    prompt = LLAVA_PROMPT.format(question=sample.question)
+    seen = _projected_tokens(llava)
+    try:
+        llava.generate([_request(prompt, [sample.image], "divprune(keep=30)")], GREEDY)
+        assert seen == [144], seen
+        seen.clear()
+        llava.generate([_request(prompt, [sample.image], "random(keep=30)")], GREEDY)
+        assert seen == [30], seen
+    finally:
+        llava.apply_model(lambda model: model.multi_modal_projector._forward_hooks.clear())

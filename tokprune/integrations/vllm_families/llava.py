@@ -93,6 +93,7 @@ def classes(mixin: type, registry: Any) -> dict[str, type]:
             side = cfg.image_size // cfg.patch_size
             specs = decode_specs(field, features.shape[0])
             keeps: list[Tensor | None] = [None] * features.shape[0]
+            done: dict[int, Tensor] = {}  # image -> its kept rows, projected
             for plan, index in item_groups(specs):
                 if not plan.prunes_images:
                     continue
@@ -108,14 +109,33 @@ def classes(mixin: type, registry: Any) -> dict[str, type]:
 
                     return VisionSignals(fetch, cfg.num_hidden_layers, cfg.num_attention_heads, declared=declared)
 
-                rows_in = [features[i] for i in index]
+                projections: list[Tensor] = []
+
+                def project(x: Tensor, projections: list[Tensor] = projections) -> Tensor:
+                    projections.append(self.multi_modal_projector(x))
+                    return projections[-1]
+
                 # the projector per token: DivPrune/CDPruner select on the projected tokens (their reference)
-                chosen_by = plan.select(rows_in, signals, grid=(side, side), project=self.multi_modal_projector)
-                for i, keep in zip(index, chosen_by):
+                chosen_by = plan.select([features[i] for i in index], signals, grid=(side, side), project=project)
+                whole = len(projections) == 1 and projections[0].shape[:2] == (len(index), features.shape[1])
+                every = projections[0] if whole else None
+                for j, (i, keep) in enumerate(zip(index, chosen_by)):
                     keeps[i] = keep
-            chosen = [f if keep is None else f[keep] for f, keep in zip(features, keeps)]
-            sizes = [c.shape[0] for c in chosen]
-            return tuple(self.multi_modal_projector(torch.cat(chosen)).split(sizes))
+                    if every is not None:  # projected to choose: the kept rows come from it, as in tokprune.patch
+                        done[i] = every[j][keep]
+            return self._project_rest(features, keeps, done)
+
+        def _project_rest(
+            self, features: Tensor, keeps: list[Tensor | None], done: dict[int, Tensor]
+        ) -> tuple[Tensor, ...]:
+            """Each image's rows for the LLM: those a step already projected (``done``, by image), the others'
+            kept features projected now in one call."""
+            rest = [i for i in range(features.shape[0]) if i not in done]
+            chosen = [features[i] if keeps[i] is None else features[i][keeps[i]] for i in rest]
+            if chosen:
+                projected = self.multi_modal_projector(torch.cat(chosen)).split([c.shape[0] for c in chosen])
+                done = {**done, **dict(zip(rest, projected))}
+            return tuple(done[i] for i in range(features.shape[0]))
 
     return {"TokpruneLlava": TokpruneLlava, "TokpruneLlavaProcessor": TokpruneLlavaProcessor}
 
