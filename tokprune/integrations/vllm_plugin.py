@@ -97,6 +97,7 @@ FAMILIES: dict[str, tuple[str, str, str]] = {
     "Qwen2_5_VLForConditionalGeneration": ("TokpruneQwen2_5_VL", "none", "Qwen2.5-VL"),
     "Qwen3VLForConditionalGeneration": ("TokpruneQwen3VL", "none", "Qwen3-VL"),
     "LlavaForConditionalGeneration": ("TokpruneLlava", "cls", "LLaVA-1.5"),
+    "LlavaNextForConditionalGeneration": ("TokpruneLlavaNext", "cls", "LLaVA-NeXT"),
 }
 
 #: ``module:attribute`` of every vLLM piece this module uses (checked by :func:`missing_pieces`).
@@ -116,6 +117,10 @@ PIECES: tuple[str, ...] = (
     "vllm.model_executor.models.llava:LlavaDummyInputsBuilder",
     "vllm.model_executor.models.llava:_build_llava_or_pixtral_hf_info",
     "vllm.model_executor.models.llava:_build_llava_or_pixtral_hf_processor",
+    "vllm.model_executor.models.llava_next:LlavaNextForConditionalGeneration",
+    "vllm.model_executor.models.llava_next:LlavaNextMultiModalProcessor",
+    "vllm.model_executor.models.llava_next:LlavaNextProcessingInfo",
+    "vllm.model_executor.models.llava_next:get_anyres_image_grid_shape",
     "vllm.model_executor.models.clip:CLIPVisionModel",
     "vllm.model_executor.models.utils:WeightsMapper",
     "vllm.multimodal:MULTIMODAL_REGISTRY",
@@ -305,6 +310,8 @@ def _classes() -> dict[str, type]:
     from vllm.multimodal import MULTIMODAL_REGISTRY
     from vllm.multimodal.inputs import MultiModalFieldConfig
 
+    from .vllm_families import llava_next
+
     class SpecProcessorMixin:
         """Validates the spec, sizes each image's (video's) placeholders to its budget, sends the spec with
         the image (video)."""
@@ -399,6 +406,7 @@ def _classes() -> dict[str, type]:
     classes.update(_qwen2_5_vl_classes(SpecProcessorMixin, MULTIMODAL_REGISTRY))
     classes.update(_qwen3_vl_classes(SpecProcessorMixin, MULTIMODAL_REGISTRY))
     classes.update(_llava_classes(SpecProcessorMixin, MULTIMODAL_REGISTRY))
+    classes.update(llava_next.classes(SpecProcessorMixin, MULTIMODAL_REGISTRY))
     return classes
 
 

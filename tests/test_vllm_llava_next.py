@@ -1,0 +1,262 @@
+"""tokprune's vLLM plugin on LLaVA-NeXT (AnyRes tiles, newline tokens): skipped where vLLM is not installed.
+
+Install: the CPU recipe of docs/serving.md (CI leg ``v`` in .ci/run). One engine: the tiny random LLaVA-NeXT
+saved with its tokenizer and processor (16-px tiles of 2 x 2 patches; grids 16 x 32, 32 x 16, 32 x 32).
+Images of three shapes: wide and tall (1 x 2 and 2 x 1 tiles, unpadded to their aspect ratio) and square
+(2 x 2 tiles, nothing unpadded).
+
+Equality with ``tokprune.patch(model, spec, vision_positions="compact")`` (vLLM numbers the shorter prompt
+1-D): the keep masks the registered strategy returns (one row per image: base view and tiles, newlines
+excluded), the prompt length (shorter by exactly the pruned tokens; newlines stay), greedy tokens and
+first-token log-probs. The suite rejects kept rows placed one slot off and newlines moved to the run's end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import numpy as np
+import pytest
+import torch
+
+vllm = pytest.importorskip("vllm", reason="vLLM is not installed (docs/serving.md: the CPU recipe)")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: recorders see it
+
+from PIL import Image  # noqa: E402
+from transformers import AutoModelForImageTextToText, AutoProcessor  # noqa: E402
+
+import tokprune  # noqa: E402
+from tokprune.integrations import vllm_plugin  # noqa: E402
+from tokprune.registry import describe  # noqa: E402
+from tokprune.testing.checkpoints import save_tiny_llava_next  # noqa: E402
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore::FutureWarning"),
+]
+
+PROMPT = "USER: <image>\nwhat is in the picture ? ASSISTANT:"
+TWO_IMAGES = "USER: <image>\n<image>\nwhich one is larger ? ASSISTANT:"
+GREEDY = vllm.SamplingParams(max_tokens=4, temperature=0.0, logprobs=5)
+#: (h, w): 1 x 2 tiles unpadded, 2 x 1 tiles unpadded, 2 x 2 tiles whole
+SIZES = {"wide": (14, 30), "tall": (30, 12), "square": (32, 32)}
+
+
+def _image(seed: int, size: tuple[int, int]) -> Image.Image:
+    return Image.fromarray((np.random.RandomState(seed).rand(*size, 3) * 255).astype("uint8"))
+
+
+def _request(prompt, images, spec=None, scope=None):
+    request = {"prompt": prompt, "multi_modal_data": {"image": images if len(images) != 1 else images[0]}}
+    kwargs = {k: v for k, v in (("tokprune", spec), ("tokprune_budget_scope", scope)) if v is not None}
+    if kwargs:
+        request["mm_processor_kwargs"] = kwargs
+    return request
+
+
+@contextlib.contextmanager
+def recorded_keeps(name):
+    """Every keep mask the registered strategy ``name`` returns, from either engine (both run here)."""
+    cls = describe(name).cls
+    original = cls.plan
+    seen = []
+
+    def plan(self, ctx):
+        out = original(self, ctx)
+        seen.append(out.keep.clone())
+        return out
+
+    cls.plan = plan
+    try:
+        yield seen
+    finally:
+        cls.plan = original
+
+
+@pytest.fixture(scope="module")
+def path(tmp_path_factory):
+    return save_tiny_llava_next(tmp_path_factory.mktemp("llava_next"))
+
+
+@pytest.fixture(scope="module")
+def llm(path):
+    engine = vllm.LLM(
+        model=str(path),
+        max_model_len=512,
+        max_num_seqs=8,
+        limit_mm_per_prompt={"image": 2},
+        dtype="float32",
+        enforce_eager=True,
+        seed=0,
+        kv_cache_memory_bytes=256 << 20,
+        gpu_memory_utilization=0.05,
+        enable_prefix_caching=False,  # a mutated rerun must not reuse the unmutated run's KV cache
+    )
+    yield engine
+    del engine
+
+
+@pytest.fixture(scope="module")
+def hf(path):
+    return AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval(), AutoProcessor.from_pretrained(
+        path
+    )
+
+
+def _hf_run(model, processor, prompt, images, spec):
+    """Greedy tokens, first-token top-5 log-probs and the unpruned prompt length of ``tokprune.patch`` with
+    vLLM's 1-D numbering (``vision_positions="compact"``)."""
+    inputs = processor(text=[prompt], images=images, return_tensors="pt")
+    context = tokprune.pruned(model, spec, vision_positions="compact") if spec else contextlib.nullcontext()
+    with context, torch.no_grad():
+        logits = model(**inputs).logits[0, -1]
+        out = model.generate(**inputs, max_new_tokens=GREEDY.max_tokens, do_sample=False)
+    top = torch.log_softmax(logits.double(), -1).topk(5)
+    length = inputs["input_ids"].shape[1]
+    return out[0, length:].tolist(), dict(zip(top.indices.tolist(), top.values.tolist())), length
+
+
+def _logprobs(output):
+    return {token: lp.logprob for token, lp in output.outputs[0].logprobs[0].items()}
+
+
+def _assert_same_logprobs(got, want, tol=2e-4):
+    common = set(got) & set(want)
+    assert len(common) >= 4, (got, want)
+    for token in common:
+        assert abs(got[token] - want[token]) < tol, (token, got, want)
+
+
+def test_llava_next_is_registered():
+    assert vllm_plugin.FAMILIES["LlavaNextForConditionalGeneration"][0] == "TokpruneLlavaNext"
+    assert vllm_plugin.missing_pieces() == []
+
+
+# topk and vispruner read the CLS (the base view's) and each token's own pass; divprune and cdpruner select on
+# the projected tokens; cdpruner's relevance=text runs its CLS stand-in on both sides (no CLIP text tower)
+EQUAL = ["divprune(keep_ratio=0.5)", "topk(keep=5)", "vispruner(keep=6)", "cdpruner(keep=6)"]
+
+
+@pytest.mark.parametrize("shape", list(SIZES))
+@pytest.mark.parametrize("spec", EQUAL)
+def test_a_pruned_image_equals_the_transformers_path(llm, hf, spec, shape):
+    image = _image(list(SIZES).index(shape) + 1, SIZES[shape])
+    name = spec.split("(")[0]
+    with recorded_keeps(name) as keeps:
+        (out,) = llm.generate([_request(PROMPT, [image], spec)], GREEDY)
+        want_tokens, want_logprobs, unpruned = _hf_run(*hf, PROMPT, [image], spec)
+    vllm_keep, hf_keep = keeps[0], keeps[1]  # vLLM ran first; the HF forward and generate follow
+    assert vllm_keep.shape[0] == 1 and torch.equal(vllm_keep.cpu(), hf_keep.cpu())
+    real, kept = hf_keep.shape[1], int(hf_keep.sum())  # the image's tokens without newlines, and those kept
+    assert kept < real
+    assert len(out.prompt_token_ids) == unpruned - real + kept  # shorter by exactly the pruned tokens
+    assert list(out.outputs[0].token_ids) == want_tokens
+    _assert_same_logprobs(_logprobs(out), want_logprobs)
+
+
+@pytest.mark.parametrize("shape", list(SIZES))
+def test_an_unpruned_image_equals_stock_transformers(llm, hf, shape):
+    image = _image(10 + list(SIZES).index(shape), SIZES[shape])
+    for spec in (None, "none"):
+        (out,) = llm.generate([_request(PROMPT, [image], spec)], GREEDY)
+        want_tokens, want_logprobs, unpruned = _hf_run(*hf, PROMPT, [image], None)
+        assert len(out.prompt_token_ids) == unpruned
+        assert list(out.outputs[0].token_ids) == want_tokens
+        _assert_same_logprobs(_logprobs(out), want_logprobs)
+
+
+@pytest.mark.parametrize("spec", [None, "divprune(keep=4)", "vispruner(keep=5)"])
+def test_two_images_of_other_shapes_in_one_prompt_equal_the_transformers_path(llm, hf, spec):
+    # the processor pads the wide image's passes to the square's: the plugin encodes each image's own
+    images = [_image(20, SIZES["wide"]), _image(21, SIZES["square"])]
+    (out,) = llm.generate([_request(TWO_IMAGES, images, spec)], GREEDY)
+    want_tokens, want_logprobs, unpruned = _hf_run(*hf, TWO_IMAGES, images, spec)
+    if spec is not None:
+        kept = int(spec.split("=")[1].rstrip(")"))
+        assert len(out.prompt_token_ids) == unpruned - (12 - kept) - (20 - kept)
+    assert list(out.outputs[0].token_ids) == want_tokens
+    _assert_same_logprobs(_logprobs(out), want_logprobs)
+
+
+def test_requests_in_one_batch_use_their_own_specs(llm):
+    image = _image(30, SIZES["tall"])  # 12 real tokens and their newlines
+    specs = [None, "divprune(keep=4)", "random(keep=7)", "cdpruner(keep=3, relevance=uniform)", "topk(keep=2)"]
+    batch = llm.generate([_request(PROMPT, [image], s) for s in specs], GREEDY)
+    full = len(batch[0].prompt_token_ids)
+    assert [full - len(o.prompt_token_ids) for o in batch] == [0, 12 - 4, 12 - 7, 12 - 3, 12 - 2]
+    for spec, together in zip(specs, batch):  # batch == solo; the cached image is never reused across specs
+        (solo,) = llm.generate([_request(PROMPT, [image], spec)], GREEDY)
+        assert list(solo.outputs[0].token_ids) == list(together.outputs[0].token_ids)
+        assert len(solo.prompt_token_ids) == len(together.prompt_token_ids)
+
+
+def test_a_budget_above_the_tokens_keeps_every_token(llm):
+    image = _image(31, SIZES["wide"])
+    (everything,) = llm.generate([_request(PROMPT, [image], "divprune(keep=1000)")], GREEDY)
+    (full,) = llm.generate([_request(PROMPT, [image])], GREEDY)
+    assert len(everything.prompt_token_ids) == len(full.prompt_token_ids)
+    assert list(everything.outputs[0].token_ids) == list(full.outputs[0].token_ids)
+
+
+def _rows_one_slot_off(model, features, layout, keep):
+    """Wrong on purpose: every kept row takes the next row's features (the last wraps)."""
+    return type(model)._placed(model, features.roll(-1, dims=0), layout, keep)
+
+
+def _newlines_at_the_end(model, features, layout, keep):
+    """Wrong on purpose: the kept rows first, every newline after them (the count is right)."""
+    out = type(model)._placed(model, features, layout, keep)
+    newline = (out == model.image_newline.to(out.dtype)).all(dim=-1)
+    return torch.cat([out[~newline], out[newline]])
+
+
+@pytest.mark.parametrize(
+    ("wrong", "seed"), [(_rows_one_slot_off, 40), (_newlines_at_the_end, 41)], ids=["rows-one-off", "newlines-moved"]
+)
+def test_the_equality_suite_rejects_wrong_variants(llm, hf, wrong, seed):
+    # an image of its own per mutant: vLLM's encoder cache serves an image's rows again to the same spec
+    image = _image(seed, SIZES["wide"])
+    spec = "divprune(keep_ratio=0.5)"
+    _, want_logprobs, _ = _hf_run(*hf, PROMPT, [image], spec)
+
+    def install(model):
+        model._placed = lambda *args: wrong(model, *args)
+
+    llm.apply_model(install)
+    try:
+        (out,) = llm.generate([_request(PROMPT, [image], spec)], GREEDY)
+    finally:
+        llm.apply_model(lambda model: model.__dict__.pop("_placed", None))
+    with pytest.raises(AssertionError):
+        _assert_same_logprobs(_logprobs(out), want_logprobs)
+    fresh = _image(seed + 100, SIZES["wide"])  # the plugin itself passes on an image the mutant never saw
+    (right,) = llm.generate([_request(PROMPT, [fresh], spec)], GREEDY)
+    _assert_same_logprobs(_logprobs(right), _hf_run(*hf, PROMPT, [fresh], spec)[1])
+
+
+BAD = [
+    ("fastv", None, ["stage=llm", "divprune"]),
+    ("cls_knee", None, ["before the image is encoded", "divprune"]),
+    ("divprune(keep_ratio=2)", None, ["keep_ratio", "divprune"]),
+    ("divprune(keep=4)", "tile", ["'tile'", "image"]),
+]
+
+
+@pytest.mark.parametrize(("spec", "scope", "fragments"), BAD, ids=[f"{b[0]}-{b[1]}" for b in BAD])
+def test_a_bad_spec_fails_its_request_only_and_the_engine_keeps_serving(llm, spec, scope, fragments):
+    engine = llm.llm_engine
+    engine.add_request("good-1", _request(PROMPT, [_image(51, SIZES["square"])], "divprune(keep=4)"), GREEDY)
+    with pytest.raises(ValueError) as info:
+        engine.add_request("bad", _request(PROMPT, [_image(52, SIZES["square"])], spec, scope), GREEDY)
+    for fragment in fragments:
+        assert fragment in str(info.value), str(info.value)
+    engine.add_request("good-2", _request(PROMPT, [_image(53, SIZES["square"])]), GREEDY)
+    finished = {}
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            if output.finished:
+                finished[output.request_id] = output
+    assert set(finished) == {"good-1", "good-2"}
+    assert len(finished["good-2"].prompt_token_ids) - len(finished["good-1"].prompt_token_ids) == 20 - 4
