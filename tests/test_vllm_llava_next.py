@@ -135,8 +135,17 @@ def test_llava_next_is_registered():
 
 
 # topk and vispruner read the CLS (the base view's) and each token's own pass; divprune and cdpruner select on
-# the projected tokens; cdpruner's relevance=text runs its CLS stand-in on both sides (no CLIP text tower)
-EQUAL = ["divprune(keep_ratio=0.5)", "topk(keep=5)", "vispruner(keep=6)", "cdpruner(keep=6)"]
+# the projected tokens; cdpruner's relevance=text runs its CLS stand-in on both sides (no CLIP text tower).
+# Left out: random, whose subset hashes the features' bits (by design: never the batch), so the 1e-7
+# differences between vLLM's tower and transformers' draw another subset (measured on all three shapes); it
+# keeps its announced count (test_requests_in_one_batch_use_their_own_specs).
+EQUAL = [
+    "divprune(keep_ratio=0.5)",
+    "topk(keep=5)",
+    "vispruner(keep=6)",
+    "cdpruner(keep=6)",
+    "cdpruner(keep=4, relevance=uniform)",
+]
 
 
 @pytest.mark.parametrize("shape", list(SIZES))
@@ -236,6 +245,36 @@ def test_the_equality_suite_rejects_wrong_variants(llm, hf, wrong, seed):
     _assert_same_logprobs(_logprobs(right), _hf_run(*hf, PROMPT, [fresh], spec)[1])
 
 
+def _signals_tile_major(model, plan, hidden, captured, rows, first):
+    """Wrong on purpose: each image's signals in tile-major order (the passes one after the other), not in the
+    LLM's order of its rows (the unpadded grid's rows run across the tiles side by side)."""
+    order = [torch.argsort(tile * 1000 + patch) for tile, patch in rows]
+    rows = [(tile[o], patch[o]) for (tile, patch), o in zip(rows, order)]
+    return type(model)._signals(model, plan, hidden, captured, rows, first)
+
+
+def test_the_equality_suite_rejects_signals_in_the_wrong_order(llm, hf):
+    """A CLS reader scores each row with its own token's q/k: signals of another token (tile-major where the LLM
+    reads the wide image's two tiles row by row) keep another set."""
+    spec = "topk(keep=5)"
+    differ = 0
+    for seed in (60, 61, 62):
+        image = _image(seed, SIZES["wide"])
+
+        def install(model):
+            model._signals = lambda *args: _signals_tile_major(model, *args)
+
+        llm.apply_model(install)
+        try:
+            with recorded_keeps("topk") as keeps:
+                llm.generate([_request(PROMPT, [image], spec)], GREEDY)
+                _hf_run(*hf, PROMPT, [image], spec)
+        finally:
+            llm.apply_model(lambda model: model.__dict__.pop("_signals", None))
+        differ += not torch.equal(keeps[0].cpu(), keeps[1].cpu())
+    assert differ > 0
+
+
 BAD = [
     ("fastv", None, ["stage=llm", "divprune"]),
     ("cls_knee", None, ["before the image is encoded", "divprune"]),
@@ -260,3 +299,19 @@ def test_a_bad_spec_fails_its_request_only_and_the_engine_keeps_serving(llm, spe
                 finished[output.request_id] = output
     assert set(finished) == {"good-1", "good-2"}
     assert len(finished["good-2"].prompt_token_ids) - len(finished["good-1"].prompt_token_ids) == 20 - 4
+
+
+def test_checkpoints_the_plugin_cannot_prune_are_named(path):
+    """What the processor refuses a pruning spec on (naming why), before it reaches the model."""
+    from transformers import AutoConfig, SiglipVisionConfig
+
+    from tokprune.integrations.vllm_families.llava_next import unsupported
+
+    config = AutoConfig.from_pretrained(path)
+    assert unsupported(config) is None
+    config.vision_feature_select_strategy = "full"
+    assert "'full'" in unsupported(config)
+    config.vision_feature_select_strategy, config.vision_feature_layer = "default", [-2, -1]
+    assert "several tower layers" in unsupported(config)
+    config.vision_feature_layer, config.vision_config = -2, SiglipVisionConfig()
+    assert "SiglipVisionConfig" in unsupported(config)

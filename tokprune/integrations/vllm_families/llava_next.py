@@ -51,6 +51,21 @@ def packed_layout(merge: Callable[..., Tensor], config: Any, image_size: Sequenc
     return packed[:, 0].round().long()
 
 
+def unsupported(config: Any) -> str | None:
+    """Why tokprune cannot prune this LLaVA-NeXT checkpoint's images (None: it can): it runs what the
+    transformers adapter runs, a CLIP tower read at one layer with the CLS dropped from the features."""
+    if type(config.vision_config).__name__ != "CLIPVisionConfig":
+        return f"its vision tower is {type(config.vision_config).__name__}, and tokprune prunes through a CLIP tower"
+    if not isinstance(config.vision_feature_layer, int):
+        return f"it reads several tower layers ({config.vision_feature_layer}), and tokprune reads one"
+    if config.vision_feature_select_strategy != "default":
+        return (
+            f"its features keep the CLS (vision_feature_select_strategy={config.vision_feature_select_strategy!r}),"
+            " and tokprune prunes features without it ('default')"
+        )
+    return None
+
+
 def placeholder_count(plan: ServingPlan, layout: Tensor) -> int:
     """Tokens an image of ``layout`` (:func:`packed_layout`) brings the pruned LLM: its kept real tokens
     (the strategy's budget over them) and every newline."""
@@ -119,10 +134,11 @@ def classes(mixin: type, registry: Any) -> dict[str, type]:
                         f"tokprune spec {plan.spec!r}: {FAMILY} images given as embeddings cannot be pruned; send "
                         "the image itself, or {'tokprune': 'none'}"
                     )
-                if self.info.get_hf_config().vision_feature_select_strategy != "default":
+                why = unsupported(self.info.get_hf_config())
+                if why is not None:
                     raise ServingSpecError(
-                        f"tokprune spec {plan.spec!r}: tokprune prunes {FAMILY} checkpoints whose features drop the "
-                        "CLS (vision_feature_select_strategy='default') only; send {'tokprune': 'none'}"
+                        f"tokprune spec {plan.spec!r} cannot prune this {FAMILY} checkpoint's images: {why}; "
+                        "send {'tokprune': 'none'}"
                     )
                 layout = packed_layout(merge, self.info.get_hf_config(), sizes.data.tolist())
                 if layout.numel() != len(tokens):  # vLLM's count and its packing disagree: never guess
@@ -152,12 +168,7 @@ def classes(mixin: type, registry: Any) -> dict[str, type]:
             _check_engine_spec(vllm_config, "cls", FAMILY)
             super().__init__(vllm_config=vllm_config, prefix=prefix)
             vision = self.config.vision_config
-            # ours to run: a CLIP tower, one feature layer, its CLS dropped (the transformers adapter's case)
-            self._clip = (
-                isinstance(self.vision_tower, CLIPVisionModel)
-                and isinstance(self.config.vision_feature_layer, int)
-                and self.config.vision_feature_select_strategy == "default"
-            )
+            self._clip = isinstance(self.vision_tower, CLIPVisionModel) and unsupported(self.config) is None
             if self._clip and len(self.vision_tower.vision_model.encoder.layers) < vision.num_hidden_layers:
                 # vLLM builds the tower up to the feature layer; strategies may read any layer's signals
                 self.vision_tower = CLIPVisionModel(
@@ -178,9 +189,10 @@ def classes(mixin: type, registry: Any) -> dict[str, type]:
             specs = _decode_specs(field, count)
             if pixels is None or not self._clip:
                 if any(_field_plan(s).prunes_images for s in specs):
+                    # the processor refused these requests; reached only by a request it did not size
                     raise VllmPluginError(
-                        f"tokprune prunes {FAMILY} images given as pixels through a CLIP tower whose features drop "
-                        "the CLS ('default' select strategy) only"
+                        f"tokprune cannot prune these {FAMILY} images: "
+                        f"{unsupported(self.config) or 'they came as embeddings'}"
                     )
                 return self._process_image_input(inputs)
             # unpruned images too: vLLM's own path would run the whole tower built here, past the feature layer
