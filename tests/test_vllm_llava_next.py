@@ -2,8 +2,8 @@
 
 Install: the CPU recipe of docs/serving.md (CI leg ``v`` in .ci/run). One engine: the tiny random LLaVA-NeXT
 saved with its tokenizer and processor (16-px tiles of 2 x 2 patches; grids 16 x 32, 32 x 16, 32 x 32).
-Images of three shapes: wide and tall (1 x 2 and 2 x 1 tiles, unpadded to their aspect ratio) and square
-(2 x 2 tiles, nothing unpadded).
+Images of five shapes: wide and tall (1 x 2 and 2 x 1 tiles), square (2 x 2 tiles) and wide and tall ones whose
+2 x 2 tiles are unpadded to the image's aspect ratio (rows or columns of the tiles' grid dropped).
 
 Equality with ``tokprune.patch(model, spec, vision_positions="compact")`` (vLLM numbers the shorter prompt
 1-D): the keep masks the registered strategy returns (one row per image: base view and tiles, newlines
@@ -40,8 +40,11 @@ pytestmark = [
 PROMPT = "USER: <image>\nwhat is in the picture ? ASSISTANT:"
 TWO_IMAGES = "USER: <image>\n<image>\nwhich one is larger ? ASSISTANT:"
 GREEDY = vllm.SamplingParams(max_tokens=4, temperature=0.0, logprobs=5)
-#: (h, w): 1 x 2 tiles unpadded, 2 x 1 tiles unpadded, 2 x 2 tiles whole
-SIZES = {"wide": (14, 30), "tall": (30, 12), "square": (32, 32)}
+#: (h, w): 1 x 2 and 2 x 1 tiles, 2 x 2 tiles whole, and 2 x 2 tiles unpadded to the image's aspect ratio
+#: (the 4 x 4 patch grid cut to 2 rows or 2 columns: 4 + 8 tokens, not 4 + 16)
+SIZES = {"wide": (14, 30), "tall": (30, 12), "square": (32, 32), "wide-unpadded": (20, 32), "tall-unpadded": (32, 20)}
+#: each shape's real tokens (base view and tiles, newlines excluded): what a budget counts
+REAL = {"wide": 12, "tall": 12, "square": 20, "wide-unpadded": 12, "tall-unpadded": 12}
 
 
 def _image(seed: int, size: tuple[int, int]) -> Image.Image:
@@ -159,7 +162,7 @@ def test_a_pruned_image_equals_the_transformers_path(llm, hf, spec, shape):
     vllm_keep, hf_keep = keeps[0], keeps[1]  # vLLM ran first; the HF forward and generate follow
     assert vllm_keep.shape[0] == 1 and torch.equal(vllm_keep.cpu(), hf_keep.cpu())
     real, kept = hf_keep.shape[1], int(hf_keep.sum())  # the image's tokens without newlines, and those kept
-    assert kept < real
+    assert real == REAL[shape] and kept < real
     assert len(out.prompt_token_ids) == unpruned - real + kept  # shorter by exactly the pruned tokens
     assert list(out.outputs[0].token_ids) == want_tokens
     _assert_same_logprobs(_logprobs(out), want_logprobs)
@@ -179,7 +182,7 @@ def test_an_unpruned_image_equals_stock_transformers(llm, hf, shape):
 @pytest.mark.parametrize("spec", [None, "divprune(keep=4)", "vispruner(keep=5)"])
 def test_two_images_of_other_shapes_in_one_prompt_equal_the_transformers_path(llm, hf, spec):
     # the processor pads the wide image's passes to the square's: the plugin encodes each image's own
-    images = [_image(20, SIZES["wide"]), _image(21, SIZES["square"])]
+    images = [_image(20, SIZES["wide-unpadded"]), _image(21, SIZES["square"])]
     (out,) = llm.generate([_request(TWO_IMAGES, images, spec)], GREEDY)
     want_tokens, want_logprobs, unpruned = _hf_run(*hf, TWO_IMAGES, images, spec)
     if spec is not None:
@@ -226,7 +229,7 @@ def _newlines_at_the_end(model, features, layout, keep):
 )
 def test_the_equality_suite_rejects_wrong_variants(llm, hf, wrong, seed):
     # an image of its own per mutant: vLLM's encoder cache serves an image's rows again to the same spec
-    image = _image(seed, SIZES["wide"])
+    image = _image(seed, SIZES["wide-unpadded"])
     spec = "divprune(keep_ratio=0.5)"
     _, want_logprobs, _ = _hf_run(*hf, PROMPT, [image], spec)
 
@@ -240,7 +243,7 @@ def test_the_equality_suite_rejects_wrong_variants(llm, hf, wrong, seed):
         llm.apply_model(lambda model: model.__dict__.pop("_placed", None))
     with pytest.raises(AssertionError):
         _assert_same_logprobs(_logprobs(out), want_logprobs)
-    fresh = _image(seed + 100, SIZES["wide"])  # the plugin itself passes on an image the mutant never saw
+    fresh = _image(seed + 100, SIZES["wide-unpadded"])  # the plugin itself passes on an image the mutant never saw
     (right,) = llm.generate([_request(PROMPT, [fresh], spec)], GREEDY)
     _assert_same_logprobs(_logprobs(right), _hf_run(*hf, PROMPT, [fresh], spec)[1])
 
