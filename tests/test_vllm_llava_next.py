@@ -85,7 +85,22 @@ def path(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llm(path):
-    engine = vllm.LLM(
+    engine = _engine(path)
+    yield engine
+    del engine
+
+
+@pytest.fixture(scope="module")
+def engine_wide(path):
+    # module-scoped like every engine here: an in-process engine torn down mid-module takes vLLM's global
+    # parallel groups with it, and the engines still alive fail their next step
+    engine = _engine(path, mm_processor_kwargs={"tokprune": "vispruner(keep=5)"})
+    yield engine
+    del engine
+
+
+def _engine(path, **options):
+    return vllm.LLM(
         model=str(path),
         max_model_len=512,
         max_num_seqs=8,
@@ -96,9 +111,8 @@ def llm(path):
         kv_cache_memory_bytes=256 << 20,
         gpu_memory_utilization=0.05,
         enable_prefix_caching=False,  # a mutated rerun must not reuse the unmutated run's KV cache
+        **options,
     )
-    yield engine
-    del engine
 
 
 @pytest.fixture(scope="module")
@@ -202,6 +216,19 @@ def test_requests_in_one_batch_use_their_own_specs(llm):
         (solo,) = llm.generate([_request(PROMPT, [image], spec)], GREEDY)
         assert list(solo.outputs[0].token_ids) == list(together.outputs[0].token_ids)
         assert len(solo.prompt_token_ids) == len(together.prompt_token_ids)
+
+
+def test_an_engine_wide_spec_and_per_request_overrides(llm, engine_wide):
+    image = _image(32, SIZES["tall-unpadded"])
+    default, off, other = engine_wide.generate(
+        [_request(PROMPT, [image]), _request(PROMPT, [image], "none"), _request(PROMPT, [image], "divprune(keep=3)")],
+        GREEDY,
+    )
+    unpruned = len(off.prompt_token_ids)
+    assert [unpruned - len(o.prompt_token_ids) for o in (default, other)] == [12 - 5, 12 - 3]
+    (asked,) = llm.generate([_request(PROMPT, [image], "vispruner(keep=5)")], GREEDY)  # the same, per request
+    assert list(default.outputs[0].token_ids) == list(asked.outputs[0].token_ids)
+    _assert_same_logprobs(_logprobs(default), _logprobs(asked), tol=1e-6)
 
 
 def test_a_budget_above_the_tokens_keeps_every_token(llm):
