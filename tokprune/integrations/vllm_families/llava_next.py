@@ -32,6 +32,16 @@ from ..vllm_plugin import SPEC_FIELD, VllmPluginError, _check_engine_spec, _deco
 FAMILY = "LLaVA-NeXT"
 
 
+def tower_passes(config: Any, image_size: Sequence[int]) -> int:
+    """Tower passes of an image of ``image_size`` (h, w): its base view and its AnyRes tiles (vLLM's grid shape,
+    as its packing uses; unpadding may leave a tile no token, so the layout alone cannot tell)."""
+    from vllm.model_executor.models.llava_next import get_anyres_image_grid_shape
+
+    h, w = (int(x) for x in image_size)
+    rows, cols = get_anyres_image_grid_shape((h, w), config.image_grid_pinpoints, config.vision_config.image_size)
+    return 1 + rows * cols
+
+
 def packed_layout(merge: Callable[..., Tensor], config: Any, image_size: Sequence[int]) -> Tensor:
     """long ``[P]``: where each LLM token of an image of ``image_size`` (h, w) comes from, as an index among its
     ``T * n`` tile tokens (tile-major, CLS dropped; the base view is tile 0), -1 for a newline.
@@ -39,15 +49,12 @@ def packed_layout(merge: Callable[..., Tensor], config: Any, image_size: Sequenc
     ``merge``: vLLM's ``LlavaNextForConditionalGeneration._merge_image_patch_embeddings``, run on the indices
     themselves with a newline of -1, so the order is exactly the one vLLM feeds the unpruned LLM.
     """
-    from vllm.model_executor.models.llava_next import get_anyres_image_grid_shape
-
     vision = config.vision_config
-    h, w = (int(x) for x in image_size)
-    rows, cols = get_anyres_image_grid_shape((h, w), config.image_grid_pinpoints, vision.image_size)
+    passes = tower_passes(config, image_size)
     n = (vision.image_size // vision.patch_size) ** 2
-    index = torch.arange((1 + rows * cols) * n, dtype=torch.float64).view(1 + rows * cols, n, 1)
+    index = torch.arange(passes * n, dtype=torch.float64).view(passes, n, 1)
     holder = SimpleNamespace(config=config, image_newline=torch.full((1,), -1.0, dtype=torch.float64))
-    packed = merge(holder, torch.tensor([h, w]), index, strategy="spatial_unpad")
+    packed = merge(holder, torch.tensor([int(x) for x in image_size]), index, strategy="spatial_unpad")
     return packed[:, 0].round().long()
 
 
@@ -203,7 +210,7 @@ def classes(mixin: type, registry: Any) -> dict[str, type]:
             cfg = self.config.vision_config
             n = (cfg.image_size // cfg.patch_size) ** 2
             layouts = [packed_layout(merge, self.config, size) for size in sizes]
-            tiles = [int(lay.max()) // n + 1 for lay in layouts]  # the processor may pad an image's passes
+            tiles = [tower_passes(self.config, size) for size in sizes]  # the processor may pad an image's passes
             hidden, captured = self._tower(torch.cat([p[:t] for p, t in zip(pixels, tiles)]))
             first = torch.tensor([0, *tiles[:-1]]).cumsum(0).tolist()
             rows = [image_rows(lay, f, n) for lay, f in zip(layouts, first)]
