@@ -328,3 +328,27 @@ def test_every_vllm_piece_the_plugin_imports_is_in_pieces():
     missing = {p for p in imported if p not in listed and f"{p.split(':')[0]}.{p.split(':')[1]}" not in modules}
     assert not missing, f"vLLM pieces imported but not in PIECES: {sorted(missing)}"
     assert len(imported) >= 10
+
+
+def test_select_projected_returns_the_rows_the_step_projected_to_choose():
+    """DivPrune projects every token to choose: its kept rows come back projected from that one projection (a
+    server must not project them again); random projects nothing, so there is nothing to reuse."""
+    gen = torch.Generator().manual_seed(3)
+    linear = torch.nn.Linear(8, 6)
+    calls: list[tuple[int, ...]] = []
+
+    def project(x):
+        calls.append(tuple(x.shape))
+        return linear(x)
+
+    features = [torch.randn(12, 8, generator=gen), torch.randn(9, 8, generator=gen)]  # ragged
+    plan = serving_plan("divprune(keep=4)", "none")
+    with torch.no_grad():
+        keeps, projected = plan.select_projected(features, None, project)
+        assert calls == [(2, 12, 8)]  # once, on the padded batch
+        for f, keep, rows in zip(features, keeps, projected):
+            assert keep.sum() == 4 and torch.allclose(rows, linear(f)[keep], atol=1e-6)
+        assert [torch.equal(a, b) for a, b in zip(keeps, plan.select(features, project=linear))] == [True, True]
+        calls.clear()
+        keeps, projected = serving_plan("random(keep=4)", "none").select_projected(features, None, project)
+    assert calls == [] and projected == [None, None] and [int(k.sum()) for k in keeps] == [4, 4]

@@ -229,6 +229,31 @@ class ServingPlan:
         return [plan.keep[i, :n] for i, n in enumerate(lengths.tolist())]
 
 
+    def select_projected(
+        self,
+        features: Sequence[Tensor],
+        signals: Callable[[Tensor], VisionSignals] | None,
+        project: Callable[[Tensor], Tensor],
+        grid: tuple[int, int] | None = None,
+    ) -> tuple[list[Tensor], list[Tensor | None]]:
+        """:meth:`select` with the family's projector, also returning each image's kept rows projected
+        (``[K_i, D]``) where the step projected every token to choose (DivPrune, CDPruner:
+        :meth:`VisionContext.projected`), so that a server takes them from that projection instead of projecting
+        them again, as ``tokprune.patch`` and those methods' references do; None per image where it did not."""
+        projections: list[Tensor] = []
+
+        def recorded(x: Tensor) -> Tensor:
+            projections.append(project(x))
+            return projections[-1]
+
+        keeps = self.select(features, signals, grid=grid, project=recorded)
+        widest = max(f.shape[0] for f in features)
+        if len(projections) != 1 or projections[0].shape[:2] != (len(features), widest):
+            return keeps, [None] * len(keeps)
+        every = projections[0]
+        return keeps, [every[i, : f.shape[0]][keep.to(every.device)] for i, (f, keep) in enumerate(zip(features, keeps))]
+
+
 @functools.lru_cache(maxsize=256)
 def serving_plan(
     spec: str | None,

@@ -24,7 +24,9 @@ request asking for no pruning):
   DeepStack features riding on the same rows); LLaVA-1.5: positions are
   1-D and contiguous (vLLM numbers the prompt), as ``tokprune.patch(..., vision_positions="compact")``,
   which is ``tokprune.patch``'s default for divprune, cdpruner and vispruner (their references renumber);
-  topk and random default to ``keep`` there, which vLLM's 1-D numbering cannot express.
+  topk and random default to ``keep`` there, which vLLM's 1-D numbering cannot express. LLaVA-NeXT: the
+  same 1-D positions, each image pruned across its base view and AnyRes tiles (its real tokens after
+  unpadding; the newlines are kept, never candidates), as ``tokprune.patch``'s ``budget_scope="image"``.
 
 Videos (Qwen2.5-VL): the same per video, the spec riding as ``tokprune_video_spec``; the placeholder run is
 sized by :meth:`~tokprune.serving.ServingPlan.video_kept_counts` (a temporal step's own
@@ -33,16 +35,18 @@ plugin places every media item's kept rows on its own placeholders (vLLM's recom
 image-then-video prompt). Qwen3-VL videos are pruned per frame only (``tokprune_budget_scope="frame"``): each
 frame is its own run after its timestamp, sized before encoding, so every run is cut to the frame's budget and
 its kept rows placed at their stock offsets; a budget per video is refused naming that form
-(:meth:`~tokprune.serving.ServingPlan.check_video`). LLaVA takes no video.
+(:meth:`~tokprune.serving.ServingPlan.check_video`). The LLaVA families take no video.
 
-The strategy sees what the transformers adapter gives it: LLaVA-1.5's features before the projector with
-the projector as ``VisionContext.project`` (DivPrune and CDPruner select on the projected tokens by
-default), Qwen-VL's merged tokens (already the LLM's input; no projector). A server has no CLIP text tower:
+The strategy sees what the transformers adapter gives it: the LLaVA families' features before the projector
+with the projector as ``VisionContext.project`` (DivPrune and CDPruner select on the projected tokens by
+default, and their kept rows are taken from that projection: :meth:`~tokprune.serving.ServingPlan.select_projected`),
+Qwen-VL's merged tokens (already the LLM's input; no projector). A server has no CLIP text tower:
 CDPruner's default ``relevance=text`` runs its CLS-attention stand-in, logged once per spec
 (:meth:`~tokprune.serving.ServingPlan.stand_in`), as ``tokprune.patch`` without ``text_encoder`` does.
 
 Where vLLM is touched: this module (the entry point, the processor mixin, the spec fields) and one module per
-family (:mod:`.vllm_families.qwen2_5_vl`, :mod:`.vllm_families.qwen3_vl`, :mod:`.vllm_families.llava`), as
+family (:mod:`.vllm_families.qwen2_5_vl`, :mod:`.vllm_families.qwen3_vl`, :mod:`.vllm_families.llava`,
+:mod:`.vllm_families.llava_next`), as
 the transformers adapters keep one home per family; the M-RoPE placement the Qwen families share is
 :mod:`.vllm_families.mrope`. Every vLLM piece any of them uses is listed in :data:`PIECES`, so a vLLM release
 that moves something is found in one list; the deciding (spec, counts, kept rows) lives in
@@ -100,6 +104,7 @@ FAMILIES: dict[str, tuple[str, str, str]] = {
     "Qwen2_5_VLForConditionalGeneration": ("TokpruneQwen2_5_VL", "none", "Qwen2.5-VL"),
     "Qwen3VLForConditionalGeneration": ("TokpruneQwen3VL", "none", "Qwen3-VL"),
     "LlavaForConditionalGeneration": ("TokpruneLlava", "cls", "LLaVA-1.5"),
+    "LlavaNextForConditionalGeneration": ("TokpruneLlavaNext", "cls", "LLaVA-NeXT"),
 }
 
 #: ``module:attribute`` of every vLLM piece this module uses (checked by :func:`missing_pieces`).
@@ -119,6 +124,10 @@ PIECES: tuple[str, ...] = (
     "vllm.model_executor.models.llava:LlavaDummyInputsBuilder",
     "vllm.model_executor.models.llava:_build_llava_or_pixtral_hf_info",
     "vllm.model_executor.models.llava:_build_llava_or_pixtral_hf_processor",
+    "vllm.model_executor.models.llava_next:LlavaNextForConditionalGeneration",
+    "vllm.model_executor.models.llava_next:LlavaNextMultiModalProcessor",
+    "vllm.model_executor.models.llava_next:LlavaNextProcessingInfo",
+    "vllm.model_executor.models.llava_next:get_anyres_image_grid_shape",
     "vllm.model_executor.models.clip:CLIPVisionModel",
     "vllm.model_executor.models.utils:WeightsMapper",
     "vllm.multimodal:MULTIMODAL_REGISTRY",
@@ -276,7 +285,7 @@ def _video_field(plan: ServingPlan) -> str:
     return plan.spec if plan.scope == "image" else f"{plan.spec}{_SCOPE_SEPARATOR}{plan.scope}"
 
 
-def _field_plan(text: str, tower: str = "cls", family: str = "this model", video: VideoPruning = True) -> ServingPlan:
+def field_plan(text: str, tower: str = "cls", family: str = "this model", video: VideoPruning = True) -> ServingPlan:
     """The plan of one item's field (:func:`_video_field`; an image's is its spec)."""
     spec, _, scope = text.partition(_SCOPE_SEPARATOR)
     return serving_plan(spec, tower, family, video, scope or None)
@@ -288,7 +297,7 @@ def item_groups(specs: Sequence[str]) -> Iterator[tuple[ServingPlan, list[int]]]
     for i, spec in enumerate(specs):
         order.setdefault(spec, []).append(i)
     for spec, index in order.items():
-        yield _field_plan(spec), index  # validated for its family by the processor
+        yield field_plan(spec), index  # validated for its family by the processor
 
 
 # -- the family classes, built on first use (importing vLLM's model modules is slow) -------------------
@@ -376,7 +385,7 @@ def _classes() -> dict[str, type]:
                     item = _items[item_idx] if item_idx < len(_items) else {}
                     field = item.get(VIDEO_SPEC_FIELD if _video else SPEC_FIELD)
                     text = decode_specs(field.data if field is not None else None, 1)[0]
-                    plan = _field_plan(text, self.tokprune_tower, self.tokprune_family, self.tokprune_video)
+                    plan = field_plan(text, self.tokprune_tower, self.tokprune_family, self.tokprune_video)
                     if _video and plan.prunes:
                         return self.tokprune_video_tokens(tokens, plan, item)
                     if not _video and plan.prunes_images:
@@ -399,8 +408,8 @@ def _classes() -> dict[str, type]:
             return FrameLayout(torch.tensor([t]), torch.tensor([[h // merge, w // merge]]))
 
     classes: dict[str, type] = {}
-    from .vllm_families import llava, qwen2_5_vl, qwen3_vl
+    from .vllm_families import llava, llava_next, qwen2_5_vl, qwen3_vl
 
-    for family in (qwen2_5_vl, qwen3_vl, llava):
+    for family in (qwen2_5_vl, qwen3_vl, llava, llava_next):
         classes.update(family.classes(SpecProcessorMixin, MULTIMODAL_REGISTRY))
     return classes

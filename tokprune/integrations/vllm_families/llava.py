@@ -109,20 +109,14 @@ def classes(mixin: type, registry: Any) -> dict[str, type]:
 
                     return VisionSignals(fetch, cfg.num_hidden_layers, cfg.num_attention_heads, declared=declared)
 
-                projections: list[Tensor] = []
-
-                def project(x: Tensor, projections: list[Tensor] = projections) -> Tensor:
-                    projections.append(self.multi_modal_projector(x))
-                    return projections[-1]
-
                 # the projector per token: DivPrune/CDPruner select on the projected tokens (their reference)
-                chosen_by = plan.select([features[i] for i in index], signals, grid=(side, side), project=project)
-                whole = len(projections) == 1 and projections[0].shape[:2] == (len(index), features.shape[1])
-                every = projections[0] if whole else None
-                for j, (i, keep) in enumerate(zip(index, chosen_by)):
+                chosen_by, projected = plan.select_projected(
+                    [features[i] for i in index], signals, self.multi_modal_projector, grid=(side, side)
+                )
+                for i, keep, rows_out in zip(index, chosen_by, projected):
                     keeps[i] = keep
-                    if every is not None:  # projected to choose: the kept rows come from it, as in tokprune.patch
-                        done[i] = every[j][keep]
+                    if rows_out is not None:  # projected to choose: the kept rows come from it, as in tokprune.patch
+                        done[i] = rows_out
             return self._project_rest(features, keeps, done)
 
         def _project_rest(
