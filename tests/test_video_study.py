@@ -12,6 +12,7 @@ import torch
 from tokprune.ablation import runner
 from tokprune.ablation.config import ConfigError, load_config
 from tokprune.ablation.distributed import init as init_dist
+from tokprune.ablation.loading import TokenizerOnly
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "video.yaml"
 
@@ -55,7 +56,7 @@ def test_a_clip_session_feeds_the_model_what_it_was_trained_on(tmp_path):
     cfg = load_config(CONFIG, [f"output_dir={tmp_path}", "limit=24", "device=cpu", "batch_size=12"])
     session = runner.open_session(cfg, init_dist("cpu"), progress=False)
     assert type(session.model).__name__ == "Qwen2_5_VLForConditionalGeneration"
-    assert isinstance(session.processor, runner.TokenizerOnly)
+    assert isinstance(session.processor, TokenizerOnly)
     with pytest.raises(Exception, match="builds its own inputs"):
         session.processor(text=["x"])
     from tokprune.ablation.measure import GenerateTimer

@@ -218,7 +218,7 @@ def _context_length(model: Any) -> int | None:
 def model_inputs(model: Any, processor: Any, images: Sequence[PILImage], questions: Sequence[str]) -> dict[str, Tensor]:
     """The processor's left-padded batch for ``images`` and ``questions``, checked against the context."""
     processor.tokenizer.padding_side = "left"
-    from .ablation.runner import build_prompts  # the study's prompts: show draws what a study runs
+    from .ablation.loading import build_prompts  # the study's prompts: show draws what a study runs
 
     prompts = build_prompts(processor, questions)  # one image per prompt, nested (SmolVLM's processor needs it)
     inputs = processor(text=prompts, images=[[image] for image in images], return_tensors="pt", padding=True)

@@ -148,7 +148,7 @@ def test_output_dir_empty_string_on_the_command_line(tmp_path):
 
 
 def test_model_that_is_an_empty_folder_says_what_is_missing(tmp_path):
-    from tokprune.ablation.runner import resolve_model_path
+    from tokprune.ablation.loading import resolve_model_path
 
     with pytest.raises(ConfigError, match=r"config\.json.*model="):
         resolve_model_path(str(tmp_path))

@@ -203,7 +203,7 @@ def _prompt_lengths(processor: Any, samples: list[Any], questions: list[str]) ->
     On families whose image token count depends on the image's size this is an estimate."""
     if not samples:
         return []
-    from .runner import build_prompts  # the prompts the runner builds, measured the same way
+    from .loading import build_prompts  # the prompts the runner builds, measured the same way
 
     tok = getattr(processor, "tokenizer", processor)
     counts = [len(ids) for ids in tok(questions, add_special_tokens=False)["input_ids"]]

@@ -8,7 +8,6 @@ calibrated knob value, found again from ``calibration.json`` (see :mod:`.calibra
 
 from __future__ import annotations
 
-import platform
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -24,13 +23,15 @@ from ..errors import TokpruneError
 from . import plan as planning
 from . import preflight
 from .calibrate import Calibration, Calibrator, axis_value, search
-from .config import EMBEDDED_MODEL, AblationConfig, ConfigError, to_container, to_yaml, vision_positions_arg
+from .config import AblationConfig, ConfigError, to_container, to_yaml, vision_positions_arg
 from .datasets import Dataset, EvalSample, load_dataset
 from .distributed import Dist
 from .distributed import init as init_dist
+from .loading import build_prompts, load_model, model_fingerprint, resolve_device, resolve_model_path
 from .measure import GenerateTimer, PeakMemory, Timing
 from .metrics import run_metrics
 from .preflight import OutputError
+from .provenance import adapter_source, versions
 from .results import ROW_KEYS, append_result, load_results, run_key
 
 __all__ = ["OutputError", "RunOutcome", "Session", "run_ablation"]
@@ -48,96 +49,6 @@ class RunOutcome:
     skipped: int = 0  # runs found already recorded
     files: dict[str, Path] = field(default_factory=dict)
     reused: int = 0  # targets whose calibration landed on the run of an earlier target
-
-
-# ----------------------------------------------------------------------------------------- model loading
-
-
-def resolve_device(device: str, dist: Dist) -> torch.device:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device={device!r} but CUDA is not available; use device=cpu (or auto)")
-        if device == "cuda":
-            return torch.device("cuda", dist.local_rank if dist.active else torch.cuda.current_device())
-    return torch.device(device)
-
-
-def resolve_model_path(name: str) -> str:
-    """An embedded model's directory, or a local directory as given; never a download."""
-    path = Path(name).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ConfigError(
-                f"model={name!r} is a folder without config.json, so not a HF checkpoint; use model=<the folder "
-                f"holding config.json, the weights and the processor files> or model={EMBEDDED_MODEL}"
-            )
-        return str(path)
-    try:
-        from tokprune import models
-
-        embedded = models.path(name)
-    except (ImportError, AttributeError, KeyError) as exc:
-        raise ConfigError(
-            f"model {name!r} is neither a local directory nor an embedded model ({exc}); "
-            f"use model=<path to an HF checkpoint of a registered family (tokprune adapters)> or model={EMBEDDED_MODEL}"
-        ) from None
-    if not (embedded / "config.json").is_file():
-        raise ConfigError(f"embedded model {name!r} is not installed at {str(embedded)!r}; reinstall tokprune")
-    return str(embedded)
-
-
-def model_fingerprint(name: str) -> str:
-    """Hash of the checkpoint's config and weight files (sizes and sampled contents): a different model at
-    the same path is a different run (resume must not reuse its results)."""
-    from .fingerprint import checkpoint_fingerprint
-
-    return checkpoint_fingerprint(resolve_model_path(name))
-
-
-@dataclass
-class TokenizerOnly:
-    """The processor of a study whose dataset builds its own model inputs (``dataset.name=clips``): the
-    checkpoint's tokenizer. Qwen2.5-VL's full processor needs a video processor, and transformers' video
-    processors need torchvision, which a CPU stack may not be able to import."""
-
-    tokenizer: Any
-    chat_template: str | None = None
-
-    def batch_decode(self, *args: Any, **kwargs: Any) -> list[str]:
-        return self.tokenizer.batch_decode(*args, **kwargs)
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        raise TokpruneError("this study's dataset builds its own inputs (Dataset.inputs); the tokenizer is no processor")
-
-
-def load_model(cfg: AblationConfig, device: torch.device) -> tuple[Any, Any]:
-    """The checkpoint at ``model=`` of any registered family, and its processor (:mod:`tokprune.loading`)."""
-    from transformers import AutoTokenizer
-
-    from .. import loading
-    from ..errors import UnsupportedModelError
-
-    path = resolve_model_path(cfg.model)
-    dtype = "auto" if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
-    try:  # the model first: a checkpoint no family prunes is refused before its processor is read
-        model = loading.load_model(path, dtype=dtype, attn_implementation=cfg.attn_implementation)
-    except UnsupportedModelError as exc:
-        raise ConfigError(f"model={cfg.model!r}: {exc}") from None
-    own_inputs = cfg.dataset.name == "clips"  # see datasets.clip_inputs
-    processor = TokenizerOnly(AutoTokenizer.from_pretrained(path)) if own_inputs else loading.load_processor(path)
-    # Decoder-only batched generation needs left padding (llava-hf's default is right for training).
-    processor.tokenizer.padding_side = "left"
-    return model.to(device).eval(), processor
-
-
-def build_prompts(processor: Any, questions: Sequence[str]) -> list[str]:
-    """One image then the question, through the processor's chat template (each family's own placeholders);
-    LLaVA-1.5's ``USER: <image>\n... ASSISTANT:`` when the processor has none."""
-    from ..loading import chat_prompt
-
-    return [chat_prompt(processor, q, 1) for q in questions]
 
 
 # ------------------------------------------------------------------------------------------ evaluation
@@ -276,47 +187,6 @@ class Session:
 
 
 # ---------------------------------------------------------------------------------------- provenance
-
-
-def adapter_source(model: Any) -> dict[str, Any] | None:
-    """The adapter that patches ``model`` (or would) and the plugin it came from."""
-    from ..adapters import adapter_registry, handle_of, pick_adapter
-    from ..errors import UnsupportedModelError
-
-    handle = handle_of(model)
-    try:
-        cls = type(handle) if handle is not None else pick_adapter(model)
-    except UnsupportedModelError:
-        return None
-    for info in adapter_registry().values():
-        if info.cls is cls:
-            src = info.source
-            return {"name": cls.name, "plugin": src.name, "distribution": src.distribution, "version": src.version}
-    return {"name": cls.name, "plugin": None, "distribution": None, "version": None}
-
-
-def versions(pipeline: Any) -> dict[str, Any]:
-    """Versions of the stack and of every plugin that provided a strategy of ``pipeline``."""
-    from importlib.metadata import version
-
-    import transformers
-
-    from ..registry import registry
-
-    table = registry()
-    plugins = {}
-    for step in pipeline:
-        src = table[step.name].source
-        plugins[src.name] = {"distribution": src.distribution, "version": src.version, "strategies": []}
-    for step in pipeline:
-        plugins[table[step.name].source.name]["strategies"].append(step.name)
-    return {
-        "tokprune": version("tokprune"),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "plugins": plugins,
-    }
 
 
 def resolved_run_config(

@@ -33,8 +33,9 @@ import torch
 
 from ..ablation.config import AblationConfig, ConfigError
 from ..ablation.datasets import load_dataset
+from ..ablation.loading import build_prompts, resolve_model_path
 from ..ablation.measure import Timing
-from ..ablation.runner import Session, build_prompts, resolve_model_path
+from ..ablation.runner import Session
 from ..errors import TokpruneError
 from ..serving import ServingSpecError, servable_strategies, serving_plan
 from .vllm_plugin import FAMILIES, SPEC_KEY
