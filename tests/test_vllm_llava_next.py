@@ -23,12 +23,12 @@ import torch
 vllm = pytest.importorskip("vllm", reason="vLLM is not installed (docs/serving.md: the CPU recipe)")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: recorders see it
 
+from _vllm_kit import assert_same_logprobs, first_logprobs, recorded_keeps  # noqa: E402
 from PIL import Image  # noqa: E402
 from transformers import AutoModelForImageTextToText, AutoProcessor  # noqa: E402
 
 import tokprune  # noqa: E402
 from tokprune.integrations import vllm_plugin  # noqa: E402
-from tokprune.registry import describe  # noqa: E402
 from tokprune.testing.checkpoints import save_tiny_llava_next  # noqa: E402
 
 pytestmark = [
@@ -59,23 +59,6 @@ def _request(prompt, images, spec=None, scope=None):
     return request
 
 
-@contextlib.contextmanager
-def recorded_keeps(name):
-    """Every keep mask the registered strategy ``name`` returns, from either engine (both run here)."""
-    cls = describe(name).cls
-    original = cls.plan
-    seen = []
-
-    def plan(self, ctx):
-        out = original(self, ctx)
-        seen.append(out.keep.clone())
-        return out
-
-    cls.plan = plan
-    try:
-        yield seen
-    finally:
-        cls.plan = original
 
 
 @pytest.fixture(scope="module")
@@ -135,17 +118,6 @@ def _hf_run(model, processor, prompt, images, spec):
     return out[0, length:].tolist(), dict(zip(top.indices.tolist(), top.values.tolist())), length
 
 
-def _logprobs(output):
-    return {token: lp.logprob for token, lp in output.outputs[0].logprobs[0].items()}
-
-
-def _assert_same_logprobs(got, want, tol=2e-4):
-    common = set(got) & set(want)
-    assert len(common) >= 4, (got, want)
-    for token in common:
-        assert abs(got[token] - want[token]) < tol, (token, got, want)
-
-
 def test_llava_next_is_registered():
     assert vllm_plugin.FAMILIES["LlavaNextForConditionalGeneration"][0] == "TokpruneLlavaNext"
     assert vllm_plugin.missing_pieces() == []
@@ -179,7 +151,7 @@ def test_a_pruned_image_equals_the_transformers_path(llm, hf, spec, shape):
     assert real == REAL[shape] and kept < real
     assert len(out.prompt_token_ids) == unpruned - real + kept  # shorter by exactly the pruned tokens
     assert list(out.outputs[0].token_ids) == want_tokens
-    _assert_same_logprobs(_logprobs(out), want_logprobs)
+    assert_same_logprobs(first_logprobs(out), want_logprobs)
 
 
 @pytest.mark.parametrize("shape", list(SIZES))
@@ -190,7 +162,7 @@ def test_an_unpruned_image_equals_stock_transformers(llm, hf, shape):
         want_tokens, want_logprobs, unpruned = _hf_run(*hf, PROMPT, [image], None)
         assert len(out.prompt_token_ids) == unpruned
         assert list(out.outputs[0].token_ids) == want_tokens
-        _assert_same_logprobs(_logprobs(out), want_logprobs)
+        assert_same_logprobs(first_logprobs(out), want_logprobs)
 
 
 @pytest.mark.parametrize("spec", [None, "divprune(keep=4)", "vispruner(keep=5)"])
@@ -203,7 +175,7 @@ def test_two_images_of_other_shapes_in_one_prompt_equal_the_transformers_path(ll
         kept = int(spec.split("=")[1].rstrip(")"))
         assert len(out.prompt_token_ids) == unpruned - (12 - kept) - (20 - kept)
     assert list(out.outputs[0].token_ids) == want_tokens
-    _assert_same_logprobs(_logprobs(out), want_logprobs)
+    assert_same_logprobs(first_logprobs(out), want_logprobs)
 
 
 def test_requests_in_one_batch_use_their_own_specs(llm):
@@ -228,7 +200,7 @@ def test_an_engine_wide_spec_and_per_request_overrides(llm, engine_wide):
     assert [unpruned - len(o.prompt_token_ids) for o in (default, other)] == [12 - 5, 12 - 3]
     (asked,) = llm.generate([_request(PROMPT, [image], "vispruner(keep=5)")], GREEDY)  # the same, per request
     assert list(default.outputs[0].token_ids) == list(asked.outputs[0].token_ids)
-    _assert_same_logprobs(_logprobs(default), _logprobs(asked), tol=1e-6)
+    assert_same_logprobs(first_logprobs(default), first_logprobs(asked), tol=1e-6)
 
 
 def test_a_budget_above_the_tokens_keeps_every_token(llm):
@@ -272,10 +244,10 @@ def test_the_equality_suite_rejects_wrong_variants(llm, hf, wrong, seed):
     finally:
         llm.apply_model(lambda model: model.__dict__.pop("_placed", None))
     with pytest.raises(AssertionError):
-        _assert_same_logprobs(_logprobs(out), want_logprobs)
+        assert_same_logprobs(first_logprobs(out), want_logprobs)
     fresh = _image(seed + 100, SIZES["wide-unpadded"])  # the plugin itself passes on an image the mutant never saw
     (right,) = llm.generate([_request(PROMPT, [fresh], spec)], GREEDY)
-    _assert_same_logprobs(_logprobs(right), _hf_run(*hf, PROMPT, [fresh], spec)[1])
+    assert_same_logprobs(first_logprobs(right), _hf_run(*hf, PROMPT, [fresh], spec)[1])
 
 
 def _signals_tile_major(model, plan, hidden, captured, rows, first):

@@ -23,6 +23,7 @@ import torch
 vllm = pytest.importorskip("vllm", reason="vLLM is not installed (docs/serving.md: the CPU recipe)")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: recorders see it
 
+from _vllm_kit import assert_same_logprobs, first_logprobs, recorded_keeps  # noqa: E402
 from PIL import Image  # noqa: E402
 from transformers import AutoModelForImageTextToText, AutoProcessor  # noqa: E402
 
@@ -81,23 +82,6 @@ def _request(prompt, images, spec=None):
 GREEDY = vllm.SamplingParams(max_tokens=4, temperature=0.0, logprobs=5)
 
 
-@contextlib.contextmanager
-def recorded_keeps(name):
-    """Every keep mask the registered strategy ``name`` returns, from either engine (both run here)."""
-    cls = describe(name).cls
-    original = cls.plan
-    seen = []
-
-    def plan(self, ctx):
-        out = original(self, ctx)
-        seen.append(out.keep.clone())
-        return out
-
-    cls.plan = plan
-    try:
-        yield seen
-    finally:
-        cls.plan = original
 
 
 @pytest.fixture(scope="module")
@@ -128,18 +112,6 @@ def _hf_run(model, processor, prompt, images, spec, **options):
         out = model.generate(**inputs, max_new_tokens=GREEDY.max_tokens, do_sample=False)
     top = torch.log_softmax(logits.double(), -1).topk(5)
     return out[0, inputs["input_ids"].shape[1] :].tolist(), dict(zip(top.indices.tolist(), top.values.tolist()))
-
-
-def _vllm_logprobs(output):
-    first = output.outputs[0].logprobs[0]
-    return {token: lp.logprob for token, lp in first.items()}
-
-
-def _assert_same_logprobs(got, want, tol=2e-4):
-    common = set(got) & set(want)
-    assert len(common) >= 4, (got, want)
-    for token in common:
-        assert abs(got[token] - want[token]) < tol, (token, got, want)
 
 
 # -- Qwen2.5-VL, per-request specs ---------------------------------------------------------------------
@@ -182,7 +154,7 @@ def test_qwen_equals_the_transformers_path(qwen, qwen_hf, spec):
     assert torch.equal(vllm_keep.cpu(), hf_keep.cpu())
     assert len(out.prompt_token_ids) == 43 - 16 + int(hf_keep.sum())  # shrinks by exactly the pruned tokens
     assert list(out.outputs[0].token_ids) == want_tokens
-    _assert_same_logprobs(_vllm_logprobs(out), want_logprobs)
+    assert_same_logprobs(first_logprobs(out), want_logprobs)
 
 
 def test_qwen_unpruned_equals_stock_transformers(qwen, qwen_hf):
@@ -190,7 +162,7 @@ def test_qwen_unpruned_equals_stock_transformers(qwen, qwen_hf):
     (out,) = qwen.generate([_request(QWEN_PROMPT, [image])], GREEDY)
     want_tokens, want_logprobs = _hf_run(*qwen_hf, QWEN_PROMPT, [image], None)
     assert list(out.outputs[0].token_ids) == want_tokens
-    _assert_same_logprobs(_vllm_logprobs(out), want_logprobs)
+    assert_same_logprobs(first_logprobs(out), want_logprobs)
 
 
 def _shift_kept(model, grid, t_factor=1.0):
@@ -226,7 +198,7 @@ def test_the_equality_suite_rejects_wrong_variants(qwen, qwen_hf, attribute, wro
     finally:
         qwen.apply_model(lambda model: model.__dict__.pop(attribute, None))
     with pytest.raises(AssertionError):
-        _assert_same_logprobs(_vllm_logprobs(out), want_logprobs)
+        assert_same_logprobs(first_logprobs(out), want_logprobs)
 
 
 def test_qwen_requests_in_one_batch_use_their_own_specs(qwen):
@@ -257,7 +229,7 @@ def test_qwen_two_images_equal_the_transformers_path(qwen, qwen_hf, spec):
     (out,) = qwen.generate([_request(QWEN_TWO_IMAGES, images, spec)], GREEDY)
     want_tokens, want_logprobs = _hf_run(*qwen_hf, QWEN_TWO_IMAGES, images, spec)
     assert list(out.outputs[0].token_ids) == want_tokens
-    _assert_same_logprobs(_vllm_logprobs(out), want_logprobs)
+    assert_same_logprobs(first_logprobs(out), want_logprobs)
 
 
 def test_qwen_a_request_without_an_image_runs_with_a_spec(qwen):
@@ -354,7 +326,7 @@ def test_llava_equals_the_transformers_path_on_the_benchmark(llava, llava_hf, sp
             want_tokens, want_logprobs = _hf_run(*llava_hf, prompt, [sample.image], spec, **options)
         assert torch.equal(keeps[0].cpu(), keeps[1].cpu())
         assert list(out.outputs[0].token_ids) == want_tokens
-        _assert_same_logprobs(_vllm_logprobs(out), want_logprobs)
+        assert_same_logprobs(first_logprobs(out), want_logprobs)
 
 
 @pytest.mark.parametrize("spec", ["divprune(keep=30)", "cdpruner(keep=20)"])
@@ -404,7 +376,7 @@ def test_tiny_random_llava_reads_the_layer_vllm_would_not_build(tiny_llava):
             want_tokens, want_logprobs = _hf_run(*hf, prompt, [image], "topk(keep=5)", vision_positions="compact")
         assert torch.equal(keeps[0].cpu(), keeps[1].cpu())
         assert list(out.outputs[0].token_ids) == want_tokens
-        _assert_same_logprobs(_vllm_logprobs(out), want_logprobs)
+        assert_same_logprobs(first_logprobs(out), want_logprobs)
 
 
 @pytest.mark.parametrize("keep_ratio", [0.25, 0.5])
@@ -469,7 +441,7 @@ def test_qwen3_equals_the_transformers_path(qwen3, qwen3_hf, spec, size):
         full = size[0] * size[1] // 64
         assert len(out.prompt_token_ids) == 43 - 16 + full - (full - int(keeps[0].sum()))
     assert list(out.outputs[0].token_ids) == want_tokens
-    _assert_same_logprobs(_vllm_logprobs(out), want_logprobs)
+    assert_same_logprobs(first_logprobs(out), want_logprobs)
 
 
 def test_qwen3_two_images_one_pruned_prompt(qwen3, qwen3_hf):
@@ -477,7 +449,7 @@ def test_qwen3_two_images_one_pruned_prompt(qwen3, qwen3_hf):
     (out,) = qwen3.generate([_request(QWEN_TWO_IMAGES, images, "divprune(keep=6)")], GREEDY)
     want_tokens, want_logprobs = _hf_run(*qwen3_hf, QWEN_TWO_IMAGES, images, "divprune(keep=6)")
     assert list(out.outputs[0].token_ids) == want_tokens
-    _assert_same_logprobs(_vllm_logprobs(out), want_logprobs)
+    assert_same_logprobs(first_logprobs(out), want_logprobs)
 
 
 def _projected_tokens(llm) -> list[int]:

@@ -20,10 +20,10 @@ import torch
 vllm = pytest.importorskip("vllm", reason="vLLM is not installed (docs/serving.md: the CPU recipe)")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: recorders see it
 
+from _vllm_kit import assert_same_logprobs, first_logprobs, recorded_keeps  # noqa: E402
 from transformers import AutoModelForImageTextToText, AutoProcessor  # noqa: E402
 
 import tokprune  # noqa: E402
-from tokprune.registry import describe  # noqa: E402
 from tokprune.testing.checkpoints import save_tiny_qwen2_5_vl  # noqa: E402
 
 pytestmark = [
@@ -70,23 +70,6 @@ def _request(prompt, video, spec=None, image=None):
     return request
 
 
-@contextlib.contextmanager
-def recorded_keeps(name):
-    """Every keep mask the registered strategy ``name`` returns, from either engine (both run here)."""
-    cls = describe(name).cls
-    original = cls.plan
-    seen = []
-
-    def plan(self, ctx):
-        out = original(self, ctx)
-        seen.append(out.keep.clone())
-        return out
-
-    cls.plan = plan
-    try:
-        yield seen
-    finally:
-        cls.plan = original
 
 
 @pytest.fixture(scope="module")
@@ -152,17 +135,6 @@ def _hf_run(model, processor, prompt, video, spec, image=None, budget_scope="ima
     return out[0, length:].tolist(), dict(zip(top.indices.tolist(), top.values.tolist())), length
 
 
-def _logprobs(output):
-    return {token: lp.logprob for token, lp in output.outputs[0].logprobs[0].items()}
-
-
-def _assert_same_logprobs(got, want, tol=2e-4):
-    common = set(got) & set(want)
-    assert len(common) >= 4, (got, want)
-    for token in common:
-        assert abs(got[token] - want[token]) < tol, (token, got, want)
-
-
 SPECS = ["evs(keep_ratio=0.5)", "evs(keep=20)", "vidcom2(keep_ratio=0.4, reconcile=true)", "divprune(keep_ratio=0.5)"]
 
 
@@ -178,7 +150,7 @@ def test_a_pruned_video_equals_the_transformers_path(qwen, qwen_hf, spec):
     assert len(out.prompt_token_ids) == unpruned - 32 + int(hf_keep.sum())  # shrinks by exactly the pruned
     assert int(hf_keep.sum()) < 32
     assert list(out.outputs[0].token_ids) == want_tokens
-    _assert_same_logprobs(_logprobs(out), want_logprobs)
+    assert_same_logprobs(first_logprobs(out), want_logprobs)
 
 
 @pytest.mark.parametrize(("spec", "per_frame"), [("divprune(keep_ratio=0.5)", 4), ("divprune(keep=3)", 3)])
@@ -196,7 +168,7 @@ def test_a_video_budgeted_per_frame_equals_the_transformers_path(qwen, qwen_hf, 
     assert (hf_keep.sum(dim=1) == per_frame).all()
     assert len(out.prompt_token_ids) == unpruned - 32 + 4 * per_frame
     assert list(out.outputs[0].token_ids) == want_tokens
-    _assert_same_logprobs(_logprobs(out), want_logprobs)
+    assert_same_logprobs(first_logprobs(out), want_logprobs)
     # the same spec per video keeps another layout (3 tokens in all, not 3 per frame): the scope is honoured
     if spec == "divprune(keep=3)":
         (whole,) = qwen.generate([_request(VIDEO_PROMPT, video, spec)], GREEDY)
@@ -209,7 +181,7 @@ def test_an_unpruned_video_equals_stock_transformers(qwen, qwen_hf):
     want_tokens, want_logprobs, unpruned = _hf_run(*qwen_hf, VIDEO_PROMPT, video, None)
     assert len(out.prompt_token_ids) == unpruned
     assert list(out.outputs[0].token_ids) == want_tokens
-    _assert_same_logprobs(_logprobs(out), want_logprobs)
+    assert_same_logprobs(first_logprobs(out), want_logprobs)
 
 
 def test_evs_leaves_the_image_of_the_prompt_whole(qwen, qwen_hf):
@@ -222,7 +194,7 @@ def test_evs_leaves_the_image_of_the_prompt_whole(qwen, qwen_hf):
     want_tokens, want_logprobs, unpruned = _hf_run(*qwen_hf, IMAGE_AND_VIDEO, video, spec, image)
     assert len(out.prompt_token_ids) == unpruned - 16  # the video's 32 tokens to 16, the image whole
     assert list(out.outputs[0].token_ids) == want_tokens
-    _assert_same_logprobs(_logprobs(out), want_logprobs)
+    assert_same_logprobs(first_logprobs(out), want_logprobs)
 
 
 def test_requests_in_one_batch_use_their_own_specs(qwen):
@@ -265,7 +237,7 @@ def test_the_equality_suite_rejects_wrong_variants(qwen, qwen_hf, wrong):
     finally:
         qwen.apply_model(lambda model: model.__dict__.pop("_prune_videos", None))
     with pytest.raises(AssertionError):
-        _assert_same_logprobs(_logprobs(out), want_logprobs)
+        assert_same_logprobs(first_logprobs(out), want_logprobs)
 
 
 def test_the_equality_suite_rejects_vllms_own_position_recompute(qwen, qwen_hf):
@@ -289,7 +261,7 @@ def test_the_equality_suite_rejects_vllms_own_position_recompute(qwen, qwen_hf):
     finally:
         qwen.apply_model(lambda model: model.__dict__.pop("recompute_mrope_positions", None))
     with pytest.raises(AssertionError):
-        _assert_same_logprobs(_logprobs(out), want_logprobs)
+        assert_same_logprobs(first_logprobs(out), want_logprobs)
 
 
 BAD = [
@@ -392,7 +364,7 @@ def test_qwen3_an_unpruned_video_equals_stock_transformers(qwen3, qwen3_hf):
     want_tokens, want_logprobs, unpruned = _hf_run(*qwen3_hf, VIDEO_PROMPT, video, None)
     assert len(out.prompt_token_ids) == unpruned
     assert list(out.outputs[0].token_ids) == want_tokens
-    _assert_same_logprobs(_logprobs(out), want_logprobs)
+    assert_same_logprobs(first_logprobs(out), want_logprobs)
 
 
 def test_qwen3_an_image_and_a_video_unpruned_equal_stock_transformers(qwen3, qwen3_hf):
@@ -401,7 +373,7 @@ def test_qwen3_an_image_and_a_video_unpruned_equal_stock_transformers(qwen3, qwe
     want_tokens, want_logprobs, unpruned = _hf_run(*qwen3_hf, IMAGE_AND_VIDEO, video, None, image)
     assert len(out.prompt_token_ids) == unpruned
     assert list(out.outputs[0].token_ids) == want_tokens
-    _assert_same_logprobs(_logprobs(out), want_logprobs)
+    assert_same_logprobs(first_logprobs(out), want_logprobs)
 
 
 def test_qwen3_the_video_suite_rejects_frames_placed_at_their_frame_index(qwen3, qwen3_hf):
@@ -425,7 +397,7 @@ def test_qwen3_the_video_suite_rejects_frames_placed_at_their_frame_index(qwen3,
     finally:
         qwen3.apply_model(lambda model: model.__dict__.pop("_with_frame_offsets", None))
     with pytest.raises(AssertionError):
-        _assert_same_logprobs(_logprobs(out), want_logprobs)
+        assert_same_logprobs(first_logprobs(out), want_logprobs)
 
 
 QWEN3_VIDEO_SPECS = [
@@ -496,7 +468,7 @@ def test_qwen3_a_video_pruned_per_frame_equals_the_transformers_path(qwen3, qwen
     assert (hf_keep.sum(dim=1) == per_frame).all()
     assert len(out.prompt_token_ids) == unpruned - 32 + 4 * per_frame  # shrinks by exactly the pruned
     assert list(out.outputs[0].token_ids) == want_tokens
-    _assert_same_logprobs(_logprobs(out), want_logprobs)
+    assert_same_logprobs(first_logprobs(out), want_logprobs)
 
 
 def test_qwen3_an_image_and_a_video_pruned_per_frame_equal_the_transformers_path(qwen3, qwen3_hf):
@@ -509,7 +481,7 @@ def test_qwen3_an_image_and_a_video_pruned_per_frame_equal_the_transformers_path
     assert len(out.prompt_token_ids) == unpruned - (16 - 5) - 4 * (8 - 5)  # the image and every frame
     assert [k.sum(dim=1).tolist() for k in keeps[:2]] == [[5], [5, 5, 5, 5]]  # vLLM: the image, then the frames
     assert list(out.outputs[0].token_ids) == want_tokens
-    _assert_same_logprobs(_logprobs(out), want_logprobs)
+    assert_same_logprobs(first_logprobs(out), want_logprobs)
 
 
 def _first_rows_per_frame(model, embeds, grids, specs):
@@ -549,4 +521,4 @@ def test_qwen3_the_per_frame_suite_rejects_wrong_variants(qwen3, qwen3_hf, wrong
     finally:
         qwen3.apply_model(lambda model: model.__dict__.pop(wrong, None))
     with pytest.raises(AssertionError):
-        _assert_same_logprobs(_logprobs(out), want_logprobs)
+        assert_same_logprobs(first_logprobs(out), want_logprobs)

@@ -4,21 +4,19 @@ positions numbered by vLLM over the shorter prompt.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..vllm_plugin import SPEC_FIELD, VllmPluginError, check_engine_spec, decode_specs, item_groups
+from .clip import full_depth, tower_names, tower_states
 
 
 def classes(mixin: type, registry: Any) -> dict[str, type]:
     """vLLM's LLaVA-1.5 processor and model, subclassed (``mixin``: the spec processor mixin of
     :mod:`tokprune.integrations.vllm_plugin`; the processor registered in ``registry``)."""
     from vllm.model_executor.models import llava
-    from vllm.model_executor.models.clip import CLIPVisionModel
-    from vllm.model_executor.models.utils import WeightsMapper
 
     from ...strategy import Signal, VisionSignals
 
@@ -42,24 +40,12 @@ def classes(mixin: type, registry: Any) -> dict[str, type]:
         """
 
         tokprune_prunes = False  # 1-D positions: vLLM numbers the shorter prompt itself
-        hf_to_vllm_mapper = llava.LlavaForConditionalGeneration.hf_to_vllm_mapper | WeightsMapper(
-            orig_to_new_regex={re.compile(r"^(model\.)?vision_tower\.(?!vision_model\.)"): "vision_tower.vision_model."}
-        )
+        hf_to_vllm_mapper = tower_names(llava.LlavaForConditionalGeneration.hf_to_vllm_mapper)
 
         def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
             check_engine_spec(vllm_config, "cls", "LLaVA-1.5")
             super().__init__(vllm_config=vllm_config, prefix=prefix)
-            vision = self.config.vision_config
-            self._clip = isinstance(self.vision_tower, CLIPVisionModel)
-            if self._clip and len(self.vision_tower.vision_model.encoder.layers) < vision.num_hidden_layers:
-                # vLLM builds the tower up to the feature layer; strategies may read any layer's signals
-                self.vision_tower = CLIPVisionModel(
-                    vision,
-                    quant_config=getattr(self, "quant_config", None),
-                    num_hidden_layers_override=vision.num_hidden_layers,
-                    require_post_norm=False,
-                    prefix=tower_prefix(prefix),
-                )
+            self._clip = full_depth(self, prefix)
 
         def embed_multimodal(self, **kwargs: object) -> Any:
             field = kwargs.pop(SPEC_FIELD, None)
@@ -73,21 +59,8 @@ def classes(mixin: type, registry: Any) -> dict[str, type]:
             return self._pruned_images(inputs["pixel_values"], field)
 
         def _pruned_images(self, pixel_values: Any, field: Any) -> tuple[Tensor, ...]:
-            vit = self.vision_tower.vision_model
             pixels = pixel_values if isinstance(pixel_values, Tensor) else torch.stack(list(pixel_values))
-            captured: dict[int, Tensor] = {}
-            hooks = [
-                layer.self_attn.qkv_proj.register_forward_hook(
-                    lambda _m, _i, out, i=i: captured.__setitem__(i, out[0] if isinstance(out, tuple) else out)
-                )
-                for i, layer in enumerate(vit.encoder.layers)
-            ]
-            try:
-                x = vit.pre_layrnorm(vit.embeddings(pixels.to(self.vision_tower.dtype)))
-                hidden = vit.encoder(inputs_embeds=x, return_all_hidden_states=True)
-            finally:
-                for h in hooks:
-                    h.remove()
+            hidden, captured = tower_states(self.vision_tower, pixels)
             features = hidden[self.config.vision_feature_layer][:, 1:]  # "default": CLS dropped
             cfg = self.config.vision_config
             side = cfg.image_size // cfg.patch_size
@@ -132,7 +105,3 @@ def classes(mixin: type, registry: Any) -> dict[str, type]:
             return tuple(done[i] for i in range(features.shape[0]))
 
     return {"TokpruneLlava": TokpruneLlava, "TokpruneLlavaProcessor": TokpruneLlavaProcessor}
-
-
-def tower_prefix(prefix: str) -> str:
-    return f"{prefix}.vision_tower" if prefix else "vision_tower"

@@ -17,7 +17,6 @@ indices (:func:`packed_layout`), as the transformers adapter runs transformers' 
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping, Sequence
 from types import SimpleNamespace
 from typing import Any
@@ -28,6 +27,7 @@ from torch import Tensor
 from ...serving import ServingPlan, ServingSpecError
 from ...strategy import Signal, VisionSignals
 from ..vllm_plugin import SPEC_FIELD, VllmPluginError, check_engine_spec, decode_specs, field_plan, item_groups
+from .clip import full_depth, tower_names, tower_states
 
 FAMILY = "LLaVA-NeXT"
 
@@ -99,13 +99,11 @@ def classes(mixin: type, registry: Any) -> dict[str, type]:
     """The LLaVA-NeXT processor and model classes, built on ``mixin`` (the plugin's ``SpecProcessorMixin``) and
     registered with vLLM's multimodal ``registry``."""
     from vllm.model_executor.models import llava
-    from vllm.model_executor.models.clip import CLIPVisionModel
     from vllm.model_executor.models.llava_next import (
         LlavaNextForConditionalGeneration,
         LlavaNextMultiModalProcessor,
         LlavaNextProcessingInfo,
     )
-    from vllm.model_executor.models.utils import WeightsMapper
 
     merge = LlavaNextForConditionalGeneration._merge_image_patch_embeddings
 
@@ -167,24 +165,12 @@ def classes(mixin: type, registry: Any) -> dict[str, type]:
         """
 
         tokprune_prunes = False  # 1-D positions: vLLM numbers the shorter prompt itself
-        hf_to_vllm_mapper = LlavaNextForConditionalGeneration.hf_to_vllm_mapper | WeightsMapper(
-            orig_to_new_regex={re.compile(r"^(model\.)?vision_tower\.(?!vision_model\.)"): "vision_tower.vision_model."}
-        )
+        hf_to_vllm_mapper = tower_names(LlavaNextForConditionalGeneration.hf_to_vllm_mapper)
 
         def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
             check_engine_spec(vllm_config, "cls", FAMILY)
             super().__init__(vllm_config=vllm_config, prefix=prefix)
-            vision = self.config.vision_config
-            self._clip = isinstance(self.vision_tower, CLIPVisionModel) and unsupported(self.config) is None
-            if self._clip and len(self.vision_tower.vision_model.encoder.layers) < vision.num_hidden_layers:
-                # vLLM builds the tower up to the feature layer; strategies may read any layer's signals
-                self.vision_tower = CLIPVisionModel(
-                    vision,
-                    quant_config=getattr(self, "quant_config", None),
-                    num_hidden_layers_override=vision.num_hidden_layers,
-                    require_post_norm=False,
-                    prefix=f"{prefix}.vision_tower" if prefix else "vision_tower",
-                )
+            self._clip = unsupported(self.config) is None and full_depth(self, prefix)
 
         def embed_multimodal(self, **kwargs: object) -> Any:
             field = kwargs.pop(SPEC_FIELD, None)
@@ -211,7 +197,7 @@ def classes(mixin: type, registry: Any) -> dict[str, type]:
             n = (cfg.image_size // cfg.patch_size) ** 2
             layouts = [packed_layout(merge, self.config, size) for size in sizes]
             tiles = [tower_passes(self.config, size) for size in sizes]  # the processor may pad an image's passes
-            hidden, captured = self._tower(torch.cat([p[:t] for p, t in zip(pixels, tiles)]))
+            hidden, captured = tower_states(self.vision_tower, torch.cat([p[:t] for p, t in zip(pixels, tiles)]))
             first = torch.tensor([0, *tiles[:-1]]).cumsum(0).tolist()
             rows = [image_rows(lay, f, n) for lay, f in zip(layouts, first)]
             states = hidden[self.config.vision_feature_layer]  # [T, 1+n, C]
@@ -228,25 +214,6 @@ def classes(mixin: type, registry: Any) -> dict[str, type]:
                     for i, keep, rows_out in zip(index, chosen, projected):
                         keeps[i], done[i] = keep, rows_out
             return [self._placed(f, lay, k, d) for f, lay, k, d in zip(features, layouts, keeps, done)]
-
-        def _tower(self, pixels: Tensor) -> tuple[list[Tensor], dict[int, Tensor]]:
-            """Every layer's hidden states ``[T, 1+n, C]`` (index 0: the embeddings) and every layer's q/k/v
-            projection ``[T, 1+n, 3C]`` of the stacked passes ``pixels``."""
-            vit = self.vision_tower.vision_model
-            captured: dict[int, Tensor] = {}
-            hooks = [
-                layer.self_attn.qkv_proj.register_forward_hook(
-                    lambda _m, _i, out, i=i: captured.__setitem__(i, out[0] if isinstance(out, tuple) else out)
-                )
-                for i, layer in enumerate(vit.encoder.layers)
-            ]
-            try:
-                x = vit.pre_layrnorm(vit.embeddings(pixels.to(self.vision_tower.dtype)))
-                hidden = vit.encoder(inputs_embeds=x, return_all_hidden_states=True)
-            finally:
-                for h in hooks:
-                    h.remove()
-            return hidden, captured
 
         def _signals(
             self,
