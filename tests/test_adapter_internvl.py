@@ -11,6 +11,7 @@ from typing import ClassVar
 
 import pytest
 import torch
+from _flops import macs as _macs
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -271,20 +272,6 @@ def test_video_frames_and_several_images_are_rows_in_prompt_order(case):
 
 
 # -- the FLOP model against a brute-force count ------------------------------------------------------------
-
-
-def _macs(counter: FlopCounterMode, prefix: str) -> int:
-    """Multiply-accumulates the modules under ``prefix`` ran (each op once, at its outermost module),
-    convolutions (the patch embedding, left out of the FLOP model on purpose) excluded."""
-    counts = counter.get_flop_counts()
-    total = 0
-    for name, ops in counts.items():
-        if name == prefix or name.startswith(prefix + "."):
-            if any(other != name and name.startswith(other + ".") and other.startswith(prefix) for other in counts):
-                continue  # a child of a module already summed
-            total += sum(v for op, v in ops.items() if "convolution" not in str(op))
-    assert total % 2 == 0  # FlopCounterMode counts 2 FLOPs per multiply-accumulate
-    return total // 2
 
 
 def _counted(counter: FlopCounterMode, model: nn.Module) -> int:

@@ -352,3 +352,14 @@ def test_select_projected_returns_the_rows_the_step_projected_to_choose():
         calls.clear()
         keeps, projected = serving_plan("random(keep=4)", "none").select_projected(features, None, project)
     assert calls == [] and projected == [None, None] and [int(k.sum()) for k in keeps] == [4, 4]
+
+
+def test_select_frames_makes_every_frame_a_row_with_its_own_budget():
+    gen = torch.Generator().manual_seed(5)
+    videos = [torch.randn(4 * 8, 6, generator=gen), torch.randn(2 * 9, 6, generator=gen)]
+    plan = serving_plan("divprune(keep=3)", "none", "Qwen2.5-VL", True, "frame")
+    keeps = plan.select_frames(videos, [4, 2])
+    assert [k.shape[0] for k in keeps] == [32, 18]
+    assert keeps[0].view(4, 8).sum(dim=1).tolist() == [3] * 4 and keeps[1].view(2, 9).sum(dim=1).tolist() == [3, 3]
+    rows = plan.select([*videos[0].split(8), *videos[1].split(9)])  # the frames as rows, in order
+    assert torch.equal(keeps[0], torch.cat(rows[:4])) and torch.equal(keeps[1], torch.cat(rows[4:]))

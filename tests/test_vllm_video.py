@@ -486,13 +486,12 @@ def test_qwen3_an_image_and_a_video_pruned_per_frame_equal_the_transformers_path
 
 def _first_rows_per_frame(model, embeds, grids, specs):
     """Wrong: each frame keeps its first rows, whatever the strategy chose (the count still matches)."""
-    keeps = type(model)._prune_frames(model, embeds, grids, specs)
     out = []
-    for keep in keeps:
-        frames = keep.view(-1, keep.numel() // keep.view(4, -1).shape[0]) if keep is not None else None
-        if frames is None:
+    for keep, grid in zip(type(model)._prune_frames(model, embeds, grids, specs), grids):
+        if keep is None:
             out.append(None)
             continue
+        frames = keep.view(int(grid[0]), -1)
         first = torch.zeros_like(frames)
         first[:, : int(frames[0].sum())] = True
         out.append(first.flatten())

@@ -229,6 +229,15 @@ class ServingPlan:
         return [plan.keep[i, :n] for i, n in enumerate(lengths.tolist())]
 
 
+    def select_frames(self, videos: Sequence[Tensor], frame_counts: Sequence[int]) -> list[Tensor]:
+        """Budget scope ``"frame"``: each video's keep mask bool ``[T_i * N_i]``, every one of its ``T_i`` frames
+        (``videos[i]`` ``[T_i * N_i, D]``, frame-major) a strategy row of its own, as ``tokprune.patch``'s frame
+        rows with ``budget_scope="frame"``."""
+        frames = [video.split(video.shape[0] // int(t)) for video, t in zip(videos, frame_counts)]
+        kept = self.select([frame for video in frames for frame in video])
+        ends = torch.tensor([len(video) for video in frames]).cumsum(0).tolist()
+        return [torch.cat(kept[end - len(video) : end]) for video, end in zip(frames, ends)]
+
     def select_projected(
         self,
         features: Sequence[Tensor],

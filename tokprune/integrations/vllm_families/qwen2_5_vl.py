@@ -101,10 +101,8 @@ def classes(mixin: type, registry: Any) -> dict[str, type]:
                 if not plan.prunes:
                     continue
                 if plan.scope == "frame":  # each frame a row of its own, as tokprune.patch's frame_rows
-                    frames = [embeds[i].split(embeds[i].shape[0] // int(grids[i][0])) for i in index]
-                    kept = iter(plan.select([f for video in frames for f in video]))
-                    for i, video in zip(index, frames):
-                        keeps[i] = torch.cat([next(kept) for _ in video])
+                    for i, keep in zip(index, plan.select_frames([embeds[i] for i in index], [grids[i][0] for i in index])):
+                        keeps[i] = keep
                     continue
                 thw = torch.tensor([grids[i] for i in index], device=embeds[index[0]].device)
                 layout = FrameLayout(thw[:, 0], thw[:, 1:] // merge)

@@ -102,10 +102,9 @@ def classes(mixin: type, registry: Any) -> dict[str, type]:
             for plan, index in item_groups(specs):
                 if not plan.prunes:
                     continue
-                frames = [embeds[i][:, :width].split(embeds[i].shape[0] // int(grids[i][0])) for i in index]
-                kept = iter(plan.select([f for video in frames for f in video]))
-                for i, video in zip(index, frames):
-                    keeps[i] = torch.cat([next(kept) for _ in video])
+                videos = [embeds[i][:, :width] for i in index]
+                for i, keep in zip(index, plan.select_frames(videos, [grids[i][0] for i in index])):
+                    keeps[i] = keep
             return keeps
 
         def _with_frame_offsets(self, emb: Tensor, grid: list[int], keep: Tensor | None = None) -> Tensor:
