@@ -1,50 +1,15 @@
-"""lmms-eval model ``tokprune_llava``: evaluate any tokprune pipeline on a checkpoint of any registered family
-(``tokprune adapters``: LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL, Qwen3-VL, SmolVLM, and any a plugin registers), batched.
-The name stays ``tokprune_llava`` (lmms-eval's registry and users' commands know it).
+"""The ``tokprune_llava`` model: a tokprune-patched checkpoint answering lmms-eval's requests, batched.
 
-::
-
-    pip install "tokprune[lmms]"
-    lmms-eval --model tokprune_llava \\
-        --model_args pretrained=llava-hf/llava-1.5-7b-hf,strategy=cls_knee+text_interact \\
-        --tasks pope --batch_size 8
-
-How lmms-eval finds it: lmms-eval 0.7 loads model manifests from the ``lmms_eval.models`` entry-point
-group; tokprune declares ``tokprune_llava = "tokprune.integrations.lmms_eval:lmms_eval_manifest"`` there,
-and the manifest points at :data:`CLASS_PATH`. Where entry points are not read (older lmms-eval), run it
-through this module instead, which registers the model and then hands over to lmms-eval's own CLI::
-
-    python -m tokprune.integrations.lmms_eval --model tokprune_llava --model_args ... --tasks ...
-
-lmms-eval is optional: this module imports without it. :class:`TokpruneLlava` is built on first access
-as a subclass of lmms-eval's ``lmms`` base class when lmms-eval is installed, and is the plain
-:class:`TokpruneLlavaCore` otherwise; both answer lmms-eval's request objects, or any object with an
-``args`` tuple (see :class:`Request`).
-
-Model arguments (``--model_args k=v,...``): see :class:`TokpruneLlavaCore`. A spec with commas inside
-parentheses must be quoted, because lmms-eval splits ``--model_args`` on commas outside quotes:
-``--model_args 'pretrained=PATH,strategy="fastv(layer=2, keep_ratio=0.5)"'``.
+Re-exported by :mod:`tokprune.integrations.lmms_eval`, whose docstring says how lmms-eval finds it.
 """
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
-
-__all__ = [
-    "CLASS_PATH",
-    "LmmsEvalFailedError",
-    "MODEL_NAME",
-    "Request",
-    "TokpruneLlava",  # noqa: F822 - built on first access by the module __getattr__
-    "TokpruneLlavaCore",
-    "lmms_eval_manifest",
-    "main",
-    "register_with_lmms_eval",
-    "write_shapes_task",
-]
+from typing import Any, ClassVar
 
 MODEL_NAME = "tokprune_llava"
 CLASS_PATH = "tokprune.integrations.lmms_eval.TokpruneLlava"
@@ -123,6 +88,9 @@ class TokpruneLlavaCore:
     """
 
     is_simple = True
+    #: Requests answered by any instance in this process (``python -m tokprune.integrations.lmms_eval`` fails
+    #: a run that asked for none).
+    answered_in_process: ClassVar[int] = 0
 
     def __init__(
         self,
@@ -213,7 +181,7 @@ class TokpruneLlavaCore:
             texts, budgets = self._generate(batch)
             for item, text, budget in zip(batch, texts, budgets):
                 results[item.index] = (text, budget)
-                _ANSWERED[0] += 1
+                TokpruneLlavaCore.answered_in_process += 1
                 hook = getattr(self, "cache_hook", None)
                 if hook is not None:
                     hook.add_partial("generate_until", (item.context, item.gen_kwargs), text)
@@ -370,7 +338,10 @@ def _load(pretrained: str | None, dtype: str, attn_implementation: str | None, r
 # -- the lmms-eval side, imported only when lmms-eval asks for it ---------------------------------------
 
 
-def _lmms_class() -> type:
+@functools.cache
+def tokprune_llava_class() -> type:
+    """``TokpruneLlava``: :class:`TokpruneLlavaCore` on lmms-eval's ``lmms`` base class, built once, on first use;
+    the plain core where lmms-eval is not installed."""
     try:
         from lmms_eval.api.model import lmms
     except ImportError:
@@ -435,14 +406,6 @@ def _budget_counts_class(token_counts_cls: type) -> type:
     return BudgetCounts
 
 
-def __getattr__(name: str) -> Any:
-    if name == "TokpruneLlava":
-        cls = _lmms_class()
-        globals()[name] = cls  # built once
-        return cls
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def lmms_eval_manifest() -> Any:
     """The ``lmms_eval.models`` entry point: a ``ModelManifest`` naming :data:`CLASS_PATH`."""
     from lmms_eval.models.registry_v2 import ModelManifest
@@ -460,190 +423,7 @@ def register_with_lmms_eval() -> None:
     else:  # before the v2 registry: a name -> class-name table plus the decorator registry
         from lmms_eval.api.registry import register_model
 
-        register_model(MODEL_NAME)(__getattr__("TokpruneLlava"))
+        register_model(MODEL_NAME)(tokprune_llava_class())
     available = getattr(lmms_models, "AVAILABLE_MODELS", None)
     if isinstance(available, dict):
         available.setdefault(MODEL_NAME, "TokpruneLlava")
-
-
-# -- an offline lmms-eval task from the embedded benchmark ----------------------------------------------
-
-_TASK_UTILS = """\
-# Written by tokprune.integrations.lmms_eval.write_shapes_task: the embedded benchmark as an lmms-eval task.
-from pathlib import Path
-
-from PIL import Image
-
-HERE = Path(__file__).resolve().parent
-
-
-def doc_to_visual(doc):
-    return [Image.open(HERE / doc["image"]).convert("RGB")]
-
-
-def doc_to_text(doc, lmms_eval_specific_kwargs=None):
-    return doc["question"]
-
-
-def process_results(doc, results):
-    prediction = results[0].strip().lower().rstrip(".")
-    return {"exact_match": float(prediction == doc["answer"])}
-"""
-
-
-def write_shapes_task(folder: str | Any, split: str = "test", n: int = 50, max_new_tokens: int = 3) -> str:
-    """Write the embedded benchmark as an lmms-eval task that runs offline; returns the task name.
-
-    ``folder`` gets ``tokprune_shapes.yaml``, ``utils.py``, ``data.jsonl`` and one PNG per question:
-    ``lmms-eval --include_path FOLDER --tasks tokprune_shapes ...`` then evaluates exactly the questions
-    ``tokprune run`` sees (``dataset.split=SPLIT``, ``limit=N``), with the same prompt and greedy
-    settings, so a setup can be checked end to end without a hub.
-    """
-    from pathlib import Path
-
-    from .. import data
-
-    if n < 1:
-        raise ValueError(f"n must be >= 1 (questions to write), got {n}")
-    out = Path(folder)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i, sample in enumerate(data.benchmark(split=split, n=n)):
-        image = f"images/{i:05d}.png"
-        sample.image.save(out / image)
-        rows.append(
-            {
-                "question_id": sample.question_id,
-                "question": sample.question,
-                "answer": sample.answer,
-                "qtype": sample.qtype,
-                "image": image,
-            }
-        )
-    (out / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (out / "utils.py").write_text(_TASK_UTILS)
-    name = "tokprune_shapes"
-    (out / f"{name}.yaml").write_text(
-        f"task: {name}\n"
-        "dataset_path: json\n"
-        "dataset_kwargs:\n"
-        "  data_files:\n"
-        f"    test: {json.dumps(str((out / 'data.jsonl').resolve()))}\n"
-        "test_split: test\n"
-        "output_type: generate_until\n"
-        "doc_to_visual: !function utils.doc_to_visual\n"
-        "doc_to_text: !function utils.doc_to_text\n"
-        "doc_to_target: answer\n"
-        "process_results: !function utils.process_results\n"
-        "generation_kwargs:\n"
-        f"  max_new_tokens: {max_new_tokens}\n"
-        "  temperature: 0\n"
-        "  do_sample: false\n"
-        "metric_list:\n"
-        "  - metric: exact_match\n"
-        "    aggregation: mean\n"
-        "    higher_is_better: true\n"
-    )
-    return name
-
-
-class LmmsEvalFailedError(RuntimeError):
-    """lmms-eval logged an error (or never asked the model anything) and still returned normally."""
-
-
-#: Requests answered by any ``tokprune_llava`` instance in this process (see :func:`main`).
-_ANSWERED = [0]
-
-
-class _ErrorLog:
-    """Collects the ERROR records lmms-eval logs while it runs (stdlib ``logging`` and loguru).
-
-    lmms-eval resets loguru (``logger.remove()``) when it sets its verbosity, which would drop a sink
-    added beforehand: while collecting, a removal of all handlers (or of ours) re-adds ours.
-    """
-
-    def __init__(self) -> None:
-        self.messages: list[str] = []
-        self._handler: Any = None
-        self._loguru: Any = None
-        self._loguru_id: int | None = None
-
-    def _sink(self, message: Any) -> None:
-        self.messages.append(str(message).strip())
-
-    def __enter__(self) -> _ErrorLog:
-        import logging
-
-        log = self
-
-        class Handler(logging.Handler):
-            def emit(self, record: logging.LogRecord) -> None:
-                log.messages.append(record.getMessage())
-
-        self._handler = Handler(level=logging.ERROR)
-        logging.getLogger().addHandler(self._handler)
-        try:
-            from loguru import logger
-        except ImportError:
-            return self
-        self._loguru = logger
-        original_remove = logger.remove
-        self._loguru_id = logger.add(self._sink, level="ERROR")
-
-        def remove(handler_id: int | None = None) -> None:
-            original_remove(handler_id)
-            if handler_id is None or handler_id == self._loguru_id:
-                self._loguru_id = logger.add(self._sink, level="ERROR")
-
-        logger.remove = remove  # an instance attribute: undone in __exit__
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        import logging
-
-        logging.getLogger().removeHandler(self._handler)
-        if self._loguru is not None:
-            vars(self._loguru).pop("remove", None)
-            try:
-                self._loguru.remove(self._loguru_id)
-            except ValueError:  # already removed by someone else
-                pass
-
-
-def main(argv: Sequence[str] | None = None, cli: Callable[[], Any] | None = None) -> Any:
-    """``python -m tokprune.integrations.lmms_eval <lmms-eval arguments>``: register, then run lmms-eval.
-
-    lmms-eval catches many errors (a task that fails to load, a broken dependency such as filelock 4.x)
-    logs them and still exits 0. So this entry point fails loudly instead: it raises
-    :class:`LmmsEvalFailedError` (exit status 1) when lmms-eval logged an error, or finished without
-    asking ``tokprune_llava`` for a single answer.
-    """
-    import sys
-
-    register_with_lmms_eval()
-    if argv is not None:
-        sys.argv = [sys.argv[0], *argv]
-    if cli is None:
-        from lmms_eval.__main__ import cli_evaluate as cli
-    answered = _ANSWERED[0]
-    with _ErrorLog() as errors:
-        result = cli()
-    if errors.messages:
-        shown = "; ".join(m.splitlines()[0] for m in errors.messages[:3])
-        raise LmmsEvalFailedError(
-            f"lmms-eval logged {len(errors.messages)} error(s) and returned as if it had succeeded: {shown}. "
-            "Its results are incomplete; see the log above (docs/index.md, 'Evaluating with lmms-eval')"
-        )
-    if _ANSWERED[0] == answered:
-        raise LmmsEvalFailedError(
-            f"lmms-eval finished without asking {MODEL_NAME} for a single answer: check --model, --tasks and the "
-            "log above (a task that failed to load is skipped silently by some lmms-eval versions)"
-        )
-    return result
-
-
-if __name__ == "__main__":
-    # Run through the importable module, so the class lmms-eval imports is this module's, not __main__'s.
-    from tokprune.integrations.lmms_eval import main as _main
-
-    _main()
