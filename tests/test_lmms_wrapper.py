@@ -187,9 +187,7 @@ def fake_lmms_eval(monkeypatch):
     }
     for name, module in modules.items():
         monkeypatch.setitem(sys.modules, name, module)
-    monkeypatch.delitem(vars(wrapper), "TokpruneLlava", raising=False)
-    yield modules
-    vars(wrapper).pop("TokpruneLlava", None)  # built on the stand-in; monkeypatch then restores any real one
+    return modules
 
 
 def test_with_lmms_eval_the_class_is_an_lmms_and_registers(fake_lmms_eval, checkpoint, samples):
@@ -203,6 +201,22 @@ def test_with_lmms_eval_the_class_is_an_lmms_and_registers(fake_lmms_eval, check
     model = cls(pretrained=checkpoint, strategy=SPEC, batch_size=2, device="cpu")
     answers = model.generate_until(requests_for(model, samples[:2]))
     assert sorted(call[2] for call in model.cache_hook.calls) == sorted(answers)  # lmms-eval's cache is fed
+
+
+def test_the_class_follows_the_installed_lmms_eval(fake_lmms_eval, monkeypatch):
+    """A class built on one lmms-eval is never handed to another: the real registry refuses a class not derived
+    from its own ``lmms`` (CI's leg l met that when a class built on the stand-in was cached for the process)."""
+    first = wrapper.TokpruneLlava
+    assert wrapper.TokpruneLlava is first  # built once per lmms-eval
+
+    class other_lmms(fake_lmms_eval["lmms_eval.api.model"].lmms):  # noqa: N801 - another install's base class
+        pass
+
+    monkeypatch.setitem(sys.modules, "lmms_eval.api.model", types.SimpleNamespace(lmms=other_lmms))
+    second = wrapper.TokpruneLlava
+    assert issubclass(second, other_lmms) and second is not first
+    monkeypatch.setitem(sys.modules, "lmms_eval.api.model", None)  # lmms-eval gone: the plain core
+    assert wrapper.TokpruneLlava is TokpruneLlavaCore
 
 
 def test_the_lmms_eval_entry_point_is_declared_and_installed():

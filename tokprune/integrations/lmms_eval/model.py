@@ -338,15 +338,20 @@ def _load(pretrained: str | None, dtype: str, attn_implementation: str | None, r
 # -- the lmms-eval side, imported only when lmms-eval asks for it ---------------------------------------
 
 
-@functools.cache
 def tokprune_llava_class() -> type:
-    """``TokpruneLlava``: :class:`TokpruneLlavaCore` on lmms-eval's ``lmms`` base class, built once, on first use;
-    the plain core where lmms-eval is not installed."""
+    """``TokpruneLlava``: :class:`TokpruneLlavaCore` on the installed lmms-eval's ``lmms`` base class (built once
+    per base class, on first use); the plain core where lmms-eval is not installed."""
     try:
         from lmms_eval.api.model import lmms
     except ImportError:
         return TokpruneLlavaCore
+    return _on_lmms_base(lmms)
 
+
+# Keyed by the base class, not built once per process: a class cached on one lmms-eval (a test's stand-in,
+# say) must never be handed to another, whose registry refuses a class not derived from its own ``lmms``.
+@functools.cache
+def _on_lmms_base(lmms: type) -> type:
     try:  # lmms-eval >= 0.7.3: per-request token counts land in its samples files
         from lmms_eval.api.instance import GenerationResult, TokenCounts
     except ImportError:
