@@ -1,10 +1,10 @@
 """What a wheel of tokprune carries: every module and data file of the source tree.
 
-Every install in CI is editable (``pip install -e .``), which imports straight from the tree; only a wheel
+An editable install (``pip install -e .``, every CI leg but ``v``) imports straight from the tree; only a wheel
 (``pip install tokprune`` from an index, or ``pip install .``) applies pyproject's package list. A subpackage
-missing from that list passes every test here and fails a user's install: ``tokprune.integrations.vllm_families``
-was missing, so the vLLM plugin of a wheel install broke at its first import. These tests read the list the
-wheel is built from.
+missing from that list passes every test of an editable install and fails a user's:
+``tokprune.integrations.vllm_families`` was missing, so the vLLM plugin of a wheel install broke at its first
+import. These tests read the list the wheel is built from, in every leg, without building one.
 """
 
 from __future__ import annotations
